@@ -1,0 +1,38 @@
+# The README's two set-up commands: `make demo` and `make test`. Both work on a fresh machine:
+# they create .venv, install the package, and `make test` installs the servers the tests need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint typecheck unit services bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/meterline demo
+
+# Debian's PostgreSQL and Redis servers (the test session starts throwaway instances on loopback).
+services:
+	scripts/ensure-services.sh
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install services lint typecheck
+	METERLINE_REQUIRE_POSTGRES=1 $(BIN)/pytest -q
+
+bench: install services
+	$(BIN)/python bench/events_ingest.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,52 @@
+"""``create_app(settings)``: the HTTP application. Everything HTTP-specific lives in this package."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from meterline import __version__
+from meterline.api.errors import install_error_handlers
+from meterline.api.middleware import RequestContext
+from meterline.api.responses import JSON
+from meterline.api.routes import admin, events, usage
+from meterline.clock import Clock
+from meterline.config import Settings
+from meterline.services import Services, build_services
+
+
+def create_app(
+    settings: Settings, *, clock: Clock | None = None, services: Services | None = None
+) -> FastAPI:
+    owned = services is None
+    services = services or build_services(settings, clock=clock)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            services.close()
+
+    app = FastAPI(
+        title="Meterline",
+        version=__version__,
+        description="Usage metering, quotas, credits and cost tracking for LLM APIs.",
+        default_response_class=JSON,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+
+    @app.get("/healthz", tags=["meta"])
+    def health() -> JSON:
+        with services.db.read() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return JSON({"status": "ok", "version": __version__})
+
+    app.include_router(events.router)
+    app.include_router(usage.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,70 @@
+"""Bearer authentication as FastAPI dependencies: API keys for usage, the admin key for the admin API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from meterline.errors import Forbidden, NotFound, Unauthorized
+from meterline.metering.reading import Scope
+from meterline.services import Services
+from meterline.tenancy import Principal
+from meterline.tenancy.keys import same_secret
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthorized("missing Authorization header: send 'Authorization: Bearer <your Meterline key>'")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("Authorization header must be 'Bearer <key>'")
+    return token
+
+
+def get_principal(request: Request, services: ServicesDep) -> Principal:
+    principal = services.tenancy.authenticate(bearer_token(request))
+    workspace = request.headers.get("x-workspace-id")
+    if workspace is not None and workspace != principal.workspace_id:
+        if principal.scope != "organization":
+            raise Forbidden("X-Workspace-Id does not match this key's workspace", param="X-Workspace-Id")
+        # An organization key may narrow its view to one of its organization's workspaces.
+        try:
+            ws_org = services.tenancy.get_workspace(workspace).organization_id
+        except NotFound:
+            ws_org = None
+        if ws_org != principal.organization_id:
+            raise Forbidden("X-Workspace-Id is not a workspace of this key's organization", param="X-Workspace-Id")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def scope_of(principal: Principal, request: Request) -> Scope:
+    """What the caller may read: its workspace, or its whole organization for organization keys."""
+    if principal.scope == "organization":
+        narrowed = request.headers.get("x-workspace-id")
+        return Scope(principal.organization_id, workspace_id=narrowed or None)
+    return Scope(principal.organization_id, principal.workspace_id, principal.identifier_id)
+
+
+def require_admin(request: Request, services: ServicesDep) -> None:
+    configured = services.settings.admin_key
+    if configured is None:
+        raise Forbidden("the admin API is disabled: start the server with METERLINE_ADMIN_KEY set")
+    if not same_secret(bearer_token(request), configured.get_secret_value()):
+        raise Unauthorized("invalid admin key")
+
+
+AdminDep = Depends(require_admin)

@@ -1,0 +1,143 @@
+"""The one error envelope (SPEC §5), and the only place that maps error codes to HTTP statuses.
+
+Every failure a client can cause answers ``{"error": {type, code, message, param, request_id}}`` with a
+4xx; anything unexpected answers 500 ``internal`` without a stack trace (the trace goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from meterline.api.responses import JSON
+from meterline.errors import LimitExceeded, MeterlineError
+
+log = logging.getLogger("meterline.api")
+
+STATUS = {
+    "invalid_request": 400,
+    "payload_too_large": 413,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "unsupported_media_type": 415,
+    "quota_exceeded": 429,
+    "rate_limit_exceeded": 429,
+    "credits_exhausted": 429,
+    "spend_cap_reached": 429,
+    "upstream_error": 502,
+    "service_unavailable": 503,
+    "internal": 500,
+}
+# OpenAI SDKs read ``type``; these follow OpenAI's own names where one exists.
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "api_error",
+}
+_CODE_FOR_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def envelope(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSON:
+    body: dict[str, Any] = {
+        "error": {
+            "type": TYPES.get(status, "api_error"),
+            "code": code,
+            "message": message,
+            "param": param,
+            "request_id": request_id,
+        }
+    }
+    if extra:
+        body.update(extra)
+    return JSON(body, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return 400, "malformed JSON body: " + str(first.get("ctx", {}).get("error", "cannot parse")), None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    where = f"{param}: " if param else ""
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return 422, f"{where}{message}{more}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MeterlineError)
+    async def _domain(request: Request, exc: MeterlineError) -> Response:
+        status = STATUS.get(exc.code, 400)
+        headers = None
+        if isinstance(exc, LimitExceeded):
+            headers = {"Retry-After": str(exc.retry_after)}
+        return envelope(
+            status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request), headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        status, message, param = _describe_validation(exc)
+        return envelope(status, "invalid_request", message, param=param, request_id=request_id_of(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = _CODE_FOR_STATUS.get(exc.status_code, "invalid_request")
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        headers = dict(exc.headers) if exc.headers else None
+        return envelope(exc.status_code, code, message, request_id=request_id_of(request), headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return envelope(
+            500, "internal", "internal error; retry after a delay", request_id=request_id_of(request)
+        )

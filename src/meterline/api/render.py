@@ -1,0 +1,158 @@
+"""Domain objects as the JSON the API promises (seed shapes first, then Meterline's extra fields)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from meterline.clock import rfc3339
+from meterline.metering import LedgerRow
+from meterline.metering.reading import Totals
+from meterline.metering.summary import Allowance
+from meterline.errors import InvalidRequest
+from meterline.money import format_nanos, from_nanos, to_json_number, to_nanos
+from meterline.pricing import CurrencyRates
+from meterline.tenancy import ApiKey, CreditGrant, Organization, Workspace
+
+
+def _time(at: datetime | None) -> str | None:
+    return None if at is None else rfc3339(at)
+
+
+def organization(org: Organization) -> dict[str, Any]:
+    return {
+        "id": org.id,
+        "object": "organization",
+        "name": org.name,
+        "plan": org.plan,
+        "currency": org.currency,
+        "spend_cap": None if org.spend_cap_nanos is None else format_nanos(org.spend_cap_nanos),
+        "billing_anchor_day": org.billing_anchor_day,
+        "discount_pct": org.discount_pct,
+        "created_at": rfc3339(org.created_at),
+    }
+
+
+def workspace(ws: Workspace) -> dict[str, Any]:
+    return {
+        "id": ws.id,
+        "object": "workspace",
+        "organization_id": ws.organization_id,
+        "name": ws.name,
+        "group": ws.group,
+        "created_at": rfc3339(ws.created_at),
+    }
+
+
+def api_key(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "object": "api_key",
+        "organization_id": key.organization_id,
+        "workspace_id": key.workspace_id,
+        "name": key.name,
+        "key_prefix": key.key_prefix,
+        "scope": key.scope,
+        "default_source": key.default_source,
+        "limits": key.limits,
+        "created_at": rfc3339(key.created_at),
+        "last_used_at": _time(key.last_used_at),
+        "revoked_at": _time(key.revoked_at),
+    }
+
+
+def credit_grant(grant: CreditGrant) -> dict[str, Any]:
+    return {
+        "id": grant.id,
+        "object": "credit_grant",
+        "organization_id": grant.organization_id,
+        "amount": format_nanos(grant.credits_nanos),
+        "bucket": "bonus",
+        "reason": grant.reason,
+        "created_at": rfc3339(grant.created_at),
+    }
+
+
+def cost_eur_nanos(row: LedgerRow, rates: CurrencyRates) -> int | None:
+    """Seed 004's ``cost_eur``: the row's cost in EUR (converted with the configured rate if needed)."""
+    if row.currency == "EUR":
+        return row.cost_nanos
+    try:
+        return to_nanos(rates.convert(from_nanos(row.cost_nanos), row.currency, "EUR"))
+    except InvalidRequest:  # no EUR rate configured
+        return None
+
+
+def ledger_row(row: LedgerRow, rates: CurrencyRates) -> dict[str, Any]:
+    eur = cost_eur_nanos(row, rates)
+    data: dict[str, Any] = {
+        # Seed 004 fields, in its order.
+        "id": row.id,
+        "model": row.model,
+        "modality": row.modality,
+        "provider": row.provider,
+        "billing_unit": row.billing_unit,
+        "audio_seconds": None if row.audio_ms is None else to_json_number(row.audio_ms * 1_000_000),
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cost_eur": None if eur is None else to_json_number(eur),
+        "discount_applied_pct": row.discount_applied_pct,
+        "receipt_id": row.receipt_id,
+        "failover": row.failover,
+        "key_prefix": row.key_prefix,
+        "key_name": row.key_name,
+        "created_at": rfc3339(row.created_at),
+        # Meterline's additions: exact money as strings, attribution and the billable details.
+        "cost": format_nanos(row.cost_nanos),
+        "list_cost": format_nanos(row.list_cost_nanos),
+        "currency": row.currency,
+        "credits": format_nanos(row.credits_nanos),
+        "priced": row.priced,
+        "overage": row.overage,
+        "cache_read_tokens": row.cache_read_tokens,
+        "cache_write_tokens": row.cache_write_tokens,
+        "total_tokens": row.total_tokens,
+        "organization_id": row.organization_id,
+        "workspace_id": row.workspace_id,
+        "identifier_id": row.identifier_id,
+        "user_id": row.user_id,
+        "source": row.source,
+        "endpoint": row.endpoint,
+        "event": row.event,
+        "units": row.units,
+        "run_id": row.run_id,
+        "metadata": row.metadata,
+        "event_id": row.idempotency_key,
+    }
+    if row.region is not None:
+        # Seed 004: "Omitted for region-less providers".
+        data["region"] = row.region
+    return data
+
+
+def usage_event(row: LedgerRow) -> dict[str, Any]:
+    """Seed 003's event shape."""
+    return {
+        "id": row.id,
+        "event": row.event,
+        "units": row.units,
+        "run_id": row.run_id,
+        "metadata": row.metadata,
+        "created_at": rfc3339(row.created_at),
+    }
+
+
+def allowance(a: Allowance) -> dict[str, int]:
+    return {"usage": a.usage, "limit": a.limit, "remaining": a.remaining}
+
+
+def totals(t: Totals) -> dict[str, Any]:
+    return {
+        "calls": t.requests,
+        "tokens": t.total_tokens,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "units": t.units,
+        "cost": format_nanos(t.cost_nanos),
+        "credits": format_nanos(t.credits_nanos),
+    }

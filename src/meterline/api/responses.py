@@ -1,0 +1,26 @@
+"""JSON responses rendered with orjson (fast, and strict about what it accepts)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from starlette.responses import JSONResponse
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot render {type(value).__name__} as JSON")
+
+
+def dumps(content: Any) -> bytes:
+    return orjson.dumps(content, default=_default)
+
+
+class JSON(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)

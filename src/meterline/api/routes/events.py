@@ -1,0 +1,148 @@
+"""``POST /v1/events``: batches of usage metered elsewhere, settled through the same path as the gateway."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from meterline.api.auth import PrincipalDep, ServicesDep
+from meterline.api.errors import envelope, request_id_of
+from meterline.api.responses import JSON
+from meterline.api.schemas import EventIn, EventsBatchIn
+from meterline.clock import rfc3339
+from meterline.errors import InvalidRequest, PayloadTooLarge
+from meterline.metering import UsageRecord, fingerprint, ingest
+from meterline.money import format_nanos
+from meterline.tenancy import Principal
+
+router = APIRouter(tags=["events"])
+
+MAX_BATCH = 1000
+MAX_FUTURE = timedelta(minutes=5)
+MAX_AGE = timedelta(days=400)
+
+
+def _validation_error(exc: ValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+def _record(event: EventIn, body: dict[str, Any], principal: Principal, services: Any) -> UsageRecord:
+    return UsageRecord(
+        organization_id=principal.organization_id,
+        workspace_id=principal.workspace_id,
+        created_at=event.timestamp or services.clock.now(),
+        event=event.event,
+        units=event.units,
+        model=event.model,
+        provider=event.provider,
+        region=event.region,
+        modality=event.modality,
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        cache_read_tokens=event.cache_read_tokens,
+        cache_write_tokens=event.cache_write_tokens,
+        audio_seconds=event.audio_seconds,
+        key_id=principal.key_id,
+        key_prefix=principal.key_prefix,
+        key_name=principal.key_name,
+        identifier_id=event.identifier_id or principal.identifier_id,
+        user_id=event.user_id or event.identifier_id or principal.identifier_id,
+        source=event.source,
+        endpoint=event.endpoint,
+        run_id=event.run_id,
+        metadata=event.metadata,
+        idempotency_key=event.id,
+        request_hash=fingerprint(body),
+    )
+
+
+@router.post("/v1/events", response_model=None)
+def post_events(batch: EventsBatchIn, request: Request, principal: PrincipalDep, services: ServicesDep) -> JSON:
+    """Record up to 1000 usage events. Each event's ``id`` makes it idempotent within the organization."""
+    if len(batch.events) > MAX_BATCH:
+        raise PayloadTooLarge(
+            f"a batch holds at most {MAX_BATCH} events, got {len(batch.events)}; split it", param="events"
+        )
+    if not batch.events:
+        raise InvalidRequest("events must hold at least one event", param="events")
+    now = services.clock.now()
+    results: list[dict[str, Any] | None] = [None] * len(batch.events)
+    valid: list[tuple[int, UsageRecord]] = []
+    for index, body in enumerate(batch.events):
+        event_id = body.get("id") if isinstance(body.get("id"), str) else None
+        try:
+            event = EventIn.model_validate(body)
+        except ValidationError as exc:
+            message, param = _validation_error(exc)
+            results[index] = _rejected(event_id, "invalid_request", message, f"events[{index}].{param or ''}")
+            continue
+        problem = event.check_tokens()
+        if problem is None and event.timestamp is not None:
+            if event.timestamp > now + MAX_FUTURE:
+                problem = "timestamp is in the future; send the time the usage happened (UTC)"
+            elif event.timestamp < now - MAX_AGE:
+                problem = f"timestamp is older than {MAX_AGE.days} days"
+        if problem is not None:
+            results[index] = _rejected(event.id, "invalid_request", problem, f"events[{index}]")
+            continue
+        canonical = event.model_dump(mode="json", exclude_none=True)
+        valid.append((index, _record(event, canonical, principal, services)))
+
+    if valid:
+        org = services.tenancy.get_organization(principal.organization_id)
+        outcomes = ingest(services.settler, services.account_of(org), [r for _, r in valid])
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
+            row = outcome.row
+            if outcome.status == "conflict" or row is None:
+                results[index] = _rejected(
+                    outcome.event_id,
+                    "conflict",
+                    f"event id {outcome.event_id!r} was already recorded with a different body",
+                    f"events[{index}].id",
+                )
+                continue
+            results[index] = {
+                "id": outcome.event_id,
+                "status": "accepted",
+                "duplicate": outcome.duplicate,
+                "ledger_id": row.id,
+                "cost": format_nanos(row.cost_nanos),
+                "currency": row.currency,
+                "credits": format_nanos(row.credits_nanos),
+                "priced": row.priced,
+                "created_at": rfc3339(row.created_at),
+            }
+
+    data = [r for r in results if r is not None]
+    accepted = sum(1 for r in data if r["status"] == "accepted")
+    body = {
+        "object": "list",
+        "data": data,
+        "accepted": accepted,
+        "duplicates": sum(1 for r in data if r.get("duplicate")),
+        "rejected": len(data) - accepted,
+        "request_id": request_id_of(request),
+    }
+    if accepted == 0:
+        conflicts = all(r["error"]["code"] == "conflict" for r in data)
+        status, code = (409, "conflict") if conflicts else (422, "invalid_request")
+        first = data[0]["error"]
+        return envelope(
+            status, code, first["message"], param=first["param"], request_id=request_id_of(request), extra=body
+        )
+    return JSON(body)
+
+
+def _rejected(event_id: str | None, code: str, message: str, param: str) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "status": "rejected",
+        "duplicate": False,
+        "error": {"code": code, "message": message, "param": param.rstrip(".")},
+    }

@@ -1,0 +1,201 @@
+"""The usage read API (SPEC §5): summary, daily history, billable events and the per-request ledger."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from meterline.api import render
+from meterline.api.auth import PrincipalDep, ServicesDep, scope_of
+from meterline.api.errors import request_id_of
+from meterline.api.responses import JSON
+from meterline.clock import rfc3339
+from meterline.errors import InvalidRequest
+from meterline.metering.reading import LedgerFilter, Scope
+from meterline.metering.summary import summarize
+from meterline.services import Services
+from meterline.tenancy import Principal
+
+router = APIRouter(prefix="/v1/usage", tags=["usage"])
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def parse_rfc3339(value: str | None, param: str) -> datetime | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if not _RFC3339.match(text):
+        raise InvalidRequest(
+            f"{param} must be an RFC 3339 timestamp such as 2026-05-06T10:52:02Z, got {value[:64]!r}", param=param
+        )
+    # Python keeps microseconds only; nanosecond digits beyond that are dropped, not rounded.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("z", "Z").replace("t", "T"))
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(f"{param} is not a valid date/time: {value[:64]!r}", param=param) from None
+    at = at.astimezone(UTC)
+    if not _EARLIEST <= at < _LATEST:
+        raise InvalidRequest(f"{param} must be between 1970 and 9999", param=param)
+    return at
+
+
+def _scope(principal: Principal, request: Request, identifier_id: str | None) -> Scope:
+    scope = scope_of(principal, request)
+    if identifier_id is not None:
+        if principal.identifier_id is not None and identifier_id != principal.identifier_id:
+            raise InvalidRequest("an access token can only read its own identifier", param="identifier_id")
+        scope = Scope(scope.organization_id, scope.workspace_id, identifier_id)
+    return scope
+
+
+def _summary_body(services: Services, principal: Principal, scope: Scope) -> dict[str, Any]:
+    org = services.tenancy.get_organization(principal.organization_id)
+    plan = services.plan_of(org)
+    now = services.clock.now()
+    summary = summarize(services.reader, scope, plan, org.billing_anchor_day, now)
+    primary = summary.primary
+    return {
+        "object": "usage.summary",
+        # Seed 003's fields first: the plan's primary meter (tokens this billing period).
+        "usage": primary.usage,
+        "limit": primary.limit,
+        "remaining": primary.remaining,
+        "plan": plan.name,
+        "meter": "tokens",
+        # Seed 000: daily and monthly tokens and calls.
+        "daily": {
+            "tokens": render.allowance(summary.daily_tokens),
+            "calls": render.allowance(summary.daily_calls),
+            **{k: v for k, v in render.totals(summary.today).items() if k not in ("tokens", "calls")},
+        },
+        "monthly": {
+            "tokens": render.allowance(summary.monthly_tokens),
+            "calls": render.allowance(summary.monthly_calls),
+            **{k: v for k, v in render.totals(summary.this_period).items() if k not in ("tokens", "calls")},
+        },
+        "currency": org.currency,
+        "billing_period": {
+            "start": rfc3339(summary.period.start),
+            "end": rfc3339(summary.period.end),
+            "days": summary.period.days,
+            "days_elapsed": summary.days_elapsed,
+            "days_remaining": summary.days_remaining,
+        },
+        "scope": {
+            "organization_id": scope.organization_id,
+            "workspace_id": scope.workspace_id,
+            "identifier_id": scope.identifier_id,
+        },
+    }
+
+
+@router.get("")
+def get_usage(
+    request: Request,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+) -> JSON:
+    """Current usage of the caller's scope: plan, primary meter, daily and monthly tokens and calls."""
+    scope = _scope(principal, request, identifier_id)
+    body = _summary_body(services, principal, scope)
+    body["request_id"] = request_id_of(request)
+    return JSON(body)
+
+
+@router.get("/history")
+def get_history(
+    request: Request,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    days: Annotated[int, Query(ge=1, le=366, description="How many days back, today included.")] = 30,
+    identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+) -> JSON:
+    """Daily aggregates for the past ``days`` days (seed 000), oldest first, zero days included."""
+    scope = _scope(principal, request, identifier_id)
+    today = services.clock.now().astimezone(UTC).date()
+    first = today - timedelta(days=days - 1)
+    daily = services.reader.daily(scope, first, days)
+    return JSON(
+        {
+            "object": "list",
+            "data": [{"date": d.day.isoformat(), **render.totals(d.totals)} for d in daily],
+            "days": days,
+            "identifier_id": scope.identifier_id,
+            "request_id": request_id_of(request),
+        }
+    )
+
+
+@router.get("/events")
+def get_events(
+    request: Request,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    page: Annotated[int, Query(ge=1, le=1_000_000, description="Page number (min 1).")] = 1,
+    per_page: Annotated[int, Query(ge=1, le=100, description="Results per page (1-100).")] = 20,
+) -> JSON:
+    """Billable events, newest first (seed 003)."""
+    scope = scope_of(principal, request)
+    result = services.reader.ledger_page(scope, LedgerFilter(), limit=per_page, offset=(page - 1) * per_page)
+    return JSON(
+        {
+            "data": [render.usage_event(r) for r in result.rows],
+            "pagination": {
+                "page": page,
+                "per_page": per_page,
+                "total": result.total,
+                "has_more": page * per_page < result.total,
+            },
+            "request_id": request_id_of(request),
+        }
+    )
+
+
+@router.get("/ledger")
+def get_ledger(
+    request: Request,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size. Maximum 1000.")] = 100,
+    offset: Annotated[int, Query(ge=0, le=100_000_000, description="Rows to skip (newest first).")] = 0,
+    start: Annotated[str | None, Query(max_length=64, description="RFC 3339; created_at >= start.")] = None,
+    end: Annotated[str | None, Query(max_length=64, description="RFC 3339; created_at <= end.")] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    key_prefix: Annotated[str | None, Query(max_length=32)] = None,
+    identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    modality: Annotated[str | None, Query(max_length=32)] = None,
+    provider: Annotated[str | None, Query(max_length=64)] = None,
+) -> JSON:
+    """Per-request ledger rows, newest first (seed 004)."""
+    scope = _scope(principal, request, identifier_id)
+    where = LedgerFilter(
+        start=parse_rfc3339(start, "start"),
+        end=parse_rfc3339(end, "end"),
+        model=model,
+        key_prefix=key_prefix,
+        modality=modality,
+        provider=provider,
+    )
+    if where.start and where.end and where.start > where.end:
+        raise InvalidRequest("start must not be after end", param="start")
+    result = services.reader.ledger_page(scope, where, limit=limit, offset=offset)
+    return JSON(
+        {
+            "object": "list",
+            "data": [render.ledger_row(r, services.rates) for r in result.rows],
+            "total_count": result.total,
+            "limit": limit,
+            "offset": offset,
+            "request_id": request_id_of(request),
+        }
+    )

@@ -1,0 +1,142 @@
+"""Request bodies. Unknown fields are refused (a typo must not silently do nothing), numbers are range
+checked, and money is a decimal string or integer (never a float, which is already inexact)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
+
+from meterline.money import parse_decimal
+
+MAX_TOKENS = 100_000_000  # per event: far above any model's context, far below overflow
+MAX_UNITS = 1_000_000_000
+MAX_AUDIO_SECONDS = Decimal(86_400)
+MAX_METADATA_BYTES = 8 * 1024
+
+
+def _money(value: object) -> Decimal:
+    return parse_decimal(value, what="amount")
+
+
+Money = Annotated[Decimal, BeforeValidator(_money)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+EventName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrganizationIn(_Body):
+    name: Name
+    plan: str = "free"
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
+    spend_cap: Money | None = None
+    billing_anchor_day: int | None = Field(default=None, ge=1, le=31, strict=True)
+    discount_pct: int = Field(default=0, ge=0, le=100, strict=True)
+
+
+class OrganizationPatch(_Body):
+    name: Name | None = None
+    plan: str | None = None
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
+    spend_cap: Money | None = None
+    billing_anchor_day: int | None = Field(default=None, ge=1, le=31, strict=True)
+    discount_pct: int | None = Field(default=None, ge=0, le=100, strict=True)
+
+
+class WorkspaceIn(_Body):
+    organization_id: str = Field(min_length=1, max_length=40)
+    name: Name
+    group: Name | None = None
+
+
+LIMIT_NAMES = ("daily_tokens", "monthly_tokens", "daily_calls", "monthly_calls", "rpm", "tpm")
+
+
+class KeyIn(_Body):
+    workspace_id: str = Field(min_length=1, max_length=40)
+    name: Name
+    scope: Literal["workspace", "organization"] = "workspace"
+    default_source: Label | None = None
+    limits: dict[str, Annotated[int, Field(ge=-1, le=10**15, strict=True)]] | None = None
+
+    @field_validator("limits")
+    @classmethod
+    def _known_limits(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for name in value or {}:
+            if name not in LIMIT_NAMES:
+                raise ValueError(f"unknown limit {name!r}; known limits: {', '.join(LIMIT_NAMES)}")
+        return value
+
+
+class CreditsIn(_Body):
+    organization_id: str = Field(min_length=1, max_length=40)
+    amount: Money
+    reason: Name
+
+
+class EventIn(_Body):
+    """One usage event reported by a client (SPEC §4)."""
+
+    id: Label
+    event: EventName = "llm.request"
+    units: int = Field(default=1, ge=0, le=MAX_UNITS, strict=True)
+    model: Label | None = None
+    provider: Label | None = None
+    region: Label | None = None
+    modality: Literal["chat", "completion", "embedding", "transcription", "responses", "event"] | None = None
+    prompt_tokens: Tokens = 0
+    completion_tokens: Tokens = 0
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    audio_seconds: Decimal | None = Field(default=None, ge=0, le=MAX_AUDIO_SECONDS)
+    identifier_id: Label | None = None
+    user_id: Label | None = None
+    source: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")] = "api"
+    endpoint: Label | None = None
+    run_id: Label | None = None
+    metadata: dict[str, Any] | None = None
+    timestamp: datetime | None = None
+
+    @field_validator("audio_seconds", mode="before")
+    @classmethod
+    def _audio(cls, value: object) -> object:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            # Durations come as JSON numbers; their decimal text is what the client meant.
+            return Decimal(repr(value))
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+                raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("timestamp must be RFC 3339 with a time zone, e.g. 2026-03-14T10:30:59Z")
+        return value
+
+    def check_tokens(self) -> str | None:
+        if self.cache_read_tokens + self.cache_write_tokens > self.prompt_tokens:
+            return "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens (which includes them)"
+        return None
+
+
+class EventsBatchIn(_Body):
+    events: list[dict[str, Any]] = Field(
+        description="Up to 1000 events; each is validated on its own (see EventIn)."
+    )

@@ -1,0 +1,54 @@
+"""Time is injected: production uses ``SystemClock``; tests move a ``FrozenClock`` instead of sleeping."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class FrozenClock:
+    def __init__(self, at: datetime) -> None:
+        if at.tzinfo is None:
+            raise ValueError("FrozenClock needs an aware datetime")
+        self._at = at
+
+    def now(self) -> datetime:
+        return self._at
+
+    def set(self, at: datetime) -> None:
+        self._at = at
+
+    def advance(self, **delta: float) -> None:
+        self._at += timedelta(**delta)
+
+
+def to_micros(at: datetime) -> int:
+    """Storage form of a timestamp: integer microseconds since the Unix epoch, UTC."""
+    delta = at.astimezone(UTC) - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
+
+
+def rfc3339(at: datetime) -> str:
+    """RFC 3339 UTC with a Z, seconds precision unless there are microseconds."""
+    at = at.astimezone(UTC)
+    if at.microsecond:
+        return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROS_PER_HOUR = 3_600_000_000
+MICROS_PER_DAY = 86_400_000_000

@@ -1,0 +1,204 @@
+"""One Settings object, built from (lowest to highest precedence) defaults, a TOML file and
+``METERLINE_*`` environment variables. It is passed to whatever needs it, never read from a global.
+
+``load_settings`` turns every problem into a ``ConfigError`` that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from meterline.errors import ConfigError
+from meterline.money import parse_decimal
+
+# Admin keys that appear in docs, tutorials and default configs everywhere. Refused outright.
+KNOWN_DEFAULT_ADMIN_KEYS = frozenset(
+    {
+        "admin", "administrator", "changeme", "change-me", "changeit", "secret", "password", "passw0rd",
+        "meterline", "meterline-admin", "admin-key", "adminkey", "sk-admin", "sk-1234", "test", "default",
+        "letmein", "12345678", "1234567890", "qwerty", "your-admin-key", "master", "root", "token",
+    }
+)
+MIN_ADMIN_KEY_LENGTH = 16
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _decimal(value: object, what: str) -> Decimal:
+    return parse_decimal(value, what=what)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    name: str
+    provider: str = "openai"
+    base_url: str
+    api_key: SecretStr | None = None
+    models: tuple[str, ...] = ("*",)
+    region: str | None = None
+
+
+class PlanConfig(_Strict):
+    """A plan's limits. ``-1`` means unlimited (seed 003); ``None`` keeps the default tier's value."""
+
+    daily_tokens: int | None = Field(default=None, ge=-1)
+    monthly_tokens: int | None = Field(default=None, ge=-1)
+    daily_calls: int | None = Field(default=None, ge=-1)
+    monthly_calls: int | None = Field(default=None, ge=-1)
+    rpm: int | None = Field(default=None, ge=-1)
+    tpm: int | None = Field(default=None, ge=-1)
+    monthly_credits: int | None = Field(default=None, ge=-1)
+    overage: Literal["block", "overage"] | None = None
+    discount_pct: int | None = Field(default=None, ge=0, le=100)
+
+
+class PriceOverride(_Strict):
+    """Operator price for one model, per million tokens (per second/request where named), in ``currency``."""
+
+    input: Decimal = Decimal(0)
+    output: Decimal = Decimal(0)
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    per_request: Decimal = Decimal(0)
+    per_audio_second: Decimal = Decimal(0)
+    per_unit: Decimal = Decimal(0)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact(cls, value: object, info: Any) -> object:
+        if value is None:
+            return None
+        amount = _decimal(value, f"price {info.field_name}")
+        if amount < 0:
+            raise ValueError(f"price {info.field_name} must not be negative")
+        return amount
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="forbid", frozen=True)
+
+    database_url: str = "sqlite:///meterline.db"
+    redis_url: str | None = None
+    admin_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    credit_value: Decimal = Decimal("0.01")
+    # Units of each currency per one USD (the price database's currency). USD is always 1.
+    currency_rates: dict[str, Decimal] = Field(default_factory=lambda: {"EUR": Decimal("0.92")})
+    default_plan: str = "free"
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    plans: dict[str, PlanConfig] = Field(default_factory=dict)
+    prices: dict[str, PriceOverride] = Field(default_factory=dict)
+
+    @field_validator("credit_value", mode="before")
+    @classmethod
+    def _credit_value(cls, value: object) -> Decimal:
+        amount = _decimal(value, "credit_value")
+        if amount <= 0:
+            raise ValueError("credit_value must be greater than 0")
+        return amount
+
+    @field_validator("currency_rates", mode="before")
+    @classmethod
+    def _rates(cls, value: object) -> dict[str, Decimal]:
+        if not isinstance(value, dict):
+            raise ValueError("currency_rates must be a table of CURRENCY = \"rate\"")
+        rates: dict[str, Decimal] = {}
+        for code, raw in value.items():
+            if not re.fullmatch(r"[A-Z]{3}", str(code)):
+                raise ValueError(f"currency code {code!r} must be three capital letters")
+            rate = _decimal(raw, f"currency_rates.{code}")
+            if rate <= 0:
+                raise ValueError(f"currency_rates.{code} must be greater than 0")
+            rates[str(code)] = rate
+        return rates
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if secret.strip().lower() in KNOWN_DEFAULT_ADMIN_KEYS:
+            raise ValueError("admin key is a well-known default; generate one with `meterline keygen`")
+        if len(secret) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(f"admin key must be at least {MIN_ADMIN_KEY_LENGTH} characters")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return value
+
+    def rate_for(self, currency: str) -> Decimal | None:
+        if currency == "USD":
+            return Decimal(1)
+        return self.currency_rates.get(currency)
+
+
+def _interpolate(value: Any, path: str) -> Any:
+    """Replace ``${VAR}`` in strings with the environment's value (a missing variable is an error)."""
+    if isinstance(value, str):
+        def repl(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_REF.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{source}: {key}: {message}")
+    return "; ".join(problems)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``path`` (or ``$METERLINE_CONFIG``), the environment and explicit overrides."""
+    path = path or os.environ.get("METERLINE_CONFIG")
+    data: dict[str, Any] = {}
+    source = "environment"
+    if path:
+        file = Path(path)
+        source = str(file)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot read: {exc}") from None
+        data = _interpolate(raw, file.name)
+    # Environment beats the file: drop file keys that the environment sets.
+    for field in Settings.model_fields:
+        if f"METERLINE_{field.upper()}" in os.environ:
+            data.pop(field, None)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None

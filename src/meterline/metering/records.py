@@ -1,0 +1,96 @@
+"""What gets settled (``UsageRecord``) and what the ledger keeps (``LedgerRow``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+LLM_REQUEST = "llm.request"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One billable event as measured, before pricing. Written by the gateway and the events API alike.
+
+    ``prompt_tokens`` counts every input token, cache reads and cache writes included (the OpenAI
+    convention); ``cache_read_tokens`` and ``cache_write_tokens`` say how many of them were cached.
+    """
+
+    organization_id: str
+    workspace_id: str
+    created_at: datetime
+    event: str = LLM_REQUEST
+    units: int = 1
+    model: str | None = None
+    provider: str | None = None
+    region: str | None = None
+    modality: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    audio_seconds: Decimal | None = None
+    key_id: str | None = None
+    key_prefix: str | None = None
+    key_name: str | None = None
+    identifier_id: str | None = None
+    user_id: str | None = None
+    source: str = "api"
+    endpoint: str | None = None
+    run_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    failover: bool = False
+    overage: bool = False
+    receipt_id: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """A settled, priced ledger row. Append-only: nothing ever changes one after it is written."""
+
+    id: str
+    organization_id: str
+    workspace_id: str
+    key_id: str | None
+    key_prefix: str | None
+    key_name: str | None
+    identifier_id: str | None
+    user_id: str | None
+    source: str
+    endpoint: str | None
+    event: str
+    units: int
+    run_id: str | None
+    metadata: dict[str, Any] | None
+    model: str | None
+    modality: str
+    provider: str | None
+    region: str | None
+    billing_unit: str
+    audio_ms: int | None
+    prompt_tokens: int
+    completion_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    total_tokens: int
+    currency: str
+    list_cost_nanos: int
+    discount_applied_pct: int
+    cost_nanos: int
+    credits_nanos: int
+    priced: bool
+    overage: bool
+    failover: bool
+    receipt_id: str | None
+    idempotency_key: str | None
+    request_hash: str | None
+    created_at: datetime
+    recorded_at: datetime = field(compare=False)
+
+    @property
+    def audio_seconds(self) -> Decimal | None:
+        return None if self.audio_ms is None else Decimal(self.audio_ms) / 1000

@@ -1,0 +1,24 @@
+"""What metering needs from storage. ``meterline.storage.ledger_store`` implements it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from meterline.metering.records import LedgerRow
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Rows written, and for each idempotency key that was already present, the row kept earlier."""
+
+    written: Sequence[LedgerRow]
+    existing: Mapping[str, LedgerRow]
+
+
+class LedgerStore(Protocol):
+    def append(self, rows: Sequence[LedgerRow]) -> AppendResult:
+        """Write rows and their rollups in one transaction. A row whose (organization, idempotency key)
+        is already in the ledger is not written; the stored row is returned in ``existing`` instead."""
+        ...

@@ -1,0 +1,54 @@
+"""Exact money.
+
+Amounts are ``Decimal`` while being computed and integer **nanos** (10^-9 of a currency unit, or of a
+credit) once stored. A ledger row's cost is rounded to nanos exactly once, when it is settled; every total
+is a sum of those integers, so totals equal the sum of their rows to the last unit. ``float`` never
+appears in a computation; it is only a rendering for JSON number fields (see ``to_json_number``).
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+
+NANOS_PER_UNIT = 1_000_000_000
+_NANO = Decimal("0.000000001")
+ZERO = Decimal(0)
+
+
+def to_nanos(amount: Decimal) -> int:
+    """Round ``amount`` to the nearest nano (banker's rounding: no drift across many rows)."""
+    return int((amount * NANOS_PER_UNIT).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def from_nanos(nanos: int) -> Decimal:
+    return (Decimal(nanos) / NANOS_PER_UNIT).quantize(_NANO)
+
+
+def format_nanos(nanos: int) -> str:
+    """Exact decimal text without trailing zeros: 182000 nanos -> '0.000182'."""
+    text = format(from_nanos(nanos), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def to_json_number(nanos: int) -> float:
+    """A JSON number whose shortest text is the exact decimal.
+
+    At most 9 decimals and well under 15 significant digits for any realistic amount, so ``repr`` of the
+    float reproduces the decimal text exactly. Exact strings are offered beside every such field.
+    """
+    return float(format_nanos(nanos))
+
+
+def parse_decimal(value: object, *, what: str) -> Decimal:
+    """A Decimal from a str/int/Decimal (never a float: it is already inexact)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(f"{what} must be a decimal string such as \"0.30\", not a float")
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"{what} must be a decimal number, got {value!r}") from None
+    if not result.is_finite():
+        raise ValueError(f"{what} must be finite")
+    return result

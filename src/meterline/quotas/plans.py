@@ -1,0 +1,59 @@
+"""Plans (tiers): named sets of limits, a credit allowance and an overage policy (SPEC §2).
+
+The shipped tiers come from seeds 000-003; operators override or add plans in config. ``-1`` means
+unlimited everywhere (seed 003), and every enterprise limit is unlimited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from meterline.config import PlanConfig
+
+UNLIMITED = -1
+Overage = Literal["block", "overage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    daily_tokens: int
+    monthly_tokens: int
+    daily_calls: int
+    monthly_calls: int
+    rpm: int
+    tpm: int
+    monthly_credits: int
+    overage: Overage
+    discount_pct: int = 0
+
+
+DEFAULT_PLANS: Mapping[str, Plan] = {
+    "free": Plan("free", 50_000, 500_000, 100, 1_000, 100, 1_000_000, 500, "block"),
+    "pro": Plan("pro", 5_000_000, 50_000_000, 10_000, 100_000, 1_000, 10_000_000, 50_000, "overage"),
+    "enterprise": Plan(
+        "enterprise", UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED, "overage"
+    ),
+}
+
+# A plan defined only in config starts from these (a closed, blocking plan) and sets what it needs.
+_BLANK = Plan("", 0, 0, 0, 0, 0, 0, 0, "block")
+
+
+def build_plans(configured: Mapping[str, PlanConfig]) -> dict[str, Plan]:
+    """The default tiers with the operator's overrides applied and extra plans added."""
+    plans = dict(DEFAULT_PLANS)
+    for name, config in configured.items():
+        base = plans.get(name, replace(_BLANK, name=name))
+        changes = {k: v for k, v in config.model_dump().items() if v is not None}
+        plans[name] = replace(base, **changes)
+    return plans
+
+
+def remaining(limit: int, used: int) -> int:
+    """Seed 003: remaining = limit - usage, never below 0; -1 when the limit is -1 (unlimited)."""
+    if limit == UNLIMITED:
+        return UNLIMITED
+    return max(limit - used, 0)

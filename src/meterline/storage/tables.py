@@ -1,0 +1,186 @@
+"""The schema, as SQLAlchemy Core tables. Alembic migrations (``migrations/``) create exactly this.
+
+Conventions that keep SQLite and PostgreSQL identical and fast:
+* timestamps are integer microseconds since the epoch (``*_us``): exact, sortable, bucketable in SQL;
+* money and credits are integer nanos (``*_nanos``), see ``meterline.money``;
+* rollup dimensions use '' rather than NULL so that they can be part of a unique key (NULLs never
+  collide in a unique index, which would break the upsert).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only makes an INTEGER PRIMARY KEY an alias of the rowid (auto-increment, no extra index).
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+organizations = Table(
+    "organizations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("plan", String(64), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("spend_cap_nanos", BigInteger, nullable=True),
+    Column("billing_anchor_day", Integer, nullable=False),
+    Column("discount_pct", Integer, nullable=False, default=0),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), ForeignKey("organizations.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("group_name", String(200), nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), ForeignKey("organizations.id"), nullable=False, index=True),
+    Column("workspace_id", String(40), ForeignKey("workspaces.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("key_prefix", String(32), nullable=False, index=True),
+    # SHA-256 of the whole key: keys are 256-bit random, so a fast hash is safe and lookups stay O(1).
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("scope", String(16), nullable=False),
+    Column("default_source", String(32), nullable=True),
+    Column("limits_json", Text, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("last_used_at_us", BigInteger, nullable=True),
+    Column("revoked_at_us", BigInteger, nullable=True),
+)
+
+identifiers = Table(
+    "identifiers",
+    metadata,
+    Column("workspace_id", String(40), ForeignKey("workspaces.id"), nullable=False),
+    Column("identifier_id", String(200), nullable=False),
+    Column("organization_id", String(40), ForeignKey("organizations.id"), nullable=False, index=True),
+    Column("limits_json", Text, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    PrimaryKeyConstraint("workspace_id", "identifier_id"),
+)
+
+credit_grants = Table(
+    "credit_grants",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), ForeignKey("organizations.id"), nullable=False, index=True),
+    Column("credits_nanos", BigInteger, nullable=False),
+    Column("reason", String(500), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+# The append-only ledger: one row per billable event. Never updated, never deleted.
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("seq", AutoId, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("organization_id", String(40), nullable=False),
+    Column("workspace_id", String(40), nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("key_prefix", String(32), nullable=True),
+    Column("key_name", String(200), nullable=True),
+    Column("identifier_id", String(200), nullable=True),
+    Column("user_id", String(200), nullable=True),
+    Column("source", String(32), nullable=False),
+    Column("endpoint", String(200), nullable=True),
+    Column("event", String(64), nullable=False),
+    Column("units", BigInteger, nullable=False),
+    Column("run_id", String(200), nullable=True),
+    Column("metadata_json", Text, nullable=True),
+    Column("model", String(200), nullable=True),
+    Column("modality", String(32), nullable=False),
+    Column("provider", String(64), nullable=True),
+    Column("region", String(64), nullable=True),
+    Column("billing_unit", String(32), nullable=False),
+    Column("audio_ms", BigInteger, nullable=True),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("cache_read_tokens", BigInteger, nullable=False),
+    Column("cache_write_tokens", BigInteger, nullable=False),
+    Column("total_tokens", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("list_cost_nanos", BigInteger, nullable=False),
+    Column("discount_applied_pct", Integer, nullable=False),
+    Column("cost_nanos", BigInteger, nullable=False),
+    Column("credits_nanos", BigInteger, nullable=False),
+    Column("priced", Boolean, nullable=False),
+    Column("overage", Boolean, nullable=False, default=False),
+    Column("failover", Boolean, nullable=False, default=False),
+    Column("receipt_id", String(64), nullable=True),
+    # Client-chosen event id (events API) and the hash of its body: idempotency within an organization.
+    Column("idempotency_key", String(200), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+    UniqueConstraint("organization_id", "idempotency_key"),
+    Index("ix_ledger_org_created", "organization_id", "created_at_us"),
+    Index("ix_ledger_ws_created", "workspace_id", "created_at_us"),
+)
+
+ROLLUP_DIMENSIONS = (
+    "organization_id",
+    "workspace_id",
+    "key_id",
+    "identifier_id",
+    "user_id",
+    "model",
+    "provider",
+    "endpoint",
+    "source",
+    "event",
+)
+ROLLUP_MEASURES = (
+    "requests",
+    "units",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "total_tokens",
+    "audio_ms",
+    "cost_nanos",
+    "credits_nanos",
+)
+
+# Hourly rollup of the ledger, written in the same transaction as each ledger row.
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("hour", BigInteger, nullable=False),  # whole hours since the epoch, UTC
+    *(Column(name, String(200), nullable=False) for name in ROLLUP_DIMENSIONS),
+    *(Column(name, BigInteger, nullable=False) for name in ROLLUP_MEASURES),
+    UniqueConstraint("hour", *ROLLUP_DIMENSIONS, name="uq_usage_hourly_key"),
+    Index("ix_usage_hourly_org_hour", "organization_id", "hour"),
+    Index("ix_usage_hourly_ws_hour", "workspace_id", "hour"),
+)

@@ -1,0 +1,107 @@
+"""SQL implementation of ``meterline.metering.reading.UsageReader``.
+
+Totals and daily history read the hourly rollups, never the ledger: their cost depends on the number of
+hours asked for, not on the number of ledger rows. Ledger pages use the (organization|workspace,
+created_at) indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, select
+
+from meterline.clock import MICROS_PER_HOUR, to_micros
+from meterline.metering.reading import DailyTotals, LedgerFilter, Page, Scope, Totals
+from meterline.storage.database import Database
+from meterline.storage.ledger_store import row_from_db
+from meterline.storage.tables import ledger, usage_hourly
+
+_SUMS = (
+    func.coalesce(func.sum(usage_hourly.c.requests), 0),
+    func.coalesce(func.sum(usage_hourly.c.units), 0),
+    func.coalesce(func.sum(usage_hourly.c.prompt_tokens), 0),
+    func.coalesce(func.sum(usage_hourly.c.completion_tokens), 0),
+    func.coalesce(func.sum(usage_hourly.c.total_tokens), 0),
+    func.coalesce(func.sum(usage_hourly.c.cost_nanos), 0),
+    func.coalesce(func.sum(usage_hourly.c.credits_nanos), 0),
+)
+
+
+def _totals(row: Any) -> Totals:
+    return Totals(*(int(v) for v in row))
+
+
+def _rollup_scope(scope: Scope) -> list[ColumnElement[bool]]:
+    conditions = [usage_hourly.c.organization_id == scope.organization_id]
+    if scope.workspace_id is not None:
+        conditions.append(usage_hourly.c.workspace_id == scope.workspace_id)
+    if scope.identifier_id is not None:
+        conditions.append(usage_hourly.c.identifier_id == scope.identifier_id)
+    return conditions
+
+
+def _ledger_scope(scope: Scope) -> list[ColumnElement[bool]]:
+    conditions = [ledger.c.organization_id == scope.organization_id]
+    if scope.workspace_id is not None:
+        conditions.append(ledger.c.workspace_id == scope.workspace_id)
+    if scope.identifier_id is not None:
+        conditions.append(ledger.c.identifier_id == scope.identifier_id)
+    return conditions
+
+
+class SqlUsageReader:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def totals(self, scope: Scope, start: datetime, end: datetime) -> Totals:
+        first, last = to_micros(start) // MICROS_PER_HOUR, to_micros(end) // MICROS_PER_HOUR
+        query = select(*_SUMS).where(
+            *_rollup_scope(scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < last
+        )
+        with self._db.read() as conn:
+            return _totals(conn.execute(query).one())
+
+    def daily(self, scope: Scope, first_day: date, days: int) -> Sequence[DailyTotals]:
+        first = (first_day - date(1970, 1, 1)).days * 24
+        day_index = usage_hourly.c.hour // 24
+        query = (
+            select(day_index.label("day"), *_SUMS)
+            .where(*_rollup_scope(scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < first + days * 24)
+            .group_by(day_index)
+        )
+        with self._db.read() as conn:
+            found = {int(r[0]): _totals(r[1:]) for r in conn.execute(query)}
+        base = first // 24
+        return [
+            DailyTotals(first_day + timedelta(days=i), found.get(base + i, Totals())) for i in range(days)
+        ]
+
+    def ledger_page(self, scope: Scope, where: LedgerFilter, *, limit: int, offset: int) -> Page:
+        conditions = _ledger_scope(scope)
+        if where.start is not None:
+            conditions.append(ledger.c.created_at_us >= to_micros(where.start))
+        if where.end is not None:
+            conditions.append(ledger.c.created_at_us <= to_micros(where.end))
+        if where.model is not None:
+            conditions.append(ledger.c.model == where.model)
+        if where.key_prefix is not None:
+            conditions.append(ledger.c.key_prefix == where.key_prefix)
+        if where.modality is not None:
+            conditions.append(ledger.c.modality == where.modality)
+        if where.provider is not None:
+            conditions.append(ledger.c.provider == where.provider)
+        condition = and_(*conditions)
+        query = (
+            select(ledger)
+            .where(condition)
+            .order_by(ledger.c.created_at_us.desc(), ledger.c.seq.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        with self._db.read() as conn:
+            rows = [row_from_db(r) for r in conn.execute(query)]
+            total = conn.execute(select(func.count()).select_from(ledger).where(condition)).scalar_one()
+        return Page(rows=rows, total=int(total))

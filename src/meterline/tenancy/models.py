@@ -1,0 +1,81 @@
+"""Organizations, workspaces, API keys and the authenticated principal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+KeyScope = Literal["workspace", "organization"]
+PrincipalScope = Literal["workspace", "organization", "identifier"]
+
+
+@dataclass(frozen=True, slots=True)
+class Organization:
+    id: str
+    name: str
+    plan: str
+    currency: str
+    spend_cap_nanos: int | None
+    billing_anchor_day: int
+    discount_pct: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    id: str
+    organization_id: str
+    name: str
+    group: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    organization_id: str
+    workspace_id: str
+    name: str
+    key_prefix: str
+    scope: KeyScope
+    default_source: str | None
+    limits: dict[str, int] | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """The one moment a key's secret exists outside the caller's hands: the answer to its creation."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreditGrant:
+    id: str
+    organization_id: str
+    credits_nanos: int
+    reason: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, resolved from a bearer credential. Reads are confined to ``scope``."""
+
+    organization_id: str
+    workspace_id: str
+    scope: PrincipalScope
+    key_id: str | None = None
+    key_prefix: str | None = None
+    key_name: str | None = None
+    identifier_id: str | None = None
+    default_source: str | None = None

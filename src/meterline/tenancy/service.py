@@ -1,0 +1,271 @@
+"""Tenancy operations shared by the admin API and the CLI, and bearer-key authentication."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from decimal import Decimal
+
+from meterline import ids
+from meterline.clock import Clock, to_micros
+from meterline.errors import InvalidRequest, NotFound, Unauthorized
+from meterline.money import to_nanos
+from meterline.tenancy.keys import generate_key, hash_key, key_prefix, looks_like_key
+from meterline.tenancy.models import (
+    ApiKey,
+    CreditGrant,
+    KeyScope,
+    NewKey,
+    Organization,
+    Principal,
+    Workspace,
+)
+from meterline.tenancy.store import TenancyStore
+
+MAX_CREDIT_GRANT = Decimal(1_000_000_000)
+# Writing last_used_at on every request would turn each read into a write; once a minute is enough.
+_TOUCH_EVERY_US = 60_000_000
+
+
+def _name(value: str, what: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidRequest(f"{what} must not be empty", param=what)
+    if len(value) > 200:
+        raise InvalidRequest(f"{what} must be at most 200 characters", param=what)
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidRequest(f"{what} must not contain control characters", param=what)
+    return value
+
+
+class TenancyService:
+    def __init__(
+        self,
+        store: TenancyStore,
+        clock: Clock,
+        *,
+        plans: Sequence[str],
+        currencies: Sequence[str],
+        default_currency: str,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._plans = frozenset(plans)
+        self._currencies = frozenset(currencies)
+        self._default_currency = default_currency
+        self._touched: dict[str, int] = {}
+        self._touch_lock = threading.Lock()
+
+    # -- organizations -----------------------------------------------------------------------
+    def _check_org_fields(
+        self, plan: str, currency: str, anchor: int, discount: int, spend_cap: Decimal | None
+    ) -> None:
+        if plan not in self._plans:
+            raise InvalidRequest(
+                f"unknown plan {plan!r}; known plans: {', '.join(sorted(self._plans))}", param="plan"
+            )
+        if currency not in self._currencies:
+            raise InvalidRequest(
+                f"currency {currency!r} has no configured rate; known: {', '.join(sorted(self._currencies))}",
+                param="currency",
+            )
+        if not 1 <= anchor <= 31:
+            raise InvalidRequest("billing_anchor_day must be between 1 and 31", param="billing_anchor_day")
+        if not 0 <= discount <= 100:
+            raise InvalidRequest("discount_pct must be between 0 and 100", param="discount_pct")
+        if spend_cap is not None and (spend_cap < 0 or spend_cap > Decimal(10) ** 9):
+            raise InvalidRequest("spend_cap must be between 0 and 1000000000", param="spend_cap")
+
+    def create_organization(
+        self,
+        name: str,
+        plan: str,
+        *,
+        currency: str | None = None,
+        spend_cap: Decimal | None = None,
+        billing_anchor_day: int | None = None,
+        discount_pct: int = 0,
+    ) -> Organization:
+        now = self._clock.now()
+        currency = currency or self._default_currency
+        anchor = billing_anchor_day if billing_anchor_day is not None else now.day
+        self._check_org_fields(plan, currency, anchor, discount_pct, spend_cap)
+        org = Organization(
+            id=ids.prefixed("org"),
+            name=_name(name, "name"),
+            plan=plan,
+            currency=currency,
+            spend_cap_nanos=None if spend_cap is None else to_nanos(spend_cap),
+            billing_anchor_day=anchor,
+            discount_pct=discount_pct,
+            created_at=now,
+        )
+        self._store.add_organization(org)
+        return org
+
+    def update_organization(self, org_id: str, changes: Mapping[str, object]) -> Organization:
+        org = self.get_organization(org_id)
+        fields: dict[str, object] = {}
+        if "name" in changes:
+            fields["name"] = _name(str(changes["name"]), "name")
+        for key in ("plan", "currency", "billing_anchor_day", "discount_pct"):
+            if key in changes:
+                fields[key] = changes[key]
+        spend_cap = changes.get("spend_cap")
+        if "spend_cap" in changes:
+            fields["spend_cap_nanos"] = None if spend_cap is None else to_nanos(Decimal(str(spend_cap)))
+        updated = replace(org, **fields)  # type: ignore[arg-type]
+        self._check_org_fields(
+            updated.plan,
+            updated.currency,
+            updated.billing_anchor_day,
+            updated.discount_pct,
+            None if spend_cap is None else Decimal(str(spend_cap)),
+        )
+        self._store.update_organization(updated, to_micros(self._clock.now()))
+        return updated
+
+    def get_organization(self, org_id: str) -> Organization:
+        org = self._store.get_organization(org_id)
+        if org is None:
+            raise NotFound(f"organization {org_id!r} does not exist", param="organization_id")
+        return org
+
+    def list_organizations(self, *, limit: int = 100, offset: int = 0) -> tuple[Sequence[Organization], int]:
+        return self._store.list_organizations(limit=limit, offset=offset)
+
+    # -- workspaces --------------------------------------------------------------------------
+    def create_workspace(self, organization_id: str, name: str, group: str | None = None) -> Workspace:
+        self.get_organization(organization_id)
+        ws = Workspace(
+            id=ids.prefixed("ws"),
+            organization_id=organization_id,
+            name=_name(name, "name"),
+            group=None if group is None else _name(group, "group"),
+            created_at=self._clock.now(),
+        )
+        self._store.add_workspace(ws)
+        return ws
+
+    def get_workspace(self, ws_id: str) -> Workspace:
+        ws = self._store.get_workspace(ws_id)
+        if ws is None:
+            raise NotFound(f"workspace {ws_id!r} does not exist", param="workspace_id")
+        return ws
+
+    def list_workspaces(
+        self, organization_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> tuple[Sequence[Workspace], int]:
+        return self._store.list_workspaces(organization_id=organization_id, limit=limit, offset=offset)
+
+    # -- keys --------------------------------------------------------------------------------
+    def create_key(
+        self,
+        workspace_id: str,
+        name: str,
+        *,
+        scope: KeyScope = "workspace",
+        limits: Mapping[str, int] | None = None,
+        default_source: str | None = None,
+    ) -> NewKey:
+        ws = self.get_workspace(workspace_id)
+        if scope not in ("workspace", "organization"):
+            raise InvalidRequest("scope must be 'workspace' or 'organization'", param="scope")
+        secret = generate_key()
+        key = ApiKey(
+            id=ids.prefixed("key"),
+            organization_id=ws.organization_id,
+            workspace_id=ws.id,
+            name=_name(name, "name"),
+            key_prefix=key_prefix(secret),
+            scope=scope,
+            default_source=default_source,
+            limits=dict(limits) if limits else None,
+            created_at=self._clock.now(),
+            last_used_at=None,
+            revoked_at=None,
+        )
+        self._store.add_key(key, hash_key(secret))
+        return NewKey(key=key, secret=secret)
+
+    def list_keys(
+        self,
+        *,
+        workspace_id: str | None = None,
+        organization_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[Sequence[ApiKey], int]:
+        return self._store.list_keys(
+            workspace_id=workspace_id, organization_id=organization_id, limit=limit, offset=offset
+        )
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        key = self._store.get_key(key_id)
+        if key is None:
+            raise NotFound(f"key {key_id!r} does not exist", param="key_id")
+        if key.revoked_at is None:
+            now = self._clock.now()
+            self._store.revoke_key(key_id, to_micros(now))
+            key = replace(key, revoked_at=now)
+        return key
+
+    def authenticate(self, secret: str) -> Principal:
+        """The principal for a bearer API key. The secret itself never appears in an error."""
+        if not looks_like_key(secret):
+            raise Unauthorized("malformed API key: expected 'Authorization: Bearer ml_live_…'")
+        key = self._store.find_key_by_hash(hash_key(secret))
+        if key is None:
+            raise Unauthorized("invalid API key")
+        if key.revoked_at is not None:
+            raise Unauthorized(f"API key {key.key_prefix}… has been revoked")
+        self._touch(key.id)
+        return Principal(
+            organization_id=key.organization_id,
+            workspace_id=key.workspace_id,
+            scope=key.scope,
+            key_id=key.id,
+            key_prefix=key.key_prefix,
+            key_name=key.name,
+            default_source=key.default_source,
+        )
+
+    def _touch(self, key_id: str) -> None:
+        now_us = to_micros(self._clock.now())
+        with self._touch_lock:
+            if now_us - self._touched.get(key_id, 0) < _TOUCH_EVERY_US:
+                return
+            self._touched[key_id] = now_us
+        self._store.touch_key(key_id, now_us)
+
+    # -- credits -----------------------------------------------------------------------------
+    def grant_credits(self, organization_id: str, amount: Decimal, reason: str) -> CreditGrant:
+        self.get_organization(organization_id)
+        if not amount.is_finite() or amount <= 0 or amount > MAX_CREDIT_GRANT:
+            raise InvalidRequest("amount must be greater than 0 and at most 1000000000", param="amount")
+        grant = CreditGrant(
+            id=ids.prefixed("grant"),
+            organization_id=organization_id,
+            credits_nanos=to_nanos(amount),
+            reason=_name(reason, "reason"),
+            created_at=self._clock.now(),
+        )
+        self._store.add_credit_grant(grant)
+        return grant
+
+    def list_credit_grants(self, organization_id: str) -> Sequence[CreditGrant]:
+        self.get_organization(organization_id)
+        return self._store.list_credit_grants(organization_id)
+
+
+def limits_to_json(limits: Mapping[str, int] | None) -> str | None:
+    return None if not limits else json.dumps(dict(limits), sort_keys=True)
+
+
+def limits_from_json(raw: str | None) -> dict[str, int] | None:
+    return None if raw is None else {str(k): int(v) for k, v in json.loads(raw).items()}
+
+
+__all__ = ["TenancyService", "limits_from_json", "limits_to_json"]

@@ -1,0 +1,476 @@
+"""Throw-away PostgreSQL and Redis servers for the test session.
+
+Both servers listen on loopback only, on a free TCP port, with all their
+files in a fresh temporary directory that is removed again by ``stop()``.
+An ``atexit`` hook stops every server that is still running when the
+interpreter exits, so nothing is left behind even if a test session forgets
+to stop one (or dies with an exception / Ctrl-C).
+
+PostgreSQL refuses to run as root: when this process is root, ``initdb`` and
+``pg_ctl`` are run as the ``postgres`` system user via ``runuser`` and the
+server directory is handed over to that user.
+
+Usage::
+
+    pg = start_postgres()
+    try:
+        engine = create_engine(pg.url)           # postgresql+psycopg://...
+        other_url = pg.create_database("other")
+    finally:
+        pg.stop()
+
+    redis = start_redis()
+    ...
+    redis.stop()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "PostgresServer",
+    "RedisServer",
+    "free_port",
+    "start_postgres",
+    "start_redis",
+]
+
+HOST = "127.0.0.1"
+PG_USER = "postgres"
+PG_DEFAULT_DB = "meterline_test"
+PG_SYSTEM_USER = "postgres"
+
+STARTUP_TIMEOUT = 30.0
+_PORT_ATTEMPTS = 3
+_ADDR_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+# sun_path is 108 bytes on Linux; PostgreSQL appends "/.s.PGSQL.NNNNN" (15 chars) + NUL.
+_MAX_SOCKET_DIR_LEN = 90
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_accepts(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<could not read {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:]) or "<empty>"
+
+
+def _clean_env() -> dict[str, str]:
+    """Environment for server processes: no stray PG* settings, C locale."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    env["LANG"] = "C"
+    return env
+
+
+def _make_temp_dir(prefix: str, base_dir: Path | None) -> Path:
+    parent = Path(base_dir) if base_dir is not None else Path("/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o755)
+    return path
+
+
+def _rmtree(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _traversable_by(path: Path, user: pwd.struct_passwd) -> bool:
+    """Whether ``user`` can reach (search) ``path`` and every ancestor of it."""
+    gids = {user.pw_gid} | set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for directory in [path, *path.parents]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return False
+        if st.st_uid == user.pw_uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in gids:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _find_pg_bin() -> Path:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` holding initdb and pg_ctl."""
+    candidates: list[tuple[tuple[int, ...], Path]] = []
+    root = Path("/usr/lib/postgresql")
+    if root.is_dir():
+        for version_dir in root.iterdir():
+            bin_dir = version_dir / "bin"
+            if (bin_dir / "initdb").is_file() and (bin_dir / "pg_ctl").is_file():
+                try:
+                    version = tuple(int(p) for p in version_dir.name.split("."))
+                except ValueError:
+                    continue
+                candidates.append((version, bin_dir))
+    if candidates:
+        return max(candidates)[1]
+    # Not a Debian layout: fall back to whatever is on PATH.
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
+        return Path(initdb).parent
+    raise RuntimeError(
+        "PostgreSQL server binaries not found: no /usr/lib/postgresql/*/bin/{initdb,pg_ctl} "
+        "and no initdb/pg_ctl on PATH. Install the 'postgresql' package (e.g. apt-get install postgresql)."
+    )
+
+
+@dataclass
+class PostgresServer:
+    """A running throw-away PostgreSQL server (trust auth, loopback only)."""
+
+    url: str
+    port: int
+    user: str = PG_USER
+    host: str = HOST
+    base_dir: Path | None = field(default=None, repr=False)
+    _pg_bin: Path | None = field(default=None, repr=False)
+    _data_dir: Path | None = field(default=None, repr=False)
+    _extra_dirs: list[Path] = field(default_factory=list, repr=False)
+    _run_as: str | None = field(default=None, repr=False)
+    _running: bool = field(default=False, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    # -- URLs ---------------------------------------------------------------
+
+    def url_for(self, dbname: str) -> str:
+        """SQLAlchemy URL of database ``dbname`` on this server."""
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{dbname}"
+
+    def conninfo(self, dbname: str = PG_DEFAULT_DB) -> str:
+        """libpq connection string (for ``psycopg.connect``) of ``dbname``."""
+        return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.base_dir / "postgres.log" if self.base_dir is not None else None
+
+    # -- databases ----------------------------------------------------------
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` and return its SQLAlchemy URL."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url_for(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` (terminating its connections)."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def _cmd(self, *args: str) -> list[str]:
+        if self._run_as is not None:
+            return ["runuser", "-u", self._run_as, "--", *args]
+        return list(args)
+
+    def _run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self._cmd(*args),
+            cwd=self.base_dir,
+            env=_clean_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        """Stop the server (immediate shutdown) and delete its files. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        try:
+            if self._running and self._pg_bin is not None and self._data_dir is not None:
+                result = self._run(
+                    str(self._pg_bin / "pg_ctl"), "stop", "-D", str(self._data_dir),
+                    "-m", "immediate", "-w", "-t", "30",
+                )  # fmt: skip
+                self._running = False
+                if result.returncode != 0:
+                    self._kill_postmaster()
+        finally:
+            for path in self._extra_dirs:
+                _rmtree(path)
+            _rmtree(self.base_dir)
+
+    def _kill_postmaster(self) -> None:
+        """Last resort if pg_ctl stop failed: SIGKILL the postmaster from postmaster.pid."""
+        if self._data_dir is None:
+            return
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((self._data_dir / "postmaster.pid").read_text().splitlines()[0])
+            os.kill(pid, 9)
+
+
+def _pg_system_user() -> pwd.struct_passwd | None:
+    """The account to run PostgreSQL as when we are root (None when not root)."""
+    if os.geteuid() != 0:
+        return None
+    if shutil.which("runuser") is None:
+        raise RuntimeError("running as root but 'runuser' is not available to drop to the postgres user")
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        raise RuntimeError(
+            f"running as root but there is no '{PG_SYSTEM_USER}' system user to run PostgreSQL as "
+            "(PostgreSQL refuses to run as root); install the 'postgresql' package or run as non-root"
+        ) from None
+
+
+def _wait_pg_ready(server: PostgresServer, deadline: float) -> None:
+    import psycopg
+
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(server.conninfo("postgres"), connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError as exc:
+            last_error = exc
+            time.sleep(0.05)
+    log = server.log_file
+    raise RuntimeError(
+        f"PostgreSQL on port {server.port} did not accept connections within {STARTUP_TIMEOUT:.0f}s "
+        f"(last error: {last_error}).\nLog tail ({log}):\n{_tail(log) if log else '<no log>'}"
+    )
+
+
+def start_postgres(base_dir: Path | None = None) -> PostgresServer:
+    """Initialise and start a fresh PostgreSQL cluster on a free loopback port.
+
+    The cluster uses trust authentication for user ``postgres``, has durability
+    switched off for speed, and contains an empty ``meterline_test`` database,
+    whose URL is ``server.url``. Files live in a new directory under
+    ``base_dir`` (default ``/tmp``); when running as root and ``base_dir`` is
+    not reachable by the postgres user, ``/tmp`` is used instead.
+    """
+    pg_bin = _find_pg_bin()
+    run_as = _pg_system_user()
+
+    if base_dir is not None:
+        Path(base_dir).mkdir(parents=True, exist_ok=True)
+        if run_as is not None and not _traversable_by(Path(base_dir).resolve(), run_as):
+            base_dir = None  # e.g. pytest's 0700 tmp dirs: the postgres user could not reach them
+    root = _make_temp_dir("meterline-pg-", base_dir)
+    server = PostgresServer(
+        url="",
+        port=0,
+        base_dir=root,
+        _pg_bin=pg_bin,
+        _data_dir=root / "data",
+        _run_as=run_as.pw_name if run_as is not None else None,
+    )
+    atexit.register(server.stop)
+    try:
+        sock_dir = root / "sock"
+        if len(str(sock_dir)) > _MAX_SOCKET_DIR_LEN:
+            sock_dir = _make_temp_dir("meterline-pgsock-", None)
+            server._extra_dirs.append(sock_dir)
+        else:
+            sock_dir.mkdir(mode=0o755)
+        if run_as is not None:
+            for path in (root, sock_dir):
+                os.chown(path, run_as.pw_uid, run_as.pw_gid)
+
+        data_dir = root / "data"
+        result = server._run(
+            str(pg_bin / "initdb"), "-D", str(data_dir), "--auth=trust", "-U", PG_USER,
+            "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions",
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+        log_file = root / "postgres.log"
+        for attempt in range(_PORT_ATTEMPTS):
+            port = free_port()
+            options = (
+                f"-p {port} -k {sock_dir} -c listen_addresses={HOST} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+            )
+            result = server._run(
+                str(pg_bin / "pg_ctl"), "start", "-D", str(data_dir), "-l", str(log_file),
+                "-o", options, "-w", "-t", str(int(STARTUP_TIMEOUT)),
+                timeout=STARTUP_TIMEOUT + 15,
+            )  # fmt: skip
+            # Even a failed start may have left a postmaster behind (e.g. pg_ctl timeout).
+            server._running = True
+            if result.returncode == 0:
+                break
+            log_text = _tail(log_file)
+            if attempt + 1 < _PORT_ATTEMPTS and _ADDR_IN_USE.search(log_text):
+                server._running = False
+                continue  # lost the race for the port: try another one
+            raise RuntimeError(
+                f"pg_ctl start failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}\n"
+                f"Log tail ({log_file}):\n{log_text}"
+            )
+
+        server.port = port
+        server.url = server.url_for(PG_DEFAULT_DB)
+        _wait_pg_ready(server, time.monotonic() + STARTUP_TIMEOUT)
+        server.create_database(PG_DEFAULT_DB)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def _find_redis() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise RuntimeError(
+            "redis-server not found on PATH. "
+            "Install the 'redis-server' package (e.g. apt-get install redis-server)."
+        )
+    return path
+
+
+def _redis_ping(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply.startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """A running throw-away Redis server (no persistence, loopback only)."""
+
+    url: str
+    port: int
+    base_dir: Path | None = field(default=None, repr=False)
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.base_dir / "redis.log" if self.base_dir is not None else None
+
+    def stop(self) -> None:
+        """Terminate the server, wait for it, and delete its files. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        try:
+            proc = self._process
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+        finally:
+            _rmtree(self.base_dir)
+
+
+def start_redis(base_dir: Path | None = None) -> RedisServer:
+    """Start a fresh ``redis-server`` (no persistence) on a free loopback port."""
+    redis_bin = _find_redis()
+    root = _make_temp_dir("meterline-redis-", base_dir)
+    server = RedisServer(url="", port=0, base_dir=root)
+    atexit.register(server.stop)
+    log_file = root / "redis.log"
+    try:
+        for attempt in range(_PORT_ATTEMPTS):
+            port = free_port()
+            with log_file.open("ab") as log:
+                server._process = subprocess.Popen(
+                    [
+                        redis_bin, "--port", str(port), "--bind", HOST, "--save", "",
+                        "--appendonly", "no", "--daemonize", "no", "--dir", str(root),
+                    ],
+                    cwd=root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            proc = server._process
+            while time.monotonic() < deadline:
+                if _redis_ping(port):
+                    server.port = port
+                    server.url = f"redis://{HOST}:{port}/0"
+                    return server
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            log_text = _tail(log_file)
+            if proc.returncode != 0 and attempt + 1 < _PORT_ATTEMPTS and _ADDR_IN_USE.search(log_text):
+                continue  # lost the race for the port: try another one
+            raise RuntimeError(
+                f"redis-server on port {port} did not answer PING within {STARTUP_TIMEOUT:.0f}s "
+                f"(exit code {proc.returncode}).\nLog tail ({log_file}):\n{log_text}"
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+    except BaseException:
+        server.stop()
+        raise
