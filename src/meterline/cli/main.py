@@ -1,0 +1,313 @@
+"""``meterline``: run the server, manage tenants and credits without it, and seed a demo.
+
+Every management command goes through the same services as the admin API, against the database the
+configuration names, so the CLI and the API can never disagree about a rule.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meterline.api import render
+from meterline.config import Settings, load_settings
+from meterline.errors import ConfigError, MeterlineError
+from meterline.money import parse_decimal
+from meterline.services import Services, build_services
+
+app = typer.Typer(help="Meterline: usage metering, quotas and cost tracking for LLM APIs.", no_args_is_help=True)
+orgs_app = typer.Typer(help="Organizations (the billing entities).", no_args_is_help=True)
+workspaces_app = typer.Typer(help="Workspaces of an organization.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of a workspace.", no_args_is_help=True)
+credits_app = typer.Typer(help="Bonus credits.", no_args_is_help=True)
+app.add_typer(orgs_app, name="orgs")
+app.add_typer(workspaces_app, name="workspaces")
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file (default: $METERLINE_CONFIG).")
+]
+DatabaseOption = Annotated[
+    str | None, typer.Option("--database-url", help="Overrides database_url (sqlite:///… or postgresql://…).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings_from(config: Path | None, database_url: str | None = None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, database_url=database_url, **overrides)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+
+
+@contextmanager
+def services_for(config: Path | None, database_url: str | None) -> Iterator[Services]:
+    services = build_services(settings_from(config, database_url))
+    try:
+        yield services
+    except MeterlineError as exc:
+        fail(exc.message)
+    finally:
+        services.close()
+
+
+def emit(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)
+
+
+# -- server ------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8080).")] = None,
+) -> None:
+    """Run the HTTP server (migrates the database first)."""
+    settings = settings_from(config, database_url, host=host, port=port)
+    _run(settings)
+
+
+def _run(settings: Settings, services: Services | None = None) -> None:
+    import uvicorn
+
+    from meterline.api.app import create_app
+
+    try:
+        application = create_app(settings, services=services)
+    except MeterlineError as exc:
+        fail(exc.message)
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=False)
+
+
+@app.command()
+def demo(
+    database: Annotated[Path, typer.Option(help="SQLite file for the demo.")] = Path("meterline-demo.db"),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    days: Annotated[int, typer.Option(min=30, max=120, help="Days of generated history.")] = 45,
+    seed_only: Annotated[bool, typer.Option("--seed-only", help="Create the demo data and exit.")] = False,
+) -> None:
+    """Serve on an embedded SQLite database filled with realistic sample usage."""
+    from rich.progress import Progress
+
+    from meterline.demo import is_seeded, seed_demo
+
+    admin_key = "ml_admin_" + secrets.token_hex(16)
+    settings = settings_from(None, f"sqlite:///{database.resolve()}", host=host, port=port, admin_key=admin_key)
+    services = build_services(settings)
+    keys_file = database.with_suffix(".keys.json")
+    if not is_seeded(services):
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("Generating demo usage", total=None)
+
+            def step(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            data = seed_demo(services, days=days, progress=step)
+        keys = [{"organization": k.organization, "workspace": k.workspace, "name": k.name, "scope": k.scope,
+                 "key": k.secret} for k in data.keys]
+        keys_file.write_text(json.dumps(keys, indent=2), encoding="utf-8")
+        keys_file.chmod(0o600)
+        err.print(f"Seeded {data.rows} ledger rows into {database}.")
+    keys = json.loads(keys_file.read_text(encoding="utf-8")) if keys_file.exists() else []
+    table = Table(title="Demo keys (also in " + str(keys_file) + ")")
+    for column in ("organization", "workspace", "scope", "key"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(k["organization"], k["workspace"], k["scope"], k["key"])
+    err.print(table)
+    err.print(f"Admin key for this run: {admin_key}")
+    err.print(f"Try: curl -H 'Authorization: Bearer <key>' http://{host}:{port}/v1/usage")
+    if seed_only:
+        services.close()
+        return
+    _run(settings, services)
+
+
+@app.command()
+def migrate(config: ConfigOption = None, database_url: DatabaseOption = None) -> None:
+    """Bring the database schema up to date."""
+    from meterline.storage.migrate import current_revision
+
+    with services_for(config, database_url) as services:
+        out.print(f"database at revision {current_revision(services.db)}")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new random admin key (for METERLINE_ADMIN_KEY)."""
+    typer.echo("ml_admin_" + secrets.token_hex(24))
+
+
+# -- organizations -----------------------------------------------------------------------------
+def _decimal_option(value: str | None, what: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return parse_decimal(value, what=what)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@orgs_app.command("create")
+def orgs_create(
+    name: str,
+    plan: Annotated[str, typer.Option(help="free, pro, enterprise or a configured plan.")] = "free",
+    currency: Annotated[str | None, typer.Option(help="USD, EUR, …")] = None,
+    spend_cap: Annotated[str | None, typer.Option(help="Monthly money cap (BYOM), e.g. 250.00.")] = None,
+    anchor_day: Annotated[int | None, typer.Option(help="Billing anchor day, 1-31.")] = None,
+    discount_pct: Annotated[int, typer.Option(help="Discount in percent, 0-100.")] = 0,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create an organization."""
+    with services_for(config, database_url) as services:
+        org = services.tenancy.create_organization(
+            name, plan, currency=currency, spend_cap=_decimal_option(spend_cap, "spend cap"),
+            billing_anchor_day=anchor_day, discount_pct=discount_pct,
+        )
+        emit([render.organization(org)], ["id", "name", "plan", "currency", "spend_cap"], as_json, "Created")
+
+
+@orgs_app.command("list")
+def orgs_list(config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False) -> None:
+    """List organizations."""
+    with services_for(config, database_url) as services:
+        orgs, _ = services.tenancy.list_organizations(limit=10_000)
+        emit([render.organization(o) for o in orgs], ["id", "name", "plan", "currency", "spend_cap",
+             "billing_anchor_day", "discount_pct"], as_json, "Organizations")
+
+
+# -- workspaces --------------------------------------------------------------------------------
+@workspaces_app.command("create")
+def workspaces_create(
+    organization_id: str,
+    name: str,
+    group: Annotated[str | None, typer.Option(help="Workspace group label.")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a workspace in an organization."""
+    with services_for(config, database_url) as services:
+        ws = services.tenancy.create_workspace(organization_id, name, group)
+        emit([render.workspace(ws)], ["id", "organization_id", "name", "group"], as_json, "Created")
+
+
+@workspaces_app.command("list")
+def workspaces_list(
+    organization_id: Annotated[str | None, typer.Option("--org", help="Only this organization.")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List workspaces."""
+    with services_for(config, database_url) as services:
+        items, _ = services.tenancy.list_workspaces(organization_id, limit=10_000)
+        emit([render.workspace(w) for w in items], ["id", "organization_id", "name", "group"], as_json, "Workspaces")
+
+
+# -- keys --------------------------------------------------------------------------------------
+@keys_app.command("create")
+def keys_create(
+    workspace_id: str,
+    name: str,
+    scope: Annotated[str, typer.Option(help="workspace, or organization for an organization-wide read key.")]
+    = "workspace",
+    source: Annotated[str | None, typer.Option(help="Default source label (web, cli, api).")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create an API key. The key is printed once and cannot be shown again."""
+    if scope not in ("workspace", "organization"):
+        fail("--scope must be 'workspace' or 'organization'")
+    with services_for(config, database_url) as services:
+        new = services.tenancy.create_key(workspace_id, name, scope=scope, default_source=source)  # type: ignore[arg-type]
+        row = {**render.api_key(new.key), "key": new.secret}
+        if as_json:
+            typer.echo(json.dumps(row, indent=2))
+            return
+        emit([row], ["id", "workspace_id", "name", "key_prefix", "scope"], False, "Created")
+        out.print(f"key (shown only now): [bold]{new.secret}[/]", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(
+    workspace_id: Annotated[str | None, typer.Option("--workspace", help="Only this workspace.")] = None,
+    organization_id: Annotated[str | None, typer.Option("--org", help="Only this organization.")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List API keys (prefixes only: secrets are never stored)."""
+    with services_for(config, database_url) as services:
+        items, _ = services.tenancy.list_keys(
+            workspace_id=workspace_id, organization_id=organization_id, limit=10_000
+        )
+        emit([render.api_key(k) for k in items], ["id", "workspace_id", "name", "key_prefix", "scope",
+             "last_used_at", "revoked_at"], as_json, "API keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str, config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False
+) -> None:
+    """Revoke an API key; it stops working at once."""
+    with services_for(config, database_url) as services:
+        key = services.tenancy.revoke_key(key_id)
+        emit([render.api_key(key)], ["id", "name", "key_prefix", "revoked_at"], as_json, "Revoked")
+
+
+# -- credits -----------------------------------------------------------------------------------
+@credits_app.command("grant")
+def credits_grant(
+    organization_id: str,
+    amount: str,
+    reason: Annotated[str, typer.Option(help="Why (referral, promotion, …).")] = "Operator grant",
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Grant bonus credits (they never reset)."""
+    credits = _decimal_option(amount, "amount")
+    assert credits is not None
+    with services_for(config, database_url) as services:
+        grant = services.tenancy.grant_credits(organization_id, credits, reason)
+        emit([render.credit_grant(grant)], ["id", "organization_id", "amount", "reason"], as_json, "Granted")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

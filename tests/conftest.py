@@ -1,0 +1,176 @@
+"""Shared fixtures: real SQLite files and a real throwaway PostgreSQL server, a frozen clock, the app.
+
+``backend`` parametrizes a test over both stores. The schema is migrated once per session per backend;
+each test then starts from empty tables (a copied SQLite file; TRUNCATE on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import PostgresServer, start_postgres  # noqa: E402
+
+from meterline.api.app import create_app  # noqa: E402
+from meterline.clock import FrozenClock  # noqa: E402
+from meterline.config import Settings, load_settings  # noqa: E402
+from meterline.services import Services, build_services  # noqa: E402
+from meterline.storage.database import Database  # noqa: E402
+from meterline.storage.migrate import upgrade  # noqa: E402
+from meterline.storage.tables import metadata  # noqa: E402
+
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+NOW = datetime(2026, 3, 14, 10, 30, 0, tzinfo=UTC)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _postgres_available() -> bool:
+    return any(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb") is not None
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    if not _postgres_available():
+        if os.environ.get("METERLINE_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required (METERLINE_REQUIRE_POSTGRES) but not installed")
+        pytest.skip("PostgreSQL binaries not installed")
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    db = Database(f"sqlite:///{path}")
+    upgrade(db)
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: PostgresServer) -> str:
+    url = pg_server.create_database("meterline_contract")
+    db = Database(url)
+    upgrade(db)
+    db.dispose()
+    return url
+
+
+def _truncate(url: str) -> None:
+    db = Database(url)
+    names = ", ".join(t.name for t in metadata.sorted_tables)
+    with db.engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    db.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
+    if request.param == "sqlite":
+        path = tmp_path / "meterline.db"
+        shutil.copyfile(sqlite_template, path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("pg_url")
+    _truncate(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    path = tmp_path / "meterline.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(NOW)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return load_settings(database_url=database_url, admin_key=ADMIN_KEY)
+
+
+@pytest.fixture
+def services(settings: Settings, clock: FrozenClock) -> Iterator[Services]:
+    built = build_services(settings, clock=clock, migrate=False)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def client(settings: Settings, services: Services) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, services=services), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@dataclass
+class Tenant:
+    org: dict[str, Any]
+    workspace: dict[str, Any]
+    key: str
+    key_info: dict[str, Any]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_tenant(client: TestClient, *, plan: str = "pro", name: str = "Acme", group: str | None = "eng",
+                **org_fields: Any) -> Tenant:
+    org = client.post("/v1/admin/organizations", json={"name": name, "plan": plan, **org_fields}, headers=ADMIN)
+    assert org.status_code == 201, org.text
+    ws = client.post(
+        "/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "Main", "group": group},
+        headers=ADMIN,
+    )
+    assert ws.status_code == 201, ws.text
+    key = client.post("/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "Default"}, headers=ADMIN)
+    assert key.status_code == 201, key.text
+    return Tenant(org.json(), ws.json(), key.json()["key"], key.json())
+
+
+def add_key(client: TestClient, workspace_id: str, name: str = "Second", scope: str = "workspace") -> str:
+    response = client.post(
+        "/v1/admin/keys", json={"workspace_id": workspace_id, "name": name, "scope": scope}, headers=ADMIN
+    )
+    assert response.status_code == 201, response.text
+    key: str = response.json()["key"]
+    return key
+
+
+@pytest.fixture
+def tenant(client: TestClient) -> Tenant:
+    return make_tenant(client)
+
+
+def assert_envelope(response: Any, status: int, code: str) -> dict[str, Any]:
+    """The SPEC §5 error envelope, with the request id that the response header also carries."""
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    error = body["error"]
+    assert set(error) >= {"type", "code", "message", "param", "request_id"}
+    assert error["code"] == code, error
+    assert error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+    return error

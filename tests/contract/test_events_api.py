@@ -1,0 +1,186 @@
+"""POST /v1/events (SPEC §4) on every backend: idempotency, per-event errors, no partial writes."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from conftest import Tenant, assert_envelope, make_tenant
+
+
+def event(i: int | str, **fields: Any) -> dict[str, Any]:
+    return {"id": f"ev-{i}", "model": "gpt-4o-mini", "provider": "openai", "prompt_tokens": 1000,
+            "completion_tokens": 500, **fields}
+
+
+def ledger(client: TestClient, tenant: Tenant, **params: Any) -> dict[str, Any]:
+    response = client.get("/v1/usage/ledger", params={"limit": 1000, **params}, headers=tenant.headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_events_are_priced_and_recorded(client: TestClient, tenant: Tenant) -> None:
+    response = client.post(
+        "/v1/events",
+        json={"events": [
+            event(1, user_id="alice", source="cli", endpoint="/v1/chat/completions", run_id="r-1",
+                  metadata={"ticket": 42}, timestamp="2026-03-14T09:00:00Z"),
+            {"id": "case-1", "event": "case.execute", "units": 1, "run_id": "prn_1",
+             "metadata": {"models_count": 3}},
+        ]},
+        headers=tenant.headers,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 0, 0)
+    first = body["data"][0]
+    # gpt-4o-mini: $0.15 / MTok in, $0.60 / MTok out -> 1000 * 0.15e-6 + 500 * 0.6e-6 = 0.00045
+    assert first["cost"] == "0.00045"
+    assert first["credits"] == "0.045"  # credit_value 0.01
+    assert first["priced"] is True
+    rows = ledger(client, tenant)["data"]
+    by_event = {r["event"]: r for r in rows}
+    llm = by_event["llm.request"]
+    assert llm["created_at"] == "2026-03-14T09:00:00Z"
+    assert (llm["user_id"], llm["source"], llm["run_id"], llm["metadata"]) == ("alice", "cli", "r-1", {"ticket": 42})
+    assert llm["key_prefix"] == tenant.key[:16]
+    assert llm["key_name"] == "Default"
+    assert llm["billing_unit"] == "token"
+    assert llm["modality"] == "chat"
+    assert by_event["case.execute"]["billing_unit"] == "unit"
+
+
+def test_resending_an_event_counts_it_once(client: TestClient, tenant: Tenant) -> None:
+    batch = {"events": [event(1), event(2)]}
+    first = client.post("/v1/events", json=batch, headers=tenant.headers).json()
+    again = client.post("/v1/events", json=batch, headers=tenant.headers).json()
+    assert [r["ledger_id"] for r in again["data"]] == [r["ledger_id"] for r in first["data"]]
+    assert [r["cost"] for r in again["data"]] == [r["cost"] for r in first["data"]]
+    assert again["duplicates"] == 2
+    assert ledger(client, tenant)["total_count"] == 2
+    usage = client.get("/v1/usage", headers=tenant.headers).json()
+    assert usage["usage"] == 3000
+
+
+def test_same_id_in_one_batch(client: TestClient, tenant: Tenant) -> None:
+    body = client.post("/v1/events", json={"events": [event(1), event(1), event(1, prompt_tokens=7)]},
+                       headers=tenant.headers).json()
+    statuses = [(r["status"], r["duplicate"]) for r in body["data"]]
+    assert statuses == [("accepted", False), ("accepted", True), ("rejected", False)]
+    assert body["data"][2]["error"]["code"] == "conflict"
+    assert ledger(client, tenant)["total_count"] == 1
+
+
+def test_same_id_different_body_is_a_conflict(client: TestClient, tenant: Tenant) -> None:
+    client.post("/v1/events", json={"events": [event(1)]}, headers=tenant.headers)
+    response = client.post("/v1/events", json={"events": [event(1, completion_tokens=501)]}, headers=tenant.headers)
+    error = assert_envelope(response, 409, "conflict")
+    assert "ev-1" in error["message"]
+    rows = ledger(client, tenant)["data"]
+    assert [r["completion_tokens"] for r in rows] == [500]
+
+
+def test_ids_are_per_organization(client: TestClient, tenant: Tenant) -> None:
+    other = make_tenant(client, name="Other")
+    assert client.post("/v1/events", json={"events": [event(1)]}, headers=tenant.headers).status_code == 200
+    again = client.post("/v1/events", json={"events": [event(1, prompt_tokens=5)]}, headers=other.headers)
+    assert again.status_code == 200
+    assert again.json()["duplicates"] == 0
+
+
+def test_invalid_events_are_rejected_and_nothing_of_them_is_written(client: TestClient, tenant: Tenant) -> None:
+    bad = [
+        event("neg", prompt_tokens=-1),
+        event("absurd", completion_tokens=10**12),
+        event("float", prompt_tokens=1.5),
+        event("string", prompt_tokens="100"),
+        event("unknown-field", tokens=5),
+        event("future", timestamp="2026-03-15T10:30:00Z"),
+        event("ancient", timestamp="2020-01-01T00:00:00Z"),
+        event("bad-time", timestamp="14/03/2026"),
+        event("naive-time", timestamp="2026-03-14T10:00:00"),
+        event("cache", prompt_tokens=10, cache_read_tokens=8, cache_write_tokens=5),
+        event("bad-event-name", event="case execute!"),
+        {"model": "gpt-4o-mini"},
+        {"id": "", "model": "gpt-4o-mini"},
+        event("meta", metadata="not an object"),
+        event("big-meta", metadata={"x": "y" * 10_000}),
+        event("units", units=-2),
+        event("audio", audio_seconds=-1),
+    ]
+    response = client.post("/v1/events", json={"events": [event("good"), *bad]}, headers=tenant.headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["accepted"] == 1
+    assert body["rejected"] == len(bad)
+    for index, result in enumerate(body["data"][1:], start=1):
+        assert result["status"] == "rejected", result
+        assert result["error"]["code"] == "invalid_request"
+        assert result["error"]["param"].startswith(f"events[{index}]"), result
+        assert result["error"]["message"]
+    assert ledger(client, tenant)["total_count"] == 1
+
+
+def test_a_batch_of_only_invalid_events_is_422(client: TestClient, tenant: Tenant) -> None:
+    error = assert_envelope(
+        client.post("/v1/events", json={"events": [event(1, prompt_tokens=-5)]}, headers=tenant.headers),
+        422, "invalid_request",
+    )
+    assert error["param"] == "events[0].prompt_tokens"
+    assert ledger(client, tenant)["total_count"] == 0
+
+
+def test_batch_limits(client: TestClient, tenant: Tenant) -> None:
+    too_many = {"events": [event(i) for i in range(1001)]}
+    assert "1000" in assert_envelope(client.post("/v1/events", json=too_many, headers=tenant.headers), 413,
+                                     "payload_too_large")["message"]
+    assert_envelope(client.post("/v1/events", json={"events": []}, headers=tenant.headers), 400, "invalid_request")
+    full = client.post("/v1/events", json={"events": [event(i) for i in range(1000)]}, headers=tenant.headers)
+    assert full.json()["accepted"] == 1000
+    assert ledger(client, tenant, limit=1)["total_count"] == 1000
+
+
+def test_malformed_bodies(client: TestClient, tenant: Tenant) -> None:
+    headers = {**tenant.headers, "Content-Type": "application/json"}
+    assert "JSON" in assert_envelope(client.post("/v1/events", content=b"{nope", headers=headers), 400,
+                                     "invalid_request")["message"]
+    assert_envelope(client.post("/v1/events", content=b"[]", headers=headers), 422, "invalid_request")
+    assert_envelope(client.post("/v1/events", json={"events": "x"}, headers=headers), 422, "invalid_request")
+    assert_envelope(client.post("/v1/events", json={"events": [1, 2]}, headers=headers), 422, "invalid_request")
+    assert_envelope(client.post("/v1/events", json={"events": [], "extra": 1}, headers=headers), 422,
+                    "invalid_request")
+    huge = b'{"events": [' + b'{"id": "x"},' * 1_000_000 + b'{"id": "y"}]}'
+    assert_envelope(client.post("/v1/events", content=huge, headers=headers), 413, "payload_too_large")
+    assert ledger(client, tenant)["total_count"] == 0
+
+
+def test_unknown_model_is_recorded_unpriced(client: TestClient, tenant: Tenant) -> None:
+    body = client.post("/v1/events", json={"events": [event(1, model="my-own-llm-v9", provider="acme")]},
+                       headers=tenant.headers).json()
+    result = body["data"][0]
+    assert (result["status"], result["priced"], result["cost"]) == ("accepted", False, "0")
+
+
+def test_concurrent_resends_are_counted_once(client: TestClient, tenant: Tenant) -> None:
+    batch = {"events": [event(i) for i in range(50)]}
+
+    def send(_: int) -> int:
+        return client.post("/v1/events", json=batch, headers=tenant.headers).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(send, range(16))) == {200}
+    assert ledger(client, tenant)["total_count"] == 50
+    assert client.get("/v1/usage", headers=tenant.headers).json()["usage"] == 50 * 1500
+
+
+def test_events_need_a_valid_key(client: TestClient, tenant: Tenant) -> None:
+    batch = {"events": [event(1)]}
+    assert_envelope(client.post("/v1/events", json=batch), 401, "unauthorized")
+    assert_envelope(client.post("/v1/events", json=batch, headers={"Authorization": "Bearer ml_live_nothex"}),
+                    401, "unauthorized")
+    fake = "ml_live_" + "0" * 48
+    assert_envelope(client.post("/v1/events", json=batch, headers={"Authorization": f"Bearer {fake}"}), 401,
+                    "unauthorized")
