@@ -21,15 +21,14 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import PostgresServer, start_postgres  # noqa: E402
-
-from meterline.api.app import create_app  # noqa: E402
-from meterline.clock import FrozenClock  # noqa: E402
-from meterline.config import Settings, load_settings  # noqa: E402
-from meterline.services import Services, build_services  # noqa: E402
-from meterline.storage.database import Database  # noqa: E402
-from meterline.storage.migrate import upgrade  # noqa: E402
-from meterline.storage.tables import metadata  # noqa: E402
+from meterline.api.app import create_app
+from meterline.clock import FrozenClock
+from meterline.config import Settings, load_settings
+from meterline.services import Services, build_services
+from meterline.storage.database import Database
+from meterline.storage.migrate import upgrade
+from meterline.storage.tables import metadata
+from servers import PostgresServer, start_postgres
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 NOW = datetime(2026, 3, 14, 10, 30, 0, tzinfo=UTC)
@@ -135,16 +134,22 @@ class Tenant:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-def make_tenant(client: TestClient, *, plan: str = "pro", name: str = "Acme", group: str | None = "eng",
-                **org_fields: Any) -> Tenant:
-    org = client.post("/v1/admin/organizations", json={"name": name, "plan": plan, **org_fields}, headers=ADMIN)
+def make_tenant(
+    client: TestClient, *, plan: str = "pro", name: str = "Acme", group: str | None = "eng", **org_fields: Any
+) -> Tenant:
+    org = client.post(
+        "/v1/admin/organizations", json={"name": name, "plan": plan, **org_fields}, headers=ADMIN
+    )
     assert org.status_code == 201, org.text
     ws = client.post(
-        "/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "Main", "group": group},
+        "/v1/admin/workspaces",
+        json={"organization_id": org.json()["id"], "name": "Main", "group": group},
         headers=ADMIN,
     )
     assert ws.status_code == 201, ws.text
-    key = client.post("/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "Default"}, headers=ADMIN)
+    key = client.post(
+        "/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "Default"}, headers=ADMIN
+    )
     assert key.status_code == 201, key.text
     return Tenant(org.json(), ws.json(), key.json()["key"], key.json())
 

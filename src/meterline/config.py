@@ -22,9 +22,30 @@ from meterline.money import parse_decimal
 # Admin keys that appear in docs, tutorials and default configs everywhere. Refused outright.
 KNOWN_DEFAULT_ADMIN_KEYS = frozenset(
     {
-        "admin", "administrator", "changeme", "change-me", "changeit", "secret", "password", "passw0rd",
-        "meterline", "meterline-admin", "admin-key", "adminkey", "sk-admin", "sk-1234", "test", "default",
-        "letmein", "12345678", "1234567890", "qwerty", "your-admin-key", "master", "root", "token",
+        "admin",
+        "administrator",
+        "changeme",
+        "change-me",
+        "changeit",
+        "secret",
+        "password",
+        "passw0rd",
+        "meterline",
+        "meterline-admin",
+        "admin-key",
+        "adminkey",
+        "sk-admin",
+        "sk-1234",
+        "test",
+        "default",
+        "letmein",
+        "12345678",
+        "1234567890",
+        "qwerty",
+        "your-admin-key",
+        "master",
+        "root",
+        "token",
     }
 )
 MIN_ADMIN_KEY_LENGTH = 16
@@ -114,7 +135,7 @@ class Settings(BaseSettings):
     @classmethod
     def _rates(cls, value: object) -> dict[str, Decimal]:
         if not isinstance(value, dict):
-            raise ValueError("currency_rates must be a table of CURRENCY = \"rate\"")
+            raise ValueError('currency_rates must be a table of CURRENCY = "rate"')
         rates: dict[str, Decimal] = {}
         for code, raw in value.items():
             if not re.fullmatch(r"[A-Z]{3}", str(code)):
@@ -153,6 +174,7 @@ class Settings(BaseSettings):
 def _interpolate(value: Any, path: str) -> Any:
     """Replace ``${VAR}`` in strings with the environment's value (a missing variable is an error)."""
     if isinstance(value, str):
+
         def repl(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:

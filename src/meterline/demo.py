@@ -93,7 +93,6 @@ class _OrgSpec:
     currency: str
     anchor: int | None  # None: the day ``days`` ago, so one period starts exactly at the history's start
     share: Decimal  # of rows_per_day
-    domain: str
     people: tuple[str, ...]
     workspaces: tuple[_WorkspaceSpec, ...]
     models: tuple[tuple[str, int], ...]  # (model, weight); case.execute is ~5% everywhere
@@ -101,7 +100,7 @@ class _OrgSpec:
     weekend: float  # weekend traffic relative to a weekday
     discount_pct: int = 0
     spend_cap: Decimal | None = None
-    max_daily_rows: int | None = None  # keeps small plans' curves smooth instead of clipped by the guard
+    max_daily_rows: int | None = None  # a soft ceiling, so a small plan's guard rarely has to drop rows
     grant: tuple[Decimal, str] | None = None
 
 
@@ -112,7 +111,6 @@ _ORGS: tuple[_OrgSpec, ...] = (
         currency="USD",
         anchor=1,
         share=Decimal("0.42"),
-        domain="northwind.ai",
         people=(
             "alice@northwind.ai", "bob.kim@northwind.ai", "carol", "dmitri.v", "erin@northwind.ai",
             "farah.n@northwind.ai", "gus", "hana@northwind.ai", "ivan.petrov", "jules@northwind.ai",
@@ -138,7 +136,6 @@ _ORGS: tuple[_OrgSpec, ...] = (
         currency="EUR",
         anchor=15,
         share=Decimal("0.33"),
-        domain="globex.eu",
         people=(
             "anna.mueller@globex.eu", "bastien@globex.eu", "chiara.r", "daan@globex.eu", "elif.k",
             "felix@globex.eu", "greta.l@globex.eu", "hugo", "ines@globex.eu", "jan.novak",
@@ -163,7 +160,6 @@ _ORGS: tuple[_OrgSpec, ...] = (
         currency="USD",
         anchor=31,
         share=Decimal("0.05"),
-        domain="initech.com",
         people=(
             "peter.gibbons@initech.com", "milton", "samir.n", "michael.bolton@initech.com", "joanna",
             "bill.lumbergh@initech.com", "tom.smykowski", "nina@initech.com", "drew", "brian.t",
@@ -189,7 +185,6 @@ _ORGS: tuple[_OrgSpec, ...] = (
         currency="USD",
         anchor=None,
         share=Decimal("0.20"),
-        domain="umbrella.health",
         people=(
             "dr.ashford@umbrella.health", "claire.r", "leon.k@umbrella.health", "jill@umbrella.health",
             "chris.r", "ada.wong@umbrella.health", "barry.b", "rebecca@umbrella.health", "carlos.o",
@@ -483,9 +478,11 @@ def _generate(
             if hi <= lo:
                 continue
             expected = per_day * factor / mean * cover
-            count = int(expected) + (1 if rng.random() < expected % 1 else 0)
             if spec.max_daily_rows is not None:
-                count = min(count, spec.max_daily_rows)
+                # Saturate smoothly rather than clip, so busy days still stand out below the ceiling.
+                ceiling = spec.max_daily_rows
+                expected = ceiling * math.tanh(expected / ceiling)
+            count = int(expected) + (1 if rng.random() < expected % 1 else 0)
             # Time order, so the guard sees usage in the order the limits would have.
             moments = sorted(_instant(rng, lo, hi) for _ in range(count))
             for at in moments:

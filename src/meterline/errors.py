@@ -1,16 +1,16 @@
 """One error tree for the whole product. No HTTP here: ``api.errors`` maps codes to status codes.
 
-    MeterlineError                    code
-    ├── InvalidRequest                invalid_request
-    │   └── PayloadTooLarge           payload_too_large
-    ├── Unauthorized                  unauthorized
-    ├── Forbidden                     forbidden
-    ├── NotFound                      not_found
-    ├── Conflict                      conflict
-    ├── LimitExceeded                 quota_exceeded | rate_limit_exceeded | credits_exhausted | spend_cap_reached
-    ├── UpstreamError                 upstream_error
-    ├── ServiceUnavailable            service_unavailable
-    └── ConfigError                   config_error (raised at start-up, never to a client)
+MeterlineError                    code
+├── InvalidRequest                invalid_request
+│   └── PayloadTooLarge           payload_too_large
+├── Unauthorized                  unauthorized
+├── Forbidden                     forbidden
+├── NotFound                      not_found
+├── Conflict                      conflict
+├── LimitExceeded                 quota_exceeded | rate_limit_exceeded | credits_exhausted | spend_cap_reached
+├── UpstreamError                 upstream_error
+├── ServiceUnavailable            service_unavailable
+└── ConfigError                   config_error (raised at start-up, never to a client)
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def to_json_number(nanos: int) -> float:
 
 def parse_decimal(value: object, *, what: str) -> Decimal:
     """A Decimal from a str/int/Decimal (never a float: it is already inexact)."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError(f"{what} must be a decimal string such as \"0.30\", not a float")
+    if isinstance(value, bool | float):
+        raise ValueError(f'{what} must be a decimal string such as "0.30", not a float')
     try:
         result = Decimal(str(value))
     except InvalidOperation:

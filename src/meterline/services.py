@@ -63,7 +63,11 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         clock=clock,
     )
     tenancy = TenancyService(
-        SqlTenancyStore(db), clock, plans=list(plans), currencies=currencies, default_currency=settings.currency
+        SqlTenancyStore(db),
+        clock,
+        plans=list(plans),
+        currencies=currencies,
+        default_currency=settings.currency,
     )
     return Services(
         settings=settings,

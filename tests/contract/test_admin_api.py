@@ -10,7 +10,9 @@ from conftest import ADMIN, Tenant, assert_envelope, make_tenant
 def test_key_is_shown_once_and_stored_hashed(client: TestClient, tenant: Tenant, services) -> None:
     assert tenant.key.startswith("ml_live_")
     assert tenant.key_info["key_prefix"] == tenant.key[:16]
-    listed = client.get("/v1/admin/keys", params={"workspace_id": tenant.workspace["id"]}, headers=ADMIN).json()
+    listed = client.get(
+        "/v1/admin/keys", params={"workspace_id": tenant.workspace["id"]}, headers=ADMIN
+    ).json()
     assert listed["total_count"] == 1
     assert "key" not in listed["data"][0]
     assert listed["data"][0]["key_prefix"] == tenant.key[:16]
@@ -49,7 +51,10 @@ def test_organization_defaults_and_update(client: TestClient) -> None:
     )
     assert patched.status_code == 200, patched.text
     assert patched.json() == org | {
-        "plan": "pro", "spend_cap": "250.5", "discount_pct": 15, "currency": "EUR"
+        "plan": "pro",
+        "spend_cap": "250.5",
+        "discount_pct": 15,
+        "currency": "EUR",
     }
     listed = client.get("/v1/admin/organizations", headers=ADMIN).json()
     assert [o["name"] for o in listed["data"]] == ["Globex"]
@@ -84,7 +89,9 @@ def test_workspace_and_key_need_existing_parents(client: TestClient) -> None:
     )
     assert "org_nope" in error["message"]
     assert_envelope(
-        client.post("/v1/admin/keys", json={"workspace_id": "ws_nope", "name": "K"}, headers=ADMIN), 404, "not_found"
+        client.post("/v1/admin/keys", json={"workspace_id": "ws_nope", "name": "K"}, headers=ADMIN),
+        404,
+        "not_found",
     )
     assert_envelope(client.delete("/v1/admin/keys/key_nope", headers=ADMIN), 404, "not_found")
 
@@ -108,15 +115,20 @@ def test_key_limits_are_validated(client: TestClient, tenant: Tenant) -> None:
 def test_bonus_credits(client: TestClient, tenant: Tenant) -> None:
     org_id = tenant.org["id"]
     granted = client.post(
-        "/v1/admin/credits", json={"organization_id": org_id, "amount": "125.5", "reason": "Referral"}, headers=ADMIN
+        "/v1/admin/credits",
+        json={"organization_id": org_id, "amount": "125.5", "reason": "Referral"},
+        headers=ADMIN,
     )
     assert granted.status_code == 201
     assert granted.json()["amount"] == "125.5"
     assert granted.json()["bucket"] == "bonus"
     for amount in ("0", "-5", "1e12", "NaN"):
         assert_envelope(
-            client.post("/v1/admin/credits", json={"organization_id": org_id, "amount": amount, "reason": "x"},
-                        headers=ADMIN),
+            client.post(
+                "/v1/admin/credits",
+                json={"organization_id": org_id, "amount": amount, "reason": "x"},
+                headers=ADMIN,
+            ),
             400 if amount != "NaN" else 422,
             "invalid_request",
         )
@@ -126,12 +138,14 @@ def test_bonus_credits(client: TestClient, tenant: Tenant) -> None:
 
 def test_admin_api_needs_the_admin_key(client: TestClient, tenant: Tenant) -> None:
     assert_envelope(client.get("/v1/admin/organizations"), 401, "unauthorized")
-    assert_envelope(client.get("/v1/admin/organizations", headers={"Authorization": "Bearer nope"}), 401,
-                    "unauthorized")
+    assert_envelope(
+        client.get("/v1/admin/organizations", headers={"Authorization": "Bearer nope"}), 401, "unauthorized"
+    )
     # A tenant's key is not an admin key.
     assert_envelope(client.get("/v1/admin/organizations", headers=tenant.headers), 401, "unauthorized")
-    assert_envelope(client.get("/v1/admin/organizations", headers={"Authorization": "Basic abc"}), 401,
-                    "unauthorized")
+    assert_envelope(
+        client.get("/v1/admin/organizations", headers={"Authorization": "Basic abc"}), 401, "unauthorized"
+    )
 
 
 def test_two_tenants_are_separate(client: TestClient) -> None:

@@ -11,8 +11,14 @@ from conftest import Tenant, assert_envelope, make_tenant
 
 
 def event(i: int | str, **fields: Any) -> dict[str, Any]:
-    return {"id": f"ev-{i}", "model": "gpt-4o-mini", "provider": "openai", "prompt_tokens": 1000,
-            "completion_tokens": 500, **fields}
+    return {
+        "id": f"ev-{i}",
+        "model": "gpt-4o-mini",
+        "provider": "openai",
+        "prompt_tokens": 1000,
+        "completion_tokens": 500,
+        **fields,
+    }
 
 
 def ledger(client: TestClient, tenant: Tenant, **params: Any) -> dict[str, Any]:
@@ -25,12 +31,26 @@ def ledger(client: TestClient, tenant: Tenant, **params: Any) -> dict[str, Any]:
 def test_events_are_priced_and_recorded(client: TestClient, tenant: Tenant) -> None:
     response = client.post(
         "/v1/events",
-        json={"events": [
-            event(1, user_id="alice", source="cli", endpoint="/v1/chat/completions", run_id="r-1",
-                  metadata={"ticket": 42}, timestamp="2026-03-14T09:00:00Z"),
-            {"id": "case-1", "event": "case.execute", "units": 1, "run_id": "prn_1",
-             "metadata": {"models_count": 3}},
-        ]},
+        json={
+            "events": [
+                event(
+                    1,
+                    user_id="alice",
+                    source="cli",
+                    endpoint="/v1/chat/completions",
+                    run_id="r-1",
+                    metadata={"ticket": 42},
+                    timestamp="2026-03-14T09:00:00Z",
+                ),
+                {
+                    "id": "case-1",
+                    "event": "case.execute",
+                    "units": 1,
+                    "run_id": "prn_1",
+                    "metadata": {"models_count": 3},
+                },
+            ]
+        },
         headers=tenant.headers,
     )
     assert response.status_code == 200, response.text
@@ -45,7 +65,12 @@ def test_events_are_priced_and_recorded(client: TestClient, tenant: Tenant) -> N
     by_event = {r["event"]: r for r in rows}
     llm = by_event["llm.request"]
     assert llm["created_at"] == "2026-03-14T09:00:00Z"
-    assert (llm["user_id"], llm["source"], llm["run_id"], llm["metadata"]) == ("alice", "cli", "r-1", {"ticket": 42})
+    assert (llm["user_id"], llm["source"], llm["run_id"], llm["metadata"]) == (
+        "alice",
+        "cli",
+        "r-1",
+        {"ticket": 42},
+    )
     assert llm["key_prefix"] == tenant.key[:16]
     assert llm["key_name"] == "Default"
     assert llm["billing_unit"] == "token"
@@ -66,8 +91,9 @@ def test_resending_an_event_counts_it_once(client: TestClient, tenant: Tenant) -
 
 
 def test_same_id_in_one_batch(client: TestClient, tenant: Tenant) -> None:
-    body = client.post("/v1/events", json={"events": [event(1), event(1), event(1, prompt_tokens=7)]},
-                       headers=tenant.headers).json()
+    body = client.post(
+        "/v1/events", json={"events": [event(1), event(1), event(1, prompt_tokens=7)]}, headers=tenant.headers
+    ).json()
     statuses = [(r["status"], r["duplicate"]) for r in body["data"]]
     assert statuses == [("accepted", False), ("accepted", True), ("rejected", False)]
     assert body["data"][2]["error"]["code"] == "conflict"
@@ -76,7 +102,9 @@ def test_same_id_in_one_batch(client: TestClient, tenant: Tenant) -> None:
 
 def test_same_id_different_body_is_a_conflict(client: TestClient, tenant: Tenant) -> None:
     client.post("/v1/events", json={"events": [event(1)]}, headers=tenant.headers)
-    response = client.post("/v1/events", json={"events": [event(1, completion_tokens=501)]}, headers=tenant.headers)
+    response = client.post(
+        "/v1/events", json={"events": [event(1, completion_tokens=501)]}, headers=tenant.headers
+    )
     error = assert_envelope(response, 409, "conflict")
     assert "ev-1" in error["message"]
     rows = ledger(client, tenant)["data"]
@@ -91,7 +119,9 @@ def test_ids_are_per_organization(client: TestClient, tenant: Tenant) -> None:
     assert again.json()["duplicates"] == 0
 
 
-def test_invalid_events_are_rejected_and_nothing_of_them_is_written(client: TestClient, tenant: Tenant) -> None:
+def test_invalid_events_are_rejected_and_nothing_of_them_is_written(
+    client: TestClient, tenant: Tenant
+) -> None:
     bad = [
         event("neg", prompt_tokens=-1),
         event("absurd", completion_tokens=10**12),
@@ -127,7 +157,8 @@ def test_invalid_events_are_rejected_and_nothing_of_them_is_written(client: Test
 def test_a_batch_of_only_invalid_events_is_422(client: TestClient, tenant: Tenant) -> None:
     error = assert_envelope(
         client.post("/v1/events", json={"events": [event(1, prompt_tokens=-5)]}, headers=tenant.headers),
-        422, "invalid_request",
+        422,
+        "invalid_request",
     )
     assert error["param"] == "events[0].prompt_tokens"
     assert ledger(client, tenant)["total_count"] == 0
@@ -135,9 +166,15 @@ def test_a_batch_of_only_invalid_events_is_422(client: TestClient, tenant: Tenan
 
 def test_batch_limits(client: TestClient, tenant: Tenant) -> None:
     too_many = {"events": [event(i) for i in range(1001)]}
-    assert "1000" in assert_envelope(client.post("/v1/events", json=too_many, headers=tenant.headers), 413,
-                                     "payload_too_large")["message"]
-    assert_envelope(client.post("/v1/events", json={"events": []}, headers=tenant.headers), 400, "invalid_request")
+    assert (
+        "1000"
+        in assert_envelope(
+            client.post("/v1/events", json=too_many, headers=tenant.headers), 413, "payload_too_large"
+        )["message"]
+    )
+    assert_envelope(
+        client.post("/v1/events", json={"events": []}, headers=tenant.headers), 400, "invalid_request"
+    )
     full = client.post("/v1/events", json={"events": [event(i) for i in range(1000)]}, headers=tenant.headers)
     assert full.json()["accepted"] == 1000
     assert ledger(client, tenant, limit=1)["total_count"] == 1000
@@ -145,21 +182,31 @@ def test_batch_limits(client: TestClient, tenant: Tenant) -> None:
 
 def test_malformed_bodies(client: TestClient, tenant: Tenant) -> None:
     headers = {**tenant.headers, "Content-Type": "application/json"}
-    assert "JSON" in assert_envelope(client.post("/v1/events", content=b"{nope", headers=headers), 400,
-                                     "invalid_request")["message"]
+    assert (
+        "JSON"
+        in assert_envelope(
+            client.post("/v1/events", content=b"{nope", headers=headers), 400, "invalid_request"
+        )["message"]
+    )
     assert_envelope(client.post("/v1/events", content=b"[]", headers=headers), 422, "invalid_request")
     assert_envelope(client.post("/v1/events", json={"events": "x"}, headers=headers), 422, "invalid_request")
-    assert_envelope(client.post("/v1/events", json={"events": [1, 2]}, headers=headers), 422, "invalid_request")
-    assert_envelope(client.post("/v1/events", json={"events": [], "extra": 1}, headers=headers), 422,
-                    "invalid_request")
+    assert_envelope(
+        client.post("/v1/events", json={"events": [1, 2]}, headers=headers), 422, "invalid_request"
+    )
+    assert_envelope(
+        client.post("/v1/events", json={"events": [], "extra": 1}, headers=headers), 422, "invalid_request"
+    )
     huge = b'{"events": [' + b'{"id": "x"},' * 1_000_000 + b'{"id": "y"}]}'
     assert_envelope(client.post("/v1/events", content=huge, headers=headers), 413, "payload_too_large")
     assert ledger(client, tenant)["total_count"] == 0
 
 
 def test_unknown_model_is_recorded_unpriced(client: TestClient, tenant: Tenant) -> None:
-    body = client.post("/v1/events", json={"events": [event(1, model="my-own-llm-v9", provider="acme")]},
-                       headers=tenant.headers).json()
+    body = client.post(
+        "/v1/events",
+        json={"events": [event(1, model="my-own-llm-v9", provider="acme")]},
+        headers=tenant.headers,
+    ).json()
     result = body["data"][0]
     assert (result["status"], result["priced"], result["cost"]) == ("accepted", False, "0")
 
@@ -179,8 +226,14 @@ def test_concurrent_resends_are_counted_once(client: TestClient, tenant: Tenant)
 def test_events_need_a_valid_key(client: TestClient, tenant: Tenant) -> None:
     batch = {"events": [event(1)]}
     assert_envelope(client.post("/v1/events", json=batch), 401, "unauthorized")
-    assert_envelope(client.post("/v1/events", json=batch, headers={"Authorization": "Bearer ml_live_nothex"}),
-                    401, "unauthorized")
+    assert_envelope(
+        client.post("/v1/events", json=batch, headers={"Authorization": "Bearer ml_live_nothex"}),
+        401,
+        "unauthorized",
+    )
     fake = "ml_live_" + "0" * 48
-    assert_envelope(client.post("/v1/events", json=batch, headers={"Authorization": f"Bearer {fake}"}), 401,
-                    "unauthorized")
+    assert_envelope(
+        client.post("/v1/events", json=batch, headers={"Authorization": f"Bearer {fake}"}),
+        401,
+        "unauthorized",
+    )

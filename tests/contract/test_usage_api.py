@@ -10,15 +10,24 @@ from fastapi.testclient import TestClient
 from conftest import ADMIN, Tenant, add_key, assert_envelope, make_tenant
 
 
-def post(client: TestClient, tenant: Tenant, *events: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+def post(
+    client: TestClient, tenant: Tenant, *events: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
     response = client.post("/v1/events", json={"events": list(events)}, headers=headers or tenant.headers)
     assert response.status_code == 200, response.text
     assert response.json()["rejected"] == 0, response.text
 
 
 def ev(i: int | str, ts: str = "2026-03-14T10:00:00Z", **fields: Any) -> dict[str, Any]:
-    return {"id": f"e{i}", "model": "gpt-4o-mini", "provider": "openai", "prompt_tokens": 100,
-            "completion_tokens": 50, "timestamp": ts, **fields}
+    return {
+        "id": f"e{i}",
+        "model": "gpt-4o-mini",
+        "provider": "openai",
+        "prompt_tokens": 100,
+        "completion_tokens": 50,
+        "timestamp": ts,
+        **fields,
+    }
 
 
 def test_summary_has_the_seed_fields(client: TestClient, tenant: Tenant) -> None:
@@ -41,8 +50,14 @@ def test_summary_has_the_seed_fields(client: TestClient, tenant: Tenant) -> None
 
 def test_summary_period_follows_the_anchor(client: TestClient) -> None:
     tenant = make_tenant(client, plan="free", billing_anchor_day=1)
-    post(client, tenant, ev(1), ev(2, ts="2026-03-13T23:59:59Z"), ev(3, ts="2026-03-01T00:00:00Z"),
-         ev(4, ts="2026-02-28T23:59:59Z"))
+    post(
+        client,
+        tenant,
+        ev(1),
+        ev(2, ts="2026-03-13T23:59:59Z"),
+        ev(3, ts="2026-03-01T00:00:00Z"),
+        ev(4, ts="2026-02-28T23:59:59Z"),
+    )
     body = client.get("/v1/usage", headers=tenant.headers).json()
     assert body["usage"] == 450
     assert body["limit"] == 500_000
@@ -59,8 +74,14 @@ def test_unlimited_plan_reports_minus_one(client: TestClient) -> None:
 
 
 def test_history_is_daily_with_zero_days(client: TestClient, tenant: Tenant) -> None:
-    post(client, tenant, ev(1), ev(2, ts="2026-03-12T05:00:00Z"), ev(3, ts="2026-03-12T06:00:00Z"),
-         ev(4, ts="2026-01-01T00:00:00Z", identifier_id="user-123"))
+    post(
+        client,
+        tenant,
+        ev(1),
+        ev(2, ts="2026-03-12T05:00:00Z"),
+        ev(3, ts="2026-03-12T06:00:00Z"),
+        ev(4, ts="2026-01-01T00:00:00Z", identifier_id="user-123"),
+    )
     body = client.get("/v1/usage/history", headers=tenant.headers).json()
     assert len(body["data"]) == 30
     assert body["data"][-1]["date"] == "2026-03-14"
@@ -70,18 +91,34 @@ def test_history_is_daily_with_zero_days(client: TestClient, tenant: Tenant) -> 
     assert by_day["2026-03-12"]["calls"] == 2
     longer = client.get("/v1/usage/history", params={"days": 366}, headers=tenant.headers).json()
     assert sum(d["tokens"] for d in longer["data"]) == 600
-    only = client.get("/v1/usage/history", params={"days": 100, "identifier_id": "user-123"},
-                      headers=tenant.headers).json()
+    only = client.get(
+        "/v1/usage/history", params={"days": 100, "identifier_id": "user-123"}, headers=tenant.headers
+    ).json()
     assert sum(d["tokens"] for d in only["data"]) == 150
     assert only["identifier_id"] == "user-123"
     for days in (0, 367, "x"):
-        assert_envelope(client.get("/v1/usage/history", params={"days": days}, headers=tenant.headers), 422,
-                        "invalid_request")
+        assert_envelope(
+            client.get("/v1/usage/history", params={"days": days}, headers=tenant.headers),
+            422,
+            "invalid_request",
+        )
 
 
 def test_events_pagination(client: TestClient, tenant: Tenant) -> None:
-    post(client, tenant, *[{"id": f"c{i}", "event": "case.execute", "units": 1, "run_id": f"prn_{i}",
-                            "timestamp": f"2026-03-14T09:{i:02d}:00Z"} for i in range(25)])
+    post(
+        client,
+        tenant,
+        *[
+            {
+                "id": f"c{i}",
+                "event": "case.execute",
+                "units": 1,
+                "run_id": f"prn_{i}",
+                "timestamp": f"2026-03-14T09:{i:02d}:00Z",
+            }
+            for i in range(25)
+        ],
+    )
     first = client.get("/v1/usage/events", headers=tenant.headers).json()
     assert first["pagination"] == {"page": 1, "per_page": 20, "total": 25, "has_more": True}
     assert set(first["data"][0]) == {"id", "event", "units", "run_id", "metadata", "created_at"}
@@ -90,8 +127,9 @@ def test_events_pagination(client: TestClient, tenant: Tenant) -> None:
     assert second["pagination"]["has_more"] is False
     assert len(second["data"]) == 5
     for params in ({"per_page": 0}, {"per_page": 101}, {"page": 0}, {"page": "one"}):
-        error = assert_envelope(client.get("/v1/usage/events", params=params, headers=tenant.headers), 422,
-                                "invalid_request")
+        error = assert_envelope(
+            client.get("/v1/usage/events", params=params, headers=tenant.headers), 422, "invalid_request"
+        )
         assert error["param"] == next(iter(params))
 
 
@@ -102,10 +140,27 @@ def test_ledger_filters_and_paging(client: TestClient, tenant: Tenant) -> None:
     everything = client.get("/v1/usage/ledger", headers=tenant.headers).json()
     assert (everything["total_count"], everything["limit"], everything["offset"]) == (3, 100, 0)
     assert [r["created_at"] for r in everything["data"]] == [
-        "2026-03-14T10:00:00Z", "2026-03-14T09:00:00Z", "2026-03-14T08:00:00Z"]
-    seed_fields = {"id", "model", "modality", "provider", "billing_unit", "audio_seconds", "prompt_tokens",
-                   "completion_tokens", "cost_eur", "discount_applied_pct", "receipt_id", "failover",
-                   "key_prefix", "key_name", "created_at"}
+        "2026-03-14T10:00:00Z",
+        "2026-03-14T09:00:00Z",
+        "2026-03-14T08:00:00Z",
+    ]
+    seed_fields = {
+        "id",
+        "model",
+        "modality",
+        "provider",
+        "billing_unit",
+        "audio_seconds",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_eur",
+        "discount_applied_pct",
+        "receipt_id",
+        "failover",
+        "key_prefix",
+        "key_name",
+        "created_at",
+    }
     assert seed_fields <= set(everything["data"][0])
 
     def ids(**params: Any) -> list[str]:
@@ -134,7 +189,9 @@ def test_ledger_filters_and_paging(client: TestClient, tenant: Tenant) -> None:
         ({"start": "2026-03-14T10:00:00Z", "end": "2026-03-14T09:00:00Z"}, "start"),
     ],
 )
-def test_ledger_bad_parameters(client: TestClient, tenant: Tenant, params: dict[str, Any], param: str) -> None:
+def test_ledger_bad_parameters(
+    client: TestClient, tenant: Tenant, params: dict[str, Any], param: str
+) -> None:
     response = client.get("/v1/usage/ledger", params=params, headers=tenant.headers)
     assert response.status_code in (400, 422)
     error = assert_envelope(response, response.status_code, "invalid_request")
@@ -152,8 +209,9 @@ def test_cost_in_eur_with_discount(client: TestClient) -> None:
 
 
 def test_workspace_keys_see_their_workspace_and_org_keys_see_all(client: TestClient, tenant: Tenant) -> None:
-    other_ws = client.post("/v1/admin/workspaces", json={"organization_id": tenant.org["id"], "name": "Second"},
-                           headers=ADMIN).json()
+    other_ws = client.post(
+        "/v1/admin/workspaces", json={"organization_id": tenant.org["id"], "name": "Second"}, headers=ADMIN
+    ).json()
     other_key = add_key(client, other_ws["id"])
     org_key = add_key(client, tenant.workspace["id"], name="Reader", scope="organization")
     post(client, tenant, ev(1))
@@ -178,11 +236,14 @@ def test_nothing_leaks_across_organizations(client: TestClient, tenant: Tenant) 
     assert client.get("/v1/usage", headers=stranger.headers).json()["usage"] == 0
     assert client.get("/v1/usage/events", headers=stranger.headers).json()["pagination"]["total"] == 0
     # Naming the other organization's workspace is refused, not honoured.
-    response = client.get("/v1/usage/ledger", headers={**stranger.headers, "X-Workspace-Id": tenant.workspace["id"]})
+    response = client.get(
+        "/v1/usage/ledger", headers={**stranger.headers, "X-Workspace-Id": tenant.workspace["id"]}
+    )
     assert_envelope(response, 403, "forbidden")
     org_key = add_key(client, stranger.workspace["id"], name="Reader", scope="organization")
-    response = client.get("/v1/usage", headers={"Authorization": f"Bearer {org_key}",
-                                                "X-Workspace-Id": tenant.workspace["id"]})
+    response = client.get(
+        "/v1/usage", headers={"Authorization": f"Bearer {org_key}", "X-Workspace-Id": tenant.workspace["id"]}
+    )
     assert_envelope(response, 403, "forbidden")
 
 
@@ -199,6 +260,13 @@ def test_errors_everywhere_use_the_envelope(client: TestClient, tenant: Tenant) 
 def test_openapi_is_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
-    for path in ("/v1/events", "/v1/usage", "/v1/usage/history", "/v1/usage/events", "/v1/usage/ledger",
-                 "/v1/admin/organizations", "/v1/admin/keys"):
+    for path in (
+        "/v1/events",
+        "/v1/usage",
+        "/v1/usage/history",
+        "/v1/usage/events",
+        "/v1/usage/ledger",
+        "/v1/admin/organizations",
+        "/v1/admin/keys",
+    ):
         assert path in spec["paths"]

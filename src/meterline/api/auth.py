@@ -44,7 +44,9 @@ def get_principal(request: Request, services: ServicesDep) -> Principal:
         except NotFound:
             ws_org = None
         if ws_org != principal.organization_id:
-            raise Forbidden("X-Workspace-Id is not a workspace of this key's organization", param="X-Workspace-Id")
+            raise Forbidden(
+                "X-Workspace-Id is not a workspace of this key's organization", param="X-Workspace-Id"
+            )
     return principal
 
 

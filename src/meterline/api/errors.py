@@ -97,11 +97,11 @@ def envelope(
 
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return 400, "malformed JSON body: " + str(first.get("ctx", {}).get("error", "cannot parse")), None
+        return 400, "malformed JSON body: " + str((first.get("ctx") or {}).get("error", "cannot parse")), None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     where = f"{param}: " if param else ""
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""

@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from meterline.clock import rfc3339
+from meterline.errors import InvalidRequest
 from meterline.metering import LedgerRow
 from meterline.metering.reading import Totals
 from meterline.metering.summary import Allowance
-from meterline.errors import InvalidRequest
 from meterline.money import format_nanos, from_nanos, to_json_number, to_nanos
 from meterline.pricing import CurrencyRates
 from meterline.tenancy import ApiKey, CreditGrant, Organization, Workspace

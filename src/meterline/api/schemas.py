@@ -118,9 +118,8 @@ class EventIn(_Body):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
-                raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        if value is not None and len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
         return value
 
     @field_validator("timestamp")
@@ -132,7 +131,9 @@ class EventIn(_Body):
 
     def check_tokens(self) -> str | None:
         if self.cache_read_tokens + self.cache_write_tokens > self.prompt_tokens:
-            return "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens (which includes them)"
+            return (
+                "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens (which includes them)"
+            )
         return None
 
 

@@ -25,7 +25,9 @@ from meterline.errors import ConfigError, MeterlineError
 from meterline.money import parse_decimal
 from meterline.services import Services, build_services
 
-app = typer.Typer(help="Meterline: usage metering, quotas and cost tracking for LLM APIs.", no_args_is_help=True)
+app = typer.Typer(
+    help="Meterline: usage metering, quotas and cost tracking for LLM APIs.", no_args_is_help=True
+)
 orgs_app = typer.Typer(help="Organizations (the billing entities).", no_args_is_help=True)
 workspaces_app = typer.Typer(help="Workspaces of an organization.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of a workspace.", no_args_is_help=True)
@@ -121,7 +123,9 @@ def demo(
     from meterline.demo import is_seeded, seed_demo
 
     admin_key = "ml_admin_" + secrets.token_hex(16)
-    settings = settings_from(None, f"sqlite:///{database.resolve()}", host=host, port=port, admin_key=admin_key)
+    settings = settings_from(
+        None, f"sqlite:///{database.resolve()}", host=host, port=port, admin_key=admin_key
+    )
     services = build_services(settings)
     keys_file = database.with_suffix(".keys.json")
     if not is_seeded(services):
@@ -132,8 +136,16 @@ def demo(
                 progress.update(task, completed=done, total=total)
 
             data = seed_demo(services, days=days, progress=step)
-        keys = [{"organization": k.organization, "workspace": k.workspace, "name": k.name, "scope": k.scope,
-                 "key": k.secret} for k in data.keys]
+        keys = [
+            {
+                "organization": k.organization,
+                "workspace": k.workspace,
+                "name": k.name,
+                "scope": k.scope,
+                "key": k.secret,
+            }
+            for k in data.keys
+        ]
         keys_file.write_text(json.dumps(keys, indent=2), encoding="utf-8")
         keys_file.chmod(0o600)
         err.print(f"Seeded {data.rows} ledger rows into {database}.")
@@ -192,19 +204,29 @@ def orgs_create(
     """Create an organization."""
     with services_for(config, database_url) as services:
         org = services.tenancy.create_organization(
-            name, plan, currency=currency, spend_cap=_decimal_option(spend_cap, "spend cap"),
-            billing_anchor_day=anchor_day, discount_pct=discount_pct,
+            name,
+            plan,
+            currency=currency,
+            spend_cap=_decimal_option(spend_cap, "spend cap"),
+            billing_anchor_day=anchor_day,
+            discount_pct=discount_pct,
         )
         emit([render.organization(org)], ["id", "name", "plan", "currency", "spend_cap"], as_json, "Created")
 
 
 @orgs_app.command("list")
-def orgs_list(config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False) -> None:
+def orgs_list(
+    config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False
+) -> None:
     """List organizations."""
     with services_for(config, database_url) as services:
         orgs, _ = services.tenancy.list_organizations(limit=10_000)
-        emit([render.organization(o) for o in orgs], ["id", "name", "plan", "currency", "spend_cap",
-             "billing_anchor_day", "discount_pct"], as_json, "Organizations")
+        emit(
+            [render.organization(o) for o in orgs],
+            ["id", "name", "plan", "currency", "spend_cap", "billing_anchor_day", "discount_pct"],
+            as_json,
+            "Organizations",
+        )
 
 
 # -- workspaces --------------------------------------------------------------------------------
@@ -233,7 +255,12 @@ def workspaces_list(
     """List workspaces."""
     with services_for(config, database_url) as services:
         items, _ = services.tenancy.list_workspaces(organization_id, limit=10_000)
-        emit([render.workspace(w) for w in items], ["id", "organization_id", "name", "group"], as_json, "Workspaces")
+        emit(
+            [render.workspace(w) for w in items],
+            ["id", "organization_id", "name", "group"],
+            as_json,
+            "Workspaces",
+        )
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -241,8 +268,9 @@ def workspaces_list(
 def keys_create(
     workspace_id: str,
     name: str,
-    scope: Annotated[str, typer.Option(help="workspace, or organization for an organization-wide read key.")]
-    = "workspace",
+    scope: Annotated[
+        str, typer.Option(help="workspace, or organization for an organization-wide read key.")
+    ] = "workspace",
     source: Annotated[str | None, typer.Option(help="Default source label (web, cli, api).")] = None,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
@@ -274,8 +302,12 @@ def keys_list(
         items, _ = services.tenancy.list_keys(
             workspace_id=workspace_id, organization_id=organization_id, limit=10_000
         )
-        emit([render.api_key(k) for k in items], ["id", "workspace_id", "name", "key_prefix", "scope",
-             "last_used_at", "revoked_at"], as_json, "API keys")
+        emit(
+            [render.api_key(k) for k in items],
+            ["id", "workspace_id", "name", "key_prefix", "scope", "last_used_at", "revoked_at"],
+            as_json,
+            "API keys",
+        )
 
 
 @keys_app.command("revoke")

@@ -260,7 +260,10 @@ def _calc_slow(
     at: datetime,
 ) -> Parts:
     gp_usage = _usage(
-        input_tokens, usage.completion_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+        input_tokens,
+        usage.completion_tokens,
+        usage.cache_read_tokens,
+        usage.cache_write_tokens,
         usage.audio_seconds,
     )
     parts = _parts(info.calc_price(gp_usage, provider, genai_request_timestamp=at))
@@ -328,10 +331,15 @@ def _agrees(linear: _Linear, provider: gp.Provider, info: gp.ModelInfo, x: int, 
     This catches model-specific rules that are not linear (Groq bills Whisper audio for at least 10 s).
     """
     sample = MeteredUsage(
-        info.id, provider.id, prompt_tokens=x, completion_tokens=7, cache_read_tokens=x // 3,
-        cache_write_tokens=x // 4, audio_seconds=Decimal("1.5"),
+        info.id,
+        provider.id,
+        prompt_tokens=x,
+        completion_tokens=7,
+        cache_read_tokens=x // 3,
+        cache_write_tokens=x // 4,
+        audio_seconds=Decimal("1.5"),
     )
-    expected = _parts(info.calc_price(
-        _usage(x, 7, x // 3, x // 4, Decimal("1.5")), provider, genai_request_timestamp=at
-    ))
+    expected = _parts(
+        info.calc_price(_usage(x, 7, x // 3, x // 4, Decimal("1.5")), provider, genai_request_timestamp=at)
+    )
     return linear.apply(x, sample) == expected

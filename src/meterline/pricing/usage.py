@@ -8,7 +8,12 @@ from decimal import Decimal
 from meterline.errors import InvalidRequest
 
 _COUNTS = (
-    "prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_write_tokens", "requests", "units",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "requests",
+    "units",
 )
 
 

@@ -39,7 +39,9 @@ class Database:
 
     def _create_engine(self, pool_size: int) -> Engine:
         if self.dialect != "sqlite":
-            return create_engine(self.url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True)
+            return create_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+            )
         path = make_url(self.url).database
         if not path or path == ":memory:":
             raise ValueError("SQLite needs a file path (sqlite:///path/to/meterline.db), not :memory:")

@@ -155,7 +155,9 @@ class SqlLedgerStore:
             inserted = {r.idempotency_key for r in conn.execute(stmt, unique)}
             raced = [v for v in unique if v["idempotency_key"] not in inserted]
             if raced:
-                existing.update(self._existing(conn, [(v["organization_id"], v["idempotency_key"]) for v in raced]))
+                existing.update(
+                    self._existing(conn, [(v["organization_id"], v["idempotency_key"]) for v in raced])
+                )
             written_values.extend(v for v in unique if v["idempotency_key"] in inserted)
         if written_values:
             self._add_to_rollups(conn, written_values)
@@ -166,7 +168,9 @@ class SqlLedgerStore:
         found: dict[str, LedgerRow] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
-            query = select(ledger).where(tuple_(ledger.c.organization_id, ledger.c.idempotency_key).in_(chunk))
+            query = select(ledger).where(
+                tuple_(ledger.c.organization_id, ledger.c.idempotency_key).in_(chunk)
+            )
             for r in conn.execute(query):
                 found[r.idempotency_key] = row_from_db(r)
         return found

@@ -98,8 +98,10 @@ class SqlTenancyStore:
     def list_organizations(self, *, limit: int, offset: int) -> tuple[Sequence[Organization], int]:
         with self._db.read() as conn:
             rows = conn.execute(
-                select(organizations).order_by(organizations.c.created_at_us, organizations.c.id)
-                .limit(limit).offset(offset)
+                select(organizations)
+                .order_by(organizations.c.created_at_us, organizations.c.id)
+                .limit(limit)
+                .offset(offset)
             ).all()
             total = conn.execute(select(func.count()).select_from(organizations)).scalar_one()
         return [_org(r) for r in rows], total

@@ -69,7 +69,9 @@ class SqlUsageReader:
         day_index = usage_hourly.c.hour // 24
         query = (
             select(day_index.label("day"), *_SUMS)
-            .where(*_rollup_scope(scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < first + days * 24)
+            .where(
+                *_rollup_scope(scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < first + days * 24
+            )
             .group_by(day_index)
         )
         with self._db.read() as conn:

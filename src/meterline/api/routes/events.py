@@ -63,7 +63,9 @@ def _record(event: EventIn, body: dict[str, Any], principal: Principal, services
 
 
 @router.post("/v1/events", response_model=None)
-def post_events(batch: EventsBatchIn, request: Request, principal: PrincipalDep, services: ServicesDep) -> JSON:
+def post_events(
+    batch: EventsBatchIn, request: Request, principal: PrincipalDep, services: ServicesDep
+) -> JSON:
     """Record up to 1000 usage events. Each event's ``id`` makes it idempotent within the organization."""
     if len(batch.events) > MAX_BATCH:
         raise PayloadTooLarge(
@@ -134,7 +136,12 @@ def post_events(batch: EventsBatchIn, request: Request, principal: PrincipalDep,
         status, code = (409, "conflict") if conflicts else (422, "invalid_request")
         first = data[0]["error"]
         return envelope(
-            status, code, first["message"], param=first["param"], request_id=request_id_of(request), extra=body
+            status,
+            code,
+            first["message"],
+            param=first["param"],
+            request_id=request_id_of(request),
+            extra=body,
         )
     return JSON(body)
 

@@ -21,9 +21,7 @@ from meterline.tenancy import Principal
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 
-_RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
-)
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 _EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 _LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 
@@ -34,7 +32,8 @@ def parse_rfc3339(value: str | None, param: str) -> datetime | None:
     text = value.strip()
     if not _RFC3339.match(text):
         raise InvalidRequest(
-            f"{param} must be an RFC 3339 timestamp such as 2026-05-06T10:52:02Z, got {value[:64]!r}", param=param
+            f"{param} must be an RFC 3339 timestamp such as 2026-05-06T10:52:02Z, got {value[:64]!r}",
+            param=param,
         )
     # Python keeps microseconds only; nanosecond digits beyond that are dropped, not rounded.
     text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("z", "Z").replace("t", "T"))

@@ -1,0 +1,116 @@
+"""Settings: file + environment, clear errors naming the file and the key, admin key hygiene."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from meterline.config import load_settings
+from meterline.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "meterline.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_need_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METERLINE_CONFIG", raising=False)
+    settings = load_settings()
+    assert settings.database_url == "sqlite:///meterline.db"
+    assert settings.credit_value == Decimal("0.01")
+    assert settings.admin_key is None
+
+
+def test_spec_example_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream-secret")
+    path = write(
+        tmp_path,
+        """
+database_url = "sqlite:///meterline.db"
+currency = "USD"
+credit_value = "0.01"
+
+[[upstreams]]
+name = "openai"
+provider = "openai"
+base_url = "https://api.openai.com/v1"
+api_key = "${OPENAI_API_KEY}"
+models = ["*"]
+
+[plans.free]
+daily_tokens = 50000
+overage = "block"
+
+[prices."my-finetune"]
+input = "0.30"
+output = "1.20"
+cache_read = "0.03"
+cache_write = "0.375"
+""",
+    )
+    settings = load_settings(path)
+    assert settings.upstreams[0].api_key is not None
+    assert settings.upstreams[0].api_key.get_secret_value() == "sk-upstream-secret"
+    assert "sk-upstream-secret" not in repr(settings)
+    assert settings.prices["my-finetune"].cache_write == Decimal("0.375")
+    assert settings.plans["free"].daily_tokens == 50000
+
+
+def test_environment_beats_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, 'database_url = "sqlite:///from-file.db"\n')
+    monkeypatch.setenv("METERLINE_DATABASE_URL", "sqlite:///from-env.db")
+    assert load_settings(path).database_url == "sqlite:///from-env.db"
+    monkeypatch.setenv("METERLINE_CONFIG", str(path))
+    monkeypatch.delenv("METERLINE_DATABASE_URL")
+    assert load_settings().database_url == "sqlite:///from-file.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("database_url = \n", "not valid TOML"),
+        ("credit_value = 0.01\n", "credit_value"),
+        ('credit_value = "-1"\n', "credit_value: credit_value must be greater than 0"),
+        ('currency = "usd"\n', "currency"),
+        ('database_url = "mysql://x"\n', "database_url"),
+        ('colour = "red"\n', "colour"),
+        ("[prices.m]\ninput = 0.3\n", "prices.m.input"),
+        ('[prices.m]\ninput = "-1"\n', "prices.m.input"),
+        ("[plans.free]\nrpm = -5\n", "plans.free.rpm"),
+        ('[plans.free]\noverage = "maybe"\n', "plans.free.overage"),
+        ('[[upstreams]]\nname = "x"\n', "upstreams.0.base_url"),
+        (
+            '[[upstreams]]\nname = "x"\nbase_url = "http://h"\napi_key = "${NOT_SET_ANYWHERE}"\n',
+            "NOT_SET_ANYWHERE",
+        ),
+    ],
+)
+def test_bad_files_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert "meterline.toml" in caught.value.message
+    assert expected in caught.value.message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("key", ["admin", "changeme", "ChangeMe", "password", "sk-1234", "short-key"])
+def test_known_default_or_weak_admin_keys_are_refused(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERLINE_ADMIN_KEY", key)
+    with pytest.raises(ConfigError, match="admin_key"):
+        load_settings()
+
+
+def test_a_strong_admin_key_is_accepted_and_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERLINE_ADMIN_KEY", "ml_admin_9f8e7d6c5b4a39281706")
+    settings = load_settings()
+    assert settings.admin_key is not None
+    assert "9f8e7d6c5b4a" not in repr(settings)
