@@ -58,6 +58,16 @@ def test_organization_defaults_and_update(client: TestClient) -> None:
     }
     listed = client.get("/v1/admin/organizations", headers=ADMIN).json()
     assert [o["name"] for o in listed["data"]] == ["Globex"]
+    for field in ("name", "plan", "billing_anchor_day", "discount_pct", "currency"):
+        error = assert_envelope(
+            client.patch(f"/v1/admin/organizations/{org['id']}", json={field: None}, headers=ADMIN),
+            422,
+            "invalid_request",
+        )
+        assert field in error["message"]
+    uncapped = client.patch(f"/v1/admin/organizations/{org['id']}", json={"spend_cap": None}, headers=ADMIN)
+    assert uncapped.json()["spend_cap"] is None
+    assert_envelope(client.get("/v1/admin/organizations/org_" + "x" * 5000, headers=ADMIN), 404, "not_found")
 
 
 def test_bad_organization_input(client: TestClient) -> None:

@@ -139,6 +139,8 @@ def test_invalid_events_are_rejected_and_nothing_of_them_is_written(
         event("meta", metadata="not an object"),
         event("big-meta", metadata={"x": "y" * 10_000}),
         event("units", units=-2),
+        event("huge-int-meta", metadata={"x": 123456789012345678901234567890}),
+        event("bool-units", units=True),
         event("audio", audio_seconds=-1),
     ]
     response = client.post("/v1/events", json={"events": [event("good"), *bad]}, headers=tenant.headers)
@@ -152,6 +154,17 @@ def test_invalid_events_are_rejected_and_nothing_of_them_is_written(
         assert result["error"]["param"].startswith(f"events[{index}]"), result
         assert result["error"]["message"]
     assert ledger(client, tenant)["total_count"] == 1
+
+
+def test_non_finite_numbers_are_refused(client: TestClient, tenant: Tenant) -> None:
+    headers = {**tenant.headers, "Content-Type": "application/json"}
+    for raw in (
+        b'{"events":[{"id":"a","metadata":{"x":1e400}}]}',
+        b'{"events":[{"id":"b","audio_seconds":"NaN"}]}',
+        b'{"events":[{"id":"c","audio_seconds":1e400}]}',
+    ):
+        assert_envelope(client.post("/v1/events", content=raw, headers=headers), 422, "invalid_request")
+    assert ledger(client, tenant)["total_count"] == 0
 
 
 def test_a_batch_of_only_invalid_events_is_422(client: TestClient, tenant: Tenant) -> None:

@@ -3,12 +3,21 @@ checked, and money is a decimal string or integer (never a float, which is alrea
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from meterline.money import parse_decimal
 
@@ -43,12 +52,22 @@ class OrganizationIn(_Body):
 
 
 class OrganizationPatch(_Body):
+    """Fields to change. Only ``spend_cap`` may be set to null (removing the cap)."""
+
     name: Name | None = None
     plan: str | None = None
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
     spend_cap: Money | None = None
     billing_anchor_day: int | None = Field(default=None, ge=1, le=31, strict=True)
     discount_pct: int | None = Field(default=None, ge=0, le=100, strict=True)
+
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> OrganizationPatch:
+        for field in self.model_fields_set - {"spend_cap"}:
+            if getattr(self, field) is None:
+                raise ValueError(f"{field} cannot be null")
+        return self
 
 
 class WorkspaceIn(_Body):
@@ -118,7 +137,16 @@ class EventIn(_Body):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+        if value is None:
+            return None
+        try:
+            # Both encoders: stdlib refuses NaN/Infinity, orjson refuses integers beyond 64 bits; the
+            # metadata is stored with one and rendered with the other.
+            json.dumps(value, allow_nan=False)
+            size = len(orjson.dumps(value))
+        except (ValueError, TypeError):
+            raise ValueError("metadata must be plain JSON: finite numbers, 64-bit integers") from None
+        if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
         return value
 

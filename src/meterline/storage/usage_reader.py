@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy import ColumnElement, Table, and_, func, select
 
 from meterline.clock import MICROS_PER_HOUR, to_micros
 from meterline.metering.reading import DailyTotals, LedgerFilter, Page, Scope, Totals
@@ -34,21 +34,13 @@ def _totals(row: Any) -> Totals:
     return Totals(*(int(v) for v in row))
 
 
-def _rollup_scope(scope: Scope) -> list[ColumnElement[bool]]:
-    conditions = [usage_hourly.c.organization_id == scope.organization_id]
+def _scoped(table: Table, scope: Scope) -> list[ColumnElement[bool]]:
+    """Conditions confining ``table`` (the ledger or a rollup: same column names) to ``scope``."""
+    conditions = [table.c.organization_id == scope.organization_id]
     if scope.workspace_id is not None:
-        conditions.append(usage_hourly.c.workspace_id == scope.workspace_id)
+        conditions.append(table.c.workspace_id == scope.workspace_id)
     if scope.identifier_id is not None:
-        conditions.append(usage_hourly.c.identifier_id == scope.identifier_id)
-    return conditions
-
-
-def _ledger_scope(scope: Scope) -> list[ColumnElement[bool]]:
-    conditions = [ledger.c.organization_id == scope.organization_id]
-    if scope.workspace_id is not None:
-        conditions.append(ledger.c.workspace_id == scope.workspace_id)
-    if scope.identifier_id is not None:
-        conditions.append(ledger.c.identifier_id == scope.identifier_id)
+        conditions.append(table.c.identifier_id == scope.identifier_id)
     return conditions
 
 
@@ -59,7 +51,7 @@ class SqlUsageReader:
     def totals(self, scope: Scope, start: datetime, end: datetime) -> Totals:
         first, last = to_micros(start) // MICROS_PER_HOUR, to_micros(end) // MICROS_PER_HOUR
         query = select(*_SUMS).where(
-            *_rollup_scope(scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < last
+            *_scoped(usage_hourly, scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < last
         )
         with self._db.read() as conn:
             return _totals(conn.execute(query).one())
@@ -70,7 +62,9 @@ class SqlUsageReader:
         query = (
             select(day_index.label("day"), *_SUMS)
             .where(
-                *_rollup_scope(scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < first + days * 24
+                *_scoped(usage_hourly, scope),
+                usage_hourly.c.hour >= first,
+                usage_hourly.c.hour < first + days * 24,
             )
             .group_by(day_index)
         )
@@ -82,7 +76,7 @@ class SqlUsageReader:
         ]
 
     def ledger_page(self, scope: Scope, where: LedgerFilter, *, limit: int, offset: int) -> Page:
-        conditions = _ledger_scope(scope)
+        conditions = _scoped(ledger, scope)
         if where.start is not None:
             conditions.append(ledger.c.created_at_us >= to_micros(where.start))
         if where.end is not None:

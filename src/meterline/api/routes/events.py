@@ -16,6 +16,7 @@ from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest, PayloadTooLarge
 from meterline.metering import UsageRecord, fingerprint, ingest
 from meterline.money import format_nanos
+from meterline.services import Services
 from meterline.tenancy import Principal
 
 router = APIRouter(tags=["events"])
@@ -32,7 +33,7 @@ def _validation_error(exc: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}" if param else message), param
 
 
-def _record(event: EventIn, body: dict[str, Any], principal: Principal, services: Any) -> UsageRecord:
+def _record(event: EventIn, body: dict[str, Any], principal: Principal, services: Services) -> UsageRecord:
     return UsageRecord(
         organization_id=principal.organization_id,
         workspace_id=principal.workspace_id,
