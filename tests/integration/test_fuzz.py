@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from schemathesis.generation import GenerationMode
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from schemathesis.generation import GenerationMode
 
 from conftest import ADMIN, ADMIN_KEY, NOW, make_tenant
 from meterline.api.app import create_app
