@@ -32,9 +32,10 @@ class FrozenClock:
 
 
 def to_micros(at: datetime) -> int:
-    """Storage form of a timestamp: integer microseconds since the Unix epoch, UTC."""
-    delta = at.astimezone(UTC) - EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    """Storage form of a timestamp: integer microseconds since the Unix epoch, UTC (exact: no float)."""
+    if at.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return (at - EPOCH) // _MICROSECOND
 
 
 def from_micros(micros: int) -> datetime:
@@ -43,12 +44,13 @@ def from_micros(micros: int) -> datetime:
 
 def rfc3339(at: datetime) -> str:
     """RFC 3339 UTC with a Z, seconds precision unless there are microseconds."""
-    at = at.astimezone(UTC)
-    if at.microsecond:
-        return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if at.utcoffset():
+        at = at.astimezone(UTC)
+    # isoformat is several times faster than strftime, and this runs once per rendered row.
+    return at.replace(tzinfo=None).isoformat() + "Z"
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 MICROS_PER_HOUR = 3_600_000_000
 MICROS_PER_DAY = 86_400_000_000

@@ -112,9 +112,18 @@ _ORGS: tuple[_OrgSpec, ...] = (
         anchor=1,
         share=Decimal("0.42"),
         people=(
-            "alice@northwind.ai", "bob.kim@northwind.ai", "carol", "dmitri.v", "erin@northwind.ai",
-            "farah.n@northwind.ai", "gus", "hana@northwind.ai", "ivan.petrov", "jules@northwind.ai",
-            "kwame", "lena.s@northwind.ai",
+            "alice@northwind.ai",
+            "bob.kim@northwind.ai",
+            "carol",
+            "dmitri.v",
+            "erin@northwind.ai",
+            "farah.n@northwind.ai",
+            "gus",
+            "hana@northwind.ai",
+            "ivan.petrov",
+            "jules@northwind.ai",
+            "kwame",
+            "lena.s@northwind.ai",
         ),
         workspaces=(
             _WorkspaceSpec("Chat assistant", "Platform", 40, ci_key=True),
@@ -123,8 +132,13 @@ _ORGS: tuple[_OrgSpec, ...] = (
             _WorkspaceSpec("Help center bot", "Support", 20),
         ),
         models=(
-            ("gpt-4o-mini", 34), ("gpt-4o", 20), ("text-embedding-3-small", 15), ("whisper-1", 3),
-            ("claude-3-5-sonnet-latest", 13), ("claude-3-5-haiku-latest", 10), (_CASE_EVENT, 5),
+            ("gpt-4o-mini", 34),
+            ("gpt-4o", 20),
+            ("text-embedding-3-small", 15),
+            ("whisper-1", 3),
+            ("claude-3-5-sonnet-latest", 13),
+            ("claude-3-5-haiku-latest", 10),
+            (_CASE_EVENT, 5),
         ),
         token_scale=1.0,
         weekend=0.35,
@@ -137,9 +151,18 @@ _ORGS: tuple[_OrgSpec, ...] = (
         anchor=15,
         share=Decimal("0.33"),
         people=(
-            "anna.mueller@globex.eu", "bastien@globex.eu", "chiara.r", "daan@globex.eu", "elif.k",
-            "felix@globex.eu", "greta.l@globex.eu", "hugo", "ines@globex.eu", "jan.novak",
-            "katja@globex.eu", "luca.b",
+            "anna.mueller@globex.eu",
+            "bastien@globex.eu",
+            "chiara.r",
+            "daan@globex.eu",
+            "elif.k",
+            "felix@globex.eu",
+            "greta.l@globex.eu",
+            "hugo",
+            "ines@globex.eu",
+            "jan.novak",
+            "katja@globex.eu",
+            "luca.b",
         ),
         workspaces=(
             _WorkspaceSpec("Production", "Platform", 45, ci_key=True),
@@ -147,8 +170,13 @@ _ORGS: tuple[_OrgSpec, ...] = (
             _WorkspaceSpec("Customer support", "Support", 25),
         ),
         models=(
-            ("claude-3-5-sonnet-latest", 25), ("claude-3-5-haiku-latest", 15), ("gpt-4o", 20),
-            ("gpt-4o-mini", 15), ("text-embedding-3-small", 15), ("whisper-1", 5), (_CASE_EVENT, 5),
+            ("claude-3-5-sonnet-latest", 25),
+            ("claude-3-5-haiku-latest", 15),
+            ("gpt-4o", 20),
+            ("gpt-4o-mini", 15),
+            ("text-embedding-3-small", 15),
+            ("whisper-1", 5),
+            (_CASE_EVENT, 5),
         ),
         token_scale=1.3,
         weekend=0.45,
@@ -161,16 +189,27 @@ _ORGS: tuple[_OrgSpec, ...] = (
         anchor=31,
         share=Decimal("0.05"),
         people=(
-            "peter.gibbons@initech.com", "milton", "samir.n", "michael.bolton@initech.com", "joanna",
-            "bill.lumbergh@initech.com", "tom.smykowski", "nina@initech.com", "drew", "brian.t",
-            "anne@initech.com", "bob.slydell",
+            "peter.gibbons@initech.com",
+            "milton",
+            "samir.n",
+            "michael.bolton@initech.com",
+            "joanna",
+            "bill.lumbergh@initech.com",
+            "tom.smykowski",
+            "nina@initech.com",
+            "drew",
+            "brian.t",
+            "anne@initech.com",
+            "bob.slydell",
         ),
         workspaces=(
             _WorkspaceSpec("TPS reports", "Platform", 60),
             _WorkspaceSpec("Prototype", "Research", 40, ci_key=True),
         ),
         models=(
-            ("gpt-4o-mini", 60), ("claude-3-5-haiku-latest", 20), ("text-embedding-3-small", 15),
+            ("gpt-4o-mini", 60),
+            ("claude-3-5-haiku-latest", 20),
+            ("text-embedding-3-small", 15),
             (_CASE_EVENT, 5),
         ),
         # Small requests: the free plan allows 500,000 tokens a month.
@@ -186,9 +225,18 @@ _ORGS: tuple[_OrgSpec, ...] = (
         anchor=None,
         share=Decimal("0.20"),
         people=(
-            "dr.ashford@umbrella.health", "claire.r", "leon.k@umbrella.health", "jill@umbrella.health",
-            "chris.r", "ada.wong@umbrella.health", "barry.b", "rebecca@umbrella.health", "carlos.o",
-            "sherry@umbrella.health", "hunk", "ethan.w@umbrella.health",
+            "dr.ashford@umbrella.health",
+            "claire.r",
+            "leon.k@umbrella.health",
+            "jill@umbrella.health",
+            "chris.r",
+            "ada.wong@umbrella.health",
+            "barry.b",
+            "rebecca@umbrella.health",
+            "carlos.o",
+            "sherry@umbrella.health",
+            "hunk",
+            "ethan.w@umbrella.health",
         ),
         workspaces=(
             _WorkspaceSpec("Clinical notes", "Platform", 40, ci_key=True),
@@ -196,8 +244,12 @@ _ORGS: tuple[_OrgSpec, ...] = (
             _WorkspaceSpec("Patient support", "Support", 25),
         ),
         models=(
-            ("whisper-1", 15), ("gpt-4o-mini", 30), ("claude-3-5-sonnet-latest", 15),
-            ("claude-3-5-haiku-latest", 15), ("text-embedding-3-small", 20), (_CASE_EVENT, 5),
+            ("whisper-1", 15),
+            ("gpt-4o-mini", 30),
+            ("claude-3-5-sonnet-latest", 15),
+            ("claude-3-5-haiku-latest", 15),
+            ("text-embedding-3-small", 20),
+            (_CASE_EVENT, 5),
         ),
         token_scale=0.9,
         # Hospitals run at weekends too.
@@ -310,9 +362,7 @@ def _instant(rng: random.Random, lo: datetime, hi: datetime) -> datetime:
     return start + timedelta(microseconds=rng.randrange(max(micros, 1)))
 
 
-def _record(
-    rng: random.Random, seeded: _Seeded, at: datetime, run_counter: list[int]
-) -> UsageRecord:
+def _record(rng: random.Random, seeded: _Seeded, at: datetime, run_counter: list[int]) -> UsageRecord:
     spec = seeded.spec
     ws, _, default_key, ci_key = rng.choices(
         seeded.workspaces, weights=[w[1].weight for w in seeded.workspaces]
@@ -412,9 +462,7 @@ class _Guard:
         self._monthly_calls = self._cap(plan.monthly_calls)
         blocking_credits = plan.overage == "block" and plan.monthly_credits != UNLIMITED
         # Plan credits are whole credits; ledger credits are nanos of a credit.
-        self._monthly_credits = (
-            self._cap(plan.monthly_credits * 1_000_000_000) if blocking_credits else None
-        )
+        self._monthly_credits = self._cap(plan.monthly_credits * 1_000_000_000) if blocking_credits else None
         cap = seeded.org.spend_cap_nanos
         self._spend_cap = None if cap is None else int(cap * _HEADROOM)
         self._day: dict[date, list[int]] = {}

@@ -61,7 +61,6 @@ class OrganizationPatch(_Body):
     billing_anchor_day: int | None = Field(default=None, ge=1, le=31, strict=True)
     discount_pct: int | None = Field(default=None, ge=0, le=100, strict=True)
 
-
     @model_validator(mode="after")
     def _no_nulls(self) -> OrganizationPatch:
         for field in self.model_fields_set - {"spend_cap"}:

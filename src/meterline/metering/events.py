@@ -9,10 +9,11 @@ batches, and across concurrent requests (the ledger's unique index is the final 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
 
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler
@@ -22,8 +23,8 @@ Status = Literal["accepted", "conflict"]
 
 def fingerprint(body: Mapping[str, Any]) -> str:
     """Stable hash of an event body: key order and insignificant whitespace do not matter."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(canonical).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

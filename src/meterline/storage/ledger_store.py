@@ -6,7 +6,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, tuple_
+import orjson
+from sqlalchemy import Connection, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
@@ -15,48 +16,52 @@ from meterline.metering.store import AppendResult
 from meterline.storage.database import Database
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, usage_hourly
 
+# Column order of the bulk insert; ``seq`` is assigned by the database.
+_COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
 
-def row_to_values(row: LedgerRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "organization_id": row.organization_id,
-        "workspace_id": row.workspace_id,
-        "key_id": row.key_id,
-        "key_prefix": row.key_prefix,
-        "key_name": row.key_name,
-        "identifier_id": row.identifier_id,
-        "user_id": row.user_id,
-        "source": row.source,
-        "endpoint": row.endpoint,
-        "event": row.event,
-        "units": row.units,
-        "run_id": row.run_id,
-        "metadata_json": None if row.metadata is None else json.dumps(row.metadata, separators=(",", ":")),
-        "model": row.model,
-        "modality": row.modality,
-        "provider": row.provider,
-        "region": row.region,
-        "billing_unit": row.billing_unit,
-        "audio_ms": row.audio_ms,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "cache_read_tokens": row.cache_read_tokens,
-        "cache_write_tokens": row.cache_write_tokens,
-        "total_tokens": row.total_tokens,
-        "currency": row.currency,
-        "list_cost_nanos": row.list_cost_nanos,
-        "discount_applied_pct": row.discount_applied_pct,
-        "cost_nanos": row.cost_nanos,
-        "credits_nanos": row.credits_nanos,
-        "priced": row.priced,
-        "overage": row.overage,
-        "failover": row.failover,
-        "receipt_id": row.receipt_id,
-        "idempotency_key": row.idempotency_key,
-        "request_hash": row.request_hash,
-        "created_at_us": to_micros(row.created_at),
-        "recorded_at_us": to_micros(row.recorded_at),
-    }
+
+def row_to_tuple(row: LedgerRow) -> tuple[Any, ...]:
+    """A ledger row as insert parameters, in ``_COLUMNS`` order (the hot path: no dicts, no ORM)."""
+    return (
+        row.id,
+        row.organization_id,
+        row.workspace_id,
+        row.key_id,
+        row.key_prefix,
+        row.key_name,
+        row.identifier_id,
+        row.user_id,
+        row.source,
+        row.endpoint,
+        row.event,
+        row.units,
+        row.run_id,
+        None if row.metadata is None else orjson.dumps(row.metadata).decode(),
+        row.model,
+        row.modality,
+        row.provider,
+        row.region,
+        row.billing_unit,
+        row.audio_ms,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.cache_read_tokens,
+        row.cache_write_tokens,
+        row.total_tokens,
+        row.currency,
+        row.list_cost_nanos,
+        row.discount_applied_pct,
+        row.cost_nanos,
+        row.credits_nanos,
+        row.priced,
+        row.overage,
+        row.failover,
+        row.receipt_id,
+        row.idempotency_key,
+        row.request_hash,
+        to_micros(row.created_at),
+        to_micros(row.recorded_at),
+    )
 
 
 def row_from_db(r: Any) -> LedgerRow:
@@ -102,26 +107,55 @@ def row_from_db(r: Any) -> LedgerRow:
     )
 
 
-def rollup_deltas(values: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def rollup_deltas(rows: Sequence[LedgerRow]) -> list[dict[str, Any]]:
     """Ledger rows folded into one delta per (hour, dimensions): a batch touches few rollup rows."""
-    buckets: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for v in values:
-        key = (v["created_at_us"] // MICROS_PER_HOUR, *((v[d] or "") for d in ROLLUP_DIMENSIONS))
-        bucket = buckets.get(key)
-        if bucket is None:
-            bucket = {"hour": key[0], **dict(zip(ROLLUP_DIMENSIONS, key[1:], strict=True))}
-            bucket.update(dict.fromkeys(ROLLUP_MEASURES, 0))
-            buckets[key] = bucket
-        bucket["requests"] += 1
-        for measure in ROLLUP_MEASURES[1:]:
-            bucket[measure] += v[measure] or 0
-    return list(buckets.values())
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        key = (
+            to_micros(r.created_at) // MICROS_PER_HOUR,
+            r.organization_id,
+            r.workspace_id,
+            r.key_id or "",
+            r.identifier_id or "",
+            r.user_id or "",
+            r.model or "",
+            r.provider or "",
+            r.endpoint or "",
+            r.source,
+            r.event,
+        )
+        sums = buckets.get(key)
+        if sums is None:
+            sums = buckets[key] = [0] * len(ROLLUP_MEASURES)
+        sums[0] += 1
+        sums[1] += r.units
+        sums[2] += r.prompt_tokens
+        sums[3] += r.completion_tokens
+        sums[4] += r.cache_read_tokens
+        sums[5] += r.cache_write_tokens
+        sums[6] += r.total_tokens
+        sums[7] += r.audio_ms or 0
+        sums[8] += r.cost_nanos
+        sums[9] += r.credits_nanos
+    return [
+        {
+            "hour": key[0],
+            **dict(zip(ROLLUP_DIMENSIONS, key[1:], strict=True)),
+            **dict(zip(ROLLUP_MEASURES, sums, strict=True)),
+        }
+        for key, sums in buckets.items()
+    ]
 
 
 class SqlLedgerStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._insert_dialect = sqlite.insert if db.is_sqlite else postgresql.insert
+        marker = "?" if db.is_sqlite else "%s"
+        self._insert_sql = (
+            f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join([marker] * len(_COLUMNS))}) "
+            "ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
+        )
 
     def append(self, rows: Sequence[LedgerRow]) -> AppendResult:
         if not rows:
@@ -131,38 +165,32 @@ class SqlLedgerStore:
 
     def append_in(self, conn: Connection, rows: Sequence[LedgerRow]) -> AppendResult:
         """``append`` inside a transaction the caller owns (so other writes can share it)."""
-        org_ids = {r.organization_id for r in rows}
-        keyed = [r for r in rows if r.idempotency_key is not None]
-        existing: dict[str, LedgerRow] = {}
-        if keyed:
-            existing = self._existing(conn, [(r.organization_id, r.idempotency_key) for r in keyed])
-        to_write = [r for r in rows if r.idempotency_key is None or r.idempotency_key not in existing]
-        if len(org_ids) > 1 and keyed:
+        keyed = [(r.organization_id, r.idempotency_key) for r in rows if r.idempotency_key is not None]
+        if keyed and len({org for org, _ in keyed}) > 1:
             raise ValueError("idempotent appends take one organization at a time")
-        plain = [row_to_values(r) for r in to_write if r.idempotency_key is None]
-        unique = [row_to_values(r) for r in to_write if r.idempotency_key is not None]
-        if plain:
-            conn.execute(insert(ledger), plain)
-        written_values = list(plain)
-        if unique:
-            # A concurrent request may have written the same key since the look-up above (PostgreSQL
-            # has no single writer); the unique index decides, and the loser reads the winner's row.
-            stmt = (
-                self._insert_dialect(ledger)
-                .on_conflict_do_nothing(index_elements=["organization_id", "idempotency_key"])
-                .returning(ledger.c.idempotency_key)
-            )
-            inserted = {r.idempotency_key for r in conn.execute(stmt, unique)}
-            raced = [v for v in unique if v["idempotency_key"] not in inserted]
-            if raced:
-                existing.update(
-                    self._existing(conn, [(v["organization_id"], v["idempotency_key"]) for v in raced])
-                )
-            written_values.extend(v for v in unique if v["idempotency_key"] in inserted)
-        if written_values:
-            self._add_to_rollups(conn, written_values)
-        written_ids = {v["id"] for v in written_values}
-        return AppendResult(written=[r for r in to_write if r.id in written_ids], existing=existing)
+        existing = self._existing(conn, keyed) if keyed else {}
+        to_write = [r for r in rows if r.idempotency_key is None or r.idempotency_key not in existing]
+        if not to_write:
+            return AppendResult(written=[], existing=existing)
+        # Straight to the driver's executemany: SQLAlchemy's per-row parameter processing cost more than
+        # the insert itself. ON CONFLICT covers a concurrent request that wrote the same key since the
+        # look-up above (possible on PostgreSQL, which has no single writer): the unique index decides.
+        result = conn.exec_driver_sql(self._insert_sql, [row_to_tuple(r) for r in to_write])
+        if result.rowcount != len(to_write):
+            written_ids = self._present(conn, [r.id for r in to_write])
+            raced = [r for r in to_write if r.id not in written_ids]
+            existing.update(self._existing(conn, [(r.organization_id, r.idempotency_key) for r in raced]))
+            to_write = [r for r in to_write if r.id in written_ids]
+        if to_write:
+            self._add_to_rollups(conn, to_write)
+        return AppendResult(written=to_write, existing=existing)
+
+    def _present(self, conn: Connection, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            query = select(ledger.c.id).where(ledger.c.id.in_(ids[start : start + 500]))
+            found.update(conn.execute(query).scalars())
+        return found
 
     def _existing(self, conn: Connection, keys: Sequence[tuple[str, str | None]]) -> dict[str, LedgerRow]:
         found: dict[str, LedgerRow] = {}
@@ -175,10 +203,10 @@ class SqlLedgerStore:
                 found[r.idempotency_key] = row_from_db(r)
         return found
 
-    def _add_to_rollups(self, conn: Connection, values: Sequence[dict[str, Any]]) -> None:
+    def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow]) -> None:
         stmt = self._insert_dialect(usage_hourly)
         stmt = stmt.on_conflict_do_update(
             index_elements=["hour", *ROLLUP_DIMENSIONS],
             set_={m: usage_hourly.c[m] + stmt.excluded[m] for m in ROLLUP_MEASURES},
         )
-        conn.execute(stmt, rollup_deltas(values))
+        conn.execute(stmt, rollup_deltas(rows))
