@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, select, tuple_
+from sqlalchemy import Connection, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
@@ -18,6 +18,28 @@ from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger,
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
+
+
+def _pg_array_type(column: Any) -> str:
+    python_type = column.type.python_type
+    return {str: "text", int: "bigint", bool: "boolean"}[python_type]
+
+
+_PG_UNNEST_INSERT = (
+    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%s::{_pg_array_type(ledger.c[name])}[]" for name in _COLUMNS)
+    + ") ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
+)
+
+
+_SELECT_COLUMNS = ", ".join(f"ledger.{c.name}" for c in ledger.columns)
+_SQLITE_SELECT_BY_KEYS = (
+    f"SELECT {_SELECT_COLUMNS} FROM ledger WHERE organization_id = ? AND idempotency_key IN"
+)
+_PG_SELECT_BY_KEYS = (
+    f"SELECT {_SELECT_COLUMNS} FROM unnest(%s::text[]) AS wanted(key) "
+    "JOIN ledger ON ledger.organization_id = %s AND ledger.idempotency_key = wanted.key"
+)
 
 
 def row_to_tuple(row: LedgerRow) -> tuple[Any, ...]:
@@ -151,11 +173,17 @@ class SqlLedgerStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._insert_dialect = sqlite.insert if db.is_sqlite else postgresql.insert
-        marker = "?" if db.is_sqlite else "%s"
         self._insert_sql = (
-            f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join([marker] * len(_COLUMNS))}) "
+            f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
             "ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
         )
+
+    def _insert_multirow(self, conn: Connection, rows: Sequence[LedgerRow]) -> int:
+        """PostgreSQL: psycopg's executemany sends one statement per row, and a multi-row VALUES is
+        re-parsed on every call; ``unnest`` over one array per column is one small cached statement."""
+        # Lists, not tuples: psycopg adapts a list as an array and a tuple as a record.
+        columns = tuple(list(column) for column in zip(*(row_to_tuple(row) for row in rows), strict=True))
+        return int(conn.exec_driver_sql(_PG_UNNEST_INSERT, columns).rowcount)
 
     def append(self, rows: Sequence[LedgerRow]) -> AppendResult:
         if not rows:
@@ -175,8 +203,11 @@ class SqlLedgerStore:
         # Straight to the driver's executemany: SQLAlchemy's per-row parameter processing cost more than
         # the insert itself. ON CONFLICT covers a concurrent request that wrote the same key since the
         # look-up above (possible on PostgreSQL, which has no single writer): the unique index decides.
-        result = conn.exec_driver_sql(self._insert_sql, [row_to_tuple(r) for r in to_write])
-        if result.rowcount != len(to_write):
+        if self._db.is_sqlite:
+            inserted = conn.exec_driver_sql(self._insert_sql, [row_to_tuple(r) for r in to_write]).rowcount
+        else:
+            inserted = self._insert_multirow(conn, to_write)
+        if inserted != len(to_write):
             written_ids = self._present(conn, [r.id for r in to_write])
             raced = [r for r in to_write if r.id not in written_ids]
             existing.update(self._existing(conn, [(r.organization_id, r.idempotency_key) for r in raced]))
@@ -193,14 +224,23 @@ class SqlLedgerStore:
         return found
 
     def _existing(self, conn: Connection, keys: Sequence[tuple[str, str | None]]) -> dict[str, LedgerRow]:
+        """Stored rows for (organization, idempotency key) pairs of one organization, by the unique index."""
+        if not keys:
+            return {}
+        org_id = keys[0][0]
+        wanted = [key for _, key in keys]
+        if not self._db.is_sqlite:
+            # One array parameter keeps the statement short and cached; joining it (rather than
+            # `= ANY(array)`, a linear search per row when the planner picks a scan) is never quadratic.
+            rows = conn.exec_driver_sql(_PG_SELECT_BY_KEYS, (wanted, org_id))
+            return {r.idempotency_key: row_from_db(r) for r in rows}
         found: dict[str, LedgerRow] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            query = select(ledger).where(
-                tuple_(ledger.c.organization_id, ledger.c.idempotency_key).in_(chunk)
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            sql = f"{_SQLITE_SELECT_BY_KEYS} ({', '.join('?' * len(chunk))})"
+            found.update(
+                (r.idempotency_key, row_from_db(r)) for r in conn.exec_driver_sql(sql, (org_id, *chunk))
             )
-            for r in conn.execute(query):
-                found[r.idempotency_key] = row_from_db(r)
         return found
 
     def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow]) -> None:
