@@ -12,7 +12,6 @@ from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import envelope, request_id_of
 from meterline.api.responses import JSON
 from meterline.api.schemas import EventIn, EventsBatchIn
-from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest, PayloadTooLarge
 from meterline.metering import UsageRecord, fingerprint, ingest
 from meterline.money import format_nanos
@@ -94,8 +93,8 @@ def post_events(
         if problem is not None:
             results[index] = _rejected(event.id, "invalid_request", problem, f"events[{index}]")
             continue
-        canonical = event.model_dump(mode="json", exclude_none=True)
-        valid.append((index, _record(event, canonical, principal, services)))
+        # The body as sent is what "same body" means for a repeated id; fingerprinting it avoids a dump.
+        valid.append((index, _record(event, body, principal, services)))
 
     if valid:
         org = services.tenancy.get_organization(principal.organization_id)
@@ -116,16 +115,15 @@ def post_events(
                 "duplicate": outcome.duplicate,
                 "ledger_id": row.id,
                 "cost": format_nanos(row.cost_nanos),
-                "currency": row.currency,
                 "credits": format_nanos(row.credits_nanos),
                 "priced": row.priced,
-                "created_at": rfc3339(row.created_at),
             }
 
     data = [r for r in results if r is not None]
     accepted = sum(1 for r in data if r["status"] == "accepted")
     body = {
         "object": "list",
+        "currency": org.currency if valid else None,
         "data": data,
         "accepted": accepted,
         "duplicates": sum(1 for r in data if r.get("duplicate")),

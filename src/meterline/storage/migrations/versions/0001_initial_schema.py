@@ -108,8 +108,8 @@ def upgrade() -> None:
         sa.Column("cost_nanos", sa.BigInteger(), nullable=False),
         sa.Column("credits_nanos", sa.BigInteger(), nullable=False),
         sa.UniqueConstraint(
-            "hour",
             "organization_id",
+            "hour",
             "workspace_id",
             "key_id",
             "identifier_id",
@@ -123,7 +123,6 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("usage_hourly", schema=None) as batch_op:
-        batch_op.create_index("ix_usage_hourly_org_hour", ["organization_id", "hour"], unique=False)
         batch_op.create_index("ix_usage_hourly_ws_hour", ["workspace_id", "hour"], unique=False)
 
     op.create_table(
@@ -235,7 +234,6 @@ def downgrade() -> None:
     op.drop_table("credit_grants")
     with op.batch_alter_table("usage_hourly", schema=None) as batch_op:
         batch_op.drop_index("ix_usage_hourly_ws_hour")
-        batch_op.drop_index("ix_usage_hourly_org_hour")
 
     op.drop_table("usage_hourly")
     op.drop_table("organizations")
