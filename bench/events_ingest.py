@@ -3,7 +3,7 @@ bare ``executemany`` into the same table on the same machine; plus events/s on P
 
 Usage::
 
-    .venv/bin/python bench/events_ingest.py [--events N] [--batch 1000] [--skip-postgres]
+    .venv/bin/python bench/events_ingest.py [--events N] [--batch 1000] [--skip-postgres] [--profile]
 
 One run does, per backend (SQLite, and PostgreSQL unless --skip-postgres):
 
@@ -19,18 +19,27 @@ One run does, per backend (SQLite, and PostgreSQL unless --skip-postgres):
 
 It prints a table, the SQLite ratio API / bare executemany (target >= 0.5) and the machine, and writes
 ``bench/results/events_ingest.json``. Nothing is left running; temporary directories are removed.
+
+``--profile`` adds one more SQLite pass (not part of the figures) with ``py-spy`` attached to the server
+(``pip install py-spy``) and prints (and records in the JSON) where the server's time goes;
+``--profile-stacks FILE`` keeps py-spy's raw stacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,8 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for tests/servers.py (throwaway PostgreSQL)
 
+from meterline.clock import MICROS_PER_HOUR  # noqa: E402
 from meterline.storage.database import Database  # noqa: E402
-from meterline.storage.ledger_store import rollup_deltas  # noqa: E402
 from meterline.storage.migrate import upgrade  # noqa: E402
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger  # noqa: E402
 
@@ -63,6 +72,8 @@ TARGET_RATIO = 0.5
 WARMUP_EVENTS = 1000  # one batch before the clock starts (imports, caches, connection pool)
 WARMUP_PREFIX = "warmup-"
 SERVER_START_TIMEOUT = 60.0
+MAX_RETRIES = 5  # per batch, on 5xx ("internal error; retry after a delay"), with exponential back-off
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Detected)\b.*$", re.MULTILINE)
 
 # Every ledger column the server writes (``seq`` is the rowid, assigned by the database).
 LEDGER_COLUMNS: tuple[str, ...] = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -82,10 +93,20 @@ class Measurement:
     clients: int
     rows: int
     seconds: float
-    rate: float = field(init=False)
+    retries: int = 0  # batches answered 5xx and sent again (events are idempotent by id)
+    server_errors: list[str] = field(default_factory=list)  # distinct exceptions in the server log
+    failed: str | None = None  # why the run produced no figure
+    rate: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        self.rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        self.rate = self.rows / self.seconds if self.seconds > 0 and self.failed is None else 0.0
+
+
+@dataclass
+class ApiRun:
+    seconds: float
+    retries: int
+    server_errors: list[str]
 
 
 # --------------------------------------------------------------------------- events
@@ -199,6 +220,10 @@ def running_server(database_url: str, log_dir: Path) -> Iterator[Server]:
     try:
         server.wait_healthy()
         yield server
+    except BaseException:
+        server.stop()
+        print(f"server log ({database_url.split(':', 1)[0]}):\n{server.log_tail()}", file=sys.stderr)
+        raise
     finally:
         server.stop()
 
@@ -222,9 +247,16 @@ def _created(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def _send(client: httpx.Client, batches: Sequence[tuple[int, bytes]]) -> None:
+def _send(client: httpx.Client, batches: Sequence[tuple[int, bytes]]) -> int:
+    """POST each batch, retrying 5xx answers like a well-behaved client; number of retries."""
+    retries = 0
     for count, body in batches:
-        response = client.post("/v1/events", content=body)
+        for attempt in range(MAX_RETRIES + 1):
+            response = client.post("/v1/events", content=body)
+            if response.status_code < 500 or attempt == MAX_RETRIES:
+                break
+            retries += 1
+            time.sleep(0.05 * 2**attempt)
         if response.status_code != 200:
             raise RuntimeError(f"POST /v1/events: {response.status_code} {response.text[:500]}")
         answer = orjson.loads(response.content)
@@ -233,10 +265,13 @@ def _send(client: httpx.Client, batches: Sequence[tuple[int, bytes]]) -> None:
                 f"POST /v1/events: expected {count} new events accepted, got accepted={answer['accepted']} "
                 f"duplicates={answer['duplicates']} rejected={answer['rejected']}: {answer['data'][:2]}"
             )
+    return retries
 
 
-def post_all(base_url: str, key: str, batches: Sequence[tuple[int, bytes]], clients: int) -> float:
-    """Send ``batches`` over ``clients`` keep-alive connections (one thread each); wall seconds."""
+def post_all(
+    base_url: str, key: str, batches: Sequence[tuple[int, bytes]], clients: int
+) -> tuple[float, int]:
+    """Send ``batches`` over ``clients`` keep-alive connections (one thread each); wall seconds, retries."""
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     pool = [httpx.Client(base_url=base_url, headers=headers, timeout=120.0) for _ in range(clients)]
     try:
@@ -244,10 +279,11 @@ def post_all(base_url: str, key: str, batches: Sequence[tuple[int, bytes]], clie
             client.get("/healthz").raise_for_status()
         shares = [batches[i::clients] for i in range(clients)]
         errors: list[BaseException] = []
+        retries: list[int] = []
 
         def worker(client: httpx.Client, share: Sequence[tuple[int, bytes]]) -> None:
             try:
-                _send(client, share)
+                retries.append(_send(client, share))
             except BaseException as exc:
                 errors.append(exc)
 
@@ -260,7 +296,7 @@ def post_all(base_url: str, key: str, batches: Sequence[tuple[int, bytes]], clie
         elapsed = time.perf_counter() - start
         if errors:
             raise errors[0]
-        return elapsed
+        return elapsed, sum(retries)
     finally:
         for client in pool:
             client.close()
@@ -317,10 +353,20 @@ def rollup_upsert_sql(placeholder: str) -> str:
 
 
 def rollup_params(batch: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The rollup deltas of one batch (meterline's own fold), as positional parameters."""
-    cols = ("hour", *ROLLUP_DIMENSIONS, *ROLLUP_MEASURES)
-    deltas = rollup_deltas([dict(zip(LEDGER_COLUMNS, row, strict=True)) for row in batch])
-    return [tuple(d[c] for c in cols) for d in deltas]
+    """One batch of ledger rows folded into one delta per (hour, dimensions), as the server does it
+    ('' for a missing dimension, ``requests`` counts rows); positional parameters of rollup_upsert_sql."""
+    index = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
+    dims = [index[d] for d in ROLLUP_DIMENSIONS]
+    measures = [index[m] for m in ROLLUP_MEASURES[1:]]
+    created = index["created_at_us"]
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for row in batch:
+        key = (row[created] // MICROS_PER_HOUR, *(row[i] or "" for i in dims))
+        sums = buckets.setdefault(key, [0] * len(ROLLUP_MEASURES))
+        sums[0] += 1
+        for j, i in enumerate(measures, start=1):
+            sums[j] += row[i] or 0
+    return [(*key, *sums) for key, sums in buckets.items()]
 
 
 def sqlite_executemany(
@@ -395,18 +441,164 @@ def count_pg_ledger(url: str) -> int:
         return int(row[0]) if row else 0
 
 
+# --------------------------------------------------------------------------- profile
+
+# Phases of the server's time, by the first rule (in this order) whose frame name appears in a stack.
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("idempotency look-up (SELECT existing event ids)", ("SqlLedgerStore._existing",)),
+    ("rollup upsert (fold + INSERT ... ON CONFLICT DO UPDATE)", ("SqlLedgerStore._add_to_rollups",)),
+    ("ledger row -> insert parameters", ("row_to_values", "row_to_tuple")),
+    ("commit (WAL write)", ("Transaction.commit",)),
+    ("transaction start (BEGIN IMMEDIATE)", ("Connection.begin",)),
+    ("organization look-up", ("TenancyService.get_organization",)),
+    ("ledger INSERT (incl. SQLAlchemy/driver overhead)", ("SqlLedgerStore.append_in",)),
+    ("pricing (Settler.price: quote, charge, uuid4, LedgerRow)", ("Settler.price",)),
+    ("fingerprint (canonical JSON + sha256)", ("fingerprint",)),
+    ("UsageRecord building (_record)", ("_record",)),
+    ("EventIn.model_validate per event", ("BaseModel.model_validate",)),
+    ("model_dump(mode=json) per event", ("BaseModel.model_dump",)),
+    ("response building (format_nanos, rfc3339, dicts)", ("format_nanos", "rfc3339", "JSONResponse")),
+    ("authentication (key look-up)", ("get_principal",)),
+    ("other work in post_events / ingest", ("post_events",)),
+    ("threadpool hand-off, GIL waits (worker thread)", ("WorkerThread.run",)),
+    ("request body: JSON parse (Request.json)", ("Request.json",)),
+    ("request body: EventsBatchIn validation", ("request_body_to_args",)),
+    ("HTTP server, event loop, routing (uvicorn, Starlette)", ("",)),
+)
+
+
+def _phase(frames: Sequence[str]) -> str:
+    names = [f.split(" (", 1)[0] for f in frames]
+    for phase, patterns in PHASES:
+        if any(p == "" or name == p or name.startswith(p + ".") for p in patterns for name in names):
+            return phase
+    return PHASES[-1][0]
+
+
+def summarize_stacks(path: Path) -> dict[str, Any]:
+    """py-spy raw output (``thread;frame;frame N`` lines) grouped into PHASES; sample counts."""
+    phases: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0].split(":", 1)[-1].strip()
+        threads["worker thread" if "worker" in thread.lower() else "event loop thread"] += int(count)
+        phases[_phase(frames[1:])] += int(count)
+    total = sum(phases.values())
+    return {
+        "samples": total,
+        "threads": dict(threads),
+        "phases": [
+            {"phase": k, "samples": n, "share": n / total if total else 0.0} for k, n in phases.most_common()
+        ],
+    }
+
+
+def profile_sqlite(work: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """One more SQLite API pass (1 client) with py-spy sampling the server; phase summary or None."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("  profile: py-spy not found (.venv/bin/pip install py-spy); skipped")
+        return None
+    n = min(args.profile_events, args.events)
+    batches = encode_batches(make_events(n, prefix=f"prof-{uuid.uuid4().hex[:8]}-", seed=7), args.batch)
+    stacks: Path = args.profile_stacks or work / "profile.pyspy.txt"
+    stacks.parent.mkdir(parents=True, exist_ok=True)
+    with running_server(f"sqlite:///{work / 'profile.db'}", work) as server:
+        key = provision(server.base_url)
+        warmup = encode_batches(make_events(WARMUP_EVENTS, prefix=WARMUP_PREFIX, seed=1), WARMUP_EVENTS)
+        post_all(server.base_url, key, warmup, 1)
+        cmd = [spy, "record", "--pid", str(server.pid), "--format", "raw", "--rate", "250", "--threads"]
+        recorder = subprocess.Popen(
+            [*cmd, "-o", str(stacks)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            time.sleep(1.0)  # py-spy attaches
+            if recorder.poll() is not None:
+                error = recorder.stderr.read() if recorder.stderr else ""
+                print(f"  profile: py-spy failed: {error[-300:]}")
+                return None
+            seconds, _ = post_all(server.base_url, key, batches, 1)
+        finally:
+            if recorder.poll() is None:
+                recorder.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                try:
+                    recorder.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    recorder.kill()
+                    recorder.communicate()
+    if not stacks.exists():
+        print("  profile: py-spy wrote no output; skipped")
+        return None
+    summary = summarize_stacks(stacks)
+    summary.update(
+        events=n,
+        events_per_second_under_profiler=n / seconds,
+        stacks_file=str(stacks) if args.profile_stacks else None,
+    )
+    return summary
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    print(
+        f"\nserver profile (py-spy, SQLite, 1 client, {profile['events']} events, "
+        f"{profile['events_per_second_under_profiler']:,.0f} events/s while sampled; "
+        f"{profile['samples']} samples, {profile['threads']}):"
+    )
+    for p in profile["phases"]:
+        print(f"  {100 * p['share']:5.1f}%  {p['phase']}")
+
+
 # --------------------------------------------------------------------------- runs
+
+
+def server_errors(log: str) -> list[str]:
+    """Distinct exception lines (``pkg.SomeError: message``) of a server log, shortened."""
+    return sorted({line[:200] for line in _EXCEPTION_LINE.findall(log)})
 
 
 def api_run(
     database_url: str, log_dir: Path, batches: Sequence[tuple[int, bytes]], clients: int
-) -> float:
-    """One fresh server on ``database_url``: provision, warm up, send ``batches``; seconds."""
+) -> ApiRun:
+    """One fresh server on ``database_url``: provision, warm up, send ``batches``."""
     with running_server(database_url, log_dir) as server:
         key = provision(server.base_url)
         warmup = encode_batches(make_events(WARMUP_EVENTS, prefix=WARMUP_PREFIX, seed=1), WARMUP_EVENTS)
         post_all(server.base_url, key, warmup, 1)
-        return post_all(server.base_url, key, batches, clients)
+        seconds, retries = post_all(server.base_url, key, batches, clients)
+    return ApiRun(seconds, retries, server_errors(server.log_tail(10_000)))
+
+
+def measure_api(
+    backend: str, url: str, work: Path, batches: Sequence[tuple[int, bytes]], clients: int, events: int
+) -> Measurement:
+    """An API run as a Measurement; a failed run (e.g. 5xx after all retries) is recorded, not raised."""
+    try:
+        result = api_run(url, work, batches, clients)
+    except RuntimeError as exc:
+        print(f"  {backend} api, {clients} client(s): FAILED: {str(exc)[:300]}", flush=True)
+        return Measurement(backend, "api", clients, events, 0.0, failed=str(exc)[:500])
+    if backend == "sqlite":
+        written = count_sqlite_ledger(Path(url.removeprefix("sqlite:///"))) - WARMUP_EVENTS
+    else:
+        written = count_pg_ledger(url) - WARMUP_EVENTS
+    if written != events:
+        raise RuntimeError(f"{backend}: {written} ledger rows written, expected {events}")
+    m = Measurement(backend, "api", clients, events, result.seconds, result.retries, result.server_errors)
+    note = f" ({m.retries} batches retried after 5xx: {m.server_errors})" if m.retries else ""
+    print(f"  {backend} api, {clients} client(s): {m.rate:,.0f} events/s{note}", flush=True)
+    return m
+
+
+def src_digest() -> str:
+    """SHA-256 (first 16 hex) over src/meterline/**/*.py: which code these figures were measured on."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "src" / "meterline").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def machine() -> dict[str, Any]:
@@ -427,10 +619,12 @@ def machine() -> dict[str, Any]:
         "sqlalchemy": sqlalchemy.__version__,
         "uvicorn": uvicorn.__version__,
         "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    digest_at_start = src_digest()
     events = make_events(args.events, prefix=f"evt-{uuid.uuid4().hex[:8]}-", seed=42)
     batches = encode_batches(events, args.batch)
     client_counts: list[int] = args.clients
@@ -449,24 +643,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         first_db: Path | None = None
         for clients in client_counts:
             db = work / f"api-{clients}.db"
-            seconds = api_run(f"sqlite:///{db}", work, batches, clients)
-            written = count_sqlite_ledger(db) - WARMUP_EVENTS
-            if written != args.events:
-                raise RuntimeError(f"sqlite: {written} ledger rows written, expected {args.events}")
-            results.append(Measurement("sqlite", "api", clients, args.events, seconds))
-            print(f"  sqlite  api, {clients} client(s): {results[-1].rate:,.0f} events/s", flush=True)
-            first_db = first_db or db
+            results.append(measure_api("sqlite", f"sqlite:///{db}", work, batches, clients, args.events))
+            if results[-1].failed is None:
+                first_db = first_db or db
+        if first_db is None:
+            raise RuntimeError("no SQLite API run succeeded; nothing to compare")
 
-        # --- SQLite: bare executemany of the very rows the server wrote
-        assert first_db is not None
+        # --- SQLite: bare executemany of the very rows the server wrote (median of --repeats runs)
         rows = sqlite_ledger_rows(first_db)
         for with_rollup in (False, True):
             method = "executemany+rollup" if with_rollup else "executemany"
-            seconds = sqlite_executemany(
-                work / f"bare-{int(with_rollup)}.db", rows, args.batch, with_rollup=with_rollup
-            )
-            results.append(Measurement("sqlite", method, 1, len(rows), seconds))
-            print(f"  sqlite  {method}: {results[-1].rate:,.0f} rows/s", flush=True)
+            runs = []
+            for r in range(args.repeats):
+                path = work / f"bare-{int(with_rollup)}-{r}.db"
+                runs.append(sqlite_executemany(path, rows, args.batch, with_rollup=with_rollup))
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            results.append(Measurement("sqlite", method, 1, len(rows), statistics.median(runs)))
+            rates = ", ".join(f"{len(rows) / t:,.0f}" for t in runs)
+            print(f"  sqlite  {method}: {results[-1].rate:,.0f} rows/s (median of {rates})", flush=True)
 
         # --- PostgreSQL
         if not args.skip_postgres:
@@ -477,20 +672,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 first_url: str | None = None
                 for clients in client_counts:
                     url = pg.create_database(f"bench_api_{clients}")
-                    seconds = api_run(url, work, batches, clients)
-                    written = count_pg_ledger(url) - WARMUP_EVENTS
-                    if written != args.events:
-                        raise RuntimeError(f"postgresql: {written} ledger rows, expected {args.events}")
-                    results.append(Measurement("postgresql", "api", clients, args.events, seconds))
-                    print(f"  postgresql api, {clients} client(s): {results[-1].rate:,.0f} events/s")
-                    first_url = first_url or url
-                assert first_url is not None
-                pg_rows = pg_ledger_rows(first_url)
-                seconds = pg_executemany(pg.create_database("bench_bare"), pg_rows, args.batch)
-                results.append(Measurement("postgresql", "executemany", 1, len(pg_rows), seconds))
-                print(f"  postgresql executemany: {results[-1].rate:,.0f} rows/s", flush=True)
+                    results.append(measure_api("postgresql", url, work, batches, clients, args.events))
+                    if results[-1].failed is None:
+                        first_url = first_url or url
+                if first_url is not None:
+                    pg_rows = pg_ledger_rows(first_url)
+                    seconds = pg_executemany(pg.create_database("bench_bare"), pg_rows, args.batch)
+                    results.append(Measurement("postgresql", "executemany", 1, len(pg_rows), seconds))
+                    print(f"  postgresql executemany: {results[-1].rate:,.0f} rows/s", flush=True)
             finally:
                 pg.stop()
+
+        profile = profile_sqlite(work, args) if args.profile else None
 
     def rate(backend: str, method: str, clients: int = 1) -> float:
         for m in results:
@@ -508,6 +701,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "events": args.events,
         "batch": args.batch,
         "warmup_events": WARMUP_EVENTS,
+        "baseline_repeats": args.repeats,
+        "src_digest": digest_at_start,
+        "src_changed_during_run": src_digest() != digest_at_start,
         "results": [asdict(m) for m in results],
         "ratio": {
             "api_1_client_vs_executemany": rate("sqlite", "api", 1) / bare if bare else None,
@@ -519,6 +715,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "target": TARGET_RATIO,
         },
+        "server_profile": profile,
     }
 
 
@@ -528,10 +725,16 @@ def report(summary: dict[str, Any]) -> None:
     print(f"{'backend':<11} {'method':<20} {'clients':>7} {'rows':>8} {'seconds':>8} {'rate':>12}")
     print("-" * 72)
     for m in summary["results"]:
+        if m["failed"]:
+            print(f"{m['backend']:<11} {m['method']:<20} {m['clients']:>7} {m['rows']:>8}   FAILED")
+            continue
+        retried = f"  ({m['retries']} batches retried after 5xx)" if m["retries"] else ""
         print(
             f"{m['backend']:<11} {m['method']:<20} {m['clients']:>7} {m['rows']:>8} "
-            f"{m['seconds']:>8.2f} {m['rate']:>10,.0f} {unit[m['method']]}"
+            f"{m['seconds']:>8.2f} {m['rate']:>10,.0f} {unit[m['method']]}{retried}"
         )
+    for error in sorted({e for m in summary["results"] for e in m["server_errors"]}):
+        print(f"server error seen: {error}")
     ratio = summary["ratio"]
     one = ratio["api_1_client_vs_executemany"]
     best = ratio["api_best_vs_executemany"]
@@ -544,6 +747,10 @@ def report(summary: dict[str, Any]) -> None:
     with_rollup = ratio["api_1_client_vs_executemany_rollup"]
     if with_rollup is not None:
         print(f"SQLite API / (executemany + rollup upsert): {with_rollup:.3f}")
+    if summary.get("server_profile"):
+        print_profile(summary["server_profile"])
+    if summary["src_changed_during_run"]:
+        print("WARNING: src/meterline changed while the benchmark ran; runs may have measured different code")
     m = summary["machine"]
     print(f"machine: nproc={m['nproc']}, CPU {m['cpu']}, Python {m['python']}, SQLite {m['sqlite']}")
 
@@ -558,6 +765,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=lambda s: [int(x) for x in s.split(",")],
         default=[1, 2],
         help="comma-separated concurrent client counts (default 1,2)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="bare executemany runs, median (default 3)")
+    parser.add_argument(
+        "--profile", action="store_true", help="extra SQLite pass with py-spy on the server; prints phases"
+    )
+    parser.add_argument(
+        "--profile-events", type=int, default=30_000, help="events in the profiled pass (default 30000)"
+    )
+    parser.add_argument(
+        "--profile-stacks", type=Path, help="keep py-spy's raw stacks in this file (default: discarded)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)

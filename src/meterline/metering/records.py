@@ -48,9 +48,13 @@ class UsageRecord:
     request_hash: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LedgerRow:
-    """A settled, priced ledger row. Append-only: nothing ever changes one after it is written."""
+    """A settled, priced ledger row. Append-only: nothing ever changes one after it is written.
+
+    Not ``frozen``: a frozen dataclass pays an ``object.__setattr__`` per field, and one is built per
+    billable event on the hot path. Treat it as immutable all the same.
+    """
 
     id: str
     organization_id: str

@@ -8,13 +8,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
 from meterline.metering.records import LedgerRow
 from meterline.metering.store import AppendResult
 from meterline.storage.database import Database
-from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, usage_hourly
+from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -129,8 +128,30 @@ def row_from_db(r: Any) -> LedgerRow:
     )
 
 
-def rollup_deltas(rows: Sequence[LedgerRow]) -> list[dict[str, Any]]:
-    """Ledger rows folded into one delta per (hour, dimensions): a batch touches few rollup rows."""
+_ROLLUP_COLUMNS = ("hour", *ROLLUP_DIMENSIONS, *ROLLUP_MEASURES)
+_ROLLUP_CONFLICT = f"ON CONFLICT (hour, {', '.join(ROLLUP_DIMENSIONS)}) DO UPDATE SET " + ", ".join(
+    f"{m} = usage_hourly.{m} + excluded.{m}" for m in ROLLUP_MEASURES
+)
+_SQLITE_ROLLUP_UPSERT = (
+    f"INSERT INTO usage_hourly ({', '.join(_ROLLUP_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_ROLLUP_COLUMNS))}) {_ROLLUP_CONFLICT}"
+)
+_PG_ROLLUP_UPSERT = (
+    f"INSERT INTO usage_hourly ({', '.join(_ROLLUP_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(
+        ["%s::bigint[]"] + ["%s::text[]"] * len(ROLLUP_DIMENSIONS) + ["%s::bigint[]"] * len(ROLLUP_MEASURES)
+    )
+    + ") "
+    + _ROLLUP_CONFLICT
+)
+
+
+def rollup_deltas(rows: Sequence[LedgerRow]) -> list[tuple[Any, ...]]:
+    """Ledger rows folded into one delta per (hour, dimensions), in ``_ROLLUP_COLUMNS`` order.
+
+    Sorted by key: concurrent transactions then lock the rollup rows they share in the same order, so
+    they queue instead of deadlocking (PostgreSQL has no single writer).
+    """
     buckets: dict[tuple[Any, ...], list[int]] = {}
     for r in rows:
         key = (
@@ -159,20 +180,12 @@ def rollup_deltas(rows: Sequence[LedgerRow]) -> list[dict[str, Any]]:
         sums[7] += r.audio_ms or 0
         sums[8] += r.cost_nanos
         sums[9] += r.credits_nanos
-    return [
-        {
-            "hour": key[0],
-            **dict(zip(ROLLUP_DIMENSIONS, key[1:], strict=True)),
-            **dict(zip(ROLLUP_MEASURES, sums, strict=True)),
-        }
-        for key, sums in buckets.items()
-    ]
+    return [(*key, *buckets[key]) for key in sorted(buckets)]
 
 
 class SqlLedgerStore:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._insert_dialect = sqlite.insert if db.is_sqlite else postgresql.insert
         self._insert_sql = (
             f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
             "ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
@@ -244,9 +257,9 @@ class SqlLedgerStore:
         return found
 
     def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow]) -> None:
-        stmt = self._insert_dialect(usage_hourly)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["hour", *ROLLUP_DIMENSIONS],
-            set_={m: usage_hourly.c[m] + stmt.excluded[m] for m in ROLLUP_MEASURES},
-        )
-        conn.execute(stmt, rollup_deltas(rows))
+        deltas = rollup_deltas(rows)
+        if self._db.is_sqlite:
+            conn.exec_driver_sql(_SQLITE_ROLLUP_UPSERT, deltas)
+        else:
+            columns = tuple(list(column) for column in zip(*deltas, strict=True))
+            conn.exec_driver_sql(_PG_ROLLUP_UPSERT, columns)
