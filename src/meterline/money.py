@@ -3,7 +3,7 @@
 Amounts are ``Decimal`` while being computed and integer **nanos** (10^-9 of a currency unit, or of a
 credit) once stored. A ledger row's cost is rounded to nanos exactly once, when it is settled; every total
 is a sum of those integers, so totals equal the sum of their rows to the last unit. ``float`` never
-appears in a computation; it is only a rendering for JSON number fields (see ``to_json_number``).
+appears: JSON number fields are written as the exact decimal text (``api.render.money_number``).
 """
 
 from __future__ import annotations
@@ -30,15 +30,6 @@ def format_nanos(nanos: int) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text or "0"
-
-
-def to_json_number(nanos: int) -> float:
-    """A JSON number whose shortest text is the exact decimal.
-
-    At most 9 decimals and well under 15 significant digits for any realistic amount, so ``repr`` of the
-    float reproduces the decimal text exactly. Exact strings are offered beside every such field.
-    """
-    return float(format_nanos(nanos))
 
 
 def parse_decimal(value: object, *, what: str) -> Decimal:

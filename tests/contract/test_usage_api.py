@@ -205,6 +205,11 @@ def test_cost_in_eur_with_discount(client: TestClient) -> None:
     # $0.00045 list -> EUR at 0.92 = 0.000414 -> 10 % off = 0.0003726
     assert (row["list_cost"], row["cost"], row["currency"]) == ("0.000414", "0.0003726", "EUR")
     assert row["cost_eur"] == 0.0003726
+    tiny = make_tenant(client, name="Tiny", currency="EUR")
+    post(client, tiny, ev(9, model="text-embedding-3-small", prompt_tokens=504, completion_tokens=0))
+    text = client.get("/v1/usage/ledger", headers=tiny.headers).text
+    # 504 x $0.02/MTok x 0.92 = 0.0000092736, rounded once to the nano; a decimal, not 9.274e-06
+    assert '"cost_eur":0.000009274,' in text
     assert row["discount_applied_pct"] == 10
 
 

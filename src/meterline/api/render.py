@@ -5,14 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest
 from meterline.metering import LedgerRow
 from meterline.metering.reading import Totals
 from meterline.metering.summary import Allowance
-from meterline.money import format_nanos, from_nanos, to_json_number, to_nanos
+from meterline.money import format_nanos, from_nanos, to_nanos
 from meterline.pricing import CurrencyRates
 from meterline.tenancy import ApiKey, CreditGrant, Organization, Workspace
+
+
+def money_number(nanos: int) -> orjson.Fragment:
+    """A JSON number written as the exact decimal text (``0.000009274``, never ``9.274e-06``)."""
+    return orjson.Fragment(format_nanos(nanos).encode())
 
 
 def _time(at: datetime | None) -> str | None:
@@ -92,10 +99,10 @@ def ledger_row(row: LedgerRow, rates: CurrencyRates) -> dict[str, Any]:
         "modality": row.modality,
         "provider": row.provider,
         "billing_unit": row.billing_unit,
-        "audio_seconds": None if row.audio_ms is None else to_json_number(row.audio_ms * 1_000_000),
+        "audio_seconds": None if row.audio_ms is None else money_number(row.audio_ms * 1_000_000),
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
-        "cost_eur": None if eur is None else to_json_number(eur),
+        "cost_eur": None if eur is None else money_number(eur),
         "discount_applied_pct": row.discount_applied_pct,
         "receipt_id": row.receipt_id,
         "failover": row.failover,
