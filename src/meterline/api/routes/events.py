@@ -121,7 +121,7 @@ def post_events(
 
     data = [r for r in results if r is not None]
     accepted = sum(1 for r in data if r["status"] == "accepted")
-    body = {
+    answer = {
         "object": "list",
         "currency": org.currency if valid else None,
         "data": data,
@@ -140,9 +140,9 @@ def post_events(
             first["message"],
             param=first["param"],
             request_id=request_id_of(request),
-            extra=body,
+            extra=answer,
         )
-    return JSON(body)
+    return JSON(answer)
 
 
 def _rejected(event_id: str | None, code: str, message: str, param: str) -> dict[str, Any]:
