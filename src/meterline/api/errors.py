@@ -7,6 +7,7 @@ Every failure a client can cause answers ``{"error": {type, code, message, param
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -95,17 +96,23 @@ def envelope(
     return JSON(body, status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
-    errors = exc.errors()
-    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
+def first_problem(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """The first pydantic error as ``"param: message"`` and the param (its location, dotted)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return 400, "malformed JSON body: " + str((first.get("ctx") or {}).get("error", "cannot parse")), None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    where = f"{param}: " if param else ""
+    return (f"{param}: {message}" if param else message), param
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        reason = (errors[0].get("ctx") or {}).get("error", "cannot parse")
+        return 400, f"malformed JSON body: {reason}", None
+    message, param = first_problem(errors)
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return 422, f"{where}{message}{more}", param
+    return 422, f"{message}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

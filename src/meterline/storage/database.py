@@ -96,8 +96,4 @@ class Database:
         self.engine.dispose()
 
 
-def make_database(url: str) -> Database:
-    return Database(url)
-
-
-__all__ = ["Database", "make_database", "normalize_url"]
+__all__ = ["Database", "normalize_url"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -11,7 +12,14 @@ from meterline.clock import from_micros, to_micros
 from meterline.storage.database import Database
 from meterline.storage.tables import api_keys, credit_grants, organizations, workspaces
 from meterline.tenancy.models import ApiKey, CreditGrant, Organization, Workspace
-from meterline.tenancy.service import limits_from_json, limits_to_json
+
+
+def limits_to_json(limits: Mapping[str, int] | None) -> str | None:
+    return None if not limits else json.dumps(dict(limits), sort_keys=True)
+
+
+def limits_from_json(raw: str | None) -> dict[str, int] | None:
+    return None if raw is None else {str(k): int(v) for k, v in json.loads(raw).items()}
 
 
 def _org(row: Any) -> Organization:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -260,12 +259,4 @@ class TenancyService:
         return self._store.list_credit_grants(organization_id)
 
 
-def limits_to_json(limits: Mapping[str, int] | None) -> str | None:
-    return None if not limits else json.dumps(dict(limits), sort_keys=True)
-
-
-def limits_from_json(raw: str | None) -> dict[str, int] | None:
-    return None if raw is None else {str(k): int(v) for k, v in json.loads(raw).items()}
-
-
-__all__ = ["TenancyService", "limits_from_json", "limits_to_json"]
+__all__ = ["TenancyService"]

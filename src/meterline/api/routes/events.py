@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from meterline.api.auth import PrincipalDep, ServicesDep
-from meterline.api.errors import envelope, request_id_of
+from meterline.api.errors import envelope, first_problem, request_id_of
 from meterline.api.responses import JSON
 from meterline.api.schemas import EventIn, EventsBatchIn
 from meterline.errors import InvalidRequest, PayloadTooLarge
@@ -23,13 +23,6 @@ router = APIRouter(tags=["events"])
 MAX_BATCH = 1000
 MAX_FUTURE = timedelta(minutes=5)
 MAX_AGE = timedelta(days=400)
-
-
-def _validation_error(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    message = first["msg"].removeprefix("Value error, ")
-    return (f"{param}: {message}" if param else message), param
 
 
 def _record(event: EventIn, body: dict[str, Any], principal: Principal, services: Services) -> UsageRecord:
@@ -81,7 +74,7 @@ def post_events(
         try:
             event = EventIn.model_validate(body)
         except ValidationError as exc:
-            message, param = _validation_error(exc)
+            message, param = first_problem(exc.errors())
             results[index] = _rejected(event_id, "invalid_request", message, f"events[{index}].{param or ''}")
             continue
         problem = event.check_tokens()
