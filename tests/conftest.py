@@ -102,8 +102,10 @@ def clock() -> FrozenClock:
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return load_settings(database_url=database_url, admin_key=ADMIN_KEY)
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return load_settings(
+        database_url=database_url, admin_key=ADMIN_KEY, signing_key_file=str(tmp_path / "signing-key.json")
+    )
 
 
 @pytest.fixture

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     currency_rates: dict[str, Decimal] = Field(default_factory=lambda: {"EUR": Decimal("0.92")})
     default_plan: str = "free"
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # The deployment's Ed25519 key (access tokens, receipts); created on first start. Every server
+    # process of one deployment must read the same file.
+    signing_key_file: str = "meterline-signing-key.json"
     upstreams: tuple[UpstreamConfig, ...] = ()
     plans: dict[str, PlanConfig] = Field(default_factory=dict)
     prices: dict[str, PriceOverride] = Field(default_factory=dict)

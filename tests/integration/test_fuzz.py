@@ -20,7 +20,11 @@ from meterline.services import build_services
 
 
 def test_no_input_yields_a_server_error(tmp_path: Path) -> None:
-    app_settings = load_settings(database_url=f"sqlite:///{tmp_path}/fuzz.db", admin_key=ADMIN_KEY)
+    app_settings = load_settings(
+        database_url=f"sqlite:///{tmp_path}/fuzz.db",
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "signing-key.json"),
+    )
     services = build_services(app_settings, clock=FrozenClock(NOW))
     app = create_app(app_settings, services=services)
     with TestClient(app) as client:

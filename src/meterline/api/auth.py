@@ -1,4 +1,5 @@
-"""Bearer authentication as FastAPI dependencies: API keys for usage, the admin key for the admin API."""
+"""Bearer authentication as FastAPI dependencies: API keys and identifier access tokens for usage, the
+admin key for the admin API."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from meterline.metering.reading import Scope
 from meterline.services import Services
 from meterline.tenancy import Principal
 from meterline.tenancy.keys import same_secret
+from meterline.tenancy.tokens import TokenService, looks_like_jwt
 
 
 def get_services(request: Request) -> Services:
@@ -19,6 +21,14 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_tokens(request: Request) -> TokenService:
+    tokens: TokenService = request.app.state.tokens
+    return tokens
+
+
+TokensDep = Annotated[TokenService, Depends(get_tokens)]
 
 
 def bearer_token(request: Request) -> str:
@@ -32,12 +42,18 @@ def bearer_token(request: Request) -> str:
     return token
 
 
-def get_principal(request: Request, services: ServicesDep) -> Principal:
-    principal = services.tenancy.authenticate(bearer_token(request))
+def get_principal(request: Request, services: ServicesDep, tokens: TokensDep) -> Principal:
+    credential = bearer_token(request)
+    # API keys never contain a dot, so a three-part JWT shape is an access token and nothing else.
+    if looks_like_jwt(credential):
+        principal = tokens.authenticate(credential)
+    else:
+        principal = services.tenancy.authenticate(credential)
     workspace = request.headers.get("x-workspace-id")
     if workspace is not None and workspace != principal.workspace_id:
         if principal.scope != "organization":
-            raise Forbidden("X-Workspace-Id does not match this key's workspace", param="X-Workspace-Id")
+            what = "access token" if principal.scope == "identifier" else "key"
+            raise Forbidden(f"X-Workspace-Id does not match this {what}'s workspace", param="X-Workspace-Id")
         # An organization key may narrow its view to one of its organization's workspaces.
         try:
             ws_org = services.tenancy.get_workspace(workspace).organization_id

@@ -185,3 +185,37 @@ usage_hourly = Table(
     UniqueConstraint("organization_id", "hour", *ROLLUP_DIMENSIONS[1:], name="uq_usage_hourly_key"),
     Index("ix_usage_hourly_ws_hour", "workspace_id", "hour"),
 )
+
+# -- Identifier tokens (seed 000) ----------------------------------------------------------------------
+# A token family is the chain of refresh tokens grown from one POST /v1/token; revoking it (on refresh
+# token reuse) ends every refresh and access token of the chain. Access tokens are not stored: they are
+# checked against their family (and its issuing key) by primary key on every use.
+token_families = Table(
+    "token_families",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), ForeignKey("organizations.id"), nullable=False),
+    Column("workspace_id", String(40), ForeignKey("workspaces.id"), nullable=False),
+    Column("identifier_id", String(200), nullable=False),
+    Column("key_id", String(40), ForeignKey("api_keys.id"), nullable=False, index=True),
+    # The lifetime asked for at issue, kept so that refreshed access tokens live as long as the first.
+    Column("access_ttl_s", Integer, nullable=False),
+    Column("revoked_at_us", BigInteger, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+# Only the SHA-256 of a refresh token is stored. ``used_at_us`` is set exactly once, by a conditional
+# UPDATE, which is what makes rotation race-free.
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("family_id", String(40), ForeignKey("token_families.id"), nullable=False, index=True),
+    Column("organization_id", String(40), nullable=False),
+    Column("workspace_id", String(40), nullable=False),
+    Column("identifier_id", String(200), nullable=False),
+    Column("key_id", String(40), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=False),
+    Column("used_at_us", BigInteger, nullable=True),
+)

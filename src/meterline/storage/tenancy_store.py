@@ -7,11 +7,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from meterline.clock import from_micros, to_micros
 from meterline.storage.database import Database
-from meterline.storage.tables import api_keys, credit_grants, organizations, workspaces
-from meterline.tenancy.models import ApiKey, CreditGrant, Organization, Workspace
+from meterline.storage.tables import api_keys, credit_grants, identifiers, organizations, workspaces
+from meterline.tenancy.models import ApiKey, CreditGrant, Identifier, Organization, Workspace
 
 
 def limits_to_json(limits: Mapping[str, int] | None) -> str | None:
@@ -45,7 +46,7 @@ def _ws(row: Any) -> Workspace:
     )
 
 
-def _key(row: Any) -> ApiKey:
+def key_from_row(row: Any) -> ApiKey:
     return ApiKey(
         id=row.id,
         organization_id=row.organization_id,
@@ -166,12 +167,12 @@ class SqlTenancyStore:
     def get_key(self, key_id: str) -> ApiKey | None:
         with self._db.read() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
-        return None if row is None else _key(row)
+        return None if row is None else key_from_row(row)
 
     def find_key_by_hash(self, key_hash: str) -> ApiKey | None:
         with self._db.read() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
-        return None if row is None else _key(row)
+        return None if row is None else key_from_row(row)
 
     def list_keys(
         self, *, workspace_id: str | None, organization_id: str | None, limit: int, offset: int
@@ -189,7 +190,7 @@ class SqlTenancyStore:
                 query.order_by(api_keys.c.created_at_us, api_keys.c.id).limit(limit).offset(offset)
             ).all()
             total = conn.execute(count).scalar_one()
-        return [_key(r) for r in rows], total
+        return [key_from_row(r) for r in rows], total
 
     def revoke_key(self, key_id: str, at_us: int) -> None:
         with self._db.write() as conn:
@@ -232,3 +233,59 @@ class SqlTenancyStore:
             )
             for r in rows
         ]
+
+    # -- identifiers -------------------------------------------------------------------------
+    def _identifier_insert(
+        self, workspace_id: str, identifier_id: str, organization_id: str, limits_json: str | None, at_us: int
+    ) -> sqlite.Insert | postgresql.Insert:
+        # INSERT ... ON CONFLICT: one statement, so two first tokens for one identifier cannot collide.
+        make = sqlite.insert if self._db.is_sqlite else postgresql.insert
+        return make(identifiers).values(
+            workspace_id=workspace_id,
+            identifier_id=identifier_id,
+            organization_id=organization_id,
+            limits_json=limits_json,
+            created_at_us=at_us,
+        )
+
+    def set_identifier_limits(
+        self,
+        workspace_id: str,
+        identifier_id: str,
+        organization_id: str,
+        limits: Mapping[str, int] | None,
+        at_us: int,
+    ) -> None:
+        limits_json = limits_to_json(limits)
+        statement = self._identifier_insert(workspace_id, identifier_id, organization_id, limits_json, at_us)
+        with self._db.write() as conn:
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[identifiers.c.workspace_id, identifiers.c.identifier_id],
+                    set_={"limits_json": limits_json},
+                )
+            )
+
+    def register_identifier(
+        self, workspace_id: str, identifier_id: str, organization_id: str, at_us: int
+    ) -> None:
+        statement = self._identifier_insert(workspace_id, identifier_id, organization_id, None, at_us)
+        with self._db.write() as conn:
+            conn.execute(statement.on_conflict_do_nothing())
+
+    def get_identifier(self, workspace_id: str, identifier_id: str) -> Identifier | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                select(identifiers).where(
+                    identifiers.c.workspace_id == workspace_id, identifiers.c.identifier_id == identifier_id
+                )
+            ).first()
+        if row is None:
+            return None
+        return Identifier(
+            workspace_id=row.workspace_id,
+            identifier_id=row.identifier_id,
+            organization_id=row.organization_id,
+            limits=limits_from_json(row.limits_json),
+            created_at=from_micros(row.created_at_us),
+        )

@@ -1,4 +1,4 @@
-"""Organizations, workspaces, API keys and the authenticated principal."""
+"""Organizations, workspaces, API keys, identifiers, token families and the authenticated principal."""
 
 from __future__ import annotations
 
@@ -69,7 +69,10 @@ class CreditGrant:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling, resolved from a bearer credential. Reads are confined to ``scope``."""
+    """Who is calling, resolved from a bearer credential. Reads are confined to ``scope``.
+
+    For an access token: ``scope == "identifier"``, ``identifier_id`` is the token's subject, and the
+    ``key_*`` fields describe the API key that issued it (usage is attributed to that key too)."""
 
     organization_id: str
     workspace_id: str
@@ -79,3 +82,44 @@ class Principal:
     key_name: str | None = None
     identifier_id: str | None = None
     default_source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Identifier:
+    """An end user or tenant of a workspace (seed 000). ``limits`` are its own named limits, if any."""
+
+    workspace_id: str
+    identifier_id: str
+    organization_id: str
+    limits: dict[str, int] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFamily:
+    """The chain of refresh tokens (and their access tokens) that grew from one ``POST /v1/token``.
+    Revoking it ends every token of the chain at once."""
+
+    id: str
+    organization_id: str
+    workspace_id: str
+    identifier_id: str
+    key_id: str
+    access_ttl_s: int
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshToken:
+    """A stored refresh token: only the SHA-256 of its secret is kept."""
+
+    token_hash: str
+    family_id: str
+    organization_id: str
+    workspace_id: str
+    identifier_id: str
+    key_id: str
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None

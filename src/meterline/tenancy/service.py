@@ -1,4 +1,4 @@
-"""Tenancy operations shared by the admin API and the CLI, and bearer-key authentication."""
+"""Tenancy operations shared by the admin API and the CLI, identifiers, and bearer-key authentication."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from meterline import ids
 from meterline.clock import Clock, to_micros
 from meterline.errors import InvalidRequest, NotFound, Unauthorized
 from meterline.money import to_nanos
+from meterline.quotas.limits import check_named_limits
 from meterline.tenancy.keys import generate_key, hash_key, key_prefix, looks_like_key
 from meterline.tenancy.models import (
     ApiKey,
     CreditGrant,
+    Identifier,
     KeyScope,
     NewKey,
     Organization,
@@ -26,6 +28,29 @@ from meterline.tenancy.store import TenancyStore
 MAX_CREDIT_GRANT = Decimal(1_000_000_000)
 # Writing last_used_at on every request would turn each read into a write; once a minute is enough.
 _TOUCH_EVERY_US = 60_000_000
+
+
+def check_identifier_id(value: str) -> str:
+    """An identifier id is the caller's own name for an end user: kept exactly as given (no trimming),
+    1-200 characters, no control characters."""
+    if not value.strip():
+        raise InvalidRequest("identifier_id must not be empty", param="identifier_id")
+    if len(value) > 200:
+        raise InvalidRequest("identifier_id must be at most 200 characters", param="identifier_id")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise InvalidRequest("identifier_id must not contain control characters", param="identifier_id")
+    return value
+
+
+def check_limits(limits: Mapping[str, int]) -> dict[str, int]:
+    """Named limits checked one by one, so that the error names the limit that is wrong."""
+    checked: dict[str, int] = {}
+    for name, value in limits.items():
+        try:
+            checked.update(check_named_limits({name: value}))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param=f"limits.{name}") from None
+    return checked
 
 
 def _name(value: str, what: str) -> str:
@@ -238,6 +263,49 @@ class TenancyService:
                 return
             self._touched[key_id] = now_us
         self._store.touch_key(key_id, now_us)
+
+    # -- identifiers (seed 000) --------------------------------------------------------------
+    def _identifier_workspace(self, workspace_id: str, organization_id: str) -> None:
+        if self.get_workspace(workspace_id).organization_id != organization_id:
+            raise InvalidRequest(
+                f"workspace {workspace_id!r} is not in organization {organization_id!r}", param="workspace_id"
+            )
+
+    def set_identifier_limits(
+        self,
+        workspace_id: str,
+        identifier_id: str,
+        organization_id: str,
+        limits: Mapping[str, int] | None,
+    ) -> Identifier:
+        """Create the identifier or replace its limits. ``None`` or ``{}``: no limits of its own (the
+        plan's and the key's still apply)."""
+        checked = check_limits(limits) if limits else None
+        check_identifier_id(identifier_id)
+        self._identifier_workspace(workspace_id, organization_id)
+        self._store.set_identifier_limits(
+            workspace_id, identifier_id, organization_id, checked, to_micros(self._clock.now())
+        )
+        return self._stored_identifier(workspace_id, identifier_id)
+
+    def register_identifier(self, workspace_id: str, identifier_id: str, organization_id: str) -> Identifier:
+        """The identifier, created without limits if it is new; existing limits are kept."""
+        check_identifier_id(identifier_id)
+        self._identifier_workspace(workspace_id, organization_id)
+        self._store.register_identifier(
+            workspace_id, identifier_id, organization_id, to_micros(self._clock.now())
+        )
+        return self._stored_identifier(workspace_id, identifier_id)
+
+    def get_identifier(self, workspace_id: str, identifier_id: str) -> Identifier | None:
+        """The identifier with its own limits, or None if no token was ever issued for it."""
+        return self._store.get_identifier(workspace_id, identifier_id)
+
+    def _stored_identifier(self, workspace_id: str, identifier_id: str) -> Identifier:
+        found = self._store.get_identifier(workspace_id, identifier_id)
+        if found is None:  # only if the workspace vanished under us; there is no delete
+            raise NotFound(f"identifier {identifier_id!r} does not exist", param="identifier_id")
+        return found
 
     # -- credits -----------------------------------------------------------------------------
     def grant_credits(self, organization_id: str, amount: Decimal, reason: str) -> CreditGrant:
