@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -28,7 +29,7 @@ from meterline.services import Services, build_services
 from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
 from meterline.storage.tables import metadata
-from servers import PostgresServer, start_postgres
+from servers import PostgresServer, RedisServer, start_postgres, start_redis
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 NOW = datetime(2026, 3, 14, 10, 30, 0, tzinfo=UTC)
@@ -94,6 +95,31 @@ def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
     path = tmp_path / "meterline.db"
     shutil.copyfile(sqlite_template, path)
     return f"sqlite:///{path}"
+
+
+def _redis_available() -> bool:
+    return shutil.which("redis-server") is not None or Path("/usr/bin/redis-server").exists()
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """One real redis-server for the session (the counter store of scale-out deployments)."""
+    if not _redis_available():
+        if os.environ.get("METERLINE_REQUIRE_POSTGRES"):
+            pytest.fail("redis-server is required (METERLINE_REQUIRE_POSTGRES) but not installed")
+        pytest.skip("redis-server not installed")
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url_clean(shared_redis: RedisServer) -> str:
+    """The shared Redis, emptied for this test."""
+    client = redis.Redis.from_url(shared_redis.url)
+    client.flushall()
+    client.close()
+    return shared_redis.url
 
 
 @pytest.fixture

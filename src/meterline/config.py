@@ -69,6 +69,27 @@ class UpstreamConfig(_Strict):
     region: str | None = None
 
 
+class LimitConfig(_Strict):
+    """A limit beyond the named ones, e.g. ``{meter = "units:case.execute", window = "period", max = 5000}``.
+    ``max`` is in the meter's unit (whole credits / currency units for credits and spend); -1 unlimited."""
+
+    meter: str
+    window: Literal["minute", "day", "period"]
+    scope: Literal["organization", "workspace", "key", "identifier"] = "organization"
+    max: int = Field(ge=-1, le=10**15)
+    policy: Literal["block", "overage"] = "block"
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @field_validator("meter")
+    @classmethod
+    def _meter(cls, value: str) -> str:
+        if value in ("tokens", "calls", "credits", "spend"):
+            return value
+        if re.fullmatch(r"units:[A-Za-z0-9_.:-]{1,64}", value):
+            return value
+        raise ValueError(f"unknown meter {value!r}: use tokens, calls, credits, spend or units:<event>")
+
+
 class PlanConfig(_Strict):
     """A plan's limits. ``-1`` means unlimited (seed 003); ``None`` keeps the default tier's value."""
 
@@ -81,6 +102,7 @@ class PlanConfig(_Strict):
     monthly_credits: int | None = Field(default=None, ge=-1)
     overage: Literal["block", "overage"] | None = None
     discount_pct: int | None = Field(default=None, ge=0, le=100)
+    limits: tuple[LimitConfig, ...] | None = None
 
 
 class PriceOverride(_Strict):
@@ -122,6 +144,10 @@ class Settings(BaseSettings):
     # The deployment's Ed25519 key (access tokens, receipts); created on first start. Every server
     # process of one deployment must read the same file.
     signing_key_file: str = "meterline-signing-key.json"
+    # Quotas: what to do when the shared counter store (Redis) cannot be reached, and how long a
+    # reservation may stay open before it is settled at its estimate.
+    quota_fail_open: bool = False
+    reservation_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
     upstreams: tuple[UpstreamConfig, ...] = ()
     plans: dict[str, PlanConfig] = Field(default_factory=dict)
     prices: dict[str, PriceOverride] = Field(default_factory=dict)

@@ -15,6 +15,9 @@ MeterlineError                    code
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class MeterlineError(Exception):
     code = "internal"
@@ -52,10 +55,22 @@ class Conflict(MeterlineError):
 class LimitExceeded(MeterlineError):
     """A block limit would be exceeded. ``code`` names which kind; ``retry_after`` is in seconds."""
 
-    def __init__(self, message: str, *, code: str, retry_after: int, limit: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        retry_after: int,
+        limit: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        rate_limits: object = None,
+    ) -> None:
         super().__init__(message, param=limit)
         self.code = code
         self.retry_after = retry_after
+        # Which limit refused, for the error body; and the rate-limit state for the response headers.
+        self.details = dict(details) if details else None
+        self.rate_limits = rate_limits
 
 
 class UpstreamError(MeterlineError):

@@ -4,19 +4,31 @@ demo all use it, so they share one code path for every operation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
 
-from meterline.clock import Clock, SystemClock
+from meterline.clock import Clock, SystemClock, to_micros
 from meterline.config import Settings
 from meterline.errors import NotFound
 from meterline.metering import Account, Settler
+from meterline.metering.reservations import Reservations
 from meterline.pricing import CurrencyRates, PriceBook
-from meterline.quotas import Plan, build_plans
+from meterline.quotas import Plan, billing_period, build_plans
+from meterline.quotas.counters import CounterStore
+from meterline.quotas.credits import CreditTerms
+from meterline.quotas.engine import QuotaEngine, Subject
+from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
+from meterline.storage import credit_store
+from meterline.storage.counter_stores import open_counter_store
+from meterline.storage.credit_store import CreditBalance
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import SqlLedgerStore
 from meterline.storage.migrate import upgrade
+from meterline.storage.quota_source import SqlUsageSource
+from meterline.storage.reservation_store import SqlReservationStore
 from meterline.storage.tenancy_store import SqlTenancyStore
 from meterline.storage.usage_reader import SqlUsageReader
-from meterline.tenancy import Organization, TenancyService
+from meterline.tenancy import CreditGrant, Organization, Principal, TenancyService
 
 
 @dataclass
@@ -29,6 +41,10 @@ class Services:
     ledger: SqlLedgerStore
     reader: SqlUsageReader
     settler: Settler
+    counters: CounterStore
+    quotas: QuotaEngine
+    reservations: Reservations
+    reservation_store: SqlReservationStore
     rates: CurrencyRates = field(repr=False)
 
     def plan_of(self, org: Organization) -> Plan:
@@ -38,10 +54,50 @@ class Services:
             raise NotFound(f"plan {org.plan!r} of organization {org.id} is not configured") from None
 
     def account_of(self, org: Organization) -> Account:
-        discount = org.discount_pct or self.plan_of(org).discount_pct
-        return Account(organization_id=org.id, currency=org.currency, discount_pct=discount)
+        plan = self.plan_of(org)
+        discount = org.discount_pct or plan.discount_pct
+        allowance = plan.monthly_credits
+        credits = CreditTerms(
+            organization_id=org.id,
+            monthly_allowance_nanos=UNLIMITED if allowance == UNLIMITED else allowance * NANOS_PER_WHOLE,
+            billing_anchor_day=org.billing_anchor_day,
+            enforced=org.spend_cap_nanos is None and allowance != UNLIMITED and plan.overage == "block",
+        )
+        return Account(organization_id=org.id, currency=org.currency, discount_pct=discount, credits=credits)
+
+    def subject_of(
+        self, org: Organization, principal: Principal, identifier_id: str | None = None
+    ) -> Subject:
+        """Who consumes, with every limit that applies: plan, spend cap, key and identifier limits."""
+        identifier_id = identifier_id or principal.identifier_id
+        identifier_limits = None
+        if identifier_id is not None:
+            identifier = self.tenancy.get_identifier(principal.workspace_id, identifier_id)
+            identifier_limits = identifier.limits if identifier is not None else None
+        return Subject(
+            organization_id=org.id,
+            plan=self.plan_of(org),
+            billing_anchor_day=org.billing_anchor_day,
+            workspace_id=principal.workspace_id,
+            spend_cap_nanos=org.spend_cap_nanos,
+            key_id=principal.key_id,
+            key_limits=principal.key_limits,
+            identifier_id=identifier_id,
+            identifier_limits=identifier_limits,
+        )
+
+    def credit_balance(self, org: Organization, now: datetime) -> CreditBalance:
+        start_us = to_micros(billing_period(now, org.billing_anchor_day).start)
+        with self.db.read() as conn:
+            return credit_store.balance(conn, org.id, start_us)
+
+    def grant_credits(self, organization_id: str, amount: Decimal, reason: str) -> CreditGrant:
+        grant = self.tenancy.grant_credits(organization_id, amount, reason)
+        self.quotas.forget_bonus(organization_id)
+        return grant
 
     def close(self) -> None:
+        self.counters.close()
         self.db.dispose()
 
 
@@ -69,7 +125,16 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         currencies=currencies,
         default_currency=settings.currency,
     )
-    return Services(
+    counters = open_counter_store(settings.redis_url)
+    quotas = QuotaEngine(
+        counters,
+        SqlUsageSource(db),
+        clock,
+        reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds),
+        fail_open=settings.quota_fail_open,
+    )
+    reservation_store = SqlReservationStore(db)
+    services = Services(
         settings=settings,
         db=db,
         clock=clock,
@@ -78,5 +143,18 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         ledger=ledger,
         reader=SqlUsageReader(db),
         settler=settler,
+        counters=counters,
+        quotas=quotas,
+        reservations=None,  # type: ignore[arg-type]  # set below: it needs account_of
+        reservation_store=reservation_store,
         rates=rates,
     )
+    services.reservations = Reservations(
+        quotas,
+        settler,
+        reservation_store,
+        counters,
+        clock,
+        lambda org_id: services.account_of(tenancy.get_organization(org_id)),
+    )
+    return services

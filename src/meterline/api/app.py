@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from meterline import __version__
 from meterline.api.errors import install_error_handlers
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
-from meterline.api.routes import admin, events, tokens, usage, well_known
+from meterline.api.routes import admin, events, reservations, tokens, usage, well_known
 from meterline.clock import Clock
 from meterline.config import Settings
+from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
 from meterline.signing import load_or_create_signing_key
 from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy.tokens import TokenService
+
+REAP_EVERY_S = 5.0
+
+
+async def _reap_forever(services: Services) -> None:
+    """End reservations whose lease has passed (settled at their estimate; see metering.reservations)."""
+    while True:
+        await asyncio.sleep(REAP_EVERY_S)
+        try:
+            await run_in_threadpool(services.reservations.recover)
+        except Exception:  # a failed sweep is retried at the next tick
+            log.exception("reaping expired reservations failed")
+
+
+log = logging.getLogger("meterline.api")
 
 
 def create_app(
@@ -32,9 +51,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owned:
-            services.close()
+        # An in-process counter store starts empty: every durable reservation left in the database
+        # belongs to a process that is gone, so it is settled now. A shared store waits for the lease.
+        everything = isinstance(services.counters, MemoryCounterStore)
+        await run_in_threadpool(services.reservations.recover, everything=everything)
+        reaper = asyncio.create_task(_reap_forever(services))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            if owned:
+                services.close()
 
     app = FastAPI(
         title="Meterline",
@@ -56,6 +83,7 @@ def create_app(
         return JSON({"status": "ok", "version": __version__})
 
     app.include_router(events.router)
+    app.include_router(reservations.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(tokens.router)

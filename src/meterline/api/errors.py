@@ -15,8 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.errors import LimitExceeded, MeterlineError
+from meterline.quotas.engine import RateLimits
 
 log = logging.getLogger("meterline.api")
 
@@ -81,6 +83,7 @@ def envelope(
     request_id: str | None = None,
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
+    error_extra: dict[str, Any] | None = None,
 ) -> JSON:
     body: dict[str, Any] = {
         "error": {
@@ -89,6 +92,7 @@ def envelope(
             "message": message,
             "param": param,
             "request_id": request_id,
+            **(error_extra or {}),
         }
     }
     if extra:
@@ -115,16 +119,28 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     return 422, f"{message}{more}", param
 
 
+def domain_error(request: Request, exc: MeterlineError) -> JSON:
+    status = STATUS.get(exc.code, 400)
+    if not isinstance(exc, LimitExceeded):
+        return envelope(status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request))
+    headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc.rate_limits, RateLimits):
+        headers.update(rate_limit_headers(exc.rate_limits))
+    return envelope(
+        status,
+        exc.code,
+        exc.message,
+        param=exc.param,
+        request_id=request_id_of(request),
+        headers=headers,
+        error_extra={"limit": exc.details} if exc.details else None,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MeterlineError)
     async def _domain(request: Request, exc: MeterlineError) -> Response:
-        status = STATUS.get(exc.code, 400)
-        headers = None
-        if isinstance(exc, LimitExceeded):
-            headers = {"Retry-After": str(exc.retry_after)}
-        return envelope(
-            status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request), headers=headers
-        )
+        return domain_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -14,6 +14,9 @@ from meterline.metering.reading import Totals
 from meterline.metering.summary import Allowance
 from meterline.money import format_nanos, from_nanos, to_nanos
 from meterline.pricing import CurrencyRates
+from meterline.quotas.engine import LimitStatus
+from meterline.quotas.limits import UNLIMITED
+from meterline.storage.credit_store import CreditBalance
 from meterline.tenancy import ApiKey, CreditGrant, Organization, Workspace
 
 
@@ -114,6 +117,8 @@ def ledger_row(row: LedgerRow, rates: CurrencyRates) -> dict[str, Any]:
         "list_cost": format_nanos(row.list_cost_nanos),
         "currency": row.currency,
         "credits": format_nanos(row.credits_nanos),
+        "credits_monthly": format_nanos(row.credits_monthly_nanos),
+        "credits_bonus": format_nanos(row.credits_bonus_nanos),
         "priced": row.priced,
         "overage": row.overage,
         "cache_read_tokens": row.cache_read_tokens,
@@ -162,4 +167,49 @@ def totals(t: Totals) -> dict[str, Any]:
         "units": t.units,
         "cost": format_nanos(t.cost_nanos),
         "credits": format_nanos(t.credits_nanos),
+    }
+
+
+def _amount(meter: str, value: int) -> Any:
+    """Credits and money are counted in nanos and shown as exact decimals; -1 stays -1 (unlimited)."""
+    if meter in ("credits", "spend") and value != UNLIMITED:
+        return money_number(value)
+    return value
+
+
+def limit_status(status: LimitStatus) -> dict[str, Any]:
+    limit = status.limit
+    return {
+        "name": limit.name,
+        "meter": limit.meter,
+        "window": limit.window,
+        "scope": limit.scope,
+        "policy": limit.policy,
+        "max": _amount(limit.meter, limit.max),
+        "used": _amount(limit.meter, status.consumed),
+        "remaining": _amount(limit.meter, status.remaining),
+        "resets_at": None if status.window is None else rfc3339(status.window.end),
+    }
+
+
+def credits(balance: CreditBalance, allowance_nanos: int) -> dict[str, Any]:
+    unlimited = allowance_nanos == UNLIMITED
+    monthly_left = UNLIMITED if unlimited else max(allowance_nanos - balance.monthly_used, 0)
+    return {
+        "monthly": {
+            "allowance": _amount("credits", allowance_nanos),
+            "used": money_number(balance.monthly_used),
+            "remaining": _amount("credits", monthly_left),
+        },
+        "bonus": {
+            "granted": money_number(balance.bonus_granted),
+            "used": money_number(balance.bonus_used),
+            "used_this_period": money_number(balance.bonus_used_this_period),
+            "remaining": money_number(max(balance.bonus_left, 0)),
+        },
+        "overage": money_number(balance.overage),
+        "used": money_number(balance.monthly_used + balance.bonus_used_this_period + balance.overage),
+        "remaining": _amount(
+            "credits", UNLIMITED if unlimited else monthly_left + max(balance.bonus_left, 0)
+        ),
     }

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from meterline.money import parse_decimal
+from meterline.quotas.limits import check_named_limits
 
 MAX_TOKENS = 100_000_000  # per event: far above any model's context, far below overflow
 MAX_UNITS = 1_000_000_000
@@ -36,6 +37,21 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Label = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+
+
+def plain_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        # Both encoders: stdlib refuses NaN/Infinity, orjson refuses integers beyond 64 bits; the
+        # metadata is stored with one and rendered with the other.
+        json.dumps(value, allow_nan=False)
+        size = len(orjson.dumps(value))
+    except (ValueError, TypeError):
+        raise ValueError("metadata must be plain JSON: finite numbers, 64-bit integers") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+    return value
 
 
 class _Body(BaseModel):
@@ -75,9 +91,6 @@ class WorkspaceIn(_Body):
     group: Name | None = None
 
 
-LIMIT_NAMES = ("daily_tokens", "monthly_tokens", "daily_calls", "monthly_calls", "rpm", "tpm")
-
-
 class KeyIn(_Body):
     workspace_id: str = Field(min_length=1, max_length=40)
     name: Name
@@ -88,10 +101,7 @@ class KeyIn(_Body):
     @field_validator("limits")
     @classmethod
     def _known_limits(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        for name in value or {}:
-            if name not in LIMIT_NAMES:
-                raise ValueError(f"unknown limit {name!r}; known limits: {', '.join(LIMIT_NAMES)}")
-        return value
+        return None if value is None else check_named_limits(value)
 
 
 class CreditsIn(_Body):
@@ -136,18 +146,7 @@ class EventIn(_Body):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        try:
-            # Both encoders: stdlib refuses NaN/Infinity, orjson refuses integers beyond 64 bits; the
-            # metadata is stored with one and rendered with the other.
-            json.dumps(value, allow_nan=False)
-            size = len(orjson.dumps(value))
-        except (ValueError, TypeError):
-            raise ValueError("metadata must be plain JSON: finite numbers, 64-bit integers") from None
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
-        return value
+        return plain_metadata(value)
 
     @field_validator("timestamp")
     @classmethod
@@ -168,3 +167,52 @@ class EventsBatchIn(_Body):
     events: list[dict[str, Any]] = Field(
         description="Up to 1000 events; each is validated on its own (see EventIn)."
     )
+
+
+class UsageIn(_Body):
+    """Usage of one request, as a reservation's estimate or its actual figures."""
+
+    model: Label | None = None
+    provider: Label | None = None
+    prompt_tokens: Tokens = 0
+    completion_tokens: Tokens = 0
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    units: int = Field(default=1, ge=0, le=MAX_UNITS, strict=True)
+
+    def check_tokens(self) -> str | None:
+        if self.cache_read_tokens + self.cache_write_tokens > self.prompt_tokens:
+            return (
+                "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens (which includes them)"
+            )
+        return None
+
+
+class ReservationIn(UsageIn):
+    """``POST /v1/reservations``: hold an estimate (e.g. prompt tokens + max_tokens) before the work."""
+
+    event: EventName = "llm.request"
+    identifier_id: Label | None = None
+    user_id: Label | None = None
+    source: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")] = "api"
+    endpoint: Label | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1, le=86_400, strict=True)
+
+
+class SettleIn(_Body):
+    """``POST /v1/reservations/{id}/settle``: the actual usage; fields left out keep the estimate's."""
+
+    model: Label | None = None
+    provider: Label | None = None
+    prompt_tokens: Tokens | None = None
+    completion_tokens: Tokens | None = None
+    cache_read_tokens: Tokens | None = None
+    cache_write_tokens: Tokens | None = None
+    units: int | None = Field(default=None, ge=0, le=MAX_UNITS, strict=True)
+    run_id: Label | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return plain_metadata(value)

@@ -334,7 +334,7 @@ def credits_grant(
     credits = _decimal_option(amount, "amount")
     assert credits is not None
     with services_for(config, database_url) as services:
-        grant = services.tenancy.grant_credits(organization_id, credits, reason)
+        grant = services.grant_credits(organization_id, credits, reason)
         emit([render.credit_grant(grant)], ["id", "organization_id", "amount", "reason"], as_json, "Granted")
 
 

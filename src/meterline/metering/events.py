@@ -11,14 +11,24 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
+from meterline.errors import LimitExceeded
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler
 
-Status = Literal["accepted", "conflict"]
+Status = Literal["accepted", "conflict", "refused"]
+
+
+class Gate(Protocol):
+    """What ingestion needs from the quota engine: admit priced rows (a ticket each, or the refusal),
+    then hear which admitted rows were written and which were not."""
+
+    def admit(self, rows: Sequence[LedgerRow]) -> list[Any]: ...
+    def settled(self, admitted: Sequence[tuple[Any, LedgerRow]]) -> None: ...
+    def cancel(self, tickets: Sequence[Any]) -> None: ...
 
 
 def fingerprint(body: Mapping[str, Any]) -> str:
@@ -33,10 +43,16 @@ class EventOutcome:
     status: Status
     duplicate: bool
     row: LedgerRow | None
+    refusal: LimitExceeded | None = None
 
 
-def ingest(settler: Settler, account: Account, records: Sequence[UsageRecord]) -> list[EventOutcome]:
-    """Settle the new events of a batch; answer repeats from the ledger. One outcome per record, in order."""
+def ingest(
+    settler: Settler, account: Account, records: Sequence[UsageRecord], gate: Gate | None = None
+) -> list[EventOutcome]:
+    """Settle the new events of a batch; answer repeats from the ledger. One outcome per record, in order.
+
+    Repeats are looked up before the limits are asked, so re-sending an event always gets its first
+    answer, even once the limit it counted towards is full."""
     first_by_key: dict[str, UsageRecord] = {}
     fresh: list[UsageRecord] = []
     for record in records:
@@ -44,17 +60,41 @@ def ingest(settler: Settler, account: Account, records: Sequence[UsageRecord]) -
         if key not in first_by_key:
             first_by_key[key] = record
             fresh.append(record)
-    result = settler.settle(fresh, account) if fresh else None
-    stored: dict[str, tuple[LedgerRow, bool]] = {}
+    stored: dict[str, tuple[LedgerRow, bool]] = {
+        key: (row, True) for key, row in settler.stored(account, [_key(r) for r in fresh]).items()
+    }
+    rows = settler.price_all([r for r in fresh if _key(r) not in stored], account)
+    refused: dict[str, LimitExceeded] = {}
+    admitted: list[tuple[Any, LedgerRow]] = []
+    if gate is not None and rows:
+        for row, ticket in zip(rows, gate.admit(rows), strict=True):
+            if isinstance(ticket, LimitExceeded):
+                refused[_row_key(row)] = ticket
+            else:
+                admitted.append((ticket, row))
+        rows = [row for _, row in admitted]
+    try:
+        result = settler.append(rows, account) if rows else None
+    except BaseException:
+        if gate is not None:
+            gate.cancel([ticket for ticket, _ in admitted])
+        raise
     if result is not None:
         for row in result.written:
             stored[_row_key(row)] = (row, False)
         for key, row in result.existing.items():
             stored[key] = (row, True)
+        if gate is not None:
+            written = {row.id for row in result.written}
+            gate.settled([(t, r) for t, r in admitted if r.id in written])
+            gate.cancel([t for t, r in admitted if r.id not in written])
 
     outcomes: list[EventOutcome] = []
     for record in records:
         key = _key(record)
+        if key in refused:
+            outcomes.append(EventOutcome(key, "refused", False, None, refused[key]))
+            continue
         row, was_stored_before = stored[key]
         repeat_in_batch = first_by_key[key] is not record
         if row.request_hash != record.request_hash:

@@ -94,6 +94,9 @@ class LedgerRow:
     request_hash: str | None
     created_at: datetime
     recorded_at: datetime = field(compare=False)
+    # Decided at settle (see meterline.quotas.credits): the credits drawn from each bucket.
+    credits_monthly_nanos: int = 0
+    credits_bonus_nanos: int = 0
 
     @property
     def audio_seconds(self) -> Decimal | None:

@@ -5,7 +5,7 @@ The gateway and the events API both end here, so a token costs the same whicheve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -15,6 +15,7 @@ from meterline.clock import Clock
 from meterline.metering.records import LLM_REQUEST, LedgerRow, UsageRecord
 from meterline.metering.store import AppendResult, LedgerStore
 from meterline.pricing import CurrencyRates, MeteredUsage, PriceBook, charge_for
+from meterline.quotas.credits import CreditTerms
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,7 @@ class Account:
     organization_id: str
     currency: str
     discount_pct: int
+    credits: CreditTerms | None = None
 
 
 def modality_of(record: UsageRecord) -> str:
@@ -130,9 +132,23 @@ class Settler:
             recorded_at=recorded_at or self._clock.now(),
         )
 
-    def settle(self, records: Sequence[UsageRecord], account: Account) -> AppendResult:
-        """Price and append ``records`` (one organization) atomically: all rows and rollups, or none."""
+    def price_all(self, records: Sequence[UsageRecord], account: Account) -> list[LedgerRow]:
         if any(r.organization_id != account.organization_id for r in records):
             raise ValueError("settle() takes the records of one organization at a time")
         now = self._clock.now()
-        return self._store.append([self.price(r, account, now) for r in records])
+        return [self.price(r, account, now) for r in records]
+
+    def append(
+        self, rows: Sequence[LedgerRow], account: Account, *, settles: Sequence[str] = ()
+    ) -> AppendResult:
+        """Append priced rows atomically: rows, rollups and credit buckets, or none. ``settles`` names
+        durable reservations that these rows end (deleted in the same transaction)."""
+        return self._store.append(rows, account.credits, settles=settles)
+
+    def settle(self, records: Sequence[UsageRecord], account: Account) -> AppendResult:
+        """Price and append ``records`` (one organization) atomically: all rows and rollups, or none."""
+        return self.append(self.price_all(records, account), account)
+
+    def stored(self, account: Account, keys: Sequence[str]) -> Mapping[str, LedgerRow]:
+        """Rows already in the ledger for these idempotency keys."""
+        return self._store.lookup(account.organization_id, keys) if keys else {}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meterline.metering.records import LedgerRow
+from meterline.quotas.credits import CreditTerms
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +19,14 @@ class AppendResult:
 
 
 class LedgerStore(Protocol):
-    def append(self, rows: Sequence[LedgerRow]) -> AppendResult:
-        """Write rows and their rollups in one transaction. A row whose (organization, idempotency key)
-        is already in the ledger is not written; the stored row is returned in ``existing`` instead."""
+    def append(
+        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+    ) -> AppendResult:
+        """Write rows, their rollups and (with ``credits``) their credit split in one transaction, and
+        end the durable reservations ``settles``. A row whose (organization, idempotency key) is already
+        in the ledger is not written; the stored row is returned in ``existing`` instead."""
+        ...
+
+    def lookup(self, organization_id: str, keys: Sequence[str]) -> Mapping[str, LedgerRow]:
+        """Stored rows by idempotency key."""
         ...

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from meterline.config import PlanConfig
+from meterline.quotas.limits import NANOS_PER_WHOLE, Limit
 
 UNLIMITED = -1
 Overage = Literal["block", "overage"]
@@ -28,6 +29,8 @@ class Plan:
     monthly_credits: int
     overage: Overage
     discount_pct: int = 0
+    # Limits beyond the named ones: custom event meters (``units:case.execute``), other scopes, spend.
+    limits: tuple[Limit, ...] = ()
 
 
 DEFAULT_PLANS: Mapping[str, Plan] = {
@@ -47,7 +50,19 @@ def build_plans(configured: Mapping[str, PlanConfig]) -> dict[str, Plan]:
     plans = dict(DEFAULT_PLANS)
     for name, config in configured.items():
         base = plans.get(name, replace(_BLANK, name=name))
-        changes = {k: v for k, v in config.model_dump().items() if v is not None}
+        changes = {k: v for k, v in config.model_dump(exclude={"limits"}).items() if v is not None}
+        if config.limits is not None:
+            changes["limits"] = tuple(
+                Limit(
+                    c.meter,
+                    c.window,
+                    c.scope,
+                    c.max * NANOS_PER_WHOLE if c.meter in ("credits", "spend") and c.max >= 0 else c.max,
+                    c.policy,
+                    c.name or f"{c.window}_{c.meter}",
+                )
+                for c in config.limits
+            )
         plans[name] = replace(base, **changes)
     return plans
 

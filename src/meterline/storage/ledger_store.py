@@ -12,8 +12,10 @@ from sqlalchemy import Connection, select
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
 from meterline.metering.records import LedgerRow
 from meterline.metering.store import AppendResult
+from meterline.quotas.credits import CreditTerms
+from meterline.storage.credit_store import split_credits
 from meterline.storage.database import Database
-from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger
+from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, reservations
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -82,6 +84,8 @@ def row_to_tuple(row: LedgerRow) -> tuple[Any, ...]:
         row.request_hash,
         to_micros(row.created_at),
         to_micros(row.recorded_at),
+        row.credits_monthly_nanos,
+        row.credits_bonus_nanos,
     )
 
 
@@ -125,6 +129,8 @@ def row_from_db(r: Any) -> LedgerRow:
         request_hash=r.request_hash,
         created_at=from_micros(r.created_at_us),
         recorded_at=from_micros(r.recorded_at_us),
+        credits_monthly_nanos=r.credits_monthly_nanos,
+        credits_bonus_nanos=r.credits_bonus_nanos,
     )
 
 
@@ -198,21 +204,41 @@ class SqlLedgerStore:
         columns = tuple(list(column) for column in zip(*(row_to_tuple(row) for row in rows), strict=True))
         return int(conn.exec_driver_sql(_PG_UNNEST_INSERT, columns).rowcount)
 
-    def append(self, rows: Sequence[LedgerRow]) -> AppendResult:
-        if not rows:
+    def append(
+        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+    ) -> AppendResult:
+        if not rows and not settles:
             return AppendResult(written=[], existing={})
         with self._db.write() as conn:
-            return self.append_in(conn, rows)
+            result = self.append_in(conn, rows, credits)
+            if settles:
+                # Durable reservations end in the transaction that writes their rows: never both, never none.
+                for start in range(0, len(settles), 500):
+                    chunk = list(settles[start : start + 500])
+                    conn.execute(reservations.delete().where(reservations.c.id.in_(chunk)))
+            return result
 
-    def append_in(self, conn: Connection, rows: Sequence[LedgerRow]) -> AppendResult:
+    def append_in(
+        self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None = None
+    ) -> AppendResult:
         """``append`` inside a transaction the caller owns (so other writes can share it)."""
+        if not rows:
+            return AppendResult(written=[], existing={})
+        orgs = {r.organization_id for r in rows}
+        if len(orgs) > 1:
+            raise ValueError("appends take one organization at a time")
+        (org_id,) = orgs
+        if not self._db.is_sqlite:
+            # Settles of one organization take turns (SQLite has one writer anyway): the idempotency
+            # look-up below and the credit balances read by the split are then exact.
+            conn.exec_driver_sql("SELECT 1 FROM organizations WHERE id = %s FOR UPDATE", (org_id,))
         keyed = [(r.organization_id, r.idempotency_key) for r in rows if r.idempotency_key is not None]
-        if keyed and len({org for org, _ in keyed}) > 1:
-            raise ValueError("idempotent appends take one organization at a time")
         existing = self._existing(conn, keyed) if keyed else {}
         to_write = [r for r in rows if r.idempotency_key is None or r.idempotency_key not in existing]
         if not to_write:
             return AppendResult(written=[], existing=existing)
+        if credits is not None:
+            split_credits(conn, to_write, credits)
         # Straight to the driver's executemany: SQLAlchemy's per-row parameter processing cost more than
         # the insert itself. ON CONFLICT covers a concurrent request that wrote the same key since the
         # look-up above (possible on PostgreSQL, which has no single writer): the unique index decides.
@@ -228,6 +254,10 @@ class SqlLedgerStore:
         if to_write:
             self._add_to_rollups(conn, to_write)
         return AppendResult(written=to_write, existing=existing)
+
+    def lookup(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
+        with self._db.read() as conn:
+            return self._existing(conn, [(organization_id, key) for key in keys])
 
     def _present(self, conn: Connection, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()

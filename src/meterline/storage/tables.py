@@ -99,6 +99,33 @@ credit_grants = Table(
     Column("created_at_us", BigInteger, nullable=False),
 )
 
+# Credits drawn per organization and billing period, by bucket. A projection of the ledger (its
+# ``credits_*_nanos`` columns) kept in the settle transaction, so that splitting the next row between the
+# monthly and the bonus bucket is one small indexed read, and bonus left = grants - all bonus drawn.
+credit_usage = Table(
+    "credit_usage",
+    metadata,
+    Column("organization_id", String(40), nullable=False),
+    Column("period_start_us", BigInteger, nullable=False),
+    Column("monthly_nanos", BigInteger, nullable=False),
+    Column("bonus_nanos", BigInteger, nullable=False),
+    Column("overage_nanos", BigInteger, nullable=False),
+    PrimaryKeyConstraint("organization_id", "period_start_us"),
+)
+
+# Reservations that must survive a crash (two-phase requests): deleted in the transaction that writes
+# their ledger row; whatever is left after a crash or past its lease is settled at its estimate.
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), nullable=False, index=True),
+    Column("estimate_json", Text, nullable=False),
+    Column("meters_json", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=False, index=True),
+)
+
 # The append-only ledger: one row per billable event. Never updated, never deleted.
 ledger = Table(
     "ledger",
@@ -143,6 +170,9 @@ ledger = Table(
     Column("request_hash", String(64), nullable=True),
     Column("created_at_us", BigInteger, nullable=False),
     Column("recorded_at_us", BigInteger, nullable=False),
+    # How ``credits_nanos`` was drawn: from the monthly bucket, from bonus; the rest is overage.
+    Column("credits_monthly_nanos", BigInteger, nullable=False),
+    Column("credits_bonus_nanos", BigInteger, nullable=False),
     UniqueConstraint("organization_id", "idempotency_key"),
     Index("ix_ledger_org_created", "organization_id", "created_at_us"),
     Index("ix_ledger_ws_created", "workspace_id", "created_at_us"),

@@ -82,6 +82,8 @@ class Principal:
     key_name: str | None = None
     identifier_id: str | None = None
     default_source: str | None = None
+    # The calling key's own limits (enforced by the quota engine).
+    key_limits: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,6 +254,7 @@ class TenancyService:
             key_prefix=key.key_prefix,
             key_name=key.name,
             default_source=key.default_source,
+            key_limits=key.limits,
         )
 
     def _touch(self, key_id: str) -> None:

@@ -99,7 +99,7 @@ def revoke_key(key_id: str, services: ServicesDep) -> JSON:
 
 @router.post("/credits", status_code=201)
 def grant_credits(body: CreditsIn, services: ServicesDep) -> JSON:
-    grant = services.tenancy.grant_credits(body.organization_id, body.amount, body.reason)
+    grant = services.grant_credits(body.organization_id, body.amount, body.reason)
     return JSON(render.credit_grant(grant), status_code=201)
 
 

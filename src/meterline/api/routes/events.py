@@ -10,11 +10,15 @@ from pydantic import ValidationError
 
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import envelope, first_problem, request_id_of
+from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.api.schemas import EventIn, EventsBatchIn
-from meterline.errors import InvalidRequest, PayloadTooLarge
+from meterline.errors import InvalidRequest, LimitExceeded, PayloadTooLarge
 from meterline.metering import UsageRecord, fingerprint, ingest
+from meterline.metering.records import LedgerRow
 from meterline.money import format_nanos
+from meterline.quotas.engine import RateLimits, Subject
+from meterline.quotas.gate import QuotaGate
 from meterline.services import Services
 from meterline.tenancy import Principal
 
@@ -89,10 +93,30 @@ def post_events(
         # The body as sent is what "same body" means for a repeated id; fingerprinting it avoids a dump.
         valid.append((index, _record(event, body, principal, services)))
 
+    rates: RateLimits | None = None
+    refusals: list[LimitExceeded] = []
     if valid:
         org = services.tenancy.get_organization(principal.organization_id)
-        outcomes = ingest(services.settler, services.account_of(org), [r for _, r in valid])
+        subjects: dict[str | None, Subject] = {}
+
+        def subject_of(row: LedgerRow) -> Subject:
+            if row.identifier_id not in subjects:
+                subjects[row.identifier_id] = services.subject_of(org, principal, row.identifier_id)
+            return subjects[row.identifier_id]
+
+        gate = QuotaGate(services.quotas, subject_of)
+        outcomes = ingest(services.settler, services.account_of(org), [r for _, r in valid], gate)
+        if gate.last:
+            rates = gate.last[-1].rate_limits
         for (index, _), outcome in zip(valid, outcomes, strict=True):
+            if outcome.refusal is not None:
+                refusals.append(outcome.refusal)
+                rejected = _rejected(
+                    outcome.event_id, outcome.refusal.code, outcome.refusal.message, f"events[{index}]"
+                )
+                rejected["error"]["limit"] = outcome.refusal.details
+                results[index] = rejected
+                continue
             row = outcome.row
             if outcome.status == "conflict" or row is None:
                 results[index] = _rejected(
@@ -123,7 +147,23 @@ def post_events(
         "rejected": len(data) - accepted,
         "request_id": request_id_of(request),
     }
+    if rates is None and refusals and isinstance(refusals[0].rate_limits, RateLimits):
+        rates = refusals[0].rate_limits
+    headers = rate_limit_headers(rates) if rates is not None else {}
     if accepted == 0:
+        if refusals:
+            # Nothing counted and limits refused what could have: the batch as a whole is a 429.
+            first_refusal = refusals[0]
+            return envelope(
+                429,
+                first_refusal.code,
+                first_refusal.message,
+                param=first_refusal.param,
+                request_id=request_id_of(request),
+                headers={"Retry-After": str(min(r.retry_after for r in refusals)), **headers},
+                extra=answer,
+                error_extra={"limit": first_refusal.details},
+            )
         conflicts = all(r["error"]["code"] == "conflict" for r in data)
         status, code = (409, "conflict") if conflicts else (422, "invalid_request")
         first = data[0]["error"]
@@ -135,7 +175,7 @@ def post_events(
             request_id=request_id_of(request),
             extra=answer,
         )
-    return JSON(answer)
+    return JSON(answer, headers=headers)
 
 
 def _rejected(event_id: str | None, code: str, message: str, param: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest
 from meterline.metering.reading import LedgerFilter, Scope
 from meterline.metering.summary import summarize
+from meterline.quotas.limits import UNLIMITED
 from meterline.services import Services
 from meterline.tenancy import Principal
 
@@ -62,6 +63,14 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
     now = services.clock.now()
     summary = summarize(services.reader, scope, plan, org.billing_anchor_day, now)
     primary = summary.primary
+    subject = services.subject_of(org, principal, scope.identifier_id)
+    credits = services.account_of(org).credits
+    account_allowance = credits.monthly_allowance_nanos if credits else UNLIMITED
+    org_period = (
+        summary.this_period
+        if scope == Scope(org.id)
+        else services.reader.totals(Scope(org.id), summary.period.start, summary.period.end)
+    )
     return {
         "object": "usage.summary",
         # Seed 003's fields first: the plan's primary meter (tokens this billing period).
@@ -93,6 +102,18 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
             "organization_id": scope.organization_id,
             "workspace_id": scope.workspace_id,
             "identifier_id": scope.identifier_id,
+        },
+        # Every limit that applies to this caller, with what its current window has consumed (settled
+        # and reserved), then the organization's credit buckets and spend.
+        "limits": [render.limit_status(s) for s in services.quotas.status(subject)],
+        "credits": render.credits(services.credit_balance(org, now), account_allowance),
+        "spend": {
+            "amount": render.money_number(org_period.cost_nanos),
+            "cap": None if org.spend_cap_nanos is None else render.money_number(org.spend_cap_nanos),
+            "remaining": None
+            if org.spend_cap_nanos is None
+            else render.money_number(max(org.spend_cap_nanos - org_period.cost_nanos, 0)),
+            "currency": org.currency,
         },
     }
 

@@ -1,0 +1,182 @@
+"""Two-phase metering: reserve an estimate before the work, settle the actual usage after, or release.
+
+A reservation is held twice: in the counter store (so that it counts against limits at once) and as a
+durable row (so that a crash cannot lose it). Settling writes the ledger row and deletes the durable row
+in one transaction, then moves the counters. The ledger row carries the reservation's id, so a settle
+is exactly-once even when a client retries it or races recovery.
+
+Recovery rule (documented in the README): a reservation that is neither settled nor released when its
+lease ends, or that a crashed process left behind, is **settled at its estimate** — the work it was
+made for may have happened, so the usage is never lost — and its ledger row says so in ``metadata``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+import orjson
+
+from meterline import ids
+from meterline.clock import Clock, from_micros, to_micros
+from meterline.errors import NotFound
+from meterline.metering.records import LedgerRow, UsageRecord
+from meterline.metering.settle import Account, Settler
+from meterline.quotas.counters import CounterStore
+from meterline.quotas.engine import QuotaEngine, Reservation, Subject, meter_of_key
+from meterline.quotas.gate import row_amounts
+
+log = logging.getLogger("meterline.reservations")
+
+RECOVERED = "meterline.recovered"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldReservation:
+    """The durable half of a reservation."""
+
+    id: str
+    organization_id: str
+    estimate: UsageRecord
+    meters: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime
+
+
+class ReservationStore(Protocol):
+    def add(self, held: HeldReservation) -> None: ...
+    def get(self, reservation_id: str) -> HeldReservation | None: ...
+    def remove(self, reservation_id: str) -> bool: ...
+    def due(self, before: datetime, limit: int) -> list[HeldReservation]: ...
+    def ledger_row(self, organization_id: str | None, row_id: str) -> LedgerRow | None: ...
+
+
+def encode_record(record: UsageRecord) -> str:
+    data = asdict(record)
+    data["created_at"] = to_micros(record.created_at)
+    if record.audio_seconds is not None:
+        data["audio_seconds"] = str(record.audio_seconds)
+    return orjson.dumps(data).decode()
+
+
+def decode_record(text: str) -> UsageRecord:
+    data: dict[str, Any] = orjson.loads(text)
+    data["created_at"] = from_micros(data["created_at"])
+    if data.get("audio_seconds") is not None:
+        data["audio_seconds"] = Decimal(data["audio_seconds"])
+    return UsageRecord(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    row: LedgerRow
+    duplicate: bool
+
+
+class Reservations:
+    def __init__(
+        self,
+        engine: QuotaEngine,
+        settler: Settler,
+        store: ReservationStore,
+        counters: CounterStore,
+        clock: Clock,
+        account_of: Callable[[str], Account],
+    ) -> None:
+        self._engine = engine
+        self._settler = settler
+        self._store = store
+        self._counters = counters
+        self._clock = clock
+        self._account_of = account_of
+
+    def reserve(
+        self, subject: Subject, estimate: UsageRecord, account: Account, ttl: timedelta | None = None
+    ) -> tuple[Reservation, LedgerRow]:
+        """Hold ``estimate`` against every limit (or raise LimitExceeded) and make the hold durable."""
+        reservation_id = ids.prefixed("rsv")
+        estimate = replace(estimate, idempotency_key=reservation_id)
+        priced = self._settler.price(estimate, account)
+        reservation = self._engine.reserve_many(
+            [(subject, row_amounts(priced), None)], ttl=ttl, hold_ids=[reservation_id]
+        )[0]
+        if not isinstance(reservation, Reservation):
+            raise reservation
+        held = HeldReservation(
+            reservation_id,
+            subject.organization_id,
+            replace(estimate, overage=reservation.overage),
+            reservation.meters,
+            self._clock.now(),
+            reservation.expires_at,
+        )
+        try:
+            self._store.add(held)
+        except BaseException:
+            self._engine.release([reservation])
+            raise
+        return reservation, priced
+
+    def get(self, organization_id: str, reservation_id: str) -> HeldReservation:
+        held = self._store.get(reservation_id)
+        if held is None or held.organization_id != organization_id:
+            raise NotFound(f"reservation {reservation_id!r} does not exist or has ended", param="id")
+        return held
+
+    def settle(self, organization_id: str, reservation_id: str, actual: Mapping[str, Any]) -> Settled:
+        """Settle with the actual usage (fields of the estimate that ``actual`` leaves out are kept)."""
+        held = self._store.get(reservation_id)
+        if held is None or held.organization_id != organization_id:
+            done = self._store.ledger_row(organization_id, reservation_id)
+            if done is not None:
+                return Settled(done, True)
+            raise NotFound(f"reservation {reservation_id!r} does not exist or was released", param="id")
+        return self._finish(held, replace(held.estimate, **actual))
+
+    def release(self, organization_id: str, reservation_id: str) -> None:
+        held = self.get(organization_id, reservation_id)
+        if self._store.remove(held.id):
+            self._engine.release_holds([held.id])
+
+    def _finish(self, held: HeldReservation, record: UsageRecord) -> Settled:
+        account = self._account_of(held.organization_id)
+        row = self._settler.price(record, account)
+        row.id = held.id
+        result = self._settler.append([row], account, settles=[held.id])
+        if result.written:
+            written = result.written[0]
+            self._engine.settle_holds([(held.id, held.meters, row_amounts(written))])
+            return Settled(written, False)
+        existing = next(iter(result.existing.values()))
+        return Settled(existing, True)
+
+    # -- recovery ------------------------------------------------------------------------------------
+    def recover(self, *, everything: bool = False, limit: int = 500) -> int:
+        """Settle abandoned reservations at their estimate; move counters of holds whose row exists.
+
+        ``everything``: at start-up with an in-process counter store, every durable reservation was left
+        by a process that is gone. Returns how many reservations were ended."""
+        now = self._clock.now()
+        cutoff = datetime.max.replace(tzinfo=now.tzinfo) if everything else now
+        ended = 0
+        for held in self._store.due(cutoff, limit):
+            estimate = replace(held.estimate, metadata={**(held.estimate.metadata or {}), RECOVERED: True})
+            self._finish(held, estimate)
+            ended += 1
+        for hold in self._counters.expired(to_micros(now), limit):
+            if self._store.get(hold.id) is not None:
+                continue  # durable: ended above once its own lease is due
+            row = self._store.ledger_row(None, hold.id)
+            meters = [meter_of_key(line.key) for line in hold.lines]
+            if row is None:
+                self._engine.release_holds([hold.id])
+            else:
+                self._engine.settle_holds([(hold.id, meters, row_amounts(row))])
+            ended += 1
+        if ended:
+            log.info("recovered %d abandoned reservation(s)", ended)
+        return ended

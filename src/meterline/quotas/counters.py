@@ -1,0 +1,111 @@
+"""What the quota engine needs from a counter store, and the words it uses.
+
+A *line* is one limit's share of a reservation: a counter key (the window bucket is part of the key for
+fixed windows), the estimated amount, the maximum and whether exceeding it blocks. A *hold* is a
+reservation: its lines are reserved together or not at all. Stores implement the same semantics
+(``memory://`` in-process, ``redis://`` shared) and one contract test suite runs on every store.
+
+Counters of fixed windows (day, billing period) hold ``used`` and ``reserved``; a rolling minute is a set
+of one-second buckets where a reservation sits in the bucket of the second it was made. Consumption is
+``used + reserved``. A store that has never seen a key (first use, after a restart) reports it *missing*;
+the engine loads the key's usage from the ledger and ``seed``s it (set only if still absent), so the
+counters always start from what the ledger says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+WindowKind = Literal["fixed", "rolling"]
+ROLLING_SECONDS = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    key: str
+    amount: int  # the estimate, >= 0
+    maximum: int  # -1: unlimited, never refuses
+    block: bool  # refuse when it would exceed ``maximum``; else admit and report overage
+    kind: WindowKind
+    reset_s: int  # fixed: unix second the window ends (the counter may be forgotten a day after)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: str
+    lines: tuple[Line, ...]
+    expires_us: int  # the lease: past it the reservation is abandoned and gets reaped
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A counter after a decision: what is consumed (used + reserved) and when the window frees up."""
+
+    consumed: int
+    reset_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    admitted: bool
+    # Index of the first line that refused (admitted is False and missing is empty).
+    refused: int | None = None
+    # Seconds until the refusing line could admit this amount (at least 1).
+    retry_after_s: int = 0
+    # Admitted past a non-blocking maximum.
+    overage: bool = False
+    # Lines whose counters the store does not hold: seed them and ask again. Nothing was reserved.
+    missing: tuple[int, ...] = ()
+    # Per line, after the decision.
+    levels: tuple[Level, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Seed:
+    key: str
+    kind: WindowKind
+    reset_s: int
+    used: int = 0  # fixed windows
+    buckets: tuple[tuple[int, int], ...] = ()  # rolling windows: (unix second, amount)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    hold_id: str
+    actual: tuple[int, ...]  # per line of the hold, in order
+
+
+class CounterStoreUnavailable(Exception):
+    """The counter store cannot be reached; the engine fails closed (503) or open, as configured."""
+
+
+class CounterStore(Protocol):
+    def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        """Decide each hold in order, atomically per hold, in one round trip."""
+        ...
+
+    def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
+        """Replace each hold's estimate with its actual usage; unknown holds (already reaped) are
+        skipped. A store may send this with its next round trip instead of at once; every later call
+        (reserve, levels, expired) observes it."""
+        ...
+
+    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
+        """Give back each hold's estimate; unknown holds are skipped. May be deferred like settle."""
+        ...
+
+    def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
+        """Set counters that are still absent; present ones are left alone (another process won)."""
+        ...
+
+    def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
+        """Current consumption of each line's counter; None where the store does not hold it."""
+        ...
+
+    def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
+        """Holds whose lease ended before ``now_us`` (oldest first), still holding their estimate."""
+        ...
+
+    def close(self) -> None: ...

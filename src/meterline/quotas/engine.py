@@ -1,0 +1,557 @@
+"""The quota engine: reserve an estimate against every applicable limit in one atomic step, then settle
+the actual usage (or release it).
+
+Which limits apply to a request (its *bounds*) comes from the organization's plan, its spend cap, the
+calling key's and identifier's own limits, and each limit's window placed at the time of the usage.
+Counters live in a ``CounterStore``; a counter the store does not hold yet is loaded from the ledger
+(``UsageSource``) first, so the counters are always a projection of the ledger plus what is in flight.
+
+Limits gate the present: a late report of usage from an earlier window (an event with an old timestamp)
+is counted in that window but never refused, because the usage has already happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from meterline import ids
+from meterline.clock import Clock, rfc3339, to_micros
+from meterline.errors import LimitExceeded, ServiceUnavailable
+from meterline.money import format_nanos
+from meterline.quotas.counters import (
+    ROLLING_SECONDS,
+    CounterStore,
+    CounterStoreUnavailable,
+    Hold,
+    Level,
+    Line,
+    Seed,
+    Settlement,
+    Verdict,
+)
+from meterline.quotas.limits import NAMED_LIMITS, UNLIMITED, Limit, Scope, Window
+from meterline.quotas.limits import NANOS_PER_WHOLE as NANOS
+from meterline.quotas.periods import Period, billing_period, utc_day
+from meterline.quotas.plans import Plan
+
+log = logging.getLogger("meterline.quotas")
+
+_MONEY_METERS = ("credits", "spend")
+_SCOPE_TAG = {"organization": "o", "workspace": "w", "key": "k", "identifier": "i"}
+_WINDOW_WORDS = {"minute": "this minute", "day": "today (UTC)", "period": "this billing period"}
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who consumes: the organization (with its plan) and the workspace, key and identifier calling."""
+
+    organization_id: str
+    plan: Plan
+    billing_anchor_day: int
+    workspace_id: str
+    spend_cap_nanos: int | None = None
+    key_id: str | None = None
+    key_limits: Mapping[str, int] | None = None
+    identifier_id: str | None = None
+    identifier_limits: Mapping[str, int] | None = None
+
+    def scope_value(self, scope: Scope) -> str | None:
+        if scope == "organization":
+            return self.organization_id
+        if scope == "workspace":
+            return self.workspace_id
+        if scope == "key":
+            return self.key_id
+        return None if self.identifier_id is None else f"{self.workspace_id}/{self.identifier_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowQuery:
+    """Usage of one meter by one scope in [start_us, end_us), as the ledger has it."""
+
+    organization_id: str
+    scope: Scope
+    workspace_id: str | None
+    key_id: str | None
+    identifier_id: str | None
+    meter: str
+    start_us: int
+    end_us: int
+
+
+class UsageSource(Protocol):
+    """Settled usage from the ledger (its rollups), to load counters a store does not hold."""
+
+    def window_usage(self, query: WindowQuery) -> int: ...
+
+    def recent_usage(self, query: WindowQuery) -> list[tuple[int, int]]:
+        """Per unix second in the window: the amount settled then."""
+        ...
+
+    def bonus_available(self, organization_id: str, period_start_us: int) -> int:
+        """Bonus credits (nanos) this period may draw on: every grant less what earlier periods drew."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A limit placed on one scope and one window: one counter."""
+
+    limit: Limit
+    key: str
+    window: Period | None  # None for the rolling minute
+    current: bool  # the window is the present one (only then does a block limit refuse)
+    organization_id: str
+    scope_value: str
+
+    def line(self, amount: int) -> Line:
+        if self.window is None:
+            return Line(self.key, amount, self.limit.max, True, "rolling", 0)
+        reset_s = to_micros(self.window.end) // 1_000_000
+        block = self.limit.policy == "block" and self.current
+        return Line(self.key, amount, self.limit.max, block, "fixed", reset_s)
+
+
+@dataclass(frozen=True, slots=True)
+class RateWindow:
+    """One rate limit as the ``X-RateLimit-*`` headers show it (-1: unlimited)."""
+
+    limit: int
+    remaining: int
+    reset_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    rpm: RateWindow
+    tpm: RateWindow
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    subject: Subject
+    bounds: tuple[Bound, ...]
+    amounts: Mapping[str, int]
+    expires_at: datetime
+    overage: bool
+    rate_limits: RateLimits
+    checked: bool = True  # False when admitted unchecked because the counter store was down (fail open)
+
+    @property
+    def meters(self) -> tuple[str, ...]:
+        return tuple(b.limit.meter for b in self.bounds)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    """A limit with its consumption, for ``GET /v1/usage``."""
+
+    limit: Limit
+    window: Period | None
+    consumed: int  # settled + reserved
+
+    @property
+    def remaining(self) -> int:
+        return UNLIMITED if self.limit.max == UNLIMITED else max(self.limit.max - self.consumed, 0)
+
+
+def counter_key(limit: Limit, window_tag: str, scope_value: str) -> str:
+    """``scope|meter|window|value``: the value last (identifiers are free text); meters and window tags
+    never hold ``|``, so ``meter_of_key`` can read the meter back."""
+    return f"{_SCOPE_TAG[limit.scope]}|{limit.meter}|{window_tag}|{scope_value}"
+
+
+def meter_of_key(key: str) -> str:
+    return key.split("|", 2)[1]
+
+
+def error_code(limit: Limit) -> str:
+    if limit.meter == "credits":
+        return "credits_exhausted"
+    if limit.meter == "spend":
+        return "spend_cap_reached"
+    if limit.window == "minute":
+        return "rate_limit_exceeded"
+    return "quota_exceeded"
+
+
+def limits_of(subject: Subject, bonus_nanos: int = 0) -> list[Limit]:
+    """Every limit that applies to ``subject``, unlimited ones included (callers skip what they need)."""
+    plan = subject.plan
+    found: list[Limit] = []
+    plan_values = {
+        "daily_tokens": plan.daily_tokens,
+        "monthly_tokens": plan.monthly_tokens,
+        "daily_calls": plan.daily_calls,
+        "monthly_calls": plan.monthly_calls,
+        "rpm": plan.rpm,
+        "tpm": plan.tpm,
+    }
+    for name, value in plan_values.items():
+        meter, window = NAMED_LIMITS[name]
+        # Rate limits always block; allowances follow the plan's overage policy.
+        policy = "block" if window == "minute" else plan.overage
+        found.append(Limit(meter, window, "organization", value, policy, name))
+    if subject.spend_cap_nanos is not None:
+        found.append(Limit("spend", "period", "organization", subject.spend_cap_nanos, "block", "spend_cap"))
+    elif plan.monthly_credits != UNLIMITED:
+        # Monthly allowance first, then bonus credits: together they are what this period may use.
+        allowance = plan.monthly_credits * NANOS + bonus_nanos
+        found.append(Limit("credits", "period", "organization", allowance, plan.overage, "credits"))
+    found.extend(plan.limits)
+    for scope, named in (("key", subject.key_limits), ("identifier", subject.identifier_limits)):
+        if not named or subject.scope_value(scope) is None:  # type: ignore[arg-type]
+            continue
+        for name, value in named.items():
+            meter, window = NAMED_LIMITS[name]
+            scaled = value * NANOS if meter in _MONEY_METERS and value != UNLIMITED else value
+            found.append(Limit(meter, window, scope, scaled, "block", f"{scope}.{name}"))  # type: ignore[arg-type]
+    return found
+
+
+def amounts_of(
+    *, tokens: int, credits_nanos: int, cost_nanos: int, event: str, units: int, calls: int = 1
+) -> dict[str, int]:
+    """What one request or event consumes, per meter."""
+    return {
+        "tokens": tokens,
+        "calls": calls,
+        "credits": credits_nanos,
+        "spend": cost_nanos,
+        f"units:{event}": units,
+    }
+
+
+@dataclass
+class _BonusCache:
+    value: int
+    until: float
+
+
+@dataclass
+class QuotaEngine:
+    store: CounterStore
+    source: UsageSource
+    clock: Clock
+    reservation_ttl: timedelta = timedelta(minutes=15)
+    fail_open: bool = False
+    bonus_ttl_s: float = 2.0
+    _bonus: dict[tuple[str, int], _BonusCache] = field(default_factory=dict, repr=False)
+    _bonus_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # -- placing limits -------------------------------------------------------------------------
+    def bounds(self, subject: Subject, at: datetime, now: datetime) -> list[Bound]:
+        period_now = billing_period(now, subject.billing_anchor_day)
+        period = billing_period(at, subject.billing_anchor_day)
+        bonus = 0
+        if subject.spend_cap_nanos is None and subject.plan.monthly_credits != UNLIMITED:
+            bonus = self.bonus_available(subject.organization_id, to_micros(period.start))
+        placed: list[Bound] = []
+        for limit in limits_of(subject, bonus):
+            if limit.unlimited:
+                continue
+            value = subject.scope_value(limit.scope)
+            if value is None:
+                continue
+            window = self._window(limit.window, at, subject.billing_anchor_day, period)
+            if window is None:
+                if at < now - timedelta(seconds=ROLLING_SECONDS):
+                    continue  # a rate limit is about now; a late report is outside every minute
+                key = counter_key(limit, "m", value)
+                placed.append(Bound(limit, key, None, True, subject.organization_id, value))
+                continue
+            tag = f"{'d' if limit.window == 'day' else 'p'}{to_micros(window.start) // 10**6}"
+            key = counter_key(limit, tag, value)
+            current = window.start <= now < window.end and (limit.window == "day" or window == period_now)
+            placed.append(Bound(limit, key, window, current, subject.organization_id, value))
+        return placed
+
+    @staticmethod
+    def _window(window: Window, at: datetime, anchor: int, period: Period) -> Period | None:
+        if window == "minute":
+            return None
+        if window == "day":
+            return utc_day(at)
+        return period if period.start <= at < period.end else billing_period(at, anchor)
+
+    # -- reserve ------------------------------------------------------------------------------------
+    def reserve(
+        self,
+        subject: Subject,
+        amounts: Mapping[str, int],
+        *,
+        at: datetime | None = None,
+        ttl: timedelta | None = None,
+    ) -> Reservation:
+        """Reserve ``amounts`` against every bound of ``subject``, or raise ``LimitExceeded``."""
+        outcome = self.reserve_many([(subject, amounts, at)], ttl=ttl)[0]
+        if isinstance(outcome, LimitExceeded):
+            raise outcome
+        return outcome
+
+    def reserve_many(
+        self,
+        requests: Sequence[tuple[Subject, Mapping[str, int], datetime | None]],
+        *,
+        ttl: timedelta | None = None,
+        hold_ids: Sequence[str] | None = None,
+    ) -> list[Reservation | LimitExceeded]:
+        """Decide each request in order (one store round trip when the counters are loaded).
+
+        ``hold_ids`` names the reservations; the ledger row that settles one carries the same id, which
+        is how an abandoned reservation is told apart from a settled one whose counters were not moved.
+        """
+        now = self.clock.now()
+        now_us = to_micros(now)
+        expires = now + (ttl or self.reservation_ttl)
+        placed: list[tuple[Subject, Mapping[str, int], tuple[Bound, ...], Hold]] = []
+        for index, (subject, amounts, at) in enumerate(requests):
+            bounds = tuple(self.bounds(subject, at or now, now))
+            lines = tuple(b.line(amounts.get(b.limit.meter, 0)) for b in bounds)
+            hold_id = hold_ids[index] if hold_ids is not None else ids.prefixed("rsv")
+            placed.append((subject, amounts, bounds, Hold(hold_id, lines, to_micros(expires))))
+        try:
+            verdicts = self._decide([p[3] for p in placed], [p[2] for p in placed], now_us)
+        except CounterStoreUnavailable:
+            if not self.fail_open:
+                raise ServiceUnavailable(
+                    "usage limits cannot be checked right now (counter store unreachable); retry shortly"
+                ) from None
+            log.warning(
+                "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(placed)
+            )
+            return [
+                Reservation(h.id, s, b, a, expires, False, _rate_limits(b, None, now_us), checked=False)
+                for s, a, b, h in placed
+            ]
+        outcomes: list[Reservation | LimitExceeded] = []
+        for (subject, amounts, bounds, hold), verdict in zip(placed, verdicts, strict=True):
+            rates = _rate_limits(bounds, verdict.levels, now_us)
+            if verdict.admitted:
+                outcomes.append(
+                    Reservation(hold.id, subject, bounds, amounts, expires, verdict.overage, rates)
+                )
+            else:
+                outcomes.append(self._refusal(subject, bounds, hold, verdict, rates))
+        return outcomes
+
+    def _decide(self, holds: list[Hold], bounds: list[tuple[Bound, ...]], now_us: int) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(holds)
+        pending = list(range(len(holds)))
+        for _attempt in range(5):
+            answers = self.store.reserve([holds[i] for i in pending], now_us)
+            seeds: dict[str, Seed] = {}
+            retry: list[int] = []
+            for index, verdict in zip(pending, answers, strict=True):
+                if verdict.missing:
+                    retry.append(index)
+                    for line_index in verdict.missing:
+                        bound = bounds[index][line_index]
+                        if bound.key not in seeds:
+                            seeds[bound.key] = self._seed(bound, holds[index].lines[line_index], now_us)
+                else:
+                    verdicts[index] = verdict
+            if not retry:
+                break
+            self.store.seed(list(seeds.values()), now_us)
+            pending = retry
+        else:
+            raise CounterStoreUnavailable("counters keep disappearing while being loaded")
+        return [v for v in verdicts if v is not None]
+
+    def _seed(self, bound: Bound, line: Line, now_us: int) -> Seed:
+        if bound.window is None:
+            query = self._query(bound, now_us - ROLLING_SECONDS * 1_000_000, now_us + 1)
+            return Seed(line.key, "rolling", 0, buckets=tuple(self.source.recent_usage(query)))
+        window = bound.window
+        query = self._query(bound, to_micros(window.start), to_micros(window.end))
+        return Seed(line.key, "fixed", line.reset_s, used=self.source.window_usage(query))
+
+    def _query(self, bound: Bound, start_us: int, end_us: int) -> WindowQuery:
+        scope, value = bound.limit.scope, bound.scope_value
+        workspace_id = key_id = identifier_id = None
+        if scope == "workspace":
+            workspace_id = value
+        elif scope == "key":
+            key_id = value
+        elif scope == "identifier":
+            workspace_id, _, identifier_id = value.partition("/")
+        return WindowQuery(
+            bound.organization_id,
+            scope,
+            workspace_id,
+            key_id,
+            identifier_id,
+            bound.limit.meter,
+            start_us,
+            end_us,
+        )
+
+    def _refusal(
+        self, subject: Subject, bounds: tuple[Bound, ...], hold: Hold, verdict: Verdict, rates: RateLimits
+    ) -> LimitExceeded:
+        index = verdict.refused if verdict.refused is not None else 0
+        bound = bounds[index]
+        limit = bound.limit
+        consumed = verdict.levels[index].consumed if verdict.levels else 0
+        amount = hold.lines[index].amount
+        unit = "" if limit.meter == "spend" else limit.meter
+        shown_max, shown_used = _shown(limit.meter, limit.max), _shown(limit.meter, consumed)
+        whose = "" if limit.scope == "organization" else f" {limit.scope}"
+        if limit.meter == "credits":
+            message = f"credits exhausted: {shown_used} of {shown_max} credits this billing period are used"
+        elif limit.meter == "spend":
+            message = f"spend cap reached: {shown_used} of {shown_max} spent this billing period"
+        elif amount > limit.max:
+            message = (
+                f"this request needs {_shown(limit.meter, amount)} {unit}, more than the{whose} {limit.name} "
+                f"limit of {shown_max} allows at all"
+            )
+        else:
+            message = (
+                f"{limit.name or limit.meter} limit reached{whose and ' for this' + whose}: "
+                f"{shown_used} of {shown_max} {unit} used {_WINDOW_WORDS[limit.window]}"
+            )
+        details = {
+            "name": limit.name,
+            "meter": limit.meter,
+            "window": limit.window,
+            "scope": limit.scope,
+            "max": limit.max,
+            "consumed": consumed,
+            "requested": amount,
+            "resets_at": rfc3339(bound.window.end) if bound.window is not None else None,
+        }
+        return LimitExceeded(
+            f"{message}; retry in {verdict.retry_after_s} s",
+            code=error_code(limit),
+            retry_after=max(verdict.retry_after_s, 1),
+            limit=limit.name or limit.meter,
+            details=details,
+            rate_limits=rates,
+        )
+
+    # -- settle / release ------------------------------------------------------------------------------
+    def settle(self, items: Sequence[tuple[Reservation, Mapping[str, int]]]) -> None:
+        """Replace each reservation's estimate with what was actually used."""
+        self.settle_holds([(r.id, r.meters, actual) for r, actual in items if r.checked])
+
+    def settle_holds(self, items: Sequence[tuple[str, Sequence[str], Mapping[str, int]]]) -> None:
+        """``settle`` by reservation id and the meters of its lines (a reservation made elsewhere)."""
+        settlements = [
+            Settlement(hold_id, tuple(actual.get(meter, 0) for meter in meters))
+            for hold_id, meters, actual in items
+        ]
+        if settlements:
+            self._quietly(lambda: self.store.settle(settlements, to_micros(self.clock.now())))
+
+    def release(self, reservations: Sequence[Reservation]) -> None:
+        self.release_holds([r.id for r in reservations if r.checked])
+
+    def release_holds(self, held: Sequence[str]) -> None:
+        if held:
+            self._quietly(lambda: self.store.release(held, to_micros(self.clock.now())))
+
+    @staticmethod
+    def _quietly(action: object) -> None:
+        # The ledger already holds the truth; a store that missed this catches up when its counters are
+        # loaded again. Never fail a request that has been served because a counter could not be moved.
+        try:
+            action()  # type: ignore[operator]
+        except CounterStoreUnavailable:
+            log.warning("counter store unreachable while settling; counters reload from the ledger later")
+
+    # -- reading --------------------------------------------------------------------------------------
+    def status(self, subject: Subject) -> list[LimitStatus]:
+        """Every limit of ``subject`` (unlimited ones too) with what is consumed in its current window."""
+        now = self.clock.now()
+        now_us = to_micros(now)
+        bounds = self.bounds(subject, now, now)
+        by_key = {b.limit: b for b in bounds}
+        lines = [b.line(0) for b in bounds]
+        try:
+            levels = self.store.levels(lines, now_us)
+            missing = [i for i, level in enumerate(levels) if level is None]
+            if missing:
+                self.store.seed([self._seed(bounds[i], lines[i], now_us) for i in missing], now_us)
+                levels = self.store.levels(lines, now_us)
+        except CounterStoreUnavailable:
+            levels = [None] * len(lines)
+        consumed = {b.limit: (lv.consumed if lv else 0) for b, lv in zip(bounds, levels, strict=True)}
+        period = billing_period(now, subject.billing_anchor_day)
+        statuses = []
+        bonus = 0
+        if subject.spend_cap_nanos is None and subject.plan.monthly_credits != UNLIMITED:
+            bonus = self.bonus_available(subject.organization_id, to_micros(period.start))
+        for limit in limits_of(subject, bonus):
+            if subject.scope_value(limit.scope) is None:
+                continue
+            bound = by_key.get(limit)
+            window = (
+                bound.window if bound else self._window(limit.window, now, subject.billing_anchor_day, period)
+            )
+            statuses.append(LimitStatus(limit, window, consumed.get(limit, 0)))
+        return statuses
+
+    def rate_limits(self, subject: Subject) -> RateLimits:
+        now = self.clock.now()
+        now_us = to_micros(now)
+        bounds = [b for b in self.bounds(subject, now, now) if b.window is None]
+        try:
+            levels: Sequence[Level | None] | None = self.store.levels([b.line(0) for b in bounds], now_us)
+        except CounterStoreUnavailable:
+            levels = None
+        return _rate_limits(tuple(bounds), levels, now_us)
+
+    # -- credits --------------------------------------------------------------------------------------
+    def bonus_available(self, organization_id: str, period_start_us: int) -> int:
+        key = (organization_id, period_start_us)
+        now = time.monotonic()
+        with self._bonus_lock:
+            cached = self._bonus.get(key)
+            if cached is not None and cached.until > now:
+                return cached.value
+        value = self.source.bonus_available(organization_id, period_start_us)
+        with self._bonus_lock:
+            self._bonus[key] = _BonusCache(value, now + self.bonus_ttl_s)
+        return value
+
+    def forget_bonus(self, organization_id: str) -> None:
+        """A grant changed what bonus is available: read it again on next use."""
+        with self._bonus_lock:
+            for key in [k for k in self._bonus if k[0] == organization_id]:
+                del self._bonus[key]
+
+
+def _shown(meter: str, value: int) -> str:
+    if meter in _MONEY_METERS:
+        return format_nanos(value)
+    return str(value)
+
+
+def _tightest(
+    bounds: Sequence[Bound], levels: Sequence[Level | None] | None, meter: str, now_us: int
+) -> RateWindow:
+    now_s = now_us // 1_000_000
+    best: RateWindow | None = None
+    for index, bound in enumerate(bounds):
+        if bound.window is not None or bound.limit.meter != meter:
+            continue
+        level = levels[index] if levels is not None and index < len(levels) else None
+        consumed = level.consumed if level else 0
+        reset = level.reset_s if level else now_s
+        window = RateWindow(bound.limit.max, max(bound.limit.max - consumed, 0), reset)
+        if best is None or window.remaining < best.remaining:
+            best = window
+    return best or RateWindow(UNLIMITED, UNLIMITED, now_s)
+
+
+def _rate_limits(bounds: Sequence[Bound], levels: Sequence[Level | None] | None, now_us: int) -> RateLimits:
+    return RateLimits(_tightest(bounds, levels, "calls", now_us), _tightest(bounds, levels, "tokens", now_us))

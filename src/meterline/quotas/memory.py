@@ -1,0 +1,218 @@
+"""``memory://``: counters in this process, behind one lock. With the SQL store it is authoritative for a
+single server process: a fresh process seeds each counter from the ledger on first use."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meterline.quotas.counters import (
+    ROLLING_SECONDS,
+    Hold,
+    Level,
+    Line,
+    Seed,
+    Settlement,
+    Verdict,
+)
+
+_FORGET_AFTER_S = 86_400  # keep a finished fixed window a day, for late settlements and reads
+_SWEEP_EVERY = 10_000
+
+
+@dataclass(slots=True)
+class _Fixed:
+    used: int
+    reserved: int
+    reset_s: int
+
+
+@dataclass(slots=True)
+class _Rolling:
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, amount], oldest first
+    total: int = 0
+    horizon: int = 0  # seconds at or before this have left the window
+
+    def prune(self, now_s: int) -> None:
+        horizon = self.horizon = max(self.horizon, now_s - ROLLING_SECONDS)
+        while self.buckets and self.buckets[0][0] <= horizon:
+            self.total -= self.buckets.popleft()[1]
+
+    def add(self, second: int, amount: int) -> None:
+        if second <= self.horizon:  # that second has left the window: nothing to adjust
+            return
+        for bucket in reversed(self.buckets):
+            if bucket[0] == second:
+                bucket[1] += amount
+                self.total += amount
+                return
+            if bucket[0] < second:
+                break
+        if amount == 0:
+            return
+        if self.buckets and self.buckets[-1][0] > second:  # late adjustment of an older second
+            items = sorted([*self.buckets, [second, amount]])
+            self.buckets = deque(items)
+        else:
+            self.buckets.append([second, amount])
+        self.total += amount
+
+    def reset_s(self, now_s: int) -> int:
+        return self.buckets[0][0] + ROLLING_SECONDS if self.buckets else now_s
+
+    def retry_after(self, now_s: int, amount: int, maximum: int) -> int:
+        if amount > maximum:
+            return ROLLING_SECONDS
+        excess = self.total + amount - maximum
+        for second, value in self.buckets:
+            excess -= value
+            if excess <= 0 and (self.total + amount > maximum or value > 0):
+                return max(second + ROLLING_SECONDS - now_s, 1)
+        return ROLLING_SECONDS
+
+
+@dataclass(slots=True)
+class _Held:
+    hold: Hold
+    second: int  # when it was reserved: the rolling bucket its estimate sits in
+
+
+def refuses(consumed: int, amount: int, maximum: int) -> bool:
+    """A limit refuses what would take it past its maximum. A request that consumes nothing of a meter
+    (an event without tokens, an unpriced model) is not stopped by that meter being used up."""
+    return maximum >= 0 and amount > 0 and consumed + amount > maximum
+
+
+class MemoryCounterStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fixed: dict[str, _Fixed] = {}
+        self._rolling: dict[str, _Rolling] = {}
+        self._holds: dict[str, _Held] = {}
+        self._ops = 0
+
+    # -- decisions ----------------------------------------------------------------------------
+    def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        now_s = now_us // 1_000_000
+        with self._lock:
+            self._tick(now_s)
+            return [self._reserve_one(hold, now_s) for hold in holds]
+
+    def _reserve_one(self, hold: Hold, now_s: int) -> Verdict:
+        if hold.id in self._holds:
+            raise ValueError(f"reservation {hold.id} exists already")
+        missing = tuple(i for i, line in enumerate(hold.lines) if not self._has(line))
+        if missing:
+            return Verdict(admitted=False, missing=missing)
+        overage = False
+        for index, line in enumerate(hold.lines):
+            consumed = self._consumed(line, now_s)
+            if line.maximum < 0 or not refuses(consumed, line.amount, line.maximum):
+                continue
+            if line.block:
+                return Verdict(
+                    admitted=False,
+                    refused=index,
+                    retry_after_s=self._retry_after(line, now_s),
+                    levels=self._levels(hold.lines, now_s),
+                )
+            overage = True
+        for line in hold.lines:
+            if line.kind == "fixed":
+                self._fixed[line.key].reserved += line.amount
+            else:
+                self._rolling[line.key].add(now_s, line.amount)
+        self._holds[hold.id] = _Held(hold, now_s)
+        return Verdict(admitted=True, overage=overage, levels=self._levels(hold.lines, now_s))
+
+    def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
+        with self._lock:
+            for settlement in settlements:
+                self._finish(settlement.hold_id, settlement.actual)
+
+    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
+        with self._lock:
+            for hold_id in hold_ids:
+                self._finish(hold_id, None)
+
+    def _finish(self, hold_id: str, actual: Sequence[int] | None) -> None:
+        held = self._holds.pop(hold_id, None)
+        if held is None:
+            return
+        lines = held.hold.lines
+        if actual is not None and len(actual) != len(lines):
+            raise ValueError("a settlement has one actual amount per line of its reservation")
+        for index, line in enumerate(lines):
+            spent = 0 if actual is None else actual[index]
+            if line.kind == "fixed":
+                counter = self._fixed.get(line.key)
+                if counter is not None:
+                    counter.reserved -= line.amount
+                    counter.used += spent
+            else:
+                rolling = self._rolling.get(line.key)
+                if rolling is not None:
+                    rolling.add(held.second, spent - line.amount)
+
+    # -- loading and reading ------------------------------------------------------------------
+    def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
+        now_s = now_us // 1_000_000
+        with self._lock:
+            for seed in seeds:
+                if seed.kind == "fixed":
+                    self._fixed.setdefault(seed.key, _Fixed(seed.used, 0, seed.reset_s))
+                elif seed.key not in self._rolling:
+                    rolling = _Rolling()
+                    for second, amount in sorted(seed.buckets):
+                        if second > now_s - ROLLING_SECONDS:
+                            rolling.add(second, amount)
+                    self._rolling[seed.key] = rolling
+
+    def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
+        now_s = now_us // 1_000_000
+        with self._lock:
+            return [self._level(line, now_s) if self._has(line) else None for line in lines]
+
+    def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
+        with self._lock:
+            due = [held.hold for held in self._holds.values() if held.hold.expires_us < now_us]
+        return sorted(due, key=lambda hold: hold.expires_us)[:limit]
+
+    def close(self) -> None:
+        return None
+
+    # -- internals ----------------------------------------------------------------------------
+    def _has(self, line: Line) -> bool:
+        return line.key in (self._fixed if line.kind == "fixed" else self._rolling)
+
+    def _consumed(self, line: Line, now_s: int) -> int:
+        if line.kind == "fixed":
+            counter = self._fixed[line.key]
+            return counter.used + counter.reserved
+        rolling = self._rolling[line.key]
+        rolling.prune(now_s)
+        return rolling.total
+
+    def _level(self, line: Line, now_s: int) -> Level:
+        consumed = self._consumed(line, now_s)
+        if line.kind == "fixed":
+            return Level(consumed, self._fixed[line.key].reset_s)
+        return Level(consumed, self._rolling[line.key].reset_s(now_s))
+
+    def _levels(self, lines: Sequence[Line], now_s: int) -> tuple[Level, ...]:
+        return tuple(self._level(line, now_s) for line in lines)
+
+    def _retry_after(self, line: Line, now_s: int) -> int:
+        if line.kind == "fixed":
+            return max(self._fixed[line.key].reset_s - now_s, 1)
+        return self._rolling[line.key].retry_after(now_s, line.amount, line.maximum)
+
+    def _tick(self, now_s: int) -> None:
+        self._ops += 1
+        if self._ops % _SWEEP_EVERY:
+            return
+        stale = [k for k, c in self._fixed.items() if c.reset_s + _FORGET_AFTER_S < now_s and not c.reserved]
+        for key in stale:
+            del self._fixed[key]

@@ -1,0 +1,103 @@
+"""Credit buckets in SQL: the split of each settling row and the balances it is decided from.
+
+``credit_usage`` holds, per organization and billing period, the credits drawn from each bucket; it is
+maintained in the settle transaction, after the organization's settles have been put in turn (see
+``SqlLedgerStore.append_in``), so the split is exact under concurrency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, func, select
+
+from meterline.clock import to_micros
+from meterline.metering.records import LedgerRow
+from meterline.quotas.credits import CreditTerms, draw
+from meterline.quotas.periods import billing_period
+from meterline.storage.tables import credit_grants, credit_usage
+
+_UPSERT = (
+    "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
+    "VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (organization_id, period_start_us) DO UPDATE SET "
+    "monthly_nanos = credit_usage.monthly_nanos + excluded.monthly_nanos, "
+    "bonus_nanos = credit_usage.bonus_nanos + excluded.bonus_nanos, "
+    "overage_nanos = credit_usage.overage_nanos + excluded.overage_nanos"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CreditBalance:
+    """An organization's credits in one billing period (nanos)."""
+
+    monthly_used: int
+    bonus_used_this_period: int
+    overage: int
+    bonus_granted: int
+    bonus_used: int  # all periods
+
+    @property
+    def bonus_left(self) -> int:
+        return self.bonus_granted - self.bonus_used
+
+
+def granted(conn: Connection, organization_id: str) -> int:
+    query = select(func.coalesce(func.sum(credit_grants.c.credits_nanos), 0)).where(
+        credit_grants.c.organization_id == organization_id
+    )
+    return int(conn.execute(query).scalar_one())
+
+
+def periods(conn: Connection, organization_id: str) -> dict[int, tuple[int, int, int]]:
+    """Per period start: (monthly, bonus, overage) drawn."""
+    query = select(
+        credit_usage.c.period_start_us,
+        credit_usage.c.monthly_nanos,
+        credit_usage.c.bonus_nanos,
+        credit_usage.c.overage_nanos,
+    ).where(credit_usage.c.organization_id == organization_id)
+    return {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(query)}
+
+
+def balance(conn: Connection, organization_id: str, period_start_us: int) -> CreditBalance:
+    drawn = periods(conn, organization_id)
+    monthly, bonus, overage = drawn.get(period_start_us, (0, 0, 0))
+    return CreditBalance(
+        monthly_used=monthly,
+        bonus_used_this_period=bonus,
+        overage=overage,
+        bonus_granted=granted(conn, organization_id),
+        bonus_used=sum(b for _, b, _ in drawn.values()),
+    )
+
+
+def split_credits(conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms) -> None:
+    """Decide each row's draw, in order, and add it to ``credit_usage``; marks rows past both buckets
+    as overage where credits gate the organization."""
+    drawn = periods(conn, terms.organization_id)
+    bonus_left = granted(conn, terms.organization_id) - sum(b for _, b, _ in drawn.values())
+    deltas: dict[int, list[int]] = {}
+    for row in rows:
+        start = to_micros(billing_period(row.created_at, terms.billing_anchor_day).start)
+        used = drawn.get(start, (0, 0, 0))[0] + deltas.get(start, [0, 0, 0])[0]
+        share = draw(
+            row.credits_nanos,
+            allowance=terms.monthly_allowance_nanos,
+            monthly_used=used,
+            bonus_left=bonus_left,
+        )
+        row.credits_monthly_nanos = share.monthly
+        row.credits_bonus_nanos = share.bonus
+        if share.overage and terms.enforced:
+            row.overage = True
+        bonus_left -= share.bonus
+        delta = deltas.setdefault(start, [0, 0, 0])
+        delta[0] += share.monthly
+        delta[1] += share.bonus
+        delta[2] += share.overage
+    marker = "?" if conn.dialect.name == "sqlite" else "%s"
+    conn.exec_driver_sql(
+        _UPSERT.format(p=marker),
+        [(terms.organization_id, start, *delta) for start, delta in sorted(deltas.items())],
+    )

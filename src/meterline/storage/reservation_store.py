@@ -1,0 +1,77 @@
+"""SQL implementation of ``meterline.metering.reservations.ReservationStore``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+
+from meterline.clock import from_micros, to_micros
+from meterline.metering.records import LedgerRow
+from meterline.metering.reservations import HeldReservation, decode_record, encode_record
+from meterline.storage.database import Database
+from meterline.storage.ledger_store import row_from_db
+from meterline.storage.tables import ledger, reservations
+
+
+def _held(row: Any) -> HeldReservation:
+    return HeldReservation(
+        id=row.id,
+        organization_id=row.organization_id,
+        estimate=decode_record(row.estimate_json),
+        meters=tuple(orjson.loads(row.meters_json)),
+        created_at=from_micros(row.created_at_us),
+        expires_at=from_micros(row.expires_at_us),
+    )
+
+
+class SqlReservationStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add(self, held: HeldReservation) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                reservations.insert().values(
+                    id=held.id,
+                    organization_id=held.organization_id,
+                    estimate_json=encode_record(held.estimate),
+                    meters_json=orjson.dumps(list(held.meters)).decode(),
+                    created_at_us=to_micros(held.created_at),
+                    expires_at_us=to_micros(held.expires_at),
+                )
+            )
+
+    def get(self, reservation_id: str) -> HeldReservation | None:
+        with self._db.read() as conn:
+            row = conn.execute(select(reservations).where(reservations.c.id == reservation_id)).first()
+        return None if row is None else _held(row)
+
+    def remove(self, reservation_id: str) -> bool:
+        with self._db.write() as conn:
+            result = conn.execute(reservations.delete().where(reservations.c.id == reservation_id))
+            return bool(result.rowcount)
+
+    def due(self, before: datetime, limit: int) -> list[HeldReservation]:
+        query = (
+            select(reservations)
+            .where(reservations.c.expires_at_us < min(to_micros(before), 2**62))
+            .order_by(reservations.c.expires_at_us)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [_held(row) for row in conn.execute(query)]
+
+    def ledger_row(self, organization_id: str | None, row_id: str) -> LedgerRow | None:
+        query = select(ledger).where(ledger.c.id == row_id)
+        if organization_id is not None:
+            query = query.where(ledger.c.organization_id == organization_id)
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else row_from_db(row)
+
+    def count(self) -> int:
+        with self._db.read() as conn:
+            return len(conn.execute(select(reservations.c.id)).all())
