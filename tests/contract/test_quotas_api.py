@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import ADMIN, ADMIN_KEY, Tenant, assert_envelope, make_tenant
-from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import Settings, load_settings
 from meterline.services import Services, build_services
@@ -40,6 +40,7 @@ PLANS = {
     "cases": plan(limits=[{"meter": "units:case.execute", "window": "period", "max": 3}]),
     "open": plan(),
     "tokens": plan(daily_tokens=1000, monthly_tokens=1500),
+    "monthly2": plan(monthly_calls=2),
 }
 # Ten credits a call (credit_value 0.01): credit arithmetic in tests is then whole numbers.
 PRICES = {"flat-model": {"per_request": "0.10"}}
@@ -95,7 +96,9 @@ def test_daily_calls_block_at_the_limit_with_429_retry_after_and_headers(client:
     for _ in range(5):
         ok = send(client, tenant)
         assert ok.status_code == 200, ok.text
-        assert {"x-ratelimit-limit-rpm", "x-ratelimit-remaining-tpm", "x-ratelimit-reset-rpm"} <= set(ok.headers)
+        assert {"x-ratelimit-limit-rpm", "x-ratelimit-remaining-tpm", "x-ratelimit-reset-rpm"} <= set(
+            ok.headers
+        )
     refused = send(client, tenant)
     error = assert_envelope(refused, 429, "quota_exceeded")
     # 10:30 UTC: the daily window ends at midnight, 13.5 hours later.
@@ -315,13 +318,17 @@ def test_reservation_settle_and_release(client: TestClient) -> None:
         "quota_exceeded",
     )
     settled = client.post(
-        f"/v1/reservations/{reservation['id']}/settle", json={"completion_tokens": 150}, headers=tenant.headers
+        f"/v1/reservations/{reservation['id']}/settle",
+        json={"completion_tokens": 150},
+        headers=tenant.headers,
     )
     assert settled.status_code == 200, settled.text
     assert settled.json()["total_tokens"] == 250
     assert settled.json()["duplicate"] is False
     again = client.post(
-        f"/v1/reservations/{reservation['id']}/settle", json={"completion_tokens": 999}, headers=tenant.headers
+        f"/v1/reservations/{reservation['id']}/settle",
+        json={"completion_tokens": 999},
+        headers=tenant.headers,
     )
     assert again.json()["duplicate"] is True
     assert again.json()["total_tokens"] == 250
@@ -381,3 +388,48 @@ def test_bad_reservations_are_rejected(client: TestClient, body: dict[str, Any])
     response = client.post("/v1/reservations", json=body, headers=tenant.headers)
     assert response.status_code in (400, 422)
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("start", "anchor", "last_second_of_period"),
+    [
+        # Anchored on the 31st: Jan 31 -> Feb 28 (a short month) -> Mar 31.
+        ("2027-01-31T00:00:00+00:00", 31, "2027-02-27T23:59:59+00:00"),
+        ("2027-02-28T00:00:00+00:00", 31, "2027-03-30T23:59:59+00:00"),
+        # Leap year: the period anchored on the 29th starts on Feb 29.
+        ("2028-01-29T00:00:00+00:00", 29, "2028-02-28T23:59:59+00:00"),
+        ("2028-02-29T00:00:00+00:00", 30, "2028-03-29T23:59:59+00:00"),
+    ],
+)
+def test_monthly_limits_reset_on_the_anchor_day_across_month_lengths(
+    client: TestClient, clock: FrozenClock, start: str, anchor: int, last_second_of_period: str
+) -> None:
+    clock.set(datetime.fromisoformat(start))
+    tenant = make_tenant(client, plan="open", billing_anchor_day=anchor)
+    client.patch(f"/v1/admin/organizations/{tenant.org['id']}", json={"plan": "monthly2"}, headers=ADMIN)
+    assert send(client, tenant).status_code == 200
+    clock.set(datetime.fromisoformat(last_second_of_period))
+    assert send(client, tenant).status_code == 200
+    refused = send(client, tenant)
+    assert_envelope(refused, 429, "quota_exceeded")
+    assert refused.headers["retry-after"] == "1"  # the next period starts in one second
+    clock.advance(seconds=1)
+    assert send(client, tenant).status_code == 200
+    body = usage(client, tenant)
+    assert body["billing_period"]["start"] == clock.now().isoformat().replace("+00:00", "Z")
+    assert limit_named(body, "monthly_calls")["used"] == 1
+
+
+def test_an_access_token_cannot_report_for_another_identifier(client: TestClient) -> None:
+    tenant = make_tenant(client, plan="open")
+    issued = client.post(
+        "/v1/token",
+        json={"identifier_id": "user-a", "limits": {"daily_calls": 1}},
+        headers={**tenant.headers, "X-Workspace-Id": tenant.workspace["id"]},
+    ).json()
+    user = {"Authorization": f"Bearer {issued['access_token']}"}
+    other = {"id": "x1", "model": "flat-model", "identifier_id": "user-b"}
+    response = client.post("/v1/events", json={"events": [other]}, headers=user)
+    error = assert_envelope(response, 422, "invalid_request")
+    assert "own identifier" in error["message"]
+    assert client.get("/v1/usage/ledger", headers=tenant.headers).json()["total_count"] == 0

@@ -26,7 +26,7 @@ from meterline.clock import Clock, from_micros, to_micros
 from meterline.errors import NotFound
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler
-from meterline.quotas.counters import CounterStore
+from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.engine import QuotaEngine, Reservation, Subject, meter_of_key
 from meterline.quotas.gate import row_amounts
 
@@ -167,7 +167,12 @@ class Reservations:
             estimate = replace(held.estimate, metadata={**(held.estimate.metadata or {}), RECOVERED: True})
             self._finish(held, estimate)
             ended += 1
-        for hold in self._counters.expired(to_micros(now), limit):
+        try:
+            abandoned = self._counters.expired(to_micros(now), limit)
+        except CounterStoreUnavailable:
+            log.warning("counter store unreachable: abandoned holds are looked at again later")
+            abandoned = []
+        for hold in abandoned:
             if self._store.get(hold.id) is not None:
                 continue  # durable: ended above once its own lease is due
             row = self._store.ledger_row(None, hold.id)

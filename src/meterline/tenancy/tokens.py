@@ -249,6 +249,8 @@ def _principal(family: TokenFamily, key: ApiKey) -> Principal:
         key_name=key.name,
         identifier_id=family.identifier_id,
         default_source=key.default_source,
+        # The issuing key's own limits bound what its identifiers do, on top of their own.
+        key_limits=key.limits,
     )
 
 
