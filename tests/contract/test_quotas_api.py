@@ -1,5 +1,5 @@
 """The quota contract, seen over HTTP: limits, 429s and their headers, credits, spend caps, overage and
-two-phase reservations. Runs on every storage backend × every counter store (memory, Redis)."""
+two-phase reservations. Runs on every storage backend and every counter store (memory, Redis)."""
 
 from __future__ import annotations
 

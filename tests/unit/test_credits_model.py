@@ -27,6 +27,9 @@ from meterline.storage.tables import credit_grants, ledger
 from meterline.tenancy import Principal
 
 ALLOWANCE = 20  # monthly credits of the plan
+OPEN_LIMITS = {
+    k: -1 for k in ("daily_calls", "monthly_calls", "daily_tokens", "monthly_tokens", "rpm", "tpm")
+}
 START = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 NANOS = 10**9
 
@@ -68,10 +71,9 @@ def test_credits_follow_the_model(sequence: list[Op], sqlite_template: Path, tmp
         database_url=f"sqlite:///{path}",
         admin_key=ADMIN_KEY,
         signing_key_file=str(tmp_path / "key.json"),
-        plans={"metered": {"monthly_credits": ALLOWANCE, "overage": "block", "daily_calls": -1,
-                           "monthly_calls": -1, "daily_tokens": -1, "monthly_tokens": -1, "rpm": -1, "tpm": -1}},
+        plans={"metered": {**OPEN_LIMITS, "monthly_credits": ALLOWANCE, "overage": "block"}},
         prices={"credit.use": {"per_unit": "0.01"}},  # one credit per unit
-    )  # fmt: skip
+    )
     clock = FrozenClock(START)
     services = build_services(config, clock=clock, migrate=False)
     try:
@@ -100,7 +102,8 @@ def test_credits_follow_the_model(sequence: list[Op], sqlite_template: Path, tmp
                     idempotency_key=uuid.uuid4().hex,
                     request_hash="x",
                 )
-                gate = QuotaGate(services.quotas, lambda _row: services.subject_of(org, principal))
+                subject = services.subject_of(org, principal)
+                gate = QuotaGate(services.quotas, lambda _row, subject=subject: subject)
                 (outcome,) = ingest(services.settler, services.account_of(org), [record], gate)
                 if expected is None:
                     assert outcome.status == "refused"

@@ -82,10 +82,10 @@ def post_events(
             results[index] = _rejected(event_id, "invalid_request", message, f"events[{index}].{param or ''}")
             continue
         problem = event.check_tokens()
-        if problem is None and principal.scope == "identifier":
-            if event.identifier_id not in (None, principal.identifier_id):
-                # Else a token holder could spend another identifier's allowance, or escape their own.
-                problem = "an access token reports usage for its own identifier only; leave identifier_id out"
+        foreign = event.identifier_id not in (None, principal.identifier_id)
+        if problem is None and principal.scope == "identifier" and foreign:
+            # Else a token holder could spend another identifier's allowance, or escape their own.
+            problem = "an access token reports usage for its own identifier only; leave identifier_id out"
         if problem is None and event.timestamp is not None:
             if event.timestamp > now + MAX_FUTURE:
                 problem = "timestamp is in the future; send the time the usage happened (UTC)"
