@@ -27,9 +27,9 @@ from meterline.storage.tables import credit_grants, ledger
 from meterline.tenancy import Principal
 
 ALLOWANCE = 20  # monthly credits of the plan
-OPEN_LIMITS = {
-    k: -1 for k in ("daily_calls", "monthly_calls", "daily_tokens", "monthly_tokens", "rpm", "tpm")
-}
+OPEN_LIMITS = dict.fromkeys(
+    ("daily_calls", "monthly_calls", "daily_tokens", "monthly_tokens", "rpm", "tpm"), -1
+)
 START = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 NANOS = 10**9
 
