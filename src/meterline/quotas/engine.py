@@ -12,6 +12,7 @@ is counted in that window but never refused, because the usage has already happe
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from meterline import ids
-from meterline.clock import Clock, rfc3339, to_micros
+from meterline.clock import MICROS_PER_DAY, Clock, rfc3339, to_micros
 from meterline.errors import LimitExceeded, ServiceUnavailable
 from meterline.money import format_nanos
 from meterline.quotas.counters import (
@@ -43,6 +44,12 @@ from meterline.quotas.plans import Plan
 log = logging.getLogger("meterline.quotas")
 
 _MONEY_METERS = ("credits", "spend")
+MAX_COUNTER = 2**63 - 1
+# Reservation ids: random per process, then counted (unique across processes sharing a store, and
+# cheaper than fresh randomness per request).
+_HOLD_PREFIX = f"{ids.prefixed('rsv', 8)}_"
+_hold_numbers = itertools.count(1)
+_PLACED_MAX = 10_000
 _SCOPE_TAG = {"organization": "o", "workspace": "w", "key": "k", "identifier": "i"}
 _WINDOW_WORDS = {"minute": "this minute", "day": "today (UTC)", "period": "this billing period"}
 
@@ -110,12 +117,24 @@ class Bound:
     organization_id: str
     scope_value: str
 
+    template: Line  # this bound's line with no amount (see ``place``)
+
     def line(self, amount: int) -> Line:
-        if self.window is None:
-            return Line(self.key, amount, self.limit.max, True, "rolling", 0)
-        reset_s = to_micros(self.window.end) // 1_000_000
-        block = self.limit.policy == "block" and self.current
-        return Line(self.key, amount, self.limit.max, block, "fixed", reset_s)
+        t = self.template
+        return Line(t.key, amount, t.maximum, t.block, t.kind, t.reset_s)
+
+
+def place(
+    limit: Limit, key: str, window: Period | None, current: bool, organization_id: str, scope_value: str
+) -> Bound:
+    # Counters are 64-bit (Redis); a maximum beyond that cannot be reached and means "unlimited".
+    maximum = limit.max if limit.max <= MAX_COUNTER else UNLIMITED
+    if window is None:
+        template = Line(key, 0, maximum, True, "rolling", 0)
+    else:
+        block = limit.policy == "block" and current
+        template = Line(key, 0, maximum, block, "fixed", to_micros(window.end) // 1_000_000)
+    return Bound(limit, key, window, current, organization_id, scope_value, template)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +160,18 @@ class Reservation:
     amounts: Mapping[str, int]
     expires_at: datetime
     overage: bool
-    rate_limits: RateLimits
+    levels: tuple[Level, ...] | None  # per bound, right after the reservation
+    decided_us: int
     checked: bool = True  # False when admitted unchecked because the counter store was down (fail open)
 
     @property
     def meters(self) -> tuple[str, ...]:
         return tuple(b.limit.meter for b in self.bounds)
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        """RPM and TPM as the reservation left them (worked out only when a response needs them)."""
+        return _rate_limits(self.bounds, self.levels, self.decided_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,9 +270,37 @@ class QuotaEngine:
     bonus_ttl_s: float = 2.0
     _bonus: dict[tuple[str, int], _BonusCache] = field(default_factory=dict, repr=False)
     _bonus_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _placed: dict[tuple[object, ...], tuple[float, tuple[Bound, ...]]] = field(
+        default_factory=dict, repr=False
+    )
 
     # -- placing limits -------------------------------------------------------------------------
-    def bounds(self, subject: Subject, at: datetime, now: datetime) -> list[Bound]:
+    def bounds(self, subject: Subject, at: datetime, now: datetime) -> tuple[Bound, ...]:
+        """The counters this subject's usage at ``at`` goes to, seen at ``now``.
+
+        Placing limits costs more than reserving them, and it changes only when the day changes (every
+        window starts at a UTC midnight), when the bonus balance is read again or when the subject's
+        terms change; so placements are kept, keyed by all of that, for the bonus cache's lifetime."""
+        at_us, now_us = to_micros(at), to_micros(now)
+        recent = at_us >= now_us - ROLLING_SECONDS * 1_000_000
+        key = (
+            subject.organization_id,
+            _subject_key(subject),
+            at_us // MICROS_PER_DAY,
+            now_us // MICROS_PER_DAY,
+            recent,
+        )
+        clock = time.monotonic()
+        cached = self._placed.get(key)
+        if cached is not None and cached[0] > clock:
+            return cached[1]
+        placed = tuple(self._place(subject, at, now))
+        if len(self._placed) >= _PLACED_MAX:
+            self._placed.clear()
+        self._placed[key] = (clock + self.bonus_ttl_s, placed)
+        return placed
+
+    def _place(self, subject: Subject, at: datetime, now: datetime) -> list[Bound]:
         period_now = billing_period(now, subject.billing_anchor_day)
         period = billing_period(at, subject.billing_anchor_day)
         bonus = 0
@@ -265,12 +318,12 @@ class QuotaEngine:
                 if at < now - timedelta(seconds=ROLLING_SECONDS):
                     continue  # a rate limit is about now; a late report is outside every minute
                 key = counter_key(limit, "m", value)
-                placed.append(Bound(limit, key, None, True, subject.organization_id, value))
+                placed.append(place(limit, key, None, True, subject.organization_id, value))
                 continue
             tag = f"{'d' if limit.window == 'day' else 'p'}{to_micros(window.start) // 10**6}"
             key = counter_key(limit, tag, value)
             current = window.start <= now < window.end and (limit.window == "day" or window == period_now)
-            placed.append(Bound(limit, key, window, current, subject.organization_id, value))
+            placed.append(place(limit, key, window, current, subject.organization_id, value))
         return placed
 
     @staticmethod
@@ -313,9 +366,13 @@ class QuotaEngine:
         expires = now + (ttl or self.reservation_ttl)
         placed: list[tuple[Subject, Mapping[str, int], tuple[Bound, ...], Hold]] = []
         for index, (subject, amounts, at) in enumerate(requests):
-            bounds = tuple(self.bounds(subject, at or now, now))
-            lines = tuple(b.line(amounts.get(b.limit.meter, 0)) for b in bounds)
-            hold_id = hold_ids[index] if hold_ids is not None else ids.prefixed("rsv")
+            bounds = self.bounds(subject, at or now, now)
+            lines = tuple(
+                Line(t.key, amounts.get(b.limit.meter, 0), t.maximum, t.block, t.kind, t.reset_s)
+                for b in bounds
+                for t in (b.template,)
+            )
+            hold_id = hold_ids[index] if hold_ids is not None else f"{_HOLD_PREFIX}{next(_hold_numbers):x}"
             placed.append((subject, amounts, bounds, Hold(hold_id, lines, to_micros(expires))))
         try:
             verdicts = self._decide([p[3] for p in placed], [p[2] for p in placed], now_us)
@@ -328,17 +385,19 @@ class QuotaEngine:
                 "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(placed)
             )
             return [
-                Reservation(h.id, s, b, a, expires, False, _rate_limits(b, None, now_us), checked=False)
+                Reservation(h.id, s, b, a, expires, False, None, now_us, checked=False)
                 for s, a, b, h in placed
             ]
         outcomes: list[Reservation | LimitExceeded] = []
         for (subject, amounts, bounds, hold), verdict in zip(placed, verdicts, strict=True):
-            rates = _rate_limits(bounds, verdict.levels, now_us)
             if verdict.admitted:
                 outcomes.append(
-                    Reservation(hold.id, subject, bounds, amounts, expires, verdict.overage, rates)
+                    Reservation(
+                        hold.id, subject, bounds, amounts, expires, verdict.overage, verdict.levels, now_us
+                    )
                 )
             else:
+                rates = _rate_limits(bounds, verdict.levels, now_us)
                 outcomes.append(self._refusal(subject, bounds, hold, verdict, rates))
         return outcomes
 
@@ -528,6 +587,21 @@ class QuotaEngine:
         with self._bonus_lock:
             for key in [k for k in self._bonus if k[0] == organization_id]:
                 del self._bonus[key]
+            for placed in [k for k in list(self._placed) if k[0] == organization_id]:
+                self._placed.pop(placed, None)
+
+
+def _subject_key(subject: Subject) -> tuple[object, ...]:
+    return (
+        subject.plan,
+        subject.billing_anchor_day,
+        subject.workspace_id,
+        subject.spend_cap_nanos,
+        subject.key_id,
+        None if subject.key_limits is None else tuple(sorted(subject.key_limits.items())),
+        subject.identifier_id,
+        None if subject.identifier_limits is None else tuple(sorted(subject.identifier_limits.items())),
+    )
 
 
 def _shown(meter: str, value: int) -> str:

@@ -103,29 +103,45 @@ class MemoryCounterStore:
     def _reserve_one(self, hold: Hold, now_s: int) -> Verdict:
         if hold.id in self._holds:
             raise ValueError(f"reservation {hold.id} exists already")
-        missing = tuple(i for i, line in enumerate(hold.lines) if not self._has(line))
-        if missing:
-            return Verdict(admitted=False, missing=missing)
+        lines = hold.lines
+        # The hot path of every request: one look-up per line, consumption read once.
+        counters: list[_Fixed | _Rolling | None] = [
+            self._fixed.get(line.key) if line.kind == "fixed" else self._rolling.get(line.key)
+            for line in lines
+        ]
+        if None in counters:
+            return Verdict(admitted=False, missing=tuple(i for i, c in enumerate(counters) if c is None))
         overage = False
-        for index, line in enumerate(hold.lines):
-            consumed = self._consumed(line, now_s)
-            if line.maximum < 0 or not refuses(consumed, line.amount, line.maximum):
+        consumed: list[int] = []
+        for index, (line, counter) in enumerate(zip(lines, counters, strict=True)):
+            if isinstance(counter, _Fixed):
+                value = counter.used + counter.reserved
+            else:
+                assert counter is not None
+                counter.prune(now_s)
+                value = counter.total
+            consumed.append(value)
+            if not refuses(value, line.amount, line.maximum):
                 continue
             if line.block:
                 return Verdict(
                     admitted=False,
                     refused=index,
                     retry_after_s=self._retry_after(line, now_s),
-                    levels=self._levels(hold.lines, now_s),
+                    levels=self._levels(lines, now_s),
                 )
             overage = True
-        for line in hold.lines:
-            if line.kind == "fixed":
-                self._fixed[line.key].reserved += line.amount
+        levels: list[Level] = []
+        for line, counter, value in zip(lines, counters, consumed, strict=True):
+            if isinstance(counter, _Fixed):
+                counter.reserved += line.amount
+                levels.append(Level(value + line.amount, counter.reset_s))
             else:
-                self._rolling[line.key].add(now_s, line.amount)
+                assert counter is not None
+                counter.add(now_s, line.amount)
+                levels.append(Level(value + line.amount, counter.reset_s(now_s)))
         self._holds[hold.id] = _Held(hold, now_s)
-        return Verdict(admitted=True, overage=overage, levels=self._levels(hold.lines, now_s))
+        return Verdict(admitted=True, overage=overage, levels=tuple(levels))
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         with self._lock:
