@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit services bench clean
+.PHONY: install demo test lint typecheck unit services bench bench-quota clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: install services lint typecheck
 
 bench: install services
 	$(BIN)/python bench/events_ingest.py
+	$(BIN)/python bench/quota_store.py
+
+# Quota counter stores (memory, Redis): reserve+settle decisions/s and Redis round trips per decision.
+bench-quota: install services
+	$(BIN)/python bench/quota_store.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

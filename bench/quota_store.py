@@ -1,0 +1,366 @@
+"""Benchmark of the quota counter stores: reserve + settle pairs per second, and Redis round trips per
+decision as Redis itself counts them.
+
+Usage::
+
+    .venv/bin/python bench/quota_store.py [--seconds 4] [--threads 1,8] [--skip-redis-benchmark]
+
+Each decision is what one API request costs the quota path: ``reserve`` of one hold with 6 lines (org
+daily tokens, org monthly tokens, org requests-per-minute and tokens-per-minute rolling windows, key
+daily calls, monthly credits in nanos), then ``settle`` with the actual amounts. All requests hit the
+same organization (the hottest keys: the worst case for contention). The stores:
+
+* ``MemoryCounterStore`` (in process, one lock);
+* ``RedisCounterStore`` against a fresh ``redis-server`` started here (tests/servers.py), loopback.
+
+For Redis, ``INFO`` is read before and after each run: ``total_commands_processed`` counts every command,
+including those a script runs inside Redis, and ``commandstats`` tells the script calls (``EVALSHA``)
+apart, so "round trips" = commands the client sent, "commands" = everything Redis executed.
+``redis-benchmark`` then runs against the same server for scale (PING/SET/INCR with 1 and 50 clients,
+and our script itself: one 6-line reservation per ``EVALSHA``, 1 client).
+
+Prints a table and writes ``bench/results/quota_store.json``. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for tests/servers.py (throwaway redis-server)
+
+from meterline.quotas.counters import CounterStore, Hold, Line, Seed, Settlement  # noqa: E402
+from meterline.quotas.memory import MemoryCounterStore  # noqa: E402
+from meterline.storage import redis_counters  # noqa: E402
+from meterline.storage.redis_counters import RedisCounterStore  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "quota_store.json"
+LEASE_US = 300_000_000
+# What the client itself may send; every other command in commandstats ran inside the script.
+CLIENT_COMMANDS = {"evalsha", "eval", "script|load", "client|setinfo", "hello", "ping", "select", "auth"}
+
+
+# -- the workload ---------------------------------------------------------------------------------
+
+
+def _day_end(now: datetime) -> int:
+    return int(datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp()) + 86_400
+
+
+def _month_end(now: datetime) -> int:
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return int(datetime(year, month, 1, tzinfo=UTC).timestamp())
+
+
+def request_lines(org: str) -> tuple[Line, ...]:
+    """One request's limits; maxima high enough that every decision is admitted."""
+    now = datetime.now(UTC)
+    day, month = _day_end(now), _month_end(now)
+    return (
+        Line(f"{org}:tokens:day", 1_500, 10**12, True, "fixed", day),
+        Line(f"{org}:tokens:month", 1_500, 10**13, True, "fixed", month),
+        Line(f"{org}:rpm", 1, 10**9, True, "rolling", 0),
+        Line(f"{org}:tpm", 1_500, 10**12, True, "rolling", 0),
+        Line(f"{org}:key1:calls:day", 1, 10**9, True, "fixed", day),
+        Line(f"{org}:credits:month", 2_500_000, 10**18, False, "fixed", month),  # nanos, overage allowed
+    )
+
+
+ACTUAL = (1_200, 1_200, 1, 1_200, 1, 2_000_000)
+
+
+def seeds_for(lines: tuple[Line, ...]) -> list[Seed]:
+    return [Seed(line.key, line.kind, line.reset_s) for line in lines]
+
+
+def now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+@dataclass
+class Run:
+    store: str
+    threads: int
+    seconds: float
+    decisions: int
+    refused: int
+    decisions_per_s: float
+    reserve_p50_us: float
+    reserve_p99_us: float
+    script_calls_per_decision: float | None = None
+    round_trips_per_decision: float | None = None
+    redis_commands_per_decision: float | None = None
+
+
+def drive(store: CounterStore, org: str, threads: int, seconds: float) -> tuple[int, int, float, list[float]]:
+    """Reserve + settle in ``threads`` threads for ``seconds``: (decisions, refused, elapsed, latencies)."""
+    lines = request_lines(org)
+    store.seed(seeds_for(lines), now_us())
+    counts = [0] * threads
+    refused = [0] * threads
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads + 1)
+    stop = threading.Event()
+
+    def work(t: int) -> None:
+        start.wait()
+        i = 0
+        clock, lat = time.perf_counter, latencies[t]
+        while not stop.is_set():
+            i += 1
+            hold_id = f"{org}-{t}-{i}"
+            begin = clock()
+            verdict = store.reserve([Hold(hold_id, lines, now_us() + LEASE_US)], now_us())[0]
+            lat.append(clock() - begin)
+            if verdict.admitted:
+                store.settle([Settlement(hold_id, ACTUAL)], now_us())
+            else:
+                refused[t] += 1
+            counts[t] = i
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - began
+    return sum(counts), sum(refused), elapsed, [x for lat in latencies for x in lat]
+
+
+def measure(name: str, store: CounterStore, org: str, threads: int, seconds: float) -> Run:
+    decisions, refused, elapsed, latencies = drive(store, org, threads, seconds)
+    cuts = statistics.quantiles(latencies, n=100)
+    return Run(
+        store=name,
+        threads=threads,
+        seconds=round(elapsed, 3),
+        decisions=decisions,
+        refused=refused,
+        decisions_per_s=decisions / elapsed,
+        reserve_p50_us=cuts[49] * 1e6,
+        reserve_p99_us=cuts[98] * 1e6,
+    )
+
+
+# -- Redis ----------------------------------------------------------------------------------------
+
+
+def redis_counts(client: redis.Redis) -> tuple[int, dict[str, int]]:
+    info = client.info("all")
+    calls = {
+        key.removeprefix("cmdstat_"): int(value["calls"])
+        for key, value in info.items()
+        if key.startswith("cmdstat_")
+    }
+    return int(info["total_commands_processed"]), calls
+
+
+def measure_redis(url: str, threads: int, seconds: float, warmup: float) -> Run:
+    store = RedisCounterStore(url, prefix=f"bench{threads}:")
+    watcher = redis.Redis.from_url(url)
+    try:
+        drive(store, "warm", threads, warmup)  # connections, script load
+        store.flush()
+        total0, calls0 = redis_counts(watcher)
+        run = measure("redis", store, "org", threads, seconds)
+        store.flush()  # the last settlements, so that every decision's traffic is counted
+        total1, calls1 = redis_counts(watcher)
+    finally:
+        store.close()
+        watcher.close()
+    delta = {name: calls1.get(name, 0) - calls0.get(name, 0) for name in calls1}
+    sent = sum(n for name, n in delta.items() if name in CLIENT_COMMANDS)
+    run.script_calls_per_decision = delta.get("evalsha", 0) / run.decisions
+    run.round_trips_per_decision = sent / run.decisions
+    run.redis_commands_per_decision = (total1 - total0 - delta.get("info", 0)) / run.decisions
+    return run
+
+
+def redis_benchmark(port: int, sha: str) -> list[dict[str, Any]]:
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return []
+    base = [binary, "-h", "127.0.0.1", "-p", str(port), "-q"]
+    figures: list[dict[str, Any]] = []
+
+    def run(label: str, clients: int, args: list[str]) -> None:
+        out = subprocess.run(
+            [*base, "-c", str(clients), *args], capture_output=True, text=True, timeout=300, check=True
+        ).stdout
+        for line in out.replace("\r", "\n").splitlines():
+            found = re.match(r"^(.+?): ([\d.]+) requests per second(?:, p50=([\d.]+) msec)?", line.strip())
+            if found:
+                name, per_s = label or found.group(1), float(found.group(2))
+                p50 = float(found.group(3)) if found.group(3) else None
+                figures.append({"what": name, "clients": clients, "per_s": per_s, "p50_ms": p50})
+                print(f"  redis-benchmark {name}, {clients} client(s): {per_s:,.0f}/s", flush=True)
+
+    for clients in (1, 50):
+        run("", clients, ["-n", "100000", "-t", "ping,set,incr"])
+    # Our script, one 6-line reservation per call (__rand_int__ makes hold ids unique).
+    lines = request_lines("rb")
+    store = RedisCounterStore(f"redis://127.0.0.1:{port}/0", prefix="rb:")
+    store.seed(seeds_for(lines), now_us())
+    store.close()
+    now = now_us()
+    request = {
+        "f": [],
+        "n": now // 1_000_000,
+        "u": str(now),
+        "h": [["rb-__rand_int__", str(now + LEASE_US), [redis_counters._line(x) for x in lines], 3600]],
+    }
+    run("EVALSHA meterline script (6-line reserve)", 1, [
+        "-n", "20000", "-r", "1000000000", "EVALSHA", sha, "0", orjson.dumps(request).decode(), "rb:",
+    ])  # fmt: skip
+    return figures
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def machine(redis_version: str) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "redis_server": redis_version,
+        "redis_py": redis.__version__,
+        "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+
+
+def src_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "src" / "meterline").rglob("*")):
+        if path.suffix in (".py", ".lua"):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def table(runs: list[Run]) -> str:
+    rows = [
+        "| store  | threads | decisions/s | reserve p50 / p99 (µs) | script calls / decision "
+        "| round trips / decision | Redis commands / decision |",
+        "|--------|--------:|------------:|-----------------------:|------------------------:"
+        "|-----------------------:|--------------------------:|",
+    ]
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for r in runs:
+        latency = f"{r.reserve_p50_us:.0f} / {r.reserve_p99_us:.0f}"
+        rows.append(
+            f"| {r.store:<6} | {r.threads:>7} | {r.decisions_per_s:>11,.0f} | {latency:>22} "
+            f"| {fmt(r.script_calls_per_decision):>23} | {fmt(r.round_trips_per_decision):>22} "
+            f"| {fmt(r.redis_commands_per_decision):>25} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per case")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--threads", default="1,8")
+    parser.add_argument("--skip-redis-benchmark", action="store_true")
+    args = parser.parse_args(argv)
+    thread_counts = [int(x) for x in args.threads.split(",")]
+
+    from tests.servers import start_redis
+
+    server = start_redis()
+    try:
+        probe = redis.Redis.from_url(server.url)
+        version = str(probe.info("server")["redis_version"])
+        probe.close()
+        info = machine(version)
+        digest = src_digest()
+        print(
+            f"machine: nproc={info['nproc']}, CPU {info['cpu']}, Python {info['python']}, "
+            f"redis-server {version}, redis-py {info['redis_py']}",
+            flush=True,
+        )
+        runs: list[Run] = []
+        cases: list[tuple[str, Callable[[int], Run]]] = [
+            ("memory", lambda n: measure("memory", MemoryCounterStore(), "org", n, args.seconds)),
+            ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup)),
+        ]
+        for name, case in cases:
+            for threads in thread_counts:
+                run = case(threads)
+                runs.append(run)
+                extra = (
+                    f", {run.round_trips_per_decision:.3f} round trips/decision"
+                    if run.round_trips_per_decision is not None
+                    else ""
+                )
+                rate = f"{run.decisions_per_s:,.0f} decisions/s"
+                print(f"  {name}, {threads} thread(s): {rate}{extra}", flush=True)
+        bench = [] if args.skip_redis_benchmark else redis_benchmark(server.port, redis_counters._SHA)
+    finally:
+        server.stop()
+
+    print()
+    print(table(runs))
+    if bench:
+        print()
+        print("| redis-benchmark (same server) | clients | requests/s | p50 (ms) |")
+        print("|---|--:|--:|--:|")
+        for b in bench:
+            print(f"| {b['what']} | {b['clients']} | {b['per_s']:,.0f} | {b['p50_ms'] or '-'} |")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "quota_store",
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "lines_per_hold": 6,
+                "seconds_per_case": args.seconds,
+                "machine": info,
+                "src_digest": digest,
+                "runs": [asdict(r) for r in runs],
+                "redis_benchmark": bench,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
