@@ -1,0 +1,408 @@
+"""Quota races against real `meterline serve` processes over real HTTP: hundreds of concurrent requests
+(two-phase reservations and plain events) on one block limit must admit exactly what the limit allows,
+refuse the rest with a 429 ``quota_exceeded`` envelope, never answer 5xx, and leave the ledger, the
+usage summary and the limit counters (settled + reserved) in agreement once every request is done.
+
+Three deployments: SQLite + in-process counters (one process), PostgreSQL + in-process counters (one
+process), PostgreSQL + Redis with two processes sharing both (requests spread across the processes, and
+half the reservations settled on the process that did not make them).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import assert_envelope
+from servers import free_port
+
+pytestmark = pytest.mark.slow
+
+METERLINE = str(Path(sys.executable).with_name("meterline"))
+ADMIN_KEY = "ml_admin_races_0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+MODEL = "race-model"
+OPEN = {
+    "daily_tokens": -1,
+    "monthly_tokens": -1,
+    "daily_calls": -1,
+    "monthly_calls": -1,
+    "rpm": -1,
+    "tpm": -1,
+    "monthly_credits": -1,
+}
+REQUESTS = 240
+THREADS = 64
+CALLS_LIMIT = 60
+TOKENS_LIMIT = 1500
+DEPLOYMENTS = ["sqlite-memory", "postgres-memory", "postgres-redis-2proc"]
+
+
+# -- real server processes ----------------------------------------------------------------------------
+class Server:
+    """One `meterline serve --config FILE --port N` process."""
+
+    def __init__(self, config: Path, cwd: Path, name: str) -> None:
+        self.config, self.cwd, self.name = config, cwd, name
+        self.log_path = cwd / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = ""
+
+    def start(self, timeout: float = 60) -> str:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [METERLINE, "serve", "--config", str(self.config), "--port", str(port)],
+                env=env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return self.base
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{self.name} did not come up:\n{self.log()}"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-60:])
+        except OSError:
+            return "<no log>"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, settings: dict[str, Any], plans: dict[str, dict[str, Any]]) -> Path:
+    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+    for name, limits in plans.items():
+        lines += ["", f"[plans.{name}]", *(f"{k} = {toml_value(v)}" for k, v in limits.items())]
+    # Per million tokens: every row has a cost, so the money path runs under the race too.
+    lines += ["", f'[prices."{MODEL}"]', 'input = "1.50"', 'output = "6.00"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Deployment:
+    name: str
+    bases: list[str]
+    servers: list[Server]
+
+
+@pytest.fixture(params=DEPLOYMENTS)
+def deploy(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[[dict[str, Any]], Deployment]]:
+    """``deploy(plan_limits)``: the deployment of this parameter, with plan ``race`` set to the limits."""
+    kind: str = request.param
+    servers: list[Server] = []
+    dropped: list[Callable[[], None]] = []
+
+    def start(limits: dict[str, Any]) -> Deployment:
+        settings: dict[str, Any] = {
+            "admin_key": ADMIN_KEY,
+            "signing_key_file": str(tmp_path / "signing-key.json"),
+        }
+        processes = 1
+        if kind == "sqlite-memory":
+            settings["database_url"] = f"sqlite:///{tmp_path / 'meterline.db'}"
+        else:
+            pg = request.getfixturevalue("pg_server")
+            name = f"races_{uuid.uuid4().hex[:12]}"
+            settings["database_url"] = pg.create_database(name)
+            dropped.append(lambda: pg.drop_database(name))
+            if kind == "postgres-redis-2proc":
+                settings["redis_url"] = request.getfixturevalue("redis_url_clean")
+                processes = 2
+        config = write_config(tmp_path / "meterline.toml", settings, {"race": {**OPEN, **limits}})
+        # One after the other: the first migrates the database and writes the signing key.
+        for index in range(processes):
+            servers.append(Server(config, tmp_path, f"server-{index}"))
+            servers[-1].start()
+        return Deployment(kind, [s.base for s in servers], servers)
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+        for drop in dropped:
+            drop()
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------
+def make_tenant(base: str) -> dict[str, str]:
+    with httpx.Client(base_url=base, headers=ADMIN, timeout=30) as admin:
+        org = admin.post("/v1/admin/organizations", json={"name": "Racers", "plan": "race"})
+        assert org.status_code == 201, org.text
+        ws = admin.post("/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "Main"})
+        assert ws.status_code == 201, ws.text
+        key = admin.post("/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "Racer"})
+        assert key.status_code == 201, key.text
+    return {"Authorization": f"Bearer {key.json()['key']}"}
+
+
+@dataclass
+class Job:
+    index: int
+    kind: str  # "reservation" or "event"
+    base: str  # where the reservation (or event) goes
+    settle_base: str  # where the reservation is settled
+    prompt: int
+    completion: int
+    actual_completion: int  # settled with this (estimate's prompt tokens kept)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    first: httpx.Response
+    settle: httpx.Response | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.first.status_code == (201 if self.job.kind == "reservation" else 200)
+
+    @property
+    def actual_tokens(self) -> int:
+        if self.job.kind == "event":
+            return self.job.prompt + self.job.completion
+        return self.job.prompt + self.job.actual_completion
+
+
+def plan_jobs(bases: Sequence[str], rng: random.Random, count: int = REQUESTS) -> list[Job]:
+    jobs = []
+    for index in range(count):
+        tokens = rng.randint(1, 50)
+        prompt = tokens // 2
+        completion = tokens - prompt  # >= 1, so the actual can be smaller
+        # With two processes: spread over both, and about half the reservations are settled by the
+        # process that did not make them.
+        base, settle_base = rng.choice(bases), rng.choice(bases)
+        kind = "event" if index % 4 == 3 else "reservation"
+        jobs.append(Job(index, kind, base, settle_base, prompt, completion, rng.randint(0, completion - 1)))
+    return jobs
+
+
+def run_jobs(jobs: Sequence[Job], headers: dict[str, str]) -> list[Outcome]:
+    """Every job at once, from THREADS threads (each with its own keep-alive httpx client)."""
+    local = threading.local()
+    clients: list[httpx.Client] = []
+    clients_lock = threading.Lock()
+    go = threading.Event()
+
+    def client() -> httpx.Client:
+        found: httpx.Client | None = getattr(local, "client", None)
+        if found is None:
+            found = local.client = httpx.Client(headers=headers, timeout=60)
+            with clients_lock:
+                clients.append(found)
+        return found
+
+    def run(job: Job) -> Outcome:
+        http = client()
+        go.wait()
+        if job.kind == "event":
+            event = {
+                "id": f"evt-{job.index}-{uuid.uuid4().hex[:8]}",
+                "model": MODEL,
+                "prompt_tokens": job.prompt,
+                "completion_tokens": job.completion,
+            }
+            return Outcome(job, http.post(f"{job.base}/v1/events", json={"events": [event]}))
+        held = http.post(
+            f"{job.base}/v1/reservations",
+            json={"model": MODEL, "prompt_tokens": job.prompt, "completion_tokens": job.completion},
+        )
+        outcome = Outcome(job, held)
+        if held.status_code == 201:
+            outcome.settle = http.post(
+                f"{job.settle_base}/v1/reservations/{held.json()['id']}/settle",
+                json={"completion_tokens": job.actual_completion},
+            )
+        return outcome
+
+    try:
+        with ThreadPoolExecutor(max_workers=THREADS) as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            time.sleep(0.2)  # let the first wave of threads line up behind `go`
+            go.set()
+            return [future.result(timeout=120) for future in futures]
+    finally:
+        go.set()
+        for each in clients:
+            each.close()
+
+
+def check_answers(outcomes: Sequence[Outcome], limit_name: str) -> list[Outcome]:
+    """Every answer is an admission (then settled once) or a 429 quota_exceeded envelope; no 5xx."""
+    statuses = sorted({(o.job.kind, o.first.status_code) for o in outcomes})
+    assert all(o.first.status_code < 500 for o in outcomes), statuses
+    admitted = []
+    for outcome in outcomes:
+        first = outcome.first
+        if outcome.admitted:
+            admitted.append(outcome)
+            if outcome.job.kind == "event":
+                body = first.json()
+                assert (body["accepted"], body["duplicates"]) == (1, 0), body
+                continue
+            settle = outcome.settle
+            assert settle is not None
+            assert settle.status_code == 200, settle.text
+            settled = settle.json()
+            assert settled["id"] == first.json()["id"]
+            assert settled["status"] == "settled"
+            assert (settled["duplicate"], settled["recovered"]) == (False, False), settled
+            assert settled["total_tokens"] == outcome.actual_tokens, (settled, outcome.job)
+            continue
+        error = assert_envelope(first, 429, "quota_exceeded")
+        assert error["limit"]["name"] == limit_name, error
+        assert int(first.headers["retry-after"]) >= 1
+        assert outcome.settle is None
+    return admitted
+
+
+def ledger_rows(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    while True:
+        params = {"limit": 1000, "offset": len(rows)}
+        page = httpx.get(f"{base}/v1/usage/ledger", params=params, headers=headers, timeout=30)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        rows += body["data"]
+        if len(rows) >= body["total_count"] or not body["data"]:
+            assert len(rows) == body["total_count"]
+            return rows
+
+
+def usage_of(base: str, headers: dict[str, str]) -> dict[str, Any]:
+    response = httpx.get(f"{base}/v1/usage", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def limit_named(usage: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [limit for limit in usage["limits"] if limit["name"] == name]
+    assert len(found) == 1, usage["limits"]
+    return found[0]
+
+
+def check_no_server_errors(deployment: Deployment) -> None:
+    for server in deployment.servers:
+        text = server.log_path.read_text(errors="replace")
+        assert "Traceback" not in text, server.log()
+
+
+# -- the races ----------------------------------------------------------------------------------------
+def test_a_daily_calls_limit_admits_exactly_its_maximum_under_concurrency(
+    deploy: Callable[[dict[str, Any]], Deployment],
+) -> None:
+    deployment = deploy({"daily_calls": CALLS_LIMIT, "overage": "block"})
+    headers = make_tenant(deployment.bases[0])
+    jobs = plan_jobs(deployment.bases, random.Random(1))
+    assert len(jobs) >= 200
+    assert sum(j.kind == "event" for j in jobs) >= 50
+
+    outcomes = run_jobs(jobs, headers)
+
+    admitted = check_answers(outcomes, "daily_calls")
+    assert len(admitted) == CALLS_LIMIT, sorted({(o.job.kind, o.first.status_code) for o in outcomes})
+    assert len(outcomes) - len(admitted) == REQUESTS - CALLS_LIMIT
+    reservation_ids = {o.first.json()["id"] for o in admitted if o.job.kind == "reservation"}
+    expected_tokens = sum(o.actual_tokens for o in admitted)
+
+    for base in deployment.bases:  # every process sees the same ledger and the same counters
+        rows = ledger_rows(base, headers)
+        assert len(rows) == CALLS_LIMIT
+        assert len({r["id"] for r in rows}) == CALLS_LIMIT
+        assert reservation_ids <= {r["id"] for r in rows}
+        assert sum(r["total_tokens"] for r in rows) == expected_tokens
+        assert not any((r["metadata"] or {}).get("meterline.recovered") for r in rows)
+        usage = usage_of(base, headers)
+        assert usage["daily"]["calls"]["usage"] == CALLS_LIMIT
+        assert usage["daily"]["tokens"]["usage"] == expected_tokens
+        calls = limit_named(usage, "daily_calls")
+        # `used` is settled + reserved: every hold is gone, only the settled calls remain.
+        assert (calls["max"], calls["used"], calls["remaining"]) == (CALLS_LIMIT, CALLS_LIMIT, 0), calls
+        # The limit stays shut on every process.
+        again = httpx.post(f"{base}/v1/reservations", json={"prompt_tokens": 1}, headers=headers, timeout=30)
+        assert_envelope(again, 429, "quota_exceeded")
+    check_no_server_errors(deployment)
+
+
+def test_a_daily_tokens_limit_is_never_exceeded_and_counters_match_the_ledger(
+    deploy: Callable[[dict[str, Any]], Deployment],
+) -> None:
+    deployment = deploy({"daily_tokens": TOKENS_LIMIT, "overage": "block"})
+    headers = make_tenant(deployment.bases[0])
+    jobs = plan_jobs(deployment.bases, random.Random(2))
+    # Far more than the limit is asked for: the limit is reached while requests keep coming.
+    assert sum(j.prompt + j.completion for j in jobs) > 3 * TOKENS_LIMIT
+
+    outcomes = run_jobs(jobs, headers)
+
+    admitted = check_answers(outcomes, "daily_tokens")
+    assert len(admitted) < len(outcomes), "the token limit was never reached"
+    settled_tokens = sum(o.actual_tokens for o in admitted)
+    assert settled_tokens <= TOKENS_LIMIT
+
+    for base in deployment.bases:
+        rows = ledger_rows(base, headers)
+        assert len(rows) == len(admitted)
+        ledger_tokens = sum(r["total_tokens"] for r in rows)
+        assert ledger_tokens == settled_tokens
+        usage = usage_of(base, headers)
+        assert usage["daily"]["tokens"]["usage"] == ledger_tokens
+        assert usage["daily"]["calls"]["usage"] == len(admitted)
+        tokens = limit_named(usage, "daily_tokens")
+        assert tokens["max"] == TOKENS_LIMIT
+        assert tokens["used"] == ledger_tokens, tokens  # no hold left behind
+        assert tokens["remaining"] == TOKENS_LIMIT - ledger_tokens
+    check_no_server_errors(deployment)
