@@ -8,12 +8,8 @@ crash keeps its actual usage; nothing is ever written twice, and settling again 
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,74 +23,16 @@ from typing import Any
 import httpx
 import pytest
 
-from servers import free_port
+from servers import MeterlineServer as Server
 
 pytestmark = pytest.mark.slow
 
-METERLINE = str(Path(sys.executable).with_name("meterline"))
 ADMIN_KEY = "ml_admin_crash_0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MODEL = "crash-model"
 RECOVERED = "meterline.recovered"
 CALLS_LIMIT = 1000
 TOKENS_LIMIT = 10_000_000
-
-
-class Server:
-    """One `meterline serve --config FILE --port N` process."""
-
-    def __init__(self, config: Path, cwd: Path, name: str) -> None:
-        self.config, self.cwd, self.name = config, cwd, name
-        self.log_path = cwd / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base = ""
-
-    def start(self, timeout: float = 60) -> str:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [METERLINE, "serve", "--config", str(self.config), "--port", str(port)],
-                env=env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return self.base
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{self.name} did not come up:\n{self.log()}"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, open transactions die with the process."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(timeout=15) == -signal.SIGKILL
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-    def log(self) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-60:])
-        except OSError:
-            return "<no log>"
 
 
 @dataclass

@@ -10,11 +10,7 @@ half the reservations settled on the process that did not make them).
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,11 +24,10 @@ import httpx
 import pytest
 
 from conftest import assert_envelope
-from servers import free_port
+from servers import MeterlineServer as Server
 
 pytestmark = pytest.mark.slow
 
-METERLINE = str(Path(sys.executable).with_name("meterline"))
 ADMIN_KEY = "ml_admin_races_0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MODEL = "race-model"
@@ -53,62 +48,6 @@ DEPLOYMENTS = ["sqlite-memory", "postgres-memory", "postgres-redis-2proc"]
 
 
 # -- real server processes ----------------------------------------------------------------------------
-class Server:
-    """One `meterline serve --config FILE --port N` process."""
-
-    def __init__(self, config: Path, cwd: Path, name: str) -> None:
-        self.config, self.cwd, self.name = config, cwd, name
-        self.log_path = cwd / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base = ""
-
-    def start(self, timeout: float = 60) -> str:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [METERLINE, "serve", "--config", str(self.config), "--port", str(port)],
-                env=env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return self.base
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{self.name} did not come up:\n{self.log()}"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(timeout=15)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def log(self) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-60:])
-        except OSError:
-            return "<no log>"
-
-
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -6,7 +6,6 @@ randomized test replays the same operations on both and compares every answer.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -37,7 +36,7 @@ from meterline.quotas.counters import (
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.redis_counters import RedisCounterStore
-from servers import RedisServer, free_port, start_redis
+from servers import RedisServer, free_port
 
 NOW_S = int(datetime(2026, 3, 14, 10, 30, tzinfo=UTC).timestamp())
 NOW = NOW_S * 1_000_000
@@ -79,23 +78,9 @@ def consumed(store: CounterStore, line: Line, now_us: int = NOW) -> int | None:
 # -- servers and stores ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("METERLINE_REQUIRE_POSTGRES"):
-            pytest.fail("redis-server is required (METERLINE_REQUIRE_POSTGRES) but not installed")
-        pytest.skip("redis-server not installed")
-    server = start_redis()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushdb()
-    client.close()
-    return redis_server.url
+def redis_url(redis_url_clean: str) -> str:
+    return redis_url_clean  # the session's redis-server (conftest), emptied
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -479,7 +464,7 @@ def _redis_on(port: int, directory: Path) -> subprocess.Popen[bytes]:
     raise AssertionError("redis-server did not start")
 
 
-def test_a_buffered_settlement_survives_an_outage(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_a_buffered_settlement_survives_an_outage(shared_redis: RedisServer, tmp_path: Path) -> None:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     proc = _redis_on(port, tmp_path)
