@@ -3,7 +3,7 @@ decision as Redis itself counts them.
 
 Usage::
 
-    .venv/bin/python bench/quota_store.py [--seconds 4] [--threads 1,8] [--skip-redis-benchmark]
+    .venv/bin/python bench/quota_store.py [--seconds 4] [--repeat 3] [--threads 1,8] [--skip-redis-benchmark]
 
 Each decision is what one API request costs the quota path: ``reserve`` of one hold with 6 lines (org
 daily tokens, org monthly tokens, org requests-per-minute and tokens-per-minute rolling windows, key
@@ -111,6 +111,8 @@ class Run:
     script_calls_per_decision: float | None = None
     round_trips_per_decision: float | None = None
     redis_commands_per_decision: float | None = None
+    redis_script_us_per_decision: float | None = None  # time Redis spent running the script
+    all_decisions_per_s: list[int] | None = None  # every run of the case, the median one reported
 
 
 def drive(store: CounterStore, org: str, threads: int, seconds: float) -> tuple[int, int, float, list[float]]:
@@ -170,14 +172,16 @@ def measure(name: str, store: CounterStore, org: str, threads: int, seconds: flo
 # -- Redis ----------------------------------------------------------------------------------------
 
 
-def redis_counts(client: redis.Redis) -> tuple[int, dict[str, int]]:
+def redis_counts(client: redis.Redis) -> tuple[int, dict[str, int], int]:
+    """(commands processed, calls per command, microseconds Redis spent in EVALSHA)."""
     info = client.info("all")
     calls = {
         key.removeprefix("cmdstat_"): int(value["calls"])
         for key, value in info.items()
         if key.startswith("cmdstat_")
     }
-    return int(info["total_commands_processed"]), calls
+    script_us = int(info.get("cmdstat_evalsha", {}).get("usec", 0))
+    return int(info["total_commands_processed"]), calls, script_us
 
 
 def measure_redis(url: str, threads: int, seconds: float, warmup: float) -> Run:
@@ -186,10 +190,10 @@ def measure_redis(url: str, threads: int, seconds: float, warmup: float) -> Run:
     try:
         drive(store, "warm", threads, warmup)  # connections, script load
         store.flush()
-        total0, calls0 = redis_counts(watcher)
+        total0, calls0, script_us0 = redis_counts(watcher)
         run = measure("redis", store, "org", threads, seconds)
         store.flush()  # the last settlements, so that every decision's traffic is counted
-        total1, calls1 = redis_counts(watcher)
+        total1, calls1, script_us1 = redis_counts(watcher)
     finally:
         store.close()
         watcher.close()
@@ -198,6 +202,7 @@ def measure_redis(url: str, threads: int, seconds: float, warmup: float) -> Run:
     run.script_calls_per_decision = delta.get("evalsha", 0) / run.decisions
     run.round_trips_per_decision = sent / run.decisions
     run.redis_commands_per_decision = (total1 - total0 - delta.get("info", 0)) / run.decisions
+    run.redis_script_us_per_decision = (script_us1 - script_us0) / run.decisions
     return run
 
 
@@ -272,9 +277,9 @@ def src_digest() -> str:
 def table(runs: list[Run]) -> str:
     rows = [
         "| store  | threads | decisions/s | reserve p50 / p99 (µs) | script calls / decision "
-        "| round trips / decision | Redis commands / decision |",
+        "| round trips / decision | Redis commands / decision | Redis µs / decision |",
         "|--------|--------:|------------:|-----------------------:|------------------------:"
-        "|-----------------------:|--------------------------:|",
+        "|-----------------------:|--------------------------:|--------------------:|",
     ]
 
     def fmt(value: float | None) -> str:
@@ -285,7 +290,7 @@ def table(runs: list[Run]) -> str:
         rows.append(
             f"| {r.store:<6} | {r.threads:>7} | {r.decisions_per_s:>11,.0f} | {latency:>22} "
             f"| {fmt(r.script_calls_per_decision):>23} | {fmt(r.round_trips_per_decision):>22} "
-            f"| {fmt(r.redis_commands_per_decision):>25} |"
+            f"| {fmt(r.redis_commands_per_decision):>25} | {fmt(r.redis_script_us_per_decision):>19} |"
         )
     return "\n".join(rows)
 
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per case")
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median run is reported")
     parser.add_argument("--threads", default="1,8")
     parser.add_argument("--skip-redis-benchmark", action="store_true")
     args = parser.parse_args(argv)
@@ -320,14 +326,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, case in cases:
             for threads in thread_counts:
-                run = case(threads)
+                tries = sorted((case(threads) for _ in range(args.repeat)), key=lambda r: r.decisions_per_s)
+                run = tries[len(tries) // 2]
+                run.all_decisions_per_s = [round(t.decisions_per_s) for t in tries]
                 runs.append(run)
                 extra = (
                     f", {run.round_trips_per_decision:.3f} round trips/decision"
                     if run.round_trips_per_decision is not None
                     else ""
                 )
-                rate = f"{run.decisions_per_s:,.0f} decisions/s"
+                rate = f"{run.decisions_per_s:,.0f} decisions/s (runs: {run.all_decisions_per_s})"
                 print(f"  {name}, {threads} thread(s): {rate}{extra}", flush=True)
         bench = [] if args.skip_redis_benchmark else redis_benchmark(server.port, redis_counters._SHA)
     finally:
@@ -349,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "lines_per_hold": 6,
                 "seconds_per_case": args.seconds,
+                "repeat": args.repeat,
                 "machine": info,
                 "src_digest": digest,
                 "runs": [asdict(r) for r in runs],

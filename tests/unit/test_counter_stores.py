@@ -111,7 +111,9 @@ def fixed_parts(store: CounterStore, key: str) -> tuple[int, int]:
         counter = store._fixed[key]
         return counter.used, counter.reserved
     assert isinstance(store, RedisCounterStore)
-    used, reserved = store._client.hmget(f"{PREFIX}f:{key}", ["u", "v"])
+    client = redis.Redis.from_url(store._url)
+    used, reserved = client.hmget(f"{PREFIX}f:{key}", ["u", "v"])
+    client.close()
     return int(used), int(reserved)
 
 
@@ -496,6 +498,26 @@ def test_a_buffered_settlement_survives_an_outage(shared_redis: RedisServer, tmp
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=15)
+
+
+def test_a_restarted_server_costs_no_error(shared_redis: RedisServer, tmp_path: Path) -> None:
+    port = free_port()
+    proc = _redis_on(port, tmp_path)
+    store = RedisCounterStore(f"redis://127.0.0.1:{port}/0", prefix=PREFIX)
+    try:
+        store.seed([seed_fixed("day", used=2)], NOW)  # leaves an idle connection behind
+        watcher = redis.Redis(port=port)
+        watcher.shutdown(save=True)
+        watcher.close()
+        proc.wait(timeout=15)
+        proc = _redis_on(port, tmp_path)
+        # The idle connection was closed by the old server: reopened, not reported; the script is
+        # loaded again (NOSCRIPT) on the new server.
+        assert store.levels([fixed("day", 0, 1)], NOW) == [Level(2, DAY_END)]
+    finally:
+        store.close()
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_the_buffer_is_capped() -> None:

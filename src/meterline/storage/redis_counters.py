@@ -36,12 +36,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from meterline.quotas.counters import (
     CounterStoreUnavailable,
@@ -53,6 +50,7 @@ from meterline.quotas.counters import (
     Verdict,
     WindowKind,
 )
+from meterline.storage.redis_connections import RedisConnections
 
 log = logging.getLogger("meterline.quotas.redis")
 
@@ -130,19 +128,11 @@ class RedisCounterStore:
         max_pending: int = 1_000_000,
         max_connections: int = 64,
     ) -> None:
-        # No client-side retries: a retried reservation could run twice, and the engine decides what
-        # an unreachable store means (fail closed or open). Threads beyond ``max_connections`` queue for
-        # a connection (up to the socket timeout) instead of opening ever more of them.
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._pool = pool
-        self._client = redis.Redis(connection_pool=pool)
+        # Threads beyond ``max_connections`` wait for a connection (up to the socket timeout) instead of
+        # opening ever more of them. Nothing is retried: the engine decides what an unreachable store
+        # means (fail closed or open).
+        self._redis = RedisConnections(url, limit=max_connections, timeout_s=socket_timeout_s)
+        self._url = url
         self._where = _redacted(url)
         self._prefix = prefix
         self._flush_interval_s = flush_interval_s
@@ -217,8 +207,7 @@ class RedisCounterStore:
         except CounterStoreUnavailable as exc:
             log.warning("closing with %d settlements/releases unsent: %s", len(self._pending), exc)
         finally:
-            self._client.close()
-            self._pool.disconnect()  # a pool handed to the client is not closed by it
+            self._redis.close()
 
     # -- the buffer -----------------------------------------------------------------------------
     @property
@@ -322,10 +311,10 @@ class RedisCounterStore:
     def _evalsha(self, request: bytes) -> bytes:
         try:
             try:
-                raw = self._client.evalsha(_SHA, 0, request, self._prefix)
+                raw = self._redis.call("EVALSHA", _SHA, 0, request, self._prefix)
             except NoScriptError:  # a new or restarted server: load once, then run
-                self._client.script_load(_SCRIPT)
-                raw = self._client.evalsha(_SHA, 0, request, self._prefix)
+                self._redis.call("SCRIPT", "LOAD", _SCRIPT)
+                raw = self._redis.call("EVALSHA", _SHA, 0, request, self._prefix)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
         assert isinstance(raw, bytes)
