@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -398,7 +398,7 @@ class QuotaEngine:
                 )
             else:
                 rates = _rate_limits(bounds, verdict.levels, now_us)
-                outcomes.append(self._refusal(subject, bounds, hold, verdict, rates))
+                outcomes.append(self._refusal(bounds, hold, verdict, rates))
         return outcomes
 
     def _decide(self, holds: list[Hold], bounds: list[tuple[Bound, ...]], now_us: int) -> list[Verdict]:
@@ -453,15 +453,14 @@ class QuotaEngine:
             end_us,
         )
 
-    def _refusal(
-        self, subject: Subject, bounds: tuple[Bound, ...], hold: Hold, verdict: Verdict, rates: RateLimits
-    ) -> LimitExceeded:
+    @staticmethod
+    def _refusal(bounds: tuple[Bound, ...], hold: Hold, verdict: Verdict, rates: RateLimits) -> LimitExceeded:
         index = verdict.refused if verdict.refused is not None else 0
         bound = bounds[index]
         limit = bound.limit
         consumed = verdict.levels[index].consumed if verdict.levels else 0
         amount = hold.lines[index].amount
-        unit = "" if limit.meter == "spend" else limit.meter
+        unit = limit.meter  # credits and spend have their own messages below
         shown_max, shown_used = _shown(limit.meter, limit.max), _shown(limit.meter, consumed)
         whose = "" if limit.scope == "organization" else f" {limit.scope}"
         if limit.meter == "credits":
@@ -519,11 +518,11 @@ class QuotaEngine:
             self._quietly(lambda: self.store.release(held, to_micros(self.clock.now())))
 
     @staticmethod
-    def _quietly(action: object) -> None:
+    def _quietly(action: Callable[[], None]) -> None:
         # The ledger already holds the truth; a store that missed this catches up when its counters are
         # loaded again. Never fail a request that has been served because a counter could not be moved.
         try:
-            action()  # type: ignore[operator]
+            action()
         except CounterStoreUnavailable:
             log.warning("counter store unreachable while settling; counters reload from the ledger later")
 
