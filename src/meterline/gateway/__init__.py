@@ -1,0 +1,1 @@
+"""The LLM gateway: estimate, reserve, forward, stream and settle proxied model requests."""
