@@ -538,3 +538,40 @@ class MeterlineServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-60:])
         except OSError:
             return "<no log>"
+
+
+class ThreadServer:
+    """An ASGI app served by uvicorn on a loopback port from a thread of the test process: a real HTTP
+    server (real sockets, streaming, disconnects) whose services the test can still look at directly."""
+
+    def __init__(self, app: object) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(
+            app,  # type: ignore[arg-type]
+            host=HOST,
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            loop="uvloop",
+            http="httptools",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="meterline-test-server", daemon=True)
+        self.base = f"http://{HOST}:{self.port}"
+
+    def __enter__(self) -> ThreadServer:
+        self._thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not self._server.started:
+            assert self._thread.is_alive(), "the test server thread died at start-up"
+            assert time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)

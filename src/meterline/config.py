@@ -61,12 +61,26 @@ class _Strict(BaseModel):
 
 
 class UpstreamConfig(_Strict):
-    name: str
-    provider: str = "openai"
-    base_url: str
+    """One upstream route. Routes are tried in config order for a model; later ones are failover."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    provider: str = Field(default="openai", min_length=1, max_length=64)
+    base_url: str = Field(pattern=r"^https?://[^\s]+$")
     api_key: SecretStr | None = None
+    # Model names or shell-style patterns (``gpt-4o*``); ``*`` serves every model.
     models: tuple[str, ...] = ("*",)
-    region: str | None = None
+    region: str | None = Field(default=None, max_length=64)
+    # Which wire format the upstream speaks; by default Anthropic's for provider "anthropic", else OpenAI's.
+    api: Literal["openai", "anthropic"] | None = None
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    # Longest wait for the next byte of an answer (a stream may run longer than this in total).
+    timeout_seconds: float = Field(default=600.0, gt=0, le=3600)
+
+    @property
+    def wire_api(self) -> Literal["openai", "anthropic"]:
+        if self.api is not None:
+            return self.api
+        return "anthropic" if self.provider == "anthropic" else "openai"
 
 
 class LimitConfig(_Strict):
@@ -103,6 +117,8 @@ class PlanConfig(_Strict):
     overage: Literal["block", "overage"] | None = None
     discount_pct: int | None = Field(default=None, ge=0, le=100)
     limits: tuple[LimitConfig, ...] | None = None
+    # Gateway: end a stream with an error event when the organization's credits run out mid-response.
+    stream_cutoff: bool | None = None
 
 
 class PriceOverride(_Strict):
@@ -149,6 +165,10 @@ class Settings(BaseSettings):
     quota_fail_open: bool = False
     reservation_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    # Gateway: the output tokens reserved when a request names no max_tokens, and how often a stream's
+    # consumption so far is published (GET /v1/usage shows it before the stream ends).
+    gateway_default_max_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    stream_progress_interval_ms: int = Field(default=250, ge=10, le=60_000)
     plans: dict[str, PlanConfig] = Field(default_factory=dict)
     prices: dict[str, PriceOverride] = Field(default_factory=dict)
 
@@ -192,6 +212,15 @@ class Settings(BaseSettings):
     def _database_url(cls, value: str) -> str:
         if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
             raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_upstreams(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
+        names = [u.name for u in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique: {', '.join(duplicates)}")
         return value
 
     def rate_for(self, currency: str) -> Decimal | None:

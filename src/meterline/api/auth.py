@@ -34,6 +34,10 @@ TokensDep = Annotated[TokenService, Depends(get_tokens)]
 def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
+        # Anthropic's SDKs send their key as ``x-api-key``; accepted so they work unmodified.
+        api_key = request.headers.get("x-api-key", "").strip()
+        if api_key:
+            return api_key
         raise Unauthorized("missing Authorization header: send 'Authorization: Bearer <your Meterline key>'")
     scheme, _, token = header.partition(" ")
     token = token.strip()

@@ -192,7 +192,9 @@ def limit_status(status: LimitStatus) -> dict[str, Any]:
     }
 
 
-def credits(balance: CreditBalance, allowance_nanos: int) -> dict[str, Any]:
+def credits(balance: CreditBalance, allowance_nanos: int, in_flight_nanos: int = 0) -> dict[str, Any]:
+    """Credit buckets; ``in_flight_nanos`` (what running streams have consumed so far) counts as drawn."""
+    balance = balance.including(in_flight_nanos, allowance_nanos)
     unlimited = allowance_nanos == UNLIMITED
     monthly_left = UNLIMITED if unlimited else max(allowance_nanos - balance.monthly_used, 0)
     return {
@@ -208,6 +210,7 @@ def credits(balance: CreditBalance, allowance_nanos: int) -> dict[str, Any]:
             "remaining": money_number(max(balance.bonus_left, 0)),
         },
         "overage": money_number(balance.overage),
+        "in_flight": money_number(in_flight_nanos),
         "used": money_number(balance.monthly_used + balance.bonus_used_this_period + balance.overage),
         "remaining": _amount(
             "credits", UNLIMITED if unlimited else monthly_left + max(balance.bonus_left, 0)

@@ -47,8 +47,28 @@ class HeldReservation:
     expires_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What ``Reservations.hold`` gives the caller: the quota reservation, its durable half and the
+    priced estimate (a caller in the same process settles with it without reading the store back)."""
+
+    reservation: Reservation
+    held: HeldReservation
+    estimate: LedgerRow
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """Consumption of an organization's open reservations so far (streams publish it as they go)."""
+
+    credits_nanos: int = 0
+    cost_nanos: int = 0
+
+
 class ReservationStore(Protocol):
     def add(self, held: HeldReservation) -> None: ...
+    def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> None: ...
+    def in_flight(self, organization_id: str) -> InFlight: ...
     def get(self, reservation_id: str) -> HeldReservation | None: ...
     def remove(self, reservation_id: str) -> bool: ...
     def due(self, before: datetime, limit: int) -> list[HeldReservation]: ...
@@ -98,7 +118,19 @@ class Reservations:
         self, subject: Subject, estimate: UsageRecord, account: Account, ttl: timedelta | None = None
     ) -> tuple[Reservation, LedgerRow]:
         """Hold ``estimate`` against every limit (or raise LimitExceeded) and make the hold durable."""
-        reservation_id = ids.prefixed("rsv")
+        hold = self.hold(subject, estimate, account, ttl)
+        return hold.reservation, hold.estimate
+
+    def hold(
+        self,
+        subject: Subject,
+        estimate: UsageRecord,
+        account: Account,
+        ttl: timedelta | None = None,
+        reservation_id: str | None = None,
+    ) -> Hold:
+        """``reserve``, returning the durable half too (see ``finish``)."""
+        reservation_id = reservation_id or ids.prefixed("rsv")
         estimate = replace(estimate, idempotency_key=reservation_id)
         priced = self._settler.price(estimate, account)
         reservation = self._engine.reserve_many(
@@ -119,7 +151,28 @@ class Reservations:
         except BaseException:
             self._engine.release([reservation])
             raise
-        return reservation, priced
+        return Hold(reservation, held, priced)
+
+    def finish(self, held: HeldReservation, actual: Mapping[str, Any]) -> Settled:
+        """Settle a reservation this process holds, with the actual usage (no read of the store).
+
+        If recovery got there first (the lease ran out), the row it wrote is answered: exactly once."""
+        return self._finish(held, replace(held.estimate, **actual))
+
+    def abandon(self, held: HeldReservation) -> None:
+        """Release a reservation this process holds: the work did not happen, nothing is billed."""
+        if self._store.remove(held.id):
+            self._engine.release_holds([held.id])
+
+    def progress(self, held: HeldReservation, so_far: Mapping[str, Any], account: Account) -> LedgerRow:
+        """Publish what an unfinished piece of work has consumed so far (priced like its settle will be),
+        so that usage read while a response streams already shows it. Returns the priced row."""
+        row = self._settler.price(replace(held.estimate, **so_far), account)
+        self._store.progress(held.id, row.credits_nanos, row.cost_nanos)
+        return row
+
+    def in_flight(self, organization_id: str) -> InFlight:
+        return self._store.in_flight(organization_id)
 
     def get(self, organization_id: str, reservation_id: str) -> HeldReservation:
         held = self._store.get(reservation_id)

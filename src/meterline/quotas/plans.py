@@ -31,6 +31,8 @@ class Plan:
     discount_pct: int = 0
     # Limits beyond the named ones: custom event meters (``units:case.execute``), other scopes, spend.
     limits: tuple[Limit, ...] = ()
+    # Gateway: a stream is ended (with an error event) once the organization's credits run out.
+    stream_cutoff: bool = False
 
 
 DEFAULT_PLANS: Mapping[str, Plan] = {

@@ -41,6 +41,25 @@ class CreditBalance:
     def bonus_left(self) -> int:
         return self.bonus_granted - self.bonus_used
 
+    def including(self, in_flight_nanos: int, allowance_nanos: int) -> CreditBalance:
+        """The balance as it will be once work in flight (streams still running) settles at what it has
+        consumed so far: drawn monthly first, then bonus, like a settle."""
+        if in_flight_nanos <= 0:
+            return self
+        split = draw(
+            in_flight_nanos,
+            allowance=allowance_nanos,
+            monthly_used=self.monthly_used,
+            bonus_left=self.bonus_left,
+        )
+        return CreditBalance(
+            monthly_used=self.monthly_used + split.monthly,
+            bonus_used_this_period=self.bonus_used_this_period + split.bonus,
+            overage=self.overage + split.overage,
+            bonus_granted=self.bonus_granted,
+            bonus_used=self.bonus_used + split.bonus,
+        )
+
 
 def granted(conn: Connection, organization_id: str) -> int:
     query = select(func.coalesce(func.sum(credit_grants.c.credits_nanos), 0)).where(

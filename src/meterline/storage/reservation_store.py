@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from meterline.clock import from_micros, to_micros
 from meterline.metering.records import LedgerRow
-from meterline.metering.reservations import HeldReservation, decode_record, encode_record
+from meterline.metering.reservations import HeldReservation, InFlight, decode_record, encode_record
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
@@ -43,6 +43,23 @@ class SqlReservationStore:
                     expires_at_us=to_micros(held.expires_at),
                 )
             )
+
+    def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                reservations.update()
+                .where(reservations.c.id == reservation_id)
+                .values(progress_credits_nanos=credits_nanos, progress_cost_nanos=cost_nanos)
+            )
+
+    def in_flight(self, organization_id: str) -> InFlight:
+        query = select(
+            func.coalesce(func.sum(reservations.c.progress_credits_nanos), 0),
+            func.coalesce(func.sum(reservations.c.progress_cost_nanos), 0),
+        ).where(reservations.c.organization_id == organization_id)
+        with self._db.read() as conn:
+            credits_nanos, cost_nanos = conn.execute(query).one()
+        return InFlight(int(credits_nanos), int(cost_nanos))
 
     def get(self, reservation_id: str) -> HeldReservation | None:
         with self._db.read() as conn:

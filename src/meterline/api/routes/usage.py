@@ -71,6 +71,10 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
         if scope == Scope(org.id)
         else services.reader.totals(Scope(org.id), summary.period.start, summary.period.end)
     )
+    # Streams still running count with what they have consumed so far (seed 002: credits drop while the
+    # response streams); the settle replaces that with the final figure.
+    in_flight = services.reservations.in_flight(org.id)
+    spent = org_period.cost_nanos + in_flight.cost_nanos
     return {
         "object": "usage.summary",
         # Seed 003's fields first: the plan's primary meter (tokens this billing period).
@@ -106,13 +110,16 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
         # Every limit that applies to this caller, with what its current window has consumed (settled
         # and reserved), then the organization's credit buckets and spend.
         "limits": [render.limit_status(s) for s in services.quotas.status(subject)],
-        "credits": render.credits(services.credit_balance(org, now), account_allowance),
+        "credits": render.credits(
+            services.credit_balance(org, now), account_allowance, in_flight.credits_nanos
+        ),
         "spend": {
-            "amount": render.money_number(org_period.cost_nanos),
+            "amount": render.money_number(spent),
+            "in_flight": render.money_number(in_flight.cost_nanos),
             "cap": None if org.spend_cap_nanos is None else render.money_number(org.spend_cap_nanos),
             "remaining": None
             if org.spend_cap_nanos is None
-            else render.money_number(max(org.spend_cap_nanos - org_period.cost_nanos, 0)),
+            else render.money_number(max(org.spend_cap_nanos - spent, 0)),
             "currency": org.currency,
         },
     }

@@ -1,0 +1,69 @@
+"""The gateway's endpoints (SPEC §3): OpenAI-compatible and Anthropic ``/v1/messages``, ``/v1/models``,
+and Prometheus ``/metrics``. The relay itself is in ``meterline.api.gateway``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from meterline.api.auth import get_principal
+from meterline.api.gateway import gateway_of, relay
+from meterline.api.responses import JSON
+
+router = APIRouter(tags=["gateway"])
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    """OpenAI chat completions, streamed or not, metered and forwarded to the model's routes."""
+    return await relay(request, "chat", "/chat/completions")
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request) -> Response:
+    """OpenAI legacy completions."""
+    return await relay(request, "completions", "/completions")
+
+
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(request: Request) -> Response:
+    """OpenAI embeddings (billed by input tokens)."""
+    return await relay(request, "embeddings", "/embeddings")
+
+
+@router.post("/v1/responses", response_model=None)
+async def responses(request: Request) -> Response:
+    """OpenAI Responses API, streamed or not."""
+    return await relay(request, "responses", "/responses")
+
+
+@router.post("/v1/audio/transcriptions", response_model=None)
+async def transcriptions(request: Request) -> Response:
+    """OpenAI audio transcriptions (multipart; billed by audio seconds)."""
+    return await relay(request, "transcriptions", "/audio/transcriptions")
+
+
+@router.post("/v1/messages", response_model=None)
+async def messages(request: Request) -> Response:
+    """Anthropic messages, streamed or not (authenticate with ``x-api-key`` or a bearer token)."""
+    return await relay(request, "messages", "/messages")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSON:
+    """The models the configured routes serve by name (pattern routes serve others too)."""
+    gateway = gateway_of(request)
+    await run_in_threadpool(get_principal, request, gateway.services, gateway.tokens)
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": route.provider}
+        for model, route in gateway.routes.models()
+    ]
+    return JSON({"object": "list", "data": data})
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: gateway requests, latency, upstream errors, failovers, refusals, in flight."""
+    registry = gateway_of(request).metrics
+    return Response(registry.render(), media_type=registry.content_type)

@@ -1,0 +1,163 @@
+"""One metered request through the gateway: estimate -> reserve -> (forward) -> settle or release.
+
+Everything here is synchronous and talks to storage: the HTTP layer runs it off the event loop. The money
+path is the one the events API uses (``Reservations`` -> ``Settler``): a token costs the same whichever way
+it arrived, and a crash between reserve and settle is recovered by the reservation's durable half.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from meterline.gateway.flavors import Api, TokenUsage
+from meterline.gateway.routing import Route
+from meterline.metering.records import LedgerRow, UsageRecord
+from meterline.metering.reservations import Hold
+from meterline.metering.settle import Account
+from meterline.quotas.engine import RateLimits
+from meterline.quotas.limits import UNLIMITED
+from meterline.quotas.plans import Plan
+from meterline.services import Services
+from meterline.storage.credit_store import CreditBalance
+from meterline.tenancy import Organization, Principal
+
+MODALITY = {
+    "chat": "chat",
+    "completions": "chat",
+    "responses": "chat",
+    "messages": "chat",
+    "embeddings": "embedding",
+    "transcriptions": "transcription",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the gateway knows about a request before it is forwarded."""
+
+    api: Api
+    endpoint: str
+    model: str
+    prompt_tokens: int  # estimated with the tokenizer
+    max_output_tokens: int
+    source: str
+    user_id: str | None
+    receipt: bool
+    audio_seconds: Decimal | None = None
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A reserved request: what settling or releasing it needs."""
+
+    principal: Principal
+    org: Organization
+    plan: Plan
+    account: Account
+    request: Request
+    hold: Hold
+    receipt_id: str | None
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        return self.hold.reservation.rate_limits
+
+    @property
+    def reservation_id(self) -> str:
+        return self.hold.held.id
+
+
+class Exchanges:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def reserve(self, principal: Principal, request: Request, first: Route) -> Ticket:
+        """Hold the estimate against every limit of the caller (LimitExceeded -> 429 upstream of here)."""
+        services = self._services
+        org = services.tenancy.get_organization(principal.organization_id)
+        account = services.account_of(org)
+        receipt_id = str(uuid.uuid4()) if request.receipt else None
+        estimate = UsageRecord(
+            organization_id=org.id,
+            workspace_id=principal.workspace_id,
+            created_at=services.clock.now(),
+            model=request.model,
+            provider=first.provider,
+            region=first.region,
+            modality=MODALITY[request.api],
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.max_output_tokens,
+            audio_seconds=request.audio_seconds,
+            key_id=principal.key_id,
+            key_prefix=principal.key_prefix,
+            key_name=principal.key_name,
+            identifier_id=principal.identifier_id,
+            user_id=principal.identifier_id or request.user_id,
+            source=request.source,
+            endpoint=request.endpoint,
+            receipt_id=receipt_id,
+            receipt=request.receipt,
+        )
+        subject = services.subject_of(org, principal)
+        hold = services.reservations.hold(subject, estimate, account)
+        return Ticket(principal, org, services.plan_of(org), account, request, hold, receipt_id)
+
+    def settle(
+        self,
+        ticket: Ticket,
+        usage: TokenUsage,
+        route: Route,
+        *,
+        failover: bool,
+        audio_seconds: Decimal | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> LedgerRow:
+        """Replace the estimate with what was consumed: the ledger row (and its receipt) is written."""
+        actual: dict[str, Any] = {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "provider": route.provider,
+            "region": route.region,
+            "failover": failover,
+            "created_at": self._services.clock.now(),
+        }
+        if ticket.request.api == "transcriptions":
+            actual["audio_seconds"] = audio_seconds
+        if metadata:
+            actual["metadata"] = metadata
+        return self._services.reservations.finish(ticket.hold.held, actual).row
+
+    def release(self, ticket: Ticket) -> None:
+        """The request never reached a model (or the upstream refused it): nothing is billed."""
+        self._services.reservations.abandon(ticket.hold.held)
+
+    def progress(self, ticket: Ticket, usage: TokenUsage) -> LedgerRow:
+        """Publish a stream's consumption so far (seed 002: credits drop while the response streams)."""
+        so_far = {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        }
+        return self._services.reservations.progress(ticket.hold.held, so_far, ticket.account)
+
+    def out_of_credits(self, ticket: Ticket) -> bool:
+        """Whether the organization has consumed every credit it has, streams in flight included.
+
+        Only for plans with ``stream_cutoff`` whose credits gate requests (see ``CreditTerms.enforced``)."""
+        terms = ticket.account.credits
+        if not ticket.plan.stream_cutoff or terms is None or not terms.enforced:
+            return False
+        if terms.monthly_allowance_nanos == UNLIMITED:
+            return False
+        services = self._services
+        balance: CreditBalance = services.credit_balance(ticket.org, services.clock.now())
+        in_flight = services.reservations.in_flight(ticket.org.id)
+        # What settled rows left in both buckets, less what open streams have consumed so far.
+        left = max(terms.monthly_allowance_nanos - balance.monthly_used, 0) + max(balance.bonus_left, 0)
+        return in_flight.credits_nanos > left

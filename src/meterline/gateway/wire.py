@@ -1,0 +1,232 @@
+"""What the gateway reads from and adds to the wire formats, apart from sending (``upstream``) and
+metering streams (``streams``): request parsing and estimates, answers and their usage, error events.
+
+Bodies pass through byte for byte, with two documented exceptions: ``stream_options.include_usage`` is
+added to an OpenAI-style streamed request that lacks it (the gateway needs the usage; the extra chunk is
+removed before the client sees it), and a non-streamed answer without ``usage`` gets one (seed 001:
+every response carries usage).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from meterline.errors import InvalidRequest
+from meterline.gateway import tokens, usage
+from meterline.gateway.audio import audio_seconds as audio_duration
+from meterline.gateway.flavors import Api, TokenUsage
+from meterline.gateway.sse import SSEEvent
+
+_SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_MAX_MODEL = 200
+_MAX_USER = 200
+_STREAMABLE: frozenset[Api] = frozenset({"chat", "completions", "responses", "messages"})
+# OpenAI-style streams whose usage comes only when asked for with ``stream_options``.
+_ASK_FOR_USAGE: frozenset[Api] = frozenset({"chat", "completions"})
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A gateway request as read from the client."""
+
+    model: str
+    stream: bool
+    forward_body: bytes  # what is sent upstream
+    prompt_tokens: int
+    max_output_tokens: int  # the request's own maximum, else the operator's default (x n choices)
+    user_id: str | None
+    client_wants_usage: bool
+    content_type: str | None = None  # set when the body is not JSON (multipart audio)
+    audio_seconds: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A non-streamed upstream answer: the body for the client and what it consumed."""
+
+    body: bytes
+    usage: TokenUsage
+    audio_seconds: Decimal | None = None
+
+
+def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body must be JSON: {exc.msg}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = _model(body.get("model"))
+    stream = body.get("stream") is True and api in _STREAMABLE
+    wants_usage = True
+    forward = raw
+    if stream and api in _ASK_FOR_USAGE:
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if not wants_usage:
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            forward = orjson.dumps(body)
+    return Parsed(
+        model=model,
+        stream=stream,
+        forward_body=forward,
+        prompt_tokens=tokens.estimate_prompt_tokens(api, body, model),
+        max_output_tokens=tokens.max_output_tokens(api, body, default_max_tokens),
+        user_id=_user_of(api, body),
+        client_wants_usage=wants_usage,
+    )
+
+
+def parse_transcription(
+    raw: bytes, content_type: str, fields: Mapping[str, str], file: tuple[str, str, bytes] | None
+) -> Parsed:
+    """A multipart ``/v1/audio/transcriptions`` request: forwarded as it came, billed by audio seconds."""
+    if file is None:
+        raise InvalidRequest("multipart field 'file' (the audio) is required", param="file")
+    filename, file_type, data = file
+    return Parsed(
+        model=_model(fields.get("model")),
+        stream=False,
+        forward_body=raw,
+        prompt_tokens=0,
+        max_output_tokens=0,
+        user_id=_text(fields.get("user"), _MAX_USER),
+        client_wants_usage=True,
+        content_type=content_type,
+        audio_seconds=audio_duration(filename, file_type, data),
+    )
+
+
+def _model(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest('model is required: name the model to call, e.g. "gpt-4o-mini"', param="model")
+    if len(value) > _MAX_MODEL:
+        raise InvalidRequest(f"model must be at most {_MAX_MODEL} characters", param="model")
+    return value
+
+
+def _text(value: object, limit: int) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _user_of(api: Api, body: Mapping[str, Any]) -> str | None:
+    if api == "messages":
+        metadata = body.get("metadata")
+        return _text(metadata.get("user_id"), _MAX_USER) if isinstance(metadata, dict) else None
+    return _text(body.get("user"), _MAX_USER)
+
+
+def receipt_opt_out(value: str | None) -> bool:
+    """``X-Meterline-Receipt: false`` opts out of a receipt (seed 004)."""
+    if value is None:
+        return False
+    flag = value.strip().lower()
+    if flag in ("false", "0", "no", "off"):
+        return True
+    if flag in ("true", "1", "yes", "on"):
+        return False
+    raise InvalidRequest("X-Meterline-Receipt must be true or false", param="X-Meterline-Receipt")
+
+
+def source_of(value: str | None) -> str | None:
+    """``X-Meterline-Source`` (web, cli, api, ...: seed 002's chart lines)."""
+    if value is None:
+        return None
+    source = value.strip().lower()
+    if not _SOURCE.match(source):
+        raise InvalidRequest(
+            "X-Meterline-Source must be 1-32 lowercase letters, digits, '_', '.' or '-' (e.g. web, cli)",
+            param="X-Meterline-Source",
+        )
+    return source
+
+
+def is_event_stream(headers: Mapping[str, str]) -> bool:
+    return headers.get("content-type", "").startswith("text/event-stream")
+
+
+def is_terminal(api: Api, event: SSEEvent) -> bool:
+    """The event that ends a successful stream (the row is written before it is passed on)."""
+    if api == "messages":
+        return event.event == "message_stop"
+    if api == "responses":
+        return event.event in ("response.completed", "response.incomplete", "response.failed")
+    return event.data == "[DONE]"
+
+
+def error_event(api: Api, code: str, message: str) -> bytes:
+    """A final error event in the stream's own format, which the provider's SDK raises as an error."""
+    if api == "messages":
+        payload = {"type": "error", "error": {"type": code, "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+    body = orjson.dumps({"error": {"type": code, "code": code, "message": message}})
+    if api == "responses":
+        return b"event: error\ndata: " + body + b"\n\n"
+    return b"data: " + body + b"\n\n"
+
+
+def read_answer(api: Api, parsed: Parsed, content: bytes, content_type: str | None) -> Answer:
+    """The usage of a non-streamed answer: the upstream's own count, else counted here."""
+    if api == "transcriptions":
+        return _transcription_answer(parsed, content)
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        return Answer(content, TokenUsage(parsed.prompt_tokens, 0))
+    reported = usage.usage_from_response(api, data)
+    if reported is not None:
+        return Answer(content, reported)
+    counted = TokenUsage(
+        parsed.prompt_tokens, tokens.count_tokens(usage.generated_text(api, data), parsed.model)
+    )
+    return Answer(orjson.dumps(usage.with_usage(api, data, counted)), counted)
+
+
+def _transcription_answer(parsed: Parsed, content: bytes) -> Answer:
+    # Parsed with Decimal floats: a duration is money's factor here and must not pass through float.
+    try:
+        data = json.loads(content, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        return Answer(content, TokenUsage(0, 0), parsed.audio_seconds)
+    seconds = parsed.audio_seconds
+    if isinstance(data, dict):
+        reported = data.get("usage")
+        if isinstance(reported, dict) and reported.get("type") == "duration":
+            seconds = _seconds(reported.get("seconds")) or seconds
+        elif data.get("duration") is not None:
+            seconds = _seconds(data.get("duration")) or seconds
+    return Answer(content, TokenUsage(0, 0), seconds)
+
+
+def _seconds(value: object) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        return None
+    try:
+        seconds = Decimal(value)
+    except InvalidOperation:
+        return None
+    return seconds if seconds.is_finite() and 0 <= seconds <= 86_400 * 7 else None
+
+
+def upstream_message(content: bytes) -> str:
+    """The message of an upstream's error body (OpenAI's and Anthropic's shapes), shortened."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return content[:200].decode("utf-8", "replace") or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:500]
+        if isinstance(data.get("message"), str):
+            return str(data["message"])[:500]
+    return "(no message)"

@@ -1,0 +1,727 @@
+"""The gateway end to end: the official ``openai`` and ``anthropic`` SDKs, unmodified, against a real
+Meterline server on loopback, in front of fake upstreams that are real HTTP servers.
+
+Every test checks what a user would: the SDK's answer, the headers, and the ledger row the request left
+(tokens, exact cost, attribution, failover, receipt)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+import warnings
+import wave
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from joserfc import jws
+from joserfc.errors import SecurityWarning
+from joserfc.jwk import KeySet
+
+from conftest import ADMIN, ADMIN_KEY, NOW, Tenant, make_tenant
+from meterline.api.app import create_app
+from meterline.clock import FrozenClock
+from meterline.config import load_settings
+from meterline.gateway.tokens import count_tokens
+from meterline.services import Services, build_services
+from meterline.testing.fake_upstream import FakeUpstream
+from servers import ThreadServer, free_port
+
+UPSTREAM_KEY = "sk-upstream-primary-0123456789abcdef"
+BACKUP_KEY = "sk-upstream-backup-fedcba9876543210"
+NANO = Decimal("0.000000001")
+# genai-prices, per million tokens (USD).
+GPT_4O_MINI = {"input": Decimal("0.15"), "cache_read": Decimal("0.075"), "output": Decimal("0.6")}
+HAIKU = {
+    "input": Decimal("1"),
+    "cache_read": Decimal("0.1"),
+    "cache_write": Decimal("1.25"),
+    "output": Decimal("5"),
+}
+
+
+@pytest.fixture(scope="module")
+def primary() -> Iterator[FakeUpstream]:
+    with FakeUpstream.start(api_key=UPSTREAM_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def backup() -> Iterator[FakeUpstream]:
+    with FakeUpstream.start(api_key=BACKUP_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes(primary: FakeUpstream, backup: FakeUpstream) -> None:
+    for fake in (primary, backup):
+        fake.reset()
+
+
+class Gateway:
+    """A running Meterline server with one tenant, and ways to look at what it recorded."""
+
+    def __init__(self, server: ThreadServer, services: Services, tenant: Tenant, http: httpx.Client) -> None:
+        self.server, self.services, self.tenant, self.http = server, services, tenant, http
+        self.base = server.base
+
+    def openai(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.base}/v1", api_key=kw.pop("key", self.tenant.key), max_retries=0, **kw
+        )
+
+    def async_openai(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=self.tenant.key, max_retries=0)
+
+    def anthropic(self) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.base, api_key=self.tenant.key, max_retries=0)
+
+    def ledger(self) -> list[dict[str, Any]]:
+        response = self.http.get("/v1/usage/ledger", headers=self.tenant.headers)
+        assert response.status_code == 200, response.text
+        rows: list[dict[str, Any]] = response.json()["data"]
+        return rows
+
+    def only_row(self) -> dict[str, Any]:
+        rows = self.ledger()
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def usage(self) -> dict[str, Any]:
+        response = self.http.get("/v1/usage", headers=self.tenant.headers)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def open_reservations(self) -> int:
+        return self.services.reservation_store.count()
+
+
+def _settings(db_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream, **extra: Any) -> Any:
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: a connect error
+    upstreams = [
+        {"name": "dead", "base_url": dead, "models": ["gpt-4.1"]},
+        {
+            "name": "primary",
+            "provider": "openai",
+            "base_url": primary.url,
+            "api_key": UPSTREAM_KEY,
+            "region": "eu-west",
+            "models": [
+                "gpt-4o-mini",
+                "gpt-4o",
+                "text-embedding-3-small",
+                "whisper-1",
+                "gpt-3.5-turbo-instruct",
+                "costly-*",
+            ],
+        },
+        {
+            "name": "backup",
+            "provider": "openai",
+            "base_url": backup.url,
+            "api_key": BACKUP_KEY,
+            "region": "us-east",
+            "models": ["gpt-4o-mini", "gpt-4.1", "costly-*"],
+        },
+        {
+            "name": "claude",
+            "provider": "anthropic",
+            "base_url": primary.url,
+            "api_key": UPSTREAM_KEY,
+            "models": ["claude-*"],
+        },
+        {
+            "name": "claude-backup",
+            "provider": "anthropic",
+            "base_url": backup.url,
+            "api_key": BACKUP_KEY,
+            "region": "us-east",
+            "models": ["claude-*"],
+        },
+    ]
+    return load_settings(
+        database_url=db_url,
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "signing-key.json"),
+        upstreams=upstreams,
+        stream_progress_interval_ms=20,
+        **extra,
+    )
+
+
+def _start(settings: Any, **tenant: Any) -> Iterator[Gateway]:
+    services = build_services(settings, clock=FrozenClock(NOW), migrate=False)
+    try:
+        with (
+            ThreadServer(create_app(settings, services=services)) as server,
+            httpx.Client(base_url=server.base, timeout=30) as http,
+        ):
+            yield Gateway(server, services, make_tenant(http, **tenant), http)  # type: ignore[arg-type]
+    finally:
+        services.close()
+
+
+@pytest.fixture
+def gw(sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream) -> Iterator[Gateway]:
+    yield from _start(_settings(sqlite_url, tmp_path, primary, backup))
+
+
+@pytest.fixture
+def gw_any(
+    database_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> Iterator[Gateway]:
+    """The gateway on each backend (SQLite and PostgreSQL)."""
+    yield from _start(_settings(database_url, tmp_path, primary, backup))
+
+
+def _cost(prices: dict[str, Decimal], prompt: int, completion: int, read: int = 0, write: int = 0) -> Decimal:
+    total = (
+        (prompt - read - write) * prices["input"]
+        + read * prices.get("cache_read", Decimal(0))
+        + write * prices.get("cache_write", Decimal(0))
+        + completion * prices["output"]
+    ) / 1_000_000
+    return total.quantize(NANO)
+
+
+HELLO = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+
+
+# -- OpenAI chat, sync -------------------------------------------------------------------------------
+def test_chat_completion_is_metered_exactly(gw_any: Gateway, primary: FakeUpstream) -> None:
+    client = gw_any.openai()
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO, max_tokens=7)
+    completion = raw.parse()
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 7
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 7
+    for name in ("RPM", "TPM"):
+        for part in ("Limit", "Remaining", "Reset"):
+            assert raw.headers[f"x-ratelimit-{part.lower()}-{name.lower()}"].lstrip("-").isdigit()
+    assert raw.headers["x-request-id"]
+    receipt_id = raw.headers["x-meterline-receipt-id"]
+
+    row = gw_any.only_row()
+    assert row["prompt_tokens"] == completion.usage.prompt_tokens
+    assert row["completion_tokens"] == 7
+    assert Decimal(row["cost"]) == _cost(GPT_4O_MINI, completion.usage.prompt_tokens, 7)
+    assert row["receipt_id"] == receipt_id
+    assert row["provider"] == "openai"
+    assert row["region"] == "eu-west"
+    assert row["failover"] is False
+    assert row["endpoint"] == "/v1/chat/completions"
+    assert row["source"] == "api"
+    assert row["modality"] == "chat"
+    assert row["key_prefix"] == gw_any.tenant.key_info["key_prefix"]
+    assert gw_any.open_reservations() == 0
+
+    # The upstream got the client's body byte for byte, with the upstream's key and not the client's.
+    (seen,) = primary.requests()
+    assert seen.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert gw_any.tenant.key not in json.dumps(seen.headers) + (seen.body or "")
+    assert seen.body is not None
+    assert seen.body.encode() == raw.http_request.content
+
+
+def test_response_body_passes_through_unchanged(gw: Gateway, primary: FakeUpstream) -> None:
+    body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 4}
+    direct = httpx.post(
+        f"{primary.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {UPSTREAM_KEY}"}
+    ).json()
+    proxied = gw.http.post("/v1/chat/completions", json=body, headers=gw.tenant.headers)
+    assert proxied.status_code == 200, proxied.text
+    got = proxied.json()
+    for volatile in ("id", "created"):
+        direct.pop(volatile, None)
+        got.pop(volatile, None)
+    assert got == direct
+
+
+# -- streaming ---------------------------------------------------------------------------------------
+def test_stream_is_metered_and_the_extra_usage_chunk_is_hidden(gw: Gateway, primary: FakeUpstream) -> None:
+    stream = gw.openai().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=9, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert all(c.choices for c in chunks), "the client did not ask for usage and must not get the usage chunk"
+    assert all(c.usage is None for c in chunks)
+    (seen,) = primary.requests()
+    assert seen.json["stream_options"] == {"include_usage": True}
+    row = gw.only_row()
+    assert row["completion_tokens"] == 9 == count_tokens(text, "gpt-4o-mini")
+    assert Decimal(row["cost"]) == _cost(GPT_4O_MINI, row["prompt_tokens"], 9)
+
+
+def test_stream_with_usage_asked_for_gets_it(gw: Gateway) -> None:
+    stream = gw.openai().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert len(usage) == 1
+    row = gw.only_row()
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (usage[0].prompt_tokens, 5)
+
+
+def test_async_client_plain_and_streamed(gw: Gateway) -> None:
+    async def run() -> tuple[int, str]:
+        async with gw.async_openai() as client:
+            plain = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=3)
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO, max_tokens=6, stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert plain.usage is not None
+            return plain.usage.completion_tokens, text
+
+    completion_tokens, text = asyncio.run(run())
+    assert completion_tokens == 3
+    assert count_tokens(text, "gpt-4o-mini") == 6
+    assert sorted(r["completion_tokens"] for r in gw.ledger()) == [3, 6]
+
+
+def test_upstream_without_usage_is_counted_locally(gw: Gateway, primary: FakeUpstream) -> None:
+    primary.set_default("no_usage")
+    client = gw.openai()
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=8)
+    assert plain.usage is not None, "the gateway adds usage when the upstream leaves it out"
+    assert plain.usage.completion_tokens == 8
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=5, stream=True)
+    assert sum(1 for _ in stream) > 0
+    rows = sorted(gw.ledger(), key=lambda r: r["completion_tokens"])
+    assert [r["completion_tokens"] for r in rows] == [5, 8]
+    assert rows[1]["prompt_tokens"] == plain.usage.prompt_tokens > 0
+
+
+def test_cached_tokens_are_priced_once(gw: Gateway, primary: FakeUpstream) -> None:
+    primary.set_default("cache")
+    completion = gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4)
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens_details is not None
+    cached = completion.usage.prompt_tokens_details.cached_tokens or 0
+    assert cached > 0
+    row = gw.only_row()
+    assert row["cache_read_tokens"] == cached
+    assert row["prompt_tokens"] == completion.usage.prompt_tokens
+    assert Decimal(row["cost"]) == _cost(GPT_4O_MINI, completion.usage.prompt_tokens, 4, read=cached)
+
+
+# -- Anthropic ---------------------------------------------------------------------------------------
+def test_anthropic_messages_plain_stream_and_cache(gw_any: Gateway, primary: FakeUpstream) -> None:
+    client = gw_any.anthropic()
+    message = client.messages.create(
+        model="claude-haiku-4-5", max_tokens=6, messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert message.usage.output_tokens == 6
+    with client.messages.stream(
+        model="claude-haiku-4-5", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+    assert count_tokens(text, "claude-haiku-4-5") == 4
+    primary.script("cache")
+    cached = client.messages.create(
+        model="claude-haiku-4-5", max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+    )
+    read = cached.usage.cache_read_input_tokens or 0
+    write = cached.usage.cache_creation_input_tokens or 0
+    assert read > 0
+    assert write > 0
+    rows = {r["completion_tokens"]: r for r in gw_any.ledger()}
+    assert set(rows) == {6, 4, 2}
+    assert rows[6]["prompt_tokens"] == message.usage.input_tokens
+    assert rows[6]["provider"] == "anthropic"
+    c = rows[2]
+    assert c["prompt_tokens"] == cached.usage.input_tokens + read + write
+    assert (c["cache_read_tokens"], c["cache_write_tokens"]) == (read, write)
+    assert Decimal(c["cost"]) == _cost(HAIKU, c["prompt_tokens"], 2, read=read, write=write)
+    # Anthropic's SDK sends x-api-key: the upstream sees its own key only.
+    assert all(r.headers.get("x-api-key") == UPSTREAM_KEY for r in primary.requests())
+    assert all("authorization" not in r.headers for r in primary.requests())
+
+
+def test_anthropic_async_stream(gw: Gateway) -> None:
+    async def run() -> str:
+        async with anthropic.AsyncAnthropic(base_url=gw.base, api_key=gw.tenant.key, max_retries=0) as client:
+            stream = await client.messages.create(
+                model="claude-haiku-4-5",
+                max_tokens=5,
+                stream=True,
+                messages=[{"role": "user", "content": "Hi"}],
+            )
+            parts = []
+            async for event in stream:
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    parts.append(event.delta.text)
+            return "".join(parts)
+
+    assert count_tokens(asyncio.run(run()), "claude-haiku-4-5") == 5
+    assert gw.only_row()["completion_tokens"] == 5
+
+
+# -- other endpoints ---------------------------------------------------------------------------------
+def test_embeddings_completions_responses_and_models(gw: Gateway) -> None:
+    client = gw.openai()
+    embedding = client.embeddings.create(model="text-embedding-3-small", input=["one", "two three"])
+    assert embedding.data
+    assert embedding.usage.prompt_tokens > 0
+    legacy = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Count:", max_tokens=3)
+    assert legacy.usage is not None
+    assert legacy.usage.completion_tokens == 3
+    response = client.responses.create(model="gpt-4o-mini", input="Hello", max_output_tokens=4)
+    assert response.usage is not None
+    assert response.usage.output_tokens == 4
+    with client.responses.stream(model="gpt-4o-mini", input="Hello", max_output_tokens=3) as events:
+        final = events.get_final_response()
+    assert final.usage is not None
+    assert final.usage.output_tokens == 3
+    rows = {(r["endpoint"], r["completion_tokens"]): r for r in gw.ledger()}
+    assert set(rows) == {
+        ("/v1/embeddings", 0),
+        ("/v1/completions", 3),
+        ("/v1/responses", 4),
+        ("/v1/responses", 3),
+    }
+    assert rows[("/v1/embeddings", 0)]["modality"] == "embedding"
+    assert rows[("/v1/embeddings", 0)]["prompt_tokens"] == embedding.usage.prompt_tokens
+    models = {m.id for m in client.models.list()}
+    assert {"gpt-4o-mini", "text-embedding-3-small", "whisper-1"} <= models
+
+
+def _wav(seconds: Decimal, rate: int = 8000) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\x00\x00" * int(seconds * rate))
+    return buffer.getvalue()
+
+
+def test_transcription_is_billed_by_audio_seconds(gw: Gateway, primary: FakeUpstream) -> None:
+    audio = _wav(Decimal("2.5"))
+    client = gw.openai()
+    result = client.audio.transcriptions.create(model="whisper-1", file=("talk.wav", audio, "audio/wav"))
+    assert isinstance(result.text, str)
+    (row,) = gw.ledger()
+    assert row["modality"] == "transcription"
+    assert row["billing_unit"] == "audio_second"
+    # The upstream's own count wins (it bills whole seconds): 3 s of whisper-1 at $0.36 per hour.
+    assert Decimal(str(row["audio_seconds"])) == 3
+    assert Decimal(row["cost"]) == Decimal("0.0003")
+    # Without one, the duration of the WAV file itself is billed.
+    primary.script("no_usage")
+    client.audio.transcriptions.create(model="whisper-1", file=("talk.wav", audio, "audio/wav"))
+    newest = gw.ledger()[0]
+    assert Decimal(str(newest["audio_seconds"])) == Decimal("2.5")
+    assert Decimal(newest["cost"]) == Decimal("0.00025")
+
+
+# -- failover and upstream errors --------------------------------------------------------------------
+@pytest.mark.parametrize("failure", [{"code": 500}, {"code": 503}, {"code": 429}])
+def test_failover_on_5xx_and_429(
+    gw: Gateway, primary: FakeUpstream, backup: FakeUpstream, failure: Any
+) -> None:
+    primary.script("status", **failure)
+    completion = gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=2)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 2
+    row = gw.only_row()
+    assert row["failover"] is True
+    assert row["region"] == "us-east"
+    assert len(backup.requests()) == 1
+    assert backup.requests()[0].headers["authorization"] == f"Bearer {BACKUP_KEY}"
+    metrics = gw.http.get("/metrics").text
+    assert 'meterline_gateway_failovers_total{upstream="backup"} 1.0' in metrics
+    assert 'meterline_gateway_upstream_errors_total{kind="status",upstream="primary"} 1.0' in metrics
+
+
+def test_failover_on_connect_error_and_for_streams(gw: Gateway, primary: FakeUpstream) -> None:
+    client = gw.openai()
+    completion = client.chat.completions.create(model="gpt-4.1", messages=HELLO, max_tokens=2)
+    assert completion.usage is not None
+    primary.script("status", code=502)
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=3, stream=True)
+    assert sum(1 for _ in stream) > 0
+    rows = gw.ledger()
+    assert [r["failover"] for r in rows] == [True, True]
+    assert {r["region"] for r in rows} == {"us-east"}
+
+
+def test_timeout_fails_over(
+    sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    settings = _settings(sqlite_url, tmp_path, primary, backup)
+    slow_first = [{**u.model_dump(), "timeout_seconds": 0.5} for u in settings.upstreams]
+    for gateway in _start(
+        settings.model_copy(update={"upstreams": load_settings(upstreams=slow_first).upstreams})
+    ):
+        primary.script("hang")
+        completion = gateway.openai().chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, max_tokens=2
+        )
+        assert completion.usage is not None
+        assert gateway.only_row()["failover"] is True
+
+
+def test_all_routes_failing_is_a_502_that_costs_nothing(
+    gw: Gateway, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    primary.set_default("status", code=500)
+    backup.set_default("status", code=503)
+    with pytest.raises(openai.InternalServerError) as caught:
+        gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=2)
+    assert caught.value.status_code == 502
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "upstream_error"
+    assert UPSTREAM_KEY not in caught.value.response.text
+    assert BACKUP_KEY not in caught.value.response.text
+    assert gw.ledger() == []
+    assert gw.open_reservations() == 0
+    assert Decimal(str(gw.usage()["credits"]["used"])) == 0
+
+
+def test_upstream_client_error_passes_its_status_and_costs_nothing(
+    gw: Gateway, primary: FakeUpstream
+) -> None:
+    primary.script("status", code=400)
+    with pytest.raises(openai.BadRequestError) as caught:
+        gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=2)
+    assert caught.value.body["code"] == "upstream_error"  # type: ignore[index]
+    assert gw.ledger() == []
+    assert gw.open_reservations() == 0
+
+
+# -- quotas ------------------------------------------------------------------------------------------
+def test_quota_refusal_is_a_rate_limit_error_with_the_envelope(gw: Gateway) -> None:
+    limited = gw.http.post(
+        "/v1/admin/keys",
+        json={"workspace_id": gw.tenant.workspace["id"], "name": "tight", "limits": {"rpm": 1}},
+        headers=ADMIN,
+    ).json()["key"]
+    client = gw.openai(key=limited)
+    client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=1)
+    response = caught.value.response
+    assert response.status_code == 429
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["x-ratelimit-remaining-rpm"] == "0"
+    assert caught.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    assert caught.value.body["limit"]["name"] == "key.rpm"  # type: ignore[index]
+    assert len(gw.ledger()) == 1
+    assert 'meterline_quota_refusals_total{code="rate_limit_exceeded"} 1.0' in gw.http.get("/metrics").text
+
+
+# -- streams that end early --------------------------------------------------------------------------
+def _wait_for_rows(gateway: Gateway, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = gateway.ledger()
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUpstream) -> None:
+    primary.script("drip", pieces=400, chunk_delay_ms=10)
+    body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 400, "stream": True}
+    received = 0
+    with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.tenant.headers) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                received += 1
+            if received == 5:
+                break
+    (row,) = _wait_for_rows(gw)
+    # The first chunk carries the role only; then one token per chunk.
+    assert 4 <= row["completion_tokens"] < 400, "billed what was generated: not zero, not the reservation"
+    assert row["metadata"] == {"meterline.stream_end": "disconnect"}
+    assert gw.open_reservations() == 0
+
+
+def test_usage_moves_while_a_stream_is_running(gw: Gateway, primary: FakeUpstream) -> None:
+    primary.script("drip", pieces=60, chunk_delay_ms=15)
+    body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 60, "stream": True}
+    seen_midway: list[Decimal] = []
+    with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.tenant.headers) as response:
+        for i, _line in enumerate(response.iter_lines()):
+            if i == 40:
+                assert gw.ledger() == []
+                seen_midway.append(Decimal(str(gw.usage()["credits"]["used"])))
+    final = Decimal(str(gw.usage()["credits"]["used"]))
+    row = gw.only_row()
+    assert 0 < seen_midway[0] < final
+    assert final == Decimal(row["credits"])
+
+
+def test_upstream_cutting_the_stream_bills_what_arrived(gw: Gateway, primary: FakeUpstream) -> None:
+    primary.script("cut", after=3)
+    stream = gw.openai().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=20, stream=True
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    (row,) = _wait_for_rows(gw)
+    assert row["completion_tokens"] == 3
+    assert row["metadata"] == {"meterline.stream_end": "upstream_cut"}
+
+
+def test_stream_is_cut_when_credits_run_out(
+    sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    settings = _settings(
+        sqlite_url,
+        tmp_path,
+        primary,
+        backup,
+        plans={
+            "metered": {
+                "monthly_credits": 20,
+                "overage": "block",
+                "stream_cutoff": True,
+                "tpm": -1,
+                "rpm": -1,
+                "daily_tokens": -1,
+                "monthly_tokens": -1,
+                "daily_calls": -1,
+                "monthly_calls": -1,
+            }
+        },
+        # One credit (0.01) per output token.
+        prices={"costly-model": {"input": "0", "output": "10000"}},
+    )
+    for gateway in _start(settings, plan="metered"):
+        primary.script("drip", pieces=200, chunk_delay_ms=10)
+        stream = gateway.openai().chat.completions.create(
+            model="costly-model", messages=HELLO, max_tokens=5, stream=True
+        )
+        with pytest.raises(openai.APIError) as caught:
+            for _ in stream:
+                pass
+        assert "credits" in str(caught.value)
+        (row,) = _wait_for_rows(gateway)
+        assert 20 <= row["completion_tokens"] < 200
+        assert row["metadata"] == {"meterline.stream_end": "credits_exhausted"}
+
+
+# -- receipts, attribution, secrets ------------------------------------------------------------------
+def test_receipts_verify_against_the_published_keys(gw_any: Gateway) -> None:
+    raw = gw_any.openai().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=2
+    )
+    receipt_id = raw.headers["x-meterline-receipt-id"]
+    receipt = gw_any.http.get(f"/v1/receipts/{receipt_id}", headers=gw_any.tenant.headers)
+    assert receipt.status_code == 200, receipt.text
+    token = receipt.json()["jws"]
+    keys = KeySet.import_key_set(gw_any.http.get("/.well-known/jwks.json").json())
+    warnings.simplefilter("ignore", SecurityWarning)  # joserfc prefers the name "Ed25519" to "EdDSA"
+    verified = jws.deserialize_compact(token, keys, algorithms=["EdDSA"])
+    claims = json.loads(verified.payload)
+    row = gw_any.only_row()
+    assert claims["completion_tokens"] == row["completion_tokens"] == 2
+    assert Decimal(claims["cost"]) == Decimal(row["cost"])
+    header, payload, signature = token.split(".")
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    forged["cost"] = "0"
+    tampered = ".".join(
+        [header, base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode(), signature]
+    )
+    with pytest.raises(Exception, match="signature"):
+        jws.deserialize_compact(tampered, keys, algorithms=["EdDSA"])
+
+
+def test_receipt_opt_out(gw: Gateway) -> None:
+    raw = gw.openai().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=1, extra_headers={"X-Meterline-Receipt": "false"}
+    )
+    assert "x-meterline-receipt-id" not in raw.headers
+    assert gw.only_row()["receipt_id"] is None
+
+
+def test_attribution_source_user_and_identifier(gw: Gateway) -> None:
+    client = gw.openai()
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=HELLO,
+        max_tokens=1,
+        user="alice",
+        extra_headers={"X-Meterline-Source": "cli"},
+    )
+    token = gw.http.post("/v1/token", json={"identifier_id": "end-user-7"}, headers=gw.tenant.headers).json()
+    gw.openai(key=token["access_token"]).chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=1, extra_headers={"X-Meterline-Source": "web"}
+    )
+    rows = sorted(gw.ledger(), key=lambda r: r["source"])
+    assert [(r["source"], r["user_id"], r["identifier_id"]) for r in rows] == [
+        ("cli", "alice", None),
+        ("web", "end-user-7", "end-user-7"),
+    ]
+
+
+def test_secrets_stay_out_of_responses_and_logs(
+    gw: Gateway, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    primary.script("status", code=500)
+    client = gw.openai()
+    client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=1)
+    seen = [gw.http.get("/metrics").text, gw.http.get("/v1/models", headers=gw.tenant.headers).text]
+    seen += [json.dumps(gw.ledger())]
+    seen += [caplog.text]
+    for text in seen:
+        assert UPSTREAM_KEY not in text
+        assert BACKUP_KEY not in text
+        assert gw.tenant.key not in text
+    assert any(r.name == "meterline.access" for r in caplog.records)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b'{"messages": []}', 400, "model"),
+        (b'{"model": 7, "messages": []}', 400, "model"),
+        (b'{"model": "no-such-model", "messages": []}', 404, "model"),
+    ],
+)
+def test_bad_requests_get_the_envelope(gw: Gateway, body: bytes, status: int, param: str | None) -> None:
+    response = gw.http.post(
+        "/v1/chat/completions",
+        content=body,
+        headers={**gw.tenant.headers, "content-type": "application/json"},
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert gw.open_reservations() == 0
+
+
+def test_bad_headers_and_credentials(gw: Gateway) -> None:
+    body = {"model": "gpt-4o-mini", "messages": HELLO}
+    response = gw.http.post(
+        "/v1/chat/completions", json=body, headers={**gw.tenant.headers, "X-Meterline-Source": "Not Valid!"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "X-Meterline-Source"
+    assert gw.http.post("/v1/chat/completions", json=body).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        gw.openai(key="ml_live_not_a_real_key_000000000000").chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO
+        )
+    assert gw.http.get("/v1/models").status_code == 401
