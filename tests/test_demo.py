@@ -28,7 +28,9 @@ RANGE_END = NOW + timedelta(days=1)
 
 
 def make_services(path: Path) -> Services:
-    settings = load_settings(database_url=f"sqlite:///{path}")
+    settings = load_settings(
+        database_url=f"sqlite:///{path}", signing_key_file=str(path.with_suffix(".key.json"))
+    )
     return build_services(settings, clock=FrozenClock(NOW))
 
 

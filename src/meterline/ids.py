@@ -1,4 +1,4 @@
-"""Identifiers: UUID v4 for ledger rows (seed 004), prefixed random ids for everything else."""
+"""Identifiers: UUID v4 for ledger rows and receipts (seed 004), prefixed random ids for everything else."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import uuid
 
 
 def ledger_id() -> str:
+    return str(uuid.uuid4())
+
+
+def receipt_id() -> str:
     return str(uuid.uuid4())
 
 

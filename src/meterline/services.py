@@ -10,6 +10,7 @@ from decimal import Decimal
 from meterline.clock import Clock, SystemClock, to_micros
 from meterline.config import Settings
 from meterline.errors import NotFound
+from meterline.key_file import KeyFile
 from meterline.metering import Account, Settler
 from meterline.metering.reservations import Reservations
 from meterline.pricing import CurrencyRates, PriceBook
@@ -18,6 +19,7 @@ from meterline.quotas.counters import CounterStore
 from meterline.quotas.credits import CreditTerms
 from meterline.quotas.engine import QuotaEngine, Subject
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
+from meterline.receipts import Notary
 from meterline.storage import credit_store
 from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.credit_store import CreditBalance
@@ -25,6 +27,7 @@ from meterline.storage.database import Database
 from meterline.storage.ledger_store import SqlLedgerStore
 from meterline.storage.migrate import upgrade
 from meterline.storage.quota_source import SqlUsageSource
+from meterline.storage.receipt_store import SqlReceiptStore
 from meterline.storage.reservation_store import SqlReservationStore
 from meterline.storage.tenancy_store import SqlTenancyStore
 from meterline.storage.usage_reader import SqlUsageReader
@@ -46,6 +49,9 @@ class Services:
     reservations: Reservations
     reservation_store: SqlReservationStore
     rates: CurrencyRates = field(repr=False)
+    # The deployment's key set (access tokens, receipts), re-read when `meterline keys rotate` replaces it.
+    signing_keys: KeyFile = field(repr=False)
+    receipts: SqlReceiptStore = field(repr=False)
 
     def plan_of(self, org: Organization) -> Plan:
         try:
@@ -109,7 +115,10 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
     plans = build_plans(settings.plans)
     rates = CurrencyRates(settings.currency_rates)
     currencies = sorted({"USD", settings.currency, *settings.currency_rates})
-    ledger = SqlLedgerStore(db)
+    # Read (or created) here, before any request, so that every process of a deployment settles on one
+    # key set at start-up and a bad key file stops the process instead of failing settles.
+    signing_keys = KeyFile(settings.signing_key_file)
+    ledger = SqlLedgerStore(db, Notary(signing_keys))
     settler = Settler(
         ledger,
         PriceBook(settings.prices, settings.currency),
@@ -148,6 +157,8 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         reservations=None,  # type: ignore[arg-type]  # set below: it needs account_of
         reservation_store=reservation_store,
         rates=rates,
+        signing_keys=signing_keys,
+        receipts=SqlReceiptStore(db),
     )
     services.reservations = Reservations(
         quotas,

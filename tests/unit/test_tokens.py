@@ -20,8 +20,9 @@ from joserfc.jwk import RSAKey
 
 from meterline.clock import FrozenClock, to_micros
 from meterline.errors import ConfigError, Forbidden, InvalidRequest, Unauthorized
+from meterline.key_file import load_or_create_signing_key
 from meterline.services import Services
-from meterline.signing import SignatureError, SigningKey, load_or_create_signing_key
+from meterline.signing import SignatureError, SigningKey
 from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy import Principal
 from meterline.tenancy.tokens import TokenPair, TokenService, hash_refresh_token, looks_like_jwt

@@ -14,12 +14,11 @@ from meterline import __version__
 from meterline.api.errors import install_error_handlers
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
-from meterline.api.routes import admin, events, reservations, tokens, usage, well_known
+from meterline.api.routes import admin, events, receipts, reservations, tokens, usage, well_known
 from meterline.clock import Clock
 from meterline.config import Settings
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
-from meterline.signing import load_or_create_signing_key
 from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy.tokens import TokenService
 
@@ -44,10 +43,8 @@ def create_app(
 ) -> FastAPI:
     owned = services is None
     services = services or build_services(settings, clock=clock)
-    # Read (or created) before the first request, so that every process of a deployment settles on one
-    # key at start-up and a bad key file stops the server instead of failing requests.
-    signing_key = load_or_create_signing_key(settings.signing_key_file)
-    token_service = TokenService(SqlTokenStore(services.db), services.tenancy, signing_key, services.clock)
+    signing_keys = services.signing_keys
+    token_service = TokenService(SqlTokenStore(services.db), services.tenancy, signing_keys, services.clock)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -71,7 +68,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
-    app.state.signing_key = signing_key
+    app.state.signing_key = signing_keys
     app.state.tokens = token_service
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
@@ -88,4 +85,5 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(tokens.router)
     app.include_router(well_known.router)
+    app.include_router(receipts.router)
     return app

@@ -30,7 +30,9 @@ app = typer.Typer(
 )
 orgs_app = typer.Typer(help="Organizations (the billing entities).", no_args_is_help=True)
 workspaces_app = typer.Typer(help="Workspaces of an organization.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys of a workspace.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys of a workspace, and the deployment's signing keys (rotate).", no_args_is_help=True
+)
 credits_app = typer.Typer(help="Bonus credits.", no_args_is_help=True)
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(workspaces_app, name="workspaces")
@@ -318,6 +320,71 @@ def keys_revoke(
     with services_for(config, database_url) as services:
         key = services.tenancy.revoke_key(key_id)
         emit([render.api_key(key)], ["id", "name", "key_prefix", "revoked_at"], as_json, "Revoked")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False
+) -> None:
+    """Rotate the deployment's signing key (access tokens, receipts).
+
+    A new key signs from now on; the old ones stay in the key file (public part) and in
+    /.well-known/jwks.json, so everything they signed still verifies. Running servers pick the new key
+    up at their next request.
+    """
+    from meterline.key_file import rotate_signing_keys
+
+    settings = settings_from(config, database_url)
+    try:
+        keys = rotate_signing_keys(settings.signing_key_file)
+    except MeterlineError as exc:
+        fail(exc.message)
+    row = {"active": keys.kid, "retired": [kid for kid, _ in keys.retired], "file": settings.signing_key_file}
+    if as_json:
+        typer.echo(json.dumps(row, indent=2))
+        return
+    out.print(f"new active signing key: [bold]{keys.kid}[/]", highlight=False)
+    out.print(f"kept for verification: {', '.join(row['retired'])}", highlight=False)
+
+
+# -- receipts ----------------------------------------------------------------------------------
+@app.command()
+def verify(
+    organization: Annotated[
+        str | None, typer.Option("--organization", "--org", help="Only this organization's chain.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Verify a running server over HTTP instead (with --api-key).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="An organization-scoped key, for --url.", envvar="METERLINE_API_KEY")
+    ] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every receipt: signature (any key of the set), chain links and order, and that it matches its
+    ledger row. Prints OK, or the first broken link of each broken chain and exits with status 1."""
+    from meterline.cli.verify import verify_database, verify_remote
+
+    if url is not None:
+        if not api_key:
+            fail("--url needs --api-key (an organization-scoped key)", 2)
+        if organization is not None:
+            fail("--organization is for the local database; over HTTP the key names the organization", 2)
+        try:
+            result = verify_remote(url, api_key, err, show_progress=not as_json)
+        except MeterlineError as exc:
+            fail(exc.message)
+    else:
+        with services_for(config, database_url) as services:
+            result = verify_database(services, organization, err, show_progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        result.print(out, err)
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 # -- credits -----------------------------------------------------------------------------------

@@ -43,7 +43,10 @@ class UsageRecord:
     metadata: dict[str, Any] | None = None
     failover: bool = False
     overage: bool = False
+    # The row's receipt: ``receipt_id`` names it in advance (the gateway sends it as a header before the
+    # stream ends); otherwise one is made when ``receipt`` is true (``X-Meterline-Receipt: false`` opts out).
     receipt_id: str | None = None
+    receipt: bool = True
     idempotency_key: str | None = None
     request_hash: str | None = None
 

@@ -125,7 +125,7 @@ class Settler:
             priced=charge.priced,
             overage=record.overage,
             failover=record.failover,
-            receipt_id=record.receipt_id,
+            receipt_id=record.receipt_id or (ids.receipt_id() if record.receipt else None),
             idempotency_key=record.idempotency_key,
             request_hash=record.request_hash,
             created_at=record.created_at,

@@ -13,9 +13,10 @@ from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
 from meterline.metering.records import LedgerRow
 from meterline.metering.store import AppendResult
 from meterline.quotas.credits import CreditTerms
+from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage.credit_store import split_credits
 from meterline.storage.database import Database
-from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, reservations
+from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts, reservations
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -189,9 +190,38 @@ def rollup_deltas(rows: Sequence[LedgerRow]) -> list[tuple[Any, ...]]:
     return [(*key, *buckets[key]) for key in sorted(buckets)]
 
 
+_RECEIPT_COLUMNS = tuple(c.name for c in receipts.columns)
+_SQLITE_RECEIPT_INSERT = (
+    f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) VALUES ({', '.join('?' * len(_RECEIPT_COLUMNS))})"
+)
+_CHAIN_UPSERT = (
+    "INSERT INTO receipt_chains (organization_id, seq, head_hash) VALUES ({p}, {p}, {p}) "
+    "ON CONFLICT (organization_id) DO UPDATE SET seq = excluded.seq, head_hash = excluded.head_hash"
+)
+# PostgreSQL: the receipts and the new head in one statement (a data-modifying CTE), one round trip.
+_PG_RECEIPTS_AND_HEAD = (
+    f"WITH written AS (INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%s::{_pg_array_type(receipts.c[name])}[]" for name in _RECEIPT_COLUMNS)
+    + ")) "
+    + _CHAIN_UPSERT.format(p="%s")
+)
+_CHAIN_HEAD = "SELECT seq, head_hash FROM receipt_chains WHERE organization_id = {p}"
+
+
+def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
+    return (r.id, r.organization_id, r.workspace_id, r.ledger_id, r.seq, r.prev_hash, r.jws, r.created_at_us)
+
+
 class SqlLedgerStore:
-    def __init__(self, db: Database) -> None:
+    """``notary`` signs a receipt for every newly written row that carries a ``receipt_id``, in the same
+    transaction (without one, no receipts are made: tools that load ledger rows only)."""
+
+    def __init__(self, db: Database, notary: Notary | None = None) -> None:
         self._db = db
+        self._notary = notary
+        p = "?" if db.is_sqlite else "%s"
+        self._chain_head_sql = _CHAIN_HEAD.format(p=p)
+        self._chain_upsert_sql = _CHAIN_UPSERT.format(p=p)
         self._insert_sql = (
             f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
             "ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
@@ -253,7 +283,37 @@ class SqlLedgerStore:
             to_write = [r for r in to_write if r.id in written_ids]
         if to_write:
             self._add_to_rollups(conn, to_write)
+            if self._notary is not None:
+                self._add_receipts(conn, org_id, to_write)
         return AppendResult(written=to_write, existing=existing)
+
+    def _add_receipts(self, conn: Connection, org_id: str, rows: Sequence[LedgerRow]) -> None:
+        """Sign and store receipts for ``rows`` (only rows written just now: a duplicate already has its
+        receipt) and advance the chain head. The organization lock taken above is what keeps two settles
+        from reading the same head; the unique (organization, seq) index would refuse the second anyway."""
+        assert self._notary is not None
+        if all(r.receipt_id is None for r in rows):
+            return
+        # The driver's own cursor, inside the same transaction: these statements run on every settle, and
+        # SQLAlchemy's per-statement work cost more than they do (about 35 µs of the three on SQLite).
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(self._chain_head_sql, (org_id,))
+            found = cursor.fetchone()
+            head = GENESIS if found is None else ChainHead(int(found[0]), found[1])
+            signed, new_head = self._notary.extend(head, rows)
+            chain_head = (org_id, new_head.seq, new_head.hash)
+            if not self._db.is_sqlite:
+                columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
+                cursor.execute(_PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
+                return
+            if len(signed) == 1:
+                cursor.execute(_SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))
+            else:
+                cursor.executemany(_SQLITE_RECEIPT_INSERT, [_receipt_tuple(r) for r in signed])
+            cursor.execute(self._chain_upsert_sql, chain_head)
+        finally:
+            cursor.close()
 
     def lookup(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         with self._db.read() as conn:

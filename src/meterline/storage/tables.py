@@ -249,3 +249,32 @@ refresh_tokens = Table(
     Column("expires_at_us", BigInteger, nullable=False),
     Column("used_at_us", BigInteger, nullable=True),
 )
+
+# -- Receipts (seed 004) -------------------------------------------------------------------------------
+# One signed receipt per ledger row that asked for one, chained per organization: ``seq`` 1, 2, 3… and
+# ``prev_hash`` = link hash of the previous receipt's JWS. Written in the settle transaction, under the
+# organization's lock, with the chain head; never updated, never deleted.
+receipts = Table(
+    "receipts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("organization_id", String(40), nullable=False),
+    Column("workspace_id", String(40), nullable=False),
+    Column("ledger_id", String(36), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("jws", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    # Also the index of chain reads: (organization, seq) ranges in order.
+    UniqueConstraint("organization_id", "seq"),
+)
+
+# The head of each organization's chain: read and advanced in the settle transaction, so the next
+# receipt's ``seq`` and ``prev`` are one primary-key read away however long the chain is.
+receipt_chains = Table(
+    "receipt_chains",
+    metadata,
+    Column("organization_id", String(40), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("head_hash", String(64), nullable=False),
+)

@@ -1,7 +1,8 @@
 """Identifier tokens (seed 000): short-lived access tokens for one end user, and rotating refresh tokens.
 
-* An access token is a JWT signed by the deployment's Ed25519 key (``meterline.signing``), typed
-  ``at+jwt`` (RFC 9068) so that nothing else signed by that key passes for one. Its claims name the
+* An access token is a JWT signed by the deployment's active Ed25519 key (``meterline.signing``; every
+  key of the set, active or retired, verifies by ``kid``), typed ``at+jwt`` (RFC 9068) so that nothing
+  else signed by those keys passes for one. Its claims name the
   identifier (``sub``), organization (``org``), workspace (``ws``), refresh-token family (``fam``) and
   the API key that issued it (``key``). It is checked against the clock and against storage (family and
   issuing key not revoked) on every use, so revocation takes effect at once.
@@ -23,7 +24,7 @@ from typing import Any
 from meterline import ids
 from meterline.clock import Clock, to_micros
 from meterline.errors import Forbidden, InvalidRequest, Unauthorized
-from meterline.signing import SignatureError, SigningKey
+from meterline.signing import SignatureError, Signer
 from meterline.tenancy.models import ApiKey, Identifier, Principal, RefreshToken, TokenFamily
 from meterline.tenancy.service import TenancyService, check_identifier_id
 from meterline.tenancy.store import TokenStore
@@ -68,7 +69,7 @@ class TokenService:
         self,
         store: TokenStore,
         tenancy: TenancyService,
-        signing_key: SigningKey,
+        signing_key: Signer,
         clock: Clock,
         *,
         refresh_ttl: timedelta = DEFAULT_REFRESH_TTL,

@@ -12,6 +12,7 @@ from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import envelope, first_problem, request_id_of
 from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
+from meterline.api.routes.receipts import receipt_wanted
 from meterline.api.schemas import EventIn, EventsBatchIn
 from meterline.errors import InvalidRequest, LimitExceeded, PayloadTooLarge
 from meterline.metering import UsageRecord, fingerprint, ingest
@@ -29,7 +30,9 @@ MAX_FUTURE = timedelta(minutes=5)
 MAX_AGE = timedelta(days=400)
 
 
-def _record(event: EventIn, body: dict[str, Any], principal: Principal, services: Services) -> UsageRecord:
+def _record(
+    event: EventIn, body: dict[str, Any], principal: Principal, services: Services, receipt: bool
+) -> UsageRecord:
     return UsageRecord(
         organization_id=principal.organization_id,
         workspace_id=principal.workspace_id,
@@ -56,6 +59,7 @@ def _record(event: EventIn, body: dict[str, Any], principal: Principal, services
         metadata=event.metadata,
         idempotency_key=event.id,
         request_hash=fingerprint(body),
+        receipt=receipt,
     )
 
 
@@ -71,6 +75,7 @@ def post_events(
     if not batch.events:
         raise InvalidRequest("events must hold at least one event", param="events")
     now = services.clock.now()
+    receipt = receipt_wanted(request) is not False
     results: list[dict[str, Any] | None] = [None] * len(batch.events)
     valid: list[tuple[int, UsageRecord]] = []
     for index, body in enumerate(batch.events):
@@ -95,7 +100,7 @@ def post_events(
             results[index] = _rejected(event.id, "invalid_request", problem, f"events[{index}]")
             continue
         # The body as sent is what "same body" means for a repeated id; fingerprinting it avoids a dump.
-        valid.append((index, _record(event, body, principal, services)))
+        valid.append((index, _record(event, body, principal, services, receipt)))
 
     rates: RateLimits | None = None
     refusals: list[LimitExceeded] = []
@@ -135,6 +140,7 @@ def post_events(
                 "status": "accepted",
                 "duplicate": outcome.duplicate,
                 "ledger_id": row.id,
+                "receipt_id": row.receipt_id,
                 "cost": format_nanos(row.cost_nanos),
                 "credits": format_nanos(row.credits_nanos),
                 "priced": row.priced,

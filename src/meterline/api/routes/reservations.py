@@ -15,6 +15,7 @@ from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import request_id_of
 from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
+from meterline.api.routes.receipts import receipt_wanted
 from meterline.api.schemas import ReservationIn, SettleIn
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest, NotFound
@@ -36,6 +37,7 @@ def _settled(reservation_id: str, row: LedgerRow, duplicate: bool, request: Requ
         "duplicate": duplicate,
         "recovered": bool((row.metadata or {}).get("meterline.recovered")),
         "ledger_id": row.id,
+        "receipt_id": row.receipt_id,
         "total_tokens": row.total_tokens,
         "cost": format_nanos(row.cost_nanos),
         "credits": format_nanos(row.credits_nanos),
@@ -75,6 +77,7 @@ def reserve(body: ReservationIn, request: Request, principal: PrincipalDep, serv
         user_id=body.user_id or identifier_id,
         source=body.source,
         endpoint=body.endpoint,
+        receipt=receipt_wanted(request) is not False,
     )
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
     subject = services.subject_of(org, principal, identifier_id)
@@ -102,6 +105,9 @@ def settle(
 ) -> JSON:
     """Record the actual usage of a reservation. Settling again answers the same row (idempotent)."""
     actual = body.model_dump(exclude_unset=True)
+    wanted = receipt_wanted(request)
+    if wanted is not None:  # sent at settle: overrides what the reservation was made with
+        actual["receipt"] = wanted
     held = services.reservation_store.get(reservation_id)
     if held is not None:
         _check_workspace(principal, held.estimate.workspace_id, reservation_id)

@@ -1,0 +1,142 @@
+"""The signing key set on disk: the single-key file of old, rotation (atomic, serialized, keeping every
+retired key's public part only), and running processes picking a rotation up."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterline.errors import ConfigError
+from meterline.key_file import KeyFile, load_or_create_signing_keys, rotate_signing_keys
+from meterline.signing import SignatureError, SigningKey, SigningKeys
+
+
+def test_a_single_key_file_is_a_set_of_one(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    key = SigningKey.generate()
+    path.write_text(json.dumps(key.private_jwk()))
+    keys = load_or_create_signing_keys(path)
+    assert keys.kid == key.kid
+    assert keys.retired == []
+    assert [k["kid"] for k in keys.public_jwks()["keys"]] == [key.kid]
+
+
+def test_rotation_keeps_old_keys_for_verification_only(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    first = load_or_create_signing_keys(path)
+    old_token = first.sign({"n": 1}, typ="t")
+    second = rotate_signing_keys(path)
+    third = rotate_signing_keys(path)
+    assert len({first.kid, second.kid, third.kid}) == 3
+    on_disk = load_or_create_signing_keys(path)
+    assert on_disk.kid == third.kid
+    assert [kid for kid, _ in on_disk.retired] == [second.kid, first.kid]  # newest first
+    # Signing uses the active key; every key of the set verifies.
+    assert on_disk.verify(on_disk.sign({"n": 3}, typ="t"), typ="t") == {"n": 3}
+    assert on_disk.verify(old_token, typ="t") == {"n": 1}
+    assert [k["kid"] for k in on_disk.public_jwks()["keys"]] == [third.kid, second.kid, first.kid]
+    data = json.loads(path.read_text())
+    assert data["active"] == third.kid
+    assert [("d" in k) for k in data["keys"]] == [True, False, False]  # retired keys: public part only
+    assert all(set(k) == {"kty", "crv", "x", "kid", "alg", "use"} for k in on_disk.public_jwks()["keys"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".key.json.lock", "key.json"]
+
+
+def test_rotation_creates_the_file_if_there_is_none(tmp_path: Path) -> None:
+    keys = rotate_signing_keys(tmp_path / "key.json")
+    assert len(keys.retired) == 1
+    assert load_or_create_signing_keys(tmp_path / "key.json").kid == keys.kid
+
+
+def test_concurrent_rotations_lose_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    first = load_or_create_signing_keys(path).kid
+    start = threading.Barrier(6)
+
+    def rotate(_: int) -> str:
+        start.wait()
+        return rotate_signing_keys(path).kid
+
+    with ThreadPoolExecutor(6) as pool:
+        made = set(pool.map(rotate, range(6)))
+    final = load_or_create_signing_keys(path)
+    assert len(made) == 6
+    assert {final.kid, *(kid for kid, _ in final.retired)} == {first, *made}
+
+
+def _rotate_in_process(path: str, start: Any, results: Any) -> None:
+    start.wait()
+    results.put(rotate_signing_keys(path).kid)
+
+
+def test_processes_rotating_at_once_lose_no_key(tmp_path: Path) -> None:
+    path = str(tmp_path / "key.json")
+    first = load_or_create_signing_keys(path).kid
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    results = context.Queue()
+    workers = [context.Process(target=_rotate_in_process, args=(path, start, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    made = {results.get(timeout=60) for _ in workers}
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    final = load_or_create_signing_keys(path)
+    assert {final.kid, *(kid for kid, _ in final.retired)} == {first, *made}
+
+
+def test_a_running_process_picks_up_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    live = KeyFile(path)
+    before = live.active.kid
+    token = live.sign({"a": 1}, typ="t")
+    rotated = rotate_signing_keys(path)  # as another process would
+    assert live.active.kid == rotated.kid != before
+    assert live.verify(token, typ="t") == {"a": 1}
+    assert live.verify(live.sign({"b": 2}, typ="t"), typ="t") == {"b": 2}
+    assert [k["kid"] for k in live.public_jwks()["keys"]] == [rotated.kid, before]
+
+
+def test_a_broken_file_keeps_the_last_good_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "key.json"
+    live = KeyFile(path)
+    kid = live.active.kid
+    path.write_text("{broken")
+    assert live.active.kid == kid
+    assert "keeping the signing keys" in caplog.text
+    path.unlink()
+    assert live.active.kid == kid
+
+
+def test_a_key_set_that_names_no_active_key_is_refused(tmp_path: Path) -> None:
+    keys = SigningKeys(SigningKey.generate()).rotated()
+    data = keys.to_json()
+    path = tmp_path / "key.json"
+    for broken in (
+        {**data, "active": "missing"},
+        {**data, "keys": "nope"},
+        {"keys": data["keys"]},
+        {**data, "keys": [data["keys"][1]], "active": data["keys"][1]["kid"]},  # a public key cannot sign
+    ):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ConfigError, match=r"key\.json"):
+            load_or_create_signing_keys(path)
+
+
+def test_a_retired_key_cannot_sign_but_still_verifies() -> None:
+    old = SigningKeys(SigningKey.generate())
+    token = old.sign({"a": 1}, typ="t")
+    new = old.rotated()
+    assert new.verify(token, typ="t") == {"a": 1}
+    stranger = SigningKeys(SigningKey.generate())
+    with pytest.raises(SignatureError, match="does not know"):
+        new.verify(stranger.sign({"a": 1}, typ="t"), typ="t")
