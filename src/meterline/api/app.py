@@ -12,11 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from meterline import __version__
 from meterline.api.errors import install_error_handlers
+from meterline.api.gateway import Gateway
+from meterline.api.metrics import Metrics
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
-from meterline.api.routes import admin, events, receipts, reservations, tokens, usage, well_known
+from meterline.api.routes import admin, events, gateway, receipts, reservations, tokens, usage, well_known
 from meterline.clock import Clock
 from meterline.config import Settings
+from meterline.gateway.tokens import load_encodings
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
 from meterline.storage.token_store import SqlTokenStore
@@ -48,6 +51,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The tokenizer's tables take about a second to load: not on the first request.
+        await run_in_threadpool(load_encodings)
         # An in-process counter store starts empty: every durable reservation left in the database
         # belongs to a process that is gone, so it is settled now. A shared store waits for the lease.
         everything = isinstance(services.counters, MemoryCounterStore)
@@ -57,6 +62,7 @@ def create_app(
             yield
         finally:
             reaper.cancel()
+            await _app.state.gateway.upstreams.aclose()
             if owned:
                 services.close()
 
@@ -70,6 +76,7 @@ def create_app(
     app.state.services = services
     app.state.signing_key = signing_keys
     app.state.tokens = token_service
+    app.state.gateway = Gateway.build(services, token_service, Metrics())
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
 
@@ -86,4 +93,5 @@ def create_app(
     app.include_router(tokens.router)
     app.include_router(well_known.router)
     app.include_router(receipts.router)
+    app.include_router(gateway.router)
     return app

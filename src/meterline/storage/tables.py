@@ -124,6 +124,9 @@ reservations = Table(
     Column("meters_json", Text, nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
     Column("expires_at_us", BigInteger, nullable=False, index=True),
+    # What the work has consumed so far (a stream publishes it as it goes); the settle replaces it.
+    Column("progress_credits_nanos", BigInteger, nullable=False, server_default="0"),
+    Column("progress_cost_nanos", BigInteger, nullable=False, server_default="0"),
 )
 
 # The append-only ledger: one row per billable event. Never updated, never deleted.
