@@ -103,7 +103,7 @@ def test_verify_reports_ok_then_the_first_broken_link(
     execute(settings, "UPDATE receipts SET jws = :j WHERE organization_id = :o AND seq = 2", j=forged, o=org)
     broken = verify(settings, ok=False)
     assert broken.returncode == 1
-    assert f"organization {org} at seq 2 (receipt {sent[1]['receipt_id']})" in broken.stderr
+    assert f"BROKEN organization {org} at seq 2 (receipt {sent[1]['receipt_id']})" in broken.stdout
     assert "FAILED: 1 of 2" in broken.stdout
     as_json = json.loads(verify(settings, "--json", ok=False).stdout)
     assert as_json["ok"] is False

@@ -382,7 +382,7 @@ def verify(
     if as_json:
         typer.echo(json.dumps(result.as_json(), indent=2))
     else:
-        result.print(out, err)
+        result.print(out)
     if not result.ok:
         raise typer.Exit(1)
 
