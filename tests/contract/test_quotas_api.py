@@ -223,7 +223,7 @@ def test_spend_cap_blocks_byom_organizations(client: TestClient) -> None:
     error = assert_envelope(refused, 429, "spend_cap_reached")
     assert error["limit"]["meter"] == "spend"
     spend = usage(client, tenant)["spend"]
-    assert spend == {"amount": 0.2, "cap": 0.25, "remaining": 0.05, "currency": "USD"}
+    assert spend == {"amount": 0.2, "in_flight": 0, "cap": 0.25, "remaining": 0.05, "currency": "USD"}
     assert limit_named(usage(client, tenant), "spend_cap")["remaining"] == 0.05
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from meterline.clock import to_micros
 from meterline.metering.records import LedgerRow
 from meterline.quotas.credits import CreditTerms, draw
+from meterline.quotas.limits import UNLIMITED
 from meterline.quotas.periods import billing_period
-from meterline.storage.tables import credit_grants, credit_usage
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -61,22 +61,27 @@ class CreditBalance:
         )
 
 
+# Plain SQL with the driver's markers: these run in every settle transaction, where compiling a
+# SQLAlchemy statement cost more than running it.
+_GRANTED = "SELECT COALESCE(SUM(credits_nanos), 0) FROM credit_grants WHERE organization_id = {p}"
+_PERIODS = (
+    "SELECT period_start_us, monthly_nanos, bonus_nanos, overage_nanos FROM credit_usage "
+    "WHERE organization_id = {p}"
+)
+
+
+def _marker(conn: Connection) -> str:
+    return "?" if conn.dialect.name == "sqlite" else "%s"
+
+
 def granted(conn: Connection, organization_id: str) -> int:
-    query = select(func.coalesce(func.sum(credit_grants.c.credits_nanos), 0)).where(
-        credit_grants.c.organization_id == organization_id
-    )
-    return int(conn.execute(query).scalar_one())
+    return int(conn.exec_driver_sql(_GRANTED.format(p=_marker(conn)), (organization_id,)).scalar_one())
 
 
 def periods(conn: Connection, organization_id: str) -> dict[int, tuple[int, int, int]]:
     """Per period start: (monthly, bonus, overage) drawn."""
-    query = select(
-        credit_usage.c.period_start_us,
-        credit_usage.c.monthly_nanos,
-        credit_usage.c.bonus_nanos,
-        credit_usage.c.overage_nanos,
-    ).where(credit_usage.c.organization_id == organization_id)
-    return {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(query)}
+    rows = conn.exec_driver_sql(_PERIODS.format(p=_marker(conn)), (organization_id,))
+    return {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
 
 def balance(conn: Connection, organization_id: str, period_start_us: int) -> CreditBalance:
@@ -94,8 +99,13 @@ def balance(conn: Connection, organization_id: str, period_start_us: int) -> Cre
 def split_credits(conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms) -> None:
     """Decide each row's draw, in order, and add it to ``credit_usage``; marks rows past both buckets
     as overage where credits gate the organization."""
-    drawn = periods(conn, terms.organization_id)
-    bonus_left = granted(conn, terms.organization_id) - sum(b for _, b, _ in drawn.values())
+    if terms.monthly_allowance_nanos == UNLIMITED:
+        # Everything is drawn from the monthly bucket: no balance to read.
+        drawn: dict[int, tuple[int, int, int]] = {}
+        bonus_left = 0
+    else:
+        drawn = periods(conn, terms.organization_id)
+        bonus_left = granted(conn, terms.organization_id) - sum(b for _, b, _ in drawn.values())
     deltas: dict[int, list[int]] = {}
     for row in rows:
         start = to_micros(billing_period(row.created_at, terms.billing_anchor_day).start)
@@ -115,8 +125,7 @@ def split_credits(conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerm
         delta[0] += share.monthly
         delta[1] += share.bonus
         delta[2] += share.overage
-    marker = "?" if conn.dialect.name == "sqlite" else "%s"
     conn.exec_driver_sql(
-        _UPSERT.format(p=marker),
+        _UPSERT.format(p=_marker(conn)),
         [(terms.organization_id, start, *delta) for start, delta in sorted(deltas.items())],
     )

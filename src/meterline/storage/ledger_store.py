@@ -16,7 +16,7 @@ from meterline.quotas.credits import CreditTerms
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage.credit_store import split_credits
 from meterline.storage.database import Database
-from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts, reservations
+from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -243,9 +243,13 @@ class SqlLedgerStore:
             result = self.append_in(conn, rows, credits)
             if settles:
                 # Durable reservations end in the transaction that writes their rows: never both, never none.
+                marker = "?" if self._db.is_sqlite else "%s"
                 for start in range(0, len(settles), 500):
                     chunk = list(settles[start : start + 500])
-                    conn.execute(reservations.delete().where(reservations.c.id.in_(chunk)))
+                    conn.exec_driver_sql(
+                        f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
+                        tuple(chunk),
+                    )
             return result
 
     def append_in(

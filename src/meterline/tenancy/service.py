@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
@@ -64,6 +65,10 @@ def _name(value: str, what: str) -> str:
     return value
 
 
+CACHE_SECONDS = 1.0
+_CACHE_ENTRIES = 10_000
+
+
 class TenancyService:
     def __init__(
         self,
@@ -81,6 +86,11 @@ class TenancyService:
         self._default_currency = default_currency
         self._touched: dict[str, int] = {}
         self._touch_lock = threading.Lock()
+        # The gateway authenticates and reads the caller's organization on every request. Both are kept
+        # for ``CACHE_SECONDS`` (monotonic time, not the injectable clock): a change made through this
+        # process applies at once, one made through another process within that time.
+        self._principals: dict[str, tuple[float, Principal]] = {}
+        self._organizations: dict[str, tuple[float, Organization]] = {}
 
     # -- organizations -----------------------------------------------------------------------
     def _check_org_fields(
@@ -149,12 +159,20 @@ class TenancyService:
             None if spend_cap is None else Decimal(str(spend_cap)),
         )
         self._store.update_organization(updated, to_micros(self._clock.now()))
+        self._organizations.pop(org_id, None)
         return updated
 
     def get_organization(self, org_id: str) -> Organization:
+        cached = self._organizations.get(org_id)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
         org = self._store.get_organization(org_id)
         if org is None:
             raise NotFound(f"organization {org_id!r} does not exist", param="organization_id")
+        if len(self._organizations) >= _CACHE_ENTRIES:
+            self._organizations.clear()
+        self._organizations[org_id] = (now + CACHE_SECONDS, org)
         return org
 
     def list_organizations(self, *, limit: int = 100, offset: int = 0) -> tuple[Sequence[Organization], int]:
@@ -233,6 +251,7 @@ class TenancyService:
         if key.revoked_at is None:
             now = self._clock.now()
             self._store.revoke_key(key_id, to_micros(now))
+            self._principals.clear()
             key = replace(key, revoked_at=now)
         return key
 
@@ -240,13 +259,23 @@ class TenancyService:
         """The principal for a bearer API key. The secret itself never appears in an error."""
         if not looks_like_key(secret):
             raise Unauthorized("malformed API key: expected 'Authorization: Bearer ml_live_…'")
-        key = self._store.find_key_by_hash(hash_key(secret))
+        digest = hash_key(secret)
+        cached = self._principals.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+            if principal.key_id is not None:
+                self._touch(principal.key_id)
+            return principal
+        key = self._store.find_key_by_hash(digest)
         if key is None:
             raise Unauthorized("invalid API key")
         if key.revoked_at is not None:
             raise Unauthorized(f"API key {key.key_prefix}… has been revoked")
         self._touch(key.id)
-        return Principal(
+        if len(self._principals) >= _CACHE_ENTRIES:
+            self._principals.clear()
+        principal = Principal(
             organization_id=key.organization_id,
             workspace_id=key.workspace_id,
             scope=key.scope,
@@ -256,6 +285,8 @@ class TenancyService:
             default_source=key.default_source,
             key_limits=key.limits,
         )
+        self._principals[digest] = (now + CACHE_SECONDS, principal)
+        return principal
 
     def _touch(self, key_id: str) -> None:
         now_us = to_micros(self._clock.now())
