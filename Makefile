@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit services bench bench-quota clean
+.PHONY: install demo test lint typecheck unit services bench bench-quota bench-gateway clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ bench: install services
 # Quota counter stores (memory, Redis): reserve+settle decisions/s and Redis round trips per decision.
 bench-quota: install services
 	$(BIN)/python bench/quota_store.py
+
+# Gateway added latency over calling the fake upstream directly, side by side with LiteLLM's proxy
+# (SPEC §10). LiteLLM lives in its own venv (newer releases need a certifi the package index lacks).
+LITELLM_VENV := bench/.venv-litellm
+
+$(LITELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==1.80.0'
+	touch $@
+
+bench-gateway: install $(LITELLM_VENV)/.installed
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
