@@ -15,8 +15,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import anyio
-import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -38,7 +38,7 @@ from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.routing import Route, RouteTable
 from meterline.gateway.sse import SSEEventTooLarge, SSEParser
 from meterline.gateway.streams import StreamMeter
-from meterline.gateway.upstream import AllRoutesFailed, Failure, Opened, Upstreams, scrub
+from meterline.gateway.upstream import UPSTREAM_ERRORS, AllRoutesFailed, Failure, Opened, Upstreams, scrub
 from meterline.services import Services
 from meterline.tenancy import Principal
 from meterline.tenancy.tokens import TokenService
@@ -183,7 +183,7 @@ async def _complete(
     upstream = opened.response
     try:
         content = await upstream.aread()
-    except httpx.HTTPError as exc:
+    except UPSTREAM_ERRORS as exc:
         await _release(gateway, ticket)
         gateway.metrics.upstream_errors.labels(opened.route.name, "protocol").inc()
         raise UpstreamError(
@@ -293,7 +293,7 @@ async def _relay_stream(
             if tail:
                 yield b"".join(tail)
             ended = "complete" if meter.reported or settled else "upstream_closed"
-        except (httpx.HTTPError, SSEEventTooLarge) as exc:
+        except (aiohttp.ClientError, TimeoutError, SSEEventTooLarge) as exc:
             ended = "upstream_cut"
             gateway.metrics.upstream_errors.labels(opened.route.name, "protocol").inc()
             log.warning("upstream %s cut a stream: %s", opened.route.name, type(exc).__name__)
