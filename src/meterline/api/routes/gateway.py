@@ -3,6 +3,8 @@ and Prometheus ``/metrics``. The relay itself is in ``meterline.api.gateway``.""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -14,25 +16,48 @@ from meterline.api.responses import JSON
 router = APIRouter(tags=["gateway"])
 
 
-@router.post("/v1/chat/completions", response_model=None)
+def _body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    """The request body as documented in OpenAPI: the fields the gateway reads; everything else in the
+    provider's schema passes through to the upstream unchanged."""
+    schema = {"type": "object", "required": required, "properties": properties, "additionalProperties": True}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_MESSAGES = {"type": "array", "items": {"type": "object"}}
+_COMMON = {
+    "model": {"type": "string"},
+    "stream": {"type": "boolean"},
+    "max_tokens": {"type": "integer"},
+    "user": {"type": "string"},
+}
+CHAT = _body(
+    ["model", "messages"], {**_COMMON, "messages": _MESSAGES, "max_completion_tokens": {"type": "integer"}}
+)
+COMPLETIONS = _body(["model", "prompt"], {**_COMMON, "prompt": {}})
+EMBEDDINGS = _body(["model", "input"], {"model": {"type": "string"}, "input": {}})
+RESPONSES = _body(["model", "input"], {**_COMMON, "input": {}, "max_output_tokens": {"type": "integer"}})
+MESSAGES = _body(["model", "messages", "max_tokens"], {**_COMMON, "messages": _MESSAGES, "system": {}})
+
+
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=CHAT)
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, streamed or not, metered and forwarded to the model's routes."""
     return await relay(request, "chat", "/chat/completions")
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, openapi_extra=COMPLETIONS)
 async def completions(request: Request) -> Response:
     """OpenAI legacy completions."""
     return await relay(request, "completions", "/completions")
 
 
-@router.post("/v1/embeddings", response_model=None)
+@router.post("/v1/embeddings", response_model=None, openapi_extra=EMBEDDINGS)
 async def embeddings(request: Request) -> Response:
     """OpenAI embeddings (billed by input tokens)."""
     return await relay(request, "embeddings", "/embeddings")
 
 
-@router.post("/v1/responses", response_model=None)
+@router.post("/v1/responses", response_model=None, openapi_extra=RESPONSES)
 async def responses(request: Request) -> Response:
     """OpenAI Responses API, streamed or not."""
     return await relay(request, "responses", "/responses")
@@ -44,7 +69,7 @@ async def transcriptions(request: Request) -> Response:
     return await relay(request, "transcriptions", "/audio/transcriptions")
 
 
-@router.post("/v1/messages", response_model=None)
+@router.post("/v1/messages", response_model=None, openapi_extra=MESSAGES)
 async def messages(request: Request) -> Response:
     """Anthropic messages, streamed or not (authenticate with ``x-api-key`` or a bearer token)."""
     return await relay(request, "messages", "/messages")
