@@ -195,15 +195,18 @@ async def _complete(
         await _release(gateway, ticket)
         return _upstream_refusal(request, opened, content)
     answer = wire.read_answer(api, parsed, content, upstream.headers.get("content-type"))
-    row = await run_in_threadpool(
-        gateway.exchanges.settle,
-        ticket,
-        answer.usage,
-        opened.route,
-        failover=opened.failover,
-        audio_seconds=answer.audio_seconds,
-    )
-    gateway.metrics.in_flight.dec()
+    try:
+        row = await run_in_threadpool(
+            gateway.exchanges.settle,
+            ticket,
+            answer.usage,
+            opened.route,
+            failover=opened.failover,
+            audio_seconds=answer.audio_seconds,
+        )
+    finally:
+        # Settled, or left to recovery (its durable reservation stays): no longer in flight here either way.
+        gateway.metrics.in_flight.dec()
     _count_tokens(gateway, answer.usage)
     headers = _metered_headers(ticket, row.receipt_id)
     headers["content-type"] = upstream.headers.get("content-type", "application/json")
@@ -257,10 +260,17 @@ async def _relay_stream(
         settled = True
         metadata = None if how == "complete" else {"meterline.stream_end": how}
         usage = meter.usage_so_far()
-        row = await run_in_threadpool(
-            gateway.exchanges.settle, ticket, usage, opened.route, failover=opened.failover, metadata=metadata
-        )
-        gateway.metrics.in_flight.dec()
+        try:
+            row = await run_in_threadpool(
+                gateway.exchanges.settle,
+                ticket,
+                usage,
+                opened.route,
+                failover=opened.failover,
+                metadata=metadata,
+            )
+        finally:
+            gateway.metrics.in_flight.dec()
         _count_tokens(gateway, usage)
         _log_access(request, ticket, opened, row.total_tokens, how)
 
