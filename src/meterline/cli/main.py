@@ -387,6 +387,31 @@ def verify(
         raise typer.Exit(1)
 
 
+# -- projections -------------------------------------------------------------------------------
+@app.command()
+def reconcile(
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Rewrite usage_hourly and credit_usage from the ledger first.")
+    ] = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Recompute the hourly rollups and credit usage from the ledger and print every entry that differs
+    (key, stored value, ledger value), or "0 drift". Exits with status 1 on drift."""
+    from meterline.cli.reconcile import print_report
+    from meterline.storage import reconcile as projections
+
+    with services_for(config, database_url) as services:
+        result = projections.rebuild(services.db) if rebuild else projections.reconcile(services.db)
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        print_report(result, out)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 # -- credits -----------------------------------------------------------------------------------
 @credits_app.command("grant")
 def credits_grant(

@@ -1,0 +1,38 @@
+"""``meterline reconcile``: the rollups and credit usage checked against (or rebuilt from) the ledger.
+The Typer command is registered in ``main.py``; the work is in ``meterline.storage.reconcile``."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from meterline.storage.reconcile import Drift, Reconciliation
+
+
+def _values(values: dict[str, int] | None, names: list[str]) -> str:
+    if values is None:
+        return "missing"
+    return ", ".join(f"{n}={values[n]}" for n in names)
+
+
+def describe(drift: Drift) -> str:
+    key = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in drift.key.items())
+    names = drift.differing
+    stored, ledger = _values(drift.stored, names), _values(drift.ledger, names)
+    return f"{drift.table} [{key}]: stored {stored}; ledger {ledger}"
+
+
+def print_report(result: Reconciliation, out: Console) -> None:
+    if result.rebuilt:
+        out.print(
+            f"rebuilt {result.rebuilt_rollups} usage_hourly and {result.rebuilt_credit_usage} credit_usage "
+            "rows from the ledger",
+            highlight=False,
+        )
+    for drift in result.drift:
+        out.print(f"[bold red]DRIFT[/] {describe(drift)}", highlight=False, soft_wrap=True)
+    summary = f"{len(result.drift)} drift" if result.drift else "0 drift"
+    out.print(
+        f"{summary} ({len(result.rollups)} usage_hourly, {len(result.credit_usage)} credit_usage) over "
+        f"{result.ledger_rows} ledger rows; receipt chains are checked by `meterline verify`",
+        highlight=False,
+    )
