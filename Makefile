@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit services bench bench-quota bench-gateway clean
+.PHONY: install demo test lint typecheck unit services bench bench-quota bench-gateway bench-analytics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ $(LITELLM_VENV)/.installed:
 
 bench-gateway: install $(LITELLM_VENV)/.installed
 	$(BIN)/python bench/gateway.py
+
+# Analytics (history, time series, breakdowns, summary) on 100k / 1M / 10M-row ledgers, SQLite and
+# PostgreSQL, beside a plain GROUP BY. Generated databases are cached in $(ANALYTICS_SCRATCH).
+ANALYTICS_SCRATCH ?= /var/tmp/meterline-bench-analytics
+
+bench-analytics: install services
+	$(BIN)/python bench/analytics.py --scratch $(ANALYTICS_SCRATCH)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
