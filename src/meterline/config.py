@@ -171,6 +171,27 @@ class Settings(BaseSettings):
     stream_progress_interval_ms: int = Field(default=250, ge=10, le=60_000)
     plans: dict[str, PlanConfig] = Field(default_factory=dict)
     prices: dict[str, PriceOverride] = Field(default_factory=dict)
+    # Alerts: percent of the period's credit allowance (or spend cap) that fire once each per period;
+    # quota refusals (429s) within an hour that fire "rate limits exceeded frequently"; today's usage
+    # above factor x the previous 7 days' mean, and at least the minimum (whole credits, or currency
+    # units for spend-cap organizations), fires "unusual usage".
+    alert_thresholds: tuple[int, ...] = Field(default=(50, 75, 80, 100), min_length=1, max_length=20)
+    alert_refusals_per_hour: int = Field(default=10, ge=1, le=1_000_000)
+    alert_unusual_factor: Decimal = Field(default=Decimal(3), gt=1, le=1000)
+    alert_unusual_min_volume: int = Field(default=100, ge=0)
+    # Webhooks: private/loopback destinations are refused (SSRF) unless allowed here; per-attempt
+    # timeout, attempts before giving up, and how often the sender looks for due deliveries.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    webhook_max_attempts: int = Field(default=10, ge=1, le=100)
+    webhook_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _thresholds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= t <= 1000 for t in value):
+            raise ValueError("alert_thresholds are percentages between 1 and 1000")
+        return tuple(sorted(set(value)))
 
     @field_validator("credit_value", mode="before")
     @classmethod

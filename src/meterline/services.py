@@ -21,6 +21,7 @@ from meterline.quotas.engine import QuotaEngine, Subject
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.receipts import Notary
 from meterline.storage import credit_store
+from meterline.storage.alert_store import AlertEvaluator, AlertPolicy
 from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.credit_store import CreditBalance
 from meterline.storage.database import Database
@@ -31,6 +32,7 @@ from meterline.storage.receipt_store import SqlReceiptStore
 from meterline.storage.reservation_store import SqlReservationStore
 from meterline.storage.tenancy_store import SqlTenancyStore
 from meterline.storage.usage_reader import SqlUsageReader
+from meterline.storage.webhook_store import SqlWebhookStore
 from meterline.tenancy import CreditGrant, Organization, Principal, TenancyService
 
 
@@ -52,6 +54,8 @@ class Services:
     # The deployment's key set (access tokens, receipts), re-read when `meterline keys rotate` replaces it.
     signing_keys: KeyFile = field(repr=False)
     receipts: SqlReceiptStore = field(repr=False)
+    alerts: AlertEvaluator = field(repr=False)
+    webhooks: SqlWebhookStore = field(repr=False)
 
     def plan_of(self, org: Organization) -> Plan:
         try:
@@ -68,6 +72,7 @@ class Services:
             monthly_allowance_nanos=UNLIMITED if allowance == UNLIMITED else allowance * NANOS_PER_WHOLE,
             billing_anchor_day=org.billing_anchor_day,
             enforced=org.spend_cap_nanos is None and allowance != UNLIMITED and plan.overage == "block",
+            spend_cap_nanos=org.spend_cap_nanos,
         )
         return Account(organization_id=org.id, currency=org.currency, discount_pct=discount, credits=credits)
 
@@ -118,7 +123,17 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
     # Read (or created) here, before any request, so that every process of a deployment settles on one
     # key set at start-up and a bad key file stops the process instead of failing settles.
     signing_keys = KeyFile(settings.signing_key_file)
-    ledger = SqlLedgerStore(db, Notary(signing_keys))
+    alerts = AlertEvaluator(
+        db,
+        clock,
+        AlertPolicy(
+            thresholds=settings.alert_thresholds,
+            refusals_per_hour=settings.alert_refusals_per_hour,
+            unusual_factor=settings.alert_unusual_factor,
+            unusual_min_volume=settings.alert_unusual_min_volume,
+        ),
+    )
+    ledger = SqlLedgerStore(db, Notary(signing_keys), alerts)
     settler = Settler(
         ledger,
         PriceBook(settings.prices, settings.currency),
@@ -159,6 +174,8 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         rates=rates,
         signing_keys=signing_keys,
         receipts=SqlReceiptStore(db),
+        alerts=alerts,
+        webhooks=SqlWebhookStore(db),
     )
     services.reservations = Reservations(
         quotas,

@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "meterline"
-DOMAIN = ["tenancy", "pricing", "quotas", "metering", "receipts", "money.py", "clock.py", "errors.py"]
+DOMAIN = [
+    "tenancy",
+    "pricing",
+    "quotas",
+    "metering",
+    "receipts",
+    "alerts",
+    "money.py",
+    "clock.py",
+    "errors.py",
+]
 FORBIDDEN = (
     "fastapi",
     "starlette",

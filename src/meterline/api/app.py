@@ -16,7 +16,18 @@ from meterline.api.gateway import Gateway
 from meterline.api.metrics import Metrics
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
-from meterline.api.routes import admin, events, gateway, receipts, reservations, tokens, usage, well_known
+from meterline.api.routes import (
+    admin,
+    alerts,
+    events,
+    gateway,
+    receipts,
+    reservations,
+    tokens,
+    usage,
+    well_known,
+)
+from meterline.api.webhook_sender import WebhookSender
 from meterline.clock import Clock
 from meterline.config import Settings
 from meterline.gateway.tokens import load_encodings
@@ -38,6 +49,16 @@ async def _reap_forever(services: Services) -> None:
             log.exception("reaping expired reservations failed")
 
 
+async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
+    """Deliver due webhook outbox rows; the rows are the state, so a restart loses nothing."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await run_in_threadpool(sender.deliver_due)
+        except Exception:  # a failed pass is retried at the next tick
+            log.exception("delivering webhooks failed")
+
+
 log = logging.getLogger("meterline.api")
 
 
@@ -48,6 +69,13 @@ def create_app(
     services = services or build_services(settings, clock=clock)
     signing_keys = services.signing_keys
     token_service = TokenService(SqlTokenStore(services.db), services.tenancy, signing_keys, services.clock)
+    sender = WebhookSender(
+        services.webhooks,
+        services.clock,
+        allow_private=settings.webhook_allow_private,
+        timeout_s=settings.webhook_timeout_seconds,
+        max_attempts=settings.webhook_max_attempts,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -58,10 +86,13 @@ def create_app(
         everything = isinstance(services.counters, MemoryCounterStore)
         await run_in_threadpool(services.reservations.recover, everything=everything)
         reaper = asyncio.create_task(_reap_forever(services))
+        webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
         try:
             yield
         finally:
             reaper.cancel()
+            webhooks.cancel()
+            sender.close()
             await _app.state.gateway.upstreams.aclose()
             if owned:
                 services.close()
@@ -76,6 +107,7 @@ def create_app(
     app.state.services = services
     app.state.signing_key = signing_keys
     app.state.tokens = token_service
+    app.state.webhook_sender = sender
     app.state.gateway = Gateway.build(services, token_service, Metrics())
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
@@ -93,5 +125,6 @@ def create_app(
     app.include_router(tokens.router)
     app.include_router(well_known.router)
     app.include_router(receipts.router)
+    app.include_router(alerts.router)
     app.include_router(gateway.router)
     return app

@@ -119,10 +119,23 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     return 422, f"{message}{more}", param
 
 
+def count_refusal(request: Request) -> None:
+    """A quota refusal (429) of the authenticated organization, for the "rate limits exceeded
+    frequently" alert. Never fails the response it is counted for."""
+    org_id = getattr(request.state, "organization_id", None)
+    if org_id is None:
+        return
+    try:
+        request.app.state.services.alerts.note_refusal(org_id)
+    except Exception:
+        log.exception("counting a quota refusal failed")
+
+
 def domain_error(request: Request, exc: MeterlineError) -> JSON:
     status = STATUS.get(exc.code, 400)
     if not isinstance(exc, LimitExceeded):
         return envelope(status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request))
+    count_refusal(request)
     headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc.rate_limits, RateLimits):
         headers.update(rate_limit_headers(exc.rate_limits))

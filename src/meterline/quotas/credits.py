@@ -22,6 +22,8 @@ class CreditTerms:
     # Credits gate this organization (no spend cap and a limited allowance): only then is a draw past
     # both buckets marked as overage on the row.
     enforced: bool
+    # Spend-cap organizations (BYOM): alerts measure money spent against this cap instead of credits.
+    spend_cap_nanos: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

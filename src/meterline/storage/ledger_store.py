@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import Connection, select
@@ -212,13 +212,20 @@ def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
     return (r.id, r.organization_id, r.workspace_id, r.ledger_id, r.seq, r.prev_hash, r.jws, r.created_at_us)
 
 
+class AlertHook(Protocol):
+    def evaluate_in(self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None: ...
+
+
 class SqlLedgerStore:
     """``notary`` signs a receipt for every newly written row that carries a ``receipt_id``, in the same
-    transaction (without one, no receipts are made: tools that load ledger rows only)."""
+    transaction (without one, no receipts are made: tools that load ledger rows only). ``alerts``
+    evaluates usage alerts after the rows, rollups and credit split, also in that transaction, so an
+    alert and the usage that fired it commit or roll back together."""
 
-    def __init__(self, db: Database, notary: Notary | None = None) -> None:
+    def __init__(self, db: Database, notary: Notary | None = None, alerts: AlertHook | None = None) -> None:
         self._db = db
         self._notary = notary
+        self._alerts = alerts
         p = "?" if db.is_sqlite else "%s"
         self._chain_head_sql = _CHAIN_HEAD.format(p=p)
         self._chain_upsert_sql = _CHAIN_UPSERT.format(p=p)
@@ -289,6 +296,8 @@ class SqlLedgerStore:
             self._add_to_rollups(conn, to_write)
             if self._notary is not None:
                 self._add_receipts(conn, org_id, to_write)
+            if self._alerts is not None:
+                self._alerts.evaluate_in(conn, to_write, credits)
         return AppendResult(written=to_write, existing=existing)
 
     def _add_receipts(self, conn: Connection, org_id: str, rows: Sequence[LedgerRow]) -> None:

@@ -281,3 +281,52 @@ receipt_chains = Table(
     Column("seq", BigInteger, nullable=False),
     Column("head_hash", String(64), nullable=False),
 )
+
+# -- Alerts and webhooks (issue 5, seeds 001/002) ------------------------------------------------------
+# One row per alert that fired. The unique key is what makes each alert fire exactly once per period
+# (billing period for thresholds, UTC day / hour for the other kinds), even with several writers.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("threshold", Integer, nullable=False),
+    Column("period_start_us", BigInteger, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("details_json", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    UniqueConstraint("organization_id", "kind", "threshold", "period_start_us"),
+    Index("ix_alerts_organization_id_created_at_us", "organization_id", "created_at_us"),
+)
+
+# The signing secret is stored as is (it must sign every delivery) and returned only on creation.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), ForeignKey("organizations.id"), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("description", String(200), nullable=True),
+    Column("secret", String(100), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("disabled", Boolean, nullable=False, server_default="0"),
+)
+
+# One row per (alert, endpoint) to deliver. ``next_attempt_at_us`` doubles as the claim token: a sender
+# moves it forward with a conditional UPDATE before sending. Delivered rows keep ``delivered_at_us``.
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("endpoint_id", String(40), ForeignKey("webhook_endpoints.id"), nullable=False),
+    Column("alert_id", String(40), nullable=False),
+    Column("event_type", String(60), nullable=False),
+    Column("payload_json", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at_us", BigInteger, nullable=True),
+    Column("delivered_at_us", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Index("ix_webhook_outbox_due", "delivered_at_us", "next_attempt_at_us"),
+)

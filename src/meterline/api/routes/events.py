@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from meterline.api.auth import PrincipalDep, ServicesDep
-from meterline.api.errors import envelope, first_problem, request_id_of
+from meterline.api.errors import count_refusal, envelope, first_problem, request_id_of
 from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.api.routes.receipts import receipt_wanted
@@ -163,6 +163,7 @@ def post_events(
     if accepted == 0:
         if refusals:
             # Nothing counted and limits refused what could have: the batch as a whole is a 429.
+            count_refusal(request)
             first_refusal = refusals[0]
             return envelope(
                 429,

@@ -1,0 +1,10 @@
+"""Alert kinds, as stored and as sent in webhook payloads (``type`` = ``alert.<kind>``)."""
+
+from __future__ import annotations
+
+THRESHOLD = "usage_threshold"
+PROJECTED_RUN_OUT = "projected_run_out"
+RATE_LIMITED = "rate_limits_exceeded_frequently"
+UNUSUAL_USAGE = "unusual_usage"
+
+ALL = (THRESHOLD, PROJECTED_RUN_OUT, RATE_LIMITED, UNUSUAL_USAGE)

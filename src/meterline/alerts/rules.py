@@ -1,0 +1,142 @@
+"""The decision rules: pure functions of amounts and times, so each is unit-tested without a database.
+
+Amounts are integers (credits or money in nanos); ratios are ``Decimal``: never ``float`` (a threshold
+at exactly 80 % must fire at exactly 80 %).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from meterline.alerts.kinds import PROJECTED_RUN_OUT, RATE_LIMITED, THRESHOLD, UNUSUAL_USAGE
+
+DEFAULT_THRESHOLDS = (50, 75, 80, 100)
+_DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert decided by a rule. ``(kind, threshold, period_start)`` is what fires only once."""
+
+    kind: str
+    threshold: int
+    period_start: datetime
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _percent(used: int, allowance: int) -> Decimal:
+    return (Decimal(used) * 100 / Decimal(allowance)).quantize(Decimal("0.01"))
+
+
+def crossed_thresholds(
+    used: int, allowance: int, thresholds: Sequence[int], fired: Collection[int] = ()
+) -> list[int]:
+    """Thresholds (percent of ``allowance``) that ``used`` has reached and that have not fired yet."""
+    if allowance <= 0:
+        return []
+    return sorted(t for t in set(thresholds) if t not in fired and used * 100 >= t * allowance)
+
+
+def threshold_alert(
+    threshold: int, used: int, allowance: int, period_start: datetime, period_end: datetime, measure: str
+) -> Alert:
+    what = "spend cap" if measure == "spend" else "monthly credit allowance"
+    return Alert(
+        kind=THRESHOLD,
+        threshold=threshold,
+        period_start=period_start,
+        message=f"{threshold}% of the {what} used in the billing period ending {period_end:%Y-%m-%d}",
+        details={
+            "measure": measure,
+            "used_nanos": used,
+            "allowance_nanos": allowance,
+            "used_pct": str(_percent(used, allowance)),
+            "period_end": period_end.isoformat(),
+        },
+    )
+
+
+def days_elapsed(now: datetime, period_start: datetime) -> int:
+    """Whole days begun since the period started (the first day counts as one)."""
+    return max(1, -(-(now - period_start) // _DAY))
+
+
+def projected_run_out(
+    used: int, allowance: int, now: datetime, period_start: datetime, period_end: datetime
+) -> Alert | None:
+    """Average per day so far x days in the period > allowance, while the allowance is not yet used up
+    (once it is, the 100 % threshold says so)."""
+    if allowance <= 0 or used >= allowance or used <= 0:
+        return None
+    elapsed = days_elapsed(now, period_start)
+    period_days = max(1, round((period_end - period_start) / _DAY))
+    if used * period_days <= allowance * elapsed:
+        return None
+    per_day = used // elapsed
+    run_out_in_days = -(-(allowance - used) // max(per_day, 1))
+    return Alert(
+        kind=PROJECTED_RUN_OUT,
+        threshold=100,
+        period_start=period_start,
+        message=(
+            f"at the current rate the allowance runs out in about {run_out_in_days} day(s), "
+            f"before the billing period ends on {period_end:%Y-%m-%d}"
+        ),
+        details={
+            "used_nanos": used,
+            "allowance_nanos": allowance,
+            "avg_per_day_nanos": per_day,
+            "projected_nanos": used * period_days // elapsed,
+            "days_elapsed": elapsed,
+            "days_in_period": period_days,
+            "run_out_in_days": run_out_in_days,
+        },
+    )
+
+
+def frequent_refusals(refusals_last_hour: int, limit: int, hour_start: datetime) -> Alert | None:
+    """``limit`` or more quota refusals (HTTP 429) within the last hour: once per clock hour."""
+    if limit <= 0 or refusals_last_hour < limit:
+        return None
+    return Alert(
+        kind=RATE_LIMITED,
+        threshold=limit,
+        period_start=hour_start,
+        message=f"you exceed rate limits frequently: {refusals_last_hour} requests refused in the last hour",
+        details={"refusals_last_hour": refusals_last_hour, "limit": limit},
+    )
+
+
+def unusual_usage(
+    today: int, previous_days: Sequence[int], day_start: datetime, *, factor: Decimal, min_volume: int
+) -> Alert | None:
+    """Today's usage more than ``factor`` x the mean of the previous days (missing days count as 0), and at
+    least ``min_volume`` (a quiet organization's first busy day is not an anomaly worth a page)."""
+    if not previous_days or today < min_volume:
+        return None
+    baseline = Decimal(sum(previous_days)) / len(previous_days)
+    if Decimal(today) <= factor * baseline:
+        return None
+    ratio = None if baseline == 0 else (Decimal(today) / baseline).quantize(Decimal("0.01"))
+    why = "no usage in the previous days" if ratio is None else f"{ratio}x the daily mean"
+    return Alert(
+        kind=UNUSUAL_USAGE,
+        threshold=int(factor * 100),
+        period_start=day_start,
+        message=(
+            f"unusual usage pattern: {today} nanos today, {why} of the previous {len(previous_days)} "
+            f"days ({baseline.quantize(Decimal(1))} nanos)"
+        ),
+        details={
+            "today_nanos": today,
+            "baseline_nanos": str(baseline.quantize(Decimal(1))),
+            "baseline_days": len(previous_days),
+            "factor": None if ratio is None else str(ratio),
+            "trigger_factor": str(factor),
+        },
+    )

@@ -1,0 +1,98 @@
+"""Sends due outbox rows to their webhook endpoints, signed per Standard Webhooks (``webhook-id``,
+``webhook-timestamp``, ``webhook-signature``), retrying with backoff (``meterline.alerts.delivery``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import httpx
+from standardwebhooks import Webhook
+
+from meterline.alerts import check_url, retry_delay
+from meterline.alerts.destinations import Resolver, resolve
+from meterline.clock import Clock, SystemClock, to_micros
+from meterline.errors import InvalidRequest
+from meterline.storage.webhook_store import Delivery, SqlWebhookStore
+
+log = logging.getLogger("meterline.webhooks")
+LEASE_S = 60
+
+
+class WebhookSender:
+    """``clock`` schedules attempts (tests move it); ``wall_clock`` stamps the signature, which receivers
+    check against their own time (a replay window), so it is always the real time."""
+
+    def __init__(
+        self,
+        store: SqlWebhookStore,
+        clock: Clock,
+        *,
+        allow_private: bool,
+        timeout_s: float,
+        max_attempts: int,
+        wall_clock: Clock | None = None,
+        resolver: Resolver = resolve,
+        retry_delay_s: Callable[[int], int] = retry_delay,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._wall = wall_clock or SystemClock()
+        self._allow_private = allow_private
+        self._max_attempts = max_attempts
+        self._resolver = resolver
+        self._retry_delay_s = retry_delay_s
+        # Never follow redirects: a public URL could otherwise send us to a private one.
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def deliver_due(self) -> int:
+        """One pass over due rows; the number delivered."""
+        now = self._clock.now()
+        now_us = to_micros(now)
+        sent = 0
+        for delivery in self._store.due(now_us, self._max_attempts):
+            if not self._store.claim(delivery, now_us + LEASE_S * 1_000_000):
+                continue  # another sender has this attempt
+            error = self._attempt(delivery)
+            if error is None:
+                self._store.delivered(delivery.id, to_micros(self._clock.now()))
+                sent += 1
+                continue
+            attempts = delivery.attempts + 1
+            retry_at = None
+            if attempts < self._max_attempts:
+                retry_at = to_micros(self._clock.now()) + self._retry_delay_s(attempts) * 1_000_000
+            self._store.failed(delivery.id, error, retry_at)
+        return sent
+
+    def _attempt(self, delivery: Delivery) -> str | None:
+        """Send once; None on a 2xx, else what went wrong."""
+        try:
+            # Again at delivery: the name may resolve elsewhere since registration (DNS rebinding).
+            check_url(delivery.url, allow_private=self._allow_private, resolver=self._resolver)
+        except InvalidRequest as exc:
+            return exc.message
+        stamp = self._wall.now()
+        headers = self.signed_headers(delivery, stamp)
+        try:
+            response = self._http.post(delivery.url, content=delivery.payload_json.encode(), headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if 200 <= response.status_code < 300:
+            return None
+        return f"HTTP {response.status_code}"
+
+    @staticmethod
+    def signed_headers(delivery: Delivery, stamp: datetime) -> dict[str, str]:
+        signature = Webhook(delivery.secret).sign(delivery.id, stamp, delivery.payload_json)
+        return {
+            "content-type": "application/json",
+            "webhook-id": delivery.id,
+            "webhook-timestamp": str(int(stamp.timestamp())),
+            "webhook-signature": signature,
+            "user-agent": "meterline-webhooks",
+        }

@@ -1,0 +1,264 @@
+"""Alerts in SQL: evaluated in the settle transaction (``SqlLedgerStore.append_in``), fired once through
+the unique (organization, kind, threshold, period) index, each with its outbox rows in the same
+transaction. See ``meterline.alerts`` for the rules and the invariants."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+
+from meterline import ids
+from meterline.alerts import Alert, crossed_thresholds, projected_run_out, threshold_alert, unusual_usage
+from meterline.alerts.kinds import PROJECTED_RUN_OUT, THRESHOLD
+from meterline.alerts.rules import frequent_refusals
+from meterline.clock import MICROS_PER_HOUR, Clock, from_micros, rfc3339, to_micros
+from meterline.metering.records import LedgerRow
+from meterline.quotas.credits import CreditTerms
+from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
+from meterline.quotas.periods import billing_period
+from meterline.storage.database import Database
+
+_HOURS_PER_DAY = 24
+_BASELINE_DAYS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class AlertPolicy:
+    thresholds: tuple[int, ...] = (50, 75, 80, 100)
+    refusals_per_hour: int = 10
+    unusual_factor: Decimal = Decimal(3)
+    unusual_min_volume: int = 100  # whole credits (whole currency units for spend-cap organizations)
+
+
+def _marker(conn: Connection) -> str:
+    return "?" if conn.dialect.name == "sqlite" else "%s"
+
+
+def _q(conn: Connection, sql: str) -> str:
+    return sql.replace("{p}", _marker(conn))
+
+
+_CREDITS_USED = (
+    "SELECT monthly_nanos + bonus_nanos + overage_nanos FROM credit_usage "
+    "WHERE organization_id = {p} AND period_start_us = {p}"
+)
+_SPENT = (
+    "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_hourly "
+    "WHERE organization_id = {p} AND hour >= {p} AND hour < {p}"
+)
+_DAILY = (
+    "SELECT hour / 24, COALESCE(SUM({measure}), 0) FROM usage_hourly "
+    "WHERE organization_id = {p} AND hour >= {p} AND hour < {p} GROUP BY hour / 24"
+)
+_FIRED = "SELECT kind, threshold FROM alerts WHERE organization_id = {p} AND period_start_us = {p}"
+_INSERT_ALERT = (
+    "INSERT INTO alerts (id, organization_id, kind, threshold, period_start_us, message, details_json, "
+    "created_at_us) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) "
+    "ON CONFLICT (organization_id, kind, threshold, period_start_us) DO NOTHING"
+)
+_ENDPOINTS = "SELECT id FROM webhook_endpoints WHERE organization_id = {p} AND disabled = {p}"
+_INSERT_OUTBOX = (
+    "INSERT INTO webhook_outbox (id, endpoint_id, alert_id, event_type, payload_json, attempts, "
+    "next_attempt_at_us, created_at_us) VALUES ({p}, {p}, {p}, {p}, {p}, 0, {p}, {p})"
+)
+_ALERT_COLUMNS = "id, organization_id, kind, threshold, period_start_us, message, details_json, created_at_us"
+
+
+def alert_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "alert",
+        "organization_id": row.organization_id,
+        "kind": row.kind,
+        "threshold": row.threshold,
+        "period_start": rfc3339(from_micros(row.period_start_us)),
+        "message": row.message,
+        "details": orjson.loads(row.details_json),
+        "created_at": rfc3339(from_micros(row.created_at_us)),
+    }
+
+
+def fire(conn: Connection, organization_id: str, alert: Alert, now: datetime) -> bool:
+    """Insert ``alert`` unless it already fired, and queue it for every enabled webhook endpoint."""
+    alert_id = ids.prefixed("alert")
+    now_us = to_micros(now)
+    period_us = to_micros(alert.period_start)
+    details = orjson.dumps(alert.details).decode()
+    inserted = conn.exec_driver_sql(
+        _q(conn, _INSERT_ALERT),
+        (alert_id, organization_id, alert.kind, alert.threshold, period_us, alert.message, details, now_us),
+    ).rowcount
+    if inserted != 1:
+        return False
+    endpoints = [r[0] for r in conn.exec_driver_sql(_q(conn, _ENDPOINTS), (organization_id, False))]
+    if endpoints:
+        event_type = f"alert.{alert.kind}"
+        row = _Row(
+            alert_id, organization_id, alert.kind, alert.threshold, period_us, alert.message, details, now_us
+        )
+        payload = orjson.dumps(
+            {"type": event_type, "timestamp": alert_json(row)["created_at"], "data": alert_json(row)}
+        ).decode()
+        conn.exec_driver_sql(
+            _q(conn, _INSERT_OUTBOX),
+            [(ids.prefixed("msg"), e, alert_id, event_type, payload, now_us, now_us) for e in endpoints],
+        )
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    id: str
+    organization_id: str
+    kind: str
+    threshold: int
+    period_start_us: int
+    message: str
+    details_json: str
+    created_at_us: int
+
+
+class AlertEvaluator:
+    """Decides and fires alerts. Per settle it costs nothing once every alert of the organization's
+    period has fired (remembered in memory), otherwise one indexed read of the period's usage; the
+    alerts table is read only when a rule says fire, and written only when one does."""
+
+    def __init__(self, db: Database, clock: Clock, policy: AlertPolicy) -> None:
+        self._db = db
+        self._clock = clock
+        self.policy = policy
+        # (organization, period start) -> (kind, threshold) known to be committed. Filled only from
+        # reads, never from our own inserts: a rolled-back settle must not hide an alert.
+        self._fired: dict[str, tuple[int, set[tuple[str, int]]]] = {}
+        self._unusual_checked: dict[str, int] = {}
+        self._refusals: dict[str, deque[float]] = {}
+        self._refusal_fired: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- at settle -------------------------------------------------------------------------------------
+    def evaluate_in(self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
+        if terms is None or not rows:
+            return
+        org_id = terms.organization_id
+        now = self._clock.now()
+        newest = max(r.created_at for r in rows)
+        period = billing_period(newest, terms.billing_anchor_day)
+        period_us = to_micros(period.start)
+        if terms.spend_cap_nanos is not None:
+            allowance, measure = terms.spend_cap_nanos, "spend"
+        elif terms.monthly_allowance_nanos != UNLIMITED:
+            allowance, measure = terms.monthly_allowance_nanos, "credits"
+        else:
+            allowance, measure = 0, "credits"
+        if allowance > 0:
+            self._evaluate_allowance(conn, org_id, period, period_us, allowance, measure, now)
+        self._evaluate_unusual(conn, org_id, now, "cost_nanos" if measure == "spend" else "credits_nanos")
+
+    def _evaluate_allowance(
+        self,
+        conn: Connection,
+        org_id: str,
+        period: Any,
+        period_us: int,
+        allowance: int,
+        measure: str,
+        now: datetime,
+    ) -> None:
+        cached = self._fired.get(org_id)
+        known = cached[1] if cached is not None and cached[0] == period_us else set()
+        wanted = {(THRESHOLD, t) for t in self.policy.thresholds} | {(PROJECTED_RUN_OUT, 100)}
+        if wanted <= known:
+            return
+        if measure == "spend":
+            start_hour = period_us // MICROS_PER_HOUR
+            end_hour = -(-to_micros(period.end) // MICROS_PER_HOUR)
+            used = int(conn.exec_driver_sql(_q(conn, _SPENT), (org_id, start_hour, end_hour)).scalar_one())
+        else:
+            found = conn.exec_driver_sql(_q(conn, _CREDITS_USED), (org_id, period_us)).first()
+            used = 0 if found is None else int(found[0])
+        fired_thresholds = {t for k, t in known if k == THRESHOLD}
+        candidates: list[Alert] = [
+            threshold_alert(t, used, allowance, period.start, period.end, measure)
+            for t in crossed_thresholds(used, allowance, self.policy.thresholds, fired_thresholds)
+        ]
+        if (PROJECTED_RUN_OUT, 100) not in known and period.start <= now < period.end:
+            projected = projected_run_out(used, allowance, now, period.start, period.end)
+            if projected is not None:
+                candidates.append(projected)
+        if not candidates:
+            return
+        committed = {(str(k), int(t)) for k, t in conn.exec_driver_sql(_q(conn, _FIRED), (org_id, period_us))}
+        self._fired[org_id] = (period_us, committed)
+        for alert in candidates:
+            if (alert.kind, alert.threshold) not in committed:
+                fire(conn, org_id, alert, now)
+
+    def _evaluate_unusual(self, conn: Connection, org_id: str, now: datetime, measure: str) -> None:
+        hour = to_micros(now) // MICROS_PER_HOUR
+        if self._unusual_checked.get(org_id) == hour:
+            return
+        self._unusual_checked[org_id] = hour
+        today = hour // _HOURS_PER_DAY
+        first = (today - _BASELINE_DAYS) * _HOURS_PER_DAY
+        sql = _q(conn, _DAILY).replace("{measure}", measure)
+        by_day = {
+            int(d): int(v)
+            for d, v in conn.exec_driver_sql(sql, (org_id, first, (today + 1) * _HOURS_PER_DAY))
+        }
+        day_start = from_micros(today * _HOURS_PER_DAY * MICROS_PER_HOUR)
+        alert = unusual_usage(
+            by_day.get(today, 0),
+            [by_day.get(d, 0) for d in range(today - _BASELINE_DAYS, today)],
+            day_start,
+            factor=self.policy.unusual_factor,
+            min_volume=self.policy.unusual_min_volume * NANOS_PER_WHOLE,
+        )
+        if alert is not None:
+            fire(conn, org_id, alert, now)
+
+    # -- quota refusals --------------------------------------------------------------------------------
+    def note_refusal(self, org_id: str) -> None:
+        """Count one quota refusal (an HTTP 429) of ``org_id``; fire the hourly alert at the N-th.
+
+        In memory, per process: refusals are not in the ledger, and a write per 429 would let a
+        client that is being refused load the database. With several processes each counts its own."""
+        now = self._clock.now()
+        moment = now.timestamp()
+        hour = to_micros(now) // MICROS_PER_HOUR
+        with self._lock:
+            window = self._refusals.setdefault(org_id, deque())
+            window.append(moment)
+            while window and window[0] <= moment - 3600:
+                window.popleft()
+            count = len(window)
+            if count < self.policy.refusals_per_hour or self._refusal_fired.get(org_id) == hour:
+                return
+            self._refusal_fired[org_id] = hour
+        alert = frequent_refusals(count, self.policy.refusals_per_hour, from_micros(hour * MICROS_PER_HOUR))
+        if alert is not None:
+            with self._db.write() as conn:
+                fire(conn, org_id, alert, now)
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def list_alerts(self, org_id: str, *, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        with self._db.read() as conn:
+            p = _marker(conn)
+            total = int(
+                conn.exec_driver_sql(
+                    f"SELECT COUNT(*) FROM alerts WHERE organization_id = {p}", (org_id,)
+                ).scalar_one()
+            )
+            rows = conn.exec_driver_sql(
+                f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE organization_id = {p} "
+                f"ORDER BY created_at_us DESC, id DESC LIMIT {p} OFFSET {p}",
+                (org_id, limit, offset),
+            )
+            return [alert_json(r) for r in rows], total

@@ -1,0 +1,269 @@
+"""Usage alerts (seeds 001/002) on every backend: thresholds once per period, projection, frequent
+refusals, unusual usage, the outbox in the settle transaction, webhook endpoints and the SSRF guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import ADMIN, ADMIN_KEY, Tenant, add_key, assert_envelope, make_tenant
+from meterline.clock import FrozenClock
+from meterline.config import Settings, load_settings
+from meterline.services import Services
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return load_settings(
+        database_url=database_url,
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "signing-key.json"),
+        # 100 credits a period, 10 credits (0.10 USD) per event: each event is 10 % of the allowance.
+        plans={
+            "tiny": {"monthly_credits": 100, "overage": "overage"},
+            "strict": {
+                "rpm": -1,
+                "tpm": -1,
+                "daily_tokens": -1,
+                "monthly_tokens": -1,
+                "daily_calls": 1,
+                "monthly_calls": -1,
+                "monthly_credits": -1,
+            },
+        },
+        prices={"flat": {"per_request": "0.10"}},
+        alert_refusals_per_hour=3,
+        alert_unusual_min_volume=1,
+        webhook_poll_seconds=3600,
+    )
+
+
+def post(client: TestClient, tenant: Tenant, *events: dict[str, Any]) -> Any:
+    return client.post("/v1/events", json={"events": list(events)}, headers=tenant.headers)
+
+
+def ev(i: int | str, ts: str = "2026-03-14T10:00:00Z") -> dict[str, Any]:
+    return {"id": f"e{i}", "model": "flat", "provider": "openai", "prompt_tokens": 1, "timestamp": ts}
+
+
+def alerts_of(client: TestClient, tenant: Tenant, kind: str | None = None) -> list[dict[str, Any]]:
+    response = client.get("/v1/alerts", headers=tenant.headers, params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    data: list[dict[str, Any]] = response.json()["data"]
+    return [a for a in data if kind is None or a["kind"] == kind]
+
+
+def thresholds(client: TestClient, tenant: Tenant) -> list[tuple[int, str]]:
+    return sorted((a["threshold"], a["period_start"]) for a in alerts_of(client, tenant, "usage_threshold"))
+
+
+def test_thresholds_fire_once_each_per_period_and_again_next_period(
+    client: TestClient, clock: FrozenClock
+) -> None:
+    tenant = make_tenant(client, plan="tiny", billing_anchor_day=14)
+    assert post(client, tenant, *(ev(i) for i in range(4))).status_code == 200
+    assert thresholds(client, tenant) == []
+    post(client, tenant, ev(4))
+    assert thresholds(client, tenant) == [(50, "2026-03-14T00:00:00Z")]
+    post(client, tenant, ev(5), ev(6), ev(7))  # 80 %: 75 and 80 at once
+    post(client, tenant, ev(8))
+    assert [t for t, _ in thresholds(client, tenant)] == [50, 75, 80]
+    post(client, tenant, ev(9), ev(10), ev(11))  # past 100 %
+    post(client, tenant, ev(12))
+    assert [t for t, _ in thresholds(client, tenant)] == [50, 75, 80, 100]
+    alert = max(alerts_of(client, tenant, "usage_threshold"), key=lambda a: a["threshold"])
+    assert alert["details"]["allowance_nanos"] == 100 * 10**9
+    assert "100% of the monthly credit allowance" in alert["message"]
+
+    clock.set(clock.now().replace(month=4, day=15))
+    post(client, tenant, *(ev(f"n{i}", "2026-04-15T09:00:00Z") for i in range(5)))
+    assert [t for t, p in thresholds(client, tenant) if p == "2026-04-14T00:00:00Z"] == [50]
+
+
+def test_projected_run_out_fires_once_per_period(client: TestClient, clock: FrozenClock) -> None:
+    tenant = make_tenant(client, plan="tiny", billing_anchor_day=1)
+    # Day 14 of 31: 20 credits so far -> 1.43/day -> 44 projected: fine.
+    post(client, tenant, ev(1), ev(2))
+    assert alerts_of(client, tenant, "projected_run_out") == []
+    # 50 credits by day 14 -> 110 projected > 100.
+    post(client, tenant, ev(3), ev(4), ev(5))
+    post(client, tenant, ev(6))
+    (alert,) = alerts_of(client, tenant, "projected_run_out")
+    assert alert["period_start"] == "2026-03-01T00:00:00Z"
+    assert alert["details"]["days_elapsed"] == 14
+    assert alert["details"]["days_in_period"] == 31
+    assert "before the billing period ends on 2026-04-01" in alert["message"]
+
+
+def test_spend_cap_organizations_measure_money_against_the_cap(client: TestClient) -> None:
+    tenant = make_tenant(client, plan="pro", spend_cap="1.00", billing_anchor_day=14)
+    post(client, tenant, *(ev(i) for i in range(5)))  # 0.50 of 1.00
+    (alert,) = alerts_of(client, tenant, "usage_threshold")
+    assert alert["threshold"] == 50
+    assert alert["details"]["measure"] == "spend"
+    assert "spend cap" in alert["message"]
+
+
+def test_frequent_refusals_fire_after_n_429s_within_the_hour(client: TestClient, clock: FrozenClock) -> None:
+    tenant = make_tenant(client, plan="strict")
+    first = post(client, tenant, ev(0))
+    assert first.status_code == 200, first.text
+    for i in range(1, 3):
+        assert post(client, tenant, ev(i)).status_code == 429
+    assert alerts_of(client, tenant, "rate_limits_exceeded_frequently") == []
+    assert post(client, tenant, ev(3)).status_code == 429
+    (alert,) = alerts_of(client, tenant, "rate_limits_exceeded_frequently")
+    assert alert["details"] == {"refusals_last_hour": 3, "limit": 3}
+    post(client, tenant, ev(4))
+    assert len(alerts_of(client, tenant, "rate_limits_exceeded_frequently")) == 1  # once per hour
+
+
+def test_unusual_usage_says_why(client: TestClient, clock: FrozenClock) -> None:
+    tenant = make_tenant(client, plan="pro")
+    # One event (10 credits) on each of the previous 7 days, then 5 today.
+    baseline = [ev(f"b{d}", f"2026-03-{d:02d}T12:00:00Z") for d in range(7, 14)]
+    post(client, tenant, *baseline)
+    assert alerts_of(client, tenant, "unusual_usage") == []
+    clock.advance(hours=1)  # evaluated at most once an hour per organization
+    post(client, tenant, *(ev(f"t{i}", "2026-03-14T11:00:00Z") for i in range(5)))
+    (alert,) = alerts_of(client, tenant, "unusual_usage")
+    assert alert["details"]["today_nanos"] == 50 * 10**9
+    assert alert["details"]["baseline_nanos"] == str(10 * 10**9)
+    assert alert["details"]["factor"] == "5.00"
+    assert "5.00x the daily mean" in alert["message"]
+    assert alert["period_start"] == "2026-03-14T00:00:00Z"
+
+
+def test_an_alert_and_its_outbox_row_commit_with_the_usage(
+    client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = make_tenant(client, plan="tiny", billing_anchor_day=14, name="Org")
+    org_key = add_key(client, tenant.workspace["id"], "Org key", scope="organization")
+    hook = client.post(
+        "/v1/alerts/webhooks",
+        json={"url": "http://93.184.216.34/hook"},
+        headers={"Authorization": f"Bearer {org_key}"},
+    )
+    assert hook.status_code == 201, hook.text
+    post(client, tenant, *(ev(i) for i in range(4)))
+    with services.db.read() as conn:
+        queued = conn.exec_driver_sql("SELECT COUNT(*) FROM webhook_outbox").scalar_one()
+
+    # A failure after the alert was written in the settle transaction rolls both back.
+    original = services.ledger._add_receipts
+
+    def fail(*args: Any) -> None:
+        original(*args)
+        raise RuntimeError("crash after the alert")
+
+    monkeypatch.setattr(services.ledger, "_add_receipts", fail)
+    monkeypatch.setattr(services.ledger, "_alerts", _AfterReceipts(services.ledger._alerts))
+    assert post(client, tenant, ev(4)).status_code == 500
+    monkeypatch.undo()
+    assert alerts_of(client, tenant) == [
+        a for a in alerts_of(client, tenant) if a["kind"] != "usage_threshold"
+    ]
+    with services.db.read() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM webhook_outbox").scalar_one() == queued
+
+    assert post(client, tenant, ev(4)).status_code == 200
+    (alert,) = alerts_of(client, tenant, "usage_threshold")
+    rows = services.webhooks.outbox(alert["id"])
+    assert len(rows) == 1
+    assert rows[0]["attempts"] == 0
+    assert rows[0]["delivered_at_us"] is None
+
+
+class _AfterReceipts:
+    """Evaluates alerts before receipts run, so the injected receipt failure comes after them."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def evaluate_in(self, *args: Any) -> None:
+        self._inner.evaluate_in(*args)
+
+
+def test_webhook_endpoints_show_the_secret_once(client: TestClient, tenant: Tenant) -> None:
+    org_key = add_key(client, tenant.workspace["id"], "Org key", scope="organization")
+    headers = {"Authorization": f"Bearer {org_key}"}
+    created = client.post(
+        "/v1/alerts/webhooks", json={"url": "https://93.184.216.34/h", "description": "ops"}, headers=headers
+    )
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["secret"].startswith("whsec_")
+    assert body["url"] == "https://93.184.216.34/h"
+    listed = client.get("/v1/alerts/webhooks", headers=tenant.headers).json()["data"]
+    assert [e["id"] for e in listed] == [body["id"]]
+    assert "secret" not in listed[0]
+    # A workspace key reads alerts but does not manage endpoints.
+    assert_envelope(
+        client.delete(f"/v1/alerts/webhooks/{body['id']}", headers=tenant.headers), 403, "forbidden"
+    )
+    assert client.delete(f"/v1/alerts/webhooks/{body['id']}", headers=headers).status_code == 200
+    assert client.get("/v1/alerts/webhooks", headers=headers).json()["data"] == []
+    assert_envelope(client.delete(f"/v1/alerts/webhooks/{body['id']}", headers=headers), 404, "not_found")
+    assert_envelope(client.get("/v1/alerts"), 401, "unauthorized")
+    assert client.get("/v1/alerts/webhooks", headers=ADMIN).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://10.0.0.5/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://localhost:8080/hook",
+        "http://192.168.0.10/hook",
+        "ftp://example.com/hook",
+        "not a url",
+    ],
+)
+def test_webhook_urls_to_private_addresses_are_refused(client: TestClient, tenant: Tenant, url: str) -> None:
+    org_key = add_key(client, tenant.workspace["id"], "Org key", scope="organization")
+    response = client.post(
+        "/v1/alerts/webhooks", json={"url": url}, headers={"Authorization": f"Bearer {org_key}"}
+    )
+    assert assert_envelope(response, 400, "invalid_request")["param"] == "url"
+
+
+def test_an_alert_fires_once_even_when_two_writers_decide_it(services: Services, tenant: Tenant) -> None:
+    """Two processes may both see a threshold crossed: the unique index lets one alert through."""
+    from datetime import UTC, datetime
+
+    from meterline.alerts import Alert
+    from meterline.storage.alert_store import fire
+
+    alert = Alert("usage_threshold", 50, datetime(2026, 3, 14, tzinfo=UTC), "50%")
+    now = datetime(2026, 3, 14, 11, tzinfo=UTC)
+    results = []
+    for _ in range(2):
+        with services.db.write() as conn:
+            results.append(fire(conn, tenant.org["id"], alert, now))
+    assert results == [True, False]
+    _, total = services.alerts.list_alerts(tenant.org["id"], limit=10, offset=0)
+    assert total == 1
+
+
+def test_access_tokens_do_not_read_alerts(client: TestClient, tenant: Tenant) -> None:
+    issued = client.post("/v1/token", json={"identifier_id": "user-1"}, headers=tenant.headers)
+    assert issued.status_code == 200, issued.text
+    headers = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    assert_envelope(client.get("/v1/alerts", headers=headers), 403, "forbidden")
+
+
+def test_alert_settings_are_validated(database_url: str) -> None:
+    from meterline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="alert_thresholds"):
+        load_settings(database_url=database_url, alert_thresholds=[0, 50])
+    assert load_settings(database_url=database_url, alert_thresholds=[80, 50, 80]).alert_thresholds == (
+        50,
+        80,
+    )
