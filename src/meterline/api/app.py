@@ -19,6 +19,7 @@ from meterline.api.responses import JSON
 from meterline.api.routes import (
     admin,
     alerts,
+    analytics,
     events,
     gateway,
     receipts,
@@ -121,6 +122,7 @@ def create_app(
     app.include_router(events.router)
     app.include_router(reservations.router)
     app.include_router(usage.router)
+    app.include_router(analytics.router)
     app.include_router(admin.router)
     app.include_router(tokens.router)
     app.include_router(well_known.router)

@@ -10,6 +10,7 @@ import orjson
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest
 from meterline.metering import LedgerRow
+from meterline.metering.forecast import Forecast
 from meterline.metering.reading import Totals
 from meterline.metering.summary import Allowance
 from meterline.money import format_nanos, from_nanos, to_nanos
@@ -215,4 +216,16 @@ def credits(balance: CreditBalance, allowance_nanos: int, in_flight_nanos: int =
         "remaining": _amount(
             "credits", UNLIMITED if unlimited else monthly_left + max(balance.bonus_left, 0)
         ),
+    }
+
+
+def forecast(f: Forecast) -> dict[str, Any]:
+    """Seed 002's metric cards: average per day and run-out, in credits or the spend cap's currency."""
+    return {
+        "avg_per_day": money_number(f.avg_per_day_nanos),
+        "run_out_in_days": None
+        if f.run_out_in_days is None
+        else orjson.Fragment(str(f.run_out_in_days).encode()),
+        "will_run_out_before_period_end": f.will_run_out_before_period_end,
+        "unit": f.unit,
     }

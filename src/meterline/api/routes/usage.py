@@ -14,11 +14,14 @@ from meterline.api.errors import request_id_of
 from meterline.api.responses import JSON
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest
-from meterline.metering.reading import LedgerFilter, Scope
-from meterline.metering.summary import summarize
+from meterline.metering.forecast import Forecast, forecast
+from meterline.metering.reading import LedgerFilter, Scope, Totals
+from meterline.metering.reservations import InFlight
+from meterline.metering.summary import UsageSummary, summarize
 from meterline.quotas.limits import UNLIMITED
 from meterline.services import Services
-from meterline.tenancy import Principal
+from meterline.storage.credit_store import CreditBalance
+from meterline.tenancy import Organization, Principal
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 
@@ -48,13 +51,37 @@ def parse_rfc3339(value: str | None, param: str) -> datetime | None:
     return at
 
 
-def _scope(principal: Principal, request: Request, identifier_id: str | None) -> Scope:
+def scope_for(principal: Principal, request: Request, identifier_id: str | None) -> Scope:
+    """The caller's scope, narrowed to ``identifier_id`` when one is asked for (and allowed)."""
     scope = scope_of(principal, request)
     if identifier_id is not None:
         if principal.identifier_id is not None and identifier_id != principal.identifier_id:
             raise InvalidRequest("an access token can only read its own identifier", param="identifier_id")
         scope = Scope(scope.organization_id, scope.workspace_id, identifier_id)
     return scope
+
+
+def _forecast(
+    org: Organization,
+    summary: UsageSummary,
+    balance: CreditBalance,
+    allowance_nanos: int,
+    org_period: Totals,
+    in_flight: InFlight,
+    spent_nanos: int,
+) -> Forecast:
+    """Run-out of the organization's allowance: its spend cap (BYOM) if it has one, else its credits."""
+    days = {"days_elapsed": summary.days_elapsed, "days_remaining": summary.days_remaining}
+    if org.spend_cap_nanos is not None:
+        left = org.spend_cap_nanos - spent_nanos
+        return forecast(unit=org.currency, consumed_nanos=spent_nanos, remaining_nanos=left, **days)
+    consumed = org_period.credits_nanos + in_flight.credits_nanos
+    if allowance_nanos == UNLIMITED:
+        return forecast(unit="credits", consumed_nanos=consumed, remaining_nanos=None, **days)
+    # What the credits card shows as remaining: the monthly bucket's rest, then the bonus bucket.
+    drawn = balance.including(in_flight.credits_nanos, allowance_nanos)
+    left = max(allowance_nanos - drawn.monthly_used, 0) + max(drawn.bonus_left, 0)
+    return forecast(unit="credits", consumed_nanos=consumed, remaining_nanos=left, **days)
 
 
 def _summary_body(services: Services, principal: Principal, scope: Scope) -> dict[str, Any]:
@@ -75,6 +102,7 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
     # response streams); the settle replaces that with the final figure.
     in_flight = services.reservations.in_flight(org.id)
     spent = org_period.cost_nanos + in_flight.cost_nanos
+    balance = services.credit_balance(org, now)
     return {
         "object": "usage.summary",
         # Seed 003's fields first: the plan's primary meter (tokens this billing period).
@@ -110,9 +138,7 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
         # Every limit that applies to this caller, with what its current window has consumed (settled
         # and reserved), then the organization's credit buckets and spend.
         "limits": [render.limit_status(s) for s in services.quotas.status(subject)],
-        "credits": render.credits(
-            services.credit_balance(org, now), account_allowance, in_flight.credits_nanos
-        ),
+        "credits": render.credits(balance, account_allowance, in_flight.credits_nanos),
         "spend": {
             "amount": render.money_number(spent),
             "in_flight": render.money_number(in_flight.cost_nanos),
@@ -122,6 +148,9 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
             else render.money_number(max(org.spend_cap_nanos - spent, 0)),
             "currency": org.currency,
         },
+        "forecast": render.forecast(
+            _forecast(org, summary, balance, account_allowance, org_period, in_flight, spent)
+        ),
     }
 
 
@@ -133,7 +162,7 @@ def get_usage(
     identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> JSON:
     """Current usage of the caller's scope: plan, primary meter, daily and monthly tokens and calls."""
-    scope = _scope(principal, request, identifier_id)
+    scope = scope_for(principal, request, identifier_id)
     body = _summary_body(services, principal, scope)
     body["request_id"] = request_id_of(request)
     return JSON(body)
@@ -148,7 +177,7 @@ def get_history(
     identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> JSON:
     """Daily aggregates for the past ``days`` days (seed 000), oldest first, zero days included."""
-    scope = _scope(principal, request, identifier_id)
+    scope = scope_for(principal, request, identifier_id)
     today = services.clock.now().astimezone(UTC).date()
     first = today - timedelta(days=days - 1)
     daily = services.reader.daily(scope, first, days)
@@ -204,7 +233,7 @@ def get_ledger(
     provider: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JSON:
     """Per-request ledger rows, newest first (seed 004)."""
-    scope = _scope(principal, request, identifier_id)
+    scope = scope_for(principal, request, identifier_id)
     where = LedgerFilter(
         start=parse_rfc3339(start, "start"),
         end=parse_rfc3339(end, "end"),
