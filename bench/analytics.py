@@ -390,6 +390,8 @@ def measure(backend: str, label: str, url: str, executor: Any, meta: dict[str, A
                 result["endpoints"][name] = {"api": api, "group_by": anchor}
                 log(f"  {backend} {label} {name:<28} api {fmt(api):<22} GROUP BY {fmt(anchor)}")
         result["rss_mib"] = round(server.rss_mib(), 1)
+        result["loadavg_after"] = list(os.getloadavg())
+        result["measured_at"] = datetime.now(UTC).isoformat()
     finally:
         server.stop()
         close()
@@ -452,9 +454,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sizes", default="100k,1m,10m", help="comma-separated: 100k, 1m, 10m")
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds per endpoint at most")
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds per endpoint at most")
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="drop sizes measured by earlier runs")
     parser.add_argument(
         "--scratch",
         type=Path,
@@ -500,6 +503,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if pg is not None:
             pg.stop()
+    if not args.fresh and RESULTS.exists():
+        # Sizes measured by earlier runs (e.g. 10m on its own) stay, each with its own machine load.
+        earlier = json.loads(RESULTS.read_text(encoding="utf-8"))
+        for backend, by_size in earlier.get("backends", {}).items():
+            for label, entry in by_size.items():
+                summary["backends"].setdefault(backend, {}).setdefault(label, entry)
+        for backend in summary["backends"]:
+            ordered = sorted(summary["backends"][backend].items(), key=lambda item: SIZES[item[0]])
+            summary["backends"][backend] = dict(ordered)
     report(summary)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2), encoding="utf-8")
