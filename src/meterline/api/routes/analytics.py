@@ -17,7 +17,7 @@ from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.csv_export import csv_chunks
 from meterline.api.errors import request_id_of
 from meterline.api.responses import JSON
-from meterline.api.routes.usage import parse_rfc3339, scope_for
+from meterline.api.routes.usage import ledger_filter, parse_rfc3339, scope_for
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest
 from meterline.metering.analytics import (
@@ -32,7 +32,6 @@ from meterline.metering.analytics import (
     range_hours,
     share_pct,
 )
-from meterline.metering.reading import LedgerFilter
 from meterline.money import format_nanos
 from meterline.quotas import billing_period
 from meterline.services import Services
@@ -198,16 +197,9 @@ def get_export(
 ) -> StreamingResponse:
     """Ledger rows as CSV, oldest first, streamed; the filters of ``/v1/usage/ledger``."""
     scope = scope_for(principal, request, identifier_id)
-    where = LedgerFilter(
-        start=parse_rfc3339(start, "start"),
-        end=parse_rfc3339(end, "end"),
-        model=model,
-        key_prefix=key_prefix,
-        modality=modality,
-        provider=provider,
+    where = ledger_filter(
+        start, end, model=model, key_prefix=key_prefix, modality=modality, provider=provider
     )
-    if where.start and where.end and where.start > where.end:
-        raise InvalidRequest("start must not be after end", param="start")
     filename = (
         f"meterline-usage-{_filename_part(where.start, 'start')}-{_filename_part(where.end, 'now')}.csv"
     )

@@ -51,6 +51,29 @@ def parse_rfc3339(value: str | None, param: str) -> datetime | None:
     return at
 
 
+def ledger_filter(
+    start: str | None,
+    end: str | None,
+    *,
+    model: str | None,
+    key_prefix: str | None,
+    modality: str | None,
+    provider: str | None,
+) -> LedgerFilter:
+    """The ledger filters of ``/v1/usage/ledger`` and its CSV export, checked."""
+    where = LedgerFilter(
+        start=parse_rfc3339(start, "start"),
+        end=parse_rfc3339(end, "end"),
+        model=model,
+        key_prefix=key_prefix,
+        modality=modality,
+        provider=provider,
+    )
+    if where.start and where.end and where.start > where.end:
+        raise InvalidRequest("start must not be after end", param="start")
+    return where
+
+
 def scope_for(principal: Principal, request: Request, identifier_id: str | None) -> Scope:
     """The caller's scope, narrowed to ``identifier_id`` when one is asked for (and allowed)."""
     scope = scope_of(principal, request)
@@ -234,16 +257,9 @@ def get_ledger(
 ) -> JSON:
     """Per-request ledger rows, newest first (seed 004)."""
     scope = scope_for(principal, request, identifier_id)
-    where = LedgerFilter(
-        start=parse_rfc3339(start, "start"),
-        end=parse_rfc3339(end, "end"),
-        model=model,
-        key_prefix=key_prefix,
-        modality=modality,
-        provider=provider,
+    where = ledger_filter(
+        start, end, model=model, key_prefix=key_prefix, modality=modality, provider=provider
     )
-    if where.start and where.end and where.start > where.end:
-        raise InvalidRequest("start must not be after end", param="start")
     result = services.reader.ledger_page(scope, where, limit=limit, offset=offset)
     return JSON(
         {
