@@ -609,6 +609,29 @@ async def measure(targets: list[Target], fake: FakeUpstream, args: argparse.Name
         k = rnd % len(live)
         return live[k:] + live[:k]
 
+    async def closed_loop_rounds(kind: str, *, stream: bool, clients: int, seconds: float) -> None:
+        """``stream_rounds`` rounds of a closed-loop load, every target in rotating order."""
+        for rnd in range(args.stream_rounds):
+            for t in order(rnd):
+                assert t.endpoint is not None
+                req = t.endpoint.request(request_body(stream=stream, max_tokens=max_tokens))
+                run = await closed_loop(
+                    t,
+                    kind,
+                    req,
+                    clients=clients,
+                    seconds=seconds,
+                    ramp=args.ramp,
+                    stream=stream,
+                    max_tokens=max_tokens,
+                    rnd=rnd,
+                    pids=pids(t),
+                )
+                runs.append(run)
+                _progress(run)
+                gc.collect()
+                wait_idle(server_pids)
+
     gc.collect()
     gc.freeze()
     gc.disable()  # no collector pauses inside the client's timed spans; collected between runs
@@ -625,48 +648,12 @@ async def measure(targets: list[Target], fake: FakeUpstream, args: argparse.Name
                 wait_idle(server_pids)
         if args.stream_chunk_delay_ms:
             fake.set_default("ok", chunk_delay_ms=args.stream_chunk_delay_ms)
-        for rnd in range(args.stream_rounds):
-            for t in order(rnd):
-                assert t.endpoint is not None
-                req = t.endpoint.request(request_body(stream=True, max_tokens=max_tokens))
-                run = await closed_loop(
-                    t,
-                    "streams",
-                    req,
-                    clients=args.streams,
-                    seconds=args.stream_seconds,
-                    ramp=args.ramp,
-                    stream=True,
-                    max_tokens=max_tokens,
-                    rnd=rnd,
-                    pids=pids(t),
-                )
-                runs.append(run)
-                _progress(run)
-                gc.collect()
-                wait_idle(server_pids)
+        await closed_loop_rounds("streams", stream=True, clients=args.streams, seconds=args.stream_seconds)
         if args.stream_chunk_delay_ms:
             fake.set_default("ok")
-        for rnd in range(args.stream_rounds):
-            for t in order(rnd):
-                assert t.endpoint is not None
-                req = t.endpoint.request(request_body(stream=False, max_tokens=max_tokens))
-                run = await closed_loop(
-                    t,
-                    "throughput",
-                    req,
-                    clients=args.concurrency,
-                    seconds=args.throughput_seconds,
-                    ramp=args.ramp,
-                    stream=False,
-                    max_tokens=max_tokens,
-                    rnd=rnd,
-                    pids=pids(t),
-                )
-                runs.append(run)
-                _progress(run)
-                gc.collect()
-                wait_idle(server_pids)
+        await closed_loop_rounds(
+            "throughput", stream=False, clients=args.concurrency, seconds=args.throughput_seconds
+        )
     finally:
         gc.enable()
         gc.unfreeze()
