@@ -1,0 +1,86 @@
+"""The Meterline Python SDK: a typed client for every public endpoint, ``UsageTracker``, offline token
+and cost estimates, and ``instrument()`` for an ``openai`` client.
+
+Importing it never imports the server's web framework or storage: it is a client library (see README.md
+in this folder for its invariants).
+"""
+
+from meterline.sdk.access import Alert, AlertPage, TokenPair, WebhookEndpoint
+from meterline.sdk.analytics import Breakdown, BreakdownRow, Timeseries, TimeseriesPoint
+from meterline.sdk.async_client import AsyncClient
+from meterline.sdk.client import ChainVerification, Client
+from meterline.sdk.errors import (
+    APIConnectionError,
+    APIStatusError,
+    AuthenticationError,
+    ConflictError,
+    InternalServerError,
+    InvalidRequestError,
+    MeterlineError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UpstreamError,
+    VerificationError,
+)
+from meterline.sdk.estimate import RequestEstimate, estimate_request_cost, estimate_tokens
+from meterline.sdk.ingest import Event, EventResult, EventsBatch, Reservation, Settlement
+from meterline.sdk.instrument import instrument
+from meterline.sdk.ledger import EventsPage, History, HistoryDay, LedgerEntry, LedgerPage, UsageEvent
+from meterline.sdk.receipts import Receipt, ReceiptPage
+from meterline.sdk.summary import UsageSummary
+from meterline.sdk.tracker import ModelUsage, TrackedCall, UsageReport, UsageTracker
+from meterline.sdk.transport import RetryPolicy
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "Alert",
+    "AlertPage",
+    "AsyncClient",
+    "AuthenticationError",
+    "Breakdown",
+    "BreakdownRow",
+    "ChainVerification",
+    "Client",
+    "ConflictError",
+    "Event",
+    "EventResult",
+    "EventsBatch",
+    "EventsPage",
+    "History",
+    "HistoryDay",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LedgerEntry",
+    "LedgerPage",
+    "MeterlineError",
+    "ModelUsage",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "Receipt",
+    "ReceiptPage",
+    "RequestEstimate",
+    "Reservation",
+    "RetryPolicy",
+    "ServiceUnavailableError",
+    "Settlement",
+    "Timeseries",
+    "TimeseriesPoint",
+    "TokenPair",
+    "TrackedCall",
+    "UpstreamError",
+    "UsageEvent",
+    "UsageReport",
+    "UsageSummary",
+    "UsageTracker",
+    "VerificationError",
+    "WebhookEndpoint",
+    "estimate_request_cost",
+    "estimate_tokens",
+    "instrument",
+]
