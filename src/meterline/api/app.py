@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import StaticFiles
 
 from meterline import __version__
 from meterline.api.errors import install_error_handlers
@@ -20,6 +21,7 @@ from meterline.api.routes import (
     admin,
     alerts,
     analytics,
+    dashboard,
     events,
     gateway,
     receipts,
@@ -27,6 +29,7 @@ from meterline.api.routes import (
     tokens,
     usage,
     well_known,
+    widget,
 )
 from meterline.api.webhook_sender import WebhookSender
 from meterline.clock import Clock
@@ -129,4 +132,8 @@ def create_app(
     app.include_router(receipts.router)
     app.include_router(alerts.router)
     app.include_router(gateway.router)
+    app.include_router(dashboard.router)
+    app.include_router(widget.router)
+    # The dashboard's stylesheet and scripts, from the installed package (nothing from the network).
+    app.mount("/dashboard/static", StaticFiles(packages=[("meterline.dashboard", "static")]), name="static")
     return app

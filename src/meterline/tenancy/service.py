@@ -275,18 +275,19 @@ class TenancyService:
         self._touch(key.id)
         if len(self._principals) >= _CACHE_ENTRIES:
             self._principals.clear()
-        principal = Principal(
-            organization_id=key.organization_id,
-            workspace_id=key.workspace_id,
-            scope=key.scope,
-            key_id=key.id,
-            key_prefix=key.key_prefix,
-            key_name=key.name,
-            default_source=key.default_source,
-            key_limits=key.limits,
-        )
+        principal = _principal_of(key)
         self._principals[digest] = (now + CACHE_SECONDS, principal)
         return principal
+
+    def principal_of_key(self, key_id: str) -> Principal:
+        """The principal of a stored key, by id: what a dashboard session opened with that key acts as.
+        Read from the store each time, so revoking the key ends its sessions at once."""
+        key = self._store.get_key(key_id)
+        if key is None:
+            raise Unauthorized("the API key of this session no longer exists")
+        if key.revoked_at is not None:
+            raise Unauthorized(f"API key {key.key_prefix}… has been revoked")
+        return _principal_of(key)
 
     def _touch(self, key_id: str) -> None:
         now_us = to_micros(self._clock.now())
@@ -357,6 +358,19 @@ class TenancyService:
     def list_credit_grants(self, organization_id: str) -> Sequence[CreditGrant]:
         self.get_organization(organization_id)
         return self._store.list_credit_grants(organization_id)
+
+
+def _principal_of(key: ApiKey) -> Principal:
+    return Principal(
+        organization_id=key.organization_id,
+        workspace_id=key.workspace_id,
+        scope=key.scope,
+        key_id=key.id,
+        key_prefix=key.key_prefix,
+        key_name=key.name,
+        default_source=key.default_source,
+        key_limits=key.limits,
+    )
 
 
 __all__ = ["TenancyService"]
