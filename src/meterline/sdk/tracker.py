@@ -12,9 +12,10 @@ Invariants:
 from __future__ import annotations
 
 import threading
+from collections import deque
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ class UsageTracker:
     identifier_id: str | None = None
     user_id: str | None = None
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    keep_calls: int = 1000
     pending: list[Event] = field(default_factory=list, init=False)
     rejected: list[EventResult] = field(default_factory=list, init=False)
     last_error: MeterlineError | None = field(default=None, init=False)
@@ -140,6 +142,8 @@ class UsageTracker:
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
+        # The most recent calls, for inspection; totals never depend on it (it is bounded).
+        self.calls: deque[TrackedCall] = deque(maxlen=self.keep_calls)
         self._book = _price_book(self.prices)
 
     def record(
@@ -161,17 +165,19 @@ class UsageTracker:
         provider = provider or found.provider
         tokens = found.tokens
         at = self.clock()
-        quote = self._book.quote(
-            MeteredUsage(
-                model=model,
-                provider=provider,
-                prompt_tokens=tokens.prompt_tokens,
-                completion_tokens=tokens.completion_tokens,
-                cache_read_tokens=tokens.cache_read_tokens,
-                cache_write_tokens=tokens.cache_write_tokens,
-            ),
-            at,
+        metered = MeteredUsage(
+            model=model,
+            provider=provider,
+            prompt_tokens=tokens.prompt_tokens,
+            completion_tokens=tokens.completion_tokens,
+            cache_read_tokens=tokens.cache_read_tokens,
+            cache_write_tokens=tokens.cache_write_tokens,
         )
+        quote = self._book.quote(metered, at)
+        if not quote.priced and provider is None and found.kind != "messages":
+            # Some OpenAI models (embeddings, say) are found only under their provider; an OpenAI-shaped
+            # answer names none, so OpenAI is the guess when the name alone finds nothing.
+            quote = self._book.quote(replace(metered, provider="openai"), at)
         call = TrackedCall(
             event_id=f"sdk_{uuid.uuid4().hex}",
             model=model,
@@ -201,6 +207,7 @@ class UsageTracker:
         )
         with self._lock:
             self._by_model.setdefault(model or "(unknown)", ModelUsage()).add(call)
+            self.calls.append(call)
             if self.client is not None:
                 self.pending.append(event)
             full = self.client is not None and len(self.pending) >= self.batch_size
@@ -231,6 +238,7 @@ class UsageTracker:
         """Forget the totals (pending events are kept: they are still owed to the server)."""
         with self._lock:
             self._by_model.clear()
+            self.calls.clear()
 
     # -- forwarding -----------------------------------------------------------------------------------
     def flush(self) -> list[EventsBatch]:

@@ -1,0 +1,68 @@
+"""Retries against real refusals: the server's own 429s and their ``Retry-After``. The client's sleep
+moves the server's clock instead of waiting, so the retried request meets the next minute for real."""
+
+from __future__ import annotations
+
+import pytest
+
+from meterline.sdk import APIConnectionError, Client, Event, QuotaExceededError, RateLimitError, RetryPolicy
+from sdk.conftest import Server
+from servers import free_port
+
+
+def _event(i: int) -> Event:
+    return Event(id=f"rl-{i}", model="gpt-4o-mini", prompt_tokens=10, completion_tokens=5)
+
+
+def test_a_rate_limit_is_retried_after_retry_after(server: Server) -> None:
+    key = server.key_with_limits({"rpm": 2})
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        server.clock.advance(seconds=seconds)
+
+    with server.client(key, sleep=sleep) as client:
+        client.send_events([_event(1)])
+        client.send_events([_event(2)])
+        third = client.send_events([_event(3)])
+    assert third.accepted == 1
+    assert len(waits) == 1
+    assert 0 < waits[0] <= 60
+    with server.client() as reader:
+        assert reader.ledger().total_count == 3
+
+
+def test_without_retries_the_refusal_is_raised_with_its_limit(server: Server) -> None:
+    key = server.key_with_limits({"rpm": 1})
+    with server.client(key, retry=RetryPolicy(max_retries=0)) as client:
+        client.send_events([_event(1)])
+        with pytest.raises(RateLimitError) as refused:
+            client.send_events([_event(2)])
+    error = refused.value
+    assert not isinstance(error, QuotaExceededError)
+    assert (error.status_code, error.code) == (429, "rate_limit_exceeded")
+    assert error.retry_after is not None and error.retry_after > 0
+    assert error.limit is not None and error.limit["name"] == "key.rpm"
+    assert error.request_id
+
+
+def test_a_quota_that_resets_tomorrow_is_not_waited_for(server: Server) -> None:
+    key = server.key_with_limits({"daily_calls": 1})
+    waits: list[float] = []
+    with server.client(key, sleep=waits.append) as client:
+        client.send_events([_event(1)])
+        with pytest.raises(QuotaExceededError) as refused:
+            client.send_events([_event(2)])
+    assert refused.value.code == "quota_exceeded"
+    assert refused.value.retry_after is not None and refused.value.retry_after > 60
+    assert waits == []
+
+
+def test_no_answer_is_a_connection_error_retried_with_backoff() -> None:
+    waits: list[float] = []
+    dead = f"http://127.0.0.1:{free_port()}"
+    retry = RetryPolicy(max_retries=3, backoff=0.25)
+    with Client(dead, "k", sleep=waits.append, retry=retry) as client, pytest.raises(APIConnectionError):
+        client.usage()
+    assert waits == [0.25, 0.5, 1.0]

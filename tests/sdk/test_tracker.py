@@ -1,0 +1,177 @@
+"""``UsageTracker`` and the offline estimates: exact costs from the server's price book, and forwarding
+to a real server that counts every recorded call once, however often a batch is resent."""
+
+from __future__ import annotations
+
+import warnings
+from decimal import Decimal
+
+import anthropic.types
+import openai.types
+import pytest
+
+from meterline.sdk import APIConnectionError, Client, UsageTracker, estimate_request_cost, estimate_tokens
+from sdk.conftest import Server
+from servers import free_port
+
+# genai-prices, per million tokens (USD)
+MINI_IN, MINI_OUT = Decimal("0.15"), Decimal("0.6")
+HAIKU_IN, HAIKU_OUT, HAIKU_READ = Decimal("1"), Decimal("5"), Decimal("0.1")
+MILLION = Decimal(1_000_000)
+
+TEXTS = [
+    "Hello world",
+    "Explain quantum computing.",
+    "Ünïcödé, emoji 🎉 and 中文 mixed with code: `def f(x): return x**2`",
+    "The quick brown fox jumps over the lazy dog. " * 40,
+]
+
+
+def _tokenizer(name: str) -> object:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
+
+        return bpe_openai.get_encoding(name)
+
+
+@pytest.mark.parametrize(("model", "encoding"), [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")])
+def test_estimate_tokens_is_the_tokenizers_count(model: str, encoding: str) -> None:
+    tokenizer = _tokenizer(encoding)
+    for text in TEXTS:
+        assert estimate_tokens(text, model) == len(tokenizer.encode_ordinary(text))  # type: ignore[attr-defined]
+    assert estimate_tokens("Hello world", model) == 2
+
+
+def test_estimate_request_cost_counts_per_message_overhead() -> None:
+    messages = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Explain quantum computing."},
+    ]
+    o200k = _tokenizer("o200k_base")
+
+    def count(text: str) -> int:
+        return len(o200k.encode_ordinary(text))  # type: ignore[attr-defined]
+
+    # 3 tokens wrap each message (role and content are counted too), 3 prime the reply.
+    expected = 3 + sum(3 + count(m["role"]) + count(m["content"]) for m in messages)
+    estimate = estimate_request_cost(messages, "gpt-4o-mini", max_output_tokens=500)
+    assert estimate.estimated_input_tokens == expected
+    assert estimate.estimated_total_tokens == expected + 500
+    assert estimate.encoding == "o200k_base"
+    assert estimate.estimated_cost == (expected * MINI_IN + 500 * MINI_OUT) / MILLION
+    assert estimate.priced
+    named = estimate_request_cost([{**messages[1], "name": "ada"}], "gpt-4o-mini", 0)
+    assert (
+        named.estimated_input_tokens
+        == 3 + 3 + count("user") + count(messages[1]["content"]) + count("ada") + 1
+    )
+    unknown = estimate_request_cost(messages, "my-private-model", 100)
+    assert (unknown.priced, unknown.estimated_cost) == (False, Decimal(0))
+
+
+def test_report_per_model_from_every_response_shape() -> None:
+    tracker = UsageTracker()
+    chat = tracker.record(
+        {
+            "object": "chat.completion",
+            "model": "gpt-4o-mini",
+            "usage": {"prompt_tokens": 25, "completion_tokens": 100, "total_tokens": 125},
+        }
+    )
+    assert chat.cost == (25 * MINI_IN + 100 * MINI_OUT) / MILLION
+    tracker.record(
+        openai.types.CompletionUsage(prompt_tokens=10, completion_tokens=5, total_tokens=15),
+        model="gpt-4o-mini",
+    )
+    tracker.record(
+        {
+            "object": "list",
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 8, "total_tokens": 8},
+        }
+    )
+    tracker.record(
+        {
+            "object": "response",
+            "model": "gpt-4o-mini",
+            "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10},
+        }
+    )
+    claude = tracker.record(
+        anthropic.types.Usage(
+            input_tokens=10, output_tokens=5, cache_read_input_tokens=100, cache_creation_input_tokens=0
+        ),
+        model="claude-haiku-4-5",
+    )
+    # Anthropic's input_tokens leave the cache out: the prompt is 110, of which 100 are cache reads.
+    assert (claude.prompt_tokens, claude.cache_read_tokens) == (110, 100)
+    assert claude.cost == (10 * HAIKU_IN + 100 * HAIKU_READ + 5 * HAIKU_OUT) / MILLION
+    tracker.record({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}, model="my-private-model")
+
+    report = tracker.report()
+    assert report.total_requests == 6
+    assert report.total_tokens == 125 + 15 + 8 + 10 + 115 + 8
+    assert report.avg_tokens_per_request == Decimal(report.total_tokens) / 6
+    assert report.by_model["gpt-4o-mini"].requests == 3
+    assert report.by_model["gpt-4o-mini"].tokens == 150
+    assert report.total_cost == sum(u.cost for u in report.by_model.values())
+    assert isinstance(report.total_cost, Decimal)
+    assert report.unpriced_models == ["my-private-model"]
+    assert report.as_dict()["total_requests"] == 6
+    with pytest.raises(ValueError, match="no token usage"):
+        tracker.record({"id": "x"})
+
+
+def test_operator_prices_override_the_database() -> None:
+    tracker = UsageTracker(prices={"llama-3.1-8b": {"input": "0.10", "output": "0.10"}})
+    call = tracker.record(
+        {"prompt_tokens": 25, "completion_tokens": 100, "total_tokens": 125}, model="llama-3.1-8b"
+    )
+    assert call.cost == Decimal("0.0000125")
+    assert call.priced
+
+
+def test_forwarded_usage_is_counted_once_however_often_it_is_sent(server: Server) -> None:
+    with server.client() as client:
+        tracker = UsageTracker(client=client, batch_size=2, clock=server.clock.now)
+        calls = [
+            tracker.record(
+                {"prompt_tokens": 100 + i, "completion_tokens": 10, "total_tokens": 110 + i},
+                model="gpt-4o-mini",
+            )
+            for i in range(5)
+        ]
+        assert len(tracker.pending) == 1  # two full batches went on their own
+        tracker.flush()
+        assert tracker.pending == []
+        ledger = {row.event_id: row for row in client.iter_ledger()}
+        assert set(ledger) == {c.event_id for c in calls}
+        for call in calls:
+            assert ledger[call.event_id].cost == call.cost
+            assert ledger[call.event_id].source == "sdk"
+
+        # An answer lost on the way back: the server has the batch, the tracker does not know it.
+        lost = UsageTracker(client=client, batch_size=10, clock=server.clock.now)
+        for _ in range(3):
+            lost.record({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, model="gpt-4o-mini")
+        client.send_events(lost.pending)
+        (resent,) = lost.flush()
+        assert (resent.accepted, resent.duplicates) == (3, 3)
+        assert client.ledger().total_count == 8
+        assert client.usage().monthly.cost == tracker.report().total_cost + lost.report().total_cost
+
+
+def test_an_unreachable_server_keeps_the_events_queued(server: Server) -> None:
+    with Client(f"http://127.0.0.1:{free_port()}", "k", sleep=lambda _s: None) as dead:
+        tracker = UsageTracker(client=dead, batch_size=1, clock=server.clock.now)
+        call = tracker.record(
+            {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}, model="gpt-4o-mini"
+        )
+    assert isinstance(tracker.last_error, APIConnectionError)
+    assert [e.id for e in tracker.pending] == [call.event_id]
+    with server.client() as client:
+        tracker.client = client
+        (sent,) = tracker.flush()
+        assert (sent.accepted, sent.duplicates) == (1, 0)
+        assert client.ledger().data[0].event_id == call.event_id
