@@ -179,9 +179,11 @@ def test_reservations_tokens_alerts_and_webhooks(server: Server) -> None:
 
 
 def test_typed_errors_carry_the_envelope(server: Server) -> None:
-    with server.client("ml_live_not_a_real_key_000000000000") as bad:
-        with pytest.raises(AuthenticationError) as denied:
-            bad.usage()
+    with (
+        server.client("ml_live_not_a_real_key_000000000000") as bad,
+        pytest.raises(AuthenticationError) as denied,
+    ):
+        bad.usage()
     error = denied.value
     assert (error.status_code, error.code, error.type) == (401, "unauthorized", "authentication_error")
     assert error.request_id

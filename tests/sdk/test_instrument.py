@@ -38,7 +38,8 @@ def test_sync_calls_and_streams_are_recorded_unchanged(server: Server) -> None:
 
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=7)  # type: ignore[arg-type]
     assert isinstance(completion, openai.types.chat.ChatCompletion)
-    assert completion.usage is not None and completion.usage.completion_tokens == 7
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 7
     client.embeddings.create(model="text-embedding-3-small", input="hello there")
     client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi", max_tokens=4)
 

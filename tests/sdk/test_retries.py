@@ -42,8 +42,10 @@ def test_without_retries_the_refusal_is_raised_with_its_limit(server: Server) ->
     error = refused.value
     assert not isinstance(error, QuotaExceededError)
     assert (error.status_code, error.code) == (429, "rate_limit_exceeded")
-    assert error.retry_after is not None and error.retry_after > 0
-    assert error.limit is not None and error.limit["name"] == "key.rpm"
+    assert error.retry_after is not None
+    assert error.retry_after > 0
+    assert error.limit is not None
+    assert error.limit["name"] == "key.rpm"
     assert error.request_id
 
 
@@ -55,7 +57,8 @@ def test_a_quota_that_resets_tomorrow_is_not_waited_for(server: Server) -> None:
         with pytest.raises(QuotaExceededError) as refused:
             client.send_events([_event(2)])
     assert refused.value.code == "quota_exceeded"
-    assert refused.value.retry_after is not None and refused.value.retry_after > 60
+    assert refused.value.retry_after is not None
+    assert refused.value.retry_after > 60
     assert waits == []
 
 

@@ -12,8 +12,8 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections import deque
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
