@@ -131,12 +131,38 @@ def test_reconcile_finds_tampering_and_rebuild_repairs_it(
         p=period.period_start_us,
     )
 
+    # The narrow rollups: a day entry's tokens edited, a billing-period entry deleted.
+    day = rows(
+        settings,
+        "SELECT organization_id, workspace_id, dimension, bucket, value FROM usage_rollups "
+        "WHERE grain = 'd' AND dimension = 'user' ORDER BY bucket, value LIMIT 1",
+    )[0]
+    rows(
+        settings,
+        "UPDATE usage_rollups SET total_tokens = total_tokens + 3 WHERE organization_id = :o AND "
+        "workspace_id = :w AND dimension = :d AND grain = 'd' AND bucket = :b AND value = :v",
+        o=day.organization_id,
+        w=day.workspace_id,
+        d=day.dimension,
+        b=day.bucket,
+        v=day.value,
+    )
+    rows(
+        settings,
+        "DELETE FROM usage_rollups WHERE organization_id = :o AND grain = 'p' AND dimension = 'model'",
+        o=other.org["id"],
+    )
+
     drifted = reconcile(settings, code=1)
-    assert "4 drift (3 usage_hourly, 1 credit_usage)" in drifted.stdout
-    assert drifted.stdout.count("DRIFT") == 4
+    narrow = [line for line in drifted.stdout.splitlines() if "DRIFT usage_rollups" in line]
+    assert f"{4 + len(narrow)} drift (3 usage_hourly, {len(narrow)} usage_rollups, 1 credit_usage)" in (
+        drifted.stdout
+    )
+    assert any("grain='d'" in line and "total_tokens=" in line for line in narrow)
+    assert any("grain='p'" in line and "stored missing" in line for line in narrow)
     assert f"bonus_nanos={period.bonus_nanos + 5}; ledger bonus_nanos={period.bonus_nanos}" in drifted.stdout
     report = json.loads(reconcile(settings, "--json", code=1).stdout)
-    assert (report["ok"], report["drift"]) == (False, 4)
+    assert (report["ok"], report["drift"]) == (False, 4 + len(narrow))
     by_kind = {(e["table"], e["stored"] is None, e["ledger"] is None): e for e in report["entries"]}
     edited = next(
         e for e in report["entries"]

@@ -4,6 +4,7 @@ The Typer command is registered in ``main.py``; the work is in ``meterline.stora
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 from meterline.storage.reconcile import Drift, Reconciliation
 
@@ -24,15 +25,16 @@ def describe(drift: Drift) -> str:
 def print_report(result: Reconciliation, out: Console) -> None:
     if result.rebuilt:
         out.print(
-            f"rebuilt {result.rebuilt_rollups} usage_hourly and {result.rebuilt_credit_usage} credit_usage "
-            "rows from the ledger",
+            f"rebuilt {result.rebuilt_rollups} usage_hourly, {result.rebuilt_narrow_rollups} usage_rollups "
+            f"and {result.rebuilt_credit_usage} credit_usage rows from the ledger",
             highlight=False,
         )
     for drift in result.drift:
-        out.print(f"[bold red]DRIFT[/] {describe(drift)}", highlight=False, soft_wrap=True)
+        out.print(f"[bold red]DRIFT[/] {escape(describe(drift))}", highlight=False, soft_wrap=True)
     summary = f"{len(result.drift)} drift" if result.drift else "0 drift"
     out.print(
-        f"{summary} ({len(result.rollups)} usage_hourly, {len(result.credit_usage)} credit_usage) over "
+        f"{summary} ({len(result.rollups)} usage_hourly, {len(result.narrow_rollups)} usage_rollups, "
+        f"{len(result.credit_usage)} credit_usage) over "
         f"{result.ledger_rows} ledger rows; receipt chains are checked by `meterline verify`",
         highlight=False,
     )

@@ -19,7 +19,7 @@ from meterline import ids
 from meterline.alerts import Alert, crossed_thresholds, projected_run_out, threshold_alert, unusual_usage
 from meterline.alerts.kinds import PROJECTED_RUN_OUT, THRESHOLD
 from meterline.alerts.rules import frequent_refusals
-from meterline.clock import MICROS_PER_HOUR, Clock, from_micros, rfc3339, to_micros
+from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, Clock, from_micros, rfc3339, to_micros
 from meterline.metering.records import LedgerRow
 from meterline.quotas.credits import CreditTerms
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
@@ -50,13 +50,16 @@ _CREDITS_USED = (
     "SELECT monthly_nanos + bonus_nanos + overage_nanos FROM credit_usage "
     "WHERE organization_id = {p} AND period_start_us = {p}"
 )
+# Both read the organization's day entries of the narrow rollups (a few per day), written earlier in the
+# same settle transaction. A billing period is whole days.
 _SPENT = (
-    "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_hourly "
-    "WHERE organization_id = {p} AND hour >= {p} AND hour < {p}"
+    "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_rollups WHERE organization_id = {p} "
+    "AND workspace_id = '' AND dimension = 'source' AND grain = 'd' AND bucket >= {p} AND bucket < {p}"
 )
 _DAILY = (
-    "SELECT hour / 24, COALESCE(SUM({measure}), 0) FROM usage_hourly "
-    "WHERE organization_id = {p} AND hour >= {p} AND hour < {p} GROUP BY hour / 24"
+    "SELECT bucket, COALESCE(SUM({measure}), 0) FROM usage_rollups WHERE organization_id = {p} "
+    "AND workspace_id = '' AND dimension = 'source' AND grain = 'd' AND bucket >= {p} AND bucket < {p} "
+    "GROUP BY bucket"
 )
 _FIRED = "SELECT kind, threshold FROM alerts WHERE organization_id = {p} AND period_start_us = {p}"
 _INSERT_ALERT = (
@@ -178,9 +181,8 @@ class AlertEvaluator:
         if wanted <= known:
             return
         if measure == "spend":
-            start_hour = period_us // MICROS_PER_HOUR
-            end_hour = -(-to_micros(period.end) // MICROS_PER_HOUR)
-            used = int(conn.exec_driver_sql(_q(conn, _SPENT), (org_id, start_hour, end_hour)).scalar_one())
+            first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
+            used = int(conn.exec_driver_sql(_q(conn, _SPENT), (org_id, first_day, end_day)).scalar_one())
         else:
             found = conn.exec_driver_sql(_q(conn, _CREDITS_USED), (org_id, period_us)).first()
             used = 0 if found is None else int(found[0])
@@ -207,11 +209,9 @@ class AlertEvaluator:
             return
         self._unusual_checked[org_id] = hour
         today = hour // _HOURS_PER_DAY
-        first = (today - _BASELINE_DAYS) * _HOURS_PER_DAY
         sql = _q(conn, _DAILY).replace("{measure}", measure)
         by_day = {
-            int(d): int(v)
-            for d, v in conn.exec_driver_sql(sql, (org_id, first, (today + 1) * _HOURS_PER_DAY))
+            int(d): int(v) for d, v in conn.exec_driver_sql(sql, (org_id, today - _BASELINE_DAYS, today + 1))
         }
         day_start = from_micros(today * _HOURS_PER_DAY * MICROS_PER_HOUR)
         alert = unusual_usage(

@@ -1,8 +1,10 @@
 """SQL implementation of ``meterline.metering.analytics.AnalyticsReader``, and the ledger export reader.
 
-Charts and breakdowns group the hourly rollups in SQL over the (organization_id, hour, ...) unique index
-(or (workspace_id, hour) for a workspace scope): their cost follows the hours and groups asked for, not
-the ledger's size. The export walks the ledger by keyset on (created_at_us, seq) over the
+Charts and breakdowns group the narrow rollups (``usage_rollups``: one dimension at a time, per hour, day
+or billing period; see ``rollup_reads`` for how a range is covered): their cost follows the buckets and
+distinct values asked for, not the ledger's size. Hours that the narrow rollups do not keep (a
+breakdown's partial days) and identifier scopes read ``usage_hourly``. The export walks the ledger by
+keyset on (created_at_us, seq) over the
 (organization|workspace, created_at_us) indexes, one page per read, so memory stays flat.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, func, literal, or_, select
+from sqlalchemy import ColumnElement, Connection, Table, and_, func, literal, or_, select, union_all
 
 from meterline.clock import to_micros
 from meterline.metering.analytics import (
@@ -28,10 +30,21 @@ from meterline.metering.reading import LedgerFilter, Scope
 from meterline.metering.records import LedgerRow
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
-from meterline.storage.tables import api_keys, ledger, usage_hourly, workspaces
+from meterline.storage.rollup_reads import FULL, narrow_where, period_start_day, spans
+from meterline.storage.tables import api_keys, ledger, usage_hourly, usage_rollups, workspaces
 
 _U = usage_hourly.c
+_R = usage_rollups.c
 _MEASURES = {"credits": _U.credits_nanos, "cost": _U.cost_nanos}
+_NARROW_MEASURE = {"credits": "credits_nanos", "cost": "cost_nanos"}
+_NARROW_DIMENSION = {
+    "workspace": "workspace",
+    "workspace_group": "workspace",  # then grouped by the workspaces' group
+    "user": "user",
+    "model": "model",
+    "endpoint": "endpoint",
+    "key": "key",
+}
 
 
 def _scoped(table: Table, scope: Scope) -> list[ColumnElement[bool]]:
@@ -81,36 +94,99 @@ class SqlAnalyticsReader:
         self._db = db
 
     def series(self, scope: Scope, chart: Chart, by: SeriesBy, measure: Measure) -> Sequence[SeriesPoint]:
-        bucket = (_U.hour - chart.anchor) // chart.bucket_hours
-        name = _U.source if by == "source" else _U.model
-        query = (
-            select(bucket.label("bucket"), name.label("name"), func.sum(_MEASURES[measure]))
-            .where(*_in_hours(scope, chart.hours))
-            .group_by(bucket, name)
-        )
+        # Day entries only where a chart bucket is whole days (7d, 30d); the 24h chart reads hours.
+        whole_days = chart.bucket_hours % 24 == 0 and chart.anchor % 24 == 0
+        points: dict[tuple[int, str], int] = {}
         with self._db.read() as conn:
-            return [SeriesPoint(int(r[0]), str(r[1]), int(r[2])) for r in conn.execute(query)]
+            for span in spans(scope, chart.hours.first, chart.hours.end, hours_kept=True, days=whole_days):
+                if span.grain == FULL:
+                    bucket: Any = _U.hour
+                    name = _U.source if by == "source" else _U.model
+                    query = (
+                        select(bucket, name, func.sum(_MEASURES[measure]))
+                        .where(*_scoped(usage_hourly, scope), _U.hour >= span.first, _U.hour < span.end)
+                        .group_by(bucket, name)
+                    )
+                else:
+                    query = (
+                        select(_R.bucket, _R.value, func.sum(_R[_NARROW_MEASURE[measure]]))
+                        .where(*narrow_where(scope, by, span))
+                        .group_by(_R.bucket, _R.value)
+                    )
+                for at, value, amount in conn.execute(query):
+                    index = (span.start_hour(int(at)) - chart.anchor) // chart.bucket_hours
+                    points[(index, str(value))] = points.get((index, str(value)), 0) + int(amount)
+        return [SeriesPoint(index, name, amount) for (index, name), amount in points.items()]
+
+    def _contributions(self, conn: Connection, scope: Scope, hours: HourRange, by: BreakdownBy) -> Any:
+        """Per part of the range, the (key, requests, tokens, credits, cost) of each ``by`` value."""
+        # A workspace's own breakdown by workspace (or group) is that one workspace: the entries of any
+        # dimension kept by day and period (model: every row has one, '' for none) sum to it.
+        single = by in ("workspace", "workspace_group") and scope.workspace_id is not None
+        dimension = "model" if single else _NARROW_DIMENSION[by]
+        period = period_start_day(conn, scope.organization_id, hours.first, hours.end)
+        parts: list[Any] = []
+        key: Any
+        for span in spans(scope, hours.first, hours.end, hours_kept=False, period_start_day=period):
+            if span.grain == FULL:
+                key = _U.workspace_id if by == "workspace_group" else _dimension(by)
+                parts.append(
+                    select(
+                        key.label("key"), _U.requests, _U.total_tokens, _U.credits_nanos, _U.cost_nanos
+                    ).where(*_scoped(usage_hourly, scope), _U.hour >= span.first, _U.hour < span.end)
+                )
+            else:
+                key = literal(scope.workspace_id) if single else _R.value
+                parts.append(
+                    select(
+                        key.label("key"), _R.requests, _R.total_tokens, _R.credits_nanos, _R.cost_nanos
+                    ).where(*narrow_where(scope, dimension, span))
+                )
+        combined: Any = parts[0] if len(parts) == 1 else union_all(*parts)
+        return combined.subquery("parts")
 
     def breakdown(
         self, scope: Scope, hours: HourRange, by: BreakdownBy, measure: Measure, *, limit: int, offset: int
     ) -> BreakdownPage:
-        key = _dimension(by).label("key")
-        source: Any = usage_hourly
-        if by == "workspace_group":
-            source = usage_hourly.join(workspaces, workspaces.c.id == _U.workspace_id)
-        groups = (
-            select(
-                key,
-                func.sum(_U.requests).label("requests"),
-                func.sum(_U.total_tokens).label("tokens"),
-                func.sum(_U.credits_nanos).label("credits"),
-                func.sum(_U.cost_nanos).label("cost"),
+        with self._db.read() as conn:
+            parts = self._contributions(conn, scope, hours, by)
+            p = parts.c
+            key: Any = p.key
+            source: Any = parts
+            if by == "workspace_group":
+                source = parts.outerjoin(workspaces, workspaces.c.id == p.key)
+                key = func.coalesce(workspaces.c.group_name, "")
+            groups = (
+                select(
+                    key.label("key"),
+                    func.sum(p.requests).label("requests"),
+                    func.sum(p.total_tokens).label("tokens"),
+                    func.sum(p.credits_nanos).label("credits"),
+                    func.sum(p.cost_nanos).label("cost"),
+                )
+                .select_from(source)
+                .group_by(key)
+                .subquery()
             )
-            .select_from(source)
-            .where(*_in_hours(scope, hours))
-            .group_by(key)
-            .subquery()
-        )
+            found, total, credits, cost = self._page(conn, groups, by, measure, limit=limit, offset=offset)
+        rows = [
+            BreakdownRow(
+                key=str(r[0]),
+                name=None if r[1] is None else str(r[1]),
+                key_prefix=None if r[2] is None else str(r[2]),
+                requests=int(r[3]),
+                tokens=int(r[4]),
+                credits_nanos=int(r[5]),
+                cost_nanos=int(r[6]),
+            )
+            for r in found
+        ]
+        return BreakdownPage(rows, int(total or 0), int(credits or 0), int(cost or 0))
+
+    @staticmethod
+    def _page(
+        conn: Connection, groups: Any, by: BreakdownBy, measure: Measure, *, limit: int, offset: int
+    ) -> tuple[list[Any], Any, Any, Any]:
         g = groups.c
         name: Any = literal(None)
         prefix: Any = literal(None)
@@ -140,27 +216,14 @@ class SqlAnalyticsReader:
             .limit(limit)
             .offset(offset)
         )
-        with self._db.read() as conn:
-            found = conn.execute(page).all()
-            if found:
-                total, credits, cost = found[0][7:10]
-            else:  # past the last page: the window sums came back with no row
-                total, credits, cost = conn.execute(
-                    select(func.count(), func.sum(g.credits), func.sum(g.cost)).select_from(groups)
-                ).one()
-        rows = [
-            BreakdownRow(
-                key=str(r[0]),
-                name=None if r[1] is None else str(r[1]),
-                key_prefix=None if r[2] is None else str(r[2]),
-                requests=int(r[3]),
-                tokens=int(r[4]),
-                credits_nanos=int(r[5]),
-                cost_nanos=int(r[6]),
-            )
-            for r in found
-        ]
-        return BreakdownPage(rows, int(total or 0), int(credits or 0), int(cost or 0))
+        found = list(conn.execute(page).all())
+        if found:
+            total, credits, cost = found[0][7:10]
+        else:  # past the last page: the window sums came back with no row
+            total, credits, cost = conn.execute(
+                select(func.count(), func.sum(g.credits), func.sum(g.cost)).select_from(groups)
+            ).one()
+        return found, total, credits, cost
 
     def ledger_rows(self, scope: Scope, where: LedgerFilter, *, page_size: int = 1000) -> Iterator[LedgerRow]:
         """Every matching ledger row, oldest first, read ``page_size`` at a time (one snapshot per page)."""

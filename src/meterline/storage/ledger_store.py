@@ -14,6 +14,7 @@ from meterline.metering.records import LedgerRow
 from meterline.metering.store import AppendResult
 from meterline.quotas.credits import CreditTerms
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
+from meterline.storage import usage_rollups
 from meterline.storage.credit_store import split_credits
 from meterline.storage.database import Database
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
@@ -269,10 +270,10 @@ class SqlLedgerStore:
         if len(orgs) > 1:
             raise ValueError("appends take one organization at a time")
         (org_id,) = orgs
-        if not self._db.is_sqlite:
-            # Settles of one organization take turns (SQLite has one writer anyway): the idempotency
-            # look-up below and the credit balances read by the split are then exact.
-            conn.exec_driver_sql("SELECT 1 FROM organizations WHERE id = %s FOR UPDATE", (org_id,))
+        # The anchor day places rows in billing periods for the narrow rollups. On PostgreSQL the same
+        # read locks the organization: its settles take turns (SQLite has one writer anyway), so the
+        # idempotency look-up below and the credit balances read by the split are exact.
+        anchor_day = self._anchor_day(conn, org_id)
         keyed = [(r.organization_id, r.idempotency_key) for r in rows if r.idempotency_key is not None]
         existing = self._existing(conn, keyed) if keyed else {}
         to_write = [r for r in rows if r.idempotency_key is None or r.idempotency_key not in existing]
@@ -293,7 +294,7 @@ class SqlLedgerStore:
             existing.update(self._existing(conn, [(r.organization_id, r.idempotency_key) for r in raced]))
             to_write = [r for r in to_write if r.id in written_ids]
         if to_write:
-            self._add_to_rollups(conn, to_write)
+            self._add_to_rollups(conn, to_write, anchor_day)
             if self._notary is not None:
                 self._add_receipts(conn, org_id, to_write)
             if self._alerts is not None:
@@ -359,7 +360,19 @@ class SqlLedgerStore:
             )
         return found
 
-    def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow]) -> None:
+    def _anchor_day(self, conn: Connection, org_id: str) -> int:
+        # Read in the transaction, not taken from the (cached) credit terms: an anchor change recomputes
+        # the period entries in its own transaction, and every settle after it must use the new day.
+        if self._db.is_sqlite:
+            sql = "SELECT billing_anchor_day FROM organizations WHERE id = ?"
+        else:
+            sql = "SELECT billing_anchor_day FROM organizations WHERE id = %s FOR UPDATE"
+        found = conn.exec_driver_sql(sql, (org_id,)).first()
+        # Rows of an organization that is not (or no longer) stored: loaders and tests; periods by the 1st.
+        return 1 if found is None else int(found[0])
+
+    def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int) -> None:
+        usage_rollups.upsert(conn, usage_rollups.deltas(rows, anchor_day))
         deltas = rollup_deltas(rows)
         if self._db.is_sqlite:
             conn.exec_driver_sql(_SQLITE_ROLLUP_UPSERT, deltas)

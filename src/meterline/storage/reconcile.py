@@ -1,11 +1,12 @@
 """The ledger's projections recomputed from the ledger itself, in SQL, and compared or rewritten.
 
-``usage_hourly`` and ``credit_usage`` are maintained in the settle transaction (``SqlLedgerStore``,
-``split_credits``); the ledger is the truth. Here each projection is recomputed with one ``GROUP BY`` over
-the ledger (SQLite and PostgreSQL alike) and set against what is stored:
+``usage_hourly``, ``usage_rollups`` and ``credit_usage`` are maintained in the settle transaction
+(``SqlLedgerStore``, ``split_credits``); the ledger is the truth. Here each projection is recomputed with
+one ``GROUP BY`` over the ledger (SQLite and PostgreSQL alike) and set against what is stored:
 
 * rollups: ``expected EXCEPT stored`` and ``stored EXCEPT expected`` in SQL, so only entries that differ
-  ever leave the database, however big the ledger;
+  ever leave the database, however big the ledger (the narrow rollups' billing-period entries: the
+  ledger's day groups folded per period in Python, see ``usage_rollups.expected_periods``);
 * credit usage: the ledger grouped by (organization, UTC day), each day then put in its billing period
   (the organization's anchor day, clamped to the month: see ``billing_period``) in Python, a few rows per
   organization and day. A billing period starts at midnight UTC, so a day never straddles two periods.
@@ -23,12 +24,12 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
+from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, from_micros, to_micros
 from meterline.quotas.periods import billing_period
+from meterline.storage import usage_rollups
 from meterline.storage.database import Database
-from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES
+from meterline.storage.tables import NARROW_MEASURES, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
-MICROS_PER_DAY = 86_400_000_000
 ROLLUP_KEY = ("hour", *ROLLUP_DIMENSIONS)
 CREDIT_KEY = ("organization_id", "period_start_us")
 CREDIT_MEASURES = ("monthly_nanos", "bonus_nanos", "overage_nanos")
@@ -103,14 +104,16 @@ class Drift:
 class Reconciliation:
     ledger_rows: int = 0
     rollups: list[Drift] = field(default_factory=list)
+    narrow_rollups: list[Drift] = field(default_factory=list)
     credit_usage: list[Drift] = field(default_factory=list)
     rebuilt: bool = False
     rebuilt_rollups: int = 0
+    rebuilt_narrow_rollups: int = 0
     rebuilt_credit_usage: int = 0
 
     @property
     def drift(self) -> list[Drift]:
-        return [*self.rollups, *self.credit_usage]
+        return [*self.rollups, *self.narrow_rollups, *self.credit_usage]
 
     @property
     def ok(self) -> bool:
@@ -126,6 +129,7 @@ class Reconciliation:
         if self.rebuilt:
             data["rebuilt"] = {
                 "usage_hourly": self.rebuilt_rollups,
+                "usage_rollups": self.rebuilt_narrow_rollups,
                 "credit_usage": self.rebuilt_credit_usage,
             }
         return data
@@ -145,15 +149,24 @@ def _pair(table: str, key_names: tuple[str, ...], measures: tuple[str, ...], row
     ]
 
 
-def expected_credit_usage(conn: Connection) -> dict[tuple[str, int], tuple[int, int, int]]:
-    """Per (organization, billing period start): (monthly, bonus, overage) drawn, from the ledger."""
+def expected_credit_usage(
+    conn: Connection, organization_id: str | None = None
+) -> dict[tuple[str, int], tuple[int, int, int]]:
+    """Per (organization, billing period start): (monthly, bonus, overage) drawn, from the ledger (of one
+    organization, or all)."""
     anchors = {
         str(org): int(day)
         for org, day in conn.exec_driver_sql("SELECT id, billing_anchor_day FROM organizations")
     }
     periods: dict[tuple[str, int], list[int]] = {}
     starts: dict[tuple[int, int], int] = {}
-    for org, day, monthly, bonus, overage in conn.exec_driver_sql(_CREDITS_BY_DAY_SQL):
+    if organization_id is None:
+        by_day = conn.exec_driver_sql(_CREDITS_BY_DAY_SQL)
+    else:
+        p = "?" if conn.dialect.name == "sqlite" else "%s"
+        sql = _CREDITS_BY_DAY_SQL.replace(" GROUP BY ", f" WHERE organization_id = {p} GROUP BY ")
+        by_day = conn.exec_driver_sql(sql, (organization_id,))
+    for org, day, monthly, bonus, overage in by_day:
         anchor = anchors.get(org, 1)
         start = starts.get((int(day), anchor))
         if start is None:
@@ -187,6 +200,41 @@ def _credit_drift(conn: Connection) -> list[Drift]:
     return drift
 
 
+def _narrow_drift(conn: Connection) -> list[Drift]:
+    key, measures = usage_rollups.KEY, NARROW_MEASURES
+    drift = _pair("usage_rollups", key, measures, conn.exec_driver_sql(usage_rollups.DIFF_SQL))
+    expected, stored = usage_rollups.expected_periods(conn), usage_rollups.stored_periods(conn)
+    for entry in sorted(expected.keys() | stored.keys(), key=lambda k: tuple(map(str, k))):
+        have, want = stored.get(entry), expected.get(entry)
+        if have != want:
+            drift.append(
+                Drift(
+                    "usage_rollups",
+                    dict(zip(key, entry, strict=True)),
+                    None if have is None else dict(zip(measures, have, strict=True)),
+                    None if want is None else dict(zip(measures, want, strict=True)),
+                )
+            )
+    return drift
+
+
+def rewrite_credit_usage(conn: Connection, organization_id: str | None = None) -> int:
+    """``credit_usage`` (of one organization, or all) rewritten from the ledger; the count of entries."""
+    credits = expected_credit_usage(conn, organization_id)
+    p = "?" if conn.dialect.name == "sqlite" else "%s"
+    if organization_id is None:
+        conn.exec_driver_sql("DELETE FROM credit_usage")
+    else:
+        conn.exec_driver_sql(f"DELETE FROM credit_usage WHERE organization_id = {p}", (organization_id,))
+    if credits:
+        conn.exec_driver_sql(
+            "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, "
+            f"overage_nanos) VALUES ({p}, {p}, {p}, {p}, {p})",
+            [(org, start, *sums) for (org, start), sums in sorted(credits.items())],
+        )
+    return len(credits)
+
+
 @contextmanager
 def _snapshot(db: Database) -> Iterator[Connection]:
     """One consistent snapshot: the ledger and its projections are read as of the same instant (settles
@@ -204,6 +252,7 @@ def _check(conn: Connection, result: Reconciliation) -> None:
     result.rollups = _pair(
         "usage_hourly", ROLLUP_KEY, ROLLUP_MEASURES, conn.exec_driver_sql(_ROLLUP_DIFF_SQL)
     )
+    result.narrow_rollups = _narrow_drift(conn)
     result.credit_usage = _credit_drift(conn)
 
 
@@ -224,22 +273,16 @@ def rebuild(db: Database) -> Reconciliation:
     result = Reconciliation(rebuilt=True)
     with db.write() as conn:
         if not db.is_sqlite:
-            conn.exec_driver_sql("LOCK TABLE usage_hourly, credit_usage IN SHARE ROW EXCLUSIVE MODE")
+            conn.exec_driver_sql(
+                "LOCK TABLE usage_hourly, usage_rollups, credit_usage IN SHARE ROW EXCLUSIVE MODE"
+            )
         conn.exec_driver_sql("DELETE FROM usage_hourly")
         result.rebuilt_rollups = int(conn.exec_driver_sql(_REBUILD_ROLLUPS_SQL).rowcount)
-        credits = expected_credit_usage(conn)
-        conn.exec_driver_sql("DELETE FROM credit_usage")
-        if credits:
-            p = "?" if db.is_sqlite else "%s"
-            conn.exec_driver_sql(
-                "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, "
-                f"overage_nanos) VALUES ({p}, {p}, {p}, {p}, {p})",
-                [(org, start, *sums) for (org, start), sums in sorted(credits.items())],
-            )
-        result.rebuilt_credit_usage = len(credits)
+        result.rebuilt_narrow_rollups = usage_rollups.rebuild(conn)
+        result.rebuilt_credit_usage = rewrite_credit_usage(conn)
     with _snapshot(db) as conn:
         _check(conn, result)
     return result
 
 
-__all__ = ["Drift", "Reconciliation", "expected_credit_usage", "rebuild", "reconcile"]
+__all__ = ["Drift", "Reconciliation", "expected_credit_usage", "rebuild", "reconcile", "rewrite_credit_usage"]

@@ -219,6 +219,33 @@ usage_hourly = Table(
     Index("ix_usage_hourly_ws_hour", "workspace_id", "hour"),
 )
 
+NARROW_MEASURES = (
+    "requests",
+    "units",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_nanos",
+    "credits_nanos",
+)
+
+# The ledger summed along one dimension at a time, per hour, day or billing period, for the whole
+# organization (workspace_id '') and per workspace: what charts, histories and breakdowns group (see
+# storage/usage_rollups.py). Clustered on its key (SQLite: WITHOUT ROWID) so a range read is contiguous.
+usage_rollups = Table(
+    "usage_rollups",
+    metadata,
+    Column("organization_id", String(40), nullable=False),
+    Column("workspace_id", String(40), nullable=False),
+    Column("dimension", String(16), nullable=False),
+    Column("grain", String(1), nullable=False),  # h: hour, d: UTC day, p: billing period (start day)
+    Column("bucket", BigInteger, nullable=False),  # hours or days since the epoch
+    Column("value", String(200), nullable=False),
+    *(Column(name, BigInteger, nullable=False) for name in NARROW_MEASURES),
+    PrimaryKeyConstraint("organization_id", "workspace_id", "dimension", "grain", "bucket", "value"),
+    sqlite_with_rowid=False,
+)
+
 # -- Identifier tokens (seed 000) ----------------------------------------------------------------------
 # A token family is the chain of refresh tokens grown from one POST /v1/token; revoking it (on refresh
 # token reuse) ends every refresh and access token of the chain. Access tokens are not stored: they are

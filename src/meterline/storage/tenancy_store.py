@@ -10,7 +10,9 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from meterline.clock import from_micros, to_micros
+from meterline.storage import usage_rollups
 from meterline.storage.database import Database
+from meterline.storage.reconcile import rewrite_credit_usage
 from meterline.storage.tables import api_keys, credit_grants, identifiers, organizations, workspaces
 from meterline.tenancy.models import ApiKey, CreditGrant, Identifier, Organization, Workspace
 
@@ -85,6 +87,13 @@ class SqlTenancyStore:
 
     def update_organization(self, org: Organization, at_us: int) -> None:
         with self._db.write() as conn:
+            # The row lock that settles also take (PostgreSQL): none places rows in the old periods once
+            # the period entries are recomputed below.
+            before = conn.execute(
+                select(organizations.c.billing_anchor_day)
+                .where(organizations.c.id == org.id)
+                .with_for_update()
+            ).scalar_one_or_none()
             conn.execute(
                 update(organizations)
                 .where(organizations.c.id == org.id)
@@ -98,6 +107,11 @@ class SqlTenancyStore:
                     updated_at_us=at_us,
                 )
             )
+            if before is not None and before != org.billing_anchor_day:
+                # What is keyed by billing period follows the new periods: the narrow rollups' period
+                # entries (from their day entries) and the credits drawn per period (from the ledger).
+                usage_rollups.recompute_periods(conn, org.id, org.billing_anchor_day)
+                rewrite_credit_usage(conn, org.id)
 
     def get_organization(self, org_id: str) -> Organization | None:
         with self._db.read() as conn:

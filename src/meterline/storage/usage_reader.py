@@ -1,7 +1,8 @@
 """SQL implementation of ``meterline.metering.reading.UsageReader``.
 
-Totals and daily history read the hourly rollups, never the ledger: their cost depends on the number of
-hours asked for, not on the number of ledger rows. Ledger pages use the (organization|workspace,
+Totals and daily history read the narrow rollups (``usage_rollups``: per source, by day and by hour; an
+identifier's scope reads ``usage_hourly``), never the ledger: their cost depends on the days and hours
+asked for, not on the number of ledger rows. Ledger pages use the (organization|workspace,
 created_at) indexes.
 """
 
@@ -17,7 +18,8 @@ from meterline.clock import MICROS_PER_HOUR, to_micros
 from meterline.metering.reading import DailyTotals, LedgerFilter, Page, Scope, Totals
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
-from meterline.storage.tables import ledger, usage_hourly
+from meterline.storage.rollup_reads import FULL, narrow_where, spans
+from meterline.storage.tables import NARROW_MEASURES, ledger, usage_hourly, usage_rollups
 
 _SUMS = (
     func.coalesce(func.sum(usage_hourly.c.requests), 0),
@@ -44,30 +46,50 @@ def _scoped(table: Table, scope: Scope) -> list[ColumnElement[bool]]:
     return conditions
 
 
+_R = usage_rollups.c
+_NARROW_SUMS = tuple(func.coalesce(func.sum(_R[m]), 0) for m in NARROW_MEASURES)
+
+
 class SqlUsageReader:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     def totals(self, scope: Scope, start: datetime, end: datetime) -> Totals:
         first, last = to_micros(start) // MICROS_PER_HOUR, to_micros(end) // MICROS_PER_HOUR
-        query = select(*_SUMS).where(
-            *_scoped(usage_hourly, scope), usage_hourly.c.hour >= first, usage_hourly.c.hour < last
-        )
+        sums = [0] * len(NARROW_MEASURES)
         with self._db.read() as conn:
-            return _totals(conn.execute(query).one())
+            for span in spans(scope, first, last, hours_kept=True):
+                if span.grain == FULL:
+                    query = select(*_SUMS).where(
+                        *_scoped(usage_hourly, scope),
+                        usage_hourly.c.hour >= span.first,
+                        usage_hourly.c.hour < span.end,
+                    )
+                else:
+                    query = select(*_NARROW_SUMS).where(*narrow_where(scope, "source", span))
+                for i, value in enumerate(conn.execute(query).one()):
+                    sums[i] += int(value)
+        return Totals(*sums)
 
     def daily(self, scope: Scope, first_day: date, days: int) -> Sequence[DailyTotals]:
         first = (first_day - date(1970, 1, 1)).days * 24
-        day_index = usage_hourly.c.hour // 24
-        query = (
-            select(day_index.label("day"), *_SUMS)
-            .where(
-                *_scoped(usage_hourly, scope),
-                usage_hourly.c.hour >= first,
-                usage_hourly.c.hour < first + days * 24,
+        if days <= 0:
+            return []
+        (span,) = spans(scope, first, first + days * 24, hours_kept=True)  # whole days: one span
+        if span.grain == FULL:
+            day: Any = usage_hourly.c.hour // 24
+            query = (
+                select(day.label("day"), *_SUMS)
+                .where(
+                    *_scoped(usage_hourly, scope),
+                    usage_hourly.c.hour >= span.first,
+                    usage_hourly.c.hour < span.end,
+                )
+                .group_by(day)
             )
-            .group_by(day_index)
-        )
+        else:
+            day = _R.bucket
+            query = select(day, *_NARROW_SUMS).where(*narrow_where(scope, "source", span)).group_by(day)
         with self._db.read() as conn:
             found = {int(r[0]): _totals(r[1:]) for r in conn.execute(query)}
         base = first // 24
