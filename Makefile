@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit services bench bench-quota bench-gateway bench-analytics clean
+.PHONY: install demo test lint typecheck unit services screenshots bench bench-quota bench-gateway bench-analytics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/meterline demo
 
-# Debian's PostgreSQL and Redis servers (the test session starts throwaway instances on loopback).
+# Debian's PostgreSQL and Redis servers (the test session starts throwaway instances on loopback), and
+# Chromium for the dashboard's browser tests.
 services:
 	scripts/ensure-services.sh
 
@@ -30,6 +31,10 @@ typecheck: install
 
 test: install services lint typecheck
 	METERLINE_REQUIRE_POSTGRES=1 $(BIN)/pytest -q
+
+# The README's dashboard screenshots, taken by the browser tests from the demo's data.
+screenshots: install services
+	METERLINE_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/browser/test_screenshots.py
 
 bench: install services
 	$(BIN)/python bench/events_ingest.py

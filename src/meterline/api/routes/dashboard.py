@@ -8,16 +8,17 @@ Not part of the OpenAPI document: these routes speak HTML and cookies, not the b
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import orjson
 from fastapi import APIRouter, Form, Query, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from meterline.api import session as sessions
 from meterline.api.auth import ServicesDep
 from meterline.api.dashboard_pages import Twins, billing_twins, usage_context, usage_twins
-from meterline.api.responses import JSON
 from meterline.dashboard import views
 from meterline.dashboard.templating import render
 from meterline.errors import Forbidden, Unauthorized
@@ -36,6 +37,18 @@ CSP = (
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors {frames}"
 )
 TableBy = Annotated[views.TableName, Query(description="Which table.")]
+
+
+def _exact_number(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(format(value, "f").encode())
+    raise TypeError(f"cannot render {type(value).__name__} as JSON")
+
+
+def twin_json(bodies: dict[str, Any]) -> Response:
+    """The bodies a page was drawn from, as JSON: exact decimals go back out as the same number text."""
+    content = orjson.dumps(bodies, default=_exact_number)
+    return Response(content, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 def html(body: str, *, status: int = 200, frames: str = "'none'") -> HTMLResponse:
@@ -169,9 +182,9 @@ def usage_page(request: Request, services: ServicesDep, range_: RangeParam = "7d
 
 
 @router.get("/dashboard/usage.json")
-def usage_twin(request: Request, services: ServicesDep, range_: RangeParam = "7d") -> JSON:
+def usage_twin(request: Request, services: ServicesDep, range_: RangeParam = "7d") -> Response:
     session = signed_in(request, services)
-    return JSON(usage_twins(Twins(request, session.principal, services), range_))
+    return twin_json(usage_twins(Twins(request, session.principal, services), range_))
 
 
 @router.get("/dashboard/usage/rows")
@@ -214,9 +227,9 @@ def billing_page(request: Request, services: ServicesDep) -> Response:
 
 
 @router.get("/dashboard/billing.json")
-def billing_twin(request: Request, services: ServicesDep) -> JSON:
+def billing_twin(request: Request, services: ServicesDep) -> Response:
     session = signed_in(request, services)
-    return JSON(billing_twins(Twins(request, session.principal, services)))
+    return twin_json(billing_twins(Twins(request, session.principal, services)))
 
 
 def _time(text: str) -> datetime:
