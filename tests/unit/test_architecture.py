@@ -58,3 +58,26 @@ def test_every_domain_package_has_a_readme() -> None:
     for part in DOMAIN:
         if not part.endswith(".py"):
             assert (SRC / part / "README.md").is_file(), part
+
+
+# The SDK is a client library: it may use the domain's pure parts (pricing, receipts, the tokenizer) but
+# never the server's web framework, storage or services.
+SDK_FORBIDDEN = (
+    "fastapi",
+    "starlette",
+    "sqlalchemy",
+    "psycopg",
+    "sqlite3",
+    "redis",
+    "uvicorn",
+    "meterline.api",
+    "meterline.storage",
+    "meterline.cli",
+    "meterline.services",
+)
+
+
+def test_sdk_is_free_of_the_server() -> None:
+    for file in sorted((SRC / "sdk").rglob("*.py")):
+        bad = {m for m in imports_of(file) if m.startswith(SDK_FORBIDDEN)}
+        assert not bad, f"{file.relative_to(SRC)} imports {sorted(bad)}"

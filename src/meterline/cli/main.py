@@ -9,19 +9,28 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from meterline.api import render
-from meterline.config import Settings, load_settings
-from meterline.errors import ConfigError, MeterlineError
+from meterline.cli import reports
+from meterline.cli.common import (
+    ConfigOption,
+    DatabaseOption,
+    JsonOption,
+    emit,
+    err,
+    fail,
+    out,
+    services_for,
+    settings_from,
+)
+from meterline.config import Settings
+from meterline.errors import MeterlineError
 from meterline.money import parse_decimal
 from meterline.services import Services, build_services
 
@@ -38,52 +47,6 @@ app.add_typer(orgs_app, name="orgs")
 app.add_typer(workspaces_app, name="workspaces")
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
-
-out = Console()
-err = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML config file (default: $METERLINE_CONFIG).")
-]
-DatabaseOption = Annotated[
-    str | None, typer.Option("--database-url", help="Overrides database_url (sqlite:///… or postgresql://…).")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def settings_from(config: Path | None, database_url: str | None = None, **overrides: Any) -> Settings:
-    try:
-        return load_settings(config, database_url=database_url, **overrides)
-    except ConfigError as exc:
-        fail(exc.message, 2)
-
-
-@contextmanager
-def services_for(config: Path | None, database_url: str | None) -> Iterator[Services]:
-    services = build_services(settings_from(config, database_url))
-    try:
-        yield services
-    except MeterlineError as exc:
-        fail(exc.message)
-    finally:
-        services.close()
-
-
-def emit(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str) -> None:
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    out.print(table)
 
 
 # -- server ------------------------------------------------------------------------------------
@@ -354,7 +317,11 @@ def verify(
         str | None, typer.Option("--organization", "--org", help="Only this organization's chain.")
     ] = None,
     url: Annotated[
-        str | None, typer.Option(help="Verify a running server over HTTP instead (with --api-key).")
+        str | None,
+        typer.Option(
+            envvar="METERLINE_URL",
+            help="Verify a running server over HTTP instead (with --api-key); default $METERLINE_URL.",
+        ),
     ] = None,
     api_key: Annotated[
         str | None, typer.Option(help="An organization-scoped key, for --url.", envvar="METERLINE_API_KEY")
@@ -393,14 +360,37 @@ def reconcile(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Rewrite usage_hourly and credit_usage from the ledger first.")
     ] = False,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Ask a running server instead (with --admin-key).")
+    ] = None,
+    admin_key: Annotated[
+        str | None, typer.Option("--admin-key", envvar="METERLINE_ADMIN_KEY", help="For --url.")
+    ] = None,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Recompute the hourly rollups and credit usage from the ledger and print every entry that differs
-    (key, stored value, ledger value), or "0 drift". Exits with status 1 on drift."""
+    (key, stored value, ledger value), or "0 drift". Exits with status 1 on drift.
+
+    It reads the whole ledger, so it runs where the database is: against a server, --url with
+    --admin-key asks the server to check (never to rebuild) through the admin API."""
     from meterline.cli.reconcile import print_report
     from meterline.storage import reconcile as projections
+
+    if url is not None:
+        from meterline.cli.remote_admin import reconcile_remote
+
+        if rebuild:
+            fail(
+                "--rebuild rewrites tables: run it with the database (--config/--database-url), not --url", 2
+            )
+        if not admin_key:
+            fail(
+                "--url needs --admin-key (the server's METERLINE_ADMIN_KEY): reconcile is an operator check",
+                2,
+            )
+        raise typer.Exit(reconcile_remote(url, admin_key, as_json))
 
     with services_for(config, database_url) as services:
         result = projections.rebuild(services.db) if rebuild else projections.reconcile(services.db)
@@ -428,6 +418,10 @@ def credits_grant(
     with services_for(config, database_url) as services:
         grant = services.grant_credits(organization_id, credits, reason)
         emit([render.credit_grant(grant)], ["id", "organization_id", "amount", "reason"], as_json, "Granted")
+
+
+# -- usage, history, top, export: from a server or the local database (cli/reports.py) ---------------
+reports.register(app)
 
 
 def main() -> None:

@@ -8,14 +8,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.progress import Progress
 
 from meterline.errors import UpstreamError
-from meterline.receipts import Audit, BrokenLink, ChainReport, ChainVerifier, audit_organization
+from meterline.receipts import Audit, BrokenLink, audit_organization
 from meterline.services import Services
-from meterline.signing import VerifyingKeys
 
 HTTP_PAGE = 1000
 
@@ -111,64 +109,16 @@ def verify_database(
 
 
 def verify_remote(url: str, api_key: str, err: Console, show_progress: bool) -> Verification:
-    """Verify the chain of the key's organization through the API: ``/v1/receipts`` pages checked
-    against ``/.well-known/jwks.json``. Needs an organization-scoped key (the chain spans workspaces)."""
-    headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30) as client:
-        keys = VerifyingKeys.from_jwks(_get(client, "/.well-known/jwks.json", {}))
-        verifier = ChainVerifier(keys)
-        organization_id = "(this key's organization)"  # named by the first receipt listed
-        after = 0
-        with _progress(err, show_progress) as advance:
-            while True:
-                body = _get(client, "/v1/receipts", {"after_seq": after, "limit": HTTP_PAGE})
-                for item in body["data"]:
-                    organization_id = item.get("organization_id", organization_id)
-                    expected = verifier.head.seq + 1
-                    claims, link = verifier.check(item["jws"])
-                    if (
-                        link is None
-                        and claims is not None
-                        and (item["id"], item["seq"])
-                        != (
-                            claims["jti"],
-                            claims["seq"],
-                        )
-                    ):
-                        link = BrokenLink(
-                            expected, item["id"], "listed id or seq differs from the signed claims"
-                        )
-                    if link is not None:
-                        return _single(organization_id, ChainReport(verifier.count, verifier.head, link))
-                advance(len(body["data"]))
-                if not body["has_more"]:
-                    break
-                after = body["next_after_seq"]
-        head = body.get("head")
-        end = verifier.head
-        if head is not None and (head["seq"], head["hash"]) != (end.seq, end.hash):
-            link = BrokenLink(
-                end.seq + 1, None, f"the chain head is seq {head['seq']}, the receipts end at {end.seq}"
-            )
-            return _single(organization_id, ChainReport(verifier.count, end, link))
-        return _single(organization_id, ChainReport(verifier.count, end))
+    """Verify the chain of the key's organization through the API with the SDK: ``/v1/receipts`` pages
+    checked locally against ``/.well-known/jwks.json``. Needs an organization-scoped key (the chain spans
+    workspaces)."""
+    from meterline import sdk
 
-
-def _single(organization_id: str, report: ChainReport) -> Verification:
+    try:
+        with sdk.Client(url, api_key) as client, _progress(err, show_progress) as advance:
+            checked = client.verify_chain(page_size=HTTP_PAGE, on_progress=advance)
+    except sdk.MeterlineError as exc:
+        raise UpstreamError(exc.message) from None
+    organization_id = checked.organization_id or "(this key's organization)"
     # Over HTTP there are receipts and keys only: the ledger comparison needs the database.
-    return Verification([Audit(organization_id, report)], checked="signatures, links")
-
-
-def _get(client: httpx.Client, path: str, params: dict[str, Any]) -> dict[str, Any]:
-    try:
-        response = client.get(path, params=params)
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"cannot reach {client.base_url}: {exc}") from None
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.status_code != 200 or not isinstance(body, dict):
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        raise UpstreamError(f"GET {path} answered {response.status_code}: {message or response.text[:200]}")
-    return body
+    return Verification([Audit(organization_id, checked.report)], checked="signatures, links")

@@ -110,3 +110,13 @@ def list_credit_grants(
     grants = services.tenancy.list_credit_grants(organization_id)
     data = [render.credit_grant(g) for g in grants]
     return JSON(_page(data, len(data), len(data), 0))
+
+
+@router.get("/reconcile")
+def reconcile(services: ServicesDep) -> JSON:
+    """The projections (hourly rollups, credit usage) checked against the ledger: every entry that
+    differs, or none. Read-only; rebuilding them is ``meterline reconcile --rebuild`` on the database."""
+    from meterline.storage import reconcile as projections
+
+    result = projections.reconcile(services.db)
+    return JSON({"object": "reconciliation", **result.as_json()})

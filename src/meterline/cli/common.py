@@ -1,0 +1,64 @@
+"""What every ``meterline`` command shares: the consoles, failing with a message, the configuration
+options, and opening the services of the configured database."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meterline.config import Settings, load_settings
+from meterline.errors import ConfigError, MeterlineError
+from meterline.services import Services, build_services
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file (default: $METERLINE_CONFIG).")
+]
+DatabaseOption = Annotated[
+    str | None, typer.Option("--database-url", help="Overrides database_url (sqlite:///… or postgresql://…).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings_from(config: Path | None, database_url: str | None = None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, database_url=database_url, **overrides)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+
+
+@contextmanager
+def services_for(config: Path | None, database_url: str | None) -> Iterator[Services]:
+    services = build_services(settings_from(config, database_url))
+    try:
+        yield services
+    except MeterlineError as exc:
+        fail(exc.message)
+    finally:
+        services.close()
+
+
+def emit(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)

@@ -1,0 +1,152 @@
+"""``meterline usage | history | top | export | verify | reconcile`` through the real entry point (a
+subprocess of the installed command), against a real server and against the local database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ADMIN_KEY, NOW
+from meterline.sdk import Event
+from sdk.conftest import Server
+
+METERLINE = str(Path(sys.executable).with_name("meterline"))
+
+
+def run(*args: str, ok: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    result = subprocess.run(
+        [METERLINE, *args],
+        capture_output=True,
+        text=True,
+        env={**clean, "COLUMNS": "200", **env},
+        timeout=120,
+        check=False,
+    )
+    if ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def used(server: Server) -> Server:
+    events = [
+        Event(
+            id=f"cli-{i}",
+            model="gpt-4o-mini" if i % 2 else "gpt-4o",
+            provider="openai",
+            prompt_tokens=1000,
+            completion_tokens=100 * i,
+            user_id=f"user-{i % 2}",
+            timestamp=NOW - timedelta(hours=i),
+        )
+        for i in range(6)
+    ]
+    with server.client() as client:
+        assert client.send_events(events).accepted == 6
+    return server
+
+
+def test_usage_history_and_top_from_a_server(used: Server) -> None:
+    env = {"METERLINE_URL": used.base, "METERLINE_API_KEY": used.tenant.key}
+    table = run("usage", **env).stdout
+    for text in ("tokens today", "calls this period", "monthly credits", "Forecast", "run out in"):
+        assert text in table
+    summary = as_json(run("usage", "--json", **env))
+    with used.client() as client:
+        expected = client.usage()
+        assert summary["usage"] == expected.usage == 6000 + 1500
+        assert Decimal(summary["monthly"]["cost"]) == expected.monthly.cost
+
+        history = as_json(run("history", "--days", "3", "--json", **env))
+        assert [day["date"] for day in history][-1] == NOW.date().isoformat()
+        assert sum(day["tokens"] for day in history) == sum(d.tokens for d in client.history(3).days)
+
+    top = as_json(run("top", "--by", "model", "--json", "--url", used.base, "--api-key", used.tenant.key))
+    assert [row["key"] for row in top["rows"]] == ["gpt-4o", "gpt-4o-mini"]
+    assert sum(Decimal(row["share_pct"]) for row in top["rows"]) == pytest.approx(
+        Decimal(100), abs=Decimal("0.1")
+    )
+    users = run("top", "--by", "user", **env).stdout
+    assert "user-0" in users
+    assert "user-1" in users
+
+
+def test_export_to_a_file_equals_the_api_export(used: Server, tmp_path: Path) -> None:
+    env = {"METERLINE_URL": used.base, "METERLINE_API_KEY": used.tenant.key}
+    target = tmp_path / "usage.csv"
+    start = (NOW - timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    done = run("export", "--start", start, "--end", "2026-03-14T23:00:00Z", "-o", str(target), **env)
+    assert "wrote 4 rows" in done.stderr
+    rows = list(csv.DictReader(io.StringIO(target.read_text())))
+    assert len(rows) == 4
+    with used.client() as client:
+        assert target.read_bytes() == b"".join(client.iter_export(start=start, end="2026-03-14T23:00:00Z"))
+    whole = run("export", **env).stdout
+    assert len(whole.strip().splitlines()) == 7
+
+
+def test_verify_and_reconcile_against_a_server(used: Server) -> None:
+    report = as_json(run("verify", "--json", METERLINE_URL=used.base, METERLINE_API_KEY=used.org_key))
+    assert (report["ok"], report["receipts"]) == (True, 6)
+    checked = as_json(run("reconcile", "--url", used.base, "--admin-key", ADMIN_KEY, "--json"))
+    assert (checked["ok"], checked["drift"], checked["ledger_rows"]) == (True, 0, 6)
+    assert (
+        "0 drift over 6 ledger rows"
+        in run("reconcile", "--url", used.base, METERLINE_ADMIN_KEY=ADMIN_KEY).stdout
+    )
+    no_key = run("reconcile", "--url", used.base, ok=False)
+    assert no_key.returncode == 2
+    assert "--admin-key" in no_key.stderr
+    wrong = run("reconcile", "--url", used.base, "--admin-key", "nope", ok=False)
+    assert wrong.returncode == 1
+    assert "invalid admin key" in wrong.stderr
+
+
+def test_the_local_database_gives_the_same_figures(used: Server, tmp_path: Path) -> None:
+    org = used.tenant.org["id"]
+    local = {
+        "METERLINE_DATABASE_URL": used.database_url,
+        "METERLINE_SIGNING_KEY_FILE": str(used.signing_key_file),
+    }
+    with used.client() as client:
+        remote_csv = b"".join(client.iter_export())
+    target = tmp_path / "local.csv"
+    run("export", "--org", org, "-o", str(target), **local)
+    assert target.read_bytes() == remote_csv
+    # The local process runs on today's clock, the server on a frozen one: compare whole history.
+    days = as_json(run("history", "--org", org, "--days", "366", "--json", **local))
+    assert sum(day["tokens"] for day in days) == 7500
+    assert as_json(run("usage", "--org", org, "--json", **local))["plan"] == "pro"
+    missing = run("usage", "--org", "org_missing", ok=False, **local)
+    assert missing.returncode == 1
+    assert "org_missing" in missing.stderr
+
+
+def test_errors_are_clear(used: Server) -> None:
+    nowhere = run("usage", ok=False)
+    assert nowhere.returncode == 2
+    assert "--url" in nowhere.stderr
+    assert "--org" in nowhere.stderr
+    bad_key = run("usage", "--url", used.base, "--api-key", "ml_live_wrong_000000000000000000", ok=False)
+    assert bad_key.returncode == 1
+    assert "401 unauthorized" in bad_key.stderr
+    bad_range = run(
+        "export", "--start", "yesterday", METERLINE_URL=used.base, METERLINE_API_KEY=used.tenant.key, ok=False
+    )
+    assert "start" in bad_range.stderr
