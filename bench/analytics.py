@@ -54,7 +54,7 @@ from analytics_data import copy_to_postgres, generate_sqlite, load_meta, save_me
 from meterline.clock import to_micros  # noqa: E402
 from meterline.quotas.periods import billing_period  # noqa: E402
 from meterline.storage.database import Database  # noqa: E402
-from meterline.storage.migrate import upgrade  # noqa: E402
+from meterline.storage.migrate import is_up_to_date, upgrade  # noqa: E402
 
 HOST = "127.0.0.1"
 SIZES = {"100k": 100_000, "1m": 1_000_000, "10m": 10_000_000}
@@ -73,6 +73,9 @@ ENDPOINTS: list[tuple[str, str]] = [
     ("timeseries 30d", "/v1/usage/timeseries?range=30d"),
     *((f"breakdown {by}", f"/v1/usage/breakdown?by={by}") for by in
       ("workspace", "workspace_group", "user", "model", "endpoint", "key")),
+    # Rolling ranges instead of the billing period: 30 whole days, and 24 hours (hours only).
+    ("breakdown user 30d", "/v1/usage/breakdown?by=user&range=30d"),
+    ("breakdown user 24h", "/v1/usage/breakdown?by=user&range=24h"),
 ]  # fmt: skip
 
 # The anchor for each endpoint: the same question as one plain GROUP BY over the ledger, for the biggest
@@ -117,6 +120,14 @@ ANCHORS: dict[str, tuple[str, tuple[str, ...]]] = {
             ("endpoint", "endpoint"),
             ("key", "key_id"),
         )
+    },
+    **{
+        f"breakdown user {name}": (
+            f"SELECT user_id, {_SUMS} FROM ledger WHERE organization_id = {{p}} AND created_at_us >= {{p}} "
+            "GROUP BY 1 ORDER BY 5 DESC",
+            ("org", start),
+        )
+        for name, start in (("30d", "days30"), ("24h", "hours24"))
     },
     "breakdown workspace_group": (
         "SELECT w.group_name, COUNT(*), SUM(l.total_tokens), SUM(l.cost_nanos), SUM(l.credits_nanos) "
@@ -214,7 +225,21 @@ def ensure_sqlite(scratch: Path, label: str) -> tuple[Path, dict[str, Any]]:
         meta = generate_sqlite(part, SIZES[label], scratch, progress=log)
         part.rename(path)
         save_meta(meta_path, meta)
+    migrate(f"sqlite:///{path}")
     return path, meta
+
+
+def migrate(url: str) -> None:
+    """Bring a cached database to the current schema (a new projection is filled from its ledger)."""
+    db = Database(url)
+    try:
+        if not is_up_to_date(db):
+            log(f"migrating {url.rsplit('/', 1)[-1]} to the current schema …")
+            started = time.perf_counter()
+            upgrade(db)
+            log(f"  migrated in {time.perf_counter() - started:.0f} s")
+    finally:
+        db.dispose()
 
 
 def ensure_postgres(pg: PersistentPostgres, scratch: Path, label: str, sqlite_path: Path) -> str:
@@ -228,6 +253,7 @@ def ensure_postgres(pg: PersistentPostgres, scratch: Path, label: str, sqlite_pa
         db.dispose()
         copy_to_postgres(sqlite_path, pg.url(database), progress=log)
         marker.write_text(json.dumps({"from": sqlite_path.name}), encoding="utf-8")
+    migrate(pg.url(database))
     return pg.url(database)
 
 
@@ -378,6 +404,7 @@ def measure(backend: str, label: str, url: str, executor: Any, meta: dict[str, A
             (biggest["id"],),
         )[0][0]
         params = anchor_params(meta, {**biggest, "anchor_day": anchor_day}, now)
+        result["narrow_rollups"] = execute("SELECT COUNT(*) FROM usage_rollups", ())[0][0]
         result["org_rows"] = execute(
             "SELECT COUNT(*) FROM ledger WHERE organization_id = " + ("?" if backend == "sqlite" else "%s"),
             (biggest["id"],),

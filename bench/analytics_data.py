@@ -37,6 +37,7 @@ from meterline.quotas.credits import draw
 from meterline.quotas.limits import UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.services import build_services
+from meterline.storage import usage_rollups
 from meterline.storage.ledger_store import _COLUMNS, _SQLITE_ROLLUP_UPSERT, rollup_deltas, row_to_tuple
 
 DAYS = 90
@@ -312,9 +313,18 @@ def generate_sqlite(
         batch = _rows_for_day(day, count, orgs, rng, now, serial)
         splitter.split(batch, terms_of)
         deltas = rollup_deltas(batch)
+        by_org: dict[str, list[LedgerRow]] = {}
+        for r in batch:
+            by_org.setdefault(r.organization_id, []).append(r)
+        narrow = [
+            entry
+            for org_id, org_rows in by_org.items()
+            for entry in usage_rollups.deltas(org_rows, terms_of[org_id].billing_anchor_day)
+        ]
         conn.execute("BEGIN")
         conn.executemany(ledger_sql, [row_to_tuple(r) for r in batch])
         conn.executemany(rollup_sql, deltas)
+        conn.executemany(usage_rollups.SQLITE_UPSERT, narrow)
         conn.execute("COMMIT")
         rollups += len(deltas)
         if d % 10 == 9 or d == DAYS - 1:
@@ -350,6 +360,7 @@ COPIED_TABLES = [
     "credit_usage",
     "ledger",
     "usage_hourly",
+    "usage_rollups",
 ]
 
 

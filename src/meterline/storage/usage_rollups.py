@@ -22,6 +22,7 @@ a ``''`` value stands for "none" (no user, no key, ...), as in ``usage_hourly``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,16 +45,6 @@ class Dimension:
     grains: tuple[str, ...]
     ledger_sql: str  # the ledger column (None folded to '') it groups by
     organization_only: bool = False
-
-    def value(self, row: LedgerRow) -> str:
-        return {
-            "source": row.source,
-            "model": row.model,
-            "workspace": row.workspace_id,
-            "user": row.user_id,
-            "endpoint": row.endpoint,
-            "key": row.key_id,
-        }[self.name] or ""
 
 
 PLAN = (
@@ -83,49 +74,60 @@ PG_UPSERT = (
 _INSERT = f"INSERT INTO usage_rollups ({', '.join(COLUMNS)}) VALUES ({{p}}{', {p}' * (len(COLUMNS) - 1)})"
 
 
+@functools.lru_cache(maxsize=4096)
 def period_day(day: int, anchor_day: int) -> int:
     """The day (since the epoch) on which the billing period containing ``day`` starts."""
     start = billing_period(datetime.fromtimestamp(day * 86_400, UTC), anchor_day).start
     return to_micros(start) // MICROS_PER_DAY
 
 
-def _measures(row: LedgerRow) -> tuple[int, ...]:
-    return (
-        1,
-        row.units,
-        row.prompt_tokens,
-        row.completion_tokens,
-        row.total_tokens,
-        row.cost_nanos,
-        row.credits_nanos,
-    )
+_GRAIN_INDEX = {HOUR: 0, DAY: 1, PERIOD: 2}
+_VALUE_INDEX = {"source": 0, "model": 1, "workspace": 2, "user": 3, "endpoint": 4, "key": 5}
+# Every entry a ledger row adds to, flattened once: (per workspace?, dimension, grain, bucket index, value
+# index). Settles run this per row, so it is kept to tuple indexing.
+_ENTRIES = tuple(
+    (per_workspace, d.name, grain, _GRAIN_INDEX[grain], _VALUE_INDEX[d.name])
+    for per_workspace in (False, True)
+    for d in PLAN
+    if not (per_workspace and d.organization_only)
+    for grain in d.grains
+)
 
 
 def deltas(rows: Sequence[LedgerRow], anchor_day: int) -> list[tuple[Any, ...]]:
     """Ledger rows folded into one delta per entry, in ``COLUMNS`` order, sorted by key (concurrent
     settles then lock shared entries in the same order and queue instead of deadlocking)."""
     sums: dict[tuple[Any, ...], list[int]] = {}
-    periods: dict[int, int] = {}
     for row in rows:
         hour = to_micros(row.created_at) // MICROS_PER_HOUR
         day = hour // 24
-        if day not in periods:
-            periods[day] = period_day(day, anchor_day)
-        buckets = {HOUR: hour, DAY: day, PERIOD: periods[day]}
-        measures = _measures(row)
-        for scope in (WHOLE_ORGANIZATION, row.workspace_id):
-            for dimension in PLAN:
-                if dimension.organization_only and scope:
-                    continue
-                value = dimension.value(row)
-                for grain in dimension.grains:
-                    key = (row.organization_id, scope, dimension.name, grain, buckets[grain], value)
-                    found = sums.get(key)
-                    if found is None:
-                        sums[key] = list(measures)
-                    else:
-                        for i, m in enumerate(measures):
-                            found[i] += m
+        buckets = (hour, day, period_day(day, anchor_day))
+        values = (
+            row.source,
+            row.model or "",
+            row.workspace_id,
+            row.user_id or "",
+            row.endpoint or "",
+            row.key_id or "",
+        )
+        measures = (
+            1,
+            row.units,
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.total_tokens,
+            row.cost_nanos,
+            row.credits_nanos,
+        )
+        org, workspace = row.organization_id, row.workspace_id
+        for per_workspace, dimension, grain, b, v in _ENTRIES:
+            key = (org, workspace if per_workspace else "", dimension, grain, buckets[b], values[v])
+            found = sums.get(key)
+            if found is None:
+                sums[key] = list(measures)
+            else:
+                for i, m in enumerate(measures):
+                    found[i] += m
     return [(*key, *sums[key]) for key in sorted(sums)]
 
 
