@@ -70,7 +70,14 @@ def server(sqlite_url: str, tmp_path: Path, upstream: FakeUpstream) -> Iterator[
                 "base_url": upstream.url,
                 "api_key": UPSTREAM_KEY,
                 "models": ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "gpt-3.5-turbo-instruct"],
-            }
+            },
+            {
+                "name": "claude",
+                "provider": "anthropic",
+                "base_url": upstream.url,
+                "api_key": UPSTREAM_KEY,
+                "models": ["claude-*"],
+            },
         ],
     )
     clock = FrozenClock(NOW)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
+import anthropic
 import openai
 from openai import AsyncStream, Stream
 
@@ -115,3 +116,32 @@ def test_async_client_plain_and_streamed(server: Server) -> None:
     assert (plain.prompt_tokens, plain.completion_tokens) in ledger
     assert streamed.completion_tokens == 6
     assert sorted(row[1] for row in ledger) == [3, 6]
+
+
+def test_responses_api_plain_and_streamed(server: Server) -> None:
+    client = _openai(server)
+    tracker = instrument(client)
+    answer = client.responses.create(model="gpt-4o-mini", input="Say hello.", max_output_tokens=5)
+    assert answer.usage is not None
+    events = list(
+        client.responses.create(model="gpt-4o-mini", input="Say hello.", max_output_tokens=4, stream=True)
+    )
+    assert events[-1].type == "response.completed"
+    recorded = sorted((c.prompt_tokens, c.completion_tokens) for c in tracker.calls)
+    assert not any(c.estimated for c in tracker.calls)
+    assert recorded == _ledger_tokens(server)
+    assert answer.usage.output_tokens in [c.completion_tokens for c in tracker.calls]
+
+
+def test_anthropic_messages_through_the_gateway_are_recorded_exactly(server: Server) -> None:
+    claude = anthropic.Anthropic(base_url=server.base, api_key=server.tenant.key, max_retries=0)
+    tracker = UsageTracker()
+    message = claude.messages.create(
+        model="claude-haiku-4-5", max_tokens=6, messages=[{"role": "user", "content": "Hi"}]
+    )
+    call = tracker.record(message)
+    assert call.model == message.model
+    with server.client() as reader:
+        (row,) = reader.ledger().data
+    assert (call.prompt_tokens, call.completion_tokens) == (row.prompt_tokens, row.completion_tokens)
+    assert call.cost == row.list_cost

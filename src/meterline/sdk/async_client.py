@@ -109,8 +109,21 @@ class AsyncClient:
                 return
             page += 1
 
-    async def ledger(self, limit: int = 100, offset: int = 0, **filters: Any) -> LedgerPage:
-        return await self.call(calls.ledger(limit, offset, calls.ledger_filters(**filters)))
+    async def ledger(
+        self,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        start: Time | None = None,
+        end: Time | None = None,
+        model: str | None = None,
+        key_prefix: str | None = None,
+        identifier_id: str | None = None,
+        modality: str | None = None,
+        provider: str | None = None,
+    ) -> LedgerPage:
+        filters = calls.ledger_filters(start, end, model, key_prefix, identifier_id, modality, provider)
+        return await self.call(calls.ledger(limit, offset, filters))
 
     async def iter_ledger(self, page_size: int = 1000, **filters: Any) -> AsyncIterator[LedgerEntry]:
         where = calls.ledger_filters(**filters)
