@@ -55,15 +55,19 @@ class Allocation:
             return None
         return min(pct, _HUNDRED - monthly)
 
+    def reached(self, pct: Decimal) -> bool:
+        """Whether ``pct`` percent of the allocation is used, exactly (not the rounded percentage)."""
+        if self.total is None:
+            return False
+        return self.used * _HUNDRED >= pct * self.total
+
     @property
     def show_upgrade(self) -> bool:
-        pct = self.used_pct
-        return self.plan == FREE_PLAN or (pct is not None and pct >= UPGRADE_AT_PCT)
+        return self.plan == FREE_PLAN or self.reached(UPGRADE_AT_PCT)
 
     @property
     def show_referral(self) -> bool:
-        pct = self.used_pct
-        return pct is not None and pct >= REFERRAL_AT_PCT
+        return self.reached(REFERRAL_AT_PCT)
 
 
 def _pct(part: Decimal, whole: Decimal | None) -> Decimal | None:

@@ -43,7 +43,13 @@ _STYLE = Style(
     value_font_size=12,
     tooltip_font_size=13,
     stroke_width=3,
+    guide_stroke_color="#e5e7eb",
+    major_guide_stroke_color="#e5e7eb",
+    guide_stroke_dasharray="0",
+    major_guide_stroke_dasharray="0",
 )
+# Bars are solid; lines keep the light fill under them.
+_BAR_STYLE = Style(**{**_STYLE.to_dict(), "opacity": ".85", "opacity_hover": "1"})
 # No pygal.js: it would be loaded from the network. Titles inside the SVG still give hover text.
 _COMMON: dict[str, Any] = {
     "style": _STYLE,
@@ -100,6 +106,7 @@ def line_chart(
         truncate_label=-1,
         fill=False,
         max_scale=6,
+        margin_right=28,  # room for the last x label, which pygal centres on the plot's edge
     )
     chart.x_labels = list(labels)
     chart.value_formatter = lambda value: axis_label(value, unit)
@@ -114,7 +121,7 @@ def line_chart(
 def bar_chart(rows: Sequence[tuple[str, Decimal]], unit: str, title: str) -> str:
     """Horizontal bars, one per name, biggest on top (usage by model)."""
     chart = pygal.HorizontalBar(
-        **{**_COMMON, "show_legend": False, "show_y_guides": False, "show_x_guides": True},
+        **{**_COMMON, "style": _BAR_STYLE, "show_legend": False, "show_y_guides": False, "show_x_guides": True},
         height=max(160, 34 * len(rows) + 70),
         width=560,
         max_scale=5,
