@@ -83,6 +83,42 @@ def test_thresholds_fire_once_each_per_period_and_again_next_period(
     assert [t for t, p in thresholds(client, tenant) if p == "2026-04-14T00:00:00Z"] == [50]
 
 
+def test_an_organization_sets_its_own_thresholds(client: TestClient) -> None:
+    tenant = make_tenant(client, plan="tiny", billing_anchor_day=14, alert_thresholds=[90, 30, 30])
+    assert tenant.org["alert_thresholds"] == [30, 90]
+    post(client, tenant, *(ev(i) for i in range(3)))  # 30 %
+    post(client, tenant, ev(3), ev(4))  # 50 %: no default 50 % alert for this organization
+    assert [t for t, _ in thresholds(client, tenant)] == [30]
+    # Back to the deployment's defaults: 50 % fires on the next settle, 75 % and 80 % as usual.
+    reset = client.patch(
+        f"/v1/admin/organizations/{tenant.org['id']}", json={"alert_thresholds": None}, headers=ADMIN
+    )
+    assert (reset.status_code, reset.json()["alert_thresholds"]) == (200, None)
+    post(client, tenant, ev(5), ev(6), ev(7))  # 80 %
+    assert [t for t, _ in thresholds(client, tenant)] == [30, 50, 75, 80]
+    changed = client.patch(
+        f"/v1/admin/organizations/{tenant.org['id']}", json={"alert_thresholds": [85]}, headers=ADMIN
+    )
+    assert changed.json()["alert_thresholds"] == [85]
+    post(client, tenant, ev(8))  # 90 %
+    assert [t for t, _ in thresholds(client, tenant)] == [30, 50, 75, 80, 85]
+
+
+@pytest.mark.parametrize("value", [[], [0], [1001], [50.5], ["50"], "50", list(range(1, 22))])
+def test_bad_thresholds_are_refused(client: TestClient, tenant: Tenant, value: Any) -> None:
+    created = client.post(
+        "/v1/admin/organizations", json={"name": "X", "alert_thresholds": value}, headers=ADMIN
+    )
+    assert_envelope(created, 422, "invalid_request")
+    patched = client.patch(
+        f"/v1/admin/organizations/{tenant.org['id']}", json={"alert_thresholds": value}, headers=ADMIN
+    )
+    assert_envelope(patched, 422, "invalid_request")
+    assert client.get(f"/v1/admin/organizations/{tenant.org['id']}", headers=ADMIN).json()[
+        "alert_thresholds"
+    ] is None
+
+
 def test_projected_run_out_fires_once_per_period(client: TestClient, clock: FrozenClock) -> None:
     tenant = make_tenant(client, plan="tiny", billing_anchor_day=1)
     # Day 14 of 31: 20 credits so far -> 1.43/day -> 44 projected: fine.

@@ -40,6 +40,7 @@ def organization(org: Organization) -> dict[str, Any]:
         "spend_cap": None if org.spend_cap_nanos is None else format_nanos(org.spend_cap_nanos),
         "billing_anchor_day": org.billing_anchor_day,
         "discount_pct": org.discount_pct,
+        "alert_thresholds": None if org.alert_thresholds is None else list(org.alert_thresholds),
         "created_at": rfc3339(org.created_at),
     }
 

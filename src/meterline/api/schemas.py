@@ -54,6 +54,12 @@ def plain_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
+# Percentages of the period allowance or spend cap, 1-1000 (past 100: overage alerts), up to 20 of them.
+AlertThresholds = Annotated[
+    list[Annotated[int, Field(ge=1, le=1000, strict=True)]], Field(min_length=1, max_length=20)
+]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,10 +71,12 @@ class OrganizationIn(_Body):
     spend_cap: Money | None = None
     billing_anchor_day: int | None = Field(default=None, ge=1, le=31, strict=True)
     discount_pct: int = Field(default=0, ge=0, le=100, strict=True)
+    alert_thresholds: AlertThresholds | None = None
 
 
 class OrganizationPatch(_Body):
-    """Fields to change. Only ``spend_cap`` may be set to null (removing the cap)."""
+    """Fields to change. Only ``spend_cap`` (removing the cap) and ``alert_thresholds`` (back to the
+    deployment's defaults) may be set to null."""
 
     name: Name | None = None
     plan: str | None = None
@@ -76,10 +84,11 @@ class OrganizationPatch(_Body):
     spend_cap: Money | None = None
     billing_anchor_day: int | None = Field(default=None, ge=1, le=31, strict=True)
     discount_pct: int | None = Field(default=None, ge=0, le=100, strict=True)
+    alert_thresholds: AlertThresholds | None = None
 
     @model_validator(mode="after")
     def _no_nulls(self) -> OrganizationPatch:
-        for field in self.model_fields_set - {"spend_cap"}:
+        for field in self.model_fields_set - {"spend_cap", "alert_thresholds"}:
             if getattr(self, field) is None:
                 raise ValueError(f"{field} cannot be null")
         return self

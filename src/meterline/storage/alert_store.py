@@ -25,6 +25,7 @@ from meterline.quotas.credits import CreditTerms
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database
+from meterline.storage.tenancy_store import thresholds_from_text
 
 _HOURS_PER_DAY = 24
 _BASELINE_DAYS = 7
@@ -61,6 +62,7 @@ _DAILY = (
     "AND workspace_id = '' AND dimension = 'source' AND grain = 'd' AND bucket >= {p} AND bucket < {p} "
     "GROUP BY bucket"
 )
+_THRESHOLDS = "SELECT alert_thresholds FROM organizations WHERE id = {p}"
 _FIRED = "SELECT kind, threshold FROM alerts WHERE organization_id = {p} AND period_start_us = {p}"
 _INSERT_ALERT = (
     "INSERT INTO alerts (id, organization_id, kind, threshold, period_start_us, message, details_json, "
@@ -177,7 +179,10 @@ class AlertEvaluator:
     ) -> None:
         cached = self._fired.get(org_id)
         known = cached[1] if cached is not None and cached[0] == period_us else set()
-        wanted = {(THRESHOLD, t) for t in self.policy.thresholds} | {(PROJECTED_RUN_OUT, 100)}
+        # Read in the transaction (a primary-key lookup), so a changed setting applies to the next settle.
+        own = thresholds_from_text(conn.exec_driver_sql(_q(conn, _THRESHOLDS), (org_id,)).scalar())
+        thresholds = self.policy.thresholds if own is None else own
+        wanted = {(THRESHOLD, t) for t in thresholds} | {(PROJECTED_RUN_OUT, 100)}
         if wanted <= known:
             return
         if measure == "spend":
@@ -189,7 +194,7 @@ class AlertEvaluator:
         fired_thresholds = {t for k, t in known if k == THRESHOLD}
         candidates: list[Alert] = [
             threshold_alert(t, used, allowance, period.start, period.end, measure)
-            for t in crossed_thresholds(used, allowance, self.policy.thresholds, fired_thresholds)
+            for t in crossed_thresholds(used, allowance, thresholds, fired_thresholds)
         ]
         if (PROJECTED_RUN_OUT, 100) not in known and period.start <= now < period.end:
             projected = projected_run_out(used, allowance, now, period.start, period.end)

@@ -48,6 +48,8 @@ organizations = Table(
     Column("discount_pct", Integer, nullable=False, default=0),
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    # Usage-alert thresholds (percent of the allowance or cap), comma-separated; NULL: the deployment's.
+    Column("alert_thresholds", String(200), nullable=True),
 )
 
 workspaces = Table(

@@ -35,7 +35,16 @@ def _org(row: Any) -> Organization:
         billing_anchor_day=row.billing_anchor_day,
         discount_pct=row.discount_pct,
         created_at=from_micros(row.created_at_us),
+        alert_thresholds=thresholds_from_text(row.alert_thresholds),
     )
+
+
+def thresholds_to_text(thresholds: Sequence[int] | None) -> str | None:
+    return None if thresholds is None else ",".join(str(t) for t in thresholds)
+
+
+def thresholds_from_text(raw: str | None) -> tuple[int, ...] | None:
+    return None if raw is None else tuple(int(t) for t in raw.split(","))
 
 
 def _ws(row: Any) -> Workspace:
@@ -80,6 +89,7 @@ class SqlTenancyStore:
                     spend_cap_nanos=org.spend_cap_nanos,
                     billing_anchor_day=org.billing_anchor_day,
                     discount_pct=org.discount_pct,
+                    alert_thresholds=thresholds_to_text(org.alert_thresholds),
                     created_at_us=at,
                     updated_at_us=at,
                 )
@@ -104,6 +114,7 @@ class SqlTenancyStore:
                     spend_cap_nanos=org.spend_cap_nanos,
                     billing_anchor_day=org.billing_anchor_day,
                     discount_pct=org.discount_pct,
+                    alert_thresholds=thresholds_to_text(org.alert_thresholds),
                     updated_at_us=at_us,
                 )
             )

@@ -20,6 +20,8 @@ class Organization:
     billing_anchor_day: int
     discount_pct: int
     created_at: datetime
+    # Percentages of the period allowance (or spend cap) at which usage alerts fire; None: the defaults.
+    alert_thresholds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

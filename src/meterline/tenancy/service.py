@@ -121,6 +121,7 @@ class TenancyService:
         spend_cap: Decimal | None = None,
         billing_anchor_day: int | None = None,
         discount_pct: int = 0,
+        alert_thresholds: Sequence[int] | None = None,
     ) -> Organization:
         now = self._clock.now()
         currency = currency or self._default_currency
@@ -135,6 +136,7 @@ class TenancyService:
             billing_anchor_day=anchor,
             discount_pct=discount_pct,
             created_at=now,
+            alert_thresholds=_thresholds(alert_thresholds),
         )
         self._store.add_organization(org)
         return org
@@ -147,6 +149,8 @@ class TenancyService:
         for key in ("plan", "currency", "billing_anchor_day", "discount_pct"):
             if key in changes:
                 fields[key] = changes[key]
+        if "alert_thresholds" in changes:
+            fields["alert_thresholds"] = _thresholds(changes["alert_thresholds"])  # type: ignore[arg-type]
         spend_cap = changes.get("spend_cap")
         if "spend_cap" in changes:
             fields["spend_cap_nanos"] = None if spend_cap is None else to_nanos(Decimal(str(spend_cap)))
@@ -358,6 +362,17 @@ class TenancyService:
     def list_credit_grants(self, organization_id: str) -> Sequence[CreditGrant]:
         self.get_organization(organization_id)
         return self._store.list_credit_grants(organization_id)
+
+
+def _thresholds(values: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Sorted, without repeats (each fires once per period anyway); None keeps the deployment's."""
+    if values is None:
+        return None
+    if not values or len(values) > 20 or any(not 1 <= v <= 1000 for v in values):
+        raise InvalidRequest(
+            "alert_thresholds are 1 to 20 percentages between 1 and 1000", param="alert_thresholds"
+        )
+    return tuple(sorted(set(values)))
 
 
 def _principal_of(key: ApiKey) -> Principal:

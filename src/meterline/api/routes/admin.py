@@ -30,6 +30,7 @@ def create_organization(body: OrganizationIn, services: ServicesDep) -> JSON:
         spend_cap=body.spend_cap,
         billing_anchor_day=body.billing_anchor_day,
         discount_pct=body.discount_pct,
+        alert_thresholds=body.alert_thresholds,
     )
     return JSON(render.organization(org), status_code=201)
 
