@@ -175,6 +175,13 @@ def test_reservations_tokens_alerts_and_webhooks(server: Server) -> None:
         with pytest.raises(InvalidRequestError):
             org.create_webhook("not a url")
         assert org.webhooks() == []
+        hook = org.create_webhook("http://127.0.0.1:9/hooks/meterline", description="ops")
+        assert hook.secret is not None
+        assert hook.secret.startswith("whsec_")
+        (listed,) = org.webhooks()
+        assert (listed.id, listed.url, listed.description, listed.secret) == (hook.id, hook.url, "ops", None)
+        org.delete_webhook(hook.id)
+        assert org.webhooks() == []
         assert org.health()["status"] == "ok"
 
 
@@ -211,7 +218,17 @@ def test_async_client(server: Server) -> None:
             assert len(csv.decode().strip().splitlines()) == 6
             with pytest.raises(NotFoundError):
                 await client.release("res_missing")
+            held = await client.reserve(model="gpt-4o-mini", prompt_tokens=10, completion_tokens=5)
+            assert (await client.settle(held.id)).total_tokens == 15
+            pair = await client.issue_token("async-user")
+            assert (await client.refresh_token(pair.refresh_token)).identifier_id == "async-user"
+            assert (await client.alerts()).total_count >= 0
+            assert (await client.ledger(limit=2, model="gpt-4o-mini")).total_count == 6
         async with AsyncClient(server.base, server.org_key) as org:
-            assert (await org.verify_chain()).report.count == 5
+            assert (await org.verify_chain()).report.count == 6
+            hook = await org.create_webhook("http://127.0.0.1:9/async")
+            assert [h.id for h in await org.webhooks()] == [hook.id]
+            await org.delete_webhook(hook.id)
+            assert (await org.receipts(limit=1)).has_more
 
     asyncio.run(run())

@@ -3,11 +3,27 @@ moves the server's clock instead of waiting, so the retried request meets the ne
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import httpx
 import pytest
 
-from meterline.sdk import APIConnectionError, Client, Event, QuotaExceededError, RateLimitError, RetryPolicy
+from conftest import ADMIN_KEY, NOW, make_tenant
+from meterline.api.app import create_app
+from meterline.clock import FrozenClock
+from meterline.config import load_settings
+from meterline.sdk import (
+    APIConnectionError,
+    Client,
+    Event,
+    QuotaExceededError,
+    RateLimitError,
+    RetryPolicy,
+    ServiceUnavailableError,
+)
+from meterline.services import build_services
 from sdk.conftest import Server
-from servers import free_port
+from servers import ThreadServer, free_port
 
 
 def _event(i: int) -> Event:
@@ -69,3 +85,30 @@ def test_no_answer_is_a_connection_error_retried_with_backoff() -> None:
     with Client(dead, "k", sleep=waits.append, retry=retry) as client, pytest.raises(APIConnectionError):
         client.usage()
     assert waits == [0.25, 0.5, 1.0]
+
+
+def test_a_503_is_retried_with_backoff_then_raised(sqlite_url: str, tmp_path: Path) -> None:
+    # A deployment whose shared counter store is down fails closed: every write answers 503.
+    settings = load_settings(
+        database_url=sqlite_url,
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "key.json"),
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    services = build_services(settings, clock=FrozenClock(NOW), migrate=False)
+    waits: list[float] = []
+    try:
+        with (
+            ThreadServer(create_app(settings, services=services)) as running,
+            httpx.Client(base_url=running.base) as http,
+        ):
+            tenant = make_tenant(http, plan="free")  # type: ignore[arg-type]
+            retry = RetryPolicy(max_retries=2, backoff=0.1)
+            with Client(running.base, tenant.key, retry=retry, sleep=waits.append) as client:
+                with pytest.raises(ServiceUnavailableError) as down:
+                    client.send_events([_event(1)])
+                assert client.usage().plan == "free"  # reads still answer
+    finally:
+        services.close()
+    assert (down.value.status_code, down.value.code) == (503, "service_unavailable")
+    assert waits == [0.1, 0.2]
