@@ -160,7 +160,9 @@ def settle(reservation_id: str, fields: Mapping[str, Any]) -> Call[Settlement]:
 
 
 def release(reservation_id: str) -> Call[Reservation]:
-    return Call("POST", f"/v1/reservations/{_segment(reservation_id)}/release", Reservation.from_json)
+    # Releasing again answers 404 (the hold is gone): not resent after a lost answer.
+    path = f"/v1/reservations/{_segment(reservation_id)}/release"
+    return Call("POST", path, Reservation.from_json, idempotent=False)
 
 
 def issue_token(
@@ -200,7 +202,8 @@ def webhooks() -> Call[list[WebhookEndpoint]]:
 
 
 def delete_webhook(endpoint_id: str) -> Call[None]:
-    return Call("DELETE", f"/v1/alerts/webhooks/{_segment(endpoint_id)}", lambda _: None)
+    path = f"/v1/alerts/webhooks/{_segment(endpoint_id)}"
+    return Call("DELETE", path, lambda _: None, idempotent=False)
 
 
 def health() -> Call[dict[str, Any]]:

@@ -13,6 +13,8 @@ model's tokenizer) and flagged ``estimated``. (Through the Meterline gateway the
 itself either way.)
 
 ``with_raw_response`` / ``with_streaming_response`` calls are not recorded: they return HTTP responses.
+Neither are calls of a copy made with ``client.with_options(...)`` or ``client.copy()``: instrument the
+copy too (with the same tracker) if it makes calls.
 """
 
 from __future__ import annotations
