@@ -50,16 +50,19 @@ def test_usage_bar_moves_while_a_stream_consumes_credits(page: Page, world: Worl
     streamer = threading.Thread(target=_stream, args=(world, tenant.key, 60, done), daemon=True)
     streamer.start()
     seen: list[Decimal] = []
+    labels: set[str] = set()
     deadline = time.monotonic() + 30
     while not done.is_set() and time.monotonic() < deadline:
         used = Decimal(bar.get_attribute("data-used") or "0")
         if not seen or used != seen[-1]:
             seen.append(used)
+            labels.add(bar.locator("[data-field=label]").inner_text())
         page.wait_for_timeout(100)
     streamer.join(timeout=30)
     moving = [u for u in seen if 0 < u < 300]
     assert len(moving) >= 2, f"the bar did not follow the stream while it ran: {seen}"
     assert seen == sorted(seen)
+    assert any("streaming" in label for label in labels), labels
 
     # Settled: the bar shows exactly what the API says, now past half: the referral button appears.
     usage = world.api("/v1/usage", tenant.key)
@@ -67,6 +70,7 @@ def test_usage_bar_moves_while_a_stream_consumes_credits(page: Page, world: Worl
     final = Decimal(str(usage["credits"]["used"]))
     assert final == 300
     expect(bar).to_have_attribute("data-used", "300")
+    expect(bar.locator("[data-field=label]")).to_have_text("300.00 credits of 500.00 credits used")
     expect(bar.get_by_role("link", name="Invite a friend, earn credits")).to_be_visible()
     expect(bar.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "60")
 

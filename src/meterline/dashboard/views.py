@@ -212,6 +212,9 @@ def usage_bar(summary: Mapping[str, Any]) -> dict[str, Any]:
         label = f"{amount(a.used, a.unit)} used · unlimited"
     else:
         label = f"{amount(a.used, a.unit)} of {amount(a.total, a.unit)} used"
+    if a.in_flight > 0:
+        # Streams still running: their consumption so far is already in ``used``; say so.
+        label = f"{label} · {amount(a.in_flight, a.unit)} streaming"
     return {
         "object": "usage_bar",
         "plan": a.plan,
