@@ -121,7 +121,13 @@ def line_chart(
 def bar_chart(rows: Sequence[tuple[str, Decimal]], unit: str, title: str) -> str:
     """Horizontal bars, one per name, biggest on top (usage by model)."""
     chart = pygal.HorizontalBar(
-        **{**_COMMON, "style": _BAR_STYLE, "show_legend": False, "show_y_guides": False, "show_x_guides": True},
+        **{
+            **_COMMON,
+            "style": _BAR_STYLE,
+            "show_legend": False,
+            "show_y_guides": False,
+            "show_x_guides": True,
+        },
         height=max(160, 34 * len(rows) + 70),
         width=560,
         max_scale=5,
