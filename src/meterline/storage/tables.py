@@ -219,6 +219,8 @@ usage_hourly = Table(
     # every settle maintains two indexes here instead of three.
     UniqueConstraint("organization_id", "hour", *ROLLUP_DIMENSIONS[1:], name="uq_usage_hourly_key"),
     Index("ix_usage_hourly_ws_hour", "workspace_id", "hour"),
+    # An identifier's own reads (access tokens, ?identifier_id=): its entries only, not its organization's.
+    Index("ix_usage_hourly_identifier_hour", "organization_id", "identifier_id", "hour"),
 )
 
 NARROW_MEASURES = (
