@@ -40,7 +40,13 @@ class Database:
     def _create_engine(self, pool_size: int) -> Engine:
         if self.dialect != "sqlite":
             return create_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size * 2,
+                pool_pre_ping=True,
+                # Every statement here is short; JIT compilation (~50 ms) fires on the cost estimates of
+                # range reads that then touch a few hundred rows, and would dominate them.
+                connect_args={"options": "-c jit=off"},
             )
         path = make_url(self.url).database
         if not path or path == ":memory:":
