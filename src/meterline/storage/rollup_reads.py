@@ -3,7 +3,8 @@
 A range [first, end) of whole hours becomes its whole UTC days (day entries) and the hours left at either
 end (hour entries where the narrow rollups keep them, else ``usage_hourly``); a range that is exactly one
 billing period of the organization is one period entry. An identifier's scope is not kept narrowly (the
-narrow rollups are per organization and workspace): it reads ``usage_hourly`` for the whole range.
+narrow rollups are per organization and workspace): it reads ``usage_hourly`` for the whole range, by its
+(organization, identifier, hour) index, so only the identifier's own entries.
 """
 
 from __future__ import annotations
