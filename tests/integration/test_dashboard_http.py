@@ -133,7 +133,7 @@ def test_sign_in_from_another_origin_is_refused(web: TestClient, acme: Tenant) -
     ("key", "status", "message"),
     [
         ("ml_live_" + "0" * 48, 401, "invalid API key"),
-        ("not a key", 401, "malformed API key"),
+        ("not a key", 401, "not a Meterline API key"),
         ("eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln", 401, "not an access token"),
         ("   ", 400, "Enter an API key"),
     ],
@@ -272,3 +272,15 @@ def test_the_json_twins_are_the_apis_bodies(web: TestClient, acme: Tenant) -> No
     billing = web.get("/dashboard/billing.json").json()
     assert billing["usage"]["plan"] == "pro"
     assert billing["credit_grants"] == []
+
+
+def test_the_usage_bar_of_an_unlimited_plan_has_no_percentage_and_no_buttons(web: TestClient) -> None:
+    tenant = make_tenant(web, plan="enterprise", name="Initrode")
+    sign_in(web, tenant.key, "/widget/usage-bar")
+    bar = web.get("/widget/usage-bar.json").json()
+    shown = (bar["total"], bar["used_pct"], bar["show_upgrade"], bar["show_referral"])
+    assert shown == (None, None, False, False)
+    assert bar["label"] == "0.00 credits used · unlimited"
+    page = web.get("/widget/usage-bar").text
+    assert re.search(r'role="progressbar"[^>]*hidden', page, re.S)
+    assert re.search(r'data-field="upgrade"[^>]*hidden', page)

@@ -25,6 +25,7 @@ from meterline.errors import Forbidden, Unauthorized
 from meterline.services import Services
 from meterline.signing import SignatureError
 from meterline.tenancy import Principal
+from meterline.tenancy.keys import looks_like_key
 from meterline.tenancy.tokens import looks_like_jwt
 
 SESSION_COOKIE = "meterline_session"
@@ -68,6 +69,8 @@ def sign_in(services: Services, secret: str) -> tuple[str, Session]:
     secret = secret.strip()
     if looks_like_jwt(secret):
         raise Unauthorized("sign in with an organization or workspace API key, not an access token")
+    if not looks_like_key(secret):
+        raise Unauthorized("that is not a Meterline API key: keys start with ml_live_")
     principal = services.tenancy.authenticate(secret)
     now = int(services.clock.now().timestamp())
     csrf = new_csrf_token()

@@ -13,6 +13,9 @@
     root.dataset.pct = state.used_pct ?? "";
     field("label").textContent = state.label;
     field("pct_label").textContent = state.pct_label;
+    // Unlimited plans have no allocation to fill: no bar, no percentage.
+    field("pct_label").hidden = state.used_pct === null;
+    progress.hidden = state.used_pct === null;
     field("bar").style.width = `${state.bar_pct ?? 0}%`;
     progress.setAttribute("aria-valuenow", state.used_pct ?? "0");
     field("upgrade").hidden = !state.show_upgrade;
