@@ -53,12 +53,18 @@ def test_frequent_refusals_need_n_within_the_hour() -> None:
 
 def test_unusual_usage_says_why_it_fired() -> None:
     day = datetime(2026, 3, 8, tzinfo=UTC)
-    alert = unusual_usage(400, [100] * 7, day, factor=Decimal(3), min_volume=50)
+    alert = unusual_usage(400 * 10**9, [100 * 10**9] * 7, day, factor=Decimal(3), min_volume=50)
     assert alert is not None
-    assert alert.details["today_nanos"] == 400
-    assert alert.details["baseline_nanos"] == "100"
+    assert alert.details["today_nanos"] == 400 * 10**9
+    assert alert.details["baseline_nanos"] == str(100 * 10**9)
     assert alert.details["factor"] == "4.00"
-    assert "4.00x the daily mean" in alert.message
+    assert alert.message == (
+        "unusual usage pattern: 400.00 credits today, 4.00x the daily mean of the previous 7 days "
+        "(100.00 credits a day)"
+    )
+    spend = unusual_usage(7 * 10**8, [0] * 7, day, factor=Decimal(3), min_volume=1, unit="USD")
+    assert spend is not None
+    assert "0.70 USD today, no usage in the previous days" in spend.message
     assert unusual_usage(300, [100] * 7, day, factor=Decimal(3), min_volume=50) is None
     assert unusual_usage(40, [0] * 7, day, factor=Decimal(3), min_volume=50) is None  # below the minimum
 

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterline.alerts.kinds import PROJECTED_RUN_OUT, RATE_LIMITED, THRESHOLD, UNUSUAL_USAGE
+from meterline.money import NANOS_PER_UNIT
 
 DEFAULT_THRESHOLDS = (50, 75, 80, 100)
 _DAY = timedelta(days=1)
@@ -112,11 +113,23 @@ def frequent_refusals(refusals_last_hour: int, limit: int, hour_start: datetime)
     )
 
 
+def _amount(nanos: int | Decimal) -> str:
+    """Nanos as a whole-unit amount with two decimals, for people (details keep the exact nanos)."""
+    return str((Decimal(nanos) / NANOS_PER_UNIT).quantize(Decimal("0.01")))
+
+
 def unusual_usage(
-    today: int, previous_days: Sequence[int], day_start: datetime, *, factor: Decimal, min_volume: int
+    today: int,
+    previous_days: Sequence[int],
+    day_start: datetime,
+    *,
+    factor: Decimal,
+    min_volume: int,
+    unit: str = "credits",
 ) -> Alert | None:
     """Today's usage more than ``factor`` x the mean of the previous days (missing days count as 0), and at
-    least ``min_volume`` (a quiet organization's first busy day is not an anomaly worth a page)."""
+    least ``min_volume`` (a quiet organization's first busy day is not an anomaly worth a page). Amounts
+    are nanos; the message says them in ``unit`` (credits, or the currency of spend-cap organizations)."""
     if not previous_days or today < min_volume:
         return None
     baseline = Decimal(sum(previous_days)) / len(previous_days)
@@ -129,8 +142,8 @@ def unusual_usage(
         threshold=int(factor * 100),
         period_start=day_start,
         message=(
-            f"unusual usage pattern: {today} nanos today, {why} of the previous {len(previous_days)} "
-            f"days ({baseline.quantize(Decimal(1))} nanos)"
+            f"unusual usage pattern: {_amount(today)} {unit} today, {why} of the previous "
+            f"{len(previous_days)} days ({_amount(baseline)} {unit} a day)"
         ),
         details={
             "today_nanos": today,

@@ -165,7 +165,10 @@ class AlertEvaluator:
             allowance, measure = 0, "credits"
         if allowance > 0:
             self._evaluate_allowance(conn, org_id, period, period_us, allowance, measure, now)
-        self._evaluate_unusual(conn, org_id, now, "cost_nanos" if measure == "spend" else "credits_nanos")
+        unit = rows[-1].currency if measure == "spend" else "credits"
+        self._evaluate_unusual(
+            conn, org_id, now, "cost_nanos" if measure == "spend" else "credits_nanos", unit
+        )
 
     def _evaluate_allowance(
         self,
@@ -208,7 +211,9 @@ class AlertEvaluator:
             if (alert.kind, alert.threshold) not in committed:
                 fire(conn, org_id, alert, now)
 
-    def _evaluate_unusual(self, conn: Connection, org_id: str, now: datetime, measure: str) -> None:
+    def _evaluate_unusual(
+        self, conn: Connection, org_id: str, now: datetime, measure: str, unit: str
+    ) -> None:
         hour = to_micros(now) // MICROS_PER_HOUR
         if self._unusual_checked.get(org_id) == hour:
             return
@@ -225,6 +230,7 @@ class AlertEvaluator:
             day_start,
             factor=self.policy.unusual_factor,
             min_volume=self.policy.unusual_min_volume * NANOS_PER_WHOLE,
+            unit=unit,
         )
         if alert is not None:
             fire(conn, org_id, alert, now)
