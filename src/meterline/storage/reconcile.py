@@ -17,7 +17,7 @@ Receipt chains are not reconciled here: ``meterline verify`` checks them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,43 +179,42 @@ def expected_credit_usage(
     return {key: (s[0], s[1], s[2]) for key, s in periods.items()}
 
 
-def _credit_drift(conn: Connection) -> list[Drift]:
-    expected = expected_credit_usage(conn)
-    stored = {
-        (str(r[0]), int(r[1])): (int(r[2]), int(r[3]), int(r[4]))
-        for r in conn.exec_driver_sql(_STORED_CREDITS_SQL)
-    }
+def _compare(
+    table: str,
+    key_names: tuple[str, ...],
+    measures: tuple[str, ...],
+    stored: Mapping[tuple[Any, ...], Sequence[int]],
+    expected: Mapping[tuple[Any, ...], Sequence[int]],
+) -> list[Drift]:
+    """A ``Drift`` per key whose stored measures differ from the ledger's (or exist on one side only)."""
     drift = []
-    for key in sorted(expected.keys() | stored.keys()):
+    for key in sorted(expected.keys() | stored.keys(), key=lambda k: tuple(map(str, k))):
         have, want = stored.get(key), expected.get(key)
-        if have != want:
+        if have is None or want is None or list(have) != list(want):
             drift.append(
                 Drift(
-                    "credit_usage",
-                    dict(zip(CREDIT_KEY, key, strict=True)),
-                    None if have is None else dict(zip(CREDIT_MEASURES, have, strict=True)),
-                    None if want is None else dict(zip(CREDIT_MEASURES, want, strict=True)),
-                )
-            )
-    return drift
-
-
-def _narrow_drift(conn: Connection) -> list[Drift]:
-    key, measures = usage_rollups.KEY, NARROW_MEASURES
-    drift = _pair("usage_rollups", key, measures, conn.exec_driver_sql(usage_rollups.DIFF_SQL))
-    expected, stored = usage_rollups.expected_periods(conn), usage_rollups.stored_periods(conn)
-    for entry in sorted(expected.keys() | stored.keys(), key=lambda k: tuple(map(str, k))):
-        have, want = stored.get(entry), expected.get(entry)
-        if have != want:
-            drift.append(
-                Drift(
-                    "usage_rollups",
-                    dict(zip(key, entry, strict=True)),
+                    table,
+                    dict(zip(key_names, key, strict=True)),
                     None if have is None else dict(zip(measures, have, strict=True)),
                     None if want is None else dict(zip(measures, want, strict=True)),
                 )
             )
     return drift
+
+
+def _credit_drift(conn: Connection) -> list[Drift]:
+    stored = {
+        (str(r[0]), int(r[1])): (int(r[2]), int(r[3]), int(r[4]))
+        for r in conn.exec_driver_sql(_STORED_CREDITS_SQL)
+    }
+    return _compare("credit_usage", CREDIT_KEY, CREDIT_MEASURES, stored, expected_credit_usage(conn))
+
+
+def _narrow_drift(conn: Connection) -> list[Drift]:
+    key, measures = usage_rollups.KEY, NARROW_MEASURES
+    drift = _pair("usage_rollups", key, measures, conn.exec_driver_sql(usage_rollups.DIFF_SQL))
+    stored, expected = usage_rollups.stored_periods(conn), usage_rollups.expected_periods(conn)
+    return drift + _compare("usage_rollups", key, measures, stored, expected)
 
 
 def rewrite_credit_usage(conn: Connection, organization_id: str | None = None) -> int:
