@@ -97,13 +97,13 @@ class World:
         )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream.start(api_key=UPSTREAM_KEY) as fake:
         yield fake
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def world(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream) -> Iterator[World]:
     root = tmp_path_factory.mktemp("dashboard")
     settings = load_settings(
@@ -134,7 +134,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream) -> I
         services.close()
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: sync Playwright keeps an event loop running in the main thread while it
+# is open, and later tests that call asyncio.run() must not find one.
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.fail(f"Chromium is not installed at {CHROMIUM}: run scripts/ensure-services.sh (make test)")
@@ -142,7 +144,7 @@ def playwright() -> Iterator[Playwright]:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
     yield browser
