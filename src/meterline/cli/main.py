@@ -123,6 +123,7 @@ def demo(
     err.print(table)
     err.print(f"Admin key for this run: {admin_key}")
     err.print(f"Try: curl -H 'Authorization: Bearer <key>' http://{host}:{port}/v1/usage")
+    err.print(f"Dashboard: http://{host}:{port}/dashboard (sign in with an organization or workspace key)")
     if seed_only:
         services.close()
         return
