@@ -69,6 +69,9 @@ RANGES: list[dict[str, str]] = [
     # Partial days at both ends (hours) around whole days, crossing the period boundary.
     {"start": "2026-02-27T05:00:00Z", "end": "2026-03-13T17:00:00Z"},
     {"start": "2026-03-10T03:00:00Z", "end": "2026-03-10T21:00:00Z"},  # within one day
+    # Most of a billing period (Feb 14 - Mar 14): its period entry minus the 6 days before the range.
+    {"start": "2026-02-20T00:00:00Z", "end": "2026-03-14T00:00:00Z"},
+    {"start": "2026-02-20T07:00:00Z", "end": "2026-03-14T10:00:00Z"},  # and hours at both ends
 ]
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from meterline.metering.reading import Scope
 from meterline.metering.records import LedgerRow
-from meterline.storage.rollup_reads import DAY, FULL, HOUR, PERIOD, Span, spans
+from meterline.storage.rollup_reads import DAY, FULL, HOUR, PERIOD, Span, spans, with_periods
 from meterline.storage.usage_rollups import deltas, period_day
 
 ORG = Scope("org_1")
@@ -35,8 +35,41 @@ def test_within_one_day_or_hours_wanted_it_is_hours_only() -> None:
     assert spans(ORG, 10, 10, hours_kept=True) == []
 
 
-def test_a_billing_period_is_one_entry_and_identifiers_read_usage_hourly() -> None:
-    assert spans(ORG, D * 24, (D + 30) * 24, hours_kept=False, period_start_day=D) == [Span(PERIOD, D, D + 1)]
+MAR_14 = 20526  # 2026-03-14: periods anchored on the 14th run Feb 14 (20498) - Mar 14 - Apr 14 (20557)
+
+
+def test_a_billing_period_is_one_entry() -> None:
+    days = [Span(DAY, MAR_14, 20557)]
+    assert with_periods(days, 14, today=MAR_14 + 3) == [Span(PERIOD, MAR_14, MAR_14 + 1)]
+
+
+def test_most_of_a_period_is_its_entry_minus_the_days_outside() -> None:
+    covered = spans(ORG, 20504 * 24 + 7, MAR_14 * 24 + 10, hours_kept=False)  # Feb 20 07:00 - Mar 14 10:00
+    assert with_periods(covered, 14, today=MAR_14) == [
+        Span(FULL, 20504 * 24 + 7, 20505 * 24),
+        Span(PERIOD, 20498, 20499),
+        Span(DAY, 20498, 20505, -1),  # Feb 14 - 20, before the range
+        Span(FULL, MAR_14 * 24, MAR_14 * 24 + 10),
+    ]
+
+
+def test_days_still_to_come_cost_nothing_to_subtract() -> None:
+    # Mar 14 - 17 of the current period, on Mar 17: the period entry minus the (empty) days after.
+    days = [Span(DAY, MAR_14, MAR_14 + 4)]
+    assert with_periods(days, 14, today=MAR_14 + 3) == [
+        Span(PERIOD, MAR_14, MAR_14 + 1),
+        Span(DAY, MAR_14 + 4, 20557, -1),
+    ]
+    # The same days read later, when the rest of the period holds usage: the days themselves.
+    assert with_periods(days, 14, today=20600) == days
+    # A few past days across a period boundary stay days.
+    assert with_periods([Span(DAY, MAR_14 - 2, MAR_14 + 2)], 14, today=20600) == [
+        Span(DAY, MAR_14 - 2, MAR_14),
+        Span(DAY, MAR_14, MAR_14 + 2),
+    ]
+
+
+def test_identifiers_read_usage_hourly() -> None:
     assert spans(Scope("org_1", "ws_1", "user-7"), D * 24, (D + 7) * 24, hours_kept=True) == [
         Span(FULL, D * 24, (D + 7) * 24)
     ]

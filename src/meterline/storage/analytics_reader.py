@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Table, and_, func, literal, or_, select, union_all
 
-from meterline.clock import to_micros
+from meterline.clock import Clock, to_micros
 from meterline.metering.analytics import (
     BreakdownBy,
     BreakdownPage,
@@ -25,12 +25,13 @@ from meterline.metering.analytics import (
     Measure,
     SeriesBy,
     SeriesPoint,
+    hour_of,
 )
 from meterline.metering.reading import LedgerFilter, Scope
 from meterline.metering.records import LedgerRow
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
-from meterline.storage.rollup_reads import FULL, narrow_where, period_start_day, spans
+from meterline.storage.rollup_reads import FULL, anchor_day, narrow_where, spans, with_periods
 from meterline.storage.tables import api_keys, ledger, usage_hourly, usage_rollups, workspaces
 
 _U = usage_hourly.c
@@ -90,8 +91,9 @@ def _filters(where: LedgerFilter) -> list[ColumnElement[bool]]:
 
 
 class SqlAnalyticsReader:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Clock) -> None:
         self._db = db
+        self._clock = clock  # which days are still to come (they hold no usage to subtract)
 
     def series(self, scope: Scope, chart: Chart, by: SeriesBy, measure: Measure) -> Sequence[SeriesPoint]:
         # Day entries only where a chart bucket is whole days (7d, 30d); the 24h chart reads hours.
@@ -124,10 +126,13 @@ class SqlAnalyticsReader:
         # dimension kept by day and period (model: every row has one, '' for none) sum to it.
         single = by in ("workspace", "workspace_group") and scope.workspace_id is not None
         dimension = "model" if single else _NARROW_DIMENSION[by]
-        period = period_start_day(conn, scope.organization_id, hours.first, hours.end)
+        covered = spans(scope, hours.first, hours.end, hours_kept=False)
+        anchor = anchor_day(conn, scope.organization_id)
+        if anchor is not None:
+            covered = with_periods(covered, anchor, hour_of(self._clock.now()) // 24)
         parts: list[Any] = []
         key: Any
-        for span in spans(scope, hours.first, hours.end, hours_kept=False, period_start_day=period):
+        for span in covered:
             if span.grain == FULL:
                 key = _U.workspace_id if by == "workspace_group" else _dimension(by)
                 parts.append(
@@ -137,11 +142,10 @@ class SqlAnalyticsReader:
                 )
             else:
                 key = literal(scope.workspace_id) if single else _R.value
-                parts.append(
-                    select(
-                        key.label("key"), _R.requests, _R.total_tokens, _R.credits_nanos, _R.cost_nanos
-                    ).where(*narrow_where(scope, dimension, span))
-                )
+                measures: tuple[Any, ...] = (_R.requests, _R.total_tokens, _R.credits_nanos, _R.cost_nanos)
+                if span.sign < 0:
+                    measures = tuple((-m).label(m.name) for m in measures)
+                parts.append(select(key.label("key"), *measures).where(*narrow_where(scope, dimension, span)))
         combined: Any = parts[0] if len(parts) == 1 else union_all(*parts)
         return combined.subquery("parts")
 
@@ -166,6 +170,8 @@ class SqlAnalyticsReader:
                 )
                 .select_from(source)
                 .group_by(key)
+                # Values whose rows all lie in subtracted days net to nothing: they are not in the range.
+                .having(func.sum(p.requests) > 0)
                 .subquery()
             )
             found, total, credits, cost = self._page(conn, groups, by, measure, limit=limit, offset=offset)

@@ -49,7 +49,7 @@ def _measure(org: Organization) -> tuple[Measure, str]:
 
 
 def _reader(services: Services) -> SqlAnalyticsReader:
-    return SqlAnalyticsReader(services.db)
+    return SqlAnalyticsReader(services.db, services.clock)
 
 
 @router.get("/timeseries")
