@@ -1,4 +1,4 @@
-"""SQL implementation of ``meterline.metering.LedgerStore``: ledger rows and hourly rollups together."""
+"""SQL implementation of ``meterline.metering.LedgerStore``: ledger rows and their rollups together."""
 
 from __future__ import annotations
 
