@@ -96,6 +96,9 @@ def create_app(
         finally:
             reaper.cancel()
             webhooks.cancel()
+            # A pass already running in a worker thread finishes first (a thread cannot be cancelled):
+            # closing the sender's client or the database under it would strand its connection.
+            await asyncio.gather(reaper, webhooks, return_exceptions=True)
             sender.close()
             await _app.state.gateway.upstreams.aclose()
             if owned:
