@@ -62,10 +62,10 @@ def _in_hours(scope: Scope, hours: HourRange) -> list[ColumnElement[bool]]:
 
 
 def _dimension(by: BreakdownBy) -> Any:
-    if by == "workspace_group":
-        return func.coalesce(workspaces.c.group_name, "")
+    """The ``usage_hourly`` column a breakdown groups by (groups: by workspace, then by its group)."""
     return {
         "workspace": _U.workspace_id,
+        "workspace_group": _U.workspace_id,
         "user": _U.user_id,
         "model": _U.model,
         "endpoint": _U.endpoint,
@@ -134,7 +134,7 @@ class SqlAnalyticsReader:
         key: Any
         for span in covered:
             if span.grain == FULL:
-                key = _U.workspace_id if by == "workspace_group" else _dimension(by)
+                key = _dimension(by)
                 parts.append(
                     select(
                         key.label("key"), _U.requests, _U.total_tokens, _U.credits_nanos, _U.cost_nanos
