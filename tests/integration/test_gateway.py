@@ -73,17 +73,30 @@ class Gateway:
     def __init__(self, server: ThreadServer, services: Services, tenant: Tenant, http: httpx.Client) -> None:
         self.server, self.services, self.tenant, self.http = server, services, tenant, http
         self.base = server.base
+        # SDK clients handed out, closed at teardown: a client left to the garbage collector inside a
+        # reference cycle (a caught exception's traceback) can have its socket finalized first, which
+        # is a ResourceWarning in whatever test runs then.
+        self._clients: list[openai.OpenAI | anthropic.Anthropic] = []
 
     def openai(self, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(
+        client = openai.OpenAI(
             base_url=f"{self.base}/v1", api_key=kw.pop("key", self.tenant.key), max_retries=0, **kw
         )
+        self._clients.append(client)
+        return client
 
     def async_openai(self) -> openai.AsyncOpenAI:
+        """Use as ``async with``: it closes on the loop it ran on."""
         return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=self.tenant.key, max_retries=0)
 
     def anthropic(self) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.base, api_key=self.tenant.key, max_retries=0)
+        client = anthropic.Anthropic(base_url=self.base, api_key=self.tenant.key, max_retries=0)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self._clients:
+            client.close()
 
     def ledger(self) -> list[dict[str, Any]]:
         response = self.http.get("/v1/usage/ledger", headers=self.tenant.headers)
@@ -166,7 +179,11 @@ def _start(settings: Any, **tenant: Any) -> Iterator[Gateway]:
             ThreadServer(create_app(settings, services=services)) as server,
             httpx.Client(base_url=server.base, timeout=30) as http,
         ):
-            yield Gateway(server, services, make_tenant(http, **tenant), http)  # type: ignore[arg-type]
+            gateway = Gateway(server, services, make_tenant(http, **tenant), http)  # type: ignore[arg-type]
+            try:
+                yield gateway
+            finally:
+                gateway.close_clients()
     finally:
         services.close()
 

@@ -4,10 +4,12 @@ the client's answers are untouched, and what the tracker recorded equals what th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from decimal import Decimal
 
 import anthropic
 import openai
+import pytest
 from openai import AsyncStream, Stream
 
 from meterline.gateway.tokens import estimate_prompt_tokens
@@ -17,8 +19,10 @@ from sdk.conftest import Server
 HELLO = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 
 
-def _openai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.tenant.key, max_retries=0)
+@pytest.fixture
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.tenant.key, max_retries=0) as opened:
+        yield opened
 
 
 def _ledger_tokens(server: Server) -> list[tuple[int, int]]:
@@ -32,8 +36,7 @@ def _recorded(tracker: UsageTracker) -> tuple[int, int, Decimal]:
     return report.prompt_tokens, report.completion_tokens, report.total_cost
 
 
-def test_sync_calls_and_streams_are_recorded_unchanged(server: Server) -> None:
-    client = _openai(server)
+def test_sync_calls_and_streams_are_recorded_unchanged(server: Server, client: openai.OpenAI) -> None:
     tracker = instrument(client)
     assert instrument(client) is tracker  # instrumenting twice does not count twice
 
@@ -79,8 +82,7 @@ def _cost(tokens: tuple[int, int]) -> Decimal:
     return (tokens[0] * Decimal("0.15") + tokens[1] * Decimal("0.6")) / 1_000_000
 
 
-def test_include_usage_asks_the_stream_for_its_usage(server: Server) -> None:
-    client = _openai(server)
+def test_include_usage_asks_the_stream_for_its_usage(server: Server, client: openai.OpenAI) -> None:
     tracker = instrument(client, include_usage=True)
     stream = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4, stream=True)  # type: ignore[arg-type]
     chunks = list(stream)
@@ -118,8 +120,7 @@ def test_async_client_plain_and_streamed(server: Server) -> None:
     assert sorted(row[1] for row in ledger) == [3, 6]
 
 
-def test_responses_api_plain_and_streamed(server: Server) -> None:
-    client = _openai(server)
+def test_responses_api_plain_and_streamed(server: Server, client: openai.OpenAI) -> None:
     tracker = instrument(client)
     answer = client.responses.create(model="gpt-4o-mini", input="Say hello.", max_output_tokens=5)
     assert answer.usage is not None
@@ -133,8 +134,11 @@ def test_responses_api_plain_and_streamed(server: Server) -> None:
     assert answer.usage.output_tokens in [c.completion_tokens for c in tracker.calls]
 
 
-def test_anthropic_messages_through_the_gateway_are_recorded_exactly(server: Server) -> None:
+def test_anthropic_messages_through_the_gateway_are_recorded_exactly(
+    server: Server, request: pytest.FixtureRequest
+) -> None:
     claude = anthropic.Anthropic(base_url=server.base, api_key=server.tenant.key, max_retries=0)
+    request.addfinalizer(claude.close)
     tracker = UsageTracker()
     message = claude.messages.create(
         model="claude-haiku-4-5", max_tokens=6, messages=[{"role": "user", "content": "Hi"}]
