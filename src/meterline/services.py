@@ -123,6 +123,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
     # Read (or created) here, before any request, so that every process of a deployment settles on one
     # key set at start-up and a bad key file stops the process instead of failing settles.
     signing_keys = KeyFile(settings.signing_key_file)
+    counters = open_counter_store(settings.redis_url)
     alerts = AlertEvaluator(
         db,
         clock,
@@ -132,6 +133,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
             unusual_factor=settings.alert_unusual_factor,
             unusual_min_volume=settings.alert_unusual_min_volume,
         ),
+        counters,
     )
     ledger = SqlLedgerStore(db, Notary(signing_keys), alerts)
     settler = Settler(
@@ -149,7 +151,6 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         currencies=currencies,
         default_currency=settings.currency,
     )
-    counters = open_counter_store(settings.redis_url)
     quotas = QuotaEngine(
         counters,
         SqlUsageSource(db),

@@ -10,9 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import ADMIN, ADMIN_KEY, Tenant, add_key, assert_envelope, make_tenant
+from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import Settings, load_settings
-from meterline.services import Services
+from meterline.services import Services, build_services
 
 
 @pytest.fixture
@@ -155,6 +156,33 @@ def test_frequent_refusals_fire_after_n_429s_within_the_hour(client: TestClient,
     assert alert["details"] == {"refusals_last_hour": 3, "limit": 3}
     post(client, tenant, ev(4))
     assert len(alerts_of(client, tenant, "rate_limits_exceeded_frequently")) == 1  # once per hour
+
+
+def test_refusals_on_every_process_sharing_redis_count_toward_one_alert(
+    settings: Settings, clock: FrozenClock, redis_url_clean: str
+) -> None:
+    """Two server processes (two apps over one database and one Redis): two refusals on one and one on
+    the other reach the deployment's three; each alone would stay under it."""
+    shared = settings.model_copy(update={"redis_url": redis_url_clean})
+    one, other = (build_services(shared, clock=clock, migrate=False) for _ in range(2))
+    try:
+        with (
+            TestClient(create_app(shared, services=one), raise_server_exceptions=False) as first,
+            TestClient(create_app(shared, services=other), raise_server_exceptions=False) as second,
+        ):
+            tenant = make_tenant(first, plan="strict")
+            assert post(first, tenant, ev(0)).status_code == 200
+            assert post(first, tenant, ev(1)).status_code == 429
+            assert post(second, tenant, ev(2)).status_code == 429
+            assert alerts_of(second, tenant, "rate_limits_exceeded_frequently") == []
+            assert post(second, tenant, ev(3)).status_code == 429
+            (alert,) = alerts_of(first, tenant, "rate_limits_exceeded_frequently")
+            assert alert["details"] == {"refusals_last_hour": 3, "limit": 3}
+            assert post(first, tenant, ev(4)).status_code == 429  # the first process asks once, too
+            assert len(alerts_of(second, tenant, "rate_limits_exceeded_frequently")) == 1
+    finally:
+        one.close()
+        other.close()
 
 
 def test_unusual_usage_says_why(client: TestClient, clock: FrozenClock) -> None:

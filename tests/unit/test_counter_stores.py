@@ -358,6 +358,43 @@ def test_rolling_retry_after_is_exact_for_large_amounts(store: CounterStore) -> 
     assert store.reserve([hold("b", rolling("tpm", 1, big + 2))], NOW)[0].admitted
 
 
+# -- tallies (quota refusals for the alert) -------------------------------------------------------
+
+
+def test_a_tally_counts_a_rolling_hour_by_the_minute(store: CounterStore) -> None:
+    # NOW is 10:30:00; the minute 10:30 holds three events, 10:59 one more.
+    assert [store.tally("refusals:a", at(s)) for s in (0, 10, 59.9)] == [1, 2, 3]
+    assert store.tally("refusals:a", at(29 * 60)) == 4
+    # 11:29:59 still counts 10:30 whole (one-minute buckets); at 11:30 that minute has left.
+    assert store.tally("refusals:a", at(59 * 60 + 59)) == 5
+    assert store.tally("refusals:a", at(60 * 60)) == 3  # 10:59, 11:29 and this one
+    assert store.tally("refusals:a", at(3 * 3600)) == 1  # hours later only this one
+
+
+def test_tallies_of_different_keys_are_apart(store: CounterStore) -> None:
+    for _ in range(3):
+        store.tally("refusals:a", NOW)
+    assert store.tally("refusals:b", NOW) == 1
+    assert store.tally("refusals:a", NOW) == 4
+
+
+def test_processes_sharing_redis_count_into_one_tally(redis_url: str) -> None:
+    first, second = RedisCounterStore(redis_url, prefix=PREFIX), RedisCounterStore(redis_url, prefix=PREFIX)
+    threads = [
+        threading.Thread(target=lambda s=s: [s.tally("refusals:a", NOW) for _ in range(50)])
+        for s in (first, second) * 2
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert second.tally("refusals:a", at(1)) == 201
+    finally:
+        first.close()
+        second.close()
+
+
 # -- concurrency ----------------------------------------------------------------------------------
 
 

@@ -20,6 +20,9 @@ from typing import Literal, Protocol
 
 WindowKind = Literal["fixed", "rolling"]
 ROLLING_SECONDS = 60
+# A tally counts events (quota refusals) over a rolling hour, in one-minute buckets: bounded memory
+# however many events come, at the price of the oldest minute being counted whole.
+TALLY_MINUTES = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,11 @@ class CounterStore(Protocol):
 
     def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
         """Holds whose lease ended before ``now_us`` (oldest first), still holding their estimate."""
+        ...
+
+    def tally(self, key: str, now_us: int) -> int:
+        """Count one event under ``key`` and answer how many fell in the last ``TALLY_MINUTES`` minutes
+        (this one included), across every process that shares the store."""
         ...
 
     def close(self) -> None: ...

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from meterline.quotas.counters import (
     ROLLING_SECONDS,
+    TALLY_MINUTES,
     Hold,
     Level,
     Line,
@@ -91,6 +92,7 @@ class MemoryCounterStore:
         self._fixed: dict[str, _Fixed] = {}
         self._rolling: dict[str, _Rolling] = {}
         self._holds: dict[str, _Held] = {}
+        self._tallies: dict[str, dict[int, int]] = {}  # key -> minute -> events
         self._ops = 0
 
     # -- decisions ----------------------------------------------------------------------------
@@ -195,6 +197,15 @@ class MemoryCounterStore:
         with self._lock:
             due = [held.hold for held in self._holds.values() if held.hold.expires_us < now_us]
         return sorted(due, key=lambda hold: hold.expires_us)[:limit]
+
+    def tally(self, key: str, now_us: int) -> int:
+        minute = now_us // 60_000_000
+        with self._lock:
+            buckets = self._tallies.setdefault(key, {})
+            buckets[minute] = buckets.get(minute, 0) + 1
+            for old in [m for m in buckets if m <= minute - TALLY_MINUTES]:
+                del buckets[old]
+            return sum(buckets.values())
 
     def close(self) -> None:
         return None

@@ -5,7 +5,6 @@ transaction. See ``meterline.alerts`` for the rules and the invariants."""
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from meterline.alerts.kinds import PROJECTED_RUN_OUT, THRESHOLD
 from meterline.alerts.rules import frequent_refusals
 from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, Clock, from_micros, rfc3339, to_micros
 from meterline.metering.records import LedgerRow
+from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.credits import CreditTerms
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
@@ -136,15 +136,15 @@ class AlertEvaluator:
     period has fired (remembered in memory), otherwise one indexed read of the period's usage; the
     alerts table is read only when a rule says fire, and written only when one does."""
 
-    def __init__(self, db: Database, clock: Clock, policy: AlertPolicy) -> None:
+    def __init__(self, db: Database, clock: Clock, policy: AlertPolicy, counters: CounterStore) -> None:
         self._db = db
         self._clock = clock
         self.policy = policy
+        self._counters = counters
         # (organization, period start) -> (kind, threshold) known to be committed. Filled only from
         # reads, never from our own inserts: a rolled-back settle must not hide an alert.
         self._fired: dict[str, tuple[int, set[tuple[str, int]]]] = {}
         self._unusual_checked: dict[str, int] = {}
-        self._refusals: dict[str, deque[float]] = {}
         self._refusal_fired: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -239,18 +239,21 @@ class AlertEvaluator:
     def note_refusal(self, org_id: str) -> None:
         """Count one quota refusal (an HTTP 429) of ``org_id``; fire the hourly alert at the N-th.
 
-        In memory, per process: refusals are not in the ledger, and a write per 429 would let a
-        client that is being refused load the database. With several processes each counts its own."""
+        Counted in the counter store, not the ledger: refusals are not usage, and a write per 429 would
+        let a client that is being refused load the database. With Redis, every process of a deployment
+        counts into one tally; the alert still fires once per organization and hour (``fire`` inserts it
+        once, and each process asks at most once an hour)."""
         now = self._clock.now()
-        moment = now.timestamp()
-        hour = to_micros(now) // MICROS_PER_HOUR
+        now_us = to_micros(now)
+        hour = now_us // MICROS_PER_HOUR
+        try:
+            count = self._counters.tally(f"refusals:{org_id}", now_us)
+        except CounterStoreUnavailable:
+            return  # the 429 stands; while the store is away its refusals go uncounted
+        if count < self.policy.refusals_per_hour:
+            return
         with self._lock:
-            window = self._refusals.setdefault(org_id, deque())
-            window.append(moment)
-            while window and window[0] <= moment - 3600:
-                window.popleft()
-            count = len(window)
-            if count < self.policy.refusals_per_hour or self._refusal_fired.get(org_id) == hour:
+            if self._refusal_fired.get(org_id) == hour:
                 return
             self._refusal_fired[org_id] = hour
         alert = frequent_refusals(count, self.policy.refusals_per_hour, from_micros(hour * MICROS_PER_HOUR))

@@ -4,6 +4,7 @@
 --   h  holds to reserve (each all-or-nothing, in order)
 --   l  lines whose levels to read
 --   x  the expired-holds query (a limit), answered with the stored holds
+--   t  a tally key: count one event in this minute and answer the events of the last 60 minutes
 -- with n = now in seconds and u = now in microseconds (a string) from the caller's clock, never TIME.
 -- It mirrors meterline/quotas/memory.py statement by statement; names below refer to it.
 --
@@ -23,6 +24,7 @@
 --                                <second> = amount}; h is also the marker of a seeded, empty window
 --                     P h:<id>   a hold: JSON [second reserved, [id, expires_us, lines, ttl]]
 --                     P holds    sorted set of hold ids by expires_us (exact: < 2^53)
+--                     P t:<key>  a tally, hash {<minute> = events} (memory.py: _tallies)
 
 local req = cjson.decode(ARGV[1])
 local P = ARGV[2]
@@ -320,6 +322,25 @@ local function expired(limit)
   return out
 end
 
+-- tallies (memory.py: tally) -------------------------------------------------------------------------
+local TALLY_MINUTES = 60
+local function tally(key)
+  local tk = P .. 't:' .. key
+  local minute = math.floor(now_s / 60)
+  redis.call('HINCRBY', tk, tostring(minute), 1)
+  local fields = redis.call('HGETALL', tk)
+  local total = 0
+  for i = 1, #fields, 2 do
+    if tonumber(fields[i]) <= minute - TALLY_MINUTES then
+      redis.call('HDEL', tk, fields[i])
+    else
+      total = total + tonumber(fields[i + 1])
+    end
+  end
+  redis.call('EXPIRE', tk, (TALLY_MINUTES + 1) * 60)
+  return total
+end
+
 -- one call ------------------------------------------------------------------------------------------
 local answer = {}
 local malformed = {}
@@ -346,4 +367,5 @@ if req.l then
   answer.l = read
 end
 if req.x then answer.x = expired(req.x) end
+if req.t then answer.t = tally(req.t) end
 return cjson.encode(answer)

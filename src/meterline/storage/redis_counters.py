@@ -195,6 +195,9 @@ class RedisCounterStore:
         answer = self._call(now_us, {"x": max(limit, 0)})
         return [_hold(stored) for stored in answer["x"]]
 
+    def tally(self, key: str, now_us: int) -> int:
+        return int(self._call(now_us, {"t": key})["t"])
+
     def close(self) -> None:
         with self._wake:
             if self._closing:
