@@ -200,6 +200,20 @@ def test_typed_errors_carry_the_envelope(server: Server) -> None:
     assert (invalid.value.status_code, invalid.value.param) == (422, "days")
 
 
+def test_models_lists_what_the_gateway_routes_by_name(server: Server) -> None:
+    with server.client() as client:
+        served = client.models()
+    # Named models only: the "claude-*" pattern route serves any claude model but names none.
+    assert [(m.id, m.owned_by) for m in served] == [
+        ("gpt-3.5-turbo-instruct", "openai"),
+        ("gpt-4o", "openai"),
+        ("gpt-4o-mini", "openai"),
+        ("text-embedding-3-small", "openai"),
+    ]
+    with server.client(key="mk_not_a_key") as stranger, pytest.raises(AuthenticationError):
+        stranger.models()
+
+
 def test_async_client(server: Server) -> None:
     async def run() -> None:
         async with AsyncClient(server.base, server.tenant.key) as client:
@@ -223,6 +237,7 @@ def test_async_client(server: Server) -> None:
             pair = await client.issue_token("async-user")
             assert (await client.refresh_token(pair.refresh_token)).identifier_id == "async-user"
             assert (await client.alerts()).total_count >= 0
+            assert "gpt-4o-mini" in [m.id for m in await client.models()]
             assert (await client.ledger(limit=2, model="gpt-4o-mini")).total_count == 6
         async with AsyncClient(server.base, server.org_key) as org:
             assert (await org.verify_chain()).report.count == 6

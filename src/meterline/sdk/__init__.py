@@ -5,7 +5,7 @@ Importing it never imports the server's web framework or storage: it is a client
 in this folder for its invariants).
 """
 
-from meterline.sdk.access import Alert, AlertPage, TokenPair, WebhookEndpoint
+from meterline.sdk.access import Alert, AlertPage, ServedModel, TokenPair, WebhookEndpoint
 from meterline.sdk.analytics import Breakdown, BreakdownRow, Timeseries, TimeseriesPoint
 from meterline.sdk.async_client import AsyncClient
 from meterline.sdk.client import ChainVerification, Client
@@ -67,6 +67,7 @@ __all__ = [
     "RequestEstimate",
     "Reservation",
     "RetryPolicy",
+    "ServedModel",
     "ServiceUnavailableError",
     "Settlement",
     "Timeseries",

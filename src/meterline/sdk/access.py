@@ -1,4 +1,5 @@
-"""Identifier tokens (seed 000), alerts and webhook endpoints (seeds 001, 002)."""
+"""Identifier tokens (seed 000), alerts and webhook endpoints (seeds 001, 002), and the models the
+gateway serves."""
 
 from __future__ import annotations
 
@@ -95,3 +96,19 @@ class WebhookEndpoint:
             created_at=time(data["created_at"]),
             secret=opt_str(data.get("secret")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A model the gateway routes by name (``GET /v1/models``), and the provider of its route."""
+
+    id: str
+    owned_by: str
+
+    @classmethod
+    def from_json(cls, data: Json) -> ServedModel:
+        return cls(id=str(data["id"]), owned_by=str(data["owned_by"]))
+
+    @staticmethod
+    def list_from_json(data: Json) -> list[ServedModel]:
+        return [ServedModel.from_json(m) for m in data["data"]]

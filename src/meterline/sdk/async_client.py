@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 
 from meterline.sdk import calls
-from meterline.sdk.access import AlertPage, TokenPair, WebhookEndpoint
+from meterline.sdk.access import AlertPage, ServedModel, TokenPair, WebhookEndpoint
 from meterline.sdk.analytics import Breakdown, BreakdownRow, Timeseries
 from meterline.sdk.calls import BreakdownBy, Call, Range, Time
 from meterline.sdk.client import ChainVerification, next_ledger_filters
@@ -208,6 +208,11 @@ class AsyncClient:
                 file.write(chunk)
                 written += len(chunk)
         return written
+
+    # -- the gateway --------------------------------------------------------------------------------
+    async def models(self) -> list[ServedModel]:
+        """``GET /v1/models``: the models the gateway routes by name (pattern routes serve others too)."""
+        return await self.call(calls.models())
 
     # -- receipts -----------------------------------------------------------------------------------
     async def jwks(self) -> dict[str, Any]:

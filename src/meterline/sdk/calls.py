@@ -10,7 +10,7 @@ from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import quote
 
 from meterline.sdk._json import rfc3339
-from meterline.sdk.access import AlertPage, TokenPair, WebhookEndpoint
+from meterline.sdk.access import AlertPage, ServedModel, TokenPair, WebhookEndpoint
 from meterline.sdk.analytics import Breakdown, Timeseries
 from meterline.sdk.ingest import Event, EventsBatch, Reservation, Settlement
 from meterline.sdk.ledger import EventsPage, History, LedgerPage
@@ -125,6 +125,10 @@ def receipt(receipt_id: str) -> Call[Receipt]:
 
 def receipts(after_seq: int = 0, limit: int = 100) -> Call[ReceiptPage]:
     return Call("GET", "/v1/receipts", ReceiptPage.from_json, _params(after_seq=after_seq, limit=limit))
+
+
+def models() -> Call[list[ServedModel]]:
+    return Call("GET", "/v1/models", ServedModel.list_from_json)
 
 
 def jwks() -> Call[dict[str, Any]]:

@@ -12,7 +12,7 @@ import httpx
 
 from meterline.receipts import ChainReport
 from meterline.sdk import calls
-from meterline.sdk.access import AlertPage, TokenPair, WebhookEndpoint
+from meterline.sdk.access import AlertPage, ServedModel, TokenPair, WebhookEndpoint
 from meterline.sdk.analytics import Breakdown, BreakdownRow, Timeseries
 from meterline.sdk.calls import BreakdownBy, Call, Range, Time
 from meterline.sdk.errors import APIConnectionError, APIStatusError
@@ -247,6 +247,11 @@ class Client:
             if on_chunk is not None:
                 on_chunk(chunk)
         return written
+
+    # -- the gateway --------------------------------------------------------------------------------
+    def models(self) -> list[ServedModel]:
+        """``GET /v1/models``: the models the gateway routes by name (pattern routes serve others too)."""
+        return self.call(calls.models())
 
     # -- receipts -----------------------------------------------------------------------------------
     def jwks(self) -> dict[str, Any]:
