@@ -1,6 +1,6 @@
-"""A real Meterline server on loopback (uvicorn in a thread, SQLite, a frozen clock the tests move) in
-front of the fake upstream, with one organization: a workspace key and an organization key. The SDK under
-test talks to it over HTTP like any client."""
+"""A real Meterline server on loopback (uvicorn in a thread, on SQLite and on PostgreSQL, a frozen clock
+the tests move) in front of the fake upstream, with one organization: a workspace key and an
+organization key. The SDK under test talks to it over HTTP like any client."""
 
 from __future__ import annotations
 
@@ -56,11 +56,12 @@ def upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def server(sqlite_url: str, tmp_path: Path, upstream: FakeUpstream) -> Iterator[Server]:
+def server(database_url: str, tmp_path: Path, upstream: FakeUpstream) -> Iterator[Server]:
+    """A running server on each backend (SQLite and PostgreSQL)."""
     upstream.reset()
     key_file = tmp_path / "signing-key.json"
     settings = load_settings(
-        database_url=sqlite_url,
+        database_url=database_url,
         admin_key=ADMIN_KEY,
         signing_key_file=str(key_file),
         # Webhook endpoints on loopback are accepted, so the tests register them without the network.
@@ -91,6 +92,6 @@ def server(sqlite_url: str, tmp_path: Path, upstream: FakeUpstream) -> Iterator[
         ):
             tenant = make_tenant(http, plan="pro")  # type: ignore[arg-type]
             org_key = add_key(http, tenant.workspace["id"], "Org reader", scope="organization")  # type: ignore[arg-type]
-            yield Server(running.base, services, clock, tenant, org_key, http, key_file, sqlite_url)
+            yield Server(running.base, services, clock, tenant, org_key, http, key_file, database_url)
     finally:
         services.close()
