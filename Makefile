@@ -40,9 +40,11 @@ bench: install services
 	$(BIN)/python bench/events_ingest.py
 	$(BIN)/python bench/quota_store.py
 
-# Quota counter stores (memory, Redis): reserve+settle decisions/s and Redis round trips per decision.
+# Quota counter stores (memory, Redis): reserve+settle decisions/s and Redis round trips per decision,
+# then what tallying a refusal adds to a 429.
 bench-quota: install services
 	$(BIN)/python bench/quota_store.py
+	$(BIN)/python bench/refusal_tally.py
 
 # Gateway added latency over calling the fake upstream directly, side by side with LiteLLM's proxy
 # (SPEC §10). LiteLLM lives in its own venv (newer releases need a certifi the package index lacks).
