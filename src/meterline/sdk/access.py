@@ -108,7 +108,3 @@ class ServedModel:
     @classmethod
     def from_json(cls, data: Json) -> ServedModel:
         return cls(id=str(data["id"]), owned_by=str(data["owned_by"]))
-
-    @staticmethod
-    def list_from_json(data: Json) -> list[ServedModel]:
-        return [ServedModel.from_json(m) for m in data["data"]]

@@ -128,7 +128,7 @@ def receipts(after_seq: int = 0, limit: int = 100) -> Call[ReceiptPage]:
 
 
 def models() -> Call[list[ServedModel]]:
-    return Call("GET", "/v1/models", ServedModel.list_from_json)
+    return Call("GET", "/v1/models", lambda data: [ServedModel.from_json(m) for m in data["data"]])
 
 
 def jwks() -> Call[dict[str, Any]]:
