@@ -14,13 +14,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
+from meterline import text
 from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.errors import LimitExceeded, MeterlineError
 from meterline.quotas.engine import RateLimits
+from meterline.storage.outage import OutageLog, is_outage
 
 log = logging.getLogger("meterline.api")
+# Seconds a client is asked to wait when a dependency (database, Redis) is down.
+OUTAGE_RETRY_AFTER_S = 2
+outages = OutageLog()
 
 STATUS = {
     "invalid_request": 400,
@@ -89,8 +95,9 @@ def envelope(
         "error": {
             "type": TYPES.get(status, "api_error"),
             "code": code,
-            "message": message,
-            "param": param,
+            # Messages may quote what the client sent: cleaned, so the envelope always renders.
+            "message": text.clean(message),
+            "param": None if param is None else text.clean(param),
             "request_id": request_id,
             **(error_extra or {}),
         }
@@ -131,8 +138,34 @@ def count_refusal(request: Request) -> None:
         log.exception("counting a quota refusal failed")
 
 
+def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JSON:
+    """Anything no handler took: 503 with ``Retry-After`` when a dependency is down (one log line per
+    outage, see ``storage.outage``), else 500 ``internal`` with the traceback in the log only."""
+    if is_outage(exc):
+        outages.failed(exc)
+        return envelope(
+            503,
+            "service_unavailable",
+            "a dependency of the service (its database or counter store) is unavailable; "
+            "nothing was recorded for this request; retry after a delay",
+            request_id=request_id,
+            headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
+        )
+    log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+    return envelope(500, "internal", "internal error; retry after a delay", request_id=request_id)
+
+
 def domain_error(request: Request, exc: MeterlineError) -> JSON:
     status = STATUS.get(exc.code, 400)
+    if status == 503:
+        return envelope(
+            status,
+            exc.code,
+            exc.message,
+            param=exc.param,
+            request_id=request_id_of(request),
+            headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
+        )
     if not isinstance(exc, LimitExceeded):
         return envelope(status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request))
     count_refusal(request)
@@ -170,10 +203,4 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed on {request.url.path}"
         headers = dict(exc.headers) if exc.headers else None
         return envelope(exc.status_code, code, message, request_id=request_id_of(request), headers=headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return envelope(
-            500, "internal", "internal error; retry after a delay", request_id=request_id_of(request)
-        )
+    # Any other exception is answered by ``api.middleware.RequestContext`` (``unexpected_error``).

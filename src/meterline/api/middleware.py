@@ -1,16 +1,53 @@
-"""Pure-ASGI middleware (cheaper than BaseHTTPMiddleware): request ids and a request body size limit."""
+"""Pure-ASGI middleware (cheaper than BaseHTTPMiddleware): request ids, a request body size limit, the
+text rule (``meterline.text``) for headers, query parameters and JSON or form bodies, and the last word
+on any exception (an envelope, never a dropped connection)."""
 
 from __future__ import annotations
 
+import json
 import re
+from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meterline import ids
-from meterline.api.errors import envelope
+from meterline import ids, text
+from meterline.api.errors import envelope, outages, unexpected_error
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A JSON string can only carry NUL or a surrogate as an escape; bodies without one skip the parse.
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_MAX_QUERY_VALUE = 4096
+
+
+class _BadText(Exception):
+    def __init__(self, param: str, reason: str) -> None:
+        self.param = param
+        self.reason = reason
+
+
+def _check_form(encoded: str, what: str) -> None:
+    """Query strings and urlencoded forms: every name and value."""
+    for name, value in parse_qsl(encoded, keep_blank_values=True):
+        reason = text.problem(name, 256)
+        if reason is not None:
+            raise _BadText(text.clean(name)[:64], f"{what} parameter name {reason}")
+        reason = text.problem(value, _MAX_QUERY_VALUE)
+        if reason is not None:
+            raise _BadText(name, f"{what} parameter {name!r} {reason}")
+
+
+def _check_json(body: bytes) -> None:
+    if not _SUSPECT_ESCAPE.search(body):
+        return
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # not JSON: the route's own parsing says so
+    found = text.find_problem(value)
+    if found is not None:
+        param, reason = found
+        raise _BadText(param, f"{param or 'body'} {reason}")
 
 
 class _TooLarge(StarletteHTTPException):
@@ -24,17 +61,27 @@ class RequestContext:
     """Gives every request an id (``X-Request-Id``, echoed when the client sent a sane one) and refuses
     bodies over ``max_body_bytes`` with 413 before they are read into memory."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, passthrough: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Paths whose JSON body is relayed, not stored (the gateway): only the fields it reads are checked,
+        # by the gateway itself, so a prompt is passed on as the client wrote it.
+        self.passthrough = passthrough
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = ids.request_id()
+        content_type = b""
         for name, value in scope["headers"]:
-            if name == b"x-request-id":
+            if b"\x00" in value:
+                reason = f"header {name.decode('latin-1')} must not contain NUL characters"
+                await self._bad_text(scope, receive, send, request_id, name.decode("latin-1"), reason)
+                return
+            if name == b"content-type":
+                content_type = value
+            elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
                 if _CLIENT_REQUEST_ID.match(candidate):
                     request_id = candidate
@@ -50,6 +97,15 @@ class RequestContext:
         header = (b"x-request-id", request_id.encode("latin-1"))
         received = 0
         started = False
+        try:
+            _check_form(scope.get("query_string", b"").decode("latin-1"), "query")
+            receive = await self._checked_body(scope, receive, content_type)
+        except _BadText as bad:
+            await self._bad_text(scope, receive, send, request_id, bad.param, bad.reason)
+            return
+        except _TooLarge:
+            await self._refuse(scope, receive, send, request_id)
+            return
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -64,6 +120,8 @@ class RequestContext:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if outages.active and message["status"] < 500:
+                    outages.succeeded()
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
@@ -72,6 +130,53 @@ class RequestContext:
         except _TooLarge:
             if not started:
                 await self._refuse(scope, receive, send, request_id)
+        except Exception as exc:  # noqa: BLE001 - the last word on any failure is an envelope
+            # Handled here rather than by Starlette's ServerErrorMiddleware, which re-raises after
+            # answering: the server then closes the connection, resetting the client's next request.
+            response = unexpected_error(scope, exc, request_id)
+            if not started:
+                await response(scope, receive, send_with_id)
+
+    async def _checked_body(self, scope: Scope, receive: Receive, content_type: bytes) -> Receive:
+        """Reads a JSON or form body whole (it is anyway, by the route) to apply the text rule, and
+        hands the route a ``receive`` that replays it. Other bodies (multipart audio) pass untouched."""
+        kind = content_type.split(b";", 1)[0].strip().lower()
+        is_json = kind == b"application/json" or kind.endswith(b"+json")
+        is_form = kind == b"application/x-www-form-urlencoded"
+        if not (is_json or is_form) or scope["path"] in self.passthrough:
+            return receive
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay([message], receive)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge(self.max_body_bytes)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if is_json:
+            _check_json(body)
+        else:
+            _check_form(body.decode("utf-8", "replace"), "form")
+        return _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+    async def _bad_text(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, param: str, reason: str
+    ) -> None:
+        response = envelope(
+            400,
+            "invalid_request",
+            reason,
+            param=text.clean(param)[:128] or None,
+            request_id=request_id,
+            headers={"X-Request-Id": request_id},
+        )
+        await response(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         response = envelope(
@@ -82,3 +187,17 @@ class RequestContext:
             headers={"X-Request-Id": request_id, "Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    """A ``receive`` that gives ``messages`` first, then waits on the connection (for a disconnect)."""
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive

@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 from starlette.responses import JSONResponse
 
+from meterline.text import clean_json
+
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
@@ -16,7 +18,11 @@ def _default(value: Any) -> Any:
 
 
 def dumps(content: Any) -> bytes:
-    return orjson.dumps(content, default=_default)
+    try:
+        return orjson.dumps(content, default=_default)
+    except orjson.JSONEncodeError:
+        # A string that is not UTF-8 (an unpaired surrogate) must not turn an answer into a 500.
+        return orjson.dumps(clean_json(content), default=_default)
 
 
 class JSON(JSONResponse):

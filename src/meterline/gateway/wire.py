@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from meterline import text
 from meterline.errors import InvalidRequest
 from meterline.gateway import tokens, usage
 from meterline.gateway.audio import audio_seconds as audio_duration
@@ -60,7 +61,7 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body must be JSON: {exc.msg}") from None
+        raise _not_json(raw, exc.msg) from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     model = _model(body.get("model"))
@@ -84,6 +85,17 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
     )
 
 
+def _not_json(raw: bytes, reason: str) -> InvalidRequest:
+    """orjson refuses unpaired surrogates as malformed; the lenient parser finds which field held one."""
+    try:
+        found = text.find_problem(json.loads(raw), max_length=None)
+    except (ValueError, RecursionError):
+        found = None
+    if found is not None:
+        return InvalidRequest(f"{found[0]} {found[1]}", param=found[0] or None)
+    return InvalidRequest(f"request body must be JSON: {reason}")
+
+
 def parse_transcription(
     raw: bytes, content_type: str, fields: Mapping[str, str], file: tuple[str, str, bytes] | None
 ) -> Parsed:
@@ -97,7 +109,7 @@ def parse_transcription(
         forward_body=raw,
         prompt_tokens=0,
         max_output_tokens=0,
-        user_id=_text(fields.get("user"), _MAX_USER),
+        user_id=_text(fields.get("user"), _MAX_USER, "user"),
         client_wants_usage=True,
         content_type=content_type,
         audio_seconds=audio_duration(filename, file_type, data),
@@ -107,20 +119,25 @@ def parse_transcription(
 def _model(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest('model is required: name the model to call, e.g. "gpt-4o-mini"', param="model")
-    if len(value) > _MAX_MODEL:
-        raise InvalidRequest(f"model must be at most {_MAX_MODEL} characters", param="model")
+    if (reason := text.problem(value, _MAX_MODEL)) is not None:
+        raise InvalidRequest(f"model {reason}", param="model")
     return value
 
 
-def _text(value: object, limit: int) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+def _text(value: object, limit: int, param: str) -> str | None:
+    """A text field the gateway stores (the end user): refused if it cannot be stored, ignored if long."""
+    if not isinstance(value, str) or not value:
+        return None
+    if (reason := text.problem(value, None)) is not None:
+        raise InvalidRequest(f"{param} {reason}", param=param)
+    return value if len(value) <= limit else None
 
 
 def _user_of(api: Api, body: Mapping[str, Any]) -> str | None:
     if api == "messages":
         metadata = body.get("metadata")
-        return _text(metadata.get("user_id"), _MAX_USER) if isinstance(metadata, dict) else None
-    return _text(body.get("user"), _MAX_USER)
+        return _text(metadata.get("user_id"), _MAX_USER, "metadata.user_id") if isinstance(metadata, dict) else None
+    return _text(body.get("user"), _MAX_USER, "user")
 
 
 def receipt_opt_out(value: str | None) -> bool:

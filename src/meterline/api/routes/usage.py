@@ -42,10 +42,11 @@ def parse_rfc3339(value: str | None, param: str) -> datetime | None:
     # Python keeps microseconds only; nanosecond digits beyond that are dropped, not rounded.
     text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("z", "Z").replace("t", "T"))
     try:
-        at = datetime.fromisoformat(text)
+        at = datetime.fromisoformat(text).astimezone(UTC)
     except ValueError:
         raise InvalidRequest(f"{param} is not a valid date/time: {value[:64]!r}", param=param) from None
-    at = at.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        at = _EARLIEST - timedelta(days=1)
     if not _EARLIEST <= at < _LATEST:
         raise InvalidRequest(f"{param} must be between 1970 and 9999", param=param)
     return at
