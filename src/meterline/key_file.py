@@ -1,9 +1,11 @@
-"""The signing key file: created once by whichever process starts first, rotated atomically, and
-re-read by running processes when it changes.
+"""The key file: created once by whichever process starts first, rotated atomically, and re-read by
+running processes when it changes. It holds the signing keys (``meterline.signing``) and the data keys
+that seal secrets at rest (``meterline.encryption``); neither is ever in the database.
 
-Format: a bare Ed25519 private JWK (one key, the only form before rotation existed), or after a rotation
-``{"active": kid, "keys": [active private JWK, retired public JWKs, newest first]}`` (``SigningKeys``).
-Mode 0600 in both cases.
+Format: ``{"active": kid, "keys": [active private JWK, retired public JWKs, newest first],
+"data_keys": {"active": kid, "keys": [symmetric JWKs, newest first]}}``, mode 0600. Files written before
+data keys existed (``{"active", "keys"}``, or a bare Ed25519 private JWK from before rotation) are read
+as they are and get their first data key added on load, under the same lock as a rotation.
 """
 
 from __future__ import annotations
@@ -15,32 +17,49 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from joserfc.errors import JoseError
 
+from meterline.encryption import DataKeys
 from meterline.errors import ConfigError
 from meterline.signing import SigningKey, SigningKeys
 
 log = logging.getLogger("meterline.signing")
 
 
-def load_or_create_signing_keys(path: str | Path) -> SigningKeys:
-    """The key set in ``path``; if there is none yet, a new key written there (mode 0600).
+@dataclass(frozen=True)
+class KeyRing:
+    """Everything the key file holds."""
+
+    signing: SigningKeys
+    data: DataKeys
+
+    def to_json(self) -> dict[str, Any]:
+        signing = self.signing.to_json()
+        if "keys" not in signing:  # the one-key form: written as a set so that data keys fit beside it
+            signing = {"active": self.signing.kid, "keys": [signing]}
+        return {**signing, "data_keys": self.data.to_json()}
+
+
+def load_or_create_keys(path: str | Path) -> KeyRing:
+    """The keys in ``path``; if there is no file yet, new keys written there (mode 0600).
 
     Several processes may start at once on a fresh machine. Each writes its candidate to a private
     temporary file and publishes it with ``link``, which fails if the name exists: exactly one candidate
-    wins, nobody ever reads a half-written file, and the losers read the winner's key.
+    wins, nobody ever reads a half-written file, and the losers read the winner's keys. A file without
+    data keys (written before they existed) gets one, as a rotation would add it.
     """
     file = Path(path)
-    existing = _read(file)
+    existing = _reread(file)
     if existing is not None:
         return existing
-    temp = _write_temp(file, SigningKeys(SigningKey.generate()))
+    temp = _write_temp(file, KeyRing(SigningKeys(SigningKey.generate()), DataKeys.generate()))
     try:
-        # If another process published its key first, link fails and we use theirs.
+        # If another process published its keys first, link fails and we use theirs.
         with contextlib.suppress(FileExistsError):
             os.link(temp, file)
     except OSError as exc:
@@ -48,10 +67,15 @@ def load_or_create_signing_keys(path: str | Path) -> SigningKeys:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    found = _read(file)
+    found = _reread(file)
     if found is None:
         raise ConfigError(f"{file}: the signing key file disappeared while it was being created")
     return found
+
+
+def load_or_create_signing_keys(path: str | Path) -> SigningKeys:
+    """The signing key set of the key file at ``path`` (created if there is none)."""
+    return load_or_create_keys(path).signing
 
 
 def load_or_create_signing_key(path: str | Path) -> SigningKey:
@@ -59,22 +83,44 @@ def load_or_create_signing_key(path: str | Path) -> SigningKey:
     return load_or_create_signing_keys(path).active
 
 
-def rotate_signing_keys(path: str | Path) -> SigningKeys:
-    """Make a new active key; the old active key is kept (public part) to verify what it signed.
+def rotate_keys(path: str | Path, *, signing: bool = True, data: bool = True) -> KeyRing:
+    """Make new active keys. The old signing key is kept (public part) to verify what it signed; the
+    old data key is kept whole, to open what it sealed.
 
     Read, change and replace happen under an exclusive ``flock`` on a lock file beside the key file, so
     two rotations at once cannot both start from the same set and lose one of their keys (receipts
-    signed with a lost key could never be verified again). The new set is written to a temporary file
-    and renamed over the old one: a reader sees the old set or the new one, never a mix.
+    signed with a lost key could never be verified again, secrets sealed with one never opened). The new
+    set is written to a temporary file and renamed over the old one: a reader sees the old set or the
+    new one, never a mix.
     """
-    file = Path(path)
-    load_or_create_signing_keys(file)
+
+    def rotated(ring: KeyRing) -> KeyRing:
+        return KeyRing(
+            ring.signing.rotated() if signing else ring.signing, ring.data.rotated() if data else ring.data
+        )
+
+    load_or_create_keys(path)
+    return _replace(Path(path), rotated, "rotate")
+
+
+def rotate_signing_keys(path: str | Path) -> SigningKeys:
+    """A new active signing key (the data keys stay as they are)."""
+    return rotate_keys(path, data=False).signing
+
+
+def _replace(file: Path, change: Callable[[KeyRing], KeyRing] | None, doing: str) -> KeyRing:
+    """``change`` applied to the file's keys under the lock (a missing data key added first), written
+    back by rename. ``change`` None: only add the data key, unless another process did already."""
     with _locked(file):
         current = _read(file)
         if current is None:
-            raise ConfigError(f"{file}: the signing key file disappeared during the rotation")
-        rotated = current.rotated()
-        temp = _write_temp(file, rotated)
+            raise ConfigError(f"{file}: the signing key file disappeared while trying to {doing} it")
+        signing, data = current
+        if change is None and data is not None:
+            return KeyRing(signing, data)
+        ring = KeyRing(signing, data if data is not None else DataKeys.generate())
+        changed = change(ring) if change is not None else ring
+        temp = _write_temp(file, changed)
         try:
             os.replace(temp, file)
             _sync_directory(file.parent)
@@ -83,41 +129,50 @@ def rotate_signing_keys(path: str | Path) -> SigningKeys:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-    return rotated
+    return changed
 
 
 class KeyFile:
-    """The key set of one file, as a running process uses it: every use first checks (one ``stat``,
+    """The keys of one file, as a running process uses them: every use first checks (one ``stat``,
     about 2 µs) whether the file was replaced, and re-reads it if so. A rotation made by
-    ``meterline keys rotate`` thus reaches every process of the deployment at its next token or
-    settle, without a restart: new receipts and tokens are signed with the new key everywhere, and
-    every process verifies them. A file that turns unreadable is logged and the last good set kept.
+    ``meterline keys rotate`` thus reaches every process of the deployment at its next token, settle
+    or webhook delivery, without a restart: new receipts and tokens are signed with the new key
+    everywhere, new secrets sealed with the new data key, and every process verifies and opens what the
+    older keys made. A file that turns unreadable is logged and the last good set kept.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._stamp = _stamp(self.path)
-        self._keys = load_or_create_signing_keys(self.path)
+        self._ring = load_or_create_keys(self.path)
         if self._stamp is None:  # we just created it
             self._stamp = _stamp(self.path)
 
-    def current(self) -> SigningKeys:
+    def ring(self) -> KeyRing:
         stamp = _stamp(self.path)
         if stamp is None or stamp == self._stamp:
-            return self._keys
+            return self._ring
         with self._lock:
             if stamp != self._stamp:
                 try:
-                    found = _read(self.path)
+                    found = _reread(self.path)
                 except ConfigError as exc:
                     log.error("keeping the signing keys already loaded: %s", exc.message)
                     found = None
                 if found is not None:
-                    self._keys = found
-                    log.info("signing keys reloaded from %s (active key %s)", self.path, found.kid)
+                    self._ring = found
+                    log.info(
+                        "keys reloaded from %s (active signing key %s, data key %s)",
+                        self.path,
+                        found.signing.kid,
+                        found.data.sealing_kid,
+                    )
                 self._stamp = stamp
-            return self._keys
+            return self._ring
+
+    def current(self) -> SigningKeys:
+        return self.ring().signing
 
     # The ``Signer`` protocol and the parts the API publishes, always from the current set.
     @property
@@ -133,6 +188,29 @@ class KeyFile:
     def public_jwks(self) -> dict[str, list[dict[str, Any]]]:
         return self.current().public_jwks()
 
+    # The ``SecretBox`` protocol, from the current data keys.
+    @property
+    def sealing_kid(self) -> str:
+        return self.ring().data.sealing_kid
+
+    def seal(self, plaintext: bytes, *, context: str) -> str:
+        return self.ring().data.seal(plaintext, context=context)
+
+    def unseal(self, sealed: str, *, context: str) -> bytes:
+        return self.ring().data.unseal(sealed, context=context)
+
+
+def _reread(file: Path) -> KeyRing | None:
+    """The file's keys, never creating it (gone between ``stat`` and read: None); a file put back from
+    before data keys existed gets one again."""
+    found = _read(file)
+    if found is None:
+        return None
+    signing, data = found
+    if data is not None:
+        return KeyRing(signing, data)
+    return _replace(file, None, "add a data key to")
+
 
 def _stamp(file: Path) -> tuple[int, int, int] | None:
     try:
@@ -143,7 +221,7 @@ def _stamp(file: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _write_temp(file: Path, keys: SigningKeys) -> Path:
+def _write_temp(file: Path, keys: KeyRing) -> Path:
     text = json.dumps(keys.to_json(), sort_keys=True) + "\n"
     temp = file.with_name(f".{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -184,7 +262,8 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _read(file: Path) -> SigningKeys | None:
+def _read(file: Path) -> tuple[SigningKeys, DataKeys | None] | None:
+    """The file's signing keys and data keys (None in a file from before they existed)."""
     try:
         raw = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -192,9 +271,27 @@ def _read(file: Path) -> SigningKeys | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read the signing key file: {exc}") from None
     try:
-        return SigningKeys.from_json(json.loads(raw))
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        data_keys = data.pop("data_keys", None)
+        signing = SigningKeys.from_json(data)
     except (ValueError, TypeError, JoseError) as exc:
         raise ConfigError(f"{file}: not an Ed25519 private JWK or key set: {exc}") from None
+    if data_keys is None:
+        return signing, None
+    try:
+        return signing, DataKeys.from_json(data_keys)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{file}: unreadable data keys: {exc}") from None
 
 
-__all__ = ["KeyFile", "load_or_create_signing_key", "load_or_create_signing_keys", "rotate_signing_keys"]
+__all__ = [
+    "KeyFile",
+    "KeyRing",
+    "load_or_create_keys",
+    "load_or_create_signing_key",
+    "load_or_create_signing_keys",
+    "rotate_keys",
+    "rotate_signing_keys",
+]

@@ -51,7 +51,8 @@ class Services:
     reservations: Reservations
     reservation_store: SqlReservationStore
     rates: CurrencyRates = field(repr=False)
-    # The deployment's key set (access tokens, receipts), re-read when `meterline keys rotate` replaces it.
+    # The deployment's keys (access tokens, receipts; data keys sealing webhook secrets), re-read when
+    # `meterline keys rotate` replaces the file.
     signing_keys: KeyFile = field(repr=False)
     receipts: SqlReceiptStore = field(repr=False)
     alerts: AlertEvaluator = field(repr=False)
@@ -159,6 +160,11 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         fail_open=settings.quota_fail_open,
     )
     reservation_store = SqlReservationStore(db)
+    webhooks = SqlWebhookStore(db, signing_keys)
+    # Webhook secrets stored before sealing existed, or sealed with a data key rotated out since, are
+    # sealed with the active data key now: one SELECT when there is nothing to do, and safe with several
+    # processes starting at once (each row is replaced only if it still holds what was read).
+    webhooks.seal_stored_secrets()
     services = Services(
         settings=settings,
         db=db,
@@ -176,7 +182,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         signing_keys=signing_keys,
         receipts=SqlReceiptStore(db),
         alerts=alerts,
-        webhooks=SqlWebhookStore(db),
+        webhooks=webhooks,
     )
     services.reservations = Reservations(
         quotas,

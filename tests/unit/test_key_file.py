@@ -1,5 +1,6 @@
-"""The signing key set on disk: the single-key file of old, rotation (atomic, serialized, keeping every
-retired key's public part only), and running processes picking a rotation up."""
+"""The key file: the single-key file of old, rotation (atomic, serialized, keeping every retired signing
+key's public part only and every older data key whole), data keys added to files from before they
+existed (once, however many processes start at once), and running processes picking a rotation up."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ from typing import Any
 
 import pytest
 
+from meterline.encryption import DataKeys, SealError
 from meterline.errors import ConfigError
-from meterline.key_file import KeyFile, load_or_create_signing_keys, rotate_signing_keys
+from meterline.key_file import (
+    KeyFile,
+    load_or_create_keys,
+    load_or_create_signing_keys,
+    rotate_keys,
+    rotate_signing_keys,
+)
 from meterline.signing import SignatureError, SigningKey, SigningKeys
 
 
@@ -140,3 +148,129 @@ def test_a_retired_key_cannot_sign_but_still_verifies() -> None:
     stranger = SigningKeys(SigningKey.generate())
     with pytest.raises(SignatureError, match="does not know"):
         new.verify(stranger.sign({"a": 1}, typ="t"), typ="t")
+
+
+ROW = "webhook_endpoints.secret:we_1"
+
+
+def test_a_new_key_file_holds_a_data_key(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    ring = load_or_create_keys(path)
+    data = json.loads(path.read_text())
+    assert data["data_keys"]["active"] == ring.data.sealing_kid
+    assert [k["kty"] for k in data["data_keys"]["keys"]] == ["oct"]
+    assert data["active"] == ring.signing.kid  # the signing keys as a set, data keys beside them
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_or_create_keys(path)
+    assert again.data.unseal(ring.data.seal(b"x", context=ROW), context=ROW) == b"x"
+
+
+@pytest.mark.parametrize("old_form", ["bare JWK", "key set"])
+def test_a_file_from_before_data_keys_gets_one_and_keeps_its_signing_keys(
+    tmp_path: Path, old_form: str
+) -> None:
+    path = tmp_path / "key.json"
+    signing = SigningKeys(SigningKey.generate())
+    if old_form == "key set":
+        signing = signing.rotated()
+    path.write_text(json.dumps(signing.to_json()))
+    path.chmod(0o600)
+    ring = load_or_create_keys(path)
+    assert ring.signing.kid == signing.kid
+    assert [kid for kid, _ in ring.signing.retired] == [kid for kid, _ in signing.retired]
+    assert load_or_create_keys(path).data.sealing_kid == ring.data.sealing_kid  # added once
+    assert json.loads(path.read_text())["data_keys"]["active"] == ring.data.sealing_kid
+    assert ring.signing.verify(signing.sign({"a": 1}, typ="t"), typ="t") == {"a": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def _load_in_process(path: str, start: Any, results: Any) -> None:
+    start.wait()
+    results.put(load_or_create_keys(path).data.sealing_kid)
+
+
+def test_processes_starting_on_an_old_file_agree_on_one_data_key(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(SigningKey.generate().private_jwk()))
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    results = context.Queue()
+    workers = [context.Process(target=_load_in_process, args=(str(path), start, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    seen = {results.get(timeout=60) for _ in workers}
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert seen == {load_or_create_keys(path).data.sealing_kid}
+
+
+def test_threads_starting_on_an_old_file_agree_on_one_data_key(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(SigningKey.generate().private_jwk()))
+    start = threading.Barrier(6)
+
+    def load(_: int) -> str:
+        start.wait()
+        return load_or_create_keys(path).data.sealing_kid
+
+    with ThreadPoolExecutor(6) as pool:
+        assert set(pool.map(load, range(6))) == {load_or_create_keys(path).data.sealing_kid}
+
+
+def test_rotation_makes_a_new_data_key_and_keeps_the_old_ones_whole(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    first = load_or_create_keys(path)
+    sealed = first.data.seal(b"secret", context=ROW)
+    second = rotate_keys(path)
+    assert second.signing.kid != first.signing.kid
+    assert second.data.sealing_kid != first.data.sealing_kid
+    assert [k.kid for k in second.data.older] == [first.data.sealing_kid]
+    on_disk = load_or_create_keys(path)
+    assert on_disk.data.unseal(sealed, context=ROW) == b"secret"
+    assert all("k" in key for key in json.loads(path.read_text())["data_keys"]["keys"])
+    # Rotating only the signing key leaves the data keys as they are.
+    third = rotate_signing_keys(path)
+    assert third.kid != second.signing.kid
+    assert load_or_create_keys(path).data.kids == second.data.kids
+
+
+def test_concurrent_rotations_lose_no_data_key(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    first = load_or_create_keys(path).data.sealing_kid
+    start = threading.Barrier(6)
+
+    def rotate(_: int) -> str:
+        start.wait()
+        return rotate_keys(path).data.sealing_kid
+
+    with ThreadPoolExecutor(6) as pool:
+        made = set(pool.map(rotate, range(6)))
+    assert set(load_or_create_keys(path).data.kids) == {first, *made}
+
+
+def test_a_running_process_seals_with_a_rotated_data_key(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    live = KeyFile(path)
+    before = live.sealing_kid
+    old = live.seal(b"old", context=ROW)
+    rotated = rotate_keys(path)  # as `meterline keys rotate` would, from another process
+    assert live.sealing_kid == rotated.data.sealing_kid != before
+    assert live.unseal(old, context=ROW) == b"old"
+    assert live.seal(b"new", context=ROW).startswith(f"enc:v1:{rotated.data.sealing_kid}:")
+    # A file without the old data key put in place: what it sealed no longer opens, and says why.
+    other = tmp_path / "other.json"
+    load_or_create_keys(other)
+    other.replace(path)
+    with pytest.raises(SealError, match=f"no data key '{before}'"):
+        live.unseal(old, context=ROW)
+
+
+def test_unreadable_data_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    load_or_create_keys(path)
+    data = json.loads(path.read_text())
+    for broken in ("nope", {"active": "x"}, {**DataKeys.generate().to_json(), "active": "missing0"}):
+        path.write_text(json.dumps({**data, "data_keys": broken}))
+        with pytest.raises(ConfigError, match=r"key\.json: unreadable data keys"):
+            load_or_create_keys(path)

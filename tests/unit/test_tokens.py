@@ -34,8 +34,11 @@ def test_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
     first = load_or_create_signing_key(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     data = json.loads(path.read_text())
-    assert (data["kty"], data["crv"], data["kid"]) == ("OKP", "Ed25519", first.kid)
-    assert "d" in data
+    (jwk,) = data["keys"]
+    assert data["active"] == first.kid
+    assert (jwk["kty"], jwk["crv"], jwk["kid"]) == ("OKP", "Ed25519", first.kid)
+    assert "d" in jwk
+    assert "data_keys" in data  # beside it, the keys that encrypt secrets at rest (test_key_file.py)
     second = load_or_create_signing_key(path)
     assert second.kid == first.kid
     token = first.sign({"a": 1}, typ="test")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import secrets
 
 # Seconds to wait after the n-th failed attempt (1-based); the last value repeats until max attempts.
@@ -19,4 +20,21 @@ def retry_delay(failed_attempts: int, schedule: tuple[int, ...] = RETRY_SCHEDULE
 
 def new_secret() -> str:
     """``whsec_`` + base64 of 24 random bytes: the form ``standardwebhooks.Webhook`` accepts."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+    return secret_from_bytes(secrets.token_bytes(24))
+
+
+def secret_bytes(secret: str) -> bytes:
+    """The key a ``whsec_`` secret encodes (what is sealed at rest); ValueError if it is not one."""
+    body = secret.removeprefix(SECRET_PREFIX)
+    try:
+        raw = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    # Only the canonical form: the secret rebuilt from these bytes must be the one shown at registration.
+    if not secret.startswith(SECRET_PREFIX) or not raw or secret_from_bytes(raw) != secret:
+        raise ValueError("not a whsec_ signing secret")
+    return raw
+
+
+def secret_from_bytes(raw: bytes) -> str:
+    return SECRET_PREFIX + base64.b64encode(raw).decode()

@@ -13,6 +13,7 @@ from standardwebhooks import Webhook
 from meterline.alerts import check_url, retry_delay
 from meterline.alerts.destinations import Resolver, resolve
 from meterline.clock import Clock, SystemClock, to_micros
+from meterline.encryption import SealError
 from meterline.errors import InvalidRequest
 from meterline.storage.webhook_store import Delivery, SqlWebhookStore
 
@@ -76,8 +77,19 @@ class WebhookSender:
             check_url(delivery.url, allow_private=self._allow_private, resolver=self._resolver)
         except InvalidRequest as exc:
             return exc.message
+        try:
+            secret = self._store.secret_of(delivery)
+        except SealError as exc:
+            # Retried like any failure: restoring the key file that holds the data key repairs it.
+            log.error(
+                "webhook %s to endpoint %s not sent: its signing secret cannot be decrypted: %s",
+                delivery.id,
+                delivery.endpoint_id,
+                exc,
+            )
+            return f"signing secret cannot be decrypted: {exc}"
         stamp = self._wall.now()
-        headers = self.signed_headers(delivery, stamp)
+        headers = self.signed_headers(delivery, secret, stamp)
         try:
             response = self._http.post(delivery.url, content=delivery.payload_json.encode(), headers=headers)
         except httpx.HTTPError as exc:
@@ -87,8 +99,8 @@ class WebhookSender:
         return f"HTTP {response.status_code}"
 
     @staticmethod
-    def signed_headers(delivery: Delivery, stamp: datetime) -> dict[str, str]:
-        signature = Webhook(delivery.secret).sign(delivery.id, stamp, delivery.payload_json)
+    def signed_headers(delivery: Delivery, secret: str, stamp: datetime) -> dict[str, str]:
+        signature = Webhook(secret).sign(delivery.id, stamp, delivery.payload_json)
         return {
             "content-type": "application/json",
             "webhook-id": delivery.id,

@@ -288,27 +288,69 @@ def keys_revoke(
 
 @keys_app.command("rotate")
 def keys_rotate(
-    config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+    reseal: Annotated[
+        bool,
+        typer.Option(
+            "--reseal/--no-reseal",
+            help="Re-seal stored webhook secrets with the new data key now (servers also do it at start).",
+        ),
+    ] = True,
 ) -> None:
-    """Rotate the deployment's signing key (access tokens, receipts).
+    """Rotate the deployment's keys: the signing key (access tokens, receipts) and the data key that
+    seals webhook secrets in the database.
 
-    A new key signs from now on; the old ones stay in the key file (public part) and in
-    /.well-known/jwks.json, so everything they signed still verifies. Running servers pick the new key
-    up at their next request.
+    New keys sign and seal from now on. The old signing keys stay in the key file (public part) and in
+    /.well-known/jwks.json, so everything they signed still verifies; the old data keys stay in the key
+    file, so every stored secret still opens. Running servers pick the new keys up at their next
+    request. Then the stored webhook secrets are re-sealed with the new data key (``--no-reseal``:
+    left to the next server start).
     """
-    from meterline.key_file import rotate_signing_keys
+    from meterline.key_file import rotate_keys
 
     settings = settings_from(config, database_url)
     try:
-        keys = rotate_signing_keys(settings.signing_key_file)
+        ring = rotate_keys(settings.signing_key_file)
     except MeterlineError as exc:
         fail(exc.message)
-    row = {"active": keys.kid, "retired": [kid for kid, _ in keys.retired], "file": settings.signing_key_file}
+    resealed = False
+    if reseal and _database_exists(settings.database_url):  # never create a database to re-seal nothing
+        try:
+            # Opening the services seals every stored secret with the active data key.
+            build_services(settings).close()
+            resealed = True
+        except Exception as exc:  # the rotation itself is done; servers re-seal when they start
+            err.print(f"[yellow]warning:[/] stored webhook secrets not re-sealed now: {exc}", highlight=False)
+    retired = [kid for kid, _ in ring.signing.retired]
+    older = [key.kid for key in ring.data.older]
+    row = {
+        "active": ring.signing.kid,
+        "retired": retired,
+        "data_key": ring.data.sealing_kid,
+        "older_data_keys": older,
+        "webhook_secrets_resealed": resealed,
+        "file": settings.signing_key_file,
+    }
     if as_json:
         typer.echo(json.dumps(row, indent=2))
         return
-    out.print(f"new active signing key: [bold]{keys.kid}[/]", highlight=False)
-    out.print(f"kept for verification: {', '.join(row['retired'])}", highlight=False)
+    out.print(f"new active signing key: [bold]{ring.signing.kid}[/]", highlight=False)
+    out.print(f"kept for verification: {', '.join(retired)}", highlight=False)
+    out.print(f"new active data key: [bold]{ring.data.sealing_kid}[/]", highlight=False)
+    out.print(f"kept for decryption: {', '.join(older)}", highlight=False)
+    if resealed:
+        out.print("stored webhook secrets sealed with the new data key", highlight=False)
+
+
+def _database_exists(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    from meterline.storage.database import normalize_url
+
+    parsed = make_url(normalize_url(url))
+    return parsed.get_backend_name() != "sqlite" or Path(parsed.database or "").is_file()
 
 
 # -- receipts ----------------------------------------------------------------------------------

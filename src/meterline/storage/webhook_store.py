@@ -1,17 +1,30 @@
 """Webhook endpoints and the outbox in SQL. A delivery attempt is claimed by moving the row's
 ``next_attempt_at_us`` forward with a conditional UPDATE (compare-and-set on the value read), so two
 senders — threads or processes — never make the same attempt; a sender that dies mid-attempt leaves
-the row due again when its lease ends."""
+the row due again when its lease ends.
+
+Signing secrets are sealed at rest (``meterline.encryption``, a data key from the key file), bound to
+their endpoint's id: ``webhook_endpoints.secret`` holds ``enc:v1:<kid>:…``, never the ``whsec_`` secret.
+Rows from before sealing existed still hold ``whsec_`` secrets; ``seal_stored_secrets`` (run at every
+process start by ``build_services``, so also by ``meterline keys rotate``) seals them and re-seals rows
+of older data keys with the active one. Until then they are read as they are."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Connection
+
 from meterline import ids
+from meterline.alerts.delivery import SECRET_PREFIX, secret_bytes, secret_from_bytes
 from meterline.clock import from_micros, rfc3339
+from meterline.encryption import PREFIX, SealError, SecretBox
 from meterline.errors import NotFound
 from meterline.storage.database import Database
+
+log = logging.getLogger("meterline.webhooks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +32,7 @@ class Delivery:
     id: str
     endpoint_id: str
     url: str
-    secret: str
+    stored_secret: str  # as in the row: sealed (``SqlWebhookStore.secret_of`` opens it)
     payload_json: str
     attempts: int
     next_attempt_at_us: int
@@ -35,9 +48,15 @@ def endpoint_json(row: Any) -> dict[str, Any]:
     }
 
 
+def _context(endpoint_id: str) -> str:
+    # Sealed for this row only: a value copied to another endpoint does not open there.
+    return f"webhook_endpoints.secret:{endpoint_id}"
+
+
 class SqlWebhookStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, box: SecretBox) -> None:
         self._db = db
+        self._box = box
         self._p = "?" if db.is_sqlite else "%s"
 
     def create_endpoint(
@@ -45,11 +64,12 @@ class SqlWebhookStore:
     ) -> dict[str, Any]:
         p = self._p
         endpoint_id = ids.prefixed("we")
+        sealed = self._box.seal(secret_bytes(secret), context=_context(endpoint_id))
         with self._db.write() as conn:
             conn.exec_driver_sql(
                 "INSERT INTO webhook_endpoints (id, organization_id, url, description, secret, "
                 f"created_at_us, disabled) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})",
-                (endpoint_id, organization_id, url, description, secret, now_us, False),
+                (endpoint_id, organization_id, url, description, sealed, now_us, False),
             )
         return {
             "id": endpoint_id,
@@ -80,6 +100,57 @@ class SqlWebhookStore:
             ).rowcount
         if changed != 1:
             raise NotFound(f"no webhook endpoint {endpoint_id!r} in this organization", param="id")
+
+    def secret_of(self, delivery: Delivery) -> str:
+        """The ``whsec_`` secret to sign ``delivery`` with; SealError if it cannot be opened (its data
+        key is not in the key file, or the row was altered)."""
+        return self._open(delivery.endpoint_id, delivery.stored_secret)
+
+    def _open(self, endpoint_id: str, stored: str) -> str:
+        if stored.startswith(SECRET_PREFIX):
+            return stored  # a row from before sealing, not sealed yet
+        return secret_from_bytes(self._box.unseal(stored, context=_context(endpoint_id)))
+
+    def seal_stored_secrets(self) -> int:
+        """Seal every secret not sealed with the active data key (``whsec_`` rows from before sealing,
+        rows of older data keys); the number changed. Idempotent, and safe with several processes at
+        once: each row is replaced only if it still holds what was read. A row that cannot be opened is
+        logged and left as it is (its deliveries fail with the same reason)."""
+        p = self._p
+        current = f"{PREFIX}{self._box.sealing_kid}:%"
+        with self._db.read() as conn:
+            rows = conn.exec_driver_sql(
+                f"SELECT id, secret FROM webhook_endpoints WHERE secret NOT LIKE {p} ORDER BY id",
+                (current,),
+            ).all()
+        changed = 0
+        for endpoint_id, stored in rows:
+            try:
+                secret = secret_bytes(self._open(endpoint_id, stored))
+                sealed = self._box.seal(secret, context=_context(endpoint_id))
+            except (SealError, ValueError) as exc:
+                log.error("webhook endpoint %s: cannot seal its signing secret: %s", endpoint_id, exc)
+                continue
+            with self._db.write() as conn:
+                changed += self._replace_secret(conn, endpoint_id, stored, sealed)
+        if changed:
+            log.info("sealed %d webhook signing secrets with data key %s", changed, self._box.sealing_kid)
+        return changed
+
+    def _replace_secret(self, conn: Connection, endpoint_id: str, stored: str, sealed: str) -> int:
+        p = self._p
+        update = f"UPDATE webhook_endpoints SET secret = {p} WHERE id = {p} AND secret = {p}"
+        if not self._db.is_sqlite:
+            # The old row version stays in the table file until VACUUM; a dump never shows it.
+            return conn.exec_driver_sql(update, (sealed, endpoint_id, stored)).rowcount
+        # A SQLite build without SECURE_DELETE only unlinks the old value from its page: its bytes would
+        # stay in the file (some builds, Debian's among them, zero them already).
+        previous = int(conn.exec_driver_sql("PRAGMA secure_delete").scalar_one())
+        conn.exec_driver_sql("PRAGMA secure_delete = 1")
+        try:
+            return conn.exec_driver_sql(update, (sealed, endpoint_id, stored)).rowcount
+        finally:
+            conn.exec_driver_sql(f"PRAGMA secure_delete = {previous}")
 
     def due(self, now_us: int, max_attempts: int, limit: int = 50) -> list[Delivery]:
         p = self._p
