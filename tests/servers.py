@@ -174,6 +174,7 @@ class PostgresServer:
     _run_as: str | None = field(default=None, repr=False)
     _running: bool = field(default=False, repr=False)
     _stopped: bool = field(default=False, repr=False)
+    _start_args: list[str] = field(default_factory=list, repr=False)
 
     # -- URLs ---------------------------------------------------------------
 
@@ -226,6 +227,22 @@ class PostgresServer:
             timeout=timeout,
             check=False,
         )
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (fast shutdown: connections cut), keeping its data."""
+        assert self._pg_bin is not None and self._data_dir is not None
+        result = self._run(str(self._pg_bin / "pg_ctl"), "stop", "-D", str(self._data_dir), "-m", "fast", "-w")
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {result.stdout}\n{result.stderr}")
+        self._running = False
+
+    def resume(self) -> None:
+        """Start the server again after ``pause``, on the same port."""
+        result = self._run(*self._start_args, timeout=STARTUP_TIMEOUT + 15)
+        self._running = True
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {result.stdout}\n{result.stderr}")
+        _wait_pg_ready(self, time.monotonic() + STARTUP_TIMEOUT)
 
     def stop(self) -> None:
         """Stop the server (immediate shutdown) and delete its files. Idempotent."""
@@ -343,11 +360,11 @@ def start_postgres(base_dir: Path | None = None) -> PostgresServer:
                 f"-p {port} -k {sock_dir} -c listen_addresses={HOST} -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
             )
-            result = server._run(
+            server._start_args = [
                 str(pg_bin / "pg_ctl"), "start", "-D", str(data_dir), "-l", str(log_file),
                 "-o", options, "-w", "-t", str(int(STARTUP_TIMEOUT)),
-                timeout=STARTUP_TIMEOUT + 15,
-            )  # fmt: skip
+            ]  # fmt: skip
+            result = server._run(*server._start_args, timeout=STARTUP_TIMEOUT + 15)
             # Even a failed start may have left a postmaster behind (e.g. pg_ctl timeout).
             server._running = True
             if result.returncode == 0:

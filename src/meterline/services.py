@@ -27,6 +27,8 @@ from meterline.storage.credit_store import CreditBalance
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import SqlLedgerStore
 from meterline.storage.migrate import upgrade
+from meterline.storage.outage import is_outage
+from meterline.storage.quarantine_store import SqlQuarantineStore
 from meterline.storage.quota_source import SqlUsageSource
 from meterline.storage.receipt_store import SqlReceiptStore
 from meterline.storage.reservation_store import SqlReservationStore
@@ -57,6 +59,7 @@ class Services:
     receipts: SqlReceiptStore = field(repr=False)
     alerts: AlertEvaluator = field(repr=False)
     webhooks: SqlWebhookStore = field(repr=False)
+    quarantine: SqlQuarantineStore = field(repr=False)
 
     def plan_of(self, org: Organization) -> Plan:
         try:
@@ -183,6 +186,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         receipts=SqlReceiptStore(db),
         alerts=alerts,
         webhooks=webhooks,
+        quarantine=SqlQuarantineStore(db),
     )
     services.reservations = Reservations(
         quotas,
@@ -191,5 +195,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
         counters,
         clock,
         lambda org_id: services.account_of(tenancy.get_organization(org_id)),
+        quarantine=services.quarantine,
+        is_outage=is_outage,
     )
     return services

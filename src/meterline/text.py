@@ -31,9 +31,7 @@ def problem(value: str, max_length: int | None = MAX_TEXT) -> str | None:
     return None
 
 
-def find_problem(
-    value: object, path: str = "", max_length: int | None = MAX_TEXT
-) -> tuple[str, str] | None:
+def find_problem(value: object, path: str = "", max_length: int | None = MAX_TEXT) -> tuple[str, str] | None:
     """The first string in a JSON value (keys too) that ``problem`` refuses: ``(path, reason)``.
 
     Paths read like the API's ``param``: ``events[0].metadata.note``."""

@@ -58,9 +58,14 @@ class World:
 
     def counts(self) -> dict[str, int]:
         with self.services.db.read() as conn:
-            return {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one() for t in metadata.sorted_tables}
+            return {
+                t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in metadata.sorted_tables
+            }
 
-    def send(self, method: str, path: str, *, body: Any = None, raw: bytes | None = None, **kw: Any) -> httpx.Response:
+    def send(
+        self, method: str, path: str, *, body: Any = None, raw: bytes | None = None, **kw: Any
+    ) -> httpx.Response:
         headers = {**self.tenant.headers, **kw.pop("headers", {})}
         if body is not None:
             # ensure_ascii: a surrogate travels as the escape a client would send (\ud800).
@@ -77,7 +82,13 @@ def world(database_url: str, tmp_path: Path, fake: FakeUpstream) -> Iterator[Wor
         admin_key=ADMIN_KEY,
         signing_key_file=str(tmp_path / "signing-key.json"),
         upstreams=[
-            {"name": "fake", "provider": "openai", "base_url": fake.url, "api_key": UPSTREAM_KEY, "models": ["*"]},
+            {
+                "name": "fake",
+                "provider": "openai",
+                "base_url": fake.url,
+                "api_key": UPSTREAM_KEY,
+                "models": ["*"],
+            },
         ],
     )
     services = build_services(settings, clock=FrozenClock(NOW), migrate=False)
@@ -89,7 +100,8 @@ def world(database_url: str, tmp_path: Path, fake: FakeUpstream) -> Iterator[Wor
             tenant = make_tenant(http)  # type: ignore[arg-type]
             # One row already there, so reads have something to filter.
             seeded = http.post(
-                "/v1/events", json={"events": [{"id": "seed", "model": "gpt-4o-mini", "prompt_tokens": 5}]},
+                "/v1/events",
+                json={"events": [{"id": "seed", "model": "gpt-4o-mini", "prompt_tokens": 5}]},
                 headers=tenant.headers,
             )
             assert seeded.status_code == 200, seeded.text
@@ -102,43 +114,90 @@ def _refused(response: httpx.Response, *, param: str | None = None) -> dict[str,
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
     error = assert_envelope(response, response.status_code, response.json()["error"]["code"])
     if param is not None:
-        assert error["param"] is not None and param in error["param"], error
+        assert error["param"] is not None, error
+        assert param in error["param"], error
     return error
 
 
 def _body_cases() -> list[tuple[str, str, Any, str | None]]:
     """(method, path, body, the param the error must name)."""
     cases: list[tuple[str, str, Any, str | None]] = []
-    event_fields = ["id", "event", "model", "provider", "region", "identifier_id", "user_id", "source",
-                    "endpoint", "run_id"]
+    event_fields = [
+        "id",
+        "event",
+        "model",
+        "provider",
+        "region",
+        "identifier_id",
+        "user_id",
+        "source",
+        "endpoint",
+        "run_id",
+    ]
     for name, bad in BAD_TEXT.items():
         for field in event_fields:
             event = {"id": f"e-{field}", "prompt_tokens": 3, field: bad}
             cases.append(("POST", "/v1/events", {"events": [event]}, field))
-        cases.append(("POST", "/v1/events", {"events": [{"id": "m1", "metadata": {"note": bad}}]}, "metadata"))
+        cases.append(
+            ("POST", "/v1/events", {"events": [{"id": "m1", "metadata": {"note": bad}}]}, "metadata")
+        )
         if name != "overlong":  # a long key is bounded by the metadata's size
             cases.append(("POST", "/v1/events", {"events": [{"id": "m2", "metadata": {bad: 1}}]}, "metadata"))
         cases += [
-            ("POST", "/v1/chat/completions", {"model": bad, "messages": [{"role": "user", "content": "hi"}]}, "model"),
+            (
+                "POST",
+                "/v1/chat/completions",
+                {"model": bad, "messages": [{"role": "user", "content": "hi"}]},
+                "model",
+            ),
             ("POST", "/v1/embeddings", {"model": bad, "input": "hi"}, "model"),
             ("POST", "/v1/responses", {"model": bad, "input": "hi"}, "model"),
-            ("POST", "/v1/messages", {"model": bad, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, "model"),
+            (
+                "POST",
+                "/v1/messages",
+                {"model": bad, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                "model",
+            ),
             ("POST", "/v1/reservations", {"model": bad, "prompt_tokens": 3}, "model"),
             ("POST", "/v1/reservations", {"identifier_id": bad, "prompt_tokens": 3}, "identifier_id"),
             ("POST", "/v1/token", {"identifier_id": bad}, "identifier_id"),
             ("POST", "/v1/alerts/webhooks", {"url": "http://example.test/" + bad}, "url"),
-            ("POST", "/v1/alerts/webhooks", {"url": "https://example.test/h", "description": bad}, "description"),
+            (
+                "POST",
+                "/v1/alerts/webhooks",
+                {"url": "https://example.test/h", "description": bad},
+                "description",
+            ),
         ]
         if name != "overlong":  # a long user is not stored, and the prompt is the upstream's to judge
             cases += [
-                ("POST", "/v1/chat/completions", {"model": "gpt-4o-mini", "user": bad,
-                                                  "messages": [{"role": "user", "content": "hi"}]}, "user"),
-                ("POST", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 5, "metadata": {"user_id": bad},
-                                          "messages": [{"role": "user", "content": "hi"}]}, "user_id"),
+                (
+                    "POST",
+                    "/v1/chat/completions",
+                    {"model": "gpt-4o-mini", "user": bad, "messages": [{"role": "user", "content": "hi"}]},
+                    "user",
+                ),
+                (
+                    "POST",
+                    "/v1/messages",
+                    {
+                        "model": "claude-3-5-haiku",
+                        "max_tokens": 5,
+                        "metadata": {"user_id": bad},
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                    "user_id",
+                ),
             ]
         if name == "surrogate":  # not UTF-8: no upstream could take it
-            cases.append(("POST", "/v1/chat/completions",
-                          {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": bad}]}, None))
+            cases.append(
+                (
+                    "POST",
+                    "/v1/chat/completions",
+                    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": bad}]},
+                    None,
+                )
+            )
     # Wrong types and huge numbers.
     cases += [
         ("POST", "/v1/events", {"events": "not a list"}, "events"),
@@ -172,22 +231,49 @@ def _admin_cases(tenant: Tenant) -> list[tuple[str, str, Any, str | None]]:
             ("POST", "/v1/admin/workspaces", {"organization_id": org, "name": bad}, "name"),
             ("POST", "/v1/admin/workspaces", {"organization_id": org, "name": "w", "group": bad}, "group"),
             ("POST", "/v1/admin/keys", {"workspace_id": ws, "name": bad}, "name"),
-            ("POST", "/v1/admin/keys", {"workspace_id": ws, "name": "k", "default_source": bad}, "default_source"),
+            (
+                "POST",
+                "/v1/admin/keys",
+                {"workspace_id": ws, "name": "k", "default_source": bad},
+                "default_source",
+            ),
             ("POST", "/v1/admin/credits", {"organization_id": org, "amount": "5", "reason": bad}, "reason"),
-            ("POST", "/v1/admin/credits", {"organization_id": bad, "amount": "5", "reason": "r"}, "organization_id"),
+            (
+                "POST",
+                "/v1/admin/credits",
+                {"organization_id": bad, "amount": "5", "reason": "r"},
+                "organization_id",
+            ),
         ]
     cases += [
-        ("POST", "/v1/admin/credits", {"organization_id": org, "amount": "1e999999", "reason": "r"}, "amount"),
+        (
+            "POST",
+            "/v1/admin/credits",
+            {"organization_id": org, "amount": "1e999999", "reason": "r"},
+            "amount",
+        ),
         ("POST", "/v1/admin/credits", {"organization_id": org, "amount": 1.5, "reason": "r"}, "amount"),
         ("POST", "/v1/admin/organizations", {"name": "n", "spend_cap": str(HUGE) * 3}, "spend_cap"),
-        ("POST", "/v1/admin/keys", {"workspace_id": ws, "name": "k", "limits": {"daily_tokens": HUGE}}, "limits"),
+        (
+            "POST",
+            "/v1/admin/keys",
+            {"workspace_id": ws, "name": "k", "limits": {"daily_tokens": HUGE}},
+            "limits",
+        ),
     ]
     return cases
 
 
 QUERY_READS = [
-    "/v1/usage", "/v1/usage/history", "/v1/usage/events", "/v1/usage/ledger", "/v1/usage/timeseries",
-    "/v1/usage/breakdown", "/v1/usage/export.csv", "/v1/alerts", "/v1/receipts",
+    "/v1/usage",
+    "/v1/usage/history",
+    "/v1/usage/events",
+    "/v1/usage/ledger",
+    "/v1/usage/timeseries",
+    "/v1/usage/breakdown",
+    "/v1/usage/export.csv",
+    "/v1/alerts",
+    "/v1/receipts",
 ]
 
 
@@ -205,7 +291,9 @@ def _query_cases() -> list[tuple[str, dict[str, str], str | None]]:
         for path in ("/v1/usage/ledger", "/v1/usage/export.csv"):
             cases.append((path, {"start": time}, "start"))
             cases.append((path, {"end": time}, "end"))
-        cases.append(("/v1/usage/breakdown", {"by": "model", "start": time, "end": "2026-03-14T11:00:00Z"}, "start"))
+        cases.append(
+            ("/v1/usage/breakdown", {"by": "model", "start": time, "end": "2026-03-14T11:00:00Z"}, "start")
+        )
     for param, value, path in [
         ("limit", str(HUGE), "/v1/usage/ledger"),
         ("offset", str(HUGE), "/v1/usage/ledger"),
@@ -240,9 +328,7 @@ def test_hostile_query_parameters_are_refused(world: World) -> None:
     before = world.counts()
     for path, params, param in _query_cases():
         # A surrogate cannot be UTF-8: it travels as its CESU-8 bytes, percent-encoded.
-        query = "&".join(
-            f"{k}={quote(v.encode('utf-8', 'surrogatepass'))}" for k, v in params.items()
-        )
+        query = "&".join(f"{k}={quote(v.encode('utf-8', 'surrogatepass'))}" for k, v in params.items())
         response = world.http.get(f"{path}?{query}", headers=world.tenant.headers)
         try:
             _refused(response, param=param)
@@ -281,18 +367,31 @@ def _raw_get(world: World, path: str, extra_headers: bytes) -> bytes:
     with socket.create_connection((url.host, url.port or 80), timeout=10) as sock:
         auth = world.tenant.headers["Authorization"].encode()
         sock.sendall(
-            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n"
-            + extra_headers + b"Connection: close\r\n\r\n"
+            b"GET "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + auth
+            + b"\r\n"
+            + extra_headers
+            + b"Connection: close\r\n\r\n"
         )
         return sock.recv(65536).split(b"\r\n", 1)[0]
 
 
 def test_an_error_message_quoting_bad_text_still_renders(world: World) -> None:
     # The 422 message names the offending value; the envelope must serialize whatever it holds.
-    response = world.send("POST", "/v1/events", raw=b'{"events": [{"id": "a\\ud800"}]}',
-                          headers={"content-type": "application/json"})
+    response = world.send(
+        "POST",
+        "/v1/events",
+        raw=b'{"events": [{"id": "a\\ud800"}]}',
+        headers={"content-type": "application/json"},
+    )
     error = _refused(response, param="id")
     assert "surrogate" in error["message"]
-    response = world.send("POST", "/v1/events", raw=b'{"events": [{"id": 1, "model": "\\u0000"}]}',
-                          headers={"content-type": "application/json"})
+    response = world.send(
+        "POST",
+        "/v1/events",
+        raw=b'{"events": [{"id": 1, "model": "\\u0000"}]}',
+        headers={"content-type": "application/json"},
+    )
     _refused(response, param="model")

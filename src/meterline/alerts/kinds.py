@@ -6,5 +6,7 @@ THRESHOLD = "usage_threshold"
 PROJECTED_RUN_OUT = "projected_run_out"
 RATE_LIMITED = "rate_limits_exceeded_frequently"
 UNUSUAL_USAGE = "unusual_usage"
+# Usage that could not be settled was quarantined for an operator (at most one alert a day).
+QUARANTINED = "usage_quarantined"
 
-ALL = (THRESHOLD, PROJECTED_RUN_OUT, RATE_LIMITED, UNUSUAL_USAGE)
+ALL = (THRESHOLD, PROJECTED_RUN_OUT, RATE_LIMITED, UNUSUAL_USAGE, QUARANTINED)

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from meterline.alerts.kinds import PROJECTED_RUN_OUT, RATE_LIMITED, THRESHOLD, UNUSUAL_USAGE
+from meterline.alerts.kinds import PROJECTED_RUN_OUT, QUARANTINED, RATE_LIMITED, THRESHOLD, UNUSUAL_USAGE
 from meterline.money import NANOS_PER_UNIT
 
 DEFAULT_THRESHOLDS = (50, 75, 80, 100)
@@ -152,4 +152,20 @@ def unusual_usage(
             "factor": None if ratio is None else str(ratio),
             "trigger_factor": str(factor),
         },
+    )
+
+
+def quarantined_usage(reservation_id: str, error: str, now: datetime) -> Alert:
+    """Usage that could not be settled was set aside for an operator; at most one alert a day (the
+    entries themselves are listed by ``meterline quarantine list``)."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return Alert(
+        kind=QUARANTINED,
+        threshold=0,
+        period_start=day,
+        message=(
+            f"usage of reservation {reservation_id} could not be settled and was quarantined; "
+            "an operator settles or voids it (meterline quarantine list)"
+        ),
+        details={"reservation_id": reservation_id, "error": error},
     )

@@ -203,4 +203,5 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed on {request.url.path}"
         headers = dict(exc.headers) if exc.headers else None
         return envelope(exc.status_code, code, message, request_id=request_id_of(request), headers=headers)
+
     # Any other exception is answered by ``api.middleware.RequestContext`` (``unexpected_error``).

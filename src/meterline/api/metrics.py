@@ -87,5 +87,11 @@ class Metrics:
             registry=r,
         )
 
+        self.quarantined = Gauge(
+            "meterline_quarantined_entries",
+            "Usage entries that could not be settled and await an operator (meterline quarantine list).",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

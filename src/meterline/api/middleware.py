@@ -61,7 +61,9 @@ class RequestContext:
     """Gives every request an id (``X-Request-Id``, echoed when the client sent a sane one) and refuses
     bodies over ``max_body_bytes`` with 413 before they are read into memory."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, passthrough: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, passthrough: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         # Paths whose JSON body is relayed, not stored (the gateway): only the fields it reads are checked,
@@ -130,7 +132,7 @@ class RequestContext:
         except _TooLarge:
             if not started:
                 await self._refuse(scope, receive, send, request_id)
-        except Exception as exc:  # noqa: BLE001 - the last word on any failure is an envelope
+        except Exception as exc:
             # Handled here rather than by Starlette's ServerErrorMiddleware, which re-raises after
             # answering: the server then closes the connection, resetting the client's next request.
             response = unexpected_error(scope, exc, request_id)

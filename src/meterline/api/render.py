@@ -11,6 +11,7 @@ from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest
 from meterline.metering import LedgerRow
 from meterline.metering.forecast import Forecast
+from meterline.metering.quarantine import QuarantineEntry
 from meterline.metering.reading import Totals
 from meterline.metering.summary import Allowance
 from meterline.money import format_nanos, from_nanos, to_nanos
@@ -82,6 +83,28 @@ def credit_grant(grant: CreditGrant) -> dict[str, Any]:
         "bucket": "bonus",
         "reason": grant.reason,
         "created_at": rfc3339(grant.created_at),
+    }
+
+
+def quarantine_entry(entry: QuarantineEntry) -> dict[str, Any]:
+    """A quarantined usage entry: the usage as it was held (raw JSON text when it cannot be decoded)."""
+    try:
+        usage: Any = orjson.loads(entry.record_json)
+    except orjson.JSONDecodeError:
+        usage = None
+    return {
+        "id": entry.id,
+        "object": "quarantine_entry",
+        "organization_id": entry.organization_id,
+        "reservation_id": entry.reservation_id,
+        "usage": usage,
+        "raw": None if usage is not None else entry.record_json,
+        "error": entry.error,
+        "created_at": _time(entry.created_at),
+        "status": entry.resolution or "open",
+        "resolved_at": _time(entry.resolved_at),
+        "ledger_id": entry.ledger_id,
+        "note": entry.note,
     }
 
 

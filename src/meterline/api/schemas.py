@@ -225,3 +225,9 @@ class SettleIn(_Body):
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return plain_metadata(value)
+
+
+class ResolutionIn(_Body):
+    """``POST /v1/admin/quarantine/{id}/settle`` or ``/void``: why (kept with the entry)."""
+
+    note: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None

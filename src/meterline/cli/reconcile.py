@@ -38,3 +38,13 @@ def print_report(result: Reconciliation, out: Console) -> None:
         f"{result.ledger_rows} ledger rows; receipt chains are checked by `meterline verify`",
         highlight=False,
     )
+    print_quarantined(result.quarantined, out)
+
+
+def print_quarantined(count: int, out: Console) -> None:
+    if count:
+        out.print(
+            f"[bold yellow]{count} quarantined usage entr{'y' if count == 1 else 'ies'}[/] "
+            "could not be settled and await an operator: `meterline quarantine list`, then settle or void",
+            highlight=False,
+        )

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from meterline.cli.common import fail, out
-from meterline.cli.reconcile import describe
+from meterline.cli.reconcile import describe, print_quarantined
 from meterline.sdk import Client, MeterlineError
 from meterline.sdk.calls import Call
 from meterline.storage.reconcile import Drift
@@ -34,4 +34,5 @@ def reconcile_remote(url: str, admin_key: str, as_json: bool) -> int:
             "receipt chains are checked by `meterline verify`",
             highlight=False,
         )
+        print_quarantined(int(result.get("quarantined", 0)), out)
     return 0 if result["ok"] else 1

@@ -136,7 +136,11 @@ def _text(value: object, limit: int, param: str) -> str | None:
 def _user_of(api: Api, body: Mapping[str, Any]) -> str | None:
     if api == "messages":
         metadata = body.get("metadata")
-        return _text(metadata.get("user_id"), _MAX_USER, "metadata.user_id") if isinstance(metadata, dict) else None
+        return (
+            _text(metadata.get("user_id"), _MAX_USER, "metadata.user_id")
+            if isinstance(metadata, dict)
+            else None
+        )
     return _text(body.get("user"), _MAX_USER, "user")
 
 

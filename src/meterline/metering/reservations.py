@@ -8,6 +8,9 @@ is exactly-once even when a client retries it or races recovery.
 Recovery rule (documented in the README): a reservation that is neither settled nor released when its
 lease ends, or that a crashed process left behind, is **settled at its estimate** — the work it was
 made for may have happened, so the usage is never lost — and its ledger row says so in ``metadata``.
+
+A reservation that cannot be settled for a reason a retry cannot fix (not an outage) is quarantined
+(``metering.quarantine``): one poisoned reservation never stops recovery, start-up or the others.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import orjson
 
 from meterline import ids
 from meterline.clock import Clock, from_micros, to_micros
-from meterline.errors import NotFound
+from meterline.errors import Conflict, InvalidRequest, MeterlineError, NotFound
+from meterline.metering.quarantine import QuarantineEntry, QuarantineStore, describe_error
 from meterline.metering.records import LedgerRow, UsageRecord
-from meterline.metering.settle import Account, Settler
+from meterline.metering.settle import Account, Settler, storable
 from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.engine import QuotaEngine, Reservation, Subject, meter_of_key
 from meterline.quotas.gate import row_amounts
@@ -33,6 +37,30 @@ from meterline.quotas.gate import row_amounts
 log = logging.getLogger("meterline.reservations")
 
 RECOVERED = "meterline.recovered"
+QUARANTINED = "meterline.quarantined"
+
+
+class Quarantined(MeterlineError):
+    """A live settle failed for good and its usage was set aside for an operator (not lost)."""
+
+    code = "usage_quarantined"
+
+    def __init__(self, entry: QuarantineEntry) -> None:
+        super().__init__(
+            f"the usage of {entry.reservation_id} could not be recorded and was quarantined as {entry.id}"
+        )
+        self.entry = entry
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A durable reservation whose stored estimate cannot be decoded (it goes to the quarantine)."""
+
+    id: str
+    organization_id: str
+    estimate_json: str
+    meters: tuple[str, ...]
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +99,7 @@ class ReservationStore(Protocol):
     def in_flight(self, organization_id: str) -> InFlight: ...
     def get(self, reservation_id: str) -> HeldReservation | None: ...
     def remove(self, reservation_id: str) -> bool: ...
-    def due(self, before: datetime, limit: int) -> list[HeldReservation]: ...
+    def due(self, before: datetime, limit: int) -> list[HeldReservation | Unreadable]: ...
     def ledger_row(self, organization_id: str | None, row_id: str) -> LedgerRow | None: ...
 
 
@@ -110,6 +138,9 @@ class Reservations:
         counters: CounterStore,
         clock: Clock,
         account_of: Callable[[str], Account],
+        *,
+        quarantine: QuarantineStore | None = None,
+        is_outage: Callable[[BaseException], bool] = lambda _exc: False,
     ) -> None:
         self._engine = engine
         self._settler = settler
@@ -117,6 +148,9 @@ class Reservations:
         self._counters = counters
         self._clock = clock
         self._account_of = account_of
+        self._quarantine = quarantine
+        # Outages (database, counter store) are retried; anything else would fail the same way again.
+        self._is_outage = is_outage
 
     def reserve(
         self, subject: Subject, estimate: UsageRecord, account: Account, ttl: timedelta | None = None
@@ -160,8 +194,20 @@ class Reservations:
     def finish(self, held: HeldReservation, actual: Mapping[str, Any]) -> Settled:
         """Settle a reservation this process holds, with the actual usage (no read of the store).
 
-        If recovery got there first (the lease ran out), the row it wrote is answered: exactly once."""
-        return self._finish(held, replace(held.estimate, **actual))
+        If recovery got there first (the lease ran out), the row it wrote is answered: exactly once.
+        Raises ``Quarantined`` when the settle failed for good (the usage is kept for an operator)."""
+        return self._finish_or_set_aside(held, replace(held.estimate, **actual))
+
+    def _finish_or_set_aside(self, held: HeldReservation, record: UsageRecord) -> Settled:
+        try:
+            return self._finish(held, record)
+        except Exception as exc:
+            if self._is_outage(exc) or self._quarantine is None or isinstance(exc, MeterlineError):
+                raise
+            entry = self._set_aside(held.id, held.organization_id, _encoded(record), held.meters, exc)
+            if entry is None:
+                raise
+            raise Quarantined(entry) from exc
 
     def abandon(self, held: HeldReservation) -> None:
         """Release a reservation this process holds: the work did not happen, nothing is billed."""
@@ -192,7 +238,7 @@ class Reservations:
             if done is not None:
                 return Settled(done, True)
             raise NotFound(f"reservation {reservation_id!r} does not exist or was released", param="id")
-        return self._finish(held, replace(held.estimate, **actual))
+        return self._finish_or_set_aside(held, replace(held.estimate, **actual))
 
     def release(self, organization_id: str, reservation_id: str) -> None:
         held = self.get(organization_id, reservation_id)
@@ -221,8 +267,17 @@ class Reservations:
         cutoff = datetime.max.replace(tzinfo=now.tzinfo) if everything else now
         ended = 0
         for held in self._store.due(cutoff, limit):
+            if isinstance(held, Unreadable):
+                self._set_aside(held.id, held.organization_id, held.estimate_json, held.meters, held.error)
+                ended += 1
+                continue
             estimate = replace(held.estimate, metadata={**(held.estimate.metadata or {}), RECOVERED: True})
-            self._finish(held, estimate)
+            try:
+                self._finish(held, estimate)
+            except Exception as exc:
+                if self._is_outage(exc) or self._quarantine is None:
+                    raise  # the sweep is retried; nothing is lost or skipped
+                self._set_aside(held.id, held.organization_id, _encoded(estimate), held.meters, exc)
             ended += 1
         try:
             abandoned = self._counters.expired(to_micros(now), limit)
@@ -242,3 +297,88 @@ class Reservations:
         if ended:
             log.info("recovered %d abandoned reservation(s)", ended)
         return ended
+
+    # -- quarantine ----------------------------------------------------------------------------------
+    def _set_aside(
+        self,
+        reservation_id: str,
+        organization_id: str,
+        record_json: str,
+        meters: tuple[str, ...],
+        error: BaseException | str,
+    ) -> QuarantineEntry | None:
+        """Move a reservation that cannot be settled to the quarantine and give its hold back. None when
+        another process ended it first."""
+        assert self._quarantine is not None
+        reason = error if isinstance(error, str) else describe_error(error)
+        entry = QuarantineEntry(
+            id=ids.prefixed("qrn"),
+            organization_id=organization_id,
+            reservation_id=reservation_id,
+            record_json=record_json,
+            meters=meters,
+            error=reason,
+            created_at=self._clock.now(),
+        )
+        if not self._quarantine.quarantine(entry):
+            return None
+        # The counters are a projection of the ledger, and this usage is not in it (yet).
+        self._engine.release_holds([reservation_id])
+        log.error(
+            "reservation %s could not be settled and was quarantined as %s: %s",
+            reservation_id,
+            entry.id,
+            reason,
+        )
+        return entry
+
+    def quarantined(self, entry_id: str) -> QuarantineEntry:
+        entry = None if self._quarantine is None else self._quarantine.get(entry_id)
+        if entry is None:
+            raise NotFound(f"quarantine entry {entry_id!r} does not exist", param="id")
+        return entry
+
+    def settle_quarantined(self, entry_id: str, note: str | None = None) -> LedgerRow:
+        """Record a quarantined entry's usage through the settle path (text cleaned), exactly once."""
+        entry = self.quarantined(entry_id)
+        if entry.resolution is not None:
+            raise Conflict(f"quarantine entry {entry_id} was {entry.resolution} already", param="id")
+        try:
+            record = storable(decode_record(entry.record_json))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(
+                f"the usage of {entry_id} cannot be read ({describe_error(exc)}); void it instead", param="id"
+            ) from None
+        record = replace(
+            record,
+            idempotency_key=entry.reservation_id,
+            metadata={**(record.metadata or {}), QUARANTINED: entry.id},
+        )
+        account = self._account_of(entry.organization_id)
+        row = self._settler.price(record, account)
+        row.id = entry.reservation_id
+        result = self._settler.append([row], account)
+        written = result.written[0] if result.written else next(iter(result.existing.values()))
+        assert self._quarantine is not None
+        if not self._quarantine.resolve(
+            entry.id, "settled", self._clock.now(), ledger_id=written.id, note=note
+        ):
+            raise Conflict(f"quarantine entry {entry_id} was resolved by someone else", param="id")
+        return written
+
+    def void_quarantined(self, entry_id: str, note: str | None = None) -> QuarantineEntry:
+        """Close a quarantined entry without billing it (the entry stays, with the note)."""
+        entry = self.quarantined(entry_id)
+        assert self._quarantine is not None
+        if entry.resolution is not None or not self._quarantine.resolve(
+            entry.id, "voided", self._clock.now(), ledger_id=None, note=note
+        ):
+            raise Conflict(f"quarantine entry {entry_id} was resolved already", param="id")
+        return self.quarantined(entry_id)
+
+
+def _encoded(record: UsageRecord) -> str:
+    try:
+        return encode_record(record)
+    except TypeError:  # text that is not UTF-8: kept cleaned, the amounts as they were
+        return encode_record(storable(record))

@@ -6,11 +6,11 @@ The gateway and the events API both end here, so a token costs the same whicheve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
-from meterline import ids
+from meterline import ids, text
 from meterline.clock import Clock
 from meterline.metering.records import LLM_REQUEST, LedgerRow, UsageRecord
 from meterline.metering.store import AppendResult, LedgerStore
@@ -41,6 +41,38 @@ def modality_of(record: UsageRecord) -> str:
     return "chat"
 
 
+_TEXT_FIELDS = (
+    "model",
+    "provider",
+    "region",
+    "modality",
+    "key_prefix",
+    "key_name",
+    "identifier_id",
+    "user_id",
+    "source",
+    "endpoint",
+    "run_id",
+    "event",
+    "idempotency_key",
+)
+
+
+def storable(record: UsageRecord) -> UsageRecord:
+    """``record`` with any text no database can store cleaned (``meterline.text.clean``).
+
+    The edge refuses such text from clients; this is for text from elsewhere (an upstream's answer, a
+    reservation written before the edge rule), whose usage happened and must be recorded, not lost."""
+    changes: dict[str, object] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if value is not None and text.problem(value, None) is not None:
+            changes[name] = text.clean(value)
+    if record.metadata and text.find_problem(record.metadata, max_length=None) is not None:
+        changes["metadata"] = text.clean_json(record.metadata)
+    return replace(record, **changes) if changes else record  # type: ignore[arg-type]
+
+
 def billing_unit_of(record: UsageRecord) -> str:
     if record.audio_seconds is not None:
         return "audio_second"
@@ -69,6 +101,7 @@ class Settler:
 
     def price(self, record: UsageRecord, account: Account, recorded_at: datetime | None = None) -> LedgerRow:
         """The ledger row for ``record``: pure computation, nothing written."""
+        record = storable(record)
         usage = MeteredUsage(
             model=record.model,
             provider=record.provider,

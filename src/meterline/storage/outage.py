@@ -36,6 +36,8 @@ _OUTAGES = (
 )
 # How long after the last failure an outage is considered over, when nothing said so before.
 EPISODE_GAP_S = 30.0
+# A success this long after the last failure ends the outage.
+QUIET_S = 1.0
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -85,11 +87,14 @@ class OutageLog:
         log.error("dependency unavailable (%s): answering 503 until it is back", describe(exc))
 
     def succeeded(self) -> None:
+        """A request went through. It ends the episode only once failures have stopped for a while:
+        requests that need no database (a cached key, an answer already served) succeed mid-outage."""
         if self._since is None:
             return
+        now = time.monotonic()
         with self._lock:
-            if self._since is not None:
-                self._end(time.monotonic())
+            if self._since is not None and now - self._last >= QUIET_S:
+                self._end(now)
 
     def _end(self, now: float) -> None:
         assert self._since is not None

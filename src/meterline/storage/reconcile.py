@@ -110,6 +110,9 @@ class Reconciliation:
     rebuilt_rollups: int = 0
     rebuilt_narrow_rollups: int = 0
     rebuilt_credit_usage: int = 0
+    # Usage set aside because it could not be settled (``metering.quarantine``): not drift — the ledger
+    # and its projections agree without it — but usage an operator must settle or void.
+    quarantined: int = 0
 
     @property
     def drift(self) -> list[Drift]:
@@ -125,6 +128,7 @@ class Reconciliation:
             "ledger_rows": self.ledger_rows,
             "drift": len(self.drift),
             "entries": [d.as_json() for d in self.drift],
+            "quarantined": self.quarantined,
         }
         if self.rebuilt:
             data["rebuilt"] = {
@@ -253,6 +257,9 @@ def _check(conn: Connection, result: Reconciliation) -> None:
     )
     result.narrow_rollups = _narrow_drift(conn)
     result.credit_usage = _credit_drift(conn)
+    result.quarantined = int(
+        conn.exec_driver_sql("SELECT COUNT(*) FROM quarantine WHERE resolution IS NULL").scalar_one()
+    )
 
 
 def reconcile(db: Database) -> Reconciliation:

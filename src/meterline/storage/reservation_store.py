@@ -9,8 +9,15 @@ import orjson
 from sqlalchemy import func, select
 
 from meterline.clock import from_micros, to_micros
+from meterline.metering.quarantine import describe_error
 from meterline.metering.records import LedgerRow
-from meterline.metering.reservations import HeldReservation, InFlight, decode_record, encode_record
+from meterline.metering.reservations import (
+    HeldReservation,
+    InFlight,
+    Unreadable,
+    decode_record,
+    encode_record,
+)
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
@@ -25,6 +32,17 @@ def _held(row: Any) -> HeldReservation:
         created_at=from_micros(row.created_at_us),
         expires_at=from_micros(row.expires_at_us),
     )
+
+
+def _held_or_unreadable(row: Any) -> HeldReservation | Unreadable:
+    try:
+        return _held(row)
+    except (ValueError, TypeError, KeyError) as exc:
+        try:
+            meters = tuple(str(m) for m in orjson.loads(row.meters_json))
+        except (ValueError, TypeError):
+            meters = ()
+        return Unreadable(row.id, row.organization_id, row.estimate_json, meters, describe_error(exc))
 
 
 class SqlReservationStore:
@@ -78,7 +96,7 @@ class SqlReservationStore:
             result = conn.execute(reservations.delete().where(reservations.c.id == reservation_id))
             return bool(result.rowcount)
 
-    def due(self, before: datetime, limit: int) -> list[HeldReservation]:
+    def due(self, before: datetime, limit: int) -> list[HeldReservation | Unreadable]:
         query = (
             select(reservations)
             .where(reservations.c.expires_at_us < min(to_micros(before), 2**62))
@@ -86,7 +104,7 @@ class SqlReservationStore:
             .limit(limit)
         )
         with self._db.read() as conn:
-            return [_held(row) for row in conn.execute(query)]
+            return [_held_or_unreadable(row) for row in conn.execute(query)]
 
     def ledger_row(self, organization_id: str | None, row_id: str) -> LedgerRow | None:
         query = select(ledger).where(ledger.c.id == row_id)

@@ -131,6 +131,26 @@ reservations = Table(
     Column("progress_cost_nanos", BigInteger, nullable=False, server_default="0"),
 )
 
+# Work that could not be settled (recovery or a live settle failed for a reason a retry cannot fix): kept
+# whole with its error until an operator settles or voids it, so that it neither blocks the rest of the
+# queue nor is lost. ``record_json`` is the usage as the reservation held it (JSON escapes keep any NUL).
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("organization_id", String(40), nullable=False, index=True),
+    Column("reservation_id", String(40), nullable=False, unique=True),
+    Column("record_json", Text, nullable=False),
+    Column("meters_json", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    # null until resolved; then "settled" (with the ledger row) or "voided"
+    Column("resolution", String(16)),
+    Column("resolved_at_us", BigInteger),
+    Column("ledger_id", String(40)),
+    Column("note", Text),
+)
+
 # The append-only ledger: one row per billable event. Never updated, never deleted.
 ledger = Table(
     "ledger",

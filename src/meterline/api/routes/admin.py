@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
 from meterline.api import render
 from meterline.api.auth import AdminDep, ServicesDep
 from meterline.api.responses import JSON
-from meterline.api.schemas import CreditsIn, KeyIn, OrganizationIn, OrganizationPatch, WorkspaceIn
+from meterline.api.schemas import (
+    CreditsIn,
+    KeyIn,
+    OrganizationIn,
+    OrganizationPatch,
+    ResolutionIn,
+    WorkspaceIn,
+)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
 
@@ -121,3 +128,35 @@ def reconcile(services: ServicesDep) -> JSON:
 
     result = projections.reconcile(services.db)
     return JSON({"object": "reconciliation", **result.as_json()})
+
+
+@router.get("/quarantine")
+def list_quarantine(
+    services: ServicesDep,
+    status: Annotated[Literal["open", "all"], Query(description="open (default) or all.")] = "open",
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> JSON:
+    """Usage that could not be settled, set aside with its error until an operator settles or voids it."""
+    entries, total = services.quarantine.list(unresolved_only=status == "open", limit=limit, offset=offset)
+    return JSON(_page([render.quarantine_entry(e) for e in entries], total, limit, offset))
+
+
+@router.get("/quarantine/{entry_id}")
+def get_quarantine_entry(entry_id: str, services: ServicesDep) -> JSON:
+    return JSON(render.quarantine_entry(services.reservations.quarantined(entry_id)))
+
+
+@router.post("/quarantine/{entry_id}/settle")
+def settle_quarantine_entry(entry_id: str, services: ServicesDep, body: ResolutionIn | None = None) -> JSON:
+    """Record the entry's usage through the settle path (its text cleaned), exactly once."""
+    services.reservations.settle_quarantined(entry_id, body.note if body else None)
+    return JSON(render.quarantine_entry(services.reservations.quarantined(entry_id)))
+
+
+@router.post("/quarantine/{entry_id}/void")
+def void_quarantine_entry(entry_id: str, services: ServicesDep, body: ResolutionIn | None = None) -> JSON:
+    """Close the entry without billing it; the entry stays, with the note."""
+    return JSON(
+        render.quarantine_entry(services.reservations.void_quarantined(entry_id, body.note if body else None))
+    )
