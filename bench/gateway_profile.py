@@ -44,7 +44,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("answer rewrite (wire.read_answer)", ("read_answer",)),
     ("stream relay (SSE parse, StreamMeter)", ("_relay_stream", "SSEParser.feed", "StreamMeter.observe")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
-    ("logging", ("logging/", "_log_access")),
+    ("logging (access log)", ("logging/", "meterline/api/access_log.py")),
     ("thread-pool hand-off (anyio worker threads, run_in_threadpool)", ("anyio/", "run_in_threadpool")),
     ("response headers/body building (gateway)", ("_metered_headers", "rate_limit_headers", "_complete")),
     ("other Meterline code (relay, middleware)", MET_CODE),

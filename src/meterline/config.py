@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     webhook_max_attempts: int = Field(default=10, ge=1, le=100)
     webhook_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # `meterline serve`: where the access log's JSON lines go (stderr, stdout, off, or a file appended
+    # to), and the level of the server's own messages (start-up, shutdown, errors).
+    access_log: str = Field(default="stderr", min_length=1, max_length=4096)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("alert_thresholds")
     @classmethod

@@ -410,6 +410,19 @@ def test_reads_with_an_access_token_see_only_its_identifier(client: TestClient, 
     ledger = client.get("/v1/usage/ledger", headers=token).json()
     assert ledger["total_count"] == 2
     assert {row["identifier_id"] for row in ledger["data"]} == {"user-a"}
+    assert sorted(row["total_tokens"] for row in ledger["data"]) == [20, 100]
+    # Filters and pages narrow the identifier's rows; they never widen them to the workspace's.
+    prefix = tenant.key_info["key_prefix"]
+    narrowed = client.get(
+        "/v1/usage/ledger", params={"key_prefix": prefix, "limit": 1, "offset": 1}, headers=token
+    ).json()
+    assert narrowed["total_count"] == 2
+    assert [row["identifier_id"] for row in narrowed["data"]] == ["user-a"]
+    assert client.get("/v1/usage/ledger", headers=tenant.headers).json()["total_count"] == 4
+
+    events_page = client.get("/v1/usage/events", headers=token).json()
+    assert events_page["pagination"]["total"] == 2
+    assert len(events_page["data"]) == 2
 
     # Asking for another identifier is refused, not silently widened.
     for path in ("/v1/usage", "/v1/usage/history", "/v1/usage/ledger"):

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from meterline import __version__
+from meterline.api.access_log import AccessLog
 from meterline.api.errors import install_error_handlers
 from meterline.api.gateway import Gateway
 from meterline.api.metrics import Metrics
@@ -118,6 +119,8 @@ def create_app(
     app.state.gateway = Gateway.build(services, token_service, Metrics())
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    # Added last, so outermost: the access log sees what RequestContext answers by itself too.
+    app.add_middleware(AccessLog, clock=services.clock)
 
     @app.get("/healthz", tags=["meta"])
     def health() -> JSON:

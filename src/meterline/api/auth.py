@@ -67,8 +67,10 @@ def get_principal(request: Request, services: ServicesDep, tokens: TokensDep) ->
             raise Forbidden(
                 "X-Workspace-Id is not a workspace of this key's organization", param="X-Workspace-Id"
             )
-    # Whose request this is, for what renders its errors (quota refusals count toward an alert).
+    # Whose request this is, for what renders its errors (quota refusals count toward an alert) and for
+    # the access log.
     request.state.organization_id = principal.organization_id
+    request.state.principal = principal
     return principal
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import aiohttp
 import anyio
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -26,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from meterline.api.access_log import note_model, note_row
 from meterline.api.auth import get_principal
 from meterline.api.errors import envelope, request_id_of
 from meterline.api.metrics import Metrics
@@ -44,7 +44,6 @@ from meterline.tenancy import Principal
 from meterline.tenancy.tokens import TokenService
 
 log = logging.getLogger("meterline.gateway")
-access_log = logging.getLogger("meterline.access")
 
 # Upstream statuses passed on as they are (the request's own fault); any other failure is a 502.
 _CLIENT_FAULTS = frozenset({400, 404, 409, 413, 422})
@@ -105,6 +104,7 @@ async def relay(request: Request, api: Api, upstream_path: str) -> Response:
 async def _relay(gateway: Gateway, request: Request, api: Api, upstream_path: str) -> Response:
     raw = await request.body()
     parsed = await _parse(gateway, api, raw, request)
+    note_model(request, parsed.model)
     opt_out = wire.receipt_opt_out(request.headers.get("x-meterline-receipt"))
     source = wire.source_of(request.headers.get("x-meterline-source"))
 
@@ -210,7 +210,7 @@ async def _complete(
     _count_tokens(gateway, answer.usage)
     headers = _metered_headers(ticket, row.receipt_id)
     headers["content-type"] = upstream.headers.get("content-type", "application/json")
-    _log_access(request, ticket, opened, row.total_tokens, "complete")
+    note_row(request, row, upstream=opened.route.name, ended="complete")
     return Response(answer.body, status_code=upstream.status_code, headers=headers)
 
 
@@ -272,7 +272,7 @@ async def _relay_stream(
         finally:
             gateway.metrics.in_flight.dec()
         _count_tokens(gateway, usage)
-        _log_access(request, ticket, opened, row.total_tokens, how)
+        note_row(request, row, upstream=opened.route.name, ended=how)
 
     try:
         try:
@@ -368,26 +368,3 @@ def _count_failures(gateway: Gateway, failures: list[Failure]) -> None:
 def _count_tokens(gateway: Gateway, usage: TokenUsage) -> None:
     gateway.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
     gateway.metrics.tokens.labels("completion").inc(usage.completion_tokens)
-
-
-def _log_access(request: Request, ticket: Ticket, opened: Opened, tokens: int, ended: str) -> None:
-    """One structured line per metered request: who, what, where it went. Never a key or a body."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    access_log.info(
-        orjson.dumps(
-            {
-                "request_id": request_id_of(request),
-                "endpoint": request.url.path,
-                "organization_id": ticket.org.id,
-                "workspace_id": ticket.principal.workspace_id,
-                "key_prefix": ticket.principal.key_prefix,
-                "model": ticket.request.model,
-                "upstream": opened.route.name,
-                "failover": opened.failover,
-                "status": opened.response.status_code,
-                "tokens": tokens,
-                "ended": ended,
-            }
-        ).decode()
-    )

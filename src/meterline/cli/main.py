@@ -65,13 +65,29 @@ def serve(
 def _run(settings: Settings, services: Services | None = None) -> None:
     import uvicorn
 
+    from meterline.api.access_log import configure_access_log
     from meterline.api.app import create_app
 
     try:
+        close_access_log = configure_access_log(settings.access_log)
+    except OSError as exc:
+        fail(f"access_log: cannot open {settings.access_log}: {exc.strerror or exc}")
+    try:
         application = create_app(settings, services=services)
     except MeterlineError as exc:
+        close_access_log()
         fail(exc.message)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    try:
+        # Uvicorn's own access log stays off: ours (meterline.access) has the metering fields.
+        uvicorn.run(
+            application,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+    finally:
+        close_access_log()
 
 
 @app.command()

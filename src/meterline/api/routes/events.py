@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
+from meterline.api.access_log import note_row
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import count_refusal, envelope, first_problem, request_id_of
 from meterline.api.ratelimit import rate_limit_headers
@@ -135,6 +136,8 @@ def post_events(
                     f"events[{index}].id",
                 )
                 continue
+            if not outcome.duplicate:
+                note_row(request, row)
             results[index] = {
                 "id": outcome.event_id,
                 "status": "accepted",

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from meterline.api.access_log import note_row
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import request_id_of
 from meterline.api.ratelimit import rate_limit_headers
@@ -122,6 +123,8 @@ def settle(
             )
     settled = services.reservations.settle(principal.organization_id, reservation_id, actual)
     _check_workspace(principal, settled.row.workspace_id, reservation_id)
+    if not settled.duplicate:
+        note_row(request, settled.row)
     headers = rate_limit_headers(services.quotas.rate_limits(_subject(services, principal, settled.row)))
     return JSON(_settled(reservation_id, settled.row, settled.duplicate, request), headers=headers)
 
