@@ -230,8 +230,11 @@ class PostgresServer:
 
     def pause(self) -> None:
         """Stop the server as an outage would (fast shutdown: connections cut), keeping its data."""
-        assert self._pg_bin is not None and self._data_dir is not None
-        result = self._run(str(self._pg_bin / "pg_ctl"), "stop", "-D", str(self._data_dir), "-m", "fast", "-w")
+        assert self._pg_bin is not None
+        assert self._data_dir is not None
+        result = self._run(
+            str(self._pg_bin / "pg_ctl"), "stop", "-D", str(self._data_dir), "-m", "fast", "-w"
+        )
         if result.returncode != 0:
             raise RuntimeError(f"pg_ctl stop failed: {result.stdout}\n{result.stderr}")
         self._running = False

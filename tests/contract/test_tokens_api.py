@@ -471,8 +471,10 @@ def test_events_with_an_access_token_belong_to_its_identifier(client: TestClient
     ],
 )
 def test_bad_token_bodies(client: TestClient, tenant: Tenant, body: dict[str, Any], param: str) -> None:
+    # Text no database can store is refused at the edge (400), before the schema is looked at (422).
+    status = 400 if "\x00" in str(body.get("identifier_id")) else 422
     error = assert_envelope(
-        client.post("/v1/token", json=body, headers=tenant.headers), 422, "invalid_request"
+        client.post("/v1/token", json=body, headers=tenant.headers), status, "invalid_request"
     )
     assert error["param"] == param
     if "daily_tokenz" in str(body):

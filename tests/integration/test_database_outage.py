@@ -112,9 +112,13 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
         port = free_port()
         with process(["serve", "--port", str(port)], env, tmp_path, port, stderr=stderr) as base:
             admin = {"Authorization": f"Bearer {ADMIN}"}
-            org = httpx.post(f"{base}/v1/admin/organizations", json={"name": "A", "plan": "pro"}, headers=admin)
+            org = httpx.post(
+                f"{base}/v1/admin/organizations", json={"name": "A", "plan": "pro"}, headers=admin
+            )
             ws = httpx.post(
-                f"{base}/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "W"}, headers=admin
+                f"{base}/v1/admin/workspaces",
+                json={"organization_id": org.json()["id"], "name": "W"},
+                headers=admin,
             )
             key = httpx.post(
                 f"{base}/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "K"}, headers=admin
@@ -144,11 +148,17 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
             # Refused events were not recorded: resent, they count once; acknowledged ones are there once.
             refused = sorted(load.refused)
             for start in range(0, len(refused), 500):
-                batch = [{"id": i, "model": "gpt-4o-mini", "prompt_tokens": 10} for i in refused[start : start + 500]]
+                batch = [
+                    {"id": i, "model": "gpt-4o-mini", "prompt_tokens": 10}
+                    for i in refused[start : start + 500]
+                ]
                 resent = httpx.post(f"{base}/v1/events", json={"events": batch}, headers=headers, timeout=30)
                 assert resent.status_code == 200, resent.text
                 assert resent.json()["duplicates"] == 0
-            again = [{"id": i, "model": "gpt-4o-mini", "prompt_tokens": 10} for i in sorted(load.acknowledged)[:500]]
+            again = [
+                {"id": i, "model": "gpt-4o-mini", "prompt_tokens": 10}
+                for i in sorted(load.acknowledged)[:500]
+            ]
             repeat = httpx.post(f"{base}/v1/events", json={"events": again}, headers=headers, timeout=30)
             assert repeat.json()["duplicates"] == len(again)
             rows = _ledger(base, headers)
@@ -169,7 +179,10 @@ def _ledger(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     while True:
         page = httpx.get(
-            f"{base}/v1/usage/ledger", params={"limit": 1000, "offset": len(rows)}, headers=headers, timeout=30
+            f"{base}/v1/usage/ledger",
+            params={"limit": 1000, "offset": len(rows)},
+            headers=headers,
+            timeout=30,
         ).json()
         rows += page["data"]
         if len(rows) >= page["total_count"]:

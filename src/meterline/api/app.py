@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 
 from meterline import __version__
 from meterline.api.access_log import AccessLog
-from meterline.api.errors import install_error_handlers
+from meterline.api.errors import install_error_handlers, outages
 from meterline.api.gateway import Gateway
 from meterline.api.metrics import Metrics
 from meterline.api.middleware import RequestContext
@@ -38,6 +38,7 @@ from meterline.config import Settings
 from meterline.gateway.tokens import load_encodings
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
+from meterline.storage.outage import is_outage
 from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy.tokens import TokenService
 
@@ -50,8 +51,8 @@ async def _reap_forever(services: Services) -> None:
         await asyncio.sleep(REAP_EVERY_S)
         try:
             await run_in_threadpool(services.reservations.recover)
-        except Exception:  # a failed sweep is retried at the next tick
-            log.exception("reaping expired reservations failed")
+        except Exception as exc:  # a failed sweep is retried at the next tick
+            _background_failed("reaping expired reservations", exc)
 
 
 async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
@@ -60,11 +61,33 @@ async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
         await asyncio.sleep(every_s)
         try:
             await run_in_threadpool(sender.deliver_due)
-        except Exception:  # a failed pass is retried at the next tick
-            log.exception("delivering webhooks failed")
+        except Exception as exc:  # a failed pass is retried at the next tick
+            _background_failed("delivering webhooks", exc)
 
 
 log = logging.getLogger("meterline.api")
+
+
+def _background_failed(what: str, exc: Exception) -> None:
+    """An outage is one line per episode (``storage.outage``), not a traceback per tick."""
+    if is_outage(exc):
+        outages.failed(exc)
+    else:
+        log.error("%s failed", what, exc_info=exc)
+
+
+def _recover_all(services: Services, everything: bool, batch: int = 500) -> None:
+    """Recovery at start-up, in batches until nothing is left (bounded: it never spins)."""
+    for _ in range(1000):
+        if services.reservations.recover(everything=everything, limit=batch) < batch:
+            return
+
+
+def _quarantined(services: Services) -> float:
+    try:
+        return float(services.quarantine.unresolved())
+    except Exception:  # a scrape during a database outage still shows every other metric
+        return float("nan")
 
 
 def create_app(
@@ -89,7 +112,12 @@ def create_app(
         # An in-process counter store starts empty: every durable reservation left in the database
         # belongs to a process that is gone, so it is settled now. A shared store waits for the lease.
         everything = isinstance(services.counters, MemoryCounterStore)
-        await run_in_threadpool(services.reservations.recover, everything=everything)
+        try:
+            await run_in_threadpool(_recover_all, services, everything)
+        except Exception:
+            # Nothing that recovery meets can stop the service from starting: a reservation that cannot
+            # be settled is quarantined, and an outage is retried by the reaper below.
+            log.exception("recovering reservations at start-up failed; retried in %.0f s", REAP_EVERY_S)
         reaper = asyncio.create_task(_reap_forever(services))
         webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
         try:
@@ -116,9 +144,11 @@ def create_app(
     app.state.signing_key = signing_keys
     app.state.tokens = token_service
     app.state.webhook_sender = sender
-    app.state.gateway = Gateway.build(services, token_service, Metrics())
+    metrics = Metrics()
+    metrics.quarantined.set_function(lambda: _quarantined(services))
+    app.state.gateway = Gateway.build(services, token_service, metrics)
     install_error_handlers(app)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, passthrough=gateway.RELAYED)
     # Added last, so outermost: the access log sees what RequestContext answers by itself too.
     app.add_middleware(AccessLog, clock=services.clock)
 

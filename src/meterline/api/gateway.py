@@ -14,6 +14,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import anyio
@@ -27,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from meterline.api.access_log import note_model, note_row
 from meterline.api.auth import get_principal
-from meterline.api.errors import envelope, request_id_of
+from meterline.api.errors import envelope, outages, request_id_of
 from meterline.api.metrics import Metrics
 from meterline.api.ratelimit import rate_limit_headers
 from meterline.errors import InvalidRequest, LimitExceeded, NotFound, UpstreamError
@@ -39,7 +41,10 @@ from meterline.gateway.routing import Route, RouteTable
 from meterline.gateway.sse import SSEEventTooLarge, SSEParser
 from meterline.gateway.streams import StreamMeter
 from meterline.gateway.upstream import UPSTREAM_ERRORS, AllRoutesFailed, Failure, Opened, Upstreams, scrub
+from meterline.metering.records import LedgerRow
+from meterline.metering.reservations import Quarantined
 from meterline.services import Services
+from meterline.storage.outage import is_outage
 from meterline.tenancy import Principal
 from meterline.tenancy.tokens import TokenService
 
@@ -195,22 +200,12 @@ async def _complete(
         await _release(gateway, ticket)
         return _upstream_refusal(request, opened, content)
     answer = wire.read_answer(api, parsed, content, upstream.headers.get("content-type"))
-    try:
-        row = await run_in_threadpool(
-            gateway.exchanges.settle,
-            ticket,
-            answer.usage,
-            opened.route,
-            failover=opened.failover,
-            audio_seconds=answer.audio_seconds,
-        )
-    finally:
-        # Settled, or left to recovery (its durable reservation stays): no longer in flight here either way.
-        gateway.metrics.in_flight.dec()
+    row = await _settle(gateway, ticket, answer.usage, opened, audio_seconds=answer.audio_seconds)
     _count_tokens(gateway, answer.usage)
-    headers = _metered_headers(ticket, row.receipt_id)
+    headers = _metered_headers(ticket, None if row is None else row.receipt_id)
     headers["content-type"] = upstream.headers.get("content-type", "application/json")
-    note_row(request, row, upstream=opened.route.name, ended="complete")
+    if row is not None:
+        note_row(request, row, upstream=opened.route.name, ended="complete")
     return Response(answer.body, status_code=upstream.status_code, headers=headers)
 
 
@@ -260,19 +255,10 @@ async def _relay_stream(
         settled = True
         metadata = None if how == "complete" else {"meterline.stream_end": how}
         usage = meter.usage_so_far()
-        try:
-            row = await run_in_threadpool(
-                gateway.exchanges.settle,
-                ticket,
-                usage,
-                opened.route,
-                failover=opened.failover,
-                metadata=metadata,
-            )
-        finally:
-            gateway.metrics.in_flight.dec()
+        row = await _settle(gateway, ticket, usage, opened, metadata=metadata)
         _count_tokens(gateway, usage)
-        note_row(request, row, upstream=opened.route.name, ended=how)
+        if row is not None:
+            note_row(request, row, upstream=opened.route.name, ended=how)
 
     try:
         try:
@@ -312,6 +298,41 @@ async def _relay_stream(
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
             await settle(ended)
+
+
+async def _settle(
+    gateway: Gateway,
+    ticket: Ticket,
+    usage: TokenUsage,
+    opened: Opened,
+    *,
+    audio_seconds: Decimal | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> LedgerRow | None:
+    """Settle what the upstream served. The answer goes to the client whatever happens here, since the
+    work is done: None when the usage could not be written now. It is never lost: quarantined (logged,
+    alerted) when it can never be written as it is, or, in a database outage, left in its durable
+    reservation, which recovery settles at its estimate once the database is back."""
+    try:
+        return await run_in_threadpool(
+            gateway.exchanges.settle,
+            ticket,
+            usage,
+            opened.route,
+            failover=opened.failover,
+            audio_seconds=audio_seconds,
+            metadata=metadata,
+        )
+    except Quarantined:
+        return None
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        outages.failed(exc)
+        return None
+    finally:
+        # Settled, or left to recovery or the quarantine: no longer in flight here either way.
+        gateway.metrics.in_flight.dec()
 
 
 async def _progress(gateway: Gateway, ticket: Ticket, usage: TokenUsage) -> bool:

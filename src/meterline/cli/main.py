@@ -29,6 +29,7 @@ from meterline.cli.common import (
     services_for,
     settings_from,
 )
+from meterline.cli.quarantine import quarantine_app
 from meterline.config import Settings
 from meterline.errors import MeterlineError
 from meterline.money import parse_decimal
@@ -47,6 +48,7 @@ app.add_typer(orgs_app, name="orgs")
 app.add_typer(workspaces_app, name="workspaces")
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
+app.add_typer(quarantine_app, name="quarantine")
 
 
 # -- server ------------------------------------------------------------------------------------

@@ -87,18 +87,20 @@ def post_events(
             message, param = first_problem(exc.errors())
             results[index] = _rejected(event_id, "invalid_request", message, f"events[{index}].{param or ''}")
             continue
-        problem = event.check_tokens()
+        problem, field = event.check_tokens(), "prompt_tokens"
         foreign = event.identifier_id not in (None, principal.identifier_id)
         if problem is None and principal.scope == "identifier" and foreign:
             # Else a token holder could spend another identifier's allowance, or escape their own.
             problem = "an access token reports usage for its own identifier only; leave identifier_id out"
+            field = "identifier_id"
         if problem is None and event.timestamp is not None:
+            field = "timestamp"
             if event.timestamp > now + MAX_FUTURE:
                 problem = "timestamp is in the future; send the time the usage happened (UTC)"
             elif event.timestamp < now - MAX_AGE:
                 problem = f"timestamp is older than {MAX_AGE.days} days"
         if problem is not None:
-            results[index] = _rejected(event.id, "invalid_request", problem, f"events[{index}]")
+            results[index] = _rejected(event.id, "invalid_request", problem, f"events[{index}].{field}")
             continue
         # The body as sent is what "same body" means for a repeated id; fingerprinting it avoids a dump.
         valid.append((index, _record(event, body, principal, services, receipt)))

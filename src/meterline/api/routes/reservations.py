@@ -22,6 +22,7 @@ from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest, NotFound
 from meterline.metering import UsageRecord
 from meterline.metering.records import LedgerRow
+from meterline.metering.reservations import Quarantined
 from meterline.money import format_nanos
 from meterline.quotas.engine import Subject
 from meterline.services import Services
@@ -121,7 +122,21 @@ def settle(
                 "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens",
                 param="cache_read_tokens",
             )
-    settled = services.reservations.settle(principal.organization_id, reservation_id, actual)
+    try:
+        settled = services.reservations.settle(principal.organization_id, reservation_id, actual)
+    except Quarantined as exc:
+        # Kept for an operator, not lost: accepted, but not (yet) in the ledger.
+        return JSON(
+            {
+                "id": reservation_id,
+                "object": "reservation",
+                "status": "quarantined",
+                "quarantine_id": exc.entry.id,
+                "message": exc.message,
+                "request_id": request_id_of(request),
+            },
+            status_code=202,
+        )
     _check_workspace(principal, settled.row.workspace_id, reservation_id)
     if not settled.duplicate:
         note_row(request, settled.row)
