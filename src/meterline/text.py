@@ -9,6 +9,7 @@ settle path from elsewhere (an upstream's answer) is cleaned instead, since that
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 # Far above any id, name or label the API takes (those have tighter limits of their own); a bound so that
@@ -53,6 +54,16 @@ def find_problem(value: object, path: str = "", max_length: int | None = MAX_TEX
             if found is not None:
                 return found
     return None
+
+
+def find_in_json(raw: bytes, max_length: int | None = MAX_TEXT) -> tuple[str, str] | None:
+    """``find_problem`` over a JSON document, parsed leniently (the stdlib parser takes the unpaired
+    surrogates that orjson refuses outright, so the field holding one can be named); None if not JSON."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return find_problem(value, max_length=max_length)
 
 
 def clean(value: str) -> str:

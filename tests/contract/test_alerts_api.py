@@ -115,9 +115,10 @@ def test_bad_thresholds_are_refused(client: TestClient, tenant: Tenant, value: A
         f"/v1/admin/organizations/{tenant.org['id']}", json={"alert_thresholds": value}, headers=ADMIN
     )
     assert_envelope(patched, 422, "invalid_request")
-    assert client.get(f"/v1/admin/organizations/{tenant.org['id']}", headers=ADMIN).json()[
-        "alert_thresholds"
-    ] is None
+    assert (
+        client.get(f"/v1/admin/organizations/{tenant.org['id']}", headers=ADMIN).json()["alert_thresholds"]
+        is None
+    )
 
 
 def test_projected_run_out_fires_once_per_period(client: TestClient, clock: FrozenClock) -> None:

@@ -360,6 +360,34 @@ def test_a_nul_in_a_multipart_model_or_a_header_is_refused(world: World) -> None
     assert world.counts() == before
 
 
+def test_a_nul_in_a_path_id_or_behind_a_second_content_type_is_refused(world: World) -> None:
+    before = world.counts()
+    for method, path in [
+        ("POST", "/v1/reservations/rsv_a%00b/settle"),
+        ("POST", "/v1/reservations/rsv_a%00b/release"),
+        ("GET", "/v1/receipts/a%00b"),
+        ("DELETE", "/v1/alerts/webhooks/wh_%00"),
+        ("GET", "/v1/admin/organizations/org_%00"),
+        ("GET", "/v1/admin/quarantine/qrn_%00"),
+    ]:
+        headers = ADMIN if "/admin/" in path else {}
+        response = world.send(method, path, body={} if method == "POST" else None, headers=headers)
+        _refused(response, param="path")
+    # The routes read the first Content-Type: a second one must not steer the check away from the body.
+    body = json.dumps({"name": "Acme\u0000"}).encode()
+    response = world.http.post(
+        "/v1/admin/organizations",
+        content=body,
+        headers=[
+            ("Authorization", ADMIN["Authorization"]),
+            ("Content-Type", "application/json"),
+            ("Content-Type", "text/plain"),
+        ],
+    )
+    _refused(response, param="name")
+    assert world.counts() == before
+
+
 def _raw_get(world: World, path: str, extra_headers: bytes) -> bytes:
     import socket
 

@@ -16,11 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from conftest import assert_envelope
 from integration.test_serve import clean_env, process
 from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
+from meterline.storage.tables import reservations
 from meterline.testing.fake_upstream import FakeUpstream
 from servers import PostgresServer, free_port, start_postgres
 
@@ -101,6 +103,9 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
         config.write_text(
             f'[[upstreams]]\nname = "fake"\nprovider = "openai"\nbase_url = "{fake.url}"\n'
             f'api_key = "{UPSTREAM_KEY}"\nmodels = ["*"]\n'
+            # Limits are not what this test is about: the load must not meet one.
+            "[plans.load]\ndaily_tokens = -1\nmonthly_tokens = -1\ndaily_calls = -1\nmonthly_calls = -1\n"
+            'rpm = -1\ntpm = -1\nmonthly_credits = -1\noverage = "block"\n'
         )
         env = clean_env(
             METERLINE_DATABASE_URL=url,
@@ -113,7 +118,7 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
         with process(["serve", "--port", str(port)], env, tmp_path, port, stderr=stderr) as base:
             admin = {"Authorization": f"Bearer {ADMIN}"}
             org = httpx.post(
-                f"{base}/v1/admin/organizations", json={"name": "A", "plan": "pro"}, headers=admin
+                f"{base}/v1/admin/organizations", json={"name": "A", "plan": "load"}, headers=admin
             )
             ws = httpx.post(
                 f"{base}/v1/admin/workspaces",
@@ -155,15 +160,31 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
                 resent = httpx.post(f"{base}/v1/events", json={"events": batch}, headers=headers, timeout=30)
                 assert resent.status_code == 200, resent.text
                 assert resent.json()["duplicates"] == 0
+                assert resent.json()["accepted"] == len(batch)
             again = [
                 {"id": i, "model": "gpt-4o-mini", "prompt_tokens": 10}
                 for i in sorted(load.acknowledged)[:500]
             ]
             repeat = httpx.post(f"{base}/v1/events", json={"events": again}, headers=headers, timeout=30)
             assert repeat.json()["duplicates"] == len(again)
+            # Gateway answers served while the database was down are settled with their actual usage by
+            # the reaper's next sweep (every 5 s), not at their estimate.
+            deadline = time.monotonic() + 30
+            while _open_reservations(url) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert _open_reservations(url) == 0
             rows = _ledger(base, headers)
             event_rows = [r for r in rows if r["endpoint"] is None]
-            assert len(event_rows) == len(load.acknowledged | load.refused)
+            recorded = {r["event_id"] for r in event_rows}
+            assert recorded == load.acknowledged | load.refused, (
+                sorted((load.acknowledged | load.refused) - recorded)[:20],
+                sorted(recorded - (load.acknowledged | load.refused))[:20],
+                len(rows),
+            )
+            chat_rows = [r for r in rows if r["endpoint"] == "/v1/chat/completions"]
+            assert len(chat_rows) == load.statuses[("chat", 200)]
+            assert all(not (r["metadata"] or {}).get("meterline.recovered") for r in chat_rows)
+            assert {r["completion_tokens"] for r in chat_rows} == {chat_rows[0]["completion_tokens"]}
             assert len({r["id"] for r in rows}) == len(rows)
             reconciled = httpx.get(f"{base}/v1/admin/reconcile", headers=admin, timeout=60).json()
             assert reconciled["ok"], reconciled
@@ -173,6 +194,15 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
     assert log.count("dependency unavailable") >= 1
     assert log.count("dependency unavailable") <= 3, log[-5000:]
     assert log.count("Traceback") <= 2, log[-5000:]
+
+
+def _open_reservations(url: str) -> int:
+    db = Database(url)
+    try:
+        with db.read() as conn:
+            return int(conn.execute(select(func.count()).select_from(reservations)).scalar_one())
+    finally:
+        db.dispose()
 
 
 def _ledger(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:

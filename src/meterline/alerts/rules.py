@@ -155,17 +155,17 @@ def unusual_usage(
     )
 
 
-def quarantined_usage(reservation_id: str, error: str, now: datetime) -> Alert:
-    """Usage that could not be settled was set aside for an operator; at most one alert a day (the
-    entries themselves are listed by ``meterline quarantine list``)."""
+def quarantined_usage(reservation_id: str, now: datetime) -> Alert:
+    """Usage that could not be settled was set aside for an operator; at most one alert a day. The
+    error itself stays with the operator (``meterline quarantine show``): it may name internals."""
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return Alert(
         kind=QUARANTINED,
         threshold=0,
         period_start=day,
         message=(
-            f"usage of reservation {reservation_id} could not be settled and was quarantined; "
-            "an operator settles or voids it (meterline quarantine list)"
+            f"usage of reservation {reservation_id} could not be recorded yet and is held for the "
+            "operator to review; it is not lost"
         ),
-        details={"reservation_id": reservation_id, "error": error},
+        details={"reservation_id": reservation_id},
     )

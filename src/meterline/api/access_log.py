@@ -35,6 +35,8 @@ from meterline.tenancy import Principal
 
 access_log = logging.getLogger("meterline.access")
 
+# The gateway's metered endpoints. Their bodies are relayed to an upstream as the client wrote them, so
+# the text rule checks only the fields the gateway stores there (api.middleware, gateway.wire).
 GATEWAY_PATHS = frozenset(
     {
         "/v1/chat/completions",

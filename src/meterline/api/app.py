@@ -12,8 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from meterline import __version__
-from meterline.api.access_log import AccessLog
-from meterline.api.errors import install_error_handlers, outages
+from meterline.api.access_log import GATEWAY_PATHS, AccessLog
+from meterline.api.errors import install_error_handlers, report_failure
 from meterline.api.gateway import Gateway
 from meterline.api.metrics import Metrics
 from meterline.api.middleware import RequestContext
@@ -38,7 +38,6 @@ from meterline.config import Settings
 from meterline.gateway.tokens import load_encodings
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
-from meterline.storage.outage import is_outage
 from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy.tokens import TokenService
 
@@ -52,7 +51,7 @@ async def _reap_forever(services: Services) -> None:
         try:
             await run_in_threadpool(services.reservations.recover)
         except Exception as exc:  # a failed sweep is retried at the next tick
-            _background_failed("reaping expired reservations", exc)
+            report_failure("reaping expired reservations", exc)
 
 
 async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
@@ -62,25 +61,40 @@ async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
         try:
             await run_in_threadpool(sender.deliver_due)
         except Exception as exc:  # a failed pass is retried at the next tick
-            _background_failed("delivering webhooks", exc)
+            report_failure("delivering webhooks", exc)
 
 
 log = logging.getLogger("meterline.api")
 
 
-def _background_failed(what: str, exc: Exception) -> None:
-    """An outage is one line per episode (``storage.outage``), not a traceback per tick."""
-    if is_outage(exc):
-        outages.failed(exc)
-    else:
-        log.error("%s failed", what, exc_info=exc)
-
-
 def _recover_all(services: Services, everything: bool, batch: int = 500) -> None:
-    """Recovery at start-up, in batches until nothing is left (bounded: it never spins)."""
+    """Recovery at start-up, in batches until a batch ends fewer than it could (what cannot even be
+    quarantined is skipped, so this never spins on it; the reaper looks again later)."""
     for _ in range(1000):
         if services.reservations.recover(everything=everything, limit=batch) < batch:
             return
+
+
+def _seal_webhook_secrets(services: Services) -> None:
+    """The start-up pass sealing webhook secrets still in the clear or under an older data key. It can
+    never stop the server from starting: rows it cannot seal stay readable as they are, and the next
+    start (or ``meterline keys rotate``) tries again."""
+    from meterline.storage.outage import is_outage
+
+    try:
+        result = services.seal_webhook_secrets()
+    except Exception as exc:
+        if is_outage(exc):
+            log.warning(
+                "stored webhook secrets not sealed at start-up: the database is unavailable (%s); "
+                "tried again at the next start",
+                type(exc).__name__,
+            )
+        else:
+            log.exception("sealing stored webhook secrets at start-up failed; tried again at the next start")
+        return
+    if result.skipped:
+        log.warning("%d stored webhook secrets were not sealed at start-up (see above)", result.skipped)
 
 
 def _quarantined(services: Services) -> float:
@@ -109,15 +123,16 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # The tokenizer's tables take about a second to load: not on the first request.
         await run_in_threadpool(load_encodings)
+        await run_in_threadpool(_seal_webhook_secrets, services)
         # An in-process counter store starts empty: every durable reservation left in the database
         # belongs to a process that is gone, so it is settled now. A shared store waits for the lease.
         everything = isinstance(services.counters, MemoryCounterStore)
         try:
             await run_in_threadpool(_recover_all, services, everything)
-        except Exception:
+        except Exception as exc:
             # Nothing that recovery meets can stop the service from starting: a reservation that cannot
             # be settled is quarantined, and an outage is retried by the reaper below.
-            log.exception("recovering reservations at start-up failed; retried in %.0f s", REAP_EVERY_S)
+            report_failure("recovering reservations at start-up", exc)
         reaper = asyncio.create_task(_reap_forever(services))
         webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
         try:
@@ -148,7 +163,7 @@ def create_app(
     metrics.quarantined.set_function(lambda: _quarantined(services))
     app.state.gateway = Gateway.build(services, token_service, metrics)
     install_error_handlers(app)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, passthrough=gateway.RELAYED)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, passthrough=GATEWAY_PATHS)
     # Added last, so outermost: the access log sees what RequestContext answers by itself too.
     app.add_middleware(AccessLog, clock=services.clock)
 

@@ -138,11 +138,20 @@ def count_refusal(request: Request) -> None:
         log.exception("counting a quota refusal failed")
 
 
+def report_failure(what: str, exc: BaseException) -> bool:
+    """Log a failure: an outage counts into its episode (one line each, ``storage.outage``), anything
+    else with its traceback. True for an outage."""
+    if is_outage(exc):
+        outages.failed(exc)
+        return True
+    log.error("%s failed", what, exc_info=exc)
+    return False
+
+
 def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JSON:
     """Anything no handler took: 503 with ``Retry-After`` when a dependency is down (one log line per
     outage, see ``storage.outage``), else 500 ``internal`` with the traceback in the log only."""
-    if is_outage(exc):
-        outages.failed(exc)
+    if report_failure(f"{scope.get('method')} {scope.get('path')}", exc):
         return envelope(
             503,
             "service_unavailable",
@@ -151,7 +160,6 @@ def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JS
             request_id=request_id,
             headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
         )
-    log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
     return envelope(500, "internal", "internal error; retry after a delay", request_id=request_id)
 
 

@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from meterline.api.access_log import note_model, note_row
 from meterline.api.auth import get_principal
-from meterline.api.errors import envelope, outages, request_id_of
+from meterline.api.errors import envelope, outages, report_failure, request_id_of
 from meterline.api.metrics import Metrics
 from meterline.api.ratelimit import rate_limit_headers
 from meterline.errors import InvalidRequest, LimitExceeded, NotFound, UpstreamError
@@ -311,8 +311,9 @@ async def _settle(
 ) -> LedgerRow | None:
     """Settle what the upstream served. The answer goes to the client whatever happens here, since the
     work is done: None when the usage could not be written now. It is never lost: quarantined (logged,
-    alerted) when it can never be written as it is, or, in a database outage, left in its durable
-    reservation, which recovery settles at its estimate once the database is back."""
+    alerted) when it can never be written as it is, or, in an outage, kept with its actual usage and
+    settled by the reaper's next sweep once the database is back (a crash before then leaves the durable
+    reservation, settled at its estimate)."""
     try:
         return await run_in_threadpool(
             gateway.exchanges.settle,
@@ -344,8 +345,8 @@ async def _progress(gateway: Gateway, ticket: Ticket, usage: TokenUsage) -> bool
 
     try:
         return await run_in_threadpool(publish)
-    except Exception:  # progress is a view; the settle at the end is what counts
-        log.exception("publishing stream progress failed")
+    except Exception as exc:  # progress is a view; the settle at the end is what counts
+        report_failure("publishing stream progress", exc)
         return False
 
 

@@ -4,7 +4,6 @@ on any exception (an envelope, never a dropped connection)."""
 
 from __future__ import annotations
 
-import json
 import re
 from urllib.parse import parse_qsl
 
@@ -40,11 +39,7 @@ def _check_form(encoded: str, what: str) -> None:
 def _check_json(body: bytes) -> None:
     if not _SUSPECT_ESCAPE.search(body):
         return
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
-        return  # not JSON: the route's own parsing says so
-    found = text.find_problem(value)
+    found = text.find_in_json(body)  # not JSON at all: the route's own parsing says so
     if found is not None:
         param, reason = found
         raise _BadText(param, f"{param or 'body'} {reason}")
@@ -82,7 +77,8 @@ class RequestContext:
                 await self._bad_text(scope, receive, send, request_id, name.decode("latin-1"), reason)
                 return
             if name == b"content-type":
-                content_type = value
+                # The first one, as the routes read it: a later one must not steer the check away.
+                content_type = content_type or value
             elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
                 if _CLIENT_REQUEST_ID.match(candidate):
@@ -100,6 +96,9 @@ class RequestContext:
         received = 0
         started = False
         try:
+            path_problem = text.problem(scope["path"], 2048)
+            if path_problem is not None:  # ids in paths are stored and looked up like any other text
+                raise _BadText("path", f"the path {path_problem}")
             _check_form(scope.get("query_string", b"").decode("latin-1"), "query")
             receive = await self._checked_body(scope, receive, content_type)
         except _BadText as bad:

@@ -87,10 +87,7 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
 
 def _not_json(raw: bytes, reason: str) -> InvalidRequest:
     """orjson refuses unpaired surrogates as malformed; the lenient parser finds which field held one."""
-    try:
-        found = text.find_problem(json.loads(raw), max_length=None)
-    except (ValueError, RecursionError):
-        found = None
+    found = text.find_in_json(raw, max_length=None)
     if found is not None:
         return InvalidRequest(f"{found[0]} {found[1]}", param=found[0] or None)
     return InvalidRequest(f"request body must be JSON: {reason}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
+from meterline import text
 from meterline.metering.records import UsageRecord
 
 Resolution = Literal["settled", "voided"]
@@ -44,6 +45,8 @@ class QuarantineStore(Protocol):
 
     def get(self, entry_id: str) -> QuarantineEntry | None: ...
 
+    def for_reservation(self, reservation_id: str) -> QuarantineEntry | None: ...
+
     def list(
         self, *, unresolved_only: bool, limit: int, offset: int
     ) -> tuple[list[QuarantineEntry], int]: ...
@@ -56,13 +59,17 @@ class QuarantineStore(Protocol):
         """Mark resolved if it was not (compare-and-set: two operators cannot both resolve one)."""
         ...
 
+    def reopen(self, entry_id: str) -> None:
+        """Undo a ``settled`` claim whose row could not be written."""
+        ...
+
 
 def describe_error(exc: BaseException) -> str:
     """The error as one short line: its type and first line, no SQL parameters or trace."""
     orig = getattr(exc, "orig", None) or exc
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
     line = f"{type(orig).__name__}: {first}" if first else type(orig).__name__
-    return line[:MAX_ERROR_CHARS]
+    return text.clean(line)[:MAX_ERROR_CHARS]  # it may quote the very text that failed
 
 
 __all__ = ["QuarantineEntry", "QuarantineStore", "Resolution", "UsageRecord", "describe_error"]

@@ -15,7 +15,9 @@ A reservation that cannot be settled for a reason a retry cannot fix (not an out
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
@@ -50,6 +52,11 @@ class Quarantined(MeterlineError):
             f"the usage of {entry.reservation_id} could not be recorded and was quarantined as {entry.id}"
         )
         self.entry = entry
+
+
+class ReservationEnded(Conflict):
+    """Its durable reservation was ended by someone else (settled, or quarantined by another process)
+    while this settle ran: nothing this settle wrote is kept (storage rolls it back)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,10 @@ class Reservations:
         self._quarantine = quarantine
         # Outages (database, counter store) are retried; anything else would fail the same way again.
         self._is_outage = is_outage
+        # Settles of work already served that met an outage, kept with their actual usage and retried by
+        # ``recover`` before anything is settled at its estimate (only a crash leaves the estimate).
+        self._deferred: dict[str, tuple[HeldReservation, UsageRecord]] = {}
+        self._deferred_lock = threading.Lock()
 
     def reserve(
         self, subject: Subject, estimate: UsageRecord, account: Account, ttl: timedelta | None = None
@@ -195,19 +206,39 @@ class Reservations:
         """Settle a reservation this process holds, with the actual usage (no read of the store).
 
         If recovery got there first (the lease ran out), the row it wrote is answered: exactly once.
-        Raises ``Quarantined`` when the settle failed for good (the usage is kept for an operator)."""
-        return self._finish_or_set_aside(held, replace(held.estimate, **actual))
+        Raises ``Quarantined`` when the settle failed for good (the usage is kept for an operator). On an
+        outage the settle is kept here with its actual usage and retried by ``recover`` (then raised)."""
+        record = replace(held.estimate, **actual)
+        try:
+            return self._finish_or_set_aside(held, record)
+        except Exception as exc:
+            if self._is_outage(exc):
+                with self._deferred_lock:
+                    self._deferred[held.id] = (held, record)
+            raise
 
     def _finish_or_set_aside(self, held: HeldReservation, record: UsageRecord) -> Settled:
         try:
             return self._finish(held, record)
+        except ReservationEnded:
+            return self._ended_elsewhere(held)
         except Exception as exc:
-            if self._is_outage(exc) or self._quarantine is None or isinstance(exc, MeterlineError):
+            if self._is_outage(exc) or self._quarantine is None:
                 raise
             entry = self._set_aside(held.id, held.organization_id, _encoded(record), held.meters, exc)
             if entry is None:
-                raise
+                return self._ended_elsewhere(held)
             raise Quarantined(entry) from exc
+
+    def _ended_elsewhere(self, held: HeldReservation) -> Settled:
+        """The reservation was ended by another process: answer what that process decided."""
+        done = self._store.ledger_row(held.organization_id, held.id)
+        if done is not None:
+            return Settled(done, True)
+        entry = None if self._quarantine is None else self._quarantine.for_reservation(held.id)
+        if entry is not None:
+            raise Quarantined(entry)
+        raise NotFound(f"reservation {held.id!r} was released", param="id")
 
     def abandon(self, held: HeldReservation) -> None:
         """Release a reservation this process holds: the work did not happen, nothing is billed."""
@@ -237,6 +268,9 @@ class Reservations:
             done = self._store.ledger_row(organization_id, reservation_id)
             if done is not None:
                 return Settled(done, True)
+            entry = None if self._quarantine is None else self._quarantine.for_reservation(reservation_id)
+            if entry is not None and entry.organization_id == organization_id:
+                raise Quarantined(entry)  # the same answer as the settle that quarantined it
             raise NotFound(f"reservation {reservation_id!r} does not exist or was released", param="id")
         return self._finish_or_set_aside(held, replace(held.estimate, **actual))
 
@@ -262,22 +296,32 @@ class Reservations:
         """Settle abandoned reservations at their estimate; move counters of holds whose row exists.
 
         ``everything``: at start-up with an in-process counter store, every durable reservation was left
-        by a process that is gone. Returns how many reservations were ended."""
+        by a process that is gone. Settles this process deferred in an outage go first, with their actual
+        usage. Returns how many reservations were ended (settled or quarantined)."""
         now = self._clock.now()
         cutoff = datetime.max.replace(tzinfo=now.tzinfo) if everything else now
-        ended = 0
-        for held in self._store.due(cutoff, limit):
-            if isinstance(held, Unreadable):
-                self._set_aside(held.id, held.organization_id, held.estimate_json, held.meters, held.error)
-                ended += 1
-                continue
-            estimate = replace(held.estimate, metadata={**(held.estimate.metadata or {}), RECOVERED: True})
+        ended = self._settle_deferred()
+        for item in self._store.due(cutoff, limit):
+            if item.id in self._deferred:
+                continue  # settled with its actual usage by _settle_deferred, never at its estimate
             try:
-                self._finish(held, estimate)
+                if isinstance(item, Unreadable):
+                    self._set_aside(
+                        item.id, item.organization_id, item.estimate_json, item.meters, item.error
+                    )
+                else:
+                    metadata = {**(item.estimate.metadata or {}), RECOVERED: True}
+                    self._finish_or_set_aside(item, replace(item.estimate, metadata=metadata))
+            except Quarantined:
+                pass
             except Exception as exc:
-                if self._is_outage(exc) or self._quarantine is None:
+                if self._is_outage(exc):
                     raise  # the sweep is retried; nothing is lost or skipped
-                self._set_aside(held.id, held.organization_id, _encoded(estimate), held.meters, exc)
+                # Not even the quarantine could take it: the others go on, it is tried again next sweep.
+                log.error(
+                    "reservation %s could not be recovered or quarantined: %s", item.id, describe_error(exc)
+                )
+                continue
             ended += 1
         try:
             abandoned = self._counters.expired(to_micros(now), limit)
@@ -297,6 +341,24 @@ class Reservations:
         if ended:
             log.info("recovered %d abandoned reservation(s)", ended)
         return ended
+
+    def _settle_deferred(self) -> int:
+        with self._deferred_lock:
+            pending = list(self._deferred.values())
+        done = 0
+        for held, record in pending:
+            try:
+                self._finish_or_set_aside(held, record)
+            except (Quarantined, NotFound):
+                pass  # quarantined (kept for an operator), or ended by someone else
+            except Exception as exc:
+                if self._is_outage(exc):
+                    raise  # still down: kept, retried at the next sweep
+                log.error("deferred settle of %s failed: %s", held.id, describe_error(exc))
+            with self._deferred_lock:
+                self._deferred.pop(held.id, None)
+            done += 1
+        return done
 
     # -- quarantine ----------------------------------------------------------------------------------
     def _set_aside(
@@ -339,13 +401,22 @@ class Reservations:
         return entry
 
     def settle_quarantined(self, entry_id: str, note: str | None = None) -> LedgerRow:
-        """Record a quarantined entry's usage through the settle path (text cleaned), exactly once."""
+        """Record a quarantined entry's usage through the settle path (text cleaned), exactly once.
+
+        The entry is claimed (compare-and-set to ``settled``) before its row is written, so a void can
+        never win against a settle whose row is in the ledger; a settle that stopped between its claim
+        and its row (a crash, an outage) is finished by the next settle of the same entry."""
         entry = self.quarantined(entry_id)
-        if entry.resolution is not None:
-            raise Conflict(f"quarantine entry {entry_id} was {entry.resolution} already", param="id")
+        assert self._quarantine is not None
+        if entry.resolution == "voided":
+            raise Conflict(f"quarantine entry {entry_id} was voided already", param="id")
+        if entry.resolution == "settled" and self._store.ledger_row(
+            entry.organization_id, entry.reservation_id
+        ):
+            raise Conflict(f"quarantine entry {entry_id} was settled already", param="id")
         try:
             record = storable(decode_record(entry.record_json))
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # whatever the stored text holds, an operator gets a 4xx, not a 500
             raise InvalidRequest(
                 f"the usage of {entry_id} cannot be read ({describe_error(exc)}); void it instead", param="id"
             ) from None
@@ -354,17 +425,24 @@ class Reservations:
             idempotency_key=entry.reservation_id,
             metadata={**(record.metadata or {}), QUARANTINED: entry.id},
         )
-        account = self._account_of(entry.organization_id)
-        row = self._settler.price(record, account)
-        row.id = entry.reservation_id
-        result = self._settler.append([row], account)
-        written = result.written[0] if result.written else next(iter(result.existing.values()))
-        assert self._quarantine is not None
-        if not self._quarantine.resolve(
-            entry.id, "settled", self._clock.now(), ledger_id=written.id, note=note
-        ):
+        account = self._account_of(entry.organization_id)  # fails before the claim if still impossible
+        now = self._clock.now()
+        claimed = self._quarantine.resolve(
+            entry.id, "settled", now, ledger_id=entry.reservation_id, note=note
+        )
+        if entry.resolution is None and not claimed:
             raise Conflict(f"quarantine entry {entry_id} was resolved by someone else", param="id")
-        return written
+        try:
+            row = self._settler.price(record, account)
+            row.id = entry.reservation_id
+            result = self._settler.append([row], account)
+        except BaseException:
+            with contextlib.suppress(Exception):  # else it stays claimed: the next settle finishes it
+                self._quarantine.reopen(entry.id)
+            raise
+        # Quota counters are not moved: they hold what is in the ledger for the windows they have loaded,
+        # and pick this row up when a window is next loaded from the ledger (docs/architecture.md).
+        return result.written[0] if result.written else next(iter(result.existing.values()))
 
     def void_quarantined(self, entry_id: str, note: str | None = None) -> QuarantineEntry:
         """Close a quarantined entry without billing it (the entry stays, with the note)."""

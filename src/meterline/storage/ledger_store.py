@@ -11,6 +11,7 @@ from sqlalchemy import Connection, select
 
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
 from meterline.metering.records import LedgerRow
+from meterline.metering.reservations import ReservationEnded
 from meterline.metering.store import AppendResult
 from meterline.quotas.credits import CreditTerms
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
@@ -252,12 +253,17 @@ class SqlLedgerStore:
             if settles:
                 # Durable reservations end in the transaction that writes their rows: never both, never none.
                 marker = "?" if self._db.is_sqlite else "%s"
+                ended = 0
                 for start in range(0, len(settles), 500):
                     chunk = list(settles[start : start + 500])
-                    conn.exec_driver_sql(
+                    ended += conn.exec_driver_sql(
                         f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
                         tuple(chunk),
-                    )
+                    ).rowcount
+                # A row written now for a reservation someone else ended meanwhile (another process
+                # quarantined it) would end it twice: roll back, the caller answers what was decided.
+                if ended < len({r.id for r in result.written} & set(settles)):
+                    raise ReservationEnded("a reservation was ended by another process during its settle")
             return result
 
     def append_in(

@@ -1,39 +1,41 @@
-"""Which failures mean "a dependency is down" (answer 503 and retry later) rather than "this request is
-bad" (never retried as it is), and one log line per outage episode instead of a traceback per request.
+"""Which failures mean "a dependency is down" (answer 503 and retry later) rather than "this work is
+bad" (never retried as it is: a request gets its error, a reservation goes to the quarantine), and one
+log line per outage episode instead of a traceback per request.
 
-Database unreachable or gone mid-transaction, pool exhausted, SQLite busy past its timeout, disk full:
-all are ``OperationalError``/``InterfaceError`` (or the pool's ``TimeoutError``) from SQLAlchemy, or
-the driver's own class when a raw driver call raised it.
+An outage is decided by what the database said, not by the exception's class alone: SQLite raises
+``OperationalError`` for a syntax error as for a busy file, and PostgreSQL's class covers statement
+timeouts and program limits too. Outages: no connection (or one lost mid-transaction), the pool
+exhausted, PostgreSQL SQLSTATE classes 08 (connection), 53 (insufficient resources), 57P0x (shutting
+down) and 40001/40P01 (serialization failure, deadlock: retry), SQLite busy/locked past its timeout,
+disk full, I/O error or cannot open; and the counter store unreachable.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
 from sqlalchemy import exc as sa
 
+from meterline.metering.quarantine import describe_error
 from meterline.quotas.counters import CounterStoreUnavailable
 
 log = logging.getLogger("meterline.outage")
 
-_DRIVER_OUTAGES: tuple[type[BaseException], ...]
 try:
     import psycopg
 
-    _DRIVER_OUTAGES = (psycopg.OperationalError, psycopg.InterfaceError)
+    _PG_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error,)
 except ImportError:  # pragma: no cover - psycopg is a dependency
-    _DRIVER_OUTAGES = ()
+    _PG_ERRORS = ()
 
-_OUTAGES = (
-    sa.OperationalError,
-    sa.InterfaceError,
-    sa.TimeoutError,
-    sa.DisconnectionError,
-    CounterStoreUnavailable,
-    *_DRIVER_OUTAGES,
-)
+_SQLITE_OUTAGE_CODES = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR,
+     sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL}
+)  # fmt: skip
+_PG_OUTAGE_STATES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01")
 # How long after the last failure an outage is considered over, when nothing said so before.
 EPISODE_GAP_S = 30.0
 # A success this long after the last failure ends the outage.
@@ -41,24 +43,38 @@ QUIET_S = 1.0
 
 
 def is_outage(exc: BaseException) -> bool:
-    """True when ``exc`` says a dependency is unavailable, not that the work itself is wrong."""
+    """True when ``exc`` says a dependency is unavailable, not that the work itself is wrong. Follows
+    explicit causes (``raise … from``) only: an unrelated bug raised while handling an outage is a bug."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, _OUTAGES):
+        if _says_outage(current):
             return True
-        if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
-            return True
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return False
 
 
-def describe(exc: BaseException) -> str:
-    """One line naming the failure, without SQL, parameters or a traceback (never a secret)."""
-    orig = getattr(exc, "orig", None) or exc
-    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
-    return f"{type(orig).__name__}: {first[:200]}" if first else type(orig).__name__
+def _says_outage(exc: BaseException) -> bool:
+    if isinstance(exc, CounterStoreUnavailable | sa.TimeoutError | sa.DisconnectionError):
+        return True
+    if isinstance(exc, sa.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return _driver_says_outage(exc.orig)
+    return _driver_says_outage(exc)
+
+
+def _driver_says_outage(exc: BaseException | None) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and (code & 0xFF) in _SQLITE_OUTAGE_CODES
+    if _PG_ERRORS and isinstance(exc, _PG_ERRORS):
+        state: str | None = getattr(exc, "sqlstate", None)
+        if state is None:  # no answer from a server at all: connecting failed or the connection broke
+            return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        return state.startswith(_PG_OUTAGE_STATES)
+    return False
 
 
 class OutageLog:
@@ -84,7 +100,7 @@ class OutageLog:
             if self._since is not None:
                 return
             self._since = now
-        log.error("dependency unavailable (%s): answering 503 until it is back", describe(exc))
+        log.error("dependency unavailable (%s): answering 503 until it is back", describe_error(exc))
 
     def succeeded(self) -> None:
         """A request went through. It ends the episode only once failures have stopped for a while:

@@ -55,7 +55,7 @@ class SqlQuarantineStore:
             fire(
                 conn,
                 entry.organization_id,
-                quarantined_usage(entry.reservation_id, entry.error, entry.created_at),
+                quarantined_usage(entry.reservation_id, entry.created_at),
                 entry.created_at,
             )
         return True
@@ -63,6 +63,12 @@ class SqlQuarantineStore:
     def get(self, entry_id: str) -> QuarantineEntry | None:
         with self._db.read() as conn:
             row = conn.execute(select(quarantine).where(quarantine.c.id == entry_id)).first()
+        return None if row is None else _entry(row)
+
+    def for_reservation(self, reservation_id: str) -> QuarantineEntry | None:
+        query = select(quarantine).where(quarantine.c.reservation_id == reservation_id)
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
         return None if row is None else _entry(row)
 
     def list(self, *, unresolved_only: bool, limit: int, offset: int) -> tuple[list[QuarantineEntry], int]:
@@ -94,3 +100,11 @@ class SqlQuarantineStore:
                 .values(resolution=resolution, resolved_at_us=to_micros(at), ledger_id=ledger_id, note=note)
             )
             return bool(result.rowcount)
+
+    def reopen(self, entry_id: str) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                quarantine.update()
+                .where(quarantine.c.id == entry_id, quarantine.c.resolution == "settled")
+                .values(resolution=None, resolved_at_us=None, ledger_id=None, note=None)
+            )

@@ -37,10 +37,10 @@ def _held(row: Any) -> HeldReservation:
 def _held_or_unreadable(row: Any) -> HeldReservation | Unreadable:
     try:
         return _held(row)
-    except (ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # whatever a stored row holds, it must not stop the rows behind it
         try:
             meters = tuple(str(m) for m in orjson.loads(row.meters_json))
-        except (ValueError, TypeError):
+        except Exception:
             meters = ()
         return Unreadable(row.id, row.organization_id, row.estimate_json, meters, describe_error(exc))
 

@@ -186,9 +186,7 @@ class TokenService:
         identifier = self._tenancy.get_identifier(family.workspace_id, family.identifier_id)
         if identifier is None:  # there is no delete; only a hand-edited database gets here
             raise Unauthorized("the identifier of this token no longer exists")
-        return TokenPair(
-            self._access_token(family, now), successor_secret, family.access_ttl_s, identifier
-        )
+        return TokenPair(self._access_token(family, now), successor_secret, family.access_ttl_s, identifier)
 
     # -- authenticating ----------------------------------------------------------------------
     def authenticate(self, token: str) -> Principal:

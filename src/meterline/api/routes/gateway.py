@@ -14,11 +14,6 @@ from meterline.api.gateway import gateway_of, relay
 from meterline.api.responses import JSON
 
 router = APIRouter(tags=["gateway"])
-# Paths whose bodies are relayed to an upstream: the gateway checks the fields it reads (model, user) and
-# passes the rest on as the client wrote it.
-RELAYED = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"}
-)
 
 
 def _body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
