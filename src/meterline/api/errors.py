@@ -165,17 +165,11 @@ def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JS
 
 def domain_error(request: Request, exc: MeterlineError) -> JSON:
     status = STATUS.get(exc.code, 400)
-    if status == 503:
-        return envelope(
-            status,
-            exc.code,
-            exc.message,
-            param=exc.param,
-            request_id=request_id_of(request),
-            headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
-        )
     if not isinstance(exc, LimitExceeded):
-        return envelope(status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request))
+        retry = {"Retry-After": str(OUTAGE_RETRY_AFTER_S)} if status == 503 else None
+        return envelope(
+            status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request), headers=retry
+        )
     count_refusal(request)
     headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc.rate_limits, RateLimits):

@@ -7,6 +7,7 @@ admin API's ``/v1/admin/quarantine``; errors (unknown id, resolved already) are 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -52,10 +53,7 @@ def quarantine_settle(
     as_json: JsonOption = False,
 ) -> None:
     """Record the entry's usage in the ledger (its text cleaned), exactly once."""
-    with services_for(config, database_url) as services:
-        services.reservations.settle_quarantined(entry_id, note)
-        rows = [render.quarantine_entry(services.reservations.quarantined(entry_id))]
-    emit(rows, _COLUMNS, as_json, "Settled")
+    _resolve(entry_id, note, config, database_url, as_json, settle=True)
 
 
 @quarantine_app.command("void")
@@ -67,7 +65,22 @@ def quarantine_void(
     as_json: JsonOption = False,
 ) -> None:
     """Close the entry without billing it."""
+    _resolve(entry_id, note, config, database_url, as_json, settle=False)
+
+
+def _resolve(
+    entry_id: str,
+    note: str | None,
+    config: Path | None,
+    database_url: str | None,
+    as_json: bool,
+    *,
+    settle: bool,
+) -> None:
     with services_for(config, database_url) as services:
-        entry = services.reservations.void_quarantined(entry_id, note)
-        rows = [render.quarantine_entry(entry)]
-    emit(rows, _COLUMNS, as_json, "Voided")
+        if settle:
+            services.reservations.settle_quarantined(entry_id, note)
+        else:
+            services.reservations.void_quarantined(entry_id, note)
+        rows = [render.quarantine_entry(services.reservations.quarantined(entry_id))]
+    emit(rows, _COLUMNS, as_json, "Settled" if settle else "Voided")
