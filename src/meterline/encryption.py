@@ -34,6 +34,15 @@ class SealError(ValueError):
     """A sealed value that cannot be opened: unknown key, altered, sealed for another place, or not ours."""
 
 
+class MissingDataKey(SealError):
+    """Sealed with a data key the key file does not hold (``kid``): a wrong or older copy of the file is in
+    place. Unlike an altered value, this is repaired by putting the right file back."""
+
+    def __init__(self, kid: str) -> None:
+        super().__init__(f"the key file has no data key {kid!r} (replaced by an older copy?)")
+        self.kid = kid
+
+
 class SecretBox(Protocol):
     """What seals and opens secrets at rest: a ``DataKeys`` set, or the reloading ``KeyFile``."""
 
@@ -128,7 +137,7 @@ class DataKeys:
         kid, _, encoded = sealed.removeprefix(PREFIX).partition(":")
         key = self._by_kid.get(kid)
         if key is None:
-            raise SealError(f"the key file has no data key {kid!r} (replaced by an older copy?)")
+            raise MissingDataKey(kid)
         try:
             body = _b64decode(encoded)
         except ValueError:
@@ -169,4 +178,4 @@ def _b64decode(text: str) -> bytes:
         raise ValueError("not base64url") from None
 
 
-__all__ = ["PREFIX", "DataKey", "DataKeys", "SealError", "SecretBox", "is_sealed"]
+__all__ = ["PREFIX", "DataKey", "DataKeys", "MissingDataKey", "SealError", "SecretBox", "is_sealed"]

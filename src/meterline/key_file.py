@@ -5,13 +5,17 @@ that seal secrets at rest (``meterline.encryption``); neither is ever in the dat
 Format: ``{"active": kid, "keys": [active private JWK, retired public JWKs, newest first],
 "data_keys": {"active": kid, "keys": [symmetric JWKs, newest first]}}``, mode 0600. Files written before
 data keys existed (``{"active", "keys"}``, or a bare Ed25519 private JWK from before rotation) are read
-as they are and get their first data key added on load, under the same lock as a rotation.
+as they are and never written to on load: their data key is derived from the active signing key
+(``derived_data_keys``), so every copy of one file has the same data key, and a read-only mount works.
+The first rotation of such a file stores that derived key among the older data keys, since a new active
+signing key would no longer derive it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -24,11 +28,25 @@ from typing import Any
 
 from joserfc.errors import JoseError
 
-from meterline.encryption import DataKeys
+from meterline.encryption import DataKey, DataKeys
 from meterline.errors import ConfigError
 from meterline.signing import SigningKey, SigningKeys
 
 log = logging.getLogger("meterline.signing")
+
+# The HKDF purpose of the data key derived for a key file that stores none. Changing it would orphan
+# every secret sealed with derived keys: a new derivation gets a new string.
+DATA_KEY_INFO = b"meterline webhook data key v1"
+
+
+def derived_data_keys(signing: SigningKeys) -> DataKeys:
+    """The data key of a key file without stored data keys: HKDF-SHA256 of the active signing key's
+    private key (``DATA_KEY_INFO``), its id a hash of the signing key's id. Deterministic, so every copy
+    of the file (one per host, a read-only Secret mount) seals and opens with the same key; the id
+    starts with ``s``, which a random (hex) data key id never does."""
+    active = signing.active
+    kid = "s" + hashlib.sha256(DATA_KEY_INFO + b":" + active.kid.encode("ascii")).hexdigest()[:12]
+    return DataKeys(DataKey(kid, active.derive_secret(DATA_KEY_INFO)))
 
 
 @dataclass(frozen=True)
@@ -50,18 +68,24 @@ def load_or_create_keys(path: str | Path) -> KeyRing:
 
     Several processes may start at once on a fresh machine. Each writes its candidate to a private
     temporary file and publishes it with ``link``, which fails if the name exists: exactly one candidate
-    wins, nobody ever reads a half-written file, and the losers read the winner's keys. A file without
-    data keys (written before they existed) gets one, as a rotation would add it.
+    wins, nobody ever reads a half-written file, and the losers read the winner's keys. An existing file
+    is only read, never written (a file without data keys gets its derived one, in memory).
     """
-    file = Path(path)
+    return _load_or_create(Path(path))[0]
+
+
+def _load_or_create(file: Path) -> tuple[KeyRing, bool]:
+    """The file's keys, and whether this call created the file (its candidate won)."""
     existing = _reread(file)
     if existing is not None:
-        return existing
+        return existing, False
     temp = _write_temp(file, KeyRing(SigningKeys(SigningKey.generate()), DataKeys.generate()))
+    created = False
     try:
         # If another process published its keys first, link fails and we use theirs.
         with contextlib.suppress(FileExistsError):
             os.link(temp, file)
+            created = True
     except OSError as exc:
         raise ConfigError(f"{file}: cannot create the signing key file: {exc.strerror or exc}") from None
     finally:
@@ -70,7 +94,7 @@ def load_or_create_keys(path: str | Path) -> KeyRing:
     found = _reread(file)
     if found is None:
         raise ConfigError(f"{file}: the signing key file disappeared while it was being created")
-    return found
+    return found, created
 
 
 def load_or_create_signing_keys(path: str | Path) -> SigningKeys:
@@ -85,7 +109,8 @@ def load_or_create_signing_key(path: str | Path) -> SigningKey:
 
 def rotate_keys(path: str | Path, *, signing: bool = True, data: bool = True) -> KeyRing:
     """Make new active keys. The old signing key is kept (public part) to verify what it signed; the
-    old data key is kept whole, to open what it sealed.
+    old data key is kept whole, to open what it sealed (a derived one too: it is written to the file,
+    since the new signing key would not derive it).
 
     Read, change and replace happen under an exclusive ``flock`` on a lock file beside the key file, so
     two rotations at once cannot both start from the same set and lose one of their keys (receipts
@@ -108,18 +133,15 @@ def rotate_signing_keys(path: str | Path) -> SigningKeys:
     return rotate_keys(path, data=False).signing
 
 
-def _replace(file: Path, change: Callable[[KeyRing], KeyRing] | None, doing: str) -> KeyRing:
-    """``change`` applied to the file's keys under the lock (a missing data key added first), written
-    back by rename. ``change`` None: only add the data key, unless another process did already."""
+def _replace(file: Path, change: Callable[[KeyRing], KeyRing], doing: str) -> KeyRing:
+    """``change`` applied to the file's keys under the lock (a file without data keys: to its derived
+    one, which is thus written out), written back by rename."""
     with _locked(file):
         current = _read(file)
         if current is None:
             raise ConfigError(f"{file}: the signing key file disappeared while trying to {doing} it")
         signing, data = current
-        if change is None and data is not None:
-            return KeyRing(signing, data)
-        ring = KeyRing(signing, data if data is not None else DataKeys.generate())
-        changed = change(ring) if change is not None else ring
+        changed = change(KeyRing(signing, data if data is not None else derived_data_keys(signing)))
         temp = _write_temp(file, changed)
         try:
             os.replace(temp, file)
@@ -139,20 +161,35 @@ class KeyFile:
     or webhook delivery, without a restart: new receipts and tokens are signed with the new key
     everywhere, new secrets sealed with the new data key, and every process verifies and opens what the
     older keys made. A file that turns unreadable is logged and the last good set kept.
+
+    ``lazy``: the file is read (or created) at the first use instead of now, so a command that never
+    signs, verifies or seals never touches it. ``created`` tells whether this process created the file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, lazy: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp = _stamp(self.path)
-        self._ring = load_or_create_keys(self.path)
-        if self._stamp is None:  # we just created it
-            self._stamp = _stamp(self.path)
+        self._stamp: tuple[int, int, int] | None = None
+        self._loaded: KeyRing | None = None
+        self.created = False
+        if not lazy:
+            self._load()
+
+    def _load(self) -> KeyRing:
+        with self._lock:
+            if self._loaded is None:
+                stamp = _stamp(self.path)
+                self._loaded, self.created = _load_or_create(self.path)
+                self._stamp = _stamp(self.path) if stamp is None else stamp  # None: it was just created
+            return self._loaded
 
     def ring(self) -> KeyRing:
+        ring = self._loaded
+        if ring is None:
+            return self._load()
         stamp = _stamp(self.path)
         if stamp is None or stamp == self._stamp:
-            return self._ring
+            return ring
         with self._lock:
             if stamp != self._stamp:
                 try:
@@ -161,7 +198,7 @@ class KeyFile:
                     log.error("keeping the signing keys already loaded: %s", exc.message)
                     found = None
                 if found is not None:
-                    self._ring = found
+                    self._loaded = found
                     log.info(
                         "keys reloaded from %s (active signing key %s, data key %s)",
                         self.path,
@@ -169,7 +206,7 @@ class KeyFile:
                         found.data.sealing_kid,
                     )
                 self._stamp = stamp
-            return self._ring
+            return self._loaded or ring
 
     def current(self) -> SigningKeys:
         return self.ring().signing
@@ -201,15 +238,13 @@ class KeyFile:
 
 
 def _reread(file: Path) -> KeyRing | None:
-    """The file's keys, never creating it (gone between ``stat`` and read: None); a file put back from
-    before data keys existed gets one again."""
+    """The file's keys, never creating nor writing it (gone between ``stat`` and read: None); a file
+    without data keys has its derived one."""
     found = _read(file)
     if found is None:
         return None
     signing, data = found
-    if data is not None:
-        return KeyRing(signing, data)
-    return _replace(file, None, "add a data key to")
+    return KeyRing(signing, data if data is not None else derived_data_keys(signing))
 
 
 def _stamp(file: Path) -> tuple[int, int, int] | None:
@@ -287,8 +322,10 @@ def _read(file: Path) -> tuple[SigningKeys, DataKeys | None] | None:
 
 
 __all__ = [
+    "DATA_KEY_INFO",
     "KeyFile",
     "KeyRing",
+    "derived_data_keys",
     "load_or_create_keys",
     "load_or_create_signing_key",
     "load_or_create_signing_keys",

@@ -34,7 +34,7 @@ from meterline.storage.receipt_store import SqlReceiptStore
 from meterline.storage.reservation_store import SqlReservationStore
 from meterline.storage.tenancy_store import SqlTenancyStore
 from meterline.storage.usage_reader import SqlUsageReader
-from meterline.storage.webhook_store import SqlWebhookStore
+from meterline.storage.webhook_store import SealResult, SqlWebhookStore
 from meterline.tenancy import CreditGrant, Organization, Principal, TenancyService
 
 
@@ -111,12 +111,25 @@ class Services:
         self.quotas.forget_bonus(organization_id)
         return grant
 
+    def seal_webhook_secrets(self) -> SealResult:
+        """Seal the webhook secrets stored in the clear (from before sealing) or under an older data key
+        with the active one. Run only when ``meterline serve`` starts and by ``meterline keys rotate``:
+        a command run elsewhere (the default key file path is relative) must not seal with its own file.
+        Never with a key file this process has just created: that is only logged."""
+        keys = self.signing_keys
+        keys.ring()  # a lazy key file is read now, so that ``created`` is known
+        return self.webhooks.seal_stored_secrets(new_key_file=str(keys.path) if keys.created else None)
+
     def close(self) -> None:
         self.counters.close()
         self.db.dispose()
 
 
-def build_services(settings: Settings, *, clock: Clock | None = None, migrate: bool = True) -> Services:
+def build_services(
+    settings: Settings, *, clock: Clock | None = None, migrate: bool = True, lazy_keys: bool = False
+) -> Services:
+    """``lazy_keys``: the key file is read (or created) at its first use rather than now (management
+    commands, most of which never sign, verify or seal)."""
     clock = clock or SystemClock()
     db = Database(settings.database_url)
     if migrate:
@@ -126,7 +139,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
     currencies = sorted({"USD", settings.currency, *settings.currency_rates})
     # Read (or created) here, before any request, so that every process of a deployment settles on one
     # key set at start-up and a bad key file stops the process instead of failing settles.
-    signing_keys = KeyFile(settings.signing_key_file)
+    signing_keys = KeyFile(settings.signing_key_file, lazy=lazy_keys)
     counters = open_counter_store(settings.redis_url)
     alerts = AlertEvaluator(
         db,
@@ -164,10 +177,6 @@ def build_services(settings: Settings, *, clock: Clock | None = None, migrate: b
     )
     reservation_store = SqlReservationStore(db)
     webhooks = SqlWebhookStore(db, signing_keys)
-    # Webhook secrets stored before sealing existed, or sealed with a data key rotated out since, are
-    # sealed with the active data key now: one SELECT when there is nothing to do, and safe with several
-    # processes starting at once (each row is replaced only if it still holds what was read).
-    webhooks.seal_stored_secrets()
     services = Services(
         settings=settings,
         db=db,

@@ -17,6 +17,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwa import EdDSAAlgorithm
@@ -81,6 +83,15 @@ class SigningKey:
 
     def private_jwk(self) -> dict[str, Any]:
         return {**self._key.as_dict(private=True), "kid": self.kid, "alg": ALGORITHM, "use": "sig"}
+
+    def derive_secret(self, info: bytes, length: int = 32) -> bytes:
+        """``length`` bytes derived from this private key with HKDF-SHA256 for the purpose named by
+        ``info``: every copy of the key gives the same bytes, which reveal neither the key nor what is
+        derived for another purpose."""
+        private = self._key.private_key
+        assert private is not None  # a SigningKey is private by construction
+        seed = private.private_bytes_raw()
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(seed)
 
     def public_jwk(self) -> dict[str, Any]:
         return public_jwk(self.public, self.kid)

@@ -1,7 +1,8 @@
 """Alert webhooks received on a real local HTTP server, verified with ``standardwebhooks``; a failing
 receiver retried with backoff; deliveries surviving an app restart. Signing secrets sealed at rest:
-absent from the SQLite files and from ``pg_dump``, still signing after a key rotation, and a lost data
-key failing deliveries with a clear reason."""
+absent from the SQLite files and from ``pg_dump``, still signing after a key rotation, sealed only by
+the server at start (never by other commands, never with a key file just created), a lost data key
+postponing deliveries with a clear reason, and no secret in error text."""
 
 from __future__ import annotations
 
@@ -23,14 +24,19 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from standardwebhooks import Webhook
 
 from conftest import ADMIN_KEY, add_key, make_tenant
+from meterline.alerts import retry_delay
 from meterline.api.app import create_app
-from meterline.clock import FrozenClock
+from meterline.clock import FrozenClock, to_micros
 from meterline.config import Settings, load_settings
 from meterline.key_file import load_or_create_keys, rotate_keys
 from meterline.services import Services, build_services
+from meterline.signing import SigningKey
+from meterline.storage.database import Database
+from meterline.storage.webhook_store import SealResult, SqlWebhookStore
 from servers import _find_pg_bin
 
 METERLINE = str(Path(sys.executable).with_name("meterline"))
@@ -334,7 +340,7 @@ def test_rotation_keeps_deliveries_verifying_and_reseals_with_the_new_key(
             assert result.returncode == 0, result.stdout + result.stderr
             answer = json.loads(result.stdout)
             assert answer["older_data_keys"] == [ring.data.sealing_kid, first_kid]
-            assert answer["webhook_secrets_resealed"] is True
+            assert (answer["webhook_secrets_resealed"], answer["webhook_secrets_skipped"]) == (1, 0)
             (stored,) = _stored_secrets(services).values()
             assert stored.startswith(f"enc:v1:{answer['data_key']}:")
             _send_events(client, tenant, range(5, 8))  # 75 % and 80 %
@@ -352,6 +358,7 @@ def test_secrets_stored_in_the_clear_before_are_sealed_at_start(
     services = build_services(settings, clock=clock, migrate=False)
     with TestClient(create_app(settings, services=services)) as client:
         tenant, secret = _register(client, receiver.url)
+        (endpoint_id,) = _stored_secrets(services)
         # What a database written before sealing existed holds.
         with services.db.write() as conn:
             p = "?" if services.db.is_sqlite else "%s"
@@ -361,12 +368,13 @@ def test_secrets_stored_in_the_clear_before_are_sealed_at_start(
         assert client.app.state.webhook_sender.deliver_due() == 2  # type: ignore[attr-defined]
     services.close()
     _deliveries_verify(receiver.received, secret)
-    again = build_services(settings, clock=clock, migrate=False)  # the start-up pass
+    again = build_services(settings, clock=clock, migrate=False)
     try:
-        (stored,) = _stored_secrets(again).values()
-        assert stored.startswith(f"enc:v1:{again.signing_keys.sealing_kid}:")
-        assert again.webhooks.seal_stored_secrets() == 0  # idempotent
-        with TestClient(create_app(settings, services=again)) as client:
+        assert _stored_secrets(again) == {endpoint_id: secret}  # opening the services seals nothing
+        with TestClient(create_app(settings, services=again)) as client:  # the server's start-up pass
+            (stored,) = _stored_secrets(again).values()
+            assert stored.startswith(f"enc:v1:{again.signing_keys.sealing_kid}:")
+            assert again.webhooks.seal_stored_secrets() == SealResult(0, 0)  # idempotent
             _send_events(client, tenant, range(5, 8))
             assert client.app.state.webhook_sender.deliver_due() == 2  # type: ignore[attr-defined]
     finally:
@@ -375,18 +383,21 @@ def test_secrets_stored_in_the_clear_before_are_sealed_at_start(
     _assert_nowhere_at_rest(settings.database_url, secret)
 
 
-def test_a_lost_data_key_fails_deliveries_with_a_reason_until_it_is_back(
+def test_a_lost_data_key_postpones_deliveries_until_it_is_back(
     settings: Settings,
     clock: FrozenClock,
     receiver: Receiver,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A wrong key file in place is not the receiver's failure: no attempt is used up, however long it
+    lasts, and the delivery goes out at the backoff's longest interval once the right file is back."""
     key_file = Path(settings.signing_key_file)
     services = build_services(settings, clock=clock, migrate=False)
     try:
         with TestClient(create_app(settings, services=services)) as client:
             tenant, secret = _register(client, receiver.url)
+            kid = services.signing_keys.sealing_kid
             kept = key_file.read_bytes()
             # An operator puts another deployment's key file in place: its data keys cannot open ours.
             stranger = tmp_path / "other-key.json"
@@ -397,18 +408,30 @@ def test_a_lost_data_key_fails_deliveries_with_a_reason_until_it_is_back(
             with caplog.at_level(logging.ERROR, logger="meterline.webhooks"):
                 assert sender.deliver_due() == 0  # nothing raised
             assert "signing secret cannot be decrypted" in caplog.text
-            assert "no data key" in caplog.text
+            assert f"no data key '{kid}'" in caplog.text  # which key is missing
+            assert "not counted as an attempt" in caplog.text
             alert = client.get("/v1/alerts", headers=tenant.headers).json()["data"][0]
             (row,) = services.webhooks.outbox(alert["id"])
-            assert row["attempts"] == 1
-            assert row["next_attempt_at_us"] is not None  # retried, in case the key comes back
-            assert "no data key" in row["last_error"]
-            assert services.webhooks.seal_stored_secrets() == 0  # left as it is, logged
+            assert row["attempts"] == 0
+            longest = retry_delay(settings.webhook_max_attempts - 1)
+            assert row["next_attempt_at_us"] == to_micros(clock.now()) + longest * 1_000_000
+            assert f"no data key '{kid}'" in row["last_error"]
+            # Left as it is, logged (the stranger's file is no new file of this process).
+            assert services.webhooks.seal_stored_secrets() == SealResult(sealed=0, skipped=1)
+            # Longer than every attempt together: still waiting, not given up.
+            for _ in range(settings.webhook_max_attempts + 2):
+                clock.advance(seconds=longest)
+                assert sender.deliver_due() == 0
+            (row,) = services.webhooks.outbox(alert["id"])
+            assert (row["attempts"], row["delivered_at_us"]) == (0, None)
+            assert row["next_attempt_at_us"] is not None
             assert receiver.received == []
             # The right key file back: the retry goes out, signed with the secret shown at registration.
             key_file.write_bytes(kept)
-            clock.advance(seconds=5)
+            clock.advance(seconds=longest)
             assert sender.deliver_due() == 2
+            (row,) = services.webhooks.outbox(alert["id"])
+            assert row["attempts"] == 1
     finally:
         services.close()
     _deliveries_verify(receiver.received, secret)
@@ -437,3 +460,212 @@ def test_a_sealed_secret_copied_to_another_endpoint_does_not_open(
     assert len(_deliveries_verify(receiver.received, first["secret"])) == 2  # the first endpoint's only
     assert f"to endpoint {second['id']} not sent" in caplog.text
     assert "sealed for another row" in caplog.text
+
+
+# -- who seals, and with which key file ------------------------------------------------------------
+
+
+def _cli(
+    *args: str, settings: Settings, cwd: Path, key_file: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The real ``meterline`` command, run from ``cwd``; ``key_file`` False: the default (relative) path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env["METERLINE_DATABASE_URL"] = settings.database_url
+    env["COLUMNS"] = "500"  # messages unwrapped
+    if key_file:
+        env["METERLINE_SIGNING_KEY_FILE"] = settings.signing_key_file
+    return subprocess.run(
+        [METERLINE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60, check=False
+    )
+
+
+def _set_secret(services: Services, endpoint_id: str, value: str) -> None:
+    p = "?" if services.db.is_sqlite else "%s"
+    with services.db.write() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE webhook_endpoints SET secret = {p} WHERE id = {p}", (value, endpoint_id)
+        )
+
+
+def _register_more(client: TestClient, tenant: Any, url: str) -> tuple[str, str]:
+    org_key = add_key(client, tenant.workspace["id"], "Another org key", scope="organization")
+    hook = client.post(
+        "/v1/alerts/webhooks", json={"url": url}, headers={"Authorization": f"Bearer {org_key}"}
+    ).json()
+    return hook["id"], hook["secret"]
+
+
+def test_other_commands_neither_touch_the_key_file_nor_seal(
+    settings: Settings, clock: FrozenClock, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A key file from before data keys (copied to every host) and a secret stored in the clear by an
+    older version: management commands, from the servers' directory or from anywhere else, leave both
+    as they are; the server's start seals with the key derived from the file, without writing it."""
+    key_file = Path(settings.signing_key_file)
+    key_file.write_text(json.dumps(SigningKey.generate().private_jwk()))
+    key_file.chmod(0o600)
+    services = build_services(settings, clock=clock, migrate=False)
+    try:
+        with TestClient(create_app(settings, services=services)) as client:
+            _, secret = _register(client, receiver.url)
+        ((endpoint_id, _),) = _stored_secrets(services).items()
+        _set_secret(services, endpoint_id, secret)  # as stored before sealing existed
+    finally:
+        services.close()
+    written, stamp = key_file.read_bytes(), key_file.stat().st_mtime_ns
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    for use_key_file in (True, False):
+        result = _cli("orgs", "list", "--json", settings=settings, cwd=elsewhere, key_file=use_key_file)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert list(elsewhere.iterdir()) == []  # no key file created where the command ran
+    assert (key_file.read_bytes(), key_file.stat().st_mtime_ns) == (written, stamp)
+    assert [p.name for p in key_file.parent.iterdir() if key_file.name in p.name] == [
+        key_file.name
+    ]  # no lock
+
+    again = build_services(settings, clock=clock, migrate=False)
+    try:
+        assert _stored_secrets(again) == {endpoint_id: secret}  # nothing sealed yet
+        with TestClient(create_app(settings, services=again)):
+            kid = again.signing_keys.sealing_kid
+            assert _stored_secrets(again)[endpoint_id].startswith(f"enc:v1:{kid}:")
+    finally:
+        again.close()
+    assert (key_file.read_bytes(), key_file.stat().st_mtime_ns) == (written, stamp)  # derived, not written
+
+
+def test_keys_rotate_refuses_a_key_file_that_is_not_there(
+    settings: Settings, clock: FrozenClock, receiver: Receiver, tmp_path: Path
+) -> None:
+    services = build_services(settings, clock=clock, migrate=False)
+    try:
+        with TestClient(create_app(settings, services=services)) as client:
+            _register(client, receiver.url)
+        before = _stored_secrets(services)
+    finally:
+        services.close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _cli("keys", "rotate", "--json", settings=settings, cwd=elsewhere, key_file=False)
+    assert result.returncode == 1
+    assert "no key file at" in result.stderr
+    assert str(elsewhere / "meterline-signing-key.json") in result.stderr
+    assert list(elsewhere.iterdir()) == []
+    again = build_services(settings, clock=clock, migrate=False)
+    try:
+        assert _stored_secrets(again) == before
+    finally:
+        again.close()
+
+
+def test_a_key_file_just_created_by_the_server_seals_nothing(
+    settings: Settings,
+    clock: FrozenClock,
+    receiver: Receiver,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Started with a key file that is not the deployment's (a wrong path, a missing mount): it is
+    created, but the stored secrets are left as they are, with a warning naming the missing keys."""
+    services = build_services(settings, clock=clock, migrate=False)
+    try:
+        with TestClient(create_app(settings, services=services)) as client:
+            tenant, _ = _register(client, receiver.url)
+            clear_id, clear_secret = _register_more(client, tenant, receiver.url + "/2")
+        _set_secret(services, clear_id, clear_secret)  # one row from before sealing
+        deployment_kid = services.signing_keys.sealing_kid
+        before = _stored_secrets(services)
+    finally:
+        services.close()
+    wrong = settings.model_copy(update={"signing_key_file": str(tmp_path / "elsewhere" / "key.json")})
+    (tmp_path / "elsewhere").mkdir()
+    fresh = build_services(wrong, clock=clock, migrate=False)
+    try:
+        assert fresh.signing_keys.created
+        with caplog.at_level(logging.WARNING), TestClient(create_app(wrong, services=fresh)):
+            assert _stored_secrets(fresh) == before
+        assert "was just created by this process" in caplog.text
+        assert deployment_kid in caplog.text
+        assert "1 webhook signing secrets are still stored in the clear" in caplog.text
+        assert clear_secret not in caplog.text
+    finally:
+        fresh.close()
+    # The next start finds the file there (not created by it): the row in the clear is sealed now, the
+    # one sealed with a data key this file lacks is left as it is, and logged.
+    later = build_services(wrong, clock=clock, migrate=False)
+    try:
+        assert not later.signing_keys.created
+        assert later.seal_webhook_secrets() == SealResult(sealed=1, skipped=1)
+    finally:
+        later.close()
+
+
+def test_a_row_that_cannot_be_sealed_is_skipped_and_logged_without_its_secret(
+    settings: Settings,
+    clock: FrozenClock,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    services = build_services(settings, clock=clock, migrate=False)
+    try:
+        with TestClient(create_app(settings, services=services)) as client:
+            tenant, first_secret = _register(client, receiver.url)
+            second_id, second_secret = _register_more(client, tenant, receiver.url + "/2")
+        (first_id,) = set(_stored_secrets(services)) - {second_id}
+        _set_secret(services, first_id, first_secret)  # both as stored before sealing existed
+        _set_secret(services, second_id, second_secret)
+    finally:
+        services.close()
+    original = SqlWebhookStore._replace_secret
+
+    def failing(store: SqlWebhookStore, conn: Any, endpoint_id: str, stored: str, sealed: str) -> int:
+        if endpoint_id == second_id:  # a driver error quoting the very value it was given
+            raise IntegrityError("UPDATE", (sealed, endpoint_id, stored), ValueError(f"bad: {stored}"))
+        return original(store, conn, endpoint_id, stored, sealed)
+
+    monkeypatch.setattr(SqlWebhookStore, "_replace_secret", failing)
+    again = build_services(settings, clock=clock, migrate=False)  # the key file is there: not new
+    try:
+        with caplog.at_level(logging.ERROR, logger="meterline.webhooks"):
+            assert again.seal_webhook_secrets() == SealResult(sealed=1, skipped=1)
+        (line,) = [r.getMessage() for r in caplog.records if second_id in r.getMessage()]
+        assert "\n" not in line
+        assert line.endswith("left as it is: ValueError: bad: [secret]")
+        for needle in (second_secret, second_secret.removeprefix("whsec_")):
+            assert needle not in caplog.text
+        stored = _stored_secrets(again)
+        assert stored[first_id].startswith("enc:v1:")
+        assert stored[second_id] == second_secret  # left as it was, still readable
+    finally:
+        again.close()
+
+
+def test_a_failing_seal_pass_never_stops_the_server_from_starting(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_: Services) -> SealResult:
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(Services, "seal_webhook_secrets", broken)
+    with caplog.at_level(logging.ERROR), TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+    assert "sealing stored webhook secrets at start-up failed" in caplog.text
+
+
+def test_database_errors_never_quote_bound_values(database_url: str) -> None:
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    db = Database(database_url)
+    p = "?" if db.is_sqlite else "%s"
+    try:
+        with pytest.raises(DBAPIError) as failed, db.write() as conn:
+            conn.exec_driver_sql(f"INSERT INTO no_such_table (secret) VALUES ({p})", (secret,))
+    finally:
+        db.dispose()
+    text = str(failed.value)
+    assert "no_such_table" in text  # the statement is still shown
+    assert "parameters hidden" in text
+    assert secret not in text
+    assert secret.removeprefix("whsec_") not in text

@@ -1,5 +1,9 @@
 """Sends due outbox rows to their webhook endpoints, signed per Standard Webhooks (``webhook-id``,
-``webhook-timestamp``, ``webhook-signature``), retrying with backoff (``meterline.alerts.delivery``)."""
+``webhook-timestamp``, ``webhook-signature``), retrying with backoff (``meterline.alerts.delivery``).
+
+A delivery whose signing secret was sealed with a data key the key file lacks (a wrong or older copy of
+the file in place) is not the receiver's failure: it does not use up an attempt and is retried at the
+backoff's longest interval for as long as the key is missing, so it goes out once the right file is back."""
 
 from __future__ import annotations
 
@@ -13,12 +17,20 @@ from standardwebhooks import Webhook
 from meterline.alerts import check_url, retry_delay
 from meterline.alerts.destinations import Resolver, resolve
 from meterline.clock import Clock, SystemClock, to_micros
-from meterline.encryption import SealError
+from meterline.encryption import MissingDataKey, SealError
 from meterline.errors import InvalidRequest
 from meterline.storage.webhook_store import Delivery, SqlWebhookStore
 
 log = logging.getLogger("meterline.webhooks")
 LEASE_S = 60
+
+
+class _Postpone(Exception):
+    """The attempt could not be made for a reason of ours: given back, not counted."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class WebhookSender:
@@ -58,7 +70,12 @@ class WebhookSender:
         for delivery in self._store.due(now_us, self._max_attempts):
             if not self._store.claim(delivery, now_us + LEASE_S * 1_000_000):
                 continue  # another sender has this attempt
-            error = self._attempt(delivery)
+            try:
+                error = self._attempt(delivery)
+            except _Postpone as postponed:
+                later = to_micros(self._clock.now()) + self._longest_delay_s() * 1_000_000
+                self._store.postponed(delivery, postponed.error, later)
+                continue
             if error is None:
                 self._store.delivered(delivery.id, to_micros(self._clock.now()))
                 sent += 1
@@ -70,8 +87,12 @@ class WebhookSender:
             self._store.failed(delivery.id, error, retry_at)
         return sent
 
+    def _longest_delay_s(self) -> int:
+        """The longest wait of the backoff: the one before the last attempt."""
+        return self._retry_delay_s(max(1, self._max_attempts - 1))
+
     def _attempt(self, delivery: Delivery) -> str | None:
-        """Send once; None on a 2xx, else what went wrong."""
+        """Send once; None on a 2xx, else what went wrong (``_Postpone``: not attempted, not counted)."""
         try:
             # Again at delivery: the name may resolve elsewhere since registration (DNS rebinding).
             check_url(delivery.url, allow_private=self._allow_private, resolver=self._resolver)
@@ -79,8 +100,22 @@ class WebhookSender:
             return exc.message
         try:
             secret = self._store.secret_of(delivery)
+        except MissingDataKey as exc:
+            # Restoring the key file that holds the data key repairs it: waiting never uses up attempts.
+            delay = self._longest_delay_s()
+            log.error(
+                "webhook %s to endpoint %s not sent: its signing secret cannot be decrypted: %s; not "
+                "counted as an attempt, tried again in %d s",
+                delivery.id,
+                delivery.endpoint_id,
+                exc,
+                delay,
+            )
+            raise _Postpone(
+                f"signing secret cannot be decrypted: {exc}; not counted as an attempt, tried every {delay} s"
+            ) from None
         except SealError as exc:
-            # Retried like any failure: restoring the key file that holds the data key repairs it.
+            # Altered, or copied from another row: counted and retried like any failure.
             log.error(
                 "webhook %s to endpoint %s not sent: its signing secret cannot be decrypted: %s",
                 delivery.id,

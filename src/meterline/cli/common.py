@@ -43,7 +43,9 @@ def settings_from(config: Path | None, database_url: str | None = None, **overri
 
 @contextmanager
 def services_for(config: Path | None, database_url: str | None) -> Iterator[Services]:
-    services = build_services(settings_from(config, database_url))
+    # The key file only when a command signs, verifies or seals: the others never create or read it.
+    # No command here seals stored webhook secrets (only `serve` at start and `keys rotate` do).
+    services = build_services(settings_from(config, database_url), lazy_keys=True)
     try:
         yield services
     except MeterlineError as exc:

@@ -324,21 +324,32 @@ def keys_rotate(
     /.well-known/jwks.json, so everything they signed still verifies; the old data keys stay in the key
     file, so every stored secret still opens. Running servers pick the new keys up at their next
     request. Then the stored webhook secrets are re-sealed with the new data key (``--no-reseal``:
-    left to the next server start).
+    left to the next server start). The key file must exist: rotating a file no server reads (the
+    default path is relative to the working directory) would seal the secrets with keys no server has.
     """
     from meterline.key_file import rotate_keys
 
     settings = settings_from(config, database_url)
+    key_file = Path(settings.signing_key_file)
+    if not key_file.is_file():
+        fail(
+            f"no key file at {key_file.absolute()}: nothing to rotate. Run this where the servers run, or "
+            "set signing_key_file (METERLINE_SIGNING_KEY_FILE) to the deployment's key file"
+        )
     try:
-        ring = rotate_keys(settings.signing_key_file)
+        ring = rotate_keys(key_file)
     except MeterlineError as exc:
         fail(exc.message)
-    resealed = False
+    resealed: int | None = None
+    skipped: int | None = None
     if reseal and _database_exists(settings.database_url):  # never create a database to re-seal nothing
         try:
-            # Opening the services seals every stored secret with the active data key.
-            build_services(settings).close()
-            resealed = True
+            services = build_services(settings)
+            try:
+                result = services.seal_webhook_secrets()
+            finally:
+                services.close()
+            resealed, skipped = result.sealed, result.skipped
         except Exception as exc:  # the rotation itself is done; servers re-seal when they start
             err.print(f"[yellow]warning:[/] stored webhook secrets not re-sealed now: {exc}", highlight=False)
     retired = [kid for kid, _ in ring.signing.retired]
@@ -348,9 +359,17 @@ def keys_rotate(
         "retired": retired,
         "data_key": ring.data.sealing_kid,
         "older_data_keys": older,
+        # null: not re-sealed now (--no-reseal, no database yet, or it failed: see stderr).
         "webhook_secrets_resealed": resealed,
+        "webhook_secrets_skipped": skipped,
         "file": settings.signing_key_file,
     }
+    if skipped:
+        err.print(
+            f"[yellow]warning:[/] {skipped} stored webhook secrets could not be re-sealed (logged above); "
+            "they stay as they were",
+            highlight=False,
+        )
     if as_json:
         typer.echo(json.dumps(row, indent=2))
         return
@@ -358,8 +377,11 @@ def keys_rotate(
     out.print(f"kept for verification: {', '.join(retired)}", highlight=False)
     out.print(f"new active data key: [bold]{ring.data.sealing_kid}[/]", highlight=False)
     out.print(f"kept for decryption: {', '.join(older)}", highlight=False)
-    if resealed:
-        out.print("stored webhook secrets sealed with the new data key", highlight=False)
+    if resealed is not None:
+        out.print(
+            f"stored webhook secrets sealed with the new data key: {resealed}; left as they were: {skipped}",
+            highlight=False,
+        )
 
 
 def _database_exists(url: str) -> bool:

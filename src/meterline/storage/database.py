@@ -47,6 +47,9 @@ class Database:
                 # Every statement here is short; JIT compilation (~50 ms) fires on the cost estimates of
                 # range reads that then touch a few hundred rows, and would dominate them.
                 connect_args={"options": "-c jit=off"},
+                # Errors never quote bound values: some are secrets (webhook signing secrets, sealed or
+                # from before sealing), and error text reaches logs.
+                hide_parameters=True,
             )
         path = make_url(self.url).database
         if not path or path == ":memory:":
@@ -57,6 +60,7 @@ class Database:
             # Connections are cheap for SQLite; keeping a few open keeps the page cache warm.
             pool_size=8,
             max_overflow=16,
+            hide_parameters=True,  # as above
         )
 
         @event.listens_for(engine, "connect")

@@ -351,7 +351,9 @@ alerts = Table(
     Index("ix_alerts_organization_id_created_at_us", "organization_id", "created_at_us"),
 )
 
-# The signing secret is stored as is (it must sign every delivery) and returned only on creation.
+# The signing secret is stored sealed (``enc:v1:<kid>:…``, AES-256-GCM under a data key from the key
+# file, bound to the row's id; see storage/webhook_store.py), never as the ``whsec_`` text, and shown only
+# on creation. Rows from before sealing hold the ``whsec_`` text until `meterline serve` seals them.
 webhook_endpoints = Table(
     "webhook_endpoints",
     metadata,

@@ -5,9 +5,9 @@ the row due again when its lease ends.
 
 Signing secrets are sealed at rest (``meterline.encryption``, a data key from the key file), bound to
 their endpoint's id: ``webhook_endpoints.secret`` holds ``enc:v1:<kid>:…``, never the ``whsec_`` secret.
-Rows from before sealing existed still hold ``whsec_`` secrets; ``seal_stored_secrets`` (run at every
-process start by ``build_services``, so also by ``meterline keys rotate``) seals them and re-seals rows
-of older data keys with the active one. Until then they are read as they are."""
+Rows from before sealing existed still hold ``whsec_`` secrets; ``seal_stored_secrets`` (run when
+``meterline serve`` starts and by ``meterline keys rotate``, never by other commands) seals them and
+re-seals rows of older data keys with the active one. Until then they are read as they are."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from sqlalchemy import Connection
 from meterline import ids
 from meterline.alerts.delivery import SECRET_PREFIX, secret_bytes, secret_from_bytes
 from meterline.clock import from_micros, rfc3339
-from meterline.encryption import PREFIX, SealError, SecretBox
+from meterline.encryption import PREFIX, SecretBox
 from meterline.errors import NotFound
 from meterline.storage.database import Database
+from meterline.storage.outage import is_outage
 
 log = logging.getLogger("meterline.webhooks")
 
@@ -46,6 +47,27 @@ def endpoint_json(row: Any) -> dict[str, Any]:
         "description": row.description,
         "created_at": rfc3339(from_micros(row.created_at_us)),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class SealResult:
+    """What a ``seal_stored_secrets`` pass did: rows sealed with the active data key, rows left as they
+    were (unreadable, failed, or not sealed on purpose; each logged)."""
+
+    sealed: int = 0
+    skipped: int = 0
+
+
+def _describe(exc: BaseException, *hidden: str) -> str:
+    """The error in one line, its type and first line, without any of ``hidden`` (SQL parameters are
+    not in it either: the engines hide them)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    line = f"{type(orig).__name__}: {lines[0]}" if lines else type(orig).__name__
+    texts = {text for value in hidden for text in (value, value.removeprefix(SECRET_PREFIX)) if text}
+    for text in sorted(texts, key=len, reverse=True):  # a whole value before its body
+        line = line.replace(text, "[secret]")
+    return line[:300]
 
 
 def _context(endpoint_id: str) -> str:
@@ -111,11 +133,16 @@ class SqlWebhookStore:
             return stored  # a row from before sealing, not sealed yet
         return secret_from_bytes(self._box.unseal(stored, context=_context(endpoint_id)))
 
-    def seal_stored_secrets(self) -> int:
+    def seal_stored_secrets(self, *, new_key_file: str | None = None) -> SealResult:
         """Seal every secret not sealed with the active data key (``whsec_`` rows from before sealing,
-        rows of older data keys); the number changed. Idempotent, and safe with several processes at
-        once: each row is replaced only if it still holds what was read. A row that cannot be opened is
-        logged and left as it is (its deliveries fail with the same reason)."""
+        rows of older data keys). Idempotent, and safe with several processes at once: each row is
+        replaced only if it still holds what was read. A row that cannot be opened or written is logged
+        (one line, never the secret) and left as it is; only a database outage stops the pass (raised).
+
+        ``new_key_file``: the key file was created by this process (its path). Nothing is sealed with a
+        key the deployment may not share (a command run from another directory, a missing mount); a
+        warning says what is left, and rows sealed with data keys the file lacks point at a wrong file.
+        """
         p = self._p
         current = f"{PREFIX}{self._box.sealing_kid}:%"
         with self._db.read() as conn:
@@ -123,19 +150,54 @@ class SqlWebhookStore:
                 f"SELECT id, secret FROM webhook_endpoints WHERE secret NOT LIKE {p} ORDER BY id",
                 (current,),
             ).all()
-        changed = 0
+        if new_key_file is not None:
+            self._warn_new_key_file(new_key_file, [stored for _, stored in rows])
+            return SealResult(skipped=len(rows))
+        sealed = skipped = 0
         for endpoint_id, stored in rows:
+            secret = ""
             try:
-                secret = secret_bytes(self._open(endpoint_id, stored))
-                sealed = self._box.seal(secret, context=_context(endpoint_id))
-            except (SealError, ValueError) as exc:
-                log.error("webhook endpoint %s: cannot seal its signing secret: %s", endpoint_id, exc)
-                continue
-            with self._db.write() as conn:
-                changed += self._replace_secret(conn, endpoint_id, stored, sealed)
-        if changed:
-            log.info("sealed %d webhook signing secrets with data key %s", changed, self._box.sealing_kid)
-        return changed
+                secret = self._open(endpoint_id, stored)
+                replacement = self._box.seal(secret_bytes(secret), context=_context(endpoint_id))
+                with self._db.write() as conn:
+                    sealed += self._replace_secret(conn, endpoint_id, stored, replacement)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                log.error(
+                    "webhook endpoint %s: signing secret not sealed with data key %s, left as it is: %s",
+                    endpoint_id,
+                    self._box.sealing_kid,
+                    _describe(exc, stored, secret),
+                )
+                skipped += 1
+        if sealed:
+            log.info("sealed %d webhook signing secrets with data key %s", sealed, self._box.sealing_kid)
+        return SealResult(sealed, skipped)
+
+    def _warn_new_key_file(self, path: str, stored: list[str]) -> None:
+        in_clear = sum(1 for value in stored if not value.startswith(PREFIX))
+        kids = sorted(
+            {value.removeprefix(PREFIX).partition(":")[0] for value in stored if value.startswith(PREFIX)}
+        )
+        if kids:
+            log.warning(
+                "the key file %s was just created by this process, but %d webhook signing secrets are "
+                "sealed with data keys it does not hold (%s): this is not the deployment's key file "
+                "(signing_key_file is relative to the working directory unless absolute). Nothing was "
+                "sealed with it; those webhooks cannot be sent until the right key file is in place.",
+                path,
+                len(stored) - in_clear,
+                ", ".join(kids),
+            )
+        if in_clear:
+            log.warning(
+                "%d webhook signing secrets are still stored in the clear: not sealed with the key file "
+                "%s, which this process has just created; they are sealed at the next start of "
+                "`meterline serve` (or by `meterline keys rotate`) with that file in place.",
+                in_clear,
+                path,
+            )
 
     def _replace_secret(self, conn: Connection, endpoint_id: str, stored: str, sealed: str) -> int:
         p = self._p
@@ -183,6 +245,17 @@ class SqlWebhookStore:
                 f"UPDATE webhook_outbox SET delivered_at_us = {p}, next_attempt_at_us = NULL, "
                 f"last_error = NULL WHERE id = {p}",
                 (now_us, delivery_id),
+            )
+
+    def postponed(self, delivery: Delivery, error: str, next_attempt_at_us: int) -> None:
+        """Give back the attempt just claimed (its count as before the claim) and try again at
+        ``next_attempt_at_us``: for a failure of ours that the receiver has no part in."""
+        p = self._p
+        with self._db.write() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE webhook_outbox SET attempts = {p}, next_attempt_at_us = {p}, last_error = {p} "
+                f"WHERE id = {p} AND delivered_at_us IS NULL",
+                (delivery.attempts, next_attempt_at_us, error[:500], delivery.id),
             )
 
     def failed(self, delivery_id: str, error: str, next_attempt_at_us: int | None) -> None:
