@@ -96,7 +96,7 @@ class RequestContext:
         received = 0
         started = False
         try:
-            path_problem = text.problem(scope["path"], 2048)
+            path_problem = text.problem(scope["path"], None)
             if path_problem is not None:  # ids in paths are stored and looked up like any other text
                 raise _BadText("path", f"the path {path_problem}")
             _check_form(scope.get("query_string", b"").decode("latin-1"), "query")
