@@ -101,6 +101,7 @@ def test_reconcile_finds_tampering_and_rebuild_repairs_it(
         "ledger_rows": 48,
         "drift": 0,
         "entries": [],
+        "quarantined": 0,
     }
 
     # One rollup's cost edited, one rollup deleted, one invented; one credit-usage period edited.

@@ -87,8 +87,9 @@ def test_no_answer_is_a_connection_error_retried_with_backoff() -> None:
     assert waits == [0.25, 0.5, 1.0]
 
 
-def test_a_503_is_retried_with_backoff_then_raised(sqlite_url: str, tmp_path: Path) -> None:
-    # A deployment whose shared counter store is down fails closed: every write answers 503.
+def test_a_503_is_retried_after_its_retry_after_then_raised(sqlite_url: str, tmp_path: Path) -> None:
+    # A deployment whose shared counter store is down fails closed: every write answers 503, asking for a
+    # retry after 2 s (the server's Retry-After wins over the client's own backoff).
     settings = load_settings(
         database_url=sqlite_url,
         admin_key=ADMIN_KEY,
@@ -111,4 +112,4 @@ def test_a_503_is_retried_with_backoff_then_raised(sqlite_url: str, tmp_path: Pa
     finally:
         services.close()
     assert (down.value.status_code, down.value.code) == (503, "service_unavailable")
-    assert waits == [0.1, 0.2]
+    assert waits == [2.0, 2.0]
