@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit services screenshots bench bench-quota bench-gateway bench-analytics clean
+.PHONY: install demo test lint typecheck unit services screenshots bench bench-smoke bench-quota bench-gateway bench-analytics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ screenshots: install services
 bench: install services
 	$(BIN)/python bench/events_ingest.py
 	$(BIN)/python bench/quota_store.py
+
+# Benchmark guard (≤ 4 minutes): ingestion ratio (SQLite, 100k events), gateway throughput share and CPU
+# per request/stream, quota engine decisions/s, in one table compared with bench/baseline.json (WORSE
+# when more than 15 % worse). Reports only, never fails. `make bench-smoke SMOKE_ARGS=--update-baseline`
+# rewrites the baseline.
+bench-smoke: install services
+	$(BIN)/python bench/smoke.py $(SMOKE_ARGS)
 
 # Quota counter stores (memory, Redis): reserve+settle decisions/s and Redis round trips per decision,
 # then what tallying a refusal adds to a 429.
