@@ -15,8 +15,7 @@ counters always start from what the ledger says.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 WindowKind = Literal["fixed", "rolling"]
 ROLLING_SECONDS = 60
@@ -25,8 +24,7 @@ ROLLING_SECONDS = 60
 TALLY_MINUTES = 60
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
+class Line(NamedTuple):
     key: str
     amount: int  # the estimate, >= 0
     maximum: int  # -1: unlimited, never refuses
@@ -35,23 +33,20 @@ class Line:
     reset_s: int  # fixed: unix second the window ends (the counter may be forgotten a day after)
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
+class Hold(NamedTuple):
     id: str
     lines: tuple[Line, ...]
     expires_us: int  # the lease: past it the reservation is abandoned and gets reaped
 
 
-@dataclass(frozen=True, slots=True)
-class Level:
+class Level(NamedTuple):
     """A counter after a decision: what is consumed (used + reserved) and when the window frees up."""
 
     consumed: int
     reset_s: int
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     admitted: bool
     # Index of the first line that refused (admitted is False and missing is empty).
     refused: int | None = None
@@ -65,8 +60,7 @@ class Verdict:
     levels: tuple[Level, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Seed:
+class Seed(NamedTuple):
     key: str
     kind: WindowKind
     reset_s: int
@@ -74,8 +68,7 @@ class Seed:
     buckets: tuple[tuple[int, int], ...] = ()  # rolling windows: (unix second, amount)
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(NamedTuple):
     hold_id: str
     actual: tuple[int, ...]  # per line of the hold, in order
 

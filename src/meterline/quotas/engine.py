@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from meterline import ids
 from meterline.clock import MICROS_PER_DAY, Clock, rfc3339, to_micros
@@ -35,6 +35,7 @@ from meterline.quotas.counters import (
     Seed,
     Settlement,
     Verdict,
+    WindowKind,
 )
 from meterline.quotas.limits import NAMED_LIMITS, UNLIMITED, Limit, Scope, Window
 from meterline.quotas.limits import NANOS_PER_WHOLE as NANOS
@@ -260,6 +261,24 @@ class _BonusCache:
     until: float
 
 
+class _Placement(NamedTuple):
+    """A subject's bounds, with each bound's line fields flattened next to its meter (what a decision
+    copies into its lines) and the meters in order (what a settle maps its amounts by)."""
+
+    bounds: tuple[Bound, ...]
+    lines: tuple[tuple[str, str, int, bool, WindowKind, int], ...]
+    meters: tuple[str, ...]
+
+    @classmethod
+    def of(cls, bounds: tuple[Bound, ...]) -> _Placement:
+        lines = tuple(
+            (b.limit.meter, t.key, t.maximum, t.block, t.kind, t.reset_s)
+            for b in bounds
+            for t in (b.template,)
+        )
+        return cls(bounds, lines, tuple(b.limit.meter for b in bounds))
+
+
 @dataclass
 class QuotaEngine:
     store: CounterStore
@@ -270,9 +289,7 @@ class QuotaEngine:
     bonus_ttl_s: float = 2.0
     _bonus: dict[tuple[str, int], _BonusCache] = field(default_factory=dict, repr=False)
     _bonus_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _placed: dict[tuple[object, ...], tuple[float, tuple[Bound, ...]]] = field(
-        default_factory=dict, repr=False
-    )
+    _placed: dict[tuple[object, ...], tuple[float, _Placement]] = field(default_factory=dict, repr=False)
 
     # -- placing limits -------------------------------------------------------------------------
     def bounds(self, subject: Subject, at: datetime, now: datetime) -> tuple[Bound, ...]:
@@ -281,6 +298,9 @@ class QuotaEngine:
         Placing limits costs more than reserving them, and it changes only when the day changes (every
         window starts at a UTC midnight), when the bonus balance is read again or when the subject's
         terms change; so placements are kept, keyed by all of that, for the bonus cache's lifetime."""
+        return self._placement(subject, at, now).bounds
+
+    def _placement(self, subject: Subject, at: datetime, now: datetime) -> _Placement:
         at_us, now_us = to_micros(at), to_micros(now)
         recent = at_us >= now_us - ROLLING_SECONDS * 1_000_000
         key = (
@@ -294,11 +314,11 @@ class QuotaEngine:
         cached = self._placed.get(key)
         if cached is not None and cached[0] > clock:
             return cached[1]
-        placed = tuple(self._place(subject, at, now))
+        placement = _Placement.of(tuple(self._place(subject, at, now)))
         if len(self._placed) >= _PLACED_MAX:
             self._placed.clear()
-        self._placed[key] = (clock + self.bonus_ttl_s, placed)
-        return placed
+        self._placed[key] = (clock + self.bonus_ttl_s, placement)
+        return placement
 
     def _place(self, subject: Subject, at: datetime, now: datetime) -> list[Bound]:
         period_now = billing_period(now, subject.billing_anchor_day)
@@ -366,11 +386,11 @@ class QuotaEngine:
         expires = now + (ttl or self.reservation_ttl)
         placed: list[tuple[Subject, Mapping[str, int], tuple[Bound, ...], Hold]] = []
         for index, (subject, amounts, at) in enumerate(requests):
-            bounds = self.bounds(subject, at or now, now)
+            placement = self._placement(subject, at or now, now)
+            bounds = placement.bounds
+            # Only the amounts change from one decision to the next: the rest of each line is placed once.
             lines = tuple(
-                Line(t.key, amounts.get(b.limit.meter, 0), t.maximum, t.block, t.kind, t.reset_s)
-                for b in bounds
-                for t in (b.template,)
+                [Line(k, amounts.get(m, 0), mx, bl, kd, rs) for m, k, mx, bl, kd, rs in placement.lines]
             )
             hold_id = hold_ids[index] if hold_ids is not None else f"{_HOLD_PREFIX}{next(_hold_numbers):x}"
             placed.append((subject, amounts, bounds, Hold(hold_id, lines, to_micros(expires))))
@@ -504,7 +524,7 @@ class QuotaEngine:
     def settle_holds(self, items: Sequence[tuple[str, Sequence[str], Mapping[str, int]]]) -> None:
         """``settle`` by reservation id and the meters of its lines (a reservation made elsewhere)."""
         settlements = [
-            Settlement(hold_id, tuple(actual.get(meter, 0) for meter in meters))
+            Settlement(hold_id, tuple([actual.get(meter, 0) for meter in meters]))
             for hold_id, meters, actual in items
         ]
         if settlements:

@@ -115,15 +115,17 @@ class MemoryCounterStore:
             return Verdict(admitted=False, missing=tuple(i for i, c in enumerate(counters) if c is None))
         overage = False
         consumed: list[int] = []
-        for index, (line, counter) in enumerate(zip(lines, counters, strict=True)):
-            if isinstance(counter, _Fixed):
+        for index, line in enumerate(lines):
+            counter = counters[index]
+            if type(counter) is _Fixed:
                 value = counter.used + counter.reserved
             else:
-                assert counter is not None
+                assert isinstance(counter, _Rolling)
                 counter.prune(now_s)
                 value = counter.total
             consumed.append(value)
-            if not refuses(value, line.amount, line.maximum):
+            # ``refuses`` inlined: this loop runs for every line of every request.
+            if line.maximum < 0 or line.amount <= 0 or value + line.amount <= line.maximum:
                 continue
             if line.block:
                 return Verdict(
@@ -135,15 +137,15 @@ class MemoryCounterStore:
             overage = True
         levels: list[Level] = []
         for line, counter, value in zip(lines, counters, consumed, strict=True):
-            if isinstance(counter, _Fixed):
+            if type(counter) is _Fixed:
                 counter.reserved += line.amount
                 levels.append(Level(value + line.amount, counter.reset_s))
             else:
-                assert counter is not None
+                assert isinstance(counter, _Rolling)
                 counter.add(now_s, line.amount)
                 levels.append(Level(value + line.amount, counter.reset_s(now_s)))
         self._holds[hold.id] = _Held(hold, now_s)
-        return Verdict(admitted=True, overage=overage, levels=tuple(levels))
+        return Verdict(True, None, 0, overage, (), tuple(levels))
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         with self._lock:
