@@ -45,6 +45,8 @@ from typing import Any
 
 import httpx
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 for extra in (ROOT, ROOT / "bench"):
     if str(extra) not in sys.path:
@@ -434,15 +436,9 @@ def fmt(figures: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,

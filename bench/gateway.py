@@ -79,6 +79,7 @@ if str(BENCH) not in sys.path:
 
 from gateway_client import Client, Endpoint, Result  # noqa: E402
 from gateway_profile import profile_summary  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from meterline.testing import PIECE, FakeUpstream  # noqa: E402
 
 T = TypeVar("T")
@@ -702,18 +703,12 @@ def git_head() -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     mem = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem = round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024, 1)
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "memory_gib": mem,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -25,7 +25,6 @@ Prints a table and writes ``bench/results/quota_store.json``. Nothing is left ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +44,8 @@ from typing import Any
 
 import orjson
 import redis
+
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -249,15 +250,9 @@ def redis_benchmark(port: int, sha: str) -> list[dict[str, Any]]:
 
 
 def machine(redis_version: str) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "redis_server": redis_version,
         "redis_py": redis.__version__,

@@ -30,13 +30,10 @@ the old and the new commit in one session, e.g. ``git worktree add /tmp/old <com
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import platform
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -48,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from machine import host
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -204,19 +203,7 @@ PHASES: tuple[Callable[[Path], tuple[dict[str, float], dict[str, Any]]], ...] = 
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-    }
+    return host()
 
 
 def git(*args: str) -> str | None:
