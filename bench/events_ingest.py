@@ -562,9 +562,7 @@ def server_errors(log: str) -> list[str]:
     return sorted({line[:200] for line in _EXCEPTION_LINE.findall(log)})
 
 
-def api_run(
-    database_url: str, log_dir: Path, batches: Sequence[tuple[int, bytes]], clients: int
-) -> ApiRun:
+def api_run(database_url: str, log_dir: Path, batches: Sequence[tuple[int, bytes]], clients: int) -> ApiRun:
     """One fresh server on ``database_url``: provision, warm up, send ``batches``."""
     with running_server(database_url, log_dir) as server:
         key = provision(server.base_url)

@@ -47,6 +47,7 @@ def per_call_us(first: int, calls: int, step: Callable[[int], object]) -> float:
 def measure(store: CounterStore, calls: int, repeat: int) -> tuple[float, float]:
     now = time.time_ns() // 1_000
     store.seed([Seed("org:calls:day", "fixed", DAY_END_S, used=1)], now)
+
     def alone(index: int) -> None:
         refused(store, now, index)
 

@@ -306,3 +306,19 @@ def test_verifying_keys_come_from_any_jwk_set() -> None:
     assert verifying.verify(key.sign({"a": 1}, typ="t"), typ="t") == {"a": 1}
     with pytest.raises(ValueError, match="keys"):
         VerifyingKeys.from_jwks({"nope": []})
+
+
+def test_a_receipt_is_the_compact_jws_joserfc_makes(keys: SigningKeys, rows: list[LedgerRow]) -> None:
+    """Receipts are signed without joserfc's per-call work; the bytes must be exactly what it makes
+    (Ed25519 is deterministic), so any JOSE library verifies them."""
+    from meterline.signing import _REGISTRY, ALGORITHMS
+
+    receipt = Notary(keys).extend(GENESIS, rows[:1])[0][0]
+    _, payload_b64, _ = receipt.jws.split(".")
+    payload = base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4))
+    header = {"alg": "EdDSA", "typ": RECEIPT_TYPE, "kid": keys.active.kid}
+    expected = jws.serialize_compact(
+        header, payload, keys.active._key, algorithms=ALGORITHMS, registry=_REGISTRY
+    )
+    assert receipt.jws == expected
+    assert jws.deserialize_compact(receipt.jws, keys.active.public, algorithms=ALGORITHMS, registry=_REGISTRY)
