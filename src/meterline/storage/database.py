@@ -4,6 +4,9 @@ SQLite (embedded default) gets WAL, a busy timeout and **one serialized writer p
 write transactions take an in-process lock and start with ``BEGIN IMMEDIATE``, so concurrent writers
 queue instead of failing with "database is locked" half-way through a transaction. PostgreSQL
 (scale-out) relies on its own row locks and a connection pool.
+
+On both, the hot writes (settles, event batches, durable reservations) are queued to the database's one
+``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+
+from meterline.storage.writer import Writer
 
 
 def normalize_url(url: str) -> str:
@@ -32,6 +37,8 @@ class Database:
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self.engine = self._create_engine(pool_size)
+        # The hot writes (settles, event batches, reservations) go through it, group-committed.
+        self.writer = Writer(self.write)
 
     @property
     def is_sqlite(self) -> bool:
@@ -103,6 +110,7 @@ class Database:
             yield conn
 
     def dispose(self) -> None:
+        self.writer.close()
         self.engine.dispose()
 
 

@@ -248,23 +248,33 @@ class SqlLedgerStore:
     ) -> AppendResult:
         if not rows and not settles:
             return AppendResult(written=[], existing={})
-        with self._db.write() as conn:
-            result = self.append_in(conn, rows, credits)
-            if settles:
-                # Durable reservations end in the transaction that writes their rows: never both, never none.
-                marker = "?" if self._db.is_sqlite else "%s"
-                ended = 0
-                for start in range(0, len(settles), 500):
-                    chunk = list(settles[start : start + 500])
-                    ended += conn.exec_driver_sql(
-                        f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
-                        tuple(chunk),
-                    ).rowcount
-                # A row written now for a reservation someone else ended meanwhile (another process
-                # quarantined it) would end it twice: roll back, the caller answers what was decided.
-                if ended < len({r.id for r in result.written} & set(settles)):
-                    raise ReservationEnded("a reservation was ended by another process during its settle")
-            return result
+        # Queued to the database's writer, which group-commits it with what else is queued; answered
+        # only once committed. Ordered by organization: see ``storage.writer``.
+        return self._db.writer.run(
+            lambda conn: self._append_and_end(conn, rows, credits, settles),
+            rows=len(rows),
+            order=rows[0].organization_id if rows else "",
+        )
+
+    def _append_and_end(
+        self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]
+    ) -> AppendResult:
+        result = self.append_in(conn, rows, credits)
+        if settles:
+            # Durable reservations end in the transaction that writes their rows: never both, never none.
+            marker = "?" if self._db.is_sqlite else "%s"
+            ended = 0
+            for start in range(0, len(settles), 500):
+                chunk = list(settles[start : start + 500])
+                ended += conn.exec_driver_sql(
+                    f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
+                    tuple(chunk),
+                ).rowcount
+            # A row written now for a reservation someone else ended meanwhile (another process
+            # quarantined it) would end it twice: roll back, the caller answers what was decided.
+            if ended < len({r.id for r in result.written} & set(settles)):
+                raise ReservationEnded("a reservation was ended by another process during its settle")
+        return result
 
     def append_in(
         self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None = None

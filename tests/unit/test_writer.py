@@ -1,0 +1,155 @@
+"""The group-commit writer on a real SQLite file: batches form under concurrency, each caller is answered
+only after its batch committed, one job's failure is its own, and a failed commit fails every job of it."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection
+
+from meterline.storage.database import Database
+from meterline.storage.writer import Writer
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'w.db'}")
+    with database.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE items (name TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+    yield database
+    database.dispose()
+
+
+def names(db: Database) -> set[str]:
+    path = db.engine.url.database
+    assert path is not None
+    with sqlite3.connect(path) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM items")}
+
+
+def insert(name: str, n: int = 1) -> Callable[[Connection], str]:
+    def job(conn: Connection) -> str:
+        conn.exec_driver_sql("INSERT INTO items (name, n) VALUES (?, ?)", (name, n))
+        return name
+
+    return job
+
+
+def test_a_lone_job_is_committed_before_its_caller_is_answered(db: Database) -> None:
+    seen_by_other_connection: list[set[str]] = []
+
+    def job(conn: Connection) -> str:
+        conn.exec_driver_sql("INSERT INTO items (name, n) VALUES ('a', 1)")
+        seen_by_other_connection.append(names(db))  # not committed yet: invisible to others
+        return "done"
+
+    assert db.writer.run(job) == "done"
+    assert seen_by_other_connection == [set()]
+    assert names(db) == {"a"}
+
+
+def test_concurrent_callers_share_commits_and_all_land(db: Database) -> None:
+    gate = threading.Event()
+
+    def slow(conn: Connection) -> str:
+        gate.wait(5)  # holds the writer: everything submitted meanwhile queues into the next batch
+        conn.exec_driver_sql("INSERT INTO items (name, n) VALUES ('first', 1)")
+        return "first"
+
+    first = db.writer.submit(slow)
+    futures = [db.writer.submit(insert(f"item-{i}")) for i in range(50)]
+    gate.set()
+    assert first.result(5) == "first"
+    assert sorted(f.result(5) for f in futures) == sorted(f"item-{i}" for i in range(50))
+    assert len(names(db)) == 51
+    assert db.writer.jobs == 51
+    assert db.writer.batches <= 3  # 51 jobs, not 51 commits
+
+
+def test_a_failing_job_fails_only_its_own_caller(db: Database) -> None:
+    gate = threading.Event()
+    db.writer.submit(lambda _conn: gate.wait(5))
+    good = [db.writer.submit(insert(f"good-{i}")) for i in range(5)]
+    # Two rows, the second refused by the primary key: the job's first row must not survive either.
+    bad = db.writer.submit(lambda conn: [insert("partial")(conn), insert("good-0")(conn)])
+    more = [db.writer.submit(insert(f"more-{i}")) for i in range(5)]
+    gate.set()
+    with pytest.raises(Exception, match="UNIQUE"):
+        bad.result(5)
+    assert [f.result(5) for f in good + more] == [f"good-{i}" for i in range(5)] + [
+        f"more-{i}" for i in range(5)
+    ]
+    assert "partial" not in names(db)
+    assert len(names(db)) == 10
+
+
+def test_a_failed_commit_answers_every_job_of_the_batch_with_the_error(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'w.db'}")
+    with db.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE items (name TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+
+    @contextmanager
+    def failing_transaction() -> Iterator[Connection]:
+        with db.write() as conn:
+            yield conn
+            raise OSError("disk full")  # after the jobs ran, before the commit
+
+    writer = Writer(failing_transaction)
+    gate = threading.Event()
+    writer.submit(lambda _conn: gate.wait(5))
+    futures = [writer.submit(insert(f"x-{i}")) for i in range(5)]
+    gate.set()
+    for future in futures:
+        with pytest.raises(OSError, match="disk full"):
+            future.result(5)
+    assert names(db) == set()
+    writer.close()
+    db.dispose()
+
+
+def test_jobs_of_a_batch_run_in_key_order(db: Database) -> None:
+    ran: list[str] = []
+    gate = threading.Event()
+    db.writer.submit(lambda _conn: gate.wait(5))
+    futures = [
+        db.writer.submit(lambda _c, k=k: ran.append(k), order=k) for k in ["org_c", "org_a", "org_b", "org_a"]
+    ]
+    gate.set()
+    for future in futures:
+        future.result(5)
+    assert ran == ["org_a", "org_a", "org_b", "org_c"]
+
+
+def test_many_threads_waiting_on_the_writer(db: Database) -> None:
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = list(pool.map(lambda i: db.writer.run(insert(f"t-{i}", i)), range(200)))
+    assert sorted(got) == sorted(f"t-{i}" for i in range(200))
+    assert len(names(db)) == 200
+
+
+def test_a_job_cannot_wait_on_the_writer_itself(db: Database) -> None:
+    with pytest.raises(RuntimeError, match="wait forever"):
+        db.writer.run(lambda _conn: db.writer.run(lambda _c: None))
+
+
+def test_the_writer_restarts_after_dispose(db: Database) -> None:
+    db.writer.run(insert("before"))
+    db.dispose()
+    db.writer.run(insert("after"))
+    assert names(db) == {"before", "after"}
+
+
+def test_transaction_factory_is_the_databases_write_rule(db: Database) -> None:
+    # The writer holds the same process-wide write lock as every other write: they never interleave.
+    factory: AbstractContextManager[Connection] = db.write()
+    with factory:
+        future = db.writer.submit(insert("queued"))
+        assert not future.done()
+    future.result(5)
+    assert names(db) == {"queued"}
