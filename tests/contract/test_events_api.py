@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi.testclient import TestClient
 
 from conftest import Tenant, assert_envelope, make_tenant
+from meterline.services import Services
 
 
 def event(i: int | str, **fields: Any) -> dict[str, Any]:
@@ -266,3 +268,65 @@ def test_concurrent_batches_sharing_rollup_rows_all_land(client: TestClient, ten
         assert list(pool.map(send, range(16))) == [200] * 16
     assert ledger(client, tenant, limit=1)["total_count"] == 16 * 30
     assert client.get("/v1/usage", headers=tenant.headers).json()["usage"] == 16 * 30 * 1500
+
+
+def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(
+    client: TestClient, tenant: Tenant, services: Services
+) -> None:
+    """Twelve requests committed in one transaction by the writer; the database refuses one event of one
+    of them. That request fails whole (none of its events is written); the other eleven land."""
+    db = services.db
+    poison_ddl = (
+        [
+            "CREATE TRIGGER poison BEFORE INSERT ON ledger WHEN NEW.idempotency_key = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        ]
+        if db.is_sqlite
+        else [
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.idempotency_key = 'poison' THEN RAISE EXCEPTION 'poisoned'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER poison BEFORE INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION poison()",
+        ]
+    )
+    with db.write() as conn:
+        for statement in poison_ddl:
+            conn.exec_driver_sql(statement)
+    try:
+        # Hold the writer until all twelve are queued behind it: they are then one batch.
+        def hold(_conn: object) -> None:
+            deadline = time.monotonic() + 30
+            while db.writer.pending < 12 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        # Authenticated once before: the key's last-used stamp (a write outside the writer, once a
+        # minute) must not wait behind the held transaction.
+        assert client.get("/v1/usage", headers=tenant.headers).status_code == 200
+        batches_before = db.writer.batches
+        held = db.writer.submit(hold)
+
+        def send(worker: int) -> Any:
+            events = [event(f"{worker}-{i}", user_id=f"user-{i}", run_id=f"w{worker}") for i in range(5)]
+            if worker == 7:
+                events[3]["id"] = "poison"
+            return client.post("/v1/events", json={"events": events}, headers=tenant.headers)
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(send, range(12)))
+        held.result(30)
+        assert db.writer.batches - batches_before == 2  # the holder, then all twelve together
+    finally:
+        with db.write() as conn:
+            conn.exec_driver_sql("DROP TRIGGER poison" if db.is_sqlite else "DROP TRIGGER poison ON ledger")
+            if not db.is_sqlite:
+                conn.exec_driver_sql("DROP FUNCTION poison()")
+
+    bad = answers[7]
+    assert bad.status_code >= 400
+    assert "error" in bad.json()
+    assert [a.status_code for i, a in enumerate(answers) if i != 7] == [200] * 11
+    rows = ledger(client, tenant, limit=1000)
+    assert rows["total_count"] == 11 * 5
+    assert {r["run_id"] for r in rows["data"]} == {f"w{w}" for w in range(12) if w != 7}
+    # Resent once the database takes it again, the refused request lands whole.
+    assert send(7).status_code == 200
+    assert ledger(client, tenant, limit=1)["total_count"] == 12 * 5

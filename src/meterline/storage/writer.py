@@ -85,6 +85,11 @@ class Writer:
             self._queue.put(queued)
         return queued.future
 
+    @property
+    def pending(self) -> int:
+        """Jobs queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
     def run(self, job: Job[T], *, rows: int = 1, order: str = "") -> T:
         """``submit`` and wait for the answer (from any thread but the writer's own)."""
         if threading.current_thread() is self._thread:
