@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Connection
 
 from meterline.storage.database import Database
-from meterline.storage.writer import Writer
+from meterline.storage.writer import Together, Writer
 
 
 @pytest.fixture
@@ -153,3 +153,31 @@ def test_transaction_factory_is_the_databases_write_rule(db: Database) -> None:
         assert not future.done()
     future.result(5)
     assert names(db) == {"queued"}
+
+
+def test_jobs_of_one_kind_run_as_one_and_a_bad_one_still_fails_alone(db: Database) -> None:
+    calls: list[list[str]] = []
+
+    def insert_all(conn: Connection, names_: list[str]) -> list[str]:
+        calls.append(list(names_))
+        conn.exec_driver_sql("INSERT INTO items (name, n) VALUES (?, 1)", [(n,) for n in names_])
+        return [n.upper() for n in names_]
+
+    def queue_all(wanted: list[str]) -> list[Future[str]]:
+        gate = threading.Event()
+        db.writer.submit(lambda _conn: gate.wait(5))
+        futures = [db.writer.submit_together(Together("items", n, insert_all)) for n in wanted]
+        gate.set()
+        return futures
+
+    assert [f.result(5) for f in queue_all(["a", "b", "c"])] == ["A", "B", "C"]
+    assert calls == [["a", "b", "c"]]  # one run for the three
+
+    calls.clear()
+    futures = queue_all(["d", "a", "e"])  # "a" is taken: the merged run fails, then each alone
+    assert futures[0].result(5) == "D"
+    assert futures[2].result(5) == "E"
+    with pytest.raises(Exception, match="UNIQUE"):
+        futures[1].result(5)
+    assert calls == [["d", "a", "e"], ["d"], ["a"], ["e"]]
+    assert names(db) == {"a", "b", "c", "d", "e"}

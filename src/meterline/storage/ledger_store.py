@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -19,6 +21,7 @@ from meterline.storage import usage_rollups
 from meterline.storage.credit_store import split_credits
 from meterline.storage.database import Database
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
+from meterline.storage.writer import Together
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -214,6 +217,16 @@ def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
     return (r.id, r.organization_id, r.workspace_id, r.ledger_id, r.seq, r.prev_hash, r.jws, r.created_at_us)
 
 
+_LEDGER = "ledger"
+
+
+@dataclass(frozen=True, slots=True)
+class _Append:
+    rows: Sequence[LedgerRow]
+    credits: CreditTerms | None
+    settles: Sequence[str]
+
+
 class AlertHook(Protocol):
     def evaluate_in(self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None: ...
 
@@ -248,13 +261,41 @@ class SqlLedgerStore:
     ) -> AppendResult:
         if not rows and not settles:
             return AppendResult(written=[], existing={})
-        # Queued to the database's writer, which group-commits it with what else is queued; answered
-        # only once committed. Ordered by organization: see ``storage.writer``.
-        return self._db.writer.run(
-            lambda conn: self._append_and_end(conn, rows, credits, settles),
-            rows=len(rows),
-            order=rows[0].organization_id if rows else "",
-        )
+        return self.submit(rows, credits, settles=settles).result()
+
+    def submit(
+        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+    ) -> Future[AppendResult]:
+        """``append``, queued to the database's writer: the future is answered once the rows are
+        committed. Appends of one organization (with the same credit terms) queued together are written
+        as one (``_append_together``); the batch is ordered by organization (see ``storage.writer``)."""
+        org = rows[0].organization_id if rows else ""
+        together = Together((_LEDGER, org, credits), _Append(rows, credits, settles), self._append_together)
+        return self._db.writer.submit_together(together, rows=len(rows), order=org)
+
+    def _append_together(self, conn: Connection, appends: list[_Append]) -> list[AppendResult]:
+        """Several appends of one organization as one: one idempotency look-up, one insert, one rollup
+        upsert, one stretch of the receipt chain, one credit split; then each append's share of it."""
+        if len(appends) == 1:
+            only = appends[0]
+            return [self._append_and_end(conn, only.rows, only.credits, only.settles)]
+        rows = [row for append in appends for row in append.rows]
+        settles = [reservation for append in appends for reservation in append.settles]
+        result = self._append_and_end(conn, rows, appends[0].credits, settles)
+        written = {row.id: row for row in result.written}
+        shares: list[AppendResult] = []
+        for append in appends:
+            mine = [written[row.id] for row in append.rows if row.id in written]
+            mine_keys = {row.idempotency_key for row in mine}
+            # A key another append of this batch wrote first is "existing" for this one, not for that one.
+            keys = (row.idempotency_key for row in append.rows)
+            existing = {
+                key: result.existing[key]
+                for key in keys
+                if key is not None and key in result.existing and key not in mine_keys
+            }
+            shares.append(AppendResult(written=mine, existing=existing))
+        return shares
 
     def _append_and_end(
         self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]

@@ -45,6 +45,9 @@ def _held_or_unreadable(row: Any) -> HeldReservation | Unreadable:
         return Unreadable(row.id, row.organization_id, row.estimate_json, meters, describe_error(exc))
 
 
+_ADD = "reservations.add"
+
+
 class SqlReservationStore:
     def __init__(self, db: Database) -> None:
         self._db = db

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -37,8 +37,23 @@ from sqlalchemy import Connection
 log = logging.getLogger("meterline.writer")
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 Job = Callable[[Connection], T]
+
+
+@dataclass(frozen=True, slots=True)
+class Together(Generic[P, T]):
+    """A job that can run as one with others of its kind: queued jobs with equal ``key`` are merged,
+    ``run`` gets their payloads in queue order and answers one result per payload.
+
+    Merging is what makes a batch cheaper than its jobs: a settle's look-ups, rollup upserts, receipt
+    chain and credit split are done once for every settle of an organization in the batch. If the merged
+    run raises, it is rolled back and its jobs run one by one, so a bad one still fails only itself."""
+
+    key: Hashable
+    payload: P
+    run: Callable[[Connection, list[P]], list[T]]
 
 
 @dataclass(slots=True)
@@ -46,6 +61,7 @@ class _Queued(Generic[T]):
     job: Job[T]
     rows: int
     order: str
+    together: Together[Any, T] | None = None
     future: Future[T] = field(default_factory=Future)
 
 
@@ -74,7 +90,17 @@ class Writer:
     def submit(self, job: Job[T], *, rows: int = 1, order: str = "") -> Future[T]:
         """Queue ``job`` (called with the batch's connection, inside the transaction); its future is
         answered after the batch commits."""
-        queued: _Queued[T] = _Queued(job, max(rows, 1), order)
+        return self._put(_Queued(job, max(rows, 1), order))
+
+    def submit_together(self, together: Together[P, T], *, rows: int = 1, order: str = "") -> Future[T]:
+        """``submit`` for a job that may be merged with others of its kind (see ``Together``)."""
+
+        def alone(conn: Connection) -> T:
+            return together.run(conn, [together.payload])[0]
+
+        return self._put(_Queued(alone, max(rows, 1), order, together))
+
+    def _put(self, queued: _Queued[T]) -> Future[T]:
         with self._lock:
             if self._thread is None:
                 self._queue = queue.SimpleQueue()
@@ -146,18 +172,11 @@ class Writer:
                 if len(live) == 1:
                     results.append((live[0], live[0].job(conn)))
                 else:
-                    for item in live:
-                        savepoint = conn.begin_nested()
-                        try:
-                            result = item.job(conn)
-                        except Exception as exc:
-                            # Rolled back to its savepoint: only this job's writes are undone. If even
-                            # that fails, the transaction is lost and the whole batch fails below.
-                            savepoint.rollback()
-                            failed.append((item, exc))
+                    for unit in _units(live):
+                        if len(unit) > 1 and self._together(conn, unit, results):
                             continue
-                        savepoint.commit()
-                        results.append((item, result))
+                        for item in unit:
+                            self._alone(conn, item, results, failed)
         except BaseException as exc:
             for item in live:
                 if not item.future.done():
@@ -174,5 +193,60 @@ class Writer:
             with contextlib.suppress(Exception):
                 item.future.set_exception(error)
 
+    @staticmethod
+    def _together(
+        conn: Connection, unit: list[_Queued[Any]], results: list[tuple[_Queued[Any], Any]]
+    ) -> bool:
+        """Run a unit of mergeable jobs as one; False (nothing kept) if it raised."""
+        first = unit[0].together
+        assert first is not None
+        savepoint = conn.begin_nested()
+        try:
+            outcomes = first.run(conn, [item.together.payload for item in unit if item.together is not None])
+            if len(outcomes) != len(unit):
+                raise RuntimeError("a merged write answered the wrong number of results")
+        except Exception:
+            savepoint.rollback()
+            return False
+        savepoint.commit()
+        results.extend(zip(unit, outcomes, strict=True))
+        return True
 
-__all__ = ["Job", "Writer"]
+    @staticmethod
+    def _alone(
+        conn: Connection,
+        item: _Queued[Any],
+        results: list[tuple[_Queued[Any], Any]],
+        failed: list[tuple[_Queued[Any], BaseException]],
+    ) -> None:
+        savepoint = conn.begin_nested()
+        try:
+            result = item.job(conn)
+        except Exception as exc:
+            # Rolled back to its savepoint: only this job's writes are undone. If even that fails, the
+            # transaction is lost and the whole batch fails.
+            savepoint.rollback()
+            failed.append((item, exc))
+            return
+        savepoint.commit()
+        results.append((item, result))
+
+
+def _units(items: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
+    """Jobs grouped into what runs as one: mergeable jobs by key, every other job alone; in the order
+    of each unit's first job."""
+    units: list[list[_Queued[Any]]] = []
+    by_key: dict[Hashable, list[_Queued[Any]]] = {}
+    for item in items:
+        if item.together is None:
+            units.append([item])
+            continue
+        unit = by_key.get(item.together.key)
+        if unit is None:
+            unit = by_key[item.together.key] = []
+            units.append(unit)
+        unit.append(item)
+    return units
+
+
+__all__ = ["Job", "Together", "Writer"]
