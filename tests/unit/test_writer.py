@@ -41,6 +41,20 @@ def insert(name: str, n: int = 1) -> Callable[[Connection], str]:
     return job
 
 
+def hold(writer: Writer) -> threading.Event:
+    """Occupy the writer with a job that waits for the returned event: jobs submitted meanwhile queue
+    behind it and form the next batch together."""
+    started, gate = threading.Event(), threading.Event()
+
+    def job(_conn: Connection) -> None:
+        started.set()
+        gate.wait(5)
+
+    writer.submit(job)
+    assert started.wait(5)
+    return gate
+
+
 def test_a_lone_job_is_committed_before_its_caller_is_answered(db: Database) -> None:
     seen_by_other_connection: list[set[str]] = []
 
@@ -55,26 +69,19 @@ def test_a_lone_job_is_committed_before_its_caller_is_answered(db: Database) -> 
 
 
 def test_concurrent_callers_share_commits_and_all_land(db: Database) -> None:
-    gate = threading.Event()
-
-    def slow(conn: Connection) -> str:
-        gate.wait(5)  # holds the writer: everything submitted meanwhile queues into the next batch
-        conn.exec_driver_sql("INSERT INTO items (name, n) VALUES ('first', 1)")
-        return "first"
-
-    first = db.writer.submit(slow)
+    gate = hold(db.writer)
+    first = db.writer.submit(insert("first"))
     futures = [db.writer.submit(insert(f"item-{i}")) for i in range(50)]
     gate.set()
     assert first.result(5) == "first"
     assert sorted(f.result(5) for f in futures) == sorted(f"item-{i}" for i in range(50))
     assert len(names(db)) == 51
-    assert db.writer.jobs == 51
-    assert db.writer.batches <= 3  # 51 jobs, not 51 commits
+    assert db.writer.jobs == 52
+    assert db.writer.batches == 2  # the holder, then the 51 queued behind it in one commit
 
 
 def test_a_failing_job_fails_only_its_own_caller(db: Database) -> None:
-    gate = threading.Event()
-    db.writer.submit(lambda _conn: gate.wait(5))
+    gate = hold(db.writer)
     good = [db.writer.submit(insert(f"good-{i}")) for i in range(5)]
     # Two rows, the second refused by the primary key: the job's first row must not survive either.
     bad = db.writer.submit(lambda conn: [insert("partial")(conn), insert("good-0")(conn)])
@@ -101,8 +108,7 @@ def test_a_failed_commit_answers_every_job_of_the_batch_with_the_error(tmp_path:
             raise OSError("disk full")  # after the jobs ran, before the commit
 
     writer = Writer(failing_transaction)
-    gate = threading.Event()
-    writer.submit(lambda _conn: gate.wait(5))
+    gate = hold(writer)
     futures = [writer.submit(insert(f"x-{i}")) for i in range(5)]
     gate.set()
     for future in futures:
@@ -115,8 +121,7 @@ def test_a_failed_commit_answers_every_job_of_the_batch_with_the_error(tmp_path:
 
 def test_jobs_of_a_batch_run_in_key_order(db: Database) -> None:
     ran: list[str] = []
-    gate = threading.Event()
-    db.writer.submit(lambda _conn: gate.wait(5))
+    gate = hold(db.writer)
     futures = [
         db.writer.submit(lambda _c, k=k: ran.append(k), order=k) for k in ["org_c", "org_a", "org_b", "org_a"]
     ]
@@ -164,8 +169,7 @@ def test_jobs_of_one_kind_run_as_one_and_a_bad_one_still_fails_alone(db: Databas
         return [n.upper() for n in names_]
 
     def queue_all(wanted: list[str]) -> list[Future[str]]:
-        gate = threading.Event()
-        db.writer.submit(lambda _conn: gate.wait(5))
+        gate = hold(db.writer)
         futures = [db.writer.submit_together(Together("items", n, insert_all)) for n in wanted]
         gate.set()
         return futures

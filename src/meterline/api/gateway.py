@@ -4,8 +4,9 @@ Per request: authenticate -> estimate -> reserve (429 if a limit would be exceed
 over between routes -> settle with the usage the upstream reported (or a local count) -> respond with the
 upstream's body, ``usage``, rate-limit headers, ``X-Request-Id`` and ``X-Meterline-Receipt-Id``.
 
-Storage work runs in the thread pool, never on the event loop; the relay of a stream never buffers more
-than one server-sent event.
+Storage work never runs on the event loop: admission runs in the thread pool, and the settle is awaited
+on the database's writer (pricing and an in-process counter store are on the loop). The relay of a
+stream never buffers more than one server-sent event.
 """
 
 from __future__ import annotations
@@ -315,11 +316,11 @@ async def _settle(
     settled by the reaper's next sweep once the database is back (a crash before then leaves the durable
     reservation, settled at its estimate)."""
     try:
-        return await run_in_threadpool(
-            gateway.exchanges.settle,
+        return await gateway.exchanges.settle_soon(
             ticket,
             usage,
             opened.route,
+            run_in_threadpool,
             failover=opened.failover,
             audio_seconds=audio_seconds,
             metadata=metadata,

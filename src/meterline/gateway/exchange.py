@@ -8,6 +8,7 @@ it arrived, and a crash between reserve and settle is recovered by the reservati
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.routing import Route
 from meterline.metering.records import LedgerRow, UsageRecord
-from meterline.metering.reservations import Hold
+from meterline.metering.reservations import Hold, Settled
 from meterline.metering.settle import Account
 from meterline.quotas.engine import RateLimits
 from meterline.quotas.limits import UNLIMITED
@@ -116,6 +117,34 @@ class Exchanges:
         metadata: dict[str, Any] | None = None,
     ) -> LedgerRow:
         """Replace the estimate with what was consumed: the ledger row (and its receipt) is written."""
+        actual = self._actual(ticket, usage, route, failover, audio_seconds, metadata)
+        return self._services.reservations.finish(ticket.hold.held, actual, ticket.account).row
+
+    async def settle_soon(
+        self,
+        ticket: Ticket,
+        usage: TokenUsage,
+        route: Route,
+        in_thread: Callable[[Callable[[], Settled]], Awaitable[Settled]],
+        *,
+        failover: bool,
+        audio_seconds: Decimal | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> LedgerRow:
+        """``settle`` on the event loop: the write is awaited on the database's writer, no thread hop."""
+        actual = self._actual(ticket, usage, route, failover, audio_seconds, metadata)
+        reservations = self._services.reservations
+        return (await reservations.finish_soon(ticket.hold.held, actual, ticket.account, in_thread)).row
+
+    def _actual(
+        self,
+        ticket: Ticket,
+        usage: TokenUsage,
+        route: Route,
+        failover: bool,
+        audio_seconds: Decimal | None,
+        metadata: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         actual: dict[str, Any] = {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
@@ -130,7 +159,7 @@ class Exchanges:
             actual["audio_seconds"] = audio_seconds
         if metadata:
             actual["metadata"] = metadata
-        return self._services.reservations.finish(ticket.hold.held, actual).row
+        return actual
 
     def release(self, ticket: Ticket) -> None:
         """The request never reached a model (or the upstream refused it): nothing is billed."""

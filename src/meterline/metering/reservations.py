@@ -15,14 +15,16 @@ A reservation that cannot be settled for a reason a retry cannot fix (not an out
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -32,11 +34,14 @@ from meterline.errors import Conflict, InvalidRequest, MeterlineError, NotFound
 from meterline.metering.quarantine import QuarantineEntry, QuarantineStore, describe_error
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler, storable
+from meterline.metering.store import AppendResult
 from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.engine import QuotaEngine, Reservation, Subject, meter_of_key
 from meterline.quotas.gate import row_amounts
 
 log = logging.getLogger("meterline.reservations")
+
+T = TypeVar("T")
 
 RECOVERED = "meterline.recovered"
 QUARANTINED = "meterline.quarantined"
@@ -202,7 +207,9 @@ class Reservations:
             raise
         return Hold(reservation, held, priced)
 
-    def finish(self, held: HeldReservation, actual: Mapping[str, Any]) -> Settled:
+    def finish(
+        self, held: HeldReservation, actual: Mapping[str, Any], account: Account | None = None
+    ) -> Settled:
         """Settle a reservation this process holds, with the actual usage (no read of the store).
 
         If recovery got there first (the lease ran out), the row it wrote is answered: exactly once.
@@ -210,25 +217,77 @@ class Reservations:
         outage the settle is kept here with its actual usage and retried by ``recover`` (then raised)."""
         record = replace(held.estimate, **actual)
         try:
-            return self._finish_or_set_aside(held, record)
+            row, account = self._priced(held, record, account)
+            result = self._settler.append([row], account, settles=[held.id])
         except Exception as exc:
-            if self._is_outage(exc):
-                with self._deferred_lock:
-                    self._deferred[held.id] = (held, record)
-            raise
+            return self._not_finished(held, record, exc, defer=True)
+        return self._settled(held, result)
+
+    async def finish_soon(
+        self,
+        held: HeldReservation,
+        actual: Mapping[str, Any],
+        account: Account,
+        in_thread: Callable[[Callable[[], Settled]], Awaitable[Settled]],
+    ) -> Settled:
+        """``finish`` for an event loop: the same steps, with the write awaited on the database's writer
+        instead of blocking a thread. Pricing and an in-process counter store run here; what may block
+        (a shared counter store, a failure's recovery) goes to ``in_thread``."""
+        record = replace(held.estimate, **actual)
+        try:
+            row, account = self._priced(held, record, account)
+            result = await answer_of(self._settler.submit([row], account, settles=[held.id]))
+        except Exception as exc:
+            failure = exc
+            return await in_thread(lambda: self._not_finished(held, record, failure, defer=True))
+        if self._counters.in_process:
+            return self._settled(held, result)
+        return await in_thread(lambda: self._settled(held, result))
 
     def _finish_or_set_aside(self, held: HeldReservation, record: UsageRecord) -> Settled:
         try:
-            return self._finish(held, record)
-        except ReservationEnded:
-            return self._ended_elsewhere(held)
+            row, account = self._priced(held, record, None)
+            result = self._settler.append([row], account, settles=[held.id])
         except Exception as exc:
-            if self._is_outage(exc) or self._quarantine is None:
-                raise
-            entry = self._set_aside(held.id, held.organization_id, _encoded(record), held.meters, exc)
-            if entry is None:
-                return self._ended_elsewhere(held)
-            raise Quarantined(entry) from exc
+            return self._not_finished(held, record, exc, defer=False)
+        return self._settled(held, result)
+
+    def _priced(
+        self, held: HeldReservation, record: UsageRecord, account: Account | None
+    ) -> tuple[LedgerRow, Account]:
+        account = account or self._account_of(held.organization_id)
+        row = self._settler.price(record, account)
+        row.id = held.id
+        return row, account
+
+    def _settled(self, held: HeldReservation, result: AppendResult) -> Settled:
+        """The counters follow a written row; a row already there (recovery got there first) is answered."""
+        if result.written:
+            written = result.written[0]
+            self._engine.settle_holds([(held.id, held.meters, row_amounts(written))])
+            return Settled(written, False)
+        existing = next(iter(result.existing.values()))
+        return Settled(existing, True)
+
+    def _not_finished(
+        self, held: HeldReservation, record: UsageRecord, exc: Exception, *, defer: bool
+    ) -> Settled:
+        """What a failed settle answers: the row another process wrote, or ``Quarantined`` when no retry
+        can fix it (the usage is set aside for an operator), or the error itself for an outage (kept
+        here with its actual usage when ``defer``, and settled by ``recover`` once the database is back)."""
+        if isinstance(exc, ReservationEnded):
+            return self._ended_elsewhere(held)
+        if self._is_outage(exc):
+            if defer:
+                with self._deferred_lock:
+                    self._deferred[held.id] = (held, record)
+            raise exc
+        if self._quarantine is None:
+            raise exc
+        entry = self._set_aside(held.id, held.organization_id, _encoded(record), held.meters, exc)
+        if entry is None:
+            return self._ended_elsewhere(held)
+        raise Quarantined(entry) from exc
 
     def _ended_elsewhere(self, held: HeldReservation) -> Settled:
         """The reservation was ended by another process: answer what that process decided."""
@@ -278,18 +337,6 @@ class Reservations:
         held = self.get(organization_id, reservation_id)
         if self._store.remove(held.id):
             self._engine.release_holds([held.id])
-
-    def _finish(self, held: HeldReservation, record: UsageRecord) -> Settled:
-        account = self._account_of(held.organization_id)
-        row = self._settler.price(record, account)
-        row.id = held.id
-        result = self._settler.append([row], account, settles=[held.id])
-        if result.written:
-            written = result.written[0]
-            self._engine.settle_holds([(held.id, held.meters, row_amounts(written))])
-            return Settled(written, False)
-        existing = next(iter(result.existing.values()))
-        return Settled(existing, True)
 
     # -- recovery ------------------------------------------------------------------------------------
     def recover(self, *, everything: bool = False, limit: int = 500) -> int:
@@ -453,6 +500,30 @@ class Reservations:
         ):
             raise Conflict(f"quarantine entry {entry_id} was resolved already", param="id")
         return self.quarantined(entry_id)
+
+
+async def answer_of(future: Future[T]) -> T:
+    """The result of a future answered by another thread (the database writer), awaited on the event
+    loop. Unlike ``asyncio.wrap_future``, a cancelled wait does not cancel the write: a settle the
+    client stopped waiting for still lands (or, if the process dies first, recovery settles it)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[T] = loop.create_future()
+
+    def copy(done: Future[T]) -> None:
+        loop.call_soon_threadsafe(_copy_into, waiter, done)
+
+    future.add_done_callback(copy)
+    return await waiter
+
+
+def _copy_into(waiter: asyncio.Future[T], done: Future[T]) -> None:
+    if waiter.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())
 
 
 def _encoded(record: UsageRecord) -> str:

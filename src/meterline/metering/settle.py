@@ -6,6 +6,7 @@ The gateway and the events API both end here, so a token costs the same whicheve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -177,6 +178,12 @@ class Settler:
         """Append priced rows atomically: rows, rollups and credit buckets, or none. ``settles`` names
         durable reservations that these rows end (deleted in the same transaction)."""
         return self._store.append(rows, account.credits, settles=settles)
+
+    def submit(
+        self, rows: Sequence[LedgerRow], account: Account, *, settles: Sequence[str] = ()
+    ) -> Future[AppendResult]:
+        """``append``, queued: the future is answered once the rows are committed."""
+        return self._store.submit(rows, account.credits, settles=settles)
 
     def settle(self, records: Sequence[UsageRecord], account: Account) -> AppendResult:
         """Price and append ``records`` (one organization) atomically: all rows and rollups, or none."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +26,13 @@ class LedgerStore(Protocol):
         """Write rows, their rollups and (with ``credits``) their credit split in one transaction, and
         end the durable reservations ``settles``. A row whose (organization, idempotency key) is already
         in the ledger is not written; the stored row is returned in ``existing`` instead."""
+        ...
+
+    def submit(
+        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+    ) -> Future[AppendResult]:
+        """``append``, queued to the database's writer: answered once committed (an event loop awaits
+        it instead of blocking a thread)."""
         ...
 
     def lookup(self, organization_id: str, keys: Sequence[str]) -> Mapping[str, LedgerRow]:

@@ -78,6 +78,9 @@ class CounterStoreUnavailable(Exception):
 
 
 class CounterStore(Protocol):
+    # True when the counters live in this process (no I/O): callers on an event loop may use them there.
+    in_process: bool
+
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
         """Decide each hold in order, atomically per hold, in one round trip."""
         ...

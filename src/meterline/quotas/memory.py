@@ -87,6 +87,8 @@ def refuses(consumed: int, amount: int, maximum: int) -> bool:
 
 
 class MemoryCounterStore:
+    in_process = True
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._fixed: dict[str, _Fixed] = {}

@@ -118,6 +118,8 @@ def _redacted(url: str) -> str:
 
 
 class RedisCounterStore:
+    in_process = False
+
     def __init__(
         self,
         url: str,
