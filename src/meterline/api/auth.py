@@ -67,6 +67,20 @@ def get_principal(request: Request, services: ServicesDep, tokens: TokensDep) ->
             raise Forbidden(
                 "X-Workspace-Id is not a workspace of this key's organization", param="X-Workspace-Id"
             )
+    return _remember(request, principal)
+
+
+def cached_principal(request: Request, services: Services) -> Principal | None:
+    """``get_principal`` when it needs no I/O (a cached API key, no ``X-Workspace-Id`` to check), so an
+    event loop may call it; None otherwise, and ``get_principal`` (in a thread) does the rest."""
+    credential = bearer_token(request)
+    if looks_like_jwt(credential) or "x-workspace-id" in request.headers:
+        return None
+    principal = services.tenancy.cached_principal(credential)
+    return None if principal is None else _remember(request, principal)
+
+
+def _remember(request: Request, principal: Principal) -> Principal:
     # Whose request this is, for what renders its errors (quota refusals count toward an alert) and for
     # the access log.
     request.state.organization_id = principal.organization_id

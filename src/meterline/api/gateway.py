@@ -4,8 +4,9 @@ Per request: authenticate -> estimate -> reserve (429 if a limit would be exceed
 over between routes -> settle with the usage the upstream reported (or a local count) -> respond with the
 upstream's body, ``usage``, rate-limit headers, ``X-Request-Id`` and ``X-Meterline-Receipt-Id``.
 
-Storage work never runs on the event loop: admission runs in the thread pool, and the settle is awaited
-on the database's writer (pricing and an in-process counter store are on the loop). The relay of a
+Storage work never runs on the event loop. Admission (authenticate, estimate, reserve) runs on the loop
+when it needs no read (a cached key and organization, an in-process counter store), else in the thread
+pool; the durable reservation and the settle are awaited on the database's writer. The relay of a
 stream never buffers more than one server-sent event.
 """
 
@@ -29,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from meterline.api.access_log import note_model, note_row
-from meterline.api.auth import get_principal
+from meterline.api.auth import cached_principal, get_principal
 from meterline.api.errors import envelope, outages, report_failure, request_id_of
 from meterline.api.metrics import Metrics
 from meterline.api.ratelimit import rate_limit_headers
@@ -114,8 +115,7 @@ async def _relay(gateway: Gateway, request: Request, api: Api, upstream_path: st
     opt_out = wire.receipt_opt_out(request.headers.get("x-meterline-receipt"))
     source = wire.source_of(request.headers.get("x-meterline-source"))
 
-    def admit() -> tuple[Principal, tuple[Route, ...], Ticket]:
-        principal = get_principal(request, gateway.services, gateway.tokens)
+    def routes_for(principal: Principal) -> tuple[tuple[Route, ...], GatewayRequest]:
         routes = gateway.routes.routes_for(api, parsed.model)
         if not routes:
             raise NotFound(
@@ -133,9 +133,24 @@ async def _relay(gateway: Gateway, request: Request, api: Api, upstream_path: st
             receipt=not opt_out,
             audio_seconds=parsed.audio_seconds,
         )
-        return principal, routes, gateway.exchanges.reserve(principal, estimate, routes[0])
+        return routes, estimate
 
-    _principal, routes, ticket = await run_in_threadpool(admit)
+    def admit() -> tuple[tuple[Route, ...], Ticket]:
+        principal = get_principal(request, gateway.services, gateway.tokens)
+        routes, estimate = routes_for(principal)
+        return routes, gateway.exchanges.reserve(principal, estimate, routes[0])
+
+    # Admission on the loop when it needs no read (cached key and organization, in-process counters):
+    # the durable reservation is awaited on the writer. Otherwise one hop to the thread pool.
+    quick: Ticket | None = None
+    principal = cached_principal(request, gateway.services)
+    if principal is not None:
+        routes, estimate = routes_for(principal)
+        quick = await gateway.exchanges.reserve_soon(principal, estimate, routes[0])
+    if quick is not None:
+        ticket = quick
+    else:
+        routes, ticket = await run_in_threadpool(admit)
     gateway.metrics.in_flight.inc()
     upstream_started = time.perf_counter()
     try:

@@ -18,7 +18,7 @@ from meterline.gateway.routing import Route
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.reservations import Hold, Settled
 from meterline.metering.settle import Account
-from meterline.quotas.engine import RateLimits
+from meterline.quotas.engine import RateLimits, Subject
 from meterline.quotas.limits import UNLIMITED
 from meterline.quotas.plans import Plan
 from meterline.services import Services
@@ -79,8 +79,32 @@ class Exchanges:
         """Hold the estimate against every limit of the caller (LimitExceeded -> 429 upstream of here)."""
         services = self._services
         org = services.tenancy.get_organization(principal.organization_id)
+        account, estimate, subject = self._estimate(principal, request, first, org)
+        hold = services.reservations.hold(subject, estimate, account)
+        return Ticket(principal, org, services.plan_of(org), account, request, hold, estimate.receipt_id)
+
+    async def reserve_soon(self, principal: Principal, request: Request, first: Route) -> Ticket | None:
+        """``reserve`` on the event loop, when it needs no read (the organization cached, no identifier
+        limits to look up, an in-process counter store with its windows loaded): the durable reservation
+        is awaited on the database's writer. None when it would need a read: then ``reserve``, in a
+        thread."""
+        services = self._services
+        if principal.identifier_id is not None or not services.reservations.in_process:
+            return None
+        org = services.tenancy.cached_organization(principal.organization_id)
+        if org is None:
+            return None
+        account, estimate, subject = self._estimate(principal, request, first, org)
+        hold = await services.reservations.hold_soon(subject, estimate, account)
+        if hold is None:
+            return None
+        return Ticket(principal, org, services.plan_of(org), account, request, hold, estimate.receipt_id)
+
+    def _estimate(
+        self, principal: Principal, request: Request, first: Route, org: Organization
+    ) -> tuple[Account, UsageRecord, Subject]:
+        services = self._services
         account = services.account_of(org)
-        receipt_id = str(uuid.uuid4()) if request.receipt else None
         estimate = UsageRecord(
             organization_id=org.id,
             workspace_id=principal.workspace_id,
@@ -99,12 +123,10 @@ class Exchanges:
             user_id=principal.identifier_id or request.user_id,
             source=request.source,
             endpoint=request.endpoint,
-            receipt_id=receipt_id,
+            receipt_id=str(uuid.uuid4()) if request.receipt else None,
             receipt=request.receipt,
         )
-        subject = services.subject_of(org, principal)
-        hold = services.reservations.hold(subject, estimate, account)
-        return Ticket(principal, org, services.plan_of(org), account, request, hold, receipt_id)
+        return account, estimate, services.subject_of(org, principal)
 
     def settle(
         self,

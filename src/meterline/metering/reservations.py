@@ -36,7 +36,7 @@ from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler, storable
 from meterline.metering.store import AppendResult
 from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
-from meterline.quotas.engine import QuotaEngine, Reservation, Subject, meter_of_key
+from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WouldRead, meter_of_key, no_reads
 from meterline.quotas.gate import row_amounts
 
 log = logging.getLogger("meterline.reservations")
@@ -107,6 +107,8 @@ class InFlight:
 
 class ReservationStore(Protocol):
     def add(self, held: HeldReservation) -> None: ...
+    def add_soon(self, held: HeldReservation) -> Future[None]: ...
+    def remove_soon(self, reservation_id: str) -> Future[bool]: ...
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> None: ...
     def in_flight(self, organization_id: str) -> InFlight: ...
     def get(self, reservation_id: str) -> HeldReservation | None: ...
@@ -184,6 +186,48 @@ class Reservations:
         reservation_id: str | None = None,
     ) -> Hold:
         """``reserve``, returning the durable half too (see ``finish``)."""
+        reservation, held, priced = self._decide(subject, estimate, account, ttl, reservation_id)
+        try:
+            self._store.add(held)
+        except BaseException:
+            self._engine.release([reservation])
+            raise
+        return Hold(reservation, held, priced)
+
+    async def hold_soon(self, subject: Subject, estimate: UsageRecord, account: Account) -> Hold | None:
+        """``hold`` for an event loop with an in-process counter store: the decision here, the durable
+        half awaited on the database's writer. None (nothing held) when the decision would read the
+        ledger (a window to load): then ``hold``, in a thread."""
+        try:
+            with no_reads():
+                reservation, held, priced = self._decide(subject, estimate, account, None, None)
+        except WouldRead:
+            return None
+        written = self._store.add_soon(held)
+        try:
+            await answer_of(written)
+        except BaseException:
+            self._engine.release([reservation])
+            if not written.done():
+                # Given up on (cancelled) while queued: the write still happens; end it once it has, or
+                # recovery would bill a request that never went out.
+                written.add_done_callback(lambda done: None if done.exception() else self._forget(held.id))
+            raise
+        return Hold(reservation, held, priced)
+
+    def _forget(self, reservation_id: str) -> None:
+        self._store.remove_soon(reservation_id)
+
+    def _decide(
+        self,
+        subject: Subject,
+        estimate: UsageRecord,
+        account: Account,
+        ttl: timedelta | None,
+        reservation_id: str | None,
+    ) -> tuple[Reservation, HeldReservation, LedgerRow]:
+        """Price the estimate and hold it against every limit (or raise LimitExceeded): no I/O with an
+        in-process counter store."""
         reservation_id = reservation_id or ids.prefixed("rsv")
         estimate = replace(estimate, idempotency_key=reservation_id)
         priced = self._settler.price(estimate, account)
@@ -200,12 +244,12 @@ class Reservations:
             self._clock.now(),
             reservation.expires_at,
         )
-        try:
-            self._store.add(held)
-        except BaseException:
-            self._engine.release([reservation])
-            raise
-        return Hold(reservation, held, priced)
+        return reservation, held, priced
+
+    @property
+    def in_process(self) -> bool:
+        """Whether decisions need no I/O (the counter store lives in this process)."""
+        return self._counters.in_process
 
     def finish(
         self, held: HeldReservation, actual: Mapping[str, Any], account: Account | None = None

@@ -16,7 +16,9 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
@@ -43,6 +45,31 @@ from meterline.quotas.periods import Period, billing_period, utc_day
 from meterline.quotas.plans import Plan
 
 log = logging.getLogger("meterline.quotas")
+
+
+class WouldRead(Exception):
+    """A decision needs usage read from the ledger (a window or bonus to load) where reads are not
+    allowed (``no_reads``): nothing was decided; decide again where the read may happen."""
+
+
+_reads_allowed: ContextVar[bool] = ContextVar("meterline_quota_reads", default=True)
+
+
+@contextmanager
+def no_reads() -> Iterator[None]:
+    """Decisions in this block (on this thread or task) never read the ledger: one that would raises
+    ``WouldRead`` instead. For an event loop, where a read would stall every request."""
+    token = _reads_allowed.set(False)
+    try:
+        yield
+    finally:
+        _reads_allowed.reset(token)
+
+
+def _may_read() -> None:
+    if not _reads_allowed.get():
+        raise WouldRead("this decision needs usage from the ledger")
+
 
 _MONEY_METERS = ("credits", "spend")
 MAX_COUNTER = 2**63 - 1
@@ -446,6 +473,7 @@ class QuotaEngine:
         return [v for v in verdicts if v is not None]
 
     def _seed(self, bound: Bound, line: Line, now_us: int) -> Seed:
+        _may_read()
         if bound.window is None:
             query = self._query(bound, now_us - ROLLING_SECONDS * 1_000_000, now_us + 1)
             return Seed(line.key, "rolling", 0, buckets=tuple(self.source.recent_usage(query)))
@@ -596,6 +624,7 @@ class QuotaEngine:
             cached = self._bonus.get(key)
             if cached is not None and cached.until > now:
                 return cached.value
+        _may_read()
         value = self.source.bonus_available(organization_id, period_start_us)
         with self._bonus_lock:
             self._bonus[key] = _BonusCache(value, now + self.bonus_ttl_s)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from meterline.clock import from_micros, to_micros
 from meterline.metering.quarantine import describe_error
@@ -21,6 +22,7 @@ from meterline.metering.reservations import (
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
+from meterline.storage.writer import Together
 
 
 def _held(row: Any) -> HeldReservation:
@@ -58,8 +60,11 @@ class SqlReservationStore:
         )
 
     def add(self, held: HeldReservation) -> None:
+        self.add_soon(held).result()
+
+    def add_soon(self, held: HeldReservation) -> Future[None]:
         # Plain SQL: every gateway request writes one, and compiling the statement cost more than the insert.
-        # Through the writer, group-committed with the settles and other reservations queued meanwhile.
+        # Through the writer: the reservations queued in a batch are one executemany.
         values = (
             held.id,
             held.organization_id,
@@ -68,9 +73,12 @@ class SqlReservationStore:
             to_micros(held.created_at),
             to_micros(held.expires_at),
         )
-        self._db.writer.run(
-            lambda conn: conn.exec_driver_sql(self._insert, values), order=held.organization_id
-        )
+        together = Together(_ADD, values, self._add_together)
+        return self._db.writer.submit_together(together, order=held.organization_id)
+
+    def _add_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
+        conn.exec_driver_sql(self._insert, values if len(values) > 1 else values[0])
+        return [None] * len(values)
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> None:
         with self._db.write() as conn:
@@ -95,9 +103,14 @@ class SqlReservationStore:
         return None if row is None else _held(row)
 
     def remove(self, reservation_id: str) -> bool:
+        return self.remove_soon(reservation_id).result()
+
+    def remove_soon(self, reservation_id: str) -> Future[bool]:
         marker = "?" if self._db.is_sqlite else "%s"
         sql = f"DELETE FROM reservations WHERE id = {marker}"
-        return self._db.writer.run(lambda conn: bool(conn.exec_driver_sql(sql, (reservation_id,)).rowcount))
+        return self._db.writer.submit(
+            lambda conn: bool(conn.exec_driver_sql(sql, (reservation_id,)).rowcount)
+        )
 
     def due(self, before: datetime, limit: int) -> list[HeldReservation | Unreadable]:
         query = (

@@ -283,6 +283,29 @@ class TenancyService:
         self._principals[digest] = (now + CACHE_SECONDS, principal)
         return principal
 
+    def cached_principal(self, secret: str) -> Principal | None:
+        """The principal of a key whose look-up is cached and whose last-used stamp is not due: what
+        ``authenticate`` would answer, without touching the store (an event loop may call it). None
+        otherwise, and ``authenticate`` does the rest."""
+        if not looks_like_key(secret):
+            return None
+        cached = self._principals.get(hash_key(secret))
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        principal = cached[1]
+        key_id = principal.key_id
+        if (
+            key_id is not None
+            and to_micros(self._clock.now()) - self._touched.get(key_id, 0) >= _TOUCH_EVERY_US
+        ):
+            return None
+        return principal
+
+    def cached_organization(self, org_id: str) -> Organization | None:
+        """``get_organization`` when it is cached (no I/O); None otherwise."""
+        cached = self._organizations.get(org_id)
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
     def principal_of_key(self, key_id: str) -> Principal:
         """The principal of a stored key, by id: what a dashboard session opened with that key acts as.
         Read from the store each time, so revoking the key ends its sessions at once."""
