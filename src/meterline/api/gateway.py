@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -44,7 +45,7 @@ from meterline.gateway.sse import SSEEventTooLarge, SSEParser
 from meterline.gateway.streams import StreamMeter
 from meterline.gateway.upstream import UPSTREAM_ERRORS, AllRoutesFailed, Failure, Opened, Upstreams, scrub
 from meterline.metering.records import LedgerRow
-from meterline.metering.reservations import Quarantined
+from meterline.metering.reservations import Quarantined, answer_of
 from meterline.services import Services
 from meterline.storage.outage import is_outage
 from meterline.tenancy import Principal
@@ -353,17 +354,26 @@ async def _settle(
 
 
 async def _progress(gateway: Gateway, ticket: Ticket, usage: TokenUsage) -> bool:
-    """Publish the stream's consumption so far; True when the stream must be cut (out of credits)."""
+    """Publish the stream's consumption so far; True when the stream must be cut (out of credits).
 
-    def publish() -> bool:
-        gateway.exchanges.progress(ticket, usage)
-        return gateway.exchanges.out_of_credits(ticket)
-
+    Priced on the loop and queued to the writer; waited for, and the credits read in a thread, only
+    when the stream can be cut."""
     try:
-        return await run_in_threadpool(publish)
+        written = gateway.exchanges.progress(ticket, usage)
+        if not gateway.exchanges.may_cut(ticket):
+            written.add_done_callback(_report_progress_failure)
+            return False
+        await answer_of(written)
+        return await run_in_threadpool(gateway.exchanges.out_of_credits, ticket)
     except Exception as exc:  # progress is a view; the settle at the end is what counts
         report_failure("publishing stream progress", exc)
         return False
+
+
+def _report_progress_failure(done: Future[None]) -> None:
+    error = done.exception()
+    if error is not None:
+        report_failure("publishing stream progress", error)
 
 
 async def _release(gateway: Gateway, ticket: Ticket) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -187,24 +188,30 @@ class Exchanges:
         """The request never reached a model (or the upstream refused it): nothing is billed."""
         self._services.reservations.abandon(ticket.hold.held)
 
-    def progress(self, ticket: Ticket, usage: TokenUsage) -> LedgerRow:
-        """Publish a stream's consumption so far (seed 002: credits drop while the response streams)."""
+    def progress(self, ticket: Ticket, usage: TokenUsage) -> Future[None]:
+        """Publish a stream's consumption so far (seed 002: credits drop while the response streams).
+        Priced here, written by the database's writer: the future says when it is stored."""
         so_far = {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "cache_read_tokens": usage.cache_read_tokens,
             "cache_write_tokens": usage.cache_write_tokens,
         }
-        return self._services.reservations.progress(ticket.hold.held, so_far, ticket.account)
+        return self._services.reservations.progress(ticket.hold.held, so_far, ticket.account)[1]
 
-    def out_of_credits(self, ticket: Ticket) -> bool:
-        """Whether the organization has consumed every credit it has, streams in flight included.
-
-        Only for plans with ``stream_cutoff`` whose credits gate requests (see ``CreditTerms.enforced``)."""
+    def may_cut(self, ticket: Ticket) -> bool:
+        """Whether a stream of this ticket can be cut for want of credits (``out_of_credits`` can be true):
+        plans with ``stream_cutoff`` whose credits gate requests (see ``CreditTerms.enforced``)."""
         terms = ticket.account.credits
         if not ticket.plan.stream_cutoff or terms is None or not terms.enforced:
             return False
-        if terms.monthly_allowance_nanos == UNLIMITED:
+        return terms.monthly_allowance_nanos != UNLIMITED
+
+    def out_of_credits(self, ticket: Ticket) -> bool:
+        """Whether the organization has consumed every credit it has, streams in flight included (reads
+        the store). Only for tickets that ``may_cut``."""
+        terms = ticket.account.credits
+        if terms is None or not self.may_cut(ticket):
             return False
         services = self._services
         balance: CreditBalance = services.credit_balance(ticket.org, services.clock.now())

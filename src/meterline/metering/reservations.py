@@ -35,6 +35,7 @@ from meterline.metering.quarantine import QuarantineEntry, QuarantineStore, desc
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler, storable
 from meterline.metering.store import AppendResult
+from meterline.metering.unit_of_work import ReservationEnded
 from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WouldRead, meter_of_key, no_reads
 from meterline.quotas.gate import row_amounts
@@ -57,11 +58,6 @@ class Quarantined(MeterlineError):
             f"the usage of {entry.reservation_id} could not be recorded and was quarantined as {entry.id}"
         )
         self.entry = entry
-
-
-class ReservationEnded(Conflict):
-    """Its durable reservation was ended by someone else (settled, or quarantined by another process)
-    while this settle ran: nothing this settle wrote is kept (storage rolls it back)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +105,7 @@ class ReservationStore(Protocol):
     def add(self, held: HeldReservation) -> None: ...
     def add_soon(self, held: HeldReservation) -> Future[None]: ...
     def remove_soon(self, reservation_id: str) -> Future[bool]: ...
-    def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> None: ...
+    def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]: ...
     def in_flight(self, organization_id: str) -> InFlight: ...
     def get(self, reservation_id: str) -> HeldReservation | None: ...
     def remove(self, reservation_id: str) -> bool: ...
@@ -348,12 +344,14 @@ class Reservations:
         if self._store.remove(held.id):
             self._engine.release_holds([held.id])
 
-    def progress(self, held: HeldReservation, so_far: Mapping[str, Any], account: Account) -> LedgerRow:
+    def progress(
+        self, held: HeldReservation, so_far: Mapping[str, Any], account: Account
+    ) -> tuple[LedgerRow, Future[None]]:
         """Publish what an unfinished piece of work has consumed so far (priced like its settle will be),
-        so that usage read while a response streams already shows it. Returns the priced row."""
+        so that usage read while a response streams already shows it. Returns the priced row and the
+        write's future (pure computation here, the write queued: an event loop may call this)."""
         row = self._settler.price(replace(held.estimate, **so_far), account)
-        self._store.progress(held.id, row.credits_nanos, row.cost_nanos)
-        return row
+        return row, self._store.progress(held.id, row.credits_nanos, row.cost_nanos)
 
     def in_flight(self, organization_id: str) -> InFlight:
         return self._store.in_flight(organization_id)

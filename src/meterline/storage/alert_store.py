@@ -1,4 +1,4 @@
-"""Alerts in SQL: evaluated in the settle transaction (``SqlLedgerStore.append_in``), fired once through
+"""Alerts in SQL: evaluated in the settle transaction (``metering.unit_of_work``), fired once through
 the unique (organization, kind, threshold, period) index, each with its outbox rows in the same
 transaction. See ``meterline.alerts`` for the rules and the invariants."""
 

@@ -1,8 +1,8 @@
-"""Credit buckets in SQL: the split of each settling row and the balances it is decided from.
+"""Credit buckets in SQL: the balances a settle's credit split is decided from, and its draws.
 
 ``credit_usage`` holds, per organization and billing period, the credits drawn from each bucket; it is
-maintained in the settle transaction, after the organization's settles have been put in turn (see
-``SqlLedgerStore.append_in``), so the split is exact under concurrency.
+maintained in the settle transaction, after the organization's settles have been put in turn (the split
+itself is decided by ``metering.unit_of_work.split_credits``), so the split is exact under concurrency.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from meterline.clock import to_micros
-from meterline.metering.records import LedgerRow
-from meterline.quotas.credits import CreditTerms, draw
-from meterline.quotas.limits import UNLIMITED
-from meterline.quotas.periods import billing_period
+from meterline.quotas.credits import draw
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -96,36 +92,17 @@ def balance(conn: Connection, organization_id: str, period_start_us: int) -> Cre
     )
 
 
-def split_credits(conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms) -> None:
-    """Decide each row's draw, in order, and add it to ``credit_usage``; marks rows past both buckets
-    as overage where credits gate the organization."""
-    if terms.monthly_allowance_nanos == UNLIMITED:
-        # Everything is drawn from the monthly bucket: no balance to read.
-        drawn: dict[int, tuple[int, int, int]] = {}
-        bonus_left = 0
-    else:
-        drawn = periods(conn, terms.organization_id)
-        bonus_left = granted(conn, terms.organization_id) - sum(b for _, b, _ in drawn.values())
-    deltas: dict[int, list[int]] = {}
-    for row in rows:
-        start = to_micros(billing_period(row.created_at, terms.billing_anchor_day).start)
-        used = drawn.get(start, (0, 0, 0))[0] + deltas.get(start, [0, 0, 0])[0]
-        share = draw(
-            row.credits_nanos,
-            allowance=terms.monthly_allowance_nanos,
-            monthly_used=used,
-            bonus_left=bonus_left,
-        )
-        row.credits_monthly_nanos = share.monthly
-        row.credits_bonus_nanos = share.bonus
-        if share.overage and terms.enforced:
-            row.overage = True
-        bonus_left -= share.bonus
-        delta = deltas.setdefault(start, [0, 0, 0])
-        delta[0] += share.monthly
-        delta[1] += share.bonus
-        delta[2] += share.overage
+def credits_drawn(conn: Connection, organization_id: str) -> tuple[dict[int, int], int]:
+    """Monthly credits drawn per period start, and bonus credits left (granted less drawn)."""
+    drawn = periods(conn, organization_id)
+    bonus_left = granted(conn, organization_id) - sum(b for _, b, _ in drawn.values())
+    return {start: monthly for start, (monthly, _, _) in drawn.items()}, bonus_left
+
+
+def add_credit_draws(
+    conn: Connection, organization_id: str, draws: Sequence[tuple[int, int, int, int]]
+) -> None:
+    """Add (period start, monthly, bonus, overage) draws to ``credit_usage``."""
     conn.exec_driver_sql(
-        _UPSERT.format(p=_marker(conn)),
-        [(terms.organization_id, start, *delta) for start, delta in sorted(deltas.items())],
+        _UPSERT.format(p=_marker(conn)), [(organization_id, start, *amounts) for start, *amounts in draws]
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -12,13 +12,12 @@ import orjson
 from sqlalchemy import Connection, select
 
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
+from meterline.metering import unit_of_work
 from meterline.metering.records import LedgerRow
-from meterline.metering.reservations import ReservationEnded
 from meterline.metering.store import AppendResult
 from meterline.quotas.credits import CreditTerms
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
-from meterline.storage import usage_rollups
-from meterline.storage.credit_store import split_credits
+from meterline.storage import credit_store, usage_rollups
 from meterline.storage.database import Database
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 from meterline.storage.writer import Together
@@ -300,91 +299,7 @@ class SqlLedgerStore:
     def _append_and_end(
         self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]
     ) -> AppendResult:
-        result = self.append_in(conn, rows, credits)
-        if settles:
-            # Durable reservations end in the transaction that writes their rows: never both, never none.
-            marker = "?" if self._db.is_sqlite else "%s"
-            ended = 0
-            for start in range(0, len(settles), 500):
-                chunk = list(settles[start : start + 500])
-                ended += conn.exec_driver_sql(
-                    f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
-                    tuple(chunk),
-                ).rowcount
-            # A row written now for a reservation someone else ended meanwhile (another process
-            # quarantined it) would end it twice: roll back, the caller answers what was decided.
-            if ended < len({r.id for r in result.written} & set(settles)):
-                raise ReservationEnded("a reservation was ended by another process during its settle")
-        return result
-
-    def append_in(
-        self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None = None
-    ) -> AppendResult:
-        """``append`` inside a transaction the caller owns (so other writes can share it)."""
-        if not rows:
-            return AppendResult(written=[], existing={})
-        orgs = {r.organization_id for r in rows}
-        if len(orgs) > 1:
-            raise ValueError("appends take one organization at a time")
-        (org_id,) = orgs
-        # The anchor day places rows in billing periods for the narrow rollups. On PostgreSQL the same
-        # read locks the organization: its settles take turns (SQLite has one writer anyway), so the
-        # idempotency look-up below and the credit balances read by the split are exact.
-        anchor_day = self._anchor_day(conn, org_id)
-        keyed = [(r.organization_id, r.idempotency_key) for r in rows if r.idempotency_key is not None]
-        existing = self._existing(conn, keyed) if keyed else {}
-        to_write = [r for r in rows if r.idempotency_key is None or r.idempotency_key not in existing]
-        if not to_write:
-            return AppendResult(written=[], existing=existing)
-        if credits is not None:
-            split_credits(conn, to_write, credits)
-        # Straight to the driver's executemany: SQLAlchemy's per-row parameter processing cost more than
-        # the insert itself. ON CONFLICT covers a concurrent request that wrote the same key since the
-        # look-up above (possible on PostgreSQL, which has no single writer): the unique index decides.
-        if self._db.is_sqlite:
-            inserted = conn.exec_driver_sql(self._insert_sql, [row_to_tuple(r) for r in to_write]).rowcount
-        else:
-            inserted = self._insert_multirow(conn, to_write)
-        if inserted != len(to_write):
-            written_ids = self._present(conn, [r.id for r in to_write])
-            raced = [r for r in to_write if r.id not in written_ids]
-            existing.update(self._existing(conn, [(r.organization_id, r.idempotency_key) for r in raced]))
-            to_write = [r for r in to_write if r.id in written_ids]
-        if to_write:
-            self._add_to_rollups(conn, to_write, anchor_day)
-            if self._notary is not None:
-                self._add_receipts(conn, org_id, to_write)
-            if self._alerts is not None:
-                self._alerts.evaluate_in(conn, to_write, credits)
-        return AppendResult(written=to_write, existing=existing)
-
-    def _add_receipts(self, conn: Connection, org_id: str, rows: Sequence[LedgerRow]) -> None:
-        """Sign and store receipts for ``rows`` (only rows written just now: a duplicate already has its
-        receipt) and advance the chain head. The organization lock taken above is what keeps two settles
-        from reading the same head; the unique (organization, seq) index would refuse the second anyway."""
-        assert self._notary is not None
-        if all(r.receipt_id is None for r in rows):
-            return
-        # The driver's own cursor, inside the same transaction: these statements run on every settle, and
-        # SQLAlchemy's per-statement work cost more than they do (about 35 µs of the three on SQLite).
-        cursor = conn.connection.cursor()
-        try:
-            cursor.execute(self._chain_head_sql, (org_id,))
-            found = cursor.fetchone()
-            head = GENESIS if found is None else ChainHead(int(found[0]), found[1])
-            signed, new_head = self._notary.extend(head, rows)
-            chain_head = (org_id, new_head.seq, new_head.hash)
-            if not self._db.is_sqlite:
-                columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
-                cursor.execute(_PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
-                return
-            if len(signed) == 1:
-                cursor.execute(_SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))
-            else:
-                cursor.executemany(_SQLITE_RECEIPT_INSERT, [_receipt_tuple(r) for r in signed])
-            cursor.execute(self._chain_upsert_sql, chain_head)
-        finally:
-            cursor.close()
+        return unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
 
     def lookup(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         with self._db.read() as conn:
@@ -436,3 +351,84 @@ class SqlLedgerStore:
         else:
             columns = tuple(list(column) for column in zip(*deltas, strict=True))
             conn.exec_driver_sql(_PG_ROLLUP_UPSERT, columns)
+
+
+class _SettleSql:
+    """``metering.unit_of_work.SettleTransaction`` in SQL, on one connection inside its transaction. The
+    statements that run on every settle go straight to the driver: SQLAlchemy's per-statement and
+    per-row parameter work cost more than they do."""
+
+    def __init__(self, store: SqlLedgerStore, conn: Connection) -> None:
+        self._store = store
+        self._conn = conn
+        self._sqlite = store._db.is_sqlite
+
+    def lock(self, organization_id: str) -> int:
+        # The anchor day places rows in billing periods; on PostgreSQL the same read locks the
+        # organization (SQLite has one writer anyway).
+        return self._store._anchor_day(self._conn, organization_id)
+
+    def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
+        return self._store._existing(self._conn, [(organization_id, key) for key in keys])
+
+    def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
+        return credit_store.credits_drawn(self._conn, organization_id)
+
+    def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
+        credit_store.add_credit_draws(self._conn, organization_id, draws)
+
+    def insert(self, rows: Sequence[LedgerRow]) -> set[str]:
+        # ON CONFLICT covers a concurrent request that wrote the same key since the look-up: the unique
+        # index decides, and the rows it refused are told apart by id.
+        conn = self._conn
+        if self._sqlite:
+            inserted = conn.exec_driver_sql(self._store._insert_sql, [row_to_tuple(r) for r in rows]).rowcount
+        else:
+            inserted = self._store._insert_multirow(conn, rows)
+        ids = [row.id for row in rows]
+        return set(ids) if inserted == len(rows) else self._store._present(conn, ids)
+
+    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_day: int) -> None:
+        self._store._add_to_rollups(self._conn, rows, anchor_day)
+
+    def chain_head(self, organization_id: str) -> ChainHead:
+        cursor = self._conn.connection.cursor()
+        try:
+            cursor.execute(self._store._chain_head_sql, (organization_id,))
+            found = cursor.fetchone()
+        finally:
+            cursor.close()
+        return GENESIS if found is None else ChainHead(int(found[0]), found[1])
+
+    def add_receipts(self, signed: Sequence[Receipt], head: ChainHead) -> None:
+        if not signed:
+            return
+        chain_head = (signed[0].organization_id, head.seq, head.hash)
+        cursor = self._conn.connection.cursor()
+        try:
+            if not self._sqlite:
+                # The receipts and the new head in one statement (a data-modifying CTE), one round trip.
+                columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
+                cursor.execute(_PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
+                return
+            if len(signed) == 1:
+                cursor.execute(_SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))
+            else:
+                cursor.executemany(_SQLITE_RECEIPT_INSERT, [_receipt_tuple(r) for r in signed])
+            cursor.execute(self._store._chain_upsert_sql, chain_head)
+        finally:
+            cursor.close()
+
+    def evaluate_alerts(self, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
+        if self._store._alerts is not None:
+            self._store._alerts.evaluate_in(self._conn, rows, terms)
+
+    def end_reservations(self, reservation_ids: Sequence[str]) -> int:
+        marker = "?" if self._sqlite else "%s"
+        ended = 0
+        for start in range(0, len(reservation_ids), 500):
+            chunk = list(reservation_ids[start : start + 500])
+            ended += self._conn.exec_driver_sql(
+                f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})", tuple(chunk)
+            ).rowcount
+        return ended

@@ -1,8 +1,9 @@
 """The ledger's projections recomputed from the ledger itself, in SQL, and compared or rewritten.
 
 ``usage_hourly``, ``usage_rollups`` and ``credit_usage`` are maintained in the settle transaction
-(``SqlLedgerStore``, ``split_credits``); the ledger is the truth. Here each projection is recomputed with
-one ``GROUP BY`` over the ledger (SQLite and PostgreSQL alike) and set against what is stored:
+(``metering.unit_of_work``, over ``SqlLedgerStore``); the ledger is the truth. Here each projection is
+recomputed with one ``GROUP BY`` over the ledger (SQLite and PostgreSQL alike) and set against what is
+stored:
 
 * rollups: ``expected EXCEPT stored`` and ``stored EXCEPT expected`` in SQL, so only entries that differ
   ever leave the database, however big the ledger (the narrow rollups' billing-period entries: the

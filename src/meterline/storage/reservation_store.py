@@ -48,6 +48,7 @@ def _held_or_unreadable(row: Any) -> HeldReservation | Unreadable:
 
 
 _ADD = "reservations.add"
+_PROGRESS = "reservations.progress"
 
 
 class SqlReservationStore:
@@ -57,6 +58,10 @@ class SqlReservationStore:
         self._insert = (
             "INSERT INTO reservations (id, organization_id, estimate_json, meters_json, created_at_us, "
             f"expires_at_us) VALUES ({', '.join([marker] * 6)})"
+        )
+        self._progress_sql = (
+            f"UPDATE reservations SET progress_credits_nanos = {marker}, progress_cost_nanos = {marker} "
+            f"WHERE id = {marker}"
         )
 
     def add(self, held: HeldReservation) -> None:
@@ -80,13 +85,15 @@ class SqlReservationStore:
         conn.exec_driver_sql(self._insert, values if len(values) > 1 else values[0])
         return [None] * len(values)
 
-    def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> None:
-        with self._db.write() as conn:
-            conn.execute(
-                reservations.update()
-                .where(reservations.c.id == reservation_id)
-                .values(progress_credits_nanos=credits_nanos, progress_cost_nanos=cost_nanos)
-            )
+    def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
+        # Through the writer, not waited for by streams: the progress of every stream queued in a batch
+        # is one executemany.
+        together = Together(_PROGRESS, (credits_nanos, cost_nanos, reservation_id), self._progress_together)
+        return self._db.writer.submit_together(together)
+
+    def _progress_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
+        conn.exec_driver_sql(self._progress_sql, values if len(values) > 1 else values[0])
+        return [None] * len(values)
 
     def in_flight(self, organization_id: str) -> InFlight:
         query = select(
