@@ -32,8 +32,8 @@ from typing import Any
 
 from meterline.clock import MICROS_PER_HOUR, to_micros
 from meterline.config import load_settings
+from meterline.credits import draw
 from meterline.metering.records import LedgerRow
-from meterline.quotas.credits import draw
 from meterline.quotas.limits import UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.services import build_services

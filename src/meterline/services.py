@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from meterline.clock import Clock, SystemClock, to_micros
 from meterline.config import Settings
+from meterline.credits import CreditBalance, CreditTerms
 from meterline.errors import NotFound
 from meterline.key_file import KeyFile
 from meterline.metering import Account, Settler
@@ -16,14 +17,12 @@ from meterline.metering.reservations import Reservations
 from meterline.pricing import CurrencyRates, PriceBook
 from meterline.quotas import Plan, billing_period, build_plans
 from meterline.quotas.counters import CounterStore
-from meterline.quotas.credits import CreditTerms
 from meterline.quotas.engine import QuotaEngine, Subject
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.receipts import Notary
 from meterline.storage import credit_store
 from meterline.storage.alert_store import AlertEvaluator, AlertPolicy
 from meterline.storage.counter_stores import open_counter_store
-from meterline.storage.credit_store import CreditBalance
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import SqlLedgerStore
 from meterline.storage.migrate import upgrade

@@ -15,6 +15,7 @@ DOMAIN = [
     "metering",
     "receipts",
     "alerts",
+    "credits",
     "money.py",
     "clock.py",
     "errors.py",
@@ -81,3 +82,27 @@ def test_sdk_is_free_of_the_server() -> None:
     for file in sorted((SRC / "sdk").rglob("*.py")):
         bad = {m for m in imports_of(file) if m.startswith(SDK_FORBIDDEN)}
         assert not bad, f"{file.relative_to(SRC)} imports {sorted(bad)}"
+
+
+# The gateway is framework-free: it relays and meters; the HTTP framework stays in ``api`` (a thin
+# adapter) and its collaborators are named (``exchange.Collaborators``), not a service locator.
+GATEWAY_FORBIDDEN = (*FORBIDDEN, "meterline.services", "aiohttp")
+
+
+def test_gateway_is_free_of_the_web_framework_storage_and_services() -> None:
+    files = sorted((SRC / "gateway").rglob("*.py"))
+    assert files
+    for file in files:
+        if file.name == "upstream.py":
+            continue  # the upstream leg: the one place that speaks aiohttp
+        bad = {m for m in imports_of(file) if m.startswith(GATEWAY_FORBIDDEN)}
+        assert not bad, f"{file.relative_to(SRC)} imports {sorted(bad)}"
+
+
+def test_only_the_upstream_leg_speaks_aiohttp() -> None:
+    users = {
+        str(file.relative_to(SRC))
+        for file in SRC.rglob("*.py")
+        if any(m == "aiohttp" or m.startswith("aiohttp.") for m in imports_of(file))
+    }
+    assert users == {"gateway/upstream.py"}

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 import pytest
 
 from meterline import ids
+from meterline.credits import CreditTerms
 from meterline.metering.records import LedgerRow
 from meterline.metering.unit_of_work import ReservationEnded, settle
-from meterline.quotas.credits import CreditTerms
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt, verify_chain
 from meterline.signing import SigningKey, SigningKeys
 

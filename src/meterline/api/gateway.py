@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import aiohttp
 import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -306,7 +305,7 @@ async def _relay_stream(
             if tail:
                 yield b"".join(tail)
             ended = "complete" if meter.reported or settled else "upstream_closed"
-        except (aiohttp.ClientError, TimeoutError, SSEEventTooLarge) as exc:
+        except (*UPSTREAM_ERRORS, SSEEventTooLarge) as exc:
             ended = "upstream_cut"
             gateway.metrics.upstream_errors.labels(opened.route.name, "protocol").inc()
             log.warning("upstream %s cut a stream: %s", opened.route.name, type(exc).__name__)

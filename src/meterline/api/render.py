@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from meterline.clock import rfc3339
+from meterline.credits import CreditBalance
 from meterline.errors import InvalidRequest
 from meterline.metering import LedgerRow
 from meterline.metering.forecast import Forecast
@@ -18,7 +19,6 @@ from meterline.money import format_nanos, from_nanos, to_nanos
 from meterline.pricing import CurrencyRates
 from meterline.quotas.engine import LimitStatus
 from meterline.quotas.limits import UNLIMITED
-from meterline.storage.credit_store import CreditBalance
 from meterline.tenancy import ApiKey, CreditGrant, Organization, Workspace
 
 

@@ -11,20 +11,22 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
+from meterline.clock import Clock
+from meterline.credits import CreditBalance
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.routing import Route
 from meterline.metering.records import LedgerRow, UsageRecord
-from meterline.metering.reservations import Hold, Settled
+from meterline.metering.reservations import Hold, Reservations, Settled
 from meterline.metering.settle import Account
 from meterline.quotas.engine import RateLimits, Subject
 from meterline.quotas.limits import UNLIMITED
 from meterline.quotas.plans import Plan
-from meterline.services import Services
-from meterline.storage.credit_store import CreditBalance
 from meterline.tenancy import Organization, Principal
+from meterline.tenancy.service import TenancyService
 
 MODALITY = {
     "chat": "chat",
@@ -72,8 +74,26 @@ class Ticket:
         return self.hold.held.id
 
 
+class Collaborators(Protocol):
+    """What a metered exchange works with, named (``meterline.services.Services`` is one)."""
+
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def tenancy(self) -> TenancyService: ...
+    @property
+    def reservations(self) -> Reservations: ...
+
+    def plan_of(self, org: Organization) -> Plan: ...
+    def account_of(self, org: Organization) -> Account: ...
+    def subject_of(
+        self, org: Organization, principal: Principal, identifier_id: str | None = None
+    ) -> Subject: ...
+    def credit_balance(self, org: Organization, now: datetime) -> CreditBalance: ...
+
+
 class Exchanges:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Collaborators) -> None:
         self._services = services
 
     def reserve(self, principal: Principal, request: Request, first: Route) -> Ticket:
@@ -217,5 +237,4 @@ class Exchanges:
         balance: CreditBalance = services.credit_balance(ticket.org, services.clock.now())
         in_flight = services.reservations.in_flight(ticket.org.id)
         # What settled rows left in both buckets, less what open streams have consumed so far.
-        left = max(terms.monthly_allowance_nanos - balance.monthly_used, 0) + max(balance.bonus_left, 0)
-        return in_flight.credits_nanos > left
+        return in_flight.credits_nanos > balance.left(terms.monthly_allowance_nanos)

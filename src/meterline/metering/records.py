@@ -97,7 +97,7 @@ class LedgerRow:
     request_hash: str | None
     created_at: datetime
     recorded_at: datetime = field(compare=False)
-    # Decided at settle (see meterline.quotas.credits): the credits drawn from each bucket.
+    # Decided at settle (see meterline.credits): the credits drawn from each bucket.
     credits_monthly_nanos: int = 0
     credits_bonus_nanos: int = 0
 

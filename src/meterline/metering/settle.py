@@ -13,10 +13,10 @@ from decimal import Decimal
 
 from meterline import ids, text
 from meterline.clock import Clock
+from meterline.credits import CreditTerms
 from meterline.metering.records import LLM_REQUEST, LedgerRow, UsageRecord
 from meterline.metering.store import AppendResult, LedgerStore
 from meterline.pricing import CurrencyRates, MeteredUsage, PriceBook, charge_for
-from meterline.quotas.credits import CreditTerms
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
+from meterline.credits import CreditTerms
 from meterline.metering.records import LedgerRow
-from meterline.quotas.credits import CreditTerms
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from meterline.clock import to_micros
+from meterline.credits import CreditTerms, split
 from meterline.errors import Conflict
 from meterline.metering.records import LedgerRow
 from meterline.metering.store import AppendResult
-from meterline.quotas.credits import CreditTerms, draw
 from meterline.quotas.limits import UNLIMITED
-from meterline.quotas.periods import billing_period
 
 if TYPE_CHECKING:
     from meterline.receipts.notary import ChainHead, Receipt
@@ -127,30 +125,11 @@ def settle(
 
 
 def split_credits(tx: SettleTransaction, rows: Sequence[LedgerRow], terms: CreditTerms) -> None:
-    """Decide each row's draw, in order: monthly bucket first, then bonus, the rest overage (marked on
-    the row where credits gate the organization); add the draws to their billing periods."""
+    """Each row's draw (``meterline.credits.split``) from the balances read in this transaction, added
+    to the billing periods it draws from."""
     if terms.monthly_allowance_nanos == UNLIMITED:
         drawn: Mapping[int, int] = {}  # everything is drawn from the monthly bucket: nothing to read
         bonus_left = 0
     else:
         drawn, bonus_left = tx.credits_drawn(terms.organization_id)
-    deltas: dict[int, list[int]] = {}
-    for row in rows:
-        start = to_micros(billing_period(row.created_at, terms.billing_anchor_day).start)
-        delta = deltas.setdefault(start, [0, 0, 0])
-        share = draw(
-            row.credits_nanos,
-            allowance=terms.monthly_allowance_nanos,
-            monthly_used=drawn.get(start, 0) + delta[0],
-            bonus_left=bonus_left,
-        )
-        row.credits_monthly_nanos = share.monthly
-        row.credits_bonus_nanos = share.bonus
-        if share.overage and terms.enforced:
-            row.overage = True
-        bonus_left -= share.bonus
-        delta[0] += share.monthly
-        delta[1] += share.bonus
-        delta[2] += share.overage
-    draws = [(start, monthly, bonus, overage) for start, (monthly, bonus, overage) in sorted(deltas.items())]
-    tx.add_credit_draws(terms.organization_id, draws)
+    tx.add_credit_draws(terms.organization_id, split(rows, terms, drawn, bonus_left))

@@ -19,9 +19,9 @@ from meterline.alerts import Alert, crossed_thresholds, projected_run_out, thres
 from meterline.alerts.kinds import PROJECTED_RUN_OUT, THRESHOLD
 from meterline.alerts.rules import frequent_refusals
 from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, Clock, from_micros, rfc3339, to_micros
+from meterline.credits import CreditTerms
 from meterline.metering.records import LedgerRow
 from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
-from meterline.quotas.credits import CreditTerms
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database

@@ -8,11 +8,10 @@ itself is decided by ``metering.unit_of_work.split_credits``), so the split is e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from meterline.quotas.credits import draw
+from meterline.credits import CreditBalance
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -21,40 +20,6 @@ _UPSERT = (
     "bonus_nanos = credit_usage.bonus_nanos + excluded.bonus_nanos, "
     "overage_nanos = credit_usage.overage_nanos + excluded.overage_nanos"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class CreditBalance:
-    """An organization's credits in one billing period (nanos)."""
-
-    monthly_used: int
-    bonus_used_this_period: int
-    overage: int
-    bonus_granted: int
-    bonus_used: int  # all periods
-
-    @property
-    def bonus_left(self) -> int:
-        return self.bonus_granted - self.bonus_used
-
-    def including(self, in_flight_nanos: int, allowance_nanos: int) -> CreditBalance:
-        """The balance as it will be once work in flight (streams still running) settles at what it has
-        consumed so far: drawn monthly first, then bonus, like a settle."""
-        if in_flight_nanos <= 0:
-            return self
-        split = draw(
-            in_flight_nanos,
-            allowance=allowance_nanos,
-            monthly_used=self.monthly_used,
-            bonus_left=self.bonus_left,
-        )
-        return CreditBalance(
-            monthly_used=self.monthly_used + split.monthly,
-            bonus_used_this_period=self.bonus_used_this_period + split.bonus,
-            overage=self.overage + split.overage,
-            bonus_granted=self.bonus_granted,
-            bonus_used=self.bonus_used + split.bonus,
-        )
 
 
 # Plain SQL with the driver's markers: these run in every settle transaction, where compiling a

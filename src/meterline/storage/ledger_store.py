@@ -12,10 +12,10 @@ import orjson
 from sqlalchemy import Connection, select
 
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
+from meterline.credits import CreditTerms
 from meterline.metering import unit_of_work
 from meterline.metering.records import LedgerRow
 from meterline.metering.store import AppendResult
-from meterline.quotas.credits import CreditTerms
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_rollups
 from meterline.storage.database import Database

@@ -13,6 +13,7 @@ from meterline.api.auth import PrincipalDep, ServicesDep, scope_of
 from meterline.api.errors import request_id_of
 from meterline.api.responses import JSON
 from meterline.clock import rfc3339
+from meterline.credits import CreditBalance
 from meterline.errors import InvalidRequest
 from meterline.metering.forecast import Forecast, forecast
 from meterline.metering.reading import LedgerFilter, Scope, Totals
@@ -20,7 +21,6 @@ from meterline.metering.reservations import InFlight
 from meterline.metering.summary import UsageSummary, summarize
 from meterline.quotas.limits import UNLIMITED
 from meterline.services import Services
-from meterline.storage.credit_store import CreditBalance
 from meterline.tenancy import Organization, Principal
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
@@ -103,8 +103,7 @@ def _forecast(
     if allowance_nanos == UNLIMITED:
         return forecast(unit="credits", consumed_nanos=consumed, remaining_nanos=None, **days)
     # What the credits card shows as remaining: the monthly bucket's rest, then the bonus bucket.
-    drawn = balance.including(in_flight.credits_nanos, allowance_nanos)
-    left = max(allowance_nanos - drawn.monthly_used, 0) + max(drawn.bonus_left, 0)
+    left = balance.including(in_flight.credits_nanos, allowance_nanos).left(allowance_nanos)
     return forecast(unit="credits", consumed_nanos=consumed, remaining_nanos=left, **days)
 
 
