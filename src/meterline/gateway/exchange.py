@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
@@ -187,22 +187,22 @@ class Exchanges:
         failover: bool,
         audio_seconds: Decimal | None,
         metadata: dict[str, Any] | None,
-    ) -> dict[str, Any]:
-        actual: dict[str, Any] = {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cache_read_tokens": usage.cache_read_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-            "provider": route.provider,
-            "region": route.region,
-            "failover": failover,
-            "created_at": self._services.clock.now(),
-        }
-        if ticket.request.api == "transcriptions":
-            actual["audio_seconds"] = audio_seconds
-        if metadata:
-            actual["metadata"] = metadata
-        return actual
+    ) -> UsageRecord:
+        """The reservation's estimate with what the upstream served: the usage record that settles."""
+        estimate = ticket.hold.held.estimate
+        return replace(
+            estimate,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            provider=route.provider,
+            region=route.region,
+            failover=failover,
+            created_at=self._services.clock.now(),
+            audio_seconds=audio_seconds if ticket.request.api == "transcriptions" else estimate.audio_seconds,
+            metadata=metadata or estimate.metadata,
+        )
 
     def release(self, ticket: Ticket) -> None:
         """The request never reached a model (or the upstream refused it): nothing is billed."""

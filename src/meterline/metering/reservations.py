@@ -247,15 +247,15 @@ class Reservations:
         """Whether decisions need no I/O (the counter store lives in this process)."""
         return self._counters.in_process
 
-    def finish(
-        self, held: HeldReservation, actual: Mapping[str, Any], account: Account | None = None
-    ) -> Settled:
+    def finish(self, held: HeldReservation, record: UsageRecord, account: Account | None = None) -> Settled:
         """Settle a reservation this process holds, with the actual usage (no read of the store).
 
         If recovery got there first (the lease ran out), the row it wrote is answered: exactly once.
         Raises ``Quarantined`` when the settle failed for good (the usage is kept for an operator). On an
-        outage the settle is kept here with its actual usage and retried by ``recover`` (then raised)."""
-        record = replace(held.estimate, **actual)
+        outage the settle is kept here with its actual usage and retried by ``recover`` (then raised).
+
+        ``record`` is the estimate with what was actually consumed (``HeldReservation.estimate``,
+        replaced field by field)."""
         try:
             row, account = self._priced(held, record, account)
             result = self._settler.append([row], account, settles=[held.id])
@@ -266,14 +266,13 @@ class Reservations:
     async def finish_soon(
         self,
         held: HeldReservation,
-        actual: Mapping[str, Any],
+        record: UsageRecord,
         account: Account,
         in_thread: Callable[[Callable[[], Settled]], Awaitable[Settled]],
     ) -> Settled:
         """``finish`` for an event loop: the same steps, with the write awaited on the database's writer
         instead of blocking a thread. Pricing and an in-process counter store run here; what may block
         (a shared counter store, a failure's recovery) goes to ``in_thread``."""
-        record = replace(held.estimate, **actual)
         try:
             row, account = self._priced(held, record, account)
             result = await answer_of(self._settler.submit([row], account, settles=[held.id]))
