@@ -41,6 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -595,3 +596,32 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=15)
+
+
+# -- talking to a running server ----------------------------------------------------------------------
+def make_tenant_over_http(base: str, admin: dict[str, str], *, plan: str, name: str) -> dict[str, str]:
+    """An organization (on ``plan``), a workspace and a key, through the admin API; the key's headers."""
+    with httpx.Client(base_url=base, headers=admin, timeout=30) as client:
+        org = client.post("/v1/admin/organizations", json={"name": name, "plan": plan})
+        assert org.status_code == 201, org.text
+        ws = client.post("/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "Main"})
+        assert ws.status_code == 201, ws.text
+        key = client.post("/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "K"})
+        assert key.status_code == 201, key.text
+    return {"Authorization": f"Bearer {key.json()['key']}"}
+
+
+def all_ledger_rows(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    """Every row of ``GET /v1/usage/ledger``, page by page."""
+    rows: list[dict[str, Any]] = []
+    while True:
+        page = httpx.get(
+            f"{base}/v1/usage/ledger",
+            params={"limit": 1000, "offset": len(rows)},
+            headers=headers,
+            timeout=60,
+        )
+        assert page.status_code == 200, page.text
+        rows += page.json()["data"]
+        if len(rows) >= page.json()["total_count"]:
+            return rows

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from servers import MeterlineServer as Server
+from servers import make_tenant_over_http
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +84,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 
 # -- HTTP ---------------------------------------------------------------------------------------------
 def make_tenant(base: str) -> dict[str, str]:
-    with httpx.Client(base_url=base, headers=ADMIN, timeout=30) as admin:
-        org = admin.post("/v1/admin/organizations", json={"name": "Crashers", "plan": "crash"})
-        assert org.status_code == 201, org.text
-        ws = admin.post("/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "Main"})
-        assert ws.status_code == 201, ws.text
-        key = admin.post("/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "K"})
-        assert key.status_code == 201, key.text
-    return {"Authorization": f"Bearer {key.json()['key']}"}
+    return make_tenant_over_http(base, ADMIN, plan="crash", name="Crashers")
 
 
 def reserve(http: httpx.Client, base: str, tag: str, prompt: int, completion: int) -> httpx.Response:

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +23,7 @@ from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
 from meterline.storage.tables import reservations
 from meterline.testing.fake_upstream import FakeUpstream
-from servers import PostgresServer, free_port, start_postgres
+from servers import PostgresServer, all_ledger_rows, free_port, start_postgres
 
 ADMIN = "ml_admin_outage_0123456789abcdef"
 UPSTREAM_KEY = "sk-upstream-outage-0123456789"
@@ -173,7 +172,7 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
             while _open_reservations(url) and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert _open_reservations(url) == 0
-            rows = _ledger(base, headers)
+            rows = all_ledger_rows(base, headers)
             event_rows = [r for r in rows if r["endpoint"] is None]
             recorded = {r["event_id"] for r in event_rows}
             assert recorded == load.acknowledged | load.refused, (
@@ -203,17 +202,3 @@ def _open_reservations(url: str) -> int:
             return int(conn.execute(select(func.count()).select_from(reservations)).scalar_one())
     finally:
         db.dispose()
-
-
-def _ledger(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    while True:
-        page = httpx.get(
-            f"{base}/v1/usage/ledger",
-            params={"limit": 1000, "offset": len(rows)},
-            headers=headers,
-            timeout=30,
-        ).json()
-        rows += page["data"]
-        if len(rows) >= page["total_count"]:
-            return rows

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from meterline.testing.fake_upstream import FakeUpstream
-from servers import METERLINE
+from servers import METERLINE, all_ledger_rows, make_tenant_over_http
 from servers import MeterlineServer as Server
 
 pytestmark = pytest.mark.slow
@@ -51,14 +51,7 @@ def upstream() -> Iterator[FakeUpstream]:
 
 
 def make_tenant(base: str) -> dict[str, str]:
-    with httpx.Client(base_url=base, headers=ADMIN, timeout=30) as admin:
-        org = admin.post("/v1/admin/organizations", json={"name": "Writers", "plan": "enterprise"})
-        assert org.status_code == 201, org.text
-        ws = admin.post("/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "Main"})
-        assert ws.status_code == 201, ws.text
-        key = admin.post("/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "K"})
-        assert key.status_code == 201, key.text
-    return {"Authorization": f"Bearer {key.json()['key']}"}
+    return make_tenant_over_http(base, ADMIN, plan="enterprise", name="Writers")
 
 
 def events_of(batch: str) -> list[dict[str, Any]]:
@@ -72,21 +65,6 @@ def events_of(batch: str) -> list[dict[str, Any]]:
         }
         for i in range(BATCH)
     ]
-
-
-def all_rows(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    while True:
-        page = httpx.get(
-            f"{base}/v1/usage/ledger",
-            params={"limit": 1000, "offset": len(rows)},
-            headers=headers,
-            timeout=60,
-        )
-        assert page.status_code == 200, page.text
-        rows += page.json()["data"]
-        if len(rows) >= page.json()["total_count"]:
-            return rows
 
 
 def cli(args: list[str], config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -152,7 +130,7 @@ def test_sigkill_with_requests_queued_in_the_writer_loses_doubles_and_splits_not
                 f"{final.base}/v1/events", json={"events": events_of(batch)}, headers=headers, timeout=60
             )
             assert resent.status_code == 200, resent.text
-        rows = all_rows(final.base, headers)
+        rows = all_ledger_rows(final.base, headers)
     finally:
         for server in servers:
             server.stop()
