@@ -218,14 +218,7 @@ def test_an_alert_and_its_outbox_row_commit_with_the_usage(
         queued = conn.exec_driver_sql("SELECT COUNT(*) FROM webhook_outbox").scalar_one()
 
     # A failure after the alert was written in the settle transaction rolls both back.
-    original = services.ledger._add_receipts
-
-    def fail(*args: Any) -> None:
-        original(*args)
-        raise RuntimeError("crash after the alert")
-
-    monkeypatch.setattr(services.ledger, "_add_receipts", fail)
-    monkeypatch.setattr(services.ledger, "_alerts", _AfterReceipts(services.ledger._alerts))
+    monkeypatch.setattr(services.ledger, "_alerts", _ThenCrash(services.ledger._alerts))
     assert post(client, tenant, ev(4)).status_code == 500
     monkeypatch.undo()
     assert alerts_of(client, tenant) == [
@@ -242,14 +235,15 @@ def test_an_alert_and_its_outbox_row_commit_with_the_usage(
     assert rows[0]["delivered_at_us"] is None
 
 
-class _AfterReceipts:
-    """Evaluates alerts before receipts run, so the injected receipt failure comes after them."""
+class _ThenCrash:
+    """Evaluates alerts (writing them and their outbox rows in the settle transaction), then fails."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
 
     def evaluate_in(self, *args: Any) -> None:
         self._inner.evaluate_in(*args)
+        raise RuntimeError("crash after the alert")
 
 
 def test_webhook_endpoints_show_the_secret_once(client: TestClient, tenant: Tenant) -> None:
