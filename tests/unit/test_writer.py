@@ -185,3 +185,23 @@ def test_jobs_of_one_kind_run_as_one_and_a_bad_one_still_fails_alone(db: Databas
         futures[1].result(5)
     assert calls == [["d", "a", "e"], ["d"], ["a"], ["e"]]
     assert names(db) == {"a", "b", "c", "d", "e"}
+
+
+def test_a_lost_connection_fails_the_whole_batch_with_the_error_that_lost_it(db: Database) -> None:
+    """An outage met by one job of a batch: nothing can commit, and every caller gets the outage's own
+    error (which the API answers as a 503), never a later "invalid transaction" error."""
+
+    def outage(conn: Connection) -> None:
+        conn.invalidate()  # what SQLAlchemy does when the server drops the connection
+        raise OSError("server closed the connection unexpectedly")
+
+    gate = hold(db.writer)
+    before = db.writer.submit(insert("before"))
+    lost = db.writer.submit(outage)
+    after = db.writer.submit(insert("after"))
+    gate.set()
+    for future in (before, lost, after):
+        with pytest.raises(OSError, match="server closed"):
+            future.result(5)
+    assert names(db) == set()
+    assert db.writer.run(insert("later")) == "later"  # the writer goes on with a new connection

@@ -206,6 +206,8 @@ class Writer:
             if len(outcomes) != len(unit):
                 raise RuntimeError("a merged write answered the wrong number of results")
         except Exception:
+            if conn.invalidated:
+                raise  # the connection is gone (an outage): the whole batch fails with this error
             savepoint.rollback()
             return False
         savepoint.commit()
@@ -223,6 +225,10 @@ class Writer:
         try:
             result = item.job(conn)
         except Exception as exc:
+            if conn.invalidated:
+                # The connection is gone (an outage): nothing of the batch can commit, and every job
+                # fails with this error, which says what happened (not a later "invalid transaction").
+                raise
             # Rolled back to its savepoint: only this job's writes are undone. If even that fails, the
             # transaction is lost and the whole batch fails.
             savepoint.rollback()
