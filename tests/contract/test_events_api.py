@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from conftest import Tenant, assert_envelope, make_tenant
+from conftest import ADMIN, Tenant, assert_envelope, make_tenant
 from meterline.services import Services
 
 
@@ -330,3 +330,36 @@ def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(
     # Resent once the database takes it again, the refused request lands whole.
     assert send(7).status_code == 200
     assert ledger(client, tenant, limit=1)["total_count"] == 12 * 5
+
+
+def test_one_event_sent_twice_into_one_group_committed_batch_counts_once(
+    client: TestClient, tenant: Tenant, services: Services
+) -> None:
+    """A client retrying a batch while the first attempt is still queued: both requests are committed in
+    one transaction by the writer, and the event is written, priced and counted once."""
+    db = services.db
+    assert client.get("/v1/usage", headers=tenant.headers).status_code == 200  # key stamp written now
+
+    def hold(_conn: object) -> None:
+        deadline = time.monotonic() + 30
+        while db.writer.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    batches_before = db.writer.batches
+    held = db.writer.submit(hold)
+    body = {"events": [event("twice")]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(
+            pool.map(lambda _: client.post("/v1/events", json=body, headers=tenant.headers), range(2))
+        )
+    held.result(30)
+    assert db.writer.batches - batches_before == 2  # the holder, then both requests together
+    assert [a.status_code for a in answers] == [200, 200]
+    results = [a.json()["data"][0] for a in answers]
+    assert sorted(r["duplicate"] for r in results) == [False, True]
+    assert results[0]["ledger_id"] == results[1]["ledger_id"]
+    assert ledger(client, tenant)["total_count"] == 1
+    assert client.get("/v1/usage", headers=tenant.headers).json()["usage"] == 1500
+    # Every projection (rollups, credits drawn) agrees with the ledger: nothing was split twice.
+    reconciled = client.get("/v1/admin/reconcile", headers=ADMIN).json()
+    assert reconciled["ok"], reconciled

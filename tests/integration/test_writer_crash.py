@@ -135,10 +135,14 @@ def test_sigkill_with_requests_queued_in_the_writer_loses_doubles_and_splits_not
         for server in servers:
             server.stop()
 
-    per_id = Counter(r["id"] for r in rows)
-    assert max(per_id.values()) == 1, per_id.most_common(3)
-    by_id = {r["id"]: r for r in rows}
     event_rows = [r for r in rows if r["run_id"]]
+    gateway_rows = [r for r in rows if not r["run_id"]]
+    # Once each: an event by its id, a gateway request by its receipt.
+    per_event = Counter(r["event_id"] for r in event_rows)
+    assert max(per_event.values()) == 1, per_event.most_common(3)
+    per_receipt = Counter(r["receipt_id"] for r in gateway_rows)
+    assert max(per_receipt.values()) == 1, per_receipt.most_common(3)
+    by_id = {r["id"]: r for r in rows}
     sent_ids = {event_id for sent in rounds for ids in sent.batches.values() for event_id in ids}
     # Every event sent (acknowledged, cut off and resent) is in the ledger once: one row per id.
     assert len(event_rows) == len(sent_ids)

@@ -56,6 +56,9 @@ class MemoryTransaction:
         self.calls.append("insert")
         written = set()
         for row in rows:
+            key = (row.organization_id, row.idempotency_key)
+            if row.idempotency_key is not None and key in self.ledger:
+                continue  # ON CONFLICT (organization, idempotency key) DO NOTHING, as in SQL
             if row.id in self.refuse_insert:
                 assert row.idempotency_key is not None
                 self.ledger[(row.organization_id, row.idempotency_key)] = replace(row, id="the-other-one")
@@ -226,3 +229,28 @@ def test_rows_without_receipt_ids_read_no_chain(keys: SigningKeys) -> None:
 def test_a_settle_takes_one_organization() -> None:
     with pytest.raises(ValueError, match="one organization"):
         settle(MemoryTransaction(), [row("a"), row("b", org="org_2")], None)
+
+
+def test_one_key_twice_in_a_settle_is_written_split_and_signed_once(keys: SigningKeys) -> None:
+    """Two requests with one key merged into one batch (or a settle retried while the first is queued)."""
+    terms = CreditTerms("org_1", monthly_allowance_nanos=100, billing_anchor_day=1, enforced=True)
+    tx = MemoryTransaction(drawn={ANCHOR_PERIOD: 30}, bonus_left=0)
+    first, again, other = row("ev-dup", credits=30), row("ev-dup", credits=30), row("ev-2", credits=30)
+    result = settle(tx, [first, again, other], terms, notary=Notary(keys))
+    assert result.written == [first, other]
+    assert result.existing == {"ev-dup": first}
+    assert tx.draws == [(ANCHOR_PERIOD, 60, 0, 0)]  # not 90 (nor any overage): the repeat draws nothing
+    assert not other.overage
+    assert len(tx.rows) == 2
+    assert [r.ledger_id for r in tx.receipts] == [first.id, other.id]
+
+
+def test_a_failed_settle_leaves_its_rows_as_they_came() -> None:
+    """The writer retries a failed merged settle one append at a time, with the same rows."""
+    terms = CreditTerms("org_1", monthly_allowance_nanos=10, billing_anchor_day=1, enforced=True)
+    tx = MemoryTransaction(reservations=set())
+    settled = row("rsv_1", credits=30)
+    settled.id = "rsv_1"
+    with pytest.raises(ReservationEnded):
+        settle(tx, [settled], terms, ["rsv_1"])
+    assert (settled.credits_monthly_nanos, settled.credits_bonus_nanos, settled.overage) == (0, 0, False)

@@ -331,15 +331,18 @@ async def _settle(
     settled by the reaper's next sweep once the database is back (a crash before then leaves the durable
     reservation, settled at its estimate)."""
     try:
-        return await gateway.exchanges.settle_soon(
-            ticket,
-            usage,
-            opened.route,
-            run_in_threadpool,
-            failover=opened.failover,
-            audio_seconds=audio_seconds,
-            metadata=metadata,
-        )
+        # Shielded: the row commits whatever happens to this request, and the counters must follow it.
+        with anyio.CancelScope(shield=True):
+            row = await gateway.exchanges.settle_soon(
+                ticket,
+                usage,
+                opened.route,
+                run_in_threadpool,
+                failover=opened.failover,
+                audio_seconds=audio_seconds,
+                metadata=metadata,
+            )
+        return row
     except Quarantined:
         return None
     except Exception as exc:

@@ -159,9 +159,10 @@ class Exchanges:
         audio_seconds: Decimal | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> LedgerRow:
-        """Replace the estimate with what was consumed: the ledger row (and its receipt) is written."""
+        """Replace the estimate with what was consumed: the ledger row (and its receipt) is written,
+        priced on the organization's terms as they are now (a plan or discount may change mid-stream)."""
         actual = self._actual(ticket, usage, route, failover, audio_seconds, metadata)
-        return self._services.reservations.finish(ticket.hold.held, actual, ticket.account).row
+        return self._services.reservations.finish(ticket.hold.held, actual).row
 
     async def settle_soon(
         self,
@@ -174,10 +175,16 @@ class Exchanges:
         audio_seconds: Decimal | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> LedgerRow:
-        """``settle`` on the event loop: the write is awaited on the database's writer, no thread hop."""
+        """``settle`` on the event loop: the write is awaited on the database's writer, no thread hop.
+        Needs the organization's current terms from the cache; without them, ``settle`` in a thread."""
         actual = self._actual(ticket, usage, route, failover, audio_seconds, metadata)
-        reservations = self._services.reservations
-        return (await reservations.finish_soon(ticket.hold.held, actual, ticket.account, in_thread)).row
+        services = self._services
+        held = ticket.hold.held
+        org = services.tenancy.cached_organization(held.organization_id)
+        if org is None:
+            return (await in_thread(lambda: services.reservations.finish(held, actual))).row
+        account = services.account_of(org)
+        return (await services.reservations.finish_soon(held, actual, account, in_thread)).row
 
     def _actual(
         self,

@@ -199,15 +199,18 @@ class Reservations:
                 reservation, held, priced = self._decide(subject, estimate, account, None, None)
         except WouldRead:
             return None
-        written = self._store.add_soon(held)
+        try:
+            written = self._store.add_soon(held)
+        except BaseException:
+            self._engine.release([reservation])
+            raise
         try:
             await answer_of(written)
         except BaseException:
             self._engine.release([reservation])
-            if not written.done():
-                # Given up on (cancelled) while queued: the write still happens; end it once it has, or
-                # recovery would bill a request that never went out.
-                written.add_done_callback(lambda done: None if done.exception() else self._forget(held.id))
+            # Given up on (cancelled, possibly after the write committed): once the write is done, end
+            # the reservation if it was written, or recovery would bill a request that never went out.
+            written.add_done_callback(lambda done: None if done.exception() else self._forget(held.id))
             raise
         return Hold(reservation, held, priced)
 
@@ -311,17 +314,23 @@ class Reservations:
     def _not_finished(
         self, held: HeldReservation, record: UsageRecord, exc: Exception, *, defer: bool
     ) -> Settled:
-        """What a failed settle answers: the row another process wrote, or ``Quarantined`` when no retry
-        can fix it (the usage is set aside for an operator), or the error itself for an outage (kept
-        here with its actual usage when ``defer``, and settled by ``recover`` once the database is back)."""
-        if isinstance(exc, ReservationEnded):
-            return self._ended_elsewhere(held)
-        if self._is_outage(exc):
-            if defer:
+        """What a failed settle answers (``_explain``). An outage, the settle's own or one met while
+        finding out what happened, is kept here with the actual usage when ``defer``, and settled by
+        ``recover`` once the database is back."""
+        try:
+            return self._explain(held, record, exc)
+        except Exception as failure:
+            if defer and self._is_outage(failure):
                 with self._deferred_lock:
                     self._deferred[held.id] = (held, record)
-            raise exc
-        if self._quarantine is None:
+            raise
+
+    def _explain(self, held: HeldReservation, record: UsageRecord, exc: Exception) -> Settled:
+        """The row another process wrote, or ``Quarantined`` when no retry can fix the settle (the usage
+        is set aside for an operator), or the error itself for an outage."""
+        if isinstance(exc, ReservationEnded):
+            return self._ended_elsewhere(held)
+        if self._is_outage(exc) or self._quarantine is None:
             raise exc
         entry = self._set_aside(held.id, held.organization_id, _encoded(record), held.meters, exc)
         if entry is None:

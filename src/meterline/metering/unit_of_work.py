@@ -88,8 +88,27 @@ def settle(
     A row whose idempotency key is stored already is not written: the stored row is answered in
     ``existing``. Raises ``ReservationEnded`` (the caller rolls back) when a reservation this settle
     ends was ended by someone else meanwhile."""
+    # The split marks rows; a settle that fails (and may be retried with the same rows, as the writer
+    # does after a failed merged run) leaves them as they came.
+    before = [(row.credits_monthly_nanos, row.credits_bonus_nanos, row.overage) for row in rows]
+    try:
+        return _settle(tx, rows, credits, settles, notary)
+    except BaseException:
+        for row, (monthly, bonus, overage) in zip(rows, before, strict=True):
+            row.credits_monthly_nanos, row.credits_bonus_nanos, row.overage = monthly, bonus, overage
+        raise
+
+
+def _settle(
+    tx: SettleTransaction,
+    rows: Sequence[LedgerRow],
+    credits: CreditTerms | None,
+    settles: Sequence[str],
+    notary: ReceiptSigner | None,
+) -> AppendResult:
     written: list[LedgerRow] = []
     existing: dict[str, LedgerRow] = {}
+    repeats: list[LedgerRow] = []
     if rows:
         organizations = {row.organization_id for row in rows}
         if len(organizations) > 1:
@@ -99,7 +118,22 @@ def settle(
         anchor_day = tx.lock(org_id)
         keys = [row.idempotency_key for row in rows if row.idempotency_key is not None]
         existing = tx.stored(org_id, keys) if keys else {}
-        fresh = [row for row in rows if row.idempotency_key is None or row.idempotency_key not in existing]
+        fresh: list[LedgerRow] = []
+        taken: set[str] = set()
+        for row in rows:
+            key = row.idempotency_key
+            if key is None:
+                fresh.append(row)
+            elif key in existing:
+                continue
+            elif key in taken:
+                # The same key twice in one settle (two requests merged into one batch, a settle retried
+                # while the first was queued): the first is written, the others answered with it. Never
+                # split, inserted or counted twice.
+                repeats.append(row)
+            else:
+                taken.add(key)
+                fresh.append(row)
         if fresh:
             if credits is not None:
                 split_credits(tx, fresh, credits)
@@ -109,6 +143,13 @@ def settle(
                 # A concurrent request wrote the same key since the look-up (the unique index decided).
                 raced = [row.idempotency_key for row in fresh if row.id not in inserted]
                 existing.update(tx.stored(org_id, [key for key in raced if key is not None]))
+        if repeats:
+            by_key = {row.idempotency_key: row for row in written}
+            for row in repeats:
+                assert row.idempotency_key is not None
+                first = by_key.get(row.idempotency_key) or existing.get(row.idempotency_key)
+                if first is not None:
+                    existing[row.idempotency_key] = first
         if written:
             tx.add_to_rollups(written, anchor_day)
             if notary is not None and any(row.receipt_id is not None for row in written):
@@ -118,7 +159,7 @@ def settle(
     if settles:
         # Durable reservations end in the transaction that writes their rows: never both, never none. A
         # row written for a reservation someone else ended meanwhile would end it twice.
-        ended = tx.end_reservations(settles)
+        ended = tx.end_reservations(list(dict.fromkeys(settles)))
         if ended < len({row.id for row in written} & set(settles)):
             raise ReservationEnded("a reservation was ended by another process during its settle")
     return AppendResult(written=written, existing=existing)

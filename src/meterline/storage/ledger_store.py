@@ -281,10 +281,11 @@ class SqlLedgerStore:
         rows = [row for append in appends for row in append.rows]
         settles = [reservation for append in appends for reservation in append.settles]
         result = self._append_and_end(conn, rows, appends[0].credits, settles)
-        written = {row.id: row for row in result.written}
+        # By identity, not id: two appends may carry rows with one id (two settles of one reservation).
+        written = {id(row) for row in result.written}
         shares: list[AppendResult] = []
         for append in appends:
-            mine = [written[row.id] for row in append.rows if row.id in written]
+            mine = [row for row in append.rows if id(row) in written]
             mine_keys = {row.idempotency_key for row in mine}
             # A key another append of this batch wrote first is "existing" for this one, not for that one.
             keys = (row.idempotency_key for row in append.rows)
