@@ -20,7 +20,7 @@ from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_rollups
 from meterline.storage.database import Database
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
-from meterline.storage.writer import Together
+from meterline.storage.writer import Together, wait
 
 # Column order of the bulk insert; ``seq`` is assigned by the database.
 _COLUMNS = tuple(c.name for c in ledger.columns if c.name != "seq")
@@ -260,7 +260,7 @@ class SqlLedgerStore:
     ) -> AppendResult:
         if not rows and not settles:
             return AppendResult(written=[], existing={})
-        return self.submit(rows, credits, settles=settles).result()
+        return wait(self.submit(rows, credits, settles=settles))
 
     def submit(
         self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()

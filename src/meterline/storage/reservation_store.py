@@ -22,7 +22,7 @@ from meterline.metering.reservations import (
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
-from meterline.storage.writer import Together
+from meterline.storage.writer import Together, wait
 
 
 def _held(row: Any) -> HeldReservation:
@@ -65,7 +65,7 @@ class SqlReservationStore:
         )
 
     def add(self, held: HeldReservation) -> None:
-        self.add_soon(held).result()
+        wait(self.add_soon(held))
 
     def add_soon(self, held: HeldReservation) -> Future[None]:
         # Plain SQL: every gateway request writes one, and compiling the statement cost more than the insert.
@@ -110,7 +110,7 @@ class SqlReservationStore:
         return None if row is None else _held(row)
 
     def remove(self, reservation_id: str) -> bool:
-        return self.remove_soon(reservation_id).result()
+        return wait(self.remove_soon(reservation_id))
 
     def remove_soon(self, reservation_id: str) -> Future[bool]:
         marker = "?" if self._db.is_sqlite else "%s"

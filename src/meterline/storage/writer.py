@@ -117,10 +117,8 @@ class Writer:
         return self._queue.qsize()
 
     def run(self, job: Job[T], *, rows: int = 1, order: str = "") -> T:
-        """``submit`` and wait for the answer (from any thread but the writer's own)."""
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("a write job cannot queue another one and wait for it: it would wait forever")
-        return self.submit(job, rows=rows, order=order).result()
+        """``submit`` and wait for the answer (from any thread but a writer's own)."""
+        return wait(self.submit(job, rows=rows, order=order))
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread (a later ``submit`` starts a new one, as a
@@ -135,6 +133,7 @@ class Writer:
 
     # -- the writer thread ---------------------------------------------------------------------------
     def _loop(self, jobs: queue.SimpleQueue[_Queued[Any] | None]) -> None:
+        _here.writer = True
         stopping = False
         while not stopping:
             first = jobs.get()
@@ -238,6 +237,17 @@ class Writer:
         results.append((item, result))
 
 
+_here = threading.local()
+
+
+def wait(future: Future[T]) -> T:
+    """The answer of a queued write, waited for. Refused on a writer thread (a job, or a future's
+    callback, that waited for another job would wait forever: the writer runs one batch at a time)."""
+    if getattr(_here, "writer", False):
+        raise RuntimeError("a write job cannot queue another one and wait for it: it would wait forever")
+    return future.result()
+
+
 def _units(items: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
     """Jobs grouped into what runs as one: mergeable jobs by key, every other job alone; in the order
     of each unit's first job."""
@@ -255,4 +265,4 @@ def _units(items: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
     return units
 
 
-__all__ = ["Job", "Together", "Writer"]
+__all__ = ["Job", "Together", "Writer", "wait"]
