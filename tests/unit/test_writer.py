@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Connection
 
 from meterline.storage.database import Database
-from meterline.storage.writer import Together, Writer
+from meterline.storage.writer import Together, Writer, after_commit
 
 
 @pytest.fixture
@@ -206,3 +206,30 @@ def test_a_lost_connection_fails_the_whole_batch_with_the_error_that_lost_it(db:
             future.result(5)
     assert names(db) == set()
     assert db.writer.run(insert("later")) == "later"  # the writer goes on with a new connection
+
+
+def test_after_commit_actions_run_only_for_jobs_that_committed(db: Database) -> None:
+    """What a process remembers about a write (a cache) follows the commit, never a rolled-back job."""
+    remembered: list[str] = []
+
+    def job(name: str, fail: bool) -> Callable[[Connection], str]:
+        def run(conn: Connection) -> str:
+            insert(name)(conn)
+            after_commit(lambda: remembered.append(name))
+            assert not remembered or name not in remembered  # not before the commit
+            if fail:
+                raise ValueError(f"{name} is refused")
+            return name
+
+        return run
+
+    gate = hold(db.writer)
+    futures = [db.writer.submit(job(n, n == "bad")) for n in ("one", "bad", "two")]
+    gate.set()
+    assert futures[0].result(5) == "one"
+    assert futures[2].result(5) == "two"
+    with pytest.raises(ValueError, match="refused"):
+        futures[1].result(5)
+    assert sorted(remembered) == ["one", "two"]
+    after_commit(lambda: remembered.append("outside"))  # outside a writer job: at once
+    assert remembered[-1] == "outside"

@@ -26,6 +26,7 @@ from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database
 from meterline.storage.tenancy_store import thresholds_from_text
+from meterline.storage.writer import after_commit
 
 _HOURS_PER_DAY = 24
 _BASELINE_DAYS = 7
@@ -206,10 +207,13 @@ class AlertEvaluator:
         if not candidates:
             return
         committed = {(str(k), int(t)) for k, t in conn.exec_driver_sql(_q(conn, _FIRED), (org_id, period_us))}
-        self._fired[org_id] = (period_us, committed)
         for alert in candidates:
             if (alert.kind, alert.threshold) not in committed:
                 fire(conn, org_id, alert, now)
+        # Remembered once this transaction commits: alerts read or fired in a settle that is then rolled
+        # back (a failed batch, a savepoint) must be looked at again.
+        fired = committed | {(alert.kind, alert.threshold) for alert in candidates}
+        after_commit(lambda: self._fired.__setitem__(org_id, (period_us, fired)))
 
     def _evaluate_unusual(
         self, conn: Connection, org_id: str, now: datetime, measure: str, unit: str
@@ -217,7 +221,7 @@ class AlertEvaluator:
         hour = to_micros(now) // MICROS_PER_HOUR
         if self._unusual_checked.get(org_id) == hour:
             return
-        self._unusual_checked[org_id] = hour
+        after_commit(lambda: self._unusual_checked.__setitem__(org_id, hour))
         today = hour // _HOURS_PER_DAY
         sql = _q(conn, _DAILY).replace("{measure}", measure)
         by_day = {

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -166,16 +166,19 @@ class Writer:
         live.sort(key=lambda item: item.order)
         results: list[tuple[_Queued[Any], Any]] = []
         failed: list[tuple[_Queued[Any], BaseException]] = []
+        actions: list[Callable[[], None]] = []  # ``after_commit`` actions of the jobs that succeeded
         try:
             with self._transaction() as conn:
                 if len(live) == 1:
-                    results.append((live[0], live[0].job(conn)))
+                    with _collecting() as pending:
+                        results.append((live[0], live[0].job(conn)))
+                    actions += pending
                 else:
                     for unit in _units(live):
-                        if len(unit) > 1 and self._together(conn, unit, results):
+                        if len(unit) > 1 and self._together(conn, unit, results, actions):
                             continue
                         for item in unit:
-                            self._alone(conn, item, results, failed)
+                            self._alone(conn, item, results, failed, actions)
         except BaseException as exc:
             for item in live:
                 if not item.future.done():
@@ -191,17 +194,28 @@ class Writer:
         for item, error in failed:
             with contextlib.suppress(Exception):
                 item.future.set_exception(error)
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                log.exception("an after-commit action failed")
 
     @staticmethod
     def _together(
-        conn: Connection, unit: list[_Queued[Any]], results: list[tuple[_Queued[Any], Any]]
+        conn: Connection,
+        unit: list[_Queued[Any]],
+        results: list[tuple[_Queued[Any], Any]],
+        actions: list[Callable[[], None]],
     ) -> bool:
         """Run a unit of mergeable jobs as one; False (nothing kept) if it raised."""
         first = unit[0].together
         assert first is not None
         savepoint = conn.begin_nested()
         try:
-            outcomes = first.run(conn, [item.together.payload for item in unit if item.together is not None])
+            with _collecting() as pending:
+                outcomes = first.run(
+                    conn, [item.together.payload for item in unit if item.together is not None]
+                )
             if len(outcomes) != len(unit):
                 raise RuntimeError("a merged write answered the wrong number of results")
         except Exception:
@@ -211,6 +225,7 @@ class Writer:
             return False
         savepoint.commit()
         results.extend(zip(unit, outcomes, strict=True))
+        actions += pending
         return True
 
     @staticmethod
@@ -219,10 +234,12 @@ class Writer:
         item: _Queued[Any],
         results: list[tuple[_Queued[Any], Any]],
         failed: list[tuple[_Queued[Any], BaseException]],
+        actions: list[Callable[[], None]],
     ) -> None:
         savepoint = conn.begin_nested()
         try:
-            result = item.job(conn)
+            with _collecting() as pending:
+                result = item.job(conn)
         except Exception as exc:
             if conn.invalidated:
                 # The connection is gone (an outage): nothing of the batch can commit, and every job
@@ -235,9 +252,30 @@ class Writer:
             return
         savepoint.commit()
         results.append((item, result))
+        actions += pending
 
 
 _here = threading.local()
+
+
+@contextlib.contextmanager
+def _collecting() -> Iterator[list[Callable[[], None]]]:
+    pending: list[Callable[[], None]] = []
+    _here.pending = pending
+    try:
+        yield pending
+    finally:
+        _here.pending = None
+
+
+def after_commit(action: Callable[[], None]) -> None:
+    """Run ``action`` once the write job now running is committed, and never if it is rolled back (for
+    what a process remembers about what it wrote: caches). Outside a writer job, at once."""
+    pending: list[Callable[[], None]] | None = getattr(_here, "pending", None)
+    if pending is None:
+        action()
+    else:
+        pending.append(action)
 
 
 def wait(future: Future[T]) -> T:
@@ -265,4 +303,4 @@ def _units(items: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
     return units
 
 
-__all__ = ["Job", "Together", "Writer", "wait"]
+__all__ = ["Job", "Together", "Writer", "after_commit", "wait"]
