@@ -259,12 +259,7 @@ class Reservations:
 
         ``record`` is the estimate with what was actually consumed (``HeldReservation.estimate``,
         replaced field by field)."""
-        try:
-            row, account = self._priced(held, record, account)
-            result = self._settler.append([row], account, settles=[held.id])
-        except Exception as exc:
-            return self._not_finished(held, record, exc, defer=True)
-        return self._settled(held, result)
+        return self._finish_or_set_aside(held, record, account, defer=True)
 
     async def finish_soon(
         self,
@@ -286,12 +281,21 @@ class Reservations:
             return self._settled(held, result)
         return await in_thread(lambda: self._settled(held, result))
 
-    def _finish_or_set_aside(self, held: HeldReservation, record: UsageRecord) -> Settled:
+    def _finish_or_set_aside(
+        self,
+        held: HeldReservation,
+        record: UsageRecord,
+        account: Account | None = None,
+        *,
+        defer: bool = False,
+    ) -> Settled:
+        """The settle's steps in this thread; a failure is explained (``_not_finished``), an outage kept
+        for ``recover`` when ``defer`` (a live settle; recovery itself retries the sweep)."""
         try:
-            row, account = self._priced(held, record, None)
+            row, account = self._priced(held, record, account)
             result = self._settler.append([row], account, settles=[held.id])
         except Exception as exc:
-            return self._not_finished(held, record, exc, defer=False)
+            return self._not_finished(held, record, exc, defer=defer)
         return self._settled(held, result)
 
     def _priced(
