@@ -257,6 +257,7 @@ def test_errors_everywhere_use_the_envelope(client: TestClient, tenant: Tenant) 
     assert_envelope(client.get("/v1/usage", headers={"Authorization": "Bearer"}), 401, "unauthorized")
     assert_envelope(client.get("/v1/nothing-here", headers=tenant.headers), 404, "not_found")
     assert_envelope(client.delete("/v1/usage", headers=tenant.headers), 405, "method_not_allowed")
+    assert_envelope(client.get("/v1/chat/completions", headers=tenant.headers), 405, "method_not_allowed")
     response = client.get("/v1/usage", headers={**tenant.headers, "X-Request-Id": "client-chosen-1"})
     assert response.headers["x-request-id"] == "client-chosen-1"
     assert response.json()["request_id"] == "client-chosen-1"
@@ -275,3 +276,20 @@ def test_openapi_is_served(client: TestClient) -> None:
         "/v1/admin/keys",
     ):
         assert path in spec["paths"]
+
+
+def test_openapi_documents_the_gateway_endpoints(client: TestClient) -> None:
+    # The relay endpoints are served by plain ASGI routes; OpenAPI must still describe them.
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/audio/transcriptions",
+        "/v1/messages",
+    ):
+        assert "post" in paths[path], path
+    chat = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert chat["required"] == ["model", "messages"]
+    assert "/v1/models" in paths

@@ -14,8 +14,7 @@ from starlette.staticfiles import StaticFiles
 from meterline import __version__
 from meterline.api.access_log import GATEWAY_PATHS, AccessLog
 from meterline.api.errors import install_error_handlers, report_failure
-from meterline.api.gateway import Gateway
-from meterline.api.metrics import Metrics
+from meterline.api.gateway import Gateway, relay_routes
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
 from meterline.api.routes import (
@@ -35,6 +34,7 @@ from meterline.api.routes import (
 from meterline.api.webhook_sender import WebhookSender
 from meterline.clock import Clock
 from meterline.config import Settings
+from meterline.gateway.metrics import Metrics
 from meterline.gateway.tokens import load_encodings
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
@@ -174,7 +174,9 @@ def create_app(
         return JSON({"status": "ok", "version": __version__})
 
     # The gateway's routes first: a request is matched against the routes in order, and these are the
-    # hot ones (up to ~50 regex matches per gateway request otherwise).
+    # hot ones (up to ~50 regex matches per gateway request otherwise). The relay endpoints as plain ASGI
+    # routes first of all; their FastAPI twins in ``gateway.router`` are what OpenAPI documents.
+    app.router.routes[:0] = relay_routes()
     app.include_router(gateway.router)
     app.include_router(events.router)
     app.include_router(reservations.router)

@@ -17,9 +17,9 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from meterline import text
-from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.errors import LimitExceeded, MeterlineError
+from meterline.gateway.ratelimit import rate_limit_headers
 from meterline.quotas.engine import RateLimits
 from meterline.storage.outage import OutageLog, is_outage
 

@@ -11,11 +11,11 @@ from pydantic import ValidationError
 from meterline.api.access_log import note_row
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import count_refusal, envelope, first_problem, request_id_of
-from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.api.routes.receipts import receipt_wanted
 from meterline.api.schemas import EventIn, EventsBatchIn
 from meterline.errors import InvalidRequest, LimitExceeded, PayloadTooLarge
+from meterline.gateway.ratelimit import rate_limit_headers
 from meterline.metering import UsageRecord, fingerprint, ingest
 from meterline.metering.records import LedgerRow
 from meterline.money import format_nanos

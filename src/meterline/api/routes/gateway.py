@@ -1,5 +1,9 @@
 """The gateway's endpoints (SPEC §3): OpenAI-compatible and Anthropic ``/v1/messages``, ``/v1/models``,
-and Prometheus ``/metrics``. The relay itself is in ``meterline.api.gateway``."""
+and Prometheus ``/metrics``.
+
+The application serves the six relay endpoints with plain ASGI routes ahead of these
+(``meterline.api.gateway.relay_routes``); the FastAPI routes here answer the same way through the same
+``respond`` and are what OpenAPI documents."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from meterline.api.auth import get_principal
-from meterline.api.gateway import gateway_of, relay
+from meterline.api.gateway import gateway_of, respond
 from meterline.api.responses import JSON
 
 router = APIRouter(tags=["gateway"])
@@ -42,37 +46,37 @@ MESSAGES = _body(["model", "messages", "max_tokens"], {**_COMMON, "messages": _M
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=CHAT)
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, streamed or not, metered and forwarded to the model's routes."""
-    return await relay(request, "chat", "/chat/completions")
+    return await respond(request, "/v1/chat/completions")
 
 
 @router.post("/v1/completions", response_model=None, openapi_extra=COMPLETIONS)
 async def completions(request: Request) -> Response:
     """OpenAI legacy completions."""
-    return await relay(request, "completions", "/completions")
+    return await respond(request, "/v1/completions")
 
 
 @router.post("/v1/embeddings", response_model=None, openapi_extra=EMBEDDINGS)
 async def embeddings(request: Request) -> Response:
     """OpenAI embeddings (billed by input tokens)."""
-    return await relay(request, "embeddings", "/embeddings")
+    return await respond(request, "/v1/embeddings")
 
 
 @router.post("/v1/responses", response_model=None, openapi_extra=RESPONSES)
 async def responses(request: Request) -> Response:
     """OpenAI Responses API, streamed or not."""
-    return await relay(request, "responses", "/responses")
+    return await respond(request, "/v1/responses")
 
 
 @router.post("/v1/audio/transcriptions", response_model=None)
 async def transcriptions(request: Request) -> Response:
     """OpenAI audio transcriptions (multipart; billed by audio seconds)."""
-    return await relay(request, "transcriptions", "/audio/transcriptions")
+    return await respond(request, "/v1/audio/transcriptions")
 
 
 @router.post("/v1/messages", response_model=None, openapi_extra=MESSAGES)
 async def messages(request: Request) -> Response:
     """Anthropic messages, streamed or not (authenticate with ``x-api-key`` or a bearer token)."""
-    return await relay(request, "messages", "/messages")
+    return await respond(request, "/v1/messages")
 
 
 @router.get("/v1/models")

@@ -14,12 +14,12 @@ from fastapi import APIRouter, Request
 from meterline.api.access_log import note_row
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import request_id_of
-from meterline.api.ratelimit import rate_limit_headers
 from meterline.api.responses import JSON
 from meterline.api.routes.receipts import receipt_wanted
 from meterline.api.schemas import ReservationIn, SettleIn
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest, NotFound
+from meterline.gateway.ratelimit import rate_limit_headers
 from meterline.metering import UsageRecord
 from meterline.metering.records import LedgerRow
 from meterline.metering.reservations import Quarantined
