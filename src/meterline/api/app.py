@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterline import __version__
 from meterline.api.access_log import GATEWAY_PATHS, AccessLog
 from meterline.api.errors import install_error_handlers, report_failure
-from meterline.api.gateway import Gateway, relay_routes
+from meterline.api.gateway import Gateway, RelayEndpoints
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
 from meterline.api.routes import (
@@ -42,6 +43,28 @@ from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy.tokens import TokenService
 
 REAP_EVERY_S = 5.0
+
+
+class _Application(FastAPI):
+    """FastAPI, except that the gateway's relay endpoints are answered ahead of its own layers (error
+    telemetry, its body limit, exception handlers, exit stack, routing), through our middleware only.
+    Every request to them passes those layers, and every piece of a stream their ``send`` wrappers.
+    Errors still get the envelope: the relay answers domain errors itself, ``RequestContext`` the rest."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        relay: ASGIApp = RelayEndpoints()
+        for cls, args, kwargs in reversed(self.user_middleware):
+            relay = cls(relay, *args, **kwargs)
+        return _RelayFirst(relay, super().build_middleware_stack())
+
+
+class _RelayFirst:
+    def __init__(self, relay: ASGIApp, rest: ASGIApp) -> None:
+        self.relay = relay
+        self.rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (self.relay if RelayEndpoints.serves(scope) else self.rest)(scope, receive, send)
 
 
 async def _reap_forever(services: Services) -> None:
@@ -148,7 +171,7 @@ def create_app(
             if owned:
                 services.close()
 
-    app = FastAPI(
+    app = _Application(
         title="Meterline",
         version=__version__,
         description="Usage metering, quotas, credits and cost tracking for LLM APIs.",
@@ -174,9 +197,9 @@ def create_app(
         return JSON({"status": "ok", "version": __version__})
 
     # The gateway's routes first: a request is matched against the routes in order, and these are the
-    # hot ones (up to ~50 regex matches per gateway request otherwise). The relay endpoints as plain ASGI
-    # routes first of all; their FastAPI twins in ``gateway.router`` are what OpenAPI documents.
-    app.router.routes[:0] = relay_routes()
+    # hot ones (up to ~50 regex matches per gateway request otherwise). The relay endpoints themselves
+    # are answered before any route is matched (``_Application``); their FastAPI twins in
+    # ``gateway.router`` are what OpenAPI documents.
     app.include_router(gateway.router)
     app.include_router(events.router)
     app.include_router(reservations.router)

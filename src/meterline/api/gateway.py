@@ -1,9 +1,10 @@
 """The gateway's HTTP side: a thin adapter around the framework-free relay (``meterline.gateway.relay``).
 
 It reads and parses the request, names the caller (authentication, the access log), hands the relay a
-``Call`` and turns its ``Reply`` or ``Refusal`` into a response. The six relay endpoints are plain ASGI
-apps mounted ahead of FastAPI's routes (``relay_routes``): no dependency solving or response handling on
-the hot path. ``meterline.api.routes.gateway`` documents them in OpenAPI.
+``Call`` and turns its ``Reply`` or ``Refusal`` into a response. The six relay endpoints are one plain
+ASGI app (``RelayEndpoints``) that the application answers ahead of FastAPI's own layers (see
+``meterline.api.app``); ``meterline.api.routes.gateway`` has their FastAPI twins, which OpenAPI
+documents.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
 from meterline.api.access_log import note_model, note_row
@@ -159,20 +159,17 @@ async def _serve(request: Request, gateway: Gateway, path: str) -> Response:
     return _Streamed(outcome.body, status_code=outcome.status, headers=outcome.headers)
 
 
-class _RelayEndpoint:
-    """A relay endpoint as a plain ASGI app: no routing by FastAPI, no dependency solving."""
+class RelayEndpoints:
+    """The six relay endpoints as one plain ASGI app (POST only, see ``serves``): no routing table, no
+    dependency solving, no response model."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    @staticmethod
+    def serves(scope: Scope) -> bool:
+        return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await respond(Request(scope, receive, send), self.path)
+        response = await respond(Request(scope, receive, send), scope["path"])
         await response(scope, receive, send)
-
-
-def relay_routes() -> list[HttpRoute]:
-    """The relay endpoints, to be matched before every other route (they are the hot ones)."""
-    return [HttpRoute(path, _RelayEndpoint(path), methods=["POST"]) for path in ENDPOINTS]
 
 
 async def _parse(gateway: Gateway, api: Api, raw: bytes, request: Request) -> wire.Parsed:

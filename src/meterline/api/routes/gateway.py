@@ -1,9 +1,9 @@
 """The gateway's endpoints (SPEC §3): OpenAI-compatible and Anthropic ``/v1/messages``, ``/v1/models``,
 and Prometheus ``/metrics``.
 
-The application serves the six relay endpoints with plain ASGI routes ahead of these
-(``meterline.api.gateway.relay_routes``); the FastAPI routes here answer the same way through the same
-``respond`` and are what OpenAPI documents."""
+The application answers the six relay endpoints ahead of FastAPI's routing
+(``meterline.api.gateway.RelayEndpoints``); the FastAPI routes here answer the same way, through the same
+``respond``, and are what OpenAPI documents."""
 
 from __future__ import annotations
 
