@@ -128,7 +128,9 @@ class PriceOverride(_Strict):
     output: Decimal = Decimal(0)
     cache_read: Decimal | None = None
     cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None  # 1-hour cache writes; the cache_write price when unset
     per_request: Decimal = Decimal(0)
+    per_web_search: Decimal = Decimal(0)
     per_audio_second: Decimal = Decimal(0)
     per_unit: Decimal = Decimal(0)
 

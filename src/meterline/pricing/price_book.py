@@ -22,7 +22,7 @@ from genai_prices import types as gp
 from genai_prices.data_snapshot import find_provider_by_id
 
 from meterline.config import PriceOverride
-from meterline.pricing.usage import MeteredUsage
+from meterline.pricing.usage import GENAI_UNITS, MeteredUsage
 
 __all__ = ["PriceBook", "Quote", "QuoteSource"]
 
@@ -100,13 +100,26 @@ class PriceBook:
 def _quote_override(price: PriceOverride, usage: MeteredUsage, currency: str) -> Quote:
     cache_read = usage.cache_read_tokens
     cache_write = usage.cache_write_tokens
+    written_1h = min(usage.cache_write_1h_tokens, cache_write)
     # prompt_tokens already includes the cached tokens; pricing them at both rates would bill them twice.
     uncached = max(usage.prompt_tokens - cache_read - cache_write, 0)
     read_price = price.input if price.cache_read is None else price.cache_read
     write_price = price.input if price.cache_write is None else price.cache_write
-    input_cost = (uncached * price.input + cache_read * read_price + cache_write * write_price) / _MILLION
+    write_1h_price = write_price if price.cache_write_1h is None else price.cache_write_1h
+    input_cost = (
+        uncached * price.input
+        + cache_read * read_price
+        + (cache_write - written_1h) * write_price
+        + written_1h * write_1h_price
+    ) / _MILLION
     output_cost = usage.completion_tokens * price.output / _MILLION
-    total = input_cost + output_cost + usage.requests * price.per_request + usage.units * price.per_unit
+    total = (
+        input_cost
+        + output_cost
+        + usage.requests * price.per_request
+        + usage.units * price.per_unit
+        + usage.web_searches * price.per_web_search
+    )
     if usage.audio_seconds is not None:
         total += usage.audio_seconds * price.per_audio_second
     return Quote(True, currency, input_cost, output_cost, total, "override", usage.provider)
@@ -145,36 +158,66 @@ def _find_model(model: str, provider: str | None) -> tuple[gp.Provider, gp.Model
 Parts: TypeAlias = tuple[Decimal, Decimal, Decimal]  # (input, output, total)
 
 
+# The input count at which the first tier's coefficients are checked against genai-prices.
+_CHECK_INPUT = 1200
+
+
+def _cached_and_audio(usage: MeteredUsage) -> int:
+    """The input tokens the detail counts account for: cached (read or written) or audio."""
+    audio_uncached = usage.input_audio_tokens - usage.cache_audio_read_tokens
+    return usage.cache_read_tokens + usage.cache_write_tokens + max(audio_uncached, 0)
+
+
+# The counts a genai-prices quote is linear in, by their ``MeteredUsage`` field and genai-prices unit.
+_LINEAR_UNITS = GENAI_UNITS
+# A usage every probe starts from: inside every nesting rule with room to add one of any unit, so each
+# unit's price is read as the difference one more of it makes (a price is linear within a tier).
+_PROBE_BASE = {
+    "input_tokens": 1000,
+    "cache_read_tokens": 100,
+    "cache_write_tokens": 100,
+    "cache_write_1h_tokens": 10,
+    "input_audio_tokens": 100,
+    "cache_audio_read_tokens": 10,
+    "output_tokens": 1000,
+    "output_audio_tokens": 100,
+    "output_reasoning_tokens": 100,
+    "web_searches": 0,
+    "cache_audio_write_tokens": 0,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class _Linear:
     """Prices of one unit of each usage field, read back from genai-prices itself.
 
-    Within one price tier a genai-prices price is linear in the usage counts, so a handful of probes gives
-    the coefficients and a quote becomes a few multiplications instead of genai-prices' ~90 us of unit
-    decomposition and validation.
+    Within one price tier a genai-prices price is linear in the usage counts (its nested units are
+    differences of them), so a handful of probes gives the coefficients and a quote becomes a few
+    multiplications instead of genai-prices' ~90 us of unit decomposition and validation.
     """
 
     request: Parts
-    input_token: Parts
-    cache_read_token: Parts
-    cache_write_token: Parts
-    output_token: Parts
+    per_unit: tuple[tuple[str, Parts], ...]  # (MeteredUsage field, price of one), priced fields only
     audio_hour: Parts
 
     def apply(self, input_tokens: int, usage: MeteredUsage) -> Parts:
-        out: list[Decimal] = []
-        for i in range(3):
-            part = (
-                self.request[i] * usage.requests
-                + self.input_token[i] * input_tokens
-                + self.cache_read_token[i] * usage.cache_read_tokens
-                + self.cache_write_token[i] * usage.cache_write_tokens
-                + self.output_token[i] * usage.completion_tokens
-            )
-            if usage.audio_seconds and self.audio_hour[i]:
-                part += self.audio_hour[i] * usage.audio_seconds / _SECONDS_PER_HOUR
-            out.append(part)
-        return out[0], out[1], out[2]
+        requests = usage.requests
+        a, b, c = self.request
+        a, b, c = a * requests, b * requests, c * requests
+        for name, (x, y, z) in self.per_unit:
+            count = input_tokens if name == "prompt_tokens" else getattr(usage, name)
+            if count:
+                a, b, c = a + x * count, b + y * count, c + z * count
+        if usage.audio_seconds:
+            x, y, z = self.audio_hour
+            seconds = usage.audio_seconds
+            if x:
+                a += x * seconds / _SECONDS_PER_HOUR
+            if y:
+                b += y * seconds / _SECONDS_PER_HOUR
+            if z:
+                c += z * seconds / _SECONDS_PER_HOUR
+        return a, b, c
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +238,9 @@ _plans: dict[tuple[str, str, int], _Plan | None] = {}
 def _quote_database(
     provider: gp.Provider, info: gp.ModelInfo, usage: MeteredUsage, at: datetime
 ) -> Quote | None:
-    # genai-prices derives uncached input as input - cache_read - cache_write; keep that non-negative for
-    # inconsistent upstream counts, the same clamp the override path applies.
-    input_tokens = max(usage.prompt_tokens, usage.cache_read_tokens + usage.cache_write_tokens)
+    # genai-prices derives uncached text input as input - cache_read - cache_write - uncached audio; keep
+    # that non-negative for inconsistent upstream counts, the same clamp the override path applies.
+    input_tokens = max(usage.prompt_tokens, _cached_and_audio(usage))
     try:
         model_price = info.get_prices(at)
         key = (provider.id, info.id, id(model_price))
@@ -217,27 +260,17 @@ def _quote_database(
     return Quote(True, DATABASE_CURRENCY, parts[0], parts[1], parts[2], "genai-prices", provider.id)
 
 
-def _usage(
-    input_tokens: int = 0,
-    output_tokens: int = 0,
-    cache_read_tokens: int = 0,
-    cache_write_tokens: int = 0,
-    audio_seconds: Decimal | None = None,
-) -> gp.Usage:
-    values: dict[str, int | Decimal] = {}
-    for name, value in (
-        ("input_tokens", input_tokens),
-        ("output_tokens", output_tokens),
-        ("cache_read_tokens", cache_read_tokens),
-        ("cache_write_tokens", cache_write_tokens),
-    ):
-        if value:
-            values[name] = value
-    if audio_seconds is not None:
+def _genai_usage(usage: MeteredUsage, input_tokens: int) -> gp.Usage:
+    # Every unit is given, zeros too: genai-prices wants the overlap of two reported units (cached audio)
+    # stated rather than guessed. Cache writes of audio are not reported by any provider: none.
+    values: dict[str, int | Decimal] = {"cache_audio_write_tokens": 0}
+    for name, unit in GENAI_UNITS:
+        values[unit] = input_tokens if name == "prompt_tokens" else getattr(usage, name)
+    if usage.audio_seconds is not None:
         # genai-prices nests input audio inside audio; giving only the input figure makes the parent's
         # remainder negative, which it rejects.
-        values["audio_seconds"] = audio_seconds
-        values["input_audio_seconds"] = audio_seconds
+        values["audio_seconds"] = usage.audio_seconds
+        values["input_audio_seconds"] = usage.audio_seconds
     return gp.Usage(**values)
 
 
@@ -259,13 +292,7 @@ def _calc_slow(
     input_tokens: int,
     at: datetime,
 ) -> Parts:
-    gp_usage = _usage(
-        input_tokens,
-        usage.completion_tokens,
-        usage.cache_read_tokens,
-        usage.cache_write_tokens,
-        usage.audio_seconds,
-    )
+    gp_usage = _genai_usage(usage, input_tokens)
     parts = _parts(info.calc_price(gp_usage, provider, genai_request_timestamp=at))
     if usage.requests != 1:
         # genai-prices always bills exactly one request; scale a per-request price to the real count.
@@ -288,11 +315,13 @@ def _build_plan(
     try:
         tiers: list[_Linear] = []
         for j in range(len(starts) + 1):
-            # The smallest input-token count that lands in tier j.
+            # The smallest input-token count that lands in tier j; checked at a count inside it with
+            # every unit in play (the first tier ends at its start, inclusive).
             x = 0 if j == 0 else starts[j - 1] + 1
+            check = min(starts[0], _CHECK_INPUT) if j == 0 and starts else x or _CHECK_INPUT
             flat = gp.ModelPrice(**{k: _price_at(v, x) for k, v in prices.items()})
             linear = _probe(flat)
-            if not _agrees(linear, provider, info, x, at):
+            if not _agrees(linear, provider, info, check, at):
                 return None
             tiers.append(linear)
     except ValueError:
@@ -312,21 +341,22 @@ def _price_at(value: Decimal | gp.TieredPrices | None, input_tokens: int) -> Dec
 
 def _probe(flat: gp.ModelPrice) -> _Linear:
     base = _parts(flat.calc_price(gp.Usage()))
-    one_in = _parts(flat.calc_price(_usage(input_tokens=1)))
+    at_base = _parts(flat.calc_price(gp.Usage(**_PROBE_BASE)))
+    per_unit: list[tuple[str, Parts]] = []
+    for name, unit in _LINEAR_UNITS:
+        one_more = _parts(flat.calc_price(gp.Usage(**{**_PROBE_BASE, unit: _PROBE_BASE.get(unit, 0) + 1})))
+        price = _minus(one_more, at_base)
+        if price != (_ZERO, _ZERO, _ZERO):
+            per_unit.append((name, price))
+    audio = gp.Usage(audio_seconds=Decimal(_SECONDS_PER_HOUR), input_audio_seconds=Decimal(_SECONDS_PER_HOUR))
     return _Linear(
-        request=base,
-        input_token=_minus(one_in, base),
-        cache_read_token=_minus(_parts(flat.calc_price(_usage(input_tokens=1, cache_read_tokens=1))), one_in),
-        cache_write_token=_minus(
-            _parts(flat.calc_price(_usage(input_tokens=1, cache_write_tokens=1))), one_in
-        ),
-        output_token=_minus(_parts(flat.calc_price(_usage(output_tokens=1))), base),
-        audio_hour=_minus(_parts(flat.calc_price(_usage(audio_seconds=Decimal(_SECONDS_PER_HOUR)))), base),
+        request=base, per_unit=tuple(per_unit), audio_hour=_minus(_parts(flat.calc_price(audio)), base)
     )
 
 
 def _agrees(linear: _Linear, provider: gp.Provider, info: gp.ModelInfo, x: int, at: datetime) -> bool:
-    """Cross-check against genai-prices' full calculation with the real provider.
+    """Cross-check against genai-prices' full calculation with the real provider, on a usage with every
+    unit in it.
 
     This catches model-specific rules that are not linear (Groq bills Whisper audio for at least 10 s).
     """
@@ -334,12 +364,16 @@ def _agrees(linear: _Linear, provider: gp.Provider, info: gp.ModelInfo, x: int, 
         info.id,
         provider.id,
         prompt_tokens=x,
-        completion_tokens=7,
+        completion_tokens=14,
         cache_read_tokens=x // 3,
         cache_write_tokens=x // 4,
+        cache_write_1h_tokens=x // 8,
+        input_audio_tokens=x // 6,
+        cache_audio_read_tokens=x // 12,
+        output_audio_tokens=3,
+        reasoning_tokens=5,
+        web_searches=2,
         audio_seconds=Decimal("1.5"),
     )
-    expected = _parts(
-        info.calc_price(_usage(x, 7, x // 3, x // 4, Decimal("1.5")), provider, genai_request_timestamp=at)
-    )
+    expected = _parts(info.calc_price(_genai_usage(sample, x), provider, genai_request_timestamp=at))
     return linear.apply(x, sample) == expected
