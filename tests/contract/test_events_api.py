@@ -363,3 +363,65 @@ def test_one_event_sent_twice_into_one_group_committed_batch_counts_once(
     # Every projection (rollups, credits drawn) agrees with the ledger: nothing was split twice.
     reconciled = client.get("/v1/admin/reconcile", headers=ADMIN).json()
     assert reconciled["ok"], reconciled
+
+
+def test_the_usage_vector_is_accepted_priced_and_shown(client: TestClient, tenant: Tenant) -> None:
+    # claude-sonnet-4-5 lists $3 input, $3.75 5-minute and $6 1-hour cache writes per million tokens,
+    # $15 output, and $10 per 1,000 web searches.
+    vector = {
+        "cache_write_tokens": 3000,
+        "cache_write_1h_tokens": 2000,
+        "reasoning_tokens": 40,
+        "web_searches": 3,
+        "web_fetches": 1,
+        "service_tier": "priority",
+        "batch": True,
+    }
+    sent = event(
+        "vec", model="claude-sonnet-4-5", provider="anthropic", prompt_tokens=5000, completion_tokens=100
+    )
+    response = client.post("/v1/events", json={"events": [{**sent, **vector}]}, headers=tenant.headers)
+    assert response.status_code == 200, response.text
+    # 2,000 uncached x 3 + 1,000 x 3.75 + 2,000 x 6 + 100 x 15 = 23,250 per million; 3 searches x $0.01.
+    assert response.json()["data"][0]["cost"] == "0.05325"
+    row = ledger(client, tenant)["data"][0]
+    assert {name: row[name] for name in vector} == vector
+    assert (row["input_audio_tokens"], row["output_audio_tokens"], row["accepted_prediction_tokens"]) == (
+        0,
+        0,
+        0,
+    )
+    csv = client.get("/v1/usage/export.csv", headers=tenant.headers).text.splitlines()
+    header, line = csv[0].split(","), csv[1].split(",")
+    cells = dict(zip(header, line, strict=True))
+    assert (cells["cache_write_1h_tokens"], cells["web_searches"], cells["service_tier"]) == (
+        "2000",
+        "3",
+        "priority",
+    )
+    assert cells["batch"] == "true"
+
+
+def test_a_usage_vector_that_does_not_add_up_is_refused_with_what_to_fix(
+    client: TestClient, tenant: Tenant
+) -> None:
+    bad = [
+        event(1, cache_write_tokens=10, cache_write_1h_tokens=11),
+        event(2, completion_tokens=50, reasoning_tokens=40, output_audio_tokens=20),
+        event(3, service_tier="Flex!"),
+        event(4, web_searches=-1),
+    ]
+    response = client.post("/v1/events", json={"events": bad}, headers=tenant.headers)
+    assert response.status_code == 422, response.text
+    params = [r["error"]["param"] for r in response.json()["data"]]
+    assert params == [
+        "events[0].cache_write_1h_tokens",
+        "events[1].completion_tokens",
+        "events[2].service_tier",
+        "events[3].web_searches",
+    ]
+    assert (
+        "cache_write_1h_tokens must not exceed cache_write_tokens"
+        in response.json()["data"][0]["error"]["message"]
+    )
+    assert ledger(client, tenant)["data"] == []

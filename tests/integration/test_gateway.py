@@ -366,6 +366,48 @@ def test_anthropic_messages_plain_stream_and_cache(gw_any: Gateway, primary: Fak
     assert all("authorization" not in r.headers for r in primary.requests())
 
 
+# claude-sonnet-4-5's public prices, per million tokens: $3 input, $15 output, $0.30 cache read, $3.75
+# 5-minute and $6 1-hour cache write; web search $10 per 1,000 calls.
+SONNET = {"input": Decimal(3), "output": Decimal(15), "read": Decimal("0.3"), "5m": Decimal("3.75")}
+SONNET_1H = Decimal(6)
+WEB_SEARCH = Decimal("0.01")
+
+
+def test_anthropic_one_hour_cache_writes_and_web_searches_are_billed(
+    gw_any: Gateway, primary: FakeUpstream
+) -> None:
+    # The anthropic SDK, plain and streamed; the upstream reports 1-hour writes and web searches as the
+    # API does (cache_creation, server_tool_use). Billing them as 5-minute writes and free searches was
+    # the defect: 1-hour writes cost 2x input, not 1.25x.
+    client = gw_any.anthropic()
+    cache = {"cache_read_tokens": 1000, "cache_creation_tokens": 3000, "cache_creation_1h_tokens": 2000}
+    primary.script("cache", count=2, web_search_requests=3, **cache)
+    plain = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=6, messages=[{"role": "user", "content": "Find it"}]
+    )
+    assert plain.usage.cache_creation is not None
+    assert plain.usage.cache_creation.ephemeral_1h_input_tokens == 2000
+    with client.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "Find it"}]
+    ) as stream:
+        "".join(stream.text_stream)
+    rows = {r["completion_tokens"]: r for r in gw_any.ledger()}
+    assert set(rows) == {6, 4}
+    for completion, row in rows.items():
+        uncached = row["prompt_tokens"] - 1000 - 3000
+        assert uncached == plain.usage.input_tokens
+        detail = (row["cache_write_tokens"], row["cache_write_1h_tokens"], row["web_searches"])
+        assert detail == (3000, 2000, 3)
+        expected = (
+            uncached * SONNET["input"]
+            + 1000 * SONNET["read"]
+            + 1000 * SONNET["5m"]
+            + 2000 * SONNET_1H
+            + completion * SONNET["output"]
+        ) / 1_000_000 + 3 * WEB_SEARCH
+        assert Decimal(row["cost"]) == expected.quantize(NANO), row
+
+
 def test_anthropic_async_stream(gw: Gateway) -> None:
     async def run() -> str:
         async with anthropic.AsyncAnthropic(base_url=gw.base, api_key=gw.tenant.key, max_retries=0) as client:

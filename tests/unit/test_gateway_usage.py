@@ -21,6 +21,7 @@ from meterline.gateway.usage import (
     usage_object,
     with_usage,
 )
+from meterline.metering.records import UsageVector
 
 CHAT_ANSWER: dict[str, Any] = {
     "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
@@ -136,7 +137,9 @@ ANTHROPIC_ANSWER: dict[str, Any] = {
 
 # -- reading usage ----------------------------------------------------------------------------------
 def test_chat_usage_with_cached_tokens() -> None:
-    assert usage_from_response("chat", CHAT_ANSWER) == TokenUsage(1117, 46, cache_read_tokens=1024)
+    assert usage_from_response("chat", CHAT_ANSWER) == TokenUsage(
+        1117, 46, cache_read_tokens=1024, detail=UsageVector(service_tier="default")
+    )
 
 
 def test_chat_usage_with_cache_writes() -> None:
@@ -156,12 +159,20 @@ def test_completions_and_embeddings_usage() -> None:
 
 
 def test_responses_usage() -> None:
-    assert usage_from_response("responses", RESPONSES_ANSWER) == TokenUsage(328, 52, 128, 64)
+    assert usage_from_response("responses", RESPONSES_ANSWER) == TokenUsage(
+        328, 52, 128, 64, UsageVector(reasoning_tokens=10)
+    )
 
 
 def test_anthropic_input_tokens_exclude_the_cache() -> None:
     usage = usage_from_response("messages", ANTHROPIC_ANSWER)
-    assert usage == TokenUsage(25 + 2_000 + 1_000, 40, cache_read_tokens=2_000, cache_write_tokens=1_000)
+    assert usage == TokenUsage(
+        25 + 2_000 + 1_000,
+        40,
+        cache_read_tokens=2_000,
+        cache_write_tokens=1_000,
+        detail=UsageVector(service_tier="standard"),
+    )
     assert usage is not None
     assert usage.total_tokens == 3_065
     plain = {"usage": {"input_tokens": 12, "output_tokens": 3}}
@@ -370,3 +381,93 @@ def test_with_usage_for_responses() -> None:
 def test_no_token_usage_is_invented_for_transcriptions() -> None:
     assert with_usage("transcriptions", {"text": "Hi."}, TokenUsage(0, 2)) == {"text": "Hi."}
     assert usage_for("transcriptions", TokenUsage(0, 2)) is None
+
+
+# -- the usage vector ---------------------------------------------------------------------------------
+def test_anthropic_one_hour_cache_writes_and_server_tools_are_read() -> None:
+    # Anthropic's documented shape: cache_creation splits the writes; server_tool_use counts tool calls.
+    body = {
+        "usage": {
+            "input_tokens": 50,
+            "cache_creation_input_tokens": 3_000,
+            "cache_read_input_tokens": 1_000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1_000, "ephemeral_1h_input_tokens": 2_000},
+            "output_tokens": 300,
+            "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 1},
+            "service_tier": "priority",
+        }
+    }
+    assert usage_from_response("messages", body) == TokenUsage(
+        4_050,
+        300,
+        cache_read_tokens=1_000,
+        cache_write_tokens=3_000,
+        detail=UsageVector(
+            cache_write_1h_tokens=2_000, web_searches=3, web_fetches=1, service_tier="priority"
+        ),
+    )
+
+
+def test_openai_chat_details_are_read_as_parts_of_the_totals() -> None:
+    body = {
+        "service_tier": "flex",
+        "usage": {
+            "prompt_tokens": 1_000,
+            "completion_tokens": 500,
+            "prompt_tokens_details": {"cached_tokens": 200, "audio_tokens": 300},
+            "completion_tokens_details": {
+                "reasoning_tokens": 120,
+                "audio_tokens": 80,
+                "accepted_prediction_tokens": 10,
+                "rejected_prediction_tokens": 5,
+            },
+        },
+    }
+    assert usage_from_response("chat", body) == TokenUsage(
+        1_000,
+        500,
+        cache_read_tokens=200,
+        detail=UsageVector(
+            input_audio_tokens=300,
+            reasoning_tokens=120,
+            output_audio_tokens=80,
+            accepted_prediction_tokens=10,
+            rejected_prediction_tokens=5,
+            service_tier="flex",
+        ),
+    )
+
+
+def test_responses_web_search_calls_are_counted_from_the_output() -> None:
+    body = {
+        "output": [
+            {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+            {"type": "web_search_call", "id": "ws_2", "status": "completed"},
+            {"type": "message", "content": [{"type": "output_text", "text": "Found it."}]},
+        ],
+        "usage": {"input_tokens": 10, "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0}},
+    }
+    assert usage_from_response("responses", body) == TokenUsage(10, 4, detail=UsageVector(web_searches=2))
+
+
+def test_inconsistent_details_are_bounded_by_the_totals() -> None:
+    # Parts larger than what holds them: the totals win, nothing is priced twice or negatively.
+    body = {
+        "service_tier": "not a tier\x00",
+        "usage": {
+            "prompt_tokens": 100,
+            "completion_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 80, "audio_tokens": 50},
+            "completion_tokens_details": {"reasoning_tokens": 8, "audio_tokens": 9},
+        },
+    }
+    usage = usage_from_response("chat", body)
+    assert usage == TokenUsage(
+        100,
+        10,
+        cache_read_tokens=80,
+        # 20 uncached tokens hold at most 20 audio ones: 30 of the audio was read from the cache.
+        detail=UsageVector(
+            input_audio_tokens=50, cache_audio_read_tokens=30, reasoning_tokens=8, output_audio_tokens=2
+        ),
+    )

@@ -14,7 +14,7 @@ from joserfc import jws
 from joserfc.jwk import OctKey
 
 from meterline import ids
-from meterline.metering.records import LedgerRow
+from meterline.metering.records import LedgerRow, UsageVector
 from meterline.receipts import (
     GENESIS,
     GENESIS_HASH,
@@ -296,6 +296,25 @@ def test_mismatch_names_the_edited_ledger_field(keys: SigningKeys, rows: list[Le
     assert "names receipt" in (mismatch(claims, replace(rows[0], receipt_id="other")) or "")
     # A JSON 1 is not a JSON true.
     assert mismatch({**claims, "failover": 0}, rows[0]) is not None
+
+
+def test_the_usage_vector_is_attested_and_a_row_without_it_claims_what_it_did_before(
+    keys: SigningKeys, rows: list[LedgerRow]
+) -> None:
+    plain = payload(chain(keys, rows[:1])[0])
+    assert not {"cache_write_1h_tokens", "web_searches", "service_tier", "batch"} & set(plain)
+    detailed = replace(
+        rows[0], usage=UsageVector(cache_write_1h_tokens=7, web_searches=2, service_tier="flex")
+    )
+    claims = payload(chain(keys, [detailed])[0])
+    assert (claims["cache_write_1h_tokens"], claims["web_searches"], claims["service_tier"]) == (7, 2, "flex")
+    assert "reasoning_tokens" not in claims  # zero parts are not claimed
+    assert mismatch(claims, detailed) is None
+    # A row edited to drop or change a part it was billed for no longer matches its receipt.
+    assert "web_searches" in (
+        mismatch(claims, replace(detailed, usage=UsageVector(cache_write_1h_tokens=7))) or ""
+    )
+    assert "cache_write_1h_tokens" in (mismatch(claims, rows[0]) or "")
 
 
 def test_verifying_keys_come_from_any_jwk_set() -> None:

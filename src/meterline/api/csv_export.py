@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from meterline.clock import rfc3339
-from meterline.metering.records import LedgerRow
+from meterline.metering.records import VECTOR_COUNTS, LedgerRow
 from meterline.money import format_nanos
 
 COLUMNS = (
@@ -56,6 +56,10 @@ COLUMNS = (
     "receipt_id",
     "event_id",
     "metadata",
+    # The usage vector, appended so that the columns before keep their places.
+    *VECTOR_COUNTS,
+    "service_tier",
+    "batch",
 )
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _ROWS_PER_CHUNK = 200
@@ -113,6 +117,9 @@ def cells(row: LedgerRow) -> list[Any]:
         row.receipt_id or "",
         text(row.idempotency_key),
         "" if row.metadata is None else text(orjson.dumps(row.metadata).decode()),
+        *(getattr(row.usage, name) for name in VECTOR_COUNTS),
+        text(row.usage.service_tier),
+        _flag(row.usage.batch),
     ]
 
 

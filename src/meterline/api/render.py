@@ -14,6 +14,7 @@ from meterline.metering import LedgerRow
 from meterline.metering.forecast import Forecast
 from meterline.metering.quarantine import QuarantineEntry
 from meterline.metering.reading import Totals
+from meterline.metering.records import VECTOR_COUNTS, UsageVector
 from meterline.metering.summary import Allowance
 from meterline.money import format_nanos, from_nanos, to_nanos
 from meterline.pricing import CurrencyRates
@@ -149,6 +150,7 @@ def ledger_row(row: LedgerRow, rates: CurrencyRates) -> dict[str, Any]:
         "cache_read_tokens": row.cache_read_tokens,
         "cache_write_tokens": row.cache_write_tokens,
         "total_tokens": row.total_tokens,
+        **usage_vector(row.usage),
         "organization_id": row.organization_id,
         "workspace_id": row.workspace_id,
         "identifier_id": row.identifier_id,
@@ -164,6 +166,15 @@ def ledger_row(row: LedgerRow, rates: CurrencyRates) -> dict[str, Any]:
     if row.region is not None:
         # Seed 004: "Omitted for region-less providers".
         data["region"] = row.region
+    return data
+
+
+def usage_vector(usage: UsageVector) -> dict[str, Any]:
+    """A row's usage vector (parts of its token counts, per-call counts), named as ``POST /v1/events``
+    takes it."""
+    data: dict[str, Any] = {name: getattr(usage, name) for name in VECTOR_COUNTS}
+    data["service_tier"] = usage.service_tier
+    data["batch"] = usage.batch
     return data
 
 

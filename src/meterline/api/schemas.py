@@ -19,11 +19,14 @@ from pydantic import (
     model_validator,
 )
 
+from meterline.metering.records import NO_DETAIL, UsageVector
 from meterline.money import parse_decimal
+from meterline.pricing.usage import consistency
 from meterline.quotas.limits import check_named_limits
 
 MAX_TOKENS = 100_000_000  # per event: far above any model's context, far below overflow
 MAX_UNITS = 1_000_000_000
+MAX_CALLS = 1_000_000  # server-side tool calls (web searches) per event
 MAX_AUDIO_SECONDS = Decimal(86_400)
 MAX_METADATA_BYTES = 8 * 1024
 
@@ -37,6 +40,8 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Label = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+Calls = Annotated[int, Field(ge=0, le=MAX_CALLS, strict=True)]
+ServiceTier = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")]
 
 
 def plain_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -141,6 +146,18 @@ class EventIn(_Body):
     run_id: Label | None = None
     metadata: dict[str, Any] | None = None
     timestamp: datetime | None = None
+    # The usage vector (parts of the token counts above, and per-call counts): see docs/usage-vector.md.
+    cache_write_1h_tokens: Tokens = 0
+    input_audio_tokens: Tokens = 0
+    cache_audio_read_tokens: Tokens = 0
+    output_audio_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    accepted_prediction_tokens: Tokens = 0
+    rejected_prediction_tokens: Tokens = 0
+    web_searches: Calls = 0
+    web_fetches: Calls = 0
+    service_tier: ServiceTier | None = None
+    batch: bool = Field(default=False, strict=True)
 
     @field_validator("audio_seconds", mode="before")
     @classmethod
@@ -164,12 +181,57 @@ class EventIn(_Body):
             raise ValueError("timestamp must be RFC 3339 with a time zone, e.g. 2026-03-14T10:30:59Z")
         return value
 
-    def check_tokens(self) -> str | None:
-        if self.cache_read_tokens + self.cache_write_tokens > self.prompt_tokens:
+    def check_tokens(self) -> tuple[str, str] | None:
+        """(field, what to fix) when the counts break the usage vector's nesting."""
+        if self.prediction_tokens > self.completion_tokens:
             return (
-                "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens (which includes them)"
+                "completion_tokens",
+                "accepted_prediction_tokens + rejected_prediction_tokens must not exceed completion_tokens "
+                "(which includes them)",
             )
-        return None
+        return consistency(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            cache_write_1h_tokens=self.cache_write_1h_tokens,
+            input_audio_tokens=self.input_audio_tokens,
+            cache_audio_read_tokens=self.cache_audio_read_tokens,
+            output_audio_tokens=self.output_audio_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+        )
+
+    @property
+    def prediction_tokens(self) -> int:
+        return self.accepted_prediction_tokens + self.rejected_prediction_tokens
+
+    def usage_vector(self) -> UsageVector:
+        if not (
+            self.cache_write_1h_tokens
+            or self.input_audio_tokens
+            or self.cache_audio_read_tokens
+            or self.output_audio_tokens
+            or self.reasoning_tokens
+            or self.prediction_tokens
+            or self.web_searches
+            or self.web_fetches
+            or self.service_tier is not None
+            or self.batch
+        ):
+            return NO_DETAIL
+        return UsageVector(
+            cache_write_1h_tokens=self.cache_write_1h_tokens,
+            input_audio_tokens=self.input_audio_tokens,
+            cache_audio_read_tokens=self.cache_audio_read_tokens,
+            output_audio_tokens=self.output_audio_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+            accepted_prediction_tokens=self.accepted_prediction_tokens,
+            rejected_prediction_tokens=self.rejected_prediction_tokens,
+            web_searches=self.web_searches,
+            web_fetches=self.web_fetches,
+            service_tier=self.service_tier,
+            batch=self.batch,
+        )
 
 
 class EventsBatchIn(_Body):

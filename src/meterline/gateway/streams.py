@@ -28,6 +28,7 @@ from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.sse import SSEEvent
 from meterline.gateway.tokens import token_counter
 from meterline.gateway.usage import anthropic_usage, openai_chat_usage, openai_responses_usage, token_count
+from meterline.metering.records import NO_DETAIL
 
 # Responses stream events whose ``delta`` is text the model generated (audio deltas are base64 audio).
 RESPONSES_TEXT_DELTAS = frozenset(
@@ -76,6 +77,7 @@ class StreamMeter:
         "_cache_write",
         "_completion",
         "_count",
+        "_detail",
         "_handle",
         "_local",
         "_message_usage",
@@ -98,6 +100,7 @@ class StreamMeter:
         self._completion: int | None = None  # as reported by the upstream (final or cumulative)
         self._cache_read = 0
         self._cache_write = 0
+        self._detail = NO_DETAIL  # the rest of the usage vector, as the upstream reported it
         self._message_usage: Mapping[str, Any] = {}  # Anthropic's message_start usage
         self.events_seen = 0
         self.output_events = 0  # events that carried generated text
@@ -122,7 +125,7 @@ class StreamMeter:
         """Reported counts where the upstream gave them, else the prompt estimate and the local count."""
         prompt = self._prompt_estimate if self._prompt is None else self._prompt
         completion = self._local if self._completion is None else self._completion
-        return TokenUsage(prompt, completion, self._cache_read, self._cache_write)
+        return TokenUsage(prompt, completion, self._cache_read, self._cache_write, self._detail)
 
     def final(self) -> TokenUsage:
         """The usage to settle once the stream has ended, however it ended (same rule as ``usage_so_far``)."""
@@ -159,6 +162,7 @@ class StreamMeter:
             self._completion = usage.completion_tokens
             self._cache_read = usage.cache_read_tokens
             self._cache_write = usage.cache_write_tokens
+            self._detail = usage.detail
 
     def _openai_chunk(self, chunk: dict[str, Any]) -> bool:
         error = chunk.get("error")
@@ -175,7 +179,7 @@ class StreamMeter:
                 self.output_events += 1
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self._report(openai_chat_usage(usage))
+            self._report(openai_chat_usage(usage, chunk.get("service_tier")))
             if not choices and not self._wants_usage:
                 return False  # the usage-only chunk the gateway asked for on the client's behalf
         return True
@@ -211,7 +215,7 @@ class StreamMeter:
             if isinstance(response, dict):
                 usage = response.get("usage")
                 if isinstance(usage, dict):
-                    self._report(openai_responses_usage(usage))
+                    self._report(openai_responses_usage(usage, response))
                 if kind == "response.failed":
                     self.error = _stream_error(response.get("error"))
         elif kind == "error":
@@ -242,6 +246,7 @@ class StreamMeter:
                     self._prompt = started.prompt_tokens
                     self._cache_read = started.cache_read_tokens
                     self._cache_write = started.cache_write_tokens
+                    self._detail = started.detail
         elif kind == "content_block_start":
             block = event.get("content_block")
             if isinstance(block, dict):

@@ -17,12 +17,14 @@ Every result keeps the project's convention (``TokenUsage``): prompt tokens incl
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from meterline.gateway.flavors import Api, TokenUsage
+from meterline.metering.records import UsageVector
 
 
 def usage_from_response(api: Api, body: object) -> TokenUsage | None:
@@ -33,12 +35,12 @@ def usage_from_response(api: Api, body: object) -> TokenUsage | None:
     if not isinstance(usage, Mapping):
         return None
     if api in ("chat", "completions"):
-        return openai_chat_usage(usage)
+        return openai_chat_usage(usage, body.get("service_tier"))
     if api == "embeddings":
         prompt = token_count(usage.get("prompt_tokens"))
         return None if prompt is None else TokenUsage(prompt, 0)
     if api == "responses":
-        return openai_responses_usage(usage)
+        return openai_responses_usage(usage, body)
     if api == "messages":
         return anthropic_usage(usage, None)
     # transcriptions: usage is audio seconds (``type: duration``) unless the model bills tokens.
@@ -47,26 +49,41 @@ def usage_from_response(api: Api, body: object) -> TokenUsage | None:
     return _tokens(token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")), 0, 0)
 
 
-def openai_chat_usage(usage: Mapping[Any, Any]) -> TokenUsage | None:
-    """Chat and legacy completions ``usage`` (also the last chunk of a stream)."""
-    details = usage.get("prompt_tokens_details")
-    cached = written = 0
-    if isinstance(details, Mapping):
-        cached = token_count(details.get("cached_tokens")) or 0
-        written = token_count(details.get("cache_write_tokens")) or 0
-    prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
-    return _tokens(prompt, completion, cached, written)
-
-
-def openai_responses_usage(usage: Mapping[Any, Any]) -> TokenUsage | None:
-    """Responses API ``usage`` (also ``response.usage`` of its final stream event)."""
-    details = usage.get("input_tokens_details")
-    cached = written = 0
-    if isinstance(details, Mapping):
-        cached = token_count(details.get("cached_tokens")) or 0
-        written = token_count(details.get("cache_write_tokens")) or 0
+def openai_chat_usage(usage: Mapping[Any, Any], service_tier: object = None) -> TokenUsage | None:
+    """Chat and legacy completions ``usage`` (also the last chunk of a stream); ``service_tier`` is the
+    answer's own (beside ``usage``)."""
+    details = _mapping(usage.get("prompt_tokens_details"))
+    out = _mapping(usage.get("completion_tokens_details"))
     return _tokens(
-        token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")), cached, written
+        token_count(usage.get("prompt_tokens")),
+        token_count(usage.get("completion_tokens")),
+        _count(details, "cached_tokens"),
+        _count(details, "cache_write_tokens"),
+        input_audio=_count(details, "audio_tokens"),
+        output_audio=_count(out, "audio_tokens"),
+        reasoning=_count(out, "reasoning_tokens"),
+        accepted=_count(out, "accepted_prediction_tokens"),
+        rejected=_count(out, "rejected_prediction_tokens"),
+        service_tier=service_tier,
+    )
+
+
+def openai_responses_usage(usage: Mapping[Any, Any], response: Mapping[Any, Any]) -> TokenUsage | None:
+    """Responses API ``usage`` (also ``response.usage`` of its final stream event). Web searches are
+    the ``web_search_call`` items of the ``response``'s output (billed per call)."""
+    details = _mapping(usage.get("input_tokens_details"))
+    out = _mapping(usage.get("output_tokens_details"))
+    searches = sum(1 for item in _items(response.get("output")) if item.get("type") == "web_search_call")
+    return _tokens(
+        token_count(usage.get("input_tokens")),
+        token_count(usage.get("output_tokens")),
+        _count(details, "cached_tokens"),
+        _count(details, "cache_write_tokens"),
+        input_audio=_count(details, "audio_tokens"),
+        output_audio=_count(out, "audio_tokens"),
+        reasoning=_count(out, "reasoning_tokens"),
+        web_searches=searches,
+        service_tier=response.get("service_tier"),
     )
 
 
@@ -74,6 +91,8 @@ def anthropic_usage(usage: Mapping[Any, Any], output_tokens: int | None) -> Toke
     """Anthropic ``usage``: its ``input_tokens`` EXCLUDE the cache, so the prompt is the sum of all three.
 
     ``output_tokens`` overrides the body's own (a stream's ``message_delta`` reports the final count).
+    ``cache_creation`` splits the writes into 5-minute and 1-hour ones; ``server_tool_use`` counts web
+    searches and fetches; ``service_tier`` is inside ``usage`` here.
     """
     uncached = token_count(usage.get("input_tokens"))
     if uncached is None:
@@ -81,17 +100,81 @@ def anthropic_usage(usage: Mapping[Any, Any], output_tokens: int | None) -> Toke
     read = token_count(usage.get("cache_read_input_tokens")) or 0
     written = token_count(usage.get("cache_creation_input_tokens")) or 0
     output = token_count(usage.get("output_tokens")) if output_tokens is None else output_tokens
-    return _tokens(uncached + read + written, output, read, written)
+    tools = _mapping(usage.get("server_tool_use"))
+    return _tokens(
+        uncached + read + written,
+        output,
+        read,
+        written,
+        written_1h=_count(_mapping(usage.get("cache_creation")), "ephemeral_1h_input_tokens"),
+        web_searches=_count(tools, "web_search_requests"),
+        web_fetches=_count(tools, "web_fetch_requests"),
+        service_tier=usage.get("service_tier"),
+    )
 
 
-def _tokens(prompt: int | None, completion: int | None, cached: int, written: int) -> TokenUsage | None:
+def _tokens(
+    prompt: int | None,
+    completion: int | None,
+    cached: int,
+    written: int,
+    *,
+    written_1h: int = 0,
+    input_audio: int = 0,
+    output_audio: int = 0,
+    reasoning: int = 0,
+    accepted: int = 0,
+    rejected: int = 0,
+    web_searches: int = 0,
+    web_fetches: int = 0,
+    service_tier: object = None,
+) -> TokenUsage | None:
+    """The counts an upstream reported, made consistent: a part never exceeds what holds it (the
+    totals win), so every count is priced once and none negatively."""
     if prompt is None or completion is None:
         return None
     # An upstream claiming more cached tokens than prompt tokens is inconsistent; the prompt total wins
     # so that ``prompt - cache`` (the uncached tokens priced at the full rate) is never negative.
     cached = min(cached, prompt)
     written = min(written, prompt - cached)
-    return TokenUsage(prompt, completion, cached, written)
+    input_audio = min(input_audio, prompt)
+    # Audio that does not fit beside the cached text was read from the cache too (providers that report
+    # audio input do not split their cached count): the least overlap that makes the counts add up.
+    cached_audio = min(max(input_audio - (prompt - cached - written), 0), cached)
+    input_audio = min(input_audio, prompt - cached - written + cached_audio)  # audio writes: not reported
+    reasoning = min(reasoning, completion)
+    output_audio = min(output_audio, completion - reasoning)
+    tier = service_tier if isinstance(service_tier, str) and _SERVICE_TIER.fullmatch(service_tier) else None
+    if not (written_1h or input_audio or output_audio or reasoning or accepted or rejected) and not (
+        web_searches or web_fetches or tier
+    ):
+        return TokenUsage(prompt, completion, cached, written)
+    detail = UsageVector(
+        cache_write_1h_tokens=min(written_1h, written),
+        input_audio_tokens=input_audio,
+        cache_audio_read_tokens=cached_audio,
+        output_audio_tokens=output_audio,
+        reasoning_tokens=reasoning,
+        accepted_prediction_tokens=min(accepted, completion),
+        rejected_prediction_tokens=min(rejected, completion - min(accepted, completion)),
+        web_searches=web_searches,
+        web_fetches=web_fetches,
+        service_tier=tier,
+    )
+    return TokenUsage(prompt, completion, cached, written, detail)
+
+
+def _mapping(value: object) -> Mapping[Any, Any]:
+    return value if isinstance(value, Mapping) else _EMPTY
+
+
+def _count(values: Mapping[Any, Any], key: str) -> int:
+    return token_count(values.get(key)) or 0
+
+
+_EMPTY: Mapping[Any, Any] = {}
+# What a service tier may be to be stored (it is an upstream's text): e.g. default, flex, priority.
+_SERVICE_TIER = re.compile(r"[a-z0-9_-]{1,32}")
 
 
 def token_count(value: object) -> int | None:

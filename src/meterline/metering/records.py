@@ -11,11 +11,53 @@ LLM_REQUEST = "llm.request"
 
 
 @dataclass(frozen=True, slots=True)
+class UsageVector:
+    """The detail of a row's usage beyond its four token counts, in genai-prices' words where it has them.
+
+    Token counts here are parts of the row's own, never added to them: ``cache_write_1h_tokens`` of
+    ``cache_write_tokens`` (the rest are 5-minute writes); ``input_audio_tokens`` of ``prompt_tokens``;
+    ``cache_audio_read_tokens`` of both ``cache_read_tokens`` and ``input_audio_tokens``;
+    ``output_audio_tokens``, ``reasoning_tokens`` and the prediction tokens of ``completion_tokens``.
+    ``web_searches`` and ``web_fetches`` are server-side tool calls. ``service_tier`` is the tier the
+    provider says it served (``flex``, ``priority``, ...); ``batch`` marks usage of a batch API.
+    """
+
+    cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    cache_audio_read_tokens: int = 0
+    output_audio_tokens: int = 0
+    reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    web_searches: int = 0
+    web_fetches: int = 0
+    service_tier: str | None = None
+    batch: bool = False
+
+
+NO_DETAIL = UsageVector()
+# The vector's counts, in storage order.
+VECTOR_COUNTS = (
+    "cache_write_1h_tokens",
+    "input_audio_tokens",
+    "cache_audio_read_tokens",
+    "output_audio_tokens",
+    "reasoning_tokens",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+    "web_searches",
+    "web_fetches",
+)
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
     """One billable event as measured, before pricing. Written by the gateway and the events API alike.
 
     ``prompt_tokens`` counts every input token, cache reads and cache writes included (the OpenAI
     convention); ``cache_read_tokens`` and ``cache_write_tokens`` say how many of them were cached.
+    ``completion_tokens`` counts every output token, reasoning and audio included. The rest of the usage
+    vector (``UsageVector``) says what those tokens were and counts per-call work (web searches).
     """
 
     organization_id: str
@@ -49,6 +91,7 @@ class UsageRecord:
     receipt: bool = True
     idempotency_key: str | None = None
     request_hash: str | None = None
+    usage: UsageVector = NO_DETAIL
 
 
 @dataclass(slots=True)
@@ -100,6 +143,7 @@ class LedgerRow:
     # Decided at settle (see meterline.credits): the credits drawn from each bucket.
     credits_monthly_nanos: int = 0
     credits_bonus_nanos: int = 0
+    usage: UsageVector = NO_DETAIL
 
     @property
     def audio_seconds(self) -> Decimal | None:

@@ -32,7 +32,7 @@ from meterline import ids
 from meterline.clock import Clock, from_micros, to_micros
 from meterline.errors import Conflict, InvalidRequest, MeterlineError, NotFound
 from meterline.metering.quarantine import QuarantineEntry, QuarantineStore, describe_error
-from meterline.metering.records import LedgerRow, UsageRecord
+from meterline.metering.records import NO_DETAIL, LedgerRow, UsageRecord, UsageVector
 from meterline.metering.settle import Account, Settler, storable
 from meterline.metering.store import AppendResult
 from meterline.metering.unit_of_work import ReservationEnded
@@ -122,6 +122,8 @@ def encode_record(record: UsageRecord) -> str:
     data["created_at"] = to_micros(record.created_at)
     if record.audio_seconds is not None:
         data["audio_seconds"] = str(record.audio_seconds)
+    if record.usage is NO_DETAIL:
+        del data["usage"]  # most rows: kept short, and readable by a server from before the vector
     return orjson.dumps(data).decode()
 
 
@@ -130,6 +132,8 @@ def decode_record(text: str) -> UsageRecord:
     data["created_at"] = from_micros(data["created_at"])
     if data.get("audio_seconds") is not None:
         data["audio_seconds"] = Decimal(data["audio_seconds"])
+    if "usage" in data:
+        data["usage"] = UsageVector(**data["usage"])
     return UsageRecord(**data)
 
 

@@ -103,6 +103,7 @@ class Settler:
     def price(self, record: UsageRecord, account: Account, recorded_at: datetime | None = None) -> LedgerRow:
         """The ledger row for ``record``: pure computation, nothing written."""
         record = storable(record)
+        detail = record.usage
         usage = MeteredUsage(
             model=record.model,
             provider=record.provider,
@@ -111,6 +112,12 @@ class Settler:
             cache_read_tokens=record.cache_read_tokens,
             cache_write_tokens=record.cache_write_tokens,
             audio_seconds=record.audio_seconds,
+            cache_write_1h_tokens=detail.cache_write_1h_tokens,
+            input_audio_tokens=detail.input_audio_tokens,
+            cache_audio_read_tokens=detail.cache_audio_read_tokens,
+            output_audio_tokens=detail.output_audio_tokens,
+            reasoning_tokens=detail.reasoning_tokens,
+            web_searches=detail.web_searches,
             requests=1,
             units=record.units,
             event=record.event,
@@ -164,6 +171,7 @@ class Settler:
             request_hash=record.request_hash,
             created_at=record.created_at,
             recorded_at=recorded_at or self._clock.now(),
+            usage=detail,
         )
 
     def price_all(self, records: Sequence[UsageRecord], account: Account) -> list[LedgerRow]:

@@ -8,7 +8,7 @@ import hashlib
 from typing import Any
 
 from meterline.clock import rfc3339, to_micros
-from meterline.metering.records import LedgerRow
+from meterline.metering.records import NO_DETAIL, VECTOR_COUNTS, LedgerRow, UsageVector
 from meterline.money import format_nanos
 
 # Not ``at+jwt``: a receipt must never pass for an access token signed by the same key, nor the reverse.
@@ -56,7 +56,21 @@ def row_claims(row: LedgerRow) -> dict[str, Any]:
         "failover": row.failover,
         "created_at": rfc3339(row.created_at),
         "iat": to_micros(row.recorded_at) // 1_000_000,
+        **_detail_claims(row.usage),
     }
+
+
+def _detail_claims(usage: UsageVector) -> dict[str, Any]:
+    """The usage vector's non-zero parts (a row without any makes the same claims as before the vector
+    existed, so older receipts still verify against their rows)."""
+    if usage is NO_DETAIL:
+        return {}
+    claims: dict[str, Any] = {name: getattr(usage, name) for name in VECTOR_COUNTS if getattr(usage, name)}
+    if usage.service_tier is not None:
+        claims["service_tier"] = usage.service_tier
+    if usage.batch:
+        claims["batch"] = True
+    return claims
 
 
 def receipt_claims(row: LedgerRow, receipt_id: str, seq: int, prev: str) -> dict[str, Any]:
@@ -69,11 +83,18 @@ def mismatch(claims: dict[str, Any], row: LedgerRow) -> str | None:
     Catches a ledger row edited after it was signed (its receipt still says what was billed)."""
     if claims.get("jti") != row.receipt_id:
         return f"ledger row {row.id} names receipt {row.receipt_id!r}, not this one"
-    for name, expected in row_claims(row).items():
+    expected_claims = row_claims(row)
+    for name, expected in expected_claims.items():
         if name not in claims:
             return f"claim {name} is missing"
         found = claims[name]
         # ``True == 1`` in Python; a JSON boolean and a number are not the same claim.
         if found != expected or type(found) is not type(expected):
             return f"ledger row {name} is {expected!r} but the receipt says {found!r}"
+    for name in _DETAIL_NAMES:
+        if name in claims and name not in expected_claims:  # the row lost a part the receipt attests
+            return f"the receipt says {name} is {claims[name]!r} but the ledger row has none"
     return None
+
+
+_DETAIL_NAMES = (*VECTOR_COUNTS, "service_tier", "batch")

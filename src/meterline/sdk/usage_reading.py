@@ -107,5 +107,5 @@ def _tokens(kind: Kind, usage: Mapping[str, Any]) -> TokenUsage | None:
         prompt = token_count(usage.get("prompt_tokens"))
         return None if prompt is None else TokenUsage(prompt, 0)
     if kind == "responses":
-        return openai_responses_usage(usage)
+        return openai_responses_usage(usage, {})
     return anthropic_usage(usage, None)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, select
 from meterline.clock import MICROS_PER_HOUR, from_micros, to_micros
 from meterline.credits import CreditTerms
 from meterline.metering import unit_of_work
-from meterline.metering.records import LedgerRow
+from meterline.metering.records import NO_DETAIL, VECTOR_COUNTS, LedgerRow, UsageVector
 from meterline.metering.store import AppendResult
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_rollups
@@ -91,7 +91,24 @@ def row_to_tuple(row: LedgerRow) -> tuple[Any, ...]:
         to_micros(row.recorded_at),
         row.credits_monthly_nanos,
         row.credits_bonus_nanos,
+        *_vector_values(row.usage),
     )
+
+
+def _vector_values(usage: UsageVector) -> tuple[Any, ...]:
+    if usage is NO_DETAIL:
+        return _NO_DETAIL_VALUES
+    return (*(getattr(usage, name) for name in VECTOR_COUNTS), usage.service_tier, usage.batch)
+
+
+_NO_DETAIL_VALUES = (*(0 for _ in VECTOR_COUNTS), None, False)
+
+
+def _vector_of(r: Any) -> UsageVector:
+    counts = {name: getattr(r, name) for name in VECTOR_COUNTS}
+    if not any(counts.values()) and r.service_tier is None and not r.batch:
+        return NO_DETAIL
+    return UsageVector(**counts, service_tier=r.service_tier, batch=bool(r.batch))
 
 
 def row_from_db(r: Any) -> LedgerRow:
@@ -136,6 +153,7 @@ def row_from_db(r: Any) -> LedgerRow:
         recorded_at=from_micros(r.recorded_at_us),
         credits_monthly_nanos=r.credits_monthly_nanos,
         credits_bonus_nanos=r.credits_bonus_nanos,
+        usage=_vector_of(r),
     )
 
 

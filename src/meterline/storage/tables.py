@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData(
@@ -198,6 +199,18 @@ ledger = Table(
     # How ``credits_nanos`` was drawn: from the monthly bucket, from bonus; the rest is overage.
     Column("credits_monthly_nanos", BigInteger, nullable=False),
     Column("credits_bonus_nanos", BigInteger, nullable=False),
+    # The usage vector (meterline.metering.records): parts of the token columns above, and per-call counts.
+    Column("cache_write_1h_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("input_audio_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("cache_audio_read_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("output_audio_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("reasoning_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("accepted_prediction_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("rejected_prediction_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("web_searches", BigInteger, nullable=False, server_default="0"),
+    Column("web_fetches", BigInteger, nullable=False, server_default="0"),
+    Column("service_tier", String(32), nullable=True),
+    Column("batch", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("organization_id", "idempotency_key"),
     Index("ix_ledger_org_created", "organization_id", "created_at_us"),
     Index("ix_ledger_ws_created", "workspace_id", "created_at_us"),

@@ -42,13 +42,23 @@ def error(status: int, message: str | None = None, request_id: str = "req_fake")
 
 def _usage(prompt: int, plan: Plan, output_tokens: int) -> dict[str, Any]:
     # Anthropic's input_tokens excludes cache reads and writes; the three add up to the whole prompt.
-    return {
+    usage: dict[str, Any] = {
         "input_tokens": prompt,
         "cache_creation_input_tokens": plan.cache_write,
         "cache_read_input_tokens": plan.cache_read,
         "output_tokens": output_tokens,
         "service_tier": "standard",
     }
+    written_1h = int(plan.params.get("cache_creation_1h_tokens", 0)) if plan.mode == "cache" else 0
+    if written_1h:  # the API's split of the writes by cache lifetime
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": plan.cache_write - written_1h,
+            "ephemeral_1h_input_tokens": written_1h,
+        }
+    searches = int(plan.params.get("web_search_requests", 0))
+    if searches:
+        usage["server_tool_use"] = {"web_search_requests": searches}
+    return usage
 
 
 def messages(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody | StreamBody:
@@ -98,6 +108,9 @@ def messages(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody | 
         }
         if plan.reports_usage:
             final["usage"] = {"output_tokens": output}
+            searches = int(plan.params.get("web_search_requests", 0))
+            if searches:  # cumulative, as the real API reports server tool use at the end
+                final["usage"]["server_tool_use"] = {"web_search_requests": searches}
         return [
             sse({"type": "content_block_stop", "index": 0}, event="content_block_stop"),
             sse(final, event="message_delta"),

@@ -61,6 +61,7 @@ def _record(
         idempotency_key=event.id,
         request_hash=fingerprint(body),
         receipt=receipt,
+        usage=event.usage_vector(),
     )
 
 
@@ -87,7 +88,11 @@ def post_events(
             message, param = first_problem(exc.errors())
             results[index] = _rejected(event_id, "invalid_request", message, f"events[{index}].{param or ''}")
             continue
-        problem, field = event.check_tokens(), "prompt_tokens"
+        problem: str | None = None
+        field = ""
+        nesting = event.check_tokens()
+        if nesting is not None:
+            field, problem = nesting
         foreign = event.identifier_id not in (None, principal.identifier_id)
         if problem is None and principal.scope == "identifier" and foreign:
             # Else a token holder could spend another identifier's allowance, or escape their own.
