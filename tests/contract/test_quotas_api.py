@@ -227,6 +227,24 @@ def test_spend_cap_blocks_byom_organizations(client: TestClient) -> None:
     assert limit_named(usage(client, tenant), "spend_cap")["remaining"] == 0.05
 
 
+def test_a_used_up_credits_or_spend_meter_refuses_unpriced_models_too(client: TestClient) -> None:
+    # A model missing from the price book costs 0: it used to pass a wall that was already reached
+    # (four in a row went through under a reached spend cap). A used-up money meter refuses everything.
+    credits = make_tenant(client, plan="credits30")  # 30 monthly credits; 10 credits a call
+    for _ in range(3):
+        assert send(client, credits).status_code == 200
+    for _ in range(2):
+        assert_envelope(send(client, credits, model="no-such-model"), 429, "credits_exhausted")
+    capped = make_tenant(client, plan="open", spend_cap="0.20")
+    assert send(client, capped).status_code == 200
+    assert send(client, capped, model="no-such-model").status_code == 200  # 0.10 of 0.20 left: passes
+    assert send(client, capped).status_code == 200  # the cap is reached exactly
+    for _ in range(4):
+        assert_envelope(send(client, capped, model="no-such-model"), 429, "spend_cap_reached")
+    rows = client.get("/v1/usage/ledger", headers=capped.headers).json()["data"]
+    assert [r["priced"] for r in rows] == [True, False, True]
+
+
 def test_overage_plans_keep_working_and_mark_rows(client: TestClient) -> None:
     tenant = make_tenant(client, plan="paid")  # 100 daily tokens, overage allowed
     assert send(client, tenant, prompt_tokens=80).status_code == 200

@@ -80,6 +80,10 @@ _hold_numbers = itertools.count(1)
 _PLACED_MAX = 10_000
 _ROLLING_US = ROLLING_SECONDS * 1_000_000
 _MICROSECOND = timedelta(microseconds=1)
+# What a money meter reserves at least: one nano. A request estimated at nothing (a model missing from
+# the price book) is still refused by a credits or spend limit that is used up, not let through a reached
+# wall; settling replaces the nano with the actual amount, so counters still equal the ledger.
+_FLOOR = {"credits": 1, "spend": 1}
 _SCOPE_TAG = {"organization": "o", "workspace": "w", "key": "k", "identifier": "i"}
 _WINDOW_WORDS = {"minute": "this minute", "day": "today (UTC)", "period": "this billing period"}
 
@@ -298,13 +302,13 @@ class _Placement(NamedTuple):
     copies into its lines) and the meters in order (what a settle maps its amounts by)."""
 
     bounds: tuple[Bound, ...]
-    lines: tuple[tuple[str, str, int, bool, WindowKind, int], ...]
+    lines: tuple[tuple[str, str, int, bool, WindowKind, int, int], ...]
     meters: tuple[str, ...]
 
     @classmethod
     def of(cls, bounds: tuple[Bound, ...]) -> _Placement:
         lines = tuple(
-            (b.limit.meter, t.key, t.maximum, t.block, t.kind, t.reset_s)
+            (b.limit.meter, t.key, t.maximum, t.block, t.kind, t.reset_s, _FLOOR.get(b.limit.meter, 0))
             for b in bounds
             for t in (b.template,)
         )
@@ -422,8 +426,8 @@ class QuotaEngine:
             # ``tuple.__new__`` builds a Line in half the time of ``Line(...)`` (whose ``__new__`` is Python).
             lines = tuple(
                 [
-                    tuple.__new__(Line, (k, amounts.get(m, 0), mx, bl, kd, rs))
-                    for m, k, mx, bl, kd, rs in placement.lines
+                    tuple.__new__(Line, (k, amounts.get(m, 0) or fl, mx, bl, kd, rs))
+                    for m, k, mx, bl, kd, rs, fl in placement.lines
                 ]
             )
             hold_id = hold_ids[index] if hold_ids is not None else f"{_HOLD_PREFIX}{next(_hold_numbers):x}"
