@@ -125,6 +125,51 @@ def test_override_math_prices_cache_tokens_once() -> None:
     assert quote.source == "override"
 
 
+def test_glob_price_entries_match_model_names_and_exact_entries_win() -> None:
+    # ``[prices."my-model-*"]`` used to be ignored without a word: the model was recorded at cost 0.
+    prices = book(
+        **{
+            "my-model-large": PriceOverride(input=Decimal(9)),
+            "my-model-*": PriceOverride(input=Decimal(1)),
+            "azure/gpt-4o-*": PriceOverride(input=Decimal(3)),
+        }
+    )
+
+    def input_price(model: str, provider: str | None = None) -> Decimal:
+        quote = prices.quote(MeteredUsage(model, provider, prompt_tokens=1_000_000), NOW)
+        assert quote.priced, model
+        return quote.total
+
+    assert input_price("my-model-small") == 1
+    assert input_price("my-model-large") == 9  # the exact entry, not the pattern
+    assert input_price("gpt-4o-2024-08-06", "azure") == 3
+    assert prices.quote(MeteredUsage("gpt-4o-2024-08-06", "openai", prompt_tokens=1_000_000), NOW).source == (
+        "genai-prices"
+    )
+    assert not prices.quote(MeteredUsage("other-model", None, prompt_tokens=10), NOW).priced
+
+
+def test_one_hour_cache_writes_and_web_searches_have_override_prices() -> None:
+    price = PriceOverride(
+        input=Decimal(2),
+        cache_write=Decimal("2.5"),
+        cache_write_1h=Decimal(4),
+        per_web_search=Decimal("0.01"),
+    )
+    usage = MeteredUsage(
+        "house-model",
+        None,
+        prompt_tokens=1000,
+        cache_write_tokens=300,
+        cache_write_1h_tokens=100,
+        web_searches=2,
+    )
+    quote = book(**{"house-model": price}).quote(usage, NOW)
+    # 700 uncached x 2 + 200 5-minute writes x 2.5 + 100 1-hour writes x 4, per million; 2 searches.
+    assert quote.input == Decimal("0.0023")
+    assert quote.total == Decimal("0.0023") + Decimal("0.02")
+
+
 def test_override_clamps_uncached_input_at_zero() -> None:
     price = PriceOverride(input=Decimal(1000), cache_read=Decimal(1))
     usage = MeteredUsage("house-model", None, prompt_tokens=10, cache_read_tokens=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from fnmatch import fnmatchcase
 from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,12 +62,16 @@ class Quote:
 class PriceBook:
     """Resolves what a usage row costs. Cheap to query: database look-ups are cached."""
 
-    __slots__ = ("_override_currency", "_overrides")
+    __slots__ = ("_matched", "_override_currency", "_overrides", "_patterns")
 
     def __init__(self, overrides: Mapping[str, PriceOverride], override_currency: str) -> None:
         if not _CURRENCY.fullmatch(override_currency):
             raise ValueError(f"override currency must be three capital letters, got {override_currency!r}")
         self._overrides: dict[str, PriceOverride] = dict(overrides)
+        # Keys with a wildcard (``my-model-*``, ``azure/gpt-4o-*``) match model names, in the config's
+        # order; an exact key always wins over a pattern.
+        self._patterns = [(key, price) for key, price in overrides.items() if _is_pattern(key)]
+        self._matched: dict[tuple[str | None, str], PriceOverride | None] = {}
         self._override_currency = override_currency
 
     def quote(self, usage: MeteredUsage, at: datetime) -> Quote:
@@ -94,7 +99,30 @@ class PriceBook:
             exact = overrides.get(usage.model)
             if exact is not None:
                 return exact
+            if self._patterns:
+                return self._by_pattern(usage.provider, usage.model) or overrides.get(usage.event)
         return overrides.get(usage.event)
+
+    def _by_pattern(self, provider: str | None, model: str) -> PriceOverride | None:
+        key = (provider, model)
+        if key in self._matched:
+            return self._matched[key]
+        found = None
+        for pattern, price in self._patterns:
+            scoped = "/" in pattern
+            if (scoped and provider is not None and fnmatchcase(f"{provider}/{model}", pattern)) or (
+                not scoped and fnmatchcase(model, pattern)
+            ):
+                found = price
+                break
+        if len(self._matched) >= _LOOKUP_CACHE_SIZE:  # model names come from clients: bounded
+            self._matched.clear()
+        self._matched[key] = found
+        return found
+
+
+def _is_pattern(key: str) -> bool:
+    return any(c in key for c in "*?[")
 
 
 def _quote_override(price: PriceOverride, usage: MeteredUsage, currency: str) -> Quote:
