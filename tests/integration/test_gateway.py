@@ -320,6 +320,18 @@ def test_upstream_without_usage_is_counted_locally(gw: Gateway, primary: FakeUps
     assert rows[1]["prompt_tokens"] == plain.usage.prompt_tokens > 0
 
 
+def test_a_stream_without_usage_is_counted_as_its_joined_text(gw: Gateway, primary: FakeUpstream) -> None:
+    # Six "tok " pieces are 7 tokens joined, but 12 counted one piece at a time (what was billed).
+    primary.set_default("no_usage", piece="tok ")
+    stream = gw.openai().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=6, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "tok " * 6
+    assert count_tokens(text, "gpt-4o-mini") == 7
+    assert gw.only_row()["completion_tokens"] == 7
+
+
 def test_cached_tokens_are_priced_once(gw: Gateway, primary: FakeUpstream) -> None:
     primary.set_default("cache")
     completion = gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4)

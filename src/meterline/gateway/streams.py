@@ -26,7 +26,7 @@ import orjson
 
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.sse import SSEEvent
-from meterline.gateway.tokens import token_counter
+from meterline.gateway.tokens import RunningCount, token_counter
 from meterline.gateway.usage import anthropic_usage, openai_chat_usage, openai_responses_usage, token_count
 from meterline.metering.records import NO_DETAIL
 
@@ -83,11 +83,13 @@ class StreamMeter:
         "_message_usage",
         "_prompt",
         "_prompt_estimate",
+        "_texts",
         "_wants_usage",
         "api",
         "error",
         "events_seen",
         "output_events",
+        "output_texts",
     )
 
     def __init__(self, api: Api, model: str, prompt_estimate: int, client_wants_usage: bool) -> None:
@@ -96,6 +98,9 @@ class StreamMeter:
         self._prompt_estimate = prompt_estimate
         self._wants_usage = client_wants_usage
         self._local = 0  # completion tokens counted here
+        # One running count per kind of generated text (content, reasoning, tool arguments...): each is
+        # counted joined, as the provider counts it, not delta by delta.
+        self._texts: dict[str, RunningCount] = {}
         self._prompt: int | None = None  # as reported by the upstream
         self._completion: int | None = None  # as reported by the upstream (final or cumulative)
         self._cache_read = 0
@@ -104,6 +109,7 @@ class StreamMeter:
         self._message_usage: Mapping[str, Any] = {}  # Anthropic's message_start usage
         self.events_seen = 0
         self.output_events = 0  # events that carried generated text
+        self.output_texts = 0  # pieces of generated text seen
         self.error: StreamError | None = None
         handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
             "responses": self._responses_event,
@@ -151,10 +157,18 @@ class StreamMeter:
             return True
         return self._handle(payload)
 
-    def _add_output(self, text: object) -> None:
+    def _add_output(self, text: object, channel: str = "text") -> None:
         if isinstance(text, str) and text:
-            self._local += self._count(text)
+            self._local += self._tokens(channel, text)
             self.output_events += 1
+
+    def _tokens(self, channel: str, text: str) -> int:
+        """The tokens ``text`` adds to the generated text of ``channel`` (counted joined)."""
+        running = self._texts.get(channel)
+        if running is None:
+            running = self._texts[channel] = RunningCount(self._count)
+        self.output_texts += 1
+        return running.add(text)
 
     def _report(self, usage: TokenUsage | None) -> None:
         if usage is not None:
@@ -171,11 +185,11 @@ class StreamMeter:
             return True
         choices = chunk.get("choices")
         if isinstance(choices, list):
-            before = self._local
+            before = self.output_texts
             for choice in choices:
                 if isinstance(choice, dict):
                     self._choice(choice)
-            if self._local != before:
+            if self.output_texts != before:
                 self.output_events += 1
         usage = chunk.get("usage")
         if isinstance(usage, dict):
@@ -185,31 +199,41 @@ class StreamMeter:
         return True
 
     def _choice(self, choice: dict[str, Any]) -> None:
-        count = self._count
+        index = choice.get("index", 0)
         total = 0
         text = choice.get("text")  # legacy completions
         if isinstance(text, str) and text:
-            total += count(text)
+            total += self._tokens(f"{index}:text", text)
         delta = choice.get("delta")
         if isinstance(delta, dict):
             for key in _CHAT_DELTA_TEXTS:
                 text = delta.get(key)
                 if isinstance(text, str) and text:
-                    total += count(text)
+                    total += self._tokens(f"{index}:{key}", text)
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for call in calls:
                     if isinstance(call, dict):
-                        total += _function_tokens(call.get("function"), count)
-            total += _function_tokens(delta.get("function_call"), count)
+                        total += self._function(f"{index}:call:{call.get('index', 0)}", call.get("function"))
+            total += self._function(f"{index}:function", delta.get("function_call"))
         self._local += total
+
+    def _function(self, channel: str, function: object) -> int:
+        if not isinstance(function, dict):
+            return 0
+        total = 0
+        for key in ("name", "arguments"):
+            text = function.get(key)
+            if isinstance(text, str) and text:
+                total += self._tokens(f"{channel}:{key}", text)
+        return total
 
     def _responses_event(self, event: dict[str, Any]) -> bool:
         kind = event.get("type")
         if not isinstance(kind, str):
             return True
         if kind in RESPONSES_TEXT_DELTAS:
-            self._add_output(event.get("delta"))
+            self._add_output(event.get("delta"), f"{kind}:{event.get('output_index', 0)}")
         elif kind in _RESPONSES_FINAL:
             response = event.get("response")
             if isinstance(response, dict):
@@ -231,7 +255,7 @@ class StreamMeter:
                 delta_type = delta.get("type")
                 field = _ANTHROPIC_DELTA_TEXTS.get(delta_type) if isinstance(delta_type, str) else None
                 if field is not None:
-                    self._add_output(delta.get(field))
+                    self._add_output(delta.get(field), f"{field}:{event.get('index', 0)}")
         elif kind == "message_delta":
             usage = event.get("usage")
             if isinstance(usage, dict):
@@ -250,8 +274,9 @@ class StreamMeter:
         elif kind == "content_block_start":
             block = event.get("content_block")
             if isinstance(block, dict):
-                self._add_output(block.get("name"))  # a tool call's name is generated, not streamed
-                self._add_output(block.get("text"))
+                index = event.get("index", 0)
+                self._add_output(block.get("name"), f"name:{index}")  # generated, not streamed
+                self._add_output(block.get("text"), f"text:{index}")
         elif kind == "error":
             self.error = _stream_error(event.get("error"))
         return True
@@ -267,17 +292,6 @@ class StreamMeter:
             self._completion = output
         else:
             self._report(reported)
-
-
-def _function_tokens(function: object, count: Callable[[str], int]) -> int:
-    if not isinstance(function, dict):
-        return 0
-    total = 0
-    for key in ("name", "arguments"):
-        text = function.get(key)
-        if isinstance(text, str) and text:
-            total += count(text)
-    return total
 
 
 def _stream_error(error: object) -> StreamError:

@@ -150,6 +150,45 @@ def _pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
+class RunningCount:
+    """Tokens of a text that arrives in pieces (a stream's deltas), counted as the joined text counts,
+    not piece by piece: six ``"tok "`` deltas are 7 tokens joined but 12 counted alone.
+
+    Nothing is counted twice over: the text up to the last word boundary before its end (a space that
+    follows a non-space, where the encodings split words too) is counted once and set aside; only the
+    unfinished tail is counted again as it grows.
+    """
+
+    __slots__ = ("_count", "_settled", "_tail", "total")
+
+    def __init__(self, count: TokenCounter) -> None:
+        self._count = count
+        self._settled = 0  # tokens of the text before the tail
+        self._tail = ""
+        self.total = 0  # tokens of all the text so far, joined
+
+    def add(self, text: str) -> int:
+        """Add ``text``; the tokens it added to the total (never negative)."""
+        tail = self._tail + text
+        cut = _word_boundary(tail)
+        if cut > 0:
+            self._settled += self._count(tail[:cut])
+            tail = tail[cut:]
+        self._tail = tail
+        before = self.total
+        self.total = max(self._settled + (self._count(tail) if tail else 0), before)
+        return self.total - before
+
+
+def _word_boundary(text: str) -> int:
+    """Where ``text`` can be cut without changing its count: before its last space that follows a
+    non-space character and is followed by more text; 0 when there is none."""
+    cut = text.rfind(" ", 1, len(text) - 1)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.rfind(" ", 1, cut)
+    return max(cut, 0)
+
+
 # -- prompt estimates ---------------------------------------------------------------------------------
 def estimate_prompt_tokens(api: Api, body: object, model: str) -> int:
     """Prompt tokens of a request body (parsed JSON, or the form fields of a transcription)."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
-from fnmatch import fnmatchcase
 from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from functools import cache, lru_cache
 from typing import Literal, TypeAlias
 

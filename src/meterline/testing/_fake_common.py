@@ -105,8 +105,13 @@ class Plan:
         return int(self.params.get("reasoning_tokens", 0))
 
     @property
+    def piece(self) -> str:
+        """The text of each generated piece (``piece`` param; chat completions streams)."""
+        return str(self.params.get("piece", PIECE))
+
+    @property
     def text(self) -> str:
-        return PIECE * self.pieces
+        return self.piece * self.pieces
 
 
 def make_plan(mode: str, params: Mapping[str, Any], request_limit: int | None) -> Plan:

@@ -128,7 +128,7 @@ def chat(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody | Stre
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse({**chunk, "choices": [choice]})
 
-    piece_frame = frame({"content": PIECE}, None)
+    piece_frame = frame({"content": plan.piece}, None)
 
     def tail() -> list[bytes]:
         frames = [frame({}, finish)]
