@@ -366,6 +366,35 @@ def test_reservation_settle_and_release(client: TestClient) -> None:
     assert ledger["total_count"] == 1
 
 
+def test_a_reservation_settles_with_the_usage_vector(client: TestClient) -> None:
+    # The two-phase API reports what the events API and the gateway do: 1-hour cache writes priced at
+    # their own price, web searches per call (claude-sonnet-4-5: $3, $3.75 5m, $6 1h, $15, $10/1,000).
+    tenant = make_tenant(client, plan="open")
+    estimate = {"model": "claude-sonnet-4-5", "provider": "anthropic", "prompt_tokens": 5000}
+    held = client.post("/v1/reservations", json=estimate, headers=tenant.headers).json()
+    bad = client.post(
+        f"/v1/reservations/{held['id']}/settle",
+        json={"completion_tokens": 100, "cache_write_tokens": 10, "cache_write_1h_tokens": 20},
+        headers=tenant.headers,
+    )
+    assert assert_envelope(bad, 400, "invalid_request")["param"] == "cache_write_1h_tokens"
+    settled = client.post(
+        f"/v1/reservations/{held['id']}/settle",
+        json={
+            "completion_tokens": 100,
+            "cache_write_tokens": 3000,
+            "cache_write_1h_tokens": 2000,
+            "web_searches": 3,
+        },
+        headers=tenant.headers,
+    )
+    assert settled.status_code == 200, settled.text
+    # 2,000 x 3 + 1,000 x 3.75 + 2,000 x 6 + 100 x 15 per million, plus 3 x $0.01.
+    assert settled.json()["cost"] == "0.05325"
+    row = client.get("/v1/usage/ledger", headers=tenant.headers).json()["data"][0]
+    assert (row["cache_write_1h_tokens"], row["web_searches"]) == (2000, 3)
+
+
 def test_reservations_of_another_organization_are_not_found(client: TestClient) -> None:
     mine = make_tenant(client, plan="open", name="Mine")
     theirs = make_tenant(client, plan="open", name="Theirs")

@@ -124,29 +124,9 @@ class CreditsIn(_Body):
     reason: Name
 
 
-class EventIn(_Body):
-    """One usage event reported by a client (SPEC §4)."""
+class UsageVectorIn(_Body):
+    """The usage vector (parts of the token counts, and per-call counts): see docs/usage-vector.md."""
 
-    id: Label
-    event: EventName = "llm.request"
-    units: int = Field(default=1, ge=0, le=MAX_UNITS, strict=True)
-    model: Label | None = None
-    provider: Label | None = None
-    region: Label | None = None
-    modality: Literal["chat", "completion", "embedding", "transcription", "responses", "event"] | None = None
-    prompt_tokens: Tokens = 0
-    completion_tokens: Tokens = 0
-    cache_read_tokens: Tokens = 0
-    cache_write_tokens: Tokens = 0
-    audio_seconds: Decimal | None = Field(default=None, ge=0, le=MAX_AUDIO_SECONDS)
-    identifier_id: Label | None = None
-    user_id: Label | None = None
-    source: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")] = "api"
-    endpoint: Label | None = None
-    run_id: Label | None = None
-    metadata: dict[str, Any] | None = None
-    timestamp: datetime | None = None
-    # The usage vector (parts of the token counts above, and per-call counts): see docs/usage-vector.md.
     cache_write_1h_tokens: Tokens = 0
     input_audio_tokens: Tokens = 0
     cache_audio_read_tokens: Tokens = 0
@@ -159,51 +139,31 @@ class EventIn(_Body):
     service_tier: ServiceTier | None = None
     batch: bool = Field(default=False, strict=True)
 
-    @field_validator("audio_seconds", mode="before")
-    @classmethod
-    def _audio(cls, value: object) -> object:
-        if value is None:
-            return None
-        if isinstance(value, float):
-            # Durations come as JSON numbers; their decimal text is what the client meant.
-            return Decimal(repr(value))
-        return value
+    @property
+    def prediction_tokens(self) -> int:
+        return self.accepted_prediction_tokens + self.rejected_prediction_tokens
 
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return plain_metadata(value)
-
-    @field_validator("timestamp")
-    @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("timestamp must be RFC 3339 with a time zone, e.g. 2026-03-14T10:30:59Z")
-        return value
-
-    def check_tokens(self) -> tuple[str, str] | None:
-        """(field, what to fix) when the counts break the usage vector's nesting."""
-        if self.prediction_tokens > self.completion_tokens:
+    def nesting_problem(
+        self, prompt_tokens: int, completion_tokens: int, cache_read_tokens: int, cache_write_tokens: int
+    ) -> tuple[str, str] | None:
+        """(field, what to fix) when these counts and the vector break the nesting, else None."""
+        if self.prediction_tokens > completion_tokens:
             return (
                 "completion_tokens",
                 "accepted_prediction_tokens + rejected_prediction_tokens must not exceed completion_tokens "
                 "(which includes them)",
             )
         return consistency(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cache_read_tokens=self.cache_read_tokens,
-            cache_write_tokens=self.cache_write_tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cache_read_tokens=cache_read_tokens,
+            cache_write_tokens=cache_write_tokens,
             cache_write_1h_tokens=self.cache_write_1h_tokens,
             input_audio_tokens=self.input_audio_tokens,
             cache_audio_read_tokens=self.cache_audio_read_tokens,
             output_audio_tokens=self.output_audio_tokens,
             reasoning_tokens=self.reasoning_tokens,
         )
-
-    @property
-    def prediction_tokens(self) -> int:
-        return self.accepted_prediction_tokens + self.rejected_prediction_tokens
 
     def usage_vector(self) -> UsageVector:
         if not (
@@ -231,6 +191,58 @@ class EventIn(_Body):
             web_fetches=self.web_fetches,
             service_tier=self.service_tier,
             batch=self.batch,
+        )
+
+
+class EventIn(UsageVectorIn):
+    """One usage event reported by a client (SPEC §4)."""
+
+    id: Label
+    event: EventName = "llm.request"
+    units: int = Field(default=1, ge=0, le=MAX_UNITS, strict=True)
+    model: Label | None = None
+    provider: Label | None = None
+    region: Label | None = None
+    modality: Literal["chat", "completion", "embedding", "transcription", "responses", "event"] | None = None
+    prompt_tokens: Tokens = 0
+    completion_tokens: Tokens = 0
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    audio_seconds: Decimal | None = Field(default=None, ge=0, le=MAX_AUDIO_SECONDS)
+    identifier_id: Label | None = None
+    user_id: Label | None = None
+    source: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")] = "api"
+    endpoint: Label | None = None
+    run_id: Label | None = None
+    metadata: dict[str, Any] | None = None
+    timestamp: datetime | None = None
+
+    @field_validator("audio_seconds", mode="before")
+    @classmethod
+    def _audio(cls, value: object) -> object:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            # Durations come as JSON numbers; their decimal text is what the client meant.
+            return Decimal(repr(value))
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return plain_metadata(value)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("timestamp must be RFC 3339 with a time zone, e.g. 2026-03-14T10:30:59Z")
+        return value
+
+    def check_tokens(self) -> tuple[str, str] | None:
+        """(field, what to fix) when the counts break the usage vector's nesting."""
+        return self.nesting_problem(
+            self.prompt_tokens, self.completion_tokens, self.cache_read_tokens, self.cache_write_tokens
         )
 
 
@@ -270,7 +282,7 @@ class ReservationIn(UsageIn):
     ttl_seconds: int | None = Field(default=None, ge=1, le=86_400, strict=True)
 
 
-class SettleIn(_Body):
+class SettleIn(UsageVectorIn):
     """``POST /v1/reservations/{id}/settle``: the actual usage; fields left out keep the estimate's."""
 
     model: Label | None = None

@@ -16,7 +16,7 @@ from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.errors import request_id_of
 from meterline.api.responses import JSON
 from meterline.api.routes.receipts import receipt_wanted
-from meterline.api.schemas import ReservationIn, SettleIn
+from meterline.api.schemas import ReservationIn, SettleIn, UsageVectorIn
 from meterline.clock import rfc3339
 from meterline.errors import InvalidRequest, NotFound
 from meterline.gateway.ratelimit import rate_limit_headers
@@ -29,6 +29,8 @@ from meterline.services import Services
 from meterline.tenancy import Principal
 
 router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
+# The usage vector's fields of a settle body: sent together as the row's ``usage``.
+_VECTOR_FIELDS = frozenset(UsageVectorIn.model_fields)
 
 
 def _settled(reservation_id: str, row: LedgerRow, duplicate: bool, request: Request) -> dict[str, Any]:
@@ -106,22 +108,22 @@ def settle(
     reservation_id: str, body: SettleIn, request: Request, principal: PrincipalDep, services: ServicesDep
 ) -> JSON:
     """Record the actual usage of a reservation. Settling again answers the same row (idempotent)."""
-    actual = body.model_dump(exclude_unset=True)
+    actual = body.model_dump(exclude_unset=True, exclude=set(_VECTOR_FIELDS))
+    if body.model_fields_set & _VECTOR_FIELDS:
+        actual["usage"] = body.usage_vector()
     wanted = receipt_wanted(request)
     if wanted is not None:  # sent at settle: overrides what the reservation was made with
         actual["receipt"] = wanted
     held = services.reservation_store.get(reservation_id)
     if held is not None:
         _check_workspace(principal, held.estimate.workspace_id, reservation_id)
-        merged = {
-            f: actual.get(f, getattr(held.estimate, f))
-            for f in ("prompt_tokens", "cache_read_tokens", "cache_write_tokens")
-        }
-        if merged["cache_read_tokens"] + merged["cache_write_tokens"] > merged["prompt_tokens"]:
-            raise InvalidRequest(
-                "cache_read_tokens + cache_write_tokens must not exceed prompt_tokens",
-                param="cache_read_tokens",
-            )
+        merged = [
+            actual.get(f, getattr(held.estimate, f))
+            for f in ("prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_write_tokens")
+        ]
+        problem = body.nesting_problem(*merged)
+        if problem is not None:
+            raise InvalidRequest(problem[1], param=problem[0])
     try:
         settled = services.reservations.settle(principal.organization_id, reservation_id, actual)
     except Quarantined as exc:
