@@ -119,6 +119,8 @@ class PlanConfig(_Strict):
     limits: tuple[LimitConfig, ...] | None = None
     # Gateway: end a stream with an error event when the organization's credits run out mid-response.
     stream_cutoff: bool | None = None
+    # Gateway: what a stream the client left costs: what was generated until then, or nothing.
+    disconnect: Literal["bill_generated", "void"] | None = None
 
 
 class PriceOverride(_Strict):

@@ -618,8 +618,38 @@ def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUp
     (row,) = _wait_for_rows(gw)
     # The first chunk carries the role only; then one token per chunk.
     assert 4 <= row["completion_tokens"] < 400, "billed what was generated: not zero, not the reservation"
-    assert row["metadata"] == {"meterline.stream_end": "disconnect"}
+    assert row["metadata"] == {"meterline.stream_end": "disconnect", "meterline.disconnect": "bill_generated"}
     assert gw.open_reservations() == 0
+
+
+# A plan defined only in config starts closed; this one opens every limit.
+OPEN_PLAN = dict.fromkeys(
+    ("daily_tokens", "monthly_tokens", "daily_calls", "monthly_calls", "rpm", "tpm", "monthly_credits"), -1
+)
+
+
+def test_a_void_disconnect_plan_bills_nothing_for_a_stream_the_client_left(
+    sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    settings = _settings(
+        sqlite_url, tmp_path, primary, backup, plans={"voiding": {**OPEN_PLAN, "disconnect": "void"}}
+    )
+    for gw in _start(settings, plan="voiding"):
+        primary.script("drip", pieces=400, chunk_delay_ms=10)
+        body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 400, "stream": True}
+        received = 0
+        with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.tenant.headers) as response:
+            for line in response.iter_lines():
+                received += line.startswith("data: {")
+                if received == 5:
+                    break
+        (row,) = _wait_for_rows(gw)
+        assert (row["prompt_tokens"], row["completion_tokens"], row["cost"]) == (0, 0, "0")
+        assert row["metadata"] == {"meterline.stream_end": "disconnect", "meterline.disconnect": "void"}
+        assert gw.open_reservations() == 0
+        # A stream that ends normally is billed as usual on the same plan.
+        gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=3)
+        assert sorted(r["completion_tokens"] for r in gw.ledger()) == [0, 3]
 
 
 def test_usage_moves_while_a_stream_is_running(gw: Gateway, primary: FakeUpstream) -> None:

@@ -256,6 +256,12 @@ class Relay:
             settled = True
             metadata = None if how == "complete" else {"meterline.stream_end": how}
             usage = meter.usage_so_far()
+            if how == "disconnect":
+                # The plan's policy for a client that left, stated on the row.
+                policy = ticket.plan.disconnect
+                metadata = {"meterline.stream_end": how, "meterline.disconnect": policy}
+                if policy == "void":
+                    usage = TokenUsage(0, 0)
             row = await self._settle(ticket, usage, opened, metadata=metadata)
             self._count_tokens(usage)
             if row is not None:

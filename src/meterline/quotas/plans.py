@@ -15,6 +15,7 @@ from meterline.quotas.limits import NANOS_PER_WHOLE, Limit
 
 UNLIMITED = -1
 Overage = Literal["block", "overage"]
+Disconnect = Literal["bill_generated", "void"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,9 @@ class Plan:
     limits: tuple[Limit, ...] = ()
     # Gateway: a stream is ended (with an error event) once the organization's credits run out.
     stream_cutoff: bool = False
+    # Gateway: a stream the client left is billed for what was generated until then, or voided (a row
+    # at zero usage, saying so).
+    disconnect: Disconnect = "bill_generated"
 
 
 DEFAULT_PLANS: Mapping[str, Plan] = {
