@@ -667,6 +667,28 @@ def test_usage_moves_while_a_stream_is_running(gw: Gateway, primary: FakeUpstrea
     assert final == Decimal(row["credits"])
 
 
+def test_stream_progress_is_priced_like_its_settle(gw: Gateway, primary: FakeUpstream) -> None:
+    # Anthropic says at message_start that 20,000 prompt tokens were written to the 1-hour cache: $0.12
+    # at $6 per million (12 credits of $0.01), where the 5-minute price would make it 7.5. Credits seen
+    # while the stream runs must already count them at that price.
+    written = {"cache_creation_tokens": 20_000, "cache_creation_1h_tokens": 20_000}
+    primary.script("cache", pieces=60, chunk_delay_ms=15, **written)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 60,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    seen_midway: list[Decimal] = []
+    with gw.http.stream("POST", "/v1/messages", json=body, headers=gw.tenant.headers) as response:
+        for i, _line in enumerate(response.iter_lines()):
+            if i == 120:
+                assert gw.ledger() == []
+                seen_midway.append(Decimal(str(gw.usage()["credits"]["used"])))
+    assert seen_midway[0] >= 12
+    assert Decimal(gw.only_row()["credits"]) > seen_midway[0]
+
+
 def test_upstream_cutting_the_stream_bills_what_arrived(gw: Gateway, primary: FakeUpstream) -> None:
     primary.script("cut", after=3)
     stream = gw.openai().chat.completions.create(

@@ -471,3 +471,19 @@ def test_inconsistent_details_are_bounded_by_the_totals() -> None:
             input_audio_tokens=50, cache_audio_read_tokens=30, reasoning_tokens=8, output_audio_tokens=2
         ),
     )
+
+
+def test_reasoning_reported_beside_the_completion_is_added_to_it() -> None:
+    # Gemini through some OpenAI-compatible proxies: completion 0, reasoning 60, and a total that counts
+    # the 60 apart. Clamping the reasoning into the completion would bill the thinking as nothing.
+    beside = {
+        "usage": {
+            "prompt_tokens": 21,
+            "completion_tokens": 0,
+            "total_tokens": 81,
+            "completion_tokens_details": {"reasoning_tokens": 60},
+        }
+    }
+    assert usage_from_response("chat", beside) == TokenUsage(21, 60, detail=UsageVector(reasoning_tokens=60))
+    inside = {"usage": {**beside["usage"], "completion_tokens": 70, "total_tokens": 91}}
+    assert usage_from_response("chat", inside) == TokenUsage(21, 70, detail=UsageVector(reasoning_tokens=60))

@@ -224,6 +224,7 @@ class Exchanges:
             "completion_tokens": usage.completion_tokens,
             "cache_read_tokens": usage.cache_read_tokens,
             "cache_write_tokens": usage.cache_write_tokens,
+            "usage": usage.detail,  # priced like the settle: 1-hour writes, web searches...
         }
         return self._services.reservations.progress(ticket.hold.held, so_far, ticket.account)[1]
 

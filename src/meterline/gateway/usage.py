@@ -54,14 +54,25 @@ def openai_chat_usage(usage: Mapping[Any, Any], service_tier: object = None) -> 
     answer's own (beside ``usage``)."""
     details = _mapping(usage.get("prompt_tokens_details"))
     out = _mapping(usage.get("completion_tokens_details"))
+    prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+    reasoning = _count(out, "reasoning_tokens")
+    if (
+        reasoning
+        and prompt is not None
+        and completion is not None
+        and token_count(usage.get("total_tokens")) == prompt + completion + reasoning
+    ):
+        # Some OpenAI-compatible servers (Gemini behind proxies) report reasoning beside the completion
+        # instead of inside it; their total says so. It is output all the same.
+        completion += reasoning
     return _tokens(
-        token_count(usage.get("prompt_tokens")),
-        token_count(usage.get("completion_tokens")),
+        prompt,
+        completion,
         _count(details, "cached_tokens"),
         _count(details, "cache_write_tokens"),
         input_audio=_count(details, "audio_tokens"),
         output_audio=_count(out, "audio_tokens"),
-        reasoning=_count(out, "reasoning_tokens"),
+        reasoning=reasoning,
         accepted=_count(out, "accepted_prediction_tokens"),
         rejected=_count(out, "rejected_prediction_tokens"),
         service_tier=service_tier,

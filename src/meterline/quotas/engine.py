@@ -326,6 +326,12 @@ class QuotaEngine:
     _bonus: dict[tuple[str, int], _BonusCache] = field(default_factory=dict, repr=False)
     _bonus_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _placed: dict[tuple[object, ...], tuple[float, _Placement]] = field(default_factory=dict, repr=False)
+    _now_us: Callable[[], int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # A clock made elsewhere (``create_app(clock=...)``) may have only ``now()``.
+        clock = self.clock
+        self._now_us = getattr(clock, "now_us", None) or (lambda: to_micros(clock.now()))
 
     # -- placing limits -------------------------------------------------------------------------
     def bounds(self, subject: Subject, at: datetime, now: datetime) -> tuple[Bound, ...]:
@@ -416,7 +422,7 @@ class QuotaEngine:
         ``hold_ids`` names the reservations; the ledger row that settles one carries the same id, which
         is how an abandoned reservation is told apart from a settled one whose counters were not moved.
         """
-        now_us = self.clock.now_us()
+        now_us = self._now_us()
         expires_us = now_us + (ttl or self.reservation_ttl) // _MICROSECOND
         placements: list[_Placement] = []
         holds: list[Hold] = []
@@ -577,14 +583,14 @@ class QuotaEngine:
             for hold_id, meters, actual in items
         ]
         if settlements:
-            self._quietly(lambda: self.store.settle(settlements, self.clock.now_us()))
+            self._quietly(lambda: self.store.settle(settlements, self._now_us()))
 
     def release(self, reservations: Sequence[Reservation]) -> None:
         self.release_holds([r.id for r in reservations if r.checked])
 
     def release_holds(self, held: Sequence[str]) -> None:
         if held:
-            self._quietly(lambda: self.store.release(held, self.clock.now_us()))
+            self._quietly(lambda: self.store.release(held, self._now_us()))
 
     @staticmethod
     def _quietly(action: Callable[[], None]) -> None:
