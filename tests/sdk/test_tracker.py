@@ -162,6 +162,54 @@ def test_forwarded_usage_is_counted_once_however_often_it_is_sent(server: Server
         assert client.usage().monthly.cost == tracker.report().total_cost + lost.report().total_cost
 
 
+def test_the_usage_vector_is_priced_and_sent_as_the_gateway_reads_it(server: Server) -> None:
+    # An Anthropic answer with 1-hour cache writes and web searches, and a Responses answer with two
+    # web_search_call items: the tracker's cost and the server's row are what the gateway bills.
+    message = anthropic.types.Message.model_validate(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "Found it."}],
+            "stop_reason": "end_turn",
+            "usage": {
+                "input_tokens": 50,
+                "cache_creation_input_tokens": 3000,
+                "cache_read_input_tokens": 1000,
+                "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+                "output_tokens": 300,
+                "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0},
+            },
+        }
+    )
+    responses = {
+        "object": "response",
+        "model": "gpt-4o-mini",
+        "output": [{"type": "web_search_call", "id": "ws_1"}, {"type": "web_search_call", "id": "ws_2"}],
+        "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10},
+    }
+    with server.client() as client:
+        tracker = UsageTracker(client=client, clock=server.clock.now)
+        claude = tracker.record(message)
+        # 50 x 3 + 1,000 x 0.30 + 1,000 x 3.75 + 2,000 x 6 + 300 x 15 per million; 3 searches x $0.01.
+        assert claude.cost == Decimal("0.0207") + Decimal("0.03")
+        searched = tracker.record(responses)
+        tracker.flush()
+        rows = {row.event_id: row for row in client.iter_ledger()}
+        assert rows[claude.event_id].cost == claude.cost
+        assert rows[searched.event_id].cost == searched.cost
+        sent = {call.event_id: call for call in (claude, searched)}
+        assert set(rows) == set(sent)
+    raw = server.http.get("/v1/usage/ledger", headers=server.tenant.headers).json()["data"]
+    by_id = {r["event_id"]: r for r in raw}
+    assert (by_id[claude.event_id]["cache_write_1h_tokens"], by_id[claude.event_id]["web_searches"]) == (
+        2000,
+        3,
+    )
+    assert by_id[searched.event_id]["web_searches"] == 2
+
+
 def test_an_unreachable_server_keeps_the_events_queued(server: Server) -> None:
     with Client(f"http://127.0.0.1:{free_port()}", "k", sleep=lambda _s: None) as dead:
         tracker = UsageTracker(client=dead, batch_size=1, clock=server.clock.now)

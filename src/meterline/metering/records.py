@@ -34,6 +34,15 @@ class UsageVector:
     service_tier: str | None = None
     batch: bool = False
 
+    def parts(self) -> dict[str, Any]:
+        """The non-zero parts by name (``service_tier`` when known, ``batch`` when true)."""
+        found: dict[str, Any] = {name: getattr(self, name) for name in VECTOR_COUNTS if getattr(self, name)}
+        if self.service_tier is not None:
+            found["service_tier"] = self.service_tier
+        if self.batch:
+            found["batch"] = True
+        return found
+
 
 NO_DETAIL = UsageVector()
 # The vector's counts, in storage order.

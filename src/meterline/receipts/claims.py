@@ -63,14 +63,7 @@ def row_claims(row: LedgerRow) -> dict[str, Any]:
 def _detail_claims(usage: UsageVector) -> dict[str, Any]:
     """The usage vector's non-zero parts (a row without any makes the same claims as before the vector
     existed, so older receipts still verify against their rows)."""
-    if usage is NO_DETAIL:
-        return {}
-    claims: dict[str, Any] = {name: getattr(usage, name) for name in VECTOR_COUNTS if getattr(usage, name)}
-    if usage.service_tier is not None:
-        claims["service_tier"] = usage.service_tier
-    if usage.batch:
-        claims["batch"] = True
-    return claims
+    return {} if usage is NO_DETAIL else usage.parts()
 
 
 def receipt_claims(row: LedgerRow, receipt_id: str, seq: int, prev: str) -> dict[str, Any]:

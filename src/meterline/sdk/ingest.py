@@ -33,6 +33,19 @@ class Event:
     run_id: str | None = None
     metadata: dict[str, Any] | None = None
     timestamp: datetime | None = None
+    # The usage vector (docs/usage-vector.md): parts of the token counts above, and per-call counts.
+    # None leaves a field out of the body (the server's 0), so an event's body is the same as before it.
+    cache_write_1h_tokens: int | None = None
+    input_audio_tokens: int | None = None
+    cache_audio_read_tokens: int | None = None
+    output_audio_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
+    web_searches: int | None = None
+    web_fetches: int | None = None
+    service_tier: str | None = None
+    batch: bool | None = None
 
     def to_json(self) -> Json:
         """The wire form: fields left at None are left out (the server's defaults apply)."""

@@ -164,6 +164,7 @@ class UsageTracker:
         model = model or found.model
         provider = provider or found.provider
         tokens = found.tokens
+        detail = tokens.detail
         at = self.clock()
         metered = MeteredUsage(
             model=model,
@@ -172,6 +173,12 @@ class UsageTracker:
             completion_tokens=tokens.completion_tokens,
             cache_read_tokens=tokens.cache_read_tokens,
             cache_write_tokens=tokens.cache_write_tokens,
+            cache_write_1h_tokens=detail.cache_write_1h_tokens,
+            input_audio_tokens=detail.input_audio_tokens,
+            cache_audio_read_tokens=detail.cache_audio_read_tokens,
+            output_audio_tokens=detail.output_audio_tokens,
+            reasoning_tokens=detail.reasoning_tokens,
+            web_searches=detail.web_searches,
         )
         quote = self._book.quote(metered, at)
         if not quote.priced and provider is None and found.kind != "messages":
@@ -204,6 +211,7 @@ class UsageTracker:
             endpoint=endpoint or ENDPOINT[found.kind],
             metadata={**(metadata or {}), **({"estimated": True} if estimated else {})} or None,
             timestamp=at,
+            **detail.parts(),
         )
         with self._lock:
             self._by_model.setdefault(model or "(unknown)", ModelUsage()).add(call)

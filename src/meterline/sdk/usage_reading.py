@@ -68,7 +68,7 @@ def read_usage(value: object) -> ReadUsage | None:
         return _bare(data)
     model = data.get("model") if isinstance(data.get("model"), str) else None
     kind = _kind_of_response(data, usage)
-    tokens = _tokens(kind, usage)
+    tokens = _tokens(kind, usage, data)
     if tokens is None:
         return None
     return ReadUsage(kind, tokens, model, "anthropic" if kind == "messages" else None)
@@ -94,18 +94,20 @@ def _bare(usage: Mapping[str, Any]) -> ReadUsage | None:
     if not any(k in usage for k in ("prompt_tokens", "input_tokens")):
         return None
     kind = _kind_of_usage(usage)
-    tokens = _tokens(kind, usage)
+    tokens = _tokens(kind, usage, {})
     return (
         None if tokens is None else ReadUsage(kind, tokens, None, "anthropic" if kind == "messages" else None)
     )
 
 
-def _tokens(kind: Kind, usage: Mapping[str, Any]) -> TokenUsage | None:
+def _tokens(kind: Kind, usage: Mapping[str, Any], response: Mapping[str, Any]) -> TokenUsage | None:
+    """``usage`` read as the gateway reads it; ``response`` (empty for a bare ``usage``) holds what an
+    answer reports beside it: its service tier, a Responses answer's web search calls."""
     if kind in ("chat", "completions"):
-        return openai_chat_usage(usage)
+        return openai_chat_usage(usage, response.get("service_tier"))
     if kind == "embeddings":
         prompt = token_count(usage.get("prompt_tokens"))
         return None if prompt is None else TokenUsage(prompt, 0)
     if kind == "responses":
-        return openai_responses_usage(usage, {})
+        return openai_responses_usage(usage, response)
     return anthropic_usage(usage, None)

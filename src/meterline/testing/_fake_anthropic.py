@@ -57,7 +57,7 @@ def _usage(prompt: int, plan: Plan, output_tokens: int) -> dict[str, Any]:
         }
     searches = int(plan.params.get("web_search_requests", 0))
     if searches:
-        usage["server_tool_use"] = {"web_search_requests": searches}
+        usage["server_tool_use"] = {"web_search_requests": searches, "web_fetch_requests": 0}
     return usage
 
 
@@ -110,7 +110,7 @@ def messages(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody | 
             final["usage"] = {"output_tokens": output}
             searches = int(plan.params.get("web_search_requests", 0))
             if searches:  # cumulative, as the real API reports server tool use at the end
-                final["usage"]["server_tool_use"] = {"web_search_requests": searches}
+                final["usage"]["server_tool_use"] = {"web_search_requests": searches, "web_fetch_requests": 0}
         return [
             sse({"type": "content_block_stop", "index": 0}, event="content_block_stop"),
             sse(final, event="message_delta"),
