@@ -12,8 +12,10 @@ from genai_prices.data import providers
 
 from meterline.pricing import MeteredUsage, PriceBook
 from meterline.pricing.price_book import _find_model, _genai_usage, _plans
+from meterline.pricing.usage import GENAI_UNITS
 
 AT = datetime(2026, 6, 1, 12, tzinfo=UTC)
+_FIELDS = (*(name for name, _ in GENAI_UNITS), "audio_seconds")
 
 
 def _vectors(model_price: gp.ModelPrice) -> list[MeteredUsage]:
@@ -76,19 +78,7 @@ def test_every_bundled_model_is_priced_as_genai_prices_prices_it() -> None:
                     found_provider.id,
                     **{
                         name: getattr(vector, name)
-                        for name in (
-                            "prompt_tokens",
-                            "completion_tokens",
-                            "cache_read_tokens",
-                            "cache_write_tokens",
-                            "cache_write_1h_tokens",
-                            "input_audio_tokens",
-                            "cache_audio_read_tokens",
-                            "output_audio_tokens",
-                            "reasoning_tokens",
-                            "web_searches",
-                            "audio_seconds",
-                        )
+                        for name in (*(n for n, _ in GENAI_UNITS), "audio_seconds")
                     },
                 )
                 quote = book.quote(usage, AT)

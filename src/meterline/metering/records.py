@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 LLM_REQUEST = "llm.request"
+
+
+class PricedParts(TypedDict, total=False):
+    cache_write_1h_tokens: int
+    input_audio_tokens: int
+    cache_audio_read_tokens: int
+    output_audio_tokens: int
+    reasoning_tokens: int
+    web_searches: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +42,19 @@ class UsageVector:
     web_fetches: int = 0
     service_tier: str | None = None
     batch: bool = False
+
+    def priced(self) -> PricedParts:
+        """The parts a price applies to apart, by their ``pricing.MeteredUsage`` names (empty for none)."""
+        if self is NO_DETAIL:
+            return {}
+        return {
+            "cache_write_1h_tokens": self.cache_write_1h_tokens,
+            "input_audio_tokens": self.input_audio_tokens,
+            "cache_audio_read_tokens": self.cache_audio_read_tokens,
+            "output_audio_tokens": self.output_audio_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "web_searches": self.web_searches,
+        }
 
     def parts(self) -> dict[str, Any]:
         """The non-zero parts by name (``service_tier`` when known, ``batch`` when true)."""

@@ -173,12 +173,7 @@ class UsageTracker:
             completion_tokens=tokens.completion_tokens,
             cache_read_tokens=tokens.cache_read_tokens,
             cache_write_tokens=tokens.cache_write_tokens,
-            cache_write_1h_tokens=detail.cache_write_1h_tokens,
-            input_audio_tokens=detail.input_audio_tokens,
-            cache_audio_read_tokens=detail.cache_audio_read_tokens,
-            output_audio_tokens=detail.output_audio_tokens,
-            reasoning_tokens=detail.reasoning_tokens,
-            web_searches=detail.web_searches,
+            **detail.priced(),
         )
         quote = self._book.quote(metered, at)
         if not quote.priced and provider is None and found.kind != "messages":
