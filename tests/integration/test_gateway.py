@@ -290,6 +290,30 @@ def test_stream_with_usage_asked_for_gets_it(gw: Gateway) -> None:
     assert (row["prompt_tokens"], row["completion_tokens"]) == (usage[0].prompt_tokens, 5)
 
 
+def test_stream_with_usage_asked_for_gets_it_when_the_upstream_sends_none(
+    gw: Gateway, primary: FakeUpstream
+) -> None:
+    # Seed 001: every response carries usage. The upstream sends no usage chunk; the gateway's count
+    # is sent in its place, before [DONE], and is what the row says.
+    primary.set_default("no_usage")
+    stream = gw.openai().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert len(usage) == 1
+    row = gw.only_row()
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        usage[0].prompt_tokens,
+        usage[0].completion_tokens,
+    )
+    assert usage[0].completion_tokens == 5
+    # A client that did not ask gets no usage chunk.
+    plain = gw.openai().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, max_tokens=2, stream=True
+    )
+    assert [c.usage for c in plain if c.usage is not None] == []
+
+
 def test_async_client_plain_and_streamed(gw: Gateway) -> None:
     async def run() -> tuple[int, str]:
         async with gw.async_openai() as client:
@@ -489,12 +513,15 @@ def test_transcription_is_billed_by_audio_seconds(gw: Gateway, primary: FakeUpst
     # The upstream's own count wins (it bills whole seconds): 3 s of whisper-1 at $0.36 per hour.
     assert Decimal(str(row["audio_seconds"])) == 3
     assert Decimal(row["cost"]) == Decimal("0.0003")
-    # Without one, the duration of the WAV file itself is billed.
+    # Without one, the duration of the WAV file itself is billed, and the answer says so (seed 001:
+    # every response carries usage).
     primary.script("no_usage")
-    client.audio.transcriptions.create(model="whisper-1", file=("talk.wav", audio, "audio/wav"))
+    counted = client.audio.transcriptions.create(model="whisper-1", file=("talk.wav", audio, "audio/wav"))
     newest = gw.ledger()[0]
     assert Decimal(str(newest["audio_seconds"])) == Decimal("2.5")
     assert Decimal(newest["cost"]) == Decimal("0.00025")
+    assert counted.usage is not None
+    assert (counted.usage.type, counted.usage.seconds) == ("duration", 2.5)
 
 
 # -- failover and upstream errors --------------------------------------------------------------------

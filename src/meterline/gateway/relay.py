@@ -245,6 +245,8 @@ class Relay:
         parser = SSEParser()
         meter = StreamMeter(api, call.parsed.model, call.parsed.prompt_tokens, call.parsed.client_wants_usage)
         interval = self.progress_interval_s
+        # A chat client that asked for usage gets it even from an upstream that sends none (counted here).
+        wants_usage = api in ("chat", "completions") and call.parsed.client_wants_usage
         next_progress = time.monotonic() + interval
         ended = "disconnect"  # what ended the stream, if it did not end normally
         settled = False
@@ -278,6 +280,8 @@ class Relay:
                                 yield b"".join(out)
                                 out = []
                             await settle("complete")
+                            if wants_usage and not meter.reported:
+                                yield wire.usage_event(call.parsed.model, meter.usage_so_far())
                         if forward:
                             out.append(event.raw)
                     if out:

@@ -179,6 +179,21 @@ def is_terminal(api: Api, event: SSEEvent) -> bool:
     return event.data == "[DONE]"
 
 
+def usage_event(model: str, counts: TokenUsage) -> bytes:
+    """A chat/completions usage-only chunk (``"choices": []`` with ``usage``), for a client that asked
+    for usage (``stream_options.include_usage``) of an upstream that sent none: seed 001, every
+    response carries usage."""
+    chunk = {
+        "id": "chatcmpl-meterline-usage",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [],
+        "usage": usage.usage_for("chat", counts),
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
 def error_event(api: Api, code: str, message: str) -> bytes:
     """A final error event in the stream's own format, which the provider's SDK raises as an error."""
     if api == "messages":
@@ -216,13 +231,25 @@ def _transcription_answer(parsed: Parsed, content: bytes) -> Answer:
     except (ValueError, UnicodeDecodeError):
         return Answer(content, TokenUsage(0, 0), parsed.audio_seconds)
     seconds = parsed.audio_seconds
-    if isinstance(data, dict):
-        reported = data.get("usage")
-        if isinstance(reported, dict) and reported.get("type") == "duration":
+    if not isinstance(data, dict):
+        return Answer(content, TokenUsage(0, 0), seconds)
+    reported = data.get("usage")
+    if isinstance(reported, dict):
+        if reported.get("type") == "duration":
             seconds = _seconds(reported.get("seconds")) or seconds
-        elif data.get("duration") is not None:
-            seconds = _seconds(data.get("duration")) or seconds
-    return Answer(content, TokenUsage(0, 0), seconds)
+        return Answer(content, TokenUsage(0, 0), seconds)
+    if data.get("duration") is not None:
+        seconds = _seconds(data.get("duration")) or seconds
+    if seconds is None:
+        return Answer(content, TokenUsage(0, 0), seconds)
+    # Seed 001: every response carries usage. The duration billed, in OpenAI's own shape, added at the
+    # end of the object as it came (its other numbers are passed on as the upstream wrote them).
+    body = content.rstrip()
+    if not body.endswith(b"}"):
+        return Answer(content, TokenUsage(0, 0), seconds)
+    shown = b'"usage":{"type":"duration","seconds":' + str(seconds).encode() + b"}}"
+    joined = body[:-1].rstrip() + (b"" if body[:-1].rstrip().endswith(b"{") else b",") + shown
+    return Answer(joined, TokenUsage(0, 0), seconds)
 
 
 def _seconds(value: object) -> Decimal | None:
