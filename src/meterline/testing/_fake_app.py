@@ -17,7 +17,7 @@ import orjson
 
 from meterline.testing import _fake_anthropic as anthropic
 from meterline.testing import _fake_openai as openai
-from meterline.testing._fake_common import MODES, Exchange, JsonBody, StreamBody, merged_params
+from meterline.testing._fake_common import MODES, Exchange, JsonBody, StreamBody, merged_params, replay
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -260,7 +260,7 @@ class FakeUpstreamApp:
             extra = [(b"retry-after", str(params["retry_after"]).encode())] if code == 429 else []
             await self._error(send, record, provider, code, params.get("message"), extra)
             return
-        answer = handler(exchange, mode, params)
+        answer = replay(exchange, params) if mode == "replay" else handler(exchange, mode, params)
         if isinstance(answer, JsonBody):
             await self._send_whole(send, record, provider, answer, cut=mode == "cut")
         else:

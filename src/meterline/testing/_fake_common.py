@@ -15,7 +15,7 @@ import orjson
 PIECE: Final = " tok"
 MESSAGE_OVERHEAD: Final = 3
 
-MODES: Final = frozenset({"ok", "no_usage", "cache", "slow", "status", "cut", "hang", "drip"})
+MODES: Final = frozenset({"ok", "no_usage", "cache", "slow", "status", "cut", "hang", "drip", "replay"})
 
 # Parameters every request sees unless its mode or the caller overrides them.
 BASE_PARAMS: Final[Mapping[str, Any]] = {
@@ -34,6 +34,7 @@ MODE_DEFAULTS: Final[Mapping[str, Mapping[str, Any]]] = {
     "cut": {"after": 2},
     "hang": {},
     "drip": {"pieces": 1000, "chunk_delay_ms": 50},
+    "replay": {},
 }
 
 
@@ -176,3 +177,19 @@ class JsonBody:
     status: int
     body: bytes
     headers: list[tuple[bytes, bytes]]
+
+
+def replay(exchange: Exchange, params: Mapping[str, Any]) -> JsonBody | StreamBody:
+    """The ``replay`` mode: a provider's answer as given, ``json`` for a plain request and ``events``
+    (``[{"event": name or null, "data": object or text}, ...]``) for a stream."""
+    body = exchange.json if isinstance(exchange.json, dict) else {}
+    if not body.get("stream"):
+        return JsonBody(200, orjson.dumps(params["json"]), [(b"content-type", b"application/json")])
+    frames = [
+        (b"event: " + str(e["event"]).encode() + b"\n" if e.get("event") else b"")
+        + b"data: "
+        + (e["data"].encode() if isinstance(e["data"], str) else orjson.dumps(e["data"]))
+        + b"\n\n"
+        for e in params["events"]
+    ]
+    return StreamBody(0, frames, lambda _: b"", list)

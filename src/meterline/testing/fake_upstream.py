@@ -57,6 +57,8 @@ Modes (``mode`` with its params; every mode also takes ``delay_ms`` before the f
     ``hang``      reads the request and never answers until the client goes away (timeout tests).
     ``drip``      ``pieces`` (1000), ``chunk_delay_ms`` (50): a long, slow stream that stops as soon as
                   the client disconnects (the request's ``outcome`` then says ``"disconnected"``).
+    ``replay``    answers with a provider's own answer as given: ``json`` (the body of a plain answer)
+                  or ``events`` (a stream: ``[{"event": name or null, "data": object or text}, ...]``).
 
 ``script(mode, count, **params)`` queues a behaviour for the next ``count`` API requests (FIFO); when
 the queue is empty the default behaviour (``set_default``) applies. Every API request is recorded (the
