@@ -631,6 +631,33 @@ def _wait_for_rows(gateway: Gateway, count: int = 1, timeout: float = 10) -> lis
         time.sleep(0.05)
 
 
+def test_a_token_limit_holds_and_requests_get_the_output_it_leaves(
+    gw: Gateway, primary: FakeUpstream
+) -> None:
+    # An identifier with daily_tokens = 60 (block) ended at 63 used: admission counted the prompt, the
+    # provider counted more. Now the counted prompt is reserved with a margin, and a request asking for
+    # more output than the limit leaves is served with max_tokens cut to what is left (the upstream is
+    # told; before, it was refused outright): the limit holds.
+    token = gw.http.post(
+        "/v1/token",
+        json={"identifier_id": "kid-1", "limits": {"daily_tokens": 60}},
+        headers={**gw.tenant.headers, "X-Workspace-Id": gw.tenant.workspace["id"]},
+    )
+    assert token.status_code == 200, token.text
+    client = gw.openai(key=token.json()["access_token"])
+    primary.set_default("cache", cached_tokens=6)  # the provider's prompt: 3 tokens more than counted
+    hello = [{"role": "user", "content": "Hi"}]
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=hello, max_tokens=53)
+    assert first.usage is not None
+    assert first.usage.prompt_tokens == count_tokens("Hi", "gpt-4o-mini") + 3 + 6
+    (asked,) = [request.json["max_tokens"] for request in primary.requests()]
+    assert asked < 53, "the output limit was cut to what the daily limit left"
+    assert first.usage.completion_tokens == asked
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=hello, max_tokens=53)
+    assert sum(row["total_tokens"] for row in gw.ledger()) <= 60
+
+
 def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUpstream) -> None:
     primary.script("drip", pieces=400, chunk_delay_ms=10)
     body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 400, "stream": True}

@@ -4,6 +4,7 @@ official SDKs' own types."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anthropic.types
@@ -487,3 +488,22 @@ def test_reasoning_reported_beside_the_completion_is_added_to_it() -> None:
     assert usage_from_response("chat", beside) == TokenUsage(21, 60, detail=UsageVector(reasoning_tokens=60))
     inside = {"usage": {**beside["usage"], "completion_tokens": 70, "total_tokens": 91}}
     assert usage_from_response("chat", inside) == TokenUsage(21, 70, detail=UsageVector(reasoning_tokens=60))
+
+
+def test_the_output_limit_is_told_in_the_field_the_request_used_split_over_its_choices() -> None:
+    from meterline.gateway.wire import with_output_limit
+
+    def told(api: Api, body: dict[str, Any], total: int) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(with_output_limit(api, json.dumps(body).encode(), total))
+        return result
+
+    assert told("chat", {"model": "m", "max_tokens": 100}, 30)["max_tokens"] == 30
+    assert told("chat", {"model": "m", "n": 3}, 30)["max_completion_tokens"] == 10
+    assert told("chat", {"model": "m", "max_tokens": 9, "max_completion_tokens": 100}, 30) == {
+        "model": "m",
+        "max_tokens": 9,
+        "max_completion_tokens": 30,
+    }
+    assert told("completions", {"model": "m", "best_of": 4, "n": 2}, 30)["max_tokens"] == 7
+    assert told("responses", {"model": "m"}, 30)["max_output_tokens"] == 30
+    assert told("messages", {"model": "m", "max_tokens": 1024}, 30)["max_tokens"] == 30

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from meterline.clock import Clock
 from meterline.credits import CreditBalance
+from meterline.errors import LimitExceeded
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.routing import Route
 from meterline.metering.records import LedgerRow, UsageRecord
@@ -64,6 +65,9 @@ class Ticket:
     request: Request
     hold: Hold
     receipt_id: str | None
+    # The output the request may produce in all, when a block limit on tokens left less than it asked
+    # for: the upstream is told (``wire.with_output_limit``), so the output cannot pass the limit.
+    max_output: int | None = None
 
     @property
     def rate_limits(self) -> RateLimits:
@@ -72,6 +76,30 @@ class Ticket:
     @property
     def reservation_id(self) -> str:
         return self.hold.held.id
+
+
+# How many times a refused reservation is tried again with less output (one per token limit it meets).
+_CLAMPS = 3
+
+
+def prompt_margin(prompt_estimate: int) -> int:
+    """Tokens held beyond a counted prompt: the local count is an estimate of the provider's (another
+    tokenizer, hidden message framing), and a block limit must hold against the real count. 5 %, at
+    least 16 tokens; released at the settle."""
+    return max(prompt_estimate // 20, 16)
+
+
+def _clamped(estimate: UsageRecord, refusal: LimitExceeded, margin: int, asked: int) -> UsageRecord:
+    """The estimate with its output cut to what the refusing token limit leaves (after the prompt and
+    its margin), so the request is served with a smaller ``max_tokens`` instead of refused; the refusal
+    itself when nothing is left for output or the limit is not on tokens."""
+    details = refusal.details or {}
+    if details.get("meter") != "tokens":
+        raise refusal
+    left = int(details["max"]) - int(details["consumed"]) - estimate.prompt_tokens - margin
+    if left < 1 or left >= min(estimate.completion_tokens, asked):
+        raise refusal
+    return replace(estimate, completion_tokens=left)
 
 
 class Collaborators(Protocol):
@@ -101,8 +129,16 @@ class Exchanges:
         services = self._services
         org = services.tenancy.get_organization(principal.organization_id)
         account, estimate, subject = self._estimate(principal, request, first, org)
-        hold = services.reservations.hold(subject, estimate, account)
-        return Ticket(principal, org, services.plan_of(org), account, request, hold, estimate.receipt_id)
+        margin = prompt_margin(request.prompt_tokens)
+        for _attempt in range(_CLAMPS):
+            try:
+                hold = services.reservations.hold(subject, estimate, account, margin=margin)
+                break
+            except LimitExceeded as refusal:
+                estimate = _clamped(estimate, refusal, margin, request.max_output_tokens)
+        else:
+            hold = services.reservations.hold(subject, estimate, account, margin=margin)
+        return self._ticket(principal, org, account, request, hold, estimate)
 
     async def reserve_soon(self, principal: Principal, request: Request, first: Route) -> Ticket | None:
         """``reserve`` on the event loop, when it needs no read (the organization cached, no identifier
@@ -116,10 +152,33 @@ class Exchanges:
         if org is None:
             return None
         account, estimate, subject = self._estimate(principal, request, first, org)
-        hold = await services.reservations.hold_soon(subject, estimate, account)
-        if hold is None:
+        margin = prompt_margin(request.prompt_tokens)
+        for _attempt in range(_CLAMPS):
+            try:
+                held = await services.reservations.hold_soon(subject, estimate, account, margin)
+                break
+            except LimitExceeded as refusal:
+                estimate = _clamped(estimate, refusal, margin, request.max_output_tokens)
+        else:
+            held = await services.reservations.hold_soon(subject, estimate, account, margin)
+        if held is None:
             return None
-        return Ticket(principal, org, services.plan_of(org), account, request, hold, estimate.receipt_id)
+        return self._ticket(principal, org, account, request, held, estimate)
+
+    def _ticket(
+        self,
+        principal: Principal,
+        org: Organization,
+        account: Account,
+        request: Request,
+        hold: Hold,
+        estimate: UsageRecord,
+    ) -> Ticket:
+        clamped = (
+            estimate.completion_tokens if estimate.completion_tokens < request.max_output_tokens else None
+        )
+        plan = self._services.plan_of(org)
+        return Ticket(principal, org, plan, account, request, hold, estimate.receipt_id, clamped)
 
     def _estimate(
         self, principal: Principal, request: Request, first: Route, org: Organization

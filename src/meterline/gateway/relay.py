@@ -134,10 +134,13 @@ class Relay:
         started = time.perf_counter()
         parsed = call.parsed
         try:
+            forward = parsed.forward_body
+            if ticket.max_output is not None:  # a token limit left less than asked: the upstream is told
+                forward = wire.with_output_limit(call.api, forward, ticket.max_output)
             opened = await self.upstreams.open(
                 routes,
                 call.upstream_path,
-                parsed.forward_body,
+                forward,
                 call.headers,
                 content_type=parsed.content_type,
             )

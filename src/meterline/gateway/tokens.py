@@ -422,21 +422,29 @@ def max_output_tokens(api: Api, body: object, default: int) -> int:
         return 0
     if not isinstance(body, Mapping):
         return default
-    choices = 1
+    answers = choices(api, body)
     if api == "chat":
         limit = _non_negative(body.get("max_completion_tokens"))
         if limit is None:
             limit = _non_negative(body.get("max_tokens"))
-        choices = _positive(body.get("n"))
     elif api == "completions":
         limit = _non_negative(body.get("max_tokens"))
-        choices = max(_positive(body.get("n")), _positive(body.get("best_of")))
     elif api == "responses":
         limit = _non_negative(body.get("max_output_tokens"))
     else:
         limit = _non_negative(body.get("max_tokens"))
     per_choice = default if limit is None else limit
-    return min(per_choice * choices, TOKEN_CEILING)
+    return min(per_choice * answers, TOKEN_CEILING)
+
+
+def choices(api: Api, body: Mapping[object, object]) -> int:
+    """How many answers the request asks for (chat ``n``; completions ``n`` or ``best_of``): each may
+    produce the output limit, and all are billed."""
+    if api == "chat":
+        return _positive(body.get("n"))
+    if api == "completions":
+        return max(_positive(body.get("n")), _positive(body.get("best_of")))
+    return 1
 
 
 def _non_negative(value: object) -> int | None:

@@ -85,6 +85,28 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
     )
 
 
+def with_output_limit(api: Api, forward: bytes, total: int) -> bytes:
+    """``forward`` telling the upstream to produce at most ``total`` output tokens in all (split over the
+    choices it asks for): in the field the request used, else the flavor's own. Only when a block limit
+    on tokens left less than the request asked for (``exchange.Ticket.max_output``)."""
+    body = orjson.loads(forward)
+    if api == "chat":
+        key = (
+            "max_tokens"
+            if "max_tokens" in body and "max_completion_tokens" not in body
+            else "max_completion_tokens"
+        )
+        choices = tokens.choices(api, body)
+    elif api == "completions":
+        key, choices = "max_tokens", tokens.choices(api, body)
+    elif api == "responses":
+        key, choices = "max_output_tokens", 1
+    else:
+        key, choices = "max_tokens", 1
+    body[key] = max(total // choices, 1)
+    return orjson.dumps(body)
+
+
 def _not_json(raw: bytes, reason: str) -> InvalidRequest:
     """orjson refuses unpaired surrogates as malformed; the lenient parser finds which field held one."""
     found = text.find_in_json(raw, max_length=None)

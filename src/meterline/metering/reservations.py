@@ -184,9 +184,11 @@ class Reservations:
         account: Account,
         ttl: timedelta | None = None,
         reservation_id: str | None = None,
+        margin: int = 0,
     ) -> Hold:
-        """``reserve``, returning the durable half too (see ``finish``)."""
-        reservation, held, priced = self._decide(subject, estimate, account, ttl, reservation_id)
+        """``reserve``, returning the durable half too (see ``finish``). ``margin``: tokens held beyond the
+        estimate (a safety margin on a counted prompt), released by the settle."""
+        reservation, held, priced = self._decide(subject, estimate, account, ttl, reservation_id, margin)
         try:
             self._store.add(held)
         except BaseException:
@@ -194,13 +196,15 @@ class Reservations:
             raise
         return Hold(reservation, held, priced)
 
-    async def hold_soon(self, subject: Subject, estimate: UsageRecord, account: Account) -> Hold | None:
+    async def hold_soon(
+        self, subject: Subject, estimate: UsageRecord, account: Account, margin: int = 0
+    ) -> Hold | None:
         """``hold`` for an event loop with an in-process counter store: the decision here, the durable
         half awaited on the database's writer. None (nothing held) when the decision would read the
         ledger (a window to load): then ``hold``, in a thread."""
         try:
             with no_reads():
-                reservation, held, priced = self._decide(subject, estimate, account, None, None)
+                reservation, held, priced = self._decide(subject, estimate, account, None, None, margin)
         except WouldRead:
             return None
         try:
@@ -228,14 +232,18 @@ class Reservations:
         account: Account,
         ttl: timedelta | None,
         reservation_id: str | None,
+        margin: int = 0,
     ) -> tuple[Reservation, HeldReservation, LedgerRow]:
         """Price the estimate and hold it against every limit (or raise LimitExceeded): no I/O with an
         in-process counter store."""
         reservation_id = reservation_id or ids.prefixed("rsv")
         estimate = replace(estimate, idempotency_key=reservation_id)
         priced = self._settler.price(estimate, account)
+        amounts = row_amounts(priced)
+        if margin:
+            amounts["tokens"] += margin
         reservation = self._engine.reserve_many(
-            [(subject, row_amounts(priced), None)], ttl=ttl, hold_ids=[reservation_id]
+            [(subject, amounts, None)], ttl=ttl, hold_ids=[reservation_id]
         )[0]
         if not isinstance(reservation, Reservation):
             raise reservation
