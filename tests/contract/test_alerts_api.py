@@ -326,3 +326,23 @@ def test_alert_settings_are_validated(database_url: str) -> None:
         50,
         80,
     )
+
+
+def test_unpriced_usage_is_said_once_per_model_and_period(client: TestClient, clock: FrozenClock) -> None:
+    # A model missing from the price book is recorded at cost 0: the organization hears of it once per
+    # model and billing period (a webhook too), not silently and not on every request.
+    tenant = make_tenant(client, plan="pro", billing_anchor_day=14)
+    mystery = {"model": "mystery-model", "provider": "openai", "prompt_tokens": 5, "completion_tokens": 5}
+    for batch in range(3):
+        assert post(client, tenant, {"id": f"m{batch}", **mystery}).status_code == 200
+    post(client, tenant, {"id": "other", **mystery, "model": "other-mystery"})
+    post(client, tenant, ev("priced"))  # a priced model: no such alert
+    said = alerts_of(client, tenant, "unpriced_usage")
+    assert sorted(a["details"]["model"] for a in said) == ["mystery-model", "other-mystery"]
+    assert all(a["period_start"] == "2026-03-14T00:00:00Z" for a in said)
+    assert "'mystery-model' was recorded at cost 0" in next(
+        a["message"] for a in said if a["details"]["model"] == "mystery-model"
+    )
+    clock.set(clock.now().replace(month=4, day=15))
+    post(client, tenant, {"id": "next-period", **mystery, "timestamp": "2026-04-15T09:00:00Z"})
+    assert len(alerts_of(client, tenant, "unpriced_usage")) == 3

@@ -1,4 +1,5 @@
-"""Usage alerts: thresholds, run-out projection, frequent refusals, unusual usage; webhook policy."""
+"""Usage alerts: thresholds, run-out projection, frequent refusals, unusual and unpriced usage; webhook
+policy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from meterline.alerts.rules import (
     frequent_refusals,
     projected_run_out,
     threshold_alert,
+    unpriced_usage,
     unusual_usage,
 )
 
@@ -26,5 +28,6 @@ __all__ = [
     "projected_run_out",
     "retry_delay",
     "threshold_alert",
+    "unpriced_usage",
     "unusual_usage",
 ]

@@ -8,5 +8,7 @@ RATE_LIMITED = "rate_limits_exceeded_frequently"
 UNUSUAL_USAGE = "unusual_usage"
 # Usage that could not be settled was quarantined for an operator (at most one alert a day).
 QUARANTINED = "usage_quarantined"
+# Usage of a model the price book has no price for was recorded at cost 0 (once per model and period).
+UNPRICED = "unpriced_usage"
 
-ALL = (THRESHOLD, PROJECTED_RUN_OUT, RATE_LIMITED, UNUSUAL_USAGE, QUARANTINED)
+ALL = (THRESHOLD, PROJECTED_RUN_OUT, RATE_LIMITED, UNUSUAL_USAGE, QUARANTINED, UNPRICED)

@@ -6,13 +6,21 @@ at exactly 80 % must fire at exactly 80 %).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from meterline.alerts.kinds import PROJECTED_RUN_OUT, QUARANTINED, RATE_LIMITED, THRESHOLD, UNUSUAL_USAGE
+from meterline.alerts.kinds import (
+    PROJECTED_RUN_OUT,
+    QUARANTINED,
+    RATE_LIMITED,
+    THRESHOLD,
+    UNPRICED,
+    UNUSUAL_USAGE,
+)
 from meterline.money import NANOS_PER_UNIT
 
 DEFAULT_THRESHOLDS = (50, 75, 80, 100)
@@ -169,3 +177,23 @@ def quarantined_usage(reservation_id: str, now: datetime) -> Alert:
         ),
         details={"reservation_id": reservation_id},
     )
+
+
+def unpriced_usage(model: str, period_start: datetime) -> Alert:
+    """Usage of ``model`` was recorded at cost 0: the price book has no price for it. Once per model and
+    billing period (the model's tag is the alert's ``threshold``, which makes it fire once)."""
+    return Alert(
+        kind=UNPRICED,
+        threshold=model_tag(model),
+        period_start=period_start,
+        message=(
+            f"usage of model {model!r} was recorded at cost 0: no price is known for it "
+            "(said once per model and billing period)"
+        ),
+        details={"model": model},
+    )
+
+
+def model_tag(model: str) -> int:
+    """A stable non-negative 31-bit number for a model name (what makes its alert unique)."""
+    return zlib.crc32(model.encode("utf-8")) & 0x7FFFFFFF

@@ -9,13 +9,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection
 
 from meterline import ids
-from meterline.alerts import Alert, crossed_thresholds, projected_run_out, threshold_alert, unusual_usage
+from meterline.alerts import (
+    Alert,
+    crossed_thresholds,
+    projected_run_out,
+    threshold_alert,
+    unpriced_usage,
+    unusual_usage,
+)
 from meterline.alerts.kinds import PROJECTED_RUN_OUT, THRESHOLD
 from meterline.alerts.rules import frequent_refusals
 from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, Clock, from_micros, rfc3339, to_micros
@@ -30,6 +38,7 @@ from meterline.storage.writer import after_commit
 
 _HOURS_PER_DAY = 24
 _BASELINE_DAYS = 7
+_SEEN_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +155,20 @@ class AlertEvaluator:
         # reads, never from our own inserts: a rolled-back settle must not hide an alert.
         self._fired: dict[str, tuple[int, set[tuple[str, int]]]] = {}
         self._unusual_checked: dict[str, int] = {}
+        # (organization, model, period start) whose unpriced-usage alert is committed (bounded).
+        self._unpriced_seen: set[tuple[str, str, int]] = set()
         self._refusal_fired: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- at settle -------------------------------------------------------------------------------------
     def evaluate_in(self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
-        if terms is None or not rows:
+        if not rows:
+            return
+        now = self._clock.now()
+        self._evaluate_unpriced(conn, rows, 1 if terms is None else terms.billing_anchor_day, now)
+        if terms is None:
             return
         org_id = terms.organization_id
-        now = self._clock.now()
         newest = max(r.created_at for r in rows)
         period = billing_period(newest, terms.billing_anchor_day)
         period_us = to_micros(period.start)
@@ -214,6 +228,22 @@ class AlertEvaluator:
         # back (a failed batch, a savepoint) must be looked at again.
         fired = committed | {(alert.kind, alert.threshold) for alert in candidates}
         after_commit(lambda: self._fired.__setitem__(org_id, (period_us, fired)))
+
+    def _evaluate_unpriced(
+        self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int, now: datetime
+    ) -> None:
+        """Once per organization, model and billing period: usage recorded at cost 0 for want of a price."""
+        unpriced = {(r.organization_id, r.model, r.created_at) for r in rows if not r.priced and r.model}
+        for org_id, model, at in sorted(unpriced, key=lambda u: (u[0], u[1] or "", u[2])):
+            assert model is not None
+            period_start = billing_period(at, anchor_day).start
+            key = (org_id, model, to_micros(period_start))
+            if key in self._unpriced_seen:
+                continue
+            fire(conn, org_id, unpriced_usage(model, period_start), now)
+            if len(self._unpriced_seen) >= _SEEN_MAX:
+                after_commit(self._unpriced_seen.clear)
+            after_commit(partial(self._unpriced_seen.add, key))
 
     def _evaluate_unusual(
         self, conn: Connection, org_id: str, now: datetime, measure: str, unit: str
