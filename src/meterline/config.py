@@ -121,6 +121,8 @@ class PlanConfig(_Strict):
     stream_cutoff: bool | None = None
     # Gateway: what a stream the client left costs: what was generated until then, or nothing.
     disconnect: Literal["bill_generated", "void"] | None = None
+    # Usage of a model with no price: recorded at cost 0 (and alerted), or refused.
+    unpriced: Literal["record", "block"] | None = None
 
 
 class PriceOverride(_Strict):

@@ -83,3 +83,12 @@ class ServiceUnavailable(MeterlineError):
 
 class ConfigError(MeterlineError):
     code = "config_error"
+
+
+def unpriced_refusal(model: str) -> Forbidden:
+    """A plan with ``unpriced = "block"`` refuses a model the price book has no price for."""
+    return Forbidden(
+        f"model {model!r} has no price, and this organization's plan refuses unpriced usage "
+        '(unpriced = "block"): use a priced model, or ask the operator to price it',
+        param="model",
+    )

@@ -41,6 +41,7 @@ PLANS = {
     "open": plan(),
     "tokens": plan(daily_tokens=1000, monthly_tokens=1500),
     "monthly2": plan(monthly_calls=2),
+    "priced_only": plan(unpriced="block"),
 }
 # Ten credits a call (credit_value 0.01): credit arithmetic in tests is then whole numbers.
 PRICES = {"flat-model": {"per_request": "0.10"}}
@@ -243,6 +244,30 @@ def test_a_used_up_credits_or_spend_meter_refuses_unpriced_models_too(client: Te
         assert_envelope(send(client, capped, model="no-such-model"), 429, "spend_cap_reached")
     rows = client.get("/v1/usage/ledger", headers=capped.headers).json()["data"]
     assert [r["priced"] for r in rows] == [True, False, True]
+
+
+def test_a_plan_that_refuses_unpriced_models_says_so_and_records_nothing_of_them(client: TestClient) -> None:
+    tenant = make_tenant(client, plan="priced_only")
+    mixed = client.post(
+        "/v1/events",
+        json={"events": [{"id": "a", "model": "flat-model"}, {"id": "b", "model": "no-such-model"}]},
+        headers=tenant.headers,
+    )
+    assert mixed.status_code == 200, mixed.text
+    accepted, rejected = mixed.json()["data"]
+    assert accepted["status"] == "accepted"
+    assert (rejected["status"], rejected["error"]["code"]) == ("rejected", "forbidden")
+    assert rejected["error"]["param"] == "events[1].model"
+    assert "'no-such-model' has no price" in rejected["error"]["message"]
+    only = send(client, tenant, model="no-such-model")
+    assert_envelope(only, 403, "forbidden")
+    held = client.post("/v1/reservations", json={"model": "no-such-model"}, headers=tenant.headers)
+    assert assert_envelope(held, 403, "forbidden")["param"] == "model"
+    rows = client.get("/v1/usage/ledger", headers=tenant.headers).json()["data"]
+    assert [r["model"] for r in rows] == ["flat-model"]
+    # The default ("record") keeps them, at cost 0.
+    recorded = make_tenant(client, plan="open", name="Recorder")
+    assert send(client, recorded, model="no-such-model").status_code == 200
 
 
 def test_overage_plans_keep_working_and_mark_rows(client: TestClient) -> None:

@@ -682,6 +682,20 @@ OPEN_PLAN = dict.fromkeys(
 )
 
 
+def test_a_plan_that_refuses_unpriced_models_refuses_them_before_the_upstream(
+    sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    settings = _settings(
+        sqlite_url, tmp_path, primary, backup, plans={"strict": {**OPEN_PLAN, "unpriced": "block"}}
+    )
+    for gw in _start(settings, plan="strict"):
+        with pytest.raises(openai.PermissionDeniedError, match="has no price"):
+            gw.openai().chat.completions.create(model="costly-unknown", messages=HELLO, max_tokens=2)
+        assert primary.requests() == []  # refused before it reached the model: nothing to bill
+        gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=2)
+        assert [r["model"] for r in gw.ledger()] == ["gpt-4o-mini"]
+
+
 def test_a_void_disconnect_plan_bills_nothing_for_a_stream_the_client_left(
     sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
 ) -> None:

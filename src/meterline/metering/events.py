@@ -15,11 +15,11 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from meterline.errors import LimitExceeded
+from meterline.errors import LimitExceeded, MeterlineError, unpriced_refusal
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler
 
-Status = Literal["accepted", "conflict", "refused"]
+Status = Literal["accepted", "conflict", "refused", "rejected"]
 
 
 class Gate(Protocol):
@@ -44,15 +44,22 @@ class EventOutcome:
     duplicate: bool
     row: LedgerRow | None
     refusal: LimitExceeded | None = None
+    error: MeterlineError | None = None  # status "rejected": why (a plan that refuses unpriced models)
 
 
 def ingest(
-    settler: Settler, account: Account, records: Sequence[UsageRecord], gate: Gate | None = None
+    settler: Settler,
+    account: Account,
+    records: Sequence[UsageRecord],
+    gate: Gate | None = None,
+    *,
+    refuse_unpriced: bool = False,
 ) -> list[EventOutcome]:
     """Settle the new events of a batch; answer repeats from the ledger. One outcome per record, in order.
 
     Repeats are looked up before the limits are asked, so re-sending an event always gets its first
-    answer, even once the limit it counted towards is full."""
+    answer, even once the limit it counted towards is full. ``refuse_unpriced``: events of a model with
+    no price are rejected (the plan's ``unpriced = "block"``), not recorded at cost 0."""
     first_by_key: dict[str, UsageRecord] = {}
     fresh: list[UsageRecord] = []
     for record in records:
@@ -64,6 +71,12 @@ def ingest(
         key: (row, True) for key, row in settler.stored(account, [_key(r) for r in fresh]).items()
     }
     rows = settler.price_all([r for r in fresh if _key(r) not in stored], account)
+    rejected: dict[str, MeterlineError] = {}
+    if refuse_unpriced:
+        for row in rows:
+            if not row.priced and row.model is not None:
+                rejected[_row_key(row)] = unpriced_refusal(row.model)
+        rows = [row for row in rows if _row_key(row) not in rejected]
     refused: dict[str, LimitExceeded] = {}
     admitted: list[tuple[Any, LedgerRow]] = []
     if gate is not None and rows:
@@ -94,6 +107,9 @@ def ingest(
         key = _key(record)
         if key in refused:
             outcomes.append(EventOutcome(key, "refused", False, None, refused[key]))
+            continue
+        if key in rejected:
+            outcomes.append(EventOutcome(key, "rejected", False, None, error=rejected[key]))
             continue
         row, was_stored_before = stored[key]
         repeat_in_batch = first_by_key[key] is not record

@@ -30,7 +30,7 @@ import orjson
 
 from meterline import ids
 from meterline.clock import Clock, from_micros, to_micros
-from meterline.errors import Conflict, InvalidRequest, MeterlineError, NotFound
+from meterline.errors import Conflict, InvalidRequest, MeterlineError, NotFound, unpriced_refusal
 from meterline.metering.quarantine import QuarantineEntry, QuarantineStore, describe_error
 from meterline.metering.records import NO_DETAIL, LedgerRow, UsageRecord, UsageVector
 from meterline.metering.settle import Account, Settler, storable
@@ -239,6 +239,8 @@ class Reservations:
         reservation_id = reservation_id or ids.prefixed("rsv")
         estimate = replace(estimate, idempotency_key=reservation_id)
         priced = self._settler.price(estimate, account)
+        if not priced.priced and priced.model is not None and subject.plan.unpriced == "block":
+            raise unpriced_refusal(priced.model)
         amounts = row_amounts(priced)
         if margin:
             amounts["tokens"] += margin

@@ -16,6 +16,7 @@ from meterline.quotas.limits import NANOS_PER_WHOLE, Limit
 UNLIMITED = -1
 Overage = Literal["block", "overage"]
 Disconnect = Literal["bill_generated", "void"]
+Unpriced = Literal["record", "block"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,9 @@ class Plan:
     # Gateway: a stream the client left is billed for what was generated until then, or voided (a row
     # at zero usage, saying so).
     disconnect: Disconnect = "bill_generated"
+    # Usage of a model the price book has no price for: recorded at cost 0 (an ``unpriced_usage`` alert
+    # says so), or refused (403) before it happens.
+    unpriced: Unpriced = "record"
 
 
 DEFAULT_PLANS: Mapping[str, Plan] = {

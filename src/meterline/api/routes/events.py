@@ -122,7 +122,13 @@ def post_events(
             return subjects[row.identifier_id]
 
         gate = QuotaGate(services.quotas, subject_of)
-        outcomes = ingest(services.settler, services.account_of(org), [r for _, r in valid], gate)
+        outcomes = ingest(
+            services.settler,
+            services.account_of(org),
+            [r for _, r in valid],
+            gate,
+            refuse_unpriced=services.plan_of(org).unpriced == "block",
+        )
         if gate.last:
             rates = gate.last[-1].rate_limits
         for (index, _), outcome in zip(valid, outcomes, strict=True):
@@ -133,6 +139,12 @@ def post_events(
                 )
                 rejected["error"]["limit"] = outcome.refusal.details
                 results[index] = rejected
+                continue
+            if outcome.error is not None:
+                error = outcome.error
+                results[index] = _rejected(
+                    outcome.event_id, error.code, error.message, f"events[{index}].{error.param or ''}"
+                )
                 continue
             row = outcome.row
             if outcome.status == "conflict" or row is None:
@@ -185,8 +197,10 @@ def post_events(
                 extra=answer,
                 error_extra={"limit": first_refusal.details},
             )
-        conflicts = all(r["error"]["code"] == "conflict" for r in data)
-        status, code = (409, "conflict") if conflicts else (422, "invalid_request")
+        codes = {r["error"]["code"] for r in data}
+        status, code = {"conflict": (409, "conflict"), "forbidden": (403, "forbidden")}.get(
+            codes.pop() if len(codes) == 1 else "", (422, "invalid_request")
+        )
         first = data[0]["error"]
         return envelope(
             status,
