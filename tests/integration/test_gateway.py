@@ -658,17 +658,21 @@ def test_a_token_limit_holds_and_requests_get_the_output_it_leaves(
     assert sum(row["total_tokens"] for row in gw.ledger()) <= 60
 
 
-def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUpstream) -> None:
+def _leave_a_stream(gw: Gateway, primary: FakeUpstream, after: int = 5) -> None:
+    """Start a long, slow stream and go away after ``after`` chunks."""
     primary.script("drip", pieces=400, chunk_delay_ms=10)
     body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 400, "stream": True}
     received = 0
     with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.tenant.headers) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
-            if line.startswith("data: {"):
-                received += 1
-            if received == 5:
+            received += line.startswith("data: {")
+            if received == after:
                 break
+
+
+def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUpstream) -> None:
+    _leave_a_stream(gw, primary)
     (row,) = _wait_for_rows(gw)
     # The first chunk carries the role only; then one token per chunk.
     assert 4 <= row["completion_tokens"] < 400, "billed what was generated: not zero, not the reservation"
@@ -703,14 +707,7 @@ def test_a_void_disconnect_plan_bills_nothing_for_a_stream_the_client_left(
         sqlite_url, tmp_path, primary, backup, plans={"voiding": {**OPEN_PLAN, "disconnect": "void"}}
     )
     for gw in _start(settings, plan="voiding"):
-        primary.script("drip", pieces=400, chunk_delay_ms=10)
-        body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 400, "stream": True}
-        received = 0
-        with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.tenant.headers) as response:
-            for line in response.iter_lines():
-                received += line.startswith("data: {")
-                if received == 5:
-                    break
+        _leave_a_stream(gw, primary)
         (row,) = _wait_for_rows(gw)
         assert (row["prompt_tokens"], row["completion_tokens"], row["cost"]) == (0, 0, "0")
         assert row["metadata"] == {"meterline.stream_end": "disconnect", "meterline.disconnect": "void"}
