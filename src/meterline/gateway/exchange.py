@@ -1,7 +1,8 @@
 """One metered request through the gateway: estimate -> reserve -> (forward) -> settle or release.
 
-Everything here is synchronous and talks to storage: the HTTP layer runs it off the event loop. The money
-path is the one the events API uses (``Reservations`` -> ``Settler``): a token costs the same whichever way
+``reserve``/``settle`` talk to storage and run off the event loop; ``reserve_soon``/``settle_soon`` run on
+it when they need no read, awaiting their writes on the database's writer. The money path is the one the
+events API uses (``Reservations`` -> ``Settler``): a token costs the same whichever way
 it arrived, and a crash between reserve and settle is recovered by the reservation's durable half.
 """
 
