@@ -74,6 +74,9 @@ class Server:
 def server(database_url: str, tmp_path: Path, upstream: FakeUpstream) -> Iterator[Server]:
     upstream.reset()
     routes = [
+        # A batch upstream: the rows it serves say batch (batch_event.json).
+        {"name": "openai-batch", "provider": "openai", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
+         "models": ["gpt-4o-mini"], "batch": True},
         {"name": "openai", "provider": "openai", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
          "models": ["o4-*", "gpt-*", "no-such-*"]},
         {"name": "anthropic", "provider": "anthropic", "base_url": upstream.url, "api_key": UPSTREAM_KEY,

@@ -263,7 +263,7 @@ class Exchanges:
             completion_tokens=usage.completion_tokens,
             cache_read_tokens=usage.cache_read_tokens,
             cache_write_tokens=usage.cache_write_tokens,
-            usage=usage.detail,
+            usage=replace(usage.detail, batch=True) if route.batch else usage.detail,
             provider=route.provider,
             region=route.region,
             failover=failover,

@@ -37,6 +37,10 @@ class Route:
     def region(self) -> str | None:
         return self.upstream.region
 
+    @property
+    def batch(self) -> bool:
+        return self.upstream.batch
+
     def serves(self, model: str) -> bool:
         return any(p == model or fnmatchcase(model, p) for p in self.upstream.models)
 
