@@ -153,8 +153,11 @@ def test_poisoned_reservations_are_quarantined_and_the_server_starts(
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         assert "meterline_quarantined_entries 2.0" in metrics
         alerts = httpx.get(f"{base}/v1/alerts", headers=pro, timeout=10).json()["data"]
-        assert [a["kind"] for a in alerts] == ["usage_quarantined"]
-        assert alerts[0]["details"]["reservation_id"] == "rsv_garbled"
+        by_kind = {a["kind"]: a for a in alerts}
+        assert sorted(by_kind) == ["unpriced_usage", "usage_quarantined"]
+        assert by_kind["usage_quarantined"]["details"]["reservation_id"] == "rsv_garbled"
+        # The cleaned model name has no price: recorded at cost 0, and said so.
+        assert by_kind["unpriced_usage"]["details"]["model"] == "gpt-4o-minix"
         # The server works on: a new reservation is settled as usual.
         made = httpx.post(f"{base}/v1/reservations", json={"prompt_tokens": 5}, headers=pro, timeout=10)
         assert made.status_code == 201, made.text
