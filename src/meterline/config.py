@@ -73,7 +73,7 @@ class UpstreamConfig(_Strict):
     # Which wire format the upstream speaks; by default Anthropic's for provider "anthropic", else OpenAI's.
     api: Literal["openai", "anthropic"] | None = None
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
-    # A batch upstream: rows it serves say ``batch`` (priced at batch prices where the price data has them).
+    # A batch upstream: the rows it serves say ``batch`` (the bundled price data has no batch prices yet).
     batch: bool = False
     # Longest wait for the next byte of an answer (a stream may run longer than this in total).
     timeout_seconds: float = Field(default=600.0, gt=0, le=3600)

@@ -263,6 +263,12 @@ def test_a_plan_that_refuses_unpriced_models_says_so_and_records_nothing_of_them
     assert_envelope(only, 403, "forbidden")
     held = client.post("/v1/reservations", json={"model": "no-such-model"}, headers=tenant.headers)
     assert assert_envelope(held, 403, "forbidden")["param"] == "model"
+    # Nor can a reservation made without a model be settled as one without a price.
+    plain = client.post("/v1/reservations", json={"prompt_tokens": 5}, headers=tenant.headers).json()
+    renamed = client.post(
+        f"/v1/reservations/{plain['id']}/settle", json={"model": "no-such-model"}, headers=tenant.headers
+    )
+    assert assert_envelope(renamed, 403, "forbidden")["param"] == "model"
     rows = client.get("/v1/usage/ledger", headers=tenant.headers).json()["data"]
     assert [r["model"] for r in rows] == ["flat-model"]
     # The default ("record") keeps them, at cost 0.

@@ -671,6 +671,36 @@ def _leave_a_stream(gw: Gateway, primary: FakeUpstream, after: int = 5) -> None:
                 break
 
 
+def test_a_per_minute_token_limit_refuses_instead_of_cutting_the_answer(
+    sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    # Only day and period limits cut the output: a request over the minute's tokens waits (429 with
+    # Retry-After) rather than being answered with a truncated reply.
+    settings = _settings(sqlite_url, tmp_path, primary, backup, plans={"tpm": {**OPEN_PLAN, "tpm": 100}})
+    for gw in _start(settings, plan="tpm"):
+        client = gw.openai()
+        hello = [{"role": "user", "content": "Hi"}]
+        client.chat.completions.create(model="gpt-4o-mini", messages=hello, max_tokens=40)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=hello, max_tokens=40)
+        assert [r.json["max_tokens"] for r in primary.requests()] == [40]
+
+
+def test_a_transcription_uses_no_tokens_so_a_used_up_token_limit_does_not_refuse_it(
+    gw: Gateway, primary: FakeUpstream
+) -> None:
+    token = gw.http.post(
+        "/v1/token",
+        json={"identifier_id": "listener", "limits": {"daily_tokens": 1}},
+        headers={**gw.tenant.headers, "X-Workspace-Id": gw.tenant.workspace["id"]},
+    )
+    client = gw.openai(key=token.json()["access_token"])
+    result = client.audio.transcriptions.create(
+        model="whisper-1", file=("a.wav", _wav(Decimal(1)), "audio/wav")
+    )
+    assert isinstance(result.text, str)
+
+
 def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUpstream) -> None:
     _leave_a_stream(gw, primary)
     (row,) = _wait_for_rows(gw)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterline.gateway.flavors import Api, TokenUsage
-from meterline.gateway.sse import SSEParser
+from meterline.gateway.sse import SSEEvent, SSEParser
 from meterline.gateway.streams import StreamError, StreamMeter
 from meterline.gateway.tokens import CL100K_BASE, O200K_BASE, load_encodings
 
@@ -546,3 +546,40 @@ def test_any_json_event_is_metered_without_raising(api: Api, payloads: list[Any]
     assert usage.prompt_tokens >= 0
     assert usage.completion_tokens >= 0
     assert usage.cache_read_tokens + usage.cache_write_tokens <= usage.prompt_tokens
+
+
+def test_text_without_word_boundaries_is_not_counted_again_from_its_start() -> None:
+    # Chinese or JSON without spaces streamed one character at a time: each piece must not re-count the
+    # whole text so far (that grew with the square of the answer, on the event loop).
+    from meterline.gateway.tokens import RunningCount, token_counter
+
+    counter = token_counter("gpt-4o-mini")
+    counted = 0
+
+    def count(text: str) -> int:
+        nonlocal counted
+        counted += len(text)
+        return counter(text)
+
+    text = "这是一个测试。我们正在测试流式传输的计数。" * 200
+    running = RunningCount(count)
+    for character in text:
+        running.add(character)
+    assert counted <= 100 * len(text)  # linear: a bounded tail per piece, not the text so far
+    assert abs(running.total - counter(text)) <= len(text) // 100  # and still the joined text's count
+
+
+def test_a_finish_reason_marks_the_answer_complete() -> None:
+    meter = StreamMeter("chat", "gpt-4o-mini", 10, client_wants_usage=False)
+    assert not meter.finished
+    meter.observe(
+        SSEEvent(b"", None, '{"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}')
+    )
+    assert not meter.finished
+    meter.observe(SSEEvent(b"", None, '{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'))
+    assert meter.finished
+    anthropic_meter = StreamMeter("messages", "claude-sonnet-4-5", 10, client_wants_usage=True)
+    anthropic_meter.observe(
+        SSEEvent(b"", "message_delta", '{"type": "message_delta", "delta": {"stop_reason": "end_turn"}}')
+    )
+    assert anthropic_meter.finished

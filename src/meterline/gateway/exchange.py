@@ -53,6 +53,9 @@ class Request:
     user_id: str | None
     receipt: bool
     audio_seconds: Decimal | None = None
+    # The least output a cut request can still be sent with (all choices): 16 for Responses, more than
+    # the thinking budget for Anthropic; below it the request is refused rather than cut.
+    min_output: int = 1
 
 
 @dataclass(slots=True)
@@ -87,18 +90,19 @@ def prompt_margin(prompt_estimate: int) -> int:
     """Tokens held beyond a counted prompt: the local count is an estimate of the provider's (another
     tokenizer, hidden message framing), and a block limit must hold against the real count. 5 %, at
     least 16 tokens; released at the settle."""
-    return max(prompt_estimate // 20, 16)
+    return max(prompt_estimate // 20, 16) if prompt_estimate else 0
 
 
-def _clamped(estimate: UsageRecord, refusal: LimitExceeded, margin: int, asked: int) -> UsageRecord:
+def _clamped(estimate: UsageRecord, refusal: LimitExceeded, margin: int, request: Request) -> UsageRecord:
     """The estimate with its output cut to what the refusing token limit leaves (after the prompt and
     its margin), so the request is served with a smaller ``max_tokens`` instead of refused; the refusal
-    itself when nothing is left for output or the limit is not on tokens."""
+    itself when that is not the request's to make: a limit not on tokens, a per-minute limit (wait, do
+    not truncate), or less left than the request can use (``Request.min_output``)."""
     details = refusal.details or {}
-    if details.get("meter") != "tokens":
+    if details.get("meter") != "tokens" or details.get("window") not in ("day", "period"):
         raise refusal
     left = int(details["max"]) - int(details["consumed"]) - estimate.prompt_tokens - margin
-    if left < 1 or left >= min(estimate.completion_tokens, asked):
+    if left < request.min_output or left >= min(estimate.completion_tokens, request.max_output_tokens):
         raise refusal
     return replace(estimate, completion_tokens=left)
 
@@ -136,7 +140,7 @@ class Exchanges:
                 hold = services.reservations.hold(subject, estimate, account, margin=margin)
                 break
             except LimitExceeded as refusal:
-                estimate = _clamped(estimate, refusal, margin, request.max_output_tokens)
+                estimate = _clamped(estimate, refusal, margin, request)
         else:
             hold = services.reservations.hold(subject, estimate, account, margin=margin)
         return self._ticket(principal, org, account, request, hold, estimate)
@@ -159,7 +163,7 @@ class Exchanges:
                 held = await services.reservations.hold_soon(subject, estimate, account, margin)
                 break
             except LimitExceeded as refusal:
-                estimate = _clamped(estimate, refusal, margin, request.max_output_tokens)
+                estimate = _clamped(estimate, refusal, margin, request)
         else:
             held = await services.reservations.hold_soon(subject, estimate, account, margin)
         if held is None:

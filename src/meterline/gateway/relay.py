@@ -202,6 +202,7 @@ class Relay:
             user_id=parsed.user_id,
             receipt=call.receipt,
             audio_seconds=parsed.audio_seconds,
+            min_output=parsed.min_output,
         )
         return routes, estimate
 
@@ -263,7 +264,9 @@ class Relay:
             usage = meter.usage_so_far()
             if how == "disconnect":
                 # The plan's policy for a client that left, stated on the row.
-                policy = ticket.plan.disconnect
+                # An answer that said it was complete is billed whatever the policy: the client
+                # leaving before the last event does not make it free.
+                policy = "bill_generated" if meter.finished or meter.reported else ticket.plan.disconnect
                 metadata = {"meterline.stream_end": how, "meterline.disconnect": policy}
                 if policy == "void":
                     usage = TokenUsage(0, 0)
@@ -284,7 +287,7 @@ class Relay:
                                 out = []
                             await settle("complete")
                             if wants_usage and not meter.reported:
-                                yield wire.usage_event(call.parsed.model, meter.usage_so_far())
+                                yield wire.usage_event(api, call.parsed.model, meter.usage_so_far())
                         if forward:
                             out.append(event.raw)
                     if out:

@@ -88,6 +88,7 @@ class StreamMeter:
         "api",
         "error",
         "events_seen",
+        "finished",
         "output_events",
         "output_texts",
     )
@@ -110,6 +111,7 @@ class StreamMeter:
         self.events_seen = 0
         self.output_events = 0  # events that carried generated text
         self.output_texts = 0  # pieces of generated text seen
+        self.finished = False  # the answer said it was complete (a finish or stop reason)
         self.error: StreamError | None = None
         handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
             "responses": self._responses_event,
@@ -199,6 +201,8 @@ class StreamMeter:
         return True
 
     def _choice(self, choice: dict[str, Any]) -> None:
+        if choice.get("finish_reason") is not None:
+            self.finished = True
         index = choice.get("index", 0)
         total = 0
         text = choice.get("text")  # legacy completions
@@ -235,6 +239,7 @@ class StreamMeter:
         if kind in RESPONSES_TEXT_DELTAS:
             self._add_output(event.get("delta"), f"{kind}:{event.get('output_index', 0)}")
         elif kind in _RESPONSES_FINAL:
+            self.finished = True
             response = event.get("response")
             if isinstance(response, dict):
                 usage = response.get("usage")
@@ -257,6 +262,9 @@ class StreamMeter:
                 if field is not None:
                     self._add_output(delta.get(field), f"{field}:{event.get('index', 0)}")
         elif kind == "message_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+                self.finished = True
             usage = event.get("usage")
             if isinstance(usage, dict):
                 self._message_delta(usage)

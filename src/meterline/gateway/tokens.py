@@ -182,11 +182,28 @@ class RunningCount:
 
 def _word_boundary(text: str) -> int:
     """Where ``text`` can be cut without changing its count: before its last space that follows a
-    non-space character and is followed by more text; 0 when there is none."""
-    cut = text.rfind(" ", 1, len(text) - 1)
+    non-space character and is followed by more text, else after its last run of line ends that is
+    followed by text; 0 when there is none. Text with neither (Chinese, Japanese, JSON without spaces)
+    is cut anyway once it is ``_TAIL_CHARS`` long, a little before its end: the count may then differ
+    from the joined text's by a token at the cut, but the tail stays short, so no stream is counted
+    again from its start."""
+    size = len(text)
+    cut = text.rfind(" ", 1, size - 1)
     while cut > 0 and text[cut - 1].isspace():
         cut = text.rfind(" ", 1, cut)
-    return max(cut, 0)
+    if cut > 0:
+        return cut
+    line_end = text.rfind("\n", 0, size - 1)
+    while line_end >= 0 and text[line_end + 1].isspace():  # after a whole run of line ends only
+        line_end = text.rfind("\n", 0, line_end)
+    if line_end >= 0:
+        return line_end + 1
+    return size - _TAIL_KEEP if size > _TAIL_CHARS else 0
+
+
+# A tail with no word boundary is set aside once it is this long, keeping its last few characters.
+_TAIL_CHARS = 64
+_TAIL_KEEP = 8
 
 
 # -- prompt estimates ---------------------------------------------------------------------------------
@@ -435,6 +452,22 @@ def max_output_tokens(api: Api, body: object, default: int) -> int:
         limit = _non_negative(body.get("max_tokens"))
     per_choice = default if limit is None else limit
     return min(per_choice * answers, TOKEN_CEILING)
+
+
+def min_output(api: Api, body: Mapping[object, object]) -> int:
+    """The least output limit the request can be sent with, all choices together: OpenAI's Responses API
+    refuses ``max_output_tokens`` below 16; Anthropic's extended thinking needs ``max_tokens`` above its
+    ``budget_tokens``."""
+    per_choice = 1
+    if api == "responses":
+        per_choice = 16
+    elif api == "messages":
+        thinking = body.get("thinking")
+        if isinstance(thinking, Mapping):
+            budget = _non_negative(thinking.get("budget_tokens"))
+            if budget is not None:
+                per_choice = budget + 1
+    return per_choice * choices(api, body)
 
 
 def choices(api: Api, body: Mapping[object, object]) -> int:

@@ -46,6 +46,7 @@ class Parsed:
     client_wants_usage: bool
     content_type: str | None = None  # set when the body is not JSON (multipart audio)
     audio_seconds: Decimal | None = None
+    min_output: int = 1  # the least output the request can be sent with (``tokens.min_output``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
         max_output_tokens=tokens.max_output_tokens(api, body, default_max_tokens),
         user_id=_user_of(api, body),
         client_wants_usage=wants_usage,
+        min_output=tokens.min_output(api, body),
     )
 
 
@@ -91,11 +93,8 @@ def with_output_limit(api: Api, forward: bytes, total: int) -> bytes:
     on tokens left less than the request asked for (``exchange.Ticket.max_output``)."""
     body = orjson.loads(forward)
     if api == "chat":
-        key = (
-            "max_tokens"
-            if "max_tokens" in body and "max_completion_tokens" not in body
-            else "max_completion_tokens"
-        )
+        named = body.get("max_tokens") is not None and body.get("max_completion_tokens") is None
+        key = "max_tokens" if named else "max_completion_tokens"
         choices = tokens.choices(api, body)
     elif api == "completions":
         key, choices = "max_tokens", tokens.choices(api, body)
@@ -201,13 +200,14 @@ def is_terminal(api: Api, event: SSEEvent) -> bool:
     return event.data == "[DONE]"
 
 
-def usage_event(model: str, counts: TokenUsage) -> bytes:
+def usage_event(api: Api, model: str, counts: TokenUsage) -> bytes:
     """A chat/completions usage-only chunk (``"choices": []`` with ``usage``), for a client that asked
     for usage (``stream_options.include_usage``) of an upstream that sent none: seed 001, every
     response carries usage."""
-    chunk = {
-        "id": "chatcmpl-meterline-usage",
-        "object": "chat.completion.chunk",
+    chat = api == "chat"
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-meterline-usage" if chat else "cmpl-meterline-usage",
+        "object": "chat.completion.chunk" if chat else "text_completion",
         "created": 0,
         "model": model,
         "choices": [],

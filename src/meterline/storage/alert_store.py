@@ -233,14 +233,16 @@ class AlertEvaluator:
         self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int, now: datetime
     ) -> None:
         """Once per organization, model and billing period: usage recorded at cost 0 for want of a price."""
-        unpriced = {(r.organization_id, r.model, r.created_at) for r in rows if not r.priced and r.model}
-        for org_id, model, at in sorted(unpriced, key=lambda u: (u[0], u[1] or "", u[2])):
-            assert model is not None
-            period_start = billing_period(at, anchor_day).start
-            key = (org_id, model, to_micros(period_start))
+        periods: dict[tuple[str, str, int], datetime] = {}
+        for row in rows:
+            if not row.priced and row.model:
+                start = billing_period(row.created_at, anchor_day).start
+                periods[(row.organization_id, row.model, to_micros(start))] = start
+        for key in sorted(periods):
             if key in self._unpriced_seen:
                 continue
-            fire(conn, org_id, unpriced_usage(model, period_start), now)
+            org_id, model, _ = key
+            fire(conn, org_id, unpriced_usage(model, periods[key]), now)
             if len(self._unpriced_seen) >= _SEEN_MAX:
                 after_commit(self._unpriced_seen.clear)
             after_commit(partial(self._unpriced_seen.add, key))

@@ -6,6 +6,7 @@ A reservation left open past ``expires_at`` (or by a server that crashed) is set
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from meterline.api.responses import JSON
 from meterline.api.routes.receipts import receipt_wanted
 from meterline.api.schemas import ReservationIn, SettleIn, UsageVectorIn
 from meterline.clock import rfc3339
-from meterline.errors import InvalidRequest, NotFound
+from meterline.errors import InvalidRequest, NotFound, unpriced_refusal
 from meterline.gateway.ratelimit import rate_limit_headers
 from meterline.metering import UsageRecord
 from meterline.metering.records import LedgerRow
@@ -124,6 +125,8 @@ def settle(
         problem = body.nesting_problem(*merged)
         if problem is not None:
             raise InvalidRequest(problem[1], param=problem[0])
+        if {"model", "provider"} & actual.keys():
+            _refuse_unpriced(services, principal, replace(held.estimate, **actual))
     try:
         settled = services.reservations.settle(principal.organization_id, reservation_id, actual)
     except Quarantined as exc:
@@ -171,3 +174,13 @@ def _check_workspace(principal: Principal, workspace_id: str, reservation_id: st
     """A workspace key sees only its workspace's reservations; an organization key sees them all."""
     if principal.scope != "organization" and workspace_id != principal.workspace_id:
         raise NotFound(f"reservation {reservation_id!r} does not exist or has ended", param="id")
+
+
+def _refuse_unpriced(services: Services, principal: Principal, actual: UsageRecord) -> None:
+    """A settle that names another model must not escape a plan's ``unpriced = "block"``."""
+    org = services.tenancy.get_organization(principal.organization_id)
+    if services.plan_of(org).unpriced != "block":
+        return
+    row = services.settler.price(actual, services.account_of(org))
+    if not row.priced and row.model is not None:
+        raise unpriced_refusal(row.model)
