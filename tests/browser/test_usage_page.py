@@ -139,3 +139,39 @@ def test_phone_width_long_names_and_zero_data_keep_the_layout(page: Page, world:
         for control in page.get_by_role(role).all():
             name = control.get_attribute("aria-label") or control.inner_text().strip()
             assert name, f"a {role} without an accessible name: {control}"
+
+
+def test_cost_breakdown_says_what_the_tokens_were_and_counts_unpriced_usage(page: Page, world: World) -> None:
+    tenant = world.tenant(plan="pro", name="Hooli", group="Search")
+    sign_in(page, tenant.key)
+    expect(page.get_by_test_id("unpriced")).to_have_count(0)
+    world.report(
+        tenant.key,
+        {
+            "id": "detail-1",
+            "model": "claude-sonnet-4-5",
+            "provider": "anthropic",
+            "prompt_tokens": 5_000,
+            "completion_tokens": 400,
+            "cache_read_tokens": 3_000,
+            "cache_write_tokens": 1_500,
+            "cache_write_1h_tokens": 1_000,
+            "web_searches": 2,
+        },
+        {"id": "detail-2", "model": "no-such-model-7", "prompt_tokens": 10, "completion_tokens": 5},
+        {"id": "detail-3", "model": "no-such-model-7", "prompt_tokens": 10, "completion_tokens": 5},
+    )
+    page.reload()
+    table = page.get_by_test_id("cost-table")
+    claude = table.locator("tbody tr", has_text="claude-sonnet-4-5")
+    expect(claude.get_by_test_id("cost-detail")).to_have_text(
+        "cache reads 3,000 · cache writes 1,500 · of which 1-hour 1,000 · web searches 2"
+    )
+    unknown = table.locator("tbody tr", has_text="no-such-model-7")
+    expect(unknown).to_contain_text("no price: 2 requests at cost 0")
+    expect(page.get_by_test_id("unpriced")).to_have_text(
+        "2 requests to models without a price were recorded at cost 0 this period."
+    )
+    # The page shows what its JSON twin says.
+    body = world.api("/v1/usage/breakdown", tenant.key, by="model")
+    assert body["totals"]["unpriced_requests"] == 2

@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 
 from conftest import ADMIN, Tenant, add_key, assert_envelope, make_tenant
 from meterline.clock import FrozenClock
+from meterline.services import Services
+from meterline.storage.reconcile import rebuild
 
 
 def post(client: TestClient, headers: dict[str, str], *events: dict[str, Any]) -> None:
@@ -405,3 +407,69 @@ def test_bad_parameters_get_the_envelope(
 def test_analytics_need_a_key(client: TestClient) -> None:
     for path in ("/v1/usage/timeseries", "/v1/usage/breakdown?by=model", "/v1/usage/export.csv"):
         assert_envelope(client.get(path), 401, "unauthorized")
+
+
+# -- what the tokens were (the usage vector) ------------------------------------------------------------
+
+
+def test_breakdown_by_model_says_what_the_tokens_were_in_every_scope(
+    client: TestClient, services: Services, tenant: Tenant
+) -> None:
+    _, key2 = workspace(client, tenant, "Research", "eng")
+    claude = {"model": "claude-sonnet-4-5", "provider": "anthropic", "prompt_tokens": 5_000}
+    post(
+        client,
+        tenant.headers,
+        ev(1, **claude, cache_read_tokens=3_000, cache_write_tokens=1_500, cache_write_1h_tokens=1_000),
+        ev(2, **claude, web_searches=2, identifier_id="user-1"),
+        ev(3, model="o4-mini", completion_tokens=900, reasoning_tokens=700, ts="2026-03-14T08:10:00Z"),
+        ev(4, model="no-such-model-7"),
+        ev(5),  # plain usage: no detail at all
+    )
+    post(client, bearer(key2), ev("r1", model="no-such-model-7"), ev("r2", **claude, web_searches=5))
+
+    def detail(headers: dict[str, str], **params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        body = get(client, "/v1/usage/breakdown", headers, by="model", **params)
+        return {r["key"]: r for r in body["data"]}, body["totals"]
+
+    org = bearer(add_key(client, tenant.workspace["id"], name="Org admin", scope="organization"))
+    rows, totals = detail(org)
+    assert rows["claude-sonnet-4-5"]["usage"] == {
+        "cache_read_tokens": 3_000,
+        "cache_write_tokens": 1_500,
+        "cache_write_1h_tokens": 1_000,
+        "input_audio_tokens": 0,
+        "cache_audio_read_tokens": 0,
+        "output_audio_tokens": 0,
+        "reasoning_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+        "web_searches": 7,
+        "web_fetches": 0,
+    }
+    assert rows["o4-mini"]["usage"]["reasoning_tokens"] == 700
+    assert not any(rows["gpt-4o-mini"]["usage"].values())
+    assert [(k, r["unpriced_requests"]) for k, r in rows.items() if r["unpriced_requests"]] == [
+        ("no-such-model-7", 2)
+    ]
+    assert totals["unpriced_requests"] == 2
+    # A workspace sees its own; an identifier its own; a range only its hours.
+    mine, mine_totals = detail(bearer(key2))
+    assert mine["claude-sonnet-4-5"]["usage"]["web_searches"] == 5
+    assert mine["claude-sonnet-4-5"]["usage"]["cache_read_tokens"] == 0
+    assert mine_totals["unpriced_requests"] == 1
+    main, _ = detail(tenant.headers)
+    assert main["claude-sonnet-4-5"]["usage"]["web_searches"] == 2
+    user, _ = detail(org, identifier_id="user-1")
+    assert list(user) == ["claude-sonnet-4-5"]
+    assert user["claude-sonnet-4-5"]["usage"]["web_searches"] == 2
+    early, early_totals = detail(org, start="2026-03-14T08:00:00Z", end="2026-03-14T09:00:00Z")
+    assert list(early) == ["o4-mini"]
+    assert early_totals["unpriced_requests"] == 0
+    # Other dimensions are not slowed by it, and the projection equals the ledger.
+    assert "usage" not in get(client, "/v1/usage/breakdown", org, by="user")["data"][0]
+    reconciled = client.get("/v1/admin/reconcile", headers=ADMIN).json()
+    assert reconciled["ok"], reconciled
+    # Four claude entries (organization, two workspaces, one identifier), two o4-mini, three unpriced.
+    assert rebuild(services.db).as_json()["rebuilt"]["usage_details"] == 9
+    assert detail(org) == (rows, totals)

@@ -154,16 +154,27 @@ def test_reconcile_finds_tampering_and_rebuild_repairs_it(
         o=other.org["id"],
     )
 
+    # The usage details: an entry invented (web searches no ledger row made).
+    rows(
+        settings,
+        "INSERT INTO usage_details SELECT organization_id, '', '', hour, 'ghost-model', 0, 0, 0, 0, 0, 0, 0, "
+        f"0, 0, 3, 0, 0 FROM usage_hourly WHERE {match}",
+        **first._asdict(),
+    )
+
     drifted = reconcile(settings, code=1)
     narrow = [line for line in drifted.stdout.splitlines() if "DRIFT usage_rollups" in line]
-    assert f"{4 + len(narrow)} drift (3 usage_hourly, {len(narrow)} usage_rollups, 1 credit_usage)" in (
-        drifted.stdout
-    )
+    assert (
+        f"{5 + len(narrow)} drift (3 usage_hourly, {len(narrow)} usage_rollups, 1 usage_details, "
+        "1 credit_usage)"
+    ) in drifted.stdout
+    assert "DRIFT usage_details [" in drifted.stdout
+    assert "model='ghost-model'" in drifted.stdout
     assert any("grain='d'" in line and "total_tokens=" in line for line in narrow)
     assert any("grain='p'" in line and "stored missing" in line for line in narrow)
     assert f"bonus_nanos={period.bonus_nanos + 5}; ledger bonus_nanos={period.bonus_nanos}" in drifted.stdout
     report = json.loads(reconcile(settings, "--json", code=1).stdout)
-    assert (report["ok"], report["drift"]) == (False, 4 + len(narrow))
+    assert (report["ok"], report["drift"]) == (False, 5 + len(narrow))
     by_kind = {(e["table"], e["stored"] is None, e["ledger"] is None): e for e in report["entries"]}
     edited = next(
         e for e in report["entries"]
@@ -194,6 +205,7 @@ def test_reconcile_finds_tampering_and_rebuild_repairs_it(
             expected = expected_credit_usage(conn)
     finally:
         db.dispose()
+    assert rows(settings, "SELECT * FROM usage_details WHERE model = 'ghost-model'") == []
     credit_rows = rows(settings, "SELECT * FROM credit_usage")
     assert {(r[0], r[1]): (r[2], r[3], r[4]) for r in credit_rows} == expected
     assert expected[(other.org["id"], period.period_start_us)][1] == period.bonus_nanos

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 
@@ -98,6 +99,25 @@ def test_paging_iterators_walk_every_page(server: Server) -> None:
         series = client.timeseries(range="24h")
         assert series.granularity == "hour"
         assert sum(p.total for p in series.points) == sum(r.credits for r in rows)
+        client.send_events(
+            [
+                replace(e, model="o4-mini", cache_read_tokens=600, reasoning_tokens=200)
+                for e in _events(2, start=100)
+            ]
+            + [replace(e, model="no-such-model-3") for e in _events(1, start=200)]
+        )
+        by_model = {r.key: r for r in client.breakdown("model").rows}
+        assert by_model["o4-mini"].usage is not None
+        assert (
+            by_model["o4-mini"].usage["cache_read_tokens"],
+            by_model["o4-mini"].usage["reasoning_tokens"],
+        ) == (
+            1200,
+            400,
+        )
+        assert by_model["no-such-model-3"].unpriced_requests == 1
+        assert client.breakdown("model").unpriced_requests == 1
+        assert client.breakdown("user").unpriced_requests is None
 
 
 def test_csv_export_streams_to_a_file_and_to_an_iterator(server: Server, tmp_path: object) -> None:

@@ -25,8 +25,9 @@ def describe(drift: Drift) -> str:
 def print_report(result: Reconciliation, out: Console) -> None:
     if result.rebuilt:
         out.print(
-            f"rebuilt {result.rebuilt_rollups} usage_hourly, {result.rebuilt_narrow_rollups} usage_rollups "
-            f"and {result.rebuilt_credit_usage} credit_usage rows from the ledger",
+            f"rebuilt {result.rebuilt_rollups} usage_hourly, {result.rebuilt_narrow_rollups} usage_rollups, "
+            f"{result.rebuilt_details} usage_details and {result.rebuilt_credit_usage} credit_usage rows "
+            "from the ledger",
             highlight=False,
         )
     for drift in result.drift:
@@ -34,7 +35,7 @@ def print_report(result: Reconciliation, out: Console) -> None:
     summary = f"{len(result.drift)} drift" if result.drift else "0 drift"
     out.print(
         f"{summary} ({len(result.rollups)} usage_hourly, {len(result.narrow_rollups)} usage_rollups, "
-        f"{len(result.credit_usage)} credit_usage) over "
+        f"{len(result.details)} usage_details, {len(result.credit_usage)} credit_usage) over "
         f"{result.ledger_rows} ledger rows; receipt chains are checked by `meterline verify`",
         highlight=False,
     )

@@ -45,6 +45,30 @@ class TableRow:
     figure: Decimal  # credits, or money for spend-cap organizations
     cost: Decimal
     share_pct: Decimal
+    # By model: the non-zero parts of what its tokens were, labelled, and requests without a price.
+    detail: tuple[tuple[str, int], ...] = ()
+    unpriced: int = 0
+
+
+# The usage vector's parts as the cost breakdown names them (storage order of ``DETAIL_MEASURES``).
+DETAIL_LABELS = (
+    ("cache_read_tokens", "cache reads"),
+    ("cache_write_tokens", "cache writes"),
+    ("cache_write_1h_tokens", "of which 1-hour"),
+    ("input_audio_tokens", "audio in"),
+    ("cache_audio_read_tokens", "cached audio"),
+    ("output_audio_tokens", "audio out"),
+    ("reasoning_tokens", "reasoning"),
+    ("accepted_prediction_tokens", "accepted predictions"),
+    ("rejected_prediction_tokens", "rejected predictions"),
+    ("web_searches", "web searches"),
+    ("web_fetches", "web fetches"),
+)
+
+
+def _detail(row: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    usage = row.get("usage") or {}
+    return tuple((label, int(usage[name])) for name, label in DETAIL_LABELS if usage.get(name))
 
 
 def _time(text: str) -> datetime:
@@ -62,6 +86,8 @@ def table_rows(body: Mapping[str, Any]) -> list[TableRow]:
             figure=Decimal(row["cost"] if in_money else row["credits"]),
             cost=Decimal(row["cost"]),
             share_pct=Decimal(row["share_pct"]),
+            detail=_detail(row),
+            unpriced=int(row.get("unpriced_requests") or 0),
         )
         for row in body["data"]
     ]
@@ -126,6 +152,7 @@ def models(body: Mapping[str, Any]) -> dict[str, Any]:
         "more": max(int(body["total"]) - len(rows), 0),
         "total_cost": Decimal(body["totals"]["cost"]),
         "total_credits": Decimal(body["totals"]["credits"]),
+        "unpriced": int(body["totals"].get("unpriced_requests") or 0),
     }
 
 

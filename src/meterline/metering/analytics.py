@@ -11,7 +11,7 @@ Ranges are whole hours because rollups are hourly. The chart ranges, for a clock
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -138,4 +138,10 @@ class AnalyticsReader(Protocol):
         self, scope: Scope, hours: HourRange, by: BreakdownBy, measure: Measure, *, limit: int, offset: int
     ) -> BreakdownPage:
         """Groups ranked by ``measure`` descending (then key), one page of them."""
+        ...
+
+    def model_details(self, scope: Scope, hours: HourRange) -> Mapping[str, Mapping[str, int]]:
+        """Per model ("" for none): what its tokens were (cache reads and writes, the usage vector's
+        counts) and how many requests were recorded at cost 0 for want of a price; models with none of
+        it are absent."""
         ...

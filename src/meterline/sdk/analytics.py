@@ -61,9 +61,15 @@ class BreakdownRow:
     cost: Decimal
     share_pct: Decimal
     key_prefix: str | None = None
+    # By model: what the tokens were (usage vector counts, cache reads and writes) and the requests
+    # recorded at cost 0 for want of a price.
+    usage: dict[str, int] | None = None
+    unpriced_requests: int | None = None
 
     @classmethod
     def from_json(cls, data: Json) -> BreakdownRow:
+        usage = data.get("usage")
+        unpriced = data.get("unpriced_requests")
         return cls(
             key=opt_str(data.get("key")),
             name=opt_str(data.get("name")),
@@ -73,6 +79,8 @@ class BreakdownRow:
             cost=dec(data["cost"]),
             share_pct=dec(data["share_pct"]),
             key_prefix=opt_str(data.get("key_prefix")),
+            usage=None if usage is None else {str(k): int(v) for k, v in obj(usage).items()},
+            unpriced_requests=None if unpriced is None else int(unpriced),
         )
 
 
@@ -92,6 +100,7 @@ class Breakdown:
     offset: int
     total_credits: Decimal
     total_cost: Decimal
+    unpriced_requests: int | None = None  # by model: over every model of the range
 
     @classmethod
     def from_json(cls, data: Json) -> Breakdown:
@@ -109,4 +118,5 @@ class Breakdown:
             offset=int(data["offset"]),
             total_credits=dec(totals.get("credits", 0)),
             total_cost=dec(totals.get("cost", 0)),
+            unpriced_requests=None if "unpriced_requests" not in totals else int(totals["unpriced_requests"]),
         )

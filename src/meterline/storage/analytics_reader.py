@@ -10,7 +10,7 @@ keyset on (created_at_us, seq) over the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Table, and_, func, literal, or_, select, union_all
@@ -29,6 +29,7 @@ from meterline.metering.analytics import (
 )
 from meterline.metering.reading import LedgerFilter, Scope
 from meterline.metering.records import LedgerRow
+from meterline.storage import usage_details
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.rollup_reads import FULL, anchor_day, narrow_where, spans, with_periods
@@ -188,6 +189,10 @@ class SqlAnalyticsReader:
             for r in found
         ]
         return BreakdownPage(rows, int(total or 0), int(credits or 0), int(cost or 0))
+
+    def model_details(self, scope: Scope, hours: HourRange) -> Mapping[str, Mapping[str, int]]:
+        with self._db.read() as conn:
+            return usage_details.by_model(conn, scope, hours.first, hours.end)
 
     @staticmethod
     def _page(

@@ -17,7 +17,7 @@ from meterline.metering import unit_of_work
 from meterline.metering.records import NO_DETAIL, VECTOR_COUNTS, LedgerRow, UsageVector
 from meterline.metering.store import AppendResult
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
-from meterline.storage import credit_store, usage_rollups
+from meterline.storage import credit_store, usage_details, usage_rollups
 from meterline.storage.database import Database
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 from meterline.storage.writer import Together, wait
@@ -364,6 +364,7 @@ class SqlLedgerStore:
 
     def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int) -> None:
         usage_rollups.upsert(conn, usage_rollups.deltas(rows, anchor_day))
+        usage_details.upsert(conn, usage_details.deltas(rows))
         deltas = rollup_deltas(rows)
         if self._db.is_sqlite:
             conn.exec_driver_sql(_SQLITE_ROLLUP_UPSERT, deltas)

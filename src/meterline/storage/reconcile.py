@@ -1,9 +1,9 @@
 """The ledger's projections recomputed from the ledger itself, in SQL, and compared or rewritten.
 
-``usage_hourly``, ``usage_rollups`` and ``credit_usage`` are maintained in the settle transaction
-(``metering.unit_of_work``, over ``SqlLedgerStore``); the ledger is the truth. Here each projection is
-recomputed with one ``GROUP BY`` over the ledger (SQLite and PostgreSQL alike) and set against what is
-stored:
+``usage_hourly``, ``usage_rollups``, ``usage_details`` and ``credit_usage`` are maintained in the settle
+transaction (``metering.unit_of_work``, over ``SqlLedgerStore``); the ledger is the truth. Here each
+projection is recomputed with one ``GROUP BY`` over the ledger (SQLite and PostgreSQL alike) and set
+against what is stored:
 
 * rollups: ``expected EXCEPT stored`` and ``stored EXCEPT expected`` in SQL, so only entries that differ
   ever leave the database, however big the ledger (the narrow rollups' billing-period entries: the
@@ -27,9 +27,9 @@ from sqlalchemy import Connection
 
 from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, from_micros, to_micros
 from meterline.quotas.periods import billing_period
-from meterline.storage import usage_rollups
+from meterline.storage import usage_details, usage_rollups
 from meterline.storage.database import Database
-from meterline.storage.tables import NARROW_MEASURES, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
+from meterline.storage.tables import DETAIL_MEASURES, NARROW_MEASURES, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
 ROLLUP_KEY = ("hour", *ROLLUP_DIMENSIONS)
 CREDIT_KEY = ("organization_id", "period_start_us")
@@ -106,10 +106,12 @@ class Reconciliation:
     ledger_rows: int = 0
     rollups: list[Drift] = field(default_factory=list)
     narrow_rollups: list[Drift] = field(default_factory=list)
+    details: list[Drift] = field(default_factory=list)
     credit_usage: list[Drift] = field(default_factory=list)
     rebuilt: bool = False
     rebuilt_rollups: int = 0
     rebuilt_narrow_rollups: int = 0
+    rebuilt_details: int = 0
     rebuilt_credit_usage: int = 0
     # Usage set aside because it could not be settled (``metering.quarantine``): not drift — the ledger
     # and its projections agree without it — but usage an operator must settle or void.
@@ -117,7 +119,7 @@ class Reconciliation:
 
     @property
     def drift(self) -> list[Drift]:
-        return [*self.rollups, *self.narrow_rollups, *self.credit_usage]
+        return [*self.rollups, *self.narrow_rollups, *self.details, *self.credit_usage]
 
     @property
     def ok(self) -> bool:
@@ -135,6 +137,7 @@ class Reconciliation:
             data["rebuilt"] = {
                 "usage_hourly": self.rebuilt_rollups,
                 "usage_rollups": self.rebuilt_narrow_rollups,
+                "usage_details": self.rebuilt_details,
                 "credit_usage": self.rebuilt_credit_usage,
             }
         return data
@@ -257,6 +260,9 @@ def _check(conn: Connection, result: Reconciliation) -> None:
         "usage_hourly", ROLLUP_KEY, ROLLUP_MEASURES, conn.exec_driver_sql(_ROLLUP_DIFF_SQL)
     )
     result.narrow_rollups = _narrow_drift(conn)
+    result.details = _pair(
+        "usage_details", usage_details.KEY, DETAIL_MEASURES, conn.exec_driver_sql(usage_details.DIFF_SQL)
+    )
     result.credit_usage = _credit_drift(conn)
     result.quarantined = int(
         conn.exec_driver_sql("SELECT COUNT(*) FROM quarantine WHERE resolution IS NULL").scalar_one()
@@ -272,7 +278,7 @@ def reconcile(db: Database) -> Reconciliation:
 
 
 def rebuild(db: Database) -> Reconciliation:
-    """Rewrite both projections from the ledger in one transaction, then check them again.
+    """Rewrite every projection from the ledger in one transaction, then check them again.
 
     On PostgreSQL the projections are locked against concurrent settles first (SHARE ROW EXCLUSIVE
     conflicts with their upserts): a settle already past its upsert is waited for, and its ledger rows are
@@ -281,11 +287,13 @@ def rebuild(db: Database) -> Reconciliation:
     with db.write() as conn:
         if not db.is_sqlite:
             conn.exec_driver_sql(
-                "LOCK TABLE usage_hourly, usage_rollups, credit_usage IN SHARE ROW EXCLUSIVE MODE"
+                "LOCK TABLE usage_hourly, usage_rollups, usage_details, credit_usage "
+                "IN SHARE ROW EXCLUSIVE MODE"
             )
         conn.exec_driver_sql("DELETE FROM usage_hourly")
         result.rebuilt_rollups = int(conn.exec_driver_sql(_REBUILD_ROLLUPS_SQL).rowcount)
         result.rebuilt_narrow_rollups = usage_rollups.rebuild(conn)
+        result.rebuilt_details = usage_details.rebuild(conn)
         result.rebuilt_credit_usage = rewrite_credit_usage(conn)
     with _snapshot(db) as conn:
         _check(conn, result)

@@ -25,6 +25,8 @@ from sqlalchemy import (
     false,
 )
 
+from meterline.metering.records import VECTOR_COUNTS
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -280,6 +282,24 @@ usage_rollups = Table(
     Column("value", String(200), nullable=False),
     *(Column(name, BigInteger, nullable=False) for name in NARROW_MEASURES),
     PrimaryKeyConstraint("organization_id", "workspace_id", "dimension", "grain", "bucket", "value"),
+    sqlite_with_rowid=False,
+)
+
+# What the token counts were made of (the usage vector, cache reads and writes) and the requests recorded
+# at cost 0 for want of a price, per hour and model: for the whole organization (workspace_id and
+# identifier_id ''), each workspace (identifier_id '') and each identifier. Only ledger rows with some
+# detail add to it, so plain usage costs the settle nothing here (storage/usage_details.py).
+DETAIL_MEASURES = ("cache_read_tokens", "cache_write_tokens", *VECTOR_COUNTS, "unpriced_requests")
+usage_details = Table(
+    "usage_details",
+    metadata,
+    Column("organization_id", String(40), nullable=False),
+    Column("workspace_id", String(40), nullable=False),
+    Column("identifier_id", String(200), nullable=False),
+    Column("hour", BigInteger, nullable=False),  # whole hours since the epoch, UTC
+    Column("model", String(200), nullable=False),
+    *(Column(name, BigInteger, nullable=False) for name in DETAIL_MEASURES),
+    PrimaryKeyConstraint("organization_id", "workspace_id", "identifier_id", "hour", "model"),
     sqlite_with_rowid=False,
 )
 

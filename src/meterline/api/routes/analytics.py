@@ -7,6 +7,7 @@ exact decimal strings, as in ``/v1/usage/history``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -36,6 +37,7 @@ from meterline.money import format_nanos
 from meterline.quotas import billing_period
 from meterline.services import Services
 from meterline.storage.analytics_reader import SqlAnalyticsReader
+from meterline.storage.tables import DETAIL_MEASURES
 from meterline.tenancy import Organization
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
@@ -124,6 +126,14 @@ def _breakdown_hours(
     return hours
 
 
+def _detail_fields(detail: Mapping[str, int]) -> dict[str, Any]:
+    """A model's ``usage`` (every field, 0 when absent) and ``unpriced_requests``."""
+    return {
+        "usage": {name: detail.get(name, 0) for name in DETAIL_MEASURES if name != "unpriced_requests"},
+        "unpriced_requests": detail.get("unpriced_requests", 0),
+    }
+
+
 @router.get("/breakdown")
 def get_breakdown(
     request: Request,
@@ -144,6 +154,9 @@ def get_breakdown(
     hours = _breakdown_hours(services, org, range_, start, end)
     page = _reader(services).breakdown(scope, hours, by, measure, limit=limit, offset=offset)
     overall = page.cost_nanos if measure == "cost" else page.credits_nanos
+    # By model, each row also says what its tokens were (the usage vector) and how many requests had no
+    # price; the totals count unpriced requests over every model of the range, not only this page's.
+    details = _reader(services).model_details(scope, hours) if by == "model" else None
     data: list[dict[str, Any]] = []
     for row in page.rows:
         figure = row.cost_nanos if measure == "cost" else row.credits_nanos
@@ -158,7 +171,15 @@ def get_breakdown(
         }
         if by == "key":
             item["key_prefix"] = row.key_prefix
+        if details is not None:
+            item.update(_detail_fields(details.get(row.key, {})))
         data.append(item)
+    totals: dict[str, Any] = {
+        "credits": format_nanos(page.credits_nanos),
+        "cost": format_nanos(page.cost_nanos),
+    }
+    if details is not None:
+        totals["unpriced_requests"] = sum(d["unpriced_requests"] for d in details.values())
     return JSON(
         {
             "object": "list",
@@ -172,7 +193,7 @@ def get_breakdown(
             "has_more": offset + len(page.rows) < page.total,
             "limit": limit,
             "offset": offset,
-            "totals": {"credits": format_nanos(page.credits_nanos), "cost": format_nanos(page.cost_nanos)},
+            "totals": totals,
             "request_id": request_id_of(request),
         }
     )
