@@ -69,6 +69,7 @@ def test_usage_bar_moves_while_a_stream_consumes_credits(page: Page, world: Worl
     assert usage["credits"]["in_flight"] == 0
     final = Decimal(str(usage["credits"]["used"]))
     assert final == 300
+    assert seen == sorted([*seen, final])[: len(seen)], "the settle moved the bar back"
     expect(bar).to_have_attribute("data-used", "300")
     expect(bar.locator("[data-field=label]")).to_have_text("300.00 credits of 500.00 credits used")
     expect(bar.get_by_role("link", name="Invite a friend, earn credits")).to_be_visible()

@@ -658,6 +658,30 @@ def test_a_token_limit_holds_and_requests_get_the_output_it_leaves(
     assert sum(row["total_tokens"] for row in gw.ledger()) <= 60
 
 
+def test_a_request_without_its_own_output_limit_is_told_what_was_reserved_under_a_token_limit(
+    gw: Gateway, primary: FakeUpstream
+) -> None:
+    # The reservation holds the operator's default output (1,024 here) when a request sets no limit; an
+    # answer past it would pass a block token limit, so the upstream is told that default. Callers that
+    # no such limit holds are forwarded as they asked.
+    token = gw.http.post(
+        "/v1/token",
+        json={"identifier_id": "kid-2", "limits": {"daily_tokens": 50_000}},
+        headers={**gw.tenant.headers, "X-Workspace-Id": gw.tenant.workspace["id"]},
+    )
+    assert token.status_code == 200, token.text
+    limited = gw.openai(key=token.json()["access_token"])
+    limited.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    limited.responses.create(model="gpt-4o-mini", input="Hi")
+    limited.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=7)
+    gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    told = [
+        {k: v for k, v in r.json.items() if k in ("max_tokens", "max_completion_tokens", "max_output_tokens")}
+        for r in primary.requests()
+    ]
+    assert told == [{"max_completion_tokens": 1024}, {"max_output_tokens": 1024}, {"max_tokens": 7}, {}]
+
+
 def _leave_a_stream(gw: Gateway, primary: FakeUpstream, after: int = 5) -> None:
     """Start a long, slow stream and go away after ``after`` chunks."""
     primary.script("drip", pieces=400, chunk_delay_ms=10)

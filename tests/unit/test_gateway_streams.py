@@ -135,6 +135,35 @@ def test_usage_so_far_grows_as_the_stream_goes() -> None:
     assert meter.first_output_seen
 
 
+def test_the_live_meter_never_shows_more_than_the_settle_bills() -> None:
+    # The usage bar went 75.04 -> 75.03 at a settle: progress had shown the local counts, and the
+    # provider counted less. Progress now shows counts made here less their margin (5 %, at least 16),
+    # so a provider's count within that margin of ours only moves the meter up at the settle.
+    long_text = ["Hello there, friend."] * 100
+    body = b"".join(chat_chunk({"content": text}) for text in long_text) + chat_chunk({}, "stop")
+    meter = StreamMeter("chat", "gpt-4o-mini", prompt_estimate=400, client_wants_usage=True)
+    shown = []
+    for event in SSEParser().feed(CHAT_BODY_START + body):
+        meter.observe(event)
+        shown.append(meter.progress_so_far())
+    counted = meter.usage_so_far()
+    assert counted == TokenUsage(400, 500)
+    assert shown[-1] == TokenUsage(400 - 20, 500 - 25)
+    assert [u.completion_tokens for u in shown] == sorted(u.completion_tokens for u in shown)
+    # The provider counted 4 % fewer of each: still at or above anything shown.
+    for event in SSEParser().feed(chat_chunk(None, usage={"prompt_tokens": 384, "completion_tokens": 480})):
+        meter.observe(event)
+    settled = meter.final()
+    assert settled == meter.progress_so_far() == TokenUsage(384, 480)
+    assert all(u.prompt_tokens <= settled.prompt_tokens for u in shown)
+    assert all(u.completion_tokens <= settled.completion_tokens for u in shown)
+    # Small counts keep 16 tokens back; what the upstream reported (Anthropic's prompt, at its start)
+    # is shown as it is.
+    small = StreamMeter("chat", "gpt-4o-mini", prompt_estimate=10, client_wants_usage=True)
+    run(small, CHAT_BODY_START + CHAT_CONTENT)
+    assert small.progress_so_far() == TokenUsage(0, 0)
+
+
 def test_chat_cached_tokens_and_several_choices() -> None:
     two = {
         "id": "c",

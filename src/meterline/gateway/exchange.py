@@ -21,10 +21,11 @@ from meterline.credits import CreditBalance
 from meterline.errors import LimitExceeded
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.routing import Route
+from meterline.gateway.tokens import count_margin
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.reservations import Hold, Reservations, Settled
 from meterline.metering.settle import Account
-from meterline.quotas.engine import RateLimits, Subject
+from meterline.quotas.engine import RateLimits, Reservation, Subject
 from meterline.quotas.limits import UNLIMITED
 from meterline.quotas.plans import Plan
 from meterline.tenancy import Organization, Principal
@@ -56,6 +57,8 @@ class Request:
     # The least output a cut request can still be sent with (all choices): 16 for Responses, more than
     # the thinking budget for Anthropic; below it the request is refused rather than cut.
     min_output: int = 1
+    # False when the request set no output limit (``max_output_tokens`` is then the operator's default).
+    own_output_limit: bool = True
 
 
 @dataclass(slots=True)
@@ -69,8 +72,9 @@ class Ticket:
     request: Request
     hold: Hold
     receipt_id: str | None
-    # The output the request may produce in all, when a block limit on tokens left less than it asked
-    # for: the upstream is told (``wire.with_output_limit``), so the output cannot pass the limit.
+    # The output the request may produce in all, when a block limit on tokens applies and it left less
+    # than the request asked for, or the request asked for no limit (the operator's default is what was
+    # reserved): the upstream is told (``wire.with_output_limit``), so the output cannot pass the limit.
     max_output: int | None = None
 
     @property
@@ -87,10 +91,9 @@ _CLAMPS = 3
 
 
 def prompt_margin(prompt_estimate: int) -> int:
-    """Tokens held beyond a counted prompt: the local count is an estimate of the provider's (another
-    tokenizer, hidden message framing), and a block limit must hold against the real count. 5 %, at
-    least 16 tokens; released at the settle."""
-    return max(prompt_estimate // 20, 16) if prompt_estimate else 0
+    """Tokens held beyond a counted prompt (``tokens.count_margin``): the local count is an estimate of
+    the provider's, and a block limit must hold against the real count. Released at the settle."""
+    return count_margin(prompt_estimate)
 
 
 def _clamped(estimate: UsageRecord, refusal: LimitExceeded, margin: int, request: Request) -> UsageRecord:
@@ -105,6 +108,18 @@ def _clamped(estimate: UsageRecord, refusal: LimitExceeded, margin: int, request
     if left < request.min_output or left >= min(estimate.completion_tokens, request.max_output_tokens):
         raise refusal
     return replace(estimate, completion_tokens=left)
+
+
+def _caps_tokens(reservation: Reservation) -> bool:
+    """A block limit on tokens over a day or a period holds this request: its output must stay within
+    what was reserved."""
+    return any(
+        b.limit.meter == "tokens"
+        and b.limit.policy == "block"
+        and b.window is not None
+        and not b.limit.unlimited
+        for b in reservation.bounds
+    )
 
 
 class Collaborators(Protocol):
@@ -179,9 +194,10 @@ class Exchanges:
         hold: Hold,
         estimate: UsageRecord,
     ) -> Ticket:
-        clamped = (
-            estimate.completion_tokens if estimate.completion_tokens < request.max_output_tokens else None
+        told = estimate.completion_tokens < request.max_output_tokens or (
+            not request.own_output_limit and _caps_tokens(hold.reservation)
         )
+        clamped = estimate.completion_tokens if told else None
         plan = self._services.plan_of(org)
         return Ticket(principal, org, plan, account, request, hold, estimate.receipt_id, clamped)
 

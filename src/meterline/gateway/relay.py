@@ -203,6 +203,7 @@ class Relay:
             receipt=call.receipt,
             audio_seconds=parsed.audio_seconds,
             min_output=parsed.min_output,
+            own_output_limit=parsed.own_output_limit,
         )
         return routes, estimate
 
@@ -294,7 +295,7 @@ class Relay:
                         yield b"".join(out)
                     if time.monotonic() >= next_progress:
                         next_progress = time.monotonic() + interval
-                        if await self._progress(ticket, meter.usage_so_far()):
+                        if await self._progress(ticket, meter.progress_so_far()):
                             ended = "credits_exhausted"
                             yield wire.error_event(
                                 api,

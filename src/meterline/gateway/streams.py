@@ -26,7 +26,7 @@ import orjson
 
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.sse import SSEEvent
-from meterline.gateway.tokens import RunningCount, token_counter
+from meterline.gateway.tokens import RunningCount, count_margin, token_counter
 from meterline.gateway.usage import anthropic_usage, openai_chat_usage, openai_responses_usage, token_count
 from meterline.metering.records import NO_DETAIL
 
@@ -133,6 +133,22 @@ class StreamMeter:
         """Reported counts where the upstream gave them, else the prompt estimate and the local count."""
         prompt = self._prompt_estimate if self._prompt is None else self._prompt
         completion = self._local if self._completion is None else self._completion
+        return TokenUsage(prompt, completion, self._cache_read, self._cache_write, self._detail)
+
+    def progress_so_far(self) -> TokenUsage:
+        """``usage_so_far`` as the live meter shows it: what the upstream reported as it is, a count made
+        here less its margin (``tokens.count_margin``). The settle uses the provider's count, so it only
+        moves the meter up, as long as that count is within the margin of ours (the usage bar once went
+        75.04 -> 75.03 at a settle)."""
+        if self._prompt is not None:
+            prompt = self._prompt
+        else:
+            prompt = max(self._prompt_estimate - count_margin(self._prompt_estimate), 0)
+        if self._completion is not None:
+            completion = self._completion
+        else:
+            completion = max(self._local - count_margin(self._local), 0)
+        prompt = max(prompt, self._cache_read + self._cache_write)
         return TokenUsage(prompt, completion, self._cache_read, self._cache_write, self._detail)
 
     def final(self) -> TokenUsage:

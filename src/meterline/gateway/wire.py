@@ -47,6 +47,7 @@ class Parsed:
     content_type: str | None = None  # set when the body is not JSON (multipart audio)
     audio_seconds: Decimal | None = None
     min_output: int = 1  # the least output the request can be sent with (``tokens.min_output``)
+    own_output_limit: bool = True  # False when ``max_output_tokens`` is the operator's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
         user_id=_user_of(api, body),
         client_wants_usage=wants_usage,
         min_output=tokens.min_output(api, body),
+        own_output_limit=tokens.own_output_limit(api, body) is not None,
     )
 
 
