@@ -674,12 +674,22 @@ def test_a_request_without_its_own_output_limit_is_told_what_was_reserved_under_
     limited.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     limited.responses.create(model="gpt-4o-mini", input="Hi")
     limited.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=7)
+    # Embeddings produce no output and legacy completions default to 16 tokens: forwarded as asked.
+    limited.embeddings.create(model="text-embedding-3-small", input="Hi")
+    limited.completions.create(model="gpt-3.5-turbo-instruct", prompt="Hi")
     gw.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     told = [
         {k: v for k, v in r.json.items() if k in ("max_tokens", "max_completion_tokens", "max_output_tokens")}
         for r in primary.requests()
     ]
-    assert told == [{"max_completion_tokens": 1024}, {"max_output_tokens": 1024}, {"max_tokens": 7}, {}]
+    assert told == [
+        {"max_completion_tokens": 1024},
+        {"max_output_tokens": 1024},
+        {"max_tokens": 7},
+        {},
+        {},
+        {},
+    ]
 
 
 def _leave_a_stream(gw: Gateway, primary: FakeUpstream, after: int = 5) -> None:

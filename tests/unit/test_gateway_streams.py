@@ -466,6 +466,10 @@ def test_anthropic_prompt_is_known_from_message_start() -> None:
     assert meter.final() == TokenUsage(
         3_025, ANTHROPIC_LOCAL, cache_read_tokens=2_000, cache_write_tokens=1_000
     )
+    # The live meter shows the reported prompt as it is, and the local output count less its margin.
+    assert meter.progress_so_far() == TokenUsage(
+        3_025, max(ANTHROPIC_LOCAL - 16, 0), cache_read_tokens=2_000, cache_write_tokens=1_000
+    )
 
 
 def test_anthropic_message_delta_repeating_input_counts_replaces_them() -> None:

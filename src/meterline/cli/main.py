@@ -441,7 +441,7 @@ def verify(
 @app.command()
 def reconcile(
     rebuild: Annotated[
-        bool, typer.Option("--rebuild", help="Rewrite usage_hourly and credit_usage from the ledger first.")
+        bool, typer.Option("--rebuild", help="Rewrite every projection from the ledger first.")
     ] = False,
     url: Annotated[
         str | None, typer.Option("--url", help="Ask a running server instead (with --admin-key).")

@@ -113,11 +113,10 @@ def _clamped(estimate: UsageRecord, refusal: LimitExceeded, margin: int, request
 def _caps_tokens(reservation: Reservation) -> bool:
     """A block limit on tokens over a day or a period holds this request: its output must stay within
     what was reserved."""
+    # The placed line says whether it blocks (only a current window does) and whether it is unlimited
+    # (a maximum past the counters' range is).
     return any(
-        b.limit.meter == "tokens"
-        and b.limit.policy == "block"
-        and b.window is not None
-        and not b.limit.unlimited
+        b.limit.meter == "tokens" and b.window is not None and b.template.block and b.template.maximum >= 0
         for b in reservation.bounds
     )
 

@@ -135,7 +135,7 @@ class Relay:
         parsed = call.parsed
         try:
             forward = parsed.forward_body
-            if ticket.max_output is not None:  # a token limit left less than asked: the upstream is told
+            if ticket.max_output is not None:  # a token limit holds the output: the upstream is told
                 forward = wire.with_output_limit(call.api, forward, ticket.max_output)
             opened = await self.upstreams.open(
                 routes,

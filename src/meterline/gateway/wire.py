@@ -85,14 +85,17 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
         user_id=_user_of(api, body),
         client_wants_usage=wants_usage,
         min_output=tokens.min_output(api, body),
-        own_output_limit=tokens.own_output_limit(api, body) is not None,
+        # Only chat and Responses answers may run past the default when the request names no limit:
+        # Anthropic requires one, legacy completions default to 16 tokens, embeddings produce none.
+        own_output_limit=api not in ("chat", "responses") or tokens.own_output_limit(api, body) is not None,
     )
 
 
 def with_output_limit(api: Api, forward: bytes, total: int) -> bytes:
     """``forward`` telling the upstream to produce at most ``total`` output tokens in all (split over the
     choices it asks for): in the field the request used, else the flavor's own. Only when a block limit
-    on tokens left less than the request asked for (``exchange.Ticket.max_output``)."""
+    on tokens holds the request and left less than it asked for, or it asked for no limit
+    (``exchange.Ticket.max_output``)."""
     body = orjson.loads(forward)
     if api == "chat":
         named = body.get("max_tokens") is not None and body.get("max_completion_tokens") is None

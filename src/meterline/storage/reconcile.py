@@ -287,7 +287,8 @@ def rebuild(db: Database) -> Reconciliation:
     with db.write() as conn:
         if not db.is_sqlite:
             conn.exec_driver_sql(
-                "LOCK TABLE usage_hourly, usage_rollups, usage_details, credit_usage "
+                # In the order a settle writes them: a settle holding one waits for none of the others.
+                "LOCK TABLE credit_usage, usage_rollups, usage_details, usage_hourly "
                 "IN SHARE ROW EXCLUSIVE MODE"
             )
         conn.exec_driver_sql("DELETE FROM usage_hourly")

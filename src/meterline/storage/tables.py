@@ -300,6 +300,8 @@ usage_details = Table(
     Column("model", String(200), nullable=False),
     *(Column(name, BigInteger, nullable=False) for name in DETAIL_MEASURES),
     PrimaryKeyConstraint("organization_id", "workspace_id", "identifier_id", "hour", "model"),
+    # An identifier's own reads by an organization key (any workspace): its entries only.
+    Index("ix_usage_details_identifier_hour", "organization_id", "identifier_id", "hour"),
     sqlite_with_rowid=False,
 )
 

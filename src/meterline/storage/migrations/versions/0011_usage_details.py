@@ -31,6 +31,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(*usage_details.KEY, name="pk_usage_details"),
         sqlite_with_rowid=False,
     )
+    op.create_index(
+        "ix_usage_details_identifier_hour", "usage_details", ["organization_id", "identifier_id", "hour"]
+    )
     # A database with a ledger already: the new projection starts equal to it (as `reconcile --rebuild`).
     usage_details.rebuild(op.get_bind())
 
