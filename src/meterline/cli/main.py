@@ -69,27 +69,40 @@ def _run(settings: Settings, services: Services | None = None) -> None:
 
     from meterline.api.access_log import configure_access_log
     from meterline.api.app import create_app
+    from meterline.storage.counter_claim import claim_in_process_counters
+    from meterline.storage.counter_stores import in_process
 
     try:
-        close_access_log = configure_access_log(settings.access_log)
-    except OSError as exc:
-        fail(f"access_log: cannot open {settings.access_log}: {exc.strerror or exc}")
-    try:
-        application = create_app(settings, services=services)
+        # Before anything is served: a second process with its own counters must not start at all.
+        give_back = (
+            claim_in_process_counters(settings.database_url) if in_process(settings.redis_url) else None
+        )
     except MeterlineError as exc:
-        close_access_log()
         fail(exc.message)
     try:
-        # Uvicorn's own access log stays off: ours (meterline.access) has the metering fields.
-        uvicorn.run(
-            application,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,
-        )
+        try:
+            close_access_log = configure_access_log(settings.access_log)
+        except OSError as exc:
+            fail(f"access_log: cannot open {settings.access_log}: {exc.strerror or exc}")
+        try:
+            application = create_app(settings, services=services)
+        except MeterlineError as exc:
+            close_access_log()
+            fail(exc.message)
+        try:
+            # Uvicorn's own access log stays off: ours (meterline.access) has the metering fields.
+            uvicorn.run(
+                application,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level,
+                access_log=False,
+            )
+        finally:
+            close_access_log()
     finally:
-        close_access_log()
+        if give_back is not None:
+            give_back()
 
 
 @app.command()

@@ -1,0 +1,72 @@
+"""Two `meterline serve` processes with in-process (memory://) counters on one database: each would count
+alone (a free plan's 100 daily calls admitted 200, and nothing warned). The second now refuses to start,
+and says what to do; once the first has gone, however it went, a new one starts."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servers import METERLINE, MeterlineServer, PostgresServer, free_port
+
+ADMIN_KEY = "ml_admin_claim_0123456789abcdef"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'meterline.db'}"
+        drop = None
+    else:
+        pg: PostgresServer = request.getfixturevalue("pg_server")
+        name = f"claim_{uuid.uuid4().hex[:12]}"
+        url = pg.create_database(name)
+        drop = name
+    path = tmp_path / "meterline.toml"
+    path.write_text(
+        f'database_url = "{url}"\nadmin_key = "{ADMIN_KEY}"\n'
+        f'signing_key_file = "{tmp_path / "signing-key.json"}"\n'
+    )
+    yield path
+    if drop is not None:
+        request.getfixturevalue("pg_server").drop_database(drop)
+
+
+def _second_serve(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [METERLINE, "serve", "--config", str(config), "--port", str(free_port())],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "400"},
+    )
+
+
+def test_a_second_process_with_its_own_counters_refuses_to_start(config: Path, tmp_path: Path) -> None:
+    first = MeterlineServer(config, tmp_path, "first")
+    first.start()
+    try:
+        second = _second_serve(config, tmp_path)
+        assert second.returncode == 1, second.stdout + second.stderr
+        message = " ".join(second.stderr.split())
+        assert "already serves" in message
+        assert "with in-process counters" in message
+        assert "limits would not hold across them" in message
+        assert 'redis_url = "redis://host:6379/0"' in message
+        if "sqlite" in config.read_text():
+            assert f"process {first.proc.pid if first.proc else ''}" in message
+        assert "Traceback" not in second.stderr
+        # The first is untouched.
+        assert httpx.get(f"{first.base}/healthz", timeout=5).status_code == 200
+    finally:
+        first.kill()  # SIGKILL: the claim goes with the process, whatever ended it
+    again = MeterlineServer(config, tmp_path, "again")
+    again.start()
+    again.stop()
