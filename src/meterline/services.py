@@ -16,7 +16,7 @@ from meterline.metering import Account, Settler
 from meterline.metering.reservations import Reservations
 from meterline.pricing import CurrencyRates, PriceBook
 from meterline.quotas import Plan, billing_period, build_plans
-from meterline.quotas.counters import CounterStore
+from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.engine import QuotaEngine, Subject
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.receipts import Notary
@@ -25,7 +25,7 @@ from meterline.storage.alert_store import AlertEvaluator, AlertPolicy
 from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import SqlLedgerStore
-from meterline.storage.migrate import upgrade
+from meterline.storage.migrate import is_up_to_date, upgrade
 from meterline.storage.outage import is_outage
 from meterline.storage.quarantine_store import SqlQuarantineStore
 from meterline.storage.quota_source import SqlUsageSource
@@ -118,6 +118,25 @@ class Services:
         keys = self.signing_keys
         keys.ring()  # a lazy key file is read now, so that ``created`` is known
         return self.webhooks.seal_stored_secrets(new_key_file=str(keys.path) if keys.created else None)
+
+    def readiness(self) -> dict[str, str]:
+        """What a load balancer asks before sending this process requests: per check, "ok" or what is
+        wrong (never a URL or a credential)."""
+        checks: dict[str, str] = {}
+        try:
+            current = is_up_to_date(self.db)
+        except Exception:  # whatever the driver raises: the database did not answer
+            checks["database"] = "unreachable"
+            checks["migrations"] = "unknown"
+        else:
+            checks["database"] = "ok"
+            checks["migrations"] = "ok" if current else "behind the code: run `meterline migrate`"
+        try:
+            self.counters.ping(to_micros(self.clock.now()))
+            checks["counters"] = "ok"
+        except CounterStoreUnavailable:
+            checks["counters"] = "unreachable"
+        return checks
 
     def close(self) -> None:
         self.counters.close()

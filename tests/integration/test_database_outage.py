@@ -135,7 +135,11 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
             try:
                 time.sleep(BEFORE_S)
                 own_postgres.pause()
-                time.sleep(DOWN_S)
+                time.sleep(DOWN_S / 2)
+                # A load balancer's two questions: the process is up, but it cannot serve.
+                down_health = httpx.get(f"{base}/healthz", timeout=30)
+                down_ready = httpx.get(f"{base}/readyz", timeout=30)
+                time.sleep(DOWN_S / 2)
                 own_postgres.resume()
                 time.sleep(AFTER_S)
             finally:
@@ -144,6 +148,13 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
                     thread.join(timeout=60)
 
             assert load.failures == []
+            assert down_health.status_code == 200
+            assert down_ready.status_code == 503, down_ready.text
+            assert down_ready.json()["checks"]["database"] == "unreachable"
+            assert httpx.get(f"{base}/readyz", timeout=30).json() == {
+                "status": "ready",
+                "checks": {"database": "ok", "migrations": "ok", "counters": "ok"},
+            }
             assert load.statuses[("events", 503)] > 0, load.statuses  # the outage was seen
             assert load.statuses[("events", 200)] > 0, load.statuses
             # Back by itself: every kind of request succeeds again.

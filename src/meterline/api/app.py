@@ -192,9 +192,18 @@ def create_app(
 
     @app.get("/healthz", tags=["meta"])
     def health() -> JSON:
-        with services.db.read() as conn:
-            conn.exec_driver_sql("SELECT 1")
+        """Liveness: the process answers (a load balancer's ``/readyz`` says whether it can serve)."""
         return JSON({"status": "ok", "version": __version__})
+
+    @app.get("/readyz", tags=["meta"])
+    def ready() -> JSON:
+        """Readiness: the database answers and its schema is current, and the counter store answers.
+        503 naming what is not, so a load balancer sends requests elsewhere meanwhile."""
+        checks = services.readiness()
+        ok = all(v == "ok" for v in checks.values())
+        return JSON(
+            {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
+        )
 
     # The gateway's routes first: a request is matched against the routes in order, and these are the
     # hot ones (up to ~50 regex matches per gateway request otherwise). The relay endpoints themselves

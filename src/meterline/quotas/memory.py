@@ -224,6 +224,9 @@ class MemoryCounterStore:
                 del buckets[old]
             return sum(buckets.values())
 
+    def ping(self, now_us: int) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

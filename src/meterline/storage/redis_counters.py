@@ -193,6 +193,9 @@ class RedisCounterStore:
         answer = self._call(now_us, {"l": [[line.key, _KIND_CODE[line.kind]] for line in lines]})
         return [_level(raw) if raw else None for raw in answer["l"]]
 
+    def ping(self, now_us: int) -> None:
+        self._call(now_us, {})  # a script call like any other: it also carries the buffered finishes
+
     def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
         answer = self._call(now_us, {"x": max(limit, 0)})
         return [_hold(stored) for stored in answer["x"]]

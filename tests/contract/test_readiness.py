@@ -1,0 +1,50 @@
+"""`/healthz` (the process answers) and `/readyz` (it can serve: database reachable and current, counter
+store reachable), as a load balancer asks them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from conftest import ADMIN_KEY
+from meterline.api.app import create_app
+from meterline.config import load_settings
+from meterline.services import Services
+from servers import free_port
+
+
+def test_a_current_database_and_counters_are_ready(client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "migrations": "ok", "counters": "ok"},
+    }
+
+
+def test_a_database_behind_the_code_is_not_ready(client: TestClient, services: Services) -> None:
+    with services.db.write() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0010_usage_vector'"))
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["migrations"] == "behind the code: run `meterline migrate`"
+    assert client.get("/healthz").status_code == 200  # alive all the same
+
+
+def test_an_unreachable_counter_store_is_not_ready_and_its_address_is_not_told(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'meterline.db'}",
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "signing-key.json"),
+        redis_url=f"redis://:s3cret-pass@127.0.0.1:{port}/0",
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"] == {"database": "ok", "migrations": "ok", "counters": "unreachable"}
+    assert str(port) not in ready.text
+    assert "s3cret" not in ready.text
