@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,10 +507,10 @@ METERLINE = str(Path(sys.executable).with_name("meterline"))
 
 
 class MeterlineServer:
-    """One `meterline serve --config FILE --port N` process."""
+    """One `meterline serve --config FILE --port N [ARGS]` process."""
 
-    def __init__(self, config: Path, cwd: Path, name: str) -> None:
-        self.config, self.cwd, self.name = config, cwd, name
+    def __init__(self, config: Path, cwd: Path, name: str, args: Sequence[str] = ()) -> None:
+        self.config, self.cwd, self.name, self.args = config, cwd, name, tuple(args)
         self.log_path = cwd / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = ""
@@ -519,7 +520,7 @@ class MeterlineServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [METERLINE, "serve", "--config", str(self.config), "--port", str(port)],
+                [METERLINE, "serve", "--config", str(self.config), "--port", str(port), *self.args],
                 env=env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///meterline.db"
     redis_url: str | None = None
+    # `meterline serve`: processes behind one port ("auto": one per CPU). Quota counters: with
+    # `redis_url`, in Redis; else "auto" keeps them in-process for one process and in the database (exact
+    # across processes) for several; "memory" and "database" choose.
+    workers: int | Literal["auto"] = Field(default=1)
+    counters: Literal["auto", "memory", "database"] = "auto"
     admin_key: SecretStr | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -227,6 +232,27 @@ class Settings(BaseSettings):
                 raise ValueError(f"currency_rates.{code} must be greater than 0")
             rates[str(code)] = rate
         return rates
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if value != "auto" and not 1 <= int(value) <= 64:
+            raise ValueError('workers must be 1 to 64, or "auto" (one per CPU)')
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """How many serving processes ``workers`` asks for."""
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+
+    @property
+    def counter_store(self) -> str:
+        """Where quota counters live: "redis", "database" or "memory" (see ``counters``)."""
+        if self.redis_url is not None and not self.redis_url.lower().startswith("memory:"):
+            return "redis"
+        if self.counters != "auto":
+            return self.counters
+        return "database" if self.worker_count > 1 else "memory"
 
     @field_validator("admin_key")
     @classmethod

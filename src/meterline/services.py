@@ -31,6 +31,7 @@ from meterline.storage.quarantine_store import SqlQuarantineStore
 from meterline.storage.quota_source import SqlUsageSource
 from meterline.storage.receipt_store import SqlReceiptStore
 from meterline.storage.reservation_store import SqlReservationStore
+from meterline.storage.sql_counters import SqlCounterStore
 from meterline.storage.tenancy_store import SqlTenancyStore
 from meterline.storage.usage_reader import SqlUsageReader
 from meterline.storage.webhook_store import SealResult, SqlWebhookStore
@@ -158,7 +159,12 @@ def build_services(
     # Read (or created) here, before any request, so that every process of a deployment settles on one
     # key set at start-up and a bad key file stops the process instead of failing settles.
     signing_keys = KeyFile(settings.signing_key_file, lazy=lazy_keys)
-    counters = open_counter_store(settings.redis_url)
+    where = settings.counter_store
+    counters: CounterStore = (
+        SqlCounterStore(db)
+        if where == "database"
+        else open_counter_store(settings.redis_url if where == "redis" else None)
+    )
     alerts = AlertEvaluator(
         db,
         clock,

@@ -20,4 +20,4 @@ def test_migrations_match_the_tables(database_url: str) -> None:
             assert compare_metadata(context, metadata) == []
     finally:
         db.dispose()
-    assert head_revision() == "0011_usage_details"
+    assert head_revision() == "0012_quota_counters"

@@ -44,7 +44,13 @@ REQUESTS = 240
 THREADS = 64
 CALLS_LIMIT = 60
 TOKENS_LIMIT = 1500
-DEPLOYMENTS = ["sqlite-memory", "postgres-memory", "postgres-redis-2proc"]
+DEPLOYMENTS = [
+    "sqlite-memory",
+    "postgres-memory",
+    "postgres-redis-2proc",
+    "sqlite-2workers",
+    "postgres-4workers",
+]
 
 
 # -- real server processes ----------------------------------------------------------------------------
@@ -87,8 +93,11 @@ def deploy(
             "admin_key": ADMIN_KEY,
             "signing_key_file": str(tmp_path / "signing-key.json"),
         }
-        processes = 1
-        if kind == "sqlite-memory":
+        processes, args = 1, ()
+        if kind.endswith("workers"):
+            # One `meterline serve --workers N`: N processes behind one port, counters in the database.
+            args = ("--workers", kind.split("-")[1].removesuffix("workers"))
+        if kind.startswith("sqlite"):
             settings["database_url"] = f"sqlite:///{tmp_path / 'meterline.db'}"
         else:
             pg = request.getfixturevalue("pg_server")
@@ -101,7 +110,7 @@ def deploy(
         config = write_config(tmp_path / "meterline.toml", settings, {"race": {**OPEN, **limits}})
         # One after the other: the first migrates the database and writes the signing key.
         for index in range(processes):
-            servers.append(Server(config, tmp_path, f"server-{index}"))
+            servers.append(Server(config, tmp_path, f"server-{index}", args))
             servers[-1].start()
         return Deployment(kind, [s.base for s in servers], servers)
 
@@ -313,6 +322,8 @@ def test_a_daily_calls_limit_admits_exactly_its_maximum_under_concurrency(
         # The limit stays shut on every process.
         again = httpx.post(f"{base}/v1/reservations", json={"prompt_tokens": 1}, headers=headers, timeout=30)
         assert_envelope(again, 429, "quota_exceeded")
+    reconciled = httpx.get(f"{deployment.bases[0]}/v1/admin/reconcile", headers=ADMIN, timeout=60).json()
+    assert reconciled["ok"], reconciled
     check_no_server_errors(deployment)
 
 

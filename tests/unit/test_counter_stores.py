@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from meterline.errors import ConfigError
 from meterline.quotas.counters import (
@@ -35,7 +36,9 @@ from meterline.quotas.counters import (
 )
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.storage.counter_stores import open_counter_store
+from meterline.storage.database import Database
 from meterline.storage.redis_counters import RedisCounterStore
+from meterline.storage.sql_counters import SqlCounterStore
 from servers import RedisServer, free_port
 
 NOW_S = int(datetime(2026, 3, 14, 10, 30, tzinfo=UTC).timestamp())
@@ -83,21 +86,46 @@ def redis_url(redis_url_clean: str) -> str:
     return redis_url_clean  # the session's redis-server (conftest), emptied
 
 
-@pytest.fixture(params=["memory", "redis"])
+def _database(request: pytest.FixtureRequest, kind: str) -> str:
+    """An empty migrated database of ``kind`` for this test (the session's templates)."""
+    if kind == "sqlite":
+        path = request.getfixturevalue("tmp_path") / "counters.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("pg_url")
+    db = Database(url)
+    with db.engine.begin() as conn:
+        conn.execute(text("TRUNCATE quota_counters, quota_seconds, quota_holds, quota_tallies"))
+    db.dispose()
+    return url
+
+
+@pytest.fixture(params=["memory", "redis", "sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], CounterStore]]:
-    """Stores of one kind. Two Redis stores are two processes sharing one Redis; memory has only one."""
+    """Stores of one kind. Two Redis stores are two processes sharing one Redis, two database stores
+    two processes sharing one database (each its own engine); memory has only one."""
     made: list[CounterStore] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    databases: list[Database] = []
+    kind = request.param
+    url = request.getfixturevalue("redis_url") if kind == "redis" else None
+    db_url = _database(request, kind) if kind in ("sqlite", "postgresql") else None
     memory = MemoryCounterStore()
 
     def make() -> CounterStore:
-        store: CounterStore = memory if url is None else RedisCounterStore(url, prefix=PREFIX)
+        store: CounterStore
+        if db_url is not None:
+            databases.append(Database(db_url))
+            store = SqlCounterStore(databases[-1])
+        else:
+            store = memory if url is None else RedisCounterStore(url, prefix=PREFIX)
         made.append(store)
         return store
 
     yield make
     for store in made:
         store.close()
+    for db in databases:
+        db.dispose()
 
 
 @pytest.fixture
@@ -108,8 +136,15 @@ def store(make_store: Callable[[], CounterStore]) -> CounterStore:
 def fixed_parts(store: CounterStore, key: str) -> tuple[int, int]:
     """(used, reserved) of a fixed counter, read from the store's own representation."""
     if isinstance(store, MemoryCounterStore):
-        counter = store._fixed[key]
+        counter = store.book.fixed[key]
         return counter.used, counter.reserved
+    if isinstance(store, SqlCounterStore):
+        with store._db.read() as conn:
+            row = conn.execute(
+                text("SELECT used, reserved FROM quota_counters WHERE kind = 'f' AND key = :key"),
+                {"key": key},
+            ).one()
+        return int(row[0]), int(row[1])
     assert isinstance(store, RedisCounterStore)
     client = redis.Redis.from_url(store._url)
     used, reserved = client.hmget(f"{PREFIX}f:{key}", ["u", "v"])
@@ -635,6 +670,19 @@ def test_redis_answers_exactly_as_memory_on_random_traffic(redis_url: str, seed:
         assert _play(shared, random.Random(seed), 400) == _play(memory, random.Random(seed), 400)
     finally:
         shared.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_the_database_answers_exactly_as_memory_on_random_traffic(
+    request: pytest.FixtureRequest, kind: str, seed: int
+) -> None:
+    memory = MemoryCounterStore()
+    db = Database(_database(request, kind))
+    try:
+        assert _play(SqlCounterStore(db), random.Random(seed), 400) == _play(memory, random.Random(seed), 400)
+    finally:
+        db.dispose()
 
 
 # -- choosing a store by URL ----------------------------------------------------------------------

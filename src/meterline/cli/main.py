@@ -7,11 +7,12 @@ configuration names, so the CLI and the API can never disagree about a rule.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -58,51 +59,112 @@ def serve(
     database_url: DatabaseOption = None,
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8080).")] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(help='Processes behind the port (default 1; "auto": one per CPU). Config: workers.'),
+    ] = None,
 ) -> None:
     """Run the HTTP server (migrates the database first)."""
-    settings = settings_from(config, database_url, host=host, port=port)
-    _run(settings)
+    count: int | str | None = workers
+    if workers is not None and workers != "auto":
+        count = int(workers) if workers.isdigit() else workers
+    settings = settings_from(config, database_url, host=host, port=port, workers=count)
+    _run(
+        settings,
+        worker_args={"config": None if config is None else str(config), "database_url": database_url},
+    )
 
 
-def _run(settings: Settings, services: Services | None = None) -> None:
+def _run(
+    settings: Settings, services: Services | None = None, *, worker_args: dict[str, Any] | None = None
+) -> None:
+    """Serve ``settings`` in this process, or in ``settings.workers`` processes behind one port: then
+    this one migrates the database and reads the signing key once, holds the counters' claim, and
+    uvicorn's supervisor starts (and restarts) the workers and stops them gracefully."""
     import uvicorn
 
     from meterline.api.access_log import configure_access_log
     from meterline.api.app import create_app
-    from meterline.storage.counter_claim import claim_in_process_counters
-    from meterline.storage.counter_stores import in_process
+    from meterline.api.worker import WORKER_ARGS
+    from meterline.storage.counter_claim import claim_counters
 
-    try:
-        # Before anything is served: a second process with its own counters must not start at all.
-        give_back = (
-            claim_in_process_counters(settings.database_url) if in_process(settings.redis_url) else None
+    count = settings.worker_count
+    if count > 1 and settings.counter_store == "memory":
+        fail(
+            f'counters = "memory" keeps quota counters in one process: with {count} workers each would count '
+            'alone. Leave counters at "auto" (the database then holds them) or set redis_url'
         )
+    if count > 1 and (services is not None or worker_args is None):
+        fail("workers: this command serves one process")
+    try:
+        # Before anything is served: a process whose counters would not see the others' must not start.
+        give_back = claim_counters(settings.database_url, in_process=settings.counter_store == "memory")
     except MeterlineError as exc:
         fail(exc.message)
     try:
-        try:
-            close_access_log = configure_access_log(settings.access_log)
-        except OSError as exc:
-            fail(f"access_log: cannot open {settings.access_log}: {exc.strerror or exc}")
-        try:
-            application = create_app(settings, services=services)
-        except MeterlineError as exc:
-            close_access_log()
-            fail(exc.message)
-        try:
-            # Uvicorn's own access log stays off: ours (meterline.access) has the metering fields.
+        if count == 1:
+            _serve_one(settings, services, create_app, configure_access_log, uvicorn)
+        else:
+            assert worker_args is not None
+            _prepare_workers(settings)
+            # Each worker reads the same settings the way this process did (file, environment, options).
+            os.environ[WORKER_ARGS] = json.dumps(
+                worker_args | {"host": settings.host, "port": settings.port, "workers": count}
+            )
             uvicorn.run(
-                application,
+                "meterline.api.worker:application",
+                factory=True,
+                workers=count,
                 host=settings.host,
                 port=settings.port,
                 log_level=settings.log_level,
                 access_log=False,
             )
-        finally:
-            close_access_log()
     finally:
-        if give_back is not None:
-            give_back()
+        give_back()
+
+
+def _serve_one(
+    settings: Settings, services: Services | None, create_app: Any, configure_access_log: Any, uvicorn: Any
+) -> None:
+    try:
+        close_access_log = configure_access_log(settings.access_log)
+    except OSError as exc:
+        fail(f"access_log: cannot open {settings.access_log}: {exc.strerror or exc}")
+    try:
+        application = create_app(settings, services=services)
+    except MeterlineError as exc:
+        close_access_log()
+        fail(exc.message)
+    try:
+        # Uvicorn's own access log stays off: ours (meterline.access) has the metering fields.
+        uvicorn.run(
+            application,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+    finally:
+        close_access_log()
+
+
+def _prepare_workers(settings: Settings) -> None:
+    """What must happen once before N workers start: the migration, and the signing key file (created
+    here if missing, so the workers never race to create it)."""
+    from meterline.key_file import KeyFile
+    from meterline.storage.database import Database
+    from meterline.storage.migrate import upgrade
+
+    try:
+        db = Database(settings.database_url)
+        try:
+            upgrade(db)
+        finally:
+            db.dispose()
+        KeyFile(settings.signing_key_file, lazy=False)
+    except MeterlineError as exc:
+        fail(exc.message)
 
 
 @app.command()

@@ -24,14 +24,14 @@ _SWEEP_EVERY = 10_000
 
 
 @dataclass(slots=True)
-class _Fixed:
+class Fixed:
     used: int
     reserved: int
     reset_s: int
 
 
 @dataclass(slots=True)
-class _Rolling:
+class Rolling:
     buckets: deque[list[int]] = field(default_factory=deque)  # [second, amount], oldest first
     total: int = 0
     horizon: int = 0  # seconds at or before this have left the window
@@ -75,12 +75,12 @@ class _Rolling:
 
 
 @dataclass(slots=True)
-class _Held:
+class Held:
     hold: Hold
     second: int  # when it was reserved: the rolling bucket its estimate sits in
     # Per line, the counter its estimate sits on: settling moves these without looking them up again.
     # (A fixed counter is swept only once nothing is reserved on it; one swept since is moved in vain.)
-    counters: list[_Fixed | _Rolling]
+    counters: list[Fixed | Rolling]
 
 
 def refuses(consumed: int, amount: int, maximum: int) -> bool:
@@ -89,32 +89,26 @@ def refuses(consumed: int, amount: int, maximum: int) -> bool:
     return maximum >= 0 and amount > 0 and consumed + amount > maximum
 
 
-class MemoryCounterStore:
-    in_process = True
+class CounterBook:
+    """The counters and holds themselves, and what every operation does to them: the one statement of
+    the stores' semantics. Not thread-safe: ``MemoryCounterStore`` keeps one behind a lock, and the SQL
+    store loads the part a transaction touches into one (``storage/sql_counters.py``)."""
+
+    __slots__ = ("fixed", "holds", "rolling")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fixed: dict[str, _Fixed] = {}
-        self._rolling: dict[str, _Rolling] = {}
-        self._holds: dict[str, _Held] = {}
-        self._tallies: dict[str, dict[int, int]] = {}  # key -> minute -> events
-        self._ops = 0
+        self.fixed: dict[str, Fixed] = {}
+        self.rolling: dict[str, Rolling] = {}
+        self.holds: dict[str, Held] = {}
 
-    # -- decisions ----------------------------------------------------------------------------
-    def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
-        now_s = now_us // 1_000_000
-        with self._lock:
-            self._tick(now_s)
-            return [self._reserve_one(hold, now_s) for hold in holds]
-
-    def _reserve_one(self, hold: Hold, now_s: int) -> Verdict:
-        if hold.id in self._holds:
+    def reserve_one(self, hold: Hold, now_s: int) -> Verdict:
+        if hold.id in self.holds:
             raise ValueError(f"reservation {hold.id} exists already")
         lines = hold.lines
-        fixed, rolling = self._fixed, self._rolling
+        fixed, rolling = self.fixed, self.rolling
         # The hot path of every request: one look-up per line, consumption read once; every line is
         # checked before any is moved (all or nothing).
-        counters: list[_Fixed | _Rolling] = []
+        counters: list[Fixed | Rolling] = []
         consumed: list[int] = []
         refused = -1
         overage = False
@@ -150,33 +144,22 @@ class MemoryCounterStore:
         levels: list[Level] = []
         for line, counter, value in zip(lines, counters, consumed, strict=True):
             amount = line.amount
-            if isinstance(counter, _Fixed):
+            if isinstance(counter, Fixed):
                 counter.reserved += amount
                 level = (value + amount, counter.reset_s)
             else:
                 counter.add(now_s, amount)
                 level = (value + amount, counter.reset_s(now_s))
             levels.append(tuple.__new__(Level, level))  # as engine.py builds its lines: half the time
-        self._holds[hold.id] = _Held(hold, now_s, counters)
+        self.holds[hold.id] = Held(hold, now_s, counters)
         return Verdict(True, None, 0, overage, (), tuple(levels))
 
     def _missing(self, lines: Sequence[Line]) -> Verdict:
-        return Verdict(
-            admitted=False, missing=tuple(i for i, line in enumerate(lines) if not self._has(line))
-        )
+        return Verdict(admitted=False, missing=tuple(i for i, line in enumerate(lines) if not self.has(line)))
 
-    def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
-        with self._lock:
-            for settlement in settlements:
-                self._finish(settlement.hold_id, settlement.actual)
-
-    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
-        with self._lock:
-            for hold_id in hold_ids:
-                self._finish(hold_id, None)
-
-    def _finish(self, hold_id: str, actual: Sequence[int] | None) -> None:
-        held = self._holds.pop(hold_id, None)
+    def finish(self, hold_id: str, actual: Sequence[int] | None) -> None:
+        """Settle (``actual`` per line) or release (None) a hold; an unknown hold is skipped."""
+        held = self.holds.pop(hold_id, None)
         if held is None:
             return
         lines = held.hold.lines
@@ -185,35 +168,97 @@ class MemoryCounterStore:
         elif len(actual) != len(lines):
             raise ValueError("a settlement has one actual amount per line of its reservation")
         for line, counter, spent in zip(lines, held.counters, actual, strict=True):
-            if isinstance(counter, _Fixed):
+            if isinstance(counter, Fixed):
                 counter.reserved -= line.amount
                 counter.used += spent
             else:
                 counter.add(held.second, spent - line.amount)
+
+    def seed(self, seed: Seed, now_s: int) -> None:
+        if seed.kind == "fixed":
+            self.fixed.setdefault(seed.key, Fixed(seed.used, 0, seed.reset_s))
+        elif seed.key not in self.rolling:
+            rolling = Rolling()
+            for second, amount in sorted(seed.buckets):
+                if second > now_s - ROLLING_SECONDS:
+                    rolling.add(second, amount)
+            self.rolling[seed.key] = rolling
+
+    def has(self, line: Line) -> bool:
+        return line.key in (self.fixed if line.kind == "fixed" else self.rolling)
+
+    def level(self, line: Line, now_s: int) -> Level:
+        if line.kind == "fixed":
+            counter = self.fixed[line.key]
+            return Level(counter.used + counter.reserved, counter.reset_s)
+        rolling = self.rolling[line.key]
+        rolling.prune(now_s)
+        return Level(rolling.total, rolling.reset_s(now_s))
+
+    def _levels(self, lines: Sequence[Line], now_s: int) -> tuple[Level, ...]:
+        return tuple(self.level(line, now_s) for line in lines)
+
+    def _retry_after(self, line: Line, now_s: int) -> int:
+        if line.kind == "fixed":
+            return max(self.fixed[line.key].reset_s - now_s, 1)
+        return self.rolling[line.key].retry_after(now_s, line.amount, line.maximum)
+
+    def expired(self, now_us: int, limit: int) -> list[Hold]:
+        due = [held.hold for held in self.holds.values() if held.hold.expires_us < now_us]
+        return sorted(due, key=lambda hold: hold.expires_us)[:limit]
+
+    def sweep(self, now_s: int) -> None:
+        """Forget fixed windows a day past their end with nothing reserved on them."""
+        stale = [k for k, c in self.fixed.items() if c.reset_s + _FORGET_AFTER_S < now_s and not c.reserved]
+        for key in stale:
+            del self.fixed[key]
+
+
+class MemoryCounterStore:
+    in_process = True
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.book = CounterBook()
+        self._tallies: dict[str, dict[int, int]] = {}  # key -> minute -> events
+        self._ops = 0
+
+    # -- decisions ----------------------------------------------------------------------------
+    def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        now_s = now_us // 1_000_000
+        with self._lock:
+            self._ops += 1
+            if not self._ops % _SWEEP_EVERY:
+                self.book.sweep(now_s)
+            reserve_one = self.book.reserve_one
+            return [reserve_one(hold, now_s) for hold in holds]
+
+    def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
+        with self._lock:
+            for settlement in settlements:
+                self.book.finish(settlement.hold_id, settlement.actual)
+
+    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
+        with self._lock:
+            for hold_id in hold_ids:
+                self.book.finish(hold_id, None)
 
     # -- loading and reading ------------------------------------------------------------------
     def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
         now_s = now_us // 1_000_000
         with self._lock:
             for seed in seeds:
-                if seed.kind == "fixed":
-                    self._fixed.setdefault(seed.key, _Fixed(seed.used, 0, seed.reset_s))
-                elif seed.key not in self._rolling:
-                    rolling = _Rolling()
-                    for second, amount in sorted(seed.buckets):
-                        if second > now_s - ROLLING_SECONDS:
-                            rolling.add(second, amount)
-                    self._rolling[seed.key] = rolling
+                self.book.seed(seed, now_s)
 
     def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
         now_s = now_us // 1_000_000
+        book = self.book
         with self._lock:
-            return [self._level(line, now_s) if self._has(line) else None for line in lines]
+            return [book.level(line, now_s) if book.has(line) else None for line in lines]
 
     def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
         with self._lock:
-            due = [held.hold for held in self._holds.values() if held.hold.expires_us < now_us]
-        return sorted(due, key=lambda hold: hold.expires_us)[:limit]
+            return self.book.expired(now_us, limit)
 
     def tally(self, key: str, now_us: int) -> int:
         minute = now_us // 60_000_000
@@ -229,37 +274,3 @@ class MemoryCounterStore:
 
     def close(self) -> None:
         return None
-
-    # -- internals ----------------------------------------------------------------------------
-    def _has(self, line: Line) -> bool:
-        return line.key in (self._fixed if line.kind == "fixed" else self._rolling)
-
-    def _consumed(self, line: Line, now_s: int) -> int:
-        if line.kind == "fixed":
-            counter = self._fixed[line.key]
-            return counter.used + counter.reserved
-        rolling = self._rolling[line.key]
-        rolling.prune(now_s)
-        return rolling.total
-
-    def _level(self, line: Line, now_s: int) -> Level:
-        consumed = self._consumed(line, now_s)
-        if line.kind == "fixed":
-            return Level(consumed, self._fixed[line.key].reset_s)
-        return Level(consumed, self._rolling[line.key].reset_s(now_s))
-
-    def _levels(self, lines: Sequence[Line], now_s: int) -> tuple[Level, ...]:
-        return tuple(self._level(line, now_s) for line in lines)
-
-    def _retry_after(self, line: Line, now_s: int) -> int:
-        if line.kind == "fixed":
-            return max(self._fixed[line.key].reset_s - now_s, 1)
-        return self._rolling[line.key].retry_after(now_s, line.amount, line.maximum)
-
-    def _tick(self, now_s: int) -> None:
-        self._ops += 1
-        if self._ops % _SWEEP_EVERY:
-            return
-        stale = [k for k, c in self._fixed.items() if c.reset_s + _FORGET_AFTER_S < now_s and not c.reserved]
-        for key in stale:
-            del self._fixed[key]

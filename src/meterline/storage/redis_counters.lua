@@ -113,7 +113,7 @@ local function load(line)  -- state, redis key; state is false when the store do
   return state, key
 end
 
--- _Rolling.prune. Only a rising horizon can drop buckets, and only once it reaches the oldest one, so
+-- memory.py Rolling.prune. Only a rising horizon can drop buckets, and only once it reaches the oldest one, so
 -- the scan of the whole hash runs about once a second per key.
 local function prune(state, key)
   local horizon = now_s - ROLLING
@@ -144,7 +144,7 @@ local function prune(state, key)
   end
 end
 
--- _Rolling.add; true when it wrote
+-- memory.py Rolling.add; true when it wrote
 local function rolling_add(state, key, second, amount)
   if cmp(amount, ZERO) == 0 or second <= state.h then return false end
   local delta = text(amount)
@@ -158,7 +158,7 @@ local function rolling_add(state, key, second, amount)
   return true
 end
 
--- _Rolling.retry_after (the key is pruned)
+-- memory.py Rolling.retry_after (the key is pruned)
 local function rolling_retry_after(state, key, amount, maximum)
   if cmp(amount, maximum) > 0 then return ROLLING end
   local wanted = add(state.t, amount)

@@ -305,6 +305,48 @@ usage_details = Table(
     sqlite_with_rowid=False,
 )
 
+# -- Quota counters kept in the database (storage/sql_counters.py) ---------------------------------------
+# Used when several processes share a database without Redis (``serve --workers N``). A fixed window's
+# used and reserved amounts; for a rolling minute (kind 'r') a marker row whose reset_s is its horizon.
+quota_counters = Table(
+    "quota_counters",
+    metadata,
+    Column("key", String(1024), nullable=False),
+    Column("kind", String(1), nullable=False),
+    Column("used", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("reset_s", BigInteger, nullable=False),
+    PrimaryKeyConstraint("key", "kind"),
+)
+# A rolling minute's one-second buckets (those at or behind the horizon no longer count).
+quota_seconds = Table(
+    "quota_seconds",
+    metadata,
+    Column("key", String(1024), nullable=False),
+    Column("second", BigInteger, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    PrimaryKeyConstraint("key", "second"),
+)
+# Open reservations on those counters, with their lines (JSON): what a settle or release moves, and what
+# the reaper finds when their lease has passed.
+quota_holds = Table(
+    "quota_holds",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("expires_us", BigInteger, nullable=False, index=True),
+    Column("second", BigInteger, nullable=False),
+    Column("lines", Text, nullable=False),
+)
+# Events (quota refusals) per key and minute, for "rate limits exceeded frequently".
+quota_tallies = Table(
+    "quota_tallies",
+    metadata,
+    Column("key", String(1024), nullable=False),
+    Column("minute", BigInteger, nullable=False),
+    Column("events", BigInteger, nullable=False),
+    PrimaryKeyConstraint("key", "minute"),
+)
+
 # -- Identifier tokens (seed 000) ----------------------------------------------------------------------
 # A token family is the chain of refresh tokens grown from one POST /v1/token; revoking it (on refresh
 # token reuse) ends every refresh and access token of the chain. Access tokens are not stored: they are

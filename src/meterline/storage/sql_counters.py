@@ -1,0 +1,335 @@
+"""Quota counters in the database itself: exact across every process that shares the database.
+
+Each call is one write transaction. It loads the counters and holds it touches into a ``CounterBook``
+(``quotas/memory.py``: the one statement of what reserving, settling and seeding do), applies the call
+there, and writes back what changed. Two processes can never decide on the same counter at once:
+
+* SQLite: the transaction starts with ``BEGIN IMMEDIATE``, so the database's write lock serializes
+  decisions across processes (and the process's own write lock across its threads);
+* PostgreSQL: the counter rows are locked ``FOR UPDATE`` in key order (a rolling window's buckets are
+  only written under its marker row's lock), so concurrent decisions on a counter queue, and on
+  different counters run side by side.
+
+Tables (``tables.py``): ``quota_counters`` (a fixed window's ``used``/``reserved``; for a rolling minute a
+marker row whose ``reset_s`` is its horizon), ``quota_seconds`` (a rolling minute's one-second buckets),
+``quota_holds`` (each open reservation, its lines as JSON: durable, so a process that dies leaves its
+holds for the reaper, which ``expired`` lists), ``quota_tallies`` (refusals per minute).
+
+This is what ``meterline serve --workers N`` uses when no Redis is configured: every worker decides on
+the same counters. One process alone keeps the faster in-process store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+
+from meterline.quotas.counters import (
+    TALLY_MINUTES,
+    Hold,
+    Level,
+    Line,
+    Seed,
+    Settlement,
+    Verdict,
+    WindowKind,
+)
+from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
+from meterline.storage.database import Database
+
+_FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
+_SWEEP_EVERY = 1_000  # reserves between sweeps of what no longer counts
+_KIND_CODE: dict[str, str] = {"fixed": "f", "rolling": "r"}
+_KIND: dict[str, WindowKind] = {"f": "fixed", "r": "rolling"}
+
+
+def _encode_lines(lines: Sequence[Line]) -> str:
+    return orjson.dumps(
+        [[ln.key, _KIND_CODE[ln.kind], ln.amount, ln.maximum, ln.block, ln.reset_s] for ln in lines]
+    ).decode()
+
+
+def _decode_lines(text: str) -> tuple[Line, ...]:
+    return tuple(
+        Line(str(k), int(a), int(m), bool(b), _KIND[str(c)], int(r))
+        for k, c, a, m, b, r in orjson.loads(text)
+    )
+
+
+class _State:
+    """What one transaction loaded, kept to write back only what changed."""
+
+    def __init__(self) -> None:
+        self.book = CounterBook()
+        self.fixed: dict[str, tuple[int, int]] = {}  # key -> (used, reserved) as loaded
+        self.rolling: dict[str, tuple[int, dict[int, int]]] = {}  # key -> (horizon, {second: amount})
+        self.holds: set[str] = set()
+
+
+class SqlCounterStore:
+    in_process = False
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._p = "?" if db.is_sqlite else "%s"
+        self._lock_rows = "" if db.is_sqlite else " FOR UPDATE"
+        self._ops = 0
+        self._ops_lock = threading.Lock()
+
+    # -- the protocol ---------------------------------------------------------------------------
+    def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        if not holds:
+            return []
+        now_s = now_us // 1_000_000
+        with self._ops_lock:
+            self._ops += 1
+            sweep = not self._ops % _SWEEP_EVERY
+        verdicts: list[Verdict] = []
+        failure: ValueError | None = None
+        with self._db.write() as conn:
+            if sweep:
+                self._sweep(conn, now_s)
+            state = self._load(conn, [line for hold in holds for line in hold.lines], [h.id for h in holds])
+            try:
+                for hold in holds:
+                    verdicts.append(state.book.reserve_one(hold, now_s))
+            except ValueError as exc:  # as the in-process store: the holds before it stand
+                failure = exc
+            self._write_back(conn, state)
+        if failure is not None:
+            raise failure
+        return verdicts
+
+    def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
+        self._finish([(s.hold_id, s.actual) for s in settlements])
+
+    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
+        self._finish([(hold_id, None) for hold_id in hold_ids])
+
+    def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
+        if not seeds:
+            return
+        now_s = now_us // 1_000_000
+        lines = [Line(s.key, 0, -1, False, s.kind, s.reset_s) for s in seeds]
+        with self._db.write() as conn:
+            state = self._load(conn, lines, [])
+            for seed in seeds:
+                state.book.seed(seed, now_s)
+            self._write_back(conn, state)
+
+    def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
+        if not lines:
+            return []
+        now_s = now_us // 1_000_000
+        # A write transaction: reading a rolling minute moves its horizon (the buckets that left it).
+        with self._db.write() as conn:
+            state = self._load(conn, lines, [])
+            book = state.book
+            found = [book.level(line, now_s) if book.has(line) else None for line in lines]
+            self._write_back(conn, state)
+        return found
+
+    def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
+        p = self._p
+        with self._db.write() as conn:
+            self._sweep(conn, now_us // 1_000_000)
+            rows = conn.exec_driver_sql(
+                f"SELECT id, expires_us, lines FROM quota_holds WHERE expires_us < {p} "
+                f"ORDER BY expires_us, id LIMIT {p}",
+                (now_us, max(limit, 0)),
+            ).all()
+        return [Hold(str(r[0]), _decode_lines(str(r[2])), int(r[1])) for r in rows]
+
+    def tally(self, key: str, now_us: int) -> int:
+        p = self._p
+        minute = now_us // 60_000_000
+        with self._db.write() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO quota_tallies (key, minute, events) VALUES ({p}, {p}, 1) "
+                "ON CONFLICT (key, minute) DO UPDATE SET events = quota_tallies.events + 1",
+                (key, minute),
+            )
+            conn.exec_driver_sql(
+                f"DELETE FROM quota_tallies WHERE key = {p} AND minute <= {p}", (key, minute - TALLY_MINUTES)
+            )
+            total = conn.exec_driver_sql(
+                f"SELECT COALESCE(SUM(events), 0) FROM quota_tallies WHERE key = {p}", (key,)
+            ).scalar_one()
+        return int(total)
+
+    def ping(self, now_us: int) -> None:
+        with self._db.read() as conn:
+            conn.exec_driver_sql("SELECT 1 FROM quota_holds LIMIT 1")
+
+    def close(self) -> None:
+        return None  # the database is the services' to close
+
+    # -- one transaction's counters ---------------------------------------------------------------
+    def _finish(self, finishes: Sequence[tuple[str, Sequence[int] | None]]) -> None:
+        if not finishes:
+            return
+        p = self._p
+        failure: ValueError | None = None
+        with self._db.write() as conn:
+            ids = list(dict.fromkeys(hold_id for hold_id, _ in finishes))
+            # Locked first (PostgreSQL): a settle and the reaper finishing one hold at once must not
+            # both apply it. The second finds it gone.
+            found = conn.exec_driver_sql(
+                f"SELECT lines FROM quota_holds WHERE id IN ({', '.join([p] * len(ids))}) "
+                f"ORDER BY id{self._lock_rows}",
+                tuple(ids),
+            ).all()
+            lines = [line for (text,) in found for line in _decode_lines(str(text))]
+            state = self._load(conn, lines, ids)
+            try:
+                for hold_id, actual in finishes:
+                    state.book.finish(hold_id, actual)
+            except ValueError as exc:  # as the in-process store: the hold is gone, the others before it done
+                failure = exc
+            self._write_back(conn, state)
+        if failure is not None:
+            raise failure
+
+    def _load(self, conn: Connection, lines: Iterable[Line], hold_ids: Sequence[str]) -> _State:
+        """The counters of ``lines`` and the holds ``hold_ids`` (locked on PostgreSQL), in a book."""
+        p = self._p
+        state = _State()
+        book = state.book
+        holds: list[tuple[str, int, int, tuple[Line, ...]]] = []
+        if hold_ids:
+            rows = conn.exec_driver_sql(
+                f"SELECT id, expires_us, second, lines FROM quota_holds WHERE id IN "
+                f"({', '.join([p] * len(hold_ids))})",
+                tuple(hold_ids),
+            ).all()
+            for hold_id, expires_us, second, text in rows:
+                held_lines = _decode_lines(str(text))
+                holds.append((str(hold_id), int(expires_us), int(second), held_lines))
+                lines = [*lines, *held_lines]
+        wanted = {(line.key, _KIND_CODE[line.kind]) for line in lines}
+        if wanted:
+            keys = sorted({key for key, _ in wanted})
+            rows = conn.exec_driver_sql(
+                f"SELECT key, kind, used, reserved, reset_s FROM quota_counters WHERE key IN "
+                f"({', '.join([p] * len(keys))}) ORDER BY key, kind{self._lock_rows}",
+                tuple(keys),
+            ).all()
+            horizons: dict[str, int] = {}
+            for key, kind, used, reserved, reset_s in rows:
+                if (key, kind) not in wanted:
+                    continue
+                if kind == "f":
+                    book.fixed[key] = Fixed(int(used), int(reserved), int(reset_s))
+                    state.fixed[key] = (int(used), int(reserved))
+                else:
+                    horizons[key] = int(reset_s)
+            if horizons:
+                names = sorted(horizons)
+                buckets: dict[str, dict[int, int]] = {key: {} for key in names}
+                for key, second, amount in conn.exec_driver_sql(
+                    f"SELECT key, second, amount FROM quota_seconds WHERE key IN "
+                    f"({', '.join([p] * len(names))}) ORDER BY key, second",
+                    tuple(names),
+                ):
+                    if int(second) > horizons[key]:
+                        buckets[key][int(second)] = int(amount)
+                for key in names:
+                    seconds = buckets[key]
+                    book.rolling[key] = Rolling(
+                        deque([s, a] for s, a in seconds.items()), sum(seconds.values()), horizons[key]
+                    )
+                    state.rolling[key] = (horizons[key], dict(seconds))
+        for hold_id, expires_us, second, held_lines in holds:
+            counters: list[Fixed | Rolling] = []
+            for line in held_lines:
+                found = (book.fixed if line.kind == "fixed" else book.rolling).get(line.key)
+                # A counter swept while a hold sat on it (never: a fixed window is swept only with nothing
+                # reserved, a rolling one not at all): finishing moves a detached copy, as in memory.
+                counters.append(
+                    found if found is not None else (Fixed(0, 0, 0) if line.kind == "fixed" else Rolling())
+                )
+            book.holds[hold_id] = Held(Hold(hold_id, held_lines, expires_us), second, counters)
+            state.holds.add(hold_id)
+        return state
+
+    def _write_back(self, conn: Connection, state: _State) -> None:
+        p = self._p
+        book = state.book
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        for key, counter in book.fixed.items():
+            loaded = state.fixed.get(key)
+            if loaded is None:
+                inserts.append((key, "f", counter.used, counter.reserved, counter.reset_s))
+            elif loaded != (counter.used, counter.reserved):
+                updates.append((counter.used, counter.reserved, key))
+        if updates:
+            conn.exec_driver_sql(
+                f"UPDATE quota_counters SET used = {p}, reserved = {p} WHERE key = {p} AND kind = 'f'",
+                updates,
+            )
+        set_seconds: list[tuple[str, int, int]] = []
+        horizons: list[tuple[int, str]] = []
+        for key, rolling in book.rolling.items():
+            now_seconds = {int(s): int(a) for s, a in rolling.buckets}
+            loaded_rolling = state.rolling.get(key)
+            if loaded_rolling is None:
+                # A new window (a seed): only if no other process made it meanwhile (set if absent).
+                made = conn.exec_driver_sql(
+                    f"INSERT INTO quota_counters (key, kind, used, reserved, reset_s) "
+                    f"VALUES ({p}, 'r', 0, 0, {p}) ON CONFLICT (key, kind) DO NOTHING",
+                    (key, rolling.horizon),
+                ).rowcount
+                if made:
+                    set_seconds += [(key, s, a) for s, a in now_seconds.items()]
+                continue
+            horizon, seconds = loaded_rolling
+            if rolling.horizon != horizon:
+                horizons.append((rolling.horizon, key))
+            set_seconds += [(key, s, a) for s, a in now_seconds.items() if seconds.get(s) != a]
+        if inserts:
+            conn.exec_driver_sql(
+                "INSERT INTO quota_counters (key, kind, used, reserved, reset_s) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (key, kind) DO NOTHING",
+                inserts,
+            )
+        if horizons:
+            conn.exec_driver_sql(
+                f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'", horizons
+            )
+        if set_seconds:
+            conn.exec_driver_sql(
+                f"INSERT INTO quota_seconds (key, second, amount) VALUES ({p}, {p}, {p}) "
+                "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount",
+                set_seconds,
+            )
+        gone = [(hold_id,) for hold_id in state.holds if hold_id not in book.holds]
+        if gone:
+            conn.exec_driver_sql(f"DELETE FROM quota_holds WHERE id = {p}", gone)
+        new = [
+            (hold_id, held.hold.expires_us, held.second, _encode_lines(held.hold.lines))
+            for hold_id, held in book.holds.items()
+            if hold_id not in state.holds
+        ]
+        if new:
+            conn.exec_driver_sql(
+                f"INSERT INTO quota_holds (id, expires_us, second, lines) VALUES ({p}, {p}, {p}, {p})", new
+            )
+
+    def _sweep(self, conn: Connection, now_s: int) -> None:
+        """What no longer counts: fixed windows a day past their end with nothing reserved (as memory.py),
+        and rolling buckets behind their window's horizon."""
+        p = self._p
+        conn.exec_driver_sql(
+            f"DELETE FROM quota_counters WHERE kind = 'f' AND reserved = 0 AND reset_s < {p}",
+            (now_s - _FORGET_AFTER_S,),
+        )
+        conn.exec_driver_sql(
+            "DELETE FROM quota_seconds WHERE second <= (SELECT c.reset_s FROM quota_counters c "
+            "WHERE c.key = quota_seconds.key AND c.kind = 'r')"
+        )
