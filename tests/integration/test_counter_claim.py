@@ -37,9 +37,9 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         request.getfixturevalue("pg_server").drop_database(drop)
 
 
-def _second_serve(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _second_serve(config: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [METERLINE, "serve", "--config", str(config), "--port", str(free_port())],
+        [METERLINE, "serve", "--config", str(config), "--port", str(free_port()), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -69,3 +69,55 @@ def test_a_second_process_with_its_own_counters_refuses_to_start(config: Path, t
     again = MeterlineServer(config, tmp_path, "again")
     again.start()
     again.stop()
+
+
+def test_processes_with_shared_counters_and_one_with_its_own_never_serve_together(
+    config: Path, tmp_path: Path
+) -> None:
+    workers = MeterlineServer(config, tmp_path, "workers", ("--workers", "2"))
+    workers.start()
+    try:
+        # More processes with shared counters may join (another machine, a rolling restart)...
+        more = MeterlineServer(config, tmp_path, "more", ("--workers", "2"))
+        more.start()
+        more.stop()
+        # ...but not one keeping its counters to itself.
+        alone = _second_serve(config, tmp_path)
+        assert alone.returncode == 1, alone.stdout + alone.stderr
+        assert "in-process counters are exact in one process only" in " ".join(alone.stderr.split())
+    finally:
+        workers.stop()
+    single = MeterlineServer(config, tmp_path, "single")
+    single.start()
+    try:
+        joining = _second_serve(config, tmp_path, "--workers", "2")
+        assert joining.returncode == 1, joining.stdout + joining.stderr
+        message = " ".join(joining.stderr.split())
+        assert "with in-process counters" in message
+        assert "would not see its reservations" in message
+    finally:
+        single.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--workers", "0"), "workers must be 1 to 64"),
+        (("--workers", "two"), "workers"),
+    ],
+)
+def test_a_bad_worker_count_is_refused_with_its_name(
+    config: Path, tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    refused = _second_serve(config, tmp_path, *args)
+    assert refused.returncode != 0
+    assert said in " ".join(refused.stderr.split())
+    assert "Traceback" not in refused.stderr
+
+
+def test_in_process_counters_with_several_workers_are_refused(config: Path, tmp_path: Path) -> None:
+    config.write_text(config.read_text() + 'counters = "memory"\n')
+    refused = _second_serve(config, tmp_path, "--workers", "2")
+    assert refused.returncode == 1
+    message = " ".join(refused.stderr.split())
+    assert 'counters = "memory" keeps quota counters in one process' in message

@@ -8,7 +8,9 @@ crash keeps its actual usage; nothing is ever written twice, and settling again 
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import sqlite3
 import threading
 import time
@@ -351,3 +353,89 @@ def test_a_sigkill_amid_concurrent_reservations_and_settles_loses_and_doubles_no
     check_totals(second.base, headers, after)
     log = "\n".join(server.log_path.read_text(errors="replace") for server in deployment.servers)
     assert "Traceback" not in log, log[-4000:]
+
+
+# -- one worker of several killed ---------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+                found.append(int(entry.name))
+    return found
+
+
+def _workers(server: Server) -> list[int]:
+    assert server.proc is not None
+    # uvicorn's supervisor's children: its workers (and multiprocessing's resource tracker, no socket).
+    return [p for p in _children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations_recovered_once(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "meterline.db"
+    config = tmp_path / "meterline.toml"
+    config.write_text(
+        f'database_url = "sqlite:///{db_path}"\nadmin_key = "{ADMIN_KEY}"\n'
+        f'signing_key_file = "{tmp_path / "signing-key.json"}"\nreservation_ttl_seconds = 3\n'
+        "\n[plans.crash]\n"
+        f"daily_tokens = {TOKENS_LIMIT}\nmonthly_tokens = -1\n"
+        f"daily_calls = {CALLS_LIMIT}\nmonthly_calls = -1\n"
+        'rpm = -1\ntpm = -1\nmonthly_credits = -1\noverage = "block"\n'
+        f'\n[prices."{MODEL}"]\ninput = "1.50"\noutput = "6.00"\n'
+    )
+    server = Server(config, tmp_path, "workers", ("--workers", "2"))
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(_workers(server)) < 2:
+            assert time.monotonic() < deadline, "two workers did not start"
+            time.sleep(0.1)
+        headers = make_tenant(server.base)
+        held: list[str] = []
+        # Reservations left open, on connections of their own: both workers hold some.
+        for i in range(30):
+            answer = httpx.post(
+                f"{server.base}/v1/reservations",
+                json={"model": MODEL, "prompt_tokens": 100, "completion_tokens": 50, "user_id": f"u{i}"},
+                headers=headers,
+                timeout=30,
+            )
+            assert answer.status_code == 201, answer.text
+            held.append(answer.json()["id"])
+        victim = _workers(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        # The others keep serving: every request after the kill is answered.
+        sent = [{"id": f"after-{i}", "model": MODEL, "prompt_tokens": 10} for i in range(60)]
+        for event in sent:
+            answer = httpx.post(
+                f"{server.base}/v1/events", json={"events": [event]}, headers=headers, timeout=30
+            )
+            assert answer.status_code == 200, answer.text
+        # The supervisor starts a new worker in its place.
+        deadline = time.monotonic() + 30
+        while len(_workers(server)) < 2 or victim in _workers(server):
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.2)
+        # Past their lease, the open reservations are settled at their estimate by the reapers, each once.
+        deadline = time.monotonic() + 60
+        while len(ledger_rows(server.base, headers)) < len(held) + len(sent):
+            assert time.monotonic() < deadline, "open reservations were not recovered"
+            time.sleep(0.5)
+        time.sleep(6)  # another reaper pass or two on every worker: nothing more may appear
+        rows = ledger_rows(server.base, headers)
+        assert len(rows) == len(held) + len(sent)
+        by_id = Counter(r["id"] for r in rows)
+        assert all(by_id[reservation_id] == 1 for reservation_id in held)
+        assert all(recovered(r) for r in rows if r["id"] in held)
+        assert {r["event_id"] for r in rows if r["id"] not in held} == {e["id"] for e in sent}
+        check_totals(server.base, headers, rows)  # the counters hold no reservation any more
+        reconciled = httpx.get(f"{server.base}/v1/admin/reconcile", headers=ADMIN, timeout=60).json()
+        assert reconciled["ok"], reconciled
+    finally:
+        server.stop()
