@@ -1,9 +1,12 @@
 """Engines chosen by URL, and the one rule for writing.
 
 SQLite (embedded default) gets WAL, a busy timeout and **one serialized writer per database file**:
-write transactions take an in-process lock and start with ``BEGIN IMMEDIATE``, so concurrent writers
-queue instead of failing with "database is locked" half-way through a transaction. PostgreSQL
-(scale-out) relies on its own row locks and a connection pool.
+write transactions take an in-process lock, then an exclusive ``flock`` on ``<database>.write.lock``, and
+start with ``BEGIN IMMEDIATE``, so concurrent writers queue instead of failing with "database is locked"
+half-way through a transaction. The file lock is what several processes on one file (``serve --workers
+N``) queue on: a waiter sleeps in the kernel and wakes as soon as the lock is free, where SQLite's own
+busy handler polls with sleeps of up to 100 ms. PostgreSQL (scale-out) relies on its own row locks and
+a connection pool.
 
 On both, the hot writes (settles, event batches, durable reservations) are queued to the database's one
 ``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile.
@@ -11,9 +14,12 @@ On both, the hot writes (settles, event batches, durable reservations) are queue
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -37,6 +43,12 @@ class Database:
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self.engine = self._create_engine(pool_size)
+        self._file_lock: int | None = None
+        if self.dialect == "sqlite":
+            path = Path(str(make_url(self.url).database)).resolve()
+            self._file_lock = os.open(
+                path.with_name(path.name + ".write.lock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
         # The hot writes (settles, event batches, reservations) go through it, group-committed.
         self.writer = Writer(self.write)
 
@@ -95,13 +107,23 @@ class Database:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.connect() as conn:
+        with self._write_lock, self._across_processes(), self.engine.connect() as conn:
             conn.info["write"] = True
             try:
                 with conn.begin():
                     yield conn
             finally:
                 conn.info["write"] = False
+
+    @contextmanager
+    def _across_processes(self) -> Iterator[None]:
+        fd = self._file_lock
+        assert fd is not None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -112,6 +134,9 @@ class Database:
     def dispose(self) -> None:
         self.writer.close()
         self.engine.dispose()
+        if self._file_lock is not None:
+            fd, self._file_lock = self._file_lock, None
+            os.close(fd)
 
 
 __all__ = ["Database", "normalize_url"]

@@ -21,16 +21,20 @@ the same counters. One process alone keeps the faster in-process store.
 
 from __future__ import annotations
 
-import threading
+import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
 
 from meterline.quotas.counters import (
     TALLY_MINUTES,
+    CounterStoreUnavailable,
     Hold,
     Level,
     Line,
@@ -41,6 +45,12 @@ from meterline.quotas.counters import (
 )
 from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
+from meterline.storage.outage import is_outage
+from meterline.storage.writer import Together, wait
+
+log = logging.getLogger("meterline.quotas.database")
+T = TypeVar("T")
+_MERGED = "quota-counters"  # the writer merges every queued counter call into one run
 
 _FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
 _SWEEP_EVERY = 1_000  # reserves between sweeps of what no longer counts
@@ -52,6 +62,16 @@ def _encode_lines(lines: Sequence[Line]) -> str:
     return orjson.dumps(
         [[ln.key, _KIND_CODE[ln.kind], ln.amount, ln.maximum, ln.block, ln.reset_s] for ln in lines]
     ).decode()
+
+
+def _report_lost(done: Future[Any]) -> None:
+    error = done.exception()
+    if error is not None:
+        log.warning(
+            "settlements not applied to the counters (the reaper settles them from the ledger): %s", error
+        )
+    elif isinstance(done.result(), ValueError):
+        log.error("a settlement did not match its reservation: %s", done.result())
 
 
 def _decode_lines(text: str) -> tuple[Line, ...]:
@@ -71,7 +91,28 @@ class _State:
         self.holds: set[str] = set()
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One call of the store, queued to the database's writer (``kind``: reserve, finish, seed, levels)."""
+
+    kind: str
+    now_us: int
+    holds: Sequence[Hold] = ()
+    finishes: Sequence[tuple[str, Sequence[int] | None]] = ()
+    seeds: Sequence[Seed] = ()
+    lines: Sequence[Line] = ()
+    key: str = ""  # tally
+    limit: int = 0  # expired
+
+
 class SqlCounterStore:
+    """Every call is a job of the database's writer (``storage/writer.py``), mergeable with the others
+    queued meanwhile: a batch of decisions loads its counters once, applies the calls in queue order
+    and writes back once, in one transaction with whatever else the batch holds. Settlements and
+    releases are queued and not waited for (as Redis' are buffered): every later call of this process
+    runs after them, and one lost with its batch leaves its hold to the reaper, which settles it from
+    the ledger row."""
+
     in_process = False
 
     def __init__(self, db: Database) -> None:
@@ -79,121 +120,161 @@ class SqlCounterStore:
         self._p = "?" if db.is_sqlite else "%s"
         self._lock_rows = "" if db.is_sqlite else " FOR UPDATE"
         self._ops = 0
-        self._ops_lock = threading.Lock()
 
     # -- the protocol ---------------------------------------------------------------------------
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
         if not holds:
             return []
-        now_s = now_us // 1_000_000
-        with self._ops_lock:
-            self._ops += 1
-            sweep = not self._ops % _SWEEP_EVERY
-        verdicts: list[Verdict] = []
-        failure: ValueError | None = None
-        with self._db.write() as conn:
-            if sweep:
-                self._sweep(conn, now_s)
-            state = self._load(conn, [line for hold in holds for line in hold.lines], [h.id for h in holds])
-            try:
-                for hold in holds:
-                    verdicts.append(state.book.reserve_one(hold, now_s))
-            except ValueError as exc:  # as the in-process store: the holds before it stand
-                failure = exc
-            self._write_back(conn, state)
-        if failure is not None:
-            raise failure
+        answer = self._call(_Call("reserve", now_us, holds=holds), rows=len(holds))
+        if isinstance(answer, ValueError):
+            raise answer
+        verdicts: list[Verdict] = answer
         return verdicts
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
-        self._finish([(s.hold_id, s.actual) for s in settlements])
+        self._queue(_Call("finish", now_us, finishes=[(s.hold_id, s.actual) for s in settlements]))
 
     def release(self, hold_ids: Sequence[str], now_us: int) -> None:
-        self._finish([(hold_id, None) for hold_id in hold_ids])
+        self._queue(_Call("finish", now_us, finishes=[(hold_id, None) for hold_id in hold_ids]))
 
     def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
-        if not seeds:
-            return
-        now_s = now_us // 1_000_000
-        lines = [Line(s.key, 0, -1, False, s.kind, s.reset_s) for s in seeds]
-        with self._db.write() as conn:
-            state = self._load(conn, lines, [])
-            for seed in seeds:
-                state.book.seed(seed, now_s)
-            self._write_back(conn, state)
+        if seeds:
+            self._call(_Call("seed", now_us, seeds=seeds), rows=len(seeds))
 
     def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
         if not lines:
             return []
-        now_s = now_us // 1_000_000
-        # A write transaction: reading a rolling minute moves its horizon (the buckets that left it).
-        with self._db.write() as conn:
-            state = self._load(conn, lines, [])
-            book = state.book
-            found = [book.level(line, now_s) if book.has(line) else None for line in lines]
-            self._write_back(conn, state)
+        # A write: reading a rolling minute moves its horizon (the buckets that left it).
+        found: list[Level | None] = self._call(_Call("levels", now_us, lines=lines))
         return found
 
     def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
-        p = self._p
-        with self._db.write() as conn:
-            self._sweep(conn, now_us // 1_000_000)
-            rows = conn.exec_driver_sql(
-                f"SELECT id, expires_us, lines FROM quota_holds WHERE expires_us < {p} "
-                f"ORDER BY expires_us, id LIMIT {p}",
-                (now_us, max(limit, 0)),
-            ).all()
-        return [Hold(str(r[0]), _decode_lines(str(r[2])), int(r[1])) for r in rows]
+        due: list[Hold] = self._call(_Call("expired", now_us, limit=max(limit, 0)))
+        return due
 
     def tally(self, key: str, now_us: int) -> int:
-        p = self._p
-        minute = now_us // 60_000_000
-        with self._db.write() as conn:
-            conn.exec_driver_sql(
-                f"INSERT INTO quota_tallies (key, minute, events) VALUES ({p}, {p}, 1) "
-                "ON CONFLICT (key, minute) DO UPDATE SET events = quota_tallies.events + 1",
-                (key, minute),
-            )
-            conn.exec_driver_sql(
-                f"DELETE FROM quota_tallies WHERE key = {p} AND minute <= {p}", (key, minute - TALLY_MINUTES)
-            )
-            total = conn.exec_driver_sql(
-                f"SELECT COALESCE(SUM(events), 0) FROM quota_tallies WHERE key = {p}", (key,)
-            ).scalar_one()
-        return int(total)
+        count: int = self._call(_Call("tally", now_us, key=key))
+        return count
 
     def ping(self, now_us: int) -> None:
         with self._db.read() as conn:
             conn.exec_driver_sql("SELECT 1 FROM quota_holds LIMIT 1")
 
     def close(self) -> None:
-        return None  # the database is the services' to close
+        return None  # the database (and its writer) is the services' to close
 
-    # -- one transaction's counters ---------------------------------------------------------------
-    def _finish(self, finishes: Sequence[tuple[str, Sequence[int] | None]]) -> None:
-        if not finishes:
-            return
+    # -- through the writer -----------------------------------------------------------------------
+    def _call(self, call: _Call, rows: int = 1) -> Any:
+        return self._wait(self._db.writer.submit_together(Together(_MERGED, call, self._apply), rows=rows))
+
+    def _queue(self, call: _Call) -> None:
+        if call.finishes:
+            queued = self._db.writer.submit_together(
+                Together(_MERGED, call, self._apply), rows=len(call.finishes)
+            )
+            queued.add_done_callback(_report_lost)
+
+    @staticmethod
+    def _wait(future: Future[T]) -> T:
+        try:
+            return wait(future)
+        except OperationalError as exc:
+            if is_outage(exc):
+                raise CounterStoreUnavailable(
+                    f"the database holding the counters is unavailable: {exc.orig}"
+                ) from exc
+            raise
+
+    def _apply(self, conn: Connection, calls: list[_Call]) -> list[Any]:
+        """The calls of one batch, in queue order, on one book: loaded once, written back once."""
+        self._ops += len(calls)
+        sweep = self._ops >= _SWEEP_EVERY
+        if sweep:
+            self._ops = 0
         p = self._p
-        failure: ValueError | None = None
-        with self._db.write() as conn:
-            ids = list(dict.fromkeys(hold_id for hold_id, _ in finishes))
+        finishing = [hold_id for call in calls for hold_id, _ in call.finishes]
+        held_lines: list[Line] = []
+        if finishing:
+            ids = sorted(set(finishing))
             # Locked first (PostgreSQL): a settle and the reaper finishing one hold at once must not
             # both apply it. The second finds it gone.
-            found = conn.exec_driver_sql(
+            for (text,) in conn.exec_driver_sql(
                 f"SELECT lines FROM quota_holds WHERE id IN ({', '.join([p] * len(ids))}) "
                 f"ORDER BY id{self._lock_rows}",
                 tuple(ids),
-            ).all()
-            lines = [line for (text,) in found for line in _decode_lines(str(text))]
-            state = self._load(conn, lines, ids)
+            ):
+                held_lines += _decode_lines(str(text))
+        lines = [
+            *held_lines,
+            *(line for call in calls for hold in call.holds for line in hold.lines),
+            *(Line(s.key, 0, -1, False, s.kind, s.reset_s) for call in calls for s in call.seeds),
+            *(line for call in calls for line in call.lines),
+        ]
+        hold_ids = [*finishing, *(hold.id for call in calls for hold in call.holds)]
+        state = self._load(conn, lines, hold_ids)
+        book = state.book
+        answers: list[Any] = []
+        for call in calls:
+            now_s = call.now_us // 1_000_000
+            if call.kind in ("tally", "expired"):
+                answers.append(None)  # after the counters: see below
+                continue
             try:
-                for hold_id, actual in finishes:
-                    state.book.finish(hold_id, actual)
-            except ValueError as exc:  # as the in-process store: the hold is gone, the others before it done
-                failure = exc
-            self._write_back(conn, state)
-        if failure is not None:
-            raise failure
+                if call.kind == "reserve":
+                    answers.append([book.reserve_one(hold, now_s) for hold in call.holds])
+                elif call.kind == "finish":
+                    for hold_id, actual in call.finishes:
+                        book.finish(hold_id, actual)
+                    answers.append(None)
+                elif call.kind == "seed":
+                    for seed in call.seeds:
+                        book.seed(seed, now_s)
+                    answers.append(None)
+                else:
+                    answers.append(
+                        [book.level(line, now_s) if book.has(line) else None for line in call.lines]
+                    )
+            except ValueError as exc:
+                # As the in-process store: what the call did before the fault stands; the caller is told.
+                answers.append(exc)
+        self._write_back(conn, state)
+        # Rows taken after the counters' (as in every run), tallies in key order: two processes' runs
+        # never hold one another's next lock.
+        tallies = sorted((call.key, index) for index, call in enumerate(calls) if call.kind == "tally")
+        for key, index in tallies:
+            answers[index] = self._tally(conn, key, calls[index].now_us)
+        for index, call in enumerate(calls):
+            if call.kind == "expired":
+                answers[index] = self._expired(conn, call.now_us, call.limit)
+        if sweep:
+            self._sweep(conn, calls[-1].now_us // 1_000_000)
+        return answers
+
+    def _tally(self, conn: Connection, key: str, now_us: int) -> int:
+        p = self._p
+        minute = now_us // 60_000_000
+        conn.exec_driver_sql(
+            f"INSERT INTO quota_tallies (key, minute, events) VALUES ({p}, {p}, 1) "
+            "ON CONFLICT (key, minute) DO UPDATE SET events = quota_tallies.events + 1",
+            (key, minute),
+        )
+        conn.exec_driver_sql(
+            f"DELETE FROM quota_tallies WHERE key = {p} AND minute <= {p}", (key, minute - TALLY_MINUTES)
+        )
+        total = conn.exec_driver_sql(
+            f"SELECT COALESCE(SUM(events), 0) FROM quota_tallies WHERE key = {p}", (key,)
+        ).scalar_one()
+        return int(total)
+
+    def _expired(self, conn: Connection, now_us: int, limit: int) -> list[Hold]:
+        p = self._p
+        self._sweep(conn, now_us // 1_000_000)
+        rows = conn.exec_driver_sql(
+            f"SELECT id, expires_us, lines FROM quota_holds WHERE expires_us < {p} "
+            f"ORDER BY expires_us, id LIMIT {p}",
+            (now_us, limit),
+        ).all()
+        return [Hold(str(r[0]), _decode_lines(str(r[2])), int(r[1])) for r in rows]
 
     def _load(self, conn: Connection, lines: Iterable[Line], hold_ids: Sequence[str]) -> _State:
         """The counters of ``lines`` and the holds ``hold_ids`` (locked on PostgreSQL), in a book."""

@@ -1,0 +1,288 @@
+"""Benchmark for ``meterline serve --workers N``: requests/s with 1 and 2 workers, on SQLite (counters in
+the database) and on PostgreSQL + Redis (counters in Redis). Target: 2 workers >= 1.6x 1 worker.
+
+Usage::
+
+    .venv/bin/python bench/workers.py [--seconds 6] [--rounds 2] [--skip-postgres]
+
+For each deployment, 1 and 2 workers alternate (``--rounds`` times each, order rotating), each on a fresh
+database and a fresh ``meterline serve`` (a plan whose block limits are far away, so every request is
+decided on real counters: calls, tokens, credits). Two closed loops of 64 keep-alive clients run
+against it, ``--seconds`` each after a 1 s ramp:
+
+* ``gateway``: ``POST /v1/chat/completions`` (non-streamed, ``max_tokens`` 16) to one fake upstream
+  (``meterline.testing.FakeUpstream``, its own process);
+* ``events``: ``POST /v1/events`` with one event per request (each its own settle).
+
+Every answer must be a 200; the figure is completed requests/s. The load client (``bench/
+gateway_client.py``) shares the 2 vCPUs with the servers, so the ceiling for 2 workers is below 2x
+here. It prints a table and writes ``bench/results/workers-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.gateway import Server, cpu_seconds, free_port, machine, request_body  # noqa: E402
+from bench.gateway_client import Client, Endpoint  # noqa: E402
+
+from meterline.testing.fake_upstream import FakeUpstream  # noqa: E402
+
+HOST = "127.0.0.1"
+UPSTREAM_KEY = "sk-bench-workers-0123456789abcdef"
+RESULTS = ROOT / "bench" / "results"
+CLIENTS = 64
+FAR = 10**12  # limits nobody reaches: every request is decided on them all the same
+PLAN = (
+    "[plans.bench]\n"
+    f"rpm = {FAR}\ntpm = {FAR}\ndaily_tokens = {FAR}\nmonthly_tokens = {FAR}\n"
+    f'daily_calls = {FAR}\nmonthly_calls = {FAR}\nmonthly_credits = {FAR}\noverage = "block"\n'
+)
+
+
+@contextmanager
+def meterline(
+    database_url: str, redis_url: str | None, workers: int, fake: FakeUpstream, counters: str = "auto"
+) -> Iterator[str]:
+    """A ``meterline serve --workers N`` with an organization, workspace and key; yields the key."""
+    work = Path(tempfile.mkdtemp(prefix="meterline-workers-"))
+    admin_key = secrets.token_hex(16)
+    config = work / "meterline.toml"
+    config.write_text(
+        f'database_url = "{database_url}"\n'
+        + (f'redis_url = "{redis_url}"\n' if redis_url else "")
+        + f'counters = "{counters}"\nadmin_key = "{admin_key}"\n'
+        + f'signing_key_file = "{work / "key.json"}"\naccess_log = "off"\n\n'
+        f'[[upstreams]]\nname = "fake"\nprovider = "openai"\nbase_url = "{fake.url}"\n'
+        f'api_key = "{UPSTREAM_KEY}"\nmodels = ["*"]\n\n' + PLAN
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    command = [
+        str(ROOT / ".venv" / "bin" / "meterline"),
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    server = Server("meterline", command, env, work, port)
+    try:
+        server.wait_ready("/readyz")
+        base = f"http://{HOST}:{port}"
+        admin = {"Authorization": f"Bearer {admin_key}"}
+        with httpx.Client(base_url=base, headers=admin, timeout=30) as http:
+            org = http.post("/v1/admin/organizations", json={"name": "Bench", "plan": "bench"}).json()
+            ws = http.post("/v1/admin/workspaces", json={"organization_id": org["id"], "name": "W"}).json()
+            key = http.post("/v1/admin/keys", json={"workspace_id": ws["id"], "name": "K"}).json()["key"]
+        yield f"{port} {key} {server.pid}"
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def closed_loop(port: int, key: str, path: str, bodies: Sequence[bytes], seconds: float) -> float:
+    """Completed requests/s of ``CLIENTS`` keep-alive clients, after a 1 s ramp; every answer a 200."""
+    endpoint = Endpoint(HOST, port, path, {"Authorization": f"Bearer {key}"})
+    clients: list[Client] = list(await asyncio.gather(*(endpoint.connect() for _ in range(CLIENTS))))
+    start = time.perf_counter()
+    measure_from, deadline = start + 1.0, start + 1.0 + seconds
+    done = 0
+    failures: list[str] = []
+
+    async def worker(client: Client, index: int) -> None:
+        nonlocal done
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+            result = await client.send(endpoint.request(bodies[(index * 7919 + n) % len(bodies)]))
+            if result.status != 200:
+                failures.append(f"{result.status}: {b''.join(result.body)[:200]!r}")
+            elif result.start >= measure_from:
+                done += 1
+
+    try:
+        await asyncio.gather(*(worker(c, i) for i, c in enumerate(clients)))
+    finally:
+        for client in clients:
+            client.close()
+    if failures:
+        raise RuntimeError(f"{len(failures)} failed requests, e.g. {failures[0]}")
+    return done / seconds
+
+
+def event_bodies(count: int) -> list[bytes]:
+    """One event per request, each its own id (so each is a settle, never a duplicate)."""
+    run = secrets.token_hex(4)
+    return [
+        json.dumps(
+            {
+                "events": [
+                    {
+                        "id": f"{run}-{i}",
+                        "model": "gpt-4o-mini",
+                        "prompt_tokens": 100,
+                        "completion_tokens": 20,
+                    }
+                ]
+            }
+        ).encode()
+        for i in range(count)
+    ]
+
+
+def measure(
+    database_url: str, redis_url: str | None, workers: int, fake: FakeUpstream, seconds: float, counters: str
+) -> dict[str, float]:
+    with meterline(database_url, redis_url, workers, fake, counters) as handle:
+        port_text, key, pid_text = handle.split(" ")
+        port, pid = int(port_text), int(pid_text)
+        figures: dict[str, float] = {}
+        for load, path, bodies in (
+            ("gateway", "/v1/chat/completions", [request_body(stream=False, max_tokens=16)]),
+            ("events", "/v1/events", event_bodies(400_000)),
+        ):
+            before, busy_before = server_cpu(pid), machine_busy()
+            started = time.perf_counter()
+            figures[load] = uvloop.run(closed_loop(port, key, path, bodies, seconds))
+            elapsed = time.perf_counter() - started
+            busy, total = (a - b for a, b in zip(machine_busy(), busy_before, strict=True))
+            # How busy the whole machine was (servers, fake upstream, load client): 1.0 = every core.
+            figures[f"{load}_machine_busy"] = busy / total
+            # Server CPU (every worker) per request, over the whole loop (its ramp included).
+            figures[f"{load}_cpu_us"] = (server_cpu(pid) - before) / (figures[load] * elapsed) * 1e6
+    return figures
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of every core so far (``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (the workers), so far."""
+    total = cpu_seconds(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                total += cpu_seconds(int(entry.name))
+    return total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per loop")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each worker count, alternated")
+    parser.add_argument("--skip-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--counters", default="auto", choices=("auto", "database"), help="database: for 1 worker too"
+    )
+    args = parser.parse_args(argv)
+    deployments: list[tuple[str, Any]] = [("sqlite", None)]
+    stack = []
+    if not args.skip_postgres:
+        from tests.servers import start_postgres, start_redis
+
+        pg, rd = start_postgres(), start_redis()
+        stack += [pg, rd]
+        deployments.append(("postgresql+redis", (pg, rd)))
+    results: dict[str, dict[int, list[dict[str, float]]]] = {}
+    try:
+        with FakeUpstream.start(api_key=UPSTREAM_KEY, history=16) as fake:
+            for name, servers in deployments:
+                results[name] = {1: [], 2: []}
+                for rnd in range(args.rounds):
+                    for workers in (1, 2) if rnd % 2 == 0 else (2, 1):
+                        if servers is None:
+                            scratch = Path(tempfile.mkdtemp(prefix="meterline-workers-db-"))
+                            url, redis_url = f"sqlite:///{scratch / 'm.db'}", None
+                        else:
+                            pg, rd = servers
+                            url = pg.create_database(f"workers_{rnd}_{workers}_{secrets.token_hex(3)}")
+                            redis_url = rd.url
+                            import redis as redis_client
+
+                            flushed = redis_client.Redis.from_url(redis_url)
+                            flushed.flushall()
+                            flushed.close()
+                        figures = measure(url, redis_url, workers, fake, args.seconds, args.counters)
+                        results[name][workers].append(figures)
+                        print(
+                            f"  {name:17} {workers} worker(s), round {rnd + 1}: "
+                            f"gateway {figures['gateway']:,.0f}/s ({figures['gateway_cpu_us']:,.0f} µs CPU, machine "
+                            f"{figures['gateway_machine_busy']:.0%} busy), "
+                            f"events {figures['events']:,.0f}/s ({figures['events_cpu_us']:,.0f} µs CPU, machine "
+                            f"{figures['events_machine_busy']:.0%} busy)",
+                            flush=True,
+                        )
+                        if servers is None:
+                            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        for server in stack:
+            server.stop()
+    summary: dict[str, Any] = {
+        "machine": machine(),
+        "at": datetime.now(UTC).isoformat(),
+        "seconds": args.seconds,
+    }
+    rows = []
+    for name, by_workers in results.items():
+        for load in ("gateway", "events"):
+            one = statistics.median(r[load] for r in by_workers[1])
+            two = statistics.median(r[load] for r in by_workers[2])
+            summary[f"{name} {load}"] = {"1": one, "2": two, "ratio": two / one}
+            cpu_one = statistics.median(r[f"{load}_cpu_us"] for r in by_workers[1])
+            cpu_two = statistics.median(r[f"{load}_cpu_us"] for r in by_workers[2])
+            summary[f"{name} {load}"] |= {"cpu_us_1": cpu_one, "cpu_us_2": cpu_two}
+            rows.append(
+                f"| {name} | {load} | {one:,.0f} | {two:,.0f} | x{two / one:.2f} "
+                f"| {cpu_one:,.0f} | {cpu_two:,.0f} |"
+            )
+    print(
+        "\n| deployment | load | 1 worker (req/s) | 2 workers (req/s) | 2 / 1 "
+        "| CPU/req, 1 (µs) | CPU/req, 2 (µs) |"
+    )
+    print("|---|---|--:|--:|--:|--:|--:|")
+    print("\n".join(rows))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"workers-{datetime.now(UTC).date()}.json"
+    out.write_text(
+        json.dumps(
+            {"runs": {k: {str(w): v for w, v in r.items()} for k, r in results.items()}, **summary}, indent=2
+        )
+    )
+    print(f"\nwritten {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
