@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit services screenshots bench bench-smoke bench-quota bench-gateway bench-streams-paced bench-analytics clean
+.PHONY: install demo test lint typecheck unit services screenshots bench bench-smoke bench-quota bench-gateway bench-streams-paced bench-analytics bench-workers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ $(LITELLM_VENV)/.installed:
 
 bench-gateway: install $(LITELLM_VENV)/.installed
 	$(BIN)/python bench/gateway.py
+
+# Requests/s with 1 and 2 `serve --workers`, on SQLite and on PostgreSQL + Redis (docs/benchmarks.md).
+bench-workers: install services
+	$(BIN)/python bench/workers.py
 
 # 200 concurrent streams paced like real model output (64 pieces, 25 ms apart), direct vs Meterline:
 # added time-to-first-byte and added last byte, p50/p99 (SPEC §10: p99 <= 5 ms and <= 10 ms).
