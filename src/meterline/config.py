@@ -243,7 +243,10 @@ class Settings(BaseSettings):
     @property
     def worker_count(self) -> int:
         """How many serving processes ``workers`` asks for."""
-        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+        if self.workers != "auto":
+            return int(self.workers)
+        # The CPUs this process may run on (its affinity), not every CPU of the machine.
+        return max(1, min(len(os.sched_getaffinity(0)), 64))
 
     @property
     def counter_store(self) -> str:

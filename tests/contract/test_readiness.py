@@ -26,12 +26,18 @@ def test_a_current_database_and_counters_are_ready(client: TestClient) -> None:
 
 
 def test_a_database_behind_the_code_is_not_ready(client: TestClient, services: Services) -> None:
+    with services.db.read() as conn:
+        current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     with services.db.write() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0010_usage_vector'"))
-    ready = client.get("/readyz")
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["migrations"] == "behind the code: run `meterline migrate`"
-    assert client.get("/healthz").status_code == 200  # alive all the same
+    try:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["migrations"] == "behind the code: run `meterline migrate`"
+        assert client.get("/healthz").status_code == 200  # alive all the same
+    finally:  # the PostgreSQL database is the session's: it must stay current for the next tests
+        with services.db.write() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": current})
 
 
 def test_an_unreachable_counter_store_is_not_ready_and_its_address_is_not_told(tmp_path: Path) -> None:

@@ -121,3 +121,75 @@ def test_in_process_counters_with_several_workers_are_refused(config: Path, tmp_
     assert refused.returncode == 1
     message = " ".join(refused.stderr.split())
     assert 'counters = "memory" keeps quota counters in one process' in message
+
+
+def _tenant(base: str) -> dict[str, str]:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    org = httpx.post(f"{base}/v1/admin/organizations", json={"name": "O", "plan": "ten"}, headers=admin)
+    assert org.status_code == 201, org.text
+    ws = httpx.post(
+        f"{base}/v1/admin/workspaces", json={"organization_id": org.json()["id"], "name": "W"}, headers=admin
+    )
+    key = httpx.post(
+        f"{base}/v1/admin/keys", json={"workspace_id": ws.json()["id"], "name": "K"}, headers=admin
+    )
+    return {"Authorization": f"Bearer {key.json()['key']}"}
+
+
+def _calls(base: str, headers: dict[str, str], tag: str, count: int) -> list[int]:
+    return [
+        httpx.post(
+            f"{base}/v1/events",
+            json={"events": [{"id": f"{tag}-{i}", "model": "gpt-4o-mini", "prompt_tokens": 1}]},
+            headers=headers,
+            timeout=30,
+        ).status_code
+        for i in range(count)
+    ]
+
+
+def test_counters_kept_in_the_database_never_miss_what_another_kind_of_counters_counted(
+    config: Path, tmp_path: Path
+) -> None:
+    # Ten calls a day, across three deployments one after the other: 2 workers (counters in the
+    # database), then one process (in-process counters), then 2 workers again. The database's counters
+    # did not see the middle period: the first process of the last deployment drops them, and they
+    # reload from the ledger.
+    config.write_text(
+        config.read_text()
+        + "\n[plans.ten]\ndaily_calls = 10\nmonthly_calls = -1\ndaily_tokens = -1\nmonthly_tokens = -1\n"
+        'rpm = -1\ntpm = -1\nmonthly_credits = -1\noverage = "block"\n'
+    )
+    first = MeterlineServer(config, tmp_path, "first", ("--workers", "2"))
+    first.start()
+    headers = _tenant(first.base)
+    assert _calls(first.base, headers, "a", 4) == [200] * 4
+    first.stop()
+    single = MeterlineServer(config, tmp_path, "single")
+    single.start()
+    assert _calls(single.base, headers, "b", 4) == [200] * 4
+    single.stop()
+    last = MeterlineServer(config, tmp_path, "last", ("--workers", "2"))
+    last.start()
+    try:
+        assert _calls(last.base, headers, "c", 4) == [200, 200, 429, 429]
+        usage = httpx.get(f"{last.base}/v1/usage", headers=headers, timeout=30).json()
+        assert usage["daily"]["calls"]["usage"] == 10
+    finally:
+        last.stop()
+
+
+def test_counters_in_redis_and_counters_in_the_database_never_serve_one_database_together(
+    config: Path, tmp_path: Path, redis_url_clean: str
+) -> None:
+    with_redis = config.with_name("redis.toml")
+    with_redis.write_text(config.read_text() + f'redis_url = "{redis_url_clean}"\n')
+    in_redis = MeterlineServer(with_redis, tmp_path, "in-redis", ("--workers", "2"))
+    in_redis.start()
+    try:
+        refused = _second_serve(config, tmp_path, "--workers", "2")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        message = " ".join(refused.stderr.split())
+        assert "with its counters in Redis; this one would keep them in the database" in message
+    finally:
+        in_redis.stop()

@@ -96,10 +96,18 @@ def _run(
         )
     if count > 1 and (services is not None or worker_args is None):
         fail("workers: this command serves one process")
+    store = settings.counter_store
     try:
         # Before anything is served: a process whose counters would not see the others' must not start.
-        give_back = claim_counters(settings.database_url, in_process=settings.counter_store == "memory")
+        claim = claim_counters(settings.database_url, store)
     except MeterlineError as exc:
+        fail(exc.message)
+    try:
+        if claim.alone and store != "memory":
+            _first_of_shared(settings, store)
+        claim.share()
+    except MeterlineError as exc:
+        claim.give_back()
         fail(exc.message)
     try:
         if count == 1:
@@ -121,7 +129,7 @@ def _run(
                 access_log=False,
             )
     finally:
-        give_back()
+        claim.give_back()
 
 
 def _serve_one(
@@ -147,6 +155,24 @@ def _serve_one(
         )
     finally:
         close_access_log()
+
+
+def _first_of_shared(settings: Settings, store: str) -> None:
+    """The only serving process of a database with shared counters (none other holds a claim): every
+    reservation left in the database belongs to a process that is gone, so it is settled now, and
+    counters kept in the database are dropped first (another kind of counters may have served since they
+    were last written; they reload from the ledger as they are needed)."""
+    from meterline.api.app import recover_all
+    from meterline.storage.sql_counters import reset_counters
+
+    services = build_services(settings)
+    try:
+        if store == "database":
+            with services.db.write() as conn:
+                reset_counters(conn)
+        recover_all(services, everything=True)
+    finally:
+        services.close()
 
 
 def _prepare_workers(settings: Settings) -> None:

@@ -1,21 +1,24 @@
-"""One process at a time may decide quotas for a database with in-process (``memory://``) counters.
+"""Which serving processes may decide quotas on one database together.
 
-In-process counters are exact only while they are the only ones: two ``meterline serve`` processes on one
-database would each count alone, and a daily limit of 100 calls would admit 200 (both processes seed from
-the ledger, then neither sees the other's reservations). So a server with in-process counters claims the
-database for the life of the process, and a second one refuses to start, naming the fix:
+Counters must be the same for every process that serves a database, or limits do not hold: two
+``meterline serve`` processes with in-process counters would each count alone (a daily limit of 100
+calls admitted 200), and a process counting in Redis beside one counting in the database would not see
+the other's reservations either. So a serving process claims its database for its life:
 
-* SQLite file: an exclusive ``flock`` on ``<database file>.counters.lock`` (the kernel drops it when the
-  process ends, however it ends; the file itself is left in place and is harmless);
-* PostgreSQL: a session advisory lock held on a connection of its own (dropped when the connection or
-  the process ends);
-* an in-memory SQLite database is one process's anyway: nothing to claim.
+* with in-process counters (``memory``), **exclusively**: no other serving process at all;
+* with shared counters (``database`` or ``redis``), **shared** with the processes of the same kind, and
+  never beside one of the other kind (each kind holds its own lock shared, and probes the other's).
 
-Processes whose counters are shared (in the database, or in Redis) claim the same lock *shared*: any
-number of them may serve together, but not beside a process with in-process counters, whose decisions
-they would not see (and the reverse).
+A claimant of a shared kind that finds itself **alone** says so (``Claim.alone``): every reservation
+left in the database then belongs to a process that is gone, and counters kept in the database may be
+stale (another kind of counters served meanwhile), so the caller resets and recovers them before
+serving, and only then shares the claim.
 
-Only serving processes claim: management commands (``reconcile``, ``verify``...) decide no quotas.
+Locks: on SQLite, ``flock`` on files beside the database (``<db>.counters.lock``, and
+``<db>.counters.<kind>.lock``; the kernel drops them when the process ends, however it ends); on
+PostgreSQL, session advisory locks on a connection of the claim's own (dropped with the connection or
+the process). An in-memory SQLite database is one process's anyway. Management commands (``reconcile``,
+``verify``...) decide no quotas and do not claim.
 """
 
 from __future__ import annotations
@@ -23,17 +26,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-from sqlalchemy import create_engine, make_url, pool, text
+from sqlalchemy import Connection, create_engine, make_url, pool, text
 from sqlalchemy.exc import OperationalError
 
 from meterline.errors import ConfigError
+from meterline.storage.database import normalize_url
 
-# PostgreSQL advisory lock keys are one bigint per database: a fixed one names this claim.
-_ADVISORY_KEY = zlib.crc32(b"meterline in-process counters")
+SHARED_KINDS = ("database", "redis")
+# A shared claim may meet a moment's exclusive hold (a first process resetting and recovering, a
+# probe): it waits that long for it.
+_SHARE_WAIT_S = 60.0
 _FIX = (
     "in-process counters are exact in one process only; beside another serving process each would count "
     "alone, and limits would not hold across them. Stop the other process, or give every process one "
@@ -42,78 +51,243 @@ _FIX = (
 )
 
 
-def claim_counters(database_url: str, *, in_process: bool) -> Callable[[], None]:
-    """Claim ``database_url`` for this serving process (exclusively when its counters are in-process);
-    the function that gives it back. Raises ``ConfigError`` when that cannot be."""
+def _key(name: str) -> int:
+    """A PostgreSQL advisory lock key (a bigint) named by ``name``."""
+    return zlib.crc32(f"meterline counters {name}".encode())
+
+
+@dataclass
+class Claim:
+    alone: bool  # a shared claimant that found no other serving process
+    _share: Callable[[], None] = field(repr=False)
+    _give_back: Callable[[], None] = field(repr=False)
+
+    def share(self) -> None:
+        """From exclusive (alone, while resetting) to shared: others of the same kind may join now."""
+        self._share()
+
+    def give_back(self) -> None:
+        self._give_back()
+
+
+def claim_counters(database_url: str, store: str) -> Claim:
+    """Claim ``database_url`` for a serving process whose counters are kept by ``store`` ("memory",
+    "database" or "redis"). Raises ``ConfigError``, naming the fix, when it cannot be."""
+    database_url = normalize_url(database_url)  # as the server's own engine reads it (postgres://...)
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         name = url.database
         if not name or name == ":memory:" or name.startswith("file::memory:"):
-            return lambda: None
-        return _claim_file(Path(name).resolve(), in_process)
-    return _claim_advisory(database_url, url.render_as_string(hide_password=True), in_process)
+            return Claim(True, lambda: None, lambda: None)
+        return _claim(_FileLocks(Path(name).resolve()), store)
+    return _claim(_AdvisoryLocks(database_url, url.render_as_string(hide_password=True)), store)
 
 
-def _refusal(who: str, database: object, in_process: bool, where: str = "") -> ConfigError:
-    if in_process:
-        return ConfigError(f"{who} already serves {database}{where}: {_FIX}", param="redis_url")
+def _in_process_refusal(who: str, database: object, where: str = "") -> ConfigError:
+    return ConfigError(f"{who} already serves {database}{where}: {_FIX}", param="redis_url")
+
+
+_WHERE = {"database": "the database", "redis": "Redis"}
+
+
+def _shared_refusal(who: str, database: object, store: str, other: str, where: str = "") -> ConfigError:
+    if other == "memory":
+        return ConfigError(
+            f"{who} serves {database}{where} with in-process counters: processes with shared counters "
+            "(in the database or in Redis) would not see its reservations, nor it theirs. Stop it, or "
+            "start every process with the same counter store",
+            param="counters",
+        )
     return ConfigError(
-        f"{who} serves {database} with in-process counters{where}: processes with shared counters "
-        "(in the database or in Redis) would not see its reservations, nor it theirs. Stop it, or start "
-        "every process with the same counter store",
+        f"{who} serves {database}{where} with its counters in {_WHERE[other]}; this one would keep them "
+        f"in {_WHERE[store]}, and neither would see the other's reservations. Give every process the "
+        "same counter store (redis_url, counters)",
         param="counters",
     )
 
 
-def _claim_file(database: Path, in_process: bool) -> Callable[[], None]:
-    lock = database.with_name(database.name + ".counters.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+class _Locks(Protocol):
+    """Three named locks ("main", "database", "redis"), each exclusive or shared, never waited for."""
+
+    shown: str
+    where: str
+
+    def try_exclusive(self, name: str) -> bool: ...
+    def try_shared(self, name: str) -> bool: ...
+    def unlock(self, name: str) -> None: ...
+    def to_shared(self, name: str) -> bool: ...
+    def holder(self) -> str: ...
+    def note_holder(self) -> None: ...
+    def mark_resetting(self, on: bool) -> None: ...
+    def resetting(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+def _claim(locks: _Locks, store: str) -> Claim:
     try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if in_process else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        # The pid in the file is the last exclusive holder's: the one in the way only when this claim is
-        # shared (an exclusive claim may meet shared holders, who write nothing).
-        who = f"process {holder}" if holder.isdigit() and not in_process else "another process"
-        raise _refusal(who, database, in_process, f" (lock: {lock})") from None
+        if store == "memory":
+            if not locks.try_exclusive("main"):
+                raise _in_process_refusal("another process", locks.shown, locks.where)
+            locks.note_holder()
+            return Claim(True, lambda: None, locks.close)
+        (other,) = [kind for kind in SHARED_KINDS if kind != store]
+        # Own kind first, then a look at the other's: two processes of different kinds starting at once
+        # cannot both miss each other.
+        if not _waiting(lambda: locks.try_shared(store)):
+            raise _shared_refusal("another process", locks.shown, store, other, locks.where)
+        if not locks.try_exclusive(other):
+            raise _shared_refusal("another process", locks.shown, store, other, locks.where)
+        locks.unlock(other)
+        if locks.try_exclusive("main"):
+            locks.mark_resetting(True)
+
+            def share() -> None:
+                locks.mark_resetting(False)
+                if not locks.to_shared("main"):
+                    raise _in_process_refusal("another process", locks.shown, locks.where)
+
+            return Claim(True, share, locks.close)
+
+        def joined() -> bool:
+            if locks.try_shared("main"):
+                return True
+            if not locks.resetting():  # held for good, by a process with in-process counters
+                raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
+            return False
+
+        if not _waiting(joined):
+            raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
+        return Claim(False, lambda: None, locks.close)
     except BaseException:
-        os.close(fd)
+        locks.close()
         raise
-    if in_process:
+
+
+def _waiting(attempt: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + _SHARE_WAIT_S
+    while not attempt():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class _FileLocks:
+    """``flock`` on files beside the SQLite file."""
+
+    def __init__(self, database: Path) -> None:
+        self.shown = str(database)
+        self.where = f" (lock: {database.with_name(database.name + '.counters.lock')})"
+        self._paths = {
+            "main": database.with_name(database.name + ".counters.lock"),
+            **{kind: database.with_name(f"{database.name}.counters.{kind}.lock") for kind in SHARED_KINDS},
+        }
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self._paths[name], os.O_RDWR | os.O_CREAT, 0o600)
+        return fd
+
+    def _flock(self, name: str, how: int) -> bool:
+        try:
+            fcntl.flock(self._fd(name), how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def try_exclusive(self, name: str) -> bool:
+        return self._flock(name, fcntl.LOCK_EX)
+
+    def try_shared(self, name: str) -> bool:
+        return self._flock(name, fcntl.LOCK_SH)
+
+    def unlock(self, name: str) -> None:
+        fcntl.flock(self._fd(name), fcntl.LOCK_UN)
+
+    def to_shared(self, name: str) -> bool:
+        return self._flock(name, fcntl.LOCK_SH)  # a conversion: never waits for another holder
+
+    def holder(self) -> str:
+        # The pid in the file is the last exclusive (in-process) holder's.
+        found = os.pread(self._fd("main"), 32, 0).decode(errors="replace").strip()
+        return f"process {found}" if found.isdigit() else "another process"
+
+    def note_holder(self) -> None:
+        self._write(f"{os.getpid()}\n")
+
+    def mark_resetting(self, on: bool) -> None:
+        self._write("resetting\n" if on else "")
+
+    def resetting(self) -> bool:
+        return os.pread(self._fd("main"), 32, 0).startswith(b"resetting")
+
+    def _write(self, content: str) -> None:
+        fd = self._fd("main")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, content.encode(), 0)
 
-    def give_back() -> None:
-        with contextlib.suppress(OSError):
-            os.close(fd)  # closing the descriptor drops the lock
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing a descriptor drops its lock
 
-    return give_back
 
+class _AdvisoryLocks:
+    """PostgreSQL session advisory locks on a connection of the claim's own."""
 
-def _claim_advisory(database_url: str, shown: str, in_process: bool) -> Callable[[], None]:
-    engine = create_engine(database_url, poolclass=pool.NullPool)
-    try:
-        conn = engine.connect()
-    except OperationalError as exc:
-        engine.dispose()
-        raise ConfigError(f"cannot reach the database {shown}: {exc.orig}", param="database_url") from None
-    try:
-        kind = "pg_try_advisory_lock" if in_process else "pg_try_advisory_lock_shared"
-        held = conn.execute(text(f"SELECT {kind}(:key)"), {"key": _ADVISORY_KEY}).scalar()
-        conn.commit()  # the lock is the session's, not the transaction's: no transaction is left open
-    except BaseException:
-        conn.close()
-        engine.dispose()
-        raise
-    if not held:
-        conn.close()
-        engine.dispose()
-        raise _refusal("another process", shown, in_process)
+    def __init__(self, database_url: str, shown: str) -> None:
+        self.shown, self.where = shown, ""
+        self._engine = create_engine(database_url, poolclass=pool.NullPool)
+        try:
+            self._conn: Connection = self._engine.connect()
+        except OperationalError as exc:
+            self._engine.dispose()
+            raise ConfigError(
+                f"cannot reach the database {shown}: {exc.orig}", param="database_url"
+            ) from None
 
-    def give_back() -> None:
+    def _ask(self, function: str, name: str) -> Any:
+        found = self._conn.execute(text(f"SELECT {function}(:key)"), {"key": _key(name)}).scalar()
+        self._conn.commit()  # session locks outlive transactions: none is left open
+        return found
+
+    def try_exclusive(self, name: str) -> bool:
+        return bool(self._ask("pg_try_advisory_lock", name))
+
+    def try_shared(self, name: str) -> bool:
+        return bool(self._ask("pg_try_advisory_lock_shared", name))
+
+    def unlock(self, name: str) -> None:
+        self._ask("pg_advisory_unlock", name)
+
+    def to_shared(self, name: str) -> bool:
+        # The session may hold both: shared first, then the exclusive let go, so no one slips between.
+        held = self.try_shared(name)
+        self.unlock(name)
+        return held
+
+    def holder(self) -> str:
+        return "another process"
+
+    def note_holder(self) -> None:
+        return None
+
+    def mark_resetting(self, on: bool) -> None:
+        self._ask("pg_try_advisory_lock" if on else "pg_advisory_unlock", "resetting")
+
+    def resetting(self) -> bool:
+        if self.try_shared("resetting"):
+            self._ask("pg_advisory_unlock_shared", "resetting")
+            return False
+        return True
+
+    def close(self) -> None:
         with contextlib.suppress(Exception):
-            conn.close()
-        engine.dispose()
+            self._conn.close()
+        self._engine.dispose()
 
-    return give_back
+
+__all__ = ["SHARED_KINDS", "Claim", "claim_counters"]

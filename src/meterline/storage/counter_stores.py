@@ -9,11 +9,6 @@ from meterline.quotas.counters import CounterStore
 from meterline.quotas.memory import MemoryCounterStore
 
 
-def in_process(url: str | None) -> bool:
-    """Whether ``url`` names counters kept in this process (``memory://``, the default)."""
-    return url is None or urlsplit(url).scheme.lower() == "memory"
-
-
 def open_counter_store(url: str | None) -> CounterStore:
     """``None`` or ``memory://``: this process only. ``redis://`` / ``rediss://`` (TLS), with an optional
     ``/db`` number: shared by every server process."""

@@ -4,9 +4,9 @@ SQLite (embedded default) gets WAL, a busy timeout and **one serialized writer p
 write transactions take an in-process lock, then an exclusive ``flock`` on ``<database>.write.lock``, and
 start with ``BEGIN IMMEDIATE``, so concurrent writers queue instead of failing with "database is locked"
 half-way through a transaction. The file lock is what several processes on one file (``serve --workers
-N``) queue on: a waiter sleeps in the kernel and wakes as soon as the lock is free, where SQLite's own
-busy handler polls with sleeps of up to 100 ms. PostgreSQL (scale-out) relies on its own row locks and
-a connection pool.
+N``) queue on: a waiter polls it at most 1 ms apart (and gives up after 30 s, as the busy timeout
+does), where SQLite's own busy handler sleeps up to 100 ms between tries. PostgreSQL (scale-out) relies
+on its own row locks and a connection pool.
 
 On both, the hot writes (settles, event batches, durable reservations) are queued to the database's one
 ``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +25,29 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import TimeoutError
 
 from meterline.storage.writer import Writer
+
+# As SQLite's busy timeout: a writer that waits this long for another process gives up (503), never hangs.
+_LOCK_WAIT_S = 30.0
+
+
+def _wait_for(fd: int) -> None:
+    """The write lock, polled (a blocking ``flock`` cannot time out): at most 1 ms late when it frees."""
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    pause = 0.0001
+    while True:
+        time.sleep(pause)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"another process has held the database's write lock for over {_LOCK_WAIT_S:.0f} s"
+                ) from None
+            pause = min(pause * 2, 0.001)
 
 
 def normalize_url(url: str) -> str:
@@ -43,12 +65,7 @@ class Database:
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self.engine = self._create_engine(pool_size)
-        self._file_lock: int | None = None
-        if self.dialect == "sqlite":
-            path = Path(str(make_url(self.url).database)).resolve()
-            self._file_lock = os.open(
-                path.with_name(path.name + ".write.lock"), os.O_RDWR | os.O_CREAT, 0o600
-            )
+        self._file_lock = self._open_lock_file() if self.dialect == "sqlite" else None
         # The hot writes (settles, event batches, reservations) go through it, group-committed.
         self.writer = Writer(self.write)
 
@@ -117,13 +134,21 @@ class Database:
 
     @contextmanager
     def _across_processes(self) -> Iterator[None]:
+        if self._file_lock is None:  # disposed, and written to again (as the engine reconnects)
+            self._file_lock = self._open_lock_file()
         fd = self._file_lock
-        assert fd is not None
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait_for(fd)
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open_lock_file(self) -> int:
+        path = Path(str(make_url(self.url).database)).resolve()
+        return os.open(path.with_name(path.name + ".write.lock"), os.O_RDWR | os.O_CREAT, 0o600)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

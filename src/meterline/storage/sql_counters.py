@@ -22,6 +22,7 @@ the same counters. One process alone keeps the faster in-process store.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
@@ -50,7 +51,9 @@ from meterline.storage.writer import Together, wait
 
 log = logging.getLogger("meterline.quotas.database")
 T = TypeVar("T")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MERGED = "quota-counters"  # the writer merges every queued counter call into one run
+_TALLIES_KEPT = 10_000  # keys whose minutes are remembered (refusals of that many organizations)
 
 _FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
 _SWEEP_EVERY = 1_000  # reserves between sweeps of what no longer counts
@@ -62,6 +65,13 @@ def _encode_lines(lines: Sequence[Line]) -> str:
     return orjson.dumps(
         [[ln.key, _KIND_CODE[ln.kind], ln.amount, ln.maximum, ln.block, ln.reset_s] for ln in lines]
     ).decode()
+
+
+def _int(value: int) -> int:
+    """A value a BIGINT column holds (as Redis' counters: 64 bits), else the caller's ``ValueError``."""
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{value} does not fit a 64-bit counter")
+    return value
 
 
 def _report_lost(done: Future[Any]) -> None:
@@ -120,11 +130,18 @@ class SqlCounterStore:
         self._p = "?" if db.is_sqlite else "%s"
         self._lock_rows = "" if db.is_sqlite else " FOR UPDATE"
         self._ops = 0
+        self._tally_lock = threading.Lock()
+        self._tallies_pending: dict[str, dict[int, int]] = {}  # key -> minute -> not yet answered
+        self._tallies_known: dict[str, dict[int, int]] = {}  # key -> minute -> events, as last read
 
     # -- the protocol ---------------------------------------------------------------------------
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
         if not holds:
             return []
+        for hold in holds:  # refused before anything is queued, as Redis refuses to encode them
+            for line in hold.lines:
+                _int(line.amount)
+                _int(line.maximum)
         answer = self._call(_Call("reserve", now_us, holds=holds), rows=len(holds))
         if isinstance(answer, ValueError):
             raise answer
@@ -132,6 +149,9 @@ class SqlCounterStore:
         return verdicts
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
+        for settlement in settlements:
+            for amount in settlement.actual:
+                _int(amount)
         self._queue(_Call("finish", now_us, finishes=[(s.hold_id, s.actual) for s in settlements]))
 
     def release(self, hold_ids: Sequence[str], now_us: int) -> None:
@@ -153,12 +173,39 @@ class SqlCounterStore:
         return due
 
     def tally(self, key: str, now_us: int) -> int:
-        count: int = self._call(_Call("tally", now_us, key=key))
+        """Counted in the database without waiting for it (a 429 is answered on the event loop): the
+        answer is the key's minutes as the database last gave them, plus this process's counts since."""
+        minute = now_us // 60_000_000
+        with self._tally_lock:
+            pending = self._tallies_pending.setdefault(key, {})
+            pending[minute] = pending.get(minute, 0) + 1
+            known = self._tallies_known.get(key, {})
+            count = sum(n for m, n in [*known.items(), *pending.items()] if m > minute - TALLY_MINUTES)
+        queued = self._db.writer.submit_together(
+            Together(_MERGED, _Call("tally", now_us, key=key), self._apply)
+        )
+        queued.add_done_callback(lambda done: self._tallied(key, minute, done))
         return count
 
+    def _tallied(self, key: str, minute: int, done: Future[Any]) -> None:
+        with self._tally_lock:
+            pending = self._tallies_pending[key]
+            pending[minute] -= 1
+            if not pending[minute]:
+                del pending[minute]
+            if not pending:
+                del self._tallies_pending[key]
+            if done.exception() is None and isinstance(done.result(), dict):
+                if len(self._tallies_known) >= _TALLIES_KEPT and key not in self._tallies_known:
+                    self._tallies_known.clear()
+                self._tallies_known[key] = done.result()
+
     def ping(self, now_us: int) -> None:
-        with self._db.read() as conn:
-            conn.exec_driver_sql("SELECT 1 FROM quota_holds LIMIT 1")
+        try:
+            with self._db.read() as conn:
+                conn.exec_driver_sql("SELECT 1 FROM quota_holds LIMIT 1")
+        except Exception as exc:  # whatever the driver raises: the counters cannot be read
+            raise CounterStoreUnavailable("the database holding the counters did not answer") from exc
 
     def close(self) -> None:
         return None  # the database (and its writer) is the services' to close
@@ -211,6 +258,9 @@ class SqlCounterStore:
             *(line for call in calls for line in call.lines),
         ]
         hold_ids = [*finishing, *(hold.id for call in calls for hold in call.holds)]
+        seeds = [(seed, call.now_us) for call in calls for seed in call.seeds]
+        if seeds:
+            self._insert_seeds(conn, seeds)
         state = self._load(conn, lines, hold_ids)
         book = state.book
         answers: list[Any] = []
@@ -250,7 +300,35 @@ class SqlCounterStore:
             self._sweep(conn, calls[-1].now_us // 1_000_000)
         return answers
 
-    def _tally(self, conn: Connection, key: str, now_us: int) -> int:
+    def _insert_seeds(self, conn: Connection, seeds: Sequence[tuple[Seed, int]]) -> None:
+        """Seeded counters written before any is loaded (set if absent, in key order), so that the run
+        then locks and loads them like any other: a counter another process seeded meanwhile is read,
+        never shadowed by this run's own copy."""
+        p = self._p
+        scratch = CounterBook()
+        for seed, now_us in seeds:
+            scratch.seed(seed, now_us // 1_000_000)  # the first seed of a key in the batch wins
+        for key in sorted(scratch.fixed):
+            counter = scratch.fixed[key]
+            conn.exec_driver_sql(
+                "INSERT INTO quota_counters (key, kind, used, reserved, reset_s) "
+                f"VALUES ({p}, 'f', {p}, 0, {p}) ON CONFLICT (key, kind) DO NOTHING",
+                (key, _int(counter.used), counter.reset_s),
+            )
+        for key in sorted(scratch.rolling):
+            rolling = scratch.rolling[key]
+            made = conn.exec_driver_sql(
+                "INSERT INTO quota_counters (key, kind, used, reserved, reset_s) "
+                f"VALUES ({p}, 'r', 0, 0, {p}) ON CONFLICT (key, kind) DO NOTHING",
+                (key, rolling.horizon),
+            ).rowcount
+            if made and rolling.buckets:
+                conn.exec_driver_sql(
+                    f"INSERT INTO quota_seconds (key, second, amount) VALUES ({p}, {p}, {p})",
+                    [(key, int(s), _int(int(a))) for s, a in rolling.buckets],
+                )
+
+    def _tally(self, conn: Connection, key: str, now_us: int) -> dict[int, int]:
         p = self._p
         minute = now_us // 60_000_000
         conn.exec_driver_sql(
@@ -261,14 +339,11 @@ class SqlCounterStore:
         conn.exec_driver_sql(
             f"DELETE FROM quota_tallies WHERE key = {p} AND minute <= {p}", (key, minute - TALLY_MINUTES)
         )
-        total = conn.exec_driver_sql(
-            f"SELECT COALESCE(SUM(events), 0) FROM quota_tallies WHERE key = {p}", (key,)
-        ).scalar_one()
-        return int(total)
+        rows = conn.exec_driver_sql(f"SELECT minute, events FROM quota_tallies WHERE key = {p}", (key,))
+        return {int(m): int(n) for m, n in rows}
 
     def _expired(self, conn: Connection, now_us: int, limit: int) -> list[Hold]:
         p = self._p
-        self._sweep(conn, now_us // 1_000_000)
         rows = conn.exec_driver_sql(
             f"SELECT id, expires_us, lines FROM quota_holds WHERE expires_us < {p} "
             f"ORDER BY expires_us, id LIMIT {p}",
@@ -341,14 +416,15 @@ class SqlCounterStore:
     def _write_back(self, conn: Connection, state: _State) -> None:
         p = self._p
         book = state.book
-        inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         for key, counter in book.fixed.items():
             loaded = state.fixed.get(key)
             if loaded is None:
-                inserts.append((key, "f", counter.used, counter.reserved, counter.reset_s))
-            elif loaded != (counter.used, counter.reserved):
-                updates.append((counter.used, counter.reserved, key))
+                # Seeds are written before the run loads (``_insert_seeds``): a counter the run did not
+                # load is one it never touched, or a bug that must not pass silently.
+                raise RuntimeError(f"counter {key!r} was not loaded by this run")
+            if loaded != (counter.used, counter.reserved):
+                updates.append((_int(counter.used), _int(counter.reserved), key))
         if updates:
             conn.exec_driver_sql(
                 f"UPDATE quota_counters SET used = {p}, reserved = {p} WHERE key = {p} AND kind = 'f'",
@@ -357,28 +433,15 @@ class SqlCounterStore:
         set_seconds: list[tuple[str, int, int]] = []
         horizons: list[tuple[int, str]] = []
         for key, rolling in book.rolling.items():
-            now_seconds = {int(s): int(a) for s, a in rolling.buckets}
             loaded_rolling = state.rolling.get(key)
             if loaded_rolling is None:
-                # A new window (a seed): only if no other process made it meanwhile (set if absent).
-                made = conn.exec_driver_sql(
-                    f"INSERT INTO quota_counters (key, kind, used, reserved, reset_s) "
-                    f"VALUES ({p}, 'r', 0, 0, {p}) ON CONFLICT (key, kind) DO NOTHING",
-                    (key, rolling.horizon),
-                ).rowcount
-                if made:
-                    set_seconds += [(key, s, a) for s, a in now_seconds.items()]
-                continue
+                raise RuntimeError(f"rolling counter {key!r} was not loaded by this run")
             horizon, seconds = loaded_rolling
             if rolling.horizon != horizon:
                 horizons.append((rolling.horizon, key))
-            set_seconds += [(key, s, a) for s, a in now_seconds.items() if seconds.get(s) != a]
-        if inserts:
-            conn.exec_driver_sql(
-                "INSERT INTO quota_counters (key, kind, used, reserved, reset_s) "
-                f"VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (key, kind) DO NOTHING",
-                inserts,
-            )
+            set_seconds += [
+                (key, int(s), _int(int(a))) for s, a in rolling.buckets if seconds.get(int(s)) != a
+            ]
         if horizons:
             conn.exec_driver_sql(
                 f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'", horizons
@@ -414,3 +477,9 @@ class SqlCounterStore:
             "DELETE FROM quota_seconds WHERE second <= (SELECT c.reset_s FROM quota_counters c "
             "WHERE c.key = quota_seconds.key AND c.kind = 'r')"
         )
+
+
+def reset_counters(conn: Connection) -> None:
+    """Forget every counter, hold and tally kept in the database (they reload from the ledger)."""
+    for table in ("quota_counters", "quota_seconds", "quota_holds", "quota_tallies"):
+        conn.exec_driver_sql(f"DELETE FROM {table}")
