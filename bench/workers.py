@@ -236,11 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             flushed.close()
                         figures = measure(url, redis_url, workers, fake, args.seconds, args.counters)
                         results[name][workers].append(figures)
+                        gateway, events = figures["gateway"], figures["events"]
                         print(
-                            f"  {name:17} {workers} worker(s), round {rnd + 1}: "
-                            f"gateway {figures['gateway']:,.0f}/s ({figures['gateway_cpu_us']:,.0f} µs CPU, machine "
-                            f"{figures['gateway_machine_busy']:.0%} busy), "
-                            f"events {figures['events']:,.0f}/s ({figures['events_cpu_us']:,.0f} µs CPU, machine "
+                            f"  {name:17} {workers} worker(s), round {rnd + 1}: gateway {gateway:,.0f}/s "
+                            f"({figures['gateway_cpu_us']:,.0f} µs CPU, machine "
+                            f"{figures['gateway_machine_busy']:.0%} busy), events {events:,.0f}/s "
+                            f"({figures['events_cpu_us']:,.0f} µs CPU, machine "
                             f"{figures['events_machine_busy']:.0%} busy)",
                             flush=True,
                         )
