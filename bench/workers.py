@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 
 from bench.gateway import Server, cpu_seconds, free_port, machine, request_body  # noqa: E402
 from bench.gateway_client import Client, Endpoint  # noqa: E402
+from tests.servers import children  # noqa: E402
 
 from meterline.testing.fake_upstream import FakeUpstream  # noqa: E402
 
@@ -186,16 +187,7 @@ def machine_busy() -> tuple[int, int]:
 
 def server_cpu(pid: int) -> float:
     """CPU seconds of ``pid`` and its children (the workers), so far."""
-    total = cpu_seconds(pid)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                total += cpu_seconds(int(entry.name))
-    return total
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -502,6 +502,20 @@ def start_redis(base_dir: Path | None = None) -> RedisServer:
         raise
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (``/proc``): a supervisor's workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+                found.append(int(entry.name))
+    return found
+
+
 # -- Meterline itself ---------------------------------------------------------------------------------
 METERLINE = str(Path(sys.executable).with_name("meterline"))
 

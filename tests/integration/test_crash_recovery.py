@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from servers import MeterlineServer as Server
-from servers import make_tenant_over_http
+from servers import children, make_tenant_over_http
 
 pytestmark = pytest.mark.slow
 
@@ -356,23 +356,10 @@ def test_a_sigkill_amid_concurrent_reservations_and_settles_loses_and_doubles_no
 
 
 # -- one worker of several killed ---------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
-                found.append(int(entry.name))
-    return found
-
-
 def _workers(server: Server) -> list[int]:
     assert server.proc is not None
     # uvicorn's supervisor's children: its workers (and multiprocessing's resource tracker, no socket).
-    return [p for p in _children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    return [p for p in children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
 
 
 def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations_recovered_once(
