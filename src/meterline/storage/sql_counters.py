@@ -1,14 +1,17 @@
 """Quota counters in the database itself: exact across every process that shares the database.
 
-Each call is one write transaction. It loads the counters and holds it touches into a ``CounterBook``
-(``quotas/memory.py``: the one statement of what reserving, settling and seeding do), applies the call
-there, and writes back what changed. Two processes can never decide on the same counter at once:
+Every call is a job of the database's writer (group commit), merged with the counter calls queued
+beside it: the run loads the counters and holds they touch into a ``CounterBook`` (``quotas/memory.py``:
+the one statement of what reserving, settling and seeding do), applies the calls there in queue order,
+and writes back what changed. Two processes can never decide on the same counter at once:
 
-* SQLite: the transaction starts with ``BEGIN IMMEDIATE``, so the database's write lock serializes
-  decisions across processes (and the process's own write lock across its threads);
-* PostgreSQL: the counter rows are locked ``FOR UPDATE`` in key order (a rolling window's buckets are
-  only written under its marker row's lock), so concurrent decisions on a counter queue, and on
-  different counters run side by side.
+* SQLite: the writer's transaction holds the database's one write lock (across processes too), so
+  decisions are serialized;
+* PostgreSQL: seeded counters are inserted first (set if absent, in key order), then the holds being
+  finished and the counters are locked ``FOR UPDATE`` in id and key order (a rolling window's buckets
+  are only written under its marker row's lock), then tallies: every run takes its locks in that order,
+  so concurrent decisions on a counter queue and never deadlock, and on different counters run side by
+  side.
 
 Tables (``tables.py``): ``quota_counters`` (a fixed window's ``used``/``reserved``; for a rolling minute a
 marker row whose ``reset_s`` is its horizon), ``quota_seconds`` (a rolling minute's one-second buckets),
