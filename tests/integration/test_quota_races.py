@@ -50,6 +50,7 @@ DEPLOYMENTS = [
     "postgres-redis-2proc",
     "sqlite-2workers",
     "postgres-4workers",
+    "postgres-redis-2workers",
 ]
 
 
@@ -95,8 +96,9 @@ def deploy(
         }
         processes, args = 1, ()
         if kind.endswith("workers"):
-            # One `meterline serve --workers N`: N processes behind one port, counters in the database.
-            args = ("--workers", kind.split("-")[1].removesuffix("workers"))
+            # One `meterline serve --workers N`: N processes behind one port, counters in the database
+            # (or in Redis, when it is configured).
+            args = ("--workers", kind.rsplit("-", 1)[1].removesuffix("workers"))
         if kind.startswith("sqlite"):
             settings["database_url"] = f"sqlite:///{tmp_path / 'meterline.db'}"
         else:
@@ -104,8 +106,9 @@ def deploy(
             name = f"races_{uuid.uuid4().hex[:12]}"
             settings["database_url"] = pg.create_database(name)
             dropped.append(lambda: pg.drop_database(name))
-            if kind == "postgres-redis-2proc":
+            if kind.startswith("postgres-redis"):
                 settings["redis_url"] = request.getfixturevalue("redis_url_clean")
+            if kind == "postgres-redis-2proc":
                 processes = 2
         config = write_config(tmp_path / "meterline.toml", settings, {"race": {**OPEN, **limits}})
         # One after the other: the first migrates the database and writes the signing key.
