@@ -29,6 +29,7 @@ from meterline.quotas.counters import (
     Hold,
     Level,
     Line,
+    Release,
     Seed,
     Settlement,
     Verdict,
@@ -146,9 +147,8 @@ def fixed_parts(store: CounterStore, key: str) -> tuple[int, int]:
             ).one()
         return int(row[0]), int(row[1])
     assert isinstance(store, RedisCounterStore)
-    client = redis.Redis.from_url(store._url)
-    used, reserved = client.hmget(f"{PREFIX}f:{key}", ["u", "v"])
-    client.close()
+    # A fixed window's counters share one hash per group and end: "<used> <reserved>" under their key.
+    used, reserved = store._send_command("HGET", f"{PREFIX}{{-}}f:{DAY_END}", key).split()
     return int(used), int(reserved)
 
 
@@ -280,7 +280,7 @@ def test_release_gives_the_estimate_back(store: CounterStore) -> None:
     day, tpm = fixed("day", 100, 1000), rolling("tpm", 100, 1000)
     store.reserve([hold("h1", day, tpm)], NOW)
     assert store.levels([day, tpm], NOW) == [Level(107, DAY_END), Level(103, NOW_S - 1 + 60)]
-    store.release(["h1"], NOW)
+    store.release([Release("h1")], NOW)
     assert store.levels([day, tpm], NOW) == [Level(7, DAY_END), Level(3, NOW_S - 1 + 60)]
     assert fixed_parts(store, "day") == (7, 0)
 
@@ -289,11 +289,11 @@ def test_settle_or_release_of_an_unknown_hold_is_a_no_op(store: CounterStore) ->
     store.seed([seed_fixed("day")], NOW)
     store.reserve([hold("h1", fixed("day", 10, 100))], NOW)
     store.settle([Settlement("nope", (5,))], NOW)
-    store.release(["nope"], NOW)
+    store.release([Release("nope")], NOW)
     assert consumed(store, fixed("day", 0, 100)) == 10
     store.settle([Settlement("h1", (4,))], NOW)
     store.settle([Settlement("h1", (99,))], NOW)  # already settled
-    store.release(["h1"], NOW)
+    store.release([Release("h1")], NOW)
     assert consumed(store, fixed("day", 0, 100)) == 4
 
 
@@ -350,7 +350,7 @@ def test_expired_lists_abandoned_holds_oldest_first(store: CounterStore) -> None
     assert store.expired(at(15), limit=1) == [h2]
     store.settle([Settlement("h2", (1, 1))], at(15))
     assert store.expired(at(25)) == [h1, h3]
-    store.release(["h1"], at(25))
+    store.release([Release("h1")], at(25))
     assert store.expired(at(25)) == [h3]
     assert store.expired(at(25), limit=0) == []
 
@@ -474,7 +474,7 @@ def test_deferred_settlements_are_seen_by_every_later_read(make_store: Callable[
     day, tpm = fixed("day", 100, 1000), rolling("tpm", 100, 1000)
     writer.reserve([hold("h1", day, tpm), hold("h2", day, tpm)], NOW)
     writer.settle([Settlement("h1", (7, 8))], NOW)
-    writer.release(["h2"], NOW)
+    writer.release([Release("h2")], NOW)
     # The same process: its next call carries them.
     assert writer.levels([day, tpm], NOW) == [Level(7, DAY_END), Level(8, NOW_S + 60)]
     writer.settle([Settlement("nope", (1, 1))], NOW)
@@ -501,7 +501,7 @@ def test_unreachable_redis_raises_unavailable_and_keeps_settlements() -> None:
     line = fixed("day", 1, 10)
     try:
         store.settle([Settlement("h1", (1,))], NOW)
-        store.release(["h2"], NOW)
+        store.release([Release("h2")], NOW)
         for call in (
             lambda: store.reserve([hold("h3", line)], NOW),
             lambda: store.levels([line], NOW),
@@ -560,7 +560,7 @@ def test_a_buffered_settlement_survives_an_outage(shared_redis: RedisServer, tmp
         proc = _redis_on(port, tmp_path)
         deadline = time.monotonic() + 5
         # The flusher sends it: no call of ours is needed. (Its reply may land just after the write.)
-        while watcher.hmget(f"{PREFIX}f:day", ["u", "v"]) != [b"3", b"0"] or store.pending:
+        while watcher.hget(f"{PREFIX}{{-}}f:{DAY_END}", "day") != b"3 0" or store.pending:
             assert time.monotonic() < deadline, "the settlement was not applied after the outage"
             time.sleep(0.01)
         assert store.levels([line], NOW) == [Level(3, DAY_END)]
@@ -595,7 +595,7 @@ def test_a_restarted_server_costs_no_error(shared_redis: RedisServer, tmp_path: 
 def test_the_buffer_is_capped() -> None:
     store = RedisCounterStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.2, max_pending=3)
     try:
-        store.release([f"h{i}" for i in range(5)], NOW)
+        store.release([Release(f"h{i}") for i in range(5)], NOW)
         assert store.pending == 3  # the oldest two went, with a warning
     finally:
         store.close()
@@ -609,12 +609,18 @@ def _random_line(rng: random.Random) -> Line:
     maximum = rng.choice([-1, 0, 5, 20, 60, 2**56])
     kind: WindowKind = "fixed" if rng.random() < 0.5 else "rolling"
     key = rng.choice(["a", "b", "c"])
-    return Line(key, amount, maximum, rng.random() < 0.7, kind, DAY_END if kind == "fixed" else 0)
+    return Line(key, amount, maximum, rng.random() < 0.7, kind, _window_end(key) if kind == "fixed" else 0)
+
+
+def _window_end(key: str) -> int:
+    """A fixed counter's window ends when its key says (as the engine's keys name their window)."""
+    return DAY_END + "abc".index(key)
 
 
 def _random_seed(rng: random.Random, now_us: int) -> Seed:
     if rng.random() < 0.5:
-        return Seed(rng.choice("abc"), "fixed", DAY_END + rng.randrange(3), used=rng.choice([0, 4, 2**54]))
+        key = rng.choice("abc")
+        return Seed(key, "fixed", _window_end(key), used=rng.choice([0, 4, 2**54]))
     buckets = tuple(
         (now_us // 1_000_000 - rng.randrange(70), rng.choice([0, 1, 5])) for _ in range(rng.randrange(4))
     )
@@ -648,7 +654,7 @@ def _play(store: CounterStore, rng: random.Random, steps: int) -> list[Any]:
                 store.settle([Settlement(chosen.id, actual)], now)
                 answers.append("settled")
             elif op < 0.78 and holds:
-                store.release([rng.choice(list(holds))], now)
+                store.release([Release(rng.choice(list(holds)))], now)
                 answers.append("released")
             elif op < 0.95:
                 answers.append(store.levels([_random_line(rng) for _ in range(rng.randrange(1, 5))], now))
@@ -698,7 +704,8 @@ def test_factory_chooses_the_store_by_url_scheme(redis_url: str) -> None:
         assert isinstance(store, RedisCounterStore)
         store.seed([seed_fixed("day", used=4)], NOW)
         assert store.levels([fixed("day", 0, 1)], NOW) == [Level(4, DAY_END)]
-        assert (db3.exists("meterline:f:day"), db0.exists("meterline:f:day")) == (1, 0)
+        window = f"meterline:{{-}}f:{DAY_END}"
+        assert (db3.exists(window), db0.exists(window)) == (1, 0)
     finally:
         store.close()
         db3.flushdb()

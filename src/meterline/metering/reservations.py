@@ -36,7 +36,7 @@ from meterline.metering.records import NO_DETAIL, LedgerRow, UsageRecord, UsageV
 from meterline.metering.settle import Account, Settler, storable
 from meterline.metering.store import AppendResult
 from meterline.metering.unit_of_work import ReservationEnded
-from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
+from meterline.quotas.counters import CounterStore, CounterStoreUnavailable, Release
 from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WouldRead, meter_of_key, no_reads
 from meterline.quotas.gate import row_amounts
 
@@ -324,7 +324,7 @@ class Reservations:
         """The counters follow a written row; a row already there (recovery got there first) is answered."""
         if result.written:
             written = result.written[0]
-            self._engine.settle_holds([(held.id, held.meters, row_amounts(written))])
+            self._engine.settle_holds([(held.id, held.organization_id, held.meters, row_amounts(written))])
             return Settled(written, False)
         existing = next(iter(result.existing.values()))
         return Settled(existing, True)
@@ -368,7 +368,7 @@ class Reservations:
     def abandon(self, held: HeldReservation) -> None:
         """Release a reservation this process holds: the work did not happen, nothing is billed."""
         if self._store.remove(held.id):
-            self._engine.release_holds([held.id])
+            self._engine.release_holds([Release(held.id, held.organization_id)])
 
     def progress(
         self, held: HeldReservation, so_far: Mapping[str, Any], account: Account
@@ -404,7 +404,7 @@ class Reservations:
     def release(self, organization_id: str, reservation_id: str) -> None:
         held = self.get(organization_id, reservation_id)
         if self._store.remove(held.id):
-            self._engine.release_holds([held.id])
+            self._engine.release_holds([Release(held.id, held.organization_id)])
 
     # -- recovery ------------------------------------------------------------------------------------
     def recover(self, *, everything: bool = False, limit: int = 500) -> int:
@@ -449,9 +449,9 @@ class Reservations:
             row = self._store.ledger_row(None, hold.id)
             meters = [meter_of_key(line.key) for line in hold.lines]
             if row is None:
-                self._engine.release_holds([hold.id])
+                self._engine.release_holds([Release(hold.id, hold.group)])
             else:
-                self._engine.settle_holds([(hold.id, meters, row_amounts(row))])
+                self._engine.settle_holds([(hold.id, hold.group, meters, row_amounts(row))])
             ended += 1
         if ended:
             log.info("recovered %d abandoned reservation(s)", ended)
@@ -500,7 +500,7 @@ class Reservations:
         if not self._quarantine.quarantine(entry):
             return None
         # The counters are a projection of the ledger, and this usage is not in it (yet).
-        self._engine.release_holds([reservation_id])
+        self._engine.release_holds([Release(reservation_id, organization_id)])
         log.error(
             "reservation %s could not be settled and was quarantined as %s: %s",
             reservation_id,

@@ -10,6 +10,11 @@ of one-second buckets where a reservation sits in the bucket of the second it wa
 ``used + reserved``. A store that has never seen a key (first use, after a restart) reports it *missing*;
 the engine loads the key's usage from the ledger and ``seed``s it (set only if still absent), so the
 counters always start from what the ledger says.
+
+Every key and hold belongs to a *group*: the organization. A key names its group before its first ``|``
+(``group_of``), a hold, settlement and release name it beside the id. Nothing crosses groups: one hold's
+lines are all of its group. A store spread over several servers (Redis Cluster) keeps each group on one,
+so every decision is still one atomic step; the others ignore groups.
 """
 
 from __future__ import annotations
@@ -24,19 +29,27 @@ ROLLING_SECONDS = 60
 TALLY_MINUTES = 60
 
 
+def group_of(key: str) -> str:
+    """The group a key belongs to: its text before the first ``|`` (``""`` when it has none)."""
+    cut = key.find("|")
+    return key[:cut] if cut >= 0 else ""
+
+
 class Line(NamedTuple):
     key: str
     amount: int  # the estimate, >= 0
     maximum: int  # -1: unlimited, never refuses
     block: bool  # refuse when it would exceed ``maximum``; else admit and report overage
     kind: WindowKind
-    reset_s: int  # fixed: unix second the window ends (the counter may be forgotten a day after)
+    # fixed: unix second the window ends (the counter may be forgotten a day after); one key, one end
+    reset_s: int
 
 
 class Hold(NamedTuple):
     id: str
     lines: tuple[Line, ...]
     expires_us: int  # the lease: past it the reservation is abandoned and gets reaped
+    group: str = ""  # every line's key is of this group
 
 
 class Level(NamedTuple):
@@ -71,6 +84,12 @@ class Seed(NamedTuple):
 class Settlement(NamedTuple):
     hold_id: str
     actual: tuple[int, ...]  # per line of the hold, in order
+    group: str = ""  # the hold's
+
+
+class Release(NamedTuple):
+    hold_id: str
+    group: str = ""  # the hold's
 
 
 class CounterStoreUnavailable(Exception):
@@ -91,7 +110,7 @@ class CounterStore(Protocol):
         (reserve, levels, expired) observes it."""
         ...
 
-    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
+    def release(self, releases: Sequence[Release], now_us: int) -> None:
         """Give back each hold's estimate; unknown holds are skipped. May be deferred like settle."""
         ...
 

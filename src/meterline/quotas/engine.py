@@ -34,6 +34,7 @@ from meterline.quotas.counters import (
     Hold,
     Level,
     Line,
+    Release,
     Seed,
     Settlement,
     Verdict,
@@ -224,14 +225,15 @@ class LimitStatus:
         return UNLIMITED if self.limit.max == UNLIMITED else max(self.limit.max - self.consumed, 0)
 
 
-def counter_key(limit: Limit, window_tag: str, scope_value: str) -> str:
-    """``scope|meter|window|value``: the value last (identifiers are free text); meters and window tags
-    never hold ``|``, so ``meter_of_key`` can read the meter back."""
-    return f"{_SCOPE_TAG[limit.scope]}|{limit.meter}|{window_tag}|{scope_value}"
+def counter_key(organization_id: str, limit: Limit, window_tag: str, scope_value: str) -> str:
+    """``organization|scope|meter|window|value``: the organization first (the key's group, see
+    ``counters.group_of``), the value last (identifiers are free text); organization ids, meters and
+    window tags never hold ``|``, so ``meter_of_key`` can read the meter back."""
+    return f"{organization_id}|{_SCOPE_TAG[limit.scope]}|{limit.meter}|{window_tag}|{scope_value}"
 
 
 def meter_of_key(key: str) -> str:
-    return key.split("|", 2)[1]
+    return key.split("|", 3)[2]
 
 
 def error_code(limit: Limit) -> str:
@@ -378,11 +380,11 @@ class QuotaEngine:
             if window is None:
                 if at < now - timedelta(seconds=ROLLING_SECONDS):
                     continue  # a rate limit is about now; a late report is outside every minute
-                key = counter_key(limit, "m", value)
+                key = counter_key(subject.organization_id, limit, "m", value)
                 placed.append(place(limit, key, None, True, subject.organization_id, value))
                 continue
             tag = f"{'d' if limit.window == 'day' else 'p'}{to_micros(window.start) // 10**6}"
-            key = counter_key(limit, tag, value)
+            key = counter_key(subject.organization_id, limit, tag, value)
             current = window.start <= now < window.end and (limit.window == "day" or window == period_now)
             placed.append(place(limit, key, window, current, subject.organization_id, value))
         return placed
@@ -438,7 +440,7 @@ class QuotaEngine:
             )
             hold_id = hold_ids[index] if hold_ids is not None else f"{_HOLD_PREFIX}{next(_hold_numbers):x}"
             placements.append(placement)
-            holds.append(Hold(hold_id, lines, expires_us))
+            holds.append(Hold(hold_id, lines, expires_us, subject.organization_id))
         try:
             verdicts = self._decide(holds, placements, now_us)
         except CounterStoreUnavailable:
@@ -574,21 +576,24 @@ class QuotaEngine:
     # -- settle / release ------------------------------------------------------------------------------
     def settle(self, items: Sequence[tuple[Reservation, Mapping[str, int]]]) -> None:
         """Replace each reservation's estimate with what was actually used."""
-        self.settle_holds([(r.id, r.meters, actual) for r, actual in items if r.checked])
+        self.settle_holds(
+            [(r.id, r.subject.organization_id, r.meters, actual) for r, actual in items if r.checked]
+        )
 
-    def settle_holds(self, items: Sequence[tuple[str, Sequence[str], Mapping[str, int]]]) -> None:
-        """``settle`` by reservation id and the meters of its lines (a reservation made elsewhere)."""
+    def settle_holds(self, items: Sequence[tuple[str, str, Sequence[str], Mapping[str, int]]]) -> None:
+        """``settle`` by reservation id, organization and the meters of its lines (a reservation made
+        elsewhere)."""
         settlements = [
-            Settlement(hold_id, tuple([actual.get(meter, 0) for meter in meters]))
-            for hold_id, meters, actual in items
+            Settlement(hold_id, tuple([actual.get(meter, 0) for meter in meters]), organization_id)
+            for hold_id, organization_id, meters, actual in items
         ]
         if settlements:
             self._quietly(lambda: self.store.settle(settlements, self._now_us()))
 
     def release(self, reservations: Sequence[Reservation]) -> None:
-        self.release_holds([r.id for r in reservations if r.checked])
+        self.release_holds([Release(r.id, r.subject.organization_id) for r in reservations if r.checked])
 
-    def release_holds(self, held: Sequence[str]) -> None:
+    def release_holds(self, held: Sequence[Release]) -> None:
         if held:
             self._quietly(lambda: self.store.release(held, self._now_us()))
 

@@ -14,6 +14,7 @@ from meterline.quotas.counters import (
     Hold,
     Level,
     Line,
+    Release,
     Seed,
     Settlement,
     Verdict,
@@ -238,10 +239,10 @@ class MemoryCounterStore:
             for settlement in settlements:
                 self.book.finish(settlement.hold_id, settlement.actual)
 
-    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
+    def release(self, releases: Sequence[Release], now_us: int) -> None:
         with self._lock:
-            for hold_id in hold_ids:
-                self.book.finish(hold_id, None)
+            for release in releases:
+                self.book.finish(release.hold_id, None)
 
     # -- loading and reading ------------------------------------------------------------------
     def seed(self, seeds: Sequence[Seed], now_us: int) -> None:

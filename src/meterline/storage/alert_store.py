@@ -283,7 +283,7 @@ class AlertEvaluator:
         now_us = to_micros(now)
         hour = now_us // MICROS_PER_HOUR
         try:
-            count = self._counters.tally(f"refusals:{org_id}", now_us)
+            count = self._counters.tally(f"{org_id}|refusals", now_us)
         except CounterStoreUnavailable:
             return  # the 429 stands; while the store is away its refusals go uncounted
         if count < self.policy.refusals_per_hour:

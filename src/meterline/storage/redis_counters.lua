@@ -3,37 +3,43 @@
 --   s  seeds (set only absent counters)
 --   h  holds to reserve (each all-or-nothing, in order)
 --   l  lines whose levels to read
---   x  the expired-holds query (a limit), answered with the stored holds
---   t  a tally key: count one event in this minute and answer the events of the last 60 minutes
+--   d  holds to describe (their stored records, for a process that finishes a hold it did not make)
+--   x  the expired-holds query (per holds hash, a limit), answered with the stored holds
+--   t  a tally: count one event in this minute and answer the events of the last 60 minutes
 -- with n = now in seconds and u = now in microseconds (a string) from the caller's clock, never TIME.
--- It mirrors meterline/quotas/memory.py statement by statement; names below refer to it.
+-- It mirrors meterline/quotas/memory.py (CounterBook) statement by statement; names below refer to it.
+--
+-- Keys: every key the script touches is in KEYS, and requests name keys by their index there. The
+-- client builds the names (storage/redis_counters.py); all keys of one group (an organization) share a
+-- hash tag, so with Redis Cluster one call is one slot. Per group G (P = the prefix):
+--   P{G}f:<reset second>  fixed windows ending at that second: a hash, field = counter key,
+--                         value = "<used> <reserved>" (decimal); the whole hash expires a day after
+--   P{G}r:<key>           a rolling window: hash {h = horizon, t = total, o = oldest second,
+--                         <second> = amount}; h is also the marker of a seeded, empty window
+--   P{G}h                 the group's holds: field = hold id, value = the record the client made,
+--                         "[expires_us, second reserved, lines]"
+--   P{G}t:<key>           a tally, hash {<minute> = events}
+--
+-- Cost: Redis time per decision is what bounds one Redis, so a call reads each hash once (HMGET of every
+-- field it needs, gathered first) and writes each once (one HSET at the end); it never encodes JSON
+-- for storage (the client sends the record as it is stored) and decodes a record only to finish it.
 --
 -- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. So amounts,
--- maxima and counter values travel and are stored as decimal strings, and the script never uses a
--- reply of HINCRBY (a double). A string read with HMGET is split into two limbs, hi * 10^9 + lo, each
--- far below 2^53, so sums, differences and comparisons of values up to 2^63 (and beyond) are exact;
--- what is written back goes through `text` (limbs to decimal) into HINCRBY, Redis' own int64 arithmetic.
+-- maxima and counter values travel and are stored as decimal strings; a string read is split into two
+-- limbs, hi * 10^9 + lo, each far below 2^53, so sums, differences and comparisons of values up to
+-- 2^63 (and beyond) are exact, and values go back to decimal strings (`text`) to be stored.
 -- Seconds and microseconds (< 2^53) are plain numbers.
 --
 -- Atomicity: a script runs alone in Redis, so one call is one atomic step; a hold touches no counter
--- until every line has been checked. Needs Redis >= 6.2 (GETDEL); not for Redis Cluster (keys are
--- built here, not declared).
---
--- Keys (P = prefix):  P f:<key>  fixed window, hash {u = used, v = reserved, r = reset second}
---                     P r:<key>  rolling window, hash {h = horizon, t = total, o = oldest second,
---                                <second> = amount}; h is also the marker of a seeded, empty window
---                     P h:<id>   a hold: JSON [second reserved, [id, expires_us, lines, ttl]]
---                     P holds    sorted set of hold ids by expires_us (exact: < 2^53)
---                     P t:<key>  a tally, hash {<minute> = events} (memory.py: _tallies)
+-- until every line has been checked. Needs Redis >= 7.0 (EXPIRE ... NX/GT).
 
 local req = cjson.decode(ARGV[1])
-local P = ARGV[2]
 local now_s = req.n
 local ROLLING = 60
 local ROLLING_TTL = 120
+local FORGET = 86400
 local B = 1000000000
 local ZERO = {0, 0}
-local HOLDS = P .. 'holds'
 
 -- two-limb integers ---------------------------------------------------------------------------------
 local function big(s)
@@ -70,14 +76,7 @@ local function cmp(a, b)
   return 0
 end
 
--- the argument of HINCRBY that takes `s` away ("-0" is not an integer to Redis)
-local function negate(s)
-  if s == '0' then return '0' end
-  if string.byte(s, 1) == 45 then return string.sub(s, 2) end
-  return '-' .. s
-end
-
-local function text(x)  -- back to a decimal string, for HINCRBY/HSET and for the answer
+local function text(x)  -- back to a decimal string, to store and to answer
   local hi, lo = x[1], x[2]
   if hi < 0 then
     if lo > 0 then hi, lo = -hi - 1, B - lo else hi = -hi end
@@ -87,106 +86,187 @@ local function text(x)  -- back to a decimal string, for HINCRBY/HSET and for th
   return string.format('%d%09d', hi, lo)
 end
 
--- memory.refuses: past the maximum; an amount of zero is never refused
-local function refuses(consumed, amount, maximum)
-  return cmp(amount, ZERO) > 0 and cmp(add(consumed, amount), maximum) > 0
-end
+-- counters ------------------------------------------------------------------------------------------
+-- A line travels as [key index, field, kind, amount, maximum, block, reset]: field is the counter key
+-- for a fixed window (its hash holds the window's counters) and 0 for a rolling one (its own hash).
+-- Each counter is read once per call (all of a hash's fields in one HMGET, before anything else) and
+-- kept here in step with every change this call makes; changes are written once, at the end.
+local fixed = {}      -- [key index][field] = {u, v} or false (absent)
+local fixed_out = {}  -- [key index][field] = true: to write
+local rolls = {}      -- [key index] = {h, t, o, b = {[second] = amount}, fresh} or false (absent)
+local roll_out = {}   -- [key index][field] = true: to write (h, t, o or a second)
+local refresh = {}    -- [key index] = seconds: EXPIRE at the end
 
--- counters -------------------------------------------------------------------------------------------
--- Each counter is read once per call into `cache` and from then on kept in step with every write this
--- call makes (nothing else can write while a script runs). A finish that reads the counters of the
--- previous request leaves them cached for the reservation that follows in the same call.
-local cache = {}
-
-local function load(line)  -- state, redis key; state is false when the store does not hold it
-  local key = P .. (line[2] == 'f' and 'f:' or 'r:') .. line[1]
-  local state = cache[key]
-  if state ~= nil then return state, key end
-  if line[2] == 'f' then
-    local raw = redis.call('HMGET', key, 'u', 'v', 'r')
-    state = raw[1] and {u = big(raw[1]), v = big(raw[2]), r = tonumber(raw[3])} or false
-  else
-    local raw = redis.call('HMGET', key, 'h', 't', 'o')
-    state = raw[1] and {h = tonumber(raw[1]), t = big(raw[2]), o = raw[3] and tonumber(raw[3]) or nil} or false
+local function want_fixed(wanted, line)
+  local fields = wanted[line[1]]
+  if not fields then
+    fields = {}
+    wanted[line[1]] = fields
   end
-  cache[key] = state
-  return state, key
+  fields[line[2]] = true
 end
 
--- memory.py Rolling.prune. Only a rising horizon can drop buckets, and only once it reaches the oldest one, so
--- the scan of the whole hash runs about once a second per key.
-local function prune(state, key)
+local function gather(wanted_fixed, wanted_rolls, line)
+  if line[3] == 'f' then want_fixed(wanted_fixed, line) else wanted_rolls[line[1]] = true end
+end
+
+local function read_all(wanted_fixed, wanted_rolls)
+  for index, fields in pairs(wanted_fixed) do
+    local names = {}
+    for name in pairs(fields) do names[#names + 1] = name end
+    local raw = redis.call('HMGET', KEYS[index], unpack(names))
+    local states = {}
+    for i, name in ipairs(names) do
+      local value = raw[i]
+      if value then
+        local space = string.find(value, ' ', 1, true)
+        states[name] = {big(string.sub(value, 1, space - 1)), big(string.sub(value, space + 1))}
+      else
+        states[name] = false
+      end
+    end
+    fixed[index] = states
+    fixed_out[index] = {}
+  end
+  for index in pairs(wanted_rolls) do
+    local raw = redis.call('HMGET', KEYS[index], 'h', 't', 'o', now_s)
+    if raw[1] then
+      local state = {h = tonumber(raw[1]), t = big(raw[2]), o = raw[3] and tonumber(raw[3]) or nil, b = {}}
+      if raw[4] then state.b[now_s] = big(raw[4]) else state.b[now_s] = false end
+      rolls[index] = state
+    else
+      rolls[index] = false
+    end
+    roll_out[index] = {}
+  end
+end
+
+local function fixed_state(line)
+  return fixed[line[1]][line[2]]
+end
+
+local function fixed_touch(line)
+  fixed_out[line[1]][line[2]] = true
+end
+
+-- writes the changes of one rolling key so far (before a scan of its hash, and at the end)
+local function roll_write(index)
+  local state, out = rolls[index], roll_out[index]
+  if not state or not next(out) then return end
+  local args = {}
+  for name in pairs(out) do
+    local value
+    if name == 'h' then value = state.h
+    elseif name == 't' then value = text(state.t)
+    elseif name == 'o' then value = state.o
+    else value = text(state.b[name]) end
+    args[#args + 1] = name
+    args[#args + 1] = value
+  end
+  redis.call('HSET', KEYS[index], unpack(args))
+  roll_out[index] = {}
+end
+
+-- the amount in one second's bucket, or nil when there is none
+local function bucket(state, index, second)
+  local value = state.b[second]
+  if value == nil then
+    if state.fresh then
+      value = false
+    else
+      local raw = redis.call('HGET', KEYS[index], second)
+      value = raw and big(raw) or false
+    end
+    state.b[second] = value
+  end
+  return value or nil
+end
+
+-- memory.py Rolling.prune. Only a rising horizon can drop buckets, and only once it reaches the oldest
+-- one, so the scan of the whole hash runs about once a second per key.
+local function prune(state, index)
   local horizon = now_s - ROLLING
   if horizon <= state.h then return end
   state.h = horizon
-  if not (state.o and state.o <= horizon) then
-    redis.call('HSET', key, 'h', horizon)
-    return
-  end
-  local fields = redis.call('HGETALL', key)
+  roll_out[index].h = true
+  if not (state.o and state.o <= horizon) then return end
+  roll_write(index)
+  local fields = redis.call('HGETALL', KEYS[index])
   local gone, oldest = {}, nil
   for i = 1, #fields, 2 do
     local second = tonumber(fields[i])  -- nil for h, t, o
     if second and second <= horizon then
       gone[#gone + 1] = fields[i]
       state.t = sub(state.t, big(fields[i + 1]))
+      state.b[second] = false
     elseif second and (not oldest or second < oldest) then
       oldest = second
     end
   end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  if #gone > 0 then redis.call('HDEL', KEYS[index], unpack(gone)) end
   state.o = oldest
+  roll_out[index].t = true
   if oldest then
-    redis.call('HSET', key, 'h', horizon, 't', text(state.t), 'o', oldest)
+    roll_out[index].o = true
   else
-    redis.call('HSET', key, 'h', horizon, 't', text(state.t))
-    redis.call('HDEL', key, 'o')
+    redis.call('HDEL', KEYS[index], 'o')
   end
 end
 
--- memory.py Rolling.add; true when it wrote
-local function rolling_add(state, key, second, amount)
-  if cmp(amount, ZERO) == 0 or second <= state.h then return false end
-  local delta = text(amount)
-  redis.call('HINCRBY', key, second, delta)  -- creates the bucket or adds to it
-  redis.call('HINCRBY', key, 't', delta)
+-- memory.py Rolling.add; true when it changed something
+local function rolling_add(state, index, second, amount)
+  if second <= state.h then return false end
+  local value = bucket(state, index, second)
+  if not value and cmp(amount, ZERO) == 0 then return false end
+  state.b[second] = value and add(value, amount) or amount
   state.t = add(state.t, amount)
+  local out = roll_out[index]
+  out[second] = true
+  out.t = true
   if not state.o or second < state.o then  -- a new oldest bucket (it cannot have existed)
-    redis.call('HSET', key, 'o', second)
     state.o = second
+    out.o = true
   end
   return true
 end
 
 -- memory.py Rolling.retry_after (the key is pruned)
-local function rolling_retry_after(state, key, amount, maximum)
+local function rolling_retry_after(state, index, amount, maximum)
   if cmp(amount, maximum) > 0 then return ROLLING end
+  roll_write(index)
   local wanted = add(state.t, amount)
   local over = cmp(wanted, maximum) > 0
   local excess = sub(wanted, maximum)
-  local fields = redis.call('HGETALL', key)
+  local fields = redis.call('HGETALL', KEYS[index])
   local buckets = {}
   for i = 1, #fields, 2 do
     local second = tonumber(fields[i])
     if second then buckets[#buckets + 1] = {second, fields[i + 1]} end
   end
   table.sort(buckets, function(a, b) return a[1] < b[1] end)
-  for _, bucket in ipairs(buckets) do
-    local value = big(bucket[2])
+  for _, entry in ipairs(buckets) do
+    local value = big(entry[2])
     excess = sub(excess, value)
     if cmp(excess, ZERO) <= 0 and (over or cmp(value, ZERO) > 0) then
-      return math.max(bucket[1] + ROLLING - now_s, 1)
+      return math.max(entry[1] + ROLLING - now_s, 1)
     end
   end
   return ROLLING
 end
 
+local function reset_of(state)
+  return state.o and state.o + ROLLING or now_s
+end
+
 -- A level travels as {consumed, reset_s}, consumed as a decimal string.
 local function level(line)
-  local state, key = load(line)
-  if line[2] == 'f' then return {text(add(state.u, state.v)), state.r} end
-  prune(state, key)
-  return {text(state.t), state.o and state.o + ROLLING or now_s}
+  if line[3] == 'f' then
+    local state = fixed_state(line)
+    return {text(add(state[1], state[2])), line[7]}
+  end
+  local state = rolls[line[1]]
+  prune(state, line[1])
+  return {text(state.t), reset_of(state)}
 end
 
 local function levels(lines)
@@ -195,153 +275,177 @@ local function levels(lines)
   return out
 end
 
--- reserve: one hold is [id, expires_us, lines, ttl_s]; a line is [key, kind, amount, maximum, block, reset]
+local function present(line)
+  if line[3] == 'f' then return fixed_state(line) end
+  return rolls[line[1]]
+end
+
+-- reserve: a hold is [holds key index, id, index of its record in ARGV, lines] (memory.py: reserve_one)
 local function reserve(hold)
-  local hk = P .. 'h:' .. hold[1]
-  -- Claim the id first (one command instead of EXISTS + SET); given back unless admitted.
-  if not redis.call('SET', hk, cjson.encode({now_s, hold}), 'EX', hold[4], 'NX') then return nil end
-  local lines = hold[3]
-  local states, keys, missing = {}, {}, {}
+  local holds, id, lines = KEYS[hold[1]], hold[2], hold[4]
+  -- Claim the id first (one command instead of HEXISTS + HSET); given back unless admitted.
+  if redis.call('HSETNX', holds, id, ARGV[hold[3]]) == 0 then return nil end
+  local missing = {}
   for i, line in ipairs(lines) do
-    states[i], keys[i] = load(line)
-    if not states[i] then missing[#missing + 1] = i - 1 end
+    if not present(line) then missing[#missing + 1] = i - 1 end
   end
   if #missing > 0 then
-    redis.call('DEL', hk)
+    redis.call('HDEL', holds, id)
     return {2, missing}
   end
-  local overage, consumed = 0, {}
+  local overage, refused, consumed, amounts = 0, nil, {}, {}
   for i, line in ipairs(lines) do
-    local state = states[i]
-    if line[2] == 'f' then
-      consumed[i] = add(state.u, state.v)
+    local value
+    if line[3] == 'f' then
+      local state = fixed_state(line)
+      value = add(state[1], state[2])
     else
-      prune(state, keys[i])
-      consumed[i] = state.t
+      local state = rolls[line[1]]
+      prune(state, line[1])
+      value = state.t
     end
-    local amount, maximum = big(line[3]), big(line[4])
-    if maximum[1] >= 0 and refuses(consumed[i], amount, maximum) then
-      if line[5] == 1 then
-        redis.call('DEL', hk)
-        local retry
-        if line[2] == 'f' then
-          retry = math.max(state.r - now_s, 1)
-        else
-          retry = rolling_retry_after(state, keys[i], amount, maximum)
-        end
-        return {3, i - 1, retry, levels(lines)}
+    consumed[i] = value
+    local amount = big(line[4])
+    amounts[i] = amount
+    if string.byte(line[5], 1) ~= 45 and cmp(amount, ZERO) > 0 and cmp(add(value, amount), big(line[5])) > 0 then
+      if line[6] == 0 then
+        overage = 1
+      elseif not refused then
+        refused = i
       end
-      overage = 1
     end
+  end
+  if refused then
+    redis.call('HDEL', holds, id)
+    local line = lines[refused]
+    local retry
+    if line[3] == 'f' then
+      retry = math.max(line[7] - now_s, 1)
+    else
+      retry = rolling_retry_after(rolls[line[1]], line[1], amounts[refused], big(line[5]))
+    end
+    return {3, refused - 1, retry, levels(lines)}
   end
   -- As memory.py: each line's level is its consumption as checked plus its own amount; the reset is
   -- read after this line's write.
   local after = {}
   for i, line in ipairs(lines) do
-    local state, amount = states[i], big(line[3])
-    if line[2] == 'f' then
-      if line[3] ~= '0' then
-        redis.call('HINCRBY', keys[i], 'v', line[3])
-        state.v = add(state.v, amount)
+    local amount = amounts[i]
+    if line[3] == 'f' then
+      local state = fixed_state(line)
+      if line[4] ~= '0' then
+        state[2] = add(state[2], amount)
+        fixed_touch(line)
       end
-      after[i] = {text(add(consumed[i], amount)), state.r}
+      after[i] = {text(add(consumed[i], amount)), line[7]}
     else
-      if rolling_add(state, keys[i], now_s, amount) then redis.call('EXPIRE', keys[i], ROLLING_TTL) end
-      after[i] = {text(add(consumed[i], amount)), state.o and state.o + ROLLING or now_s}
+      local state = rolls[line[1]]
+      if rolling_add(state, line[1], now_s, amount) then refresh[line[1]] = ROLLING_TTL end
+      after[i] = {text(add(consumed[i], amount)), reset_of(state)}
     end
   end
-  redis.call('ZADD', HOLDS, hold[2], hold[1])
   return {1, overage, after}
 end
 
--- settle / release: [id] releases, [id, actuals] settles; unknown holds are skipped. A settlement does
--- not refresh a rolling key's TTL: it only adjusts a bucket its own reservation wrote (and refreshed).
+-- settle / release: [holds key index, id, actuals or 0, lines]; unknown holds are skipped. The lines
+-- are the record's, with this call's key indices. A settlement does not refresh a rolling key's TTL:
+-- it only adjusts a bucket its own reservation wrote (and refreshed).
 local function finish(item, malformed)
-  local stored = redis.call('GETDEL', P .. 'h:' .. item[1])
+  local holds, id = KEYS[item[1]], item[2]
+  local stored = redis.call('HGET', holds, id)
   if not stored then return end
-  redis.call('ZREM', HOLDS, item[1])
-  local held = cjson.decode(stored)
-  local second, lines, actual = held[1], held[2][3], item[2]
-  if actual and #actual ~= #lines then
-    malformed[#malformed + 1] = item[1]  -- memory raises ValueError after dropping the hold
+  redis.call('HDEL', holds, id)
+  local record = cjson.decode(stored)
+  local second, held, actual, lines = record[2], record[3], item[3], item[4]
+  if actual ~= 0 and #actual ~= #held then
+    malformed[#malformed + 1] = id  -- memory raises ValueError after dropping the hold
     return
   end
   for i, line in ipairs(lines) do
-    local spent = actual and actual[i] or '0'
-    local state, key = load(line)
-    if state and line[2] == 'f' then
-      if line[3] ~= '0' then
-        redis.call('HINCRBY', key, 'v', negate(line[3]))
-        state.v = sub(state.v, big(line[3]))
+    local reserved = held[i][3]
+    local spent = actual ~= 0 and actual[i] or '0'
+    if line[3] == 'f' then
+      local state = fixed_state(line)
+      if state then
+        if reserved ~= '0' then state[2] = sub(state[2], big(reserved)) end
+        if spent ~= '0' then state[1] = add(state[1], big(spent)) end
+        fixed_touch(line)
       end
-      if spent ~= '0' then
-        redis.call('HINCRBY', key, 'u', spent)
-        state.u = add(state.u, big(spent))
-      end
-    elseif state then
-      rolling_add(state, key, second, sub(big(spent), big(line[3])))
+    else
+      local state = rolls[line[1]]
+      if state then rolling_add(state, line[1], second, sub(big(spent), big(reserved))) end
     end
   end
 end
 
--- seed: [key, kind, reset, used, buckets, ttl_s]; present counters are left alone
+-- seed: [key index, field, kind, reset, used, buckets, ttl_s]; present counters are left alone
 local function seed(item)
-  local state, key = load(item)
-  if state then return end
-  if item[2] == 'f' then
-    redis.call('HSET', key, 'u', item[4], 'v', '0', 'r', item[3])
-    redis.call('EXPIRE', key, item[6])
-    cache[key] = {u = big(item[4]), v = ZERO, r = item[3]}
+  if present(item) then return end
+  local index = item[1]
+  if item[3] == 'f' then
+    fixed[index][item[2]] = {big(item[5]), ZERO}
+    fixed_touch(item)
+    -- Every counter of the hash ends at the same second; NX sets a first lifetime, GT lengthens it.
+    redis.call('EXPIRE', KEYS[index], item[7], 'NX')
+    redis.call('EXPIRE', KEYS[index], item[7], 'GT')
     return
   end
-  redis.call('HSET', key, 'h', 0, 't', '0')
-  state = {h = 0, t = ZERO}
-  cache[key] = state
-  for _, bucket in ipairs(item[5]) do
-    if bucket[1] > now_s - ROLLING then rolling_add(state, key, bucket[1], big(bucket[2])) end
+  local state = {h = 0, t = ZERO, b = {}, fresh = true}
+  rolls[index] = state
+  roll_out[index].h = true
+  roll_out[index].t = true
+  for _, entry in ipairs(item[6]) do
+    if entry[1] > now_s - ROLLING then rolling_add(state, index, entry[1], big(entry[2])) end
   end
-  redis.call('EXPIRE', key, ROLLING_TTL)
+  refresh[index] = ROLLING_TTL
 end
 
--- expired: oldest first; ids whose hold key has outlived its TTL are dropped from the index
-local function expired(limit)
-  local out = {}
-  local bound = '(' .. req.u
-  while #out < limit do
-    local ids = redis.call('ZRANGEBYSCORE', HOLDS, '-inf', bound, 'LIMIT', #out, limit - #out)
-    local gone = 0
-    for _, id in ipairs(ids) do
-      local stored = redis.call('GET', P .. 'h:' .. id)
-      if stored then out[#out + 1] = stored else
-        redis.call('ZREM', HOLDS, id)
-        gone = gone + 1
-      end
-    end
-    if gone == 0 then break end
+-- expired: [holds key index, limit]: the group's holds whose lease ended, oldest first, each answered
+-- as [id, record, the item's position]
+local function expired(item, position, out)
+  local bound = tonumber(req.u)
+  local fields = redis.call('HGETALL', KEYS[item[1]])
+  local due = {}
+  for i = 1, #fields, 2 do
+    local expires = tonumber(string.match(fields[i + 1], '^%[(%d+)'))
+    if expires < bound then due[#due + 1] = {expires, fields[i], fields[i + 1]} end
   end
-  return out
+  table.sort(due, function(a, b) return a[1] < b[1] end)
+  for i = 1, math.min(#due, item[2]) do out[#out + 1] = {due[i][2], due[i][3], position} end
 end
 
 -- tallies (memory.py: tally) -------------------------------------------------------------------------
 local TALLY_MINUTES = 60
-local function tally(key)
-  local tk = P .. 't:' .. key
+local function tally(index)
+  local key = KEYS[index]
   local minute = math.floor(now_s / 60)
-  redis.call('HINCRBY', tk, tostring(minute), 1)
-  local fields = redis.call('HGETALL', tk)
+  redis.call('HINCRBY', key, tostring(minute), 1)
+  local fields = redis.call('HGETALL', key)
   local total = 0
   for i = 1, #fields, 2 do
     if tonumber(fields[i]) <= minute - TALLY_MINUTES then
-      redis.call('HDEL', tk, fields[i])
+      redis.call('HDEL', key, fields[i])
     else
       total = total + tonumber(fields[i + 1])
     end
   end
-  redis.call('EXPIRE', tk, (TALLY_MINUTES + 1) * 60)
+  redis.call('EXPIRE', key, (TALLY_MINUTES + 1) * 60)
   return total
 end
 
 -- one call ------------------------------------------------------------------------------------------
+local wanted_fixed, wanted_rolls = {}, {}
+for _, item in ipairs(req.f) do
+  for _, line in ipairs(item[4]) do gather(wanted_fixed, wanted_rolls, line) end
+end
+for _, part in ipairs({req.s or {}, req.l or {}}) do
+  for _, line in ipairs(part) do gather(wanted_fixed, wanted_rolls, line) end
+end
+for _, hold in ipairs(req.h or {}) do
+  for _, line in ipairs(hold[4]) do gather(wanted_fixed, wanted_rolls, line) end
+end
+read_all(wanted_fixed, wanted_rolls)
+
 local answer = {}
 local malformed = {}
 for _, item in ipairs(req.f) do finish(item, malformed) end
@@ -362,10 +466,34 @@ end
 if req.l then
   local read = {}
   for i, line in ipairs(req.l) do
-    read[i] = load(line) and level(line) or 0
+    read[i] = present(line) and level(line) or 0
   end
   answer.l = read
 end
-if req.x then answer.x = expired(req.x) end
+if req.d then
+  local records = {}
+  for i, item in ipairs(req.d) do records[i] = redis.call('HGET', KEYS[item[1]], item[2]) or 0 end
+  answer.r = records
+end
+if req.x then
+  local out = {}
+  for i, item in ipairs(req.x) do expired(item, i - 1, out) end
+  answer.x = out
+end
 if req.t then answer.t = tally(req.t) end
+
+-- the writes, one command per hash
+for index, fields in pairs(fixed_out) do
+  if next(fields) then
+    local args, states = {}, fixed[index]
+    for name in pairs(fields) do
+      local state = states[name]
+      args[#args + 1] = name
+      args[#args + 1] = text(state[1]) .. ' ' .. text(state[2])
+    end
+    redis.call('HSET', KEYS[index], unpack(args))
+  end
+end
+for index in pairs(roll_out) do roll_write(index) end
+for index, seconds in pairs(refresh) do redis.call('EXPIRE', KEYS[index], seconds) end
 return cjson.encode(answer)

@@ -1,27 +1,38 @@
-"""``redis://``: the counter store shared by every ``meterline serve`` process.
+"""``redis://`` and ``redis+cluster://``: the counter store shared by every ``meterline serve`` process.
 
 Semantics are those of ``quotas/memory.py``, line for line; the script ``redis_counters.lua`` says how it
 keeps them atomic and exact. What this module adds is the traffic plan: ONE round trip per decision.
 
 * Every call is one ``EVALSHA`` of one script that applies, in order, the pending settlements and
-  releases, seeds, reservations, level reads and the expired query.
-* ``settle`` and ``release`` send nothing: they join a buffer that rides along with the next call. So
-  every later read of this process observes them (they run first, in the same atomic call). A daemon
-  thread sends the buffer if no call took it within ``flush_interval_s``, so other processes see it soon.
+  releases, seeds, reservations, level reads and the expired query. Every key it touches is passed in
+  ``KEYS``; the keys of one group (an organization, ``counters.group_of``) share a hash tag, ``{group}``.
+  On Redis Cluster a call carries one group (one slot): a batch of several organizations' decisions is
+  one call per organization. On one Redis a call carries everything.
+* ``settle`` and ``release`` send nothing: they join a buffer that rides along with the next call of
+  their group. So every later read of this process observes them (they run first, in the same atomic
+  call). A daemon thread sends the buffer if no call took it within ``flush_interval_s``, so other
+  processes see it soon.
+* A finish names the counters its hold sits on (``KEYS``), which this process remembers from the
+  reservation (or from ``expired``). For a hold another process made (recovery after a crash) it first
+  reads the hold's record: one more round trip, once.
 * An entry leaves the buffer only once a call that carried it has succeeded. Concurrent calls may carry
   the same entry twice; that is harmless because finishing a hold deletes it, and finishing an unknown
   hold is a no-op. When Redis is unreachable the entries stay and go with the next call.
 * A reply lost after Redis ran a reservation leaves that hold reserved until its lease ends and the
-  reaper (``expired`` + ``release``) gives it back; the caller saw ``CounterStoreUnavailable``.
+  reaper (``expired`` + ``release``) gives it back; the caller saw ``CounterStoreUnavailable``. Nothing
+  is retried (a retried reservation would run twice), also on a cluster: a call that meets a failed
+  master fails, and the client finds the new master for the next one.
+* ``expired`` asks every group with holds: a set ``<prefix>groups`` names them. A process adds a group
+  the first time it reserves in it (one more command, once per group and process) and again every
+  minute, so a restarted Redis learns them again.
 * Hold ids must be unique for good (they are UUIDs): a late duplicate of a finish could otherwise meet
   a newer hold of the same id.
 * Lifetimes are relative to the caller's clock (``EXPIRE`` of ``reset_s + 1 day - now``, not ``EXPIREAT``),
-  so an injected clock and Redis' wall clock never disagree about whether a counter is gone. A hold
-  outlives its lease by a day, so the reaper finds it; a rolling window lives 120 s after its last
-  reservation.
+  so an injected clock and Redis' wall clock never disagree about whether a counter is gone. A rolling
+  window lives 120 s after its last reservation.
 
-Needs Redis >= 6.2 (``GETDEL``), standalone or with replicas (not Redis Cluster: the script builds keys).
-Unreachable, timed out, loading or read-only: ``CounterStoreUnavailable``.
+Needs Redis >= 7.0, standalone (with replicas or not) or Redis Cluster. Unreachable, timed out, loading,
+read-only or a cluster without a master for the slot: ``CounterStoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -29,26 +40,30 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import deque
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from meterline.quotas.counters import (
     CounterStoreUnavailable,
     Hold,
     Level,
     Line,
+    Release,
     Seed,
     Settlement,
     Verdict,
     WindowKind,
+    group_of,
 )
 from meterline.storage.redis_connections import RedisConnections
 
@@ -56,31 +71,27 @@ log = logging.getLogger("meterline.quotas.redis")
 
 _SCRIPT = (files("meterline.storage") / "redis_counters.lua").read_text(encoding="utf-8")
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts by SHA-1
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what HINCRBY can hold
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what a counter may hold, as in the database store
 _KIND_CODE: dict[str, str] = {"fixed": "f", "rolling": "r"}
 _KIND: dict[str, WindowKind] = {"f": "fixed", "r": "rolling"}
 _FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
 _MIN_TTL_S = 3_600  # a seed of a long-gone window must not vanish before it is used
-_BATCH = 10_000  # finishes per call while draining a backlog: keeps each script short for Redis
+_BATCH = 1_000  # finishes per call while draining a backlog: keeps each script short for Redis
+_REGISTER_EVERY_S = 60.0
+_EXPIRED_KEYS_PER_CALL = 500
 # Redis answers that mean "not now" rather than "wrong".
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme.lower() in _CLUSTER_SCHEMES
 
 
 def _int(value: int) -> str:
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise ValueError(f"{value} does not fit a 64-bit counter")
     return str(value)
-
-
-def _line(line: Line) -> list[Any]:
-    return [
-        line.key,
-        _KIND_CODE[line.kind],
-        _int(line.amount),
-        _int(line.maximum),
-        1 if line.block else 0,
-        line.reset_s,
-    ]
 
 
 def _level(raw: list[Any]) -> Level:
@@ -100,21 +111,168 @@ def _verdict(raw: list[Any]) -> Verdict:
     )
 
 
-def _hold(stored: bytes | str) -> Hold:
-    _second, (hold_id, expires_us, lines, _ttl) = orjson.loads(stored)
+def _record(hold: Hold, now_s: int) -> bytes:
+    """What the script stores for a hold: its lease first (the expired query reads only that), the
+    second it was reserved, its lines."""
+    return orjson.dumps(
+        [
+            hold.expires_us,
+            now_s,
+            [
+                [ln.key, _KIND_CODE[ln.kind], _int(ln.amount), _int(ln.maximum), int(ln.block), ln.reset_s]
+                for ln in hold.lines
+            ],
+        ]
+    )
+
+
+def _hold(hold_id: str, group: str, stored: bytes | str) -> Hold:
+    expires_us, _second, lines = orjson.loads(stored)
     return Hold(
-        id=hold_id,
-        lines=tuple(
+        hold_id,
+        tuple(
             Line(key, int(amount), int(maximum), bool(block), _KIND[kind], int(reset_s))
             for key, kind, amount, maximum, block, reset_s in lines
         ),
-        expires_us=int(expires_us),
+        int(expires_us),
+        group,
     )
 
 
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}{parts.path}"
+
+
+class _Keys:
+    """Key names of one prefix: every key of a group carries the group as its hash tag."""
+
+    def __init__(self, prefix: str) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"a Redis key prefix may not hold braces (hash tags): {prefix!r}")
+        self.prefix = prefix
+        self.groups = f"{prefix}groups"
+        self._tags: dict[str, str] = {}
+
+    def tag(self, group: str) -> str:
+        tag = self._tags.get(group)
+        if tag is None:
+            # "{}" would not be a hash tag (Redis would hash the whole name): the empty group is "{-}".
+            tag = self._tags[group] = f"{self.prefix}{{{group or '-'}}}"
+            if len(self._tags) > 100_000:
+                self._tags.clear()
+        return tag
+
+    def holds(self, group: str) -> str:
+        return f"{self.tag(group)}h"
+
+    def counter(self, line: Line | Seed) -> str:
+        """The hash of a line's counter: a fixed window's counters share one per group and end."""
+        if line.kind == "fixed":
+            return f"{self.tag(group_of(line.key))}f:{line.reset_s}"
+        return f"{self.tag(group_of(line.key))}r:{line.key}"
+
+    def tally(self, key: str) -> str:
+        return f"{self.tag(group_of(key))}t:{key}"
+
+
+# Where a finish's lines sit: per line, (hash key, field or 0, kind code, reset).
+_Refs = tuple[tuple[str, str | int, str, int], ...]
+
+
+def _refs(keys: _Keys, lines: Iterable[Line]) -> _Refs:
+    return tuple(
+        (keys.counter(ln), ln.key if ln.kind == "fixed" else 0, _KIND_CODE[ln.kind], ln.reset_s)
+        for ln in lines
+    )
+
+
+class _Call:
+    """One script call being built: the keys it names (1-based, as Lua counts) and its request."""
+
+    __slots__ = ("args", "index", "keys", "parts")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[bytes] = []  # records to store, after the request: ARGV[2], ARGV[3], ...
+        self.index: dict[str, int] = {}
+        self.parts: dict[str, Any] = {}
+
+    def key(self, name: str) -> int:
+        found = self.index.get(name)
+        if found is None:
+            self.keys.append(name)
+            found = self.index[name] = len(self.keys)
+        return found
+
+    def line(
+        self, ref: tuple[str, str | int, str, int], amount: str = "0", maximum: str = "-1", block: int = 0
+    ) -> list[Any]:
+        name, field, kind, reset_s = ref
+        return [self.key(name), field, kind, amount, maximum, block, reset_s]
+
+    def add(self, part: str, item: Any) -> None:
+        self.parts.setdefault(part, []).append(item)
+
+
+class _Standalone:
+    """Commands to one Redis server (our connection list: see ``redis_connections.py`` for why)."""
+
+    def __init__(self, url: str, limit: int, timeout_s: float) -> None:
+        self._connections = RedisConnections(url, limit=limit, timeout_s=timeout_s)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._connections.call(*args)
+
+    def load_script(self, script: str) -> None:
+        self._connections.call("SCRIPT", "LOAD", script)
+
+    def close(self) -> None:
+        self._connections.close()
+
+
+class _Cluster:
+    """Commands to a Redis Cluster through redis-py's ``RedisCluster``: it keeps the slot map and a pool
+    per node and sends each command to the master of its keys' slot (following MOVED and ASK)."""
+
+    def __init__(self, url: str, limit: int, timeout_s: float) -> None:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        parts = urlsplit(url)
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = credentials.partition(":")
+        nodes = []
+        for host in hosts.split(","):
+            name, _, port = host.rpartition(":") if ":" in host else (host, "", "6379")
+            nodes.append(ClusterNode(name.strip("[]"), int(port or 6379)))  # type: ignore[no-untyped-call]
+        # No retries: a command retried after a lost reply could run twice (a reservation made twice).
+        # A failed command asks for a new slot map, which the next command uses.
+        self._client = RedisCluster(
+            startup_nodes=nodes,
+            username=unquote(username) or None,
+            password=unquote(password) or None,
+            ssl=parts.scheme.lower().startswith("rediss"),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=limit,
+        )
+
+    def __call__(self, *args: Any) -> Any:
+        return self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    def load_script(self, script: str) -> None:
+        self._client.script_load(script)  # on every master
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _Finish:
+    __slots__ = ("actual", "group", "hold_id", "seq")
+
+    def __init__(self, seq: int, hold_id: str, group: str, actual: list[str] | int) -> None:
+        self.seq, self.hold_id, self.group, self.actual = seq, hold_id, group, actual
 
 
 class RedisCounterStore:
@@ -133,15 +291,23 @@ class RedisCounterStore:
         # Threads beyond ``max_connections`` wait for a connection (up to the socket timeout) instead of
         # opening ever more of them. Nothing is retried: the engine decides what an unreachable store
         # means (fail closed or open).
-        self._redis = RedisConnections(url, limit=max_connections, timeout_s=socket_timeout_s)
+        self._cluster = is_cluster_url(url)
+        self._send_command: _Standalone | _Cluster = (_Cluster if self._cluster else _Standalone)(
+            url, max_connections, socket_timeout_s
+        )
         self._url = url
         self._where = _redacted(url)
-        self._prefix = prefix
+        self._keys = _Keys(prefix)
         self._flush_interval_s = flush_interval_s
         self._max_pending = max_pending
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pending: deque[tuple[int, bytes]] = deque()  # (sequence number, encoded finish)
+        self._pending: dict[int, _Finish] = {}  # by sequence number, oldest first
+        # hold id -> where its lines sit and its lease, for the holds this process knows
+        self._held: dict[str, tuple[_Refs, int]] = {}
+        self._now_us = 0  # the latest clock a reservation came with
+        self._registered: set[str] = set()
+        self._registered_at = time.monotonic()
         self._seq = 0
         self._dropped = 0
         self._closing = False
@@ -152,56 +318,126 @@ class RedisCounterStore:
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
         if not holds:
             return []
-        # The hold's key outlives its lease by a day: long enough for the reaper, not forever.
-        lease_s = [max(-(-(hold.expires_us - now_us) // 1_000_000), 0) + _FORGET_AFTER_S for hold in holds]
-        encoded = [
-            [hold.id, _int(hold.expires_us), [_line(line) for line in hold.lines], ttl]
-            for hold, ttl in zip(holds, lease_s, strict=True)
-        ]
-        answer = self._call(now_us, {"h": encoded})
-        verdicts = [_verdict(raw) for raw in answer["v"]]
-        if "d" in answer:
-            raise ValueError(f"reservation {holds[int(answer['d'])].id} exists already")
+        now_s = now_us // 1_000_000
+        keys = self._keys
+        calls: dict[str, _Call] = {}
+        placed: list[tuple[str, int]] = []  # per hold: its call and its place in it
+        refs: list[_Refs] = []
+        for hold in holds:
+            group = hold.group if hold.group or not hold.lines else group_of(hold.lines[0].key)
+            if any(group_of(ln.key) != group for ln in hold.lines):
+                raise ValueError(f"reservation {hold.id} has lines of another group than {group!r}")
+            if group not in self._registered:
+                self._register(group)
+            route = group if self._cluster else ""
+            call = calls.get(route)
+            if call is None:
+                call = calls[route] = _Call()
+            where = _refs(keys, hold.lines)
+            refs.append(where)
+            lines = [
+                call.line(ref, _int(ln.amount), _int(ln.maximum), int(ln.block))
+                for ref, ln in zip(where, hold.lines, strict=True)
+            ]
+            call.args.append(_record(hold, now_s))
+            call.add("h", [call.key(keys.holds(group)), hold.id, len(call.args) + 1, lines])
+            placed.append((route, len(call.parts["h"]) - 1))
+        answers = {route: self._send(route, call, now_us) for route, call in calls.items()}
+        for route, answer in answers.items():
+            if "d" in answer:
+                duplicate = next(
+                    h for h, (r, i) in zip(holds, placed, strict=True) if r == route and i == answer["d"]
+                )
+                raise ValueError(f"reservation {duplicate.id} exists already")
+        verdicts = [_verdict(answers[route]["v"][i]) for route, i in placed]
+        with self._lock:
+            for hold, where, verdict in zip(holds, refs, verdicts, strict=True):
+                if verdict.admitted:
+                    self._held[hold.id] = (where, hold.expires_us)
+            self._now_us = max(self._now_us, now_us)
         return verdicts
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
-        self._enqueue([orjson.dumps([s.hold_id, [_int(a) for a in s.actual]]) for s in settlements])
+        self._enqueue([(s.hold_id, s.group, [_int(a) for a in s.actual]) for s in settlements])
 
-    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
-        self._enqueue([orjson.dumps([hold_id]) for hold_id in hold_ids])
+    def release(self, releases: Sequence[Release], now_us: int) -> None:
+        self._enqueue([(r.hold_id, r.group, 0) for r in releases])
 
     def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
         if not seeds:
             return
         now_s = now_us // 1_000_000
-        encoded = [
-            [
-                seed.key,
-                _KIND_CODE[seed.kind],
-                seed.reset_s,
-                _int(seed.used),
-                [[second, _int(amount)] for second, amount in sorted(seed.buckets)],
-                max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S),  # seconds from now
-            ]
-            for seed in seeds
-        ]
-        self._call(now_us, {"s": encoded})
+        calls: dict[str, _Call] = {}
+        for seed in seeds:
+            route = group_of(seed.key) if self._cluster else ""
+            call = calls.get(route)
+            if call is None:
+                call = calls[route] = _Call()
+            fixed = seed.kind == "fixed"
+            call.add(
+                "s",
+                [
+                    call.key(self._keys.counter(seed)),
+                    seed.key if fixed else 0,
+                    _KIND_CODE[seed.kind],
+                    seed.reset_s,
+                    _int(seed.used),
+                    [[second, _int(amount)] for second, amount in sorted(seed.buckets)],
+                    max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S),  # seconds from now
+                ],
+            )
+        for route, call in calls.items():
+            self._send(route, call, now_us)
 
     def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
         if not lines:
             return []
-        answer = self._call(now_us, {"l": [[line.key, _KIND_CODE[line.kind]] for line in lines]})
-        return [_level(raw) if raw else None for raw in answer["l"]]
+        calls: dict[str, _Call] = {}
+        placed: list[tuple[str, int]] = []
+        for ln in lines:
+            route = group_of(ln.key) if self._cluster else ""
+            call = calls.get(route)
+            if call is None:
+                call = calls[route] = _Call()
+            call.add("l", call.line(_refs(self._keys, (ln,))[0]))
+            placed.append((route, len(call.parts["l"]) - 1))
+        answers = {route: self._send(route, call, now_us)["l"] for route, call in calls.items()}
+        out: list[Level | None] = []
+        for route, i in placed:
+            raw = answers[route][i]
+            out.append(_level(raw) if raw else None)
+        return out
 
     def ping(self, now_us: int) -> None:
-        self._call(now_us, {})  # a script call like any other: it also carries the buffered finishes
+        self._send("", _Call(), now_us)  # a script call like any other: it also carries buffered finishes
 
     def expired(self, now_us: int, limit: int = 100) -> list[Hold]:
-        answer = self._call(now_us, {"x": max(limit, 0)})
-        return [_hold(stored) for stored in answer["x"]]
+        limit = max(limit, 0)
+        groups = sorted(
+            group.decode() if isinstance(group, bytes) else str(group)
+            for group in self._command("SMEMBERS", self._keys.groups)
+        )
+        found: list[tuple[int, str, str, str]] = []
+        chunk = 1 if self._cluster else _EXPIRED_KEYS_PER_CALL
+        for start in range(0, len(groups), chunk):
+            call = _Call()
+            part = groups[start : start + chunk]
+            for group in part:
+                call.add("x", [call.key(self._keys.holds(group)), limit])
+            answer = self._send(part[0] if self._cluster else "", call, now_us)
+            for hold_id, stored, position in answer["x"]:
+                found.append((int(orjson.loads(stored)[0]), hold_id, part[position], stored))
+        found.sort()
+        holds = [_hold(hold_id, group, stored) for _expires, hold_id, group, stored in found[:limit]]
+        with self._lock:
+            for hold in holds:
+                self._held[hold.id] = (_refs(self._keys, hold.lines), hold.expires_us)
+        return holds
 
     def tally(self, key: str, now_us: int) -> int:
-        return int(self._call(now_us, {"t": key})["t"])
+        call = _Call()
+        call.parts["t"] = call.key(self._keys.tally(key))
+        return int(self._send(group_of(key) if self._cluster else "", call, now_us)["t"])
 
     def close(self) -> None:
         with self._wake:
@@ -215,7 +451,7 @@ class RedisCounterStore:
         except CounterStoreUnavailable as exc:
             log.warning("closing with %d settlements/releases unsent: %s", len(self._pending), exc)
         finally:
-            self._redis.close()
+            self._send_command.close()
 
     # -- the buffer -----------------------------------------------------------------------------
     @property
@@ -225,21 +461,23 @@ class RedisCounterStore:
 
     def flush(self) -> None:
         """Send buffered settlements and releases now."""
-        if self._pending:
-            self._call(0, {})
+        with self._lock:
+            routes = {finish.group if self._cluster else "" for finish in self._pending.values()}
+        for route in sorted(routes):
+            self._send(route, _Call(), 0)
 
-    def _enqueue(self, items: list[bytes]) -> None:
+    def _enqueue(self, items: list[tuple[str, str, list[str] | int]]) -> None:
         if not items:
             return
         with self._wake:
             was_empty = not self._pending
-            for item in items:
+            for hold_id, group, actual in items:
                 self._seq += 1
-                self._pending.append((self._seq, item))
+                self._pending[self._seq] = _Finish(self._seq, hold_id, group, actual)
             overflow = len(self._pending) - self._max_pending
-            for _ in range(max(overflow, 0)):
-                self._pending.popleft()
             if overflow > 0:
+                for seq in list(self._pending)[:overflow]:
+                    del self._pending[seq]
                 self._dropped += overflow
                 log.warning(
                     "Redis counter buffer full (%d): dropped the oldest %d settlements/releases (%d in "
@@ -251,27 +489,25 @@ class RedisCounterStore:
             if was_empty:
                 self._wake.notify()
 
-    def _confirmed(self, upto: int) -> None:
-        with self._lock:
-            while self._pending and self._pending[0][0] <= upto:
-                self._pending.popleft()
-
     def _flush_loop(self) -> None:
         backoff = self._flush_interval_s
         while True:
             with self._wake:
-                while not self._pending and not self._closing:
-                    self._wake.wait()
+                if not self._pending and not self._closing:
+                    self._wake.wait(_REGISTER_EVERY_S / 4)  # woken by the first entry of an empty buffer
                 if self._closing:
                     return
-                oldest = self._pending[0][0]
-                self._wake.wait(self._flush_interval_s)  # a call may take them along meanwhile
-                if self._closing:
-                    return
-                if not self._pending or self._pending[0][0] > oldest:
-                    continue
+                oldest = next(iter(self._pending), None)
+                if oldest is not None:
+                    self._wake.wait(self._flush_interval_s)  # a call may take them along meanwhile
+                    if self._closing:
+                        return
+                due = oldest is not None and oldest in self._pending
             try:
-                self.flush()
+                if self._registration_due():
+                    self._register_again()
+                if due:
+                    self.flush()
                 backoff = self._flush_interval_s
             except Exception as exc:
                 log.warning("could not send settlements to Redis (retrying): %s", exc)
@@ -280,50 +516,116 @@ class RedisCounterStore:
                     if not self._closing:
                         self._wake.wait(backoff)
 
+    # -- groups ---------------------------------------------------------------------------------
+    def _register(self, group: str) -> None:
+        self._command("SADD", self._keys.groups, group)
+        with self._lock:
+            self._registered.add(group)
+
+    def _registration_due(self) -> bool:
+        return bool(self._registered) and time.monotonic() - self._registered_at >= _REGISTER_EVERY_S
+
+    def _register_again(self) -> None:
+        """The groups this process reserved in, named again: a Redis restarted empty learns them back.
+        Also forgets where holds sit that are a day past their lease (another process finished them)."""
+        with self._lock:
+            groups = sorted(self._registered)
+            horizon = self._now_us - _FORGET_AFTER_S * 1_000_000
+            for hold_id in [h for h, (_refs, expires_us) in self._held.items() if expires_us < horizon]:
+                del self._held[hold_id]
+        self._registered_at = time.monotonic()
+        if groups:
+            self._command("SADD", self._keys.groups, *groups)
+
     # -- the call -------------------------------------------------------------------------------
-    def _call(self, now_us: int, parts: dict[str, Any]) -> dict[str, Any]:
-        """One script call carrying every buffered finish; returns the script's answer."""
-        now = {"n": now_us // 1_000_000, "u": str(now_us)}
+    def _send(self, route: str, call: _Call, now_us: int) -> dict[str, Any]:
+        """One script call of ``route`` (a group on a cluster, else everything) carrying the buffered
+        finishes of the route; returns the script's answer."""
         while True:
             with self._lock:
-                batch = list(self._pending) if len(self._pending) <= _BATCH else None
-                if batch is None:
-                    backlog = [self._pending[i] for i in range(_BATCH)]
-            if batch is not None:
+                finishes = [f for f in self._pending.values() if not self._cluster or f.group == route]
+                unknown = [f for f in finishes if f.hold_id not in self._held]
+            if unknown:
+                self._describe(route, unknown, now_us)
+                continue
+            if len(finishes) <= _BATCH:
                 break
-            self._send(backlog, now)  # drain in short scripts first: Redis serves others in between
-        return self._send(batch, {**now, **parts})
+            self._send_finishes(route, _Call(), finishes[:_BATCH], now_us)  # a backlog: short scripts first
+        return self._send_finishes(route, call, finishes, now_us)
 
-    def _send(self, finishes: list[tuple[int, bytes]], parts: dict[str, Any]) -> dict[str, Any]:
-        body = orjson.dumps(parts)
-        request = b'{"f":[' + b",".join(item for _, item in finishes) + b"]" + (b"," if parts else b"")
-        request += body[1:]
+    def _send_finishes(self, route: str, call: _Call, finishes: list[_Finish], now_us: int) -> dict[str, Any]:
+        keys = self._keys
+        items: list[list[Any]] = []
+        with self._lock:
+            for finish in finishes:
+                refs = self._held[finish.hold_id][0]
+                items.append(
+                    [
+                        call.key(keys.holds(finish.group)),
+                        finish.hold_id,
+                        finish.actual,
+                        [call.line(r) for r in refs],
+                    ]
+                )
+        request = orjson.dumps({"n": now_us // 1_000_000, "u": str(now_us), "f": items, **call.parts})
         try:
-            raw = self._evalsha(request)
+            raw = self._evalsha(call.keys, [request, *call.args])
         except ResponseError as exc:
             if str(exc).startswith(_TRANSIENT):
                 raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
-            # The script stopped part way (e.g. a counter would pass 2^63). Finishes before the fault
-            # were applied; sending the rest again would fail the same way on every later call.
+            # The script stopped part way. Finishes before the fault were applied; sending the rest again
+            # would fail the same way on every later call.
             if finishes:
                 log.error("dropping %d settlements/releases after a script error: %s", len(finishes), exc)
-                self._confirmed(finishes[-1][0])
+                self._confirmed(finishes)
             raise RuntimeError(f"Redis counter script failed: {exc}") from exc
-        if finishes:
-            self._confirmed(finishes[-1][0])
+        self._confirmed(finishes)
         answer: dict[str, Any] = orjson.loads(raw)
         if "b" in answer:
             log.error("settlements with the wrong number of amounts were dropped: %s", answer["b"])
         return answer
 
-    def _evalsha(self, request: bytes) -> bytes:
+    def _describe(self, route: str, unknown: list[_Finish], now_us: int) -> None:
+        """Learn where holds made by another process sit (their records); finishes of holds Redis does
+        not know are done already."""
+        call = _Call()
+        for finish in unknown:
+            call.add("d", [call.key(self._keys.holds(finish.group)), finish.hold_id])
+        records = self._send_finishes(route, call, [], now_us)["r"]
+        gone: list[_Finish] = []
+        with self._lock:
+            for finish, stored in zip(unknown, records, strict=True):
+                if stored == 0:
+                    gone.append(finish)
+                else:
+                    hold = _hold(finish.hold_id, finish.group, stored)
+                    self._held[finish.hold_id] = (_refs(self._keys, hold.lines), hold.expires_us)
+        self._confirmed(gone)
+
+    def _confirmed(self, finishes: Iterable[_Finish]) -> None:
+        with self._lock:
+            for finish in finishes:
+                self._pending.pop(finish.seq, None)
+                self._held.pop(finish.hold_id, None)
+
+    def _evalsha(self, keys: list[str], args: list[bytes]) -> bytes:
         try:
             try:
-                raw = self._redis.call("EVALSHA", _SHA, 0, request, self._prefix)
-            except NoScriptError:  # a new or restarted server: load once, then run
-                self._redis.call("SCRIPT", "LOAD", _SCRIPT)
-                raw = self._redis.call("EVALSHA", _SHA, 0, request, self._prefix)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
+            except NoScriptError:  # a new or restarted server (or a promoted replica): load, then run
+                self._send_command.load_script(_SCRIPT)
+                raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
         assert isinstance(raw, bytes)
         return raw
+
+    def _command(self, *args: Any) -> Any:
+        try:
+            return self._send_command(*args)
+        except ResponseError as exc:
+            if str(exc).startswith(_TRANSIENT):
+                raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
+            raise
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+            raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc

@@ -42,10 +42,12 @@ from meterline.quotas.counters import (
     Hold,
     Level,
     Line,
+    Release,
     Seed,
     Settlement,
     Verdict,
     WindowKind,
+    group_of,
 )
 from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
@@ -93,6 +95,11 @@ def _decode_lines(text: str) -> tuple[Line, ...]:
         for k, c, a, m, b, r in orjson.loads(text)
     )
 
+
+
+def _hold(hold_id: str, lines: tuple[Line, ...], expires_us: int) -> Hold:
+    # The group is not stored: it is the lines' own (a hold without lines has none to be routed by here).
+    return Hold(hold_id, lines, expires_us, group_of(lines[0].key) if lines else "")
 
 class _State:
     """What one transaction loaded, kept to write back only what changed."""
@@ -157,8 +164,8 @@ class SqlCounterStore:
                 _int(amount)
         self._queue(_Call("finish", now_us, finishes=[(s.hold_id, s.actual) for s in settlements]))
 
-    def release(self, hold_ids: Sequence[str], now_us: int) -> None:
-        self._queue(_Call("finish", now_us, finishes=[(hold_id, None) for hold_id in hold_ids]))
+    def release(self, releases: Sequence[Release], now_us: int) -> None:
+        self._queue(_Call("finish", now_us, finishes=[(r.hold_id, None) for r in releases]))
 
     def seed(self, seeds: Sequence[Seed], now_us: int) -> None:
         if seeds:
@@ -352,7 +359,7 @@ class SqlCounterStore:
             f"ORDER BY expires_us, id LIMIT {p}",
             (now_us, limit),
         ).all()
-        return [Hold(str(r[0]), _decode_lines(str(r[2])), int(r[1])) for r in rows]
+        return [_hold(str(r[0]), _decode_lines(str(r[2])), int(r[1])) for r in rows]
 
     def _load(self, conn: Connection, lines: Iterable[Line], hold_ids: Sequence[str]) -> _State:
         """The counters of ``lines`` and the holds ``hold_ids`` (locked on PostgreSQL), in a book."""
@@ -412,7 +419,7 @@ class SqlCounterStore:
                 counters.append(
                     found if found is not None else (Fixed(0, 0, 0) if line.kind == "fixed" else Rolling())
                 )
-            book.holds[hold_id] = Held(Hold(hold_id, held_lines, expires_us), second, counters)
+            book.holds[hold_id] = Held(_hold(hold_id, held_lines, expires_us), second, counters)
             state.holds.add(hold_id)
         return state
 
