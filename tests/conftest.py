@@ -29,7 +29,14 @@ from meterline.services import Services, build_services
 from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
 from meterline.storage.tables import metadata
-from servers import PostgresServer, RedisServer, start_postgres, start_redis
+from servers import (
+    PostgresServer,
+    RedisCluster,
+    RedisServer,
+    start_postgres,
+    start_redis,
+    start_redis_cluster,
+)
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 NOW = datetime(2026, 3, 14, 10, 30, 0, tzinfo=UTC)
@@ -111,6 +118,26 @@ def shared_redis() -> Iterator[RedisServer]:
     server = start_redis()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster() -> Iterator[RedisCluster]:
+    """One real Redis Cluster for the session: three masters, a replica each (Debian's redis-server)."""
+    if not _redis_available():
+        if os.environ.get("METERLINE_REQUIRE_POSTGRES"):
+            pytest.fail("redis-server is required (METERLINE_REQUIRE_POSTGRES) but not installed")
+        pytest.skip("redis-server not installed")
+    cluster = start_redis_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url_clean(shared_redis_cluster: RedisCluster) -> str:
+    """The shared cluster, emptied for this test (a test that fails a master over gets its own)."""
+    for port in shared_redis_cluster.live_ports():
+        shared_redis_cluster.command(port, "FLUSHALL")  # replicas refuse: they follow their master
+    return shared_redis_cluster.url
 
 
 @pytest.fixture

@@ -48,10 +48,12 @@ import httpx
 
 __all__ = [
     "PostgresServer",
+    "RedisCluster",
     "RedisServer",
     "free_port",
     "start_postgres",
     "start_redis",
+    "start_redis_cluster",
 ]
 
 HOST = "127.0.0.1"
@@ -499,6 +501,141 @@ def start_redis(base_dir: Path | None = None) -> RedisServer:
         raise AssertionError("unreachable")  # pragma: no cover
     except BaseException:
         server.stop()
+        raise
+
+
+@dataclass
+class RedisCluster:
+    """A running throw-away Redis Cluster: masters with one replica each, loopback, no persistence.
+
+    ``url`` is what Meterline takes (``redis+cluster://`` with every node as a seed)."""
+
+    url: str
+    ports: list[int]
+    base_dir: Path | None = field(default=None, repr=False)
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    def command(self, port: int, *args: str) -> str:
+        """One command to one node, through redis-cli (its reply as text)."""
+        done = subprocess.run(
+            [_redis_cli(), "-h", HOST, "-p", str(port), *args], capture_output=True, text=True, timeout=30
+        )
+        return done.stdout
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that serves ``key``'s slot now."""
+        slot = int(self.command(self.live_ports()[0], "CLUSTER", "KEYSLOT", key).strip())
+        for line in self.command(self.live_ports()[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for span in fields[8:]:
+                low, _, high = span.partition("-")
+                if span[0].isdigit() and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def live_ports(self) -> list[int]:
+        return [port for port, proc in self.processes.items() if proc.poll() is None]
+
+    def kill(self, port: int) -> None:
+        """``kill -9`` one node."""
+        proc = self.processes[port]
+        proc.kill()
+        proc.wait(timeout=10)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says the cluster is ok and no live node counts a master as failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [self.command(port, "CLUSTER", "INFO") for port in self.live_ports()]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the cluster did not become ok: {states}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        try:
+            for proc in self.processes.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+        finally:
+            _rmtree(self.base_dir)
+
+
+def _redis_cli() -> str:
+    path = shutil.which("redis-cli")
+    if path is None:
+        raise RuntimeError("redis-cli not found on PATH (Debian's redis-tools, installed with redis-server)")
+    return path
+
+
+def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> RedisCluster:
+    """Start ``2 * masters`` nodes (``--cluster-enabled yes``) and join them with ``redis-cli --cluster
+    create`` (one replica per master). Fails over a dead master after a second (``cluster-node-timeout``)."""
+    redis_bin = _find_redis()
+    root = _make_temp_dir("meterline-redis-cluster-", base_dir)
+    cluster = RedisCluster(url="", ports=[], base_dir=root)
+    atexit.register(cluster.stop)
+    try:
+        for _ in range(masters * 2):
+            port = free_port()
+            node_dir = root / str(port)
+            node_dir.mkdir()
+            log = (node_dir / "redis.log").open("ab")
+            cluster.processes[port] = subprocess.Popen(
+                [
+                    redis_bin, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                    "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout", "1000", "--dir", str(node_dir),
+                    "--cluster-port", str(free_port()),  # else port + 10000, which may not exist
+                ],
+                cwd=node_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            log.close()
+            cluster.ports.append(port)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for port in cluster.ports:
+            while not _redis_ping(port):
+                if cluster.processes[port].poll() is not None or time.monotonic() > deadline:
+                    log_text = _tail(root / str(port) / "redis.log")
+                    raise RuntimeError(f"cluster node {port} did not start:\n{log_text}")
+                time.sleep(0.02)
+        created = subprocess.run(
+            [
+                _redis_cli(), "--cluster", "create", *[f"{HOST}:{port}" for port in cluster.ports],
+                "--cluster-replicas", "1", "--cluster-yes",
+            ],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
+        cluster.wait_ok(STARTUP_TIMEOUT)
+        # Every replica in sync with its master, so that a failover finds a complete copy.
+        while True:
+            roles = [cluster.command(port, "INFO", "replication") for port in cluster.ports]
+            if all("master_link_status:up" in r for r in roles if "role:slave" in r) and sum(
+                "role:slave" in r for r in roles
+            ) == masters:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster's replicas did not sync: {roles}")
+            time.sleep(0.1)
+        cluster.url = "redis+cluster://" + ",".join(f"{HOST}:{port}" for port in cluster.ports)
+        return cluster
+    except BaseException:
+        cluster.stop()
         raise
 
 

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,14 +101,20 @@ def _database(request: pytest.FixtureRequest, kind: str) -> str:
     return url
 
 
-@pytest.fixture(params=["memory", "redis", "sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], CounterStore]]:
     """Stores of one kind. Two Redis stores are two processes sharing one Redis, two database stores
     two processes sharing one database (each its own engine); memory has only one."""
     made: list[CounterStore] = []
     databases: list[Database] = []
     kind = request.param
-    url = request.getfixturevalue("redis_url") if kind == "redis" else None
+    url = (
+        request.getfixturevalue("redis_url")
+        if kind == "redis"
+        else request.getfixturevalue("redis_cluster_url_clean")
+        if kind == "redis-cluster"
+        else None
+    )
     db_url = _database(request, kind) if kind in ("sqlite", "postgresql") else None
     memory = MemoryCounterStore()
 
@@ -604,30 +610,36 @@ def test_the_buffer_is_capped() -> None:
 # -- the same answers as the reference, on random traffic -----------------------------------------
 
 
-def _random_line(rng: random.Random) -> Line:
+def _random_key(rng: random.Random, groups: Sequence[str], group: str | None = None) -> str:
+    """One of a few keys; of ``group``, or of any of ``groups`` (organizations, like the engine's keys)."""
+    group = rng.choice(groups) if group is None else group
+    return f"{group}|{rng.choice('abc')}" if group else rng.choice("abc")
+
+
+def _random_line(rng: random.Random, groups: Sequence[str], group: str | None = None) -> Line:
     amount = rng.choice([0, 1, 3, 7, 2**54 + rng.randrange(5)])
     maximum = rng.choice([-1, 0, 5, 20, 60, 2**56])
     kind: WindowKind = "fixed" if rng.random() < 0.5 else "rolling"
-    key = rng.choice(["a", "b", "c"])
+    key = _random_key(rng, groups, group)
     return Line(key, amount, maximum, rng.random() < 0.7, kind, _window_end(key) if kind == "fixed" else 0)
 
 
 def _window_end(key: str) -> int:
     """A fixed counter's window ends when its key says (as the engine's keys name their window)."""
-    return DAY_END + "abc".index(key)
+    return DAY_END + "abc".index(key[-1])
 
 
-def _random_seed(rng: random.Random, now_us: int) -> Seed:
+def _random_seed(rng: random.Random, now_us: int, groups: Sequence[str]) -> Seed:
+    key = _random_key(rng, groups)
     if rng.random() < 0.5:
-        key = rng.choice("abc")
         return Seed(key, "fixed", _window_end(key), used=rng.choice([0, 4, 2**54]))
     buckets = tuple(
         (now_us // 1_000_000 - rng.randrange(70), rng.choice([0, 1, 5])) for _ in range(rng.randrange(4))
     )
-    return Seed(rng.choice("abc"), "rolling", 0, buckets=buckets)
+    return Seed(key, "rolling", 0, buckets=buckets)
 
 
-def _play(store: CounterStore, rng: random.Random, steps: int) -> list[Any]:
+def _play(store: CounterStore, rng: random.Random, steps: int, groups: Sequence[str] = ("",)) -> list[Any]:
     answers: list[Any] = []
     now, serial = NOW, 0
     holds: dict[str, Hold] = {}  # the admitted ones, by id (an id comes back once its hold is gone)
@@ -636,28 +648,34 @@ def _play(store: CounterStore, rng: random.Random, steps: int) -> list[Any]:
         op = rng.random()
         try:
             if op < 0.12:
-                store.seed([_random_seed(rng, now) for _ in range(rng.randrange(1, 3))], now)
+                store.seed([_random_seed(rng, now, groups) for _ in range(rng.randrange(1, 3))], now)
                 answers.append("seeded")
             elif op < 0.5:
                 batch = []
                 for _ in range(rng.randrange(1, 3)):
                     serial += 1
                     hold_id = rng.choice(list(holds)) if holds and rng.random() < 0.03 else f"h{serial}"
-                    lines = tuple(_random_line(rng) for _ in range(rng.randrange(0, 4)))
-                    batch.append(Hold(hold_id, lines, now + rng.randrange(1, 60_000_000) * 1000 + serial))
+                    # A reused id comes with its group: a store spread over servers finds it only there.
+                    group = holds[hold_id].group if hold_id in holds else rng.choice(groups)
+                    lines = tuple(_random_line(rng, groups, group) for _ in range(rng.randrange(0, 4)))
+                    expires_us = now + rng.randrange(1, 60_000_000) * 1000 + serial
+                    batch.append(Hold(hold_id, lines, expires_us, group))
                 verdicts = store.reserve(batch, now)
                 holds.update((h.id, h) for h, v in zip(batch, verdicts, strict=False) if v.admitted)
                 answers.append(verdicts)
             elif op < 0.7 and holds:
                 chosen = rng.choice(list(holds.values()))
                 actual = tuple(rng.choice([0, 2, line.amount, line.amount + 4]) for line in chosen.lines)
-                store.settle([Settlement(chosen.id, actual)], now)
+                store.settle([Settlement(chosen.id, actual, chosen.group)], now)
                 answers.append("settled")
             elif op < 0.78 and holds:
-                store.release([Release(rng.choice(list(holds)))], now)
+                chosen = rng.choice(list(holds.values()))
+                store.release([Release(chosen.id, chosen.group)], now)
                 answers.append("released")
             elif op < 0.95:
-                answers.append(store.levels([_random_line(rng) for _ in range(rng.randrange(1, 5))], now))
+                answers.append(
+                    store.levels([_random_line(rng, groups) for _ in range(rng.randrange(1, 5))], now)
+                )
             else:
                 answers.append(store.expired(now, limit=rng.randrange(0, 6)))
         except ValueError as exc:
@@ -667,13 +685,20 @@ def _play(store: CounterStore, rng: random.Random, steps: int) -> list[Any]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_redis_answers_exactly_as_memory_on_random_traffic(redis_url: str, seed: int) -> None:
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_redis_answers_exactly_as_memory_on_random_traffic(
+    request: pytest.FixtureRequest, kind: str, seed: int
+) -> None:
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
     memory = MemoryCounterStore()
     # The traffic reuses hold ids, which the engine never does; with the flusher racing the calls, a
     # finish sent twice could meet a newer hold of the same id. So only the calls send here.
-    shared = RedisCounterStore(redis_url, prefix=f"random{seed}:", flush_interval_s=3600)
+    shared = RedisCounterStore(url, prefix=f"random{seed}:", flush_interval_s=3600)
+    # Four organizations: on a cluster their keys sit on different masters, a batch spans several.
+    groups = ("", "org_a", "org_b", "org_c")
     try:
-        assert _play(shared, random.Random(seed), 400) == _play(memory, random.Random(seed), 400)
+        expected = _play(memory, random.Random(seed), 400, groups)
+        assert _play(shared, random.Random(seed), 400, groups) == expected
     finally:
         shared.close()
 

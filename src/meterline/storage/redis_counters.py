@@ -140,8 +140,9 @@ def _hold(hold_id: str, group: str, stored: bytes | str) -> Hold:
 
 
 def _redacted(url: str) -> str:
+    """The URL without its credentials (it is named in errors and logs)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 class _Keys:
@@ -236,6 +237,7 @@ class _Cluster:
     per node and sends each command to the master of its keys' slot (following MOVED and ASK)."""
 
     def __init__(self, url: str, limit: int, timeout_s: float) -> None:
+        from redis import BlockingConnectionPool
         from redis.cluster import ClusterNode, RedisCluster
 
         parts = urlsplit(url)
@@ -256,6 +258,9 @@ class _Cluster:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             max_connections=limit,
+            # Threads beyond the limit wait for a connection (up to the timeout), as with one server.
+            connection_pool_class=BlockingConnectionPool,
+            timeout=timeout_s,
         )
 
     def __call__(self, *args: Any) -> Any:
@@ -343,18 +348,30 @@ class RedisCounterStore:
             call.add("h", [call.key(keys.holds(group)), hold.id, len(call.args) + 1, lines])
             placed.append((route, len(call.parts["h"]) - 1))
         answers = {route: self._send(route, call, now_us) for route, call in calls.items()}
-        for route, answer in answers.items():
-            if "d" in answer:
-                duplicate = next(
-                    h for h, (r, i) in zip(holds, placed, strict=True) if r == route and i == answer["d"]
-                )
-                raise ValueError(f"reservation {duplicate.id} exists already")
-        verdicts = [_verdict(answers[route]["v"][i]) for route, i in placed]
+        # A hold whose id exists stops the batch there, as in memory: its group's call stopped at it; the
+        # holds after it that other groups' calls admitted are given back.
+        duplicates = [placed.index((route, a["d"])) for route, a in answers.items() if "d" in a]
+        stop = min(duplicates, default=len(holds))
+        verdicts: list[Verdict] = []
+        undo: list[Release] = []
+        for position, (hold, (route, i)) in enumerate(zip(holds, placed, strict=True)):
+            decided = answers[route]["v"]
+            if i >= len(decided):
+                continue  # after the duplicate, in its group: never decided
+            verdict = _verdict(decided[i])
+            if position < stop:
+                verdicts.append(verdict)
+            elif verdict.admitted:
+                undo.append(Release(hold.id, hold.group))
+        undone = {release.hold_id for release in undo}
         with self._lock:
-            for hold, where, verdict in zip(holds, refs, verdicts, strict=True):
-                if verdict.admitted:
+            for position, (hold, where) in enumerate(zip(holds, refs, strict=True)):
+                if (hold.id in undone and position > stop) or (position < stop and verdicts[position].admitted):
                     self._held[hold.id] = (where, hold.expires_us)
             self._now_us = max(self._now_us, now_us)
+        if stop < len(holds):
+            self.release(undo, now_us)
+            raise ValueError(f"reservation {holds[stop].id} exists already")
         return verdicts
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:

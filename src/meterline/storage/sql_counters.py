@@ -108,7 +108,7 @@ class _State:
         self.book = CounterBook()
         self.fixed: dict[str, tuple[int, int]] = {}  # key -> (used, reserved) as loaded
         self.rolling: dict[str, tuple[int, dict[int, int]]] = {}  # key -> (horizon, {second: amount})
-        self.holds: set[str] = set()
+        self.holds: dict[str, Held] = {}  # as loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +420,7 @@ class SqlCounterStore:
                     found if found is not None else (Fixed(0, 0, 0) if line.kind == "fixed" else Rolling())
                 )
             book.holds[hold_id] = Held(_hold(hold_id, held_lines, expires_us), second, counters)
-            state.holds.add(hold_id)
+            state.holds[hold_id] = book.holds[hold_id]
         return state
 
     def _write_back(self, conn: Connection, state: _State) -> None:
@@ -462,13 +462,14 @@ class SqlCounterStore:
                 "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount",
                 set_seconds,
             )
-        gone = [(hold_id,) for hold_id in state.holds if hold_id not in book.holds]
+        # A hold finished and made again under its id in one batch is gone and new.
+        gone = [(hold_id,) for hold_id, held in state.holds.items() if book.holds.get(hold_id) is not held]
         if gone:
             conn.exec_driver_sql(f"DELETE FROM quota_holds WHERE id = {p}", gone)
         new = [
             (hold_id, held.hold.expires_us, held.second, _encode_lines(held.hold.lines))
             for hold_id, held in book.holds.items()
-            if hold_id not in state.holds
+            if state.holds.get(hold_id) is not held
         ]
         if new:
             conn.exec_driver_sql(
