@@ -499,6 +499,26 @@ def test_deferred_settlements_are_seen_by_every_later_read(make_store: Callable[
         time.sleep(0.005)
 
 
+def test_a_hold_made_by_another_process_is_finished_and_reaped_here(
+    make_store: Callable[[], CounterStore],
+) -> None:
+    """Recovery after a crash: another process settles or releases what a dead one reserved; the reaper
+    finds expired holds of every organization."""
+    maker, other = make_store(), make_store()
+    days = {org: fixed(f"{org}|day", 10, 100) for org in ("org_a", "org_b", "org_c")}
+    maker.seed([seed_fixed(line.key) for line in days.values()], NOW)
+    for i, (org, line) in enumerate(days.items()):
+        assert maker.reserve([Hold(f"h{i}", (line,), at(10 + i), org)], NOW)[0].admitted
+    other.settle([Settlement("h0", (4,), "org_a")], at(1))
+    other.release([Release("h1", "org_b")], at(1))
+    levels = other.levels(list(days.values()), at(1))
+    assert levels == [Level(4, DAY_END), Level(0, DAY_END), Level(10, DAY_END)]
+    assert other.expired(at(60)) == [Hold("h2", (days["org_c"],), at(12), "org_c")]
+    other.release([Release("h2", "org_c")], at(60))
+    assert other.levels([days["org_c"]], at(61)) == [Level(0, DAY_END)]  # its call carries the release
+    assert maker.expired(at(3600)) == []
+
+
 # -- Redis outages --------------------------------------------------------------------------------
 
 
