@@ -3,9 +3,11 @@
 refuse the rest with a 429 ``quota_exceeded`` envelope, never answer 5xx, and leave the ledger, the
 usage summary and the limit counters (settled + reserved) in agreement once every request is done.
 
-Three deployments: SQLite + in-process counters (one process), PostgreSQL + in-process counters (one
+Deployments: SQLite + in-process counters (one process), PostgreSQL + in-process counters (one
 process), PostgreSQL + Redis with two processes sharing both (requests spread across the processes, and
-half the reservations settled on the process that did not make them).
+half the reservations settled on the process that did not make them), and ``serve --workers N`` (N
+processes behind one port): 2 and 4 workers on SQLite (counters in the database), on PostgreSQL + Redis
+and on PostgreSQL + Redis Cluster, with chat completions through the gateway (to the fake upstream).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import httpx
 import pytest
 
 from conftest import assert_envelope
+from meterline.testing.fake_upstream import FakeUpstream
 from servers import MeterlineServer as Server
 
 pytestmark = pytest.mark.slow
@@ -63,13 +67,15 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_config(path: Path, settings: dict[str, Any], plans: dict[str, dict[str, Any]]) -> Path:
+def write_config(
+    path: Path, settings: dict[str, Any], plans: dict[str, dict[str, Any]], extra: str = ""
+) -> Path:
     lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
     for name, limits in plans.items():
         lines += ["", f"[plans.{name}]", *(f"{k} = {toml_value(v)}" for k, v in limits.items())]
     # Per million tokens: every row has a cost, so the money path runs under the race too.
     lines += ["", f'[prices."{MODEL}"]', 'input = "1.50"', 'output = "6.00"']
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
 
@@ -85,7 +91,15 @@ def deploy(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[dict[str, Any]], Deployment]]:
     """``deploy(plan_limits)``: the deployment of this parameter, with plan ``race`` set to the limits."""
-    kind: str = request.param
+    with deployments(request, tmp_path, request.param) as start:
+        yield start
+
+
+@contextmanager
+def deployments(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str, extra: str = ""
+) -> Iterator[Callable[[dict[str, Any]], Deployment]]:
+    """``kind`` is ``<database>[-<counters>]-<N>proc`` or ``-<N>workers``; ``extra`` is more config."""
     servers: list[Server] = []
     dropped: list[Callable[[], None]] = []
 
@@ -108,9 +122,11 @@ def deploy(
             dropped.append(lambda: pg.drop_database(name))
             if kind.startswith("postgres-redis"):
                 settings["redis_url"] = request.getfixturevalue("redis_url_clean")
+            if kind.startswith("postgres-cluster"):
+                settings["redis_url"] = request.getfixturevalue("redis_cluster_url_clean")
             if kind == "postgres-redis-2proc":
                 processes = 2
-        config = write_config(tmp_path / "meterline.toml", settings, {"race": {**OPEN, **limits}})
+        config = write_config(tmp_path / "meterline.toml", settings, {"race": {**OPEN, **limits}}, extra)
         # One after the other: the first migrates the database and writes the signing key.
         for index in range(processes):
             servers.append(Server(config, tmp_path, f"server-{index}", args))
@@ -141,7 +157,7 @@ def make_tenant(base: str) -> dict[str, str]:
 @dataclass
 class Job:
     index: int
-    kind: str  # "reservation" or "event"
+    kind: str  # "reservation", "event" or "gateway" (a chat completion to the fake upstream)
     base: str  # where the reservation (or event) goes
     settle_base: str  # where the reservation is settled
     prompt: int
@@ -161,12 +177,18 @@ class Outcome:
 
     @property
     def actual_tokens(self) -> int:
+        if self.job.kind == "gateway":
+            tokens: int = self.first.json()["usage"]["total_tokens"]
+            return tokens
         if self.job.kind == "event":
             return self.job.prompt + self.job.completion
         return self.job.prompt + self.job.actual_completion
 
 
-def plan_jobs(bases: Sequence[str], rng: random.Random, count: int = REQUESTS) -> list[Job]:
+def plan_jobs(
+    bases: Sequence[str], rng: random.Random, count: int = REQUESTS, kinds: Sequence[str] = ()
+) -> list[Job]:
+    """Three reservations to an event by default; ``kinds`` in turn when given."""
     jobs = []
     for index in range(count):
         tokens = rng.randint(1, 50)
@@ -175,13 +197,13 @@ def plan_jobs(bases: Sequence[str], rng: random.Random, count: int = REQUESTS) -
         # With two processes: spread over both, and about half the reservations are settled by the
         # process that did not make them.
         base, settle_base = rng.choice(bases), rng.choice(bases)
-        kind = "event" if index % 4 == 3 else "reservation"
+        kind = kinds[index % len(kinds)] if kinds else "event" if index % 4 == 3 else "reservation"
         jobs.append(Job(index, kind, base, settle_base, prompt, completion, rng.randint(0, completion - 1)))
     return jobs
 
 
-def run_jobs(jobs: Sequence[Job], headers: dict[str, str]) -> list[Outcome]:
-    """Every job at once, from THREADS threads (each with its own keep-alive httpx client)."""
+def run_jobs(jobs: Sequence[Job], headers: dict[str, str], threads: int = THREADS) -> list[Outcome]:
+    """Every job at once, from ``threads`` threads (each with its own keep-alive httpx client)."""
     local = threading.local()
     clients: list[httpx.Client] = []
     clients_lock = threading.Lock()
@@ -206,6 +228,13 @@ def run_jobs(jobs: Sequence[Job], headers: dict[str, str]) -> list[Outcome]:
                 "completion_tokens": job.completion,
             }
             return Outcome(job, http.post(f"{job.base}/v1/events", json={"events": [event]}))
+        if job.kind == "gateway":
+            chat = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "race " * job.prompt}],
+                "max_tokens": job.completion,
+            }
+            return Outcome(job, http.post(f"{job.base}/v1/chat/completions", json=chat))
         held = http.post(
             f"{job.base}/v1/reservations",
             json={"model": MODEL, "prompt_tokens": job.prompt, "completion_tokens": job.completion},
@@ -219,7 +248,7 @@ def run_jobs(jobs: Sequence[Job], headers: dict[str, str]) -> list[Outcome]:
         return outcome
 
     try:
-        with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             futures = [pool.submit(run, job) for job in jobs]
             time.sleep(0.2)  # let the first wave of threads line up behind `go`
             go.set()
@@ -239,6 +268,9 @@ def check_answers(outcomes: Sequence[Outcome], limit_name: str) -> list[Outcome]
         first = outcome.first
         if outcome.admitted:
             admitted.append(outcome)
+            if outcome.job.kind == "gateway":
+                assert first.json()["choices"], first.text
+                continue
             if outcome.job.kind == "event":
                 body = first.json()
                 assert (body["accepted"], body["duplicates"]) == (1, 0), body
@@ -359,3 +391,64 @@ def test_a_daily_tokens_limit_is_never_exceeded_and_counters_match_the_ledger(
         assert tokens["used"] == ledger_tokens, tokens  # no hold left behind
         assert tokens["remaining"] == TOKENS_LIMIT - ledger_tokens
     check_no_server_errors(deployment)
+
+
+# -- serve --workers: N processes behind one port -----------------------------------------------------
+WORKER_DEPLOYMENTS = [
+    "sqlite-2workers",
+    "sqlite-4workers",
+    "postgres-redis-2workers",
+    "postgres-redis-4workers",
+    "postgres-cluster-2workers",
+    "postgres-cluster-4workers",
+]
+WORKER_REQUESTS = 500
+WORKER_THREADS = 100
+WORKER_CALLS_LIMIT = 150
+UPSTREAM_KEY = "sk-upstream-races-0123456789"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream.start(api_key=UPSTREAM_KEY) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("kind", WORKER_DEPLOYMENTS)
+def test_workers_admit_exactly_the_limit_over_the_gateway_and_events(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream, kind: str
+) -> None:
+    """500 requests at once, chat completions through the gateway and events, spread by the kernel over
+    the workers of one port: a block limit admits exactly its maximum, on SQLite (counters in the
+    database), PostgreSQL + Redis and PostgreSQL + Redis Cluster."""
+    extra = (
+        f'\n[[upstreams]]\nname = "fake"\nprovider = "openai"\nbase_url = "{upstream.url}"\n'
+        f'api_key = "{UPSTREAM_KEY}"\nmodels = ["*"]\n'
+    )
+    with deployments(request, tmp_path, kind, extra) as start:
+        deployment = start({"daily_calls": WORKER_CALLS_LIMIT, "overage": "block"})
+        (base,) = deployment.bases
+        headers = make_tenant(base)
+        jobs = plan_jobs([base], random.Random(3), WORKER_REQUESTS, kinds=("gateway", "event"))
+
+        outcomes = run_jobs(jobs, headers, WORKER_THREADS)
+
+        admitted = check_answers(outcomes, "daily_calls")
+        statuses = sorted({(o.job.kind, o.first.status_code) for o in outcomes})
+        assert len(admitted) == WORKER_CALLS_LIMIT, statuses
+        assert {o.job.kind for o in admitted} == {"gateway", "event"}
+        rows = ledger_rows(base, headers)
+        assert len(rows) == WORKER_CALLS_LIMIT
+        tokens = sum(o.actual_tokens for o in admitted)
+        assert sum(r["total_tokens"] for r in rows) == tokens
+        for _ in range(4):  # each read may be answered by another worker: every one agrees
+            usage = usage_of(base, headers)
+            assert (usage["daily"]["calls"]["usage"], usage["daily"]["tokens"]["usage"]) == (
+                WORKER_CALLS_LIMIT,
+                tokens,
+            )
+            calls = limit_named(usage, "daily_calls")
+            assert (calls["used"], calls["remaining"]) == (WORKER_CALLS_LIMIT, 0), calls
+        reconciled = httpx.get(f"{base}/v1/admin/reconcile", headers=ADMIN, timeout=60).json()
+        assert reconciled["ok"], reconciled
+        check_no_server_errors(deployment)
