@@ -546,11 +546,19 @@ class RedisCluster:
         proc.wait(timeout=10)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every live node says the cluster is ok and no live node counts a master as failed."""
+        """Until every live node says the cluster is ok and every slot is served by a live master (after
+        a kill: once the dead master's replica has taken over)."""
         deadline = time.monotonic() + timeout
         while True:
-            states = [self.command(port, "CLUSTER", "INFO") for port in self.live_ports()]
-            if all("cluster_state:ok" in state for state in states):
+            live = self.live_ports()
+            states = [self.command(port, "CLUSTER", "INFO") for port in live]
+            serving = {
+                int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                for port in live
+                for fields in map(str.split, self.command(port, "CLUSTER", "NODES").splitlines())
+                if "master" in fields[2] and len(fields) > 8
+            }
+            if all("cluster_state:ok" in state for state in states) and serving <= set(live):
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"the cluster did not become ok: {states}")
