@@ -153,8 +153,8 @@ def fixed_parts(store: CounterStore, key: str) -> tuple[int, int]:
             ).one()
         return int(row[0]), int(row[1])
     assert isinstance(store, RedisCounterStore)
-    # A fixed window's counters share one hash per group and end: "<used> <reserved>" under their key.
-    used, reserved = store._send_command("HGET", f"{PREFIX}{{-}}f:{DAY_END}", key).split()
+    # A fixed window's counters share one hash per group and end: used under the key, reserved under "~".
+    used, reserved = store._send_command("HMGET", f"{PREFIX}{{-}}f:{DAY_END}", key, f"{key}~")
     return int(used), int(reserved)
 
 
@@ -586,7 +586,7 @@ def test_a_buffered_settlement_survives_an_outage(shared_redis: RedisServer, tmp
         proc = _redis_on(port, tmp_path)
         deadline = time.monotonic() + 5
         # The flusher sends it: no call of ours is needed. (Its reply may land just after the write.)
-        while watcher.hget(f"{PREFIX}{{-}}f:{DAY_END}", "day") != b"3 0" or store.pending:
+        while watcher.hmget(f"{PREFIX}{{-}}f:{DAY_END}", ["day", "day~"]) != [b"3", b"0"] or store.pending:
             assert time.monotonic() < deadline, "the settlement was not applied after the outage"
             time.sleep(0.01)
         assert store.levels([line], NOW) == [Level(3, DAY_END)]

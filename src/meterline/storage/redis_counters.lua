@@ -12,23 +12,29 @@
 -- Keys: every key the script touches is in KEYS, and requests name keys by their index there. The
 -- client builds the names (storage/redis_counters.py); all keys of one group (an organization) share a
 -- hash tag, so with Redis Cluster one call is one slot. Per group G (P = the prefix):
---   P{G}f:<reset second>  fixed windows ending at that second: a hash, field = counter key,
---                         value = "<used> <reserved>" (decimal); the whole hash expires a day after
+--   P{G}f:<reset second>  fixed windows ending at that second: a hash, field <counter key> = used and
+--                         <counter key>~ = reserved; the whole hash expires a day after the end
 --   P{G}r:<key>           a rolling window: hash {h = horizon, t = total, o = oldest second,
---                         <second> = amount}; h is also the marker of a seeded, empty window
+--                         e = second of the last EXPIRE, <second> = amount}; h is also the marker of a
+--                         seeded, empty window
 --   P{G}h                 the group's holds: field = hold id, value = the record the client made,
---                         "[expires_us, second reserved, lines]"
+--                         "[expires_us, second reserved, lines]" (for the reaper; never read here)
 --   P{G}t:<key>           a tally, hash {<minute> = events}
 --
--- Cost: Redis time per decision is what bounds one Redis, so a call reads each hash once (HMGET of every
--- field it needs, gathered first) and writes each once (one HSET at the end); it never encodes JSON
--- for storage (the client sends the record as it is stored) and decodes a record only to finish it.
+-- A request names each counter of the call once, in `c`: [key index, field, reset] per counter (field
+-- 0 for a rolling window); finishes, seeds, holds and level reads refer to counters by their number.
+-- Lists are flat (no table per line): decoding the request is much of a call's time.
 --
--- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. So amounts,
--- maxima and counter values travel and are stored as decimal strings; a string read is split into two
--- limbs, hi * 10^9 + lo, each far below 2^53, so sums, differences and comparisons of values up to
--- 2^63 (and beyond) are exact, and values go back to decimal strings (`text`) to be stored.
--- Seconds and microseconds (< 2^53) are plain numbers.
+-- Cost: Redis time per decision is what bounds one Redis, so a call reads each hash once (HMGET of every
+-- field it needs, before anything else) and writes each once (one HSET at the end). It never encodes
+-- JSON: the client sends a hold's record as it is stored, a finish brings what its hold reserved, and the
+-- answer is a Lua table (Redis turns it into a reply).
+--
+-- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. A value below 2^53
+-- travels as a JSON number and is computed as a Lua number; a larger one travels and is stored as a
+-- decimal string and is computed as two limbs, hi * 10^9 + lo, each far below 2^53, so sums,
+-- differences and comparisons up to 2^63 (and beyond) stay exact. A sum that reaches 2^53 moves to
+-- limbs. Stored values are decimal strings (`str`). Seconds and microseconds (< 2^53) are numbers.
 --
 -- Atomicity: a script runs alone in Redis, so one call is one atomic step; a hold touches no counter
 -- until every line has been checked. Needs Redis >= 7.0 (EXPIRE ... NX/GT).
@@ -37,11 +43,11 @@ local req = cjson.decode(ARGV[1])
 local now_s = req.n
 local ROLLING = 60
 local ROLLING_TTL = 120
-local FORGET = 86400
+local REFRESH = 30  -- a rolling key's lifetime is renewed at most this often (it never drops below 90 s)
 local B = 1000000000
-local ZERO = {0, 0}
+local LIM = 9007199254740992  -- 2^53
 
--- two-limb integers ---------------------------------------------------------------------------------
+-- values: a Lua number when below 2^53, else two limbs {hi, lo} ------------------------------------
 local function big(s)
   local negative = string.byte(s, 1) == 45
   if negative then s = string.sub(s, 2) end
@@ -58,25 +64,56 @@ local function big(s)
   return {hi, lo}
 end
 
-local function add(a, b)
-  local hi, lo = a[1] + b[1], a[2] + b[2]
-  if lo >= B then return {hi + 1, lo - B} end
+local function val(x)  -- a request value (number or string) or a stored string
+  if type(x) == 'number' then return x end
+  if #x < 16 then return tonumber(x) end
+  return big(x)
+end
+
+local function limbs(x)
+  if type(x) == 'table' then return x end
+  local hi = math.floor(x / B)
+  return {hi, x - hi * B}
+end
+
+local function small(hi, lo)
+  if hi > -9000000 and hi < 9000000 then return hi * B + lo end
   return {hi, lo}
+end
+
+local function add(a, b)
+  if type(a) == 'number' and type(b) == 'number' then
+    local r = a + b
+    if r < LIM and r > -LIM then return r end
+  end
+  a, b = limbs(a), limbs(b)
+  local hi, lo = a[1] + b[1], a[2] + b[2]
+  if lo >= B then hi, lo = hi + 1, lo - B end
+  return small(hi, lo)
+end
+
+local function neg(a)
+  if type(a) == 'number' then return -a end
+  if a[2] > 0 then return {-a[1] - 1, B - a[2]} end
+  return {-a[1], 0}
 end
 
 local function sub(a, b)
-  local hi, lo = a[1] - b[1], a[2] - b[2]
-  if lo < 0 then return {hi - 1, lo + B} end
-  return {hi, lo}
+  return add(a, neg(b))
 end
 
 local function cmp(a, b)
+  if type(a) == 'number' and type(b) == 'number' then
+    if a == b then return 0 end
+    return a < b and -1 or 1
+  end
+  a, b = limbs(a), limbs(b)
   if a[1] ~= b[1] then return a[1] < b[1] and -1 or 1 end
   if a[2] ~= b[2] then return a[2] < b[2] and -1 or 1 end
   return 0
 end
 
-local function text(x)  -- back to a decimal string, to store and to answer
+local function text(x)  -- limbs to a decimal string
   local hi, lo = x[1], x[2]
   if hi < 0 then
     if lo > 0 then hi, lo = -hi - 1, B - lo else hi = -hi end
@@ -86,96 +123,88 @@ local function text(x)  -- back to a decimal string, to store and to answer
   return string.format('%d%09d', hi, lo)
 end
 
+local function str(x)  -- what is stored: a decimal string (never Lua's own "1.5e+15")
+  if type(x) == 'number' then return string.format('%d', x) end
+  return text(x)
+end
+
+local function out(x)  -- what is answered: an integer reply below 2^53, else a decimal string
+  if type(x) == 'number' then return x end
+  return text(x)
+end
+
 -- counters ------------------------------------------------------------------------------------------
--- A line travels as [key index, field, kind, amount, maximum, block, reset]: field is the counter key
--- for a fixed window (its hash holds the window's counters) and 0 for a rolling one (its own hash).
--- Each counter is read once per call (all of a hash's fields in one HMGET, before anything else) and
--- kept here in step with every change this call makes; changes are written once, at the end.
-local fixed = {}      -- [key index][field] = {u, v} or false (absent)
-local fixed_out = {}  -- [key index][field] = true: to write
-local rolls = {}      -- [key index] = {h, t, o, b = {[second] = amount}, fresh} or false (absent)
-local roll_out = {}   -- [key index][field] = true: to write (h, t, o or a second)
-local refresh = {}    -- [key index] = seconds: EXPIRE at the end
+-- counters[i] is the state of the call's counter i: fixed {fixed = true, u, v, changed}, rolling
+-- {h, t, o, e, b = {[second] = amount}, changed = {field = true}, fresh}; false while absent.
+-- Each hash is read once (one HMGET of every counter the call names), changes are written at the end.
+local C = req.c
+local count = #C / 3
+local counters = {}
+local refresh = {}  -- [key index] = true: EXPIRE at the end (a rolling window reserved on)
 
-local function want_fixed(wanted, line)
-  local fields = wanted[line[1]]
-  if not fields then
-    fields = {}
-    wanted[line[1]] = fields
-  end
-  fields[line[2]] = true
-end
-
-local function gather(wanted_fixed, wanted_rolls, line)
-  if line[3] == 'f' then want_fixed(wanted_fixed, line) else wanted_rolls[line[1]] = true end
-end
-
-local function read_all(wanted_fixed, wanted_rolls)
-  for index, fields in pairs(wanted_fixed) do
-    local names = {}
-    for name in pairs(fields) do names[#names + 1] = name end
-    local raw = redis.call('HMGET', KEYS[index], unpack(names))
-    local states = {}
-    for i, name in ipairs(names) do
-      local value = raw[i]
-      if value then
-        local space = string.find(value, ' ', 1, true)
-        states[name] = {big(string.sub(value, 1, space - 1)), big(string.sub(value, space + 1))}
+local function read_all()
+  local by_key = {}  -- fixed counters per hash: key index -> {names, counter numbers}
+  for i = 1, count do
+    local index, field = C[3 * i - 2], C[3 * i - 1]
+    if field ~= 0 then
+      local found = by_key[index]
+      if not found then
+        found = {{}, {}}
+        by_key[index] = found
+      end
+      local names = found[1]
+      names[#names + 1] = field
+      names[#names + 1] = field .. '~'
+      found[2][#found[2] + 1] = i
+    else
+      local raw = redis.call('HMGET', KEYS[index], 'h', 't', 'o', 'e', now_s)
+      if raw[1] then
+        local state = {h = tonumber(raw[1]), t = val(raw[2]), o = raw[3] and tonumber(raw[3]) or nil,
+                       e = raw[4] and tonumber(raw[4]) or 0, b = {}, changed = {}}
+        state.b[now_s] = raw[5] and val(raw[5]) or false
+        counters[i] = state
       else
-        states[name] = false
+        counters[i] = false
       end
     end
-    fixed[index] = states
-    fixed_out[index] = {}
   end
-  for index in pairs(wanted_rolls) do
-    local raw = redis.call('HMGET', KEYS[index], 'h', 't', 'o', now_s)
-    if raw[1] then
-      local state = {h = tonumber(raw[1]), t = big(raw[2]), o = raw[3] and tonumber(raw[3]) or nil, b = {}}
-      if raw[4] then state.b[now_s] = big(raw[4]) else state.b[now_s] = false end
-      rolls[index] = state
-    else
-      rolls[index] = false
+  for index, found in pairs(by_key) do
+    local raw = redis.call('HMGET', KEYS[index], unpack(found[1]))
+    for j, i in ipairs(found[2]) do
+      local used = raw[2 * j - 1]
+      counters[i] = used and {fixed = true, u = val(used), v = val(raw[2 * j] or '0')} or false
     end
-    roll_out[index] = {}
   end
 end
 
-local function fixed_state(line)
-  return fixed[line[1]][line[2]]
-end
-
-local function fixed_touch(line)
-  fixed_out[line[1]][line[2]] = true
-end
-
--- writes the changes of one rolling key so far (before a scan of its hash, and at the end)
-local function roll_write(index)
-  local state, out = rolls[index], roll_out[index]
-  if not state or not next(out) then return end
+-- writes the changes of one rolling counter so far (before a scan of its hash, and at the end)
+local function roll_write(i)
+  local state = counters[i]
+  if not state or not next(state.changed) then return end
   local args = {}
-  for name in pairs(out) do
+  for name in pairs(state.changed) do
     local value
     if name == 'h' then value = state.h
-    elseif name == 't' then value = text(state.t)
+    elseif name == 't' then value = str(state.t)
     elseif name == 'o' then value = state.o
-    else value = text(state.b[name]) end
+    elseif name == 'e' then value = state.e
+    else value = str(state.b[name]) end
     args[#args + 1] = name
     args[#args + 1] = value
   end
-  redis.call('HSET', KEYS[index], unpack(args))
-  roll_out[index] = {}
+  redis.call('HSET', KEYS[C[3 * i - 2]], unpack(args))
+  state.changed = {}
 end
 
 -- the amount in one second's bucket, or nil when there is none
-local function bucket(state, index, second)
+local function bucket(state, i, second)
   local value = state.b[second]
   if value == nil then
     if state.fresh then
       value = false
     else
-      local raw = redis.call('HGET', KEYS[index], second)
-      value = raw and big(raw) or false
+      local raw = redis.call('HGET', KEYS[C[3 * i - 2]], second)
+      value = raw and val(raw) or false
     end
     state.b[second] = value
   end
@@ -184,234 +213,224 @@ end
 
 -- memory.py Rolling.prune. Only a rising horizon can drop buckets, and only once it reaches the oldest
 -- one, so the scan of the whole hash runs about once a second per key.
-local function prune(state, index)
+local function prune(state, i)
   local horizon = now_s - ROLLING
   if horizon <= state.h then return end
   state.h = horizon
-  roll_out[index].h = true
+  state.changed.h = true
   if not (state.o and state.o <= horizon) then return end
-  roll_write(index)
-  local fields = redis.call('HGETALL', KEYS[index])
+  roll_write(i)
+  local key = KEYS[C[3 * i - 2]]
+  local fields = redis.call('HGETALL', key)
   local gone, oldest = {}, nil
-  for i = 1, #fields, 2 do
-    local second = tonumber(fields[i])  -- nil for h, t, o
+  for j = 1, #fields, 2 do
+    local second = tonumber(fields[j])  -- nil for h, t, o, e
     if second and second <= horizon then
-      gone[#gone + 1] = fields[i]
-      state.t = sub(state.t, big(fields[i + 1]))
+      gone[#gone + 1] = fields[j]
+      state.t = sub(state.t, val(fields[j + 1]))
       state.b[second] = false
     elseif second and (not oldest or second < oldest) then
       oldest = second
     end
   end
-  if #gone > 0 then redis.call('HDEL', KEYS[index], unpack(gone)) end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
   state.o = oldest
-  roll_out[index].t = true
+  state.changed.t = true
   if oldest then
-    roll_out[index].o = true
+    state.changed.o = true
   else
-    redis.call('HDEL', KEYS[index], 'o')
+    redis.call('HDEL', key, 'o')
   end
 end
 
 -- memory.py Rolling.add; true when it changed something
-local function rolling_add(state, index, second, amount)
+local function rolling_add(state, i, second, amount)
   if second <= state.h then return false end
-  local value = bucket(state, index, second)
-  if not value and cmp(amount, ZERO) == 0 then return false end
+  local value = bucket(state, i, second)
+  if not value and cmp(amount, 0) == 0 then return false end
   state.b[second] = value and add(value, amount) or amount
   state.t = add(state.t, amount)
-  local out = roll_out[index]
-  out[second] = true
-  out.t = true
+  local changed = state.changed
+  changed[second] = true
+  changed.t = true
   if not state.o or second < state.o then  -- a new oldest bucket (it cannot have existed)
     state.o = second
-    out.o = true
+    changed.o = true
   end
   return true
 end
 
 -- memory.py Rolling.retry_after (the key is pruned)
-local function rolling_retry_after(state, index, amount, maximum)
+local function rolling_retry_after(state, i, amount, maximum)
   if cmp(amount, maximum) > 0 then return ROLLING end
-  roll_write(index)
+  roll_write(i)
   local wanted = add(state.t, amount)
   local over = cmp(wanted, maximum) > 0
   local excess = sub(wanted, maximum)
-  local fields = redis.call('HGETALL', KEYS[index])
+  local fields = redis.call('HGETALL', KEYS[C[3 * i - 2]])
   local buckets = {}
-  for i = 1, #fields, 2 do
-    local second = tonumber(fields[i])
-    if second then buckets[#buckets + 1] = {second, fields[i + 1]} end
+  for j = 1, #fields, 2 do
+    local second = tonumber(fields[j])
+    if second then buckets[#buckets + 1] = {second, fields[j + 1]} end
   end
   table.sort(buckets, function(a, b) return a[1] < b[1] end)
   for _, entry in ipairs(buckets) do
-    local value = big(entry[2])
+    local value = val(entry[2])
     excess = sub(excess, value)
-    if cmp(excess, ZERO) <= 0 and (over or cmp(value, ZERO) > 0) then
+    if cmp(excess, 0) <= 0 and (over or cmp(value, 0) > 0) then
       return math.max(entry[1] + ROLLING - now_s, 1)
     end
   end
   return ROLLING
 end
 
-local function reset_of(state)
-  return state.o and state.o + ROLLING or now_s
-end
-
--- A level travels as {consumed, reset_s}, consumed as a decimal string.
-local function level(line)
-  if line[3] == 'f' then
-    local state = fixed_state(line)
-    return {text(add(state[1], state[2])), line[7]}
+-- the level of counter i, {consumed, reset}, appended to `into`
+local function level(i, into)
+  local state = counters[i]
+  if state.fixed then
+    into[#into + 1] = out(add(state.u, state.v))
+    into[#into + 1] = C[3 * i]
+    return
   end
-  local state = rolls[line[1]]
-  prune(state, line[1])
-  return {text(state.t), reset_of(state)}
+  prune(state, i)
+  into[#into + 1] = out(state.t)
+  into[#into + 1] = state.o and state.o + ROLLING or now_s
 end
 
-local function levels(lines)
-  local out = {}
-  for i, line in ipairs(lines) do out[i] = level(line) end
-  return out
-end
-
-local function present(line)
-  if line[3] == 'f' then return fixed_state(line) end
-  return rolls[line[1]]
-end
-
--- reserve: a hold is [holds key index, id, index of its record in ARGV, lines] (memory.py: reserve_one)
+-- reserve: [holds key index, id, index of its record in ARGV, then per line: counter, amount, maximum,
+-- blocks (1/0)] (memory.py: reserve_one)
 local function reserve(hold)
-  local holds, id, lines = KEYS[hold[1]], hold[2], hold[4]
+  local holds, id = KEYS[hold[1]], hold[2]
   -- Claim the id first (one command instead of HEXISTS + HSET); given back unless admitted.
   if redis.call('HSETNX', holds, id, ARGV[hold[3]]) == 0 then return nil end
-  local missing = {}
-  for i, line in ipairs(lines) do
-    if not present(line) then missing[#missing + 1] = i - 1 end
+  local lines = (#hold - 3) / 4
+  local missing = {2}
+  for l = 1, lines do
+    if not counters[hold[4 * l]] then missing[#missing + 1] = l - 1 end
   end
-  if #missing > 0 then
+  if #missing > 1 then
     redis.call('HDEL', holds, id)
-    return {2, missing}
+    return missing
   end
-  local overage, refused, consumed, amounts = 0, nil, {}, {}
-  for i, line in ipairs(lines) do
+  local overage, refused, consumed = 0, nil, {}
+  for l = 1, lines do
+    local i = hold[4 * l]
+    local state = counters[i]
     local value
-    if line[3] == 'f' then
-      local state = fixed_state(line)
-      value = add(state[1], state[2])
+    if state.fixed then
+      value = add(state.u, state.v)
     else
-      local state = rolls[line[1]]
-      prune(state, line[1])
+      prune(state, i)
       value = state.t
     end
-    consumed[i] = value
-    local amount = big(line[4])
-    amounts[i] = amount
-    if string.byte(line[5], 1) ~= 45 and cmp(amount, ZERO) > 0 and cmp(add(value, amount), big(line[5])) > 0 then
-      if line[6] == 0 then
+    consumed[l] = value
+    local amount, maximum = val(hold[4 * l + 1]), val(hold[4 * l + 2])
+    if cmp(maximum, 0) >= 0 and cmp(amount, 0) > 0 and cmp(add(value, amount), maximum) > 0 then
+      if hold[4 * l + 3] == 0 then
         overage = 1
       elseif not refused then
-        refused = i
+        refused = l
       end
     end
   end
   if refused then
     redis.call('HDEL', holds, id)
-    local line = lines[refused]
-    local retry
-    if line[3] == 'f' then
-      retry = math.max(line[7] - now_s, 1)
+    local i = hold[4 * refused]
+    local state, retry = counters[i], nil
+    if state.fixed then
+      retry = math.max(C[3 * i] - now_s, 1)
     else
-      retry = rolling_retry_after(rolls[line[1]], line[1], amounts[refused], big(line[5]))
+      retry = rolling_retry_after(state, i, val(hold[4 * refused + 1]), val(hold[4 * refused + 2]))
     end
-    return {3, refused - 1, retry, levels(lines)}
+    local answer = {3, refused - 1, retry}
+    for l = 1, lines do level(hold[4 * l], answer) end
+    return answer
   end
   -- As memory.py: each line's level is its consumption as checked plus its own amount; the reset is
   -- read after this line's write.
-  local after = {}
-  for i, line in ipairs(lines) do
-    local amount = amounts[i]
-    if line[3] == 'f' then
-      local state = fixed_state(line)
-      if line[4] ~= '0' then
-        state[2] = add(state[2], amount)
-        fixed_touch(line)
+  local answer = {1, overage}
+  for l = 1, lines do
+    local i = hold[4 * l]
+    local state, amount = counters[i], val(hold[4 * l + 1])
+    answer[#answer + 1] = out(add(consumed[l], amount))
+    if state.fixed then
+      if cmp(amount, 0) ~= 0 then
+        state.v = add(state.v, amount)
+        state.changed = true
       end
-      after[i] = {text(add(consumed[i], amount)), line[7]}
+      answer[#answer + 1] = C[3 * i]
     else
-      local state = rolls[line[1]]
-      if rolling_add(state, line[1], now_s, amount) then refresh[line[1]] = ROLLING_TTL end
-      after[i] = {text(add(consumed[i], amount)), reset_of(state)}
+      if rolling_add(state, i, now_s, amount) then refresh[i] = true end
+      answer[#answer + 1] = state.o and state.o + ROLLING or now_s
     end
   end
-  return {1, overage, after}
+  return answer
 end
 
--- settle / release: [holds key index, id, actuals or 0, lines]; unknown holds are skipped. The lines
--- are the record's, with this call's key indices. A settlement does not refresh a rolling key's TTL:
+-- settle / release: [holds key index, id, second reserved, actual amounts or 0, then per line: counter,
+-- amount reserved]; unknown holds are skipped. A settlement does not refresh a rolling key's lifetime:
 -- it only adjusts a bucket its own reservation wrote (and refreshed).
 local function finish(item, malformed)
-  local holds, id = KEYS[item[1]], item[2]
-  local stored = redis.call('HGET', holds, id)
-  if not stored then return end
-  redis.call('HDEL', holds, id)
-  local record = cjson.decode(stored)
-  local second, held, actual, lines = record[2], record[3], item[3], item[4]
-  if actual ~= 0 and #actual ~= #held then
-    malformed[#malformed + 1] = id  -- memory raises ValueError after dropping the hold
+  if redis.call('HDEL', KEYS[item[1]], item[2]) == 0 then return end
+  local second, actual, lines = item[3], item[4], (#item - 4) / 2
+  if actual ~= 0 and #actual ~= lines then
+    malformed[#malformed + 1] = item[2]  -- memory raises ValueError after dropping the hold
     return
   end
-  for i, line in ipairs(lines) do
-    local reserved = held[i][3]
-    local spent = actual ~= 0 and actual[i] or '0'
-    if line[3] == 'f' then
-      local state = fixed_state(line)
-      if state then
-        if reserved ~= '0' then state[2] = sub(state[2], big(reserved)) end
-        if spent ~= '0' then state[1] = add(state[1], big(spent)) end
-        fixed_touch(line)
+  for l = 1, lines do
+    local i = item[3 + 2 * l]
+    local state = counters[i]
+    if state then
+      local reserved = val(item[4 + 2 * l])
+      local spent = actual ~= 0 and val(actual[l]) or 0
+      if state.fixed then
+        state.v = sub(state.v, reserved)
+        state.u = add(state.u, spent)
+        state.changed = true
+      else
+        rolling_add(state, i, second, sub(spent, reserved))
       end
-    else
-      local state = rolls[line[1]]
-      if state then rolling_add(state, line[1], second, sub(big(spent), big(reserved))) end
     end
   end
 end
 
--- seed: [key index, field, kind, reset, used, buckets, ttl_s]; present counters are left alone
+-- seed: [counter, used, lifetime] for a fixed window, [counter, second, amount, ...] for a rolling one;
+-- present counters are left alone
 local function seed(item)
-  if present(item) then return end
-  local index = item[1]
-  if item[3] == 'f' then
-    fixed[index][item[2]] = {big(item[5]), ZERO}
-    fixed_touch(item)
+  local i = item[1]
+  if counters[i] then return end
+  if C[3 * i - 1] ~= 0 then
+    counters[i] = {fixed = true, u = val(item[2]), v = 0, changed = true}
     -- Every counter of the hash ends at the same second; NX sets a first lifetime, GT lengthens it.
-    redis.call('EXPIRE', KEYS[index], item[7], 'NX')
-    redis.call('EXPIRE', KEYS[index], item[7], 'GT')
+    local key = KEYS[C[3 * i - 2]]
+    redis.call('EXPIRE', key, item[3], 'NX')
+    redis.call('EXPIRE', key, item[3], 'GT')
     return
   end
-  local state = {h = 0, t = ZERO, b = {}, fresh = true}
-  rolls[index] = state
-  roll_out[index].h = true
-  roll_out[index].t = true
-  for _, entry in ipairs(item[6]) do
-    if entry[1] > now_s - ROLLING then rolling_add(state, index, entry[1], big(entry[2])) end
+  local state = {h = 0, t = 0, e = 0, b = {}, changed = {h = true, t = true}, fresh = true}
+  counters[i] = state
+  for j = 2, #item, 2 do
+    if item[j] > now_s - ROLLING then rolling_add(state, i, item[j], val(item[j + 1])) end
   end
-  refresh[index] = ROLLING_TTL
+  refresh[i] = true
 end
 
--- expired: [holds key index, limit]: the group's holds whose lease ended, oldest first, each answered
--- as [id, record, the item's position]
-local function expired(item, position, out)
+-- expired: [holds key index, limit]: the group's holds whose lease ended, oldest first, appended to
+-- `into` as id, record, the item's position
+local function expired(item, position, into)
   local bound = tonumber(req.u)
   local fields = redis.call('HGETALL', KEYS[item[1]])
   local due = {}
-  for i = 1, #fields, 2 do
-    local expires = tonumber(string.match(fields[i + 1], '^%[(%d+)'))
-    if expires < bound then due[#due + 1] = {expires, fields[i], fields[i + 1]} end
+  for j = 1, #fields, 2 do
+    local expires = tonumber(string.match(fields[j + 1], '^%[(%d+)'))
+    if expires < bound then due[#due + 1] = {expires, fields[j], fields[j + 1]} end
   end
   table.sort(due, function(a, b) return a[1] < b[1] end)
-  for i = 1, math.min(#due, item[2]) do out[#out + 1] = {due[i][2], due[i][3], position} end
+  for j = 1, math.min(#due, item[2]) do
+    into[#into + 1] = due[j][2]
+    into[#into + 1] = due[j][3]
+    into[#into + 1] = position
+  end
 end
 
 -- tallies (memory.py: tally) -------------------------------------------------------------------------
@@ -422,11 +441,11 @@ local function tally(index)
   redis.call('HINCRBY', key, tostring(minute), 1)
   local fields = redis.call('HGETALL', key)
   local total = 0
-  for i = 1, #fields, 2 do
-    if tonumber(fields[i]) <= minute - TALLY_MINUTES then
-      redis.call('HDEL', key, fields[i])
+  for j = 1, #fields, 2 do
+    if tonumber(fields[j]) <= minute - TALLY_MINUTES then
+      redis.call('HDEL', key, fields[j])
     else
-      total = total + tonumber(fields[i + 1])
+      total = total + tonumber(fields[j + 1])
     end
   end
   redis.call('EXPIRE', key, (TALLY_MINUTES + 1) * 60)
@@ -434,66 +453,68 @@ local function tally(index)
 end
 
 -- one call ------------------------------------------------------------------------------------------
-local wanted_fixed, wanted_rolls = {}, {}
-for _, item in ipairs(req.f) do
-  for _, line in ipairs(item[4]) do gather(wanted_fixed, wanted_rolls, line) end
-end
-for _, part in ipairs({req.s or {}, req.l or {}}) do
-  for _, line in ipairs(part) do gather(wanted_fixed, wanted_rolls, line) end
-end
-for _, hold in ipairs(req.h or {}) do
-  for _, line in ipairs(hold[4]) do gather(wanted_fixed, wanted_rolls, line) end
-end
-read_all(wanted_fixed, wanted_rolls)
-
-local answer = {}
+read_all()
 local malformed = {}
 for _, item in ipairs(req.f) do finish(item, malformed) end
-if #malformed > 0 then answer.b = malformed end
 if req.s then for _, item in ipairs(req.s) do seed(item) end end
+local verdicts, duplicate = {}, -1
 if req.h then
-  local verdicts = {}
-  for i, hold in ipairs(req.h) do
+  for j, hold in ipairs(req.h) do
     local verdict = reserve(hold)
     if not verdict then
-      answer.d = i - 1
+      duplicate = j - 1
       break
     end
-    verdicts[i] = verdict
+    verdicts[j] = verdict
   end
-  answer.v = verdicts
 end
+local levels = {}
 if req.l then
-  local read = {}
-  for i, line in ipairs(req.l) do
-    read[i] = present(line) and level(line) or 0
+  for _, i in ipairs(req.l) do
+    if counters[i] then
+      levels[#levels + 1] = 1
+      level(i, levels)
+    else
+      levels[#levels + 1] = 0
+      levels[#levels + 1] = 0
+      levels[#levels + 1] = 0
+    end
   end
-  answer.l = read
 end
+local records = {}
 if req.d then
-  local records = {}
-  for i, item in ipairs(req.d) do records[i] = redis.call('HGET', KEYS[item[1]], item[2]) or 0 end
-  answer.r = records
+  for j, item in ipairs(req.d) do records[j] = redis.call('HGET', KEYS[item[1]], item[2]) or 0 end
 end
+local due = {}
 if req.x then
-  local out = {}
-  for i, item in ipairs(req.x) do expired(item, i - 1, out) end
-  answer.x = out
+  for j, item in ipairs(req.x) do expired(item, j - 1, due) end
 end
-if req.t then answer.t = tally(req.t) end
+local tallied = req.t and tally(req.t) or 0
 
 -- the writes, one command per hash
-for index, fields in pairs(fixed_out) do
-  if next(fields) then
-    local args, states = {}, fixed[index]
-    for name in pairs(fields) do
-      local state = states[name]
-      args[#args + 1] = name
-      args[#args + 1] = text(state[1]) .. ' ' .. text(state[2])
+local fixed_out = {}
+for i = 1, count do
+  local state = counters[i]
+  if state and state.fixed and state.changed then
+    local index = C[3 * i - 2]
+    local args = fixed_out[index]
+    if not args then
+      args = {}
+      fixed_out[index] = args
     end
-    redis.call('HSET', KEYS[index], unpack(args))
+    local field = C[3 * i - 1]
+    args[#args + 1] = field
+    args[#args + 1] = str(state.u)
+    args[#args + 1] = field .. '~'
+    args[#args + 1] = str(state.v)
+  elseif state and not state.fixed then
+    if refresh[i] and now_s - state.e >= REFRESH then
+      state.e = now_s
+      state.changed.e = true
+      redis.call('EXPIRE', KEYS[C[3 * i - 2]], ROLLING_TTL)
+    end
+    roll_write(i)
   end
 end
-for index in pairs(roll_out) do roll_write(index) end
-for index, seconds in pairs(refresh) do redis.call('EXPIRE', KEYS[index], seconds) end
-return cjson.encode(answer)
+for index, args in pairs(fixed_out) do redis.call('HSET', KEYS[index], unpack(args)) end
+return {verdicts, levels, records, due, tallied, malformed, duplicate}

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import orjson
@@ -72,6 +72,7 @@ log = logging.getLogger("meterline.quotas.redis")
 _SCRIPT = (files("meterline.storage") / "redis_counters.lua").read_text(encoding="utf-8")
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts by SHA-1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what a counter may hold, as in the database store
+_EXACT = 2**53
 _KIND_CODE: dict[str, str] = {"fixed": "f", "rolling": "r"}
 _KIND: dict[str, WindowKind] = {"f": "fixed", "r": "rolling"}
 _FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
@@ -94,21 +95,25 @@ def _int(value: int) -> str:
     return str(value)
 
 
-def _level(raw: list[Any]) -> Level:
-    return Level(int(raw[0]), int(raw[1]))  # consumed comes as a decimal string: it may pass 2^53
+def _value(value: int) -> int | str:
+    """A value as the script takes it: a JSON number below 2^53 (a Lua number is exact there), else a
+    decimal string."""
+    if -_EXACT < value < _EXACT:
+        return value
+    return _int(value)
+
+
+def _levels(flat: list[Any], start: int) -> tuple[Level, ...]:
+    # consumed is an integer reply below 2^53, else a decimal string; int() reads both
+    return tuple(Level(int(flat[i]), int(flat[i + 1])) for i in range(start, len(flat), 2))
 
 
 def _verdict(raw: list[Any]) -> Verdict:
     if raw[0] == 1:
-        return Verdict(admitted=True, overage=bool(raw[1]), levels=tuple(_level(x) for x in raw[2]))
+        return Verdict(admitted=True, overage=bool(raw[1]), levels=_levels(raw, 2))
     if raw[0] == 2:
-        return Verdict(admitted=False, missing=tuple(int(i) for i in raw[1]))
-    return Verdict(
-        admitted=False,
-        refused=int(raw[1]),
-        retry_after_s=int(raw[2]),
-        levels=tuple(_level(x) for x in raw[3]),
-    )
+        return Verdict(admitted=False, missing=tuple(int(i) for i in raw[1:]))
+    return Verdict(admitted=False, refused=int(raw[1]), retry_after_s=int(raw[2]), levels=_levels(raw, 3))
 
 
 def _record(hold: Hold, now_s: int) -> bytes:
@@ -126,9 +131,10 @@ def _record(hold: Hold, now_s: int) -> bytes:
     )
 
 
-def _hold(hold_id: str, group: str, stored: bytes | str) -> Hold:
-    expires_us, _second, lines = orjson.loads(stored)
-    return Hold(
+def _hold(hold_id: str, group: str, stored: bytes | str) -> tuple[Hold, int]:
+    """A stored record back as a hold, and the second it was reserved."""
+    expires_us, second, lines = orjson.loads(stored)
+    hold = Hold(
         hold_id,
         tuple(
             Line(key, int(amount), int(maximum), bool(block), _KIND[kind], int(reset_s))
@@ -137,6 +143,7 @@ def _hold(hold_id: str, group: str, stored: bytes | str) -> Hold:
         int(expires_us),
         group,
     )
+    return hold, int(second)
 
 
 def _redacted(url: str) -> str:
@@ -177,26 +184,46 @@ class _Keys:
         return f"{self.tag(group_of(key))}t:{key}"
 
 
-# Where a finish's lines sit: per line, (hash key, field or 0, kind code, reset).
-_Refs = tuple[tuple[str, str | int, str, int], ...]
+# A counter as the script names it: (hash key, field, reset) for a fixed window, (hash key, 0, 0) for
+# a rolling one.
+_Ref = tuple[str, str | int, int]
 
 
-def _refs(keys: _Keys, lines: Iterable[Line]) -> _Refs:
-    return tuple(
-        (keys.counter(ln), ln.key if ln.kind == "fixed" else 0, _KIND_CODE[ln.kind], ln.reset_s)
-        for ln in lines
+def _ref(keys: _Keys, line: Line | Seed) -> _Ref:
+    if line.kind == "fixed":
+        return (keys.counter(line), line.key, line.reset_s)
+    return (keys.counter(line), 0, 0)
+
+
+class _Held(NamedTuple):
+    """What this process knows of a hold: where its lines sit and what they reserved, for its finish."""
+
+    refs: tuple[_Ref, ...]
+    reserved: tuple[int | str, ...]
+    second: int
+    expires_us: int
+
+
+def _held(keys: _Keys, hold: Hold, second: int) -> _Held:
+    return _Held(
+        tuple([_ref(keys, ln) for ln in hold.lines]),
+        tuple([_value(ln.amount) for ln in hold.lines]),
+        second,
+        hold.expires_us,
     )
 
 
 class _Call:
     """One script call being built: the keys it names (1-based, as Lua counts) and its request."""
 
-    __slots__ = ("args", "index", "keys", "parts")
+    __slots__ = ("args", "counters", "flat", "index", "keys", "parts")
 
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.args: list[bytes] = []  # records to store, after the request: ARGV[2], ARGV[3], ...
         self.index: dict[str, int] = {}
+        self.counters: dict[tuple[str, str | int], int] = {}  # (hash key, field) -> counter number
+        self.flat: list[Any] = []  # per counter: key index, field, reset (the request's "c")
         self.parts: dict[str, Any] = {}
 
     def key(self, name: str) -> int:
@@ -206,11 +233,14 @@ class _Call:
             found = self.index[name] = len(self.keys)
         return found
 
-    def line(
-        self, ref: tuple[str, str | int, str, int], amount: str = "0", maximum: str = "-1", block: int = 0
-    ) -> list[Any]:
-        name, field, kind, reset_s = ref
-        return [self.key(name), field, kind, amount, maximum, block, reset_s]
+    def counter(self, ref: _Ref) -> int:
+        """The number of a counter in this call (1-based), naming it once."""
+        name, field, reset_s = ref
+        found = self.counters.get((name, field))
+        if found is None:
+            self.flat += (self.key(name), field, reset_s)
+            found = self.counters[(name, field)] = len(self.counters) + 1
+        return found
 
     def add(self, part: str, item: Any) -> None:
         self.parts.setdefault(part, []).append(item)
@@ -276,7 +306,7 @@ class _Cluster:
 class _Finish:
     __slots__ = ("actual", "group", "hold_id", "seq")
 
-    def __init__(self, seq: int, hold_id: str, group: str, actual: list[str] | int) -> None:
+    def __init__(self, seq: int, hold_id: str, group: str, actual: list[int | str] | int) -> None:
         self.seq, self.hold_id, self.group, self.actual = seq, hold_id, group, actual
 
 
@@ -309,7 +339,7 @@ class RedisCounterStore:
         self._wake = threading.Condition(self._lock)
         self._pending: dict[int, _Finish] = {}  # by sequence number, oldest first
         # hold id -> where its lines sit and its lease, for the holds this process knows
-        self._held: dict[str, tuple[_Refs, int]] = {}
+        self._held: dict[str, _Held] = {}
         self._now_us = 0  # the latest clock a reservation came with
         self._registered: set[str] = set()
         self._registered_at = time.monotonic()
@@ -327,7 +357,7 @@ class RedisCounterStore:
         keys = self._keys
         calls: dict[str, _Call] = {}
         placed: list[tuple[str, int]] = []  # per hold: its call and its place in it
-        refs: list[_Refs] = []
+        refs: list[_Held] = []
         for hold in holds:
             group = hold.group if hold.group or not hold.lines else group_of(hold.lines[0].key)
             if any(group_of(ln.key) != group for ln in hold.lines):
@@ -338,24 +368,23 @@ class RedisCounterStore:
             call = calls.get(route)
             if call is None:
                 call = calls[route] = _Call()
-            where = _refs(keys, hold.lines)
-            refs.append(where)
-            lines = [
-                call.line(ref, _int(ln.amount), _int(ln.maximum), int(ln.block))
-                for ref, ln in zip(where, hold.lines, strict=True)
-            ]
+            known = _held(keys, hold, now_s)
+            refs.append(known)
             call.args.append(_record(hold, now_s))
-            call.add("h", [call.key(keys.holds(group)), hold.id, len(call.args) + 1, lines])
+            item: list[Any] = [call.key(keys.holds(group)), hold.id, len(call.args) + 1]
+            for ref, amount, ln in zip(known.refs, known.reserved, hold.lines, strict=True):
+                item += (call.counter(ref), amount, _value(ln.maximum), 1 if ln.block else 0)
+            call.add("h", item)
             placed.append((route, len(call.parts["h"]) - 1))
         answers = {route: self._send(route, call, now_us) for route, call in calls.items()}
         # A hold whose id exists stops the batch there, as in memory: its group's call stopped at it; the
         # holds after it that other groups' calls admitted are given back.
-        duplicates = [placed.index((route, a["d"])) for route, a in answers.items() if "d" in a]
+        duplicates = [placed.index((route, a[6])) for route, a in answers.items() if a[6] >= 0]
         stop = min(duplicates, default=len(holds))
         verdicts: list[Verdict] = []
         undo: list[Release] = []
         for position, (hold, (route, i)) in enumerate(zip(holds, placed, strict=True)):
-            decided = answers[route]["v"]
+            decided = answers[route][0]
             if i >= len(decided):
                 continue  # after the duplicate, in its group: never decided
             verdict = _verdict(decided[i])
@@ -365,9 +394,11 @@ class RedisCounterStore:
                 undo.append(Release(hold.id, hold.group))
         undone = {release.hold_id for release in undo}
         with self._lock:
-            for position, (hold, where) in enumerate(zip(holds, refs, strict=True)):
-                if (hold.id in undone and position > stop) or (position < stop and verdicts[position].admitted):
-                    self._held[hold.id] = (where, hold.expires_us)
+            for position, (hold, known) in enumerate(zip(holds, refs, strict=True)):
+                if (hold.id in undone and position > stop) or (
+                    position < stop and verdicts[position].admitted
+                ):
+                    self._held[hold.id] = known
             self._now_us = max(self._now_us, now_us)
         if stop < len(holds):
             self.release(undo, now_us)
@@ -375,7 +406,7 @@ class RedisCounterStore:
         return verdicts
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
-        self._enqueue([(s.hold_id, s.group, [_int(a) for a in s.actual]) for s in settlements])
+        self._enqueue([(s.hold_id, s.group, [_value(a) for a in s.actual]) for s in settlements])
 
     def release(self, releases: Sequence[Release], now_us: int) -> None:
         self._enqueue([(r.hold_id, r.group, 0) for r in releases])
@@ -390,19 +421,14 @@ class RedisCounterStore:
             call = calls.get(route)
             if call is None:
                 call = calls[route] = _Call()
-            fixed = seed.kind == "fixed"
-            call.add(
-                "s",
-                [
-                    call.key(self._keys.counter(seed)),
-                    seed.key if fixed else 0,
-                    _KIND_CODE[seed.kind],
-                    seed.reset_s,
-                    _int(seed.used),
-                    [[second, _int(amount)] for second, amount in sorted(seed.buckets)],
-                    max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S),  # seconds from now
-                ],
-            )
+            item: list[Any] = [call.counter(_ref(self._keys, seed))]
+            if seed.kind == "fixed":
+                # Its hash lives a day past the window's end (seconds from now).
+                item += (_value(seed.used), max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S))
+            else:
+                for second, amount in sorted(seed.buckets):
+                    item += (second, _value(amount))
+            call.add("s", item)
         for route, call in calls.items():
             self._send(route, call, now_us)
 
@@ -416,13 +442,13 @@ class RedisCounterStore:
             call = calls.get(route)
             if call is None:
                 call = calls[route] = _Call()
-            call.add("l", call.line(_refs(self._keys, (ln,))[0]))
+            call.add("l", call.counter(_ref(self._keys, ln)))
             placed.append((route, len(call.parts["l"]) - 1))
-        answers = {route: self._send(route, call, now_us)["l"] for route, call in calls.items()}
+        answers = {route: self._send(route, call, now_us)[1] for route, call in calls.items()}
         out: list[Level | None] = []
         for route, i in placed:
-            raw = answers[route][i]
-            out.append(_level(raw) if raw else None)
+            present, consumed, reset_s = answers[route][3 * i : 3 * i + 3]
+            out.append(Level(int(consumed), int(reset_s)) if present else None)
         return out
 
     def ping(self, now_us: int) -> None:
@@ -434,27 +460,30 @@ class RedisCounterStore:
             group.decode() if isinstance(group, bytes) else str(group)
             for group in self._command("SMEMBERS", self._keys.groups)
         )
-        found: list[tuple[int, str, str, str]] = []
+        found: list[tuple[int, str, str, bytes]] = []
         chunk = 1 if self._cluster else _EXPIRED_KEYS_PER_CALL
         for start in range(0, len(groups), chunk):
             call = _Call()
             part = groups[start : start + chunk]
             for group in part:
                 call.add("x", [call.key(self._keys.holds(group)), limit])
-            answer = self._send(part[0] if self._cluster else "", call, now_us)
-            for hold_id, stored, position in answer["x"]:
-                found.append((int(orjson.loads(stored)[0]), hold_id, part[position], stored))
+            due = self._send(part[0] if self._cluster else "", call, now_us)[3]
+            for i in range(0, len(due), 3):
+                hold_id, stored = due[i].decode(), due[i + 1]
+                found.append((int(orjson.loads(stored)[0]), hold_id, part[int(due[i + 2])], stored))
         found.sort()
-        holds = [_hold(hold_id, group, stored) for _expires, hold_id, group, stored in found[:limit]]
+        holds: list[Hold] = []
         with self._lock:
-            for hold in holds:
-                self._held[hold.id] = (_refs(self._keys, hold.lines), hold.expires_us)
+            for _expires, hold_id, group, stored in found[:limit]:
+                hold, second = _hold(hold_id, group, stored)
+                holds.append(hold)
+                self._held[hold.id] = _held(self._keys, hold, second)
         return holds
 
     def tally(self, key: str, now_us: int) -> int:
         call = _Call()
         call.parts["t"] = call.key(self._keys.tally(key))
-        return int(self._send(group_of(key) if self._cluster else "", call, now_us)["t"])
+        return int(self._send(group_of(key) if self._cluster else "", call, now_us)[4])
 
     def close(self) -> None:
         with self._wake:
@@ -483,7 +512,7 @@ class RedisCounterStore:
         for route in sorted(routes):
             self._send(route, _Call(), 0)
 
-    def _enqueue(self, items: list[tuple[str, str, list[str] | int]]) -> None:
+    def _enqueue(self, items: list[tuple[str, str, list[int | str] | int]]) -> None:
         if not items:
             return
         with self._wake:
@@ -548,14 +577,14 @@ class RedisCounterStore:
         with self._lock:
             groups = sorted(self._registered)
             horizon = self._now_us - _FORGET_AFTER_S * 1_000_000
-            for hold_id in [h for h, (_refs, expires_us) in self._held.items() if expires_us < horizon]:
+            for hold_id in [h for h, known in self._held.items() if known.expires_us < horizon]:
                 del self._held[hold_id]
         self._registered_at = time.monotonic()
         if groups:
             self._command("SADD", self._keys.groups, *groups)
 
     # -- the call -------------------------------------------------------------------------------
-    def _send(self, route: str, call: _Call, now_us: int) -> dict[str, Any]:
+    def _send(self, route: str, call: _Call, now_us: int) -> list[Any]:
         """One script call of ``route`` (a group on a cluster, else everything) carrying the buffered
         finishes of the route; returns the script's answer."""
         while True:
@@ -570,23 +599,26 @@ class RedisCounterStore:
             self._send_finishes(route, _Call(), finishes[:_BATCH], now_us)  # a backlog: short scripts first
         return self._send_finishes(route, call, finishes, now_us)
 
-    def _send_finishes(self, route: str, call: _Call, finishes: list[_Finish], now_us: int) -> dict[str, Any]:
+    def _send_finishes(self, route: str, call: _Call, finishes: list[_Finish], now_us: int) -> list[Any]:
         keys = self._keys
         items: list[list[Any]] = []
         with self._lock:
             for finish in finishes:
-                refs = self._held[finish.hold_id][0]
-                items.append(
-                    [
-                        call.key(keys.holds(finish.group)),
-                        finish.hold_id,
-                        finish.actual,
-                        [call.line(r) for r in refs],
-                    ]
-                )
-        request = orjson.dumps({"n": now_us // 1_000_000, "u": str(now_us), "f": items, **call.parts})
+                known = self._held[finish.hold_id]
+                item: list[Any] = [
+                    call.key(keys.holds(finish.group)),
+                    finish.hold_id,
+                    known.second,
+                    finish.actual,
+                ]
+                for ref, reserved in zip(known.refs, known.reserved, strict=True):
+                    item += (call.counter(ref), reserved)
+                items.append(item)
+        request = orjson.dumps(
+            {"n": now_us // 1_000_000, "u": str(now_us), "c": call.flat, "f": items, **call.parts}
+        )
         try:
-            raw = self._evalsha(call.keys, [request, *call.args])
+            answer = self._evalsha(call.keys, [request, *call.args])
         except ResponseError as exc:
             if str(exc).startswith(_TRANSIENT):
                 raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
@@ -597,9 +629,8 @@ class RedisCounterStore:
                 self._confirmed(finishes)
             raise RuntimeError(f"Redis counter script failed: {exc}") from exc
         self._confirmed(finishes)
-        answer: dict[str, Any] = orjson.loads(raw)
-        if "b" in answer:
-            log.error("settlements with the wrong number of amounts were dropped: %s", answer["b"])
+        if answer[5]:
+            log.error("settlements with the wrong number of amounts were dropped: %s", answer[5])
         return answer
 
     def _describe(self, route: str, unknown: list[_Finish], now_us: int) -> None:
@@ -608,15 +639,15 @@ class RedisCounterStore:
         call = _Call()
         for finish in unknown:
             call.add("d", [call.key(self._keys.holds(finish.group)), finish.hold_id])
-        records = self._send_finishes(route, call, [], now_us)["r"]
+        records = self._send_finishes(route, call, [], now_us)[2]
         gone: list[_Finish] = []
         with self._lock:
             for finish, stored in zip(unknown, records, strict=True):
                 if stored == 0:
                     gone.append(finish)
                 else:
-                    hold = _hold(finish.hold_id, finish.group, stored)
-                    self._held[finish.hold_id] = (_refs(self._keys, hold.lines), hold.expires_us)
+                    hold, second = _hold(finish.hold_id, finish.group, stored)
+                    self._held[finish.hold_id] = _held(self._keys, hold, second)
         self._confirmed(gone)
 
     def _confirmed(self, finishes: Iterable[_Finish]) -> None:
@@ -625,7 +656,7 @@ class RedisCounterStore:
                 self._pending.pop(finish.seq, None)
                 self._held.pop(finish.hold_id, None)
 
-    def _evalsha(self, keys: list[str], args: list[bytes]) -> bytes:
+    def _evalsha(self, keys: list[str], args: list[bytes]) -> list[Any]:
         try:
             try:
                 raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
@@ -634,7 +665,7 @@ class RedisCounterStore:
                 raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
-        assert isinstance(raw, bytes)
+        assert isinstance(raw, list)
         return raw
 
     def _command(self, *args: Any) -> Any:
