@@ -42,7 +42,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis
 
 from machine import cpu_model
@@ -79,12 +78,12 @@ def request_lines(org: str) -> tuple[Line, ...]:
     now = datetime.now(UTC)
     day, month = _day_end(now), _month_end(now)
     return (
-        Line(f"{org}:tokens:day", 1_500, 10**12, True, "fixed", day),
-        Line(f"{org}:tokens:month", 1_500, 10**13, True, "fixed", month),
-        Line(f"{org}:rpm", 1, 10**9, True, "rolling", 0),
-        Line(f"{org}:tpm", 1_500, 10**12, True, "rolling", 0),
-        Line(f"{org}:key1:calls:day", 1, 10**9, True, "fixed", day),
-        Line(f"{org}:credits:month", 2_500_000, 10**18, False, "fixed", month),  # nanos, overage allowed
+        Line(f"{org}|o|tokens|day", 1_500, 10**12, True, "fixed", day),
+        Line(f"{org}|o|tokens|month", 1_500, 10**13, True, "fixed", month),
+        Line(f"{org}|o|rpm", 1, 10**9, True, "rolling", 0),
+        Line(f"{org}|o|tpm", 1_500, 10**12, True, "rolling", 0),
+        Line(f"{org}|k|calls|day", 1, 10**9, True, "fixed", day),
+        Line(f"{org}|o|credits|month", 2_500_000, 10**18, False, "fixed", month),  # nanos, overage allowed
     )
 
 
@@ -116,10 +115,14 @@ class Run:
     all_decisions_per_s: list[int] | None = None  # every run of the case, the median one reported
 
 
-def drive(store: CounterStore, org: str, threads: int, seconds: float) -> tuple[int, int, float, list[float]]:
-    """Reserve + settle in ``threads`` threads for ``seconds``: (decisions, refused, elapsed, latencies)."""
-    lines = request_lines(org)
-    store.seed(seeds_for(lines), now_us())
+def drive(
+    store: CounterStore, org: str, threads: int, seconds: float, spread: bool = False
+) -> tuple[int, int, float, list[float]]:
+    """Reserve + settle in ``threads`` threads for ``seconds``: (decisions, refused, elapsed, latencies).
+    ``spread``: each thread decides for its own organization (on a cluster, spread over the masters)."""
+    orgs = [f"{org}{t}" if spread else org for t in range(threads)]
+    for name in sorted(set(orgs)):
+        store.seed(seeds_for(request_lines(name)), now_us())
     counts = [0] * threads
     refused = [0] * threads
     latencies: list[list[float]] = [[] for _ in range(threads)]
@@ -127,17 +130,19 @@ def drive(store: CounterStore, org: str, threads: int, seconds: float) -> tuple[
     stop = threading.Event()
 
     def work(t: int) -> None:
+        group = orgs[t]
+        lines = request_lines(group)
         start.wait()
         i = 0
         clock, lat = time.perf_counter, latencies[t]
         while not stop.is_set():
             i += 1
-            hold_id = f"{org}-{t}-{i}"
+            hold_id = f"{group}-{t}-{i}"
             begin = clock()
-            verdict = store.reserve([Hold(hold_id, lines, now_us() + LEASE_US)], now_us())[0]
+            verdict = store.reserve([Hold(hold_id, lines, now_us() + LEASE_US, group)], now_us())[0]
             lat.append(clock() - begin)
             if verdict.admitted:
-                store.settle([Settlement(hold_id, ACTUAL)], now_us())
+                store.settle([Settlement(hold_id, ACTUAL, group)], now_us())
             else:
                 refused[t] += 1
             counts[t] = i
@@ -155,8 +160,10 @@ def drive(store: CounterStore, org: str, threads: int, seconds: float) -> tuple[
     return sum(counts), sum(refused), elapsed, [x for lat in latencies for x in lat]
 
 
-def measure(name: str, store: CounterStore, org: str, threads: int, seconds: float) -> Run:
-    decisions, refused, elapsed, latencies = drive(store, org, threads, seconds)
+def measure(
+    name: str, store: CounterStore, org: str, threads: int, seconds: float, spread: bool = False
+) -> Run:
+    decisions, refused, elapsed, latencies = drive(store, org, threads, seconds, spread)
     cuts = statistics.quantiles(latencies, n=100)
     return Run(
         store=name,
@@ -173,36 +180,54 @@ def measure(name: str, store: CounterStore, org: str, threads: int, seconds: flo
 # -- Redis ----------------------------------------------------------------------------------------
 
 
-def redis_counts(client: redis.Redis) -> tuple[int, dict[str, int], int]:
-    """(commands processed, calls per command, microseconds Redis spent in EVALSHA)."""
-    info = client.info("all")
-    calls = {
-        key.removeprefix("cmdstat_"): int(value["calls"])
-        for key, value in info.items()
-        if key.startswith("cmdstat_")
-    }
-    script_us = int(info.get("cmdstat_evalsha", {}).get("usec", 0))
-    return int(info["total_commands_processed"]), calls, script_us
+def redis_counts(clients: list[redis.Redis]) -> tuple[int, dict[str, int], int]:
+    """(commands processed, calls per command, microseconds Redis spent in EVALSHA), summed over the
+    masters among ``clients`` (a replica's commands are its master's, replayed)."""
+    total, script_us = 0, 0
+    calls: dict[str, int] = {}
+    for client in clients:
+        info = client.info("all")
+        if info.get("role") != "master":
+            continue
+        for key, value in info.items():
+            if key.startswith("cmdstat_"):
+                name = key.removeprefix("cmdstat_")
+                calls[name] = calls.get(name, 0) + int(value["calls"])
+        script_us += int(info.get("cmdstat_evalsha", {}).get("usec", 0))
+        total += int(info["total_commands_processed"])
+    return total, calls, script_us
 
 
-def measure_redis(url: str, threads: int, seconds: float, warmup: float) -> Run:
-    store = RedisCounterStore(url, prefix=f"bench{threads}:")
-    watcher = redis.Redis.from_url(url)
+def measure_redis(
+    url: str,
+    threads: int,
+    seconds: float,
+    warmup: float,
+    ports: list[int] | None = None,
+    spread: bool = False,
+) -> Run:
+    """``ports``: a cluster's nodes (``url`` is then a ``redis+cluster://`` URL)."""
+    name = "redis cluster" if ports else "redis"
+    store = RedisCounterStore(url, prefix=f"bench{threads}{'s' if spread else ''}:")
+    watchers = [redis.Redis(port=port) for port in ports] if ports else [redis.Redis.from_url(url)]
     try:
-        drive(store, "warm", threads, warmup)  # connections, script load
+        drive(store, "warm", threads, warmup, spread)  # connections, script load
         store.flush()
-        total0, calls0, script_us0 = redis_counts(watcher)
-        run = measure("redis", store, "org", threads, seconds)
+        total0, calls0, script_us0 = redis_counts(watchers)
+        run = measure(
+            name + (", an organization per thread" if spread else ""), store, "org", threads, seconds, spread
+        )
         store.flush()  # the last settlements, so that every decision's traffic is counted
-        total1, calls1, script_us1 = redis_counts(watcher)
+        total1, calls1, script_us1 = redis_counts(watchers)
     finally:
         store.close()
-        watcher.close()
+        for watcher in watchers:
+            watcher.close()
     delta = {name: calls1.get(name, 0) - calls0.get(name, 0) for name in calls1}
     sent = sum(n for name, n in delta.items() if name in CLIENT_COMMANDS)
     run.script_calls_per_decision = delta.get("evalsha", 0) / run.decisions
     run.round_trips_per_decision = sent / run.decisions
-    run.redis_commands_per_decision = (total1 - total0 - delta.get("info", 0)) / run.decisions
+    run.redis_commands_per_decision = (total1 - total0 - delta.get("info", 0) * len(watchers)) / run.decisions
     run.redis_script_us_per_decision = (script_us1 - script_us0) / run.decisions
     return run
 
@@ -228,21 +253,25 @@ def redis_benchmark(port: int, sha: str) -> list[dict[str, Any]]:
 
     for clients in (1, 50):
         run("", clients, ["-n", "100000", "-t", "ping,set,incr"])
-    # Our script, one 6-line reservation per call (__rand_int__ makes hold ids unique).
+    # Our script, one 6-line reservation per call, as the store sends it (__rand_int__ makes hold ids
+    # unique).
     lines = request_lines("rb")
     store = RedisCounterStore(f"redis://127.0.0.1:{port}/0", prefix="rb:")
     store.seed(seeds_for(lines), now_us())
+    sent: list[Any] = []
+    send = store._send_command
+
+    def record(*command: Any) -> Any:
+        sent.append(command)
+        return send(*command)
+
+    store._send_command = record  # type: ignore[assignment]
+    store.reserve([Hold("rb-__rand_int__", lines, now_us() + LEASE_US, "rb")], now_us())
+    store._send_command = send
     store.close()
-    now = now_us()
-    request = {
-        "f": [],
-        "n": now // 1_000_000,
-        "u": str(now),
-        "h": [["rb-__rand_int__", str(now + LEASE_US), [redis_counters._line(x) for x in lines], 3600]],
-    }
-    run("EVALSHA meterline script (6-line reserve)", 1, [
-        "-n", "20000", "-r", "1000000000", "EVALSHA", sha, "0", orjson.dumps(request).decode(), "rb:",
-    ])  # fmt: skip
+    evalsha = next(c for c in sent if c[0] == "EVALSHA")
+    arguments = [a.decode() if isinstance(a, bytes) else str(a) for a in evalsha]
+    run("EVALSHA meterline script (6-line reserve)", 1, ["-n", "20000", "-r", "1000000000", *arguments])
     return figures
 
 
@@ -297,12 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median run is reported")
     parser.add_argument("--threads", default="1,8")
     parser.add_argument("--skip-redis-benchmark", action="store_true")
+    parser.add_argument("--skip-cluster", action="store_true", help="no 3-master Redis Cluster case")
     args = parser.parse_args(argv)
     thread_counts = [int(x) for x in args.threads.split(",")]
 
-    from tests.servers import start_redis
+    from tests.servers import start_redis, start_redis_cluster
 
     server = start_redis()
+    cluster = None if args.skip_cluster else start_redis_cluster()
     try:
         probe = redis.Redis.from_url(server.url)
         version = str(probe.info("server")["redis_version"])
@@ -318,7 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         cases: list[tuple[str, Callable[[int], Run]]] = [
             ("memory", lambda n: measure("memory", MemoryCounterStore(), "org", n, args.seconds)),
             ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup)),
+            ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup, spread=True)),
         ]
+        if cluster is not None:
+            ports = cluster.ports
+            cases.append(
+                (
+                    "cluster",
+                    lambda n: measure_redis(cluster.url, n, args.seconds, args.warmup, ports, spread=True),
+                )
+            )
         for name, case in cases:
             for threads in thread_counts:
                 tries = sorted((case(threads) for _ in range(args.repeat)), key=lambda r: r.decisions_per_s)
@@ -335,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = [] if args.skip_redis_benchmark else redis_benchmark(server.port, redis_counters._SHA)
     finally:
         server.stop()
+        if cluster is not None:
+            cluster.stop()
 
     print()
     print(table(runs))

@@ -471,6 +471,33 @@ def test_two_hundred_threads_race_for_one_hundred_units(
     assert stores[0].expired(at(3600)) == []
 
 
+def test_threads_reserving_and_settling_at_once_lose_nothing(make_store: Callable[[], CounterStore]) -> None:
+    """Each call carries the settlements buffered so far, so concurrent calls carry the same ones: each
+    is applied once, and no call fails for it."""
+    store = make_store()
+    store.seed([seed_fixed("org:day"), seed_rolling("org:tpm")], NOW)
+    day, tpm = fixed("org:day", 5, 10**9), rolling("org:tpm", 5, 10**9)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(40):
+                hold_id = f"t{t}-{i}"
+                assert store.reserve([hold(hold_id, day, tpm)], NOW)[0].admitted
+                store.settle([Settlement(hold_id, (2, 3))], NOW)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.levels([day, tpm], NOW) == [Level(8 * 40 * 2, DAY_END), Level(8 * 40 * 3, NOW_S + 60)]
+    assert store.expired(at(3600)) == []
+
+
 # -- deferred settlements -------------------------------------------------------------------------
 
 

@@ -27,8 +27,8 @@
 --
 -- Cost: Redis time per decision is what bounds one Redis, so a call reads each hash once (HMGET of every
 -- field it needs, before anything else) and writes each once (one HSET at the end). It never encodes
--- JSON: the client sends a hold's record as it is stored, a finish brings what its hold reserved, and the
--- answer is a Lua table (Redis turns it into a reply).
+-- JSON for storage: the client sends a hold's record as it is stored, and a finish brings what its hold
+-- reserved. The answer is one small JSON text (an empty list comes out as {}).
 --
 -- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. A value below 2^53
 -- travels as a JSON number and is computed as a Lua number; a larger one travels and is stored as a
@@ -128,8 +128,11 @@ local function str(x)  -- what is stored: a decimal string (never Lua's own "1.5
   return text(x)
 end
 
-local function out(x)  -- what is answered: an integer reply below 2^53, else a decimal string
-  if type(x) == 'number' then return x end
+local function out(x)  -- what is answered: a number below 10^14 (cjson writes 14 digits), else a string
+  if type(x) == 'number' then
+    if x < 1e14 and x > -1e14 then return x end
+    return string.format('%d', x)
+  end
   return text(x)
 end
 
@@ -517,4 +520,5 @@ for i = 1, count do
   end
 end
 for index, args in pairs(fixed_out) do redis.call('HSET', KEYS[index], unpack(args)) end
-return {verdicts, levels, records, due, tallied, malformed, duplicate}
+-- One JSON text: the client parses it in one go (an array reply costs it far more, element by element).
+return cjson.encode({verdicts, levels, records, due, tallied, malformed, duplicate})

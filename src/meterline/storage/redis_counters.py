@@ -216,9 +216,11 @@ def _held(keys: _Keys, hold: Hold, second: int) -> _Held:
 class _Call:
     """One script call being built: the keys it names (1-based, as Lua counts) and its request."""
 
-    __slots__ = ("args", "counters", "flat", "index", "keys", "parts")
+    __slots__ = ("args", "counters", "flat", "groups", "index", "keys", "parts")
 
     def __init__(self) -> None:
+        # The groups it decides or reads for: it carries their buffered finishes (none named: all).
+        self.groups: set[str] = set()
         self.keys: list[str] = []
         self.args: list[bytes] = []  # records to store, after the request: ARGV[2], ARGV[3], ...
         self.index: dict[str, int] = {}
@@ -368,6 +370,7 @@ class RedisCounterStore:
             call = calls.get(route)
             if call is None:
                 call = calls[route] = _Call()
+            call.groups.add(group)
             known = _held(keys, hold, now_s)
             refs.append(known)
             call.args.append(_record(hold, now_s))
@@ -421,6 +424,7 @@ class RedisCounterStore:
             call = calls.get(route)
             if call is None:
                 call = calls[route] = _Call()
+            call.groups.add(group_of(seed.key))
             item: list[Any] = [call.counter(_ref(self._keys, seed))]
             if seed.kind == "fixed":
                 # Its hash lives a day past the window's end (seconds from now).
@@ -442,6 +446,7 @@ class RedisCounterStore:
             call = calls.get(route)
             if call is None:
                 call = calls[route] = _Call()
+            call.groups.add(group_of(ln.key))
             call.add("l", call.counter(_ref(self._keys, ln)))
             placed.append((route, len(call.parts["l"]) - 1))
         answers = {route: self._send(route, call, now_us)[1] for route, call in calls.items()}
@@ -460,16 +465,17 @@ class RedisCounterStore:
             group.decode() if isinstance(group, bytes) else str(group)
             for group in self._command("SMEMBERS", self._keys.groups)
         )
-        found: list[tuple[int, str, str, bytes]] = []
+        found: list[tuple[int, str, str, str]] = []
         chunk = 1 if self._cluster else _EXPIRED_KEYS_PER_CALL
         for start in range(0, len(groups), chunk):
             call = _Call()
             part = groups[start : start + chunk]
             for group in part:
+                call.groups.add(group)
                 call.add("x", [call.key(self._keys.holds(group)), limit])
             due = self._send(part[0] if self._cluster else "", call, now_us)[3]
             for i in range(0, len(due), 3):
-                hold_id, stored = due[i].decode(), due[i + 1]
+                hold_id, stored = due[i], due[i + 1]
                 found.append((int(orjson.loads(stored)[0]), hold_id, part[int(due[i + 2])], stored))
         found.sort()
         holds: list[Hold] = []
@@ -482,6 +488,7 @@ class RedisCounterStore:
 
     def tally(self, key: str, now_us: int) -> int:
         call = _Call()
+        call.groups.add(group_of(key))
         call.parts["t"] = call.key(self._keys.tally(key))
         return int(self._send(group_of(key) if self._cluster else "", call, now_us)[4])
 
@@ -510,7 +517,7 @@ class RedisCounterStore:
         with self._lock:
             routes = {finish.group if self._cluster else "" for finish in self._pending.values()}
         for route in sorted(routes):
-            self._send(route, _Call(), 0)
+            self._send(route, _Call(), 0)  # names no group: carries all of the route
 
     def _enqueue(self, items: list[tuple[str, str, list[int | str] | int]]) -> None:
         if not items:
@@ -586,10 +593,17 @@ class RedisCounterStore:
     # -- the call -------------------------------------------------------------------------------
     def _send(self, route: str, call: _Call, now_us: int) -> list[Any]:
         """One script call of ``route`` (a group on a cluster, else everything) carrying the buffered
-        finishes of the route; returns the script's answer."""
+        finishes of the groups it touches (all of the route when it names none: a flush); returns the
+        script's answer. Only a group's own finishes matter to its counters, and carrying others' would
+        send each finish once per concurrent call."""
+        groups = call.groups
         while True:
             with self._lock:
-                finishes = [f for f in self._pending.values() if not self._cluster or f.group == route]
+                finishes = [
+                    f
+                    for f in self._pending.values()
+                    if (f.group in groups if groups else not self._cluster or f.group == route)
+                ]
                 unknown = [f for f in finishes if f.hold_id not in self._held]
             if unknown:
                 self._describe(route, unknown, now_us)
@@ -603,6 +617,8 @@ class RedisCounterStore:
         keys = self._keys
         items: list[list[Any]] = []
         with self._lock:
+            # A concurrent call may have carried (and confirmed) some of them meanwhile: not again.
+            finishes = [f for f in finishes if f.seq in self._pending and f.hold_id in self._held]
             for finish in finishes:
                 known = self._held[finish.hold_id]
                 item: list[Any] = [
@@ -657,6 +673,7 @@ class RedisCounterStore:
                 self._held.pop(finish.hold_id, None)
 
     def _evalsha(self, keys: list[str], args: list[bytes]) -> list[Any]:
+        """The script's answer: [verdicts, levels, records, expired, tally, malformed ids, duplicate]."""
         try:
             try:
                 raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
@@ -665,8 +682,10 @@ class RedisCounterStore:
                 raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
-        assert isinstance(raw, list)
-        return raw
+        assert isinstance(raw, bytes)
+        answer = orjson.loads(raw)
+        # Lua cannot tell an empty list from an empty object: cjson writes {}.
+        return [[] if part == {} else part for part in answer]
 
     def _command(self, *args: Any) -> Any:
         try:
