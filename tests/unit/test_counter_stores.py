@@ -36,6 +36,7 @@ from meterline.quotas.counters import (
     WindowKind,
 )
 from meterline.quotas.memory import MemoryCounterStore
+from meterline.storage import redis_counters
 from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.database import Database
 from meterline.storage.redis_counters import RedisCounterStore
@@ -153,8 +154,8 @@ def fixed_parts(store: CounterStore, key: str) -> tuple[int, int]:
             ).one()
         return int(row[0]), int(row[1])
     assert isinstance(store, RedisCounterStore)
-    # A fixed window's counters share one hash per group and end: used under the key, reserved under "~".
-    used, reserved = store._send_command("HMGET", f"{PREFIX}{{-}}f:{DAY_END}", key, f"{key}~")
+    # A fixed window's counters share one hash per group and end: "u" + key is used, "v" + key reserved.
+    used, reserved = store._send_command("HMGET", f"{PREFIX}{{-}}f:{DAY_END}", f"u{key}", f"v{key}")
     return int(used), int(reserved)
 
 
@@ -498,6 +499,16 @@ def test_threads_reserving_and_settling_at_once_lose_nothing(make_store: Callabl
     assert store.expired(at(3600)) == []
 
 
+def test_counters_whose_keys_differ_by_a_suffix_or_prefix_stay_apart(store: CounterStore) -> None:
+    """Keys end in free text (identifiers): no key's counter may be another's."""
+    store.seed([seed_fixed("o|bob")], NOW)
+    assert store.reserve([hold("h1", fixed("o|bob", 7, 100))], NOW)[0].admitted
+    others = [fixed(key, 0, 1) for key in ("o|bob~", "o|ubob", "o|vbob", "o|bo", "o|bob ")]
+    assert store.levels(others, NOW) == [None] * len(others)
+    store.seed([seed_fixed(line.key, used=1) for line in others], NOW)
+    assert store.levels([fixed("o|bob", 0, 1), *others], NOW) == [Level(7, DAY_END)] + [Level(1, DAY_END)] * 5
+
+
 # -- deferred settlements -------------------------------------------------------------------------
 
 
@@ -613,7 +624,7 @@ def test_a_buffered_settlement_survives_an_outage(shared_redis: RedisServer, tmp
         proc = _redis_on(port, tmp_path)
         deadline = time.monotonic() + 5
         # The flusher sends it: no call of ours is needed. (Its reply may land just after the write.)
-        while watcher.hmget(f"{PREFIX}{{-}}f:{DAY_END}", ["day", "day~"]) != [b"3", b"0"] or store.pending:
+        while watcher.hmget(f"{PREFIX}{{-}}f:{DAY_END}", ["uday", "vday"]) != [b"3", b"0"] or store.pending:
             assert time.monotonic() < deadline, "the settlement was not applied after the outage"
             time.sleep(0.01)
         assert store.levels([line], NOW) == [Level(3, DAY_END)]
@@ -643,6 +654,66 @@ def test_a_restarted_server_costs_no_error(shared_redis: RedisServer, tmp_path: 
         store.close()
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_a_read_only_replica_is_unavailable_and_keeps_settlements(
+    shared_redis: RedisServer, tmp_path: Path
+) -> None:
+    """READONLY (a replica, a master just demoted in a failover) means "not now": the engine answers 503
+    or fails open, and the buffered settlements wait instead of being dropped."""
+    port = free_port()
+    proc = _redis_on(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    store = RedisCounterStore(url, prefix=PREFIX, socket_timeout_s=0.5, flush_interval_s=3600)
+    admin = redis.Redis.from_url(url)
+    try:
+        line = fixed("day", 10, 100)
+        store.seed([seed_fixed("day")], NOW)
+        assert store.reserve([hold("h1", line)], NOW)[0].admitted
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(shared_redis.port))
+        store.settle([Settlement("h1", (3,))], NOW)
+        with pytest.raises(CounterStoreUnavailable):
+            store.reserve([hold("h2", line)], NOW)
+        assert store.pending == 1
+    finally:
+        store.close()
+        admin.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_counters_in_redis_expire_on_their_own(request: pytest.FixtureRequest, kind: str) -> None:
+    """A fixed window's hash lives a day past its end, a rolling window two minutes past its last
+    reservation: Redis does not grow without bound."""
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX)
+    try:
+        store.seed([seed_fixed("org|day"), seed_rolling("org|tpm")], NOW)
+        lines = (fixed("org|day", 1, 9), rolling("org|tpm", 1, 9))
+        assert store.reserve([Hold("h1", lines, NOW + LEASE, "org")], NOW)[0].admitted
+        fixed_ttl = store._send_command("TTL", f"{PREFIX}{{org}}f:{DAY_END}")
+        rolling_ttl = store._send_command("TTL", f"{PREFIX}{{org}}r:org|tpm")
+    finally:
+        store.close()
+    assert DAY_END + 86_400 - NOW_S - 5 <= fixed_ttl <= DAY_END + 86_400 - NOW_S
+    assert 60 < rolling_ttl <= 120
+
+
+def test_a_finish_carried_by_a_concurrent_call_is_not_sent_again(redis_url: str) -> None:
+    """Two calls may take the same buffered settlement; the one that finds it confirmed by the other
+    leaves it out (it failed on its record before)."""
+    store = RedisCounterStore(redis_url, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        store.seed([seed_fixed("day")], NOW)
+        assert store.reserve([hold("h1", fixed("day", 5, 100))], NOW)[0].admitted
+        store.settle([Settlement("h1", (2,))], NOW)
+        taken = list(store._pending.values())  # this call's snapshot...
+        store.flush()  # ...and another call carries and confirms them first
+        store._send_finishes("", redis_counters._Call(), taken, NOW)
+        assert store.levels([fixed("day", 0, 1)], NOW) == [Level(2, DAY_END)]
+    finally:
+        store.close()
 
 
 def test_the_buffer_is_capped() -> None:

@@ -12,8 +12,9 @@
 -- Keys: every key the script touches is in KEYS, and requests name keys by their index there. The
 -- client builds the names (storage/redis_counters.py); all keys of one group (an organization) share a
 -- hash tag, so with Redis Cluster one call is one slot. Per group G (P = the prefix):
---   P{G}f:<reset second>  fixed windows ending at that second: a hash, field <counter key> = used and
---                         <counter key>~ = reserved; the whole hash expires a day after the end
+--   P{G}f:<reset second>  fixed windows ending at that second: a hash, field u<counter key> = used and
+--                         v<counter key> = reserved (a key is free text: a prefix, not a suffix, keeps
+--                         two keys' fields apart); the whole hash expires a day after the end
 --   P{G}r:<key>           a rolling window: hash {h = horizon, t = total, o = oldest second,
 --                         e = second of the last EXPIRE, <second> = amount}; h is also the marker of a
 --                         seeded, empty window
@@ -46,6 +47,25 @@ local ROLLING_TTL = 120
 local REFRESH = 30  -- a rolling key's lifetime is renewed at most this often (it never drops below 90 s)
 local B = 1000000000
 local LIM = 9007199254740992  -- 2^53
+local CHUNK = 4000  -- arguments per command: Lua's unpack takes at most ~8000
+
+-- HMGET of any number of fields (in commands of CHUNK fields), one list of values
+local function hmget(key, names)
+  if #names <= CHUNK then return redis.call('HMGET', key, unpack(names)) end
+  local values = {}
+  for first = 1, #names, CHUNK do
+    local part = redis.call('HMGET', key, unpack(names, first, math.min(first + CHUNK - 1, #names)))
+    for j = 1, #part do values[first + j - 1] = part[j] end
+  end
+  return values
+end
+
+-- HSET of any number of field-value pairs
+local function hset(key, args)
+  for first = 1, #args, CHUNK do
+    redis.call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, #args)))
+  end
+end
 
 -- values: a Lua number when below 2^53, else two limbs {hi, lo} ------------------------------------
 local function big(s)
@@ -143,7 +163,8 @@ end
 local C = req.c
 local count = #C / 3
 local counters = {}
-local refresh = {}  -- [key index] = true: EXPIRE at the end (a rolling window reserved on)
+local refresh = {}  -- [counter] = true: a rolling window reserved on or seeded (EXPIRE at the end)
+local lifetimes = {}  -- [key index] = seconds: a fixed window's hash, seeded (EXPIRE at the end)
 
 local function read_all()
   local by_key = {}  -- fixed counters per hash: key index -> {names, counter numbers}
@@ -156,8 +177,8 @@ local function read_all()
         by_key[index] = found
       end
       local names = found[1]
-      names[#names + 1] = field
-      names[#names + 1] = field .. '~'
+      names[#names + 1] = 'u' .. field
+      names[#names + 1] = 'v' .. field
       found[2][#found[2] + 1] = i
     else
       local raw = redis.call('HMGET', KEYS[index], 'h', 't', 'o', 'e', now_s)
@@ -172,7 +193,7 @@ local function read_all()
     end
   end
   for index, found in pairs(by_key) do
-    local raw = redis.call('HMGET', KEYS[index], unpack(found[1]))
+    local raw = hmget(KEYS[index], found[1])
     for j, i in ipairs(found[2]) do
       local used = raw[2 * j - 1]
       counters[i] = used and {fixed = true, u = val(used), v = val(raw[2 * j] or '0')} or false
@@ -195,7 +216,7 @@ local function roll_write(i)
     args[#args + 1] = name
     args[#args + 1] = value
   end
-  redis.call('HSET', KEYS[C[3 * i - 2]], unpack(args))
+  hset(KEYS[C[3 * i - 2]], args)
   state.changed = {}
 end
 
@@ -236,7 +257,9 @@ local function prune(state, i)
       oldest = second
     end
   end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  for first = 1, #gone, CHUNK do
+    redis.call('HDEL', key, unpack(gone, first, math.min(first + CHUNK - 1, #gone)))
+  end
   state.o = oldest
   state.changed.t = true
   if oldest then
@@ -404,10 +427,8 @@ local function seed(item)
   if counters[i] then return end
   if C[3 * i - 1] ~= 0 then
     counters[i] = {fixed = true, u = val(item[2]), v = 0, changed = true}
-    -- Every counter of the hash ends at the same second; NX sets a first lifetime, GT lengthens it.
-    local key = KEYS[C[3 * i - 2]]
-    redis.call('EXPIRE', key, item[3], 'NX')
-    redis.call('EXPIRE', key, item[3], 'GT')
+    local index = C[3 * i - 2]
+    lifetimes[index] = math.max(lifetimes[index] or 0, item[3])
     return
   end
   local state = {h = 0, t = 0, e = 0, b = {}, changed = {h = true, t = true}, fresh = true}
@@ -506,19 +527,26 @@ for i = 1, count do
       fixed_out[index] = args
     end
     local field = C[3 * i - 1]
-    args[#args + 1] = field
+    args[#args + 1] = 'u' .. field
     args[#args + 1] = str(state.u)
-    args[#args + 1] = field .. '~'
+    args[#args + 1] = 'v' .. field
     args[#args + 1] = str(state.v)
   elseif state and not state.fixed then
-    if refresh[i] and now_s - state.e >= REFRESH then
+    local renew = refresh[i] and now_s - state.e >= REFRESH
+    if renew then
       state.e = now_s
       state.changed.e = true
-      redis.call('EXPIRE', KEYS[C[3 * i - 2]], ROLLING_TTL)
     end
     roll_write(i)
+    -- After the write: EXPIRE does nothing to a key that does not exist yet (a first seed).
+    if renew then redis.call('EXPIRE', KEYS[C[3 * i - 2]], ROLLING_TTL) end
   end
 end
-for index, args in pairs(fixed_out) do redis.call('HSET', KEYS[index], unpack(args)) end
+for index, args in pairs(fixed_out) do hset(KEYS[index], args) end
+-- Every counter of a fixed hash ends at the same second; NX sets a first lifetime, GT lengthens it.
+for index, seconds in pairs(lifetimes) do
+  redis.call('EXPIRE', KEYS[index], seconds, 'NX')
+  redis.call('EXPIRE', KEYS[index], seconds, 'GT')
+end
 -- One JSON text: the client parses it in one go (an array reply costs it far more, element by element).
 return cjson.encode({verdicts, levels, records, due, tallied, malformed, duplicate})

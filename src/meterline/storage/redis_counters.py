@@ -48,8 +48,17 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -80,8 +89,14 @@ _MIN_TTL_S = 3_600  # a seed of a long-gone window must not vanish before it is 
 _BATCH = 1_000  # finishes per call while draining a backlog: keeps each script short for Redis
 _REGISTER_EVERY_S = 60.0
 _EXPIRED_KEYS_PER_CALL = 500
-# Redis answers that mean "not now" rather than "wrong".
+# Redis answers that mean "not now" rather than "wrong": redis-py raises its own class for most (the
+# code is then not in the message), BUSY (a script running too long elsewhere) stays a ResponseError.
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+_TRANSIENT_ERRORS = (BusyLoadingError, ClusterDownError, MasterDownError, ReadOnlyError, TryAgainError)
+
+
+def _transient(exc: ResponseError) -> bool:
+    return isinstance(exc, _TRANSIENT_ERRORS) or str(exc).startswith(_TRANSIENT)
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
@@ -202,14 +217,16 @@ class _Held(NamedTuple):
     reserved: tuple[int | str, ...]
     second: int
     expires_us: int
+    group: str
 
 
-def _held(keys: _Keys, hold: Hold, second: int) -> _Held:
+def _held(keys: _Keys, hold: Hold, second: int, group: str) -> _Held:
     return _Held(
         tuple([_ref(keys, ln) for ln in hold.lines]),
         tuple([_value(ln.amount) for ln in hold.lines]),
         second,
         hold.expires_us,
+        group,
     )
 
 
@@ -371,7 +388,7 @@ class RedisCounterStore:
             if call is None:
                 call = calls[route] = _Call()
             call.groups.add(group)
-            known = _held(keys, hold, now_s)
+            known = _held(keys, hold, now_s, group)
             refs.append(known)
             call.args.append(_record(hold, now_s))
             item: list[Any] = [call.key(keys.holds(group)), hold.id, len(call.args) + 1]
@@ -379,7 +396,15 @@ class RedisCounterStore:
                 item += (call.counter(ref), amount, _value(ln.maximum), 1 if ln.block else 0)
             call.add("h", item)
             placed.append((route, len(call.parts["h"]) - 1))
-        answers = {route: self._send(route, call, now_us) for route, call in calls.items()}
+        answers: dict[str, list[Any]] = {}
+        try:
+            for route, call in calls.items():
+                answers[route] = self._send(route, call, now_us)
+        except BaseException:
+            # A batch spread over several masters failed part way: what the others admitted is given
+            # back (the caller sees the failure, as if nothing was reserved).
+            self._give_back(holds, refs, placed, answers, now_us)
+            raise
         # A hold whose id exists stops the batch there, as in memory: its group's call stopped at it; the
         # holds after it that other groups' calls admitted are given back.
         duplicates = [placed.index((route, a[6])) for route, a in answers.items() if a[6] >= 0]
@@ -407,6 +432,23 @@ class RedisCounterStore:
             self.release(undo, now_us)
             raise ValueError(f"reservation {holds[stop].id} exists already")
         return verdicts
+
+    def _give_back(
+        self,
+        holds: Sequence[Hold],
+        refs: Sequence[_Held],
+        placed: Sequence[tuple[str, int]],
+        answers: dict[str, list[Any]],
+        now_us: int,
+    ) -> None:
+        admitted: list[Release] = []
+        with self._lock:
+            for hold, known, (route, i) in zip(holds, refs, placed, strict=True):
+                decided = answers[route][0] if route in answers else []
+                if i < len(decided) and decided[i][0] == 1:
+                    self._held[hold.id] = known
+                    admitted.append(Release(hold.id, known.group))
+        self.release(admitted, now_us)
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         self._enqueue([(s.hold_id, s.group, [_value(a) for a in s.actual]) for s in settlements])
@@ -483,7 +525,7 @@ class RedisCounterStore:
             for _expires, hold_id, group, stored in found[:limit]:
                 hold, second = _hold(hold_id, group, stored)
                 holds.append(hold)
-                self._held[hold.id] = _held(self._keys, hold, second)
+                self._held[hold.id] = _held(self._keys, hold, second, group)
         return holds
 
     def tally(self, key: str, now_us: int) -> int:
@@ -525,6 +567,9 @@ class RedisCounterStore:
         with self._wake:
             was_empty = not self._pending
             for hold_id, group, actual in items:
+                known = self._held.get(hold_id)
+                if known is not None:
+                    group = known.group  # the hold's own: a finish sent elsewhere would never apply
                 self._seq += 1
                 self._pending[self._seq] = _Finish(self._seq, hold_id, group, actual)
             overflow = len(self._pending) - self._max_pending
@@ -636,11 +681,11 @@ class RedisCounterStore:
         try:
             answer = self._evalsha(call.keys, [request, *call.args])
         except ResponseError as exc:
-            if str(exc).startswith(_TRANSIENT):
+            if _transient(exc):
                 raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
-            # The script stopped part way. Finishes before the fault were applied; sending the rest again
-            # would fail the same way on every later call.
-            if finishes:
+            # The script stopped part way ("user_script:..."). Finishes before the fault were applied;
+            # sending the rest again would fail the same way on every later call.
+            if finishes and "user_script" in str(exc):
                 log.error("dropping %d settlements/releases after a script error: %s", len(finishes), exc)
                 self._confirmed(finishes)
             raise RuntimeError(f"Redis counter script failed: {exc}") from exc
@@ -663,7 +708,7 @@ class RedisCounterStore:
                     gone.append(finish)
                 else:
                     hold, second = _hold(finish.hold_id, finish.group, stored)
-                    self._held[finish.hold_id] = _held(self._keys, hold, second)
+                    self._held[finish.hold_id] = _held(self._keys, hold, second, finish.group)
         self._confirmed(gone)
 
     def _confirmed(self, finishes: Iterable[_Finish]) -> None:
@@ -691,7 +736,7 @@ class RedisCounterStore:
         try:
             return self._send_command(*args)
         except ResponseError as exc:
-            if str(exc).startswith(_TRANSIENT):
+            if _transient(exc):
                 raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
             raise
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
