@@ -509,6 +509,31 @@ def test_counters_whose_keys_differ_by_a_suffix_or_prefix_stay_apart(store: Coun
     assert store.levels([fixed("o|bob", 0, 1), *others], NOW) == [Level(7, DAY_END)] + [Level(1, DAY_END)] * 5
 
 
+def test_thousands_of_counters_in_one_call(store: CounterStore) -> None:
+    """More counters of one window than one Redis command may carry (Lua's unpack stops near 8,000)."""
+    lines = tuple(fixed(f"o|k{i}", 1, 1) for i in range(2_500))
+    store.seed([seed_fixed(line.key) for line in lines], NOW)
+    assert store.reserve([hold("many", *lines)], NOW)[0].admitted
+    assert store.levels(list(lines), NOW) == [Level(1, DAY_END)] * len(lines)
+    store.settle([Settlement("many", (0,) * len(lines))], NOW)
+    assert {level.consumed for level in store.levels(list(lines), NOW) if level} == {0}
+
+
+def test_values_between_ten_to_the_14_and_two_to_the_53_stay_exact(store: CounterStore) -> None:
+    """The store's answers switch representation around here (14 printed digits, 2^53): no rounding."""
+    base = 10**14 - 3
+    store.seed([seed_fixed("credits", used=base), seed_rolling("tpm", (NOW_S - 1, base))], NOW)
+    lines = (fixed("credits", 5, 2**53 + 10), rolling("tpm", 7, 2**53 + 10))
+    verdict = store.reserve([hold("a", *lines)], NOW)[0]
+    assert verdict.levels == (Level(base + 5, DAY_END), Level(base + 7, NOW_S - 1 + 60))
+    near = 2**53 - base - 5 - 1
+    assert store.reserve([hold("b", fixed("credits", near, 2**53 + 10))], NOW)[0].levels == (
+        Level(2**53 - 1, DAY_END),
+    )
+    store.settle([Settlement("a", (6, 8))], NOW)
+    assert store.levels(list(lines), NOW) == [Level(2**53, DAY_END), Level(base + 8, NOW_S - 1 + 60)]
+
+
 # -- deferred settlements -------------------------------------------------------------------------
 
 
@@ -698,6 +723,117 @@ def test_counters_in_redis_expire_on_their_own(request: pytest.FixtureRequest, k
         store.close()
     assert DAY_END + 86_400 - NOW_S - 5 <= fixed_ttl <= DAY_END + 86_400 - NOW_S
     assert 60 < rolling_ttl <= 120
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Requests queued while a call is out go in the next call together; each gets the verdicts it
+    would get alone, a duplicate id fails only its own request, and the requests after it are decided
+    again."""
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        days = {org: fixed(f"{org}|day", 4, 10) for org in ("org_a", "org_b")}
+        store.seed([seed_fixed(line.key) for line in days.values()], NOW)
+        assert store.reserve([Hold("taken", (days["org_a"],), NOW + LEASE, "org_a")], NOW)[0].admitted
+        queued = [
+            redis_counters._Request([Hold("a1", (days["org_a"],), NOW + LEASE, "org_a")], NOW),
+            redis_counters._Request([Hold("b1", (days["org_b"],), NOW + LEASE, "org_b")], NOW),
+            redis_counters._Request(
+                [Hold("b2", (days["org_b"],), NOW + LEASE, "org_b"), Hold("taken", (), NOW + LEASE, "org_a")],
+                NOW,
+            ),
+            redis_counters._Request([Hold("b3", (days["org_b"],), NOW + LEASE, "org_b")], NOW),
+            redis_counters._Request([Hold("a2", (days["org_a"],), NOW + LEASE, "org_a")], NOW),
+        ]
+        store._queue = list(queued)
+        store._sending = True
+        store._lead()  # what the first of them would do
+        assert [len(r.verdicts) for r in queued] == [1, 1, 0, 1, 1]
+        assert [v.admitted for r in queued for v in r.verdicts] == [True, True, False, False]
+        assert [str(r.error) if r.error else None for r in queued] == [
+            None,
+            None,
+            "reservation taken exists already",
+            None,
+            None,
+        ]
+        # As alone: b2 was decided before its request's duplicate and stands; b3 found org_b full.
+        assert store.levels(list(days.values()), NOW) == [Level(8, DAY_END), Level(8, DAY_END)]
+        assert not store._sending
+        assert store._queue == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_a_settlement_goes_where_its_hold_is_whatever_group_it_names(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        line = fixed("org_a|day", 5, 100)
+        store.seed([seed_fixed(line.key)], NOW)
+        assert store.reserve([Hold("h1", (line,), NOW + LEASE, "org_a")], NOW)[0].admitted
+        store.settle([Settlement("h1", (2,), "org_b")], NOW)
+        assert store.levels([line], NOW) == [Level(2, DAY_END)]
+        assert store.pending == 0
+    finally:
+        store.close()
+
+
+def test_a_batch_failing_on_one_master_gives_back_what_the_others_admitted(
+    redis_cluster_url_clean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisCounterStore(redis_cluster_url_clean, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        days = {org: fixed(f"{org}|day", 5, 100) for org in ("org_a", "org_b")}
+        store.seed([seed_fixed(line.key) for line in days.values()], NOW)
+        send = store._send
+
+        def org_b_down(route: str, call: Any, now_us: int) -> Any:
+            if route == "org_b" and "h" in call.parts:
+                raise CounterStoreUnavailable("org_b's master is down")
+            return send(route, call, now_us)
+
+        monkeypatch.setattr(store, "_send", org_b_down)
+        batch = [Hold(f"h-{org}", (line,), NOW + LEASE, org) for org, line in days.items()]
+        with pytest.raises(CounterStoreUnavailable):
+            store.reserve(batch, NOW)
+        monkeypatch.undo()
+        # Nothing stays reserved: the caller was told nothing was.
+        assert store.levels(list(days.values()), NOW) == [Level(0, DAY_END), Level(0, DAY_END)]
+    finally:
+        store.close()
+
+
+def test_out_of_memory_refuses_a_call_whole(shared_redis: RedisServer, tmp_path: Path) -> None:
+    """Redis out of memory refuses the script before it runs: 'unavailable', nothing half-applied, the
+    buffered settlement kept for later."""
+    port = free_port()
+    proc = _redis_on(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    admin = redis.Redis.from_url(url)
+    try:
+        line = fixed("day", 10, 100)
+        store.seed([seed_fixed("day")], NOW)
+        assert store.reserve([hold("h1", line)], NOW)[0].admitted
+        store.settle([Settlement("h1", (3,))], NOW)
+        admin.config_set("maxmemory", 1)
+        with pytest.raises(CounterStoreUnavailable):
+            store.reserve([hold("h2", line)], NOW)
+        assert store.pending == 1
+        admin.config_set("maxmemory", 0)
+        assert store.levels([line], NOW) == [Level(3, DAY_END)]  # applied once, now
+    finally:
+        store.close()
+        admin.close()
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_a_finish_carried_by_a_concurrent_call_is_not_sent_again(redis_url: str) -> None:

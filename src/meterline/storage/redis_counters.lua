@@ -1,3 +1,4 @@
+#!lua
 -- Meterline's counter store in Redis: ONE script does a whole store call atomically, in this order:
 --   f  finishes (settlements and releases, in the order the process made them)
 --   s  seeds (set only absent counters)
@@ -38,7 +39,9 @@
 -- limbs. Stored values are decimal strings (`str`). Seconds and microseconds (< 2^53) are numbers.
 --
 -- Atomicity: a script runs alone in Redis, so one call is one atomic step; a hold touches no counter
--- until every line has been checked. Needs Redis >= 7.0 (EXPIRE ... NX/GT).
+-- until every line has been checked. The first line (#!lua, no flags) declares a script that writes and
+-- touches only the keys it is given, so Redis refuses it whole before it runs when out of memory or on a
+-- replica, never half-way. Needs Redis >= 7.0 (the declaration, EXPIRE ... NX/GT).
 
 local req = cjson.decode(ARGV[1])
 local now_s = req.n

@@ -51,8 +51,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     ResponseError,
@@ -92,11 +94,22 @@ _EXPIRED_KEYS_PER_CALL = 500
 # Redis answers that mean "not now" rather than "wrong": redis-py raises its own class for most (the
 # code is then not in the message), BUSY (a script running too long elsewhere) stays a ResponseError.
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
-_TRANSIENT_ERRORS = (BusyLoadingError, ClusterDownError, MasterDownError, ReadOnlyError, TryAgainError)
+# OOM too: the script declares itself (``#!lua``), so Redis refuses it whole before it runs when out of
+# memory, never half-way.
+_TRANSIENT_ERRORS = (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
 
 
 def _transient(exc: ResponseError) -> bool:
     return isinstance(exc, _TRANSIENT_ERRORS) or str(exc).startswith(_TRANSIENT)
+
+
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
@@ -322,6 +335,19 @@ class _Cluster:
         self._client.close()
 
 
+class _Request:
+    """Holds waiting to be decided, with the caller's clock; a leader sends them."""
+
+    __slots__ = ("done", "error", "holds", "leads", "now_us", "verdicts")
+
+    def __init__(self, holds: Sequence[Hold], now_us: int) -> None:
+        self.holds, self.now_us = holds, now_us
+        self.done = threading.Event()
+        self.leads = False
+        self.verdicts: list[Verdict] = []
+        self.error: BaseException | None = None
+
+
 class _Finish:
     __slots__ = ("actual", "group", "hold_id", "seq")
 
@@ -362,6 +388,8 @@ class RedisCounterStore:
         self._now_us = 0  # the latest clock a reservation came with
         self._registered: set[str] = set()
         self._registered_at = time.monotonic()
+        self._queue: list[_Request] = []  # reservations waiting for the call in flight
+        self._sending = False  # a caller leads a call now
         self._seq = 0
         self._dropped = 0
         self._closing = False
@@ -370,8 +398,80 @@ class RedisCounterStore:
 
     # -- the protocol ---------------------------------------------------------------------------
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        """Decisions that arrive while a call is out travel together in the next one: the first caller
+        waiting leads it and hands the lead on, the others wait for their verdicts. One script call then
+        reads each counter once for all of them, and one thread does the client's work."""
         if not holds:
             return []
+        request = _Request(holds, now_us)
+        with self._lock:
+            self._queue.append(request)
+            if not self._sending:
+                self._sending = request.leads = True
+        if not request.leads:
+            request.done.wait()
+        if request.leads:
+            self._lead()
+        if request.error is not None:
+            raise request.error
+        return request.verdicts
+
+    def _lead(self) -> None:
+        """Send what is queued (this caller's request with it) in one reservation, then hand the lead to
+        the first request queued meanwhile."""
+        with self._lock:
+            batch, self._queue = self._queue, []
+        holds = [hold for request in batch for hold in request.holds]
+        try:
+            verdicts, stop = self._reserve(holds, max(request.now_us for request in batch))
+        except BaseException as exc:
+            verdicts, stop = [], -1
+            for request in batch:
+                request.error = exc
+        if stop >= 0:
+            self._answer_around(batch, verdicts, stop)
+        else:
+            start = 0
+            for request in batch:
+                if request.error is None:
+                    request.verdicts = verdicts[start : start + len(request.holds)]
+                start += len(request.holds)
+        with self._lock:
+            if self._queue:
+                self._queue[0].leads = True
+                self._queue[0].done.set()
+            else:
+                self._sending = False
+        for request in batch:
+            request.done.set()
+
+    def _answer_around(self, batch: list[_Request], verdicts: list[Verdict], stop: int) -> None:
+        """A hold whose id exists stopped the batch: requests before it have their verdicts, its own
+        request fails as it would alone (what it decided before the duplicate stands), the requests
+        after it (given back) are decided again, alone."""
+        start = 0
+        for request in batch:
+            end = start + len(request.holds)
+            if end <= stop:
+                request.verdicts = verdicts[start:end]
+            elif start <= stop:
+                request.error = ValueError(f"reservation {request.holds[stop - start].id} exists already")
+            else:
+                try:
+                    request.verdicts = self._reserve_alone(request.holds, request.now_us)
+                except BaseException as exc:
+                    request.error = exc
+            start = end
+
+    def _reserve_alone(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        verdicts, stop = self._reserve(holds, now_us)
+        if stop >= 0:
+            raise ValueError(f"reservation {holds[stop].id} exists already")
+        return verdicts
+
+    def _reserve(self, holds: Sequence[Hold], now_us: int) -> tuple[list[Verdict], int]:
+        """Decide ``holds`` in one call per route: the verdicts up to the first hold whose id exists, and
+        that hold's index (-1: none; the holds after it were given back)."""
         now_s = now_us // 1_000_000
         keys = self._keys
         calls: dict[str, _Call] = {}
@@ -430,8 +530,8 @@ class RedisCounterStore:
             self._now_us = max(self._now_us, now_us)
         if stop < len(holds):
             self.release(undo, now_us)
-            raise ValueError(f"reservation {holds[stop].id} exists already")
-        return verdicts
+            return verdicts, stop
+        return verdicts, -1
 
     def _give_back(
         self,
@@ -543,7 +643,7 @@ class RedisCounterStore:
         self._flusher.join(timeout=5)
         try:
             self.flush()
-        except CounterStoreUnavailable as exc:
+        except Exception as exc:
             log.warning("closing with %d settlements/releases unsent: %s", len(self._pending), exc)
         finally:
             self._send_command.close()
@@ -558,8 +658,14 @@ class RedisCounterStore:
         """Send buffered settlements and releases now."""
         with self._lock:
             routes = {finish.group if self._cluster else "" for finish in self._pending.values()}
+        failed: BaseException | None = None
         for route in sorted(routes):
-            self._send(route, _Call(), 0)  # names no group: carries all of the route
+            try:
+                self._send(route, _Call(), 0)  # names no group: carries all of the route
+            except Exception as exc:  # one master down must not hold back the others' settlements
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def _enqueue(self, items: list[tuple[str, str, list[int | str] | int]]) -> None:
         if not items:
@@ -665,9 +771,14 @@ class RedisCounterStore:
             # A concurrent call may have carried (and confirmed) some of them meanwhile: not again.
             finishes = [f for f in finishes if f.seq in self._pending and f.hold_id in self._held]
             for finish in finishes:
+                # The hold's own group decides where it is (a finish named another would never apply).
+                finish.group = self._held[finish.hold_id].group
+            if self._cluster:  # one slot per call: another group's finish goes with that group's calls
+                finishes = [f for f in finishes if f.group == route]
+            for finish in finishes:
                 known = self._held[finish.hold_id]
                 item: list[Any] = [
-                    call.key(keys.holds(finish.group)),
+                    call.key(keys.holds(known.group)),
                     finish.hold_id,
                     known.second,
                     finish.actual,
@@ -725,7 +836,8 @@ class RedisCounterStore:
             except NoScriptError:  # a new or restarted server (or a promoted replica): load, then run
                 self._send_command.load_script(_SCRIPT)
                 raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
-        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterError, OSError) as exc:
+            # ClusterError: redis-py followed redirects (MOVED, ASK, TRYAGAIN) until it gave up
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
         assert isinstance(raw, bytes)
         answer = orjson.loads(raw)
@@ -739,5 +851,5 @@ class RedisCounterStore:
             if _transient(exc):
                 raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
             raise
-        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterError, OSError) as exc:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
