@@ -735,22 +735,24 @@ def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
     url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
     store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
     try:
-        days = {org: fixed(f"{org}|day", 4, 10) for org in ("org_a", "org_b")}
-        store.seed([seed_fixed(line.key) for line in days.values()], NOW)
-        assert store.reserve([Hold("taken", (days["org_a"],), NOW + LEASE, "org_a")], NOW)[0].admitted
+        # One route: on a cluster, an organization (requests of several do not wait for one another).
+        route = "" if kind == "redis" else "org_a"
+        x, y = fixed("org_a|x", 4, 10), fixed("org_a|y", 4, 10)
+        store.seed([seed_fixed(x.key), seed_fixed(y.key)], NOW)
+        assert store.reserve([Hold("taken", (x,), NOW + LEASE, "org_a")], NOW)[0].admitted
+
+        def waiting(*holds: tuple[str, Line]) -> Any:
+            return redis_counters._Request([Hold(i, (ln,), NOW + LEASE, "org_a") for i, ln in holds], NOW)
+
         queued = [
-            redis_counters._Request([Hold("a1", (days["org_a"],), NOW + LEASE, "org_a")], NOW),
-            redis_counters._Request([Hold("b1", (days["org_b"],), NOW + LEASE, "org_b")], NOW),
-            redis_counters._Request(
-                [Hold("b2", (days["org_b"],), NOW + LEASE, "org_b"), Hold("taken", (), NOW + LEASE, "org_a")],
-                NOW,
-            ),
-            redis_counters._Request([Hold("b3", (days["org_b"],), NOW + LEASE, "org_b")], NOW),
-            redis_counters._Request([Hold("a2", (days["org_a"],), NOW + LEASE, "org_a")], NOW),
+            waiting(("x1", x)),
+            waiting(("y1", y)),
+            waiting(("y2", y), ("taken", x)),
+            waiting(("y3", y)),
+            waiting(("x2", x)),
         ]
-        store._queue = list(queued)
-        store._sending = True
-        store._lead()  # what the first of them would do
+        store._queues[route] = queued[1:]  # waiting behind the first, which leads
+        store._lead(route, queued[0])
         assert [len(r.verdicts) for r in queued] == [1, 1, 0, 1, 1]
         assert [v.admitted for r in queued for v in r.verdicts] == [True, True, False, False]
         assert [str(r.error) if r.error else None for r in queued] == [
@@ -760,10 +762,9 @@ def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
             None,
             None,
         ]
-        # As alone: b2 was decided before its request's duplicate and stands; b3 found org_b full.
-        assert store.levels(list(days.values()), NOW) == [Level(8, DAY_END), Level(8, DAY_END)]
-        assert not store._sending
-        assert store._queue == []
+        # As alone: y2 was decided before its request's duplicate and stands; y3 found y full.
+        assert store.levels([x, y], NOW) == [Level(8, DAY_END), Level(8, DAY_END)]
+        assert store._queues == {}
     finally:
         store.close()
 

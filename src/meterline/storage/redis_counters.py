@@ -388,8 +388,9 @@ class RedisCounterStore:
         self._now_us = 0  # the latest clock a reservation came with
         self._registered: set[str] = set()
         self._registered_at = time.monotonic()
-        self._queue: list[_Request] = []  # reservations waiting for the call in flight
-        self._sending = False  # a caller leads a call now
+        # Per route (one Redis, or a cluster's organization): reservations waiting for the call in flight.
+        # A route in ``_queues`` has a leader; its list is what waits for the next call.
+        self._queues: dict[str, list[_Request]] = {}
         self._seq = 0
         self._dropped = 0
         self._closing = False
@@ -398,29 +399,40 @@ class RedisCounterStore:
 
     # -- the protocol ---------------------------------------------------------------------------
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
-        """Decisions that arrive while a call is out travel together in the next one: the first caller
-        waiting leads it and hands the lead on, the others wait for their verdicts. One script call then
-        reads each counter once for all of them, and one thread does the client's work."""
+        """Decisions that arrive while a call of their route is out travel together in the next one:
+        the first caller waiting leads it and hands the lead on, the others wait for their verdicts. One
+        script call then reads each counter once for all of them, and one thread does the client's work.
+        On a cluster a route is an organization (requests of several go alone: one call each)."""
         if not holds:
             return []
+        route = ""
+        if self._cluster:
+            groups = {hold.group or (group_of(hold.lines[0].key) if hold.lines else "") for hold in holds}
+            if len(groups) > 1:
+                return self._reserve_alone(holds, now_us)
+            route = groups.pop()
         request = _Request(holds, now_us)
         with self._lock:
-            self._queue.append(request)
-            if not self._sending:
-                self._sending = request.leads = True
+            queue = self._queues.get(route)
+            if queue is None:
+                self._queues[route] = []
+                request.leads = True
+            else:
+                queue.append(request)
         if not request.leads:
             request.done.wait()
         if request.leads:
-            self._lead()
+            self._lead(route, request)
         if request.error is not None:
             raise request.error
         return request.verdicts
 
-    def _lead(self) -> None:
-        """Send what is queued (this caller's request with it) in one reservation, then hand the lead to
-        the first request queued meanwhile."""
+    def _lead(self, route: str, first: _Request) -> None:
+        """Send ``first`` with what is queued behind it in one reservation, then hand the lead to the
+        first request queued meanwhile."""
         with self._lock:
-            batch, self._queue = self._queue, []
+            batch = [first, *self._queues[route]]
+            self._queues[route] = []
         holds = [hold for request in batch for hold in request.holds]
         try:
             verdicts, stop = self._reserve(holds, max(request.now_us for request in batch))
@@ -437,11 +449,12 @@ class RedisCounterStore:
                     request.verdicts = verdicts[start : start + len(request.holds)]
                 start += len(request.holds)
         with self._lock:
-            if self._queue:
-                self._queue[0].leads = True
-                self._queue[0].done.set()
+            queue = self._queues[route]
+            if queue:
+                queue[0].leads = True
+                queue.pop(0).done.set()  # it leads the next call, with what queued behind it
             else:
-                self._sending = False
+                del self._queues[route]
         for request in batch:
             request.done.set()
 
