@@ -497,10 +497,7 @@ class RedisCounterStore:
             if group not in self._registered:
                 self._register(group)
             route = group if self._cluster else ""
-            call = calls.get(route)
-            if call is None:
-                call = calls[route] = _Call()
-            call.groups.add(group)
+            call = self._call_for(calls, group)
             known = _held(keys, hold, now_s, group)
             refs.append(known)
             call.args.append(_record(hold, now_s))
@@ -575,11 +572,7 @@ class RedisCounterStore:
         now_s = now_us // 1_000_000
         calls: dict[str, _Call] = {}
         for seed in seeds:
-            route = group_of(seed.key) if self._cluster else ""
-            call = calls.get(route)
-            if call is None:
-                call = calls[route] = _Call()
-            call.groups.add(group_of(seed.key))
+            call = self._call_for(calls, group_of(seed.key))
             item: list[Any] = [call.counter(_ref(self._keys, seed))]
             if seed.kind == "fixed":
                 # Its hash lives a day past the window's end (seconds from now).
@@ -591,19 +584,24 @@ class RedisCounterStore:
         for route, call in calls.items():
             self._send(route, call, now_us)
 
+    def _call_for(self, calls: dict[str, _Call], group: str) -> _Call:
+        """The call of this request that carries ``group`` (on a cluster one per group, else one)."""
+        route = group if self._cluster else ""
+        call = calls.get(route)
+        if call is None:
+            call = calls[route] = _Call()
+        call.groups.add(group)
+        return call
+
     def levels(self, lines: Sequence[Line], now_us: int) -> list[Level | None]:
         if not lines:
             return []
         calls: dict[str, _Call] = {}
         placed: list[tuple[str, int]] = []
         for ln in lines:
-            route = group_of(ln.key) if self._cluster else ""
-            call = calls.get(route)
-            if call is None:
-                call = calls[route] = _Call()
-            call.groups.add(group_of(ln.key))
+            call = self._call_for(calls, group_of(ln.key))
             call.add("l", call.counter(_ref(self._keys, ln)))
-            placed.append((route, len(call.parts["l"]) - 1))
+            placed.append((group_of(ln.key) if self._cluster else "", len(call.parts["l"]) - 1))
         answers = {route: self._send(route, call, now_us)[1] for route, call in calls.items()}
         out: list[Level | None] = []
         for route, i in placed:
