@@ -786,6 +786,25 @@ def test_a_settlement_goes_where_its_hold_is_whatever_group_it_names(
         store.close()
 
 
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_a_hold_spanning_two_organizations_is_refused_alone(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Nothing may cross organizations (one slot per decision on a cluster): such a hold is a caller's
+    error, raised before anything is sent, and decisions queued with it are not affected."""
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        a, b = fixed("org_a|day", 1, 10), fixed("org_b|day", 1, 10)
+        store.seed([seed_fixed(a.key), seed_fixed(b.key)], NOW)
+        with pytest.raises(ValueError, match="another group"):
+            store.reserve([Hold("both", (a, b), NOW + LEASE, "org_a")], NOW)
+        assert store.reserve([Hold("one", (a,), NOW + LEASE, "org_a")], NOW)[0].admitted
+        assert store.levels([a, b], NOW) == [Level(1, DAY_END), Level(0, DAY_END)]
+    finally:
+        store.close()
+
+
 def test_a_batch_failing_on_one_master_gives_back_what_the_others_admitted(
     redis_cluster_url_clean: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -335,6 +335,11 @@ class _Cluster:
         self._client.close()
 
 
+def _group(hold: Hold) -> str:
+    """A hold's group: the one it names, else its lines' (a hold without either is of the group "")."""
+    return hold.group if hold.group or not hold.lines else group_of(hold.lines[0].key)
+
+
 class _Request:
     """Holds waiting to be decided, with the caller's clock; a leader sends them."""
 
@@ -405,9 +410,14 @@ class RedisCounterStore:
         On a cluster a route is an organization (requests of several go alone: one call each)."""
         if not holds:
             return []
+        groups = set()
+        for hold in holds:  # checked here: a malformed request must fail alone, not the call it joins
+            group = _group(hold)
+            if any(group_of(ln.key) != group for ln in hold.lines):
+                raise ValueError(f"reservation {hold.id} has lines of another group than {group!r}")
+            groups.add(group)
         route = ""
         if self._cluster:
-            groups = {hold.group or (group_of(hold.lines[0].key) if hold.lines else "") for hold in holds}
             if len(groups) > 1:
                 return self._reserve_alone(holds, now_us)
             route = groups.pop()
@@ -491,9 +501,7 @@ class RedisCounterStore:
         placed: list[tuple[str, int]] = []  # per hold: its call and its place in it
         refs: list[_Held] = []
         for hold in holds:
-            group = hold.group if hold.group or not hold.lines else group_of(hold.lines[0].key)
-            if any(group_of(ln.key) != group for ln in hold.lines):
-                raise ValueError(f"reservation {hold.id} has lines of another group than {group!r}")
+            group = _group(hold)
             if group not in self._registered:
                 self._register(group)
             route = group if self._cluster else ""
