@@ -8,6 +8,9 @@ keeps them atomic and exact. What this module adds is the traffic plan: ONE roun
   ``KEYS``; the keys of one group (an organization, ``counters.group_of``) share a hash tag, ``{group}``.
   On Redis Cluster a call carries one group (one slot): a batch of several organizations' decisions is
   one call per organization. On one Redis a call carries everything.
+* Reservations that arrive while a call of their route (one Redis; on a cluster, one organization) is
+  out wait and go together in the next call (``reserve``): at most one round trip per decision, and one
+  reading of each counter for all of them.
 * ``settle`` and ``release`` send nothing: they join a buffer that rides along with the next call of
   their group. So every later read of this process observes them (they run first, in the same atomic
   call). A daemon thread sends the buffer if no call took it within ``flush_interval_s``, so other
