@@ -707,6 +707,15 @@ def test_a_read_only_replica_is_unavailable_and_keeps_settlements(
         proc.wait(timeout=15)
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+def quiet_redis(request: pytest.FixtureRequest) -> Iterator[tuple[str, RedisCounterStore]]:
+    """A Redis store on one server or the cluster, with no flusher racing the test's calls."""
+    url = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    yield request.param, store
+    store.close()
+
+
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
 def test_counters_in_redis_expire_on_their_own(request: pytest.FixtureRequest, kind: str) -> None:
     """A fixed window's hash lives a day past its end, a rolling window two minutes past its last
@@ -725,84 +734,69 @@ def test_counters_in_redis_expire_on_their_own(request: pytest.FixtureRequest, k
     assert 60 < rolling_ttl <= 120
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
 def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
-    request: pytest.FixtureRequest, kind: str
+    quiet_redis: tuple[str, RedisCounterStore],
 ) -> None:
     """Requests queued while a call is out go in the next call together; each gets the verdicts it
     would get alone, a duplicate id fails only its own request, and the requests after it are decided
     again."""
-    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
-    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
-    try:
-        # One route: on a cluster, an organization (requests of several do not wait for one another).
-        route = "" if kind == "redis" else "org_a"
-        x, y = fixed("org_a|x", 4, 10), fixed("org_a|y", 4, 10)
-        store.seed([seed_fixed(x.key), seed_fixed(y.key)], NOW)
-        assert store.reserve([Hold("taken", (x,), NOW + LEASE, "org_a")], NOW)[0].admitted
+    kind, store = quiet_redis
+    # One route: on a cluster, an organization (requests of several do not wait for one another).
+    route = "" if kind == "redis" else "org_a"
+    x, y = fixed("org_a|x", 4, 10), fixed("org_a|y", 4, 10)
+    store.seed([seed_fixed(x.key), seed_fixed(y.key)], NOW)
+    assert store.reserve([Hold("taken", (x,), NOW + LEASE, "org_a")], NOW)[0].admitted
 
-        def waiting(*holds: tuple[str, Line]) -> Any:
-            return redis_counters._Request([Hold(i, (ln,), NOW + LEASE, "org_a") for i, ln in holds], NOW)
+    def waiting(*holds: tuple[str, Line]) -> Any:
+        return redis_counters._Request([Hold(i, (ln,), NOW + LEASE, "org_a") for i, ln in holds], NOW)
 
-        queued = [
-            waiting(("x1", x)),
-            waiting(("y1", y)),
-            waiting(("y2", y), ("taken", x)),
-            waiting(("y3", y)),
-            waiting(("x2", x)),
-        ]
-        store._queues[route] = queued[1:]  # waiting behind the first, which leads
-        store._lead(route, queued[0])
-        assert [len(r.verdicts) for r in queued] == [1, 1, 0, 1, 1]
-        assert [v.admitted for r in queued for v in r.verdicts] == [True, True, False, False]
-        assert [str(r.error) if r.error else None for r in queued] == [
-            None,
-            None,
-            "reservation taken exists already",
-            None,
-            None,
-        ]
-        # As alone: y2 was decided before its request's duplicate and stands; y3 found y full.
-        assert store.levels([x, y], NOW) == [Level(8, DAY_END), Level(8, DAY_END)]
-        assert store._queues == {}
-    finally:
-        store.close()
+    queued = [
+        waiting(("x1", x)),
+        waiting(("y1", y)),
+        waiting(("y2", y), ("taken", x)),
+        waiting(("y3", y)),
+        waiting(("x2", x)),
+    ]
+    store._queues[route] = queued[1:]  # waiting behind the first, which leads
+    store._lead(route, queued[0])
+    assert [len(r.verdicts) for r in queued] == [1, 1, 0, 1, 1]
+    assert [v.admitted for r in queued for v in r.verdicts] == [True, True, False, False]
+    assert [str(r.error) if r.error else None for r in queued] == [
+        None,
+        None,
+        "reservation taken exists already",
+        None,
+        None,
+    ]
+    # As alone: y2 was decided before its request's duplicate and stands; y3 found y full.
+    assert store.levels([x, y], NOW) == [Level(8, DAY_END), Level(8, DAY_END)]
+    assert store._queues == {}
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
 def test_a_settlement_goes_where_its_hold_is_whatever_group_it_names(
-    request: pytest.FixtureRequest, kind: str
+    quiet_redis: tuple[str, RedisCounterStore],
 ) -> None:
-    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
-    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
-    try:
-        line = fixed("org_a|day", 5, 100)
-        store.seed([seed_fixed(line.key)], NOW)
-        assert store.reserve([Hold("h1", (line,), NOW + LEASE, "org_a")], NOW)[0].admitted
-        store.settle([Settlement("h1", (2,), "org_b")], NOW)
-        assert store.levels([line], NOW) == [Level(2, DAY_END)]
-        assert store.pending == 0
-    finally:
-        store.close()
+    _kind, store = quiet_redis
+    line = fixed("org_a|day", 5, 100)
+    store.seed([seed_fixed(line.key)], NOW)
+    assert store.reserve([Hold("h1", (line,), NOW + LEASE, "org_a")], NOW)[0].admitted
+    store.settle([Settlement("h1", (2,), "org_b")], NOW)
+    assert store.levels([line], NOW) == [Level(2, DAY_END)]
+    assert store.pending == 0
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
 def test_a_hold_spanning_two_organizations_is_refused_alone(
-    request: pytest.FixtureRequest, kind: str
+    quiet_redis: tuple[str, RedisCounterStore],
 ) -> None:
     """Nothing may cross organizations (one slot per decision on a cluster): such a hold is a caller's
     error, raised before anything is sent, and decisions queued with it are not affected."""
-    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
-    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
-    try:
-        a, b = fixed("org_a|day", 1, 10), fixed("org_b|day", 1, 10)
-        store.seed([seed_fixed(a.key), seed_fixed(b.key)], NOW)
-        with pytest.raises(ValueError, match="another group"):
-            store.reserve([Hold("both", (a, b), NOW + LEASE, "org_a")], NOW)
-        assert store.reserve([Hold("one", (a,), NOW + LEASE, "org_a")], NOW)[0].admitted
-        assert store.levels([a, b], NOW) == [Level(1, DAY_END), Level(0, DAY_END)]
-    finally:
-        store.close()
+    _kind, store = quiet_redis
+    a, b = fixed("org_a|day", 1, 10), fixed("org_b|day", 1, 10)
+    store.seed([seed_fixed(a.key), seed_fixed(b.key)], NOW)
+    with pytest.raises(ValueError, match="another group"):
+        store.reserve([Hold("both", (a, b), NOW + LEASE, "org_a")], NOW)
+    assert store.reserve([Hold("one", (a,), NOW + LEASE, "org_a")], NOW)[0].admitted
+    assert store.levels([a, b], NOW) == [Level(1, DAY_END), Level(0, DAY_END)]
 
 
 def test_a_batch_failing_on_one_master_gives_back_what_the_others_admitted(
