@@ -108,13 +108,18 @@ def _redis_available() -> bool:
     return shutil.which("redis-server") is not None or Path("/usr/bin/redis-server").exists()
 
 
-@pytest.fixture(scope="session")
-def shared_redis() -> Iterator[RedisServer]:
-    """One real redis-server for the session (the counter store of scale-out deployments)."""
+def _require_redis() -> None:
+    """Skip without Debian's redis-server; fail instead where the full suite is required."""
     if not _redis_available():
         if os.environ.get("METERLINE_REQUIRE_POSTGRES"):
             pytest.fail("redis-server is required (METERLINE_REQUIRE_POSTGRES) but not installed")
         pytest.skip("redis-server not installed")
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """One real redis-server for the session (the counter store of scale-out deployments)."""
+    _require_redis()
     server = start_redis()
     yield server
     server.stop()
@@ -123,10 +128,7 @@ def shared_redis() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def shared_redis_cluster() -> Iterator[RedisCluster]:
     """One real Redis Cluster for the session: three masters, a replica each (Debian's redis-server)."""
-    if not _redis_available():
-        if os.environ.get("METERLINE_REQUIRE_POSTGRES"):
-            pytest.fail("redis-server is required (METERLINE_REQUIRE_POSTGRES) but not installed")
-        pytest.skip("redis-server not installed")
+    _require_redis()
     cluster = start_redis_cluster()
     yield cluster
     cluster.stop()
