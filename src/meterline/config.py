@@ -77,6 +77,8 @@ class UpstreamConfig(_Strict):
     batch: bool = False
     # Longest wait for the next byte of an answer (a stream may run longer than this in total).
     timeout_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # What ``GET /v1/models`` says owns this route's models (default: the provider), e.g. "azure".
+    owned_by: str | None = Field(default=None, min_length=1, max_length=128)
 
     @property
     def wire_api(self) -> Literal["openai", "anthropic"]:

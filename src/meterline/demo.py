@@ -18,7 +18,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from meterline.errors import LimitExceeded
 from meterline.metering import Account, UsageRecord
+from meterline.quotas.engine import Subject
 from meterline.quotas.periods import billing_period
 from meterline.quotas.plans import UNLIMITED, Plan
 from meterline.services import Services
@@ -102,6 +104,10 @@ class _OrgSpec:
     spend_cap: Decimal | None = None
     max_daily_rows: int | None = None  # a soft ceiling, so a small plan's guard rarely has to drop rows
     grant: tuple[Decimal, str] | None = None
+    # The organization whose alerts the demo shows: today a batch job takes its period's spend to this
+    # share of the spend cap (past 50/75/80 %, a projected run-out, a spike), it uses a model the price
+    # book does not know, and a client over its cap is refused until "refused frequently" fires.
+    alerting: Decimal | None = None
 
 
 _ORGS: tuple[_OrgSpec, ...] = (
@@ -255,7 +261,14 @@ _ORGS: tuple[_OrgSpec, ...] = (
         # Hospitals run at weekends too.
         weekend=0.65,
         spend_cap=Decimal("250"),
+        alerting=Decimal("0.83"),
     ),
+)
+
+# What the demo's gateway routes to its simulated upstream: (model, provider).
+SERVED_MODELS: tuple[tuple[str, str], ...] = (
+    *((m.name, m.provider) for m in _MODELS.values() if m.kind != "event"),
+    ("o1-pro", "openai"),
 )
 
 _CHAT_ENDPOINTS = (("/v1/chat/completions", 70), ("/v1/responses", 30))
@@ -445,6 +458,102 @@ def _record(rng: random.Random, seeded: _Seeded, at: datetime, run_counter: list
     )
 
 
+# -- the alerting organization's day ------------------------------------------------------------------
+
+# A model priced per request like a small invoice, and a fine-tune the price book cannot know.
+_SPIKE_MODEL = SERVED_MODELS[-1][0]
+_UNPRICED_MODEL = "umbrella-notes-ft-2"
+
+
+def _alerting_day(
+    services: Services, seeded: _Seeded, guard: _Guard, now: datetime, rng: random.Random
+) -> None:
+    """Today, in the last two hours: a batch job sends long notes to an expensive model until the period's
+    spend reaches ``alerting`` of the spend cap, and a fine-tune the price book does not know is tried.
+
+    Settled like all other rows, these cross the 50/75/80 % thresholds, project a run-out and make today
+    unusual against the last seven days. What the guard would refuse is not generated, as elsewhere."""
+    share, cap = seeded.spec.alerting, seeded.org.spend_cap_nanos
+    assert share is not None
+    assert cap is not None
+    target = int(cap * share)
+    lo = max(datetime.combine(now.date(), time(), tzinfo=UTC), now - timedelta(hours=2))
+    ws, _, key, _ = seeded.workspaces[0]
+    common: dict[str, Any] = {
+        "organization_id": seeded.org.id,
+        "workspace_id": ws.id,
+        "key_id": key.id,
+        "key_prefix": key.key_prefix,
+        "key_name": key.name,
+        "source": "api",
+    }
+    spike: list[UsageRecord] = []
+    spent = guard.period_cost(now)
+    while spent < target:
+        record = UsageRecord(
+            **common,
+            created_at=_instant(rng, lo, now),
+            user_id="notes-batch",
+            model=_SPIKE_MODEL,
+            provider="openai",
+            prompt_tokens=rng.randint(8_000, 12_000),
+            completion_tokens=rng.randint(600, 1_400),
+            endpoint="/v1/responses",
+        )
+        cost = services.settler.price(record, seeded.account).cost_nanos
+        if spent + cost > target or not guard.admit(record):
+            break
+        spent += cost
+        spike.append(record)
+    for _ in range(3):
+        record = UsageRecord(
+            **common,
+            created_at=_instant(rng, lo, now),
+            user_id=rng.choice(seeded.spec.people),
+            model=_UNPRICED_MODEL,
+            provider="openai",
+            prompt_tokens=rng.randint(400, 1_200),
+            completion_tokens=rng.randint(50, 300),
+            endpoint="/v1/chat/completions",
+        )
+        if guard.admit(record):
+            spike.append(record)
+    seeded.records.extend(sorted(spike, key=lambda r: r.created_at))
+
+
+def _refused_client(services: Services, seeded: _Seeded) -> None:
+    """A client asks for more than the spend cap has left, again and again: each request is refused by
+    the quota engine (a 429 over HTTP) and counted, until the "refused frequently" alert fires."""
+    ws, _, key, _ = seeded.workspaces[0]
+    subject = Subject(
+        organization_id=seeded.org.id,
+        plan=seeded.plan,
+        billing_anchor_day=seeded.org.billing_anchor_day,
+        workspace_id=ws.id,
+        spend_cap_nanos=seeded.org.spend_cap_nanos,
+        key_id=key.id,
+    )
+    estimate = UsageRecord(
+        organization_id=seeded.org.id,
+        workspace_id=ws.id,
+        created_at=services.clock.now(),
+        key_id=key.id,
+        model=_SPIKE_MODEL,
+        provider="openai",
+        prompt_tokens=400_000,
+        completion_tokens=100_000,
+        endpoint="/v1/responses",
+    )
+    for _ in range(services.settings.alert_refusals_per_hour):
+        try:
+            reservation, _ = services.reservations.reserve(subject, estimate, seeded.account)
+        except LimitExceeded:
+            services.alerts.note_refusal(seeded.org.id)
+        else:  # the cap had room after all: nothing to show, and nothing is kept
+            services.reservations.release(seeded.org.id, reservation.id)
+            return
+
+
 class _Guard:
     """Keeps one organization's generated usage inside what its plan and spend cap would allow.
 
@@ -471,6 +580,11 @@ class _Guard:
     @staticmethod
     def _cap(limit: int) -> int | None:
         return None if limit == UNLIMITED else int(limit * _HEADROOM)
+
+    def period_cost(self, at: datetime) -> int:
+        """What was admitted in the billing period holding ``at`` (nanos of the org's currency)."""
+        start = billing_period(at, self._seeded.org.billing_anchor_day).start
+        return self._period.get(start, [0, 0, 0, 0])[2]
 
     def admit(self, record: UsageRecord) -> bool:
         tokens = record.prompt_tokens + record.completion_tokens
@@ -537,6 +651,8 @@ def _generate(
                 record = _record(rng, seeded, at, run_counter)
                 if guard.admit(record):
                     seeded.records.append(record)
+        if spec.alerting is not None:
+            _alerting_day(services, seeded, guard, now, rng)
 
 
 # -- entry points -------------------------------------------------------------------------------------
@@ -578,6 +694,8 @@ def seed_demo(
             done += len(result.written)
             if progress is not None:
                 progress(done, total)
+        if seeded.spec.alerting is not None:
+            _refused_client(services, seeded)
     return DemoData(admin_key=None, keys=keys, rows=done)
 
 
@@ -587,4 +705,4 @@ def is_seeded(services: Services) -> bool:
     return len(organizations) > 0
 
 
-__all__ = ["DemoData", "DemoKey", "is_seeded", "seed_demo"]
+__all__ = ["SERVED_MODELS", "DemoData", "DemoKey", "is_seeded", "seed_demo"]

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -130,12 +131,95 @@ def test_serve_refuses_a_default_admin_key(tmp_path: Path) -> None:
     assert "well-known default" in result.stderr
 
 
-def test_demo_serves_realistic_data(tmp_path: Path) -> None:
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_tour_python() -> str:
+    """The README's first Python block: the tour's call through the gateway, as a reader copies it."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index("## A 5-minute tour")) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def test_demo_serves_the_gateway_alerts_and_realistic_data(tmp_path: Path) -> None:
+    """`make demo` as a new user meets it: keys printed whole, the way to the CLI, a gateway that answers
+    the README's first calls as written (through a simulated upstream, said so), a meter that moves while
+    a stream runs, an organization whose alerts show, and weeks of realistic history."""
     port = free_port()
+    banner_file = tmp_path / "demo.err"
+    # PATH without the virtualenv, as in a shell where it is not activated.
+    env = clean_env(PATH="/usr/bin:/bin")
     with process(
-        ["demo", "--port", str(port), "--days", "31"], clean_env(), tmp_path, port, timeout=240
+        ["demo", "--port", str(port), "--days", "31"], env, tmp_path, port, timeout=240, stderr=banner_file
     ) as base:
+        banner = banner_file.read_text()
         keys = json.loads((tmp_path / "meterline-demo.keys.json").read_text())
+        lines = banner.splitlines()
+        for k in keys:  # whole, and alone at the end of its line: copyable
+            assert any(line.endswith(f": {k['key']}") for line in lines), k
+        first = next(k["key"] for k in keys if k["scope"] == "workspace")
+        assert f"export KEY={first}" in lines
+        assert "Upstream: SIMULATED" in banner
+        venv = Path(METERLINE).parent
+        assert f". {venv / 'activate'}" in banner or ". .venv/bin/activate" in banner
+
+        # The README's first openai calls, as written (only the port differs), streamed and not.
+        code = readme_tour_python().replace("localhost:8080", f"127.0.0.1:{port}")
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**clean_env(), "KEY": first},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "CompletionUsage(" in run.stdout
+        assert run.stdout.count(" tok") > 100
+        assert "None" not in run.stdout.splitlines()[-1]
+
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=first, max_retries=0)
+        served = {m.id: m.owned_by for m in client.models.list()}
+        assert {"gpt-4o-mini", "gpt-4o", "claude-3-5-haiku-latest", "text-embedding-3-small"} <= set(served)
+        assert all("simulated" in owner for owner in served.values())
+
+        # The meter moves while a stream runs (the dashboard polls this same summary).
+        headers = {"Authorization": f"Bearer {first}"}
+        moving = False
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=100, stream=True
+        )
+        for _chunk in stream:
+            usage = httpx.get(f"{base}/v1/usage", headers=headers).json()
+            if Decimal(str(usage["credits"]["in_flight"])) > 0:
+                moving = True
+                stream.close()
+                break
+        assert moving, "the usage summary never showed the running stream"
+
+        # Anthropic's SDK too.
+        claude = anthropic.Anthropic(base_url=base, api_key=first, max_retries=0)
+        message = claude.messages.create(
+            model="claude-3-5-haiku-latest", max_tokens=12, messages=[{"role": "user", "content": "Hi"}]
+        )
+        assert message.usage.output_tokens == 12
+
+        # One organization shows every alert its usage can raise.
+        umbrella = next(
+            k["key"] for k in keys if k["organization"] == "Umbrella Health" and k["scope"] == "organization"
+        )
+        alerts = httpx.get(f"{base}/v1/alerts", headers={"Authorization": f"Bearer {umbrella}"}).json()
+        kinds = {a["kind"] for a in alerts["data"]}
+        assert kinds >= {
+            "usage_threshold",
+            "projected_run_out",
+            "unusual_usage",
+            "rate_limits_exceeded_frequently",
+            "unpriced_usage",
+        }, kinds
+        thresholds = {a["threshold"] for a in alerts["data"] if a["kind"] == "usage_threshold"}
+        assert thresholds == {50, 75, 80}  # near the cap, not over it: the demo still takes requests
+
         org_key = next(k["key"] for k in keys if k["scope"] == "organization")
         headers = {"Authorization": f"Bearer {org_key}"}
         history = httpx.get(f"{base}/v1/usage/history", headers=headers).json()
@@ -143,6 +227,23 @@ def test_demo_serves_realistic_data(tmp_path: Path) -> None:
         ledger = httpx.get(f"{base}/v1/usage/ledger", params={"limit": 1000}, headers=headers).json()
         assert ledger["total_count"] > 1000
         assert len({r["model"] for r in ledger["data"]}) >= 3
+
+
+def test_readme_says_how_to_reach_the_meterline_command() -> None:
+    """After `make demo` the CLI lives in .venv: the README says how, and doing so finds it."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    setup = readme[readme.index("## Set-up") : readme.index("## A 5-minute tour")]
+    assert ". .venv/bin/activate" in setup
+    activate = Path(METERLINE).parent / "activate"
+    found = subprocess.run(
+        ["bash", "-c", f". {activate} && command -v meterline"],
+        env=clean_env(PATH="/usr/bin:/bin"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert found.stdout.strip() == METERLINE
 
 
 # -- the access log ----------------------------------------------------------------------------------

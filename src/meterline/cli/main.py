@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from meterline.api import render
 from meterline.cli import reports
@@ -200,53 +199,66 @@ def demo(
     port: Annotated[int, typer.Option()] = 8080,
     days: Annotated[int, typer.Option(min=30, max=120, help="Days of generated history.")] = 45,
     seed_only: Annotated[bool, typer.Option("--seed-only", help="Create the demo data and exit.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Route to the upstreams of this TOML file, not a simulated one."),
+    ] = None,
 ) -> None:
-    """Serve on an embedded SQLite database filled with realistic sample usage."""
+    """Serve on an embedded SQLite database filled with realistic sample usage, with the gateway routed
+    to a simulated upstream (or to the upstreams of --config)."""
     from rich.progress import Progress
 
+    from meterline.cli.demo_setup import print_banner, print_keys, simulated_routes, start_simulated_upstream
     from meterline.demo import is_seeded, seed_demo
 
     admin_key = "ml_admin_" + secrets.token_hex(16)
-    settings = settings_from(
-        None, f"sqlite:///{database.resolve()}", host=host, port=port, admin_key=admin_key
-    )
-    services = build_services(settings)
-    keys_file = database.with_suffix(".keys.json")
-    if not is_seeded(services):
-        with Progress(console=err, transient=True) as progress:
-            task = progress.add_task("Generating demo usage", total=None)
+    upstream = None if seed_only or config is not None else start_simulated_upstream()
+    try:
+        routes = None if upstream is None else simulated_routes(upstream)
+        settings = settings_from(
+            config,
+            f"sqlite:///{database.resolve()}",
+            host=host,
+            port=port,
+            admin_key=admin_key,
+            upstreams=routes,
+        )
+        services = build_services(settings)
+        keys_file = database.with_suffix(".keys.json")
+        if not is_seeded(services):
+            with Progress(console=err, transient=True) as progress:
+                task = progress.add_task("Generating demo usage", total=None)
 
-            def step(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
+                def step(done: int, total: int) -> None:
+                    progress.update(task, completed=done, total=total)
 
-            data = seed_demo(services, days=days, progress=step)
-        keys = [
-            {
-                "organization": k.organization,
-                "workspace": k.workspace,
-                "name": k.name,
-                "scope": k.scope,
-                "key": k.secret,
-            }
-            for k in data.keys
-        ]
-        keys_file.write_text(json.dumps(keys, indent=2), encoding="utf-8")
-        keys_file.chmod(0o600)
-        err.print(f"Seeded {data.rows} ledger rows into {database}.")
-    keys = json.loads(keys_file.read_text(encoding="utf-8")) if keys_file.exists() else []
-    table = Table(title="Demo keys (also in " + str(keys_file) + ")")
-    for column in ("organization", "workspace", "scope", "key"):
-        table.add_column(column)
-    for k in keys:
-        table.add_row(k["organization"], k["workspace"], k["scope"], k["key"])
-    err.print(table)
-    err.print(f"Admin key for this run: {admin_key}")
-    err.print(f"Try: curl -H 'Authorization: Bearer <key>' http://{host}:{port}/v1/usage")
-    err.print(f"Dashboard: http://{host}:{port}/dashboard (sign in with an organization or workspace key)")
-    if seed_only:
-        services.close()
-        return
-    _run(settings, services)
+                data = seed_demo(services, days=days, progress=step)
+            keys = [
+                {
+                    "organization": k.organization,
+                    "workspace": k.workspace,
+                    "name": k.name,
+                    "scope": k.scope,
+                    "key": k.secret,
+                }
+                for k in data.keys
+            ]
+            keys_file.write_text(json.dumps(keys, indent=2), encoding="utf-8")
+            keys_file.chmod(0o600)
+            err.print(f"Seeded {data.rows} ledger rows into {database}.")
+        keys = json.loads(keys_file.read_text(encoding="utf-8")) if keys_file.exists() else []
+        print_keys(err, keys, keys_file)
+        first = next((k["key"] for k in keys if k["scope"] == "workspace"), None)
+        print_banner(
+            err, base=f"http://{host}:{port}", admin_key=admin_key, first_key=first, upstream=upstream
+        )
+        if seed_only:
+            services.close()
+            return
+        _run(settings, services)
+    finally:
+        if upstream is not None:
+            upstream.stop()
 
 
 @app.command()

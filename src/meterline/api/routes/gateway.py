@@ -85,7 +85,7 @@ async def models(request: Request) -> JSON:
     gateway = gateway_of(request)
     await run_in_threadpool(get_principal, request, gateway.services, gateway.tokens)
     data = [
-        {"id": model, "object": "model", "created": 0, "owned_by": route.provider}
+        {"id": model, "object": "model", "created": 0, "owned_by": route.upstream.owned_by or route.provider}
         for model, route in gateway.routes.models()
     ]
     return JSON({"object": "list", "data": data})
