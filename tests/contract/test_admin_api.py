@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.testclient import TestClient
 
 from conftest import ADMIN, Tenant, assert_envelope, make_tenant
@@ -120,6 +122,30 @@ def test_key_limits_are_validated(client: TestClient, tenant: Tenant) -> None:
         headers=ADMIN,
     )
     assert "daily_tokenz" in assert_envelope(bad, 422, "invalid_request")["message"]
+
+
+def test_key_limits_say_their_shape(client: TestClient, tenant: Tenant) -> None:
+    """A list, a float spend cap or an unknown name each get a message that shows what to send."""
+
+    def create(limits: object) -> Any:
+        body = {"workspace_id": tenant.workspace["id"], "name": "L", "limits": limits}
+        return client.post("/v1/admin/keys", json=body, headers=ADMIN)
+
+    as_list = assert_envelope(create([{"daily_tokens": 1000}]), 422, "invalid_request")["message"]
+    assert "limits is an object of named limits" in as_list
+    assert '"spend_cap": "25.00"' in as_list
+    floated = assert_envelope(create({"spend_cap": 1.5}), 422, "invalid_request")["message"]
+    assert "decimal string" in floated
+    assert "organization's currency" in floated
+    assert "spend_cap" in assert_envelope(create({"spend_cap": "-2"}), 422, "invalid_request")["message"]
+    unknown = assert_envelope(create({"daily_tokenz": 1}), 422, "invalid_request")["message"]
+    assert "spend_cap" in unknown  # the list of known names has it
+    assert create({"spend_cap": "1.00", "rpm": 60}).json()["limits"] == {"spend_cap": "1", "rpm": 60}
+    assert create({"spend_cap": -1}).json()["limits"] == {"spend_cap": -1}
+
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["KeyIn"]["properties"]["limits"]
+    assert {"daily_tokens": 100000, "rpm": 60, "spend_cap": "25.00"} in schema["examples"]
+    assert "spend_cap" in schema["description"]
 
 
 def test_bonus_credits(client: TestClient, tenant: Tenant) -> None:

@@ -228,6 +228,25 @@ def test_spend_cap_blocks_byom_organizations(client: TestClient) -> None:
     assert limit_named(usage(client, tenant), "spend_cap")["remaining"] == 0.05
 
 
+def test_a_key_spend_cap_in_money_blocks_that_key_only(client: TestClient) -> None:
+    tenant = make_tenant(client, plan="open")
+    created = client.post(
+        "/v1/admin/keys",
+        json={"workspace_id": tenant.workspace["id"], "name": "Capped", "limits": {"spend_cap": "0.25"}},
+        headers=ADMIN,
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["limits"] == {"spend_cap": "0.25"}
+    capped = Tenant(tenant.org, tenant.workspace, created.json()["key"], created.json())
+    assert send(client, capped).status_code == 200
+    assert send(client, capped).status_code == 200
+    error = assert_envelope(send(client, capped), 429, "spend_cap_reached")  # 0.20 + 0.10 > 0.25
+    assert error["limit"]["meter"] == "spend"
+    assert error["limit"]["scope"] == "key"
+    assert send(client, tenant).status_code == 200  # the workspace's other key is not held by it
+    assert limit_named(usage(client, capped), "key.spend_cap")["remaining"] == 0.05
+
+
 def test_a_used_up_credits_or_spend_meter_refuses_unpriced_models_too(client: TestClient) -> None:
     # A model missing from the price book costs 0: it used to pass a wall that was already reached
     # (four in a row went through under a reached spend cap). A used-up money meter refuses everything.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from meterline.metering.summary import Allowance
 from meterline.money import format_nanos, from_nanos, to_nanos
 from meterline.pricing import CurrencyRates
 from meterline.quotas.engine import LimitStatus
-from meterline.quotas.limits import UNLIMITED
+from meterline.quotas.limits import NANOS_LIMITS, UNLIMITED
 from meterline.tenancy import ApiKey, CreditGrant, Organization, Workspace
 
 
@@ -58,6 +59,16 @@ def workspace(ws: Workspace) -> dict[str, Any]:
     }
 
 
+def named_limits(limits: Mapping[str, int] | None) -> dict[str, int | str] | None:
+    """A key's or identifier's limits as the API takes them: money (``spend_cap``) as decimal text."""
+    if limits is None:
+        return None
+    return {
+        name: format_nanos(value) if name in NANOS_LIMITS and value != UNLIMITED else value
+        for name, value in limits.items()
+    }
+
+
 def api_key(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.id,
@@ -68,7 +79,7 @@ def api_key(key: ApiKey) -> dict[str, Any]:
         "key_prefix": key.key_prefix,
         "scope": key.scope,
         "default_source": key.default_source,
-        "limits": key.limits,
+        "limits": named_limits(key.limits),
         "created_at": rfc3339(key.created_at),
         "last_used_at": _time(key.last_used_at),
         "revoked_at": _time(key.revoked_at),

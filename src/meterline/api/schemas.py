@@ -20,9 +20,9 @@ from pydantic import (
 )
 
 from meterline.metering.records import NO_DETAIL, UsageVector
-from meterline.money import parse_decimal
+from meterline.money import parse_decimal, to_nanos
 from meterline.pricing.usage import consistency
-from meterline.quotas.limits import check_named_limits
+from meterline.quotas.limits import LIMIT_NAMES, NANOS_LIMITS, UNLIMITED, check_named_limits
 
 MAX_TOKENS = 100_000_000  # per event: far above any model's context, far below overflow
 MAX_UNITS = 1_000_000_000
@@ -36,6 +36,42 @@ def _money(value: object) -> Decimal:
 
 
 Money = Annotated[Decimal, BeforeValidator(_money)]
+
+LIMITS_EXAMPLE = {"daily_tokens": 100_000, "rpm": 60, "spend_cap": "25.00"}
+
+
+def _named_limits(value: object) -> object:
+    """Named limits as the API takes them: whole numbers (-1 = unlimited), and ``spend_cap`` as an amount
+    of money of the organization's currency (``"25.00"``), held in nanos from here on."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(
+            'limits is an object of named limits, e.g. {"daily_tokens": 100000, "rpm": 60, "spend_cap": '
+            f'"25.00"}}; known limits: {", ".join(LIMIT_NAMES)}'
+        )
+    converted: dict[str, object] = {}
+    for name, raw in value.items():
+        if name not in NANOS_LIMITS or (raw == UNLIMITED and not isinstance(raw, bool)):
+            converted[name] = raw
+            continue
+        money = f'limit {name!r} is an amount of money in the organization\'s currency ("25.00"), or -1'
+        try:
+            amount = parse_decimal(raw, what=f"limit {name!r}")
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {money}") from None
+        if amount < 0:
+            raise ValueError(money)
+        converted[name] = to_nanos(amount)
+    return check_named_limits(converted)  # type: ignore[arg-type]  # the others are checked there
+
+
+NamedLimits = Annotated[dict[str, int] | None, BeforeValidator(_named_limits)]
+LIMITS_DESCRIPTION = (
+    "Named limits of their own, each refusing (429) what would pass it: daily_tokens, monthly_tokens, "
+    "daily_calls, monthly_calls, rpm, tpm, daily_credits, monthly_credits (whole numbers; -1 = unlimited) "
+    "and spend_cap (money of the organization's currency spent this billing period, a decimal string)."
+)
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -110,12 +146,7 @@ class KeyIn(_Body):
     name: Name
     scope: Literal["workspace", "organization"] = "workspace"
     default_source: Label | None = None
-    limits: dict[str, Annotated[int, Field(ge=-1, le=10**15, strict=True)]] | None = None
-
-    @field_validator("limits")
-    @classmethod
-    def _known_limits(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        return None if value is None else check_named_limits(value)
+    limits: NamedLimits = Field(default=None, description=LIMITS_DESCRIPTION, examples=[LIMITS_EXAMPLE])
 
 
 class CreditsIn(_Body):

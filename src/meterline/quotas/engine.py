@@ -40,7 +40,7 @@ from meterline.quotas.counters import (
     Verdict,
     WindowKind,
 )
-from meterline.quotas.limits import NAMED_LIMITS, UNLIMITED, Limit, Scope, Window
+from meterline.quotas.limits import NAMED_LIMITS, NANOS_LIMITS, UNLIMITED, Limit, Scope, Window
 from meterline.quotas.limits import NANOS_PER_WHOLE as NANOS
 from meterline.quotas.periods import Period, billing_period, utc_day
 from meterline.quotas.plans import Plan
@@ -275,7 +275,8 @@ def limits_of(subject: Subject, bonus_nanos: int = 0) -> list[Limit]:
             continue
         for name, value in named.items():
             meter, window = NAMED_LIMITS[name]
-            scaled = value * NANOS if meter in _MONEY_METERS and value != UNLIMITED else value
+            whole = meter in _MONEY_METERS and name not in NANOS_LIMITS and value != UNLIMITED
+            scaled = value * NANOS if whole else value
             found.append(Limit(meter, window, scope, scaled, "block", f"{scope}.{name}"))  # type: ignore[arg-type]
     return found
 

@@ -34,21 +34,28 @@ NAMED_LIMITS: Mapping[str, tuple[Meter, Window]] = {
     "tpm": ("tokens", "minute"),
     "daily_credits": ("credits", "day"),
     "monthly_credits": ("credits", "period"),
+    # Money of the organization's currency spent in the billing period (a key's own spend cap).
+    "spend_cap": ("spend", "period"),
 }
 LIMIT_NAMES = tuple(NAMED_LIMITS)
 MAX_LIMIT = 10**15
-# Limits on credits and spend are set in whole credits / currency units and counted in nanos.
+# Limits on credits are set in whole credits and counted in nanos.
 NANOS_PER_WHOLE = 1_000_000_000
+# Named limits held in nanos already: an amount of money may have cents ("25.50").
+NANOS_LIMITS = frozenset({"spend_cap"})
+MAX_NANOS_LIMIT = 10**18
 
 
 def check_named_limits(limits: Mapping[str, int]) -> dict[str, int]:
-    """Validate a ``{name: max}`` mapping (keys, identifiers): known names, integers, -1 or more."""
+    """Validate a ``{name: max}`` mapping (keys, identifiers): known names, integers, -1 or more. The
+    limits of ``NANOS_LIMITS`` are nanos of money (the API takes them as decimal amounts)."""
     checked: dict[str, int] = {}
     for name, value in limits.items():
         if name not in NAMED_LIMITS:
             raise ValueError(f"unknown limit {name!r}; known limits: {', '.join(LIMIT_NAMES)}")
-        if isinstance(value, bool) or not isinstance(value, int) or not UNLIMITED <= value <= MAX_LIMIT:
-            raise ValueError(f"limit {name!r} must be an integer from -1 (unlimited) to {MAX_LIMIT}")
+        top = MAX_NANOS_LIMIT if name in NANOS_LIMITS else MAX_LIMIT
+        if isinstance(value, bool) or not isinstance(value, int) or not UNLIMITED <= value <= top:
+            raise ValueError(f"limit {name!r} must be an integer from -1 (unlimited) to {top}")
         checked[name] = value
     return checked
 

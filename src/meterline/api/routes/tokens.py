@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from meterline.api import render
 from meterline.api.auth import PrincipalDep, TokensDep
 from meterline.api.responses import JSON
+from meterline.api.schemas import LIMITS_DESCRIPTION, LIMITS_EXAMPLE, NamedLimits
 from meterline.errors import InvalidRequest
-from meterline.quotas.limits import MAX_LIMIT, UNLIMITED, check_named_limits
 from meterline.tenancy import Principal
 from meterline.tenancy.tokens import DEFAULT_ACCESS_TTL, MAX_ACCESS_TTL, MIN_ACCESS_TTL, TokenPair
 
@@ -21,17 +22,16 @@ router = APIRouter(prefix="/v1/token", tags=["tokens"])
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 IdentifierId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
-LimitValue = Annotated[int, Field(ge=UNLIMITED, le=MAX_LIMIT, strict=True)]
 
 
 class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     identifier_id: IdentifierId = Field(description="Your id for the end user or tenant (1-200 characters).")
-    limits: dict[str, LimitValue] | None = Field(
+    limits: NamedLimits = Field(
         default=None,
-        description="The identifier's own limits (daily_tokens, monthly_tokens, daily_calls, monthly_calls, "
-        "rpm, tpm, ...; -1 = unlimited). Given: they replace the identifier's limits. Omitted: kept.",
+        description=LIMITS_DESCRIPTION + " Given: they replace the identifier's limits. Omitted: kept.",
+        examples=[LIMITS_EXAMPLE],
     )
     expires_in: int = Field(
         default=DEFAULT_ACCESS_TTL,
@@ -46,11 +46,6 @@ class TokenIn(BaseModel):
         if not value.strip():
             raise ValueError("identifier_id must not be blank")
         return value
-
-    @field_validator("limits")
-    @classmethod
-    def _known_limits(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        return None if value is None else check_named_limits(value)
 
 
 class RefreshIn(BaseModel):
@@ -67,7 +62,7 @@ def _pair(pair: TokenPair) -> JSON:
         "expires_in": pair.expires_in,
         "identifier_id": pair.identifier.identifier_id,
         "workspace_id": pair.identifier.workspace_id,
-        "limits": pair.identifier.limits,
+        "limits": render.named_limits(pair.identifier.limits),
     }
     return JSON(body, headers=_NO_STORE)
 
