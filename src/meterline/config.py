@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(default=1)
     counters: Literal["auto", "memory", "database"] = "auto"
     admin_key: SecretStr | None = None
+    # `GET /metrics` wants it as a bearer token when set; unset, it answers loopback clients only.
+    metrics_token: SecretStr | None = Field(default=None, min_length=16)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")

@@ -7,6 +7,8 @@ The application answers the six relay endpoints ahead of FastAPI's routing
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,6 +18,7 @@ from starlette.responses import Response
 from meterline.api.auth import get_principal
 from meterline.api.gateway import gateway_of, respond
 from meterline.api.responses import JSON
+from meterline.errors import Forbidden, Unauthorized
 
 router = APIRouter(tags=["gateway"])
 
@@ -91,8 +94,34 @@ async def models(request: Request) -> JSON:
     return JSON({"object": "list", "data": data})
 
 
+def _on_loopback(request: Request) -> bool:
+    host = request.client.host if request.client is not None else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
-    """Prometheus text format: gateway requests, latency, upstream errors, failovers, refusals, in flight."""
-    registry = gateway_of(request).metrics
+    """Prometheus text format: gateway requests, latency, upstream errors, failovers, refusals, in flight.
+
+    Counts by organization-free labels, but still the deployment's traffic: with ``metrics_token`` set it
+    wants that bearer token; without, only a client on loopback (a scraper beside the process) is
+    answered. Behind a local reverse proxy that forwards the client's address, remote scrapes are refused
+    too, as they should be."""
+    gateway = gateway_of(request)
+    token = gateway.services.settings.metrics_token
+    if token is not None:
+        given = request.headers.get("authorization", "")
+        scheme, _, credential = given.partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), expected):
+            raise Unauthorized("GET /metrics wants the deployment's metrics_token as a bearer token")
+    elif not _on_loopback(request):
+        raise Forbidden(
+            "GET /metrics answers only clients on loopback; set metrics_token to scrape it from elsewhere "
+            "(sent as Authorization: Bearer <metrics_token>)"
+        )
+    registry = gateway.metrics
     return Response(registry.render(), media_type=registry.content_type)
