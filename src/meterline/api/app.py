@@ -25,6 +25,7 @@ from meterline.api.routes import (
     dashboard,
     events,
     gateway,
+    otlp,
     receipts,
     reservations,
     tokens,
@@ -211,6 +212,7 @@ def create_app(
     # ``gateway.router`` are what OpenAPI documents.
     app.include_router(gateway.router)
     app.include_router(events.router)
+    app.include_router(otlp.router)
     app.include_router(reservations.router)
     app.include_router(usage.router)
     app.include_router(analytics.router)

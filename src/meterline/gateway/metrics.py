@@ -87,6 +87,13 @@ class Metrics:
             registry=r,
         )
 
+        self.otlp_spans = Counter(
+            "meterline_otlp_spans",
+            "Spans received on POST /v1/traces, by outcome: metered, duplicate, rejected, or ignored (not "
+            "a model call).",
+            ["outcome"],
+            registry=r,
+        )
         self.quarantined = Gauge(
             "meterline_quarantined_entries",
             "Usage entries that could not be settled and await an operator (meterline quarantine list).",

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
 
@@ -102,6 +102,9 @@ class Subject:
     key_limits: Mapping[str, int] | None = None
     identifier_id: str | None = None
     identifier_limits: Mapping[str, int] | None = None
+    # Usage that has already happened (reported by OpenTelemetry): every limit counts it, none refuses
+    # it, and what passes one is marked overage.
+    after_the_fact: bool = False
 
     def scope_value(self, scope: Scope) -> str | None:
         if scope == "organization":
@@ -165,7 +168,8 @@ def place(
     # Counters are 64-bit (Redis); a maximum beyond that cannot be reached and means "unlimited".
     maximum = limit.max if limit.max <= MAX_COUNTER else UNLIMITED
     if window is None:
-        template = Line(key, 0, maximum, True, "rolling", 0)
+        # Rate limits block (limits_of makes them so), except for usage reported after the fact.
+        template = Line(key, 0, maximum, limit.policy == "block", "rolling", 0)
     else:
         block = limit.policy == "block" and current
         template = Line(key, 0, maximum, block, "fixed", to_micros(window.end) // 1_000_000)
@@ -278,6 +282,8 @@ def limits_of(subject: Subject, bonus_nanos: int = 0) -> list[Limit]:
             whole = meter in _MONEY_METERS and name not in NANOS_LIMITS and value != UNLIMITED
             scaled = value * NANOS if whole else value
             found.append(Limit(meter, window, scope, scaled, "block", f"{scope}.{name}"))  # type: ignore[arg-type]
+    if subject.after_the_fact:
+        return [replace(limit, policy="overage") for limit in found]
     return found
 
 
@@ -682,6 +688,7 @@ def _subject_key(subject: Subject) -> tuple[object, ...]:
         None if subject.key_limits is None else tuple(sorted(subject.key_limits.items())),
         subject.identifier_id,
         None if subject.identifier_limits is None else tuple(sorted(subject.identifier_limits.items())),
+        subject.after_the_fact,
     )
 
 

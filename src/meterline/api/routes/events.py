@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -65,6 +66,127 @@ def _record(
     )
 
 
+@dataclass
+class Outcomes:
+    """What became of a batch of event bodies: one result per body (accepted or rejected), and what the
+    limits said."""
+
+    results: list[dict[str, Any] | None]
+    currency: str | None = None
+    rates: RateLimits | None = None
+    refusals: list[LimitExceeded] = field(default_factory=list)
+
+
+def meter_events(
+    bodies: list[dict[str, Any]],
+    request: Request,
+    principal: Principal,
+    services: Services,
+    *,
+    after_the_fact: bool = False,
+    where: str = "events",
+) -> Outcomes:
+    """Validate each body as an event and settle the valid ones through the one settle path.
+
+    ``after_the_fact``: the usage has already happened (reported by OpenTelemetry): every limit counts it
+    and none refuses it; what passes a limit is recorded as overage, and alerts fire as usual."""
+    now = services.clock.now()
+    receipt = receipt_wanted(request) is not False
+    outcomes = Outcomes([None] * len(bodies))
+    results = outcomes.results
+    valid: list[tuple[int, UsageRecord]] = []
+    for index, body in enumerate(bodies):
+        event_id = body.get("id") if isinstance(body.get("id"), str) else None
+        try:
+            event = EventIn.model_validate(body)
+        except ValidationError as exc:
+            message, param = first_problem(exc.errors())
+            param = f"{where}[{index}].{param or ''}"
+            results[index] = _rejected(event_id, "invalid_request", message, param)
+            continue
+        problem: str | None = None
+        field_name = ""
+        nesting = event.check_tokens()
+        if nesting is not None:
+            field_name, problem = nesting
+        foreign = event.identifier_id not in (None, principal.identifier_id)
+        if problem is None and principal.scope == "identifier" and foreign:
+            # Else a token holder could spend another identifier's allowance, or escape their own.
+            problem = "an access token reports usage for its own identifier only; leave identifier_id out"
+            field_name = "identifier_id"
+        if problem is None and event.timestamp is not None:
+            field_name = "timestamp"
+            if event.timestamp > now + MAX_FUTURE:
+                problem = "timestamp is in the future; send the time the usage happened (UTC)"
+            elif event.timestamp < now - MAX_AGE:
+                problem = f"timestamp is older than {MAX_AGE.days} days"
+        if problem is not None:
+            results[index] = _rejected(event.id, "invalid_request", problem, f"{where}[{index}].{field_name}")
+            continue
+        # The body as sent is what "same body" means for a repeated id; fingerprinting it avoids a dump.
+        valid.append((index, _record(event, body, principal, services, receipt)))
+    if not valid:
+        return outcomes
+
+    org = services.tenancy.get_organization(principal.organization_id)
+    outcomes.currency = org.currency
+    subjects: dict[str | None, Subject] = {}
+
+    def subject_of(row: LedgerRow) -> Subject:
+        if row.identifier_id not in subjects:
+            subject = services.subject_of(org, principal, row.identifier_id)
+            subjects[row.identifier_id] = replace(subject, after_the_fact=True) if after_the_fact else subject
+        return subjects[row.identifier_id]
+
+    gate = QuotaGate(services.quotas, subject_of)
+    settled = ingest(
+        services.settler,
+        services.account_of(org),
+        [r for _, r in valid],
+        gate,
+        refuse_unpriced=services.plan_of(org).unpriced == "block" and not after_the_fact,
+    )
+    if gate.last:
+        outcomes.rates = gate.last[-1].rate_limits
+    for (index, _), outcome in zip(valid, settled, strict=True):
+        if outcome.refusal is not None:
+            outcomes.refusals.append(outcome.refusal)
+            rejected = _rejected(
+                outcome.event_id, outcome.refusal.code, outcome.refusal.message, f"{where}[{index}]"
+            )
+            rejected["error"]["limit"] = outcome.refusal.details
+            results[index] = rejected
+            continue
+        if outcome.error is not None:
+            error = outcome.error
+            results[index] = _rejected(
+                outcome.event_id, error.code, error.message, f"{where}[{index}].{error.param or ''}"
+            )
+            continue
+        row = outcome.row
+        if outcome.status == "conflict" or row is None:
+            results[index] = _rejected(
+                outcome.event_id,
+                "conflict",
+                f"event id {outcome.event_id!r} was already recorded with a different body",
+                f"{where}[{index}].id",
+            )
+            continue
+        if not outcome.duplicate:
+            note_row(request, row)
+        results[index] = {
+            "id": outcome.event_id,
+            "status": "accepted",
+            "duplicate": outcome.duplicate,
+            "ledger_id": row.id,
+            "receipt_id": row.receipt_id,
+            "cost": format_nanos(row.cost_nanos),
+            "credits": format_nanos(row.credits_nanos),
+            "priced": row.priced,
+        }
+    return outcomes
+
+
 @router.post("/v1/events", response_model=None)
 def post_events(
     batch: EventsBatchIn, request: Request, principal: PrincipalDep, services: ServicesDep
@@ -76,103 +198,13 @@ def post_events(
         )
     if not batch.events:
         raise InvalidRequest("events must hold at least one event", param="events")
-    now = services.clock.now()
-    receipt = receipt_wanted(request) is not False
-    results: list[dict[str, Any] | None] = [None] * len(batch.events)
-    valid: list[tuple[int, UsageRecord]] = []
-    for index, body in enumerate(batch.events):
-        event_id = body.get("id") if isinstance(body.get("id"), str) else None
-        try:
-            event = EventIn.model_validate(body)
-        except ValidationError as exc:
-            message, param = first_problem(exc.errors())
-            results[index] = _rejected(event_id, "invalid_request", message, f"events[{index}].{param or ''}")
-            continue
-        problem: str | None = None
-        field = ""
-        nesting = event.check_tokens()
-        if nesting is not None:
-            field, problem = nesting
-        foreign = event.identifier_id not in (None, principal.identifier_id)
-        if problem is None and principal.scope == "identifier" and foreign:
-            # Else a token holder could spend another identifier's allowance, or escape their own.
-            problem = "an access token reports usage for its own identifier only; leave identifier_id out"
-            field = "identifier_id"
-        if problem is None and event.timestamp is not None:
-            field = "timestamp"
-            if event.timestamp > now + MAX_FUTURE:
-                problem = "timestamp is in the future; send the time the usage happened (UTC)"
-            elif event.timestamp < now - MAX_AGE:
-                problem = f"timestamp is older than {MAX_AGE.days} days"
-        if problem is not None:
-            results[index] = _rejected(event.id, "invalid_request", problem, f"events[{index}].{field}")
-            continue
-        # The body as sent is what "same body" means for a repeated id; fingerprinting it avoids a dump.
-        valid.append((index, _record(event, body, principal, services, receipt)))
-
-    rates: RateLimits | None = None
-    refusals: list[LimitExceeded] = []
-    if valid:
-        org = services.tenancy.get_organization(principal.organization_id)
-        subjects: dict[str | None, Subject] = {}
-
-        def subject_of(row: LedgerRow) -> Subject:
-            if row.identifier_id not in subjects:
-                subjects[row.identifier_id] = services.subject_of(org, principal, row.identifier_id)
-            return subjects[row.identifier_id]
-
-        gate = QuotaGate(services.quotas, subject_of)
-        outcomes = ingest(
-            services.settler,
-            services.account_of(org),
-            [r for _, r in valid],
-            gate,
-            refuse_unpriced=services.plan_of(org).unpriced == "block",
-        )
-        if gate.last:
-            rates = gate.last[-1].rate_limits
-        for (index, _), outcome in zip(valid, outcomes, strict=True):
-            if outcome.refusal is not None:
-                refusals.append(outcome.refusal)
-                rejected = _rejected(
-                    outcome.event_id, outcome.refusal.code, outcome.refusal.message, f"events[{index}]"
-                )
-                rejected["error"]["limit"] = outcome.refusal.details
-                results[index] = rejected
-                continue
-            if outcome.error is not None:
-                error = outcome.error
-                results[index] = _rejected(
-                    outcome.event_id, error.code, error.message, f"events[{index}].{error.param or ''}"
-                )
-                continue
-            row = outcome.row
-            if outcome.status == "conflict" or row is None:
-                results[index] = _rejected(
-                    outcome.event_id,
-                    "conflict",
-                    f"event id {outcome.event_id!r} was already recorded with a different body",
-                    f"events[{index}].id",
-                )
-                continue
-            if not outcome.duplicate:
-                note_row(request, row)
-            results[index] = {
-                "id": outcome.event_id,
-                "status": "accepted",
-                "duplicate": outcome.duplicate,
-                "ledger_id": row.id,
-                "receipt_id": row.receipt_id,
-                "cost": format_nanos(row.cost_nanos),
-                "credits": format_nanos(row.credits_nanos),
-                "priced": row.priced,
-            }
-
-    data = [r for r in results if r is not None]
+    outcomes = meter_events(batch.events, request, principal, services)
+    rates, refusals = outcomes.rates, outcomes.refusals
+    data = [r for r in outcomes.results if r is not None]
     accepted = sum(1 for r in data if r["status"] == "accepted")
     answer = {
         "object": "list",
-        "currency": org.currency if valid else None,
+        "currency": outcomes.currency,
         "data": data,
         "accepted": accepted,
         "duplicates": sum(1 for r in data if r.get("duplicate")),
