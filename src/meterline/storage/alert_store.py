@@ -275,7 +275,9 @@ class AlertEvaluator:
         not only at an hour's first settle. Once a day (the alert's period is the day)."""
         now_us = to_micros(now)
         today = now_us // MICROS_PER_DAY
-        added = sum(int(getattr(r, measure)) for r in rows if to_micros(r.created_at) // MICROS_PER_DAY == today)
+        added = sum(
+            int(getattr(r, measure)) for r in rows if to_micros(r.created_at) // MICROS_PER_DAY == today
+        )
         watch = self._unusual.get(org_id)
         if watch is not None and watch.day == today:
             if watch.fired:
