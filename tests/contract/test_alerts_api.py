@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from conftest import ADMIN, ADMIN_KEY, Tenant, add_key, assert_envelope, make_tenant
 from meterline.api.app import create_app
@@ -34,8 +35,20 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
                 "monthly_calls": -1,
                 "monthly_credits": -1,
             },
+            # One credit (0.01 USD) a period, blocked when used: nothing else limits.
+            "one": {
+                "monthly_credits": 1,
+                "overage": "block",
+                "rpm": -1,
+                "tpm": -1,
+                "daily_tokens": -1,
+                "monthly_tokens": -1,
+                "daily_calls": -1,
+                "monthly_calls": -1,
+            },
         },
-        prices={"flat": {"per_request": "0.10"}},
+        # "almost": 0.9997 credits (0.009997 USD) a request, so that one leaves too little for another.
+        prices={"flat": {"per_request": "0.10"}, "almost": {"per_request": "0.009997"}},
         alert_refusals_per_hour=3,
         alert_unusual_min_volume=1,
         webhook_poll_seconds=3600,
@@ -145,6 +158,105 @@ def test_spend_cap_organizations_measure_money_against_the_cap(client: TestClien
     assert "spend cap" in alert["message"]
 
 
+def almost(i: int | str) -> dict[str, Any]:
+    """An event costing 0.9997 credits (0.009997 USD)."""
+    return {"id": f"a{i}", "model": "almost", "provider": "openai", "prompt_tokens": 1}
+
+
+def full_alerts(client: TestClient, tenant: Tenant) -> list[dict[str, Any]]:
+    return [a for a in alerts_of(client, tenant, "usage_threshold") if a["threshold"] == 100]
+
+
+@pytest.mark.parametrize(
+    ("org_fields", "code", "measure"),
+    [
+        ({"plan": "one"}, "credits_exhausted", "credits"),
+        ({"plan": "pro", "spend_cap": "0.01"}, "spend_cap_reached", "spend"),
+    ],
+    ids=["credits", "spend_cap"],
+)
+def test_a_refusal_by_the_used_up_allowance_fires_the_100_threshold_once(
+    client: TestClient, services: Services, org_fields: dict[str, Any], code: str, measure: str
+) -> None:
+    # Blocked at 99.97 %: no settle reaches 100 %, yet from now on the organization is refused.
+    tenant = make_tenant(client, billing_anchor_day=14, name="Org", **org_fields)
+    org_key = add_key(client, tenant.workspace["id"], "Org key", scope="organization")
+    hook = client.post(
+        "/v1/alerts/webhooks",
+        json={"url": "http://93.184.216.34/hook"},
+        headers={"Authorization": f"Bearer {org_key}"},
+    )
+    assert hook.status_code == 201, hook.text
+    assert post(client, tenant, almost(1)).status_code == 200
+    assert [t for t, _ in thresholds(client, tenant)] == [50, 75, 80]
+
+    assert_envelope(post(client, tenant, almost(2)), 429, code)
+    (full,) = full_alerts(client, tenant)
+    assert full["period_start"] == "2026-03-14T00:00:00Z"
+    details = full["details"]
+    assert details["measure"] == measure
+    assert details["used_pct"] == "99.97"
+    assert details["refused"] is True
+    assert details["used_nanos"] + details["requested_nanos"] > details["allowance_nanos"]
+    assert details["period_end"] == "2026-04-14T00:00:00+00:00"
+    assert full["message"].startswith("100% of the")
+    assert "refused" in full["message"]
+    assert len(services.webhooks.outbox(full["id"])) == 1
+
+    for i in range(3, 6):  # refused again: said once per period
+        assert post(client, tenant, almost(i)).status_code == 429
+    assert [t for t, _ in thresholds(client, tenant)] == [50, 75, 80, 100]
+
+
+def test_a_batch_with_events_refused_by_the_allowance_fires_the_100_threshold(client: TestClient) -> None:
+    # Some events of the batch are recorded, the others refused: no 429, yet the allowance is used up.
+    tenant = make_tenant(client, plan="one", billing_anchor_day=14)
+    response = post(client, tenant, almost(1), almost(2))
+    assert response.status_code != 429, response.text
+    assert (response.json()["accepted"], response.json()["rejected"]) == (1, 1)
+    assert [t for t, _ in thresholds(client, tenant)] == [50, 75, 80, 100]
+
+
+def test_the_refused_100_threshold_fires_once_across_processes_and_then_costs_no_write(
+    settings: Settings, clock: FrozenClock
+) -> None:
+    """The database decides (the alert's unique index); each process remembers what it was told, so a
+    refusal after that writes nothing."""
+    quiet = settings.model_copy(update={"alert_refusals_per_hour": 1000})
+    one, other = (build_services(quiet, clock=clock, migrate=False) for _ in range(2))
+    attempts = {"one": 0, "other": 0}
+
+    def count_attempts(name: str) -> Any:
+        def before(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            if statement.startswith("INSERT INTO alerts") and "usage_threshold" in parameters:
+                attempts[name] += 1
+
+        return before
+
+    event.listen(one.db.engine, "before_cursor_execute", count_attempts("one"))
+    event.listen(other.db.engine, "before_cursor_execute", count_attempts("other"))
+    try:
+        with (
+            TestClient(create_app(quiet, services=one), raise_server_exceptions=False) as first,
+            TestClient(create_app(quiet, services=other), raise_server_exceptions=False) as second,
+        ):
+            tenant = make_tenant(first, plan="one", billing_anchor_day=14)
+            assert post(first, tenant, almost(1)).status_code == 200  # 50, 75, 80 % at settle
+            settled = attempts["one"]
+            assert post(first, tenant, almost(2)).status_code == 429
+            assert (attempts["one"], len(full_alerts(first, tenant))) == (settled + 1, 1)
+            assert post(first, tenant, almost(3)).status_code == 429
+            assert attempts["one"] == settled + 1  # remembered: no write
+            # The other process does not know yet: it asks the database once, which says it fired.
+            assert post(second, tenant, almost(4)).status_code == 429
+            assert post(second, tenant, almost(5)).status_code == 429
+            assert attempts["other"] == 1
+            assert len(full_alerts(second, tenant)) == 1
+    finally:
+        one.close()
+        other.close()
+
+
 def test_frequent_refusals_fire_after_n_429s_within_the_hour(client: TestClient, clock: FrozenClock) -> None:
     tenant = make_tenant(client, plan="strict")
     first = post(client, tenant, ev(0))
@@ -192,14 +304,63 @@ def test_unusual_usage_says_why(client: TestClient, clock: FrozenClock) -> None:
     baseline = [ev(f"b{d}", f"2026-03-{d:02d}T12:00:00Z") for d in range(7, 14)]
     post(client, tenant, *baseline)
     assert alerts_of(client, tenant, "unusual_usage") == []
-    clock.advance(hours=1)  # evaluated at most once an hour per organization
-    post(client, tenant, *(ev(f"t{i}", "2026-03-14T11:00:00Z") for i in range(5)))
+    post(client, tenant, *(ev(f"t{i}", "2026-03-14T10:00:00Z") for i in range(5)))
     (alert,) = alerts_of(client, tenant, "unusual_usage")
     assert alert["details"]["today_nanos"] == 50 * 10**9
     assert alert["details"]["baseline_nanos"] == str(10 * 10**9)
     assert alert["details"]["factor"] == "5.00"
     assert "5.00x the daily mean" in alert["message"]
     assert alert["period_start"] == "2026-03-14T00:00:00Z"
+
+
+BASELINE = [ev(f"b{d}", f"2026-03-{d:02d}T12:00:00Z") for d in range(7, 14)]  # 10 credits a day
+
+
+def test_unusual_usage_fires_on_a_spike_after_earlier_traffic_in_the_same_hour(
+    client: TestClient, clock: FrozenClock
+) -> None:
+    tenant = make_tenant(client, plan="pro")
+    post(client, tenant, *BASELINE)
+    post(client, tenant, ev("t0", "2026-03-14T10:05:00Z"))  # an ordinary 10 credits earlier this hour
+    assert alerts_of(client, tenant, "unusual_usage") == []
+    clock.advance(minutes=20)  # 10:50: the same clock hour
+    post(client, tenant, ev("t1", "2026-03-14T10:45:00Z"))
+    post(client, tenant, *(ev(f"t{i}", "2026-03-14T10:46:00Z") for i in range(2, 4)))  # 40 > 3 x 10
+    (alert,) = alerts_of(client, tenant, "unusual_usage")
+    assert alert["details"]["today_nanos"] == 40 * 10**9
+    assert alert["details"]["factor"] == "4.00"
+    for i in range(4, 7):  # once a day, not on every following settle
+        post(client, tenant, ev(f"t{i}", "2026-03-14T10:47:00Z"))
+    assert len(alerts_of(client, tenant, "unusual_usage")) == 1
+    clock.advance(days=1)  # a new day: today starts again from nothing
+    post(client, tenant, ev("next", "2026-03-15T10:00:00Z"))
+    assert len(alerts_of(client, tenant, "unusual_usage")) == 1
+
+
+def test_unusual_usage_split_over_processes_is_seen_within_five_minutes(
+    settings: Settings, clock: FrozenClock
+) -> None:
+    """Each process adds what it settles to today's usage as last read, and reads it again when that
+    crosses the trigger or five minutes after its last read: a spike split over processes is seen."""
+    one, other = (build_services(settings, clock=clock, migrate=False) for _ in range(2))
+    try:
+        with (
+            TestClient(create_app(settings, services=one), raise_server_exceptions=False) as first,
+            TestClient(create_app(settings, services=other), raise_server_exceptions=False) as second,
+        ):
+            tenant = make_tenant(first, plan="pro")
+            post(first, tenant, *BASELINE)  # the first reads today: 0
+            post(second, tenant, ev("t0", "2026-03-14T10:00:00Z"))  # the second reads today: 10
+            post(first, tenant, ev("t1", "2026-03-14T10:01:00Z"), ev("t2", "2026-03-14T10:01:00Z"))
+            post(second, tenant, ev("t3", "2026-03-14T10:02:00Z"))  # 40 in all; 20 and 20 seen
+            assert alerts_of(first, tenant, "unusual_usage") == []
+            clock.advance(minutes=5)
+            post(first, tenant, ev("t4", "2026-03-14T10:03:00Z"))
+            (alert,) = alerts_of(second, tenant, "unusual_usage")
+            assert alert["details"]["today_nanos"] == 50 * 10**9
+    finally:
+        one.close()
+        other.close()
 
 
 def test_an_alert_and_its_outbox_row_commit_with_the_usage(

@@ -621,6 +621,41 @@ def test_quota_refusal_is_a_rate_limit_error_with_the_envelope(gw: Gateway) -> N
     assert 'meterline_quota_refusals_total{code="rate_limit_exceeded"} 1.0' in gw.http.get("/metrics").text
 
 
+def _full_alerts(gateway: Gateway) -> list[dict[str, Any]]:
+    response = gateway.http.get("/v1/alerts", headers=gateway.tenant.headers)
+    assert response.status_code == 200, response.text
+    return [a for a in response.json()["data"] if (a["kind"], a["threshold"]) == ("usage_threshold", 100)]
+
+
+def test_a_request_refused_by_the_used_up_credits_fires_the_100_threshold_once(
+    sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    # One credit a period; a request costs 0.9997: the second is refused at 99.97 %, where no settle
+    # would ever cross 100 %. The organization hears of it once, from the refusals.
+    limits = ("tpm", "rpm", "daily_tokens", "monthly_tokens", "daily_calls", "monthly_calls")
+    unlimited = dict.fromkeys(limits, -1)
+    settings = _settings(
+        sqlite_url,
+        tmp_path,
+        primary,
+        backup,
+        plans={"one": {"monthly_credits": 1, "overage": "block", **unlimited}},
+        prices={"costly-model": {"per_request": "0.009997"}},
+    )
+    for gateway in _start(settings, plan="one", billing_anchor_day=14):
+        client = gateway.openai()
+        client.chat.completions.create(model="costly-model", messages=HELLO, max_tokens=2)
+        assert _full_alerts(gateway) == []
+        for _ in range(3):
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(model="costly-model", messages=HELLO, max_tokens=2)
+            assert caught.value.body["code"] == "credits_exhausted"  # type: ignore[index]
+        (alert,) = _full_alerts(gateway)
+        assert alert["details"]["used_pct"] == "99.97"
+        assert alert["details"]["refused"] is True
+        assert len(gateway.ledger()) == 1
+
+
 # -- streams that end early --------------------------------------------------------------------------
 def _wait_for_rows(gateway: Gateway, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout

@@ -82,15 +82,22 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         database_url=database_url,
         admin_key=ADMIN_KEY,
         signing_key_file=str(tmp_path / "signing-key.json"),
-        plans={"tiny": {"monthly_credits": 100, "overage": "overage"}},
-        prices={"flat": {"per_request": "0.10"}},
+        plans={
+            "tiny": {"monthly_credits": 100, "overage": "overage"},
+            # One credit a period, blocked when used; "almost" costs 0.9997 of it a request.
+            "one": {"monthly_credits": 1, "overage": "block", **dict.fromkeys(_PLAN_LIMITS, -1)},
+        },
+        prices={"flat": {"per_request": "0.10"}, "almost": {"per_request": "0.009997"}},
         webhook_allow_private=True,
         webhook_poll_seconds=3600,
     )
 
 
-def _register(client: TestClient, url: str) -> tuple[Any, str]:
-    tenant = make_tenant(client, plan="tiny", billing_anchor_day=14)
+_PLAN_LIMITS = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "daily_calls", "monthly_calls")
+
+
+def _register(client: TestClient, url: str, plan: str = "tiny") -> tuple[Any, str]:
+    tenant = make_tenant(client, plan=plan, billing_anchor_day=14)
     org_key = add_key(client, tenant.workspace["id"], "Org key", scope="organization")
     hook = client.post(
         "/v1/alerts/webhooks", json={"url": url}, headers={"Authorization": f"Bearer {org_key}"}
@@ -118,6 +125,25 @@ def test_alerts_arrive_signed(client: TestClient, receiver: Receiver) -> None:
     assert client.app.state.webhook_sender.deliver_due() == 0  # type: ignore[attr-defined]
     with pytest.raises(Exception):  # noqa: PT011 - any verification failure
         Webhook(secret).verify(receiver.received[0][1] + b" ", receiver.received[0][0])
+
+
+def test_the_100_threshold_of_a_refusal_arrives_once(client: TestClient, receiver: Receiver) -> None:
+    # Blocked at 99.97 % of the allowance: the refusals, not a settle, say 100 %; the receiver hears it once.
+    tenant, secret = _register(client, receiver.url, plan="one")
+    event = {"model": "almost", "prompt_tokens": 1, "timestamp": "2026-03-14T10:00:00Z"}
+    for i in range(3):
+        response = client.post(
+            "/v1/events", json={"events": [{"id": f"a{i}", **event}]}, headers=tenant.headers
+        )
+        assert response.status_code == (200 if i == 0 else 429), response.text
+    client.app.state.webhook_sender.deliver_due()  # type: ignore[attr-defined]
+    payloads = [Webhook(secret).verify(body, headers) for headers, body in receiver.received]
+    full = [
+        p["data"] for p in payloads if (p["type"], p["data"]["threshold"]) == ("alert.usage_threshold", 100)
+    ]
+    assert len(full) == 1
+    assert full[0]["details"]["refused"] is True
+    assert full[0]["details"]["used_pct"] == "99.97"
 
 
 def test_a_failing_receiver_is_retried_with_backoff(client: TestClient, clock: FrozenClock) -> None:

@@ -6,16 +6,21 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from standardwebhooks import Webhook
 
 from meterline.alerts import (
+    allowance_refused,
     check_url,
     crossed_thresholds,
     frequent_refusals,
     is_public,
     new_secret,
     projected_run_out,
+    refused_by_allowance,
     retry_delay,
+    unusual_trigger,
     unusual_usage,
 )
 from meterline.errors import InvalidRequest
@@ -67,6 +72,67 @@ def test_unusual_usage_says_why_it_fired() -> None:
     assert "0.70 USD today, no usage in the previous days" in spend.message
     assert unusual_usage(300, [100] * 7, day, factor=Decimal(3), min_volume=50) is None
     assert unusual_usage(40, [0] * 7, day, factor=Decimal(3), min_volume=50) is None  # below the minimum
+
+
+@given(
+    previous=st.lists(st.integers(min_value=0, max_value=10**15), min_size=1, max_size=7),
+    factor=st.decimals(min_value=Decimal("1.01"), max_value=1000, places=2),
+    min_volume=st.integers(min_value=0, max_value=10**12),
+)
+def test_the_unusual_trigger_is_the_least_usage_that_fires(
+    previous: list[int], factor: Decimal, min_volume: int
+) -> None:
+    # A process reads the database only once its running total reaches the trigger: below it the rule
+    # must not fire, at it it must.
+    day = datetime(2026, 3, 8, tzinfo=UTC)
+    trigger = unusual_trigger(previous, factor=factor, min_volume=min_volume)
+    assert trigger is not None
+    assert unusual_usage(trigger, previous, day, factor=factor, min_volume=min_volume) is not None
+    assert unusual_usage(trigger - 1, previous, day, factor=factor, min_volume=min_volume) is None
+
+
+def test_the_unusual_trigger_at_exactly_the_factor() -> None:
+    assert unusual_trigger([10] * 7, factor=Decimal(3), min_volume=0) == 31  # more than 3 x 10
+    assert unusual_trigger([10] * 7, factor=Decimal(3), min_volume=50) == 50
+    assert unusual_trigger([], factor=Decimal(3), min_volume=0) is None
+
+
+def _limit(**changes: object) -> dict[str, object]:
+    limit = {
+        "name": "credits",
+        "meter": "credits",
+        "window": "period",
+        "scope": "organization",
+        "max": 10**9,
+        "consumed": 999_700_000,
+        "requested": 999_700_000,
+    }
+    return {**limit, **changes}
+
+
+def test_only_the_organizations_period_allowance_is_a_used_up_allowance() -> None:
+    assert refused_by_allowance(_limit())
+    assert refused_by_allowance(_limit(name="spend_cap", meter="spend"))
+    assert not refused_by_allowance(_limit(scope="key", name="key.monthly_credits"))
+    assert not refused_by_allowance(_limit(name="daily_credits", window="day"))
+    assert not refused_by_allowance(_limit(name="monthly_tokens", meter="tokens"))
+    assert not refused_by_allowance(_limit(name="rpm", meter="calls", window="minute"))
+    assert not refused_by_allowance(None)
+    assert not refused_by_allowance({})
+
+
+def test_a_refusal_by_the_allowance_is_the_100_threshold_with_what_was_used() -> None:
+    alert = allowance_refused(999_700_000, 10**9, 999_700_000, START, END, "credits")
+    assert (alert.kind, alert.threshold, alert.period_start) == ("usage_threshold", 100, START)
+    assert alert.details["used_pct"] == "99.97"
+    assert alert.details["refused"] is True
+    assert alert.message == (
+        "100% of the monthly credit allowance reached in the billing period ending 2026-04-01: 99.97% is "
+        "used and requests that need more than is left are refused"
+    )
+    spend = allowance_refused(10**7, 10**7, 1, START, END, "spend")
+    assert spend.message.startswith("100% of the spend cap reached")
+    assert spend.details["used_pct"] == "100.00"
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,14 @@ from meterline.alerts.destinations import check_url, is_public
 from meterline.alerts.rules import (
     DEFAULT_THRESHOLDS,
     Alert,
+    allowance_refused,
     crossed_thresholds,
     frequent_refusals,
     projected_run_out,
+    refused_by_allowance,
     threshold_alert,
     unpriced_usage,
+    unusual_trigger,
     unusual_usage,
 )
 
@@ -20,14 +23,17 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "RETRY_SCHEDULE_S",
     "Alert",
+    "allowance_refused",
     "check_url",
     "crossed_thresholds",
     "frequent_refusals",
     "is_public",
     "new_secret",
     "projected_run_out",
+    "refused_by_allowance",
     "retry_delay",
     "threshold_alert",
     "unpriced_usage",
+    "unusual_trigger",
     "unusual_usage",
 ]

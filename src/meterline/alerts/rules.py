@@ -7,10 +7,10 @@ at exactly 80 % must fire at exactly 80 %).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 from meterline.alerts.kinds import (
@@ -70,6 +70,48 @@ def threshold_alert(
     )
 
 
+# The quota engine's limits that are an organization's period allowance (``quotas.engine.limits_of``): its
+# credits (monthly allowance plus bonus) and its spend cap, by name and meter.
+_ALLOWANCE_LIMITS = {("credits", "credits"), ("spend_cap", "spend")}
+
+
+def refused_by_allowance(limit: Mapping[str, Any] | None) -> bool:
+    """A refusal's ``limit`` details (``LimitExceeded.details``) name the organization's period allowance:
+    its credits or its spend cap, not a key's, an identifier's or a rate limit."""
+    if not limit or limit.get("scope") != "organization" or limit.get("window") != "period":
+        return False
+    return (limit.get("name"), limit.get("meter")) in _ALLOWANCE_LIMITS
+
+
+def allowance_refused(
+    used: int, allowance: int, requested: int, period_start: datetime, period_end: datetime, measure: str
+) -> Alert:
+    """The 100 % threshold, said by a refusal: what is left of the allowance (``allowance - used``) cannot
+    pay for a request that needs ``requested``, so the organization is blocked short of 100 % (credits
+    exhausted at 0.9997 of 1), where no settle would ever cross it. The same alert as the settle's
+    (kind, threshold 100, billing period): whichever comes first fires, once."""
+    what = "spend cap" if measure == "spend" else "monthly credit allowance"
+    used_pct = _percent(used, allowance) if allowance > 0 else Decimal(100)
+    return Alert(
+        kind=THRESHOLD,
+        threshold=100,
+        period_start=period_start,
+        message=(
+            f"100% of the {what} reached in the billing period ending {period_end:%Y-%m-%d}: "
+            f"{used_pct}% is used and requests that need more than is left are refused"
+        ),
+        details={
+            "measure": measure,
+            "used_nanos": used,
+            "allowance_nanos": allowance,
+            "used_pct": str(used_pct),
+            "period_end": period_end.isoformat(),
+            "refused": True,
+            "requested_nanos": requested,
+        },
+    )
+
+
 def days_elapsed(now: datetime, period_start: datetime) -> int:
     """Whole days begun since the period started (the first day counts as one)."""
     return max(1, -(-(now - period_start) // _DAY))
@@ -124,6 +166,16 @@ def frequent_refusals(refusals_last_hour: int, limit: int, hour_start: datetime)
 def _amount(nanos: int | Decimal) -> str:
     """Nanos as a whole-unit amount with two decimals, for people (details keep the exact nanos)."""
     return str((Decimal(nanos) / NANOS_PER_UNIT).quantize(Decimal("0.01")))
+
+
+def unusual_trigger(previous_days: Sequence[int], *, factor: Decimal, min_volume: int) -> int | None:
+    """The least usage today for which ``unusual_usage`` fires, given the previous days (None: never, for
+    want of previous days). What a process compares its running total with before it reads the
+    database's."""
+    if not previous_days:
+        return None
+    above = factor * (Decimal(sum(previous_days)) / len(previous_days))  # as unusual_usage computes it
+    return max(min_volume, int(above.to_integral_value(rounding=ROUND_FLOOR)) + 1)
 
 
 def unusual_usage(

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from meterline import text
+from meterline.alerts import refused_by_allowance
 from meterline.api.responses import JSON
 from meterline.errors import LimitExceeded, MeterlineError
 from meterline.gateway.ratelimit import rate_limit_headers
@@ -126,9 +127,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     return 422, f"{message}{more}", param
 
 
-def count_refusal(request: Request) -> None:
+def count_refusal(request: Request, refusals: Sequence[LimitExceeded] = ()) -> None:
     """A quota refusal (429) of the authenticated organization, for the "rate limits exceeded
-    frequently" alert. Never fails the response it is counted for."""
+    frequently" alert; and, when one of ``refusals`` is its used-up allowance, for the 100 % threshold
+    (``note_exhausted``). Never fails the response it is counted for."""
     org_id = getattr(request.state, "organization_id", None)
     if org_id is None:
         return
@@ -136,6 +138,23 @@ def count_refusal(request: Request) -> None:
         request.app.state.services.alerts.note_refusal(org_id)
     except Exception:
         log.exception("counting a quota refusal failed")
+    note_exhausted(request, refusals)
+
+
+def note_exhausted(request: Request, refusals: Sequence[LimitExceeded]) -> None:
+    """Refusals by the organization's period allowance (credits or spend cap) fire its 100 % threshold
+    alert: blocked short of 100 %, no settle would. Once per period; a refusal after that costs no
+    write (``AlertEvaluator.note_exhausted``). Never fails the response."""
+    org_id = getattr(request.state, "organization_id", None)
+    refusal = next((r for r in refusals if refused_by_allowance(r.details)), None)
+    if org_id is None or refusal is None or refusal.details is None:
+        return
+    services = request.app.state.services
+    try:
+        org = services.tenancy.get_organization(org_id)  # cached: the refused request just read it
+        services.alerts.note_exhausted(org_id, org.billing_anchor_day, org.alert_thresholds, refusal.details)
+    except Exception:
+        log.exception("firing the alert of a used-up allowance failed")
 
 
 def report_failure(what: str, exc: BaseException) -> bool:
@@ -170,7 +189,7 @@ def domain_error(request: Request, exc: MeterlineError) -> JSON:
         return envelope(
             status, exc.code, exc.message, param=exc.param, request_id=request_id_of(request), headers=retry
         )
-    count_refusal(request)
+    count_refusal(request, [exc])
     headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc.rate_limits, RateLimits):
         headers.update(rate_limit_headers(exc.rate_limits))

@@ -5,8 +5,8 @@ transaction. See ``meterline.alerts`` for the rules and the invariants."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
@@ -18,10 +18,12 @@ from sqlalchemy import Connection
 from meterline import ids
 from meterline.alerts import (
     Alert,
+    allowance_refused,
     crossed_thresholds,
     projected_run_out,
     threshold_alert,
     unpriced_usage,
+    unusual_trigger,
     unusual_usage,
 )
 from meterline.alerts.kinds import PROJECTED_RUN_OUT, THRESHOLD
@@ -36,9 +38,11 @@ from meterline.storage.database import Database
 from meterline.storage.tenancy_store import thresholds_from_text
 from meterline.storage.writer import after_commit
 
-_HOURS_PER_DAY = 24
 _BASELINE_DAYS = 7
 _SEEN_MAX = 10_000
+# How old a process's reading of today's usage may get before a settle reads it again: what other
+# processes settled meanwhile is seen within this time (a process adds only its own settles).
+_UNUSUAL_REREAD_US = 5 * 60 * 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,19 @@ def fire(conn: Connection, organization_id: str, alert: Alert, now: datetime) ->
 
 
 @dataclass(frozen=True, slots=True)
+class _UnusualWatch:
+    """What a process knows of an organization's usage today (UTC day ``day``, since the epoch), for the
+    unusual-usage alert: the least usage that fires it (None: never today), today's usage as last read
+    plus what this process settled since, and when it was read."""
+
+    day: int
+    trigger: int | None
+    seen: int
+    read_us: int
+    fired: bool
+
+
+@dataclass(frozen=True, slots=True)
 class _Row:
     id: str
     organization_id: str
@@ -144,7 +161,9 @@ class _Row:
 class AlertEvaluator:
     """Decides and fires alerts. Per settle it costs nothing once every alert of the organization's
     period has fired (remembered in memory), otherwise one indexed read of the period's usage; the
-    alerts table is read only when a rule says fire, and written only when one does."""
+    alerts table is read only when a rule says fire, and written only when one does. Unusual usage
+    reads the day rollups only when today's usage, as this process knows it, reaches the trigger, or
+    its reading is five minutes old."""
 
     def __init__(self, db: Database, clock: Clock, policy: AlertPolicy, counters: CounterStore) -> None:
         self._db = db
@@ -154,7 +173,9 @@ class AlertEvaluator:
         # (organization, period start) -> (kind, threshold) known to be committed. Filled only from
         # reads, never from our own inserts: a rolled-back settle must not hide an alert.
         self._fired: dict[str, tuple[int, set[tuple[str, int]]]] = {}
-        self._unusual_checked: dict[str, int] = {}
+        self._unusual: dict[str, _UnusualWatch] = {}
+        # Organization -> billing period start (µs) whose 100 % threshold the database has (refusals).
+        self._exhausted: dict[str, int] = {}
         # (organization, model, period start) whose unpriced-usage alert is committed (bounded).
         self._unpriced_seen: set[tuple[str, str, int]] = set()
         self._refusal_fired: dict[str, int] = {}
@@ -182,7 +203,7 @@ class AlertEvaluator:
             self._evaluate_allowance(conn, org_id, period, period_us, allowance, measure, now)
         unit = rows[-1].currency if measure == "spend" else "credits"
         self._evaluate_unusual(
-            conn, org_id, now, "cost_nanos" if measure == "spend" else "credits_nanos", unit
+            conn, org_id, rows, now, "cost_nanos" if measure == "spend" else "credits_nanos", unit
         )
 
     def _evaluate_allowance(
@@ -248,28 +269,49 @@ class AlertEvaluator:
             after_commit(partial(self._unpriced_seen.add, key))
 
     def _evaluate_unusual(
-        self, conn: Connection, org_id: str, now: datetime, measure: str, unit: str
+        self, conn: Connection, org_id: str, rows: Sequence[LedgerRow], now: datetime, measure: str, unit: str
     ) -> None:
-        hour = to_micros(now) // MICROS_PER_HOUR
-        if self._unusual_checked.get(org_id) == hour:
-            return
-        after_commit(lambda: self._unusual_checked.__setitem__(org_id, hour))
-        today = hour // _HOURS_PER_DAY
+        """Decided on today's usage so far (the UTC day), at whichever settle brings it over the trigger:
+        not only at an hour's first settle. Once a day (the alert's period is the day)."""
+        now_us = to_micros(now)
+        today = now_us // MICROS_PER_DAY
+        added = sum(
+            int(getattr(r, measure)) for r in rows if to_micros(r.created_at) // MICROS_PER_DAY == today
+        )
+        watch = self._unusual.get(org_id)
+        if watch is not None and watch.day == today:
+            if watch.fired:
+                return
+            fresh = now_us - watch.read_us < _UNUSUAL_REREAD_US
+            if fresh and (watch.trigger is None or watch.seen + added < watch.trigger):
+                after_commit(partial(self._add_seen, org_id, today, added))
+                return
         sql = _q(conn, _DAILY).replace("{measure}", measure)
         by_day = {
             int(d): int(v) for d, v in conn.exec_driver_sql(sql, (org_id, today - _BASELINE_DAYS, today + 1))
         }
-        day_start = from_micros(today * _HOURS_PER_DAY * MICROS_PER_HOUR)
+        previous = [by_day.get(d, 0) for d in range(today - _BASELINE_DAYS, today)]
+        used = by_day.get(today, 0)
+        min_volume = self.policy.unusual_min_volume * NANOS_PER_WHOLE
         alert = unusual_usage(
-            by_day.get(today, 0),
-            [by_day.get(d, 0) for d in range(today - _BASELINE_DAYS, today)],
-            day_start,
+            used,
+            previous,
+            from_micros(today * MICROS_PER_DAY),
             factor=self.policy.unusual_factor,
-            min_volume=self.policy.unusual_min_volume * NANOS_PER_WHOLE,
+            min_volume=min_volume,
             unit=unit,
         )
         if alert is not None:
-            fire(conn, org_id, alert, now)
+            fire(conn, org_id, alert, now)  # or another process did: either way it has fired today
+        trigger = unusual_trigger(previous, factor=self.policy.unusual_factor, min_volume=min_volume)
+        # Remembered once this transaction commits (a rolled-back settle's usage was never there).
+        watched = _UnusualWatch(today, trigger, used, now_us, fired=alert is not None)
+        after_commit(partial(self._unusual.__setitem__, org_id, watched))
+
+    def _add_seen(self, org_id: str, day: int, amount: int) -> None:
+        watch = self._unusual.get(org_id)
+        if watch is not None and watch.day == day:
+            self._unusual[org_id] = replace(watch, seen=watch.seen + amount)
 
     # -- quota refusals --------------------------------------------------------------------------------
     def note_refusal(self, org_id: str) -> None:
@@ -296,6 +338,32 @@ class AlertEvaluator:
         if alert is not None:
             with self._db.write() as conn:
                 fire(conn, org_id, alert, now)
+
+    def note_exhausted(
+        self, org_id: str, anchor_day: int, thresholds: Collection[int] | None, limit: Mapping[str, Any]
+    ) -> None:
+        """A request of ``org_id`` was refused by its period allowance (``limit``, the refusal's details,
+        ``alerts.refused_by_allowance``): fire the 100 % threshold of the billing period, when the
+        organization's thresholds include it. Blocked short of 100 % (0.9997 of 1), no settle crosses it.
+
+        The database decides, once (the alert's unique index, with its outbox rows); the process then
+        remembers that the period's 100 % threshold is there, so the refusals that follow cost no write
+        (one insert per process and period at most, that finds it there)."""
+        if 100 not in (self.policy.thresholds if thresholds is None else thresholds):
+            return
+        now = self._clock.now()
+        period = billing_period(now, anchor_day)
+        period_us = to_micros(period.start)
+        if self._exhausted.get(org_id) == period_us:
+            return
+        cached = self._fired.get(org_id)
+        if cached is None or cached[0] != period_us or (THRESHOLD, 100) not in cached[1]:
+            measure = "spend" if limit.get("meter") == "spend" else "credits"
+            used, allowance, requested = (int(limit[name]) for name in ("consumed", "max", "requested"))
+            alert = allowance_refused(used, allowance, requested, period.start, period.end, measure)
+            with self._db.write() as conn:
+                fire(conn, org_id, alert, now)
+        self._exhausted[org_id] = period_us
 
     # -- reads -----------------------------------------------------------------------------------------
     def list_alerts(self, org_id: str, *, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from meterline.api.access_log import note_row
 from meterline.api.auth import PrincipalDep, ServicesDep
-from meterline.api.errors import count_refusal, envelope, first_problem, request_id_of
+from meterline.api.errors import count_refusal, envelope, first_problem, note_exhausted, request_id_of
 from meterline.api.responses import JSON
 from meterline.api.routes.receipts import receipt_wanted
 from meterline.api.schemas import EventIn, EventsBatchIn
@@ -217,7 +217,7 @@ def post_events(
     if accepted == 0:
         if refusals:
             # Nothing counted and limits refused what could have: the batch as a whole is a 429.
-            count_refusal(request)
+            count_refusal(request, refusals)
             first_refusal = refusals[0]
             return envelope(
                 429,
@@ -242,6 +242,8 @@ def post_events(
             request_id=request_id_of(request),
             extra=answer,
         )
+    # Some events recorded, others refused: no 429 to count, but an allowance they used up still says so.
+    note_exhausted(request, refusals)
     return JSON(answer, headers=headers)
 
 
