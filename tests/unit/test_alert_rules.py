@@ -121,6 +121,12 @@ def test_only_the_organizations_period_allowance_is_a_used_up_allowance() -> Non
     assert not refused_by_allowance({})
 
 
+def test_only_a_used_up_allowance_fires_not_a_large_request_that_did_not_fit() -> None:
+    assert refused_by_allowance(_limit(consumed=990_000_000))  # 99 %: used up
+    assert not refused_by_allowance(_limit(consumed=989_999_999, requested=600_000_000))
+    assert not refused_by_allowance(_limit(consumed=500_000_000, requested=600_000_000))
+
+
 def test_a_refusal_by_the_allowance_is_the_100_threshold_with_what_was_used() -> None:
     alert = allowance_refused(999_700_000, 10**9, 999_700_000, START, END, "credits")
     assert (alert.kind, alert.threshold, alert.period_start) == ("usage_threshold", 100, START)

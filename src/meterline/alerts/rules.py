@@ -75,12 +75,24 @@ def threshold_alert(
 _ALLOWANCE_LIMITS = {("credits", "credits"), ("spend_cap", "spend")}
 
 
+# Used up: so little is left that the refusal is the allowance ending, not one large request that did
+# not fit (at 50 % a request for 60 % is refused, and the allowance is far from its 100 % alert).
+EXHAUSTED_PCT = 99
+
+
 def refused_by_allowance(limit: Mapping[str, Any] | None) -> bool:
-    """A refusal's ``limit`` details (``LimitExceeded.details``) name the organization's period allowance:
-    its credits or its spend cap, not a key's, an identifier's or a rate limit."""
+    """A refusal's ``limit`` details (``LimitExceeded.details``) name the organization's period allowance
+    (its credits or its spend cap, not a key's, an identifier's or a rate limit), used up: at least
+    ``EXHAUSTED_PCT`` of it consumed."""
     if not limit or limit.get("scope") != "organization" or limit.get("window") != "period":
         return False
-    return (limit.get("name"), limit.get("meter")) in _ALLOWANCE_LIMITS
+    if (limit.get("name"), limit.get("meter")) not in _ALLOWANCE_LIMITS:
+        return False
+    try:
+        consumed, allowance = int(limit["consumed"]), int(limit["max"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return allowance <= 0 or consumed * 100 >= allowance * EXHAUSTED_PCT
 
 
 def allowance_refused(
