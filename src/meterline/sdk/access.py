@@ -39,6 +39,7 @@ class TokenPair:
 @dataclass(frozen=True, slots=True)
 class Alert:
     id: str
+    organization_id: str
     kind: str
     threshold: int | None
     message: str
@@ -51,6 +52,7 @@ class Alert:
         threshold = data.get("threshold")
         return cls(
             id=str(data["id"]),
+            organization_id=str(data["organization_id"]),
             kind=str(data["kind"]),
             threshold=None if threshold is None else int(threshold),
             message=str(data["message"]),
@@ -104,7 +106,8 @@ class ServedModel:
 
     id: str
     owned_by: str
+    created: int = 0
 
     @classmethod
     def from_json(cls, data: Json) -> ServedModel:
-        return cls(id=str(data["id"]), owned_by=str(data["owned_by"]))
+        return cls(id=str(data["id"]), owned_by=str(data["owned_by"]), created=int(data.get("created") or 0))

@@ -105,7 +105,7 @@ class AsyncClient:
             result = await self.events(page, per_page)
             for event in result.data:
                 yield event
-            if not result.has_more:
+            if not result.pagination.has_more:
                 return
             page += 1
 
@@ -171,11 +171,11 @@ class AsyncClient:
         offset = 0
         while True:
             page = await self.breakdown(by, limit=page_size, offset=offset, **options)
-            for row in page.rows:
+            for row in page.data:
                 yield row
-            if not page.has_more or not page.rows:
+            if not page.has_more or not page.data:
                 return
-            offset += len(page.rows)
+            offset += len(page.data)
 
     async def iter_export(self, **filters: Any) -> AsyncIterator[bytes]:
         call = calls.export(calls.ledger_filters(**filters))

@@ -135,7 +135,7 @@ class Client:
         while True:
             result = self.events(page, per_page)
             yield from result.data
-            if not result.has_more:
+            if not result.pagination.has_more:
                 return
             page += 1
 
@@ -200,10 +200,10 @@ class Client:
         offset = 0
         while True:
             page = self.breakdown(by, limit=page_size, offset=offset, **options)
-            yield from page.rows
-            if not page.has_more or not page.rows:
+            yield from page.data
+            if not page.has_more or not page.data:
                 return
-            offset += len(page.rows)
+            offset += len(page.data)
 
     # -- CSV export ---------------------------------------------------------------------------------
     def iter_export(self, *, chunk_size: int = 65_536, **filters: Any) -> Iterator[bytes]:
