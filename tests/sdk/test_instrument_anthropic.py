@@ -59,12 +59,14 @@ def test_sync_create_stream_and_stream_helper_are_recorded_as_metered(
         text = "".join(helper.text_stream)
         final = helper.get_final_message()
     assert text
+    beta = claude.beta.messages.create(model=MODEL, max_tokens=2, messages=HELLO)
+    assert beta.usage.output_tokens == 2
 
     report = tracker.report()
-    assert report.total_requests == 3
-    assert report.by_model[MODEL].requests == 3
+    assert report.total_requests == 4
+    assert report.by_model[MODEL].requests == 4
     assert not any(c.estimated for c in tracker.calls)
-    assert sorted(c.completion_tokens for c in tracker.calls) == [4, 5, 6]
+    assert sorted(c.completion_tokens for c in tracker.calls) == [2, 4, 5, 6]
     assert all((c.cache_read_tokens, c.cache_write_tokens) == (1024, 256) for c in tracker.calls)
     assert message.usage.cache_read_input_tokens == 1024
     assert final.usage.output_tokens == 4
