@@ -131,7 +131,9 @@ def test_every_result_is_named_as_the_api_json(
     check(held)
     check(client.settle(held.id, completion_tokens=20))
     check(client.release(client.reserve(model="gpt-4o-mini", prompt_tokens=1).id))
-    check(client.issue_token("end-user-1", limits={"daily_tokens": 1000}))
+    pair = client.issue_token("end-user-1", limits={"daily_tokens": 1000, "spend_cap": Decimal("1.50")})
+    check(pair)
+    assert pair.limits == {"daily_tokens": 1000, "spend_cap": Decimal("1.50")}  # money stays exact
     check(client.alerts())
     served = client.models()
     mirrors(served, seen.last["data"], "models")

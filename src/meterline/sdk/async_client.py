@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -266,7 +267,7 @@ class AsyncClient:
         self,
         identifier_id: str,
         *,
-        limits: Mapping[str, int] | None = None,
+        limits: Mapping[str, int | Decimal | str] | None = None,
         expires_in: int | None = None,
         workspace_id: str | None = None,
     ) -> TokenPair:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -327,7 +328,7 @@ class Client:
         self,
         identifier_id: str,
         *,
-        limits: Mapping[str, int] | None = None,
+        limits: Mapping[str, int | Decimal | str] | None = None,
         expires_in: int | None = None,
         workspace_id: str | None = None,
     ) -> TokenPair:
