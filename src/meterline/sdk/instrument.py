@@ -106,12 +106,16 @@ def _resource(client: object, path: str) -> Any:
 
 
 def _instrument_anthropic(client: object, tracker: UsageTracker) -> None:
+    hooked = 0
     for path in ANTHROPIC_RESOURCES:
         resource = _resource(client, path)
         post = getattr(resource, "_post", None)
         if post is None:
             continue  # an older anthropic SDK without this API
         resource._post = _wrap_post(post, tracker)
+        hooked += 1
+    if not hooked:  # an SDK shaped otherwise: refuse rather than record nothing
+        raise TypeError("this anthropic SDK's messages resource cannot be instrumented (no _post)")
 
 
 def _wrap_post(post: Callable[..., Any], tracker: UsageTracker) -> Callable[..., Any]:
