@@ -75,11 +75,11 @@ def test_usage_history_and_top_from_a_server(used: Server) -> None:
 
         history = as_json(run("history", "--days", "3", "--json", **env))
         assert [day["date"] for day in history][-1] == NOW.date().isoformat()
-        assert sum(day["tokens"] for day in history) == sum(d.tokens for d in client.history(3).days)
+        assert sum(day["tokens"] for day in history) == sum(d.tokens for d in client.history(3).data)
 
     top = as_json(run("top", "--by", "model", "--json", "--url", used.base, "--api-key", used.tenant.key))
-    assert [row["key"] for row in top["rows"]] == ["gpt-4o", "gpt-4o-mini"]
-    assert sum(Decimal(row["share_pct"]) for row in top["rows"]) == pytest.approx(
+    assert [row["key"] for row in top["data"]] == ["gpt-4o", "gpt-4o-mini"]
+    assert sum(Decimal(row["share_pct"]) for row in top["data"]) == pytest.approx(
         Decimal(100), abs=Decimal("0.1")
     )
     users = run("top", "--by", "user", **env).stdout

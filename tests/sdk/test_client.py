@@ -46,11 +46,11 @@ def test_events_are_sent_idempotently_and_read_back(server: Server) -> None:
         first = client.send_events(_events(3))
         assert (first.accepted, first.duplicates, first.rejected) == (3, 0, 0)
         # gpt-4o-mini: 1000 x $0.15/M + 500 x $0.60/M
-        assert [r.cost for r in first.results] == [Decimal("0.00045")] * 3
-        assert all(isinstance(r.cost, Decimal) for r in first.results)
+        assert [r.cost for r in first.data] == [Decimal("0.00045")] * 3
+        assert all(isinstance(r.cost, Decimal) for r in first.data)
         again = client.send_events(_events(3))
         assert (again.accepted, again.duplicates) == (3, 3)
-        assert [r.ledger_id for r in again.results] == [r.ledger_id for r in first.results]
+        assert [r.ledger_id for r in again.data] == [r.ledger_id for r in first.data]
         with pytest.raises(ConflictError) as conflict:
             client.send_events([Event(id="ev-0", model="gpt-4o-mini", prompt_tokens=1)])
         assert conflict.value.code == "conflict"
@@ -68,20 +68,20 @@ def test_events_are_sent_idempotently_and_read_back(server: Server) -> None:
         assert summary.daily.calls.usage == 3
         assert summary.billing_period.days_elapsed >= 0
         assert any(limit.name == "monthly_tokens" for limit in summary.limits)
-        assert isinstance(summary.credits.monthly_used, Decimal)
+        assert isinstance(summary.credits.monthly.used, Decimal)
         assert summary.forecast.unit == "credits"
         history = client.history(days=7)
-        assert len(history.days) == 7
-        assert history.days[-1].date == NOW.date()
-        assert history.days[-1].tokens == 4500
-        assert history.days[-1].cost == Decimal("0.00135")
+        assert len(history.data) == 7
+        assert history.data[-1].date == NOW.date()
+        assert history.data[-1].tokens == 4500
+        assert history.data[-1].cost == Decimal("0.00135")
 
 
 def test_paging_iterators_walk_every_page(server: Server) -> None:
     with server.client() as client:
         client.send_events(_events(25))
         events = client.events(page=1, per_page=10)
-        assert (events.total, events.has_more, len(events.data)) == (25, True, 10)
+        assert (events.pagination.total, events.pagination.has_more, len(events.data)) == (25, True, 10)
         assert len({e.id for e in client.iter_events(per_page=7)}) == 25
         rows = list(client.iter_ledger(page_size=4))
         assert len({r.id for r in rows}) == 25
@@ -91,14 +91,14 @@ def test_paging_iterators_walk_every_page(server: Server) -> None:
         assert len(filtered) == 5
 
         top = client.breakdown("user", limit=2)
-        assert (top.total, top.has_more, len(top.rows)) == (3, True, 2)
+        assert (top.total, top.has_more, len(top.data)) == (3, True, 2)
         every = list(client.iter_breakdown("user", page_size=1))
         assert sorted(r.key or "" for r in every) == ["user-0", "user-1", "user-2"]
         assert sum(r.requests for r in every) == 25
         assert sum(r.share_pct for r in every) == pytest.approx(Decimal(100), abs=Decimal("0.1"))
         series = client.timeseries(range="24h")
         assert series.granularity == "hour"
-        assert sum(p.total for p in series.points) == sum(r.credits for r in rows)
+        assert sum(p.total for p in series.data) == sum(r.credits for r in rows)
         client.send_events(
             [
                 replace(e, model="o4-mini", cache_read_tokens=600, reasoning_tokens=200)
@@ -106,7 +106,7 @@ def test_paging_iterators_walk_every_page(server: Server) -> None:
             ]
             + [replace(e, model="no-such-model-3") for e in _events(1, start=200)]
         )
-        by_model = {r.key: r for r in client.breakdown("model").rows}
+        by_model = {r.key: r for r in client.breakdown("model").data}
         assert by_model["o4-mini"].usage is not None
         assert (
             by_model["o4-mini"].usage["cache_read_tokens"],
@@ -116,8 +116,8 @@ def test_paging_iterators_walk_every_page(server: Server) -> None:
             400,
         )
         assert by_model["no-such-model-3"].unpriced_requests == 1
-        assert client.breakdown("model").unpriced_requests == 1
-        assert client.breakdown("user").unpriced_requests is None
+        assert client.breakdown("model").totals.unpriced_requests == 1
+        assert client.breakdown("user").totals.unpriced_requests is None
 
 
 def test_csv_export_streams_to_a_file_and_to_an_iterator(server: Server, tmp_path: object) -> None:
@@ -141,13 +141,13 @@ def test_csv_export_streams_to_a_file_and_to_an_iterator(server: Server, tmp_pat
 def test_receipts_are_verified_locally(server: Server) -> None:
     with server.client() as client:
         batch = client.send_events(_events(3))
-        receipt_id = batch.results[0].receipt_id
+        receipt_id = batch.data[0].receipt_id
         assert receipt_id
         receipt = client.receipt(receipt_id)
         assert receipt.verified
         assert receipt.claims is not None
         assert receipt.claims["jti"] == receipt_id
-        assert receipt.ledger_id == batch.results[0].ledger_id
+        assert receipt.ledger_id == batch.data[0].ledger_id
         with pytest.raises(NotFoundError):
             client.receipt("no-such-receipt")
         # A receipt whose listed fields differ from what was signed does not pass.
@@ -170,7 +170,8 @@ def test_reservations_tokens_alerts_and_webhooks(server: Server) -> None:
     with server.client() as client:
         held = client.reserve(model="gpt-4o-mini", prompt_tokens=100, completion_tokens=50)
         assert held.status == "reserved"
-        assert held.estimate_tokens == 150
+        assert held.estimate is not None
+        assert held.estimate.total_tokens == 150
         settled = client.settle(held.id, completion_tokens=20)
         assert settled.total_tokens == 120
         assert client.settle(held.id, completion_tokens=20).duplicate
@@ -244,8 +245,8 @@ def test_async_client(server: Server) -> None:
             assert len([r async for r in client.iter_ledger(page_size=2)]) == 5
             assert len([r async for r in client.iter_breakdown("model", page_size=1)]) == 1
             assert (await client.timeseries()).range == "7d"
-            assert (await client.history(days=3)).days[-1].tokens == 7500
-            receipt_id = batch.results[0].receipt_id
+            assert (await client.history(days=3)).data[-1].tokens == 7500
+            receipt_id = batch.data[0].receipt_id
             assert receipt_id
             assert (await client.receipt(receipt_id)).verified
             csv = b"".join([chunk async for chunk in client.iter_export()])

@@ -71,8 +71,8 @@ def usage_tables(summary: UsageSummary) -> list[Table]:
     for column in ("", "used", "allowance / cap", "remaining"):
         money.add_column(column, justify="left" if not column else "right")
     c = summary.credits
-    money.add_row("monthly credits", _n(c.monthly_used), _n(c.monthly_allowance), _n(c.monthly_remaining))
-    money.add_row("bonus credits", _n(c.bonus_used), _n(c.bonus_granted), _n(c.bonus_remaining))
+    money.add_row("monthly credits", _n(c.monthly.used), _n(c.monthly.allowance), _n(c.monthly.remaining))
+    money.add_row("bonus credits", _n(c.bonus.used), _n(c.bonus.granted), _n(c.bonus.remaining))
     spend = summary.spend
     money.add_row(
         "spend",
@@ -117,7 +117,7 @@ def history_table(history: History) -> Table:
     table = Table(title="Daily usage (UTC)")
     for column in ("date", "calls", "tokens", "cost", "credits"):
         table.add_column(column, justify="left" if column == "date" else "right")
-    for day in history.days:
+    for day in history.data:
         table.add_row(day.date.isoformat(), _n(day.calls), _n(day.tokens), _n(day.cost), _n(day.credits))
     return table
 
@@ -137,7 +137,7 @@ def history(
     with client_for(url, api_key, org, workspace, config, database_url) as client:
         result = client.history(days, identifier)
     if as_json:
-        print_json(result.days)
+        print_json(result.data)
         return
     out.print(history_table(result))
 
@@ -147,7 +147,7 @@ def top_table(result: Breakdown) -> Table:
     table = Table(title=title)
     for column in ("#", result.by, "requests", "tokens", "credits", "cost", "share %"):
         table.add_column(column, justify="left" if column == result.by else "right")
-    for rank, row in enumerate(result.rows, start=result.offset + 1):
+    for rank, row in enumerate(result.data, start=result.offset + 1):
         name = row.name or row.key or "(none)"
         if row.key_prefix:
             name = f"{name} ({row.key_prefix})"
@@ -185,7 +185,7 @@ def top(
         return
     out.print(top_table(result))
     if result.has_more:
-        out.print(f"{result.total - len(result.rows)} more; use --limit to see them", highlight=False)
+        out.print(f"{result.total - len(result.data)} more; use --limit to see them", highlight=False)
 
 
 def export(

@@ -1,12 +1,13 @@
-"""The Meterline Python SDK: a typed client for every public endpoint, ``UsageTracker``, offline token
-and cost estimates, and ``instrument()`` for an ``openai`` client.
+"""The Meterline Python SDK: a typed client for every public endpoint (results named as the API's JSON
+names them), ``UsageTracker``, offline token and cost estimates, and ``instrument()`` for an ``openai``
+or ``anthropic`` client.
 
 Importing it never imports the server's web framework or storage: it is a client library (see README.md
 in this folder for its invariants).
 """
 
 from meterline.sdk.access import Alert, AlertPage, ServedModel, TokenPair, WebhookEndpoint
-from meterline.sdk.analytics import Breakdown, BreakdownRow, Timeseries, TimeseriesPoint
+from meterline.sdk.analytics import Breakdown, BreakdownRow, BreakdownTotals, Timeseries, TimeseriesPoint
 from meterline.sdk.async_client import AsyncClient
 from meterline.sdk.client import ChainVerification, Client
 from meterline.sdk.errors import (
@@ -26,11 +27,19 @@ from meterline.sdk.errors import (
     VerificationError,
 )
 from meterline.sdk.estimate import RequestEstimate, estimate_request_cost, estimate_tokens
-from meterline.sdk.ingest import Event, EventResult, EventsBatch, Reservation, Settlement
+from meterline.sdk.ingest import Event, EventResult, EventsBatch, Reservation, ReservationEstimate, Settlement
 from meterline.sdk.instrument import instrument
-from meterline.sdk.ledger import EventsPage, History, HistoryDay, LedgerEntry, LedgerPage, UsageEvent
+from meterline.sdk.ledger import (
+    EventsPage,
+    History,
+    HistoryDay,
+    LedgerEntry,
+    LedgerPage,
+    Pagination,
+    UsageEvent,
+)
 from meterline.sdk.receipts import Receipt, ReceiptPage
-from meterline.sdk.summary import UsageSummary
+from meterline.sdk.summary import BonusCredits, Credits, MonthlyCredits, UsageSummary
 from meterline.sdk.tracker import ModelUsage, TrackedCall, UsageReport, UsageTracker
 from meterline.sdk.transport import RetryPolicy
 
@@ -41,11 +50,14 @@ __all__ = [
     "AlertPage",
     "AsyncClient",
     "AuthenticationError",
+    "BonusCredits",
     "Breakdown",
     "BreakdownRow",
+    "BreakdownTotals",
     "ChainVerification",
     "Client",
     "ConflictError",
+    "Credits",
     "Event",
     "EventResult",
     "EventsBatch",
@@ -58,7 +70,9 @@ __all__ = [
     "LedgerPage",
     "MeterlineError",
     "ModelUsage",
+    "MonthlyCredits",
     "NotFoundError",
+    "Pagination",
     "PermissionDeniedError",
     "QuotaExceededError",
     "RateLimitError",
@@ -66,6 +80,7 @@ __all__ = [
     "ReceiptPage",
     "RequestEstimate",
     "Reservation",
+    "ReservationEstimate",
     "RetryPolicy",
     "ServedModel",
     "ServiceUnavailableError",

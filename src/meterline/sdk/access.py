@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
-from meterline.sdk._json import Json, obj, opt_str, time
+from meterline.sdk._json import Json, dec, obj, opt_str, time
+
+# A limit's value: a count (tokens, calls; -1 unlimited), or money (``spend_cap``) as an exact amount.
+LimitValue = int | Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +24,7 @@ class TokenPair:
     expires_in: int
     identifier_id: str
     workspace_id: str
-    limits: dict[str, int] | None
+    limits: dict[str, LimitValue] | None
 
     @classmethod
     def from_json(cls, data: Json) -> TokenPair:
@@ -32,13 +36,19 @@ class TokenPair:
             expires_in=int(data["expires_in"]),
             identifier_id=str(data["identifier_id"]),
             workspace_id=str(data["workspace_id"]),
-            limits={str(k): int(v) for k, v in limits.items()} if isinstance(limits, dict) else None,
+            limits={str(k): _limit(v) for k, v in limits.items()} if isinstance(limits, dict) else None,
         )
+
+
+def _limit(value: object) -> LimitValue:
+    # Counts are JSON integers; money limits are decimal text ("1.50").
+    return value if isinstance(value, int) and not isinstance(value, bool) else dec(value)
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
     id: str
+    organization_id: str
     kind: str
     threshold: int | None
     message: str
@@ -51,6 +61,7 @@ class Alert:
         threshold = data.get("threshold")
         return cls(
             id=str(data["id"]),
+            organization_id=str(data["organization_id"]),
             kind=str(data["kind"]),
             threshold=None if threshold is None else int(threshold),
             message=str(data["message"]),
@@ -104,7 +115,8 @@ class ServedModel:
 
     id: str
     owned_by: str
+    created: int = 0
 
     @classmethod
     def from_json(cls, data: Json) -> ServedModel:
-        return cls(id=str(data["id"]), owned_by=str(data["owned_by"]))
+        return cls(id=str(data["id"]), owned_by=str(data["owned_by"]), created=int(data.get("created") or 0))

@@ -1,5 +1,5 @@
 """Chart series and ranked breakdowns (seeds 001, 002): credits, or money for spend-capped organizations
-(``unit`` says which)."""
+(``unit`` says which). Fields are named as the API's JSON names them; old names warn (``_renamed``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from meterline.sdk._json import Json, dec, obj, opt_str, time
+from meterline.sdk._renamed import renamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,11 @@ class Timeseries:
     start: datetime
     end: datetime
     series: list[str]
-    points: list[TimeseriesPoint]
+    data: list[TimeseriesPoint]
+    identifier_id: str | None = None
+    request_id: str | None = None
+
+    points = renamed("points", "data")
 
     @classmethod
     def from_json(cls, data: Json) -> Timeseries:
@@ -39,7 +44,7 @@ class Timeseries:
             start=time(data["start"]),
             end=time(data["end"]),
             series=[str(s) for s in data["series"]],
-            points=[
+            data=[
                 TimeseriesPoint(
                     start=time(p["start"]),
                     end=time(p["end"]),
@@ -48,6 +53,8 @@ class Timeseries:
                 )
                 for p in data["data"]
             ],
+            identifier_id=opt_str(data.get("identifier_id")),
+            request_id=opt_str(data.get("request_id")),
         )
 
 
@@ -85,6 +92,24 @@ class BreakdownRow:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakdownTotals:
+    """The whole range's credits and cost (every row, not only this page's)."""
+
+    credits: Decimal
+    cost: Decimal
+    unpriced_requests: int | None = None  # by model: over every model of the range
+
+    @classmethod
+    def from_json(cls, data: Json) -> BreakdownTotals:
+        unpriced = data.get("unpriced_requests")
+        return cls(
+            credits=dec(data.get("credits", 0)),
+            cost=dec(data.get("cost", 0)),
+            unpriced_requests=None if unpriced is None else int(unpriced),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Breakdown:
     """One page of the top ``by`` values, ranked by credits (or cost); ``has_more`` is "Show More"."""
 
@@ -93,30 +118,32 @@ class Breakdown:
     currency: str
     start: datetime
     end: datetime
-    rows: list[BreakdownRow]
+    data: list[BreakdownRow]
     total: int
     has_more: bool
     limit: int
     offset: int
-    total_credits: Decimal
-    total_cost: Decimal
-    unpriced_requests: int | None = None  # by model: over every model of the range
+    totals: BreakdownTotals
+    request_id: str | None = None
+
+    rows = renamed("rows", "data")
+    total_credits = renamed("total_credits", "totals.credits")
+    total_cost = renamed("total_cost", "totals.cost")
+    unpriced_requests = renamed("unpriced_requests", "totals.unpriced_requests")
 
     @classmethod
     def from_json(cls, data: Json) -> Breakdown:
-        totals = obj(data.get("totals"))
         return cls(
             by=str(data["by"]),
             unit=str(data["unit"]),
             currency=str(data["currency"]),
             start=time(data["start"]),
             end=time(data["end"]),
-            rows=[BreakdownRow.from_json(r) for r in data["data"]],
+            data=[BreakdownRow.from_json(r) for r in data["data"]],
             total=int(data["total"]),
             has_more=bool(data["has_more"]),
             limit=int(data["limit"]),
             offset=int(data["offset"]),
-            total_credits=dec(totals.get("credits", 0)),
-            total_cost=dec(totals.get("cost", 0)),
-            unpriced_requests=None if "unpriced_requests" not in totals else int(totals["unpriced_requests"]),
+            totals=BreakdownTotals.from_json(obj(data.get("totals"))),
+            request_id=opt_str(data.get("request_id")),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,7 +106,7 @@ class AsyncClient:
             result = await self.events(page, per_page)
             for event in result.data:
                 yield event
-            if not result.has_more:
+            if not result.pagination.has_more:
                 return
             page += 1
 
@@ -171,11 +172,11 @@ class AsyncClient:
         offset = 0
         while True:
             page = await self.breakdown(by, limit=page_size, offset=offset, **options)
-            for row in page.rows:
+            for row in page.data:
                 yield row
-            if not page.has_more or not page.rows:
+            if not page.has_more or not page.data:
                 return
-            offset += len(page.rows)
+            offset += len(page.data)
 
     async def iter_export(self, **filters: Any) -> AsyncIterator[bytes]:
         call = calls.export(calls.ledger_filters(**filters))
@@ -266,7 +267,7 @@ class AsyncClient:
         self,
         identifier_id: str,
         *,
-        limits: Mapping[str, int] | None = None,
+        limits: Mapping[str, int | Decimal | str] | None = None,
         expires_in: int | None = None,
         workspace_id: str | None = None,
     ) -> TokenPair:

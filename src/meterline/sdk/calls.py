@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import quote
 
@@ -171,7 +172,7 @@ def release(reservation_id: str) -> Call[Reservation]:
 
 def issue_token(
     identifier_id: str,
-    limits: Mapping[str, int] | None = None,
+    limits: Mapping[str, int | Decimal | str] | None = None,
     expires_in: int | None = None,
     workspace_id: str | None = None,
 ) -> Call[TokenPair]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -135,7 +136,7 @@ class Client:
         while True:
             result = self.events(page, per_page)
             yield from result.data
-            if not result.has_more:
+            if not result.pagination.has_more:
                 return
             page += 1
 
@@ -200,10 +201,10 @@ class Client:
         offset = 0
         while True:
             page = self.breakdown(by, limit=page_size, offset=offset, **options)
-            yield from page.rows
-            if not page.has_more or not page.rows:
+            yield from page.data
+            if not page.has_more or not page.data:
                 return
-            offset += len(page.rows)
+            offset += len(page.data)
 
     # -- CSV export ---------------------------------------------------------------------------------
     def iter_export(self, *, chunk_size: int = 65_536, **filters: Any) -> Iterator[bytes]:
@@ -327,7 +328,7 @@ class Client:
         self,
         identifier_id: str,
         *,
-        limits: Mapping[str, int] | None = None,
+        limits: Mapping[str, int | Decimal | str] | None = None,
         expires_in: int | None = None,
         workspace_id: str | None = None,
     ) -> TokenPair:

@@ -1,4 +1,5 @@
-"""Writing usage: ``POST /v1/events`` (SPEC §4) and two-phase reservations."""
+"""Writing usage: ``POST /v1/events`` (SPEC §4) and two-phase reservations. Answers are named as the API's
+JSON names them (old names warn)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from meterline.sdk._json import Json, obj, opt_dec, opt_str, time
+from meterline.sdk._json import Json, dec, obj, opt_dec, opt_str, time
+from meterline.sdk._renamed import renamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +102,19 @@ class EventResult:
 class EventsBatch:
     """The answer to one batch: a result per event, in the order sent."""
 
-    results: list[EventResult]
+    data: list[EventResult]
     accepted: int
     duplicates: int
     rejected: int
     currency: str | None
     request_id: str | None
 
+    results = renamed("results", "data")
+
     @classmethod
     def from_json(cls, data: Json) -> EventsBatch:
         return cls(
-            results=[EventResult.from_json(r) for r in data["data"]],
+            data=[EventResult.from_json(r) for r in data["data"]],
             accepted=int(data["accepted"]),
             duplicates=int(data["duplicates"]),
             rejected=int(data["rejected"]),
@@ -120,17 +124,31 @@ class EventsBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationEstimate:
+    """What a reservation holds: its tokens, and their cost and credits."""
+
+    total_tokens: int
+    cost: Decimal
+    credits: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
-    """A held estimate (``status`` reserved), or the answer to releasing one (``status`` released)."""
+    """A held estimate (``status`` reserved), or the answer to releasing one (``status`` released, no
+    ``estimate``)."""
 
     id: str
     status: str
     expires_at: datetime | None = None
     overage: bool = False
-    estimate_tokens: int | None = None
-    estimate_cost: Decimal | None = None
-    estimate_credits: Decimal | None = None
-    currency: str | None = None
+    estimate: ReservationEstimate | None = None
+    request_id: str | None = None
+
+    estimate_tokens = renamed("estimate_tokens", "estimate.total_tokens")
+    estimate_cost = renamed("estimate_cost", "estimate.cost")
+    estimate_credits = renamed("estimate_credits", "estimate.credits")
+    currency = renamed("currency", "estimate.currency")
 
     @classmethod
     def from_json(cls, data: Json) -> Reservation:
@@ -140,10 +158,15 @@ class Reservation:
             status=str(data["status"]),
             expires_at=time(data["expires_at"]) if data.get("expires_at") else None,
             overage=bool(data.get("overage")),
-            estimate_tokens=int(estimate["total_tokens"]) if estimate else None,
-            estimate_cost=opt_dec(estimate.get("cost")),
-            estimate_credits=opt_dec(estimate.get("credits")),
-            currency=opt_str(estimate.get("currency")),
+            estimate=ReservationEstimate(
+                total_tokens=int(estimate["total_tokens"]),
+                cost=dec(estimate["cost"]),
+                credits=dec(estimate["credits"]),
+                currency=str(estimate["currency"]),
+            )
+            if estimate
+            else None,
+            request_id=opt_str(data.get("request_id")),
         )
 
 
@@ -161,10 +184,14 @@ class Settlement:
     credits: Decimal
     currency: str
     overage: bool
+    status: str = "settled"
+    request_id: str | None = None
 
     @classmethod
     def from_json(cls, data: Json) -> Settlement:
         return cls(
+            status=str(data.get("status", "settled")),
+            request_id=opt_str(data.get("request_id")),
             id=str(data["id"]),
             duplicate=bool(data.get("duplicate")),
             recovered=bool(data.get("recovered")),

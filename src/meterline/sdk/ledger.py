@@ -1,5 +1,5 @@
 """The usage read side as typed values: daily history (seed 000), billable events (seed 003) and the
-per-request ledger (seed 004)."""
+per-request ledger (seed 004). Fields are named as the API's JSON names them; old names warn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from meterline.sdk._json import Json, dec, opt_dec, opt_str, time
+from meterline.sdk._json import Json, dec, obj, opt_dec, opt_str, time
+from meterline.sdk._renamed import renamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +41,19 @@ class HistoryDay:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    days: list[HistoryDay]
+    """The days, oldest first. The API's ``days`` (how many were asked for) is ``len(data)``: ``days``
+    is still the old name of ``data`` here, deprecated."""
+
+    data: list[HistoryDay]
     identifier_id: str | None
     request_id: str | None
+
+    days = renamed("days", "data")
 
     @classmethod
     def from_json(cls, data: Json) -> History:
         return cls(
-            days=[HistoryDay.from_json(d) for d in data["data"]],
+            data=[HistoryDay.from_json(d) for d in data["data"]],
             identifier_id=opt_str(data.get("identifier_id")),
             request_id=opt_str(data.get("request_id")),
         )
@@ -77,22 +83,36 @@ class UsageEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class EventsPage:
-    data: list[UsageEvent]
+class Pagination:
     page: int
     per_page: int
     total: int
     has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    data: list[UsageEvent]
+    pagination: Pagination
+    request_id: str | None = None
+
+    page = renamed("page", "pagination.page")
+    per_page = renamed("per_page", "pagination.per_page")
+    total = renamed("total", "pagination.total")
+    has_more = renamed("has_more", "pagination.has_more")
 
     @classmethod
     def from_json(cls, data: Json) -> EventsPage:
         paging = data["pagination"]
         return cls(
             data=[UsageEvent.from_json(e) for e in data["data"]],
-            page=int(paging["page"]),
-            per_page=int(paging["per_page"]),
-            total=int(paging["total"]),
-            has_more=bool(paging["has_more"]),
+            pagination=Pagination(
+                page=int(paging["page"]),
+                per_page=int(paging["per_page"]),
+                total=int(paging["total"]),
+                has_more=bool(paging["has_more"]),
+            ),
+            request_id=opt_str(data.get("request_id")),
         )
 
 
@@ -133,6 +153,25 @@ class LedgerEntry:
     units: int
     event_id: str | None
     raw: Json
+    # The rest of the row as the API sends it: billing details, the credit buckets drawn from, and the
+    # usage vector (docs/usage-vector.md), 0 / None when the row has none.
+    billing_unit: str | None = None
+    audio_seconds: Decimal | None = None
+    credits_monthly: Decimal = Decimal(0)
+    credits_bonus: Decimal = Decimal(0)
+    cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    cache_audio_read_tokens: int = 0
+    output_audio_tokens: int = 0
+    reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    web_searches: int = 0
+    web_fetches: int = 0
+    service_tier: str | None = None
+    batch: bool = False
+    run_id: str | None = None
+    metadata: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: Json) -> LedgerEntry:
@@ -170,6 +209,23 @@ class LedgerEntry:
             units=int(data.get("units", 0)),
             event_id=opt_str(data.get("event_id")),
             raw=data,
+            billing_unit=opt_str(data.get("billing_unit")),
+            audio_seconds=opt_dec(data.get("audio_seconds")),
+            credits_monthly=dec(data.get("credits_monthly", 0)),
+            credits_bonus=dec(data.get("credits_bonus", 0)),
+            cache_write_1h_tokens=int(data.get("cache_write_1h_tokens") or 0),
+            input_audio_tokens=int(data.get("input_audio_tokens") or 0),
+            cache_audio_read_tokens=int(data.get("cache_audio_read_tokens") or 0),
+            output_audio_tokens=int(data.get("output_audio_tokens") or 0),
+            reasoning_tokens=int(data.get("reasoning_tokens") or 0),
+            accepted_prediction_tokens=int(data.get("accepted_prediction_tokens") or 0),
+            rejected_prediction_tokens=int(data.get("rejected_prediction_tokens") or 0),
+            web_searches=int(data.get("web_searches") or 0),
+            web_fetches=int(data.get("web_fetches") or 0),
+            service_tier=opt_str(data.get("service_tier")),
+            batch=bool(data.get("batch")),
+            run_id=opt_str(data.get("run_id")),
+            metadata=obj(data["metadata"]) if data.get("metadata") is not None else None,
         )
 
 
@@ -181,6 +237,7 @@ class LedgerPage:
     total_count: int
     limit: int
     offset: int
+    request_id: str | None = None
 
     @property
     def has_more(self) -> bool:
@@ -193,4 +250,5 @@ class LedgerPage:
             total_count=int(data["total_count"]),
             limit=int(data["limit"]),
             offset=int(data["offset"]),
+            request_id=opt_str(data.get("request_id")),
         )

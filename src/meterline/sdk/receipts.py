@@ -28,6 +28,7 @@ class Receipt:
     workspace_id: str
     created_at: datetime
     claims: dict[str, Any] | None = None
+    request_id: str | None = None  # a receipt fetched alone; not on the items of a page
 
     @classmethod
     def from_json(cls, data: Json) -> Receipt:
@@ -41,6 +42,7 @@ class Receipt:
             organization_id=str(data["organization_id"]),
             workspace_id=str(data["workspace_id"]),
             created_at=time(data["created_at"]),
+            request_id=opt_str(data.get("request_id")),
         )
 
     @property
@@ -56,6 +58,7 @@ class ReceiptPage:
     has_more: bool
     next_after_seq: int | None
     head: ChainHead | None
+    request_id: str | None = None
 
     @classmethod
     def from_json(cls, data: Json) -> ReceiptPage:
@@ -65,6 +68,7 @@ class ReceiptPage:
             has_more=bool(data["has_more"]),
             next_after_seq=None if data.get("next_after_seq") is None else int(data["next_after_seq"]),
             head=ChainHead(int(head["seq"]), str(head["hash"])) if head else None,
+            request_id=opt_str(data.get("request_id")),
         )
 
 

@@ -1,4 +1,5 @@
-"""``GET /v1/usage``: the caller's current usage (seeds 000, 002, 003), as typed values."""
+"""``GET /v1/usage``: the caller's current usage (seeds 000, 002, 003), as typed values named as the API's
+JSON names them (old names warn)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterline.sdk._json import Json, dec, obj, opt_dec, opt_str, opt_time, time
+from meterline.sdk._renamed import renamed
 
 UNLIMITED = -1
 
@@ -97,30 +99,57 @@ class LimitUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class MonthlyCredits:
+    """The plan's allowance for the billing period (``-1``: unlimited), drawn first."""
+
+    allowance: Decimal
+    used: Decimal
+    remaining: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class BonusCredits:
+    """Granted credits, drawn when the monthly allowance is spent; ``used`` is over all time."""
+
+    granted: Decimal
+    used: Decimal
+    used_this_period: Decimal
+    remaining: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Credits:
     """Seed 002's buckets: the plan's monthly allowance is drawn first, then bonus credits."""
 
-    monthly_allowance: Decimal
-    monthly_used: Decimal
-    monthly_remaining: Decimal
-    bonus_granted: Decimal
-    bonus_used: Decimal
-    bonus_remaining: Decimal
+    monthly: MonthlyCredits
+    bonus: BonusCredits
     overage: Decimal
     in_flight: Decimal
     used: Decimal
     remaining: Decimal
 
+    monthly_allowance = renamed("monthly_allowance", "monthly.allowance")
+    monthly_used = renamed("monthly_used", "monthly.used")
+    monthly_remaining = renamed("monthly_remaining", "monthly.remaining")
+    bonus_granted = renamed("bonus_granted", "bonus.granted")
+    bonus_used = renamed("bonus_used", "bonus.used")
+    bonus_remaining = renamed("bonus_remaining", "bonus.remaining")
+
     @classmethod
     def from_json(cls, data: Json) -> Credits:
         monthly, bonus = obj(data.get("monthly")), obj(data.get("bonus"))
         return cls(
-            monthly_allowance=dec(monthly["allowance"]),
-            monthly_used=dec(monthly["used"]),
-            monthly_remaining=dec(monthly["remaining"]),
-            bonus_granted=dec(bonus["granted"]),
-            bonus_used=dec(bonus["used"]),
-            bonus_remaining=dec(bonus["remaining"]),
+            monthly=MonthlyCredits(
+                allowance=dec(monthly["allowance"]),
+                used=dec(monthly["used"]),
+                remaining=dec(monthly["remaining"]),
+            ),
+            bonus=BonusCredits(
+                granted=dec(bonus["granted"]),
+                used=dec(bonus["used"]),
+                used_this_period=dec(bonus.get("used_this_period", 0)),
+                remaining=dec(bonus["remaining"]),
+            ),
             overage=dec(data["overage"]),
             in_flight=dec(data.get("in_flight", 0)),
             used=dec(data["used"]),

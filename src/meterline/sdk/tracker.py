@@ -261,7 +261,7 @@ class UsageTracker:
             with self._lock:
                 sent = {e.id for e in batch}
                 self.pending = [e for e in self.pending if e.id not in sent]
-                self.rejected.extend(r for r in answer.results if not r.accepted)
+                self.rejected.extend(r for r in answer.data if not r.accepted)
 
     def _flush_quietly(self) -> None:
         # Called from record(): the caller's own request succeeded, so a metering outage must not turn it
