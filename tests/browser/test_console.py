@@ -6,7 +6,6 @@ show up in the console, which is what a person opening the developer tools would
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import ConsoleMessage, Error, Page, expect
@@ -24,7 +23,7 @@ PAGES = (
 
 
 @pytest.fixture
-def problems(page: Page) -> Iterator[list[str]]:
+def problems(page: Page) -> list[str]:
     found: list[str] = []
 
     def console(message: ConsoleMessage) -> None:
@@ -36,7 +35,7 @@ def problems(page: Page) -> Iterator[list[str]]:
 
     page.on("console", console)
     page.on("pageerror", page_error)
-    yield found
+    return found
 
 
 def _visit_every_page(page: Page, problems: list[str]) -> None:
