@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import ConsoleMessage, Error, Page, expect
+from playwright.sync_api import Page, expect
 
 from browser.conftest import DEMO_ORG, World, sign_in
 
@@ -20,22 +20,6 @@ PAGES = (
     "/dashboard/billing",
     "/widget/usage-bar?poll_ms=200",
 )
-
-
-@pytest.fixture
-def problems(page: Page) -> list[str]:
-    found: list[str] = []
-
-    def console(message: ConsoleMessage) -> None:
-        if message.type == "error":
-            found.append(f"{page.url}: console error: {message.text}")
-
-    def page_error(error: Error) -> None:
-        found.append(f"{page.url}: page error: {error.message}")
-
-    page.on("console", console)
-    page.on("pageerror", page_error)
-    return found
 
 
 def _visit_every_page(page: Page, problems: list[str]) -> None:
