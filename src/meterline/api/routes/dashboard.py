@@ -32,7 +32,7 @@ from meterline.api.routes.alerts import WebhookIn
 from meterline.api.schemas import OrganizationSettingsIn
 from meterline.dashboard import views
 from meterline.dashboard.templating import render
-from meterline.errors import Forbidden, MeterlineError, Unauthorized
+from meterline.errors import Forbidden, InvalidRequest, MeterlineError, Unauthorized
 from meterline.metering.analytics import RangeName
 from meterline.services import Services
 from meterline.tenancy import Principal
@@ -287,23 +287,24 @@ def _billing_form(
     request: Request,
     services: Services,
     csrf: str,
-    problem: FormProblem,
+    form: str,
+    values: dict[str, str],
     change: Callable[[Principal], dict[str, Any] | None],
     *,
     saved: str,
 ) -> Response:
-    """A Billing page form's POST: the session's CSRF token, then ``change`` (which calls the JSON API's
-    route function). Success redirects to the page (or, for a new webhook, shows its secret once);
-    a refusal shows the page again with the API's message beside the form and what was typed, with
-    the API's status. ``problem`` is the form and its values; its message is filled in here."""
+    """A Billing page form's POST (``form``, with what was typed in ``values``): the session's CSRF
+    token, then ``change``, which calls the JSON API's route function. Success redirects to the page
+    (or, for a new webhook, shows its secret once); a refusal shows the page again with the API's
+    message beside the form and what was typed, with the API's status."""
     sessions.check_origin(request)
     session = sessions.read_session(request, services)
     if session is None:
         return RedirectResponse(f"{SIGN_IN}?next={BILLING}", status_code=303)
 
     def again(status: int, message: str) -> HTMLResponse:
-        shown = FormProblem(problem.form, message, problem.values)
-        return _billing(request, services, session, status=status, problem=shown)
+        problem = FormProblem(form, message, values)
+        return _billing(request, services, session, status=status, problem=problem)
 
     if not csrf or not sessions.same_token(csrf, session.csrf):
         return again(403, "This form has expired. Please try again.")
@@ -311,8 +312,6 @@ def _billing_form(
         created = change(session.principal)
     except ValidationError as exc:
         return again(422, first_problem(exc.errors())[0])
-    except ValueError as exc:
-        return again(400, str(exc))
     except MeterlineError as exc:
         return again(STATUS.get(exc.code, 400), exc.message)
     if created is not None:
@@ -338,15 +337,18 @@ def save_thresholds(
             body = OrganizationSettingsIn(alert_thresholds=None)
         else:
             try:
-                body = OrganizationSettingsIn.model_validate(
-                    {"alert_thresholds": views.parse_thresholds(thresholds)}
-                )
+                typed = views.parse_thresholds(thresholds)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="alert_thresholds") from None
+            try:
+                body = OrganizationSettingsIn.model_validate({"alert_thresholds": typed})
             except ValidationError:
-                raise ValueError(f"Enter {views.THRESHOLDS_HELP}.") from None
+                # The schema's message names list positions; a person typed one line.
+                raise InvalidRequest(f"Enter {views.THRESHOLDS_HELP}.", param="alert_thresholds") from None
         organization_api.update_organization(body, principal, services)
 
-    form = FormProblem("thresholds", "", {"thresholds": thresholds})
-    return _billing_form(request, services, csrf, form, change, saved="thresholds")
+    values = {"thresholds": thresholds}
+    return _billing_form(request, services, csrf, "thresholds", values, change, saved="thresholds")
 
 
 @router.post(f"{BILLING}/spend-cap")
@@ -361,13 +363,13 @@ def save_spend_cap(
     def change(principal: Principal) -> None:
         amount = spend_cap.strip().replace(",", "")
         if not amount:
-            raise ValueError("Enter the monthly spend cap, for example 250.00.")
+            raise InvalidRequest("Enter the monthly spend cap, for example 250.00.", param="spend_cap")
         organization_api.update_organization(
             OrganizationSettingsIn.model_validate({"spend_cap": amount}), principal, services
         )
 
-    form = FormProblem("spend_cap", "", {"spend_cap": spend_cap})
-    return _billing_form(request, services, csrf, form, change, saved="spend_cap")
+    values = {"spend_cap": spend_cap}
+    return _billing_form(request, services, csrf, "spend_cap", values, change, saved="spend_cap")
 
 
 @router.post(f"{BILLING}/webhooks")
@@ -382,15 +384,15 @@ def add_webhook(
 
     def change(principal: Principal) -> dict[str, Any]:
         if not url.strip():
-            raise ValueError("Enter the address alerts are sent to, starting with https://.")
+            raise InvalidRequest("Enter the address alerts are sent to, starting with https://.", param="url")
         body = WebhookIn.model_validate({"url": url.strip(), "description": description.strip() or None})
         # The JSON route is a coroutine (it resolves the host off the event loop); this form's handler
         # runs in a worker thread, which hands it to the loop.
         response = anyio.from_thread.run(alerts_api.create_webhook, body, principal, services)
         return body_of(response)
 
-    form = FormProblem("webhook", "", {"url": url, "description": description})
-    return _billing_form(request, services, csrf, form, change, saved="webhook")
+    values = {"url": url, "description": description}
+    return _billing_form(request, services, csrf, "webhook", values, change, saved="webhook")
 
 
 @router.post(f"{BILLING}/webhooks/{{endpoint_id}}/delete")
@@ -405,8 +407,8 @@ def delete_webhook(
     def change(principal: Principal) -> None:
         alerts_api.delete_webhook(endpoint_id, principal, services)
 
-    form = FormProblem("webhook_delete", "", {"id": endpoint_id})
-    return _billing_form(request, services, csrf, form, change, saved="webhook_deleted")
+    values = {"id": endpoint_id}
+    return _billing_form(request, services, csrf, "webhook_delete", values, change, saved="webhook_deleted")
 
 
 @router.get("/dashboard/billing.json")
