@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     # to), and the level of the server's own messages (start-up, shutdown, errors).
     access_log: str = Field(default="stderr", min_length=1, max_length=4096)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Dashboard: where the usage bar's and the dashboard's Upgrade and referral buttons lead (an http(s)
+    # address, or a path on this server); unset, to the Billing page's plan and referral sections.
+    upgrade_url: str | None = Field(default=None, max_length=2000)
+    referral_url: str | None = Field(default=None, max_length=2000)
 
     @field_validator("alert_thresholds")
     @classmethod
@@ -213,6 +217,17 @@ class Settings(BaseSettings):
         if any(not 1 <= t <= 1000 for t in value):
             raise ValueError("alert_thresholds are percentages between 1 and 1000")
         return tuple(sorted(set(value)))
+
+    @field_validator("upgrade_url", "referral_url")
+    @classmethod
+    def _link(cls, value: str | None) -> str | None:
+        # A link people follow from the dashboard: a web address or a path of this server, nothing a
+        # browser would run (javascript:) or resolve elsewhere (//host).
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/]+[^\s]*|/(?![/\\])[^\s]*", value):
+            raise ValueError("must be an http(s) address or a path starting with /")
+        return value
 
     @field_validator("credit_value", mode="before")
     @classmethod

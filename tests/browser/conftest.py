@@ -16,9 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Error,
+    Page,
+    Playwright,
+    sync_playwright,
+)
 
-from conftest import ADMIN, ADMIN_KEY, NOW, Tenant, make_tenant
+from conftest import ADMIN, ADMIN_KEY, NOW, Tenant, add_key, make_tenant
 from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
@@ -68,6 +76,10 @@ class World:
 
     def tenant(self, **fields: Any) -> Tenant:
         return make_tenant(self.http, **fields)  # type: ignore[arg-type]  # httpx.Client quacks alike
+
+    def organization_key(self, tenant: Tenant) -> str:
+        """A new organization-scope key of ``tenant``'s organization."""
+        return add_key(self.http, tenant.workspace["id"], "Org key", scope="organization")  # type: ignore[arg-type]
 
     def report(self, key: str, *events: dict[str, Any]) -> None:
         """Report usage through the events API (the same settle path as the gateway)."""
@@ -164,6 +176,23 @@ def context(browser: Browser, world: World) -> Iterator[BrowserContext]:
 @pytest.fixture
 def page(context: BrowserContext) -> Page:
     return context.new_page()
+
+
+@pytest.fixture
+def problems(page: Page) -> list[str]:
+    """Console errors and uncaught script errors of ``page``, as they happen (a test asserts none)."""
+    found: list[str] = []
+
+    def console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            found.append(f"{page.url}: console error: {message.text}")
+
+    def page_error(error: Error) -> None:
+        found.append(f"{page.url}: page error: {error.message}")
+
+    page.on("console", console)
+    page.on("pageerror", page_error)
+    return found
 
 
 def sign_in(page: Page, key: str, then: str = "/dashboard/usage") -> None:

@@ -134,6 +134,83 @@ def test_bad_thresholds_are_refused(client: TestClient, tenant: Tenant, value: A
     )
 
 
+def _org_key(client: TestClient, tenant: Tenant) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {add_key(client, tenant.workspace['id'], 'Org key', scope='organization')}"
+    }
+
+
+def test_an_organization_key_sets_its_thresholds_and_a_workspace_key_reads_them(client: TestClient) -> None:
+    """Seed 001, "set up alerts in your dashboard": the organization's own key, not only the operator."""
+    tenant = make_tenant(client, plan="tiny", billing_anchor_day=14)
+    org_key = _org_key(client, tenant)
+    read = client.get("/v1/organization", headers=tenant.headers)
+    assert read.status_code == 200, read.text
+    assert (read.json()["alert_thresholds"], read.json()["default_alert_thresholds"]) == (
+        None,
+        [50, 75, 80, 100],
+    )
+    changed = client.patch("/v1/organization", json={"alert_thresholds": [90, 30, 30]}, headers=org_key)
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["alert_thresholds"] == [30, 90]
+    assert client.get("/v1/organization", headers=tenant.headers).json()["alert_thresholds"] == [30, 90]
+    # The same organization record the operator sees, and the alerts follow it.
+    admin_view = client.get(f"/v1/admin/organizations/{tenant.org['id']}", headers=ADMIN).json()
+    assert admin_view["alert_thresholds"] == [30, 90]
+    post(client, tenant, *(ev(i) for i in range(5)))  # 50 %: no default 50 % alert
+    assert [t for t, _ in thresholds(client, tenant)] == [30]
+
+    # A workspace key reads them but does not change them; an access token does neither.
+    refused = client.patch("/v1/organization", json={"alert_thresholds": [10]}, headers=tenant.headers)
+    assert_envelope(refused, 403, "forbidden")
+    issued = client.post("/v1/token", json={"identifier_id": "user-1"}, headers=tenant.headers).json()
+    token = {"Authorization": f"Bearer {issued['access_token']}"}
+    assert_envelope(client.get("/v1/organization", headers=token), 403, "forbidden")
+    assert_envelope(client.get("/v1/organization"), 401, "unauthorized")
+    # Null: back to the deployment's defaults.
+    reset = client.patch("/v1/organization", json={"alert_thresholds": None}, headers=org_key)
+    assert (reset.status_code, reset.json()["alert_thresholds"]) == (200, None)
+
+
+@pytest.mark.parametrize("value", [[], [0], [1001], [50.5], ["50"], "50", list(range(1, 22))])
+def test_bad_thresholds_from_an_organization_key_are_refused(
+    client: TestClient, tenant: Tenant, value: Any
+) -> None:
+    response = client.patch(
+        "/v1/organization", json={"alert_thresholds": value}, headers=_org_key(client, tenant)
+    )
+    assert assert_envelope(response, 422, "invalid_request")["param"].startswith("alert_thresholds")
+    assert client.get("/v1/organization", headers=tenant.headers).json()["alert_thresholds"] is None
+
+
+def test_only_a_spend_cap_organization_changes_its_cap(client: TestClient) -> None:
+    credits_org = make_tenant(client, plan="tiny", name="Credits")
+    refused = client.patch("/v1/organization", json={"spend_cap": "5"}, headers=_org_key(client, credits_org))
+    assert assert_envelope(refused, 403, "forbidden")["param"] == "spend_cap"
+    assert client.get("/v1/organization", headers=credits_org.headers).json()["spend_cap"] is None
+
+    capped = make_tenant(client, plan="pro", name="BYOM", spend_cap="1.00", billing_anchor_day=14)
+    org_key = _org_key(client, capped)
+    changed = client.patch("/v1/organization", json={"spend_cap": "2.50"}, headers=org_key)
+    assert (changed.status_code, changed.json()["spend_cap"]) == (200, "2.5")
+    usage = client.get("/v1/usage", headers=capped.headers).json()
+    assert str(usage["spend"]["cap"]) == "2.5"
+    post(client, capped, *(ev(i) for i in range(13)))  # 1.30 of 2.50: 50 % of the new cap
+    assert [t for t, _ in thresholds(client, capped)] == [50]
+    for bad, status in (("-1", 400), ("1e400", 400), ("abc", 422), (0.5, 422), (None, 422)):
+        response = client.patch("/v1/organization", json={"spend_cap": bad}, headers=org_key)
+        assert assert_envelope(response, status, "invalid_request")["param"] in ("spend_cap", None), bad
+    assert_envelope(
+        client.patch("/v1/organization", json={"plan": "enterprise"}, headers=org_key), 422, "invalid_request"
+    )
+    assert client.get("/v1/organization", headers=org_key).json()["spend_cap"] == "2.5"
+    # The operator's path refuses an absurd cap the same way (it is one domain function).
+    absurd = client.patch(
+        f"/v1/admin/organizations/{capped.org['id']}", json={"spend_cap": "1e400"}, headers=ADMIN
+    )
+    assert_envelope(absurd, 400, "invalid_request")
+
+
 def test_projected_run_out_fires_once_per_period(client: TestClient, clock: FrozenClock) -> None:
     tenant = make_tenant(client, plan="tiny", billing_anchor_day=1)
     # Day 14 of 31: 20 credits so far -> 1.43/day -> 44 projected: fine.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import ADMIN, ADMIN_KEY, Tenant, assert_envelope, make_tenant
+from conftest import ADMIN, ADMIN_KEY, Tenant, add_key, assert_envelope, make_tenant
 from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
@@ -21,10 +22,13 @@ from meterline.services import build_services
 SESSION = "meterline_session"
 
 
-@pytest.fixture
-def web(sqlite_url: str, tmp_path: Path, clock: FrozenClock) -> Iterator[TestClient]:
+@contextmanager
+def _web(sqlite_url: str, tmp_path: Path, clock: FrozenClock, **extra: Any) -> Iterator[TestClient]:
     settings = load_settings(
-        database_url=sqlite_url, admin_key=ADMIN_KEY, signing_key_file=str(tmp_path / "signing-key.json")
+        database_url=sqlite_url,
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "signing-key.json"),
+        **extra,
     )
     services = build_services(settings, clock=clock, migrate=False)
     try:
@@ -33,6 +37,12 @@ def web(sqlite_url: str, tmp_path: Path, clock: FrozenClock) -> Iterator[TestCli
             yield client
     finally:
         services.close()
+
+
+@pytest.fixture
+def web(sqlite_url: str, tmp_path: Path, clock: FrozenClock) -> Iterator[TestClient]:
+    with _web(sqlite_url, tmp_path, clock) as client:
+        yield client
 
 
 @pytest.fixture
@@ -291,3 +301,219 @@ def test_the_usage_bar_of_an_unlimited_plan_has_no_percentage_and_no_buttons(web
     page = web.get("/widget/usage-bar").text
     assert re.search(r'role="progressbar"[^>]*hidden', page, re.S)
     assert re.search(r'data-field="upgrade"[^>]*hidden', page)
+
+
+# -- Billing: alert settings and where the buttons lead (seed 001, "set up alerts in your dashboard") --
+FORMS = (
+    ("/dashboard/billing/thresholds", {"thresholds": "30, 90"}),
+    ("/dashboard/billing/spend-cap", {"spend_cap": "9"}),
+    ("/dashboard/billing/webhooks", {"url": "https://93.184.216.34/h"}),
+)
+
+
+def _page_csrf(web: TestClient, path: str = "/dashboard/billing") -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', web.get(path).text)
+    assert found
+    return found.group(1)
+
+
+def _organization(web: TestClient, key: str) -> dict[str, Any]:
+    response = web.get("/v1/organization", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.fixture
+def capped(web: TestClient) -> tuple[Tenant, str]:
+    """A spend-cap organization and its organization-scope key."""
+    tenant = make_tenant(web, name="Umbrella", spend_cap="250")
+    return tenant, add_key(web, tenant.workspace["id"], "Org key", scope="organization")
+
+
+def test_the_billing_forms_need_the_sessions_csrf_token(web: TestClient, capped: tuple[Tenant, str]) -> None:
+    tenant, org_key = capped
+    for path, data in FORMS:
+        # Signed out: to sign-in, nothing changed.
+        response = web.post(path, data={**data, "csrf": "x" * 32})
+        assert (response.status_code, response.headers["location"]) == (
+            303,
+            "/dashboard/sign-in?next=/dashboard/billing",
+        )
+    sign_in(web, org_key, "/dashboard/billing")
+    token = _page_csrf(web)
+    for path, data in FORMS:
+        for forged in ({}, {"csrf": "forged-token-0123456789"}):
+            response = web.post(path, data={**data, **forged})
+            assert response.status_code == 403
+            assert "This form has expired" in response.text
+        assert_envelope(
+            web.post(path, data={**data, "csrf": token}, headers={"Origin": "https://evil.example"}),
+            403,
+            "forbidden",
+        )
+    assert _organization(web, org_key)["alert_thresholds"] is None
+    assert _organization(web, org_key)["spend_cap"] == "250"
+    assert web.get("/v1/alerts/webhooks", headers=tenant.headers).json()["data"] == []
+
+
+def test_an_organization_key_sets_up_alerts_on_the_billing_page(
+    web: TestClient, capped: tuple[Tenant, str]
+) -> None:
+    tenant, org_key = capped
+    sign_in(web, org_key, "/dashboard/billing")
+    page = web.get("/dashboard/billing")
+    assert page.status_code == 200
+    assert "50 %, 75 %, 80 %, 100 %" in page.text
+    token = _page_csrf(web)
+
+    saved = web.post("/dashboard/billing/thresholds", data={"csrf": token, "thresholds": "90, 30 %"})
+    assert (saved.status_code, saved.headers["location"]) == (
+        303,
+        "/dashboard/billing?saved=thresholds#alerts",
+    )
+    assert "Alert thresholds saved." in web.get(saved.headers["location"]).text
+    # The JSON API says what the form did: it went through the same route.
+    assert _organization(web, org_key)["alert_thresholds"] == [30, 90]
+    for typed, message in (
+        ("50, abc", "“abc” is not a whole percentage"),
+        ("0, 50", "Enter 1 to 20 whole percentages between 1 and 1000"),
+        ("", "Enter 1 to 20 whole percentages"),
+    ):
+        refused = web.post("/dashboard/billing/thresholds", data={"csrf": token, "thresholds": typed})
+        assert refused.status_code == 400, typed
+        assert message in refused.text
+        assert f'value="{typed}"' in refused.text, "what was typed stays in the field"
+    assert _organization(web, org_key)["alert_thresholds"] == [30, 90]
+    reset = web.post("/dashboard/billing/thresholds", data={"csrf": token, "reset": "1"})
+    assert reset.status_code == 303
+    assert _organization(web, org_key)["alert_thresholds"] is None
+
+    capped_at = web.post("/dashboard/billing/spend-cap", data={"csrf": token, "spend_cap": "1,000.50"})
+    assert capped_at.status_code == 303
+    assert _organization(web, org_key)["spend_cap"] == "1000.5"
+    for typed, status, message in (
+        ("-5", 400, "spend_cap must be between 0 and 1000000000"),
+        ("1e400", 400, "spend_cap must be between 0 and 1000000000"),
+        ("lots", 422, "amount must be a decimal number"),
+    ):
+        refused = web.post("/dashboard/billing/spend-cap", data={"csrf": token, "spend_cap": typed})
+        assert refused.status_code == status, (typed, refused.text)
+        assert message in refused.text
+    assert _organization(web, org_key)["spend_cap"] == "1000.5"
+
+    created = web.post(
+        "/dashboard/billing/webhooks",
+        data={"csrf": token, "url": "https://93.184.216.34/h", "description": "ops"},
+    )
+    assert created.status_code == 201
+    secret = re.search(r'data-testid="webhook-secret">(whsec_[^<]+)<', created.text)
+    assert secret, "the signing secret is shown once, on the page that added the endpoint"
+    (endpoint,) = web.get("/v1/alerts/webhooks", headers=tenant.headers).json()["data"]
+    assert (endpoint["url"], endpoint["description"]) == ("https://93.184.216.34/h", "ops")
+    assert secret.group(1) not in web.get("/dashboard/billing").text, "and never again"
+    private = web.post("/dashboard/billing/webhooks", data={"csrf": token, "url": "http://127.0.0.1:9/hook"})
+    assert private.status_code == 400
+    assert "127.0.0.1" in private.text
+    assert 'aria-invalid="true"' in private.text
+
+    deleted = web.post(f"/dashboard/billing/webhooks/{endpoint['id']}/delete", data={"csrf": token})
+    assert (deleted.status_code, deleted.headers["location"]) == (
+        303,
+        "/dashboard/billing?saved=webhook_deleted#alerts",
+    )
+    assert web.get("/v1/alerts/webhooks", headers=tenant.headers).json()["data"] == []
+    again = web.post(f"/dashboard/billing/webhooks/{endpoint['id']}/delete", data={"csrf": token})
+    assert again.status_code == 404
+    assert "no webhook endpoint" in again.text
+
+
+def test_a_workspace_key_sees_the_alert_settings_read_only(
+    web: TestClient, capped: tuple[Tenant, str]
+) -> None:
+    tenant, org_key = capped
+    assert (
+        web.post(
+            "/v1/alerts/webhooks",
+            json={"url": "https://93.184.216.34/h"},
+            headers={"Authorization": f"Bearer {org_key}"},
+        ).status_code
+        == 201
+    )
+    sign_in(web, tenant.key, "/dashboard/billing")
+    page = web.get("/dashboard/billing")
+    assert page.status_code == 200
+    assert "https://93.184.216.34/h" in page.text
+    assert "changed when signed in with an organization key" in page.text
+    assert re.search(r'action="/dashboard/billing/', page.text) is None, "no form for a workspace key"
+    token = _page_csrf(web)
+    for path, data in FORMS:
+        refused = web.post(path, data={**data, "csrf": token})
+        assert refused.status_code == 403
+        assert "organization-scope key" in refused.text
+    assert _organization(web, tenant.key)["alert_thresholds"] is None
+    assert len(web.get("/v1/alerts/webhooks", headers=tenant.headers).json()["data"]) == 1
+
+
+def test_a_credits_organization_has_no_spend_cap_form(web: TestClient, acme: Tenant) -> None:
+    org_key = add_key(web, acme.workspace["id"], "Org key", scope="organization")
+    sign_in(web, org_key, "/dashboard/billing")
+    page = web.get("/dashboard/billing").text
+    assert 'action="/dashboard/billing/thresholds"' in page
+    assert 'action="/dashboard/billing/spend-cap"' not in page
+    refused = web.post("/dashboard/billing/spend-cap", data={"csrf": _page_csrf(web), "spend_cap": "10"})
+    assert refused.status_code == 403
+    assert "has no spend cap" in refused.text
+
+
+def _hrefs(text: str, field: str) -> str:
+    found = re.search(rf'data-field="{field}" href="([^"]+)"', text)
+    assert found, field
+    return found.group(1)
+
+
+def test_upgrade_and_referral_buttons_land_on_the_billing_pages_sections(web: TestClient) -> None:
+    tenant = make_tenant(web, plan="free", name="Aviato")
+    sign_in(web, tenant.key, "/widget/usage-bar")
+    bar = web.get("/widget/usage-bar").text
+    assert _hrefs(bar, "upgrade") == "/dashboard/billing#plan"
+    assert _hrefs(bar, "referral") == "/dashboard/billing#referral"
+    billing = web.get("/dashboard/billing").text
+    # The sections exist and say something: the plan with its limits, and how bonus credits are earned.
+    assert re.search(
+        r'<section class="card" id="plan"[^>]*>\s*<div class="section-head">\s*<h2[^>]*>Plan and limits',
+        billing,
+    )
+    assert 'data-testid="limits"' in billing
+    assert re.search(
+        r'id="referral"[^>]*>\s*<div class="section-head">\s*<h2[^>]*>Bonus credits and referrals', billing
+    )
+    assert "granted by the operator of this Meterline deployment" in billing
+
+
+def test_upgrade_and_referral_buttons_follow_the_operators_urls(
+    sqlite_url: str, tmp_path: Path, clock: FrozenClock
+) -> None:
+    upgrade, referral = "https://billing.example.com/plans?from=meterline&x=1", "/pages/referrals"
+    prices = {"flat": {"per_request": "1.50"}}  # 150 credits a request
+    with _web(sqlite_url, tmp_path, clock, upgrade_url=upgrade, referral_url=referral, prices=prices) as web:
+        tenant = make_tenant(web, plan="free", name="Aviato")
+        sign_in(web, tenant.key, "/widget/usage-bar")
+        bar = web.get("/widget/usage-bar").text
+        assert _hrefs(bar, "upgrade") == upgrade.replace("&", "&amp;")
+        assert _hrefs(bar, "referral") == referral
+        billing = web.get("/dashboard/billing").text
+        assert f'href="{upgrade.replace("&", "&amp;")}" rel="noopener">Upgrade plan</a>' in billing
+        assert f'href="{referral}" rel="noopener">Invite a friend, earn credits</a>' in billing
+        # 150 of 500 credits on the first day: the run-out banner's button goes there too.
+        reported = web.post(
+            "/v1/events",
+            json={"events": [{"id": "e1", "model": "flat", "prompt_tokens": 1}]},
+            headers=tenant.headers,
+        )
+        assert reported.status_code == 200, reported.text
+        usage = web.get("/dashboard/usage").text
+        assert 'data-testid="run-out-banner"' in usage
+        assert (
+            f'href="{upgrade.replace("&", "&amp;")}" class="button primary small">Upgrade plan</a>' in usage
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -114,3 +115,38 @@ def test_a_strong_admin_key_is_accepted_and_hidden(monkeypatch: pytest.MonkeyPat
     settings = load_settings()
     assert settings.admin_key is not None
     assert "9f8e7d6c5b4a" not in repr(settings)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """An operator learns the settings from the README: each one is named there, as `name` in the text or
+    as a key of the example files (``name = …``, ``[name]``, ``[[name]]``, ``[name.…]``)."""
+    from meterline.config import Settings
+
+    text = README.read_text(encoding="utf-8")
+    missing = [
+        name
+        for name in Settings.model_fields
+        if f"`{name}`" not in text
+        and f"`{name} =" not in text
+        and re.search(rf"^\s*(\[\[?{name}[\].]|{name}\s*=)", text, re.MULTILINE) is None
+    ]
+    assert missing == [], f"settings not documented in README.md: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("name", ["upgrade_url", "referral_url"])
+def test_the_dashboards_button_urls_are_web_addresses_or_paths_of_this_server(name: str) -> None:
+    for good in ("https://example.com/pricing?plan=pro", "http://billing.internal/plans", "/pricing"):
+        assert getattr(load_settings(**{name: good}), name) == good
+    for bad in (
+        "javascript:alert(1)",
+        "//evil.example/x",
+        "/\\evil.example",
+        "https://",
+        "ftp://x/y",
+        "pricing",
+    ):
+        with pytest.raises(ConfigError, match=f"{name}: must be an http"):
+            load_settings(**{name: bad})

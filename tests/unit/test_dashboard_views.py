@@ -13,7 +13,7 @@ import pytest
 
 from meterline.dashboard import allocation_of
 from meterline.dashboard.formatting import amount, days, exact, percent
-from meterline.dashboard.views import usage_bar
+from meterline.dashboard.views import THRESHOLDS_HELP, links, parse_thresholds, usage_bar
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "src" / "meterline" / "dashboard"
 
@@ -110,6 +110,36 @@ def test_figures_read_exactly_without_floats() -> None:
     assert days(Decimal("2065.61")) == "2,065.6 days"
     with pytest.raises(TypeError):
         allocation_of({**summary(), "credits": {**summary()["credits"], "used": 1.5}})
+
+
+@pytest.mark.parametrize(
+    ("typed", "parsed"),
+    [("50, 75, 80, 100", [50, 75, 80, 100]), ("90%,30 %", [90, 30]), (" 40\n 60;  ", [40, 60]), ("0", [0])],
+)
+def test_typed_thresholds_are_read_as_the_api_takes_them(typed: str, parsed: list[int]) -> None:
+    # Ranges (0 is refused) are the API's to check, with its own message.
+    assert parse_thresholds(typed) == parsed
+
+
+@pytest.mark.parametrize(
+    ("typed", "says"), [("", "Enter"), (" , ", "Enter"), ("50, 7.5", "“7.5”"), ("²", "“²”")]
+)
+def test_thresholds_that_are_not_whole_numbers_say_what_to_type(typed: str, says: str) -> None:
+    with pytest.raises(ValueError, match=THRESHOLDS_HELP.replace("(", r"\(").replace(")", r"\)")) as error:
+        parse_thresholds(typed)
+    assert says in str(error.value)
+
+
+def test_the_buttons_lead_to_the_operators_pages_when_set() -> None:
+    default = links(None, None)
+    assert (default["upgrade"], default["referral"]) == (
+        "/dashboard/billing#plan",
+        "/dashboard/billing#referral",
+    )
+    configured = links("https://example.com/plans", "/referrals")
+    assert (configured["upgrade"], configured["referral"]) == ("https://example.com/plans", "/referrals")
+    assert configured["upgrade_configured"]
+    assert configured["referral_configured"]
 
 
 def test_the_dashboard_package_knows_no_http_and_no_storage() -> None:

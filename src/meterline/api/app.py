@@ -25,6 +25,7 @@ from meterline.api.routes import (
     dashboard,
     events,
     gateway,
+    organization,
     otlp,
     receipts,
     reservations,
@@ -221,6 +222,7 @@ def create_app(
     app.include_router(well_known.router)
     app.include_router(receipts.router)
     app.include_router(alerts.router)
+    app.include_router(organization.router)
     app.include_router(dashboard.router)
     app.include_router(widget.router)
     # The dashboard's stylesheet and scripts, from the installed package (nothing from the network).

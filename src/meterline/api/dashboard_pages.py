@@ -1,7 +1,8 @@
 """The dashboard's bridge to the JSON API: each page is built from the bodies of its JSON twins, got by
 calling the very route functions that answer ``/v1/usage``, ``/v1/usage/timeseries``,
-``/v1/usage/breakdown``, ``/v1/alerts`` and ``/v1/admin/credits``. No query is written twice, so a page
-can never show a figure its JSON twin does not.
+``/v1/usage/breakdown``, ``/v1/alerts``, ``/v1/alerts/webhooks``, ``/v1/organization`` and
+``/v1/admin/credits``. No query is written twice, so a page can never show a figure its JSON twin does
+not; the Billing page's forms change settings through the same route functions as the JSON API.
 
 Bodies are decoded with ``parse_float=Decimal``: money and credits stay exact on their way to the page.
 """
@@ -19,6 +20,7 @@ from starlette.responses import Response
 from meterline.api.routes import admin as admin_api
 from meterline.api.routes import alerts as alerts_api
 from meterline.api.routes import analytics as analytics_api
+from meterline.api.routes import organization as organization_api
 from meterline.api.routes import usage as usage_api
 from meterline.dashboard import views
 from meterline.metering.analytics import BreakdownBy, RangeName
@@ -84,6 +86,12 @@ class Twins:
         grants: list[dict[str, Any]] = body["data"]
         return grants
 
+    def organization(self) -> dict[str, Any]:
+        return self._call(organization_api.get_organization, self.principal, self.services)
+
+    def webhooks(self) -> dict[str, Any]:
+        return self._call(alerts_api.list_webhooks, self.principal, self.services)
+
     def export(self, start: str) -> Response:
         return analytics_api.get_export(
             self.request,
@@ -119,4 +127,9 @@ def usage_context(bodies: dict[str, Any]) -> dict[str, Any]:
 
 
 def billing_twins(twins: Twins) -> dict[str, Any]:
-    return {"usage": twins.summary(), "credit_grants": twins.credit_grants()}
+    return {
+        "usage": twins.summary(),
+        "credit_grants": twins.credit_grants(),
+        "organization": twins.organization(),
+        "webhooks": twins.webhooks(),
+    }

@@ -135,6 +135,20 @@ class OrganizationPatch(_Body):
         return self
 
 
+class OrganizationSettingsIn(_Body):
+    """What an organization key may change of its own organization: its alert thresholds (null: back
+    to the deployment's defaults) and, for a spend-cap organization, the cap."""
+
+    alert_thresholds: AlertThresholds | None = None
+    spend_cap: Money | None = None  # a decimal string, in the organization's currency
+
+    @model_validator(mode="after")
+    def _cap_not_null(self) -> OrganizationSettingsIn:
+        if "spend_cap" in self.model_fields_set and self.spend_cap is None:
+            raise ValueError("spend_cap cannot be null: whether there is a cap is the operator's decision")
+        return self
+
+
 class WorkspaceIn(_Body):
     organization_id: str = Field(min_length=1, max_length=40)
     name: Name

@@ -6,6 +6,7 @@ fetch the bodies by calling the JSON routes themselves.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -204,6 +205,55 @@ def limit_title(name: str) -> str:
     return LIMIT_NAMES.get(name) or name.replace("_", " ").replace(":", " ").capitalize()
 
 
+# Where the Upgrade and referral buttons lead when the operator has not set ``upgrade_url`` /
+# ``referral_url``: the Billing page's plan-and-limits section and its bonus-credits explanation.
+UPGRADE_SECTION = "/dashboard/billing#plan"
+REFERRAL_SECTION = "/dashboard/billing#referral"
+
+
+def links(upgrade_url: str | None, referral_url: str | None) -> dict[str, Any]:
+    """The Upgrade and referral buttons' targets, and whether each is the operator's own page."""
+    return {
+        "upgrade": upgrade_url or UPGRADE_SECTION,
+        "referral": referral_url or REFERRAL_SECTION,
+        "upgrade_configured": upgrade_url is not None,
+        "referral_configured": referral_url is not None,
+    }
+
+
+THRESHOLDS_HELP = "1 to 20 whole percentages between 1 and 1000, separated by commas (say 50, 75, 80, 100)"
+
+
+def parse_thresholds(text: str) -> list[int]:
+    """The thresholds typed into the Billing page's form ("50, 75 %, 100") as the API takes them; a
+    ``ValueError`` says what to fix. Ranges are the API's to check."""
+    parts = [part for part in re.split(r"[\s,;%]+", text) if part]
+    if not parts:
+        raise ValueError(f"Enter {THRESHOLDS_HELP}.")
+    for part in parts:
+        if not re.fullmatch(r"[0-9]{1,6}", part):
+            shown = part if len(part) <= 24 else part[:23] + "…"
+            raise ValueError(f"“{shown}” is not a whole percentage. Enter {THRESHOLDS_HELP}.")
+    return [int(part) for part in parts]
+
+
+def alert_settings(organization: Mapping[str, Any], webhooks: Mapping[str, Any]) -> dict[str, Any]:
+    """The Billing page's alerts section from ``GET /v1/organization`` and ``GET /v1/alerts/webhooks``."""
+    own = organization["alert_thresholds"]
+    defaults = [int(t) for t in organization["default_alert_thresholds"]]
+    in_effect = defaults if own is None else [int(t) for t in own]
+    cap = organization["spend_cap"]
+    return {
+        "thresholds": in_effect,
+        "thresholds_text": ", ".join(str(t) for t in in_effect),
+        "own_thresholds": own is not None,
+        "default_thresholds": defaults,
+        "spend_cap": None if cap is None else Decimal(cap),
+        "currency": organization["currency"],
+        "webhooks": [{**w, "created": _time(w["created_at"])} for w in webhooks["data"]],
+    }
+
+
 def billing_page(summary: Mapping[str, Any], grants: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     limits = []
     for limit in summary["limits"]:
@@ -224,6 +274,10 @@ def billing_page(summary: Mapping[str, Any], grants: Sequence[Mapping[str, Any]]
         "allocation": allocation_of(summary),
         "limits": limits,
         "credits": summary["credits"],
+        # Whether usage past the credits is billed as overage rather than refused (the plan's policy).
+        "credits_overage": any(
+            limit["meter"] == "credits" and limit.get("policy") == "overage" for limit in summary["limits"]
+        ),
         "spend": summary["spend"],
         "grants": grants,
         "period_start": _time(summary["billing_period"]["start"]),

@@ -151,17 +151,14 @@ class TenancyService:
                 fields[key] = changes[key]
         if "alert_thresholds" in changes:
             fields["alert_thresholds"] = _thresholds(changes["alert_thresholds"])  # type: ignore[arg-type]
-        spend_cap = changes.get("spend_cap")
-        if "spend_cap" in changes:
-            fields["spend_cap_nanos"] = None if spend_cap is None else to_nanos(Decimal(str(spend_cap)))
+        spend_cap = None if changes.get("spend_cap") is None else Decimal(str(changes["spend_cap"]))
         updated = replace(org, **fields)  # type: ignore[arg-type]
+        # Checked before the cap becomes nanos: an absurd amount (1e400) is a 400, not an overflow.
         self._check_org_fields(
-            updated.plan,
-            updated.currency,
-            updated.billing_anchor_day,
-            updated.discount_pct,
-            None if spend_cap is None else Decimal(str(spend_cap)),
+            updated.plan, updated.currency, updated.billing_anchor_day, updated.discount_pct, spend_cap
         )
+        if "spend_cap" in changes:
+            updated = replace(updated, spend_cap_nanos=None if spend_cap is None else to_nanos(spend_cap))
         self._store.update_organization(updated, to_micros(self._clock.now()))
         self._organizations.pop(org_id, None)
         return updated

@@ -1,27 +1,38 @@
-"""The dashboard (SPEC §6): sign-in, Settings → Usage, Settings → Billing, the CSV download and the
-"Show More" rows. HTML pages signed in with a session cookie (``api.session``); each page has a JSON twin
-(``/dashboard/usage.json``, ``/dashboard/billing.json``) holding the bodies it was drawn from.
+"""The dashboard (SPEC §6): sign-in, Settings → Usage, Settings → Billing (with the forms that set up
+alerts), the CSV download and the "Show More" rows. HTML pages signed in with a session cookie
+(``api.session``); each page has a JSON twin (``/dashboard/usage.json``, ``/dashboard/billing.json``)
+holding the bodies it was drawn from, and each form changes settings through the JSON API's own route
+function.
 
 Not part of the OpenAPI document: these routes speak HTML and cookies, not the bearer-key API.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import anyio.from_thread
 import orjson
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Form, Path, Query, Request
+from pydantic import ValidationError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from meterline.api import session as sessions
 from meterline.api.auth import ServicesDep
-from meterline.api.dashboard_pages import Twins, billing_twins, usage_context, usage_twins
+from meterline.api.dashboard_pages import Twins, billing_twins, body_of, usage_context, usage_twins
+from meterline.api.errors import STATUS, first_problem
+from meterline.api.routes import alerts as alerts_api
+from meterline.api.routes import organization as organization_api
+from meterline.api.routes.alerts import WebhookIn
+from meterline.api.schemas import OrganizationSettingsIn
 from meterline.dashboard import views
 from meterline.dashboard.templating import render
-from meterline.errors import Forbidden, Unauthorized
+from meterline.errors import Forbidden, InvalidRequest, MeterlineError, Unauthorized
 from meterline.metering.analytics import RangeName
 from meterline.services import Services
 from meterline.tenancy import Principal
@@ -105,6 +116,7 @@ def chrome(services: Services, session: sessions.Session, page: str) -> dict[str
         "key_name": principal.key_name,
         "key_prefix": principal.key_prefix,
         "csrf": session.csrf,
+        "links": views.links(services.settings.upgrade_url, services.settings.referral_url),
     }
 
 
@@ -215,15 +227,188 @@ def export_csv(request: Request, services: ServicesDep) -> Response:
 
 
 # -- Settings → Billing -----------------------------------------------------------------------------
-@router.get("/dashboard/billing")
-def billing_page(request: Request, services: ServicesDep) -> Response:
-    session = sessions.read_session(request, services)
-    if session is None:
-        return to_sign_in(request)
+BILLING = "/dashboard/billing"
+# What a form's success says, by the ``saved`` parameter of the page it redirects to.
+SAVED = {
+    "thresholds": "Alert thresholds saved.",
+    "spend_cap": "Spend cap saved.",
+    "webhook_deleted": "Webhook endpoint deleted.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FormProblem:
+    """What went wrong with one of the Billing page's forms, shown beside it with what was typed."""
+
+    form: str
+    message: str
+    values: dict[str, str]
+
+
+def _billing(
+    request: Request,
+    services: Services,
+    session: sessions.Session,
+    *,
+    status: int = 200,
+    saved: str | None = None,
+    problem: FormProblem | None = None,
+    created: dict[str, Any] | None = None,
+) -> HTMLResponse:
     bodies = billing_twins(Twins(request, session.principal, services))
     context = views.billing_page(bodies["usage"], bodies["credit_grants"])
     context["grants"] = [{**g, "created": _time(g["created_at"])} for g in context["grants"]]
-    return html(render("billing.html", **chrome(services, session, "billing"), **context))
+    page = render(
+        "billing.html",
+        **chrome(services, session, "billing"),
+        **context,
+        alerts=views.alert_settings(bodies["organization"], bodies["webhooks"]),
+        can_edit=session.principal.scope == "organization",
+        saved=SAVED.get(saved or ""),
+        problem=problem,
+        created=created,
+    )
+    return html(page, status=status)
+
+
+@router.get(BILLING)
+def billing_page(
+    request: Request,
+    services: ServicesDep,
+    saved: Annotated[str | None, Query(max_length=32, description="The form just saved.")] = None,
+) -> Response:
+    session = sessions.read_session(request, services)
+    if session is None:
+        return to_sign_in(request)
+    return _billing(request, services, session, saved=saved)
+
+
+def _billing_form(
+    request: Request,
+    services: Services,
+    csrf: str,
+    form: str,
+    values: dict[str, str],
+    change: Callable[[Principal], dict[str, Any] | None],
+    *,
+    saved: str,
+) -> Response:
+    """A Billing page form's POST (``form``, with what was typed in ``values``): the session's CSRF
+    token, then ``change``, which calls the JSON API's route function. Success redirects to the page
+    (or, for a new webhook, shows its secret once); a refusal shows the page again with the API's
+    message beside the form and what was typed, with the API's status."""
+    sessions.check_origin(request)
+    session = sessions.read_session(request, services)
+    if session is None:
+        return RedirectResponse(f"{SIGN_IN}?next={BILLING}", status_code=303)
+
+    def again(status: int, message: str) -> HTMLResponse:
+        problem = FormProblem(form, message, values)
+        return _billing(request, services, session, status=status, problem=problem)
+
+    if not csrf or not sessions.same_token(csrf, session.csrf):
+        return again(403, "This form has expired. Please try again.")
+    try:
+        created = change(session.principal)
+    except ValidationError as exc:
+        return again(422, first_problem(exc.errors())[0])
+    except MeterlineError as exc:
+        return again(STATUS.get(exc.code, 400), exc.message)
+    if created is not None:
+        return _billing(request, services, session, status=201, created=created)
+    return RedirectResponse(f"{BILLING}?saved={saved}#alerts", status_code=303)
+
+
+CsrfField = Annotated[str, Form(max_length=128)]
+
+
+@router.post(f"{BILLING}/thresholds")
+def save_thresholds(
+    request: Request,
+    services: ServicesDep,
+    csrf: CsrfField = "",
+    thresholds: Annotated[str, Form(max_length=400)] = "",
+    reset: Annotated[str, Form(max_length=8)] = "",
+) -> Response:
+    """The alert thresholds (``PATCH /v1/organization``), or back to the deployment's defaults."""
+
+    def change(principal: Principal) -> None:
+        if reset:
+            body = OrganizationSettingsIn(alert_thresholds=None)
+        else:
+            try:
+                typed = views.parse_thresholds(thresholds)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="alert_thresholds") from None
+            try:
+                body = OrganizationSettingsIn.model_validate({"alert_thresholds": typed})
+            except ValidationError:
+                # The schema's message names list positions; a person typed one line.
+                raise InvalidRequest(f"Enter {views.THRESHOLDS_HELP}.", param="alert_thresholds") from None
+        organization_api.update_organization(body, principal, services)
+
+    values = {"thresholds": thresholds}
+    return _billing_form(request, services, csrf, "thresholds", values, change, saved="thresholds")
+
+
+@router.post(f"{BILLING}/spend-cap")
+def save_spend_cap(
+    request: Request,
+    services: ServicesDep,
+    csrf: CsrfField = "",
+    spend_cap: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """A spend-cap organization's cap (``PATCH /v1/organization``)."""
+
+    def change(principal: Principal) -> None:
+        amount = spend_cap.strip().replace(",", "")
+        if not amount:
+            raise InvalidRequest("Enter the monthly spend cap, for example 250.00.", param="spend_cap")
+        organization_api.update_organization(
+            OrganizationSettingsIn.model_validate({"spend_cap": amount}), principal, services
+        )
+
+    values = {"spend_cap": spend_cap}
+    return _billing_form(request, services, csrf, "spend_cap", values, change, saved="spend_cap")
+
+
+@router.post(f"{BILLING}/webhooks")
+def add_webhook(
+    request: Request,
+    services: ServicesDep,
+    csrf: CsrfField = "",
+    url: Annotated[str, Form(max_length=2000)] = "",
+    description: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """A webhook endpoint (``POST /v1/alerts/webhooks``); the page shows its signing secret once."""
+
+    def change(principal: Principal) -> dict[str, Any]:
+        if not url.strip():
+            raise InvalidRequest("Enter the address alerts are sent to, starting with https://.", param="url")
+        body = WebhookIn.model_validate({"url": url.strip(), "description": description.strip() or None})
+        # The JSON route is a coroutine (it resolves the host off the event loop); this form's handler
+        # runs in a worker thread, which hands it to the loop.
+        response = anyio.from_thread.run(alerts_api.create_webhook, body, principal, services)
+        return body_of(response)
+
+    values = {"url": url, "description": description}
+    return _billing_form(request, services, csrf, "webhook", values, change, saved="webhook")
+
+
+@router.post(f"{BILLING}/webhooks/{{endpoint_id}}/delete")
+def delete_webhook(
+    request: Request,
+    services: ServicesDep,
+    endpoint_id: Annotated[str, Path(max_length=64)],
+    csrf: CsrfField = "",
+) -> Response:
+    """Stop sending alerts to an endpoint (``DELETE /v1/alerts/webhooks/{id}``)."""
+
+    def change(principal: Principal) -> None:
+        alerts_api.delete_webhook(endpoint_id, principal, services)
+
+    values = {"id": endpoint_id}
+    return _billing_form(request, services, csrf, "webhook_delete", values, change, saved="webhook_deleted")
 
 
 @router.get("/dashboard/billing.json")

@@ -33,7 +33,8 @@ def usage_bar(request: Request, services: ServicesDep, poll_ms: PollMs = 2000) -
         return to_sign_in(request)
     state = views.usage_bar(Twins(request, session.principal, services).summary())
     # Embeddable by pages of this same site (the editor); never by another site.
-    return html(render("usage_bar.html", bar=state, poll_ms=poll_ms), frames="'self'")
+    links = views.links(services.settings.upgrade_url, services.settings.referral_url)
+    return html(render("usage_bar.html", bar=state, poll_ms=poll_ms, links=links), frames="'self'")
 
 
 @router.get("/usage-bar.json")
