@@ -12,14 +12,16 @@ from meterline.api import render
 from meterline.api.auth import PrincipalDep, ServicesDep, scope_of
 from meterline.api.errors import request_id_of
 from meterline.api.responses import JSON
-from meterline.clock import rfc3339
+from meterline.clock import rfc3339, to_micros
 from meterline.credits import CreditBalance
 from meterline.errors import InvalidRequest
 from meterline.metering.forecast import Forecast, forecast
 from meterline.metering.reading import LedgerFilter, Scope, Totals
 from meterline.metering.reservations import InFlight
-from meterline.metering.summary import UsageSummary, summarize
+from meterline.metering.summary import Allowance, UsageSummary, allowance, summarize, tightest
+from meterline.quotas.engine import LimitStatus, WindowQuery
 from meterline.quotas.limits import UNLIMITED
+from meterline.quotas.limits import Scope as LimitScope
 from meterline.services import Services
 from meterline.tenancy import Organization, Principal
 
@@ -107,13 +109,57 @@ def _forecast(
     return forecast(unit="credits", consumed_nanos=consumed, remaining_nanos=left, **days)
 
 
+def _own_usage(services: Services, summary: UsageSummary, scope: Scope, meter: str) -> int:
+    """The scope's own consumption of ``meter`` this billing period (nothing caps it, so no counter)."""
+    if meter == "tokens":
+        return summary.this_period.total_tokens
+    if meter == "calls":
+        return summary.this_period.requests
+    # units:<event>: the totals sum every event's units; the rollups have them per event.
+    narrowest: LimitScope = (
+        "identifier" if scope.identifier_id else "workspace" if scope.workspace_id else "organization"
+    )
+    period = summary.period
+    query = WindowQuery(
+        scope.organization_id,
+        narrowest,
+        scope.workspace_id,
+        None,
+        scope.identifier_id,
+        meter,
+        to_micros(period.start),
+        to_micros(period.end),
+    )
+    return services.quotas.source.window_usage(query)
+
+
+def _headline(
+    services: Services, summary: UsageSummary, scope: Scope, statuses: list[LimitStatus]
+) -> tuple[Allowance, dict[str, Any] | None]:
+    """Seed 003's usage/limit/remaining: the plan's primary meter this billing period, measured against
+    the tightest period limit that applies to the caller (its identifier's, key's, workspace's or
+    organization's), with that limit named; unlimited (-1) with the scope's own usage when none does."""
+    meter = summary.plan.meter
+    bound = tightest(statuses, meter)
+    if bound is None:
+        return allowance(_own_usage(services, summary, scope, meter), UNLIMITED), None
+    limited_by = {
+        "name": bound.limit.name,
+        "scope": bound.limit.scope,
+        "window": bound.limit.window,
+        "resets_at": None if bound.window is None else rfc3339(bound.window.end),
+    }
+    return Allowance(bound.consumed, bound.limit.max, bound.remaining), limited_by
+
+
 def _summary_body(services: Services, principal: Principal, scope: Scope) -> dict[str, Any]:
     org = services.tenancy.get_organization(principal.organization_id)
     plan = services.plan_of(org)
     now = services.clock.now()
     summary = summarize(services.reader, scope, plan, org.billing_anchor_day, now)
-    primary = summary.primary
     subject = services.subject_of(org, principal, scope.identifier_id)
+    statuses = services.quotas.status(subject)
+    primary, limited_by = _headline(services, summary, scope, statuses)
     credits = services.account_of(org).credits
     account_allowance = credits.monthly_allowance_nanos if credits else UNLIMITED
     org_period = (
@@ -128,12 +174,14 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
     balance = services.credit_balance(org, now)
     return {
         "object": "usage.summary",
-        # Seed 003's fields first: the plan's primary meter (tokens this billing period).
+        # Seed 003's fields first: the plan's primary meter this billing period, against the tightest
+        # limit on it that applies to the caller (``limited_by``; null when nothing caps it).
         "usage": primary.usage,
         "limit": primary.limit,
         "remaining": primary.remaining,
         "plan": plan.name,
-        "meter": "tokens",
+        "meter": plan.meter,
+        "limited_by": limited_by,
         # Seed 000: daily and monthly tokens and calls.
         "daily": {
             "tokens": render.allowance(summary.daily_tokens),
@@ -160,7 +208,7 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
         },
         # Every limit that applies to this caller, with what its current window has consumed (settled
         # and reserved), then the organization's credit buckets and spend.
-        "limits": [render.limit_status(s) for s in services.quotas.status(subject)],
+        "limits": [render.limit_status(s) for s in statuses],
         "credits": render.credits(balance, account_allowance, in_flight.credits_nanos),
         "spend": {
             "amount": render.money_number(spent),
