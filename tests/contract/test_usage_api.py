@@ -330,3 +330,13 @@ def test_top_level_is_the_tightest_limit_for_each_kind_of_caller(client: TestCli
     assert top({"Authorization": f"Bearer {token}"}) == own
     assert top(org, identifier_id="user-123") == own
     assert top(tenant.headers)[:4] == ("tokens", 1150, 50_000_000, 49_998_850)
+
+
+def test_openapi_describes_the_summary_headline(client: TestClient) -> None:
+    ok = client.get("/openapi.json").json()["paths"]["/v1/usage"]["get"]["responses"]["200"]
+    schema = ok["content"]["application/json"]["schema"]
+    assert {"usage", "limit", "remaining", "plan", "meter", "limited_by"} <= set(schema["required"])
+    assert "primary_meter" in schema["properties"]["meter"]["description"]
+    assert set(schema["properties"]["limited_by"]["properties"]) == {"name", "scope", "window", "resets_at"}
+    example = ok["content"]["application/json"]["example"]
+    assert example["remaining"] == example["limit"] - example["usage"]

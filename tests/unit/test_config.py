@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meterline.config import load_settings
+from meterline.config import PlanConfig, load_settings
 from meterline.errors import ConfigError
 
 
@@ -114,3 +114,9 @@ def test_a_strong_admin_key_is_accepted_and_hidden(monkeypatch: pytest.MonkeyPat
     settings = load_settings()
     assert settings.admin_key is not None
     assert "9f8e7d6c5b4a" not in repr(settings)
+
+
+def test_every_plan_setting_is_documented() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for name in PlanConfig.model_fields:
+        assert f"`{name}" in readme or f"\n{name} = " in readme, f"plan setting {name} is not in README.md"

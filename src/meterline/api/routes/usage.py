@@ -225,14 +225,78 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
     }
 
 
-@router.get("")
+_COUNT = {"type": "integer", "minimum": -1}
+# The seed-003 fields, described (the rest of the summary is listed in the README's endpoint table).
+_SUMMARY: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The caller's usage summary.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["usage", "limit", "remaining", "plan", "meter", "limited_by", "request_id"],
+                    "properties": {
+                        "usage": {
+                            **_COUNT,
+                            "description": "Consumed this billing period of `meter`, settled and reserved, "
+                            "by the scope of the limit named in `limited_by` (the caller's own when null).",
+                        },
+                        "limit": {**_COUNT, "description": "Maximum of that limit; -1: unlimited."},
+                        "remaining": {**_COUNT, "description": "`limit - usage`, at least 0; -1: unlimited."},
+                        "plan": {"type": "string"},
+                        "meter": {
+                            "type": "string",
+                            "description": "The plan's primary meter: `tokens`, `calls` or `units:<event>` "
+                            "(plan setting `primary_meter`; by default tokens, or for a plan that limits no "
+                            "tokens the meter of its first extra limit).",
+                        },
+                        "limited_by": {
+                            "type": ["object", "null"],
+                            "description": "The limit the top level reports: of the billing-period limits on "
+                            "`meter` that apply to the caller (its organization's, workspace's, key's, "
+                            "identifier's), the one with the least remaining. Null when none caps it.",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "scope": {"enum": ["organization", "workspace", "key", "identifier"]},
+                                "window": {"const": "period"},
+                                "resets_at": {"type": ["string", "null"], "format": "date-time"},
+                            },
+                        },
+                        "request_id": {"type": "string"},
+                    },
+                    "additionalProperties": True,
+                },
+                "example": {
+                    "object": "usage.summary",
+                    "usage": 1247,
+                    "limit": 5000,
+                    "remaining": 3753,
+                    "plan": "pro",
+                    "meter": "units:case.execute",
+                    "limited_by": {
+                        "name": "period_units:case.execute",
+                        "scope": "organization",
+                        "window": "period",
+                        "resets_at": "2026-04-14T00:00:00Z",
+                    },
+                    "request_id": "req_01J8X",
+                },
+            }
+        },
+    }
+}
+
+
+@router.get("", responses=_SUMMARY)
 def get_usage(
     request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
     identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> JSON:
-    """Current usage of the caller's scope: plan, primary meter, daily and monthly tokens and calls."""
+    """Current usage of the caller's scope: plan; ``usage``/``limit``/``remaining`` of the plan's primary
+    meter this billing period against the tightest limit on it that applies to the caller
+    (``limited_by``); daily and monthly tokens and calls; every limit; credits, spend and forecast."""
     scope = scope_for(principal, request, identifier_id)
     body = _summary_body(services, principal, scope)
     body["request_id"] = request_id_of(request)
