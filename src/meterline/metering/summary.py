@@ -75,6 +75,4 @@ def tightest(statuses: Iterable[LimitStatus], meter: str) -> LimitStatus | None:
     candidates = [
         s for s in statuses if s.limit.meter == meter and s.limit.window == "period" and not s.limit.unlimited
     ]
-    return min(
-        candidates, key=lambda s: (s.remaining, s.limit.max, _NARROWNESS[s.limit.scope]), default=None
-    )
+    return min(candidates, key=lambda s: (s.remaining, s.limit.max, _NARROWNESS[s.limit.scope]), default=None)
