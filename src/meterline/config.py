@@ -87,6 +87,9 @@ class UpstreamConfig(_Strict):
         return "anthropic" if self.provider == "anthropic" else "openai"
 
 
+_UNITS_METER = re.compile(r"units:[A-Za-z0-9_.:-]{1,64}")
+
+
 class LimitConfig(_Strict):
     """A limit beyond the named ones, e.g. ``{meter = "units:case.execute", window = "period", max = 5000}``.
     ``max`` is in the meter's unit (whole credits / currency units for credits and spend); -1 unlimited."""
@@ -103,7 +106,7 @@ class LimitConfig(_Strict):
     def _meter(cls, value: str) -> str:
         if value in ("tokens", "calls", "credits", "spend"):
             return value
-        if re.fullmatch(r"units:[A-Za-z0-9_.:-]{1,64}", value):
+        if _UNITS_METER.fullmatch(value):
             return value
         raise ValueError(f"unknown meter {value!r}: use tokens, calls, credits, spend or units:<event>")
 
@@ -127,6 +130,17 @@ class PlanConfig(_Strict):
     disconnect: Literal["bill_generated", "void"] | None = None
     # Usage of a model with no price: recorded at cost 0 (and alerted), or refused.
     unpriced: Literal["record", "block"] | None = None
+    # The meter of ``GET /v1/usage``'s top-level usage/limit/remaining (seed 003): tokens, calls or
+    # units:<event>. Unset: tokens, or the first extra limit's meter for a plan with no token limit.
+    primary_meter: str | None = None
+
+    @field_validator("primary_meter")
+    @classmethod
+    def _primary_meter(cls, value: str | None) -> str | None:
+        # Counted meters only: the top-level figures are integers (seed 003), money is in ``credits``.
+        if value is None or value in ("tokens", "calls") or _UNITS_METER.fullmatch(value):
+            return value
+        raise ValueError(f"unknown primary_meter {value!r}: use tokens, calls or units:<event>")
 
 
 class PriceOverride(_Strict):

@@ -55,5 +55,13 @@ def test_unreachable_counter_store(outage_client: TestClient) -> None:
         assert ledger["total_count"] == 0
         held = outage_client.post("/v1/reservations", json={"prompt_tokens": 5}, headers=tenant.headers)
         assert_envelope(held, 503, "service_unavailable")
-    # Reads still answer (limits show what the ledger knows).
-    assert outage_client.get("/v1/usage", headers=tenant.headers).status_code == 200
+    # Reads still answer: the limits, and the top level that is one of them, show what the ledger knows.
+    summary = outage_client.get("/v1/usage", headers=tenant.headers)
+    assert summary.status_code == 200, summary.text
+    rows = outage_client.get("/v1/usage/ledger", headers=tenant.headers).json()["data"]
+    tokens = sum(row["total_tokens"] for row in rows)
+    assert tokens == (15 if outage_client.fail_open else 0)  # type: ignore[attr-defined]
+    body = summary.json()
+    assert (body["usage"], body["limit"], body["remaining"]) == (tokens, 500_000, 500_000 - tokens)
+    daily = [limit for limit in body["limits"] if limit["name"] in ("daily_tokens", "daily_calls")]
+    assert [limit["used"] for limit in daily] == [tokens, len(rows)]

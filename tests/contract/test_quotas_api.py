@@ -42,6 +42,9 @@ PLANS = {
     "tokens": plan(daily_tokens=1000, monthly_tokens=1500),
     "monthly2": plan(monthly_calls=2),
     "priced_only": plan(unpriced="block"),
+    "tokens1500": plan(monthly_tokens=1500),
+    # Sold by cases, unlimited: the plan names its primary meter, as no limit says what it is.
+    "cases_open": plan(primary_meter="units:case.execute"),
 }
 # Ten credits a call (credit_value 0.01): credit arithmetic in tests is then whole numbers.
 PRICES = {"flat-model": {"per_request": "0.10"}}
@@ -314,6 +317,75 @@ def test_custom_event_meter_returns_quota_exceeded(client: TestClient) -> None:
     error = assert_envelope(refused, 429, "quota_exceeded")
     assert error["limit"]["meter"] == "units:case.execute"
     assert limit_named(usage(client, tenant), "period_units:case.execute")["remaining"] == 0
+
+
+def headline(body: dict[str, Any]) -> tuple[Any, ...]:
+    """``GET /v1/usage``'s top level (seed 003) and the limit it says it is measured against."""
+    by = body.get("limited_by")
+    named = None if by is None else (by["scope"], by["name"])
+    return body["meter"], body["usage"], body["limit"], body["remaining"], named
+
+
+def test_a_plan_sold_by_cases_reports_cases_at_the_top_level(client: TestClient) -> None:
+    # Issue 17 item 9 (seed 003): a plan whose only limit is on cases reports cases, not tokens.
+    tenant = make_tenant(client, plan="cases")
+    assert send(client, tenant, prompt_tokens=10).status_code == 200
+    assert headline(usage(client, tenant)) == (
+        "units:case.execute",
+        0,
+        3,
+        3,
+        ("organization", "period_units:case.execute"),
+    )
+    for _ in range(3):
+        assert send(client, tenant, event="case.execute", model=None).status_code == 200
+    assert send(client, tenant, event="other.thing", model=None, units=5).status_code == 200
+    body = usage(client, tenant)
+    assert headline(body) == ("units:case.execute", 3, 3, 0, ("organization", "period_units:case.execute"))
+    assert body["plan"] == "cases"
+
+
+def test_a_plan_names_its_primary_meter_even_when_unlimited(client: TestClient) -> None:
+    tenant = make_tenant(client, plan="cases_open")
+    for units in (2, 2):
+        assert send(client, tenant, event="case.execute", model=None, units=units).status_code == 200
+    assert send(client, tenant, event="other.thing", model=None, units=5).status_code == 200
+    assert send(client, tenant, prompt_tokens=10).status_code == 200
+    # Only case.execute counts; nothing caps it, so the limit is -1 (seed 003) and no limit is named.
+    assert headline(usage(client, tenant)) == ("units:case.execute", 4, -1, -1, None)
+
+
+def test_the_top_level_is_the_limit_that_runs_out_first(client: TestClient) -> None:
+    # Issue 17 item 8: the least remaining wins, whichever scope it is on.
+    tenant = make_tenant(client, plan="tokens1500")
+    issued = client.post(
+        "/v1/token",
+        json={"identifier_id": "user-a", "limits": {"monthly_tokens": 1000}},
+        headers=tenant.headers,
+    )
+    assert issued.status_code == 200, issued.text
+    user = Tenant(tenant.org, tenant.workspace, issued.json()["access_token"], {})
+    assert send(client, user, prompt_tokens=100).status_code == 200
+    # The identifier's own limit leaves it less than its organization's (900 < 1400).
+    assert headline(usage(client, user)) == (
+        "tokens",
+        100,
+        1000,
+        900,
+        ("identifier", "identifier.monthly_tokens"),
+    )
+    assert send(client, tenant, prompt_tokens=1200).status_code == 200
+    # Now the organization's leaves less (200 < 900): that is what the end user can still use.
+    assert headline(usage(client, user)) == ("tokens", 1300, 1500, 200, ("organization", "monthly_tokens"))
+    limited = client.post(
+        "/v1/admin/keys",
+        json={"workspace_id": tenant.workspace["id"], "name": "tight", "limits": {"monthly_tokens": 150}},
+        headers=ADMIN,
+    ).json()["key"]
+    tight = Tenant(tenant.org, tenant.workspace, limited, {})
+    assert send(client, tight, prompt_tokens=100).status_code == 200
+    assert headline(usage(client, tight)) == ("tokens", 100, 150, 50, ("key", "key.monthly_tokens"))
+    assert headline(usage(client, tenant)) == ("tokens", 1400, 1500, 100, ("organization", "monthly_tokens"))
 
 
 def test_key_limits_apply_to_that_key_only(client: TestClient) -> None:

@@ -398,8 +398,11 @@ def test_reads_with_an_access_token_see_only_its_identifier(client: TestClient, 
     token = bearer(issue(client, tenant, "user-a")["access_token"])
 
     summary = client.get("/v1/usage", headers=token).json()
-    assert summary["usage"] == 120
-    assert summary["daily"]["tokens"]["usage"] == 120
+    # The identifier's own consumption...
+    assert summary["daily"]["tokens"]["usage"] == summary["monthly"]["tokens"]["usage"] == 120
+    # ...while the top level is the quota it draws on: with no limit of its own, its organization's.
+    assert (summary["usage"], summary["remaining"]) == (130, 50_000_000 - 130)
+    assert summary["limited_by"]["scope"] == "organization"
     assert summary["daily"]["calls"]["usage"] == 2
     assert client.get("/v1/usage", headers=tenant.headers).json()["usage"] == 130
 

@@ -293,3 +293,50 @@ def test_openapi_documents_the_gateway_endpoints(client: TestClient) -> None:
     chat = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert chat["required"] == ["model", "messages"]
     assert "/v1/models" in paths
+
+
+def test_top_level_is_the_tightest_limit_for_each_kind_of_caller(client: TestClient, tenant: Tenant) -> None:
+    # Issue 17 item 8: the top level is the tightest period limit on the primary meter that applies to
+    # the caller, as its own ``limits`` entry says, not the plan's maximum against the caller's usage.
+    other_ws = client.post(
+        "/v1/admin/workspaces", json={"organization_id": tenant.org["id"], "name": "Second"}, headers=ADMIN
+    ).json()
+    other = {"Authorization": f"Bearer {add_key(client, other_ws['id'])}"}
+    org = {"Authorization": f"Bearer {add_key(client, tenant.workspace['id'], 'Reader', 'organization')}"}
+    post(client, tenant, ev(1, prompt_tokens=600, completion_tokens=400), headers=other)
+
+    def top(headers: dict[str, str], **params: str) -> tuple[Any, ...]:
+        body = client.get("/v1/usage", headers=headers, params=params).json()
+        figures = (body["meter"], body["usage"], body["limit"], body["remaining"])
+        # The top level is one of the caller's limits, figure for figure, and says which.
+        by = body.get("limited_by") or {}
+        named = [x for x in body["limits"] if (x["scope"], x["name"]) == (by.get("scope"), by.get("name"))]
+        assert [(x["used"], x["max"], x["remaining"]) for x in named] == [figures[1:]], (by, body["limits"])
+        assert by["window"] == "period"
+        assert by["resets_at"] == named[0]["resets_at"] == "2026-04-14T00:00:00Z"
+        return (*figures, by["scope"], by["name"])
+
+    organization = ("tokens", 1000, 50_000_000, 49_999_000, "organization", "monthly_tokens")
+    assert top(tenant.headers) == organization  # a workspace key whose workspace used nothing
+    assert top(org) == organization
+
+    token = client.post(
+        "/v1/token",
+        json={"identifier_id": "user-123", "limits": {"daily_tokens": 10_000, "monthly_tokens": 100_000}},
+        headers=tenant.headers,
+    ).json()["access_token"]
+    post(client, tenant, ev(2, identifier_id="user-123"))
+    own = ("tokens", 150, 100_000, 99_850, "identifier", "identifier.monthly_tokens")
+    assert top({"Authorization": f"Bearer {token}"}) == own
+    assert top(org, identifier_id="user-123") == own
+    assert top(tenant.headers)[:4] == ("tokens", 1150, 50_000_000, 49_998_850)
+
+
+def test_openapi_describes_the_summary_headline(client: TestClient) -> None:
+    ok = client.get("/openapi.json").json()["paths"]["/v1/usage"]["get"]["responses"]["200"]
+    schema = ok["content"]["application/json"]["schema"]
+    assert {"usage", "limit", "remaining", "plan", "meter", "limited_by"} <= set(schema["required"])
+    assert "primary_meter" in schema["properties"]["meter"]["description"]
+    assert set(schema["properties"]["limited_by"]["properties"]) == {"name", "scope", "window", "resets_at"}
+    example = ok["content"]["application/json"]["example"]
+    assert example["remaining"] == example["limit"] - example["usage"]

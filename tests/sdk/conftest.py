@@ -66,6 +66,14 @@ def server(database_url: str, tmp_path: Path, upstream: FakeUpstream) -> Iterato
         signing_key_file=str(key_file),
         # Webhook endpoints on loopback are accepted, so the tests register them without the network.
         webhook_allow_private=True,
+        # Seed 003's plan sold by cases (the README's example): no token limit, 5,000 cases a period.
+        plans={
+            "cases": {
+                **dict.fromkeys(("daily_tokens", "monthly_tokens", "daily_calls", "monthly_calls"), -1),
+                **{"rpm": 600, "tpm": -1, "monthly_credits": -1, "overage": "block"},
+                "limits": [{"meter": "units:case.execute", "window": "period", "max": 5000}],
+            }
+        },
         upstreams=[
             {
                 "name": "fake",

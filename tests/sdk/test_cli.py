@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ADMIN_KEY, NOW
+from conftest import ADMIN_KEY, NOW, make_tenant
 from meterline.sdk import Event
 from sdk.conftest import Server
 
@@ -85,6 +85,29 @@ def test_usage_history_and_top_from_a_server(used: Server) -> None:
     users = run("top", "--by", "user", **env).stdout
     assert "user-0" in users
     assert "user-1" in users
+
+
+def test_usage_of_a_plan_sold_by_cases(server: Server) -> None:
+    # Issue 17 item 9: seed 003's summary in cases, through the SDK and the CLI, not tokens and -1.
+    tenant = make_tenant(server.http, plan="cases", name="Aira")  # type: ignore[arg-type]
+    events = [Event(id=f"case-{i}", event="case.execute", run_id=f"prn_{i}") for i in range(3)]
+    events.append(Event(id="chat", model="gpt-4o-mini", provider="openai", prompt_tokens=900))
+    with server.client(tenant.key) as client:
+        assert client.send_events(events).accepted == 4
+        summary = client.usage()
+    top = (summary.meter, summary.usage, summary.limit, summary.remaining)
+    assert top == ("units:case.execute", 3, 5000, 4997)
+    by = summary.limited_by
+    assert by is not None
+    assert (by.scope, by.name, by.window) == ("organization", "period_units:case.execute", "period")
+    table = run("usage", METERLINE_URL=server.base, METERLINE_API_KEY=tenant.key).stdout
+    headline = next(line for line in table.splitlines() if "quota:" in line)
+    assert [cell.strip() for cell in headline.strip("│ ").split("│")] == [
+        "quota: units:case.execute (organization period_units:case.execute)",
+        "3",
+        "5,000",
+        "4,997",
+    ]
 
 
 def test_export_to_a_file_equals_the_api_export(used: Server, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meterline.config import load_settings
+from meterline.config import PlanConfig, load_settings
 from meterline.errors import ConfigError
 
 
@@ -150,3 +150,9 @@ def test_the_dashboards_button_urls_are_web_addresses_or_paths_of_this_server(na
     ):
         with pytest.raises(ConfigError, match=f"{name}: must be an http"):
             load_settings(**{name: bad})
+
+
+def test_every_plan_setting_is_documented() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for name in PlanConfig.model_fields:
+        assert f"`{name}" in readme or f"\n{name} = " in readme, f"plan setting {name} is not in README.md"

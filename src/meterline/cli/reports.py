@@ -55,11 +55,19 @@ def _allowance_row(table: Table, name: str, a: Allowance) -> None:
     table.add_row(name, _n(a.usage), _n(a.limit), _n(a.remaining))
 
 
+def _headline(summary: UsageSummary) -> Allowance:
+    return Allowance(summary.usage, summary.limit, summary.remaining)
+
+
 def usage_tables(summary: UsageSummary) -> list[Table]:
     period = summary.billing_period
     meters = Table(title=f"Usage — plan {summary.plan}, {period.start:%Y-%m-%d} to {period.end:%Y-%m-%d}")
     for column in ("meter", "used", "limit", "remaining"):
         meters.add_column(column, justify="left" if column == "meter" else "right")
+    # The plan's primary meter first, against the limit that leaves the caller least (seed 003).
+    by = summary.limited_by
+    quota = f" ({by.scope} {by.name})" if by is not None else ""
+    _allowance_row(meters, f"quota: {summary.meter}{quota}", _headline(summary))
     _allowance_row(meters, "tokens today", summary.daily.tokens)
     _allowance_row(meters, "calls today", summary.daily.calls)
     _allowance_row(meters, "tokens this period", summary.monthly.tokens)

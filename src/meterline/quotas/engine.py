@@ -627,9 +627,13 @@ class QuotaEngine:
             if missing:
                 self.store.seed([self._seed(bounds[i], lines[i], now_us) for i in missing], now_us)
                 levels = self.store.levels(lines, now_us)
+            consumed = {b.limit: (lv.consumed if lv else 0) for b, lv in zip(bounds, levels, strict=True)}
         except CounterStoreUnavailable:
-            levels = [None] * len(lines)
-        consumed = {b.limit: (lv.consumed if lv else 0) for b, lv in zip(bounds, levels, strict=True)}
+            # No counter store to ask: what the ledger has settled (what is in flight is unknown), not 0.
+            consumed = {}
+            for placed, line in zip(bounds, lines, strict=True):
+                seed = self._seed(placed, line, now_us)
+                consumed[placed.limit] = seed.used + sum(amount for _, amount in seed.buckets)
         period = billing_period(now, subject.billing_anchor_day)
         statuses = []
         bonus = 0

@@ -41,6 +41,27 @@ class Plan:
     # Usage of a model the price book has no price for: recorded at cost 0 (an ``unpriced_usage`` alert
     # says so), or refused (403) before it happens.
     unpriced: Unpriced = "record"
+    # The meter ``GET /v1/usage`` reports at the top level (seed 003); None: ``default_primary_meter``.
+    primary_meter: str | None = None
+
+    @property
+    def meter(self) -> str:
+        """The plan's primary meter: what it is sold by (tokens, calls or ``units:<event>``)."""
+        return self.primary_meter or default_primary_meter(self)
+
+
+def default_primary_meter(plan: Plan) -> str:
+    """Tokens, unless the plan limits no tokens and names extra limits: then the first extra limit's
+    meter that counts something (a plan sold by cases, ``units:case.execute``, reports cases)."""
+    named = (plan.daily_tokens, plan.monthly_tokens, plan.tpm)
+    limits_tokens = any(v != UNLIMITED for v in named) or any(
+        limit.meter == "tokens" and not limit.unlimited for limit in plan.limits
+    )
+    if not limits_tokens:
+        for limit in plan.limits:
+            if not limit.unlimited and (limit.meter == "calls" or limit.meter.startswith("units:")):
+                return limit.meter
+    return "tokens"
 
 
 DEFAULT_PLANS: Mapping[str, Plan] = {

@@ -118,6 +118,29 @@ class BonusCredits:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitedBy:
+    """The limit the top-level usage/limit/remaining are measured against: the one on the primary meter
+    over the billing period that leaves the caller least (its own, its key's, workspace's or
+    organization's)."""
+
+    name: str
+    scope: str
+    window: str
+    resets_at: datetime | None
+
+    @classmethod
+    def from_json(cls, data: Any) -> LimitedBy | None:
+        if not isinstance(data, dict):
+            return None  # nothing caps the primary meter (limit -1), or an older server
+        return cls(
+            name=str(data["name"]),
+            scope=str(data["scope"]),
+            window=str(data["window"]),
+            resets_at=opt_time(data.get("resets_at")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Credits:
     """Seed 002's buckets: the plan's monthly allowance is drawn first, then bonus credits."""
 
@@ -185,6 +208,7 @@ class UsageSummary:
     usage: int
     limit: int
     remaining: int
+    limited_by: LimitedBy | None
     currency: str
     daily: WindowTotals
     monthly: WindowTotals
@@ -206,6 +230,7 @@ class UsageSummary:
             usage=int(data["usage"]),
             limit=int(data["limit"]),
             remaining=int(data["remaining"]),
+            limited_by=LimitedBy.from_json(data.get("limited_by")),
             currency=str(data["currency"]),
             daily=WindowTotals.from_json(data["daily"]),
             monthly=WindowTotals.from_json(data["monthly"]),

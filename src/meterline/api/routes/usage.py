@@ -12,14 +12,16 @@ from meterline.api import render
 from meterline.api.auth import PrincipalDep, ServicesDep, scope_of
 from meterline.api.errors import request_id_of
 from meterline.api.responses import JSON
-from meterline.clock import rfc3339
+from meterline.clock import rfc3339, to_micros
 from meterline.credits import CreditBalance
 from meterline.errors import InvalidRequest
 from meterline.metering.forecast import Forecast, forecast
 from meterline.metering.reading import LedgerFilter, Scope, Totals
 from meterline.metering.reservations import InFlight
-from meterline.metering.summary import UsageSummary, summarize
+from meterline.metering.summary import Allowance, UsageSummary, allowance, summarize, tightest
+from meterline.quotas.engine import LimitStatus, WindowQuery
 from meterline.quotas.limits import UNLIMITED
+from meterline.quotas.limits import Scope as LimitScope
 from meterline.services import Services
 from meterline.tenancy import Organization, Principal
 
@@ -107,13 +109,57 @@ def _forecast(
     return forecast(unit="credits", consumed_nanos=consumed, remaining_nanos=left, **days)
 
 
+def _own_usage(services: Services, summary: UsageSummary, scope: Scope, meter: str) -> int:
+    """The scope's own consumption of ``meter`` this billing period (nothing caps it, so no counter)."""
+    if meter == "tokens":
+        return summary.this_period.total_tokens
+    if meter == "calls":
+        return summary.this_period.requests
+    # units:<event>: the totals sum every event's units; the rollups have them per event.
+    narrowest: LimitScope = (
+        "identifier" if scope.identifier_id else "workspace" if scope.workspace_id else "organization"
+    )
+    period = summary.period
+    query = WindowQuery(
+        scope.organization_id,
+        narrowest,
+        scope.workspace_id,
+        None,
+        scope.identifier_id,
+        meter,
+        to_micros(period.start),
+        to_micros(period.end),
+    )
+    return services.quotas.source.window_usage(query)
+
+
+def _headline(
+    services: Services, summary: UsageSummary, scope: Scope, statuses: list[LimitStatus]
+) -> tuple[Allowance, dict[str, Any] | None]:
+    """Seed 003's usage/limit/remaining: the plan's primary meter this billing period, measured against
+    the tightest period limit that applies to the caller (its identifier's, key's, workspace's or
+    organization's), with that limit named; unlimited (-1) with the scope's own usage when none does."""
+    meter = summary.plan.meter
+    bound = tightest(statuses, meter)
+    if bound is None:
+        return allowance(_own_usage(services, summary, scope, meter), UNLIMITED), None
+    limited_by = {
+        "name": bound.limit.name,
+        "scope": bound.limit.scope,
+        "window": bound.limit.window,
+        "resets_at": None if bound.window is None else rfc3339(bound.window.end),
+    }
+    return Allowance(bound.consumed, bound.limit.max, bound.remaining), limited_by
+
+
 def _summary_body(services: Services, principal: Principal, scope: Scope) -> dict[str, Any]:
     org = services.tenancy.get_organization(principal.organization_id)
     plan = services.plan_of(org)
     now = services.clock.now()
     summary = summarize(services.reader, scope, plan, org.billing_anchor_day, now)
-    primary = summary.primary
     subject = services.subject_of(org, principal, scope.identifier_id)
+    statuses = services.quotas.status(subject)
+    primary, limited_by = _headline(services, summary, scope, statuses)
     credits = services.account_of(org).credits
     account_allowance = credits.monthly_allowance_nanos if credits else UNLIMITED
     org_period = (
@@ -128,12 +174,14 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
     balance = services.credit_balance(org, now)
     return {
         "object": "usage.summary",
-        # Seed 003's fields first: the plan's primary meter (tokens this billing period).
+        # Seed 003's fields first: the plan's primary meter this billing period, against the tightest
+        # limit on it that applies to the caller (``limited_by``; null when nothing caps it).
         "usage": primary.usage,
         "limit": primary.limit,
         "remaining": primary.remaining,
         "plan": plan.name,
-        "meter": "tokens",
+        "meter": plan.meter,
+        "limited_by": limited_by,
         # Seed 000: daily and monthly tokens and calls.
         "daily": {
             "tokens": render.allowance(summary.daily_tokens),
@@ -160,7 +208,7 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
         },
         # Every limit that applies to this caller, with what its current window has consumed (settled
         # and reserved), then the organization's credit buckets and spend.
-        "limits": [render.limit_status(s) for s in services.quotas.status(subject)],
+        "limits": [render.limit_status(s) for s in statuses],
         "credits": render.credits(balance, account_allowance, in_flight.credits_nanos),
         "spend": {
             "amount": render.money_number(spent),
@@ -177,14 +225,78 @@ def _summary_body(services: Services, principal: Principal, scope: Scope) -> dic
     }
 
 
-@router.get("")
+_COUNT = {"type": "integer", "minimum": -1}
+# The seed-003 fields, described (the rest of the summary is listed in the README's endpoint table).
+_SUMMARY: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The caller's usage summary.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["usage", "limit", "remaining", "plan", "meter", "limited_by", "request_id"],
+                    "properties": {
+                        "usage": {
+                            **_COUNT,
+                            "description": "Consumed this billing period of `meter`, settled and reserved, "
+                            "by the scope of the limit named in `limited_by` (the caller's own when null).",
+                        },
+                        "limit": {**_COUNT, "description": "Maximum of that limit; -1: unlimited."},
+                        "remaining": {**_COUNT, "description": "`limit - usage`, at least 0; -1: unlimited."},
+                        "plan": {"type": "string"},
+                        "meter": {
+                            "type": "string",
+                            "description": "The plan's primary meter: `tokens`, `calls` or `units:<event>` "
+                            "(plan setting `primary_meter`; by default tokens, or for a plan that limits no "
+                            "tokens the meter of its first extra limit).",
+                        },
+                        "limited_by": {
+                            "type": ["object", "null"],
+                            "description": "The limit the top level reports: of the billing-period limits on "
+                            "`meter` that apply to the caller (its organization's, workspace's, key's, "
+                            "identifier's), the one with the least remaining. Null when none caps it.",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "scope": {"enum": ["organization", "workspace", "key", "identifier"]},
+                                "window": {"const": "period"},
+                                "resets_at": {"type": ["string", "null"], "format": "date-time"},
+                            },
+                        },
+                        "request_id": {"type": "string"},
+                    },
+                    "additionalProperties": True,
+                },
+                "example": {
+                    "object": "usage.summary",
+                    "usage": 1247,
+                    "limit": 5000,
+                    "remaining": 3753,
+                    "plan": "pro",
+                    "meter": "units:case.execute",
+                    "limited_by": {
+                        "name": "period_units:case.execute",
+                        "scope": "organization",
+                        "window": "period",
+                        "resets_at": "2026-04-14T00:00:00Z",
+                    },
+                    "request_id": "req_01J8X",
+                },
+            }
+        },
+    }
+}
+
+
+@router.get("", responses=_SUMMARY)
 def get_usage(
     request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
     identifier_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> JSON:
-    """Current usage of the caller's scope: plan, primary meter, daily and monthly tokens and calls."""
+    """Current usage of the caller's scope: plan; ``usage``/``limit``/``remaining`` of the plan's primary
+    meter this billing period against the tightest limit on it that applies to the caller
+    (``limited_by``); daily and monthly tokens and calls; every limit; credits, spend and forecast."""
     scope = scope_for(principal, request, identifier_id)
     body = _summary_body(services, principal, scope)
     body["request_id"] = request_id_of(request)
