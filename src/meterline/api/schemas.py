@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,9 +21,9 @@ from pydantic import (
 )
 
 from meterline.metering.records import NO_DETAIL, UsageVector
-from meterline.money import parse_decimal, to_nanos
+from meterline.money import NANOS_PER_UNIT, parse_decimal, to_nanos
 from meterline.pricing.usage import consistency
-from meterline.quotas.limits import LIMIT_NAMES, NANOS_LIMITS, UNLIMITED, check_named_limits
+from meterline.quotas.limits import LIMIT_NAMES, MAX_LIMIT, NANOS_LIMITS, UNLIMITED, check_named_limits
 
 MAX_TOKENS = 100_000_000  # per event: far above any model's context, far below overflow
 MAX_UNITS = 1_000_000_000
@@ -40,9 +41,10 @@ Money = Annotated[Decimal, BeforeValidator(_money)]
 LIMITS_EXAMPLE = {"daily_tokens": 100_000, "rpm": 60, "spend_cap": "25.00"}
 
 
-def _named_limits(value: object) -> object:
-    """Named limits as the API takes them: whole numbers (-1 = unlimited), and ``spend_cap`` as an amount
-    of money of the organization's currency (``"25.00"``), held in nanos from here on."""
+def _named_limits_in(value: object) -> object:
+    """Named limits as the API takes them: an object of whole numbers (-1 = unlimited), and ``spend_cap``
+    as an amount of money of the organization's currency (``"25.00"``), held in nanos from here on. The
+    other values are left to the per-name checks, which name the limit that is wrong."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -50,23 +52,34 @@ def _named_limits(value: object) -> object:
             'limits is an object of named limits, e.g. {"daily_tokens": 100000, "rpm": 60, "spend_cap": '
             f'"25.00"}}; known limits: {", ".join(LIMIT_NAMES)}'
         )
-    converted: dict[str, object] = {}
-    for name, raw in value.items():
-        if name not in NANOS_LIMITS or (raw == UNLIMITED and not isinstance(raw, bool)):
-            converted[name] = raw
+    converted = dict(value)
+    for name in NANOS_LIMITS & converted.keys():
+        raw = converted[name]
+        if raw == UNLIMITED and not isinstance(raw, bool):
             continue
-        money = f'limit {name!r} is an amount of money in the organization\'s currency ("25.00"), or -1'
+        money = (
+            f"limit {name!r} is an amount of money in the organization's currency (\"25.00\") up to "
+            f"{MAX_LIMIT // NANOS_PER_UNIT}, or -1"
+        )
         try:
             amount = parse_decimal(raw, what=f"limit {name!r}")
         except ValueError as exc:
             raise ValueError(f"{exc}; {money}") from None
-        if amount < 0:
+        if not 0 <= amount <= MAX_LIMIT // NANOS_PER_UNIT:
             raise ValueError(money)
         converted[name] = to_nanos(amount)
-    return check_named_limits(converted)  # type: ignore[arg-type]  # the others are checked there
+    return converted
 
 
-NamedLimits = Annotated[dict[str, int] | None, BeforeValidator(_named_limits)]
+def _known_limits(value: dict[str, int] | None) -> dict[str, int] | None:
+    return None if value is None else check_named_limits(value)
+
+
+NamedLimits = Annotated[
+    dict[str, Annotated[int, Field(ge=UNLIMITED, le=MAX_LIMIT, strict=True)]] | None,
+    BeforeValidator(_named_limits_in),
+    AfterValidator(_known_limits),
+]
 LIMITS_DESCRIPTION = (
     "Named limits of their own, each refusing (429) what would pass it: daily_tokens, monthly_tokens, "
     "daily_calls, monthly_calls, rpm, tpm, daily_credits, monthly_credits (whole numbers; -1 = unlimited) "

@@ -41,9 +41,9 @@ LIMIT_NAMES = tuple(NAMED_LIMITS)
 MAX_LIMIT = 10**15
 # Limits on credits are set in whole credits and counted in nanos.
 NANOS_PER_WHOLE = 1_000_000_000
-# Named limits held in nanos already: an amount of money may have cents ("25.50").
+# Named limits held in nanos already: an amount of money may have cents ("25.50"). Their maximum is
+# MAX_LIMIT nanos too (1,000,000 currency units).
 NANOS_LIMITS = frozenset({"spend_cap"})
-MAX_NANOS_LIMIT = 10**18
 
 
 def check_named_limits(limits: Mapping[str, int]) -> dict[str, int]:
@@ -53,9 +53,8 @@ def check_named_limits(limits: Mapping[str, int]) -> dict[str, int]:
     for name, value in limits.items():
         if name not in NAMED_LIMITS:
             raise ValueError(f"unknown limit {name!r}; known limits: {', '.join(LIMIT_NAMES)}")
-        top = MAX_NANOS_LIMIT if name in NANOS_LIMITS else MAX_LIMIT
-        if isinstance(value, bool) or not isinstance(value, int) or not UNLIMITED <= value <= top:
-            raise ValueError(f"limit {name!r} must be an integer from -1 (unlimited) to {top}")
+        if isinstance(value, bool) or not isinstance(value, int) or not UNLIMITED <= value <= MAX_LIMIT:
+            raise ValueError(f"limit {name!r} must be an integer from -1 (unlimited) to {MAX_LIMIT}")
         checked[name] = value
     return checked
 
