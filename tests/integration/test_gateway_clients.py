@@ -244,12 +244,17 @@ def test_azure_upstream_gets_deployment_urls_and_its_api_key(gw: Gateway, azure:
     embedded = client.embeddings.create(model="text-embedding-3-large", input="hello")
     assert embedded.usage.prompt_tokens > 0
     client.audio.transcriptions.create(model="whisper-1", file=("a.wav", _wav(2), "audio/wav"))
+    answered = client.responses.create(model="gpt-4.1", input="Hi", max_output_tokens=16)
+    assert answered.usage is not None
 
-    chat, stream, embed, audio = azure.requests()
+    chat, stream, embed, audio, responses = azure.requests()
     assert chat.path == stream.path == "/openai/deployments/prod-gpt41/chat/completions"
     assert embed.path == "/openai/deployments/prod-embed/embeddings"
     assert audio.path == "/openai/deployments/whisper-1/audio/transcriptions"  # no alias: the model's name
-    for seen in (chat, stream, embed, audio):
+    # Azure's Responses API is not per deployment: the deployment is the body's model.
+    assert responses.path == "/openai/responses"
+    assert responses.json["model"] == "prod-gpt41"
+    for seen in (chat, stream, embed, audio, responses):
         assert seen.query == f"api-version={API_VERSION}"
         assert seen.headers["api-key"] == AZURE_KEY
         assert "authorization" not in seen.headers
@@ -258,7 +263,8 @@ def test_azure_upstream_gets_deployment_urls_and_its_api_key(gw: Gateway, azure:
 
     # The ledger names and prices the real model (gpt-4.1: $2 / $8 a million), not the deployment.
     rows = gw.ledger()
-    assert sorted(r["model"] for r in rows) == ["gpt-4.1", "gpt-4.1", "text-embedding-3-large", "whisper-1"]
+    models = ["gpt-4.1", "gpt-4.1", "gpt-4.1", "text-embedding-3-large", "whisper-1"]
+    assert sorted(r["model"] for r in rows) == models
     plain = next(r for r in rows if r["model"] == "gpt-4.1" and r["completion_tokens"] == 6)
     assert Decimal(plain["cost"]) == _cost("2", "8", plain["prompt_tokens"], 6)
     embedding = next(r for r in rows if r["model"] == "text-embedding-3-large")
