@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meterline.config import load_settings
+from meterline.config import UpstreamConfig, load_settings
 from meterline.errors import ConfigError
 
 
@@ -154,3 +154,13 @@ def test_bad_upstream_settings_say_what_to_fix(tmp_path: Path, upstream: str, ex
         load_settings(path)
     assert "upstreams.0" in caught.value.message
     assert expected in caught.value.message
+
+
+def test_every_upstream_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    undocumented = [
+        name
+        for name in UpstreamConfig.model_fields
+        if f"\n{name} = " not in readme and f"# {name} = " not in readme and f"`{name}`" not in readme
+    ]
+    assert undocumented == []
