@@ -10,10 +10,20 @@ import os
 import re
 import tomllib
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from meterline.errors import ConfigError
@@ -67,11 +77,13 @@ class UpstreamConfig(_Strict):
     provider: str = Field(default="openai", min_length=1, max_length=64)
     base_url: str = Field(pattern=r"^https?://[^\s]+$")
     api_key: SecretStr | None = None
-    # Model names or shell-style patterns (``gpt-4o*``); ``*`` serves every model.
+    # Model names or shell-style patterns (``gpt-4o*``); ``*`` serves every model. Without ``models``, the
+    # names ``aliases`` gives when it is set, else ``*``.
     models: tuple[str, ...] = ("*",)
     region: str | None = Field(default=None, max_length=64)
-    # Which wire format the upstream speaks; by default Anthropic's for provider "anthropic", else OpenAI's.
-    api: Literal["openai", "anthropic"] | None = None
+    # Which API the upstream speaks: by default Anthropic's for provider "anthropic", else OpenAI's;
+    # "azure" is OpenAI's on Azure OpenAI's deployment URLs, with the key sent as ``api-key``.
+    api: Literal["openai", "anthropic", "azure"] | None = None
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
     # A batch upstream: the rows it serves say ``batch`` (the bundled price data has no batch prices yet).
     batch: bool = False
@@ -79,12 +91,68 @@ class UpstreamConfig(_Strict):
     timeout_seconds: float = Field(default=600.0, gt=0, le=3600)
     # What ``GET /v1/models`` says owns this route's models (default: the provider), e.g. "azure".
     owned_by: str | None = Field(default=None, min_length=1, max_length=128)
+    # Query parameters added to every URL of this upstream (Azure's ``api-version``); a query string in
+    # ``base_url`` is read into these (``query`` wins on a clash) and kept after the path.
+    query: dict[str, str] = Field(default_factory=dict)
+    # Headers sent with every request to this upstream, after the key's own (they may hold secrets: kept
+    # out of logs and error messages like the key).
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    # The name this upstream knows a model by, for the model the client names (an Azure deployment, a
+    # provider's own prefix). The ledger row keeps the client's name: the real model, priced as such.
+    aliases: dict[str, str] = Field(default_factory=dict)
 
     @property
     def wire_api(self) -> Literal["openai", "anthropic"]:
+        if self.api == "azure":
+            return "openai"
         if self.api is not None:
             return self.api
         return "anthropic" if self.provider == "anthropic" else "openai"
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the gateway itself")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"the value of header {name!r} holds a line break")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, value: dict[str, str]) -> dict[str, str]:
+        for model, alias in value.items():
+            if not model or not alias or len(alias) > 200:
+                raise ValueError("an alias maps a model name to a name of 1 to 200 characters")
+            if any(c in model for c in "*?["):
+                raise ValueError(f"alias {model!r}: aliases name models, not patterns")
+        return value
+
+    @model_validator(mode="after")
+    def _routing(self) -> UpstreamConfig:
+        if "models" not in self.model_fields_set and self.aliases:
+            object.__setattr__(self, "models", tuple(self.aliases))
+        unserved = [m for m in self.aliases if not any(fnmatchcase(m, p) for p in self.models)]
+        if unserved:
+            raise ValueError(f"aliases name models that `models` does not serve: {', '.join(unserved)}")
+        url, _, query = self.base_url.partition("?")
+        if query:
+            pairs = dict(parse_qsl(query, keep_blank_values=True))
+            object.__setattr__(self, "base_url", url)
+            object.__setattr__(self, "query", {**pairs, **self.query})
+        if self.api == "azure" and "api-version" not in self.query:
+            raise ValueError(
+                'an Azure upstream needs its API version, e.g. query = { "api-version" = "2024-10-21" }'
+            )
+        return self
+
+
+# Headers the gateway sets for every request: a configured one would fight it.
+_RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding", "connection"})
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 
 
 _UNITS_METER = re.compile(r"units:[A-Za-z0-9_.:-]{1,64}")

@@ -158,6 +158,12 @@ def _body_cases() -> list[tuple[str, str, Any, str | None]]:
                 {"model": bad, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
                 "model",
             ),
+            (
+                "POST",
+                "/v1/messages/count_tokens",
+                {"model": bad, "messages": [{"role": "user", "content": "hi"}]},
+                "model",
+            ),
             ("POST", "/v1/reservations", {"model": bad, "prompt_tokens": 3}, "model"),
             ("POST", "/v1/reservations", {"identifier_id": bad, "prompt_tokens": 3}, "identifier_id"),
             ("POST", "/v1/token", {"identifier_id": bad}, "identifier_id"),

@@ -288,6 +288,7 @@ def test_openapi_documents_the_gateway_endpoints(client: TestClient) -> None:
         "/v1/responses",
         "/v1/audio/transcriptions",
         "/v1/messages",
+        "/v1/messages/count_tokens",
     ):
         assert "post" in paths[path], path
     chat = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -221,11 +221,14 @@ def test_typed_errors_carry_the_envelope(server: Server) -> None:
     assert (invalid.value.status_code, invalid.value.param) == (422, "days")
 
 
-def test_models_lists_what_the_gateway_routes_by_name(server: Server) -> None:
+def test_models_lists_what_the_gateway_routes(server: Server) -> None:
     with server.client() as client:
         served = client.models()
-    # Named models only: the "claude-*" pattern route serves any claude model but names none.
+    # The named models, and those of the upstream's own list that the "claude-*" pattern route matches.
     assert [(m.id, m.owned_by) for m in served] == [
+        ("claude-haiku-4-5", "anthropic"),
+        ("claude-opus-4-1", "anthropic"),
+        ("claude-sonnet-4-5", "anthropic"),
         ("gpt-3.5-turbo-instruct", "openai"),
         ("gpt-4o", "openai"),
         ("gpt-4o-mini", "openai"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meterline.config import PlanConfig, load_settings
+from meterline.config import PlanConfig, UpstreamConfig, load_settings
 from meterline.errors import ConfigError
 
 
@@ -156,3 +156,53 @@ def test_every_plan_setting_is_documented() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     for name in PlanConfig.model_fields:
         assert f"`{name}" in readme or f"\n{name} = " in readme, f"plan setting {name} is not in README.md"
+
+
+def _readme_upstreams() -> str:
+    """The README's TOML example of upstreams with ``api``, ``query``, ``headers`` and ``aliases``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```toml\n")[1:]]
+    (block,) = [b for b in blocks if 'api = "azure"' in b]
+    return block
+
+
+def test_readme_upstream_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-secret-key")
+    monkeypatch.setenv("TEAM_TOKEN", "team-secret-token")
+    azure, proxied = load_settings(write(tmp_path, _readme_upstreams())).upstreams
+    assert azure.wire_api == "openai"
+    assert azure.query == {"api-version": "2024-10-21"}
+    assert azure.models == ("gpt-4o", "text-embedding-3-large")  # the aliases' models by default
+    # A query string in base_url is kept as query, to come after the path.
+    assert (proxied.base_url, proxied.query) == ("https://llm-proxy.internal/v1", {"tenant": "acme"})
+    assert proxied.headers["X-Team"].get_secret_value() == "team-secret-token"
+    assert "team-secret-token" not in repr(proxied)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        ('api = "azure"\n', "api-version"),
+        ('models = ["gpt-4o-mini"]\naliases = { "gpt-4o" = "dep" }\n', "does not serve: gpt-4o"),
+        ('aliases = { "gpt-*" = "dep" }\n', "not patterns"),
+        ('headers = { "Bad Header" = "x" }\n', "valid HTTP header name"),
+        ('headers = { "Content-Type" = "text/plain" }\n', "set by the gateway"),
+        ('headers = { "X-A" = "a\\r\\nX-B: b" }\n', "line break"),
+    ],
+)
+def test_bad_upstream_settings_say_what_to_fix(tmp_path: Path, upstream: str, expected: str) -> None:
+    path = write(tmp_path, f'[[upstreams]]\nname = "u"\nbase_url = "https://h/v1"\n{upstream}')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert "upstreams.0" in caught.value.message
+    assert expected in caught.value.message
+
+
+def test_every_upstream_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    undocumented = [
+        name
+        for name in UpstreamConfig.model_fields
+        if f"\n{name} = " not in readme and f"# {name} = " not in readme and f"`{name}`" not in readme
+    ]
+    assert undocumented == []

@@ -273,6 +273,34 @@ def test_models_answer_in_any_mode_and_consume_no_script(oai: openai.OpenAI, ups
     assert len(upstream.state()["queue"]) == 1
 
 
+def test_anthropic_models_and_count_tokens(claude: anthropic.Anthropic, upstream: FakeUpstream) -> None:
+    listed = [m.id for m in claude.models.list()]
+    assert listed == ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]
+    counted = claude.messages.count_tokens(
+        model="claude-haiku-4-5", system="Be kind.", messages=[{"role": "user", "content": "Hello"}]
+    )
+    assert counted.input_tokens == prompt_tokens(["Be kind.", "Hello"], 2)
+
+
+def test_azure_shapes_want_an_api_version_and_the_api_key_header(upstream: FakeUpstream) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    path = f"{upstream.origin}/openai/deployments/my-dep/chat/completions"
+    versioned = f"{path}?api-version=2024-10-21"
+    ok = httpx.post(versioned, json=body, headers={"api-key": KEY})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 2
+    assert httpx.post(versioned, json=body, headers={"authorization": f"Bearer {KEY}"}).status_code == 401
+    assert httpx.post(path, json=body, headers={"api-key": KEY}).status_code == 404
+    listed = httpx.get(f"{upstream.origin}/openai/models?api-version=2024-10-21", headers={"api-key": KEY})
+    assert "gpt-4o" in [m["id"] for m in listed.json()["data"]]
+    seen = upstream.requests()[0]
+    assert (seen.path, seen.query, seen.status) == (
+        "/openai/deployments/my-dep/chat/completions",
+        "api-version=2024-10-21",
+        200,
+    )
+
+
 # -- anthropic messages ---------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -26,12 +27,13 @@ from meterline.api.auth import cached_principal, get_principal
 from meterline.api.errors import domain_error, envelope, report_failure, request_id_of
 from meterline.errors import InvalidRequest, LimitExceeded, MeterlineError
 from meterline.gateway import wire
+from meterline.gateway.catalog import Catalog
 from meterline.gateway.exchange import Exchanges
 from meterline.gateway.flavors import Api
 from meterline.gateway.metrics import Metrics
-from meterline.gateway.relay import Call, Refusal, Relay
+from meterline.gateway.relay import Call, Refusal, Relay, Reply
 from meterline.gateway.routing import RouteTable
-from meterline.gateway.upstream import Upstreams
+from meterline.gateway.upstream import UPSTREAM_ERRORS, Upstreams
 from meterline.metering.records import LedgerRow
 from meterline.services import Services
 from meterline.storage.outage import is_outage
@@ -67,6 +69,7 @@ class Gateway:
     upstreams: Upstreams
     metrics: Metrics
     relay: Relay
+    catalog: Catalog
 
     @classmethod
     def build(cls, services: Services, tokens: TokenService, metrics: Metrics) -> Gateway:
@@ -80,7 +83,9 @@ class Gateway:
             _Faults(),
             progress_interval_s=services.settings.stream_progress_interval_ms / 1000,
         )
-        return cls(services, tokens, routes, upstreams, metrics, relay)
+        listing_errors = (*UPSTREAM_ERRORS, ValueError)
+        catalog = Catalog(routes, upstreams.list_models, services.clock.now_us, listing_errors)
+        return cls(services, tokens, routes, upstreams, metrics, relay, catalog)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -145,7 +150,22 @@ async def _serve(request: Request, gateway: Gateway, path: str) -> Response:
         source=wire.source_of(headers.get("x-meterline-source")),
         caller=_Caller(request, gateway),
     )
-    outcome = await gateway.relay.serve(call)
+    return _response(request, await gateway.relay.serve(call))
+
+
+async def count_tokens(request: Request) -> Response:
+    """Anthropic's ``POST /v1/messages/count_tokens``: for a Meterline key, passed to an upstream that
+    serves the model; not metered (it uses no model), so no reservation and no row."""
+    gateway = gateway_of(request)
+    if cached_principal(request, gateway.services) is None:
+        await run_in_threadpool(get_principal, request, gateway.services, gateway.tokens)
+    body = await request.body()
+    path = "/messages/count_tokens"
+    outcome = await gateway.relay.pass_through("messages", path, body, request.headers.raw)
+    return _response(request, outcome)
+
+
+def _response(request: Request, outcome: Reply | Refusal) -> Response:
     if isinstance(outcome, Refusal):
         return envelope(
             outcome.status,

@@ -142,6 +142,7 @@ class Relay:
                 call.upstream_path,
                 forward,
                 call.headers,
+                model=parsed.model,
                 content_type=parsed.content_type,
             )
         except AllRoutesFailed as exc:
@@ -165,6 +166,40 @@ class Relay:
             headers["x-accel-buffering"] = "no"
             return Reply(upstream.status_code, headers, self._stream(call, ticket, opened))
         return await self._complete(call, ticket, opened)
+
+    async def pass_through(
+        self, api: Api, path: str, body: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> Reply | Refusal:
+        """A request that uses no model, so costs nothing (Anthropic's ``count_tokens``): sent to the
+        routes of the model it names, with failover, and answered as the upstream answered. No
+        reservation, no row; the caller was authenticated by the HTTP side."""
+        model = wire.model_of(body)
+        routes = self.routes.routes_for(api, model)
+        if not routes:
+            raise NotFound(f"no upstream serves model {model!r}; see GET /v1/models", param="model")
+        try:
+            opened = await self.upstreams.open(routes, path, body, headers, model=model)
+        except AllRoutesFailed as exc:
+            self._count_failures(exc.failures)
+            raise UpstreamError(
+                f"no upstream could serve {model!r}: " + "; ".join(_describe(f) for f in exc.failures)
+            ) from None
+        self._count_failures(opened.failures)
+        upstream = opened.response
+        try:
+            content = await upstream.aread()
+        except UPSTREAM_ERRORS as exc:
+            broke = type(exc).__name__
+            raise UpstreamError(f"upstream {opened.route.name} broke off its answer ({broke})") from None
+        finally:
+            await upstream.aclose()
+        status = upstream.status_code
+        if status >= 300:
+            detail = scrub(wire.upstream_message(content), opened.route)
+            message = f"upstream {opened.route.name} answered {status}: {detail}"
+            return Refusal(status if status in _CLIENT_FAULTS else 502, message, status)
+        content_type = upstream.headers.get("content-type", "application/json")
+        return Reply(status, {"content-type": content_type}, content)
 
     async def _admit(self, call: Call) -> tuple[tuple[Route, ...], Ticket]:
         """Authenticate and reserve the estimate. On the loop when it needs no read (cached key and

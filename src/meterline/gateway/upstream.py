@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
+import orjson
 
 from meterline.gateway.routing import Route
+from meterline.gateway.wire import with_model
 
 log = logging.getLogger("meterline.gateway")
 
@@ -37,7 +39,9 @@ _FORWARDED = frozenset(
         b"anthropic-beta",
     }
 )
-_ANTHROPIC_VERSION = "2023-06-01"
+# Listing an upstream's models is not a request's path: a short wait, and a bounded answer.
+_LIST_TIMEOUT_S = 10.0
+_LIST_MAX_BYTES = 4 * 1024 * 1024
 # Enough of an upstream error body to say what went wrong in the log; never sent to the client.
 _ERROR_BODY_BYTES = 2048
 
@@ -99,13 +103,10 @@ def upstream_headers(route: Route, client_headers: Sequence[tuple[bytes, bytes]]
         for name, value in client_headers
         if name in _FORWARDED
     }
-    key = route.upstream.api_key
-    if route.upstream.wire_api == "anthropic":
-        headers.setdefault("anthropic-version", _ANTHROPIC_VERSION)
-        if key is not None:
-            headers["x-api-key"] = key.get_secret_value()
-    elif key is not None:
-        headers["authorization"] = f"Bearer {key.get_secret_value()}"
+    target = route.target
+    for name, value in target.default_headers.items():
+        headers.setdefault(name, value)
+    headers.update(target.headers)
     return headers
 
 
@@ -134,23 +135,32 @@ class Upstreams:
         body: bytes,
         client_headers: Sequence[tuple[bytes, bytes]],
         *,
+        model: str,
         content_type: str | None = None,
     ) -> Opened:
-        """POST ``body`` to ``path`` on the first route that answers for good (see the module docstring)."""
+        """POST ``body`` to ``path`` on the first route that answers for good (see the module docstring).
+        ``model`` is the client's name for the model: a route that knows it by another name (``aliases``)
+        gets that name, in its URL or its body."""
         session = self._client()
         failures: list[Failure] = []
         for route in routes:
             upstream = route.upstream
+            target = route.target
             headers = upstream_headers(route, client_headers)
             if content_type is not None:
                 headers["content-type"] = content_type
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=upstream.connect_timeout_seconds, sock_read=upstream.timeout_seconds
             )
+            data = body
+            if target.aliases is not None:
+                renamed = target.renames_in_body(path, model)
+                if renamed is not None:
+                    data = with_model(body, content_type, renamed)
             try:
                 raw = await session.post(
-                    upstream.base_url.rstrip("/") + path,
-                    data=body,
+                    target.url(path, model),
+                    data=data,
                     headers=headers,
                     timeout=timeout,
                     allow_redirects=False,
@@ -172,6 +182,32 @@ class Upstreams:
             log.warning("upstream %s failed: %s %s", failure.route, what, failure.detail)
         raise AllRoutesFailed(failures)
 
+    async def list_models(self, route: Route) -> list[str]:
+        """The model ids an upstream lists at its ``/models`` (OpenAI's and Anthropic's shape alike).
+        Raises one of ``UPSTREAM_ERRORS`` or ``ValueError`` when it cannot say."""
+        upstream = route.upstream
+        url = route.target.url("/models", "")
+        if upstream.wire_api == "anthropic":  # Anthropic pages its list, 20 by default
+            url += ("&" if "?" in url else "?") + "limit=1000"
+        timeout = aiohttp.ClientTimeout(total=_LIST_TIMEOUT_S, sock_connect=upstream.connect_timeout_seconds)
+        async with self._client().get(
+            url, headers=upstream_headers(route, ()), timeout=timeout, allow_redirects=False
+        ) as response:
+            if response.status != 200:
+                raise ValueError(f"answered {response.status}")
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > _LIST_MAX_BYTES:
+                    raise ValueError("model list too large")
+        try:
+            items = orjson.loads(body)["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise ValueError("not a model list") from None
+        if not isinstance(items, list):
+            raise ValueError("not a model list")
+        return [i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]]
+
 
 async def _error_text(response: UpstreamResponse) -> str:
     """A short, single-line excerpt of an upstream's error body (for the log only)."""
@@ -189,7 +225,8 @@ async def _error_text(response: UpstreamResponse) -> str:
 
 
 def scrub(text: str, route: Route) -> str:
-    """``text`` with the route's key blanked out, in case an upstream echoes it back in an error."""
-    key = route.upstream.api_key
-    secret = key.get_secret_value() if key is not None else ""
-    return text.replace(secret, "***") if len(secret) >= 4 else text
+    """``text`` with the route's key (and configured header values) blanked out, in case an upstream
+    echoes them back in an error."""
+    for secret in route.target.secrets:
+        text = text.replace(secret, "***")
+    return text

@@ -91,6 +91,17 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
     )
 
 
+def model_of(raw: bytes) -> str:
+    """The model a JSON request names (a request the gateway passes on without metering it)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _not_json(raw, exc.msg) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return _model(body.get("model"))
+
+
 def with_output_limit(api: Api, forward: bytes, total: int) -> bytes:
     """``forward`` telling the upstream to produce at most ``total`` output tokens in all (split over the
     choices it asks for): in the field the request used, else the flavor's own. Only when a block limit
@@ -109,6 +120,30 @@ def with_output_limit(api: Api, forward: bytes, total: int) -> bytes:
         key, choices = "max_tokens", 1
     body[key] = max(total // choices, 1)
     return orjson.dumps(body)
+
+
+def with_model(forward: bytes, content_type: str | None, model: str) -> bytes:
+    """``forward`` naming ``model`` where the client named its own (a route's ``aliases``): the JSON
+    body's ``model``, or the ``model`` field of a multipart upload (``content_type`` set)."""
+    if content_type is None:
+        body = orjson.loads(forward)
+        body["model"] = model
+        return orjson.dumps(body)
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return forward
+    delimiter = b"--" + (found.group(1) or found.group(2)).encode("latin-1")
+    parts = forward.split(delimiter)
+    for index in range(1, len(parts) - 1):
+        head, blank, _value = parts[index].partition(b"\r\n\r\n")
+        if blank and _MODEL_FIELD.search(head):
+            parts[index] = head + blank + model.encode() + b"\r\n"
+            break
+    return delimiter.join(parts)
+
+
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
+_MODEL_FIELD = re.compile(rb'^content-disposition:[^\r\n]*;\s*name="model"\s*(?:;|$)', re.I | re.M)
 
 
 def _not_json(raw: bytes, reason: str) -> InvalidRequest:

@@ -164,6 +164,16 @@ def _bundled_providers() -> list[gp.Provider]:
     return providers
 
 
+@cache
+def bundled_models(provider: str) -> tuple[str, ...]:
+    """The models the bundled database prices for ``provider`` (its id, e.g. "openai"), deprecated ones
+    left out; empty for a provider it does not know."""
+    found = find_provider_by_id(_bundled_providers(), provider)
+    if found is None:
+        return ()
+    return tuple(m.id for m in found.models if not m.deprecated)
+
+
 @lru_cache(maxsize=_LOOKUP_CACHE_SIZE)
 def _find_model(model: str, provider: str | None) -> tuple[gp.Provider, gp.ModelInfo] | None:
     """The database's provider and model for a reference, or None.

@@ -111,7 +111,7 @@ class WebhookEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
-    """A model the gateway routes by name (``GET /v1/models``), and the provider of its route."""
+    """A model the gateway serves (``GET /v1/models``), and the provider of its first route."""
 
     id: str
     owned_by: str

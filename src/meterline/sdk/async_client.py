@@ -212,7 +212,7 @@ class AsyncClient:
 
     # -- the gateway --------------------------------------------------------------------------------
     async def models(self) -> list[ServedModel]:
-        """``GET /v1/models``: the models the gateway routes by name (pattern routes serve others too)."""
+        """``GET /v1/models``: the models the gateway's routes serve (``GET /v1/models`` in the README)."""
         return await self.call(calls.models())
 
     # -- receipts -----------------------------------------------------------------------------------

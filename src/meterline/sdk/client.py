@@ -251,7 +251,7 @@ class Client:
 
     # -- the gateway --------------------------------------------------------------------------------
     def models(self) -> list[ServedModel]:
-        """``GET /v1/models``: the models the gateway routes by name (pattern routes serve others too)."""
+        """``GET /v1/models``: the models the gateway's routes serve (``GET /v1/models`` in the README)."""
         return self.call(calls.models())
 
     # -- receipts -----------------------------------------------------------------------------------

@@ -61,15 +61,46 @@ def _usage(prompt: int, plan: Plan, output_tokens: int) -> dict[str, Any]:
     return usage
 
 
+def _prompt_of(body: Mapping[str, Any]) -> int:
+    turns = body.get("messages")
+    turns = turns if isinstance(turns, list) else []
+    system = body.get("system")
+    return prompt_tokens([*texts_of(system), *texts_of(turns)], len(turns) + (1 if system else 0))
+
+
+def count_tokens(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody:
+    """``POST /v1/messages/count_tokens``: the prompt count P a ``messages`` request would report."""
+    body: Mapping[str, Any] = req.json if isinstance(req.json, dict) else {}
+    return JsonBody(200, orjson.dumps({"input_tokens": _prompt_of(body)}), _JSON)
+
+
+# Anthropic's own model list (``GET /v1/models`` with an ``anthropic-version`` header).
+MODELS = ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]
+_MODELS_BODY = orjson.dumps(
+    {
+        "data": [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+            for m in MODELS
+        ],
+        "has_more": False,
+        "first_id": MODELS[0],
+        "last_id": MODELS[-1],
+    }
+)
+
+
+def models(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody:
+    return JsonBody(200, _MODELS_BODY, _JSON)
+
+
+_JSON = [(b"content-type", b"application/json")]
+
+
 def messages(req: Exchange, mode: str, params: Mapping[str, Any]) -> JsonBody | StreamBody:
     body: Mapping[str, Any] = req.json if isinstance(req.json, dict) else {}
     limit = request_limit(body, "max_tokens")
     plan = make_plan(mode, params, limit)
-    turns = body.get("messages")
-    turns = turns if isinstance(turns, list) else []
-    system = body.get("system")
-    texts = [*texts_of(system), *texts_of(turns)]
-    prompt = prompt_tokens(texts, len(turns) + (1 if system else 0))
+    prompt = _prompt_of(body)
     stop_reason = "max_tokens" if limit is not None and not plan.capped else "end_turn"
     message: dict[str, Any] = {
         "id": f"msg_fake{req.number}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -35,7 +36,11 @@ ROUTES: Mapping[str, tuple[str, str, Handler, bool]] = {
     # Listing models is what health checks call: it always answers, and never eats a scripted mode.
     "/v1/models": ("GET", "openai", openai.models, False),
     "/v1/messages": ("POST", "anthropic", anthropic.messages, True),
+    "/v1/messages/count_tokens": ("POST", "anthropic", anthropic.count_tokens, True),
 }
+# Azure OpenAI's shapes of the same endpoints: ``/openai/deployments/{deployment}/chat/completions`` ...
+# and ``/openai/responses``, ``/openai/models``; all want ``?api-version=`` and the key as ``api-key``.
+_AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/[^/]+(/.+)$")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
@@ -46,6 +51,17 @@ class CutConnection(Exception):
 
 class InvalidControl(ValueError):
     pass
+
+
+def _azure_route(path: str) -> str:
+    """The OpenAI path an Azure OpenAI path stands for (``/openai/deployments/d/chat/completions`` ->
+    ``/v1/chat/completions``); unknown shapes map to themselves (a 404)."""
+    found = _AZURE_DEPLOYMENT.match(path)
+    if found is not None:
+        return "/v1" + found.group(1)
+    if path in ("/openai/responses", "/openai/models"):
+        return "/v1" + path.removeprefix("/openai")
+    return path
 
 
 def check_behaviour(mode: Any, params: Any) -> tuple[str, dict[str, Any]]:
@@ -81,9 +97,11 @@ class FakeState:
             mode, params = self.default
         return mode, merged_params(mode, {**self.base, **params})
 
-    def authorized(self, headers: Mapping[str, str]) -> bool:
+    def authorized(self, headers: Mapping[str, str], *, azure: bool = False) -> bool:
         if self.api_key is None:
             return True
+        if azure:  # Azure OpenAI takes its key in ``api-key`` only
+            return headers.get("api-key") == self.api_key
         return (
             headers.get("authorization") == f"Bearer {self.api_key}"
             or headers.get("x-api-key") == self.api_key
@@ -214,7 +232,8 @@ class FakeUpstreamApp:
         }
         state.records.append(record)
         provider = "anthropic" if path.startswith("/v1/messages") else "openai"
-        route = ROUTES.get(path)
+        azure = path.startswith("/openai/")
+        route = ROUTES.get(_azure_route(path) if azure else path)
         if route is None:
             await self._error(send, record, provider, 404, f"Unknown path {path}")
             return
@@ -222,9 +241,14 @@ class FakeUpstreamApp:
         if method != route_method:
             await self._error(send, record, provider, 405, None)
             return
-        if not state.authorized(headers):
+        if azure and "api-version=" not in record["query"]:
+            await self._error(send, record, provider, 404, "Resource not found: the api-version is missing")
+            return
+        if not state.authorized(headers, azure=azure):
             await self._error(send, record, provider, 401, None)
             return
+        if handler is openai.models and "anthropic-version" in headers:
+            handler = anthropic.models  # Anthropic's list at the same path
         if not multipart and route_method == "POST" and not isinstance(parsed, dict):
             await self._error(send, record, provider, 400, "The body must be a JSON object.")
             return

@@ -15,13 +15,22 @@ or from a test (a subprocess on a free port, ready when ``start`` returns)::
         assert upstream.requests()[-1].json["stream_options"] == {"include_usage": True}
 
 Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``,
-``/v1/audio/transcriptions``, ``/v1/messages`` (Anthropic), and ``GET /v1/models`` (always answers
-normally: modes neither apply to it nor are consumed by it). ``.url`` is the OpenAI base URL
-(``…/v1``); Anthropic's SDK wants ``.origin`` (it appends ``/v1/messages`` itself).
+``/v1/audio/transcriptions``, ``/v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic; it answers
+``{"input_tokens": P}``), and ``GET /v1/models`` (OpenAI's list, or Anthropic's when the request has an
+``anthropic-version`` header; it always answers normally: modes neither apply to it nor are consumed by
+it). ``.url`` is the OpenAI base URL (``…/v1``); Anthropic's SDK wants ``.origin`` (it appends
+``/v1/messages`` itself).
+
+Azure OpenAI's shapes of the OpenAI endpoints are served too, under ``.origin``:
+``/openai/deployments/{deployment}/chat/completions`` (and ``completions``, ``embeddings``,
+``audio/transcriptions``), ``/openai/responses`` and ``GET /openai/models``. They want an
+``api-version`` query parameter (else 404, as Azure answers) and the key as ``api-key: KEY`` only (a
+bearer token is refused). The recorded ``path`` and ``query`` are what was called.
 
 Auth: started with an API key, every API route wants ``Authorization: Bearer KEY`` or
-``x-api-key: KEY``, else 401 in the provider's error format. A refused request (401, 404, 405, or 400
-for a non-JSON body) is recorded but does not consume a scripted behaviour.
+``x-api-key: KEY`` (Azure's shapes: ``api-key: KEY``), else 401 in the provider's error format. A
+refused request (401, 404, 405, or 400 for a non-JSON body) is recorded but does not consume a scripted
+behaviour.
 
 Generated text
     ``N`` copies of :data:`PIECE` (``" tok"``), one token each in ``o200k_base`` and ``cl100k_base``,

@@ -1,5 +1,5 @@
-"""The gateway's endpoints (SPEC §3): OpenAI-compatible and Anthropic ``/v1/messages``, ``/v1/models``,
-and Prometheus ``/metrics``.
+"""The gateway's endpoints (SPEC §3): OpenAI-compatible and Anthropic ``/v1/messages`` (and its
+``count_tokens``), ``/v1/models``, and Prometheus ``/metrics``.
 
 The application answers the six relay endpoints ahead of FastAPI's routing
 (``meterline.api.gateway.RelayEndpoints``); the FastAPI routes here answer the same way, through the same
@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from meterline.api.auth import get_principal
-from meterline.api.gateway import gateway_of, respond
+from meterline.api.gateway import count_tokens, gateway_of, respond
 from meterline.api.responses import JSON
 from meterline.errors import Forbidden, Unauthorized
 
@@ -44,6 +44,9 @@ COMPLETIONS = _body(["model", "prompt"], {**_COMMON, "prompt": {}})
 EMBEDDINGS = _body(["model", "input"], {"model": {"type": "string"}, "input": {}})
 RESPONSES = _body(["model", "input"], {**_COMMON, "input": {}, "max_output_tokens": {"type": "integer"}})
 MESSAGES = _body(["model", "messages", "max_tokens"], {**_COMMON, "messages": _MESSAGES, "system": {}})
+COUNT_TOKENS = _body(
+    ["model", "messages"], {"model": {"type": "string"}, "messages": _MESSAGES, "system": {}}
+)
 
 
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=CHAT)
@@ -82,14 +85,22 @@ async def messages(request: Request) -> Response:
     return await respond(request, "/v1/messages")
 
 
+@router.post("/v1/messages/count_tokens", response_model=None, openapi_extra=COUNT_TOKENS)
+async def messages_count_tokens(request: Request) -> Response:
+    """Anthropic token counting, passed to an upstream serving the model: needs a key, never billed."""
+    return await count_tokens(request)
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> JSON:
-    """The models the configured routes serve by name (pattern routes serve others too)."""
+    """The models the routes serve: those they name, and for patterns the upstream's own list (kept ten
+    minutes) or, when it cannot be had, the price book's models of the route's provider, filtered by the
+    patterns."""
     gateway = gateway_of(request)
     await run_in_threadpool(get_principal, request, gateway.services, gateway.tokens)
     data = [
         {"id": model, "object": "model", "created": 0, "owned_by": route.upstream.owned_by or route.provider}
-        for model, route in gateway.routes.models()
+        for model, route in await gateway.catalog.models()
     ]
     return JSON({"object": "list", "data": data})
 
