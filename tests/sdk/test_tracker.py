@@ -4,7 +4,9 @@ to a real server that counts every recorded call once, however often a batch is 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from decimal import Decimal
+from types import SimpleNamespace
 
 import anthropic.types
 import openai.types
@@ -160,6 +162,49 @@ def test_forwarded_usage_is_counted_once_however_often_it_is_sent(server: Server
         assert (resent.accepted, resent.duplicates) == (3, 3)
         assert client.ledger().total_count == 8
         assert client.usage().monthly.cost == tracker.report().total_cost + lost.report().total_cost
+
+
+@dataclass
+class _Usage:  # what hand-written code (seed 001's tracker) passes: plain attributes
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class _Response:
+    model: str
+    usage: _Usage
+
+
+def test_plain_attribute_objects_are_recorded_like_sdk_responses(server: Server) -> None:
+    with server.client() as client:
+        tracker = UsageTracker(client=client, clock=server.clock.now)
+        bare = tracker.record(
+            SimpleNamespace(prompt_tokens=1200, completion_tokens=300, total_tokens=1500), model="gpt-4o-mini"
+        )
+        whole = tracker.record(_Response("gpt-4o-mini", _Usage(1000, 100, 1100)))
+        nested = tracker.record(
+            SimpleNamespace(
+                model="gpt-4o-mini",
+                usage=SimpleNamespace(
+                    prompt_tokens=2000,
+                    completion_tokens=10,
+                    total_tokens=2010,
+                    prompt_tokens_details=SimpleNamespace(cached_tokens=1024),
+                ),
+            )
+        )
+        assert (bare.prompt_tokens, bare.completion_tokens) == (1200, 300)
+        assert (whole.model, whole.prompt_tokens, whole.completion_tokens) == ("gpt-4o-mini", 1000, 100)
+        assert (nested.prompt_tokens, nested.cache_read_tokens) == (2000, 1024)
+        assert bare.cost == (1200 * MINI_IN + 300 * MINI_OUT) / MILLION
+        tracker.flush()
+        ledger = {row.event_id: row for row in client.iter_ledger()}
+        for call in (bare, whole, nested):
+            assert ledger[call.event_id].cost == call.cost
+        with pytest.raises(ValueError, match="no token usage"):
+            tracker.record(SimpleNamespace(text="hello"), model="gpt-4o-mini")
 
 
 def test_the_usage_vector_is_priced_and_sent_as_the_gateway_reads_it(server: Server) -> None:

@@ -7,7 +7,7 @@ tokens, and Anthropic's separately reported cache reads/writes are added back in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
 from meterline.gateway.flavors import TokenUsage
@@ -47,15 +47,41 @@ class ReadUsage:
     provider: str | None
 
 
+# Plain objects are read this deep (a response, its usage, the usage's details, and one more).
+_PLAIN_DEPTH = 4
+
+
 def as_mapping(value: object) -> Mapping[str, Any] | None:
-    """A dict view of an SDK object (pydantic models of the openai/anthropic SDKs) or a mapping."""
+    """A dict view of an SDK object (pydantic models of the openai/anthropic SDKs), a mapping, or a plain
+    attribute object as hand-written code makes them (a dataclass, ``types.SimpleNamespace``, any object
+    with public attributes: seed 001's tracker reads ``usage.total_tokens``)."""
     if isinstance(value, Mapping):
         return value
     dump = getattr(value, "model_dump", None)
     if callable(dump):
         dumped = dump()
         return dumped if isinstance(dumped, Mapping) else None
-    return None
+    plain = _plain(value, _PLAIN_DEPTH)
+    return plain if isinstance(plain, dict) else None
+
+
+def _plain(value: object, depth: int) -> object:
+    """``value`` with its attribute objects turned into dicts of their public attributes (nested ones
+    too, ``depth`` levels down); numbers, strings, mappings and lists as they are."""
+    if value is None or isinstance(value, str | int | float | bool | Mapping | list | tuple) or depth <= 0:
+        return value
+    if is_dataclass(value) and not isinstance(value, type):
+        attributes = {f.name: getattr(value, f.name) for f in fields(value)}
+    else:
+        found = getattr(value, "__dict__", None)
+        if not isinstance(found, dict) or isinstance(value, type):
+            return value
+        attributes = found
+    return {
+        name: _plain(item, depth - 1)
+        for name, item in attributes.items()
+        if isinstance(name, str) and not name.startswith("_") and not callable(item)
+    }
 
 
 def read_usage(value: object) -> ReadUsage | None:
