@@ -396,6 +396,7 @@ def test_an_organization_key_sets_up_alerts_on_the_billing_page(
         ("-5", 400, "spend_cap must be between 0 and 1000000000"),
         ("1e400", 400, "spend_cap must be between 0 and 1000000000"),
         ("lots", 422, "amount must be a decimal number"),
+        ("250,50", 400, "with a decimal point"),  # a decimal comma is not read as 25050
     ):
         refused = web.post("/dashboard/billing/spend-cap", data={"csrf": token, "spend_cap": typed})
         assert refused.status_code == status, (typed, refused.text)

@@ -174,7 +174,7 @@ def test_otlp_json_gzip_partial_success_and_spans_that_are_not_model_calls(serve
     assert answer.status_code == 200, answer.text
     partial = answer.json()["partialSuccess"]
     assert partial["rejectedSpans"] == "1"
-    assert "spans[1]" in partial["errorMessage"]
+    assert f"span {bad['spanId']}: " in partial["errorMessage"]
     rows = server.get(key, "/v1/usage/ledger", limit=10)["data"]
     assert [(r["model"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
         ("gpt-4o-mini", 100, 20)
@@ -197,6 +197,8 @@ def test_otlp_json_gzip_partial_success_and_spans_that_are_not_model_calls(serve
         (b"<xml/>", "text/xml", 415, "unsupported_media_type"),
         (b"{not json", "application/json", 400, "invalid_request"),
         (json.dumps({"resourceSpans": "nope"}).encode(), "application/json", 400, "invalid_request"),
+        (b"[" * 990 + b"]" * 990, "application/json", 400, "invalid_request"),  # nested past any OTLP
+        (b'{"a":' * 1000 + b"1" + b"}" * 1000, "application/json", 400, "invalid_request"),
     ],
 )
 def test_malformed_exports_are_refused_and_write_nothing(
@@ -223,6 +225,24 @@ def test_a_huge_export_is_refused(server: Server) -> None:
         f"{server.base}/v1/traces", content=bomb, headers={**headers, "Content-Encoding": "gzip"}
     )
     assert inflated.status_code == 413, inflated.text
+    assert server.get(key, "/v1/usage/ledger")["data"] == []
+
+
+def test_a_truncated_gzip_body_and_spans_without_ids_are_refused(server: Server) -> None:
+    key = server.tenant("truncated")
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    span = _span(**{"gen_ai.request.model": "gpt-4o-mini", "gen_ai.usage.input_tokens": 3})
+    whole = gzip.compress(json.dumps(_export(span)).encode())
+    cut = httpx.post(
+        f"{server.base}/v1/traces", content=whole[:-6], headers={**headers, "Content-Encoding": "gzip"}
+    )
+    assert cut.status_code == 400, cut.text
+    assert "truncated" in cut.json()["error"]["message"]
+    no_ids = httpx.post(
+        f"{server.base}/v1/traces", content=json.dumps(_export({**span, "spanId": "0" * 16})), headers=headers
+    )
+    assert no_ids.json()["partialSuccess"]["rejectedSpans"] == "1"
+    assert "8-byte span id" in no_ids.json()["partialSuccess"]["errorMessage"]
     assert server.get(key, "/v1/usage/ledger")["data"] == []
 
 

@@ -31,6 +31,8 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 # Attribute values nest (arrays, maps); deeper than this is not a GenAI attribute and is not read.
 _MAX_DEPTH = 8
+# An OTLP/JSON document nests about 8 levels to a span's attribute values; protobuf's parser stops at 100.
+_MAX_JSON_DEPTH = 64
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
@@ -63,23 +65,33 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise InvalidRequest("the body is not valid gzip", param="content-encoding") from None
     if len(data) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"the decompressed body is larger than {limit} bytes; send smaller batches")
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidRequest(
+            "the gzip body is truncated or holds more than one member", param="content-encoding"
+        )
     return data
 
 
-def _hex_ids_to_base64(node: Any) -> None:
-    """OTLP/JSON's hex ids, as protobuf's JSON parser wants them (base64), in place."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _ID_FIELDS and isinstance(value, str):
-                try:
-                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
-                except ValueError:
-                    raise InvalidRequest(f"{key} must be hex, got {value[:40]!r}", param=key) from None
-            else:
-                _hex_ids_to_base64(value)
-    elif isinstance(node, list):
-        for item in node:
-            _hex_ids_to_base64(item)
+def _hex_ids_to_base64(document: dict[str, Any]) -> None:
+    """OTLP/JSON's hex ids, as protobuf's JSON parser wants them (base64), in place. Walked with a stack,
+    not by recursion: a hostile body nests a thousand levels deep; past ``_MAX_JSON_DEPTH`` it is not
+    OTLP (whose messages nest a handful of levels, attribute values a few more)."""
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the body nests deeper than {_MAX_JSON_DEPTH} levels; it is not OTLP")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _ID_FIELDS and isinstance(value, str):
+                    try:
+                        node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                    except ValueError:
+                        raise InvalidRequest(f"{key} must be hex, got {value[:40]!r}", param=key) from None
+                elif isinstance(value, dict | list):
+                    stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node if isinstance(item, dict | list))
 
 
 def decode(body: bytes, kind: str) -> ExportTraceServiceRequest:
@@ -99,7 +111,7 @@ def decode(body: bytes, kind: str) -> ExportTraceServiceRequest:
     _hex_ids_to_base64(document)
     try:
         json_format.ParseDict(document, request, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError) as exc:
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not an OTLP ExportTraceServiceRequest: {str(exc)[:200]}") from None
     return request
 

@@ -65,8 +65,8 @@ def _named_limits_in(value: object) -> object:
             amount = parse_decimal(raw, what=f"limit {name!r}")
         except ValueError as exc:
             raise ValueError(f"{exc}; {money}") from None
-        if not 0 <= amount <= MAX_LIMIT // NANOS_PER_UNIT:
-            raise ValueError(money)
+        if not 0 <= amount <= MAX_LIMIT // NANOS_PER_UNIT or amount * NANOS_PER_UNIT % 1:
+            raise ValueError(f"{money} (at most 9 decimal places)")
         converted[name] = to_nanos(amount)
     return converted
 

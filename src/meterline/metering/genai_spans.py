@@ -13,10 +13,11 @@ Counts follow the ledger's convention (the GenAI one): input tokens include cach
 span whose cached tokens exceed its input count reported input without them (Anthropic's own
 convention), and they are added back.
 
-One call is one event, however many spans report it: OpenLLMetry's Anthropic instrumentation reports
-each call twice (``anthropic.messages.create`` and ``anthropic.chat``), with one response id. The event's
-id is therefore the provider's response id when the span has one, else the trace and span ids; either
-way an exporter's retry counts once.
+One call is one event, however many spans of its trace report it: with the Anthropic SDK's own tracing
+on, OpenLLMetry's Anthropic instrumentation adds a second span (``anthropic.chat`` beside the SDK's
+``anthropic.messages.create``) with the same response id. The event's id is therefore the trace and the
+provider's response id when the span has one, else the trace and span ids; either way an exporter's
+retry counts once.
 """
 
 from __future__ import annotations
@@ -126,10 +127,23 @@ def _source(value: str | None) -> str | None:
     return cleaned or None
 
 
+def ids_valid(span: Span) -> bool:
+    """OTLP's ids: a trace id of 16 bytes and a span id of 8, neither all zeros."""
+    return (
+        len(span.trace_id) == 32
+        and len(span.span_id) == 16
+        and span.trace_id.strip("0") != ""
+        and span.span_id.strip("0") != ""
+    )
+
+
 def event_id(span: Span, provider: str | None) -> str:
+    """The trace and the provider's response id when the span has one (two spans of one call, in one
+    trace, are one event; a server that reuses response ids across calls loses nothing), else the trace
+    and span ids. Either way a resent span is the same event."""
     response = _text(_first(span.attributes, RESPONSE_ID))
     if response is not None:
-        digest = hashlib.sha256(f"{provider}\x00{response}".encode()).hexdigest()[:40]
+        digest = hashlib.sha256(f"{span.trace_id}\x00{provider}\x00{response}".encode()).hexdigest()[:40]
         return f"otel:response:{digest}"
     return f"otel:span:{span.trace_id}:{span.span_id}"
 
@@ -180,4 +194,4 @@ def event_of(span: Span) -> dict[str, Any] | None:
     return event
 
 
-__all__ = ["Span", "event_id", "event_of"]
+__all__ = ["Span", "event_id", "event_of", "ids_valid"]

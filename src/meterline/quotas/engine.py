@@ -284,7 +284,11 @@ def limits_of(subject: Subject, bonus_nanos: int = 0) -> list[Limit]:
             found.append(Limit(meter, window, scope, scaled, "block", f"{scope}.{name}"))  # type: ignore[arg-type]
     if subject.after_the_fact:
         return [replace(limit, policy="overage") for limit in found]
-    return found
+    # Rate limits (minute windows) always block, an operator's extra ones too.
+    return [
+        replace(limit, policy="block") if limit.window == "minute" and limit.policy != "block" else limit
+        for limit in found
+    ]
 
 
 def amounts_of(

@@ -5,9 +5,10 @@ transaction. See ``meterline.alerts`` for the rules and the invariants."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -43,6 +44,8 @@ _SEEN_MAX = 10_000
 # How old a process's reading of today's usage may get before a settle reads it again: what other
 # processes settled meanwhile is seen within this time (a process adds only its own settles).
 _UNUSUAL_REREAD_US = 5 * 60 * 1_000_000
+_DAY = timedelta(days=1)
+_EXHAUSTED_RETRY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +136,7 @@ def fire(conn: Connection, organization_id: str, alert: Alert, now: datetime) ->
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _UnusualWatch:
     """What a process knows of an organization's usage today (UTC day ``day``, since the epoch), for the
     unusual-usage alert: the least usage that fires it (None: never today), today's usage as last read
@@ -176,6 +179,8 @@ class AlertEvaluator:
         self._unusual: dict[str, _UnusualWatch] = {}
         # Organization -> billing period start (µs) whose 100 % threshold the database has (refusals).
         self._exhausted: dict[str, int] = {}
+        # Organization -> when to try again (monotonic s) after writing its 100 % threshold failed.
+        self._exhausted_retry: dict[str, float] = {}
         # (organization, model, period start) whose unpriced-usage alert is committed (bounded).
         self._unpriced_seen: set[tuple[str, str, int]] = set()
         self._refusal_fired: dict[str, int] = {}
@@ -275,13 +280,14 @@ class AlertEvaluator:
         not only at an hour's first settle. Once a day (the alert's period is the day)."""
         now_us = to_micros(now)
         today = now_us // MICROS_PER_DAY
-        added = sum(
-            int(getattr(r, measure)) for r in rows if to_micros(r.created_at) // MICROS_PER_DAY == today
-        )
         watch = self._unusual.get(org_id)
+        if watch is not None and watch.day == today and watch.fired:
+            return  # the day's alert is out: nothing more to look at (the common case of a busy day)
+        # This runs in every settle on the writer: compare datetimes, not one conversion per row.
+        day_start = from_micros(today * MICROS_PER_DAY)
+        day_end = day_start + _DAY
+        added = sum(getattr(r, measure) for r in rows if day_start <= r.created_at < day_end)
         if watch is not None and watch.day == today:
-            if watch.fired:
-                return
             fresh = now_us - watch.read_us < _UNUSUAL_REREAD_US
             if fresh and (watch.trigger is None or watch.seen + added < watch.trigger):
                 after_commit(partial(self._add_seen, org_id, today, added))
@@ -311,7 +317,7 @@ class AlertEvaluator:
     def _add_seen(self, org_id: str, day: int, amount: int) -> None:
         watch = self._unusual.get(org_id)
         if watch is not None and watch.day == day:
-            self._unusual[org_id] = replace(watch, seen=watch.seen + amount)
+            watch.seen += amount  # after the commit, on the writer thread that owns these records
 
     # -- quota refusals --------------------------------------------------------------------------------
     def note_refusal(self, org_id: str) -> None:
@@ -356,13 +362,19 @@ class AlertEvaluator:
         period_us = to_micros(period.start)
         if self._exhausted.get(org_id) == period_us:
             return
+        if self._exhausted_retry.get(org_id, 0.0) > time.monotonic():
+            return  # the last write failed: refusals keep coming, and must not each try again at once
         cached = self._fired.get(org_id)
         if cached is None or cached[0] != period_us or (THRESHOLD, 100) not in cached[1]:
             measure = "spend" if limit.get("meter") == "spend" else "credits"
             used, allowance, requested = (int(limit[name]) for name in ("consumed", "max", "requested"))
             alert = allowance_refused(used, allowance, requested, period.start, period.end, measure)
-            with self._db.write() as conn:
-                fire(conn, org_id, alert, now)
+            try:
+                with self._db.write() as conn:
+                    fire(conn, org_id, alert, now)
+            except Exception:
+                self._exhausted_retry[org_id] = time.monotonic() + _EXHAUSTED_RETRY_S
+                raise
         self._exhausted[org_id] = period_us
 
     # -- reads -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Not part of the OpenAPI document: these routes speak HTML and cookies, not the b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,9 @@ from meterline.errors import Forbidden, InvalidRequest, MeterlineError, Unauthor
 from meterline.metering.analytics import RangeName
 from meterline.services import Services
 from meterline.tenancy import Principal
+
+# A number with commas as thousands separators: 1,250 or 12,500.75.
+_GROUPED = re.compile(r"\d{1,3}(,\d{3})+(\.\d+)?")
 
 router = APIRouter(include_in_schema=False)
 
@@ -361,9 +365,17 @@ def save_spend_cap(
     """A spend-cap organization's cap (``PATCH /v1/organization``)."""
 
     def change(principal: Principal) -> None:
-        amount = spend_cap.strip().replace(",", "")
+        amount = spend_cap.strip()
         if not amount:
             raise InvalidRequest("Enter the monthly spend cap, for example 250.00.", param="spend_cap")
+        if "," in amount:
+            # Only as thousands separators (1,250.00); "250,50" is a decimal comma, which must not
+            # silently become 25050.
+            if _GROUPED.fullmatch(amount) is None:
+                raise InvalidRequest(
+                    "Write the spend cap with a decimal point, for example 250.50.", param="spend_cap"
+                )
+            amount = amount.replace(",", "")
         organization_api.update_organization(
             OrganizationSettingsIn.model_validate({"spend_cap": amount}), principal, services
         )

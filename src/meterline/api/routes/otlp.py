@@ -21,7 +21,7 @@ from meterline.api import otlp
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.gateway import gateway_of
 from meterline.api.routes.events import MAX_BATCH, meter_events
-from meterline.metering.genai_spans import event_of
+from meterline.metering.genai_spans import event_of, ids_valid
 from meterline.services import Services
 from meterline.tenancy import Principal
 
@@ -43,16 +43,44 @@ class _Tally:
     metered: int = 0
     duplicate: int = 0
     rejected: int = 0
+    ignored: int = 0
+    genai: int = 0
     first_problem: str = ""
+
+    def reject(self, span_id: str, problem: str) -> None:
+        self.rejected += 1
+        if not self.first_problem:
+            self.first_problem = f"span {span_id or '(no id)'}: {problem}"
 
 
 def _meter(
-    bodies: list[dict[str, Any]], request: Request, principal: Principal, services: Services
+    raw: bytes,
+    kind: str,
+    encoding: str | None,
+    request: Request,
+    principal: Principal,
+    services: Services,
 ) -> _Tally:
+    """Decode, map and settle one export, off the event loop (a large export takes a while to decode)."""
+    body = otlp.inflate(raw, encoding, services.settings.max_body_bytes)
+    export = otlp.decode(body, kind)
     tally = _Tally()
+    bodies: list[dict[str, Any]] = []
+    span_ids: list[str] = []
+    for span in otlp.spans(export):
+        event = event_of(span)
+        if event is None:
+            tally.ignored += 1
+            continue
+        tally.genai += 1
+        if not ids_valid(span):
+            tally.reject(span.span_id, "a span needs a 16-byte trace id and an 8-byte span id, not all zeros")
+            continue
+        bodies.append(event)
+        span_ids.append(span.span_id)
     for first in range(0, len(bodies), MAX_BATCH):
         chunk = bodies[first : first + MAX_BATCH]
-        outcomes = meter_events(chunk, request, principal, services, after_the_fact=True, where="spans")
+        outcomes = meter_events(chunk, request, principal, services, after_the_fact=True, where="span")
         for offset, result in enumerate(outcomes.results):
             assert result is not None
             if result["status"] == "accepted":
@@ -61,14 +89,13 @@ def _meter(
                 else:
                     tally.metered += 1
             elif result["error"]["code"] == "conflict":
-                # Another span reported the same response (OpenLLMetry's Anthropic spans come in pairs).
+                # Another span of the same trace reported the same response, differently: the first
+                # one received stands (docs/opentelemetry.md).
                 tally.duplicate += 1
             else:
-                tally.rejected += 1
-                if not tally.first_problem:
-                    error = result["error"]
-                    where = f"spans[{first + offset}]" + error["param"].partition("]")[2]
-                    tally.first_problem = f"{where}: {error['message']}"
+                error = result["error"]
+                field = error["param"].partition("]")[2].lstrip(".")
+                tally.reject(span_ids[first + offset], f"{field + ': ' if field else ''}{error['message']}")
     return tally
 
 
@@ -77,31 +104,22 @@ async def post_traces(request: Request, principal: PrincipalDep, services: Servi
     """Meter the GenAI spans of an OTLP/HTTP trace export (protobuf or JSON, gzip or not)."""
     kind = otlp.media_type(request.headers.get("content-type"))
     raw = await request.body()
-    body = otlp.inflate(raw, request.headers.get("content-encoding"), services.settings.max_body_bytes)
-    export = otlp.decode(body, kind)
-    bodies: list[dict[str, Any]] = []
-    ignored = 0
-    for span in otlp.spans(export):
-        event = event_of(span)
-        if event is None:
-            ignored += 1
-        else:
-            bodies.append(event)
-    tally = await run_in_threadpool(_meter, bodies, request, principal, services)
+    encoding = request.headers.get("content-encoding")
+    tally = await run_in_threadpool(_meter, raw, kind, encoding, request, principal, services)
     counter = gateway_of(request).metrics.otlp_spans
     for outcome, count in (
         ("metered", tally.metered),
         ("duplicate", tally.duplicate),
         ("rejected", tally.rejected),
-        ("ignored", ignored),
+        ("ignored", tally.ignored),
     ):
         if count:
             counter.labels(outcome).inc(count)
     if tally.rejected:
-        not_recorded = f"{tally.rejected} of {len(bodies)} GenAI spans were not recorded"
+        not_recorded = f"{tally.rejected} of {tally.genai} GenAI spans were not recorded"
         message = f"{not_recorded}; the first: {tally.first_problem}"
-    elif ignored:
-        message = f"{ignored} spans are not model calls (no model or token counts) and were ignored"
+    elif tally.ignored:
+        message = f"{tally.ignored} spans are not model calls (no model or token counts) and were ignored"
     else:
         message = ""
     return otlp.answer(kind, tally.rejected, message)
