@@ -322,6 +322,25 @@ def test_export_streams_every_row_with_exact_sums(client: TestClient, tenant: Te
     assert sum(int(r["total_tokens"]) for r in rows) == top["data"][0]["tokens"]
 
 
+def test_focus_export_has_a_line_per_row_and_the_same_sums(client: TestClient, tenant: Tenant) -> None:
+    events = [ev(i, f"2026-03-{1 + i % 13:02d}T{i % 24:02d}:00:00Z", prompt_tokens=97 + i) for i in range(40)]
+    post(client, tenant.headers, *events)
+    ledger = _csv(client.get("/v1/usage/export.csv", headers=tenant.headers))
+    answer = client.get("/v1/usage/export.csv", params={"format": "focus"}, headers=tenant.headers)
+    assert answer.status_code == 200
+    assert "meterline-focus-" in answer.headers["content-disposition"]
+    focus = _csv(answer)
+    assert [f["x_LedgerRowId"] for f in focus] == [r["id"] for r in ledger]
+    assert sum(Decimal(f["BilledCost"]) for f in focus) == sum(Decimal(r["cost"]) for r in ledger)
+    assert sum(Decimal(f["ListCost"]) for f in focus) == sum(Decimal(r["list_cost"]) for r in ledger)
+    assert sum(Decimal(f["ConsumedQuantity"]) for f in focus) == sum(int(r["total_tokens"]) for r in ledger)
+    assert {f["BillingAccountId"] for f in focus} == {tenant.org["id"]}
+    assert {f["SubAccountId"] for f in focus} == {tenant.workspace["id"]}
+    bad = client.get("/v1/usage/export.csv", params={"format": "xlsx"}, headers=tenant.headers)
+    assert bad.status_code == 422
+    assert "format" in bad.json()["error"]["message"]
+
+
 def test_export_filters_like_the_ledger(client: TestClient, tenant: Tenant) -> None:
     post(
         client,

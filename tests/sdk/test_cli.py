@@ -4,6 +4,7 @@ subprocess of the installed command), against a real server and against the loca
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -122,6 +123,82 @@ def test_export_to_a_file_equals_the_api_export(used: Server, tmp_path: Path) ->
         assert target.read_bytes() == b"".join(client.iter_export(start=start, end="2026-03-14T23:00:00Z"))
     whole = run("export", **env).stdout
     assert len(whole.strip().splitlines()) == 7
+
+
+FOCUS_OVERRIDES = Path(__file__).with_name("data") / "focus-validator-overrides.yaml"
+
+
+def focus_validator(path: Path) -> subprocess.CompletedProcess[str]:
+    """The FinOps Foundation's validator on ``path``. It reads its currency list relative to the working
+    directory, so it runs from where it is installed."""
+    spec = importlib.util.find_spec("focus_validator")  # found, not imported (it warns on import)
+    assert spec is not None
+    assert spec.origin is not None
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "focus_validator.main",
+            "--data-file",
+            str(path),
+            "--validate-version",
+            "1.0",
+            "--override-file",
+            str(FOCUS_OVERRIDES),
+        ],
+        cwd=Path(spec.origin).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_focus_export_passes_the_finops_validator_and_sums_to_the_usage(
+    used: Server, tmp_path: Path
+) -> None:
+    extra = [
+        Event(id="case-1", event="case.execute", units=2, timestamp=NOW - timedelta(minutes=5)),
+        Event(
+            id="claude-1",
+            model="claude-3-5-haiku-latest",
+            provider="anthropic",
+            prompt_tokens=3000,
+            completion_tokens=50,
+            cache_read_tokens=2048,
+            timestamp=NOW - timedelta(minutes=3),
+        ),
+    ]
+    with used.client() as client:
+        assert client.send_events(extra).accepted == 2
+        usage = client.usage()
+    env = {"METERLINE_URL": used.base, "METERLINE_API_KEY": used.tenant.key}
+    target = tmp_path / "focus.csv"
+    run("export", "--format", "focus", "-o", str(target), **env)
+    checked = focus_validator(target)
+    assert "Validation succeeded" in checked.stdout, checked.stdout + checked.stderr
+
+    lines = list(csv.DictReader(io.StringIO(target.read_text())))
+    assert len(lines) == 8
+    period = usage.billing_period.start.strftime("%Y-%m-%dT%H:%M:%SZ")
+    this_period = [line for line in lines if line["BillingPeriodStart"] == period]
+    assert sum(Decimal(line["BilledCost"]) for line in this_period) == usage.monthly.cost
+    tokens = sum(
+        Decimal(line["ConsumedQuantity"]) for line in this_period if line["ConsumedUnit"] == "Tokens"
+    )
+    assert tokens == usage.monthly.tokens.usage
+    case = next(line for line in lines if line["SkuId"] == "case.execute")
+    assert (case["ConsumedQuantity"], case["ConsumedUnit"], case["ChargeCategory"]) == (
+        "2.0",
+        "case.execute",
+        "Usage",
+    )
+    assert all(line["BillingCurrency"] == "USD" and line["x_LedgerRowId"] for line in lines)
+
+    # The check can fail: a cost that is not a number is caught.
+    broken = tmp_path / "broken.csv"
+    broken.write_text(target.read_text().replace(lines[0]["BilledCost"], "n/a", 1))
+    assert "Validation succeeded" not in focus_validator(broken).stdout
 
 
 def test_verify_and_reconcile_against_a_server(used: Server) -> None:

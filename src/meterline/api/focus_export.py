@@ -6,7 +6,8 @@ One line per ledger row: every line is one request or event as it was billed, so
 ``x_ReceiptId``). The FOCUS 1.2 columns that apply are filled; the ones about commitments, capacity
 reservations and invoices are present and empty (FOCUS wants every column, nullable ones empty).
 
-* Money is exact decimal text in the organization's currency: ``BilledCost`` = ``EffectiveCost`` =
+* Money and quantities are exact decimal text, always with a decimal point (``12.0``), in the
+  organization's currency: ``BilledCost`` = ``EffectiveCost`` =
   ``ContractedCost`` is what was charged (after the organization's discount), ``ListCost`` before it.
 * Unit prices are empty: a request's tokens are priced at several rates (input, output, cache reads and
   writes, ...), so no single unit price times the quantity gives its cost.
@@ -96,6 +97,12 @@ _ROWS_PER_CHUNK = 200
 _HOUR = timedelta(hours=1)
 
 
+def _decimal(text: str) -> str:
+    """Exact decimal text with a decimal point: a column of whole numbers is still read as decimals by
+    tools that infer types from the text (pandas, and the FinOps Foundation's validator with it)."""
+    return text if "." in text else f"{text}.0"
+
+
 def _time(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -139,7 +146,8 @@ def cells(row: LedgerRow, org: Organization) -> list[Any]:
     period = billing_period(row.created_at, org.billing_anchor_day)
     hour = row.created_at.replace(minute=0, second=0, microsecond=0)
     quantity, unit, meter = _quantity(row)
-    cost = format_nanos(row.cost_nanos)
+    quantity = _decimal(quantity)
+    cost = _decimal(format_nanos(row.cost_nanos))
     provider = text(row.provider) or INVOICE_ISSUER
     sku = text(row.model) or text(row.event)
     return [
@@ -173,7 +181,7 @@ def cells(row: LedgerRow, org: Organization) -> list[Any]:
         cost,  # EffectiveCost: no commitments to amortize
         "",  # InvoiceId
         INVOICE_ISSUER,
-        format_nanos(row.list_cost_nanos),
+        _decimal(format_nanos(row.list_cost_nanos)),
         "",  # ListUnitPrice
         "Standard",
         row.currency,
@@ -199,7 +207,7 @@ def cells(row: LedgerRow, org: Organization) -> list[Any]:
         _tags(row),
         row.id,
         row.receipt_id or "",
-        format_nanos(row.credits_nanos),
+        _decimal(format_nanos(row.credits_nanos)),
         "true" if row.overage else "false",
     ]
 

@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meterline.cli.common import ConfigOption, DatabaseOption, JsonOption, err, out
+from meterline.cli.common import ConfigOption, DatabaseOption, JsonOption, err, fail, out
 from meterline.cli.sources import ApiKeyOption, OrgOption, UrlOption, WorkspaceOption, client_for
 from meterline.sdk import Breakdown, History, UsageSummary
 from meterline.sdk.summary import Allowance
@@ -201,6 +201,12 @@ def export(
     start: Annotated[str | None, typer.Option(help="RFC 3339, e.g. 2026-03-01T00:00:00Z.")] = None,
     end: Annotated[str | None, typer.Option(help="RFC 3339.")] = None,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="ledger (Meterline's columns) or focus (FOCUS 1.2 columns for FinOps tools)."
+        ),
+    ] = "ledger",
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     org: OrgOption = None,
@@ -209,9 +215,12 @@ def export(
     database_url: DatabaseOption = None,
 ) -> None:
     """The ledger rows of a time range as CSV (oldest first), streamed, with a progress bar."""
+    if export_format not in ("ledger", "focus"):
+        fail(f"--format is ledger or focus, not {export_format!r}", 2)
     filters: dict[str, Any] = {"start": start, "end": end, "model": model}
     with client_for(url, api_key, org, workspace, config, database_url) as client:
         rows = client.ledger(limit=1, **filters).total_count
+        filters["format"] = export_format
         if output is None:
             for chunk in client.iter_export(**filters):
                 sys.stdout.buffer.write(chunk)

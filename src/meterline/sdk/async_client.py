@@ -179,7 +179,8 @@ class AsyncClient:
             offset += len(page.data)
 
     async def iter_export(self, **filters: Any) -> AsyncIterator[bytes]:
-        call = calls.export(calls.ledger_filters(**filters))
+        export_format = filters.pop("format", "ledger")
+        call = calls.export(calls.ledger_filters(**filters), export_format)
 
         async def open_stream() -> httpx.Response:
             request = self._http.build_request(**request_options(self.connection, call))

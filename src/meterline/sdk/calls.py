@@ -93,8 +93,12 @@ def ledger(limit: int, offset: int, filters: Mapping[str, Any]) -> Call[LedgerPa
     )
 
 
-def export(filters: Mapping[str, Any]) -> Call[None]:
-    return Call("GET", "/v1/usage/export.csv", lambda _: None, dict(filters))
+def export(filters: Mapping[str, Any], export_format: str = "ledger") -> Call[None]:
+    """``format``: ``ledger`` (Meterline's columns) or ``focus`` (the FinOps Foundation's FOCUS columns)."""
+    params = dict(filters)
+    if export_format != "ledger":
+        params["format"] = export_format
+    return Call("GET", "/v1/usage/export.csv", lambda _: None, params)
 
 
 def timeseries(

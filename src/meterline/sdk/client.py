@@ -208,8 +208,10 @@ class Client:
 
     # -- CSV export ---------------------------------------------------------------------------------
     def iter_export(self, *, chunk_size: int = 65_536, **filters: Any) -> Iterator[bytes]:
-        """The ledger as CSV (oldest first), streamed in chunks; the filters of ``ledger``."""
-        call = calls.export(calls.ledger_filters(**filters))
+        """The ledger as CSV (oldest first), streamed in chunks; the filters of ``ledger``, and ``format``:
+        ``"ledger"`` (the default) or ``"focus"`` (FOCUS 1.2 columns for FinOps tools)."""
+        export_format = filters.pop("format", "ledger")
+        call = calls.export(calls.ledger_filters(**filters), export_format)
 
         def open_stream() -> httpx.Response:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from meterline.api.auth import PrincipalDep, ServicesDep
 from meterline.api.csv_export import csv_chunks
 from meterline.api.errors import request_id_of
+from meterline.api.focus_export import focus_chunks
 from meterline.api.responses import JSON
 from meterline.api.routes.usage import ledger_filter, parse_rfc3339, scope_for
 from meterline.clock import rfc3339
@@ -215,17 +216,32 @@ def get_export(
     identifier_id: IdentifierParam = None,
     modality: Annotated[str | None, Query(max_length=32)] = None,
     provider: Annotated[str | None, Query(max_length=64)] = None,
+    export_format: Annotated[
+        Literal["ledger", "focus"],
+        Query(
+            alias="format",
+            description="ledger: Meterline's columns; focus: the FinOps Foundation's FOCUS 1.2 columns, "
+            "one line per ledger row (docs/focus.md).",
+        ),
+    ] = "ledger",
 ) -> StreamingResponse:
     """Ledger rows as CSV, oldest first, streamed; the filters of ``/v1/usage/ledger``."""
     scope = scope_for(principal, request, identifier_id)
     where = ledger_filter(
         start, end, model=model, key_prefix=key_prefix, modality=modality, provider=provider
     )
+    kind = "focus" if export_format == "focus" else "usage"
     filename = (
-        f"meterline-usage-{_filename_part(where.start, 'start')}-{_filename_part(where.end, 'now')}.csv"
+        f"meterline-{kind}-{_filename_part(where.start, 'start')}-{_filename_part(where.end, 'now')}.csv"
     )
+    rows = _reader(services).ledger_rows(scope, where)
+    if export_format == "focus":
+        org = services.tenancy.get_organization(principal.organization_id)
+        chunks = focus_chunks(rows, org)
+    else:
+        chunks = csv_chunks(rows)
     return StreamingResponse(
-        csv_chunks(_reader(services).ledger_rows(scope, where)),
+        chunks,
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
