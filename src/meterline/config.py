@@ -246,6 +246,12 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(default=1)
     counters: Literal["auto", "memory", "database"] = "auto"
     admin_key: SecretStr | None = None
+    # OpenTelemetry out (OTLP/HTTP base URL, e.g. http://collector:4318): a GenAI span per gateway request
+    # and the GenAI client metrics. Off when unset.
+    otel_endpoint: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    otel_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    otel_service_name: str = Field(default="meterline", min_length=1, max_length=128)
+    otel_metrics_interval_ms: int = Field(default=60_000, ge=100, le=3_600_000)
     # `GET /metrics` wants it as a bearer token when set; unset, it answers loopback clients only.
     metrics_token: SecretStr | None = Field(default=None, min_length=16)
     host: str = "127.0.0.1"

@@ -22,7 +22,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
@@ -32,6 +33,9 @@ from meterline.clock import Clock, rfc3339
 from meterline.metering.records import LedgerRow
 from meterline.money import format_nanos
 from meterline.tenancy import Principal
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when telemetry is on
+    from meterline.api.telemetry import GatewayTelemetry
 
 access_log = logging.getLogger("meterline.access")
 
@@ -69,14 +73,19 @@ class AccessEntry:
     tokens: int = 0
     cost_nanos: int = 0
     currency: str | None = None
+    requested: str | None = None  # the model the client asked for
+    last: LedgerRow | None = None  # the request's (last) row, for its telemetry span
 
     def see_model(self, model: str | None) -> None:
         # One model for the request, or none when a batch names several.
+        if self.requested is None:
+            self.requested = model
         self.model = model if self.model in (_UNSET, model) else None
 
     def add(self, row: LedgerRow) -> None:
         self.see_model(row.model)
         self.provider = row.provider if self.provider in (_UNSET, row.provider) else None
+        self.last = row
         self.rows += 1
         self.tokens += row.total_tokens
         self.cost_nanos += row.cost_nanos
@@ -118,16 +127,18 @@ class AccessLog:
     """ASGI middleware writing the line; outermost, so refusals answered by other middleware (413, bad
     text) and unexpected errors get their line too."""
 
-    def __init__(self, app: ASGIApp, *, clock: Clock) -> None:
+    def __init__(self, app: ASGIApp, *, clock: Clock, telemetry: GatewayTelemetry | None = None) -> None:
         self.app = app
         self.clock = clock
+        self.telemetry = telemetry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not access_log.isEnabledFor(logging.INFO)
-            or not is_metered(scope["path"])
-        ):
+        if scope["type"] != "http" or not is_metered(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        logged = access_log.isEnabledFor(logging.INFO)
+        traced = self.telemetry is not None and scope["path"] in GATEWAY_PATHS
+        if not (logged or traced):
             await self.app(scope, receive, send)
             return
         entry = AccessEntry()
@@ -135,6 +146,7 @@ class AccessLog:
         state["access"] = entry
         arrived = self.clock.now()
         started = time.perf_counter()
+        started_ns = time.time_ns()
         status = 500
         request_id: str | None = None
 
@@ -150,25 +162,71 @@ class AccessLog:
         try:
             await self.app(scope, receive, observed)
         finally:
-            line = {
-                "ts": rfc3339(arrived),
-                "request_id": request_id or state.get("request_id"),
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                **_who(state.get("principal"), state.get("organization_id")),
-                "model": None if entry.model is _UNSET else entry.model,
-                "provider": None if entry.provider is _UNSET else entry.provider,
-                "upstream": entry.upstream,
-                "failover": entry.failover,
-                "ended": entry.ended,
-                "rows": entry.rows,
-                "tokens": entry.tokens,
-                "cost": format_nanos(entry.cost_nanos),
-                "currency": entry.currency,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-            }
-            access_log.info(orjson.dumps(line).decode())
+            if traced:
+                self._trace(scope, state, entry, status, started_ns, request_id)
+            if logged:
+                self._log(scope, state, entry, status, arrived, started, request_id)
+
+    def _trace(
+        self,
+        scope: Scope,
+        state: dict[str, Any],
+        entry: AccessEntry,
+        status: int,
+        started_ns: int,
+        request_id: str | None,
+    ) -> None:
+        assert self.telemetry is not None
+        principal: Principal | None = state.get("principal")
+        try:
+            self.telemetry.record(
+                path=scope["path"],
+                status=status,
+                start_ns=started_ns,
+                end_ns=time.time_ns(),
+                requested_model=entry.requested,
+                row=entry.last,
+                upstream=entry.upstream,
+                ids={
+                    "request_id": request_id or state.get("request_id"),
+                    "organization_id": state.get("organization_id")
+                    or (principal.organization_id if principal else None),
+                    "workspace_id": principal.workspace_id if principal else None,
+                },
+            )
+        except Exception:
+            # Telemetry never fails a request that has already been answered.
+            logging.getLogger("meterline.telemetry").exception("recording a gateway span failed")
+
+    @staticmethod
+    def _log(
+        scope: Scope,
+        state: dict[str, Any],
+        entry: AccessEntry,
+        status: int,
+        arrived: datetime,
+        started: float,
+        request_id: str | None,
+    ) -> None:
+        line = {
+            "ts": rfc3339(arrived),
+            "request_id": request_id or state.get("request_id"),
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            **_who(state.get("principal"), state.get("organization_id")),
+            "model": None if entry.model is _UNSET else entry.model,
+            "provider": None if entry.provider is _UNSET else entry.provider,
+            "upstream": entry.upstream,
+            "failover": entry.failover,
+            "ended": entry.ended,
+            "rows": entry.rows,
+            "tokens": entry.tokens,
+            "cost": format_nanos(entry.cost_nanos),
+            "currency": entry.currency,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        access_log.info(orjson.dumps(line).decode())
 
 
 def _who(principal: Principal | None, organization_id: str | None) -> dict[str, Any]:

@@ -144,6 +144,12 @@ def create_app(
         max_attempts=settings.webhook_max_attempts,
     )
 
+    telemetry = None
+    if settings.otel_endpoint is not None:
+        from meterline.api.telemetry import GatewayTelemetry
+
+        telemetry = GatewayTelemetry(settings)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # The tokenizer's tables take about a second to load: not on the first request.
@@ -170,6 +176,8 @@ def create_app(
             await asyncio.gather(reaper, webhooks, return_exceptions=True)
             sender.close()
             await _app.state.gateway.upstreams.aclose()
+            if telemetry is not None:
+                await run_in_threadpool(telemetry.shutdown)  # exports what is queued
             if owned:
                 services.close()
 
@@ -190,7 +198,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, passthrough=GATEWAY_PATHS)
     # Added last, so outermost: the access log sees what RequestContext answers by itself too.
-    app.add_middleware(AccessLog, clock=services.clock)
+    app.add_middleware(AccessLog, clock=services.clock, telemetry=telemetry)
 
     @app.get("/healthz", tags=["meta"])
     def health() -> JSON:
