@@ -65,6 +65,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -183,14 +184,39 @@ class Target:
     version: str | None = None
 
 
-def start_meterline(fake: FakeUpstream, work: Path, servers: list[Server]) -> Target:
+# An OTLP/HTTP sink for ``--otel``: answers 200 to every export and keeps nothing.
+_OTLP_SINK = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    def _ok(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    do_GET = do_POST = _ok
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+
+
+def start_otlp_sink(work: Path, servers: list[Server]) -> str:
+    port = free_port()
+    server = Server("otlp-sink", [sys.executable, "-c", _OTLP_SINK, str(port)], dict(os.environ), work, port)
+    servers.append(server)
+    server.wait_ready("/")
+    return f"http://{HOST}:{port}"
+
+
+def start_meterline(
+    fake: FakeUpstream, work: Path, servers: list[Server], otel_endpoint: str | None = None
+) -> Target:
     target = Target("meterline", version=_version("meterline"))
     admin_key = secrets.token_hex(16)  # 32 characters, new for each run
     config = work / "meterline.toml"
+    otel = "" if otel_endpoint is None else f'otel_endpoint = "{otel_endpoint}"\n'
     config.write_text(
         f'database_url = "sqlite:///{work / "meterline.db"}"\n'
         f'admin_key = "{admin_key}"\n'
-        f'signing_key_file = "{work / "key.json"}"\n\n'
+        f'signing_key_file = "{work / "key.json"}"\n{otel}\n'
         "[[upstreams]]\n"
         'name = "fake"\n'
         'provider = "openai"\n'
@@ -750,8 +776,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             direct.available = True
             targets.append(direct)
+            otel = start_otlp_sink(work, servers) if args.otel else None
+            info["otel_endpoint"] = otel
             starters: dict[str, Callable[[FakeUpstream, Path, list[Server]], Target]] = {
-                "meterline": start_meterline,
+                "meterline": partial(start_meterline, otel_endpoint=otel),
                 "litellm": start_litellm,
             }
             for name, starter in starters.items():
@@ -1105,6 +1133,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="clients of the throughput run")
     parser.add_argument("--throughput-seconds", type=float, default=8.0)
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds not counted at the start of a loop")
+    parser.add_argument(
+        "--otel", action="store_true", help="Meterline exports spans and metrics (otel_endpoint) to a sink"
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy pass on Meterline (not in figures)")
     parser.add_argument("--profile-requests", type=int, default=2000, help="requests per profile pass")
     parser.add_argument("--profile-seconds", type=float, default=10.0, help="concurrent profile pass")
