@@ -59,13 +59,18 @@ class Answer:
     audio_seconds: Decimal | None = None
 
 
-def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
+def _json_object(raw: bytes) -> dict[Any, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _not_json(raw, exc.msg) from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
+    body = _json_object(raw)
     model = _model(body.get("model"))
     stream = body.get("stream") is True and api in _STREAMABLE
     wants_usage = True
@@ -93,13 +98,7 @@ def parse_json_request(api: Api, raw: bytes, default_max_tokens: int) -> Parsed:
 
 def model_of(raw: bytes) -> str:
     """The model a JSON request names (a request the gateway passes on without metering it)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _not_json(raw, exc.msg) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return _model(body.get("model"))
+    return _model(_json_object(raw).get("model"))
 
 
 def with_output_limit(api: Api, forward: bytes, total: int) -> bytes:
