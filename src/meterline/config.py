@@ -169,6 +169,15 @@ class LimitConfig(_Strict):
     policy: Literal["block", "overage"] = "block"
     name: str | None = Field(default=None, min_length=1, max_length=64)
 
+    @model_validator(mode="after")
+    def _rate_limits_block(self) -> LimitConfig:
+        if self.window == "minute" and self.policy == "overage":
+            raise ValueError(
+                'a minute window is a rate limit and always blocks: use policy = "block", or a day or '
+                "period window for an allowance that may be passed"
+            )
+        return self
+
     @field_validator("meter")
     @classmethod
     def _meter(cls, value: str) -> str:
@@ -363,6 +372,21 @@ class Settings(BaseSettings):
         if self.counters != "auto":
             return self.counters
         return "database" if self.worker_count > 1 else "memory"
+
+    @field_validator("otel_headers")
+    @classmethod
+    def _otel_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # The HTTP client would reject such a value on every export, with the value in its error (a log
+        # line per batch): refused here, by name only.
+        for name, secret in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            text = secret.get_secret_value()
+            if text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise ValueError(
+                    f"the value of header {name!r} has surrounding spaces or a control character"
+                )
+        return value
 
     @field_validator("admin_key")
     @classmethod

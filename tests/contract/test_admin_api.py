@@ -140,6 +140,8 @@ def test_key_limits_say_their_shape(client: TestClient, tenant: Tenant) -> None:
     assert "spend_cap" in assert_envelope(create({"spend_cap": "-2"}), 422, "invalid_request")["message"]
     tiny = assert_envelope(create({"spend_cap": "0.0000000001"}), 422, "invalid_request")["message"]
     assert "9 decimal places" in tiny  # not rounded to a cap of 0 that would block everything
+    long = create({"spend_cap": "1.0000000000000000000000000000000001"})
+    assert "9 decimal places" in assert_envelope(long, 422, "invalid_request")["message"]
     unknown = assert_envelope(create({"daily_tokenz": 1}), 422, "invalid_request")["message"]
     assert "spend_cap" in unknown  # the list of known names has it
     assert create({"spend_cap": "1.00", "rpm": 60}).json()["limits"] == {"spend_cap": "1", "rpm": 60}

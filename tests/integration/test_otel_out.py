@@ -99,6 +99,9 @@ def test_each_gateway_request_is_a_genai_span_and_metric_point(tmp_path: Path, r
             f'api_key = "sk-otel-out"\nmodels = ["gpt-*"]\n'
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("METERLINE_", "OTEL_"))}
+        # The variables an instrumented application's exporter reads, as the README shows them: never
+        # sent to Meterline's own collector.
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = "Authorization=Bearer ml_live_app_key,x-app=1"
         port = free_port()
         admin = {"Authorization": f"Bearer {ADMIN}"}
         with process(["serve", "--config", str(config), "--port", str(port)], env, tmp_path, port) as base:
@@ -126,7 +129,9 @@ def test_each_gateway_request_is_a_genai_span_and_metric_point(tmp_path: Path, r
             ledger = {row["model"]: row for row in rows.json()["data"]}
         # The server has stopped: everything queued was exported on the way out.
 
+    assert receiver.headers
     assert all(h.get("authorization") == f"Bearer {COLLECTOR_TOKEN}" for h in receiver.headers)
+    assert not any("x-app" in h for h in receiver.headers)
     spans = {span.name: span for span in receiver.spans()}
     assert set(spans) == {"chat gpt-4o-mini", "chat gpt-4o", "chat no-route-model"}
     for model in ("gpt-4o-mini", "gpt-4o"):

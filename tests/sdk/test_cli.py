@@ -194,6 +194,13 @@ def test_a_focus_export_passes_the_finops_validator_and_sums_to_the_usage(
         "Usage",
     )
     assert all(line["BillingCurrency"] == "USD" and line["x_LedgerRowId"] for line in lines)
+    for line in lines:  # priced per request: unit price x quantity is the cost, exactly
+        assert (line["PricingQuantity"], line["PricingUnit"]) == ("1.0", "Requests")
+        assert Decimal(line["ListUnitPrice"]) * Decimal(line["PricingQuantity"]) == Decimal(line["ListCost"])
+        assert Decimal(line["ContractedUnitPrice"]) == Decimal(line["ContractedCost"])
+        assert line["SubAccountName"] == line["ResourceName"] == used.tenant.workspace["name"]
+        assert line["ProviderName"] == line["PublisherName"] != ""
+        assert line["InvoiceIssuerName"] == "Meterline"
 
     # The check can fail: a cost that is not a number is caught.
     broken = tmp_path / "broken.csv"

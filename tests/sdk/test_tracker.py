@@ -203,6 +203,9 @@ def test_plain_attribute_objects_are_recorded_like_sdk_responses(server: Server)
         ledger = {row.event_id: row for row in client.iter_ledger()}
         for call in (bare, whole, nested):
             assert ledger[call.event_id].cost == call.cost
+        looped = SimpleNamespace(prompt_tokens=10, completion_tokens=1, total_tokens=11)
+        looped.again = looped  # an object graph is read lazily: a cycle costs nothing
+        assert tracker.record(looped, model="gpt-4o-mini").prompt_tokens == 10
         with pytest.raises(ValueError, match="no token usage"):
             tracker.record(SimpleNamespace(text="hello"), model="gpt-4o-mini")
 

@@ -206,3 +206,17 @@ def test_every_upstream_setting_is_documented_in_the_readme() -> None:
         if f"\n{name} = " not in readme and f"# {name} = " not in readme and f"`{name}`" not in readme
     ]
     assert undocumented == []
+
+
+@pytest.mark.parametrize("value", [" Bearer x", "Bearer x\n", "Bearer\tx"])
+def test_otel_header_values_with_spaces_or_control_characters_are_refused_by_name(value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(otel_endpoint="http://collector:4318", otel_headers={"Authorization": value})
+    assert "Authorization" in str(refused.value)
+    assert value.strip() not in str(refused.value)  # the secret itself is never repeated
+
+
+def test_a_minute_limit_that_would_not_block_is_refused(tmp_path: Path) -> None:
+    limit = '{ meter = "calls", window = "minute", max = 5, policy = "overage" }'
+    with pytest.raises(ConfigError, match="always blocks"):
+        load_settings(write(tmp_path, f"[plans.p]\nlimits = [{limit}]\n"))

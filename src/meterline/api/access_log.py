@@ -163,7 +163,7 @@ class AccessLog:
             await self.app(scope, receive, observed)
         finally:
             if traced:
-                self._trace(scope, state, entry, status, started_ns, request_id)
+                self._trace(scope, state, entry, status, started_ns, started, request_id)
             if logged:
                 self._log(scope, state, entry, status, arrived, started, request_id)
 
@@ -174,6 +174,7 @@ class AccessLog:
         entry: AccessEntry,
         status: int,
         started_ns: int,
+        started: float,
         request_id: str | None,
     ) -> None:
         assert self.telemetry is not None
@@ -184,6 +185,8 @@ class AccessLog:
                 status=status,
                 start_ns=started_ns,
                 end_ns=time.time_ns(),
+                # From the monotonic clock: a step of the wall clock never makes a duration negative.
+                duration_s=time.perf_counter() - started,
                 requested_model=entry.requested,
                 row=entry.last,
                 upstream=entry.upstream,

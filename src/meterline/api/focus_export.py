@@ -9,17 +9,21 @@ reservations and invoices are present and empty (FOCUS wants every column, nulla
 * Money and quantities are exact decimal text, always with a decimal point (``12.0``), in the
   organization's currency: ``BilledCost`` = ``EffectiveCost`` =
   ``ContractedCost`` is what was charged (after the organization's discount), ``ListCost`` before it.
-* Unit prices are empty: a request's tokens are priced at several rates (input, output, cache reads and
-  writes, ...), so no single unit price times the quantity gives its cost.
+* A line is priced per request: ``PricingQuantity`` 1 ``Requests`` at ``ListUnitPrice`` = ``ListCost`` and
+  ``ContractedUnitPrice`` = the cost, because a request's tokens are priced at several rates (input,
+  output, cache reads and writes, ...) and no single token price times the tokens is its cost; what was
+  consumed is ``ConsumedQuantity`` (tokens, seconds of audio, or an event's units).
 * The charge period is the UTC hour of the request; the billing period is the organization's.
 * The account is the organization (``BillingAccount*``), the sub-account and resource its workspace.
+* Tags: Meterline's own under the ``meterline/`` prefix (FOCUS wants a provider's tags prefixed), the
+  row's ``metadata`` (the client's own tags) as they were sent.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -63,15 +67,15 @@ COLUMNS = (
     "ContractedUnitPrice",
     "EffectiveCost",
     "InvoiceId",
-    "InvoiceIssuer",
+    "InvoiceIssuerName",
     "ListCost",
     "ListUnitPrice",
     "PricingCategory",
     "PricingCurrency",
     "PricingQuantity",
     "PricingUnit",
-    "Provider",
-    "Publisher",
+    "ProviderName",
+    "PublisherName",
     "RegionId",
     "RegionName",
     "ResourceId",
@@ -130,7 +134,7 @@ def _description(row: LedgerRow) -> str:
 
 
 def _tags(row: LedgerRow) -> str:
-    tags = {
+    own = {
         "endpoint": row.endpoint,
         "source": row.source,
         "user_id": row.user_id,
@@ -138,16 +142,22 @@ def _tags(row: LedgerRow) -> str:
         "key_prefix": row.key_prefix,
         "run_id": row.run_id,
     }
-    return orjson.dumps({k: v for k, v in tags.items() if v}).decode()
+    tags: dict[str, str] = {}
+    for key, value in (row.metadata or {}).items():
+        tags[str(key)] = value if isinstance(value, str) else orjson.dumps(value).decode()
+    tags.update({f"meterline/{k}": v for k, v in own.items() if v})
+    return orjson.dumps(tags).decode()
 
 
-def cells(row: LedgerRow, org: Organization) -> list[Any]:
+def cells(row: LedgerRow, org: Organization, workspaces: Mapping[str, str]) -> list[Any]:
     text = neutralized
     period = billing_period(row.created_at, org.billing_anchor_day)
     hour = row.created_at.replace(minute=0, second=0, microsecond=0)
     quantity, unit, meter = _quantity(row)
     quantity = _decimal(quantity)
     cost = _decimal(format_nanos(row.cost_nanos))
+    list_cost = _decimal(format_nanos(row.list_cost_nanos))
+    workspace = text(workspaces.get(row.workspace_id))
     provider = text(row.provider) or INVOICE_ISSUER
     sku = text(row.model) or text(row.event)
     return [
@@ -177,22 +187,22 @@ def cells(row: LedgerRow, org: Organization) -> list[Any]:
         quantity,
         text(unit),
         cost,  # ContractedCost: the organization's discount is its contract
-        "",  # ContractedUnitPrice
+        cost,  # ContractedUnitPrice: of one request
         cost,  # EffectiveCost: no commitments to amortize
         "",  # InvoiceId
         INVOICE_ISSUER,
-        _decimal(format_nanos(row.list_cost_nanos)),
-        "",  # ListUnitPrice
+        list_cost,
+        list_cost,  # ListUnitPrice: of one request
         "Standard",
         row.currency,
-        quantity,
-        text(unit),
+        "1.0",  # PricingQuantity
+        "Requests",
         provider,
         provider,
         text(row.region),
         text(row.region),
         row.workspace_id,
-        "",  # ResourceName
+        workspace,  # ResourceName
         "Workspace",
         "AI and Machine Learning",
         f"{provider} API" if row.model is not None else f"{INVOICE_ISSUER} events",
@@ -202,7 +212,7 @@ def cells(row: LedgerRow, org: Organization) -> list[Any]:
         "",  # SkuPriceDetails
         f"{provider}/{sku}",
         row.workspace_id,
-        "",  # SubAccountName
+        workspace,  # SubAccountName
         "Workspace",
         _tags(row),
         row.id,
@@ -212,13 +222,15 @@ def cells(row: LedgerRow, org: Organization) -> list[Any]:
     ]
 
 
-def focus_chunks(rows: Iterable[LedgerRow], org: Organization) -> Iterator[bytes]:
-    """The header, then the lines a few hundred at a time."""
+def focus_chunks(
+    rows: Iterable[LedgerRow], org: Organization, workspaces: Mapping[str, str]
+) -> Iterator[bytes]:
+    """The header, then the lines a few hundred at a time; ``workspaces``: names by id."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for count, row in enumerate(rows, start=1):
-        writer.writerow(cells(row, org))
+        writer.writerow(cells(row, org, workspaces))
         if count % _ROWS_PER_CHUNK == 0:
             yield buffer.getvalue().encode()
             buffer.seek(0)

@@ -65,10 +65,21 @@ def _named_limits_in(value: object) -> object:
             amount = parse_decimal(raw, what=f"limit {name!r}")
         except ValueError as exc:
             raise ValueError(f"{exc}; {money}") from None
-        if not 0 <= amount <= MAX_LIMIT // NANOS_PER_UNIT or amount * NANOS_PER_UNIT % 1:
-            raise ValueError(f"{money} (at most 9 decimal places)")
+        if not 0 <= amount <= MAX_LIMIT // NANOS_PER_UNIT:
+            raise ValueError(money)
+        if _decimal_places(amount) > 9:
+            raise ValueError(f"limit {name!r} has at most 9 decimal places (nanos of a currency unit)")
         converted[name] = to_nanos(amount)
     return converted
+
+
+def _decimal_places(amount: Decimal) -> int:
+    """Read from the digits, not by arithmetic (which rounds to the context's 28 digits)."""
+    _, digits, exponent = amount.as_tuple()
+    if not isinstance(exponent, int):
+        return 0
+    trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(-(exponent + min(trailing, -exponent if exponent < 0 else 0)), 0)
 
 
 def _known_limits(value: dict[str, int] | None) -> dict[str, int] | None:

@@ -13,7 +13,10 @@ Meterline keeps its global ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Mapping
 
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -46,6 +49,29 @@ TOKENS_METRIC = "gen_ai.client.token.usage"
 OPERATION_DURATION = "gen_ai.client.operation.duration"
 
 
+# The exporters add the headers these variables name to every export. They are how an application
+# instrumented with OpenTelemetry is told its collector's credentials, often a Meterline key for
+# ``POST /v1/traces`` (the README says so): beside Meterline's own ``otel_headers`` they would send that
+# key to Meterline's collector. Meterline's telemetry reads ``otel_headers`` only.
+_HEADER_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+)
+_ENVIRONMENT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_header_variables() -> Iterator[None]:
+    """The exporters read the variables when made: made without them (once, at start-up)."""
+    with _ENVIRONMENT:
+        saved = {name: os.environ.pop(name) for name in _HEADER_VARIABLES if name in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
+
+
 class GatewayTelemetry:
     """The deployment's span and metric exporters (one per process)."""
 
@@ -53,17 +79,17 @@ class GatewayTelemetry:
         assert settings.otel_endpoint is not None
         base = settings.otel_endpoint.rstrip("/")
         headers = {name: value.get_secret_value() for name, value in settings.otel_headers.items()}
+        with _without_header_variables():
+            span_exporter = OTLPSpanExporter(endpoint=f"{base}/v1/traces", headers=headers)
+            metric_exporter = OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=headers)
         resource = Resource.create(
             {"service.name": settings.otel_service_name, "service.version": __version__}
         )
         self._tracer_provider = TracerProvider(resource=resource)
-        self._tracer_provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces", headers=headers))
-        )
+        self._tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
         self._tracer = self._tracer_provider.get_tracer("meterline.gateway", __version__)
         reader = PeriodicExportingMetricReader(
-            OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=headers),
-            export_interval_millis=settings.otel_metrics_interval_ms,
+            metric_exporter, export_interval_millis=settings.otel_metrics_interval_ms
         )
         self._meter_provider = MeterProvider(
             metric_readers=[reader],
@@ -94,6 +120,7 @@ class GatewayTelemetry:
         status: int,
         start_ns: int,
         end_ns: int,
+        duration_s: float,
         requested_model: str | None,
         row: LedgerRow | None,
         upstream: str | None,
@@ -149,7 +176,7 @@ class GatewayTelemetry:
         metric_attributes: dict[str, str] = dict(common)
         if failed:
             metric_attributes["error.type"] = str(status)
-        self._duration.record((end_ns - start_ns) / 1e9, metric_attributes)
+        self._duration.record(duration_s, metric_attributes)
         if row is not None:
             self._tokens.record(row.prompt_tokens, {**common, "gen_ai.token.type": "input"})
             self._tokens.record(row.completion_tokens, {**common, "gen_ai.token.type": "output"})

@@ -6,7 +6,7 @@ tokens, and Anthropic's separately reported cache reads/writes are added back in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
@@ -47,41 +47,69 @@ class ReadUsage:
     provider: str | None
 
 
-# Plain objects are read this deep (a response, its usage, the usage's details, and one more).
-_PLAIN_DEPTH = 4
-
-
 def as_mapping(value: object) -> Mapping[str, Any] | None:
     """A dict view of an SDK object (pydantic models of the openai/anthropic SDKs), a mapping, or a plain
     attribute object as hand-written code makes them (a dataclass, ``types.SimpleNamespace``, any object
-    with public attributes: seed 001's tracker reads ``usage.total_tokens``)."""
+    with public attributes or properties: seed 001's tracker reads ``usage.total_tokens``)."""
     if isinstance(value, Mapping):
         return value
     dump = getattr(value, "model_dump", None)
     if callable(dump):
         dumped = dump()
         return dumped if isinstance(dumped, Mapping) else None
-    plain = _plain(value, _PLAIN_DEPTH)
-    return plain if isinstance(plain, dict) else None
+    if _is_plain(value):
+        return _Attributes(value)
+    return None
 
 
-def _plain(value: object, depth: int) -> object:
-    """``value`` with its attribute objects turned into dicts of their public attributes (nested ones
-    too, ``depth`` levels down); numbers, strings, mappings and lists as they are."""
-    if value is None or isinstance(value, str | int | float | bool | Mapping | list | tuple) or depth <= 0:
-        return value
-    if is_dataclass(value) and not isinstance(value, type):
-        attributes = {f.name: getattr(value, f.name) for f in fields(value)}
-    else:
-        found = getattr(value, "__dict__", None)
-        if not isinstance(found, dict) or isinstance(value, type):
-            return value
-        attributes = found
-    return {
-        name: _plain(item, depth - 1)
-        for name, item in attributes.items()
-        if isinstance(name, str) and not name.startswith("_") and not callable(item)
-    }
+def _is_plain(value: object) -> bool:
+    return not isinstance(value, str | bytes | int | float | bool | list | tuple | type) and value is not None
+
+
+class _Attributes(Mapping[str, Any]):
+    """An object's public attributes read as a mapping, lazily: only the names asked for are read (an
+    object graph is never walked whole), nested objects are views too, and a name the object does not
+    have, a private one or a method is simply absent."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: object) -> None:
+        self._value = value
+
+    def __getitem__(self, name: str) -> Any:
+        if not isinstance(name, str) or name.startswith("_"):
+            raise KeyError(name)
+        try:
+            found = getattr(self._value, name)
+        except AttributeError:
+            raise KeyError(name) from None
+        if callable(found) and not isinstance(found, type):
+            raise KeyError(name)
+        if isinstance(found, Mapping) or not _is_plain(found):
+            return found
+        return as_mapping(found)
+
+    def _names(self) -> list[str]:
+        value = self._value
+        if is_dataclass(value):
+            names = [f.name for f in fields(value)]
+        else:
+            names = list(getattr(value, "__dict__", {}))
+            names += [n for cls in type(value).__mro__ for n in getattr(cls, "__slots__", ())]
+        return [n for n in dict.fromkeys(names) if isinstance(n, str) and not n.startswith("_")]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(n for n in self._names() if n in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
 
 
 def read_usage(value: object) -> ReadUsage | None:

@@ -200,6 +200,15 @@ def get_breakdown(
     )
 
 
+def _workspace_names(services: Services, organization_id: str) -> dict[str, str]:
+    names: dict[str, str] = {}
+    while True:
+        page, total = services.tenancy.list_workspaces(organization_id, limit=500, offset=len(names))
+        names.update((w.id, w.name) for w in page)
+        if not page or len(names) >= total:
+            return names
+
+
 def _filename_part(at: datetime | None, fallback: str) -> str:
     return fallback if at is None else at.strftime("%Y%m%dT%H%M%SZ")
 
@@ -237,7 +246,7 @@ def get_export(
     rows = _reader(services).ledger_rows(scope, where)
     if export_format == "focus":
         org = services.tenancy.get_organization(principal.organization_id)
-        chunks = focus_chunks(rows, org)
+        chunks = focus_chunks(rows, org, _workspace_names(services, org.id))
     else:
         chunks = csv_chunks(rows)
     return StreamingResponse(
