@@ -30,10 +30,10 @@
 -- Cost: Redis time per decision is what bounds one Redis, so a call reads each hash once (HMGET of every
 -- field it needs, before anything else) and writes each once (one HSET at the end). It never encodes
 -- JSON for storage: the client sends a hold's record as it is stored, and a finish brings what its hold
--- reserved. The answer is one small JSON text (an empty list comes out as {}).
+-- reserved. The answer is one small MessagePack value.
 --
 -- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. A value below 2^53
--- travels as a JSON number and is computed as a Lua number; a larger one travels and is stored as a
+-- travels as a MessagePack integer and is computed as a Lua number; a larger one travels and is stored as a
 -- decimal string and is computed as two limbs, hi * 10^9 + lo, each far below 2^53, so sums,
 -- differences and comparisons up to 2^63 (and beyond) stay exact. A sum that reaches 2^53 moves to
 -- limbs. Stored values are decimal strings (`str`). Seconds and microseconds (< 2^53) are numbers.
@@ -42,8 +42,16 @@
 -- until every line has been checked. The first line (#!lua, no flags) declares a script that writes and
 -- touches only the keys it is given, so Redis refuses it whole before it runs when out of memory or on a
 -- replica, never half-way. Needs Redis >= 7.0 (the declaration, EXPIRE ... NX/GT).
+--
+-- Speed: the request and the answer are MessagePack (cmsgpack decodes and encodes in less than half of
+-- cjson's time). The paths a decision takes (reading, checking, reserving, finishing, writing back) test
+-- for plain Lua numbers inline and call the limb helpers only for values at or above 2^53: a Lua function
+-- call is a large part of a line's cost. docs/benchmarks.md has the profile.
 
-local req = cjson.decode(ARGV[1])
+local type, tonumber, pairs, next, unpack = type, tonumber, pairs, next, unpack
+local format = string.format
+local call = redis.call
+local req = cmsgpack.unpack(ARGV[1])
 local now_s = req.n
 local ROLLING = 60
 local ROLLING_TTL = 120
@@ -54,10 +62,10 @@ local CHUNK = 4000  -- arguments per command: Lua's unpack takes at most ~8000
 
 -- HMGET of any number of fields (in commands of CHUNK fields), one list of values
 local function hmget(key, names)
-  if #names <= CHUNK then return redis.call('HMGET', key, unpack(names)) end
+  if #names <= CHUNK then return call('HMGET', key, unpack(names)) end
   local values = {}
   for first = 1, #names, CHUNK do
-    local part = redis.call('HMGET', key, unpack(names, first, math.min(first + CHUNK - 1, #names)))
+    local part = call('HMGET', key, unpack(names, first, math.min(first + CHUNK - 1, #names)))
     for j = 1, #part do values[first + j - 1] = part[j] end
   end
   return values
@@ -66,7 +74,7 @@ end
 -- HSET of any number of field-value pairs
 local function hset(key, args)
   for first = 1, #args, CHUNK do
-    redis.call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, #args)))
+    call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, #args)))
   end
 end
 
@@ -122,6 +130,10 @@ local function neg(a)
 end
 
 local function sub(a, b)
+  if type(a) == 'number' and type(b) == 'number' then
+    local r = a - b
+    if r < LIM and r > -LIM then return r end
+  end
   return add(a, neg(b))
 end
 
@@ -142,20 +154,17 @@ local function text(x)  -- limbs to a decimal string
     if lo > 0 then hi, lo = -hi - 1, B - lo else hi = -hi end
     return '-' .. text({hi, lo})
   end
-  if hi == 0 then return string.format('%d', lo) end
-  return string.format('%d%09d', hi, lo)
+  if hi == 0 then return format('%d', lo) end
+  return format('%d%09d', hi, lo)
 end
 
 local function str(x)  -- what is stored: a decimal string (never Lua's own "1.5e+15")
-  if type(x) == 'number' then return string.format('%d', x) end
+  if type(x) == 'number' then return format('%d', x) end
   return text(x)
 end
 
-local function out(x)  -- what is answered: a number below 10^14 (cjson writes 14 digits), else a string
-  if type(x) == 'number' then
-    if x < 1e14 and x > -1e14 then return x end
-    return string.format('%d', x)
-  end
+local function out(x)  -- what is answered: a number below 2^53 (MessagePack carries it whole), else a string
+  if type(x) == 'number' then return x end  -- add and sub keep Lua numbers below 2^53
   return text(x)
 end
 
@@ -170,36 +179,52 @@ local refresh = {}  -- [counter] = true: a rolling window reserved on or seeded 
 local lifetimes = {}  -- [key index] = seconds: a fixed window's hash, seeded (EXPIRE at the end)
 
 local function read_all()
-  local by_key = {}  -- fixed counters per hash: key index -> {names, counter numbers}
+  local names, numbers = {}, {}  -- per fixed hash (key index): its fields, its counters' numbers
   for i = 1, count do
     local index, field = C[3 * i - 2], C[3 * i - 1]
     if field ~= 0 then
-      local found = by_key[index]
-      if not found then
-        found = {{}, {}}
-        by_key[index] = found
+      local fields = names[index]
+      if not fields then
+        fields = {}
+        names[index] = fields
+        numbers[index] = {}
       end
-      local names = found[1]
-      names[#names + 1] = 'u' .. field
-      names[#names + 1] = 'v' .. field
-      found[2][#found[2] + 1] = i
+      local n = #fields
+      fields[n + 1] = 'u' .. field
+      fields[n + 2] = 'v' .. field
+      local mine = numbers[index]
+      mine[#mine + 1] = i
     else
-      local raw = redis.call('HMGET', KEYS[index], 'h', 't', 'o', 'e', now_s)
-      if raw[1] then
-        local state = {h = tonumber(raw[1]), t = val(raw[2]), o = raw[3] and tonumber(raw[3]) or nil,
-                       e = raw[4] and tonumber(raw[4]) or 0, b = {}, changed = {}}
-        state.b[now_s] = raw[5] and val(raw[5]) or false
+      local raw = call('HMGET', KEYS[index], 'h', 't', 'o', 'e', now_s)
+      local h = raw[1]
+      if h then
+        local t, o, e, here = raw[2], raw[3], raw[4], raw[5]
+        local state = {h = tonumber(h), t = #t < 16 and tonumber(t) or big(t), o = o and tonumber(o) or nil,
+                       e = e and tonumber(e) or 0, b = {}, changed = {}}
+        if here then
+          state.b[now_s] = #here < 16 and tonumber(here) or big(here)
+        else
+          state.b[now_s] = false
+        end
         counters[i] = state
       else
         counters[i] = false
       end
     end
   end
-  for index, found in pairs(by_key) do
-    local raw = hmget(KEYS[index], found[1])
-    for j, i in ipairs(found[2]) do
-      local used = raw[2 * j - 1]
-      counters[i] = used and {fixed = true, u = val(used), v = val(raw[2 * j] or '0')} or false
+  for index, fields in pairs(names) do
+    local raw = hmget(KEYS[index], fields)
+    local mine = numbers[index]
+    for j = 1, #mine do
+      local used, reserved = raw[2 * j - 1], raw[2 * j]
+      if used then
+        if not reserved then reserved = 0
+        elseif #reserved < 16 then reserved = tonumber(reserved)
+        else reserved = big(reserved) end
+        counters[mine[j]] = {fixed = true, u = #used < 16 and tonumber(used) or big(used), v = reserved}
+      else
+        counters[mine[j]] = false
+      end
     end
   end
 end
@@ -230,7 +255,7 @@ local function bucket(state, i, second)
     if state.fresh then
       value = false
     else
-      local raw = redis.call('HGET', KEYS[C[3 * i - 2]], second)
+      local raw = call('HGET', KEYS[C[3 * i - 2]], second)
       value = raw and val(raw) or false
     end
     state.b[second] = value
@@ -248,7 +273,7 @@ local function prune(state, i)
   if not (state.o and state.o <= horizon) then return end
   roll_write(i)
   local key = KEYS[C[3 * i - 2]]
-  local fields = redis.call('HGETALL', key)
+  local fields = call('HGETALL', key)
   local gone, oldest = {}, nil
   for j = 1, #fields, 2 do
     local second = tonumber(fields[j])  -- nil for h, t, o, e
@@ -261,14 +286,14 @@ local function prune(state, i)
     end
   end
   for first = 1, #gone, CHUNK do
-    redis.call('HDEL', key, unpack(gone, first, math.min(first + CHUNK - 1, #gone)))
+    call('HDEL', key, unpack(gone, first, math.min(first + CHUNK - 1, #gone)))
   end
   state.o = oldest
   state.changed.t = true
   if oldest then
     state.changed.o = true
   else
-    redis.call('HDEL', key, 'o')
+    call('HDEL', key, 'o')
   end
 end
 
@@ -296,7 +321,7 @@ local function rolling_retry_after(state, i, amount, maximum)
   local wanted = add(state.t, amount)
   local over = cmp(wanted, maximum) > 0
   local excess = sub(wanted, maximum)
-  local fields = redis.call('HGETALL', KEYS[C[3 * i - 2]])
+  local fields = call('HGETALL', KEYS[C[3 * i - 2]])
   local buckets = {}
   for j = 1, #fields, 2 do
     local second = tonumber(fields[j])
@@ -331,14 +356,14 @@ end
 local function reserve(hold)
   local holds, id = KEYS[hold[1]], hold[2]
   -- Claim the id first (one command instead of HEXISTS + HSET); given back unless admitted.
-  if redis.call('HSETNX', holds, id, ARGV[hold[3]]) == 0 then return nil end
+  if call('HSETNX', holds, id, ARGV[hold[3]]) == 0 then return nil end
   local lines = (#hold - 3) / 4
   local missing = {2}
   for l = 1, lines do
     if not counters[hold[4 * l]] then missing[#missing + 1] = l - 1 end
   end
   if #missing > 1 then
-    redis.call('HDEL', holds, id)
+    call('HDEL', holds, id)
     return missing
   end
   local overage, refused, consumed = 0, nil, {}
@@ -353,8 +378,16 @@ local function reserve(hold)
       value = state.t
     end
     consumed[l] = value
-    local amount, maximum = val(hold[4 * l + 1]), val(hold[4 * l + 2])
-    if cmp(maximum, 0) >= 0 and cmp(amount, 0) > 0 and cmp(add(value, amount), maximum) > 0 then
+    local amount, maximum = hold[4 * l + 1], hold[4 * l + 2]
+    local over
+    if type(value) == 'number' and type(amount) == 'number' and type(maximum) == 'number' then
+      -- below 2^53 each: value + amount may round, but only where it exceeds any such maximum anyway
+      over = maximum >= 0 and amount > 0 and value + amount > maximum
+    else
+      amount, maximum = val(amount), val(maximum)
+      over = cmp(maximum, 0) >= 0 and cmp(amount, 0) > 0 and cmp(add(value, amount), maximum) > 0
+    end
+    if over then
       if hold[4 * l + 3] == 0 then
         overage = 1
       elseif not refused then
@@ -363,7 +396,7 @@ local function reserve(hold)
     end
   end
   if refused then
-    redis.call('HDEL', holds, id)
+    call('HDEL', holds, id)
     local i = hold[4 * refused]
     local state, retry = counters[i], nil
     if state.fixed then
@@ -378,20 +411,23 @@ local function reserve(hold)
   -- As memory.py: each line's level is its consumption as checked plus its own amount; the reset is
   -- read after this line's write.
   local answer = {1, overage}
+  local n = 2
   for l = 1, lines do
     local i = hold[4 * l]
-    local state, amount = counters[i], val(hold[4 * l + 1])
-    answer[#answer + 1] = out(add(consumed[l], amount))
+    local state, amount, value = counters[i], hold[4 * l + 1], consumed[l]
+    if type(amount) ~= 'number' then amount = val(amount) end
+    answer[n + 1] = out(add(value, amount))
     if state.fixed then
-      if cmp(amount, 0) ~= 0 then
+      if amount ~= 0 then  -- a table (limbs) is never 0: only values at or above 2^53 are limbs
         state.v = add(state.v, amount)
         state.changed = true
       end
-      answer[#answer + 1] = C[3 * i]
+      answer[n + 2] = C[3 * i]
     else
       if rolling_add(state, i, now_s, amount) then refresh[i] = true end
-      answer[#answer + 1] = state.o and state.o + ROLLING or now_s
+      answer[n + 2] = state.o and state.o + ROLLING or now_s
     end
+    n = n + 2
   end
   return answer
 end
@@ -400,7 +436,7 @@ end
 -- amount reserved]; unknown holds are skipped. A settlement does not refresh a rolling key's lifetime:
 -- it only adjusts a bucket its own reservation wrote (and refreshed).
 local function finish(item, malformed)
-  if redis.call('HDEL', KEYS[item[1]], item[2]) == 0 then return end
+  if call('HDEL', KEYS[item[1]], item[2]) == 0 then return end
   local second, actual, lines = item[3], item[4], (#item - 4) / 2
   if actual ~= 0 and #actual ~= lines then
     malformed[#malformed + 1] = item[2]  -- memory raises ValueError after dropping the hold
@@ -410,8 +446,9 @@ local function finish(item, malformed)
     local i = item[3 + 2 * l]
     local state = counters[i]
     if state then
-      local reserved = val(item[4 + 2 * l])
-      local spent = actual ~= 0 and val(actual[l]) or 0
+      local reserved, spent = item[4 + 2 * l], actual ~= 0 and actual[l] or 0
+      if type(reserved) ~= 'number' then reserved = val(reserved) end
+      if type(spent) ~= 'number' then spent = val(spent) end
       if state.fixed then
         state.v = sub(state.v, reserved)
         state.u = add(state.u, spent)
@@ -446,7 +483,7 @@ end
 -- `into` as id, record, the item's position
 local function expired(item, position, into)
   local bound = tonumber(req.u)
-  local fields = redis.call('HGETALL', KEYS[item[1]])
+  local fields = call('HGETALL', KEYS[item[1]])
   local due = {}
   for j = 1, #fields, 2 do
     local expires = tonumber(string.match(fields[j + 1], '^%[(%d+)'))
@@ -465,17 +502,17 @@ local TALLY_MINUTES = 60
 local function tally(index)
   local key = KEYS[index]
   local minute = math.floor(now_s / 60)
-  redis.call('HINCRBY', key, tostring(minute), 1)
-  local fields = redis.call('HGETALL', key)
+  call('HINCRBY', key, tostring(minute), 1)
+  local fields = call('HGETALL', key)
   local total = 0
   for j = 1, #fields, 2 do
     if tonumber(fields[j]) <= minute - TALLY_MINUTES then
-      redis.call('HDEL', key, fields[j])
+      call('HDEL', key, fields[j])
     else
       total = total + tonumber(fields[j + 1])
     end
   end
-  redis.call('EXPIRE', key, (TALLY_MINUTES + 1) * 60)
+  call('EXPIRE', key, (TALLY_MINUTES + 1) * 60)
   return total
 end
 
@@ -510,7 +547,7 @@ if req.l then
 end
 local records = {}
 if req.d then
-  for j, item in ipairs(req.d) do records[j] = redis.call('HGET', KEYS[item[1]], item[2]) or 0 end
+  for j, item in ipairs(req.d) do records[j] = call('HGET', KEYS[item[1]], item[2]) or 0 end
 end
 local due = {}
 if req.x then
@@ -542,14 +579,15 @@ for i = 1, count do
     end
     roll_write(i)
     -- After the write: EXPIRE does nothing to a key that does not exist yet (a first seed).
-    if renew then redis.call('EXPIRE', KEYS[C[3 * i - 2]], ROLLING_TTL) end
+    if renew then call('EXPIRE', KEYS[C[3 * i - 2]], ROLLING_TTL) end
   end
 end
 for index, args in pairs(fixed_out) do hset(KEYS[index], args) end
 -- Every counter of a fixed hash ends at the same second; NX sets a first lifetime, GT lengthens it.
 for index, seconds in pairs(lifetimes) do
-  redis.call('EXPIRE', KEYS[index], seconds, 'NX')
-  redis.call('EXPIRE', KEYS[index], seconds, 'GT')
+  call('EXPIRE', KEYS[index], seconds, 'NX')
+  call('EXPIRE', KEYS[index], seconds, 'GT')
 end
--- One JSON text: the client parses it in one go (an array reply costs it far more, element by element).
-return cjson.encode({verdicts, levels, records, due, tallied, malformed, duplicate})
+-- One MessagePack value: the client parses it in one go (an array reply costs it far more, element by
+-- element).
+return cmsgpack.pack({verdicts, levels, records, due, tallied, malformed, duplicate})

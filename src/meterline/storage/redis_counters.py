@@ -49,6 +49,7 @@ from importlib.resources import files
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+import msgpack
 import orjson
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -127,7 +128,7 @@ def _int(value: int) -> str:
 
 
 def _value(value: int) -> int | str:
-    """A value as the script takes it: a JSON number below 2^53 (a Lua number is exact there), else a
+    """A value as the script takes it: an integer below 2^53 (a Lua number is exact there), else a
     decimal string."""
     if -_EXACT < value < _EXACT:
         return value
@@ -808,7 +809,7 @@ class RedisCounterStore:
                 for ref, reserved in zip(known.refs, known.reserved, strict=True):
                     item += (call.counter(ref), reserved)
                 items.append(item)
-        request = orjson.dumps(
+        request = msgpack.packb(
             {"n": now_us // 1_000_000, "u": str(now_us), "c": call.flat, "f": items, **call.parts}
         )
         try:
@@ -862,9 +863,8 @@ class RedisCounterStore:
             # ClusterError: redis-py followed redirects (MOVED, ASK, TRYAGAIN) until it gave up
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
         assert isinstance(raw, bytes)
-        answer = orjson.loads(raw)
-        # Lua cannot tell an empty list from an empty object: cjson writes {}.
-        return [[] if part == {} else part for part in answer]
+        answer: list[Any] = msgpack.unpackb(raw)
+        return answer
 
     def _command(self, *args: Any) -> Any:
         try:
