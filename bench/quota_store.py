@@ -16,8 +16,9 @@ same organization (the hottest keys: the worst case for contention). The stores:
 For Redis, ``INFO`` is read before and after each run: ``total_commands_processed`` counts every command,
 including those a script runs inside Redis, and ``commandstats`` tells the script calls (``EVALSHA``)
 apart, so "round trips" = commands the client sent, "commands" = everything Redis executed.
-``redis-benchmark`` then runs against the same server for scale (PING/SET/INCR with 1 and 50 clients,
-and our script itself: one 6-line reservation per ``EVALSHA``, 1 client).
+``redis-benchmark`` then runs against the same server for scale (PING/SET/INCR with 1 and 50 clients),
+and our script itself runs back to back (20,000 decisions pipelined: what one Redis serves when it is
+the bottleneck, and its Redis time per call).
 
 Prints a table and writes ``bench/results/quota_store.json``. Nothing is left running.
 """
@@ -42,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import redis
 
 from machine import cpu_model
@@ -52,7 +54,6 @@ if str(ROOT) not in sys.path:
 
 from meterline.quotas.counters import CounterStore, Hold, Line, Seed, Settlement  # noqa: E402
 from meterline.quotas.memory import MemoryCounterStore  # noqa: E402
-from meterline.storage import redis_counters  # noqa: E402
 from meterline.storage.redis_counters import RedisCounterStore  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "quota_store.json"
@@ -232,7 +233,7 @@ def measure_redis(
     return run
 
 
-def redis_benchmark(port: int, sha: str) -> list[dict[str, Any]]:
+def redis_benchmark(port: int) -> list[dict[str, Any]]:
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return []
@@ -253,10 +254,17 @@ def redis_benchmark(port: int, sha: str) -> list[dict[str, Any]]:
 
     for clients in (1, 50):
         run("", clients, ["-n", "100000", "-t", "ping,set,incr"])
-    # Our script, one 6-line reservation per call, as the store sends it (__rand_int__ makes hold ids
-    # unique).
+    return figures
+
+
+def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
+    """Our script when Redis runs calls back to back (pipelined, 500 at a time): what one Redis serves
+    when it is the bottleneck. Each call is one decision as the store sends it: the finish of the
+    previous hold and a 6-line reservation. The request is MessagePack (binary), so it cannot go on
+    ``redis-benchmark``'s command line; redis-py pipelines it instead."""
     lines = request_lines("rb")
-    store = RedisCounterStore(f"redis://127.0.0.1:{port}/0", prefix="rb:")
+    # No flusher in between: the finish of rb-0 must ride with the reservation of rb-1 (one decision).
+    store = RedisCounterStore(f"redis://127.0.0.1:{port}/0", prefix="rb:", flush_interval_s=3600)
     store.seed(seeds_for(lines), now_us())
     sent: list[Any] = []
     send = store._send_command
@@ -266,13 +274,48 @@ def redis_benchmark(port: int, sha: str) -> list[dict[str, Any]]:
         return send(*command)
 
     store._send_command = record  # type: ignore[assignment]
-    store.reserve([Hold("rb-__rand_int__", lines, now_us() + LEASE_US, "rb")], now_us())
+    store.reserve([Hold("rb-0", lines, now_us() + LEASE_US, "rb")], now_us())
+    store.settle([Settlement("rb-0", ACTUAL, "rb")], now_us())
+    store.reserve([Hold("rb-1", lines, now_us() + LEASE_US, "rb")], now_us())
     store._send_command = send
     store.close()
-    evalsha = next(c for c in sent if c[0] == "EVALSHA")
-    arguments = [a.decode() if isinstance(a, bytes) else str(a) for a in evalsha]
-    run("EVALSHA meterline script (6-line reserve)", 1, ["-n", "20000", "-r", "1000000000", *arguments])
-    return figures
+    command = sent[-1]
+    count = int(command[2])
+    keys, request, rest = command[3 : 3 + count], msgpack.unpackb(command[3 + count]), command[4 + count :]
+    if not (request.get("f") and request.get("h")):
+        raise RuntimeError("the captured call is not one finish and one reservation")
+    packed = []
+    for i in range(calls):
+        request["f"][0][1], request["h"][0][1] = f"rb-p{i - 1}", f"rb-p{i}"
+        packed.append(msgpack.packb(request))
+    client = redis.Redis(port=port)
+    try:
+        before = client.info("commandstats")["cmdstat_evalsha"]
+        started = time.perf_counter()
+        for first in range(0, calls, 500):
+            pipe = client.pipeline(transaction=False)
+            for body in packed[first : first + 500]:
+                pipe.execute_command(command[0], command[1], count, *keys, body, *rest)
+            pipe.execute()
+        elapsed = time.perf_counter() - started
+        after = client.info("commandstats")["cmdstat_evalsha"]
+    finally:
+        client.close()
+    script_us = (after["usec"] - before["usec"]) / (after["calls"] - before["calls"])
+    print(
+        f"  our script back to back (pipelined): {calls / elapsed:,.0f} decisions/s, "
+        f"{script_us:.1f} µs of Redis time each",
+        flush=True,
+    )
+    return [
+        {
+            "what": "EVALSHA meterline script (finish + 6-line reserve), pipelined",
+            "clients": 1,
+            "per_s": calls / elapsed,
+            "p50_ms": None,
+            "redis_us_per_call": script_us,
+        }
+    ]
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -372,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rate = f"{run.decisions_per_s:,.0f} decisions/s (runs: {run.all_decisions_per_s})"
                 print(f"  {name}, {threads} thread(s): {rate}{extra}", flush=True)
-        bench = [] if args.skip_redis_benchmark else redis_benchmark(server.port, redis_counters._SHA)
+        bench = script_back_to_back(server.port)
+        if not args.skip_redis_benchmark:
+            bench = redis_benchmark(server.port) + bench
     finally:
         server.stop()
         if cluster is not None:
@@ -382,10 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(runs))
     if bench:
         print()
-        print("| redis-benchmark (same server) | clients | requests/s | p50 (ms) |")
-        print("|---|--:|--:|--:|")
+        print("| same server | clients | requests/s | p50 (ms) | Redis µs / call |")
+        print("|---|--:|--:|--:|--:|")
         for b in bench:
-            print(f"| {b['what']} | {b['clients']} | {b['per_s']:,.0f} | {b['p50_ms'] or '-'} |")
+            script_us = f"{b['redis_us_per_call']:.1f}" if "redis_us_per_call" in b else "-"
+            print(
+                f"| {b['what']} | {b['clients']} | {b['per_s']:,.0f} | {b['p50_ms'] or '-'} | {script_us} |"
+            )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(

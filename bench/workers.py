@@ -3,7 +3,8 @@ the database) and on PostgreSQL + Redis (counters in Redis). Target: 2 workers >
 
 Usage::
 
-    .venv/bin/python bench/workers.py [--seconds 6] [--rounds 2] [--skip-postgres]
+    .venv/bin/python bench/workers.py [--seconds 6] [--rounds 2] [--skip-postgres] [--client python|wrk]
+        [--organizations 1]
 
 For each deployment, 1 and 2 workers alternate (``--rounds`` times each, order rotating), each on a fresh
 database and a fresh ``meterline serve`` (a plan whose block limits are far away, so every request is
@@ -16,7 +17,10 @@ against it, ``--seconds`` each after a 1 s ramp:
 
 Every answer must be a 200; the figure is completed requests/s. The load client (``bench/
 gateway_client.py``) shares the 2 vCPUs with the servers, so the ceiling for 2 workers is below 2x
-here. It prints a table and writes ``bench/results/workers-<date>.json``.
+here. ``--client wrk`` runs the same loops with ``wrk`` (C, Debian's package: ``apt-get install wrk``;
+64 connections, one thread), which leaves the servers more of the machine. ``--organizations N``
+sends the requests round N organizations (one key each) instead of one. It prints a table and writes
+``bench/results/workers-<date>[-wrk][-<n>-organizations].json``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,9 +70,15 @@ PLAN = (
 
 @contextmanager
 def meterline(
-    database_url: str, redis_url: str | None, workers: int, fake: FakeUpstream, counters: str = "auto"
+    database_url: str,
+    redis_url: str | None,
+    workers: int,
+    fake: FakeUpstream,
+    counters: str = "auto",
+    organizations: int = 1,
 ) -> Iterator[str]:
-    """A ``meterline serve --workers N`` with an organization, workspace and key; yields the key."""
+    """A ``meterline serve --workers N`` with ``organizations`` organizations, each with a workspace and
+    a key; yields "port keys pid" (the keys joined by commas)."""
     work = Path(tempfile.mkdtemp(prefix="meterline-workers-"))
     admin_key = secrets.token_hex(16)
     config = work / "meterline.toml"
@@ -96,19 +108,32 @@ def meterline(
         base = f"http://{HOST}:{port}"
         admin = {"Authorization": f"Bearer {admin_key}"}
         with httpx.Client(base_url=base, headers=admin, timeout=30) as http:
-            org = http.post("/v1/admin/organizations", json={"name": "Bench", "plan": "bench"}).json()
-            ws = http.post("/v1/admin/workspaces", json={"organization_id": org["id"], "name": "W"}).json()
-            key = http.post("/v1/admin/keys", json={"workspace_id": ws["id"], "name": "K"}).json()["key"]
-        yield f"{port} {key} {server.pid}"
+            keys = []
+            for n in range(organizations):
+                org = http.post(
+                    "/v1/admin/organizations", json={"name": f"Bench {n}", "plan": "bench"}
+                ).json()
+                ws = http.post(
+                    "/v1/admin/workspaces", json={"organization_id": org["id"], "name": "W"}
+                ).json()
+                keys.append(
+                    http.post("/v1/admin/keys", json={"workspace_id": ws["id"], "name": "K"}).json()["key"]
+                )
+        yield f"{port} {','.join(keys)} {server.pid}"
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def closed_loop(port: int, key: str, path: str, bodies: Sequence[bytes], seconds: float) -> float:
-    """Completed requests/s of ``CLIENTS`` keep-alive clients, after a 1 s ramp; every answer a 200."""
-    endpoint = Endpoint(HOST, port, path, {"Authorization": f"Bearer {key}"})
-    clients: list[Client] = list(await asyncio.gather(*(endpoint.connect() for _ in range(CLIENTS))))
+async def closed_loop(
+    port: int, keys: Sequence[str], path: str, bodies: Sequence[bytes], seconds: float
+) -> float:
+    """Completed requests/s of ``CLIENTS`` keep-alive clients, after a 1 s ramp; every answer a 200.
+    Client i sends with key i modulo the keys (one organization each)."""
+    endpoints = [Endpoint(HOST, port, path, {"Authorization": f"Bearer {key}"}) for key in keys]
+    clients: list[Client] = list(
+        await asyncio.gather(*(endpoints[i % len(endpoints)].connect() for i in range(CLIENTS)))
+    )
     start = time.perf_counter()
     measure_from, deadline = start + 1.0, start + 1.0 + seconds
     done = 0
@@ -119,6 +144,7 @@ async def closed_loop(port: int, key: str, path: str, bodies: Sequence[bytes], s
         n = 0
         while time.perf_counter() < deadline:
             n += 1
+            endpoint = endpoints[index % len(endpoints)]
             result = await client.send(endpoint.request(bodies[(index * 7919 + n) % len(bodies)]))
             if result.status != 200:
                 failures.append(f"{result.status}: {b''.join(result.body)[:200]!r}")
@@ -133,6 +159,64 @@ async def closed_loop(port: int, key: str, path: str, bodies: Sequence[bytes], s
     if failures:
         raise RuntimeError(f"{len(failures)} failed requests, e.g. {failures[0]}")
     return done / seconds
+
+
+# wrk's per-request script for events: each request its own event id (each a settle, never a duplicate).
+# Requests go round the keys (KEYS: a Lua list), one organization each.
+_WRK_EVENTS = """
+local keys, n = KEYS, 0
+request = function()
+  n = n + 1
+  local headers = {["Content-Type"] = "application/json",
+                   ["Authorization"] = "Bearer " .. keys[n % #keys + 1]}
+  return wrk.format("POST", nil, headers, '{"events":[{"id":"RUN-' .. n .. '","model":"gpt-4o-mini",'
+    .. '"prompt_tokens":100,"completion_tokens":20}]}')
+end
+"""
+_WRK_BODY = """
+local keys, n, body = KEYS, 0, BODY
+request = function()
+  n = n + 1
+  local headers = {["Content-Type"] = "application/json",
+                   ["Authorization"] = "Bearer " .. keys[n % #keys + 1]}
+  return wrk.format("POST", nil, headers, body)
+end
+"""
+
+
+def wrk_loop(port: int, keys: Sequence[str], path: str, body: bytes | None, seconds: float) -> float:
+    """Completed requests/s of ``CLIENTS`` wrk connections (``body`` None: one new event per request)."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit("--client wrk needs wrk (Debian: apt-get install wrk)")
+    if body is None:
+        script = _WRK_EVENTS.replace("RUN", secrets.token_hex(4))
+    else:
+        script = _WRK_BODY.replace("BODY", json.dumps(body.decode()))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as file:
+        file.write(script.replace("KEYS", "{" + ", ".join(json.dumps(k) for k in keys) + "}"))
+        file.flush()
+        out = subprocess.run(
+            [
+                binary,
+                "-t1",
+                f"-c{CLIENTS}",
+                f"-d{seconds:.0f}s",
+                "-s",
+                file.name,
+                f"http://{HOST}:{port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if failed:
+        raise RuntimeError(f"{failed.group(1)} failed requests:\n{out}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk printed no rate:\n{out}")
+    return float(found.group(1))
 
 
 def event_bodies(count: int) -> list[bytes]:
@@ -156,19 +240,30 @@ def event_bodies(count: int) -> list[bytes]:
 
 
 def measure(
-    database_url: str, redis_url: str | None, workers: int, fake: FakeUpstream, seconds: float, counters: str
+    database_url: str,
+    redis_url: str | None,
+    workers: int,
+    fake: FakeUpstream,
+    seconds: float,
+    counters: str,
+    client: str = "python",
+    organizations: int = 1,
 ) -> dict[str, float]:
-    with meterline(database_url, redis_url, workers, fake, counters) as handle:
-        port_text, key, pid_text = handle.split(" ")
+    with meterline(database_url, redis_url, workers, fake, counters, organizations) as handle:
+        port_text, key_text, pid_text = handle.split(" ")
+        keys = key_text.split(",")
         port, pid = int(port_text), int(pid_text)
         figures: dict[str, float] = {}
         for load, path, bodies in (
             ("gateway", "/v1/chat/completions", [request_body(stream=False, max_tokens=16)]),
-            ("events", "/v1/events", event_bodies(400_000)),
+            ("events", "/v1/events", event_bodies(400_000 if client == "python" else 1)),
         ):
             before, busy_before = server_cpu(pid), machine_busy()
             started = time.perf_counter()
-            figures[load] = uvloop.run(closed_loop(port, key, path, bodies, seconds))
+            if client == "wrk":
+                figures[load] = wrk_loop(port, keys, path, bodies[0] if load == "gateway" else None, seconds)
+            else:
+                figures[load] = uvloop.run(closed_loop(port, keys, path, bodies, seconds))
             elapsed = time.perf_counter() - started
             busy, total = (a - b for a, b in zip(machine_busy(), busy_before, strict=True))
             # How busy the whole machine was (servers, fake upstream, load client): 1.0 = every core.
@@ -198,6 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--counters", default="auto", choices=("auto", "database"), help="database: for 1 worker too"
     )
+    parser.add_argument(
+        "--client", default="python", choices=("python", "wrk"), help="the load generator (wrk: C, lighter)"
+    )
+    parser.add_argument(
+        "--organizations",
+        type=int,
+        default=1,
+        help="requests go round this many organizations (one key each)",
+    )
     args = parser.parse_args(argv)
     deployments: list[tuple[str, Any]] = [("sqlite", None)]
     stack = []
@@ -226,7 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             flushed = redis_client.Redis.from_url(redis_url)
                             flushed.flushall()
                             flushed.close()
-                        figures = measure(url, redis_url, workers, fake, args.seconds, args.counters)
+                        figures = measure(
+                            url,
+                            redis_url,
+                            workers,
+                            fake,
+                            args.seconds,
+                            args.counters,
+                            args.client,
+                            args.organizations,
+                        )
                         results[name][workers].append(figures)
                         gateway, events = figures["gateway"], figures["events"]
                         print(
@@ -246,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "at": datetime.now(UTC).isoformat(),
         "seconds": args.seconds,
+        "client": args.client,
+        "organizations": args.organizations,
     }
     rows = []
     for name, by_workers in results.items():
@@ -267,7 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|--:|--:|--:|--:|--:|")
     print("\n".join(rows))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"workers-{datetime.now(UTC).date()}.json"
+    suffix = ("-wrk" if args.client == "wrk" else "") + (
+        f"-{args.organizations}-organizations" if args.organizations > 1 else ""
+    )
+    out = RESULTS / f"workers-{datetime.now(UTC).date()}{suffix}.json"
     out.write_text(
         json.dumps(
             {"runs": {k: {str(w): v for w, v in r.items()} for k, r in results.items()}, **summary}, indent=2

@@ -43,10 +43,11 @@
 -- touches only the keys it is given, so Redis refuses it whole before it runs when out of memory or on a
 -- replica, never half-way. Needs Redis >= 7.0 (the declaration, EXPIRE ... NX/GT).
 --
--- Speed: the request and the answer are MessagePack (cmsgpack decodes and encodes in less than half of
--- cjson's time). The paths a decision takes (reading, checking, reserving, finishing, writing back) test
--- for plain Lua numbers inline and call the limb helpers only for values at or above 2^53: a Lua function
--- call is a large part of a line's cost. docs/benchmarks.md has the profile.
+-- Speed: the request and the answer are MessagePack (cmsgpack decodes a decision's request in two thirds
+-- of cjson's time and encodes its answer in two fifths). The paths a decision takes (reading, checking,
+-- reserving, finishing, writing back) test for plain Lua numbers inline and call the limb helpers only
+-- for values at or above 2^53: a Lua function call is a large part of a line's cost. docs/benchmarks.md
+-- has the profile.
 
 local type, tonumber, pairs, next, unpack = type, tonumber, pairs, next, unpack
 local format = string.format
@@ -418,7 +419,7 @@ local function reserve(hold)
     if type(amount) ~= 'number' then amount = val(amount) end
     answer[n + 1] = out(add(value, amount))
     if state.fixed then
-      if amount ~= 0 then  -- a table (limbs) is never 0: only values at or above 2^53 are limbs
+      if amount ~= 0 then  -- limbs are never 0: a request's amount is a string only from 2^53 up
         state.v = add(state.v, amount)
         state.changed = true
       end
