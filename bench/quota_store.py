@@ -282,11 +282,12 @@ def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
     command = sent[-1]
     count = int(command[2])
     keys, request, rest = command[3 : 3 + count], msgpack.unpackb(command[3 + count]), command[4 + count :]
-    if not (request.get("f") and request.get("h")):
+    finishes, holds = request[3], request[5]  # the request: [n, u, c, f, s, h, l, d, x, t]
+    if not (finishes and holds):
         raise RuntimeError("the captured call is not one finish and one reservation")
     packed = []
     for i in range(calls):
-        request["f"][0][1], request["h"][0][1] = f"rb-p{i - 1}", f"rb-p{i}"
+        finishes[0][1], holds[0][1] = f"rb-p{i - 1}", f"rb-p{i}"
         packed.append(msgpack.packb(request))
     client = redis.Redis(port=port)
     try:

@@ -42,7 +42,7 @@ COUNTERS = [
 ]  # fmt: skip
 
 
-def request(batch: int) -> dict[str, object]:
+def request(batch: int) -> list[object]:
     """``batch`` decisions in one call: each finishes its hold of the previous iteration and reserves
     a new one. Hold ids are of fixed width (``C<j>000000``, ``P<j>000000``): the harness rewrites them
     inside the packed request, per iteration."""
@@ -61,11 +61,11 @@ def request(batch: int) -> dict[str, object]:
         ]
         for j in range(batch)
     ]  # fmt: skip
-    return {"n": NOW, "u": f"{NOW}008563", "c": COUNTERS, "f": finishes, "h": holds}
+    return [NOW, f"{NOW}008563", COUNTERS, finishes, 0, holds, 0, 0, 0, 0]
 
 
 SEEDS = [[1, 0, 90000], [2, 0, 90000], [3], [4], [5, 0, 90000], [6, 0, 90000]]
-SEED = {"n": NOW, "u": f"{NOW}000000", "c": COUNTERS, "f": [], "s": SEEDS}
+SEED = [NOW, f"{NOW}000000", COUNTERS, 0, SEEDS, 0, 0, 0, 0, 0]
 RECORD = b'[1796450433008562,1796450133,[["org|o|tokens|day","f","1500","1000000000000",1,1796515200]]]'
 
 HARNESS = """
@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                     client.hset(key, mapping={**buckets, "o": NOW - 59, "t": total})
             packed = msgpack.packb(request(args.batch))
             elapsed_us, last = client.eval(harness, len(KEYS), *KEYS, packed, RECORD, args.iterations)
-            kinds = [verdict[0] for verdict in msgpack.unpackb(last)[0]] if isinstance(last, bytes) else []
+            # The verdicts are one flat list, each after its length: {7, 1, overage, ...} for an admission.
+            flat = msgpack.unpackb(last)[0] if isinstance(last, bytes) else 0
+            kinds = []
+            at = 0
+            while flat and at < len(flat):
+                kinds.append(flat[at + 1])
+                at += 1 + flat[at]
             if kinds != [1] * args.batch:
                 raise SystemExit(f"the last call did not admit every reservation ({kinds}): not a decision")
             figures.append(int(elapsed_us) / args.iterations / args.batch)

@@ -95,6 +95,8 @@ _MIN_TTL_S = 3_600  # a seed of a long-gone window must not vanish before it is 
 _BATCH = 1_000  # finishes per call while draining a backlog: keeps each script short for Redis
 _REGISTER_EVERY_S = 60.0
 _EXPIRED_KEYS_PER_CALL = 500
+# The request's parts after the finishes, in the script's order (0 where a call has none).
+_PARTS = ("s", "h", "l", "d", "x", "t")
 # Redis answers that mean "not now" rather than "wrong": redis-py raises its own class for most (the
 # code is then not in the message), BUSY (a script running too long elsewhere) stays a ResponseError.
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
@@ -809,8 +811,15 @@ class RedisCounterStore:
                 for ref, reserved in zip(known.refs, known.reserved, strict=True):
                     item += (call.counter(ref), reserved)
                 items.append(item)
+        parts = call.parts
         request = msgpack.packb(
-            {"n": now_us // 1_000_000, "u": str(now_us), "c": call.flat, "f": items, **call.parts}
+            [
+                now_us // 1_000_000,
+                str(now_us),
+                call.flat,
+                items or 0,
+                *[parts.get(part, 0) for part in _PARTS],
+            ]
         )
         try:
             answer = self._evalsha(call.keys, [request, *call.args])
@@ -864,6 +873,20 @@ class RedisCounterStore:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
         assert isinstance(raw, bytes)
         answer: list[Any] = msgpack.unpackb(raw)
+        # The script answers flat (a part with nothing to say is 0; the verdicts one list, each after
+        # its length): every table it makes costs Redis time. Back to lists here.
+        flat = answer[0]
+        verdicts: list[list[Any]] = []
+        if flat:
+            at = 0
+            while at < len(flat):
+                end = at + 1 + flat[at]
+                verdicts.append(flat[at + 1 : end])
+                at = end
+        answer[0] = verdicts
+        for part in (1, 2, 3, 5):
+            if answer[part] == 0:
+                answer[part] = []
         return answer
 
     def _command(self, *args: Any) -> Any:
