@@ -282,7 +282,7 @@ def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
     command = sent[-1]
     count = int(command[2])
     keys, request, rest = command[3 : 3 + count], msgpack.unpackb(command[3 + count]), command[4 + count :]
-    finishes, holds = request[3], request[5]  # the request: [n, u, c, f, s, h, l, d, x, t]
+    finishes, holds = request[4], request[6]  # the request: [n, u, g, c, f, s, h, l, d, x, t]
     if not (finishes and holds):
         raise RuntimeError("the captured call is not one finish and one reservation")
     packed = []

@@ -1,7 +1,8 @@
 """Redis time of the counter script's body per decision, without round trips or the noise of a client:
-the body runs ``--iterations`` times inside one ``EVAL`` (timed with ``TIME``), on the request that
-``bench/quota_store.py`` sends for a decision (one finish of the previous hold and one 6-line
-reservation: 2 fixed-window hashes, 2 rolling windows, the holds hash). Best of ``--repeat``.
+the body runs ``--iterations`` times inside one ``EVAL`` (timed with ``TIME``), on the call the store
+sends for a decision of ``bench/quota_store.py`` (one finish of the previous hold and one 6-line
+reservation: 4 fixed windows and 2 rolling ones of one organization), captured from the store itself.
+Best of ``--repeat``.
 
 Usage::
 
@@ -10,8 +11,8 @@ Usage::
 SCRIPT defaults to ``src/meterline/storage/redis_counters.lua``. To time one phase, pass a copy with
 that phase cut out (``do return 'x' end`` before it) or stubbed, and subtract (docs/benchmarks.md,
 "MessagePack and inline number checks"). It starts its own ``redis-server`` and leaves nothing running.
-The loop adds the cost of one closure per iteration (~0.1 µs); the call itself (~5.6 µs on this VM:
-``EVALSHA`` with 5 keys and the request) is not in the figure.
+The loop adds the cost of one closure per iteration (~0.1 µs); the call itself (``EVALSHA`` with its
+keys and the request, a few µs) is not in the figure.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import redis
@@ -29,47 +31,61 @@ if str(ROOT) not in sys.path:
 
 from tests.servers import start_redis  # noqa: E402
 
+from meterline.quotas.counters import Hold, Seed, Settlement  # noqa: E402
+from meterline.storage.redis_counters import RedisCounterStore  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from quota_store import ACTUAL, LEASE_US, request_lines  # noqa: E402
+
 SCRIPT = ROOT / "src" / "meterline" / "storage" / "redis_counters.lua"
-NOW = 1_796_450_133
-DAY_END, MONTH_END = 1_796_515_200, 1_798_761_600
-KEYS = [
-    "p:{org}h", f"p:{{org}}f:{DAY_END}", f"p:{{org}}f:{MONTH_END}",
-    "p:{org}r:org|o|rpm", "p:{org}r:org|o|tpm",
-]  # fmt: skip
-COUNTERS = [
-    2, "org|o|tokens|day", DAY_END, 3, "org|o|tokens|month", MONTH_END, 4, 0, 0, 5, 0, 0,
-    2, "org|k|calls|day", DAY_END, 3, "org|o|credits|month", MONTH_END,
-]  # fmt: skip
+NOW = 1_796_450_133  # the script reads the caller's clock only: a fixed one keeps every run alike
+NOW_US = NOW * 1_000_000 + 8_563
 
 
-def request(batch: int) -> list[object]:
-    """``batch`` decisions in one call: each finishes its hold of the previous iteration and reserves
-    a new one. Hold ids are of fixed width (``C<j>000000``, ``P<j>000000``): the harness rewrites them
-    inside the packed request, per iteration."""
-    finishes = [
-        [
-            1, f"P{j}000000", NOW, [1200, 1200, 1, 1200, 1, 2_000_000],
-            1, 1500, 2, 1500, 3, 1, 4, 1500, 5, 1, 6, 2_500_000,
+def capture(url: str, batch: int, full_minute: bool) -> tuple[list[bytes], bytes, list[bytes]]:
+    """Seeds the counters as the store does, then captures the call the store sends for ``batch``
+    decisions (each the finish of the previous hold and a 6-line reservation, as in
+    ``bench/quota_store.py``): its keys, request and records. Hold ids are of fixed width
+    (``P<j>000000`` before, ``C<j>000000`` now): the harness rewrites them per iteration."""
+    lines = request_lines("org")
+    store = RedisCounterStore(url, prefix="p:", flush_interval_s=3600)
+    sent: list[tuple[Any, ...]] = []
+    try:
+        # ``--full-minute``: what a minute of steady traffic leaves, a bucket in each of the last 60 s
+        buckets = tuple((NOW - s, 1_500) for s in range(1, 60)) if full_minute else ()
+        seeds = [
+            Seed(ln.key, ln.kind, ln.reset_s, buckets=buckets if ln.kind == "rolling" else ())
+            for ln in lines
         ]
-        for j in range(batch)
-    ]  # fmt: skip
-    holds = [
-        [
-            1, f"C{j}000000", 2,
-            1, 1500, 10**12, 1, 2, 1500, 10**13, 1, 3, 1, 10**9, 1,
-            4, 1500, 10**12, 1, 5, 1, 10**9, 1, 6, 2_500_000, str(10**18), 0,
-        ]
-        for j in range(batch)
-    ]  # fmt: skip
-    return [NOW, f"{NOW}008563", COUNTERS, finishes, 0, holds, 0, 0, 0, 0]
+        store.seed(seeds, NOW_US)
+        before = [Hold(f"P{j}000000", lines, NOW_US + LEASE_US, "org") for j in range(batch)]
+        assert all(v.admitted for v in store.reserve(before, NOW_US))
+        store.settle([Settlement(h.id, ACTUAL, "org") for h in before], NOW_US)
+        send = store._send_command
 
+        def record(*command: Any) -> Any:
+            sent.append(command)
+            return send(*command)
 
-SEEDS = [[1, 0, 90000], [2, 0, 90000], [3], [4], [5, 0, 90000], [6, 0, 90000]]
-SEED = [NOW, f"{NOW}000000", COUNTERS, 0, SEEDS, 0, 0, 0, 0, 0]
-RECORD = b'[1796450433008562,1796450133,[["org|o|tokens|day","f","1500","1000000000000",1,1796515200]]]'
+        store._send_command = record  # type: ignore[assignment]
+        now = [Hold(f"C{j}000000", lines, NOW_US + LEASE_US, "org") for j in range(batch)]
+        verdicts = store.reserve(now, NOW_US)
+        store._send_command = send  # type: ignore[assignment]
+        assert all(v.admitted for v in verdicts)
+    finally:
+        store.close()
+    command = sent[-1]
+    count = int(command[2])
+    keys = [k.encode() if isinstance(k, str) else k for k in command[3 : 3 + count]]
+    request, records = command[3 + count], list(command[4 + count :])
+    finishes, holds = msgpack.unpackb(request)[4], msgpack.unpackb(request)[6]
+    if not (finishes and holds and len(finishes) == len(holds) == batch):
+        raise SystemExit("the captured call is not a finish and a reservation per decision")
+    return keys, request, records
+
 
 HARNESS = """
-local N = tonumber(ARGV[3])
+local N = tonumber(ARGV[2])
 local requests = {}
 for it = 1, N do
   local request = string.gsub(ARGV[1], 'C(%d)000000', function(j)
@@ -79,11 +95,12 @@ for it = 1, N do
     return 'C' .. j .. string.format('%06d', it - 1)
   end)
 end
-local record = ARGV[2]
+local records = {}
+for j = 4, #ARGV do records[#records + 1] = ARGV[j] end
 local last
 local t0 = redis.call('TIME')
 for it = 1, N do
-  local ARGV = {requests[it], record}
+  local ARGV = {requests[it], unpack(records)}
   last = (function()
 BODY
   end)()
@@ -118,16 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         figures = []
         for _ in range(args.repeat):
             client.flushall()
-            # Seeded by the repository's script: a cut-down copy may not write what it seeds.
-            client.eval(SCRIPT.read_text(encoding="utf-8"), len(KEYS), *KEYS, msgpack.packb(SEED), RECORD)
-            if args.full_minute:  # what a minute of steady traffic leaves: a bucket per second
-                for key in KEYS[3:]:
-                    buckets = {str(NOW - s): 1500 for s in range(1, 60)}
-                    total = int(client.hget(key, "t") or 0) + 1500 * len(buckets)
-                    client.hset(key, mapping={**buckets, "o": NOW - 59, "t": total})
-            packed = msgpack.packb(request(args.batch))
-            elapsed_us, last = client.eval(harness, len(KEYS), *KEYS, packed, RECORD, args.iterations)
-            # The verdicts are one flat list, each after its length: {7, 1, overage, ...} for an admission.
+            keys, packed, records = capture(server.url, args.batch, args.full_minute)
+            elapsed_us, last = client.eval(
+                harness, len(keys), *keys, packed, args.iterations, b"", *records
+            )
+            # The verdicts are one flat list, each after its length: {7, 1, overage, ...} admits.
             flat = msgpack.unpackb(last)[0] if isinstance(last, bytes) else 0
             kinds = []
             at = 0

@@ -68,7 +68,7 @@ def test_a_master_failover_under_load_keeps_the_limit_exact(
                     time.sleep(pause)
 
         send(30)  # counters loaded, the organization's keys live on one master
-        victim = cluster.master_of(f"meterline:{{{org['id']}}}h")
+        victim = cluster.master_of(f"meterline:{{{org['id']}}}holds")
         with ThreadPoolExecutor(max_workers=8) as pool:
             load = [pool.submit(send, 40, 0.02) for _ in range(8)]  # ~2 s of traffic, killed halfway
             time.sleep(0.8)
@@ -76,7 +76,7 @@ def test_a_master_failover_under_load_keeps_the_limit_exact(
             for done in load:
                 done.result()
         cluster.wait_ok()
-        assert cluster.master_of(f"meterline:{{{org['id']}}}h") != victim
+        assert cluster.master_of(f"meterline:{{{org['id']}}}holds") != victim
         # Past the lease, the reaper (every 5 s) gives back what a lost answer left reserved.
         deadline = time.monotonic() + 60
         while sum(a.status_code == 200 for a in answers) < LIMIT:

@@ -154,8 +154,10 @@ def fixed_parts(store: CounterStore, key: str) -> tuple[int, int]:
             ).one()
         return int(row[0]), int(row[1])
     assert isinstance(store, RedisCounterStore)
-    # A fixed window's counters share one hash per group and end: "u" + key is used, "v" + key reserved.
-    used, reserved = store._send_command("HMGET", f"{PREFIX}{{-}}f:{DAY_END}", f"u{key}", f"v{key}")
+    # Every counter of a group is in one hash: "u<end>:<key>" is used, "v<end>:<key>" reserved.
+    used, reserved = store._send_command(
+        "HMGET", f"{PREFIX}{{-}}counters", f"u{DAY_END}:{key}", f"v{DAY_END}:{key}"
+    )
     return int(used), int(reserved)
 
 
@@ -649,7 +651,8 @@ def test_a_buffered_settlement_survives_an_outage(shared_redis: RedisServer, tmp
         proc = _redis_on(port, tmp_path)
         deadline = time.monotonic() + 5
         # The flusher sends it: no call of ours is needed. (Its reply may land just after the write.)
-        while watcher.hmget(f"{PREFIX}{{-}}f:{DAY_END}", ["uday", "vday"]) != [b"3", b"0"] or store.pending:
+        fields = [f"u{DAY_END}:day", f"v{DAY_END}:day"]
+        while watcher.hmget(f"{PREFIX}{{-}}counters", fields) != [b"3", b"0"] or store.pending:
             assert time.monotonic() < deadline, "the settlement was not applied after the outage"
             time.sleep(0.01)
         assert store.levels([line], NOW) == [Level(3, DAY_END)]
@@ -717,21 +720,35 @@ def quiet_redis(request: pytest.FixtureRequest) -> Iterator[tuple[str, RedisCoun
 
 
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
-def test_counters_in_redis_expire_on_their_own(request: pytest.FixtureRequest, kind: str) -> None:
-    """A fixed window's hash lives a day past its end, a rolling window two minutes past its last
-    reservation: Redis does not grow without bound."""
+def test_counters_in_redis_are_forgotten_a_day_after_their_use(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """A fixed window is forgotten a day past its end, a rolling window a day after its last reservation
+    (by the callers' clock; the engine then seeds them again from the ledger), and Redis' own lifetimes
+    catch an organization nobody calls any more: Redis does not grow without bound."""
     url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
-    store = RedisCounterStore(url, prefix=PREFIX)
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    counters, windows = f"{PREFIX}{{org}}counters", f"{PREFIX}{{org}}windows"
+    day, tpm = fixed("org|day", 1, 9), rolling("org|tpm", 1, 9)
     try:
         store.seed([seed_fixed("org|day"), seed_rolling("org|tpm")], NOW)
-        lines = (fixed("org|day", 1, 9), rolling("org|tpm", 1, 9))
-        assert store.reserve([Hold("h1", lines, NOW + LEASE, "org")], NOW)[0].admitted
-        fixed_ttl = store._send_command("TTL", f"{PREFIX}{{org}}f:{DAY_END}")
-        rolling_ttl = store._send_command("TTL", f"{PREFIX}{{org}}r:org|tpm")
+        assert store.reserve([Hold("h1", (day, tpm), NOW + LEASE, "org")], NOW)[0].admitted
+        store.settle([Settlement("h1", (1, 1), "org")], NOW)
+        for key in (counters, windows):
+            ttl = store._send_command("TTL", key)
+            assert DAY_END + 86_400 - NOW_S - 5 <= ttl <= DAY_END + 86_400 - NOW_S
+        # Still there a day later: the rolling window was reserved on since, the fixed one has not ended.
+        later = NOW + 86_000 * 1_000_000
+        assert store.reserve([Hold("h2", (day, tpm), later + LEASE, "org")], later)[0].admitted
+        store.release([Release("h2", "org")], later)
+        read = later + 500 * 1_000_000  # an empty rolling window frees up "now"
+        assert store.levels([day, tpm], read) == [Level(1, DAY_END), Level(0, read // 10**6)]
+        # A day past the end of both: missing, and nothing of them is left in Redis.
+        gone = (DAY_END + 86_400) * 1_000_000 + later - NOW
+        assert store.levels([day, tpm], gone) == [None, None]
+        assert store._send_command("EXISTS", counters, windows) == 0
     finally:
         store.close()
-    assert DAY_END + 86_400 - NOW_S - 5 <= fixed_ttl <= DAY_END + 86_400 - NOW_S
-    assert 60 < rolling_ttl <= 120
 
 
 def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
@@ -997,7 +1014,7 @@ def test_factory_chooses_the_store_by_url_scheme(redis_url: str) -> None:
         assert isinstance(store, RedisCounterStore)
         store.seed([seed_fixed("day", used=4)], NOW)
         assert store.levels([fixed("day", 0, 1)], NOW) == [Level(4, DAY_END)]
-        window = f"meterline:{{-}}f:{DAY_END}"
+        window = "meterline:{-}counters"
         assert (db3.exists(window), db0.exists(window)) == (1, 0)
     finally:
         store.close()

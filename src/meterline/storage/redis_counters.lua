@@ -10,33 +10,49 @@
 -- with n = now in seconds and u = now in microseconds (a string) from the caller's clock, never TIME.
 -- It mirrors meterline/quotas/memory.py (CounterBook) statement by statement; names below refer to it.
 --
--- The request (ARGV[1]) is one MessagePack array, {n, u, c, f, s, h, l, d, x, t}, a part that is not
--- needed being 0; ARGV[2], ARGV[3], ... are the records of the holds to reserve, stored as they come.
---
 -- Keys: every key the script touches is in KEYS, and requests name keys by their index there. The
 -- client builds the names (storage/redis_counters.py); all keys of one group (an organization) share a
 -- hash tag, so with Redis Cluster one call is one slot. Per group G (P = the prefix):
---   P{G}f:<reset second>  fixed windows ending at that second: a hash, field u<counter key> = used and
---                         v<counter key> = reserved (a key is free text: a prefix, not a suffix, keeps
---                         two keys' fields apart); the whole hash expires a day after the end
---   P{G}r:<key>           a rolling window: hash {h = horizon, t = total, o = oldest second,
---                         e = second of the last EXPIRE, <second> = amount}; h is also the marker of a
---                         seeded, empty window
---   P{G}h                 the group's holds: field = hold id, value = the record the client made,
---                         "[expires_us, second reserved, lines]" (for the reaper; never read here)
---   P{G}t:<key>           a tally, hash {<minute> = events}
+--   P{G}counters  every counter of the group, one hash:
+--                   u<reset>:<key>, v<reset>:<key>  a fixed window ending at <reset>: used, reserved
+--                   t:<key>, h:<key>, o:<key>, e:<key>  a rolling window: total, horizon (also the
+--                                  marker of a seeded, empty window), oldest second, second it was
+--                                  last renewed
+--                   b<second>:<key>  a rolling window's bucket of that second
+--                   s:<key>        the seconds of its buckets, ascending, space-separated (read only
+--                                  when a bucket is made or leaves: never on a decision's path)
+--                   w              the second the first counter of `windows` is due (absent: none)
+--                 The first letter keeps the kinds apart; the key, free text, comes last.
+--   P{G}windows   a sorted set: when each counter is to be forgotten (score: a second of the caller's
+--                 clock). A fixed window a day past its end (u..., v... deleted), a rolling window a
+--                 day after it was last reserved on (all its fields deleted): memory.py keeps both at
+--                 least that long. A forgotten counter is missing, and the engine seeds it again from
+--                 the ledger. Checked on every call of the group through `w`, which the call reads
+--                 anyway.
+--   P{G}holds     the group's holds: field = hold id, value = the record the client made,
+--                 "[expires_us, second reserved, lines]" (for the reaper; never read here)
+--   P{G}t:<key>   a tally, hash {<minute> = events}
+-- Redis' own lifetimes (EXPIRE) only catch a group nobody calls any more: counters and windows live as
+-- long as their longest-lived counter.
 --
--- A request names each counter of the call once, in `c`: [key index, field, reset] per counter (field
--- 0 for a rolling window); finishes, seeds, holds and level reads refer to counters by their number.
+-- The request (ARGV[1]) is one MessagePack array, {n, u, g, c, f, s, h, l, d, x, t}, a part that is not
+-- needed being 0; ARGV[2], ARGV[3], ... are the records of the holds to reserve, stored as they come.
+--   g  per group of the call: the index of its counters hash in KEYS (its windows follow it), a count,
+--      then that many field names, 'w' first: the call reads them with one HMGET
+--   c  per counter of the call, 5 values: its counters hash's index, the position in g of its first
+--      field name, the position of its first value among the values read, its window's end (0 for a
+--      rolling window) and its key (0 for a fixed window). A fixed window's names are u, v; a rolling
+--      window's t, h, o, e and the bucket of n.
+-- Finishes, seeds, holds and level reads refer to counters by their number in c.
 --
--- Cost: Redis time per decision is what bounds one Redis, so a call reads each hash once (HMGET of every
--- field it needs, before anything else) and writes each once (one HSET at the end). The request and the
--- answer are flat MessagePack arrays: every table cmsgpack makes or reads costs. The path of a decision
--- (reading, checking, reserving, finishing, writing back) keeps its state in flat arrays indexed by
--- counter, tests for plain Lua numbers inline, and creates no function: everything else (the limb
--- arithmetic, pruning a rolling window, a refusal's retry time, seeds, reads, the reaper's query,
--- tallies) is defined on first use in a call (`rare()`), because creating a Lua function costs about as
--- much as a line's whole check. docs/benchmarks.md has the profile.
+-- Cost: Redis time per decision is what bounds one Redis. A decision is four commands: one HMGET of the
+-- group's counters (every field named by the client, nothing built here), HSETNX and HDEL of holds, one
+-- HSET of what changed. The request and the answer are flat MessagePack arrays: every table cmsgpack
+-- makes or reads costs. The path of a decision keeps its state in flat arrays indexed by counter, tests
+-- for plain Lua numbers inline, and creates no function: everything else (the limb arithmetic, pruning
+-- a rolling window, a refusal's retry time, seeds, reads, the reaper's query, tallies, forgetting) is
+-- defined on first use in a call (`rare()`), because creating a Lua function costs about as much as a
+-- line's whole check. docs/benchmarks.md has the profile.
 --
 -- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. A value below 2^53
 -- travels as a MessagePack integer and is computed as a Lua number; a larger one travels and is stored as a
@@ -53,26 +69,30 @@ local type, tonumber, unpack, format = type, tonumber, unpack, string.format
 local call = redis.call
 local req = cmsgpack.unpack(ARGV[1])
 local now_s = req[1]
-local C = req[3]
+local G, C = req[3], req[4]
 local ROLLING = 60
-local ROLLING_TTL = 120
-local REFRESH = 30  -- a rolling key's lifetime is renewed at most this often (it never drops below 90 s)
+local FORGET_ROLLING = 86400  -- a rolling window is forgotten this long after it was last reserved on
+local RENEW = 3600  -- ... which it notes at most this often (so it is forgotten 23 to 24 hours after)
 local LIM = 9007199254740992  -- 2^53
 local CHUNK = 4000  -- arguments per command: Lua's unpack takes at most ~8000
 
--- The state of the call's counters, by number i (1-based, as in `c`):
+-- The state of the call's counters, by number i (1-based, as in c):
 --   FIXED[i]  true for a fixed window
 --   U[i], V[i] used and reserved of a fixed window: a Lua number below 2^53, else limbs {hi, lo};
 --             U[i] is false while the counter is absent
 --   W[i]      true once a fixed window changed (written at the end)
 --   R[i]      a rolling window's state, false while absent: {h, t, o, e, n = the bucket of now_s (false:
---             none), b = other seconds' buckets (made on first need), and what changed: ch, ct, co, ce,
---             cn, cb = {second = true}}
-local count = #C / 3
+--             none), b = other seconds' buckets (made on first need), s = the seconds of its buckets
+--             (a list, read on first need), and what changed: ch, ct, co, ce, cn, cb = {second = true},
+--             cs}
+local count = #C / 5
 local FIXED, U, V, W, R = {}, {}, {}, {}, {}
-local UN, VN = {}, {}  -- a fixed counter's field names
-local refresh = {}  -- [counter] = true: a rolling window reserved on or seeded (EXPIRE at the end)
-local lifetimes = {}  -- [key index] = seconds: a fixed window's hash, seeded (EXPIRE at the end)
+local vals  -- the values read, in the order of the names in g
+local refresh = {}  -- [counter] = true: a rolling window reserved on or seeded (renewed at the end)
+local due_at = {}  -- [counters key index] = w as read (a number) or false; changed ones in due_new
+local due_new = {}
+local lifetimes = {}  -- [counters key index] = seconds Redis keeps the group's counters at least
+local adds = {}  -- [counters key index] = {score, member, ...} for ZADD at the end
 
 -- rare paths -------------------------------------------------------------------------------------------
 local B = 1000000000
@@ -167,8 +187,34 @@ local function rare()
   end
   h.text = text
 
+  local function str(x)  -- what is stored: a decimal string (never Lua's own "1.5e+15")
+    if type(x) == 'number' then return format('%d', x) end
+    return text(x)
+  end
+  h.str = str
+
+  local function bucket_name(i, second)
+    return 'b' .. format('%d', second) .. ':' .. C[5 * i]
+  end
+
+  -- the seconds of rolling window i's buckets (a list, ascending), read on first need
+  local function seconds(st, i)
+    local s = st.s
+    if not s then
+      s = {}
+      if not st.fresh then
+        local raw = call('HGET', KEYS[C[5 * i - 4]], 's:' .. C[5 * i])
+        if raw then
+          for second in string.gmatch(raw, '%d+') do s[#s + 1] = tonumber(second) end
+        end
+      end
+      st.s = s
+    end
+    return s
+  end
+
   -- the amount in one second's bucket of rolling window i (not now_s), or false when there is none
-  function h.bucket(st, i, second)
+  local function bucket(st, i, second)
     local b = st.b
     if not b then
       b = {}
@@ -179,7 +225,7 @@ local function rare()
       if st.fresh then
         value = false
       else
-        local raw = call('HGET', KEYS[C[3 * i - 2]], second)
+        local raw = call('HGET', KEYS[C[5 * i - 4]], bucket_name(i, second))
         value = raw and val(raw) or false
       end
       b[second] = value
@@ -187,83 +233,93 @@ local function rare()
     return value
   end
 
-  -- memory.py Rolling.prune, once the horizon passed the oldest bucket: the scan of the whole hash runs
-  -- about once a second per key. Changes so far are written first, so the scan sees them.
-  function h.prune_scan(st, i)
-    h.roll_write(st, i)
-    local key = KEYS[C[3 * i - 2]]
+  -- a new bucket's second into the list (appended: it is almost always the newest)
+  local function note(st, i, second)
+    local s = seconds(st, i)
+    local n = #s
+    if n == 0 or s[n] < second then
+      s[n + 1] = second
+    else
+      local j = n
+      while j >= 1 and s[j] > second do
+        s[j + 1] = s[j]
+        j = j - 1
+      end
+      s[j + 1] = second
+    end
+    st.cs = true
+  end
+  h.note = note
+
+  -- memory.py Rolling.prune once the horizon passed the oldest bucket (about once a second per key)
+  local function prune_buckets(st, i)
+    local s = seconds(st, i)
     local horizon = st.h
-    local fields = call('HGETALL', key)
-    local gone, oldest = {}, nil
-    for j = 1, #fields, 2 do
-      local second = tonumber(fields[j])  -- nil for h, t, o, e
-      if second and second <= horizon then
-        gone[#gone + 1] = fields[j]
-        st.t = sub(st.t, val(fields[j + 1]))
-        if second == now_s then st.n = false end
-        if st.b then st.b[second] = false end
-      elseif second and (not oldest or second < oldest) then
-        oldest = second
+    local gone = 0
+    while gone < #s and s[gone + 1] <= horizon do gone = gone + 1 end
+    if gone == 0 then return end
+    local names, unknown, from = {}, {}, {}
+    for j = 1, gone do
+      local second = s[j]
+      names[j] = bucket_name(i, second)
+      local value
+      if second == now_s then value = st.n
+      elseif st.b then value = st.b[second] end
+      if value == nil then
+        unknown[#unknown + 1] = names[j]
+        from[#unknown] = j
+      elseif value then
+        st.t = sub(st.t, value)
+      end
+      if st.b then st.b[second] = false end
+      if st.cb then st.cb[second] = nil end
+    end
+    if #unknown > 0 then
+      local raw = call('HMGET', KEYS[C[5 * i - 4]], unpack(unknown))
+      for j = 1, #raw do
+        if raw[j] then st.t = sub(st.t, val(raw[j])) end
       end
     end
-    for first = 1, #gone, CHUNK do
-      call('HDEL', key, unpack(gone, first, math.min(first + CHUNK - 1, #gone)))
-    end
-    st.o = oldest
-    st.ct = true
-    if oldest then
-      st.co = true
-    else
-      call('HDEL', key, 'o')
-    end
+    call('HDEL', KEYS[C[5 * i - 4]], unpack(names))
+    local rest = {}
+    for j = gone + 1, #s do rest[#rest + 1] = s[j] end
+    st.s, st.cs, st.ct = rest, true, true
+    st.o, st.co = rest[1] or false, true
   end
 
-  -- writes the changes of one rolling counter so far (before a scan of its hash, and at the end)
-  function h.roll_write(st, i)
-    local args, n = {}, 0
-    if st.ch then args[1], args[2], n = 'h', st.h, 2 end
-    if st.ct then
-      local t = st.t
-      args[n + 1], args[n + 2], n = 't', type(t) == 'number' and format('%d', t) or text(t), n + 2
-    end
-    if st.co then args[n + 1], args[n + 2], n = 'o', st.o, n + 2 end
-    if st.ce then args[n + 1], args[n + 2], n = 'e', st.e, n + 2 end
-    if st.cn then
-      local v = st.n
-      args[n + 1], args[n + 2], n = now_s, type(v) == 'number' and format('%d', v) or text(v), n + 2
-    end
-    if st.cb then
-      for second in pairs(st.cb) do
-        local v = st.b[second]
-        args[n + 1], args[n + 2], n = second, type(v) == 'number' and format('%d', v) or text(v), n + 2
-      end
-    end
-    st.ch, st.ct, st.co, st.ce, st.cn, st.cb = false, false, false, false, false, false
-    local key = KEYS[C[3 * i - 2]]
-    for first = 1, n, CHUNK do
-      call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, n)))
-    end
+  -- memory.py Rolling.prune
+  function h.prune(st, i)
+    st.h, st.ch = now_s - ROLLING, true
+    if st.o and st.o <= st.h then prune_buckets(st, i) end
   end
 
   -- memory.py Rolling.retry_after (the key is pruned)
   function h.rolling_retry_after(st, i, amount, maximum)
     if cmp(amount, maximum) > 0 then return ROLLING end
-    h.roll_write(st, i)
     local wanted = add(st.t, amount)
     local over = cmp(wanted, maximum) > 0
     local excess = sub(wanted, maximum)
-    local fields = call('HGETALL', KEYS[C[3 * i - 2]])
-    local buckets = {}
-    for j = 1, #fields, 2 do
-      local second = tonumber(fields[j])
-      if second then buckets[#buckets + 1] = {second, fields[j + 1]} end
+    local s = seconds(st, i)
+    local unknown = {}  -- the buckets this call has not read: one HMGET
+    for _, second in ipairs(s) do
+      if second ~= now_s and not (st.b and st.b[second] ~= nil) and not st.fresh then
+        unknown[#unknown + 1] = second
+      end
     end
-    table.sort(buckets, function(a, b) return a[1] < b[1] end)
-    for _, entry in ipairs(buckets) do
-      local value = val(entry[2])
+    if #unknown > 0 then
+      local names = {}
+      for j, second in ipairs(unknown) do names[j] = bucket_name(i, second) end
+      local raw = call('HMGET', KEYS[C[5 * i - 4]], unpack(names))
+      if not st.b then st.b = {} end
+      for j, second in ipairs(unknown) do st.b[second] = raw[j] and val(raw[j]) or false end
+    end
+    for _, second in ipairs(s) do
+      local value
+      if second == now_s then value = st.n else value = bucket(st, i, second) end
+      value = value or 0
       excess = sub(excess, value)
       if cmp(excess, 0) <= 0 and (over or cmp(value, 0) > 0) then
-        return math.max(entry[1] + ROLLING - now_s, 1)
+        return math.max(second + ROLLING - now_s, 1)
       end
     end
     return ROLLING
@@ -273,8 +329,9 @@ local function rare()
   function h.rolling_add(st, i, second, amount)
     if second <= st.h then return false end
     local value
-    if second == now_s then value = st.n else value = h.bucket(st, i, second) end
+    if second == now_s then value = st.n else value = bucket(st, i, second) end
     if not value and cmp(amount, 0) == 0 then return false end
+    if not value then note(st, i, second) end
     value = value and add(value, amount) or amount
     if second == now_s then
       st.n, st.cn = value, true
@@ -301,7 +358,7 @@ local function rare()
   -- the level of counter i, {consumed, reset}, appended to `into` at n; returns the new length
   function h.level(i, into, n)
     if FIXED[i] then
-      into[n + 1], into[n + 2] = h.out(add(U[i], V[i])), C[3 * i]
+      into[n + 1], into[n + 2] = h.out(add(U[i], V[i])), C[5 * i - 1]
       return n + 2
     end
     local st = R[i]
@@ -310,11 +367,23 @@ local function rare()
     return n + 2
   end
 
-  -- memory.py Rolling.prune
-  function h.prune(st, i)
-    st.h, st.ch = now_s - ROLLING, true
-    if st.o and st.o <= st.h then h.prune_scan(st, i) end
+  -- a counter to forget at `at` (ZADD at the end; `w` follows the earliest)
+  local function forget_at(i, at, member)
+    local index = C[5 * i - 4]
+    local list = adds[index]
+    if not list then
+      list = {}
+      adds[index] = list
+    end
+    list[#list + 1] = at
+    list[#list + 1] = member
+    local due = due_at[index]
+    if not due or at < due then
+      due_at[index] = at
+      due_new[index] = true
+    end
   end
+  h.forget_at = forget_at
 
   -- seed: [counter, used, lifetime] for a fixed window, [counter, second, amount, ...] for a rolling one;
   -- present counters are left alone
@@ -323,18 +392,78 @@ local function rare()
     if FIXED[i] then
       if U[i] then return end
       U[i], V[i], W[i] = val(item[2]), 0, true
-      local index = C[3 * i - 2]
-      lifetimes[index] = math.max(lifetimes[index] or 0, item[3])
+      local index, seconds_left = C[5 * i - 4], item[3]
+      lifetimes[index] = math.max(lifetimes[index] or 0, seconds_left)
+      forget_at(i, now_s + seconds_left, 'f' .. string.sub(G[C[5 * i - 3]], 2))
       return
     end
     if R[i] then return end
-    local st = {h = 0, t = 0, o = false, e = 0, n = false, b = {}, ch = true, ct = true, co = false,
-                ce = false, cn = false, cb = false, fresh = true}
+    local st = {h = 0, t = 0, o = false, e = 0, n = false, b = {}, s = {}, ch = true, ct = true, co = false,
+                ce = false, cn = false, cb = false, cs = true, fresh = true}
     R[i] = st
     for j = 2, #item, 2 do
       if item[j] > now_s - ROLLING then h.rolling_add(st, i, item[j], val(item[j + 1])) end
     end
     refresh[i] = true
+  end
+
+  -- writes rolling window i's changes beyond the common ones into `args` (from n); returns its length
+  function h.roll_more(st, i, args, n)
+    local at = C[5 * i - 3]
+    if st.co then
+      if st.o then
+        args[n + 1], args[n + 2], n = G[at + 2], st.o, n + 2
+      else
+        call('HDEL', KEYS[C[5 * i - 4]], G[at + 2])
+      end
+    end
+    if st.ce then args[n + 1], args[n + 2], n = G[at + 3], st.e, n + 2 end
+    if st.cb then
+      for second in pairs(st.cb) do
+        args[n + 1], args[n + 2], n = bucket_name(i, second), str(st.b[second]), n + 2
+      end
+    end
+    if st.cs then
+      local list = {}
+      for j, second in ipairs(st.s) do list[j] = format('%d', second) end
+      if #list > 0 then
+        args[n + 1], args[n + 2], n = 's:' .. C[5 * i], table.concat(list, ' '), n + 2
+      else
+        call('HDEL', KEYS[C[5 * i - 4]], 's:' .. C[5 * i])
+      end
+    end
+    return n
+  end
+
+  -- forgets the counters of one group whose time came (memory.py: sweep) before the call reads them
+  function h.forget(index)
+    local key, windows = KEYS[index], KEYS[index + 1]
+    local due = call('ZRANGEBYSCORE', windows, '-inf', now_s)
+    for _, member in ipairs(due) do
+      local kind, rest = string.sub(member, 1, 1), string.sub(member, 2)
+      if kind == 'f' then
+        call('HDEL', key, 'u' .. rest, 'v' .. rest)
+      else
+        local k = string.sub(rest, 2)  -- 'r:<key>'
+        local names = {'t:' .. k, 'h:' .. k, 'o:' .. k, 'e:' .. k, 's:' .. k}
+        local list = call('HGET', key, 's:' .. k)
+        if list then
+          for second in string.gmatch(list, '%d+') do names[#names + 1] = 'b' .. second .. ':' .. k end
+        end
+        for first = 1, #names, CHUNK do
+          call('HDEL', key, unpack(names, first, math.min(first + CHUNK - 1, #names)))
+        end
+      end
+    end
+    call('ZREMRANGEBYSCORE', windows, '-inf', now_s)
+    local first = call('ZRANGE', windows, 0, 0, 'WITHSCORES')
+    if first[2] then
+      call('HSET', key, 'w', first[2])
+      due_at[index] = tonumber(first[2])
+    else
+      call('HDEL', key, 'w')
+      due_at[index] = false
+    end
   end
 
   -- expired: [holds key index, limit]: the group's holds whose lease ended, oldest first, appended to
@@ -376,60 +505,43 @@ local function rare()
   return h
 end
 
--- reading: each hash once -------------------------------------------------------------------------------
+-- reading: one HMGET per group (the group's due time first: forgetting comes before reading) ----------
 do
-  local names, numbers = {}, {}  -- per fixed hash (key index): its fields, its counters' numbers
-  for i = 1, count do
-    local index, field = C[3 * i - 2], C[3 * i - 1]
-    if field ~= 0 then
-      FIXED[i] = true
-      local fields = names[index]
-      if not fields then
-        fields = {}
-        names[index] = fields
-        numbers[index] = {}
-      end
-      local n = #fields
-      local u, v = 'u' .. field, 'v' .. field
-      fields[n + 1], fields[n + 2] = u, v
-      UN[i], VN[i] = u, v
-      local mine = numbers[index]
-      mine[#mine + 1] = i
-    else
-      FIXED[i] = false
-      local raw = call('HMGET', KEYS[index], 'h', 't', 'o', 'e', now_s)
-      local h = raw[1]
-      if h then
-        local t, o, e, here = raw[2], raw[3], raw[4], raw[5]
-        if #t < 16 then t = tonumber(t) else t = rare().big(t) end
-        if here then
-          if #here < 16 then here = tonumber(here) else here = rare().big(here) end
-        else
-          here = false
-        end
-        -- every field the state will have, made at once (a table that grows is rebuilt)
-        R[i] = {h = tonumber(h), t = t, o = o and tonumber(o) or false, e = e and tonumber(e) or 0, n = here,
-                b = false, ch = false, ct = false, co = false, ce = false, cn = false, cb = false,
-                fresh = false}
-      else
-        R[i] = false
-      end
-    end
-  end
-  for index, fields in pairs(names) do
+  local at, single = 1, G[2] and #G == G[2] + 2
+  while at <= #G do
+    local index, n = G[at], G[at + 1]
     local raw
-    if #fields <= CHUNK then
-      raw = call('HMGET', KEYS[index], unpack(fields))
-    else
-      raw = {}
-      for first = 1, #fields, CHUNK do
-        local part = call('HMGET', KEYS[index], unpack(fields, first, math.min(first + CHUNK - 1, #fields)))
-        for j = 1, #part do raw[first + j - 1] = part[j] end
+    for pass = 1, 2 do
+      if n <= CHUNK then
+        raw = call('HMGET', KEYS[index], unpack(G, at + 2, at + 1 + n))
+      else
+        raw = {}
+        for first = at + 2, at + 1 + n, CHUNK do
+          local part = call('HMGET', KEYS[index], unpack(G, first, math.min(first + CHUNK - 1, at + 1 + n)))
+          for j = 1, #part do raw[#raw + 1] = part[j] end
+        end
       end
+      local due = raw[1] and tonumber(raw[1]) or false
+      due_at[index] = due
+      if not (due and now_s >= due) or pass == 2 then break end
+      rare().forget(index)
     end
-    local mine = numbers[index]
-    for j = 1, #mine do
-      local i, used, reserved = mine[j], raw[2 * j - 1], raw[2 * j]
+    if single then
+      vals = raw
+    else
+      vals = vals or {}
+      local base = #vals
+      for j = 1, n do vals[base + j] = raw[j] end
+    end
+    at = at + 2 + n
+  end
+  vals = vals or {}
+  for i = 1, count do
+    local v = 5 * i
+    local p = C[v - 2]
+    if C[v] == 0 then
+      FIXED[i] = true
+      local used, reserved = vals[p], vals[p + 1]
       if used then
         if #used < 16 then U[i] = tonumber(used) else U[i] = rare().big(used) end
         if not reserved then V[i] = 0
@@ -438,53 +550,73 @@ do
       else
         U[i] = false
       end
+    else
+      FIXED[i] = false
+      local h = vals[p + 1]
+      if h then
+        local t, o, e, here = vals[p], vals[p + 2], vals[p + 3], vals[p + 4]
+        if #t < 16 then t = tonumber(t) else t = rare().big(t) end
+        if here then
+          if #here < 16 then here = tonumber(here) else here = rare().big(here) end
+        else
+          here = false
+        end
+        -- every field the state will have, made at once (a table that grows is rebuilt)
+        R[i] = {h = tonumber(h), t = t, o = o and tonumber(o) or false, e = e and tonumber(e) or 0, n = here,
+                b = false, s = false, ch = false, ct = false, co = false, ce = false, cn = false, cb = false,
+                cs = false, fresh = false}
+      else
+        R[i] = false
+      end
     end
   end
 end
 
 -- finishing: settle / release: [holds key index, id, second reserved, actual amounts or 0, then per
--- line: counter, amount reserved]; unknown holds are skipped. A settlement does not refresh a rolling
--- key's lifetime: it only adjusts a bucket its own reservation wrote (and refreshed). ------------------
+-- line: counter, amount reserved]; unknown holds are skipped. A settlement does not renew a rolling
+-- window: it only adjusts a bucket its own reservation made (and renewed). ------------------------------
 local malformed = 0
-for _, item in ipairs(req[4] ~= 0 and req[4] or {}) do
-  if call('HDEL', KEYS[item[1]], item[2]) == 1 then
-    local second, actual, lines = item[3], item[4], (#item - 4) / 2
-    if actual ~= 0 and #actual ~= lines then
-      if malformed == 0 then malformed = {} end
-      malformed[#malformed + 1] = item[2]  -- memory raises ValueError after dropping the hold
-    else
-      for l = 1, lines do
-        local i = item[3 + 2 * l]
-        local reserved, spent = item[4 + 2 * l], actual ~= 0 and actual[l] or 0
-        if FIXED[i] then
-          local u, v = U[i], V[i]
-          if u then
-            local nv, nu
-            if type(v) == 'number' and type(reserved) == 'number' then nv = v - reserved end
-            if not nv or nv >= LIM or nv <= -LIM then nv = rare().sub(v, rare().val(reserved)) end
-            if type(u) == 'number' and type(spent) == 'number' then nu = u + spent end
-            if not nu or nu >= LIM or nu <= -LIM then nu = rare().add(u, rare().val(spent)) end
-            U[i], V[i], W[i] = nu, nv, true
-          end
-        else
-          local st = R[i]
-          if st then
-            local d
-            if type(reserved) == 'number' and type(spent) == 'number' then d = spent - reserved end
-            local here, t = st.n, st.t
-            local nb, nt
-            if second == now_s and d and second > st.h and type(here) == 'number' and type(t) == 'number' then
-              -- the common case: an adjustment of this second's bucket, which exists
-              nb, nt = here + d, t + d
-              if nb < LIM and nb > -LIM and nt < LIM and nt > -LIM then
-                st.n, st.t, st.cn, st.ct = nb, nt, true, true
-              else
-                nb = nil
-              end
+if req[5] ~= 0 then
+  for _, item in ipairs(req[5]) do
+    if call('HDEL', KEYS[item[1]], item[2]) == 1 then
+      local second, actual, lines = item[3], item[4], (#item - 4) / 2
+      if actual ~= 0 and #actual ~= lines then
+        if malformed == 0 then malformed = {} end
+        malformed[#malformed + 1] = item[2]  -- memory raises ValueError after dropping the hold
+      else
+        for l = 1, lines do
+          local i = item[3 + 2 * l]
+          local reserved, spent = item[4 + 2 * l], actual ~= 0 and actual[l] or 0
+          if FIXED[i] then
+            local u, v = U[i], V[i]
+            if u then
+              local nv, nu
+              if type(v) == 'number' and type(reserved) == 'number' then nv = v - reserved end
+              if not nv or nv >= LIM or nv <= -LIM then nv = rare().sub(v, rare().val(reserved)) end
+              if type(u) == 'number' and type(spent) == 'number' then nu = u + spent end
+              if not nu or nu >= LIM or nu <= -LIM then nu = rare().add(u, rare().val(spent)) end
+              U[i], V[i], W[i] = nu, nv, true
             end
-            if not nb then
-              local hx = rare()
-              hx.rolling_add(st, i, second, d or hx.sub(hx.val(spent), hx.val(reserved)))
+          else
+            local st = R[i]
+            if st then
+              local d
+              if type(reserved) == 'number' and type(spent) == 'number' then d = spent - reserved end
+              local here, t = st.n, st.t
+              local nb, nt
+              if second == now_s and d and second > st.h and type(here) == 'number' and type(t) == 'number' then
+                -- the common case: an adjustment of this second's bucket, which exists
+                nb, nt = here + d, t + d
+                if nb < LIM and nb > -LIM and nt < LIM and nt > -LIM then
+                  st.n, st.t, st.cn, st.ct = nb, nt, true, true
+                else
+                  nb = nil
+                end
+              end
+              if not nb then
+                local hx = rare()
+                hx.rolling_add(st, i, second, d or hx.sub(hx.val(spent), hx.val(reserved)))
+              end
             end
           end
         end
@@ -494,9 +626,9 @@ for _, item in ipairs(req[4] ~= 0 and req[4] or {}) do
 end
 
 -- seeding ------------------------------------------------------------------------------------------------
-if req[5] ~= 0 then
+if req[6] ~= 0 then
   local seed = rare().seed
-  for _, item in ipairs(req[5]) do seed(item) end
+  for _, item in ipairs(req[6]) do seed(item) end
 end
 
 -- reserving: [holds key index, id, index of its record in ARGV, then per line: counter, amount, maximum,
@@ -504,10 +636,10 @@ end
 -- {1, overage, level, reset, ...}, {2, missing line, ...} or {3, refused line, retry after, level, reset,
 -- ...}. ---------------------------------------------------------------------------------------------------
 local verdicts, nv, duplicate = 0, 0, -1
-if req[6] ~= 0 then
+if req[7] ~= 0 then
   verdicts = {}
   local consumed = {}
-  for j, hold in ipairs(req[6]) do
+  for j, hold in ipairs(req[7]) do
     local holds, id = KEYS[hold[1]], hold[2]
     -- Claim the id first (one command instead of HEXISTS + HSET); given back unless admitted.
     if call('HSETNX', holds, id, ARGV[hold[3]]) == 0 then
@@ -582,7 +714,7 @@ if req[6] ~= 0 then
         local i = hold[4 * refused]
         local retry
         if FIXED[i] then
-          retry = math.max(C[3 * i] - now_s, 1)
+          retry = math.max(C[5 * i - 1] - now_s, 1)
         else
           retry = hx.rolling_retry_after(R[i], i, hx.val(hold[4 * refused + 1]), hx.val(hold[4 * refused + 2]))
         end
@@ -610,15 +742,15 @@ if req[6] ~= 0 then
           verdicts[nv + 1] = type(level) == 'number' and level or rare().text(level)
           if FIXED[i] then
             if amount ~= 0 then  -- limbs are never 0: a request's amount is a string only from 2^53 up
-              local v, nv2 = V[i], nil
+              local v, sum = V[i], nil
               if type(v) == 'number' and type(amount) == 'number' then
-                nv2 = v + amount
-                if nv2 >= LIM or nv2 <= -LIM then nv2 = nil end
+                sum = v + amount
+                if sum >= LIM or sum <= -LIM then sum = nil end
               end
-              V[i] = nv2 or rare().add(v, amount)
+              V[i] = sum or rare().add(v, amount)
               W[i] = true
             end
-            verdicts[nv + 2] = C[3 * i]
+            verdicts[nv + 2] = C[5 * i - 1]
           else
             local st = R[i]
             local here, t = st.n, st.t
@@ -634,12 +766,7 @@ if req[6] ~= 0 then
                   end
                 end
               elseif amount == 0 then
-                done = true  -- memory.py: no bucket is made for nothing (and nothing is refreshed)
-              elseif amount > 0 and t + amount < LIM then
-                st.n, st.t, st.cn, st.ct = amount, t + amount, true, true
-                if not st.o or now_s < st.o then st.o, st.co = now_s, true end
-                refresh[i] = true
-                done = true
+                done = true  -- memory.py: no bucket is made for nothing (and nothing is renewed)
               end
             end
             if not done and rare().rolling_add(st, i, now_s, amount) then refresh[i] = true end
@@ -656,11 +783,11 @@ end
 
 -- reading levels, records, expired holds, a tally -------------------------------------------------------
 local levels = 0
-if req[7] ~= 0 then
+if req[8] ~= 0 then
   local hx = rare()
   levels = {}
   local n = 0
-  for _, i in ipairs(req[7]) do
+  for _, i in ipairs(req[8]) do
     if (FIXED[i] and U[i]) or (not FIXED[i] and R[i]) then
       levels[n + 1] = 1
       n = hx.level(i, levels, n + 1)
@@ -671,77 +798,97 @@ if req[7] ~= 0 then
   end
 end
 local records = 0
-if req[8] ~= 0 then
+if req[9] ~= 0 then
   records = {}
-  for j, item in ipairs(req[8]) do records[j] = call('HGET', KEYS[item[1]], item[2]) or 0 end
+  for j, item in ipairs(req[9]) do records[j] = call('HGET', KEYS[item[1]], item[2]) or 0 end
 end
 local due = 0
-if req[9] ~= 0 then
+if req[10] ~= 0 then
   local expired = rare().expired
   due = {}
-  for j, item in ipairs(req[9]) do expired(item, j - 1, due) end
+  for j, item in ipairs(req[10]) do expired(item, j - 1, due) end
 end
-local tallied = req[10] ~= 0 and rare().tally(req[10]) or 0
+local tallied = req[11] ~= 0 and rare().tally(req[11]) or 0
 
--- the writes, one command per hash ----------------------------------------------------------------------
-local fixed_out = false
+-- the writes: one HSET per group ------------------------------------------------------------------------
+local out, single = false, false  -- per counters key index: field, value, ...
 for i = 1, count do
+  local index, at = C[5 * i - 4], C[5 * i - 3]
+  local args
   if FIXED[i] then
     if W[i] then
-      if not fixed_out then fixed_out = {} end
-      local index = C[3 * i - 2]
-      local args = fixed_out[index]
+      if not out then out = {} end
+      args = out[index]
       if not args then
         args = {}
-        fixed_out[index] = args
+        out[index] = args
       end
       local n, u, v = #args, U[i], V[i]
-      args[n + 1] = UN[i]
+      args[n + 1] = G[at]
       args[n + 2] = type(u) == 'number' and format('%d', u) or rare().text(u)
-      args[n + 3] = VN[i]
+      args[n + 3] = G[at + 1]
       args[n + 4] = type(v) == 'number' and format('%d', v) or rare().text(v)
     end
   else
     local st = R[i]
     if st then
-      local renew = refresh[i] and now_s - st.e >= REFRESH
-      if renew then st.e, st.ce = now_s, true end
-      if st.ch or st.ct or st.co or st.ce or st.cn or st.cb then
-        local key = KEYS[C[3 * i - 2]]
-        if not (st.co or st.ce or st.cb) then
-          -- the common case, written here: horizon, total, this second's bucket
-          local args, n = {}, 0
-          if st.ch then args[1], args[2], n = 'h', st.h, 2 end
-          if st.ct then
-            local t = st.t
-            args[n + 1], args[n + 2], n = 't', type(t) == 'number' and format('%d', t) or rare().text(t), n + 2
-          end
-          if st.cn then
-            local v = st.n
-            args[n + 1], args[n + 2], n = now_s, type(v) == 'number' and format('%d', v) or rare().text(v), n + 2
-          end
-          call('HSET', key, unpack(args, 1, n))
-        else
-          rare().roll_write(st, i)
+      if refresh[i] and now_s - st.e >= RENEW then
+        st.e, st.ce = now_s, true
+        local hx = rare()
+        hx.forget_at(i, now_s + FORGET_ROLLING, 'r:' .. C[5 * i])
+        lifetimes[index] = math.max(lifetimes[index] or 0, FORGET_ROLLING + RENEW)
+      end
+      if st.ch or st.ct or st.cn or st.co or st.ce or st.cb or st.cs then
+        if not out then out = {} end
+        args = out[index]
+        if not args then
+          args = {}
+          out[index] = args
         end
-        -- After the write: EXPIRE does nothing to a key that does not exist yet (a first seed).
-        if renew then call('EXPIRE', key, ROLLING_TTL) end
+        local n = #args
+        if st.ct then
+          local t = st.t
+          args[n + 1], args[n + 2], n = G[at], type(t) == 'number' and format('%d', t) or rare().text(t), n + 2
+        end
+        if st.ch then args[n + 1], args[n + 2], n = G[at + 1], st.h, n + 2 end
+        if st.cn then
+          local b = st.n
+          args[n + 1], args[n + 2], n = G[at + 4], type(b) == 'number' and format('%d', b) or rare().text(b), n + 2
+        end
+        if st.co or st.ce or st.cb or st.cs then rare().roll_more(st, i, args, n) end
       end
     end
   end
 end
-if fixed_out then
-  for index, args in pairs(fixed_out) do
+for index in pairs(due_new) do
+  if not out then out = {} end
+  local args = out[index]
+  if not args then
+    args = {}
+    out[index] = args
+  end
+  args[#args + 1] = 'w'
+  args[#args + 1] = due_at[index]
+end
+if out then
+  for index, args in pairs(out) do
     local key = KEYS[index]
     for first = 1, #args, CHUNK do
       call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, #args)))
     end
   end
 end
--- Every counter of a fixed hash ends at the same second; NX sets a first lifetime, GT lengthens it.
+for index, list in pairs(adds) do
+  for first = 1, #list, CHUNK do
+    call('ZADD', KEYS[index + 1], unpack(list, first, math.min(first + CHUNK - 1, #list)))
+  end
+end
+-- Redis' own lifetime of a group's counters and windows: NX sets a first one, GT lengthens it.
 for index, seconds in pairs(lifetimes) do
-  call('EXPIRE', KEYS[index], seconds, 'NX')
-  call('EXPIRE', KEYS[index], seconds, 'GT')
+  for key = index, index + 1 do
+    call('EXPIRE', KEYS[key], seconds, 'NX')
+    call('EXPIRE', KEYS[key], seconds, 'GT')
+  end
 end
 -- One flat MessagePack value (a part with nothing to say is 0): the client parses it in one go.
 return cmsgpack.pack({verdicts, levels, records, due, tallied, malformed, duplicate})

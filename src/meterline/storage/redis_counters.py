@@ -30,9 +30,11 @@ keeps them atomic and exact. What this module adds is the traffic plan: ONE roun
   minute, so a restarted Redis learns them again.
 * Hold ids must be unique for good (they are UUIDs): a late duplicate of a finish could otherwise meet
   a newer hold of the same id.
-* Lifetimes are relative to the caller's clock (``EXPIRE`` of ``reset_s + 1 day - now``, not ``EXPIREAT``),
-  so an injected clock and Redis' wall clock never disagree about whether a counter is gone. A rolling
-  window lives 120 s after its last reservation.
+* An organization's counters are one hash, and the client names every field a call reads (the script
+  builds no names on a decision's path): ``_Call.layout``.
+* Counters are forgotten by the caller's clock (a fixed window a day after its end, a rolling window a day
+  after its last reservation), so an injected clock and Redis agree on whether a counter is gone; Redis'
+  own ``EXPIRE`` only catches an organization nobody calls any more.
 
 Needs Redis >= 7.0, standalone (with replicas or not) or Redis Cluster. Unreachable, timed out, loading,
 read-only or a cluster without a master for the slot: ``CounterStoreUnavailable``.
@@ -206,27 +208,31 @@ class _Keys:
         return tag
 
     def holds(self, group: str) -> str:
-        return f"{self.tag(group)}h"
+        return f"{self.tag(group)}holds"
 
-    def counter(self, line: Line | Seed) -> str:
-        """The hash of a line's counter: a fixed window's counters share one per group and end."""
-        if line.kind == "fixed":
-            return f"{self.tag(group_of(line.key))}f:{line.reset_s}"
-        return f"{self.tag(group_of(line.key))}r:{line.key}"
+    def counters(self, group: str) -> str:
+        """The hash of every counter of the group (the script's header says what its fields are)."""
+        return f"{self.tag(group)}counters"
+
+    def windows(self, group: str) -> str:
+        """When the group's counters are to be forgotten (a sorted set)."""
+        return f"{self.tag(group)}windows"
 
     def tally(self, key: str) -> str:
         return f"{self.tag(group_of(key))}t:{key}"
 
 
-# A counter as the script names it: (hash key, field, reset) for a fixed window, (hash key, 0, 0) for
-# a rolling one.
-_Ref = tuple[str, str | int, int]
+# A counter: (group, key, end) for a fixed window, (group, key, 0) for a rolling one. A fixed window's
+# end is never 0 (a second long past), so a key may have a counter of each kind.
+_Ref = tuple[str, str, int]
 
 
 def _ref(keys: _Keys, line: Line | Seed) -> _Ref:
     if line.kind == "fixed":
-        return (keys.counter(line), line.key, line.reset_s)
-    return (keys.counter(line), 0, 0)
+        if line.reset_s == 0:
+            raise ValueError(f"fixed window {line.key!r} has no end")
+        return (group_of(line.key), line.key, line.reset_s)
+    return (group_of(line.key), line.key, 0)
 
 
 class _Held(NamedTuple):
@@ -250,9 +256,10 @@ def _held(keys: _Keys, hold: Hold, second: int, group: str) -> _Held:
 
 
 class _Call:
-    """One script call being built: the keys it names (1-based, as Lua counts) and its request."""
+    """One script call being built: the keys it names (1-based, as Lua counts), the fields it reads per
+    group and its request."""
 
-    __slots__ = ("args", "counters", "flat", "groups", "index", "keys", "parts")
+    __slots__ = ("args", "counters", "fields", "groups", "index", "keys", "parts", "specs")
 
     def __init__(self) -> None:
         # The groups it decides or reads for: it carries their buffered finishes (none named: all).
@@ -260,8 +267,11 @@ class _Call:
         self.keys: list[str] = []
         self.args: list[bytes] = []  # records to store, after the request: ARGV[2], ARGV[3], ...
         self.index: dict[str, int] = {}
-        self.counters: dict[tuple[str, str | int], int] = {}  # (hash key, field) -> counter number
-        self.flat: list[Any] = []  # per counter: key index, field, reset (the request's "c")
+        self.counters: dict[_Ref, int] = {}  # -> counter number
+        # Per group: the index of its counters hash and the fields the call reads there ("w" first).
+        self.fields: dict[str, tuple[int, list[str | None]]] = {}
+        # Per counter: its group, the place of its first field there, its end, its key (rolling)
+        self.specs: list[tuple[str, int, int, str | int]] = []
         self.parts: dict[str, Any] = {}
 
     def key(self, name: str) -> int:
@@ -271,17 +281,47 @@ class _Call:
             found = self.index[name] = len(self.keys)
         return found
 
-    def counter(self, ref: _Ref) -> int:
+    def counter(self, keys: _Keys, ref: _Ref) -> int:
         """The number of a counter in this call (1-based), naming it once."""
-        name, field, reset_s = ref
-        found = self.counters.get((name, field))
+        found = self.counters.get(ref)
         if found is None:
-            self.flat += (self.key(name), field, reset_s)
-            found = self.counters[(name, field)] = len(self.counters) + 1
+            group, key, reset_s = ref
+            fields = self.fields.get(group)
+            if fields is None:
+                index = self.key(keys.counters(group))
+                if self.key(keys.windows(group)) != index + 1:  # the script finds windows there
+                    raise AssertionError("a group's windows key must follow its counters key")
+                fields = self.fields[group] = (index, ["w"])
+            names = fields[1]
+            self.specs.append((group, len(names), reset_s, 0 if reset_s else key))
+            if reset_s:
+                names += (f"u{reset_s}:{key}", f"v{reset_s}:{key}")
+            else:  # the bucket of the call's second is named when the call is sent
+                names += (f"t:{key}", f"h:{key}", f"o:{key}", f"e:{key}", None)
+            found = self.counters[ref] = len(self.counters) + 1
         return found
 
     def add(self, part: str, item: Any) -> None:
         self.parts.setdefault(part, []).append(item)
+
+    def layout(self, now_s: int) -> tuple[list[Any], list[Any]]:
+        """The request's "g" (per group: counters key index, count, field names) and "c" (per counter:
+        counters key index, place of its first name in g, place of its first value among those read,
+        end, key), as the script takes them: places are 1-based, as Lua counts."""
+        flat_g: list[Any] = []
+        starts: dict[str, tuple[int, int, int]] = {}
+        read = 0
+        for group, (index, names) in self.fields.items():
+            starts[group] = (index, len(flat_g) + 3, read + 1)
+            flat_g += (index, len(names), *names)
+            read += len(names)
+        flat_c: list[Any] = []
+        for group, offset, reset_s, key in self.specs:
+            index, first_name, first_value = starts[group]
+            if not reset_s:
+                flat_g[first_name + offset + 3] = f"b{now_s}:{key}"  # 0-based: the 5th of its names
+            flat_c += (index, first_name + offset, first_value + offset, reset_s, key)
+        return flat_g, flat_c
 
 
 class _Standalone:
@@ -517,7 +557,7 @@ class RedisCounterStore:
             call.args.append(_record(hold, now_s))
             item: list[Any] = [call.key(keys.holds(group)), hold.id, len(call.args) + 1]
             for ref, amount, ln in zip(known.refs, known.reserved, hold.lines, strict=True):
-                item += (call.counter(ref), amount, _value(ln.maximum), 1 if ln.block else 0)
+                item += (call.counter(keys, ref), amount, _value(ln.maximum), 1 if ln.block else 0)
             call.add("h", item)
             placed.append((route, len(call.parts["h"]) - 1))
         answers: dict[str, list[Any]] = {}
@@ -587,7 +627,7 @@ class RedisCounterStore:
         calls: dict[str, _Call] = {}
         for seed in seeds:
             call = self._call_for(calls, group_of(seed.key))
-            item: list[Any] = [call.counter(_ref(self._keys, seed))]
+            item: list[Any] = [call.counter(self._keys, _ref(self._keys, seed))]
             if seed.kind == "fixed":
                 # Its hash lives a day past the window's end (seconds from now).
                 item += (_value(seed.used), max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S))
@@ -614,7 +654,7 @@ class RedisCounterStore:
         placed: list[tuple[str, int]] = []
         for ln in lines:
             call = self._call_for(calls, group_of(ln.key))
-            call.add("l", call.counter(_ref(self._keys, ln)))
+            call.add("l", call.counter(self._keys, _ref(self._keys, ln)))
             placed.append((group_of(ln.key) if self._cluster else "", len(call.parts["l"]) - 1))
         answers = {route: self._send(route, call, now_us)[1] for route, call in calls.items()}
         out: list[Level | None] = []
@@ -686,7 +726,9 @@ class RedisCounterStore:
         failed: BaseException | None = None
         for route in sorted(routes):
             try:
-                self._send(route, _Call(), 0)  # names no group: carries all of the route
+                # names no group: carries all of the route; at the latest clock this process saw, so the
+                # script reads the buckets of this second with the counters
+                self._send(route, _Call(), self._now_us)
             except Exception as exc:  # one master down must not hold back the others' settlements
                 failed = failed or exc
         if failed is not None:
@@ -809,17 +851,13 @@ class RedisCounterStore:
                     finish.actual,
                 ]
                 for ref, reserved in zip(known.refs, known.reserved, strict=True):
-                    item += (call.counter(ref), reserved)
+                    item += (call.counter(keys, ref), reserved)
                 items.append(item)
         parts = call.parts
+        now_s = now_us // 1_000_000
+        flat_g, flat_c = call.layout(now_s)
         request = msgpack.packb(
-            [
-                now_us // 1_000_000,
-                str(now_us),
-                call.flat,
-                items or 0,
-                *[parts.get(part, 0) for part in _PARTS],
-            ]
+            [now_s, str(now_us), flat_g, flat_c, items or 0, *[parts.get(part, 0) for part in _PARTS]]
         )
         try:
             answer = self._evalsha(call.keys, [request, *call.args])
