@@ -179,6 +179,18 @@ def test_missing_counters_reserve_nothing_until_seeded(store: CounterStore) -> N
     ]
 
 
+def test_a_reservation_missing_a_line_still_moves_the_window_of_the_lines_before_it(
+    store: CounterStore,
+) -> None:
+    """As memory checks lines in order, a rolling line before the missing one leaves the minute behind
+    it; a read by a clock a little behind (another process) no longer counts what left."""
+    store.seed([seed_rolling("r")], NOW)
+    store.reserve([hold("a", rolling("r", 5, 100))], NOW)
+    verdict = store.reserve([hold("b", rolling("r", 1, 100), fixed("f", 1, 10))], at(61))[0]
+    assert verdict == Verdict(admitted=False, missing=(1,))
+    assert store.levels([rolling("r", 0, 1)], at(59)) == [Level(0, NOW_S + 59)]
+
+
 def test_seed_does_not_overwrite(store: CounterStore) -> None:
     day, rpm = fixed("org:day", 10, 100), rolling("org:rpm", 1, 5)
     store.seed([seed_fixed("org:day", used=5), seed_rolling("org:rpm")], NOW)
@@ -400,6 +412,14 @@ def test_rolling_retry_after_is_exact_for_large_amounts(store: CounterStore) -> 
     verdict = store.reserve([hold("a", rolling("tpm", 1, big + 1))], NOW)[0]
     assert (verdict.refused, verdict.retry_after_s) == (0, 20)
     assert store.reserve([hold("b", rolling("tpm", 1, big + 2))], NOW)[0].admitted
+
+
+def test_a_settlement_far_below_its_estimate_is_exact_in_a_rolling_window(store: CounterStore) -> None:
+    """Estimate and actual each below 2^53, their difference beyond it: no rounding."""
+    store.seed([seed_rolling("tpm")], NOW)
+    store.reserve([hold("a", rolling("tpm", 2**52, -1))], NOW)
+    store.settle([Settlement("a", (-(2**52 + 1),))], NOW)
+    assert consumed(store, rolling("tpm", 0, 1)) == -(2**52) - 1
 
 
 # -- tallies (quota refusals for the alert) -------------------------------------------------------
@@ -751,6 +771,28 @@ def test_counters_in_redis_are_forgotten_a_day_after_their_use(
         store.close()
 
 
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_a_fixed_window_with_a_reservation_on_it_is_not_forgotten(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """As memory sweeps only windows with nothing reserved: a hold that outlives its window by more than
+    a day still finishes on the counter it reserved on, never on a new one seeded meanwhile."""
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    day = fixed("org|day", 5, 100)
+    late = (DAY_END + 2 * 86_400) * 1_000_000
+    try:
+        store.seed([seed_fixed("org|day")], NOW)
+        assert store.reserve([Hold("h", (day,), late, "org")], NOW)[0].admitted
+        assert store.levels([day], late) == [Level(5, DAY_END)]
+        store.release([Release("h", "org")], late)
+        assert store.levels([day], late) == [Level(0, DAY_END)]
+        # Nothing reserved any more: forgotten at the next call past its time.
+        assert store.levels([day], late + 3_601 * 1_000_000) == [None]
+    finally:
+        store.close()
+
+
 def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
     quiet_redis: tuple[str, RedisCounterStore],
 ) -> None:
@@ -814,6 +856,40 @@ def test_a_hold_spanning_two_organizations_is_refused_alone(
         store.reserve([Hold("both", (a, b), NOW + LEASE, "org_a")], NOW)
     assert store.reserve([Hold("one", (a,), NOW + LEASE, "org_a")], NOW)[0].admitted
     assert store.levels([a, b], NOW) == [Level(1, DAY_END), Level(0, DAY_END)]
+
+
+def test_a_malformed_line_is_refused_before_it_joins_a_call(
+    quiet_redis: tuple[str, RedisCounterStore],
+) -> None:
+    """A fixed window without an end, or an amount no counter can hold, is the caller's error: raised
+    before the hold waits with others for the next call (where it would fail all of them)."""
+    kind, store = quiet_redis
+    route = "" if kind == "redis" else "org_a"
+    day = fixed("org_a|day", 1, 10)
+    store.seed([seed_fixed(day.key)], NOW)
+    endless = Line("org_a|other", 1, 10, True, "fixed", 0)
+    huge = fixed("org_a|day", 2**63, 10)
+    errors: list[str] = []
+
+    def reserve(lines: tuple[Line, ...]) -> None:
+        try:
+            store.reserve([Hold("bad", lines, NOW + LEASE, "org_a")], NOW)
+        except ValueError as exc:
+            errors.append(str(exc))
+
+    store._queues[route] = []  # a call of the route is out: a request now would wait for the next one
+    for lines in ((day, endless), (huge,)):
+        thread = threading.Thread(target=reserve, args=(lines,), daemon=True)
+        thread.start()
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the malformed request was queued"
+    assert store._queues[route] == []
+    del store._queues[route]
+    assert len(errors) == 2
+    assert "no end" in errors[0]
+    assert "64-bit" in errors[1]
+    assert store.reserve([Hold("one", (day,), NOW + LEASE, "org_a")], NOW)[0].admitted
+    assert store.levels([day], NOW) == [Level(1, DAY_END)]
 
 
 def test_a_batch_failing_on_one_master_gives_back_what_the_others_admitted(

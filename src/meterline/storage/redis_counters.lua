@@ -20,15 +20,16 @@
 --                                  last renewed
 --                   b<second>:<key>  a rolling window's bucket of that second
 --                   s:<key>        the seconds of its buckets, ascending, space-separated (read only
---                                  when a bucket is made or leaves: never on a decision's path)
---                   w              the second the first counter of `windows` is due (absent: none)
+--                                  when a bucket is made or leaves: about once a second per key)
+--                   w              no later than the first counter of `windows` is due (absent: none)
 --                 The first letter keeps the kinds apart; the key, free text, comes last.
 --   P{G}windows   a sorted set: when each counter is to be forgotten (score: a second of the caller's
---                 clock). A fixed window a day past its end (u..., v... deleted), a rolling window a
---                 day after it was last reserved on (all its fields deleted): memory.py keeps both at
---                 least that long. A forgotten counter is missing, and the engine seeds it again from
---                 the ledger. Checked on every call of the group through `w`, which the call reads
---                 anyway.
+--                 clock). A fixed window a day past its end once nothing is reserved on it (as memory.py
+--                 sweeps; u..., v... deleted), a rolling window 23 to 24 hours after its last admitted
+--                 reservation (all its fields deleted; memory.py keeps it, but by then the ledger
+--                 holds nothing of its minute). A forgotten counter is missing, and the engine seeds it
+--                 again from the ledger. Checked on every call of the group through `w`, which the call
+--                 reads anyway.
 --   P{G}holds     the group's holds: field = hold id, value = the record the client made,
 --                 "[expires_us, second reserved, lines]" (for the reaper; never read here)
 --   P{G}t:<key>   a tally, hash {<minute> = events}
@@ -47,7 +48,8 @@
 --
 -- Cost: Redis time per decision is what bounds one Redis. A decision is four commands: one HMGET of the
 -- group's counters (every field named by the client, nothing built here), HSETNX and HDEL of holds, one
--- HSET of what changed. The request and the answer are flat MessagePack arrays: every table cmsgpack
+-- HSET of what changed; about once a second per rolling window a bucket is made or leaves (an HGET of
+-- its seconds, an HMGET and HDEL of what leaves), and once an hour it is renewed (ZADD, EXPIRE). The request and the answer are flat MessagePack arrays: every table cmsgpack
 -- makes or reads costs. The path of a decision keeps its state in flat arrays indexed by counter, tests
 -- for plain Lua numbers inline, and creates no function: everything else (the limb arithmetic, pruning
 -- a rolling window, a refusal's retry time, seeds, reads, the reaper's query, tallies, forgetting) is
@@ -191,7 +193,6 @@ local function rare()
     if type(x) == 'number' then return format('%d', x) end
     return text(x)
   end
-  h.str = str
 
   local function bucket_name(i, second)
     return 'b' .. format('%d', second) .. ':' .. C[5 * i]
@@ -249,7 +250,6 @@ local function rare()
     end
     st.cs = true
   end
-  h.note = note
 
   -- memory.py Rolling.prune once the horizon passed the oldest bucket (about once a second per key)
   local function prune_buckets(st, i)
@@ -258,7 +258,7 @@ local function rare()
     local gone = 0
     while gone < #s and s[gone + 1] <= horizon do gone = gone + 1 end
     if gone == 0 then return end
-    local names, unknown, from = {}, {}, {}
+    local names, unknown = {}, {}
     for j = 1, gone do
       local second = s[j]
       names[j] = bucket_name(i, second)
@@ -267,7 +267,6 @@ local function rare()
       elseif st.b then value = st.b[second] end
       if value == nil then
         unknown[#unknown + 1] = names[j]
-        from[#unknown] = j
       elseif value then
         st.t = sub(st.t, value)
       end
@@ -435,14 +434,24 @@ local function rare()
     return n
   end
 
-  -- forgets the counters of one group whose time came (memory.py: sweep) before the call reads them
+  -- forgets the counters of one group whose time has passed, before the call reads them (memory.py:
+  -- sweep, which keeps a fixed window while something is reserved on it: such a one is looked at again
+  -- an hour later)
   function h.forget(index)
     local key, windows = KEYS[index], KEYS[index + 1]
-    local due = call('ZRANGEBYSCORE', windows, '-inf', now_s)
+    local bound = '(' .. format('%d', now_s)
+    local due = call('ZRANGEBYSCORE', windows, '-inf', bound)
+    local again = {}
     for _, member in ipairs(due) do
       local kind, rest = string.sub(member, 1, 1), string.sub(member, 2)
       if kind == 'f' then
-        call('HDEL', key, 'u' .. rest, 'v' .. rest)
+        local reserved = call('HGET', key, 'v' .. rest)
+        if reserved and reserved ~= '0' then
+          again[#again + 1] = now_s + 3600
+          again[#again + 1] = member
+        else
+          call('HDEL', key, 'u' .. rest, 'v' .. rest)
+        end
       else
         local k = string.sub(rest, 2)  -- 'r:<key>'
         local names = {'t:' .. k, 'h:' .. k, 'o:' .. k, 'e:' .. k, 's:' .. k}
@@ -455,7 +464,8 @@ local function rare()
         end
       end
     end
-    call('ZREMRANGEBYSCORE', windows, '-inf', now_s)
+    call('ZREMRANGEBYSCORE', windows, '-inf', bound)
+    if #again > 0 then call('ZADD', windows, unpack(again)) end
     local first = call('ZRANGE', windows, 0, 0, 'WITHSCORES')
     if first[2] then
       call('HSET', key, 'w', first[2])
@@ -523,7 +533,7 @@ do
       end
       local due = raw[1] and tonumber(raw[1]) or false
       due_at[index] = due
-      if not (due and now_s >= due) or pass == 2 then break end
+      if not (due and now_s > due) or pass == 2 then break end
       rare().forget(index)
     end
     if single then
@@ -601,7 +611,10 @@ if req[5] ~= 0 then
             local st = R[i]
             if st then
               local d
-              if type(reserved) == 'number' and type(spent) == 'number' then d = spent - reserved end
+              if type(reserved) == 'number' and type(spent) == 'number' then
+                d = spent - reserved
+                if d >= LIM or d <= -LIM then d = nil end  -- two values below 2^53, a difference beyond
+              end
               local here, t = st.n, st.t
               local nb, nt
               if second == now_s and d and second > st.h and type(here) == 'number' and type(t) == 'number' then
@@ -653,13 +666,19 @@ if req[7] ~= 0 then
     for l = 1, lines do
       local i = hold[4 * l]
       if FIXED[i] then
-        if not U[i] then missing = true end
+        if not U[i] then missing = l end
       elseif not R[i] then
-        missing = true
+        missing = l
       end
+      if missing then break end
     end
     if missing then
       call('HDEL', holds, id)
+      -- memory.py checks lines in order: the rolling lines before the first missing one were pruned
+      for l = 1, missing - 1 do
+        local i = hold[4 * l]
+        if not FIXED[i] and now_s - ROLLING > R[i].h then rare().prune(R[i], i) end
+      end
       verdicts[start + 1] = 2
       nv = start + 1
       for l = 1, lines do

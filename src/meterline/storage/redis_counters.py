@@ -32,9 +32,10 @@ keeps them atomic and exact. What this module adds is the traffic plan: ONE roun
   a newer hold of the same id.
 * An organization's counters are one hash, and the client names every field a call reads (the script
   builds no names on a decision's path): ``_Call.layout``.
-* Counters are forgotten by the caller's clock (a fixed window a day after its end, a rolling window a day
-  after its last reservation), so an injected clock and Redis agree on whether a counter is gone; Redis'
-  own ``EXPIRE`` only catches an organization nobody calls any more.
+* Counters are forgotten by the caller's clock (a fixed window a day after its end once nothing is
+  reserved on it, a rolling window 23-24 hours after its last admitted reservation), so an injected clock
+  and Redis agree on whether a counter is gone; Redis' own ``EXPIRE`` only catches an organization nobody
+  calls any more.
 
 Needs Redis >= 7.0, standalone (with replicas or not) or Redis Cluster. Unreachable, timed out, loading,
 read-only or a cluster without a master for the slot: ``CounterStoreUnavailable``.
@@ -227,7 +228,7 @@ class _Keys:
 _Ref = tuple[str, str, int]
 
 
-def _ref(keys: _Keys, line: Line | Seed) -> _Ref:
+def _ref(line: Line | Seed) -> _Ref:
     if line.kind == "fixed":
         if line.reset_s == 0:
             raise ValueError(f"fixed window {line.key!r} has no end")
@@ -245,9 +246,9 @@ class _Held(NamedTuple):
     group: str
 
 
-def _held(keys: _Keys, hold: Hold, second: int, group: str) -> _Held:
+def _held(hold: Hold, second: int, group: str) -> _Held:
     return _Held(
-        tuple([_ref(keys, ln) for ln in hold.lines]),
+        tuple([_ref(ln) for ln in hold.lines]),
         tuple([_value(ln.amount) for ln in hold.lines]),
         second,
         hold.expires_us,
@@ -461,6 +462,10 @@ class RedisCounterStore:
             group = _group(hold)
             if any(group_of(ln.key) != group for ln in hold.lines):
                 raise ValueError(f"reservation {hold.id} has lines of another group than {group!r}")
+            for ln in hold.lines:
+                _ref(ln)  # a fixed window with an end
+                _int(ln.amount)  # amounts a counter can hold
+                _int(ln.maximum)
             groups.add(group)
         route = ""
         if self._cluster:
@@ -552,7 +557,7 @@ class RedisCounterStore:
                 self._register(group)
             route = group if self._cluster else ""
             call = self._call_for(calls, group)
-            known = _held(keys, hold, now_s, group)
+            known = _held(hold, now_s, group)
             refs.append(known)
             call.args.append(_record(hold, now_s))
             item: list[Any] = [call.key(keys.holds(group)), hold.id, len(call.args) + 1]
@@ -627,7 +632,7 @@ class RedisCounterStore:
         calls: dict[str, _Call] = {}
         for seed in seeds:
             call = self._call_for(calls, group_of(seed.key))
-            item: list[Any] = [call.counter(self._keys, _ref(self._keys, seed))]
+            item: list[Any] = [call.counter(self._keys, _ref(seed))]
             if seed.kind == "fixed":
                 # Its hash lives a day past the window's end (seconds from now).
                 item += (_value(seed.used), max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S))
@@ -654,7 +659,7 @@ class RedisCounterStore:
         placed: list[tuple[str, int]] = []
         for ln in lines:
             call = self._call_for(calls, group_of(ln.key))
-            call.add("l", call.counter(self._keys, _ref(self._keys, ln)))
+            call.add("l", call.counter(self._keys, _ref(ln)))
             placed.append((group_of(ln.key) if self._cluster else "", len(call.parts["l"]) - 1))
         answers = {route: self._send(route, call, now_us)[1] for route, call in calls.items()}
         out: list[Level | None] = []
@@ -690,7 +695,7 @@ class RedisCounterStore:
             for _expires, hold_id, group, stored in found[:limit]:
                 hold, second = _hold(hold_id, group, stored)
                 holds.append(hold)
-                self._held[hold.id] = _held(self._keys, hold, second, group)
+                self._held[hold.id] = _held(hold, second, group)
         return holds
 
     def tally(self, key: str, now_us: int) -> int:
@@ -889,7 +894,7 @@ class RedisCounterStore:
                     gone.append(finish)
                 else:
                     hold, second = _hold(finish.hold_id, finish.group, stored)
-                    self._held[finish.hold_id] = _held(self._keys, hold, second, finish.group)
+                    self._held[finish.hold_id] = _held(hold, second, finish.group)
         self._confirmed(gone)
 
     def _confirmed(self, finishes: Iterable[_Finish]) -> None:
