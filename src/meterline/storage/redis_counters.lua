@@ -830,18 +830,20 @@ end
 local tallied = req[11] ~= 0 and rare().tally(req[11]) or 0
 
 -- the writes: one HSET per group ------------------------------------------------------------------------
-local out, single = false, false  -- per counters key index: field, value, ...
+local out = {}  -- per counters key index: field, value, ...
+local function writes(index)
+  local args = out[index]
+  if not args then
+    args = {}
+    out[index] = args
+  end
+  return args
+end
 for i = 1, count do
   local index, at = C[5 * i - 4], C[5 * i - 3]
-  local args
   if FIXED[i] then
     if W[i] then
-      if not out then out = {} end
-      args = out[index]
-      if not args then
-        args = {}
-        out[index] = args
-      end
+      local args = writes(index)
       local n, u, v = #args, U[i], V[i]
       args[n + 1] = G[at]
       args[n + 2] = type(u) == 'number' and format('%d', u) or rare().text(u)
@@ -858,12 +860,7 @@ for i = 1, count do
         lifetimes[index] = math.max(lifetimes[index] or 0, FORGET_ROLLING + RENEW)
       end
       if st.ch or st.ct or st.cn or st.co or st.ce or st.cb or st.cs then
-        if not out then out = {} end
-        args = out[index]
-        if not args then
-          args = {}
-          out[index] = args
-        end
+        local args = writes(index)
         local n = #args
         if st.ct then
           local t = st.t
@@ -880,21 +877,14 @@ for i = 1, count do
   end
 end
 for index in pairs(due_new) do
-  if not out then out = {} end
-  local args = out[index]
-  if not args then
-    args = {}
-    out[index] = args
-  end
+  local args = writes(index)
   args[#args + 1] = 'w'
   args[#args + 1] = due_at[index]
 end
-if out then
-  for index, args in pairs(out) do
-    local key = KEYS[index]
-    for first = 1, #args, CHUNK do
-      call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, #args)))
-    end
+for index, args in pairs(out) do
+  local key = KEYS[index]
+  for first = 1, #args, CHUNK do
+    call('HSET', key, unpack(args, first, math.min(first + CHUNK - 1, #args)))
   end
 end
 for index, list in pairs(adds) do
