@@ -634,7 +634,7 @@ class RedisCounterStore:
             call = self._call_for(calls, group_of(seed.key))
             item: list[Any] = [call.counter(self._keys, _ref(seed))]
             if seed.kind == "fixed":
-                # Its hash lives a day past the window's end (seconds from now).
+                # It is forgotten a day past the window's end (seconds from now), not before an hour.
                 item += (_value(seed.used), max(seed.reset_s + _FORGET_AFTER_S - now_s, _MIN_TTL_S))
             else:
                 for second, amount in sorted(seed.buckets):
