@@ -257,29 +257,45 @@ def redis_benchmark(port: int) -> list[dict[str, Any]]:
     return figures
 
 
+def captured_call(
+    url: str, prefix: str, group: str, seeds: list[Seed], before: list[str], now: list[str], at_us: int
+) -> tuple[Any, ...]:
+    """The script call the store sends for decisions of ``group`` (6 lines each, ``request_lines``):
+    the finish of each hold of ``before`` (reserved and settled first) and the reservation of each of
+    ``now``. ``EVALSHA``, the script's SHA-1, the key count, the keys, the request, the records."""
+    lines = request_lines(group)
+    # No flusher in between: the finishes must ride with the reservations (one decision each).
+    store = RedisCounterStore(url, prefix=prefix, flush_interval_s=3600)
+    sent: list[tuple[Any, ...]] = []
+    try:
+        store.seed(seeds, at_us)
+        made = store.reserve([Hold(hold_id, lines, at_us + LEASE_US, group) for hold_id in before], at_us)
+        if not all(verdict.admitted for verdict in made):
+            raise RuntimeError("the holds to finish were not admitted")
+        store.settle([Settlement(hold_id, ACTUAL, group) for hold_id in before], at_us)
+        send = store._send_command
+
+        def record(*command: Any) -> Any:
+            sent.append(command)
+            return send(*command)
+
+        store._send_command = record  # type: ignore[assignment]
+        made = store.reserve([Hold(hold_id, lines, at_us + LEASE_US, group) for hold_id in now], at_us)
+        store._send_command = send  # type: ignore[assignment]
+        if not all(verdict.admitted for verdict in made):
+            raise RuntimeError("the captured reservations were not admitted")
+    finally:
+        store.close()
+    return sent[-1]
+
+
 def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
     """Our script when Redis runs calls back to back (pipelined, 500 at a time): what one Redis serves
     when it is the bottleneck. Each call is one decision as the store sends it: the finish of the
     previous hold and a 6-line reservation. The request is MessagePack (binary), so it cannot go on
     ``redis-benchmark``'s command line; redis-py pipelines it instead."""
-    lines = request_lines("rb")
-    # No flusher in between: the finish of rb-0 must ride with the reservation of rb-1 (one decision).
-    store = RedisCounterStore(f"redis://127.0.0.1:{port}/0", prefix="rb:", flush_interval_s=3600)
-    store.seed(seeds_for(lines), now_us())
-    sent: list[Any] = []
-    send = store._send_command
-
-    def record(*command: Any) -> Any:
-        sent.append(command)
-        return send(*command)
-
-    store._send_command = record  # type: ignore[assignment]
-    store.reserve([Hold("rb-0", lines, now_us() + LEASE_US, "rb")], now_us())
-    store.settle([Settlement("rb-0", ACTUAL, "rb")], now_us())
-    store.reserve([Hold("rb-1", lines, now_us() + LEASE_US, "rb")], now_us())
-    store._send_command = send
-    store.close()
-    command = sent[-1]
+    url = f"redis://127.0.0.1:{port}/0"
+    command = captured_call(url, "rb:", "rb", seeds_for(request_lines("rb")), ["rb-0"], ["rb-1"], now_us())
     count = int(command[2])
     keys, request, rest = command[3 : 3 + count], msgpack.unpackb(command[3 + count]), command[4 + count :]
     finishes, holds = request[4], request[6]  # the request: [n, u, g, c, f, s, h, l, d, x, t]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import redis
@@ -31,11 +30,10 @@ if str(ROOT) not in sys.path:
 
 from tests.servers import start_redis  # noqa: E402
 
-from meterline.quotas.counters import Hold, Seed, Settlement  # noqa: E402
-from meterline.storage.redis_counters import RedisCounterStore  # noqa: E402
+from meterline.quotas.counters import Seed  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from quota_store import ACTUAL, LEASE_US, request_lines  # noqa: E402
+from quota_store import captured_call, request_lines  # noqa: E402
 
 SCRIPT = ROOT / "src" / "meterline" / "storage" / "redis_counters.lua"
 NOW = 1_796_450_133  # the script reads the caller's clock only: a fixed one keeps every run alike
@@ -47,34 +45,15 @@ def capture(url: str, batch: int, full_minute: bool) -> tuple[list[bytes], bytes
     decisions (each the finish of the previous hold and a 6-line reservation, as in
     ``bench/quota_store.py``): its keys, request and records. Hold ids are of fixed width
     (``P<j>000000`` before, ``C<j>000000`` now): the harness rewrites them per iteration."""
-    lines = request_lines("org")
-    store = RedisCounterStore(url, prefix="p:", flush_interval_s=3600)
-    sent: list[tuple[Any, ...]] = []
-    try:
-        # ``--full-minute``: what a minute of steady traffic leaves, a bucket in each of the last 60 s
-        buckets = tuple((NOW - s, 1_500) for s in range(1, 60)) if full_minute else ()
-        seeds = [
-            Seed(ln.key, ln.kind, ln.reset_s, buckets=buckets if ln.kind == "rolling" else ())
-            for ln in lines
-        ]
-        store.seed(seeds, NOW_US)
-        before = [Hold(f"P{j}000000", lines, NOW_US + LEASE_US, "org") for j in range(batch)]
-        assert all(v.admitted for v in store.reserve(before, NOW_US))
-        store.settle([Settlement(h.id, ACTUAL, "org") for h in before], NOW_US)
-        send = store._send_command
-
-        def record(*command: Any) -> Any:
-            sent.append(command)
-            return send(*command)
-
-        store._send_command = record  # type: ignore[assignment]
-        now = [Hold(f"C{j}000000", lines, NOW_US + LEASE_US, "org") for j in range(batch)]
-        verdicts = store.reserve(now, NOW_US)
-        store._send_command = send  # type: ignore[assignment]
-        assert all(v.admitted for v in verdicts)
-    finally:
-        store.close()
-    command = sent[-1]
+    # ``--full-minute``: what a minute of steady traffic leaves, a bucket in each of the last 60 s
+    buckets = tuple((NOW - s, 1_500) for s in range(1, 60)) if full_minute else ()
+    seeds = [
+        Seed(ln.key, ln.kind, ln.reset_s, buckets=buckets if ln.kind == "rolling" else ())
+        for ln in request_lines("org")
+    ]
+    before = [f"P{j}000000" for j in range(batch)]
+    now = [f"C{j}000000" for j in range(batch)]
+    command = captured_call(url, "p:", "org", seeds, before, now, NOW_US)
     count = int(command[2])
     keys = [k.encode() if isinstance(k, str) else k for k in command[3 : 3 + count]]
     request, records = command[3 + count], list(command[4 + count :])

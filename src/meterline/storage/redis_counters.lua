@@ -49,12 +49,13 @@
 -- Cost: Redis time per decision is what bounds one Redis. A decision is four commands: one HMGET of the
 -- group's counters (every field named by the client, nothing built here), HSETNX and HDEL of holds, one
 -- HSET of what changed; about once a second per rolling window a bucket is made or leaves (an HGET of
--- its seconds, an HMGET and HDEL of what leaves), and once an hour it is renewed (ZADD, EXPIRE). The request and the answer are flat MessagePack arrays: every table cmsgpack
--- makes or reads costs. The path of a decision keeps its state in flat arrays indexed by counter, tests
--- for plain Lua numbers inline, and creates no function: everything else (the limb arithmetic, pruning
--- a rolling window, a refusal's retry time, seeds, reads, the reaper's query, tallies, forgetting) is
--- defined on first use in a call (`rare()`), because creating a Lua function costs about as much as a
--- line's whole check. docs/benchmarks.md has the profile.
+-- its seconds, an HMGET and HDEL of what leaves), and once an hour it is renewed (ZADD, EXPIRE).
+-- The request and the answer are flat MessagePack arrays: every table cmsgpack makes or reads costs. The
+-- path of a decision keeps its state in flat arrays indexed by counter, tests for plain Lua numbers
+-- inline, and makes only two functions a call (`rare`, `writes`): everything else (the limb arithmetic,
+-- pruning a rolling window, a refusal's retry time, seeds, reads, the reaper's query, tallies,
+-- forgetting) is defined on first use in a call (`rare()`), because creating a Lua function costs about
+-- as much as a line's whole check. docs/benchmarks.md has the profile.
 --
 -- Exactness: Lua numbers are doubles, exact only up to 2^53, and amounts reach 10^18. A value below 2^53
 -- travels as a MessagePack integer and is computed as a Lua number; a larger one travels and is stored as a
