@@ -34,6 +34,7 @@ from meterline.api.routes import (
     well_known,
     widget,
 )
+from meterline.api.standstill import Standstill
 from meterline.api.webhook_sender import WebhookSender
 from meterline.clock import Clock
 from meterline.config import Settings
@@ -164,11 +165,16 @@ def create_app(
             # Nothing that recovery meets can stop the service from starting: a reservation that cannot
             # be settled is quarantined, and an outage is retried by the reaper below.
             report_failure("recovering reservations at start-up", exc)
+        if services.db.is_sqlite:
+            # Several workers on one SQLite file: this loop stands still while its writer holds the lock
+            # the others wait for (only while they do: ``Database.hold_still``).
+            services.db.hold_still = Standstill(asyncio.get_running_loop())
         reaper = asyncio.create_task(_reap_forever(services))
         webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
         try:
             yield
         finally:
+            services.db.hold_still = None
             reaper.cancel()
             webhooks.cancel()
             # A pass already running in a worker thread finishes first (a thread cannot be cancelled):

@@ -5,8 +5,11 @@ write transactions take an in-process lock, then an exclusive ``flock`` on ``<da
 start with ``BEGIN IMMEDIATE``, so concurrent writers queue instead of failing with "database is locked"
 half-way through a transaction. The file lock is what several processes on one file (``serve --workers
 N``) queue on: a waiter polls it at most 1 ms apart (and gives up after 30 s, as the busy timeout
-does), where SQLite's own busy handler sleeps up to 100 ms between tries. PostgreSQL (scale-out) relies
-on its own row locks and a connection pool.
+does), where SQLite's own busy handler sleeps up to 100 ms between tries. While other processes have
+lately waited for it, the holder runs its transaction inside ``hold_still`` (set by the server: its event
+loop stands still, ``api/standstill.py``), so that the lock every process waits for is not held by a
+thread waiting for its own interpreter lock. PostgreSQL (scale-out) relies on its own row locks and a
+connection pool.
 
 On both, the hot writes (settles, event batches, durable reservations) are queued to the database's one
 ``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile.
@@ -18,8 +21,8 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ from meterline.storage.writer import Writer
 
 # As SQLite's busy timeout: a writer that waits this long for another process gives up (503), never hangs.
 _LOCK_WAIT_S = 30.0
+# The write lock counts as shared (``hold_still`` is entered) this long after a wait for another process.
+_SHARED_S = 1.0
 
 
 def _wait_for(fd: int) -> None:
@@ -66,6 +71,10 @@ class Database:
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self.engine = self._create_engine(pool_size)
         self._file_lock = self._open_lock_file() if self.dialect == "sqlite" else None
+        # SQLite: entered once the write lock is held, while other processes lately waited for it (the
+        # server holds its event loop still: ``api/standstill.py``). None: nothing is held.
+        self.hold_still: Callable[[], AbstractContextManager[object]] | None = None
+        self._shared_until = 0.0  # time.monotonic() until which the write lock counts as shared
         # The hot writes (settles, event batches, reservations) go through it, group-committed.
         self.writer = Writer(self.write)
 
@@ -124,7 +133,7 @@ class Database:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self._across_processes(), self.engine.connect() as conn:
+        with self._write_lock, self._across_processes(), self._still(), self.engine.connect() as conn:
             conn.info["write"] = True
             try:
                 with conn.begin():
@@ -141,10 +150,18 @@ class Database:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             _wait_for(fd)
+            self._shared_until = time.monotonic() + _SHARED_S
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _still(self) -> AbstractContextManager[object]:
+        stack = ExitStack()
+        hold = self.hold_still
+        if hold is not None and time.monotonic() < self._shared_until:
+            stack.enter_context(hold())
+        return stack
 
     def _open_lock_file(self) -> int:
         path = Path(str(make_url(self.url).database)).resolve()

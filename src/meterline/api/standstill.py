@@ -1,0 +1,73 @@
+"""An event loop held still while another thread of the process holds a lock other processes wait for.
+
+Several ``meterline serve`` workers on one SQLite file take turns at its one write lock. A worker's
+writer thread holds it for a batch, but needs the interpreter lock for every step in between its
+SQLite calls, and its own event loop keeps taking that from it: measured (``docs/benchmarks.md``,
+"Several processes"), a writer held the file lock about four times as long as it ran, while the other
+worker waited. With the loop held still for the length of the transaction the writer runs unhindered,
+and the loop goes on the moment the lock is released: the loops of all workers together still run all
+the time, each while its own writer is not the one holding the lock.
+
+``Standstill(loop)()`` is the context manager ``Database.hold_still`` enters (``storage/database.py``):
+
+* the loop is asked (``call_soon_threadsafe``) to wait, and the caller waits a moment (``settle_s``) for
+  it to do so: a loop in the middle of a long step is not waited for longer, the transaction runs anyway;
+* the loop waits at most ``longest_s``, whatever happens to the caller, and never for a transaction
+  that has ended (each hold has its own turn);
+* called on the loop's own thread, or once the loop is closed, it holds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Standstill:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, settle_s: float = 0.002, longest_s: float = 0.05
+    ) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop (at the application's start-up)
+        self._settle_s = settle_s
+        self._longest_s = longest_s
+        self._lock = threading.Lock()
+        self._turn = 0
+        self._standing = threading.Event()
+        self._go_on = threading.Event()
+
+    @contextmanager
+    def __call__(self) -> Iterator[bool]:
+        """Hold the loop still for the block; yields whether it stood still when the block began."""
+        if threading.get_ident() == self._loop_thread:
+            yield False  # the loop itself is writing: it cannot also wait
+            return
+        with self._lock:
+            self._turn += 1
+            turn = self._turn
+            self._standing.clear()
+            self._go_on.clear()
+        try:
+            self._loop.call_soon_threadsafe(self._stand, turn)
+        except RuntimeError:  # the loop is closed: nothing to hold
+            yield False
+            return
+        try:
+            yield self._standing.wait(self._settle_s)
+        finally:
+            with self._lock:
+                self._turn += 1  # a wait not begun yet is for a hold that has ended: it is skipped
+                self._go_on.set()
+
+    def _stand(self, turn: int) -> None:
+        """On the loop: wait until the hold of ``turn`` ends (at most ``longest_s``)."""
+        with self._lock:
+            if turn != self._turn:
+                return
+            self._standing.set()
+        self._go_on.wait(self._longest_s)
+
+
+__all__ = ["Standstill"]

@@ -1,0 +1,175 @@
+"""The event loop held still while this process's writer holds the SQLite write lock other processes
+wait for (``api/standstill.py``, ``Database.hold_still``): on a real loop in its own thread, a real
+SQLite file and a real second process holding the file's write lock."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meterline.api.standstill import Standstill
+from meterline.storage.database import Database
+
+PATIENCE_S = 10.0  # how long a test waits for the loop to move (never a bound on speed)
+
+
+class Ticking:
+    """An event loop in a thread of its own, counting its turns."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.ticks = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        ticks = self.loop.create_task(self._tick())
+        self.loop.run_forever()
+        ticks.cancel()
+        self.loop.run_until_complete(asyncio.gather(ticks, return_exceptions=True))
+
+    async def _tick(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(0)
+
+    def on_loop(self, fn: Callable[[], object]) -> object:
+        async def run() -> object:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(PATIENCE_S)
+
+    def standstill(self, **limits: float) -> Standstill:
+        made = self.on_loop(lambda: Standstill(asyncio.get_running_loop(), **limits))
+        assert isinstance(made, Standstill)
+        return made
+
+    def moves(self) -> bool:
+        """Whether the loop takes a turn within PATIENCE_S."""
+        start, deadline = self.ticks, time.monotonic() + PATIENCE_S
+        while time.monotonic() < deadline:
+            if self.ticks != start:
+                return True
+            time.sleep(0.001)
+        return False
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(PATIENCE_S)
+        self.loop.close()
+
+
+@pytest.fixture
+def ticking() -> Iterator[Ticking]:
+    running = Ticking()
+    yield running
+    if not running.loop.is_closed():
+        running.stop()
+
+
+def test_the_loop_stands_still_for_the_block_and_goes_on_after_it(ticking: Ticking) -> None:
+    standstill = ticking.standstill(settle_s=PATIENCE_S, longest_s=PATIENCE_S)
+    assert ticking.moves()
+    with standstill() as standing:
+        assert standing
+        at = ticking.ticks
+        time.sleep(0.05)
+        assert ticking.ticks == at
+    assert ticking.moves()
+
+
+def test_the_loop_never_waits_longer_than_its_limit(ticking: Ticking) -> None:
+    standstill = ticking.standstill(settle_s=PATIENCE_S, longest_s=0.01)
+    with standstill() as standing:
+        assert standing
+        assert ticking.moves()  # the block has not ended, the loop went on anyway
+
+
+def test_a_block_on_the_loop_itself_holds_nothing(ticking: Ticking) -> None:
+    standstill = ticking.standstill(settle_s=PATIENCE_S, longest_s=PATIENCE_S)
+
+    def on_the_loop() -> bool:
+        with standstill() as standing:
+            return bool(standing)
+
+    assert ticking.on_loop(on_the_loop) is False
+    assert ticking.moves()
+
+
+def test_a_closed_loop_holds_nothing(ticking: Ticking) -> None:
+    standstill = ticking.standstill(settle_s=PATIENCE_S, longest_s=PATIENCE_S)
+    ticking.stop()
+    with standstill() as standing:
+        assert not standing
+
+
+def test_one_hold_after_another_each_holds_the_loop(ticking: Ticking) -> None:
+    standstill = ticking.standstill(settle_s=PATIENCE_S, longest_s=PATIENCE_S)
+    for _ in range(50):
+        with standstill() as standing:
+            assert standing
+            at = ticking.ticks
+            time.sleep(0.001)
+            assert ticking.ticks == at
+    assert ticking.moves()
+
+
+def _hold_write_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the database's write lock for ``seconds``."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(float(sys.argv[2]))\n",
+            str(path.with_name(path.name + ".write.lock")),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_write_after_waiting_for_another_process_holds_the_loop_still(
+    ticking: Ticking, tmp_path: Path
+) -> None:
+    path = tmp_path / "m.db"
+    db = Database(f"sqlite:///{path}")
+    try:
+        db.hold_still = ticking.standstill(settle_s=PATIENCE_S, longest_s=PATIENCE_S)
+        # Alone on the file: the loop goes on during a write.
+        with db.write() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+            assert ticking.moves()
+        holder = _hold_write_lock(path, 0.2)
+        try:
+            # Waited for the other process: this write, and the next ones, hold the loop still.
+            for n in range(2):
+                with db.write() as conn:
+                    at = ticking.ticks
+                    conn.exec_driver_sql("INSERT INTO t (n) VALUES (?)", (n,))
+                    time.sleep(0.02)
+                    assert ticking.ticks == at
+        finally:
+            holder.wait(PATIENCE_S)
+            assert holder.stdout is not None
+            holder.stdout.close()
+        assert ticking.moves()
+        with db.read() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 2
+    finally:
+        db.dispose()
