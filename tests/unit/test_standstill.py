@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from meterline.api.app import create_app
 from meterline.api.standstill import Standstill
+from meterline.config import load_settings
 from meterline.storage.database import Database
 
 PATIENCE_S = 10.0  # how long a test waits for the loop to move (never a bound on speed)
@@ -122,26 +125,36 @@ def test_one_hold_after_another_each_holds_the_loop(ticking: Ticking) -> None:
     assert ticking.moves()
 
 
-def _hold_write_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
-    """Another process holding the database's write lock for ``seconds``."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('held', flush=True)\n"
-            "time.sleep(float(sys.argv[2]))\n",
-            str(path.with_name(path.name + ".write.lock")),
-            str(seconds),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+class LockHolder:
+    """Another process holding the database's write lock until told to let go."""
+
+    def __init__(self, path: Path) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('held', flush=True)\n"
+                "sys.stdin.readline()\n",
+                str(path.with_name(path.name + ".write.lock")),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "held"
+
+    def let_go(self) -> None:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write("go\n")
+        stdin.close()
+        self.process.wait(PATIENCE_S)
+        stdout.close()
 
 
 def test_a_write_after_waiting_for_another_process_holds_the_loop_still(
@@ -155,21 +168,76 @@ def test_a_write_after_waiting_for_another_process_holds_the_loop_still(
         with db.write() as conn:
             conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
             assert ticking.moves()
-        holder = _hold_write_lock(path, 0.2)
-        try:
-            # Waited for the other process: this write, and the next ones, hold the loop still.
+        holder = LockHolder(path)
+        stood: list[bool] = []
+
+        def write_twice() -> None:
+            # Waits for the other process first; then this write and the next hold the loop still.
             for n in range(2):
                 with db.write() as conn:
                     at = ticking.ticks
                     conn.exec_driver_sql("INSERT INTO t (n) VALUES (?)", (n,))
                     time.sleep(0.02)
-                    assert ticking.ticks == at
+                    stood.append(ticking.ticks == at)
+
+        writing = threading.Thread(target=write_twice)
+        try:
+            writing.start()
+            # Let go once the write is past this process's own lock, waiting for the other process's.
+            deadline = time.monotonic() + PATIENCE_S
+            while not db._write_lock.locked() and time.monotonic() < deadline:  # type: ignore[union-attr]
+                time.sleep(0.001)
+            time.sleep(0.05)
         finally:
-            holder.wait(PATIENCE_S)
-            assert holder.stdout is not None
-            holder.stdout.close()
+            holder.let_go()
+            writing.join(PATIENCE_S)
+        assert stood == [True, True]
         assert ticking.moves()
         with db.read() as conn:
             assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 2
     finally:
         db.dispose()
+
+
+def test_a_write_that_fails_lets_the_loop_go_on(ticking: Ticking, tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    db = Database(f"sqlite:///{path}")
+    try:
+        db.hold_still = ticking.standstill(settle_s=PATIENCE_S, longest_s=6 * PATIENCE_S)
+        holder = LockHolder(path)
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                with db.write() as conn:
+                    conn.exec_driver_sql("SELECT no_such_function()")
+            except Exception as exc:
+                failed.append(exc)
+
+        writing = threading.Thread(target=write)
+        writing.start()
+        deadline = time.monotonic() + PATIENCE_S
+        while not db._write_lock.locked() and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.001)
+        time.sleep(0.05)
+        holder.let_go()
+        writing.join(PATIENCE_S)
+        assert failed
+        assert "no_such_function" in str(failed[0])
+        assert ticking.moves()  # long before the loop's own limit would have let it go
+    finally:
+        db.dispose()
+
+
+def test_a_server_on_sqlite_sets_its_loop_to_stand_still_and_takes_it_back(tmp_path: Path) -> None:
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'meterline.db'}",
+        admin_key="admin-key-for-the-standstill-test",
+        signing_key_file=str(tmp_path / "signing-key.json"),
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        services = app.state.services
+        assert isinstance(services.db.hold_still, Standstill)
+    assert services.db.hold_still is None

@@ -165,16 +165,18 @@ def create_app(
             # Nothing that recovery meets can stop the service from starting: a reservation that cannot
             # be settled is quarantined, and an outage is retried by the reaper below.
             report_failure("recovering reservations at start-up", exc)
+        standstill = Standstill(asyncio.get_running_loop())
         if services.db.is_sqlite:
             # Several workers on one SQLite file: this loop stands still while its writer holds the lock
-            # the others wait for (only while they do: ``Database.hold_still``).
-            services.db.hold_still = Standstill(asyncio.get_running_loop())
+            # the others wait for (only after this process waited for one of them: ``Database.write``).
+            services.db.hold_still = standstill
         reaper = asyncio.create_task(_reap_forever(services))
         webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
         try:
             yield
         finally:
-            services.db.hold_still = None
+            if services.db.hold_still is standstill:  # not another application's, on shared services
+                services.db.hold_still = None
             reaper.cancel()
             webhooks.cancel()
             # A pass already running in a worker thread finishes first (a thread cannot be cancelled):

@@ -2,11 +2,12 @@
 
 Several ``meterline serve`` workers on one SQLite file take turns at its one write lock. A worker's
 writer thread holds it for a batch, but needs the interpreter lock for every step in between its
-SQLite calls, and its own event loop keeps taking that from it: measured (``docs/benchmarks.md``,
-"Several processes"), a writer held the file lock about four times as long as it ran, while the other
-worker waited. With the loop held still for the length of the transaction the writer runs unhindered,
-and the loop goes on the moment the lock is released: the loops of all workers together still run all
-the time, each while its own writer is not the one holding the lock.
+SQLite calls, and its own event loop keeps taking that from it: measured (``docs/benchmarks.md``, "The
+event loop held still while its writer holds the SQLite lock"), with two workers each writer held the
+file lock about three times as long as it ran, while the other worker waited. With the loop held still
+for the length of the transaction the writer runs unhindered, and the loop goes on the moment the
+transaction ends: the loops of all workers together still run all the time, each while its own writer
+is not the one holding the lock.
 
 ``Standstill(loop)()`` is the context manager ``Database.hold_still`` enters (``storage/database.py``):
 
@@ -15,6 +16,8 @@ the time, each while its own writer is not the one holding the lock.
 * the loop waits at most ``longest_s``, whatever happens to the caller, and never for a transaction
   that has ended (each hold has its own turn);
 * called on the loop's own thread, or once the loop is closed, it holds nothing.
+
+One hold at a time: ``Database.write`` enters it under its own lock.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ class Standstill:
         self, loop: asyncio.AbstractEventLoop, *, settle_s: float = 0.002, longest_s: float = 0.05
     ) -> None:
         self._loop = loop
-        self._loop_thread = threading.get_ident()  # made on the loop (at the application's start-up)
         self._settle_s = settle_s
         self._longest_s = longest_s
         self._lock = threading.Lock()
@@ -41,7 +43,11 @@ class Standstill:
     @contextmanager
     def __call__(self) -> Iterator[bool]:
         """Hold the loop still for the block; yields whether it stood still when the block began."""
-        if threading.get_ident() == self._loop_thread:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
             yield False  # the loop itself is writing: it cannot also wait
             return
         with self._lock:

@@ -5,11 +5,11 @@ write transactions take an in-process lock, then an exclusive ``flock`` on ``<da
 start with ``BEGIN IMMEDIATE``, so concurrent writers queue instead of failing with "database is locked"
 half-way through a transaction. The file lock is what several processes on one file (``serve --workers
 N``) queue on: a waiter polls it at most 1 ms apart (and gives up after 30 s, as the busy timeout
-does), where SQLite's own busy handler sleeps up to 100 ms between tries. While other processes have
-lately waited for it, the holder runs its transaction inside ``hold_still`` (set by the server: its event
-loop stands still, ``api/standstill.py``), so that the lock every process waits for is not held by a
-thread waiting for its own interpreter lock. PostgreSQL (scale-out) relies on its own row locks and a
-connection pool.
+does), where SQLite's own busy handler sleeps up to 100 ms between tries. Within a second of having
+waited for another process, a process runs its transactions inside ``hold_still`` (set by the server:
+its event loop stands still, ``api/standstill.py``), so that the lock every process waits for is not
+held by a thread waiting for its own interpreter lock. PostgreSQL (scale-out) relies on its own row
+locks and a connection pool.
 
 On both, the hot writes (settles, event batches, durable reservations) are queued to the database's one
 ``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile.
