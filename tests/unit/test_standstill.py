@@ -64,6 +64,12 @@ class Ticking:
             time.sleep(0.001)
         return False
 
+    def still_for(self, seconds: float) -> bool:
+        """Whether the loop took no turn while this thread slept ``seconds``."""
+        at = self.ticks
+        time.sleep(seconds)
+        return self.ticks == at
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(PATIENCE_S)
@@ -83,9 +89,7 @@ def test_the_loop_stands_still_for_the_block_and_goes_on_after_it(ticking: Ticki
     assert ticking.moves()
     with standstill() as standing:
         assert standing
-        at = ticking.ticks
-        time.sleep(0.05)
-        assert ticking.ticks == at
+        assert ticking.still_for(0.05)
     assert ticking.moves()
 
 
@@ -119,9 +123,7 @@ def test_one_hold_after_another_each_holds_the_loop(ticking: Ticking) -> None:
     for _ in range(50):
         with standstill() as standing:
             assert standing
-            at = ticking.ticks
-            time.sleep(0.001)
-            assert ticking.ticks == at
+            assert ticking.still_for(0.001)
     assert ticking.moves()
 
 
@@ -146,6 +148,14 @@ class LockHolder:
         )
         assert self.process.stdout is not None
         assert self.process.stdout.readline().strip() == "held"
+
+    @staticmethod
+    def wait_for_a_writer(db: Database) -> None:
+        """Until a write of ``db`` is past its own process's lock, so waiting for this one's."""
+        deadline = time.monotonic() + PATIENCE_S
+        while not db._write_lock.locked() and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.001)
+        time.sleep(0.05)  # from the in-process lock to the file lock: a few statements
 
     def let_go(self) -> None:
         stdin, stdout = self.process.stdin, self.process.stdout
@@ -175,19 +185,13 @@ def test_a_write_after_waiting_for_another_process_holds_the_loop_still(
             # Waits for the other process first; then this write and the next hold the loop still.
             for n in range(2):
                 with db.write() as conn:
-                    at = ticking.ticks
                     conn.exec_driver_sql("INSERT INTO t (n) VALUES (?)", (n,))
-                    time.sleep(0.02)
-                    stood.append(ticking.ticks == at)
+                    stood.append(ticking.still_for(0.02))
 
         writing = threading.Thread(target=write_twice)
         try:
             writing.start()
-            # Let go once the write is past this process's own lock, waiting for the other process's.
-            deadline = time.monotonic() + PATIENCE_S
-            while not db._write_lock.locked() and time.monotonic() < deadline:  # type: ignore[union-attr]
-                time.sleep(0.001)
-            time.sleep(0.05)
+            holder.wait_for_a_writer(db)
         finally:
             holder.let_go()
             writing.join(PATIENCE_S)
@@ -216,10 +220,7 @@ def test_a_write_that_fails_lets_the_loop_go_on(ticking: Ticking, tmp_path: Path
 
         writing = threading.Thread(target=write)
         writing.start()
-        deadline = time.monotonic() + PATIENCE_S
-        while not db._write_lock.locked() and time.monotonic() < deadline:  # type: ignore[union-attr]
-            time.sleep(0.001)
-        time.sleep(0.05)
+        holder.wait_for_a_writer(db)
         holder.let_go()
         writing.join(PATIENCE_S)
         assert failed
