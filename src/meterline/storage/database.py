@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,8 @@ class Database:
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self.engine = self._create_engine(pool_size)
         self._file_lock = self._open_lock_file() if self.dialect == "sqlite" else None
-        # SQLite: entered once the write lock is held, while other processes lately waited for it (the
-        # server holds its event loop still: ``api/standstill.py``). None: nothing is held.
+        # SQLite: entered once the write lock is held, within a second of this process having waited for
+        # another one (the server holds its event loop still: ``api/standstill.py``). None: nothing is.
         self.hold_still: Callable[[], AbstractContextManager[object]] | None = None
         self._shared_until = 0.0  # time.monotonic() until which the write lock counts as shared
         # The hot writes (settles, event batches, reservations) go through it, group-committed.
@@ -156,12 +156,14 @@ class Database:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _still(self) -> AbstractContextManager[object]:
-        stack = ExitStack()
+    @contextmanager
+    def _still(self) -> Iterator[None]:
         hold = self.hold_still
-        if hold is not None and time.monotonic() < self._shared_until:
-            stack.enter_context(hold())
-        return stack
+        if hold is None or time.monotonic() >= self._shared_until:
+            yield
+            return
+        with hold():
+            yield
 
     def _open_lock_file(self) -> int:
         path = Path(str(make_url(self.url).database)).resolve()
