@@ -34,6 +34,7 @@ from meterline.storage.writer import Writer
 
 # As SQLite's busy timeout: a writer that waits this long for another process gives up (503), never hangs.
 _LOCK_WAIT_S = 30.0
+_SQLITE_POOL = 40
 # The write lock counts as shared (``hold_still`` is entered) this long after a wait for another process.
 _SHARED_S = 1.0
 
@@ -102,8 +103,12 @@ class Database:
         engine = create_engine(
             self.url,
             connect_args={"check_same_thread": False, "timeout": 30},
-            # Connections are cheap for SQLite; keeping a few open keeps the page cache warm.
-            pool_size=8,
+            # One kept for each of the server's worker threads (AnyIO's default limit is 40): with 8, the
+            # threads of the sync routes opened and closed overflow connections all the time (each new
+            # one runs the PRAGMAs below and parses the schema), and events cost ~19 % more CPU
+            # (docs/benchmarks.md, "A SQLite connection kept for each worker thread"). A connection is a
+            # few open files and a page cache that fills only with what it reads.
+            pool_size=_SQLITE_POOL,
             max_overflow=16,
             hide_parameters=True,  # as above
         )
