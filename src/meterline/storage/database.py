@@ -34,7 +34,6 @@ from meterline.storage.writer import Writer
 
 # As SQLite's busy timeout: a writer that waits this long for another process gives up (503), never hangs.
 _LOCK_WAIT_S = 30.0
-_SQLITE_POOL = 40
 # The write lock counts as shared (``hold_still`` is entered) this long after a wait for another process.
 _SHARED_S = 1.0
 
@@ -108,7 +107,7 @@ class Database:
             # one runs the PRAGMAs below and parses the schema), and events cost ~19 % more CPU
             # (docs/benchmarks.md, "A SQLite connection kept for each worker thread"). A connection is a
             # few open files and a page cache that fills only with what it reads.
-            pool_size=_SQLITE_POOL,
+            pool_size=40,
             max_overflow=16,
             hide_parameters=True,  # as above
         )
