@@ -19,6 +19,7 @@ from meterline.metering.store import AppendResult
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_details, usage_rollups
 from meterline.storage.database import Database
+from meterline.storage.first_statistics import FirstStatistics
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 from meterline.storage.writer import Together, wait
 
@@ -258,6 +259,7 @@ class SqlLedgerStore:
         self._db = db
         self._notary = notary
         self._alerts = alerts
+        self._first_statistics = FirstStatistics(db)
         p = "?" if db.is_sqlite else "%s"
         self._chain_head_sql = _CHAIN_HEAD.format(p=p)
         self._chain_upsert_sql = _CHAIN_UPSERT.format(p=p)
@@ -318,7 +320,9 @@ class SqlLedgerStore:
     def _append_and_end(
         self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]
     ) -> AppendResult:
-        return unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
+        result = unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
+        self._first_statistics.wrote(len(result.written))
+        return result
 
     def lookup(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         with self._db.read() as conn:
