@@ -11,10 +11,9 @@ import secrets
 import time
 from pathlib import Path
 
-from conftest import ADMIN_KEY, NOW, make_tenant
 from fastapi.testclient import TestClient
-from servers import PostgresServer
 
+from conftest import ADMIN_KEY, NOW, make_tenant
 from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
@@ -22,6 +21,7 @@ from meterline.services import build_services
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import _PG_SELECT_BY_KEYS
 from meterline.storage.migrate import upgrade
+from servers import PostgresServer
 
 
 def test_a_new_database_looks_events_up_by_their_key(pg_server: PostgresServer, tmp_path: Path) -> None:
@@ -38,15 +38,11 @@ def test_a_new_database_looks_events_up_by_their_key(pg_server: PostgresServer, 
         with TestClient(create_app(settings, services=services), raise_server_exceptions=False) as client:
             tenant = make_tenant(client)
             for batch in range(3):
-                events = [
-                    {"id": f"e-{batch}-{n}", "model": "gpt-4o-mini", "prompt_tokens": 10, "completion_tokens": 2}
-                    for n in range(50)
-                ]
+                usage = {"model": "gpt-4o-mini", "prompt_tokens": 10, "completion_tokens": 2}
+                events = [{"id": f"e-{batch}-{n}", **usage} for n in range(50)]
                 response = client.post("/v1/events", json={"events": events}, headers=tenant.headers)
                 assert response.status_code == 200, response.text
-            again = client.post(
-                "/v1/events", json={"events": [events[0]]}, headers=tenant.headers
-            ).json()
+            again = client.post("/v1/events", json={"events": [events[0]]}, headers=tenant.headers).json()
             assert again["duplicates"] == 1
 
             plan = ""

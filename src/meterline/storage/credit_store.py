@@ -59,8 +59,12 @@ def balance(conn: Connection, organization_id: str, period_start_us: int) -> Cre
 
 def credits_drawn(conn: Connection, organization_id: str) -> tuple[dict[int, int], int]:
     """Monthly credits drawn per period start, and bonus credits left (granted less drawn)."""
-    drawn = periods(conn, organization_id)
-    bonus_left = granted(conn, organization_id) - sum(b for _, b, _ in drawn.values())
+    return drawn_and_left(periods(conn, organization_id), granted(conn, organization_id))
+
+
+def drawn_and_left(drawn: dict[int, tuple[int, int, int]], granted: int) -> tuple[dict[int, int], int]:
+    """``credits_drawn`` from what ``periods`` and ``granted`` read."""
+    bonus_left = granted - sum(b for _, b, _ in drawn.values())
     return {start: monthly for start, (monthly, _, _) in drawn.items()}, bonus_left
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import TimeoutError
+from sqlalchemy.exc import DisconnectionError, TimeoutError
 
 from meterline.storage.writer import Writer
 
@@ -36,6 +36,8 @@ from meterline.storage.writer import Writer
 _LOCK_WAIT_S = 30.0
 # The write lock counts as shared (``hold_still`` is entered) this long after a wait for another process.
 _SHARED_S = 1.0
+# PostgreSQL: a pooled connection idle this long is pinged before use (``_ping_when_idle``).
+_FRESH_S = 1.0
 
 
 def _wait_for(fd: int) -> None:
@@ -84,11 +86,10 @@ class Database:
 
     def _create_engine(self, pool_size: int) -> Engine:
         if self.dialect != "sqlite":
-            return create_engine(
+            engine = create_engine(
                 self.url,
                 pool_size=pool_size,
                 max_overflow=pool_size * 2,
-                pool_pre_ping=True,
                 # Every statement here is short; JIT compilation (~50 ms) fires on the cost estimates of
                 # range reads that then touch a few hundred rows, and would dominate them.
                 connect_args={"options": "-c jit=off"},
@@ -96,6 +97,8 @@ class Database:
                 # from before sealing), and error text reaches logs.
                 hide_parameters=True,
             )
+            _ping_when_idle(engine)
+            return engine
         path = make_url(self.url).database
         if not path or path == ":memory:":
             raise ValueError("SQLite needs a file path (sqlite:///path/to/meterline.db), not :memory:")
@@ -185,6 +188,38 @@ class Database:
         if self._file_lock is not None:
             fd, self._file_lock = self._file_lock, None
             os.close(fd)
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled PostgreSQL connection before use only if it has been idle ``_FRESH_S`` or more.
+
+    A connection idle that long may have been dropped (a restarted server, an idle timeout on the way):
+    pinged, and replaced if dead, it never fails a request. One back in the pool within ``_FRESH_S`` was
+    working a moment ago; pinging it anyway (``pool_pre_ping``) cost a round trip on every checkout:
+    on the writer's transactions, ~4 ms of waiting for the interpreter lock after it, under load
+    (docs/benchmarks.md, "One read for the organization's turn"). If the server went away in that
+    moment, the statement fails as it would have a moment later, and SQLAlchemy replaces the pool's
+    connections."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is not None and time.monotonic() - since < _FRESH_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("a pooled connection failed its ping") from exc
+        if not alive:
+            raise DisconnectionError("a pooled connection failed its ping")
 
 
 __all__ = ["Database", "normalize_url"]

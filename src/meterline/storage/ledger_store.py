@@ -229,6 +229,22 @@ _PG_RECEIPTS_AND_HEAD = (
     + _CHAIN_UPSERT.format(p="%s")
 )
 _CHAIN_HEAD = "SELECT seq, head_hash FROM receipt_chains WHERE organization_id = {p}"
+_SQLITE_ANCHOR_DAY = "SELECT billing_anchor_day FROM organizations WHERE id = ?"
+# PostgreSQL: the organization's turn (its row locked until the transaction ends: its settles queue, in
+# every process), and its billing anchor day.
+_PG_TURN = "SELECT billing_anchor_day FROM organizations WHERE id = %s FOR UPDATE"
+# Then, in one round trip, what the settle decides on: credits granted, credits drawn per period, the
+# receipt chain's head. Each round trip under the lock is one that every other settle of the
+# organization waits for (docs/benchmarks.md, "Fewer round trips under the organization's lock"). Not
+# in the locking statement itself: a statement that waited for the lock sees the locked row as it is
+# now, but every other table as it was when the statement began, before the settle it waited for.
+_PG_AFTER_TURN = (
+    "SELECT (SELECT COALESCE(SUM(credits_nanos), 0) FROM credit_grants WHERE organization_id = %(org)s), "
+    "(SELECT array_agg(ARRAY[period_start_us, monthly_nanos, bonus_nanos, overage_nanos]) "
+    "FROM credit_usage WHERE organization_id = %(org)s), "
+    "(SELECT seq FROM receipt_chains WHERE organization_id = %(org)s), "
+    "(SELECT head_hash FROM receipt_chains WHERE organization_id = %(org)s)"
+)
 
 
 def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
@@ -355,17 +371,6 @@ class SqlLedgerStore:
             )
         return found
 
-    def _anchor_day(self, conn: Connection, org_id: str) -> int:
-        # Read in the transaction, not taken from the (cached) credit terms: an anchor change recomputes
-        # the period entries in its own transaction, and every settle after it must use the new day.
-        if self._db.is_sqlite:
-            sql = "SELECT billing_anchor_day FROM organizations WHERE id = ?"
-        else:
-            sql = "SELECT billing_anchor_day FROM organizations WHERE id = %s FOR UPDATE"
-        found = conn.exec_driver_sql(sql, (org_id,)).first()
-        # Rows of an organization that is not (or no longer) stored: loaders and tests; periods by the 1st.
-        return 1 if found is None else int(found[0])
-
     def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int) -> None:
         usage_rollups.upsert(conn, usage_rollups.deltas(rows, anchor_day))
         usage_details.upsert(conn, usage_details.deltas(rows))
@@ -386,16 +391,33 @@ class _SettleSql:
         self._store = store
         self._conn = conn
         self._sqlite = store._db.is_sqlite
+        # PostgreSQL: read with the organization's turn (``lock``), for the steps that ask for them.
+        self._credits: tuple[Mapping[int, int], int] | None = None
+        self._head: ChainHead | None = None
 
     def lock(self, organization_id: str) -> int:
-        # The anchor day places rows in billing periods; on PostgreSQL the same read locks the
-        # organization (SQLite has one writer anyway).
-        return self._store._anchor_day(self._conn, organization_id)
+        # The anchor day is read in the transaction, not taken from the (cached) credit terms: an anchor
+        # change recomputes the period entries in its own transaction, and every settle after it must
+        # use the new day. Rows of an organization that is not (or no longer) stored (loaders, tests):
+        # periods by the 1st.
+        if self._sqlite:  # one writer at a time: the turn is the transaction itself
+            found = self._conn.exec_driver_sql(_SQLITE_ANCHOR_DAY, (organization_id,)).first()
+            return 1 if found is None else int(found[0])
+        found = self._conn.exec_driver_sql(_PG_TURN, (organization_id,)).first()
+        granted, periods, seq, head_hash = self._conn.exec_driver_sql(
+            _PG_AFTER_TURN, {"org": organization_id}
+        ).one()
+        drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
+        self._credits = credit_store.drawn_and_left(drawn, int(granted))
+        self._head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
+        return 1 if found is None else int(found[0])
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         return self._store._existing(self._conn, [(organization_id, key) for key in keys])
 
     def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
+        if self._credits is not None:
+            return self._credits
         return credit_store.credits_drawn(self._conn, organization_id)
 
     def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
@@ -416,6 +438,8 @@ class _SettleSql:
         self._store._add_to_rollups(self._conn, rows, anchor_day)
 
     def chain_head(self, organization_id: str) -> ChainHead:
+        if self._head is not None:
+            return self._head
         cursor = self._conn.connection.cursor()
         try:
             cursor.execute(self._store._chain_head_sql, (organization_id,))
