@@ -195,11 +195,11 @@ def _ping_when_idle(engine: Engine) -> None:
 
     A connection idle that long may have been dropped (a restarted server, an idle timeout on the way):
     pinged, and replaced if dead, it never fails a request. One back in the pool within ``_FRESH_S`` was
-    working a moment ago; pinging it anyway (``pool_pre_ping``) cost a round trip on every checkout:
-    on the writer's transactions, ~4 ms of waiting for the interpreter lock after it, under load
-    (docs/benchmarks.md, "One read for the organization's turn"). If the server went away in that
-    moment, the statement fails as it would have a moment later, and SQLAlchemy replaces the pool's
-    connections."""
+    working a moment ago; pinging it anyway (``pool_pre_ping``) cost a round trip on every checkout
+    (4.4 ms of the writer's 35 ms transaction under load, mostly waiting to take the interpreter lock
+    back: docs/benchmarks.md, "fewer round trips under the organization's lock"). If the server went
+    away in that moment, the statement fails as it would have a moment later, and SQLAlchemy replaces
+    the pool's connections."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(_dbapi_connection: Any, record: Any) -> None:

@@ -235,7 +235,7 @@ _SQLITE_ANCHOR_DAY = "SELECT billing_anchor_day FROM organizations WHERE id = ?"
 _PG_TURN = "SELECT billing_anchor_day FROM organizations WHERE id = %s FOR UPDATE"
 # Then, in one round trip, what the settle decides on: credits granted, credits drawn per period, the
 # receipt chain's head. Each round trip under the lock is one that every other settle of the
-# organization waits for (docs/benchmarks.md, "Fewer round trips under the organization's lock"). Not
+# organization waits for (docs/benchmarks.md, "fewer round trips under the organization's lock"). Not
 # in the locking statement itself: a statement that waited for the lock sees the locked row as it is
 # now, but every other table as it was when the statement began, before the settle it waited for.
 _PG_AFTER_TURN = (
