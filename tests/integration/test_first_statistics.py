@@ -57,6 +57,7 @@ def test_a_new_database_looks_events_up_by_their_key(pg_server: PostgresServer, 
                     if found is not None:
                         break
                     time.sleep(0.05)
+                assert found is not None, "the ledger was not analyzed"
                 plan = "\n".join(
                     row[0]
                     for row in conn.exec_driver_sql(

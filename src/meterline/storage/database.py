@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, TimeoutError
+from sqlalchemy.exc import InvalidatePoolError, TimeoutError
 
 from meterline.storage.writer import Writer
 
@@ -197,9 +197,10 @@ def _ping_when_idle(engine: Engine) -> None:
     pinged, and replaced if dead, it never fails a request. One back in the pool within ``_FRESH_S`` was
     working a moment ago; pinging it anyway (``pool_pre_ping``) cost a round trip on every checkout
     (4.4 ms of the writer's 35 ms transaction under load, mostly waiting to take the interpreter lock
-    back: docs/benchmarks.md, "fewer round trips under the organization's lock"). If the server went
-    away in that moment, the statement fails as it would have a moment later, and SQLAlchemy replaces
-    the pool's connections."""
+    back: docs/benchmarks.md, "fewer round trips under the organization's lock"). The price: a server
+    that went away within a second of a connection's last use (a failover that is back at once) fails
+    that connection's next statement, a 503 that says to retry (for the writer, its whole batch);
+    SQLAlchemy then replaces every connection of the pool. A failed ping replaces them all too."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(_dbapi_connection: Any, record: Any) -> None:
@@ -217,9 +218,9 @@ def _ping_when_idle(engine: Engine) -> None:
         try:
             alive = engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            raise DisconnectionError("a pooled connection failed its ping") from exc
+            raise InvalidatePoolError("a pooled connection failed its ping") from exc
         if not alive:
-            raise DisconnectionError("a pooled connection failed its ping")
+            raise InvalidatePoolError("a pooled connection failed its ping")
 
 
 __all__ = ["Database", "normalize_url"]

@@ -11,10 +11,10 @@ Autovacuum analyzes a table only on its next round (``autovacuum_naptime``, a mi
 plan.
 
 ``FirstStatistics.wrote(rows)`` is told how many rows a settle wrote, in the writer's transaction;
-once ``after_rows`` have been written by this process, it analyzes (after that commit, on its own
-connection) whichever of ``TABLES`` PostgreSQL has never analyzed, once per process. Autovacuum keeps
-the statistics from then on. A failure (a role that may not analyze) is logged and not retried: the
-settle it follows has committed, and autovacuum still comes.
+once ``after_rows`` have been written by this process, it analyzes (after that commit, on a thread and
+a connection of its own) whichever of ``TABLES`` has no statistics, once per process. Autovacuum keeps
+the statistics from then on. A failure (a role that may not analyze, a table locked for more than a
+second) is logged and not retried: the settle it follows has committed, and autovacuum still comes.
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ log = logging.getLogger(__name__)
 # Read by organization on every settle: the ledger (idempotency), the hourly rollup (alerts' sums),
 # the reservations a settle ends, the credit periods.
 TABLES = ("ledger", "usage_hourly", "usage_rollups", "reservations", "credit_usage")
+# A table another session holds (autovacuum, a migration) is left to autovacuum, not waited for.
+_LOCK_TIMEOUT = "1s"
 
-_NEVER_ANALYZED = (
-    "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema() "
-    "AND relname = ANY(%s) AND last_analyze IS NULL AND last_autoanalyze IS NULL"
+# Whether the statistics exist, not when they were last taken: PostgreSQL forgets ``last_analyze`` after
+# an unclean stop or a failover, and analyzing a large ledger again then would be wasted. (A table
+# analyzed while empty has none either: analyzing it again is free.)
+_WITHOUT_STATISTICS = (
+    "SELECT name FROM unnest(%s::text[]) AS wanted(name) WHERE NOT EXISTS "
+    "(SELECT 1 FROM pg_stats WHERE schemaname = current_schema() AND tablename = wanted.name)"
 )
 
 
@@ -62,16 +67,18 @@ class FirstStatistics:
             if not self._due:
                 return
             self._due = False
-        self._analyze()
+        # On a thread of its own: the writer's next batches do not wait for a connection or for the
+        # tables' locks (autovacuum or another process may be analyzing them).
+        threading.Thread(target=self._analyze, name="meterline-statistics", daemon=True).start()
 
     def _analyze(self) -> None:
         try:
             with self._db.engine.connect() as conn:
-                found = conn.exec_driver_sql(_NEVER_ANALYZED, (list(TABLES),)).scalars().all()
-                if found:
-                    # Table names from the catalog, checked against our own list: nothing from outside.
-                    names = ", ".join(name for name in TABLES if name in found)
-                    conn.exec_driver_sql(f"ANALYZE {names}")
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+                lacking = set(conn.exec_driver_sql(_WITHOUT_STATISTICS, (list(TABLES),)).scalars())
+                if lacking:
+                    # Names from our own list (only filtered by the catalog's answer): nothing from outside.
+                    conn.exec_driver_sql(f"ANALYZE {', '.join(t for t in TABLES if t in lacking)}")
                 conn.commit()
         except Exception:
             log.warning("could not analyze the new tables (autovacuum will)", exc_info=True)

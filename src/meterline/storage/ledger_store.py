@@ -391,7 +391,9 @@ class _SettleSql:
         self._store = store
         self._conn = conn
         self._sqlite = store._db.is_sqlite
-        # PostgreSQL: read with the organization's turn (``lock``), for the steps that ask for them.
+        # PostgreSQL: the organization whose turn this transaction holds (``lock``), and what
+        # ``_after_turn`` read under it, for the steps that ask.
+        self._turn: str | None = None
         self._credits: tuple[Mapping[int, int], int] | None = None
         self._head: ChainHead | None = None
 
@@ -404,19 +406,28 @@ class _SettleSql:
             found = self._conn.exec_driver_sql(_SQLITE_ANCHOR_DAY, (organization_id,)).first()
             return 1 if found is None else int(found[0])
         found = self._conn.exec_driver_sql(_PG_TURN, (organization_id,)).first()
-        granted, periods, seq, head_hash = self._conn.exec_driver_sql(
-            _PG_AFTER_TURN, {"org": organization_id}
-        ).one()
-        drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
-        self._credits = credit_store.drawn_and_left(drawn, int(granted))
-        self._head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
+        self._turn, self._credits, self._head = organization_id, None, None
         return 1 if found is None else int(found[0])
+
+    def _after_turn(self, organization_id: str) -> bool:
+        """PostgreSQL, under this organization's turn: credits and the chain head in one round trip, the
+        first time a step asks for either (a settle that needs neither does not read them)."""
+        if self._sqlite or self._turn != organization_id:
+            return False
+        if self._credits is None or self._head is None:
+            granted, periods, seq, head_hash = self._conn.exec_driver_sql(
+                _PG_AFTER_TURN, {"org": organization_id}
+            ).one()
+            drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
+            self._credits = credit_store.drawn_and_left(drawn, int(granted))
+            self._head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
+        return True
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         return self._store._existing(self._conn, [(organization_id, key) for key in keys])
 
     def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
-        if self._credits is not None:
+        if self._after_turn(organization_id) and self._credits is not None:
             return self._credits
         return credit_store.credits_drawn(self._conn, organization_id)
 
@@ -438,7 +449,7 @@ class _SettleSql:
         self._store._add_to_rollups(self._conn, rows, anchor_day)
 
     def chain_head(self, organization_id: str) -> ChainHead:
-        if self._head is not None:
+        if self._after_turn(organization_id) and self._head is not None:
             return self._head
         cursor = self._conn.connection.cursor()
         try:
