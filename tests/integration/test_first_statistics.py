@@ -45,11 +45,10 @@ def test_a_new_database_looks_events_up_by_their_key(pg_server: PostgresServer, 
             again = client.post("/v1/events", json={"events": [events[0]]}, headers=tenant.headers).json()
             assert again["duplicates"] == 1
 
-            plan = ""
             deadline = time.monotonic() + 10
             with services.db.engine.connect() as conn:
                 while time.monotonic() < deadline:
-                    # The statistics are taken after the commit that reached 100 rows, on the writer.
+                    # The statistics are taken after the commit that reached 100 rows, on a thread.
                     found = conn.exec_driver_sql(
                         "SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'ledger'"
                     ).scalar()
