@@ -202,13 +202,11 @@ def _ping_when_idle(engine: Engine) -> None:
     that connection's next statement, a 503 that says to retry (for the writer, its whole batch);
     SQLAlchemy then replaces every connection of the pool. A failed ping replaces them all too."""
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(_dbapi_connection: Any, record: Any) -> None:
+    def _idle_from_now(_dbapi_connection: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
-    @event.listens_for(engine, "checkin")
-    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
+    event.listen(engine, "connect", _idle_from_now)  # a new connection is known to work
+    event.listen(engine, "checkin", _idle_from_now)
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:

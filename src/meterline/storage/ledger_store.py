@@ -392,10 +392,9 @@ class _SettleSql:
         self._conn = conn
         self._sqlite = store._db.is_sqlite
         # PostgreSQL: the organization whose turn this transaction holds (``lock``), and what
-        # ``_after_turn`` read under it, for the steps that ask.
+        # ``_after_turn`` read under it (credits drawn and bonus left, the chain head) for the steps.
         self._turn: str | None = None
-        self._credits: tuple[Mapping[int, int], int] | None = None
-        self._head: ChainHead | None = None
+        self._read: tuple[tuple[Mapping[int, int], int], ChainHead] | None = None
 
     def lock(self, organization_id: str) -> int:
         # The anchor day is read in the transaction, not taken from the (cached) credit terms: an anchor
@@ -406,29 +405,31 @@ class _SettleSql:
             found = self._conn.exec_driver_sql(_SQLITE_ANCHOR_DAY, (organization_id,)).first()
             return 1 if found is None else int(found[0])
         found = self._conn.exec_driver_sql(_PG_TURN, (organization_id,)).first()
-        self._turn, self._credits, self._head = organization_id, None, None
+        self._turn, self._read = organization_id, None
         return 1 if found is None else int(found[0])
 
-    def _after_turn(self, organization_id: str) -> bool:
+    def _after_turn(self, organization_id: str) -> tuple[tuple[Mapping[int, int], int], ChainHead] | None:
         """PostgreSQL, under this organization's turn: credits and the chain head in one round trip, the
-        first time a step asks for either (a settle that needs neither does not read them)."""
+        first time a step asks for either (a settle that needs neither does not read them). None: read
+        them one by one (SQLite, or another organization than the turn's)."""
         if self._sqlite or self._turn != organization_id:
-            return False
-        if self._credits is None or self._head is None:
+            return None
+        if self._read is None:
             granted, periods, seq, head_hash = self._conn.exec_driver_sql(
                 _PG_AFTER_TURN, {"org": organization_id}
             ).one()
             drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
-            self._credits = credit_store.drawn_and_left(drawn, int(granted))
-            self._head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
-        return True
+            head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
+            self._read = credit_store.drawn_and_left(drawn, int(granted)), head
+        return self._read
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         return self._store._existing(self._conn, [(organization_id, key) for key in keys])
 
     def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
-        if self._after_turn(organization_id) and self._credits is not None:
-            return self._credits
+        read = self._after_turn(organization_id)
+        if read is not None:
+            return read[0]
         return credit_store.credits_drawn(self._conn, organization_id)
 
     def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
@@ -449,8 +450,9 @@ class _SettleSql:
         self._store._add_to_rollups(self._conn, rows, anchor_day)
 
     def chain_head(self, organization_id: str) -> ChainHead:
-        if self._after_turn(organization_id) and self._head is not None:
-            return self._head
+        read = self._after_turn(organization_id)
+        if read is not None:
+            return read[1]
         cursor = self._conn.connection.cursor()
         try:
             cursor.execute(self._store._chain_head_sql, (organization_id,))
