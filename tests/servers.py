@@ -71,12 +71,18 @@ _MAX_SOCKET_DIR_LEN = 90
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(taken: set[int] | None = None) -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now, and not in ``taken`` (ports handed out for
+    servers not yet listening: the kernel may give a free port twice). Adds it to ``taken``."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if taken is None:
+            return port
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def _port_accepts(port: int, timeout: float = 0.5) -> bool:
@@ -593,9 +599,10 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
     root = _make_temp_dir("meterline-redis-cluster-", base_dir)
     cluster = RedisCluster(url="", ports=[], base_dir=root)
     atexit.register(cluster.stop)
+    taken: set[int] = set()  # client and bus ports of nodes not listening yet
     try:
         for _ in range(masters * 2):
-            port = free_port()
+            port = free_port(taken)
             node_dir = root / str(port)
             node_dir.mkdir()
             log = (node_dir / "redis.log").open("ab")
@@ -604,7 +611,7 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
                     redis_bin, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
                     "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout", "1000", "--dir", str(node_dir),
-                    "--cluster-port", str(free_port()),  # else port + 10000, which may not exist
+                    "--cluster-port", str(free_port(taken)),  # else port + 10000, which may not exist
                 ],
                 cwd=node_dir,
                 stdin=subprocess.DEVNULL,
