@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -117,6 +118,45 @@ def test_a_failed_commit_answers_every_job_of_the_batch_with_the_error(tmp_path:
     assert names(db) == set()
     writer.close()
     db.dispose()
+
+
+def test_jobs_queued_while_the_writer_waits_for_another_process_share_its_commit(db: Database) -> None:
+    # A second Database on the file is a second process: its own descriptor of the write lock file.
+    other = Database(str(db.engine.url))
+    try:
+        with other.write():
+            first = db.writer.submit(insert("first"))
+            while db.writer.pending:  # the writer took it, and now waits for the other's lock
+                time.sleep(0.001)
+            time.sleep(0.05)
+            later = [db.writer.submit(insert(f"later-{i}")) for i in range(20)]
+        assert first.result(5) == "first"
+        assert [f.result(5) for f in later] == [f"later-{i}" for i in range(20)]
+    finally:
+        other.dispose()
+    assert len(names(db)) == 21
+    assert db.writer.batches == 1  # one commit, not "first" alone and the others after it
+
+
+def test_a_transaction_that_cannot_open_fails_every_job_waiting_for_it(db: Database) -> None:
+    opening, gate = threading.Event(), threading.Event()
+
+    @contextmanager
+    def unopenable() -> Iterator[Connection]:
+        opening.set()
+        gate.wait(5)
+        raise TimeoutError("another process has held the database's write lock for over 30 s")
+        yield  # a generator, as Database.write
+
+    writer = Writer(unopenable)
+    first = writer.submit(insert("first"))
+    assert opening.wait(5)
+    later = [writer.submit(insert(f"later-{i}")) for i in range(3)]
+    gate.set()
+    for future in [first, *later]:
+        with pytest.raises(TimeoutError, match="write lock"):
+            future.result(5)
+    writer.close()
 
 
 def test_jobs_of_a_batch_run_in_key_order(db: Database) -> None:

@@ -3,9 +3,10 @@
 The hot writes (settles, event batches, durable reservations) are queued to one thread that owns the
 write transaction. It takes what is queued (at most ``max_jobs`` jobs or ``max_rows`` rows, never waiting
 for more: while it commits one batch the next one queues, so batches grow with the load and a lone
-request is not delayed), runs the jobs in **one transaction**, commits once, and only then answers each
-caller. Nothing acknowledged is ever lost: a caller whose job is not committed gets an exception, never a
-result.
+request is not delayed), and takes what queued again once its transaction holds the write lock (on
+SQLite shared by several processes, opening it may have waited for another one). It runs the jobs in
+**one transaction**, commits once, and only then answers each caller. Nothing acknowledged is ever lost:
+a caller whose job is not committed gets an exception, never a result.
 
 One job's failure is its own. When a batch holds more than one job, each runs inside a savepoint: a job
 that raises is rolled back to its savepoint and its caller gets the exception, while its neighbours go on
@@ -140,35 +141,45 @@ class Writer:
             if first is None:
                 return
             batch: list[_Queued[Any]] = [first]
-            rows = first.rows
-            while len(batch) < self._max_jobs and rows < self._max_rows:
-                try:
-                    item = jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-                rows += item.rows
             try:
-                self._commit(batch)
+                stopping = self._commit(batch, jobs)
             except BaseException as exc:  # never let the writer die with callers waiting
                 log.exception("the database writer failed a batch")
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
 
-    def _commit(self, batch: list[_Queued[Any]]) -> None:
-        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        live.sort(key=lambda item: item.order)
+    def _take(self, batch: list[_Queued[Any]], jobs: queue.SimpleQueue[_Queued[Any] | None]) -> bool:
+        """Add what is queued to ``batch`` up to the limits, never waiting; True once ``close`` asked."""
+        rows = sum(item.rows for item in batch)
+        while len(batch) < self._max_jobs and rows < self._max_rows:
+            try:
+                item = jobs.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.append(item)
+            rows += item.rows
+        return False
+
+    def _commit(self, batch: list[_Queued[Any]], jobs: queue.SimpleQueue[_Queued[Any] | None]) -> bool:
+        """Run ``batch`` (and what else is queued) in one transaction; True once ``close`` asked."""
+        stopping = self._take(batch, jobs)
         results: list[tuple[_Queued[Any], Any]] = []
         failed: list[tuple[_Queued[Any], BaseException]] = []
         actions: list[Callable[[], None]] = []  # ``after_commit`` actions of the jobs that succeeded
+        live: list[_Queued[Any]] = []
         try:
             with self._transaction() as conn:
+                # Taken again once the transaction holds its lock: on SQLite shared by several processes,
+                # opening it may have waited for another process, and what queued meanwhile shares this
+                # commit instead of waiting for one more turn of the lock (docs/benchmarks.md, "Jobs
+                # that queued while the writer waited for the lock").
+                if not stopping:
+                    stopping = self._take(batch, jobs)
+                live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+                live.sort(key=lambda item: item.order)
                 if len(live) == 1:
                     with _collecting() as pending:
                         results.append((live[0], live[0].job(conn)))
@@ -180,12 +191,12 @@ class Writer:
                         for item in unit:
                             self._alone(conn, item, results, failed, actions)
         except BaseException as exc:
-            for item in live:
+            for item in batch:  # the transaction may have failed to open, before any job was running
                 if not item.future.done():
                     item.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-            return
+            return stopping
         self.batches += 1
         self.jobs += len(live)
         # Committed: only now is anyone told.
@@ -199,6 +210,7 @@ class Writer:
                 action()
             except Exception:
                 log.exception("an after-commit action failed")
+        return stopping
 
     @staticmethod
     def _together(
