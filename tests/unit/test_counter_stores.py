@@ -280,6 +280,21 @@ def test_reserving_an_existing_hold_id_is_an_error(store: CounterStore) -> None:
     assert consumed(store, fixed("day", 0, 10)) == 2  # h2 before it went through, as in memory
 
 
+def test_a_queued_reservation_answers_as_a_waited_one(store: CounterStore) -> None:
+    # The event loop's way in (``reserve_queued``): the same verdicts, a missing counter and a fault too.
+    store.seed([seed_fixed("org:day", used=8)], NOW)
+    assert store.reserve_queued([hold("fits", fixed("org:day", 2, 10))], NOW).result(5) == [
+        Verdict(admitted=True, levels=(Level(10, DAY_END),))
+    ]
+    refused, missing = store.reserve_queued(
+        [hold("over", fixed("org:day", 1, 10)), hold("new", fixed("org:other", 1, 10))], NOW
+    ).result(5)
+    assert (refused.admitted, refused.refused, missing.missing) == (False, 0, (0,))
+    with pytest.raises(ValueError, match="exists already"):
+        store.reserve_queued([hold("fits", fixed("org:day", 0, 10))], NOW).result(5)
+    assert consumed(store, fixed("org:day", 0, 10)) == 10
+
+
 # -- settle and release ---------------------------------------------------------------------------
 
 

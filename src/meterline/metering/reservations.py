@@ -30,7 +30,14 @@ import orjson
 
 from meterline import ids
 from meterline.clock import Clock, from_micros, to_micros
-from meterline.errors import Conflict, InvalidRequest, MeterlineError, NotFound, unpriced_refusal
+from meterline.errors import (
+    Conflict,
+    InvalidRequest,
+    LimitExceeded,
+    MeterlineError,
+    NotFound,
+    unpriced_refusal,
+)
 from meterline.metering.quarantine import QuarantineEntry, QuarantineStore, describe_error
 from meterline.metering.records import NO_DETAIL, LedgerRow, UsageRecord, UsageVector
 from meterline.metering.settle import Account, Settler, storable
@@ -199,13 +206,22 @@ class Reservations:
     async def hold_soon(
         self, subject: Subject, estimate: UsageRecord, account: Account, margin: int = 0
     ) -> Hold | None:
-        """``hold`` for an event loop with an in-process counter store: the decision here, the durable
-        half awaited on the database's writer. None (nothing held) when the decision would read the
-        ledger (a window to load): then ``hold``, in a thread."""
-        try:
-            with no_reads():
-                reservation, held, priced = self._decide(subject, estimate, account, None, None, margin)
-        except WouldRead:
+        """``hold`` for an event loop: the decision made here (an in-process counter store) or awaited
+        (a store whose calls are queued: the database's writer), the durable half awaited on the
+        database's writer. None (nothing held) when the decision would read the ledger (a window to
+        load) or the store answers only by waiting: then ``hold``, in a thread."""
+        if self._counters.in_process:
+            try:
+                with no_reads():
+                    reservation, held, priced = self._decide(subject, estimate, account, None, None, margin)
+            except WouldRead:
+                return None
+        elif self._counters.queued:
+            decided = await self._decide_queued(subject, estimate, account, margin)
+            if decided is None:
+                return None
+            reservation, held, priced = decided
+        else:
             return None
         try:
             written = self._store.add_soon(held)
@@ -236,6 +252,22 @@ class Reservations:
     ) -> tuple[Reservation, HeldReservation, LedgerRow]:
         """Price the estimate and hold it against every limit (or raise LimitExceeded): no I/O with an
         in-process counter store."""
+        reservation_id, estimate, priced, amounts = self._asked(
+            subject, estimate, account, reservation_id, margin
+        )
+        outcome = self._engine.reserve_many([(subject, amounts, None)], ttl=ttl, hold_ids=[reservation_id])[0]
+        return *self._held(outcome, estimate), priced
+
+    def _asked(
+        self,
+        subject: Subject,
+        estimate: UsageRecord,
+        account: Account,
+        reservation_id: str | None,
+        margin: int,
+    ) -> tuple[str, UsageRecord, LedgerRow, dict[str, int]]:
+        """The reservation's id, its estimate and priced row, and the amounts to hold (``margin``
+        tokens more); an unpriced model is refused here when the plan blocks unpriced models."""
         reservation_id = reservation_id or ids.prefixed("rsv")
         estimate = replace(estimate, idempotency_key=reservation_id)
         priced = self._settler.price(estimate, account)
@@ -244,25 +276,52 @@ class Reservations:
         amounts = row_amounts(priced)
         if margin:
             amounts["tokens"] += margin
-        reservation = self._engine.reserve_many(
-            [(subject, amounts, None)], ttl=ttl, hold_ids=[reservation_id]
-        )[0]
-        if not isinstance(reservation, Reservation):
-            raise reservation
+        return reservation_id, estimate, priced, amounts
+
+    def _held(
+        self, outcome: Reservation | LimitExceeded, estimate: UsageRecord
+    ) -> tuple[Reservation, HeldReservation]:
+        """The reservation and its durable half (or the refusal, raised)."""
+        if not isinstance(outcome, Reservation):
+            raise outcome
         held = HeldReservation(
-            reservation_id,
-            subject.organization_id,
-            replace(estimate, overage=reservation.overage),
-            reservation.meters,
+            outcome.id,
+            outcome.subject.organization_id,
+            replace(estimate, overage=outcome.overage),
+            outcome.meters,
             self._clock.now(),
-            reservation.expires_at,
+            outcome.expires_at,
         )
-        return reservation, held, priced
+        return outcome, held
+
+    async def _decide_queued(
+        self, subject: Subject, estimate: UsageRecord, account: Account, margin: int
+    ) -> tuple[Reservation, HeldReservation, LedgerRow] | None:
+        """``_decide`` with the counter store's answer awaited; None when it was not a plain one (nothing
+        is held then: ``QuotaEngine.reserve_queued``)."""
+        reservation_id, estimate, priced, amounts = self._asked(subject, estimate, account, None, margin)
+        try:
+            with no_reads():
+                queued = self._engine.reserve_queued([(subject, amounts, None)], hold_ids=[reservation_id])
+        except WouldRead:
+            return None
+        try:
+            verdicts = await answer_of(queued.verdicts)
+        except asyncio.CancelledError:
+            queued.abandon()
+            raise
+        except Exception:
+            return None  # not committed: nothing is held, and the thread's decision says what happened
+        outcomes = queued.outcomes(verdicts)
+        if outcomes is None:
+            return None
+        return *self._held(outcomes[0], estimate), priced
 
     @property
-    def in_process(self) -> bool:
-        """Whether decisions need no I/O (the counter store lives in this process)."""
-        return self._counters.in_process
+    def decides_soon(self) -> bool:
+        """Whether ``hold_soon`` can decide (the counter store lives in this process, or its calls are
+        queued): else it answers None at once."""
+        return self._counters.in_process or self._counters.queued
 
     def finish(self, held: HeldReservation, record: UsageRecord, account: Account | None = None) -> Settled:
         """Settle a reservation this process holds, with the actual usage (no read of the store).
@@ -283,17 +342,16 @@ class Reservations:
         in_thread: Callable[[Callable[[], Settled]], Awaitable[Settled]],
     ) -> Settled:
         """``finish`` for an event loop: the same steps, with the write awaited on the database's writer
-        instead of blocking a thread. Pricing and an in-process counter store run here; what may block
-        (a shared counter store, a failure's recovery) goes to ``in_thread``."""
+        instead of blocking a thread. Pricing and the counters' settlement run here (no counter store
+        waits to settle: ``CounterStore.settle``); what may block (a failure's recovery) goes to
+        ``in_thread``."""
         try:
             row, account = self._priced(held, record, account)
             result = await answer_of(self._settler.submit([row], account, settles=[held.id]))
         except Exception as exc:
             failure = exc
             return await in_thread(lambda: self._not_finished(held, record, failure, defer=True))
-        if self._counters.in_process:
-            return self._settled(held, result)
-        return await in_thread(lambda: self._settled(held, result))
+        return self._settled(held, result)
 
     def _finish_or_set_aside(
         self,

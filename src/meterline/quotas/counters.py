@@ -19,14 +19,27 @@ so every decision is still one atomic step; the others ignore groups.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 WindowKind = Literal["fixed", "rolling"]
 ROLLING_SECONDS = 60
 # A tally counts events (quota refusals) over a rolling hour, in one-minute buckets: bounded memory
 # however many events come, at the price of the oldest minute being counted whole.
 TALLY_MINUTES = 60
+T = TypeVar("T")
+
+
+def answered(call: Callable[[], T]) -> Future[T]:
+    """A future already answered with what ``call`` returns or raises: ``reserve_queued`` of a store
+    whose calls are not queued."""
+    future: Future[T] = Future()
+    try:
+        future.set_result(call())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def group_of(key: str) -> str:
@@ -99,19 +112,29 @@ class CounterStoreUnavailable(Exception):
 class CounterStore(Protocol):
     # True when the counters live in this process (no I/O): callers on an event loop may use them there.
     in_process: bool
+    # True when calls are queued (the database's writer): an event loop may await ``reserve_queued``.
+    queued: bool
 
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
         """Decide each hold in order, atomically per hold, in one round trip."""
         ...
 
+    def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
+        """``reserve`` without waiting in this thread where the store's calls are queued (``queued``: the
+        database's writer): the verdicts' future, answered once they are committed. A store that is not
+        queued answers it at once, having waited. A verdict may be a missing one, as from ``reserve``."""
+        ...
+
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         """Replace each hold's estimate with its actual usage; unknown holds (already reaped) are
         skipped. A store may send this with its next round trip instead of at once; every later call
-        (reserve, levels, expired) observes it."""
+        (reserve, levels, expired) observes it. Never waits for I/O (a store that has any queues it):
+        an event loop calls it."""
         ...
 
     def release(self, releases: Sequence[Release], now_us: int) -> None:
-        """Give back each hold's estimate; unknown holds are skipped. May be deferred like settle."""
+        """Give back each hold's estimate; unknown holds are skipped. Deferred and never waiting, like
+        settle."""
         ...
 
     def seed(self, seeds: Sequence[Seed], now_us: int) -> None:

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -328,6 +329,50 @@ class _Placement(NamedTuple):
         return cls(bounds, lines, tuple(b.limit.meter for b in bounds))
 
 
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """Requests placed as holds: what their verdicts are read against."""
+
+    requests: Sequence[tuple[Subject, Mapping[str, int], datetime | None]]
+    placements: list[_Placement]
+    holds: list[Hold]
+    now_us: int
+    expires_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A decision whose store call is queued (``QuotaEngine.reserve_queued``): await ``verdicts``, then
+    read them with ``outcomes``, or give the decision up with ``abandon``."""
+
+    engine: QuotaEngine
+    asked: _Asked
+    verdicts: Future[list[Verdict]]
+
+    def outcomes(self, verdicts: Sequence[Verdict]) -> list[Reservation | LimitExceeded] | None:
+        """The outcomes, as ``reserve_many`` answers them; None when a counter was missing (to be loaded
+        from the ledger): then nothing is held (what was admitted beside it is given back)."""
+        if any(verdict.missing for verdict in verdicts):
+            self.engine.release_holds(_admitted(self.asked.holds, verdicts))
+            return None
+        return self.engine._outcomes(self.asked, verdicts)
+
+    def abandon(self) -> None:
+        """Nobody will read the verdicts (the caller was cancelled): once they come, what they admitted
+        is given back."""
+
+        def give_back(done: Future[list[Verdict]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.engine.release_holds(_admitted(self.asked.holds, done.result()))
+
+        self.verdicts.add_done_callback(give_back)
+
+
+def _admitted(holds: Sequence[Hold], verdicts: Sequence[Verdict]) -> list[Release]:
+    pairs = zip(holds, verdicts, strict=True)
+    return [Release(hold.id, hold.group) for hold, verdict in pairs if verdict.admitted]
+
+
 @dataclass
 class QuotaEngine:
     store: CounterStore
@@ -435,6 +480,45 @@ class QuotaEngine:
         ``hold_ids`` names the reservations; the ledger row that settles one carries the same id, which
         is how an abandoned reservation is told apart from a settled one whose counters were not moved.
         """
+        asked = self._asked(requests, ttl, hold_ids)
+        try:
+            verdicts = self._decide(asked.holds, asked.placements, asked.now_us)
+        except CounterStoreUnavailable:
+            if not self.fail_open:
+                raise ServiceUnavailable(
+                    "usage limits cannot be checked right now (counter store unreachable); retry shortly"
+                ) from None
+            log.warning(
+                "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(asked.holds)
+            )
+            return [
+                Reservation(
+                    h.id, s, p.bounds, a, asked.expires_us, False, None, asked.now_us, p.meters, checked=False
+                )
+                for (s, a, _at), p, h in zip(requests, asked.placements, asked.holds, strict=True)
+            ]
+        return self._outcomes(asked, verdicts)
+
+    def reserve_queued(
+        self,
+        requests: Sequence[tuple[Subject, Mapping[str, int], datetime | None]],
+        *,
+        ttl: timedelta | None = None,
+        hold_ids: Sequence[str] | None = None,
+    ) -> Queued:
+        """``reserve_many`` for an event loop, with a store whose calls are queued (``CounterStore.
+        queued``): the store's verdicts come as a future, and ``Queued.outcomes`` makes the outcomes of
+        them. No seeding and no fail-open here: where the answer is not a plain one (a counter to load
+        from the ledger, an unreachable store), nothing is held and ``reserve_many`` decides again."""
+        asked = self._asked(requests, ttl, hold_ids)
+        return Queued(self, asked, self.store.reserve_queued(asked.holds, asked.now_us))
+
+    def _asked(
+        self,
+        requests: Sequence[tuple[Subject, Mapping[str, int], datetime | None]],
+        ttl: timedelta | None,
+        hold_ids: Sequence[str] | None,
+    ) -> _Asked:
         now_us = self._now_us()
         expires_us = now_us + (ttl or self.reservation_ttl) // _MICROSECOND
         placements: list[_Placement] = []
@@ -452,23 +536,12 @@ class QuotaEngine:
             hold_id = hold_ids[index] if hold_ids is not None else f"{_HOLD_PREFIX}{next(_hold_numbers):x}"
             placements.append(placement)
             holds.append(Hold(hold_id, lines, expires_us, subject.organization_id))
-        try:
-            verdicts = self._decide(holds, placements, now_us)
-        except CounterStoreUnavailable:
-            if not self.fail_open:
-                raise ServiceUnavailable(
-                    "usage limits cannot be checked right now (counter store unreachable); retry shortly"
-                ) from None
-            log.warning(
-                "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(holds)
-            )
-            return [
-                Reservation(h.id, s, p.bounds, a, expires_us, False, None, now_us, p.meters, checked=False)
-                for (s, a, _at), p, h in zip(requests, placements, holds, strict=True)
-            ]
+        return _Asked(requests, placements, holds, now_us, expires_us)
+
+    def _outcomes(self, asked: _Asked, verdicts: Sequence[Verdict]) -> list[Reservation | LimitExceeded]:
         outcomes: list[Reservation | LimitExceeded] = []
         for (subject, amounts, _at), placement, hold, verdict in zip(
-            requests, placements, holds, verdicts, strict=True
+            asked.requests, asked.placements, asked.holds, verdicts, strict=True
         ):
             bounds = placement.bounds
             if verdict.admitted:
@@ -478,15 +551,15 @@ class QuotaEngine:
                         subject,
                         bounds,
                         amounts,
-                        expires_us,
+                        asked.expires_us,
                         verdict.overage,
                         verdict.levels,
-                        now_us,
+                        asked.now_us,
                         placement.meters,
                     )
                 )
             else:
-                rates = _rate_limits(bounds, verdict.levels, now_us)
+                rates = _rate_limits(bounds, verdict.levels, asked.now_us)
                 outcomes.append(self._refusal(bounds, hold, verdict, rates))
         return outcomes
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from meterline.quotas.counters import (
@@ -18,6 +19,7 @@ from meterline.quotas.counters import (
     Seed,
     Settlement,
     Verdict,
+    answered,
 )
 
 _FORGET_AFTER_S = 86_400  # keep a finished fixed window a day, for late settlements and reads
@@ -217,6 +219,7 @@ class CounterBook:
 
 class MemoryCounterStore:
     in_process = True
+    queued = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -233,6 +236,9 @@ class MemoryCounterStore:
                 self.book.sweep(now_s)
             reserve_one = self.book.reserve_one
             return [reserve_one(hold, now_s) for hold in holds]
+
+    def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
+        return answered(lambda: self.reserve(holds, now_us))
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         with self._lock:

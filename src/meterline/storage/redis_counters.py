@@ -48,6 +48,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from importlib.resources import files
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -81,6 +82,7 @@ from meterline.quotas.counters import (
     Settlement,
     Verdict,
     WindowKind,
+    answered,
     group_of,
 )
 from meterline.storage.redis_connections import RedisConnections
@@ -409,6 +411,7 @@ class _Finish:
 
 class RedisCounterStore:
     in_process = False
+    queued = False
 
     def __init__(
         self,
@@ -618,6 +621,9 @@ class RedisCounterStore:
                     self._held[hold.id] = known
                     admitted.append(Release(hold.id, known.group))
         self.release(admitted, now_us)
+
+    def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
+        return answered(lambda: self.reserve(holds, now_us))
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         self._enqueue([(s.hold_id, s.group, [_value(a) for a in s.actual]) for s in settlements])

@@ -47,6 +47,7 @@ from meterline.quotas.counters import (
     Settlement,
     Verdict,
     WindowKind,
+    answered,
     group_of,
 )
 from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
@@ -87,6 +88,17 @@ def _report_lost(done: Future[Any]) -> None:
         )
     elif isinstance(done.result(), ValueError):
         log.error("a settlement did not match its reservation: %s", done.result())
+
+
+def _copy_verdicts(done: Future[Any], verdicts: Future[list[Verdict]]) -> None:
+    """A reserve call's answer, as ``reserve`` answers it: the fault of a hold (``ValueError``) raised."""
+    error = done.exception()
+    if error is None and isinstance(done.result(), ValueError):
+        error = done.result()
+    if error is not None:
+        verdicts.set_exception(error)
+    else:
+        verdicts.set_result(done.result())
 
 
 def _decode_lines(text: str) -> tuple[Line, ...]:
@@ -134,6 +146,7 @@ class SqlCounterStore:
     the ledger row."""
 
     in_process = False
+    queued = True
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -146,16 +159,20 @@ class SqlCounterStore:
 
     # -- the protocol ---------------------------------------------------------------------------
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
+        return self._wait(self.reserve_queued(holds, now_us))
+
+    def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
         if not holds:
-            return []
+            return answered(list)
         for hold in holds:  # refused before anything is queued, as Redis refuses to encode them
             for line in hold.lines:
                 _int(line.amount)
                 _int(line.maximum)
-        answer = self._call(_Call("reserve", now_us, holds=holds), rows=len(holds))
-        if isinstance(answer, ValueError):
-            raise answer
-        verdicts: list[Verdict] = answer
+        verdicts: Future[list[Verdict]] = Future()
+        queued = self._db.writer.submit_together(
+            Together(_MERGED, _Call("reserve", now_us, holds=holds), self._apply), rows=len(holds)
+        )
+        queued.add_done_callback(lambda done: _copy_verdicts(done, verdicts))
         return verdicts
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:

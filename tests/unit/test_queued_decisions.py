@@ -1,0 +1,118 @@
+"""Decisions awaited on an event loop with the counters in the database (``QuotaEngine.reserve_queued``):
+read as ``reserve_many`` reads them, and never leave a hold behind that nobody will settle: not when a
+counter was missing (the decision is made again where the ledger can be read), not when the caller gave
+up while the decision was queued."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection
+
+from meterline.clock import FrozenClock
+from meterline.errors import LimitExceeded
+from meterline.quotas import DEFAULT_PLANS
+from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WindowQuery, amounts_of
+from meterline.storage.database import Database
+from meterline.storage.sql_counters import SqlCounterStore
+
+NOW = datetime(2026, 3, 14, 10, 30, tzinfo=UTC)
+ONE_CALL = amounts_of(tokens=10, credits_nanos=0, cost_nanos=0, event="llm.request", units=1)
+
+
+class EmptyLedger:
+    def window_usage(self, query: WindowQuery) -> int:
+        return 0
+
+    def recent_usage(self, query: WindowQuery) -> list[tuple[int, int]]:
+        return []
+
+    def bonus_available(self, organization_id: str, period_start_us: int) -> int:
+        return 0
+
+
+@pytest.fixture
+def db(tmp_path: Path, sqlite_template: Path) -> Iterator[Database]:
+    shutil.copyfile(sqlite_template, tmp_path / "m.db")
+    database = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def engine(db: Database) -> QuotaEngine:
+    return QuotaEngine(SqlCounterStore(db), EmptyLedger(), FrozenClock(NOW))
+
+
+def subject(org: str = "org_1", daily_calls: int = 3) -> Subject:
+    big = 10**12
+    plan = replace(
+        DEFAULT_PLANS["free"],
+        name="test",
+        daily_tokens=big,
+        monthly_tokens=big,
+        daily_calls=daily_calls,
+        monthly_calls=big,
+        rpm=big,
+        tpm=big,
+        monthly_credits=-1,
+    )
+    return Subject(org, plan, billing_anchor_day=1, workspace_id="ws_1", key_id="key_1")
+
+
+def calls_held(engine: QuotaEngine, who: Subject) -> int:
+    """The organization's calls today as the counters say (what is used plus what is held)."""
+    return next(s.consumed for s in engine.status(who) if s.limit.name == "daily_calls")
+
+
+def test_a_queued_decision_reads_as_a_waited_one(engine: QuotaEngine) -> None:
+    who = subject(daily_calls=2)
+    engine.reserve(who, ONE_CALL)  # the counters are loaded: the queued decision needs no ledger
+    queued = engine.reserve_queued([(who, ONE_CALL, None)])
+    admitted = queued.outcomes(queued.verdicts.result(5))
+    assert admitted is not None
+    assert isinstance(admitted[0], Reservation)
+    assert calls_held(engine, who) == 2
+    queued = engine.reserve_queued([(who, ONE_CALL, None)])
+    refused = queued.outcomes(queued.verdicts.result(5))
+    assert refused is not None
+    assert isinstance(refused[0], LimitExceeded)
+    assert "daily_calls" in str(refused[0].details)
+    assert calls_held(engine, who) == 2
+
+
+def test_a_decision_that_needs_a_counter_loaded_holds_nothing(engine: QuotaEngine) -> None:
+    loaded, new = subject("org_loaded"), subject("org_new")
+    engine.reserve(loaded, ONE_CALL)
+    queued = engine.reserve_queued([(loaded, ONE_CALL, None), (new, ONE_CALL, None)])
+    verdicts = queued.verdicts.result(5)
+    assert verdicts[0].admitted
+    assert verdicts[1].missing
+    assert queued.outcomes(verdicts) is None  # decided again where the ledger can be read
+    assert calls_held(engine, loaded) == 1  # the admitted one beside it was given back
+    assert calls_held(engine, new) == 0
+
+
+def test_a_decision_given_up_while_queued_is_given_back_once_made(engine: QuotaEngine, db: Database) -> None:
+    who = subject()
+    engine.reserve(who, ONE_CALL)
+    started, gate = threading.Event(), threading.Event()
+
+    def occupy(_conn: Connection) -> None:  # the writer is busy: the decision waits in its queue
+        started.set()
+        gate.wait(5)
+
+    busy = db.writer.submit(occupy)
+    assert started.wait(5)
+    queued = engine.reserve_queued([(who, ONE_CALL, None)])
+    queued.abandon()  # the caller went away before the answer came
+    gate.set()
+    busy.result(5)
+    assert queued.verdicts.result(5)[0].admitted
+    assert calls_held(engine, who) == 1  # the abandoned hold is released, not left to its lease
