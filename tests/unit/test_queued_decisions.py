@@ -5,6 +5,7 @@ up while the decision was queued."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from collections.abc import Iterator
@@ -16,9 +17,13 @@ import pytest
 from sqlalchemy import Connection
 
 from meterline.clock import FrozenClock
+from meterline.config import load_settings
 from meterline.errors import LimitExceeded
+from meterline.metering.records import UsageRecord
+from meterline.metering.settle import Account
 from meterline.quotas import DEFAULT_PLANS
 from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WindowQuery, amounts_of
+from meterline.services import Services, build_services
 from meterline.storage.database import Database
 from meterline.storage.sql_counters import SqlCounterStore
 
@@ -116,3 +121,74 @@ def test_a_decision_given_up_while_queued_is_given_back_once_made(engine: QuotaE
     busy.result(5)
     assert queued.verdicts.result(5)[0].admitted
     assert calls_held(engine, who) == 1  # the abandoned hold is released, not left to its lease
+
+
+# -- Reservations.hold_soon, on the services a `serve --workers N` on SQLite builds ----------------------
+
+
+BIG = 10**12
+TIGHT = {"daily_calls": 2, "rpm": BIG, "tpm": BIG, "daily_tokens": BIG, "monthly_tokens": BIG}
+TIGHT |= {"monthly_calls": BIG, "monthly_credits": BIG, "overage": "block"}
+
+
+@pytest.fixture
+def services(tmp_path: Path, sqlite_template: Path) -> Iterator[Services]:
+    shutil.copyfile(sqlite_template, tmp_path / "m.db")
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'm.db'}",
+        signing_key_file=str(tmp_path / "key.json"),
+        counters="database",
+        plans={"tight": TIGHT},
+    )
+    built = build_services(settings, clock=FrozenClock(NOW), migrate=False)
+    yield built
+    built.close()
+
+
+def a_call(services: Services, org_id: str) -> tuple[Subject, UsageRecord, Account]:
+    org = services.tenancy.get_organization(org_id)
+    who = Subject(org.id, services.plan_of(org), billing_anchor_day=1, workspace_id="ws_1", key_id="key_1")
+    estimate = UsageRecord(org.id, "ws_1", NOW, model="gpt-4o-mini", prompt_tokens=10, completion_tokens=5)
+    return who, estimate, services.account_of(org)
+
+
+@pytest.fixture
+def org(services: Services) -> str:
+    return services.tenancy.create_organization("Queued", "tight").id
+
+
+def test_hold_soon_decides_on_the_loop_once_the_counters_are_loaded(services: Services, org: str) -> None:
+    who, estimate, account = a_call(services, org)
+    assert asyncio.run(services.reservations.hold_soon(who, estimate, account)) is None  # to be loaded
+    services.reservations.hold(who, estimate, account)  # in a thread: loads them from the ledger
+    held = asyncio.run(services.reservations.hold_soon(who, estimate, account))
+    assert held is not None
+    assert services.reservations.get(org, held.held.id).id == held.held.id  # the durable half too
+    with pytest.raises(LimitExceeded, match="daily_calls"):
+        asyncio.run(services.reservations.hold_soon(who, estimate, account))
+    assert calls_held(services.quotas, who) == 2
+
+
+def test_hold_soon_cancelled_while_its_decision_is_queued_holds_nothing(services: Services, org: str) -> None:
+    who, estimate, account = a_call(services, org)
+    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)
+    started, gate = threading.Event(), threading.Event()
+
+    def occupy(_conn: Connection) -> None:
+        started.set()
+        gate.wait(5)
+
+    async def cancelled() -> None:
+        busy = services.db.writer.submit(occupy)
+        assert started.wait(5)
+        task = asyncio.create_task(services.reservations.hold_soon(who, estimate, account))
+        await asyncio.sleep(0.05)  # queued behind the busy job
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wrap_future(busy)
+
+    asyncio.run(cancelled())
+    services.db.writer.run(lambda _conn: None)  # what the cancel gave back is applied
+    assert calls_held(services.quotas, who) == 0

@@ -138,7 +138,7 @@ def test_jobs_queued_while_the_writer_waits_for_another_process_share_its_commit
     assert db.writer.batches == 1  # one commit, not "first" alone and the others after it
 
 
-def test_a_transaction_that_cannot_open_fails_every_job_waiting_for_it(db: Database) -> None:
+def test_every_job_waiting_for_a_transaction_that_cannot_open_gets_its_error(db: Database) -> None:
     opening, gate = threading.Event(), threading.Event()
 
     @contextmanager
@@ -157,6 +157,46 @@ def test_a_transaction_that_cannot_open_fails_every_job_waiting_for_it(db: Datab
         with pytest.raises(TimeoutError, match="write lock"):
             future.result(5)
     writer.close()
+
+
+def test_close_while_the_writer_waits_for_another_process_commits_what_was_queued(db: Database) -> None:
+    other = Database(str(db.engine.url))
+    try:
+        with other.write():
+            first = db.writer.submit(insert("first"))
+            while db.writer.pending:
+                time.sleep(0.001)
+            later = db.writer.submit(insert("later"))
+            closing = threading.Thread(target=db.writer.close)
+            closing.start()
+        closing.join(5)
+        assert not closing.is_alive()  # the writer stopped once what was queued committed
+        assert (first.result(0), later.result(0)) == ("first", "later")
+    finally:
+        other.dispose()
+    assert names(db) == {"first", "later"}
+
+
+class Abort(BaseException):
+    """Not an ``Exception``: what a job meets when the process is being stopped."""
+
+
+def test_a_batch_that_dies_of_a_base_exception_still_lets_close_stop_the_writer(db: Database) -> None:
+    gate = hold(db.writer)
+
+    def job(_conn: Connection) -> None:
+        raise Abort
+
+    aborted = db.writer.submit(job)
+    closing = threading.Thread(target=db.writer.close)  # its stop request queues behind the job
+    closing.start()
+    while db.writer.pending < 2:
+        time.sleep(0.001)
+    gate.set()
+    closing.join(5)
+    assert not closing.is_alive()
+    with pytest.raises(Abort):
+        aborted.result(0)
 
 
 def test_jobs_of_a_batch_run_in_key_order(db: Database) -> None:

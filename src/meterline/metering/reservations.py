@@ -311,7 +311,10 @@ class Reservations:
             queued.abandon()
             raise
         except Exception:
-            return None  # not committed: nothing is held, and the thread's decision says what happened
+            # Its write failed: nothing is held, unless it committed all the same (a connection lost at
+            # the commit). Given back either way; the thread's decision says what happened.
+            queued.give_back()
+            return None
         outcomes = queued.outcomes(verdicts)
         if outcomes is None:
             return None

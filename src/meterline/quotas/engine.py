@@ -351,11 +351,16 @@ class Queued:
 
     def outcomes(self, verdicts: Sequence[Verdict]) -> list[Reservation | LimitExceeded] | None:
         """The outcomes, as ``reserve_many`` answers them; None when a counter was missing (to be loaded
-        from the ledger): then nothing is held (what was admitted beside it is given back)."""
+        from the ledger): then nothing is held (what was admitted beside it is given back). Read once."""
         if any(verdict.missing for verdict in verdicts):
             self.engine.release_holds(_admitted(self.asked.holds, verdicts))
             return None
         return self.engine._outcomes(self.asked, verdicts)
+
+    def give_back(self) -> None:
+        """The store's answer was lost (its write failed, yet may have committed: a connection lost at
+        the commit): every hold asked is given back; giving back one never held is a no-op."""
+        self.engine.release_holds([Release(hold.id, hold.group) for hold in self.asked.holds])
 
     def abandon(self) -> None:
         """Nobody will read the verdicts (the caller was cancelled): once they come, what they admitted

@@ -44,6 +44,7 @@ read-only or a cluster without a master for the slot: ``CounterStoreUnavailable`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -758,7 +759,7 @@ class RedisCounterStore:
                 self._pending[self._seq] = _Finish(self._seq, hold_id, group, actual)
             overflow = len(self._pending) - self._max_pending
             if overflow > 0:
-                for seq in list(self._pending)[:overflow]:
+                for seq in list(itertools.islice(self._pending, overflow)):
                     del self._pending[seq]
                 self._dropped += overflow
                 log.warning(

@@ -135,37 +135,25 @@ class Writer:
     # -- the writer thread ---------------------------------------------------------------------------
     def _loop(self, jobs: queue.SimpleQueue[_Queued[Any] | None]) -> None:
         _here.writer = True
-        stopping = False
-        while not stopping:
+        intake = _Intake(jobs, self._max_jobs, self._max_rows)
+        while not intake.stopping:
             first = jobs.get()
             if first is None:
                 return
             batch: list[_Queued[Any]] = [first]
             try:
-                stopping = self._commit(batch, jobs)
+                self._commit(batch, intake)
             except BaseException as exc:  # never let the writer die with callers waiting
                 log.exception("the database writer failed a batch")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                _fail(batch, exc)
 
-    def _take(self, batch: list[_Queued[Any]], jobs: queue.SimpleQueue[_Queued[Any] | None]) -> bool:
-        """Add what is queued to ``batch`` up to the limits, never waiting; True once ``close`` asked."""
-        rows = sum(item.rows for item in batch)
-        while len(batch) < self._max_jobs and rows < self._max_rows:
-            try:
-                item = jobs.get_nowait()
-            except queue.Empty:
-                return False
-            if item is None:
-                return True
-            batch.append(item)
-            rows += item.rows
-        return False
-
-    def _commit(self, batch: list[_Queued[Any]], jobs: queue.SimpleQueue[_Queued[Any] | None]) -> bool:
-        """Run ``batch`` (and what else is queued) in one transaction; True once ``close`` asked."""
-        stopping = self._take(batch, jobs)
+    def _commit(self, batch: list[_Queued[Any]], intake: _Intake) -> None:
+        """Run ``batch``, and what else is queued, in one transaction."""
+        intake.take(batch)
+        if all(item.future.cancelled() for item in batch):
+            for item in batch:
+                item.future.set_running_or_notify_cancel()  # wakes whoever waits on a cancelled one
+            return
         results: list[tuple[_Queued[Any], Any]] = []
         failed: list[tuple[_Queued[Any], BaseException]] = []
         actions: list[Callable[[], None]] = []  # ``after_commit`` actions of the jobs that succeeded
@@ -174,10 +162,9 @@ class Writer:
             with self._transaction() as conn:
                 # Taken again once the transaction holds its lock: on SQLite shared by several processes,
                 # opening it may have waited for another process, and what queued meanwhile shares this
-                # commit instead of waiting for one more turn of the lock (docs/benchmarks.md, "Jobs
-                # that queued while the writer waited for the lock").
-                if not stopping:
-                    stopping = self._take(batch, jobs)
+                # commit instead of waiting for one more turn of the lock (docs/benchmarks.md, "What
+                # queued while the writer waited joins its commit").
+                intake.take(batch)
                 live = [item for item in batch if item.future.set_running_or_notify_cancel()]
                 live.sort(key=lambda item: item.order)
                 if len(live) == 1:
@@ -191,12 +178,10 @@ class Writer:
                         for item in unit:
                             self._alone(conn, item, results, failed, actions)
         except BaseException as exc:
-            for item in batch:  # the transaction may have failed to open, before any job was running
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            _fail(batch, exc)  # the transaction may have failed to open, before any job was running
             if not isinstance(exc, Exception):
                 raise
-            return stopping
+            return
         self.batches += 1
         self.jobs += len(live)
         # Committed: only now is anyone told.
@@ -210,7 +195,6 @@ class Writer:
                 action()
             except Exception:
                 log.exception("an after-commit action failed")
-        return stopping
 
     @staticmethod
     def _together(
@@ -265,6 +249,39 @@ class Writer:
         savepoint.commit()
         results.append((item, result))
         actions += pending
+
+
+class _Intake:
+    """The writer thread's queue, taken from up to the batch limits without waiting. Remembers that
+    ``close`` asked to stop (its ``None``) even when the batch that took it fails."""
+
+    def __init__(self, jobs: queue.SimpleQueue[_Queued[Any] | None], max_jobs: int, max_rows: int) -> None:
+        self._jobs = jobs
+        self._max_jobs = max_jobs
+        self._max_rows = max_rows
+        self.stopping = False
+
+    def take(self, batch: list[_Queued[Any]]) -> None:
+        rows = sum(item.rows for item in batch)
+        while not self.stopping and len(batch) < self._max_jobs and rows < self._max_rows:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self.stopping = True
+                return
+            batch.append(item)
+            rows += item.rows
+
+
+def _fail(batch: list[_Queued[Any]], exc: BaseException) -> None:
+    """Answer every job of ``batch`` not yet answered with ``exc``; one cancelled before it ran is only
+    told it was cancelled (a future is started first, so a cancel cannot slip in between)."""
+    for item in batch:
+        future = item.future
+        if future.running() or (not future.done() and future.set_running_or_notify_cancel()):
+            future.set_exception(exc)
 
 
 _here = threading.local()
