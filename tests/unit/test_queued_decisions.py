@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,53 +23,54 @@ from meterline.errors import LimitExceeded
 from meterline.metering.records import UsageRecord
 from meterline.metering.settle import Account
 from meterline.quotas import DEFAULT_PLANS
-from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WindowQuery, amounts_of
+from meterline.quotas.engine import QuotaEngine, Reservation, Subject, amounts_of
 from meterline.services import Services, build_services
-from meterline.storage.database import Database
-from meterline.storage.sql_counters import SqlCounterStore
 
 NOW = datetime(2026, 3, 14, 10, 30, tzinfo=UTC)
 ONE_CALL = amounts_of(tokens=10, credits_nanos=0, cost_nanos=0, event="llm.request", units=1)
 
 
-class EmptyLedger:
-    def window_usage(self, query: WindowQuery) -> int:
-        return 0
-
-    def recent_usage(self, query: WindowQuery) -> list[tuple[int, int]]:
-        return []
-
-    def bonus_available(self, organization_id: str, period_start_us: int) -> int:
-        return 0
+BIG = 10**12
+TIGHT = {"daily_calls": 2, "rpm": BIG, "tpm": BIG, "daily_tokens": BIG, "monthly_tokens": BIG}
+TIGHT |= {"monthly_calls": BIG, "monthly_credits": BIG, "overage": "block"}
 
 
 @pytest.fixture
-def db(tmp_path: Path, sqlite_template: Path) -> Iterator[Database]:
+def services(tmp_path: Path, sqlite_template: Path) -> Iterator[Services]:
     shutil.copyfile(sqlite_template, tmp_path / "m.db")
-    database = Database(f"sqlite:///{tmp_path / 'm.db'}")
-    yield database
-    database.dispose()
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'm.db'}",
+        signing_key_file=str(tmp_path / "key.json"),
+        counters="database",
+        plans={"tight": TIGHT},
+    )
+    built = build_services(settings, clock=FrozenClock(NOW), migrate=False)
+    yield built
+    built.close()
 
 
 @pytest.fixture
-def engine(db: Database) -> QuotaEngine:
-    return QuotaEngine(SqlCounterStore(db), EmptyLedger(), FrozenClock(NOW))
+def engine(services: Services) -> QuotaEngine:
+    return services.quotas  # counters in the database, as `serve --workers N` on SQLite has them
 
 
 def subject(org: str = "org_1", daily_calls: int = 3) -> Subject:
-    big = 10**12
-    plan = replace(
-        DEFAULT_PLANS["free"],
-        name="test",
-        daily_tokens=big,
-        monthly_tokens=big,
-        daily_calls=daily_calls,
-        monthly_calls=big,
-        rpm=big,
-        tpm=big,
-        monthly_credits=-1,
-    )
+    big = {"daily_tokens": BIG, "monthly_tokens": BIG, "monthly_calls": BIG, "rpm": BIG, "tpm": BIG}
+    plan = replace(DEFAULT_PLANS["free"], name="test", daily_calls=daily_calls, monthly_credits=-1, **big)
     return Subject(org, plan, billing_anchor_day=1, workspace_id="ws_1", key_id="key_1")
+
+
+def busy_writer(services: Services) -> tuple[Future[None], threading.Event]:
+    """The database's writer kept busy until the returned event is set: what is queued meanwhile waits."""
+    started, gate = threading.Event(), threading.Event()
+
+    def occupy(_conn: Connection) -> None:
+        started.set()
+        gate.wait(5)
+
+    busy = services.db.writer.submit(occupy)
+    assert started.wait(5)
+    return busy, gate
 
 
 def calls_held(engine: QuotaEngine, who: Subject) -> int:
@@ -104,17 +106,12 @@ def test_a_decision_that_needs_a_counter_loaded_holds_nothing(engine: QuotaEngin
     assert calls_held(engine, new) == 0
 
 
-def test_a_decision_given_up_while_queued_is_given_back_once_made(engine: QuotaEngine, db: Database) -> None:
+def test_a_decision_given_up_while_queued_is_given_back_once_made(
+    engine: QuotaEngine, services: Services
+) -> None:
     who = subject()
     engine.reserve(who, ONE_CALL)
-    started, gate = threading.Event(), threading.Event()
-
-    def occupy(_conn: Connection) -> None:  # the writer is busy: the decision waits in its queue
-        started.set()
-        gate.wait(5)
-
-    busy = db.writer.submit(occupy)
-    assert started.wait(5)
+    busy, gate = busy_writer(services)
     queued = engine.reserve_queued([(who, ONE_CALL, None)])
     queued.abandon()  # the caller went away before the answer came
     gate.set()
@@ -124,25 +121,6 @@ def test_a_decision_given_up_while_queued_is_given_back_once_made(engine: QuotaE
 
 
 # -- Reservations.hold_soon, on the services a `serve --workers N` on SQLite builds ----------------------
-
-
-BIG = 10**12
-TIGHT = {"daily_calls": 2, "rpm": BIG, "tpm": BIG, "daily_tokens": BIG, "monthly_tokens": BIG}
-TIGHT |= {"monthly_calls": BIG, "monthly_credits": BIG, "overage": "block"}
-
-
-@pytest.fixture
-def services(tmp_path: Path, sqlite_template: Path) -> Iterator[Services]:
-    shutil.copyfile(sqlite_template, tmp_path / "m.db")
-    settings = load_settings(
-        database_url=f"sqlite:///{tmp_path / 'm.db'}",
-        signing_key_file=str(tmp_path / "key.json"),
-        counters="database",
-        plans={"tight": TIGHT},
-    )
-    built = build_services(settings, clock=FrozenClock(NOW), migrate=False)
-    yield built
-    built.close()
 
 
 def a_call(services: Services, org_id: str) -> tuple[Subject, UsageRecord, Account]:
@@ -172,15 +150,9 @@ def test_hold_soon_decides_on_the_loop_once_the_counters_are_loaded(services: Se
 def test_hold_soon_cancelled_while_its_decision_is_queued_holds_nothing(services: Services, org: str) -> None:
     who, estimate, account = a_call(services, org)
     services.reservations.abandon(services.reservations.hold(who, estimate, account).held)
-    started, gate = threading.Event(), threading.Event()
-
-    def occupy(_conn: Connection) -> None:
-        started.set()
-        gate.wait(5)
 
     async def cancelled() -> None:
-        busy = services.db.writer.submit(occupy)
-        assert started.wait(5)
+        busy, gate = busy_writer(services)
         task = asyncio.create_task(services.reservations.hold_soon(who, estimate, account))
         await asyncio.sleep(0.05)  # queued behind the busy job
         task.cancel()

@@ -120,8 +120,10 @@ def test_a_failed_commit_answers_every_job_of_the_batch_with_the_error(tmp_path:
     db.dispose()
 
 
-def test_jobs_queued_while_the_writer_waits_for_another_process_share_its_commit(db: Database) -> None:
-    # A second Database on the file is a second process: its own descriptor of the write lock file.
+@contextmanager
+def waiting_for_another_process(db: Database) -> Iterator[Future[str]]:
+    """A job ("first") whose batch waits for the write lock, held by another process meanwhile (a second
+    Database on the file: its own descriptor of the lock file); released on leaving."""
     other = Database(str(db.engine.url))
     try:
         with other.write():
@@ -129,11 +131,16 @@ def test_jobs_queued_while_the_writer_waits_for_another_process_share_its_commit
             while db.writer.pending:  # the writer took it, and now waits for the other's lock
                 time.sleep(0.001)
             time.sleep(0.05)
-            later = [db.writer.submit(insert(f"later-{i}")) for i in range(20)]
-        assert first.result(5) == "first"
-        assert [f.result(5) for f in later] == [f"later-{i}" for i in range(20)]
+            yield first
     finally:
         other.dispose()
+
+
+def test_jobs_queued_while_the_writer_waits_for_another_process_share_its_commit(db: Database) -> None:
+    with waiting_for_another_process(db) as first:
+        later = [db.writer.submit(insert(f"later-{i}")) for i in range(20)]
+    assert first.result(5) == "first"
+    assert [f.result(5) for f in later] == [f"later-{i}" for i in range(20)]
     assert len(names(db)) == 21
     assert db.writer.batches == 1  # one commit, not "first" alone and the others after it
 
@@ -160,20 +167,13 @@ def test_every_job_waiting_for_a_transaction_that_cannot_open_gets_its_error(db:
 
 
 def test_close_while_the_writer_waits_for_another_process_commits_what_was_queued(db: Database) -> None:
-    other = Database(str(db.engine.url))
-    try:
-        with other.write():
-            first = db.writer.submit(insert("first"))
-            while db.writer.pending:
-                time.sleep(0.001)
-            later = db.writer.submit(insert("later"))
-            closing = threading.Thread(target=db.writer.close)
-            closing.start()
-        closing.join(5)
-        assert not closing.is_alive()  # the writer stopped once what was queued committed
-        assert (first.result(0), later.result(0)) == ("first", "later")
-    finally:
-        other.dispose()
+    with waiting_for_another_process(db) as first:
+        later = db.writer.submit(insert("later"))
+        closing = threading.Thread(target=db.writer.close)
+        closing.start()
+    closing.join(5)
+    assert not closing.is_alive()  # the writer stopped once what was queued committed
+    assert (first.result(0), later.result(0)) == ("first", "later")
     assert names(db) == {"first", "later"}
 
 
