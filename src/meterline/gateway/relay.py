@@ -7,8 +7,8 @@ upstream's body, ``usage``, rate-limit headers and ``X-Meterline-Receipt-Id``.
 Storage work never runs on the event loop. Admission (authenticate, estimate, reserve) runs on the loop
 when it needs no read (a cached key and organization, counters in this process or in the database with
 their windows loaded), else in a worker thread (counters in Redis); the database's decision, the durable
-reservation and the settle are awaited on the database's writer. The relay of a
-stream never buffers more than one server-sent event.
+reservation and the settle are awaited on the database's writer. The relay of a stream never buffers
+more than one server-sent event.
 
 The HTTP side (``meterline.api.gateway``) parses the request, names the caller (``Caller``) and turns the
 outcome (a ``Reply`` or a ``Refusal``) into its response; errors are the domain's (``meterline.errors``).
