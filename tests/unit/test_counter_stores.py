@@ -847,6 +847,29 @@ def test_reservations_waiting_together_are_decided_in_one_call_as_if_alone(
     assert store._queues == {}
 
 
+def test_reservations_from_an_event_loop_wait_for_the_call_out_and_lead_the_next_one(
+    quiet_redis: tuple[str, RedisCounterStore],
+) -> None:
+    """``reserve_queued`` while a thread's call is out: both requests queue behind it; the lead passes to
+    the first of them, whose call the store's own threads make, and each future gets its verdicts."""
+    kind, store = quiet_redis
+    route = "" if kind == "redis" else "org_a"
+    x = fixed("org_a|x", 4, 10)
+    store.seed([seed_fixed(x.key)], NOW)
+    leader = redis_counters._Request([Hold("x1", (x,), NOW + LEASE, "org_a")], NOW)
+    store._queues[route] = []  # the thread's call is out
+    second = store.reserve_queued([Hold("x2", (x,), NOW + LEASE, "org_a")], NOW)
+    third = store.reserve_queued([Hold("x3", (x,), NOW + LEASE, "org_a")], NOW)
+    assert not second.done()
+    assert not third.done()
+    store._lead(route, leader)
+    assert [v.admitted for v in leader.verdicts] == [True]
+    assert [v.admitted for v in second.result(5)] == [True]
+    assert third.result(5)[0].refused == 0  # 12 would pass 10: decided after x2, as alone
+    assert store.levels([x], NOW) == [Level(8, DAY_END)]
+    assert store._queues == {}
+
+
 def test_a_settlement_goes_where_its_hold_is_whatever_group_it_names(
     quiet_redis: tuple[str, RedisCounterStore],
 ) -> None:

@@ -161,10 +161,9 @@ class Exchanges:
 
     async def reserve_soon(self, principal: Principal, request: Request, first: Route) -> Ticket | None:
         """``reserve`` on the event loop, when it needs no read (the organization cached, no identifier
-        limits to look up, an in-process counter store with its windows loaded, or a store in the
-        database with them loaded): the decision in the database and the durable reservation are
-        awaited on the database's writer. None when it would need a read or a store that answers only by
-        waiting (Redis): then ``reserve``, in a thread."""
+        limits to look up, the counters' windows loaded): an in-process store decides here, a shared one
+        (the database, Redis) is awaited, and the durable reservation is awaited on the database's
+        writer. None when it would need a read: then ``reserve``, in a thread."""
         services = self._services
         if principal.identifier_id is not None or not services.reservations.decides_soon:
             return None

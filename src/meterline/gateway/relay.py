@@ -5,10 +5,9 @@ over between routes -> settle with the usage the upstream reported (or a local c
 upstream's body, ``usage``, rate-limit headers and ``X-Meterline-Receipt-Id``.
 
 Storage work never runs on the event loop. Admission (authenticate, estimate, reserve) runs on the loop
-when it needs no read (a cached key and organization, counters in this process or in the database with
-their windows loaded), else in a worker thread (counters in Redis); the database's decision, the durable
-reservation and the settle are awaited on the database's writer. The relay of a stream never buffers
-more than one server-sent event.
+when it needs no read (a cached key and organization, counters with their windows loaded), else in a
+worker thread; a shared counter store's decision (database, Redis), the durable reservation and the
+settle are awaited. The relay of a stream never buffers more than one server-sent event.
 
 The HTTP side (``meterline.api.gateway``) parses the request, names the caller (``Caller``) and turns the
 outcome (a ``Reply`` or a ``Refusal``) into its response; errors are the domain's (``meterline.errors``).
@@ -204,8 +203,8 @@ class Relay:
 
     async def _admit(self, call: Call) -> tuple[tuple[Route, ...], Ticket]:
         """Authenticate and reserve the estimate. On the loop when it needs no read (cached key and
-        organization, counters in this process or in the database): the writes are awaited on the
-        writer. Otherwise one hop to a worker thread."""
+        organization, counters with their windows loaded): what is stored elsewhere is awaited.
+        Otherwise one hop to a worker thread."""
         principal = call.caller.principal_now()
         if principal is not None:
             routes, estimate = self._estimate(call, principal)

@@ -207,7 +207,7 @@ class Reservations:
         self, subject: Subject, estimate: UsageRecord, account: Account, margin: int = 0
     ) -> Hold | None:
         """``hold`` for an event loop: the decision made here (an in-process counter store) or awaited
-        (a store whose calls are queued: the database's writer), the durable half awaited on the
+        (a store whose calls are queued: the database's writer, Redis), the durable half awaited on the
         database's writer. None (nothing held) when the decision would read the ledger (a window to
         load) or the store answers only by waiting: then ``hold``, in a thread."""
         if self._counters.in_process:

@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.resources import files
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -391,16 +391,28 @@ def _group(hold: Hold) -> str:
 
 
 class _Request:
-    """Holds waiting to be decided, with the caller's clock; a leader sends them."""
+    """Holds waiting to be decided, with the caller's clock; a leader sends them. Its caller is a thread
+    waiting on ``done``, or an event loop awaiting ``future`` (``reserve_queued``)."""
 
-    __slots__ = ("done", "error", "holds", "leads", "now_us", "verdicts")
+    __slots__ = ("done", "error", "future", "holds", "leads", "now_us", "verdicts")
 
-    def __init__(self, holds: Sequence[Hold], now_us: int) -> None:
+    def __init__(
+        self, holds: Sequence[Hold], now_us: int, future: Future[list[Verdict]] | None = None
+    ) -> None:
         self.holds, self.now_us = holds, now_us
         self.done = threading.Event()
+        self.future = future
         self.leads = False
         self.verdicts: list[Verdict] = []
         self.error: BaseException | None = None
+
+    def answer(self) -> None:
+        if self.future is None:
+            self.done.set()
+        elif self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.verdicts)
 
 
 class _Finish:
@@ -412,7 +424,7 @@ class _Finish:
 
 class RedisCounterStore:
     in_process = False
-    queued = False
+    queued = True
 
     def __init__(
         self,
@@ -450,6 +462,8 @@ class RedisCounterStore:
         self._seq = 0
         self._dropped = 0
         self._closing = False
+        # Leaders of the calls whose first request came from an event loop (``reserve_queued``).
+        self._leaders = ThreadPoolExecutor(max_connections, thread_name_prefix="meterline-counter-call")
         self._flusher = threading.Thread(target=self._flush_loop, name="meterline-counter-flush", daemon=True)
         self._flusher.start()
 
@@ -461,8 +475,39 @@ class RedisCounterStore:
         On a cluster a route is an organization (requests of several go alone: one call each)."""
         if not holds:
             return []
+        route = self._route(holds)
+        if route is None:
+            return self._reserve_alone(holds, now_us)
+        request = _Request(holds, now_us)
+        if self._join(route, request):
+            request.done.wait()
+        if request.leads:
+            self._lead(route, request)
+        if request.error is not None:
+            raise request.error
+        return request.verdicts
+
+    def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
+        """``reserve`` for an event loop: the request joins the next call of its route like any other, and
+        a call it is to lead is made on the store's own threads (``_leaders``), so that under load one
+        thread hop serves every decision of a call instead of one hop per decision."""
+        if not holds:
+            return answered(list)
+        route = self._route(holds)
+        if route is None:
+            return self._leaders.submit(self._reserve_alone, holds, now_us)
+        request = _Request(holds, now_us, Future())
+        assert request.future is not None
+        if not self._join(route, request):
+            self._start_lead(route, request)
+        return request.future
+
+    def _route(self, holds: Sequence[Hold]) -> str | None:
+        """The route of a reservation ("" on one Redis, its organization on a cluster), None for one that
+        spans organizations on a cluster (it goes alone); a malformed one raises ``ValueError`` here,
+        before it joins a call that it would fail."""
         groups = set()
-        for hold in holds:  # checked here: a malformed request must fail alone, not the call it joins
+        for hold in holds:
             group = _group(hold)
             if any(group_of(ln.key) != group for ln in hold.lines):
                 raise ValueError(f"reservation {hold.id} has lines of another group than {group!r}")
@@ -471,26 +516,28 @@ class RedisCounterStore:
                 _int(ln.amount)  # amounts a counter can hold
                 _int(ln.maximum)
             groups.add(group)
-        route = ""
-        if self._cluster:
-            if len(groups) > 1:
-                return self._reserve_alone(holds, now_us)
-            route = groups.pop()
-        request = _Request(holds, now_us)
+        if not self._cluster:
+            return ""
+        return groups.pop() if len(groups) == 1 else None
+
+    def _join(self, route: str, request: _Request) -> bool:
+        """Queue ``request`` behind the call of its route that is out (True), or make it the leader of
+        the next call (False)."""
         with self._lock:
             queue = self._queues.get(route)
             if queue is None:
                 self._queues[route] = []
                 request.leads = True
-            else:
-                queue.append(request)
-        if not request.leads:
-            request.done.wait()
-        if request.leads:
+                return False
+            queue.append(request)
+            return True
+
+    def _start_lead(self, route: str, request: _Request) -> None:
+        """A request whose caller does not wait in a thread leads on the store's own threads."""
+        try:
+            self._leaders.submit(self._lead, route, request)
+        except RuntimeError:  # the store is closed: the call fails here, and the lead passes on
             self._lead(route, request)
-        if request.error is not None:
-            raise request.error
-        return request.verdicts
 
     def _lead(self, route: str, first: _Request) -> None:
         """Send ``first`` with what is queued behind it in one reservation, then hand the lead to the
@@ -513,15 +560,20 @@ class RedisCounterStore:
                 if request.error is None:
                     request.verdicts = verdicts[start : start + len(request.holds)]
                 start += len(request.holds)
+        following = None
         with self._lock:
             queue = self._queues[route]
             if queue:
-                queue[0].leads = True
-                queue.pop(0).done.set()  # it leads the next call, with what queued behind it
+                following = queue.pop(0)  # it leads the next call, with what queued behind it
+                following.leads = True
+                if following.future is None:
+                    following.done.set()
             else:
                 del self._queues[route]
+        if following is not None and following.future is not None:
+            self._start_lead(route, following)
         for request in batch:
-            request.done.set()
+            request.answer()
 
     def _answer_around(self, batch: list[_Request], verdicts: list[Verdict], stop: int) -> None:
         """A hold whose id exists stopped the batch: requests before it have their verdicts, its own
@@ -623,9 +675,6 @@ class RedisCounterStore:
                     admitted.append(Release(hold.id, known.group))
         self.release(admitted, now_us)
 
-    def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
-        return answered(lambda: self.reserve(holds, now_us))
-
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         self._enqueue([(s.hold_id, s.group, [_value(a) for a in s.actual]) for s in settlements])
 
@@ -718,6 +767,7 @@ class RedisCounterStore:
             self._closing = True
             self._wake.notify_all()
         self._flusher.join(timeout=5)
+        self._leaders.shutdown()
         try:
             self.flush()
         except Exception as exc:
