@@ -870,6 +870,32 @@ def test_reservations_from_an_event_loop_wait_for_the_call_out_and_lead_the_next
     assert store._queues == {}
 
 
+def test_a_cancelled_request_from_an_event_loop_neither_stops_its_call_nor_the_lead(
+    quiet_redis: tuple[str, RedisCounterStore],
+) -> None:
+    kind, store = quiet_redis
+    route = "" if kind == "redis" else "org_a"
+    x = fixed("org_a|x", 4, 10)
+    store.seed([seed_fixed(x.key)], NOW)
+    leader = redis_counters._Request([Hold("x1", (x,), NOW + LEASE, "org_a")], NOW)
+    store._queues[route] = []
+    gone = store.reserve_queued([Hold("x2", (x,), NOW + LEASE, "org_a")], NOW)
+    kept = store.reserve_queued([Hold("x3", (x,), NOW + LEASE, "org_a")], NOW)
+    assert gone.cancel()  # its caller went away while it waited
+    store._lead(route, leader)
+    assert kept.result(5)[0].admitted  # the cancelled one led the call and was not answered
+    assert store._queues == {}
+
+
+def test_a_reservation_from_an_event_loop_after_close_fails_as_unavailable(redis_url: str) -> None:
+    store = RedisCounterStore(redis_url, prefix=PREFIX)
+    store.close()
+    decided = store.reserve_queued([hold("late", fixed("org:day", 1, 10))], NOW)
+    with pytest.raises(CounterStoreUnavailable, match="closed"):
+        decided.result(5)
+    assert store._queues == {}
+
+
 def test_a_settlement_goes_where_its_hold_is_whatever_group_it_names(
     quiet_redis: tuple[str, RedisCounterStore],
 ) -> None:

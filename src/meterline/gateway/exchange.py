@@ -163,7 +163,8 @@ class Exchanges:
         """``reserve`` on the event loop, when it needs no read (the organization cached, no identifier
         limits to look up, the counters' windows loaded): an in-process store decides here, a shared one
         (the database, Redis) is awaited, and the durable reservation is awaited on the database's
-        writer. None when it would need a read: then ``reserve``, in a thread."""
+        writer. None when it would need a read (a counter to load from the ledger, found by the store's
+        answer) or the store's answer failed: then ``reserve``, in a thread."""
         services = self._services
         if principal.identifier_id is not None or not services.reservations.decides_soon:
             return None

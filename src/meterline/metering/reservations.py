@@ -209,7 +209,7 @@ class Reservations:
         """``hold`` for an event loop: the decision made here (an in-process counter store) or awaited
         (a store whose calls are queued: the database's writer, Redis), the durable half awaited on the
         database's writer. None (nothing held) when the decision would read the ledger (a window to
-        load) or the store answers only by waiting: then ``hold``, in a thread."""
+        load), its write failed, or the store only answers by waiting: then ``hold``, in a thread."""
         if self._counters.in_process:
             try:
                 with no_reads():
@@ -310,12 +310,12 @@ class Reservations:
         except asyncio.CancelledError:
             queued.abandon()
             raise
+        except CounterStoreUnavailable:
+            outcomes: list[Reservation | LimitExceeded] | None = queued.unavailable()  # 503, or fail open
         except Exception:
-            # Its write failed: nothing is held, unless it committed all the same (a connection lost at
-            # the commit). Given back either way; the thread's decision says what happened.
-            queued.give_back()
-            return None
-        outcomes = queued.outcomes(verdicts)
+            return None  # not stored (the write failed whole): the thread's decision says what happened
+        else:
+            outcomes = queued.outcomes(verdicts)
         if outcomes is None:
             return None
         return *self._held(outcomes[0], estimate), priced

@@ -112,7 +112,7 @@ class CounterStoreUnavailable(Exception):
 class CounterStore(Protocol):
     # True when the counters live in this process (no I/O): callers on an event loop may use them there.
     in_process: bool
-    # True when calls are queued (the database's writer, a Redis client's own threads): an event loop may
+    # True when calls are queued (the database's writer, the Redis store's own threads): an event loop may
     # await ``reserve_queued``.
     queued: bool
 
@@ -122,7 +122,7 @@ class CounterStore(Protocol):
 
     def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
         """``reserve`` without waiting in this thread where the store's calls are queued (``queued``: the
-        database's writer, a Redis client's threads): the verdicts' future, answered once they are
+        database's writer, the Redis store's threads): the verdicts' future, answered once they are
         stored. A store that is not queued answers it at once, having waited. A verdict may be a missing
         one, as from ``reserve``."""
         ...

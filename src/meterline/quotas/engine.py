@@ -357,10 +357,11 @@ class Queued:
             return None
         return self.engine._outcomes(self.asked, verdicts)
 
-    def give_back(self) -> None:
-        """The store's answer was lost (its write failed, yet may have committed: a connection lost at
-        the commit): every hold asked is given back; giving back one never held is a no-op."""
-        self.engine.release_holds([Release(hold.id, hold.group) for hold in self.asked.holds])
+    def unavailable(self) -> list[Reservation | LimitExceeded]:
+        """What ``reserve_many`` answers when the store cannot be reached (its answer was
+        ``CounterStoreUnavailable``): ``ServiceUnavailable`` raised, or every request admitted unchecked
+        when the engine fails open. A hold whose reply was lost is the reaper's, as with a thread's."""
+        return self.engine._unavailable(self.asked)
 
     def abandon(self) -> None:
         """Nobody will read the verdicts (the caller was cancelled): once they come, what they admitted
@@ -489,20 +490,23 @@ class QuotaEngine:
         try:
             verdicts = self._decide(asked.holds, asked.placements, asked.now_us)
         except CounterStoreUnavailable:
-            if not self.fail_open:
-                raise ServiceUnavailable(
-                    "usage limits cannot be checked right now (counter store unreachable); retry shortly"
-                ) from None
-            log.warning(
-                "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(asked.holds)
-            )
-            return [
-                Reservation(
-                    h.id, s, p.bounds, a, asked.expires_us, False, None, asked.now_us, p.meters, checked=False
-                )
-                for (s, a, _at), p, h in zip(requests, asked.placements, asked.holds, strict=True)
-            ]
+            return self._unavailable(asked)
         return self._outcomes(asked, verdicts)
+
+    def _unavailable(self, asked: _Asked) -> list[Reservation | LimitExceeded]:
+        if not self.fail_open:
+            raise ServiceUnavailable(
+                "usage limits cannot be checked right now (counter store unreachable); retry shortly"
+            ) from None
+        log.warning(
+            "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(asked.holds)
+        )
+        return [
+            Reservation(
+                h.id, s, p.bounds, a, asked.expires_us, False, None, asked.now_us, p.meters, checked=False
+            )
+            for (s, a, _at), p, h in zip(asked.requests, asked.placements, asked.holds, strict=True)
+        ]
 
     def reserve_queued(
         self,
@@ -513,8 +517,8 @@ class QuotaEngine:
     ) -> Queued:
         """``reserve_many`` for an event loop, with a store whose calls are queued (``CounterStore.
         queued``): the store's verdicts come as a future, and ``Queued.outcomes`` makes the outcomes of
-        them. No seeding and no fail-open here: where the answer is not a plain one (a counter to load
-        from the ledger, an unreachable store), nothing is held and ``reserve_many`` decides again."""
+        them. No seeding here: where a counter is to be loaded from the ledger, nothing is held and
+        ``reserve_many`` decides again; an unreachable store is answered by ``Queued.unavailable``."""
         asked = self._asked(requests, ttl, hold_ids)
         return Queued(self, asked, self.store.reserve_queued(asked.holds, asked.now_us))
 

@@ -406,9 +406,19 @@ class _Request:
         self.verdicts: list[Verdict] = []
         self.error: BaseException | None = None
 
+    def taken(self) -> bool:
+        """Whether it is still to be decided: False once its caller cancelled its future (then it is left
+        out of the call, and nothing is held for nobody)."""
+        future = self.future
+        if future is None or future.running():
+            return True
+        return not future.cancelled() and future.set_running_or_notify_cancel()
+
     def answer(self) -> None:
         if self.future is None:
             self.done.set()
+        elif not self.taken():
+            return  # cancelled by its caller: nobody reads it
         elif self.error is not None:
             self.future.set_exception(self.error)
         else:
@@ -495,12 +505,19 @@ class RedisCounterStore:
             return answered(list)
         route = self._route(holds)
         if route is None:
-            return self._leaders.submit(self._reserve_alone, holds, now_us)
+            try:
+                return self._leaders.submit(self._reserve_alone, holds, now_us)
+            except RuntimeError:  # closed
+                return answered(self._closed)
         request = _Request(holds, now_us, Future())
         assert request.future is not None
         if not self._join(route, request):
             self._start_lead(route, request)
         return request.future
+
+    @staticmethod
+    def _closed() -> list[Verdict]:
+        raise CounterStoreUnavailable("the Redis counter store is closed")
 
     def _route(self, holds: Sequence[Hold]) -> str | None:
         """The route of a reservation ("" on one Redis, its organization on a cluster), None for one that
@@ -533,11 +550,33 @@ class RedisCounterStore:
             return True
 
     def _start_lead(self, route: str, request: _Request) -> None:
-        """A request whose caller does not wait in a thread leads on the store's own threads."""
+        """A request whose caller does not wait in a thread leads on the store's own threads. Once the
+        store is closed it fails as unavailable (never a call on the caller's thread: an event loop),
+        and the lead passes on."""
+        with self._lock:
+            closed = self._closing
+        if not closed:
+            try:
+                self._leaders.submit(self._lead_logged, route, request)
+                return
+            except RuntimeError:  # shut down meanwhile; a thread that could not start has its work queued
+                with self._lock:
+                    closed = self._closing
+                if not closed:
+                    raise
+        with self._lock:
+            batch = [request, *self._queues[route]]
+            self._queues[route] = []
+        for waiting in batch:
+            waiting.error = CounterStoreUnavailable("the Redis counter store is closed")
+        self._pass_lead(route, batch)
+
+    def _lead_logged(self, route: str, request: _Request) -> None:
         try:
-            self._leaders.submit(self._lead, route, request)
-        except RuntimeError:  # the store is closed: the call fails here, and the lead passes on
             self._lead(route, request)
+        except BaseException:  # on an executor thread nobody would see it
+            log.exception("a Redis counter call failed outside its requests")
+            raise
 
     def _lead(self, route: str, first: _Request) -> None:
         """Send ``first`` with what is queued behind it in one reservation, then hand the lead to the
@@ -545,6 +584,15 @@ class RedisCounterStore:
         with self._lock:
             batch = [first, *self._queues[route]]
             self._queues[route] = []
+        try:
+            self._decide_batch(batch)
+        finally:
+            self._pass_lead(route, batch)
+
+    def _decide_batch(self, batch: list[_Request]) -> None:
+        batch = [request for request in batch if request.taken()]
+        if not batch:
+            return
         holds = [hold for request in batch for hold in request.holds]
         try:
             verdicts, stop = self._reserve(holds, max(request.now_us for request in batch))
@@ -560,6 +608,10 @@ class RedisCounterStore:
                 if request.error is None:
                     request.verdicts = verdicts[start : start + len(request.holds)]
                 start += len(request.holds)
+
+    def _pass_lead(self, route: str, batch: list[_Request]) -> None:
+        """Hand the lead to the first request queued meanwhile (or end the route's queue), then answer
+        ``batch``."""
         following = None
         with self._lock:
             queue = self._queues[route]

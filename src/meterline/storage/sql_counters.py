@@ -91,10 +91,13 @@ def _report_lost(done: Future[Any]) -> None:
 
 
 def _copy_verdicts(done: Future[Any], verdicts: Future[list[Verdict]]) -> None:
-    """A reserve call's answer, as ``reserve`` answers it: the fault of a hold (``ValueError``) raised."""
+    """A reserve call's answer, as ``reserve`` answers it: the fault of a hold (``ValueError``) raised, an
+    outage as ``CounterStoreUnavailable``."""
     error = done.exception()
     if error is None and isinstance(done.result(), ValueError):
         error = done.result()
+    if isinstance(error, OperationalError) and is_outage(error):
+        error = CounterStoreUnavailable(f"the database holding the counters is unavailable: {error.orig}")
     if error is not None:
         verdicts.set_exception(error)
     else:
