@@ -1012,3 +1012,28 @@ def test_bad_headers_and_credentials(gw: Gateway) -> None:
             model="gpt-4o-mini", messages=HELLO
         )
     assert gw.http.get("/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_an_unreachable_redis_answers_503_or_admits_unchecked(
+    fail_open: bool, sqlite_url: str, tmp_path: Path, primary: FakeUpstream, backup: FakeUpstream
+) -> None:
+    # Nothing listens for Redis. The first request decides in a worker thread, the next on the event loop
+    # (the organization is cached by then): both answer as the operator chose.
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    settings = _settings(
+        sqlite_url, tmp_path, primary, backup, redis_url=dead_redis, quota_fail_open=fail_open
+    )
+    for gateway in _start(settings):
+        for _ in range(2):
+            answer = gateway.http.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {gateway.tenant.key}"},
+            )
+            if fail_open:
+                assert answer.status_code == 200, answer.text
+            else:
+                assert answer.status_code == 503, answer.text
+                assert "counter store" in answer.json()["error"]["message"]
+        assert len(gateway.ledger()) == (2 if fail_open else 0)
