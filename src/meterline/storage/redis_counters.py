@@ -412,7 +412,7 @@ class _Request:
         future = self.future
         if future is None or future.running():
             return True
-        return not future.cancelled() and future.set_running_or_notify_cancel()
+        return not future.done() and future.set_running_or_notify_cancel()
 
     def answer(self) -> None:
         if self.future is None:

@@ -90,14 +90,21 @@ def _report_lost(done: Future[Any]) -> None:
         log.error("a settlement did not match its reservation: %s", done.result())
 
 
+def _unavailable(exc: OperationalError) -> CounterStoreUnavailable | None:
+    """What an outage of the database means to a caller of the counters; None for any other error."""
+    if not is_outage(exc):
+        return None
+    return CounterStoreUnavailable(f"the database holding the counters is unavailable: {exc.orig}")
+
+
 def _copy_verdicts(done: Future[Any], verdicts: Future[list[Verdict]]) -> None:
     """A reserve call's answer, as ``reserve`` answers it: the fault of a hold (``ValueError``) raised, an
     outage as ``CounterStoreUnavailable``."""
     error = done.exception()
     if error is None and isinstance(done.result(), ValueError):
         error = done.result()
-    if isinstance(error, OperationalError) and is_outage(error):
-        error = CounterStoreUnavailable(f"the database holding the counters is unavailable: {error.orig}")
+    if isinstance(error, OperationalError):
+        error = _unavailable(error) or error
     if error is not None:
         verdicts.set_exception(error)
     else:
@@ -256,11 +263,10 @@ class SqlCounterStore:
         try:
             return wait(future)
         except OperationalError as exc:
-            if is_outage(exc):
-                raise CounterStoreUnavailable(
-                    f"the database holding the counters is unavailable: {exc.orig}"
-                ) from exc
-            raise
+            unavailable = _unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from exc
 
     def _apply(self, conn: Connection, calls: list[_Call]) -> list[Any]:
         """The calls of one batch, in queue order, on one book: loaded once, written back once."""
