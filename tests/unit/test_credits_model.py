@@ -53,7 +53,9 @@ class Model:
     def use(self, amount: int) -> tuple[int, int] | None:
         """The draw (monthly, bonus), or None when block refuses it."""
         monthly_left = ALLOWANCE - self.monthly_used
-        if amount > 0 and amount > monthly_left + self.bonus_left:
+        # A used-up allowance refuses every request, one of no credits too (quotas/README.md: a money line
+        # reserves at least one nano).
+        if max(amount, 1) > monthly_left + self.bonus_left:
             return None
         monthly = min(amount, monthly_left)
         bonus = amount - monthly
