@@ -36,6 +36,7 @@ from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database
+from meterline.storage.driver_sql import fetch, fetch_one
 from meterline.storage.tenancy_store import thresholds_from_text
 from meterline.storage.writer import after_commit
 
@@ -224,16 +225,17 @@ class AlertEvaluator:
         cached = self._fired.get(org_id)
         known = cached[1] if cached is not None and cached[0] == period_us else set()
         # Read in the transaction (a primary-key lookup), so a changed setting applies to the next settle.
-        own = thresholds_from_text(conn.exec_driver_sql(_q(conn, _THRESHOLDS), (org_id,)).scalar())
+        found_own = fetch_one(conn, _q(conn, _THRESHOLDS), (org_id,))
+        own = thresholds_from_text(None if found_own is None else found_own[0])
         thresholds = self.policy.thresholds if own is None else own
         wanted = {(THRESHOLD, t) for t in thresholds} | {(PROJECTED_RUN_OUT, 100)}
         if wanted <= known:
             return
         if measure == "spend":
             first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
-            used = int(conn.exec_driver_sql(_q(conn, _SPENT), (org_id, first_day, end_day)).scalar_one())
+            used = int(fetch(conn, _q(conn, _SPENT), (org_id, first_day, end_day))[0][0])
         else:
-            found = conn.exec_driver_sql(_q(conn, _CREDITS_USED), (org_id, period_us)).first()
+            found = fetch_one(conn, _q(conn, _CREDITS_USED), (org_id, period_us))
             used = 0 if found is None else int(found[0])
         fired_thresholds = {t for k, t in known if k == THRESHOLD}
         candidates: list[Alert] = [
@@ -246,7 +248,7 @@ class AlertEvaluator:
                 candidates.append(projected)
         if not candidates:
             return
-        committed = {(str(k), int(t)) for k, t in conn.exec_driver_sql(_q(conn, _FIRED), (org_id, period_us))}
+        committed = {(str(k), int(t)) for k, t in fetch(conn, _q(conn, _FIRED), (org_id, period_us))}
         for alert in candidates:
             if (alert.kind, alert.threshold) not in committed:
                 fire(conn, org_id, alert, now)
@@ -293,9 +295,7 @@ class AlertEvaluator:
                 after_commit(partial(self._add_seen, org_id, today, added))
                 return
         sql = _q(conn, _DAILY).replace("{measure}", measure)
-        by_day = {
-            int(d): int(v) for d, v in conn.exec_driver_sql(sql, (org_id, today - _BASELINE_DAYS, today + 1))
-        }
+        by_day = {int(d): int(v) for d, v in fetch(conn, sql, (org_id, today - _BASELINE_DAYS, today + 1))}
         previous = [by_day.get(d, 0) for d in range(today - _BASELINE_DAYS, today)]
         used = by_day.get(today, 0)
         min_volume = self.policy.unusual_min_volume * NANOS_PER_WHOLE

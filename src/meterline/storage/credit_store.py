@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection
 
 from meterline.credits import CreditBalance
+from meterline.storage.driver_sql import fetch, run_many
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -36,12 +37,12 @@ def _marker(conn: Connection) -> str:
 
 
 def granted(conn: Connection, organization_id: str) -> int:
-    return int(conn.exec_driver_sql(_GRANTED.format(p=_marker(conn)), (organization_id,)).scalar_one())
+    return int(fetch(conn, _GRANTED.format(p=_marker(conn)), (organization_id,))[0][0])
 
 
 def periods(conn: Connection, organization_id: str) -> dict[int, tuple[int, int, int]]:
     """Per period start: (monthly, bonus, overage) drawn."""
-    rows = conn.exec_driver_sql(_PERIODS.format(p=_marker(conn)), (organization_id,))
+    rows = fetch(conn, _PERIODS.format(p=_marker(conn)), (organization_id,))
     return {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
 
@@ -72,6 +73,8 @@ def add_credit_draws(
     conn: Connection, organization_id: str, draws: Sequence[tuple[int, int, int, int]]
 ) -> None:
     """Add (period start, monthly, bonus, overage) draws to ``credit_usage``."""
-    conn.exec_driver_sql(
-        _UPSERT.format(p=_marker(conn)), [(organization_id, start, *amounts) for start, *amounts in draws]
+    run_many(
+        conn,
+        _UPSERT.format(p=_marker(conn)),
+        [(organization_id, start, *amounts) for start, *amounts in draws],
     )

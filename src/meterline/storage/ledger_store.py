@@ -19,6 +19,7 @@ from meterline.metering.store import AppendResult
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_details, usage_rollups
 from meterline.storage.database import Database
+from meterline.storage.driver_sql import fetch, fetch_one, run, run_many
 from meterline.storage.first_statistics import FirstStatistics
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 from meterline.storage.writer import Together, wait
@@ -42,6 +43,11 @@ _PG_UNNEST_INSERT = (
 _SELECT_COLUMNS = ", ".join(f"ledger.{c.name}" for c in ledger.columns)
 _SQLITE_SELECT_BY_KEYS = (
     f"SELECT {_SELECT_COLUMNS} FROM ledger WHERE organization_id = ? AND idempotency_key IN"
+)
+_SQLITE_KEYS_STORED = "SELECT idempotency_key FROM ledger WHERE organization_id = ? AND idempotency_key IN"
+_PG_KEYS_STORED = (
+    "SELECT wanted.key FROM unnest(%s::text[]) AS wanted(key) "
+    "JOIN ledger ON ledger.organization_id = %s AND ledger.idempotency_key = wanted.key"
 )
 _PG_SELECT_BY_KEYS = (
     f"SELECT {_SELECT_COLUMNS} FROM unnest(%s::text[]) AS wanted(key) "
@@ -289,7 +295,7 @@ class SqlLedgerStore:
         re-parsed on every call; ``unnest`` over one array per column is one small cached statement."""
         # Lists, not tuples: psycopg adapts a list as an array and a tuple as a record.
         columns = tuple(list(column) for column in zip(*(row_to_tuple(row) for row in rows), strict=True))
-        return int(conn.exec_driver_sql(_PG_UNNEST_INSERT, columns).rowcount)
+        return run(conn, _PG_UNNEST_INSERT, columns)
 
     def append(
         self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
@@ -356,7 +362,11 @@ class SqlLedgerStore:
         if not keys:
             return {}
         org_id = keys[0][0]
-        wanted = [key for _, key in keys]
+        # Most look-ups find nothing (a new event, a first settle): the keys alone first, a narrow
+        # statement straight to the driver; whole rows only for the keys found.
+        wanted = self._stored_keys(conn, org_id, [key for _, key in keys])
+        if not wanted:
+            return {}
         if not self._db.is_sqlite:
             # One array parameter keeps the statement short and cached; joining it (rather than
             # `= ANY(array)`, a linear search per row when the planner picks a scan) is never quadratic.
@@ -371,15 +381,25 @@ class SqlLedgerStore:
             )
         return found
 
+    def _stored_keys(self, conn: Connection, org_id: str, keys: list[str | None]) -> list[str]:
+        if not self._db.is_sqlite:
+            return [str(k) for (k,) in fetch(conn, _PG_KEYS_STORED, (keys, org_id))]
+        found: list[str] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            sql = f"{_SQLITE_KEYS_STORED} ({', '.join('?' * len(chunk))})"
+            found += [str(k) for (k,) in fetch(conn, sql, (org_id, *chunk))]
+        return found
+
     def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int) -> None:
         usage_rollups.upsert(conn, usage_rollups.deltas(rows, anchor_day))
         usage_details.upsert(conn, usage_details.deltas(rows))
         deltas = rollup_deltas(rows)
         if self._db.is_sqlite:
-            conn.exec_driver_sql(_SQLITE_ROLLUP_UPSERT, deltas)
+            run_many(conn, _SQLITE_ROLLUP_UPSERT, deltas)
         else:
             columns = tuple(list(column) for column in zip(*deltas, strict=True))
-            conn.exec_driver_sql(_PG_ROLLUP_UPSERT, columns)
+            run(conn, _PG_ROLLUP_UPSERT, columns)
 
 
 class _SettleSql:
@@ -402,9 +422,9 @@ class _SettleSql:
         # use the new day. Rows of an organization that is not (or no longer) stored (loaders, tests):
         # periods by the 1st.
         if self._sqlite:  # one writer at a time: the turn is the transaction itself
-            found = self._conn.exec_driver_sql(_SQLITE_ANCHOR_DAY, (organization_id,)).first()
+            found = fetch_one(self._conn, _SQLITE_ANCHOR_DAY, (organization_id,))
             return 1 if found is None else int(found[0])
-        found = self._conn.exec_driver_sql(_PG_TURN, (organization_id,)).first()
+        found = fetch_one(self._conn, _PG_TURN, (organization_id,))
         self._turn, self._read = organization_id, None
         return 1 if found is None else int(found[0])
 
@@ -415,9 +435,9 @@ class _SettleSql:
         if self._sqlite or self._turn != organization_id:
             return None
         if self._read is None:
-            granted, periods, seq, head_hash = self._conn.exec_driver_sql(
-                _PG_AFTER_TURN, {"org": organization_id}
-            ).one()
+            (granted, periods, seq, head_hash), *_ = fetch(
+                self._conn, _PG_AFTER_TURN, {"org": organization_id}
+            )
             drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
             head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
             self._read = credit_store.drawn_and_left(drawn, int(granted)), head
@@ -440,7 +460,7 @@ class _SettleSql:
         # index decides, and the rows it refused are told apart by id.
         conn = self._conn
         if self._sqlite:
-            inserted = conn.exec_driver_sql(self._store._insert_sql, [row_to_tuple(r) for r in rows]).rowcount
+            inserted = run_many(conn, self._store._insert_sql, [row_to_tuple(r) for r in rows])
         else:
             inserted = self._store._insert_multirow(conn, rows)
         ids = [row.id for row in rows]
@@ -453,32 +473,24 @@ class _SettleSql:
         read = self._after_turn(organization_id)
         if read is not None:
             return read[1]
-        cursor = self._conn.connection.cursor()
-        try:
-            cursor.execute(self._store._chain_head_sql, (organization_id,))
-            found = cursor.fetchone()
-        finally:
-            cursor.close()
+        found = fetch_one(self._conn, self._store._chain_head_sql, (organization_id,))
         return GENESIS if found is None else ChainHead(int(found[0]), found[1])
 
     def add_receipts(self, signed: Sequence[Receipt], head: ChainHead) -> None:
         if not signed:
             return
         chain_head = (signed[0].organization_id, head.seq, head.hash)
-        cursor = self._conn.connection.cursor()
-        try:
-            if not self._sqlite:
-                # The receipts and the new head in one statement (a data-modifying CTE), one round trip.
-                columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
-                cursor.execute(_PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
-                return
-            if len(signed) == 1:
-                cursor.execute(_SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))
-            else:
-                cursor.executemany(_SQLITE_RECEIPT_INSERT, [_receipt_tuple(r) for r in signed])
-            cursor.execute(self._store._chain_upsert_sql, chain_head)
-        finally:
-            cursor.close()
+        conn = self._conn
+        if not self._sqlite:
+            # The receipts and the new head in one statement (a data-modifying CTE), one round trip.
+            columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
+            run(conn, _PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
+            return
+        if len(signed) == 1:
+            run(conn, _SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))
+        else:
+            run_many(conn, _SQLITE_RECEIPT_INSERT, [_receipt_tuple(r) for r in signed])
+        run(conn, self._store._chain_upsert_sql, chain_head)
 
     def evaluate_alerts(self, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
         if self._store._alerts is not None:
@@ -489,7 +501,9 @@ class _SettleSql:
         ended = 0
         for start in range(0, len(reservation_ids), 500):
             chunk = list(reservation_ids[start : start + 500])
-            ended += self._conn.exec_driver_sql(
-                f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})", tuple(chunk)
-            ).rowcount
+            ended += run(
+                self._conn,
+                f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
+                chunk,
+            )
         return ended

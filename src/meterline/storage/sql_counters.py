@@ -52,6 +52,7 @@ from meterline.quotas.counters import (
 )
 from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
+from meterline.storage.driver_sql import fetch, run_many
 from meterline.storage.outage import is_outage
 from meterline.storage.writer import Together, wait
 
@@ -112,16 +113,19 @@ def _copy_verdicts(done: Future[Any], verdicts: Future[list[Verdict]]) -> None:
 
 
 def _decode_lines(text: str) -> tuple[Line, ...]:
-    return tuple(
-        Line(str(k), int(a), int(m), bool(b), _KIND[str(c)], int(r))
-        for k, c, a, m, b, r in orjson.loads(text)
-    )
-
+    # Stored by ``_encode_lines``: JSON numbers and booleans come back as Python's own. ``tuple.__new__``
+    # builds a Line in half the time of ``Line(...)``; a batch decodes every hold it finishes.
+    new = tuple.__new__
+    return tuple([new(Line, (k, a, m, b, _KIND[c], r)) for k, c, a, m, b, r in orjson.loads(text)])
 
 
 def _hold(hold_id: str, lines: tuple[Line, ...], expires_us: int) -> Hold:
     # The group is not stored: it is the lines' own (a hold without lines has none to be routed by here).
     return Hold(hold_id, lines, expires_us, group_of(lines[0].key) if lines else "")
+
+
+_Stored = tuple[str, int, int, tuple[Line, ...]]  # a hold as read: id, expires_us, second, lines
+
 
 class _State:
     """What one transaction loaded, kept to write back only what changed."""
@@ -274,30 +278,19 @@ class SqlCounterStore:
         sweep = self._ops >= _SWEEP_EVERY
         if sweep:
             self._ops = 0
-        p = self._p
         finishing = [hold_id for call in calls for hold_id, _ in call.finishes]
-        held_lines: list[Line] = []
-        if finishing:
-            ids = sorted(set(finishing))
-            # Locked first (PostgreSQL): a settle and the reaper finishing one hold at once must not
-            # both apply it. The second finds it gone.
-            for (text,) in conn.exec_driver_sql(
-                f"SELECT lines FROM quota_holds WHERE id IN ({', '.join([p] * len(ids))}) "
-                f"ORDER BY id{self._lock_rows}",
-                tuple(ids),
-            ):
-                held_lines += _decode_lines(str(text))
+        hold_ids = [*finishing, *(hold.id for call in calls for hold in call.holds)]
+        holds = self._holds(conn, hold_ids)
         lines = [
-            *held_lines,
+            *(line for _, _, _, held_lines in holds for line in held_lines),
             *(line for call in calls for hold in call.holds for line in hold.lines),
             *(Line(s.key, 0, -1, False, s.kind, s.reset_s) for call in calls for s in call.seeds),
             *(line for call in calls for line in call.lines),
         ]
-        hold_ids = [*finishing, *(hold.id for call in calls for hold in call.holds)]
         seeds = [(seed, call.now_us) for call in calls for seed in call.seeds]
         if seeds:
             self._insert_seeds(conn, seeds)
-        state = self._load(conn, lines, hold_ids)
+        state = self._load(conn, lines, holds)
         book = state.book
         answers: list[Any] = []
         for call in calls:
@@ -387,30 +380,38 @@ class SqlCounterStore:
         ).all()
         return [_hold(str(r[0]), _decode_lines(str(r[2])), int(r[1])) for r in rows]
 
-    def _load(self, conn: Connection, lines: Iterable[Line], hold_ids: Sequence[str]) -> _State:
-        """The counters of ``lines`` and the holds ``hold_ids`` (locked on PostgreSQL), in a book."""
+    def _holds(self, conn: Connection, hold_ids: Sequence[str]) -> list[_Stored]:
+        """The stored holds among ``hold_ids`` (those being finished, and any already made under the id
+        of one being reserved), read once and locked first on PostgreSQL, in id order: a settle and the
+        reaper finishing one hold at once must not both apply it (the second finds it gone)."""
+        if not hold_ids:
+            return []
+        ids = sorted(set(hold_ids))
+        rows = fetch(
+            conn,
+            f"SELECT id, expires_us, second, lines FROM quota_holds WHERE id IN "
+            f"({', '.join([self._p] * len(ids))}) ORDER BY id{self._lock_rows}",
+            ids,
+        )
+        return [
+            (str(i), int(expires_us), int(second), _decode_lines(str(text)))
+            for i, expires_us, second, text in rows
+        ]
+
+    def _load(self, conn: Connection, lines: Iterable[Line], holds: Sequence[_Stored]) -> _State:
+        """The counters of ``lines`` (locked on PostgreSQL, in key order) in a book, with ``holds``."""
         p = self._p
         state = _State()
         book = state.book
-        holds: list[tuple[str, int, int, tuple[Line, ...]]] = []
-        if hold_ids:
-            rows = conn.exec_driver_sql(
-                f"SELECT id, expires_us, second, lines FROM quota_holds WHERE id IN "
-                f"({', '.join([p] * len(hold_ids))})",
-                tuple(hold_ids),
-            ).all()
-            for hold_id, expires_us, second, text in rows:
-                held_lines = _decode_lines(str(text))
-                holds.append((str(hold_id), int(expires_us), int(second), held_lines))
-                lines = [*lines, *held_lines]
         wanted = {(line.key, _KIND_CODE[line.kind]) for line in lines}
         if wanted:
             keys = sorted({key for key, _ in wanted})
-            rows = conn.exec_driver_sql(
+            rows = fetch(
+                conn,
                 f"SELECT key, kind, used, reserved, reset_s FROM quota_counters WHERE key IN "
                 f"({', '.join([p] * len(keys))}) ORDER BY key, kind{self._lock_rows}",
-                tuple(keys),
-            ).all()
+                keys,
+            )
             horizons: dict[str, int] = {}
             for key, kind, used, reserved, reset_s in rows:
                 if (key, kind) not in wanted:
@@ -423,10 +424,11 @@ class SqlCounterStore:
             if horizons:
                 names = sorted(horizons)
                 buckets: dict[str, dict[int, int]] = {key: {} for key in names}
-                for key, second, amount in conn.exec_driver_sql(
+                for key, second, amount in fetch(
+                    conn,
                     f"SELECT key, second, amount FROM quota_seconds WHERE key IN "
                     f"({', '.join([p] * len(names))}) ORDER BY key, second",
-                    tuple(names),
+                    names,
                 ):
                     if int(second) > horizons[key]:
                         buckets[key][int(second)] = int(amount)
@@ -462,7 +464,8 @@ class SqlCounterStore:
             if loaded != (counter.used, counter.reserved):
                 updates.append((_int(counter.used), _int(counter.reserved), key))
         if updates:
-            conn.exec_driver_sql(
+            run_many(
+                conn,
                 f"UPDATE quota_counters SET used = {p}, reserved = {p} WHERE key = {p} AND kind = 'f'",
                 updates,
             )
@@ -479,11 +482,12 @@ class SqlCounterStore:
                 (key, int(s), _int(int(a))) for s, a in rolling.buckets if seconds.get(int(s)) != a
             ]
         if horizons:
-            conn.exec_driver_sql(
-                f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'", horizons
+            run_many(
+                conn, f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'", horizons
             )
         if set_seconds:
-            conn.exec_driver_sql(
+            run_many(
+                conn,
                 f"INSERT INTO quota_seconds (key, second, amount) VALUES ({p}, {p}, {p}) "
                 "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount",
                 set_seconds,
@@ -491,15 +495,17 @@ class SqlCounterStore:
         # A hold finished and made again under its id in one batch is gone and new.
         gone = [(hold_id,) for hold_id, held in state.holds.items() if book.holds.get(hold_id) is not held]
         if gone:
-            conn.exec_driver_sql(f"DELETE FROM quota_holds WHERE id = {p}", gone)
+            run_many(conn, f"DELETE FROM quota_holds WHERE id = {p}", gone)
         new = [
             (hold_id, held.hold.expires_us, held.second, _encode_lines(held.hold.lines))
             for hold_id, held in book.holds.items()
             if state.holds.get(hold_id) is not held
         ]
         if new:
-            conn.exec_driver_sql(
-                f"INSERT INTO quota_holds (id, expires_us, second, lines) VALUES ({p}, {p}, {p}, {p})", new
+            run_many(
+                conn,
+                f"INSERT INTO quota_holds (id, expires_us, second, lines) VALUES ({p}, {p}, {p}, {p})",
+                new,
             )
 
     def _sweep(self, conn: Connection, now_s: int) -> None:

@@ -1,0 +1,96 @@
+"""Statements straight to the driver (``storage/driver_sql.py``) behave as ``exec_driver_sql`` does: in
+the connection's transaction, with SQLAlchemy's exceptions, and a lost connection is invalidated (so the
+writer fails its whole batch and the outage rules answer 503)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc
+
+from meterline.storage.database import Database
+from meterline.storage.driver_sql import fetch, fetch_one, run, run_many
+from meterline.storage.outage import is_outage
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    with database.write() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS driver_probe")
+        conn.exec_driver_sql("CREATE TABLE driver_probe (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+    yield database
+    with database.write() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS driver_probe")
+    database.dispose()
+
+
+def _marker(db: Database) -> str:
+    return "?" if db.is_sqlite else "%s"
+
+
+def test_rows_come_back_as_tuples_and_writes_commit_with_the_transaction(db: Database) -> None:
+    p = _marker(db)
+    with db.write() as conn:
+        assert (
+            run_many(conn, f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})", [(1, "a"), (2, "b")])
+            == 2
+        )
+        assert run(conn, f"UPDATE driver_probe SET name = {p} WHERE id = {p}", ("c", 2)) == 1
+    with db.read() as conn:
+        assert fetch(conn, "SELECT id, name FROM driver_probe ORDER BY id") == [(1, "a"), (2, "c")]
+        assert fetch_one(conn, f"SELECT name FROM driver_probe WHERE id = {p}", (3,)) is None
+
+
+def test_a_rolled_back_transaction_keeps_nothing_written_through_the_driver(db: Database) -> None:
+    p = _marker(db)
+
+    def failing_job() -> None:
+        with db.write() as conn:
+            run(conn, f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})", (1, "a"))
+            raise RuntimeError("the job failed after its write")
+
+    with pytest.raises(RuntimeError):
+        failing_job()
+    # Outside any transaction, a statement opens one (as SQLAlchemy's autobegin): rolled back, it is gone.
+    with db.engine.connect() as conn:
+        run(conn, f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})", (2, "b"))
+        assert conn.in_transaction()
+        conn.rollback()
+    with db.read() as conn:
+        assert fetch(conn, "SELECT id FROM driver_probe") == []
+
+
+def test_a_failed_statement_raises_sqlalchemys_error_and_the_transaction_goes_on(db: Database) -> None:
+    p = _marker(db)
+    with db.write() as conn:
+        run(conn, f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})", (1, "a"))
+        savepoint = conn.begin_nested()
+        with pytest.raises(exc.IntegrityError) as raised:
+            run(conn, f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})", (1, "again"))
+        savepoint.rollback()
+        assert "driver_probe" in str(raised.value.statement)
+        assert not is_outage(raised.value)
+    with db.read() as conn:
+        assert fetch(conn, "SELECT id, name FROM driver_probe") == [(1, "a")]
+
+
+def test_a_lost_postgresql_connection_is_invalidated_and_reads_as_an_outage(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        with db.engine.connect() as conn:
+            conn.begin()
+            pid = fetch_one(conn, "SELECT pg_backend_pid()")
+            assert pid is not None
+            with db.engine.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid[0]})
+                other.commit()
+            with pytest.raises(exc.OperationalError) as raised:
+                fetch(conn, "SELECT 1")
+            assert raised.value.connection_invalidated
+            assert conn.invalidated
+            assert is_outage(raised.value)
+    finally:
+        db.dispose()
