@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Connection
 
 from meterline.storage.database import Database
-from meterline.storage.writer import Together, Writer, after_commit
+from meterline.storage.writer import Together, Writer, after_commit, answered_before
 
 
 @pytest.fixture
@@ -313,3 +313,53 @@ def test_after_commit_actions_run_only_for_jobs_that_committed(db: Database) -> 
     assert sorted(remembered) == ["one", "two"]
     after_commit(lambda: remembered.append("outside"))  # outside a writer job: at once
     assert remembered[-1] == "outside"
+
+
+def test_a_write_reads_the_answer_of_a_decision_queued_before_it_in_the_same_commit(db: Database) -> None:
+    """A decision (merged with its kind, run first: no order key) and a write that depends on it (queued
+    after it, run later under its organization's key): one batch, one commit, and the write sees the
+    decision's answer before either caller is told anything."""
+
+    def decide(conn: Connection, names_asked: list[str]) -> list[str]:
+        for name in names_asked:
+            insert(f"decided-{name}")(conn)
+        return [name.upper() for name in names_asked]
+
+    gate = hold(db.writer)
+    other = db.writer.submit(insert("queued-first"), order="org_a")  # a unit placed before the decision
+    decided = [db.writer.submit_together(Together("decide", name, decide)) for name in ("a", "b")]
+    seen: list[str] = []
+
+    def depends(conn: Connection) -> str:
+        answer = answered_before(decided[1])
+        seen.append(answer)
+        return insert(f"written-{answer}")(conn)
+
+    written = db.writer.submit(depends, order="org_b")
+    batches = db.writer.batches
+    gate.set()
+    assert written.result(5) == "written-B"
+    assert [f.result(5) for f in decided] == ["A", "B"]
+    assert other.result(5) == "queued-first"
+    assert seen == ["B"]
+    assert db.writer.batches == batches + 2  # the holder, then everything queued behind it in one commit
+    assert {"decided-a", "decided-b", "written-B"} <= names(db)
+
+
+def test_a_write_whose_decision_failed_gets_its_error_and_one_from_an_earlier_batch_its_answer(
+    db: Database,
+) -> None:
+    earlier = db.writer.submit(lambda _conn: "from an earlier batch")
+    assert earlier.result(5) == "from an earlier batch"
+    gate = hold(db.writer)
+    failing = db.writer.submit(lambda conn: [insert("dup")(conn), insert("dup")(conn)])
+    after_failure = db.writer.submit(lambda _conn: answered_before(failing), order="org_a")
+    after_earlier = db.writer.submit(lambda _conn: answered_before(earlier), order="org_a")
+    not_yet: Future[str] = Future()
+    never_queued = db.writer.submit(lambda _conn: answered_before(not_yet), order="org_a")
+    gate.set()
+    with pytest.raises(Exception, match="UNIQUE"):
+        after_failure.result(5)
+    assert after_earlier.result(5) == "from an earlier batch"
+    with pytest.raises(LookupError):
+        never_queued.result(5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from meterline.errors import Forbidden, NotFound, Unauthorized
 from meterline.metering.reading import Scope
@@ -15,7 +16,9 @@ from meterline.tenancy.keys import same_secret
 from meterline.tenancy.tokens import TokenService, looks_like_jwt
 
 
-def get_services(request: Request) -> Services:
+# The dependencies are coroutines where they need no I/O: FastAPI runs a plain function dependency in a
+# worker thread, a hop there and back for every request (docs/benchmarks.md, "Dependencies on the loop").
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -23,7 +26,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_tokens(request: Request) -> TokenService:
+async def get_tokens(request: Request) -> TokenService:
     tokens: TokenService = request.app.state.tokens
     return tokens
 
@@ -88,7 +91,15 @@ def _remember(request: Request, principal: Principal) -> Principal:
     return principal
 
 
-PrincipalDep = Annotated[Principal, Depends(get_principal)]
+async def principal_of(request: Request, services: ServicesDep, tokens: TokensDep) -> Principal:
+    """``get_principal`` as a dependency: on the event loop for a cached API key, else in a thread."""
+    principal = cached_principal(request, services)
+    if principal is not None:
+        return principal
+    return await run_in_threadpool(get_principal, request, services, tokens)
+
+
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
 
 
 def scope_of(principal: Principal, request: Request) -> Scope:
@@ -99,7 +110,7 @@ def scope_of(principal: Principal, request: Request) -> Scope:
     return Scope(principal.organization_id, principal.workspace_id, principal.identifier_id)
 
 
-def require_admin(request: Request, services: ServicesDep) -> None:
+async def require_admin(request: Request, services: ServicesDep) -> None:
     configured = services.settings.admin_key
     if configured is None:
         raise Forbidden("the admin API is disabled: start the server with METERLINE_ADMIN_KEY set")

@@ -58,7 +58,7 @@ def _named_limits_in(value: object) -> object:
         if raw == UNLIMITED and not isinstance(raw, bool):
             continue
         money = (
-            f"limit {name!r} is an amount of money in the organization's currency (\"25.00\") up to "
+            f'limit {name!r} is an amount of money in the organization\'s currency ("25.00") up to '
             f"{MAX_LIMIT // NANOS_PER_UNIT}, or -1"
         )
         try:

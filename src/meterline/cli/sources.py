@@ -76,7 +76,7 @@ def _local(
     from starlette.testclient import TestClient
 
     from meterline.api.app import create_app
-    from meterline.api.auth import get_principal
+    from meterline.api.auth import principal_of
     from meterline.tenancy import Principal
 
     with services_for(config, database_url) as services:
@@ -86,7 +86,7 @@ def _local(
         workspaces, _ = services.tenancy.list_workspaces(organization.id, limit=1)
         principal = Principal(organization.id, workspaces[0].id if workspaces else "", "organization")
         app = create_app(services.settings, services=services)
-        app.dependency_overrides[get_principal] = lambda: principal
+        app.dependency_overrides[principal_of] = lambda: principal
         # Starlette's in-process client: requests go through the real routes, without a socket. It is not
         # entered as a context manager, so the app's lifespan (background tasks, recovery of
         # reservations) never runs.

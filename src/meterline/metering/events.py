@@ -18,15 +18,40 @@ import orjson
 from meterline.errors import LimitExceeded, MeterlineError, unpriced_refusal
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler
+from meterline.metering.store import AppendResult
 
 Status = Literal["accepted", "conflict", "refused", "rejected"]
 
 
+class Admission(Protocol):
+    """Reservations queued to the database's writer just before the append of their rows, which writes
+    what they admitted (in one transaction when both share a batch)."""
+
+    def rows_now(self) -> list[LedgerRow]:
+        """Asked in the append's own writer job: the rows to write (none when nothing was decided)."""
+        ...
+
+    def failed(self) -> bool:
+        """Whether the reservations failed (then the caller admits again and meets their error)."""
+        ...
+
+    def tickets(self) -> list[Any] | None:
+        """Once the append is answered: a ticket or the refusal per row, as ``Gate.admit``; None when
+        nothing was decided (nothing held, nothing written: admit again)."""
+        ...
+
+    def abandon(self) -> None:
+        """The append failed: what was admitted is given back."""
+        ...
+
+
 class Gate(Protocol):
     """What ingestion needs from the quota engine: admit priced rows (a ticket each, or the refusal),
-    then hear which admitted rows were written and which were not."""
+    then hear which admitted rows were written and which were not. ``admit_soon``: the reservations
+    queued to the database's writer ahead of the append, or None where the counters live elsewhere."""
 
     def admit(self, rows: Sequence[LedgerRow]) -> list[Any]: ...
+    def admit_soon(self, rows: Sequence[LedgerRow]) -> Admission | None: ...
     def settled(self, admitted: Sequence[tuple[Any, LedgerRow]]) -> None: ...
     def cancel(self, tickets: Sequence[Any]) -> None: ...
 
@@ -79,19 +104,29 @@ def ingest(
         rows = [row for row in rows if _row_key(row) not in rejected]
     refused: dict[str, LimitExceeded] = {}
     admitted: list[tuple[Any, LedgerRow]] = []
-    if gate is not None and rows:
-        for row, ticket in zip(rows, gate.admit(rows), strict=True):
+    decided = _append_as_admitted(settler, account, rows, gate) if gate is not None and rows else None
+    if decided is not None:
+        result: AppendResult | None
+        result, tickets = decided
+        for row, ticket in zip(rows, tickets, strict=True):
             if isinstance(ticket, LimitExceeded):
                 refused[_row_key(row)] = ticket
             else:
                 admitted.append((ticket, row))
-        rows = [row for _, row in admitted]
-    try:
-        result = settler.append(rows, account) if rows else None
-    except BaseException:
-        if gate is not None:
-            gate.cancel([ticket for ticket, _ in admitted])
-        raise
+    else:
+        if gate is not None and rows:
+            for row, ticket in zip(rows, gate.admit(rows), strict=True):
+                if isinstance(ticket, LimitExceeded):
+                    refused[_row_key(row)] = ticket
+                else:
+                    admitted.append((ticket, row))
+            rows = [row for _, row in admitted]
+        try:
+            result = settler.append(rows, account) if rows else None
+        except BaseException:
+            if gate is not None:
+                gate.cancel([ticket for ticket, _ in admitted])
+            raise
     if result is not None:
         for row in result.written:
             stored[_row_key(row)] = (row, False)
@@ -118,6 +153,30 @@ def ingest(
         else:
             outcomes.append(EventOutcome(key, "accepted", was_stored_before or repeat_in_batch, row))
     return outcomes
+
+
+def _append_as_admitted(
+    settler: Settler, account: Account, rows: list[LedgerRow], gate: Gate
+) -> tuple[AppendResult, list[Any]] | None:
+    """The reservations and the append queued to the database's writer together: the append's job
+    writes the rows the reservations admitted (one transaction, one turn of the writer, when both share a
+    batch). The result and a ticket per row; None when nothing was written here and the caller is to
+    admit, then append (counters elsewhere, a counter to load from the ledger, reservations that
+    failed: admitting again meets their error as ever, 503 or failing open)."""
+    admission = gate.admit_soon(rows)
+    if admission is None:
+        return None
+    try:
+        result = settler.append(rows, account, admitted=admission.rows_now)
+    except BaseException:
+        if admission.failed():
+            return None  # nothing was reserved here, so nothing was written
+        admission.abandon()
+        raise
+    tickets = admission.tickets()
+    if tickets is None:
+        return None
+    return result, tickets
 
 
 def _key(record: UsageRecord) -> str:

@@ -5,7 +5,7 @@ The gateway and the events API both end here, so a token costs the same whicheve
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -176,11 +176,17 @@ class Settler:
         return [self.price(r, account, now) for r in records]
 
     def append(
-        self, rows: Sequence[LedgerRow], account: Account, *, settles: Sequence[str] = ()
+        self,
+        rows: Sequence[LedgerRow],
+        account: Account,
+        *,
+        settles: Sequence[str] = (),
+        admitted: Callable[[], Sequence[LedgerRow]] | None = None,
     ) -> AppendResult:
         """Append priced rows atomically: rows, rollups and credit buckets, or none. ``settles`` names
-        durable reservations that these rows end (deleted in the same transaction)."""
-        return self._store.append(rows, account.credits, settles=settles)
+        durable reservations that these rows end (deleted in the same transaction); ``admitted``, asked
+        in the write, which of ``rows`` to write (``LedgerStore.append``)."""
+        return self._store.append(rows, account.credits, settles=settles, admitted=admitted)
 
     def submit(
         self, rows: Sequence[LedgerRow], account: Account, *, settles: Sequence[str] = ()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,11 +21,19 @@ class AppendResult:
 
 class LedgerStore(Protocol):
     def append(
-        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+        self,
+        rows: Sequence[LedgerRow],
+        credits: CreditTerms | None = None,
+        *,
+        settles: Sequence[str] = (),
+        admitted: Callable[[], Sequence[LedgerRow]] | None = None,
     ) -> AppendResult:
         """Write rows, their rollups and (with ``credits``) their credit split in one transaction, and
         end the durable reservations ``settles``. A row whose (organization, idempotency key) is already
-        in the ledger is not written; the stored row is returned in ``existing`` instead."""
+        in the ledger is not written; the stored row is returned in ``existing`` instead.
+
+        ``admitted``: asked in the write's own job, answers which of ``rows`` to write (those that quota
+        reservations queued just before to the same writer admitted: ``quotas.gate.Admission``)."""
         ...
 
     def submit(

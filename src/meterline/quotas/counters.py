@@ -115,6 +115,9 @@ class CounterStore(Protocol):
     # True when calls are queued (the database's writer, the Redis store's own threads): an event loop may
     # await ``reserve_queued``.
     queued: bool
+    # True when calls are jobs of the database's writer: a write queued after ``reserve_queued`` may read
+    # its verdicts (``verdicts_so_far``) and commit with them.
+    in_writer: bool
 
     def reserve(self, holds: Sequence[Hold], now_us: int) -> list[Verdict]:
         """Decide each hold in order, atomically per hold, in one round trip."""
@@ -125,6 +128,12 @@ class CounterStore(Protocol):
         database's writer, the Redis store's threads): the verdicts' future, answered once they are
         stored. A store that is not queued answers it at once, having waited. A verdict may be a missing
         one, as from ``reserve``."""
+        ...
+
+    def verdicts_so_far(self, verdicts: Future[list[Verdict]]) -> list[Verdict]:
+        """Inside a job of the database's writer queued after the ``reserve_queued`` that answered
+        ``verdicts`` (a store ``in_writer`` only): those verdicts, decided in this transaction or a
+        committed one. Raises what that reserve raised. Other stores raise ``NotImplementedError``."""
         ...
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:

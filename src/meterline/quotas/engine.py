@@ -357,6 +357,17 @@ class Queued:
             return None
         return self.engine._outcomes(self.asked, verdicts)
 
+    def admitted_now(self) -> dict[str, bool]:
+        """Inside a job of the database's writer queued after this decision (a store ``in_writer``): the
+        holds it admitted, by id, each with whether it is overage. Empty when a counter was missing
+        (``outcomes`` then gives back what was admitted beside it: nothing may be kept of it). Raises
+        what the store's reserve raised."""
+        verdicts = self.engine.store.verdicts_so_far(self.verdicts)
+        if any(verdict.missing for verdict in verdicts):
+            return {}
+        pairs = zip(self.asked.holds, verdicts, strict=True)
+        return {hold.id: verdict.overage for hold, verdict in pairs if verdict.admitted}
+
     def unavailable(self) -> list[Reservation | LimitExceeded]:
         """What ``reserve_many`` answers when the store cannot be reached (its answer was
         ``CounterStoreUnavailable``): ``ServiceUnavailable`` raised, or every request admitted unchecked

@@ -220,6 +220,7 @@ class CounterBook:
 class MemoryCounterStore:
     in_process = True
     queued = False
+    in_writer = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -239,6 +240,9 @@ class MemoryCounterStore:
 
     def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
         return answered(lambda: self.reserve(holds, now_us))
+
+    def verdicts_so_far(self, verdicts: Future[list[Verdict]]) -> list[Verdict]:
+        raise NotImplementedError("in-process counters are not the database writer's")
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         with self._lock:

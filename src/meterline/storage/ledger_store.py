@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -265,6 +265,12 @@ class _Append:
     rows: Sequence[LedgerRow]
     credits: CreditTerms | None
     settles: Sequence[str]
+    admitted: Callable[[], Sequence[LedgerRow]] | None = None
+
+    def to_write(self) -> Sequence[LedgerRow]:
+        """The rows to write, asked in the writer's job (``admitted``: those the reservations queued
+        before this append admitted)."""
+        return self.rows if self.admitted is None else self.admitted()
 
 
 class AlertHook(Protocol):
@@ -298,20 +304,31 @@ class SqlLedgerStore:
         return run(conn, _PG_UNNEST_INSERT, columns)
 
     def append(
-        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+        self,
+        rows: Sequence[LedgerRow],
+        credits: CreditTerms | None = None,
+        *,
+        settles: Sequence[str] = (),
+        admitted: Callable[[], Sequence[LedgerRow]] | None = None,
     ) -> AppendResult:
         if not rows and not settles:
             return AppendResult(written=[], existing={})
-        return wait(self.submit(rows, credits, settles=settles))
+        return wait(self.submit(rows, credits, settles=settles, admitted=admitted))
 
     def submit(
-        self, rows: Sequence[LedgerRow], credits: CreditTerms | None = None, *, settles: Sequence[str] = ()
+        self,
+        rows: Sequence[LedgerRow],
+        credits: CreditTerms | None = None,
+        *,
+        settles: Sequence[str] = (),
+        admitted: Callable[[], Sequence[LedgerRow]] | None = None,
     ) -> Future[AppendResult]:
         """``append``, queued to the database's writer: the future is answered once the rows are
         committed. Appends of one organization (with the same credit terms) queued together are written
         as one (``_append_together``); the batch is ordered by organization (see ``storage.writer``)."""
         org = rows[0].organization_id if rows else ""
-        together = Together((_LEDGER, org, credits), _Append(rows, credits, settles), self._append_together)
+        append = _Append(rows, credits, settles, admitted)
+        together = Together((_LEDGER, org, credits), append, self._append_together)
         return self._db.writer.submit_together(together, rows=len(rows), order=org)
 
     def _append_together(self, conn: Connection, appends: list[_Append]) -> list[AppendResult]:
@@ -319,18 +336,19 @@ class SqlLedgerStore:
         upsert, one stretch of the receipt chain, one credit split; then each append's share of it."""
         if len(appends) == 1:
             only = appends[0]
-            return [self._append_and_end(conn, only.rows, only.credits, only.settles)]
-        rows = [row for append in appends for row in append.rows]
+            return [self._append_and_end(conn, only.to_write(), only.credits, only.settles)]
+        to_write = [append.to_write() for append in appends]
+        rows = [row for each in to_write for row in each]
         settles = [reservation for append in appends for reservation in append.settles]
         result = self._append_and_end(conn, rows, appends[0].credits, settles)
         # By identity, not id: two appends may carry rows with one id (two settles of one reservation).
         written = {id(row) for row in result.written}
         shares: list[AppendResult] = []
-        for append in appends:
-            mine = [row for row in append.rows if id(row) in written]
+        for each in to_write:
+            mine = [row for row in each if id(row) in written]
             mine_keys = {row.idempotency_key for row in mine}
             # A key another append of this batch wrote first is "existing" for this one, not for that one.
-            keys = (row.idempotency_key for row in append.rows)
+            keys = (row.idempotency_key for row in each)
             existing = {
                 key: result.existing[key]
                 for key in keys

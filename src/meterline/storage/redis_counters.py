@@ -435,6 +435,7 @@ class _Finish:
 class RedisCounterStore:
     in_process = False
     queued = True
+    in_writer = False
 
     def __init__(
         self,
@@ -496,6 +497,9 @@ class RedisCounterStore:
         if request.error is not None:
             raise request.error
         return request.verdicts
+
+    def verdicts_so_far(self, verdicts: Future[list[Verdict]]) -> list[Verdict]:
+        raise NotImplementedError("Redis counters are not the database writer's")
 
     def reserve_queued(self, holds: Sequence[Hold], now_us: int) -> Future[list[Verdict]]:
         """``reserve`` for an event loop: the request joins the next call of its route like any other, and

@@ -54,7 +54,7 @@ from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
 from meterline.storage.driver_sql import fetch, run_many
 from meterline.storage.outage import is_outage
-from meterline.storage.writer import Together, wait
+from meterline.storage.writer import Together, answered_before, wait
 
 log = logging.getLogger("meterline.quotas.database")
 T = TypeVar("T")
@@ -127,6 +127,14 @@ def _hold(hold_id: str, lines: tuple[Line, ...], expires_us: int) -> Hold:
 _Stored = tuple[str, int, int, tuple[Line, ...]]  # a hold as read: id, expires_us, second, lines
 
 
+class _Verdicts(Future[list[Verdict]]):
+    """A reserve's verdicts, and the writer's job they come from (for ``verdicts_so_far``)."""
+
+    def __init__(self, job: Future[Any]) -> None:
+        super().__init__()
+        self.job = job
+
+
 class _State:
     """What one transaction loaded, kept to write back only what changed."""
 
@@ -161,6 +169,7 @@ class SqlCounterStore:
 
     in_process = False
     queued = True
+    in_writer = True
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -182,12 +191,21 @@ class SqlCounterStore:
             for line in hold.lines:
                 _int(line.amount)
                 _int(line.maximum)
-        verdicts: Future[list[Verdict]] = Future()
         queued = self._db.writer.submit_together(
             Together(_MERGED, _Call("reserve", now_us, holds=holds), self._apply), rows=len(holds)
         )
+        verdicts = _Verdicts(queued)
         queued.add_done_callback(lambda done: _copy_verdicts(done, verdicts))
         return verdicts
+
+    def verdicts_so_far(self, verdicts: Future[list[Verdict]]) -> list[Verdict]:
+        if not isinstance(verdicts, _Verdicts):
+            raise TypeError("verdicts_so_far takes what this store's reserve_queued answered")
+        answer = answered_before(verdicts.job)
+        if isinstance(answer, ValueError):
+            raise answer
+        found: list[Verdict] = answer
+        return found
 
     def settle(self, settlements: Sequence[Settlement], now_us: int) -> None:
         for settlement in settlements:

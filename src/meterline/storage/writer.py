@@ -31,7 +31,7 @@ from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection
 
@@ -158,6 +158,7 @@ class Writer:
         failed: list[tuple[_Queued[Any], BaseException]] = []
         actions: list[Callable[[], None]] = []  # ``after_commit`` actions of the jobs that succeeded
         live: list[_Queued[Any]] = []
+        _here.so_far = {}
         try:
             with self._transaction() as conn:
                 # Taken again once the transaction holds its lock: on SQLite shared by several processes,
@@ -182,6 +183,8 @@ class Writer:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            _here.so_far = None
         self.batches += 1
         self.jobs += len(live)
         # Committed: only now is anyone told.
@@ -221,6 +224,8 @@ class Writer:
             return False
         savepoint.commit()
         results.extend(zip(unit, outcomes, strict=True))
+        for item, outcome in zip(unit, outcomes, strict=True):
+            _here.so_far[item.future] = (True, outcome)
         actions += pending
         return True
 
@@ -245,9 +250,11 @@ class Writer:
             # transaction is lost and the whole batch fails.
             savepoint.rollback()
             failed.append((item, exc))
+            _here.so_far[item.future] = (False, exc)
             return
         savepoint.commit()
         results.append((item, result))
+        _here.so_far[item.future] = (True, result)
         actions += pending
 
 
@@ -307,6 +314,26 @@ def after_commit(action: Callable[[], None]) -> None:
         pending.append(action)
 
 
+def answered_before(future: Future[T]) -> T:
+    """Inside a write job: the answer of a job queued to this writer before it (``future`` is that job's).
+    It ran in an earlier batch (its future is answered) or earlier in this transaction, whose commit its
+    writes share (jobs run in ``order`` and in queue order within one; merged units where their first
+    job is). Raises what that job raised; ``LookupError`` if it has not run.
+
+    This lets a write depend on a decision queued just before it, in one transaction when both are in
+    one batch: a quota reservation and the row it admits (docs/benchmarks.md, "A write that depends on
+    the decision queued before it")."""
+    so_far: dict[Future[Any], tuple[bool, Any]] | None = getattr(_here, "so_far", None)
+    if so_far is not None and future in so_far:
+        ok, answer = so_far[future]
+        if not ok:
+            raise answer
+        return cast(T, answer)
+    if future.done():
+        return future.result()
+    raise LookupError("the job this write depends on has not run before it")
+
+
 def wait(future: Future[T]) -> T:
     """The answer of a queued write, waited for. Refused on a writer thread (a job, or a future's
     callback, that waited for another job would wait forever: the writer runs one batch at a time)."""
@@ -332,4 +359,4 @@ def _units(items: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
     return units
 
 
-__all__ = ["Job", "Together", "Writer", "after_commit", "wait"]
+__all__ = ["Job", "Together", "Writer", "after_commit", "answered_before", "wait"]
