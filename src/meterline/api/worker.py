@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 from typing import Any
 
 WORKER_ARGS = "METERLINE_SERVE_WORKER_ARGS"
@@ -32,3 +34,55 @@ def application() -> Any:
     # Each worker writes its own access-log lines (a line is one write: appends do not interleave).
     configure_access_log(settings.access_log)
     return create_app(settings)
+
+
+class OwnListener(list[socket.socket]):
+    """The listening sockets uvicorn's supervisor hands to every worker it starts: empty here, and in each
+    worker a socket of that worker's own, bound to ``host:port`` with ``SO_REUSEPORT`` when the worker
+    unpickles it (``__reduce__``).
+
+    With one socket shared by every worker (uvicorn's way), whichever worker wakes first accepts a
+    whole burst of connections: 64 keep-alive clients connecting at once often all landed on one worker
+    while the other idled (docs/benchmarks.md, "One listening socket per worker"). With one socket per
+    worker in a ``SO_REUSEPORT`` group, the kernel spreads new connections over the workers by a hash
+    of their addresses. A worker that exits takes its socket out of the group; its replacement binds a
+    new one. The parent holds no listening socket (``reuse_port_available`` checks the port first)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self.host, self.port = host, port
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return _listening, (self.host, self.port)
+
+
+def reuse_port_available(host: str, port: int) -> str | None:
+    """None when each worker can listen on ``host:port`` with a socket of its own (Linux, a fixed port
+    nobody else holds); else why not, and the workers share one socket."""
+    if sys.platform != "linux" or not hasattr(socket, "SO_REUSEPORT"):
+        return "SO_REUSEPORT spreads connections over sockets on Linux only"
+    if port == 0:
+        return "a port chosen by the system differs for each socket"
+    # A plain bind: it fails where anyone listens on the port already, even in a SO_REUSEPORT group of
+    # its own (which our workers' sockets would join, sharing its connections).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return str(exc)
+    return None
+
+
+def _listening(host: str, port: int) -> list[socket.socket]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return [sock]

@@ -6,7 +6,9 @@ configuration names, so the CLI and the API can never disagree about a rule.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -118,17 +120,39 @@ def _run(
             os.environ[WORKER_ARGS] = json.dumps(
                 worker_args | {"host": settings.host, "port": settings.port, "workers": count}
             )
-            uvicorn.run(
-                "meterline.api.worker:application",
-                factory=True,
-                workers=count,
-                host=settings.host,
-                port=settings.port,
-                log_level=settings.log_level,
-                access_log=False,
-            )
+            _serve_workers(settings, count, uvicorn)
     finally:
         claim.give_back()
+
+
+def _serve_workers(settings: Settings, count: int, uvicorn: Any) -> None:
+    """``count`` workers started, restarted and stopped by uvicorn's supervisor, each with a listening
+    socket of its own where the system allows (``OwnListener``: the kernel spreads connections over
+    them), else sharing one."""
+    from uvicorn.supervisors import Multiprocess
+
+    from meterline.api.worker import OwnListener, reuse_port_available
+
+    config = uvicorn.Config(
+        "meterline.api.worker:application",
+        factory=True,
+        workers=count,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
+    log = logging.getLogger("uvicorn.error")
+    why_not = reuse_port_available(settings.host, settings.port)
+    sockets: list[Any]
+    if why_not is None:
+        sockets = OwnListener(settings.host, settings.port)
+        log.info("Meterline: %d workers on http://%s:%d, a socket each", count, settings.host, settings.port)
+    else:
+        log.info("Meterline: %d workers share one socket (%s)", count, why_not)
+        sockets = [config.bind_socket()]  # exits with uvicorn's message when the port cannot be bound
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=sockets).run()
 
 
 def _serve_one(
