@@ -8,13 +8,16 @@ and the kernel spreads connections over them."""
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from uvicorn.config import STARTUP_FAILURE
 
 from servers import MeterlineServer as Server
 from servers import children
@@ -85,3 +88,33 @@ def test_connections_that_arrive_together_are_spread_over_the_workers(tmp_path: 
         for conn in opened:
             conn.close()
         server.stop()
+
+
+def test_a_worker_that_cannot_bind_its_socket_exits_as_a_startup_failure(tmp_path: Path) -> None:
+    """A worker binds its socket as it starts (unpickling the supervisor's socket list): if the port was
+    taken since the parent looked, it exits with uvicorn's startup-failure code, which stops the
+    supervisor instead of restarting the worker forever."""
+    from meterline.api.worker import OwnListener
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        blob = pickle.dumps(OwnListener("127.0.0.1", port))
+        worker = subprocess.run(
+            [sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"],
+            input=blob,
+            capture_output=True,
+            timeout=60,
+        )
+    assert worker.returncode == STARTUP_FAILURE, worker.stderr
+    assert f"cannot listen on 127.0.0.1:{port}".encode() in worker.stderr
+
+    # A free port: the worker gets a socket of its own in the port's SO_REUSEPORT group.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    (own,) = pickle.loads(pickle.dumps(OwnListener("127.0.0.1", free)))
+    with own:
+        assert own.getsockname() == ("127.0.0.1", free)
+        assert own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1

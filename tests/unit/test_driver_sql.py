@@ -94,3 +94,20 @@ def test_a_lost_postgresql_connection_is_invalidated_and_reads_as_an_outage(pg_u
             assert is_outage(raised.value)
     finally:
         db.dispose()
+
+
+def test_an_error_before_the_statement_runs_is_handled_the_same_way(sqlite_url: str) -> None:
+    """Making the cursor on a connection the driver has closed: SQLAlchemy's error, the connection
+    invalidated (a 503 and a whole failed batch, never a raw driver error)."""
+    db = Database(sqlite_url)
+    try:
+        with db.engine.connect() as conn:
+            conn.begin()
+            conn.connection.driver_connection.close()  # type: ignore[union-attr]
+            with pytest.raises(exc.DBAPIError) as raised:
+                fetch(conn, "SELECT 1")
+            assert raised.value.connection_invalidated
+            assert conn.invalidated
+            assert is_outage(raised.value)
+    finally:
+        db.dispose()

@@ -53,7 +53,19 @@ class OwnListener(list[socket.socket]):
         self.host, self.port = host, port
 
     def __reduce__(self) -> tuple[Any, tuple[str, int]]:
-        return _listening, (self.host, self.port)
+        return _own_listener, (self.host, self.port)
+
+
+def _own_listener(host: str, port: int) -> list[socket.socket]:
+    """In a worker, as it starts: its socket. One that cannot bind (the port was taken since the parent
+    looked) exits as uvicorn's startup failure, which stops the supervisor instead of restarting it."""
+    try:
+        return _listening(host, port)
+    except OSError as exc:
+        from uvicorn.config import STARTUP_FAILURE
+
+        print(f"meterline: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
 
 
 def reuse_port_available(host: str, port: int) -> str | None:

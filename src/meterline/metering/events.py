@@ -166,15 +166,24 @@ def _append_as_admitted(
     admission = gate.admit_soon(rows)
     if admission is None:
         return None
+    # What the append's job and the credit split mark on the rows; put back if the rows are written
+    # again (a batch that failed whole leaves them marked by a decision it rolled back).
+    marks = [(row.overage, row.credits_monthly_nanos, row.credits_bonus_nanos) for row in rows]
     try:
         result = settler.append(rows, account, admitted=admission.rows_now)
-    except BaseException:
-        if admission.failed():
-            return None  # nothing was reserved here, so nothing was written
+    except LookupError:
+        # The append ran before its reservations (a writer restarted between them): nothing written.
         admission.abandon()
-        raise
-    tickets = admission.tickets()
-    if tickets is None:
+        result = None
+    except BaseException:
+        if not admission.failed():
+            admission.abandon()
+            raise
+        result = None  # the reservations failed, so nothing was written: admitting again meets why
+    tickets = admission.tickets() if result is not None else None
+    if result is None or tickets is None:
+        for row, (overage, monthly, bonus) in zip(rows, marks, strict=True):
+            row.overage, row.credits_monthly_nanos, row.credits_bonus_nanos = overage, monthly, bonus
         return None
     return result, tickets
 

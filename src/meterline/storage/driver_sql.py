@@ -14,8 +14,9 @@ then fails the whole batch, and the outage rules in ``outage.py`` see what they 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.engine.interfaces import DBAPICursor
@@ -23,55 +24,49 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 Params = Sequence[Any] | Mapping[str, Any]
 
 
-def _cursor(conn: Connection) -> DBAPICursor:
+def _execute(
+    conn: Connection, sql: str, params: Params | Sequence[Sequence[Any]], *, many: bool, rows: bool
+) -> tuple[int, list[tuple[Any, ...]]]:
     if not conn.in_transaction():
         conn.begin()  # as SQLAlchemy's autobegin: the caller's commit or rollback ends it
-    return conn.connection.cursor()
+    cursor: DBAPICursor | None = None
+    try:
+        cursor = conn.connection.cursor()
+        if many:
+            cursor.executemany(sql, cast(Sequence[Sequence[Any]], params))
+        else:
+            cursor.execute(sql, params)
+        return int(cursor.rowcount), [tuple(row) for row in cursor.fetchall()] if rows else []
+    except BaseException as exc:
+        # SQLAlchemy's own handler (private, stable since 1.4), as ``exec_driver_sql`` calls it: wraps a
+        # driver error (and any error binding parameters), invalidates the connection when it is lost
+        # or interrupted, and raises.
+        conn._handle_dbapi_exception(exc, sql, params, cursor, None)
+        raise  # never reached: the handler always raises
+    finally:
+        if cursor is not None:
+            with contextlib.suppress(Exception):
+                cursor.close()
 
 
 def fetch(conn: Connection, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
     """The rows of one query, as tuples."""
-    cursor = _cursor(conn)
-    try:
-        cursor.execute(sql, params)
-        return [tuple(row) for row in cursor.fetchall()]
-    except conn.dialect.loaded_dbapi.Error as exc:
-        # SQLAlchemy's handler (private, stable since 1.4): wraps, invalidates on disconnect, raises.
-        conn._handle_dbapi_exception(exc, sql, params, cursor, None)
-        raise  # never reached: the handler always raises
-    finally:
-        cursor.close()
+    return _execute(conn, sql, params, many=False, rows=True)[1]
 
 
 def fetch_one(conn: Connection, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
     """The first row of one query, or None."""
-    rows = fetch(conn, sql, params)
-    return rows[0] if rows else None
+    found = fetch(conn, sql, params)
+    return found[0] if found else None
 
 
 def run(conn: Connection, sql: str, params: Params = ()) -> int:
     """One statement that answers no rows; the rows it changed."""
-    cursor = _cursor(conn)
-    try:
-        cursor.execute(sql, params)
-        return int(cursor.rowcount)
-    except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, sql, params, cursor, None)
-        raise
-    finally:
-        cursor.close()
+    return _execute(conn, sql, params, many=False, rows=False)[0]
 
 
 def run_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
     """One statement for each parameter row (``executemany``); the rows they changed."""
     if not rows:
         return 0
-    cursor = _cursor(conn)
-    try:
-        cursor.executemany(sql, rows)
-        return int(cursor.rowcount)
-    except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, sql, rows, cursor, None)
-        raise
-    finally:
-        cursor.close()
+    return _execute(conn, sql, rows, many=True, rows=False)[0]
