@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import exc
+from sqlalchemy import Connection, exc
 
 from meterline.storage.database import Database
 from meterline.storage.driver_sql import fetch, fetch_one, run, run_many
@@ -87,13 +87,18 @@ def test_a_lost_postgresql_connection_is_invalidated_and_reads_as_an_outage(pg_u
             with db.engine.connect() as other:
                 other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid[0]})
                 other.commit()
-            with pytest.raises(exc.OperationalError) as raised:
-                fetch(conn, "SELECT 1")
-            assert raised.value.connection_invalidated
-            assert conn.invalidated
-            assert is_outage(raised.value)
+            assert_lost(conn)
     finally:
         db.dispose()
+
+
+def assert_lost(conn: Connection) -> None:
+    """A statement on ``conn`` raises SQLAlchemy's error for a lost connection and invalidates it."""
+    with pytest.raises(exc.DBAPIError) as raised:
+        fetch(conn, "SELECT 1")
+    assert raised.value.connection_invalidated
+    assert conn.invalidated
+    assert is_outage(raised.value)
 
 
 def test_an_error_before_the_statement_runs_is_handled_the_same_way(sqlite_url: str) -> None:
@@ -104,10 +109,6 @@ def test_an_error_before_the_statement_runs_is_handled_the_same_way(sqlite_url: 
         with db.engine.connect() as conn:
             conn.begin()
             conn.connection.driver_connection.close()  # type: ignore[union-attr]
-            with pytest.raises(exc.DBAPIError) as raised:
-                fetch(conn, "SELECT 1")
-            assert raised.value.connection_invalidated
-            assert conn.invalidated
-            assert is_outage(raised.value)
+            assert_lost(conn)
     finally:
         db.dispose()

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from meterline.errors import LimitExceeded, MeterlineError, unpriced_refusal
+from meterline.errors import LimitExceeded, MeterlineError, ServiceUnavailable, unpriced_refusal
 from meterline.metering.records import LedgerRow, UsageRecord
 from meterline.metering.settle import Account, Settler
 from meterline.metering.store import AppendResult
@@ -172,9 +172,10 @@ def _append_as_admitted(
     try:
         result = settler.append(rows, account, admitted=admission.rows_now)
     except LookupError:
-        # The append ran before its reservations (a writer restarted between them): nothing written.
+        # The append ran before its reservations: the database's writer was restarted between them (the
+        # services closing). Nothing was written; the reservations are given back once they are made.
         admission.abandon()
-        result = None
+        raise ServiceUnavailable("the server is shutting down; send the events again") from None
     except BaseException:
         if not admission.failed():
             admission.abandon()
