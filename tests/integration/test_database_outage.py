@@ -91,7 +91,12 @@ class Load:
         self._stop.set()
 
 
-def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresServer, tmp_path: Path) -> None:
+# "database": the quota counters in PostgreSQL too (as with several workers): the events' reservations
+# and rows are queued to the writer together, and an outage is the append's 503.
+@pytest.mark.parametrize("counters", ["auto", "database"])
+def test_a_postgresql_outage_answers_503s_then_recovers(
+    own_postgres: PostgresServer, tmp_path: Path, counters: str
+) -> None:
     url = own_postgres.create_database("meterline_outage")
     db = Database(url)
     upgrade(db)
@@ -112,6 +117,7 @@ def test_a_postgresql_outage_answers_503s_then_recovers(own_postgres: PostgresSe
             METERLINE_SIGNING_KEY_FILE=str(tmp_path / "keys.json"),
             METERLINE_CONFIG=str(config),
             METERLINE_ACCESS_LOG="off",
+            METERLINE_COUNTERS=counters,
         )
         port = free_port()
         with process(["serve", "--port", str(port)], env, tmp_path, port, stderr=stderr) as base:

@@ -77,8 +77,7 @@ def reuse_port_available(host: str, port: int) -> str | None:
         return "a port chosen by the system differs for each socket"
     # A plain bind: it fails where anyone listens on the port already, even in a SO_REUSEPORT group of
     # its own (which our workers' sockets would join, sharing its connections).
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+    with _tcp_socket(host) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
@@ -88,8 +87,7 @@ def reuse_port_available(host: str, port: int) -> str | None:
 
 
 def _listening(host: str, port: int) -> list[socket.socket]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = _tcp_socket(host)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -98,3 +96,8 @@ def _listening(host: str, port: int) -> list[socket.socket]:
         sock.close()
         raise
     return [sock]
+
+
+def _tcp_socket(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)

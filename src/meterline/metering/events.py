@@ -32,7 +32,8 @@ class Admission(Protocol):
         ...
 
     def failed(self) -> bool:
-        """Whether the reservations failed (then the caller admits again and meets their error)."""
+        """Whether the reservations failed in a way admitting again may answer (then the caller admits
+        again and meets their error); not an outage the append met as well."""
         ...
 
     def tickets(self) -> list[Any] | None:
@@ -162,7 +163,8 @@ def _append_as_admitted(
     writes the rows the reservations admitted (one transaction, one turn of the writer, when both share a
     batch). The result and a ticket per row; None when nothing was written here and the caller is to
     admit, then append (counters elsewhere, a counter to load from the ledger, reservations that
-    failed: admitting again meets their error as ever, 503 or failing open)."""
+    failed other than by an outage: admitting again meets their error as ever). An outage of the
+    database is the append's error too, and is raised as it is (a 503)."""
     admission = gate.admit_soon(rows)
     if admission is None:
         return None

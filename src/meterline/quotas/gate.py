@@ -13,6 +13,7 @@ from typing import Any
 
 from meterline.errors import LimitExceeded
 from meterline.metering.records import LedgerRow
+from meterline.quotas.counters import CounterStoreUnavailable
 from meterline.quotas.engine import Queued, QuotaEngine, Reservation, Subject, amounts_of
 
 
@@ -82,10 +83,14 @@ class Admission:
         return admitted
 
     def failed(self) -> bool:
-        """Whether the reservations themselves failed (asked once the append is answered, which is never
-        before them)."""
+        """Whether the reservations themselves failed in a way admitting again may answer (asked once the
+        append is answered, which is never before them). Not when the database holding the counters was
+        unreachable: the append failed with it, and admitting again would only wait for it once more."""
         verdicts = self._queued.verdicts
-        return verdicts.done() and verdicts.exception() is not None
+        if not verdicts.done():
+            return False
+        error = verdicts.exception()
+        return error is not None and not isinstance(error, CounterStoreUnavailable)
 
     def tickets(self) -> list[Any] | None:
         """Once the append is answered: a reservation or a refusal per row, as ``admit`` answers; None
