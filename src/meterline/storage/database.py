@@ -12,7 +12,9 @@ held by a thread waiting for its own interpreter lock. PostgreSQL (scale-out) re
 locks and a connection pool.
 
 On both, the hot writes (settles, event batches, durable reservations) are queued to the database's one
-``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile.
+``Writer`` (``storage.writer``), which group-commits them: one transaction for what queued meanwhile. On
+SQLite, commits leave the WAL's checkpoints to a thread of their own (``storage.wal_checkpoints``), which
+runs them without the write lock.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InvalidatePoolError, TimeoutError
 
+from meterline.storage.wal_checkpoints import BACKSTOP_PAGES, WalCheckpoints
 from meterline.storage.writer import Writer
 
 # As SQLite's busy timeout: a writer that waits this long for another process gives up (503), never hangs.
@@ -79,6 +82,7 @@ class Database:
         self._shared_until = 0.0  # time.monotonic() until which the write lock counts as shared
         # The hot writes (settles, event batches, reservations) go through it, group-committed.
         self.writer = Writer(self.write)
+        self._checkpoints = WalCheckpoints(self.engine.raw_connection)
 
     @property
     def is_sqlite(self) -> bool:
@@ -124,6 +128,8 @@ class Database:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Checkpoints are ``WalCheckpoints``' (off the write lock); a commit runs one only past this.
+            cursor.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -147,6 +153,7 @@ class Database:
                     yield conn
             finally:
                 conn.info["write"] = False
+        self._checkpoints.committed()  # the lock is free again: the checkpoint runs beside the writers
 
     @contextmanager
     def _across_processes(self) -> Iterator[None]:
@@ -184,6 +191,7 @@ class Database:
 
     def dispose(self) -> None:
         self.writer.close()
+        self._checkpoints.close()
         self.engine.dispose()
         if self._file_lock is not None:
             fd, self._file_lock = self._file_lock, None

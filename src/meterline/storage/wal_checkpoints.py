@@ -1,0 +1,102 @@
+"""SQLite's WAL checkpoints, run by a thread of their own instead of by a commit.
+
+Left to itself, SQLite checkpoints inside the commit that takes the write-ahead log past 1,000 pages: that
+commit copies the log's pages into the database file and syncs it, all while holding the write lock that
+every writer of every process waits for. Under load that was ~5 commits a second of 2 to 10 ms each, a third
+of the time commits took (docs/benchmarks.md, "WAL checkpoints off the write lock").
+
+Here a commit only wakes ``WalCheckpoints``; its thread runs a ``PASSIVE`` checkpoint on a connection of
+its own, at most every ``every_s``. A passive checkpoint takes no write lock: the writers of every process
+go on while it copies, and it copies only what no reader still needs (the rest waits for the next one).
+Commits still checkpoint by themselves past ``BACKSTOP_PAGES`` (set on every connection by
+``storage/database.py``), so the log stays bounded in a process that has no such thread (the CLI, other
+tools) or while one falls behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("meterline.storage")
+
+# A commit checkpoints by itself only past this many pages of log (~40 MB at SQLite's 4 KiB pages).
+BACKSTOP_PAGES = 10_000
+
+
+class WalCheckpoints:
+    """Checkpoints of one SQLite database file, on a thread started by the first ``committed``.
+
+    ``connect`` opens a DBAPI connection in autocommit mode (a checkpoint cannot run inside a
+    transaction)."""
+
+    def __init__(self, connect: Callable[[], Any], *, every_s: float = 0.2) -> None:
+        self._connect = connect
+        self._every_s = every_s
+        self._lock = threading.Lock()
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Figures for the tests and benchmarks: checkpoints run, and pages they copied.
+        self.runs = 0
+        self.pages = 0
+
+    def committed(self) -> None:
+        """A write transaction committed: the log grew, so a checkpoint is due."""
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._stop.is_set():
+                    self._thread = threading.Thread(
+                        target=self._loop, name="meterline-checkpoints", daemon=True
+                    )
+                    self._thread.start()
+        self._due.set()
+
+    def close(self) -> None:
+        """Stop the thread, after the checkpoint it may be running. A later ``committed`` starts a new
+        one (as ``Writer`` does after ``close``)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
+            self._stop.set()
+            self._due.set()
+        thread.join()
+        self._stop.clear()
+
+    def _loop(self) -> None:
+        failing = False
+        while True:
+            self._due.wait()
+            if self._stop.is_set():
+                return
+            self._due.clear()
+            try:
+                self._checkpoint()
+                failing = False
+            except Exception as exc:  # a full disk, a removed file: commits still checkpoint (backstop)
+                if not failing:
+                    log.warning("a WAL checkpoint failed (commits will run them): %s", exc)
+                failing = True
+            # At most one per interval: a commit meanwhile sets ``_due`` again.
+            if self._stop.wait(self._every_s):
+                return
+
+    def _checkpoint(self) -> None:
+        connection = self._connect()
+        try:
+            cursor = connection.cursor()
+            try:
+                # (busy, pages in the log, pages copied): a passive one never waits for anybody.
+                _busy, _logged, copied = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+        self.runs += 1
+        self.pages += max(int(copied), 0)
+
+
+__all__ = ["BACKSTOP_PAGES", "WalCheckpoints"]
