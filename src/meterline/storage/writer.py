@@ -8,10 +8,13 @@ SQLite shared by several processes, opening it may have waited for another one).
 **one transaction**, commits once, and only then answers each caller. Nothing acknowledged is ever lost:
 a caller whose job is not committed gets an exception, never a result.
 
-One job's failure is its own. When a batch holds more than one job, each runs inside a savepoint: a job
-that raises is rolled back to its savepoint and its caller gets the exception, while its neighbours go on
-and commit. A failure of the transaction itself (the commit, an outage, a savepoint that cannot be rolled
-back) fails every job of the batch, none of which was committed.
+One job's failure is its own. A batch first runs without savepoints; if a job raises beside others, the
+whole transaction is rolled back and the same jobs run again in a new one, each inside a savepoint: a
+job that raises is rolled back to its savepoint and its caller gets the exception, while its neighbours
+go on and commit. (So a job may run twice: its writes go with the transaction, and what a process
+remembers of them waits for ``after_commit``.) A failure of the transaction itself (the commit, an
+outage, a savepoint that cannot be rolled back) fails every job of the batch, none of which was
+committed.
 
 Jobs run in the order of their ``order`` key (stable: one key keeps its submission order). Settles pass
 their organization, so on PostgreSQL a batch takes organization locks in one global order and two
@@ -154,30 +157,25 @@ class Writer:
             for item in batch:
                 item.future.set_running_or_notify_cancel()  # wakes whoever waits on a cancelled one
             return
-        results: list[tuple[_Queued[Any], Any]] = []
-        failed: list[tuple[_Queued[Any], BaseException]] = []
-        actions: list[Callable[[], None]] = []  # ``after_commit`` actions of the jobs that succeeded
         live: list[_Queued[Any]] = []
-        _here.so_far = {}
+        ran = _Ran()
         try:
-            with self._transaction() as conn:
-                # Taken again once the transaction holds its lock: on SQLite shared by several processes,
-                # opening it may have waited for another process, and what queued meanwhile shares this
-                # commit instead of waiting for one more turn of the lock (docs/benchmarks.md, "What
-                # queued while the writer waited joins its commit").
-                intake.take(batch)
-                live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-                live.sort(key=lambda item: item.order)
-                if len(live) == 1:
-                    with _collecting() as pending:
-                        results.append((live[0], live[0].job(conn)))
-                    actions += pending
-                else:
-                    for unit in _units(live):
-                        if len(unit) > 1 and self._together(conn, unit, results, actions):
-                            continue
-                        for item in unit:
-                            self._alone(conn, item, results, failed, actions)
+            try:
+                with self._transaction() as conn:
+                    # Taken again once the transaction holds its lock: on SQLite shared by several
+                    # processes, opening it may have waited for another process, and what queued meanwhile
+                    # shares this commit instead of waiting for one more turn of the lock
+                    # (docs/benchmarks.md, "What queued while the writer waited joins its commit").
+                    intake.take(batch)
+                    live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+                    live.sort(key=lambda item: item.order)
+                    self._run(conn, live, ran)
+            except _Retry as retry:
+                # A job failed beside others: all of it was rolled back, and the same jobs run again,
+                # each unit in a savepoint of its own, so that the failure is that job's alone.
+                ran = _Ran()
+                with self._transaction() as conn:
+                    self._run_guarded(conn, live, ran, retry.unit)
         except BaseException as exc:
             _fail(batch, exc)  # the transaction may have failed to open, before any job was running
             if not isinstance(exc, Exception):
@@ -188,16 +186,61 @@ class Writer:
         self.batches += 1
         self.jobs += len(live)
         # Committed: only now is anyone told.
-        for item, result in results:
+        for item, result in ran.results:
             item.future.set_result(result)
-        for item, error in failed:
+        for item, error in ran.failed:
             with contextlib.suppress(Exception):
                 item.future.set_exception(error)
-        for action in actions:
+        for action in ran.actions:
             try:
                 action()
             except Exception:
                 log.exception("an after-commit action failed")
+
+    @staticmethod
+    def _run(conn: Connection, live: list[_Queued[Any]], ran: _Ran) -> None:
+        """The batch's jobs without savepoints (two statements, on PostgreSQL two round trips, per unit:
+        docs/benchmarks.md, "A batch without savepoints"). A lone job's failure is the batch's, and so
+        its own; a failure beside other jobs raises ``_Retry``."""
+        if len(live) == 1:
+            with _collecting() as pending:
+                ran.results.append((live[0], live[0].job(conn)))
+            ran.actions += pending
+            return
+        for unit in _units(live):
+            try:
+                with _collecting() as pending:
+                    if len(unit) == 1:
+                        outcomes = [unit[0].job(conn)]
+                    else:
+                        first = unit[0].together
+                        assert first is not None
+                        outcomes = first.run(
+                            conn, [item.together.payload for item in unit if item.together is not None]
+                        )
+                        if len(outcomes) != len(unit):
+                            raise RuntimeError("a merged write answered the wrong number of results")
+            except Exception:
+                if conn.invalidated:
+                    raise  # the connection is gone (an outage): the whole batch fails with this error
+                raise _Retry(unit) from None
+            ran.results.extend(zip(unit, outcomes, strict=True))
+            for item, outcome in zip(unit, outcomes, strict=True):
+                _here.so_far[item.future] = (True, outcome)
+            ran.actions += pending
+
+    def _run_guarded(
+        self, conn: Connection, live: list[_Queued[Any]], ran: _Ran, failed: list[_Queued[Any]]
+    ) -> None:
+        """The batch's jobs, each unit in a savepoint: a merged unit that raises runs again job by job
+        (``failed``, the unit that raised before, at once), and a job that raises is rolled back to its
+        savepoint and answered with its exception."""
+        for unit in _units(live):
+            merged = len(unit) > 1 and unit[0] is not failed[0]
+            if merged and self._together(conn, unit, ran.results, ran.actions):
+                continue
+            for item in unit:
+                self._alone(conn, item, ran.results, ran.failed, ran.actions)
 
     @staticmethod
     def _together(
@@ -292,6 +335,26 @@ def _fail(batch: list[_Queued[Any]], exc: BaseException) -> None:
 
 
 _here = threading.local()
+
+
+class _Retry(Exception):
+    """A job of a batch run without savepoints failed beside others: the batch runs again, guarded.
+    ``unit``: the jobs that raised (one, or a merged unit)."""
+
+    def __init__(self, unit: list[_Queued[Any]]) -> None:
+        super().__init__()
+        self.unit = unit
+
+
+class _Ran:
+    """What one attempt at a batch ran: answers, failures, and the ``after_commit`` actions of the jobs
+    that succeeded. Making one starts the transaction's record of answers (``answered_before``)."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[_Queued[Any], Any]] = []
+        self.failed: list[tuple[_Queued[Any], BaseException]] = []
+        self.actions: list[Callable[[], None]] = []
+        _here.so_far = {}
 
 
 @contextlib.contextmanager
