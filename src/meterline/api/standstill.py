@@ -11,8 +11,11 @@ is not the one holding the lock.
 
 ``Standstill(loop)()`` is the context manager ``Database.hold_still`` enters (``storage/database.py``):
 
-* the loop is asked (``call_soon_threadsafe``) to wait, and the caller waits a moment (``settle_s``) for
-  it to do so: a loop in the middle of a long step is not waited for longer, the transaction runs anyway;
+* the loop is asked (``call_soon_threadsafe``) to wait, and stands at the end of the step it is in. The
+  caller does not wait for that by default (``settle_s`` = 0): it already holds the lock every process
+  waits for, and waiting for the loop held it idle, ~1 ms per transaction (docs/benchmarks.md, "The
+  writer no longer waits for its loop to stand still"); its first steps share the interpreter with the
+  loop's last one instead;
 * the loop waits at most ``longest_s``, whatever happens to the caller, and never for a transaction
   that has ended (each hold has its own turn);
 * called on the loop's own thread, or once the loop is closed, it holds nothing.
@@ -30,7 +33,7 @@ from contextlib import contextmanager
 
 class Standstill:
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, *, settle_s: float = 0.002, longest_s: float = 0.05
+        self, loop: asyncio.AbstractEventLoop, *, settle_s: float = 0.0, longest_s: float = 0.05
     ) -> None:
         self._loop = loop
         self._settle_s = settle_s
