@@ -105,6 +105,7 @@ def meterline(
     server = Server("meterline", command, env, work, port)
     try:
         server.wait_ready("/readyz")
+        all_serving(port, workers)
         base = f"http://{HOST}:{port}"
         admin = {"Authorization": f"Bearer {admin_key}"}
         with httpx.Client(base_url=base, headers=admin, timeout=30) as http:
@@ -123,6 +124,33 @@ def meterline(
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def listening(port: int) -> int:
+    """Sockets listening on ``port`` (``/proc/net/tcp``): one per worker with ``SO_REUSEPORT``."""
+    found = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                found += 1
+    return found
+
+
+def all_serving(port: int, workers: int) -> None:
+    """Wait until every worker listens and answers. ``/readyz`` answered once is one worker; a load client
+    keeps the connections it opens first, and a worker still starting then would be left out of the whole
+    run (a 2-worker gateway round once ran at one worker's rate, the machine 58 % busy)."""
+    deadline = time.monotonic() + 60
+    while listening(port) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{listening(port)} of {workers} workers listen on port {port}")
+        time.sleep(0.05)
+    # Fresh connections, spread by the kernel over the workers' sockets: each is answered once its
+    # worker serves.
+    for _ in range(16 * workers):
+        with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=60) as http:
+            http.get("/readyz").raise_for_status()
 
 
 async def closed_loop(
