@@ -164,3 +164,40 @@ def test_hold_soon_cancelled_while_its_decision_is_queued_holds_nothing(services
     asyncio.run(cancelled())
     services.db.writer.run(lambda _conn: None)  # what the cancel gave back is applied
     assert calls_held(services.quotas, who) == 0
+
+
+def test_hold_soon_queues_its_decision_and_its_durable_half_together(services: Services, org: str) -> None:
+    """One turn of the writer for both (one commit when they share a batch): the durable half's job
+    writes the row the decision admitted, and nothing for a refusal."""
+    who, estimate, account = a_call(services, org)
+    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
+
+    async def held_while_the_writer_is_busy() -> tuple[int, object]:
+        busy, gate = busy_writer(services)
+        task = asyncio.create_task(services.reservations.hold_soon(who, estimate, account))
+        await asyncio.sleep(0.05)  # both queued behind the busy job
+        queued = services.db.writer.pending
+        gate.set()
+        await asyncio.wrap_future(busy)
+        try:
+            return queued, await task
+        except LimitExceeded as refusal:
+            return queued, refusal
+
+    services.db.writer.run(lambda _conn: None)  # what the setup queued (the release) is written
+    batches = services.db.writer.batches
+    queued, first = asyncio.run(held_while_the_writer_is_busy())
+    assert queued == 2  # the decision and the reservation's row, side by side
+    assert services.db.writer.batches == batches + 2  # the busy job's, then one for both
+    assert first is not None and not isinstance(first, LimitExceeded)
+    stored = services.reservations.get(org, first.held.id)
+    assert (stored.id, stored.meters) == (first.held.id, first.held.meters)
+    asyncio.run(held_while_the_writer_is_busy())  # the second call of the day
+
+    rows = services.db.writer.run(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM reservations").one())
+    _, refused = asyncio.run(held_while_the_writer_is_busy())
+    assert isinstance(refused, LimitExceeded)  # daily_calls is 2
+    assert services.db.writer.run(
+        lambda conn: conn.exec_driver_sql("SELECT count(*) FROM reservations").one()
+    ) == rows  # nothing written for the refusal
+    assert calls_held(services.quotas, who) == 2

@@ -111,6 +111,12 @@ class InFlight:
 class ReservationStore(Protocol):
     def add(self, held: HeldReservation) -> None: ...
     def add_soon(self, held: HeldReservation) -> Future[None]: ...
+    def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
+        """``add_soon`` for a reservation whose decision was queued just before it to the database's
+        writer (counters ``in_writer``): the job asks ``admitted()`` (None: not admitted, else its
+        overage) and writes the row only if it was, with that overage. Answers whether it wrote."""
+        ...
+
     def remove_soon(self, reservation_id: str) -> Future[bool]: ...
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]: ...
     def in_flight(self, organization_id: str) -> InFlight: ...
@@ -216,6 +222,8 @@ class Reservations:
                     reservation, held, priced = self._decide(subject, estimate, account, None, None, margin)
             except WouldRead:
                 return None
+        elif self._counters.in_writer:
+            return await self._hold_in_writer(subject, estimate, account, margin)
         elif self._counters.queued:
             decided = await self._decide_queued(subject, estimate, account, margin)
             if decided is None:
@@ -223,6 +231,10 @@ class Reservations:
             reservation, held, priced = decided
         else:
             return None
+        return await self._made_durable(reservation, held, priced)
+
+    async def _made_durable(self, reservation: Reservation, held: HeldReservation, priced: LedgerRow) -> Hold:
+        """The durable half of a decided reservation, written on the database's writer and awaited."""
         try:
             written = self._store.add_soon(held)
         except BaseException:
@@ -240,6 +252,70 @@ class Reservations:
 
     def _forget(self, reservation_id: str) -> None:
         self._store.remove_soon(reservation_id)
+
+    async def _hold_in_writer(
+        self, subject: Subject, estimate: UsageRecord, account: Account, margin: int
+    ) -> Hold | None:
+        """``hold_soon`` with the counters in the database: the decision and the durable half queued to
+        its writer together. The durable half's job writes the row if the decision admitted it (one
+        transaction, one turn of the writer, when both share a batch) instead of waiting for one turn to
+        decide and another to write. None as ``_decide_queued`` answers it (nothing is held or written
+        then), and when the write ran before its decision (the writer restarted between them: only
+        while the services close)."""
+        reservation_id, estimate, priced, amounts = self._asked(subject, estimate, account, None, margin)
+        try:
+            with no_reads():
+                queued = self._engine.reserve_queued([(subject, amounts, None)], hold_ids=[reservation_id])
+        except WouldRead:
+            return None
+        meters, expires_us = queued.terms()
+        draft = HeldReservation(
+            reservation_id,
+            subject.organization_id,
+            estimate,
+            meters,
+            self._clock.now(),
+            from_micros(expires_us),
+        )
+        try:
+            written = self._store.add_when_admitted(draft, lambda: queued.admitted_now().get(reservation_id))
+        except BaseException:
+            queued.abandon()
+            raise
+        try:
+            wrote = await answer_of(written)
+        except asyncio.CancelledError:
+            queued.abandon()
+            # Given up on, possibly after the write committed: end the reservation once it is written.
+            written.add_done_callback(
+                lambda done: None if done.exception() or not done.result() else self._forget(reservation_id)
+            )
+            raise
+        except Exception as exc:
+            decision = queued.verdicts
+            if decision.done() and decision.exception() is not None:
+                # The decision itself failed (so nothing was written): answered as ``_decide_queued``
+                # answers it, an unreachable store by failing open (then written on its own) or a 503.
+                if not isinstance(decision.exception(), CounterStoreUnavailable):
+                    return None
+                reservation, held = self._held(queued.unavailable()[0], estimate)
+                return await self._made_durable(reservation, held, priced)
+            queued.abandon()  # the write failed: what the decision admitted is given back
+            if isinstance(exc, LookupError):
+                return None
+            raise
+        # Answered before the write that read it (an earlier job, or earlier in the same commit).
+        outcomes = queued.outcomes(queued.verdicts.result())
+        if outcomes is None:
+            return None  # a counter to load from the ledger: nothing was held or written
+        outcome = outcomes[0]
+        if not isinstance(outcome, Reservation):
+            raise outcome
+        if not wrote:  # never: the job writes exactly what the decision admitted
+            self._engine.release([outcome])
+            return None
+        held = replace(draft, estimate=replace(estimate, overage=outcome.overage))
+        return Hold(outcome, held, priced)
 
     def _decide(
         self,

@@ -368,6 +368,11 @@ class Queued:
         pairs = zip(self.asked.holds, verdicts, strict=True)
         return {hold.id: verdict.overage for hold, verdict in pairs if verdict.admitted}
 
+    def terms(self, index: int = 0) -> tuple[tuple[str, ...], int]:
+        """What a reservation of request ``index`` will carry whatever the verdict (to write its durable
+        half before the verdict is read): the meters of its bounds, and when it expires (µs)."""
+        return self.asked.placements[index].meters, self.asked.expires_us
+
     def unavailable(self) -> list[Reservation | LimitExceeded]:
         """What ``reserve_many`` answers when the store cannot be reached (its answer was
         ``CounterStoreUnavailable``): ``ServiceUnavailable`` raised, or every request admitted unchecked

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -48,7 +50,20 @@ def _held_or_unreadable(row: Any) -> HeldReservation | Unreadable:
 
 
 _ADD = "reservations.add"
+_ADD_ADMITTED = "reservations.add-admitted"
 _PROGRESS = "reservations.progress"
+_Admitted = tuple[HeldReservation, Callable[[], "bool | None"], tuple[Any, ...]]
+
+
+def _values(held: HeldReservation) -> tuple[Any, ...]:
+    return (
+        held.id,
+        held.organization_id,
+        encode_record(held.estimate),
+        orjson.dumps(list(held.meters)).decode(),
+        to_micros(held.created_at),
+        to_micros(held.expires_at),
+    )
 
 
 class SqlReservationStore:
@@ -70,20 +85,34 @@ class SqlReservationStore:
     def add_soon(self, held: HeldReservation) -> Future[None]:
         # Plain SQL: every gateway request writes one, and compiling the statement cost more than the insert.
         # Through the writer: the reservations queued in a batch are one executemany.
-        values = (
-            held.id,
-            held.organization_id,
-            encode_record(held.estimate),
-            orjson.dumps(list(held.meters)).decode(),
-            to_micros(held.created_at),
-            to_micros(held.expires_at),
-        )
-        together = Together(_ADD, values, self._add_together)
+        together = Together(_ADD, _values(held), self._add_together)
         return self._db.writer.submit_together(together, order=held.organization_id)
 
     def _add_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
         conn.exec_driver_sql(self._insert, values if len(values) > 1 else values[0])
         return [None] * len(values)
+
+    def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
+        # Encoded now, as admitted without overage (nearly every one): encoded again in the job otherwise.
+        payload = (held, admitted, _values(replace(held, estimate=replace(held.estimate, overage=False))))
+        together = Together(_ADD_ADMITTED, payload, self._add_admitted_together)
+        return self._db.writer.submit_together(together, order=held.organization_id)
+
+    def _add_admitted_together(self, conn: Connection, payloads: list[_Admitted]) -> list[bool]:
+        rows: list[tuple[Any, ...]] = []
+        written: list[bool] = []
+        for held, admitted, values in payloads:
+            overage = admitted()
+            if overage is None:
+                written.append(False)
+                continue
+            if overage:
+                values = _values(replace(held, estimate=replace(held.estimate, overage=True)))
+            rows.append(values)
+            written.append(True)
+        if rows:
+            conn.exec_driver_sql(self._insert, rows if len(rows) > 1 else rows[0])
+        return written
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
         # Through the writer, not waited for by streams: the progress of every stream queued in a batch
