@@ -189,15 +189,36 @@ def test_hold_soon_queues_its_decision_and_its_durable_half_together(services: S
     queued, first = asyncio.run(held_while_the_writer_is_busy())
     assert queued == 2  # the decision and the reservation's row, side by side
     assert services.db.writer.batches == batches + 2  # the busy job's, then one for both
-    assert first is not None and not isinstance(first, LimitExceeded)
+    assert first is not None
+    assert not isinstance(first, LimitExceeded)
     stored = services.reservations.get(org, first.held.id)
     assert (stored.id, stored.meters) == (first.held.id, first.held.meters)
     asyncio.run(held_while_the_writer_is_busy())  # the second call of the day
 
-    rows = services.db.writer.run(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM reservations").one())
+    def reservation_rows() -> int:
+        count = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM reservations").one())
+        return int(count[0])
+
+    rows = reservation_rows()
     _, refused = asyncio.run(held_while_the_writer_is_busy())
     assert isinstance(refused, LimitExceeded)  # daily_calls is 2
-    assert services.db.writer.run(
-        lambda conn: conn.exec_driver_sql("SELECT count(*) FROM reservations").one()
-    ) == rows  # nothing written for the refusal
+    assert reservation_rows() == rows  # nothing written for the refusal
     assert calls_held(services.quotas, who) == 2
+
+
+def test_an_append_run_again_writes_its_rows_as_they_were_given(services: Services, org: str) -> None:
+    """The writer runs a batch again when a job beside an append failed: the append's second run starts
+    from the rows as the caller gave them, never from marks (overage, the credit split) that the rolled
+    back run left on them."""
+    account = services.account_of(services.tenancy.get_organization(org))
+    record = UsageRecord(org, "ws_1", NOW, model="gpt-4o-mini", prompt_tokens=10, completion_tokens=5)
+    row = services.settler.price(replace(record, idempotency_key="given"), account)
+    assert not row.overage
+    busy, gate = busy_writer(services)
+    written = services.settler.submit([row], account)
+    row.overage = True  # as a run rolled back with its batch may leave it
+    gate.set()
+    busy.result(5)
+    assert [r.overage for r in written.result(5).written] == [False]
+    stored = services.settler.stored(account, ["given"])["given"]
+    assert not stored.overage

@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def in_database_file(path: Path) -> set[str]:
     checkpoint has copied there. Nothing while the file is being written (a read that is torn, or finds
     no table yet, is asked again)."""
     try:
-        with sqlite3.connect(f"file:{path}?immutable=1", uri=True) as conn:
+        with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
             return {name for (name,) in conn.execute("SELECT name FROM items")}
     except sqlite3.DatabaseError:
         return set()
@@ -56,10 +57,16 @@ def test_commits_checkpoint_by_themselves_only_past_the_backstop(db: Database) -
     assert db.writer.run(setting) == BACKSTOP_PAGES
 
 
+def checkpoint_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "meterline-checkpoints"}
+
+
 def test_the_checkpoint_thread_stops_with_the_database(tmp_path: Path) -> None:
+    before = checkpoint_threads()  # other tests' databases, if any are still open
     database = Database(f"sqlite:///{tmp_path / 'd.db'}")
     with database.write() as conn:
         conn.exec_driver_sql("CREATE TABLE items (name TEXT PRIMARY KEY)")
-    assert any(t.name == "meterline-checkpoints" for t in threading.enumerate())
+    started = checkpoint_threads() - before
+    assert len(started) == 1  # the first commit started it
     database.dispose()
-    assert not any(t.name == "meterline-checkpoints" for t in threading.enumerate())
+    assert not any(thread.is_alive() for thread in started)

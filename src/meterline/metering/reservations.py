@@ -44,7 +44,15 @@ from meterline.metering.settle import Account, Settler, storable
 from meterline.metering.store import AppendResult
 from meterline.metering.unit_of_work import ReservationEnded
 from meterline.quotas.counters import CounterStore, CounterStoreUnavailable, Release
-from meterline.quotas.engine import QuotaEngine, Reservation, Subject, WouldRead, meter_of_key, no_reads
+from meterline.quotas.engine import (
+    Queued,
+    QuotaEngine,
+    Reservation,
+    Subject,
+    WouldRead,
+    meter_of_key,
+    no_reads,
+)
 from meterline.quotas.gate import row_amounts
 
 log = logging.getLogger("meterline.reservations")
@@ -262,47 +270,45 @@ class Reservations:
         decide and another to write. None as ``_decide_queued`` answers it (nothing is held or written
         then), and when the write ran before its decision (the writer restarted between them: only
         while the services close)."""
-        reservation_id, estimate, priced, amounts = self._asked(subject, estimate, account, None, margin)
-        try:
-            with no_reads():
-                queued = self._engine.reserve_queued([(subject, amounts, None)], hold_ids=[reservation_id])
-        except WouldRead:
+        asked = self._queue_decision(subject, estimate, account, margin)
+        if asked is None:
             return None
-        meters, expires_us = queued.terms()
-        draft = HeldReservation(
-            reservation_id,
-            subject.organization_id,
-            estimate,
-            meters,
-            self._clock.now(),
-            from_micros(expires_us),
-        )
+        reservation_id, estimate, priced, queued = asked
         try:
+            meters, expires_us = queued.terms()
+            draft = HeldReservation(
+                reservation_id,
+                subject.organization_id,
+                estimate,
+                meters,
+                self._clock.now(),
+                from_micros(expires_us),
+            )
             written = self._store.add_when_admitted(draft, lambda: queued.admitted_now().get(reservation_id))
         except BaseException:
             queued.abandon()
             raise
         try:
             wrote = await answer_of(written)
-        except asyncio.CancelledError:
+        except Exception as exc:
+            queued.abandon()  # whatever the decision admitted is given back once it is answered
+            failure = queued.verdicts.exception() if queued.verdicts.done() else None
+            if isinstance(failure, CounterStoreUnavailable):
+                # The database holds the counters and the reservation alike: unreachable, it leaves no
+                # place for a reservation admitted unchecked, so this is a 503 even where the engine
+                # fails open (``unavailable`` raises its own unless it does).
+                queued.unavailable()
+                raise
+            if failure is not None or isinstance(exc, LookupError):
+                return None  # a decision that failed (nothing written), or one not yet made: decide again
+            raise
+        except BaseException:
             queued.abandon()
-            # Given up on, possibly after the write committed: end the reservation once it is written.
+            # Given up on (cancelled), possibly after the write committed: end the reservation once it
+            # is written, or recovery would bill a request that never went out.
             written.add_done_callback(
                 lambda done: None if done.exception() or not done.result() else self._forget(reservation_id)
             )
-            raise
-        except Exception as exc:
-            decision = queued.verdicts
-            if decision.done() and decision.exception() is not None:
-                # The decision itself failed (so nothing was written): answered as ``_decide_queued``
-                # answers it, an unreachable store by failing open (then written on its own) or a 503.
-                if not isinstance(decision.exception(), CounterStoreUnavailable):
-                    return None
-                reservation, held = self._held(queued.unavailable()[0], estimate)
-                return await self._made_durable(reservation, held, priced)
-            queued.abandon()  # the write failed: what the decision admitted is given back
-            if isinstance(exc, LookupError):
-                return None
             raise
         # Answered before the write that read it (an earlier job, or earlier in the same commit).
         outcomes = queued.outcomes(queued.verdicts.result())
@@ -370,17 +376,28 @@ class Reservations:
         )
         return outcome, held
 
-    async def _decide_queued(
+    def _queue_decision(
         self, subject: Subject, estimate: UsageRecord, account: Account, margin: int
-    ) -> tuple[Reservation, HeldReservation, LedgerRow] | None:
-        """``_decide`` with the counter store's answer awaited; None when it was not a plain one (nothing
-        is held then: ``QuotaEngine.reserve_queued``)."""
+    ) -> tuple[str, UsageRecord, LedgerRow, Queued] | None:
+        """The estimate priced and its decision queued to the counter store: the reservation's id, its
+        estimate, its priced row and the queued decision; None when deciding would read the ledger."""
         reservation_id, estimate, priced, amounts = self._asked(subject, estimate, account, None, margin)
         try:
             with no_reads():
                 queued = self._engine.reserve_queued([(subject, amounts, None)], hold_ids=[reservation_id])
         except WouldRead:
             return None
+        return reservation_id, estimate, priced, queued
+
+    async def _decide_queued(
+        self, subject: Subject, estimate: UsageRecord, account: Account, margin: int
+    ) -> tuple[Reservation, HeldReservation, LedgerRow] | None:
+        """``_decide`` with the counter store's answer awaited; None when it was not a plain one (nothing
+        is held then: ``QuotaEngine.reserve_queued``)."""
+        asked = self._queue_decision(subject, estimate, account, margin)
+        if asked is None:
+            return None
+        _, estimate, priced, queued = asked
         try:
             verdicts = await answer_of(queued.verdicts)
         except asyncio.CancelledError:

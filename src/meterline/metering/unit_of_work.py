@@ -89,7 +89,8 @@ def settle(
     ``existing``. Raises ``ReservationEnded`` (the caller rolls back) when a reservation this settle
     ends was ended by someone else meanwhile."""
     # The split marks rows; a settle that fails (and may be retried with the same rows, as the writer
-    # does after a failed merged run) leaves them as they came.
+    # does after a failed merged run) leaves them as they came. (One that succeeded and was rolled back
+    # with its batch is run again by the writer too: the ledger store puts the marks back first.)
     before = [(row.credits_monthly_nanos, row.credits_bonus_nanos, row.overage) for row in rows]
     try:
         return _settle(tx, rows, credits, settles, notary)

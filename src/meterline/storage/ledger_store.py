@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -266,10 +266,19 @@ class _Append:
     credits: CreditTerms | None
     settles: Sequence[str]
     admitted: Callable[[], Sequence[LedgerRow]] | None = None
+    # What the rows came with (overage, monthly and bonus credits): the job marks them, and it may run
+    # twice (the writer runs a batch again when a job beside it failed), each time from these.
+    marks: tuple[tuple[bool, int, int], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        marks = tuple((r.overage, r.credits_monthly_nanos, r.credits_bonus_nanos) for r in self.rows)
+        object.__setattr__(self, "marks", marks)
 
     def to_write(self) -> Sequence[LedgerRow]:
         """The rows to write, asked in the writer's job (``admitted``: those the reservations queued
-        before this append admitted)."""
+        before this append admitted), marked as they came."""
+        for row, (overage, monthly, bonus) in zip(self.rows, self.marks, strict=True):
+            row.overage, row.credits_monthly_nanos, row.credits_bonus_nanos = overage, monthly, bonus
         return self.rows if self.admitted is None else self.admitted()
 
 

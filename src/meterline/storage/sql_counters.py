@@ -54,7 +54,7 @@ from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
 from meterline.storage.driver_sql import fetch, run_many
 from meterline.storage.outage import is_outage
-from meterline.storage.writer import Together, answered_before, wait
+from meterline.storage.writer import Together, after_commit, answered_before, wait
 
 log = logging.getLogger("meterline.quotas.database")
 T = TypeVar("T")
@@ -295,7 +295,7 @@ class SqlCounterStore:
         self._ops += len(calls)
         sweep = self._ops >= _SWEEP_EVERY
         if sweep:
-            self._ops = 0
+            after_commit(self._swept)  # a sweep rolled back with its batch is made by the next run
         finishing = [hold_id for call in calls for hold_id, _ in call.finishes]
         hold_ids = [*finishing, *(hold.id for call in calls for hold in call.holds)]
         holds = self._holds(conn, hold_ids)
@@ -346,6 +346,9 @@ class SqlCounterStore:
         if sweep:
             self._sweep(conn, calls[-1].now_us // 1_000_000)
         return answers
+
+    def _swept(self) -> None:
+        self._ops = 0
 
     def _insert_seeds(self, conn: Connection, seeds: Sequence[tuple[Seed, int]]) -> None:
         """Seeded counters written before any is loaded (set if absent, in key order), so that the run

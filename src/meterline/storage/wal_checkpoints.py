@@ -9,8 +9,8 @@ Here a commit only wakes ``WalCheckpoints``; its thread runs a ``PASSIVE`` check
 its own, at most every ``every_s``. A passive checkpoint takes no write lock: the writers of every process
 go on while it copies, and it copies only what no reader still needs (the rest waits for the next one).
 Commits still checkpoint by themselves past ``BACKSTOP_PAGES`` (set on every connection by
-``storage/database.py``), so the log stays bounded in a process that has no such thread (the CLI, other
-tools) or while one falls behind.
+``storage/database.py``), so the log stays bounded while the thread falls behind, or in a process that
+ends before its thread gets to it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ log = logging.getLogger("meterline.storage")
 
 # A commit checkpoints by itself only past this many pages of log (~40 MB at SQLite's 4 KiB pages).
 BACKSTOP_PAGES = 10_000
+# ``close`` waits this long for a checkpoint under way (a passive one never waits for a lock).
+_JOIN_S = 10.0
 
 
 class WalCheckpoints:
@@ -63,10 +65,18 @@ class WalCheckpoints:
                 return
             self._stop.set()
             self._due.set()
-        thread.join()
+        thread.join(_JOIN_S)
         self._stop.clear()
 
     def _loop(self) -> None:
+        try:
+            self._checkpoints()
+        finally:
+            with self._lock:  # ended by ``close``, or died: the next ``committed`` starts another
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _checkpoints(self) -> None:
         failing = False
         while True:
             self._due.wait()

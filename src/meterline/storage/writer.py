@@ -11,8 +11,9 @@ a caller whose job is not committed gets an exception, never a result.
 One job's failure is its own. A batch first runs without savepoints; if a job raises beside others, the
 whole transaction is rolled back and the same jobs run again in a new one, each inside a savepoint: a
 job that raises is rolled back to its savepoint and its caller gets the exception, while its neighbours
-go on and commit. (So a job may run twice: its writes go with the transaction, and what a process
-remembers of them waits for ``after_commit``.) A failure of the transaction itself (the commit, an
+go on and commit. (So a job may run twice: its writes go with the transaction, each run starts from
+what the job was given, and what a process remembers of its writes waits for ``after_commit``.) A
+failure of the transaction itself (the commit, an
 outage, a savepoint that cannot be rolled back) fails every job of the batch, none of which was
 committed.
 
@@ -87,9 +88,10 @@ class Writer:
         # The running thread and its own queue (a thread after ``close`` gets a fresh pair).
         self._thread: threading.Thread | None = None
         self._queue: queue.SimpleQueue[_Queued[Any] | None] = queue.SimpleQueue()
-        # Figures for the benchmarks: batches committed and jobs in them.
+        # Figures for the benchmarks: batches committed, jobs in them, batches run again (a job failed).
         self.batches = 0
         self.jobs = 0
+        self.retried = 0
 
     def submit(self, job: Job[T], *, rows: int = 1, order: str = "") -> Future[T]:
         """Queue ``job`` (called with the batch's connection, inside the transaction); its future is
@@ -174,6 +176,7 @@ class Writer:
                 # A job failed beside others: all of it was rolled back, and the same jobs run again,
                 # each unit in a savepoint of its own, so that the failure is that job's alone.
                 ran = _Ran()
+                self.retried += 1
                 with self._transaction() as conn:
                     self._run_guarded(conn, live, ran, retry.unit)
         except BaseException as exc:
@@ -210,16 +213,7 @@ class Writer:
         for unit in _units(live):
             try:
                 with _collecting() as pending:
-                    if len(unit) == 1:
-                        outcomes = [unit[0].job(conn)]
-                    else:
-                        first = unit[0].together
-                        assert first is not None
-                        outcomes = first.run(
-                            conn, [item.together.payload for item in unit if item.together is not None]
-                        )
-                        if len(outcomes) != len(unit):
-                            raise RuntimeError("a merged write answered the wrong number of results")
+                    outcomes = [unit[0].job(conn)] if len(unit) == 1 else _merged(conn, unit)
             except Exception:
                 if conn.invalidated:
                     raise  # the connection is gone (an outage): the whole batch fails with this error
@@ -250,16 +244,10 @@ class Writer:
         actions: list[Callable[[], None]],
     ) -> bool:
         """Run a unit of mergeable jobs as one; False (nothing kept) if it raised."""
-        first = unit[0].together
-        assert first is not None
         savepoint = conn.begin_nested()
         try:
             with _collecting() as pending:
-                outcomes = first.run(
-                    conn, [item.together.payload for item in unit if item.together is not None]
-                )
-            if len(outcomes) != len(unit):
-                raise RuntimeError("a merged write answered the wrong number of results")
+                outcomes = _merged(conn, unit)
         except Exception:
             if conn.invalidated:
                 raise  # the connection is gone (an outage): the whole batch fails with this error
@@ -335,6 +323,16 @@ def _fail(batch: list[_Queued[Any]], exc: BaseException) -> None:
 
 
 _here = threading.local()
+
+
+def _merged(conn: Connection, unit: list[_Queued[Any]]) -> list[Any]:
+    """A unit of mergeable jobs run as one: an answer per job."""
+    first = unit[0].together
+    assert first is not None
+    outcomes = first.run(conn, [item.together.payload for item in unit if item.together is not None])
+    if len(outcomes) != len(unit):
+        raise RuntimeError("a merged write answered the wrong number of results")
+    return outcomes
 
 
 class _Retry(Exception):
