@@ -14,7 +14,7 @@ is not the one holding the lock.
 * the loop is asked (``call_soon_threadsafe``) to wait, and stands at the end of the step it is in. The
   caller does not wait for that by default (``settle_s`` = 0): it already holds the lock every process
   waits for, and waiting for the loop held it idle, ~1 ms per transaction (docs/benchmarks.md, "The
-  writer no longer waits for its loop to stand still"); its first steps share the interpreter with the
+  write lock held for work only"); its first steps share the interpreter with the
   loop's last one instead;
 * the loop waits at most ``longest_s``, whatever happens to the caller, and never for a transaction
   that has ended (each hold has its own turn);

@@ -2,8 +2,8 @@
 
 Left to itself, SQLite checkpoints inside the commit that takes the write-ahead log past 1,000 pages: that
 commit copies the log's pages into the database file and syncs it, all while holding the write lock that
-every writer of every process waits for. Under load that was ~5 commits a second of 2 to 10 ms each, a third
-of the time commits took (docs/benchmarks.md, "WAL checkpoints off the write lock").
+every writer of every process waits for. Two workers under load saw ~5 such commits a second, ~5 ms each:
+half the time their commits took (docs/benchmarks.md, "The write lock held for work only").
 
 Here a commit only wakes ``WalCheckpoints``; its thread runs a ``PASSIVE`` checkpoint on a connection of
 its own, at most every ``every_s``. A passive checkpoint takes no write lock: the writers of every process
@@ -39,8 +39,8 @@ class WalCheckpoints:
         self._every_s = every_s
         self._lock = threading.Lock()
         self._due = threading.Event()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()  # the running thread's own
         # Figures for the tests and benchmarks: checkpoints run, and pages they copied.
         self.runs = 0
         self.pages = 0
@@ -49,16 +49,17 @@ class WalCheckpoints:
         """A write transaction committed: the log grew, so a checkpoint is due."""
         if self._thread is None:
             with self._lock:
-                if self._thread is None and not self._stop.is_set():
+                if self._thread is None:
+                    self._stop = threading.Event()
                     self._thread = threading.Thread(
-                        target=self._loop, name="meterline-checkpoints", daemon=True
+                        target=self._loop, args=(self._stop,), name="meterline-checkpoints", daemon=True
                     )
                     self._thread.start()
         self._due.set()
 
     def close(self) -> None:
-        """Stop the thread, after the checkpoint it may be running. A later ``committed`` starts a new
-        one (as ``Writer`` does after ``close``)."""
+        """Stop the thread, after the checkpoint it may be running (waited for at most ``_JOIN_S``). A
+        later ``committed`` starts a new one (as ``Writer`` does after ``close``)."""
         with self._lock:
             thread, self._thread = self._thread, None
             if thread is None:
@@ -66,21 +67,20 @@ class WalCheckpoints:
             self._stop.set()
             self._due.set()
         thread.join(_JOIN_S)
-        self._stop.clear()
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         try:
-            self._checkpoints()
+            self._checkpoints(stop)
         finally:
             with self._lock:  # ended by ``close``, or died: the next ``committed`` starts another
                 if self._thread is threading.current_thread():
                     self._thread = None
 
-    def _checkpoints(self) -> None:
+    def _checkpoints(self, stop: threading.Event) -> None:
         failing = False
         while True:
             self._due.wait()
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             self._due.clear()
             try:
@@ -91,7 +91,7 @@ class WalCheckpoints:
                     log.warning("a WAL checkpoint failed (commits will run them): %s", exc)
                 failing = True
             # At most one per interval: a commit meanwhile sets ``_due`` again.
-            if self._stop.wait(self._every_s):
+            if stop.wait(self._every_s):
                 return
 
     def _checkpoint(self) -> None:

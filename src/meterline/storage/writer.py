@@ -13,9 +13,8 @@ whole transaction is rolled back and the same jobs run again in a new one, each 
 job that raises is rolled back to its savepoint and its caller gets the exception, while its neighbours
 go on and commit. (So a job may run twice: its writes go with the transaction, each run starts from
 what the job was given, and what a process remembers of its writes waits for ``after_commit``.) A
-failure of the transaction itself (the commit, an
-outage, a savepoint that cannot be rolled back) fails every job of the batch, none of which was
-committed.
+failure of the transaction itself (the commit, an outage, a savepoint that cannot be rolled back) fails
+every job of the batch, none of which was committed.
 
 Jobs run in the order of their ``order`` key (stable: one key keeps its submission order). Settles pass
 their organization, so on PostgreSQL a batch takes organization locks in one global order and two
@@ -203,7 +202,7 @@ class Writer:
     @staticmethod
     def _run(conn: Connection, live: list[_Queued[Any]], ran: _Ran) -> None:
         """The batch's jobs without savepoints (two statements, on PostgreSQL two round trips, per unit:
-        docs/benchmarks.md, "A batch without savepoints"). A lone job's failure is the batch's, and so
+        docs/benchmarks.md, "The write lock held for work only"). A lone job's failure is the batch's, and so
         its own; a failure beside other jobs raises ``_Retry``."""
         if len(live) == 1:
             with _collecting() as pending:
