@@ -320,8 +320,9 @@ class Reservations:
         if not wrote:  # never: the job writes exactly what the decision admitted
             self._engine.release([outcome])
             return None
-        held = replace(draft, estimate=replace(estimate, overage=outcome.overage))
-        return Hold(outcome, held, priced)
+        if outcome.overage != estimate.overage:
+            draft = replace(draft, estimate=replace(estimate, overage=outcome.overage))
+        return Hold(outcome, draft, priced)
 
     def _decide(
         self,

@@ -94,7 +94,10 @@ class SqlReservationStore:
 
     def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
         # Encoded now, as admitted without overage (nearly every one): encoded again in the job otherwise.
-        payload = (held, admitted, _values(replace(held, estimate=replace(held.estimate, overage=False))))
+        plain = held
+        if held.estimate.overage:
+            plain = replace(held, estimate=replace(held.estimate, overage=False))
+        payload = (held, admitted, _values(plain))
         together = Together(_ADD_ADMITTED, payload, self._add_admitted_together)
         return self._db.writer.submit_together(together, order=held.organization_id)
 
