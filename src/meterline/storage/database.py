@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import InvalidatePoolError, TimeoutError
 
 from meterline.storage.wal_checkpoints import BACKSTOP_PAGES, WalCheckpoints
@@ -102,6 +102,7 @@ class Database:
                 hide_parameters=True,
             )
             _ping_when_idle(engine)
+            _discard_when_unusable(engine)
             return engine
         path = make_url(self.url).database
         if not path or path == ":memory:":
@@ -227,6 +228,25 @@ def _ping_when_idle(engine: Engine) -> None:
             raise InvalidatePoolError("a pooled connection failed its ping") from exc
         if not alive:
             raise InvalidatePoolError("a pooled connection failed its ping")
+
+
+def _discard_when_unusable(engine: Engine) -> None:
+    """Treat a PostgreSQL connection that failed and cannot leave libpq's pipeline mode as lost.
+
+    psycopg sends a many-row statement (``executemany``) in pipeline mode. A server shutting down in the
+    middle of one can leave the connection with its socket seemingly open (so SQLAlchemy does not count
+    the failure as a disconnect) but stuck in pipeline mode: every later statement on it, and the pool's
+    rollback when it is given back, fail with "cannot exit pipeline mode while busy", each reset logged
+    with a traceback. Marked as a disconnect, it is discarded at its first failure, as a lost one is."""
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        if context.is_disconnect or context.connection is None or context.connection.invalidated:
+            return
+        raw = context.connection.connection.dbapi_connection
+        pgconn = getattr(raw, "pgconn", None)
+        if pgconn is not None and pgconn.pipeline_status != 0:  # 0: libpq's PQ_PIPELINE_OFF
+            context.is_disconnect = True
 
 
 __all__ = ["Database", "normalize_url"]
