@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -132,6 +134,7 @@ def _serve_workers(settings: Settings, count: int, uvicorn: Any) -> None:
     from uvicorn.supervisors import Multiprocess
 
     from meterline.api.worker import OwnListener, reuse_port_available
+    from meterline.gateway.metrics import SHARED_DIR
 
     config = uvicorn.Config(
         "meterline.api.worker:application",
@@ -151,8 +154,15 @@ def _serve_workers(settings: Settings, count: int, uvicorn: Any) -> None:
     else:
         log.info("Meterline: %d workers share one socket (%s)", count, why_not)
         sockets = [config.bind_socket()]  # exits with uvicorn's message when the port cannot be bound
-    with contextlib.suppress(KeyboardInterrupt):
-        Multiprocess(config, sockets=sockets).run()
+    # Every worker keeps its metrics in files here, and each answers /metrics for all of them
+    # (``gateway/metrics.py``). A fresh directory each run: values left by an earlier run would add up.
+    shared = tempfile.mkdtemp(prefix="meterline-metrics-")
+    os.environ[SHARED_DIR] = shared
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            Multiprocess(config, sockets=sockets).run()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _serve_one(
