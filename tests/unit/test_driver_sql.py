@@ -4,14 +4,26 @@ writer fails its whole batch and the outage rules answer 503)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection, exc
 
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, fetch_one, run, run_many
+from meterline.storage.driver_sql import (
+    fetch,
+    fetch_one,
+    fetch_together,
+    run,
+    run_many,
+    send,
+    send_many,
+    sending,
+)
 from meterline.storage.outage import is_outage
 
 
@@ -111,4 +123,98 @@ def test_an_error_before_the_statement_runs_is_handled_the_same_way(sqlite_url: 
             conn.connection.driver_connection.close()  # type: ignore[union-attr]
             assert_lost(conn)
     finally:
+        db.dispose()
+
+
+def test_sent_statements_are_seen_by_what_follows_and_commit_with_the_transaction(db: Database) -> None:
+    """``send`` inside ``sending``: the next answered statement, one through SQLAlchemy, and the commit all
+    see what was sent before them, in order."""
+    p = _marker(db)
+    insert = f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})"
+    with db.write() as conn, sending(conn):
+        send(conn, insert, (1, "a"))
+        send_many(conn, insert, [(2, "b"), (3, "c")])
+        assert fetch(conn, "SELECT count(*) FROM driver_probe") == [(3,)]
+        send(conn, f"UPDATE driver_probe SET name = {p} WHERE id = {p}", ("B", 2))
+        assert conn.exec_driver_sql("SELECT name FROM driver_probe WHERE id = 2").scalar() == "B"
+        send(conn, f"DELETE FROM driver_probe WHERE id = {p}", (3,))
+        assert run(conn, f"UPDATE driver_probe SET name = {p} WHERE id = {p}", ("A", 1)) == 1
+        send(conn, insert, (4, "d"))  # sent at the block's end
+        first, second = fetch_together(
+            conn,
+            [
+                ("SELECT max(id) FROM driver_probe", ()),
+                (f"SELECT name FROM driver_probe WHERE id = {p}", (1,)),
+            ],
+        )
+        assert (first, second) == ([(4,)], [("A",)])
+        send(conn, insert, (5, "e"))
+    with db.read() as conn:
+        assert fetch(conn, "SELECT id, name FROM driver_probe ORDER BY id") == [
+            (1, "A"),
+            (2, "B"),
+            (4, "d"),
+            (5, "e"),
+        ]
+
+
+def test_a_sent_statement_that_fails_fails_the_next_answered_one_and_nothing_is_kept(db: Database) -> None:
+    p = _marker(db)
+    insert = f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})"
+
+    def twice() -> None:
+        with db.write() as conn, sending(conn):
+            send(conn, insert, (1, "a"))
+            send(conn, insert, (1, "again"))
+            fetch(conn, "SELECT count(*) FROM driver_probe")
+
+    with pytest.raises(exc.IntegrityError):
+        twice()
+    with db.write() as conn, sending(conn):  # the connection back in the pool sends nothing left over
+        assert fetch(conn, "SELECT count(*) FROM driver_probe") == [(0,)]
+
+
+@contextmanager
+def round_trips(conn: Connection) -> Iterator[Callable[[], int]]:
+    """Counts the round trips to PostgreSQL on ``conn`` (libpq's trace: one ReadyForQuery each)."""
+    raw: Any = conn.connection.dbapi_connection
+    with tempfile.TemporaryFile(mode="w+") as trace:
+        raw.pgconn.trace(trace.fileno())
+        done = False
+
+        def count() -> int:
+            if not done:
+                raw.pgconn.untrace()
+            trace.seek(0)
+            return sum(1 for line in trace if "ReadyForQuery" in line)
+
+        try:
+            yield count
+        finally:
+            raw.pgconn.untrace()
+            done = True
+
+
+def test_on_postgresql_what_was_sent_goes_with_the_next_answer_in_one_round_trip(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        with db.write() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS driver_trips")
+            conn.exec_driver_sql("CREATE TABLE driver_trips (id INTEGER PRIMARY KEY)")
+        with db.write() as conn, sending(conn):
+            fetch(conn, "SELECT 1")  # the transaction begun
+            with round_trips(conn) as count:
+                send(conn, "INSERT INTO driver_trips (id) VALUES (%s)", (1,))
+                send_many(conn, "INSERT INTO driver_trips (id) VALUES (%s)", [(2,), (3,)])
+                send(conn, "UPDATE driver_trips SET id = id + 10 WHERE id = %s", (3,))
+                assert fetch(conn, "SELECT count(*) FROM driver_trips") == [(3,)]
+                fetch_together(
+                    conn, [("SELECT min(id) FROM driver_trips", ()), ("SELECT max(id) FROM driver_trips", ())]
+                )
+                assert count() == 2
+        with db.read() as conn:
+            assert fetch(conn, "SELECT id FROM driver_trips ORDER BY id") == [(1,), (2,), (13,)]
+    finally:
+        with db.write() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS driver_trips")
         db.dispose()

@@ -36,7 +36,7 @@ class MemoryTransaction:
     refuse_insert: set[str] = field(default_factory=set)  # ids a "concurrent request" beat us to
     calls: list[str] = field(default_factory=list)
 
-    def lock(self, organization_id: str) -> int:
+    def lock(self, organization_id: str, keys: Sequence[str] = ()) -> int:
         self.calls.append("lock")
         return 1
 

@@ -33,9 +33,10 @@ class ReservationEnded(Conflict):
 class SettleTransaction(Protocol):
     """What a settle needs from the database, inside one transaction."""
 
-    def lock(self, organization_id: str) -> int:
+    def lock(self, organization_id: str, keys: Sequence[str] = ()) -> int:
         """Take the organization's turn (its settles queue until this transaction ends) and answer its
-        billing anchor day, as stored now."""
+        billing anchor day, as stored now. ``keys``: the idempotency keys ``stored`` is asked for next
+        (a store may read them with the turn)."""
         ...
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
@@ -116,8 +117,8 @@ def _settle(
             raise ValueError("a settle takes one organization at a time")
         (org_id,) = organizations
         # Under the organization's turn the idempotency look-up and the credit balances are exact.
-        anchor_day = tx.lock(org_id)
         keys = [row.idempotency_key for row in rows if row.idempotency_key is not None]
+        anchor_day = tx.lock(org_id, keys)
         existing = tx.stored(org_id, keys) if keys else {}
         fresh: list[LedgerRow] = []
         taken: set[str] = set()

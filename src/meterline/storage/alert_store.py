@@ -36,7 +36,7 @@ from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, fetch_one
+from meterline.storage.driver_sql import fetch, fetch_together
 from meterline.storage.tenancy_store import thresholds_from_text
 from meterline.storage.writer import after_commit
 
@@ -224,19 +224,21 @@ class AlertEvaluator:
     ) -> None:
         cached = self._fired.get(org_id)
         known = cached[1] if cached is not None and cached[0] == period_us else set()
-        # Read in the transaction (a primary-key lookup), so a changed setting applies to the next settle.
-        found_own = fetch_one(conn, _q(conn, _THRESHOLDS), (org_id,))
-        own = thresholds_from_text(None if found_own is None else found_own[0])
+        # The thresholds are read in the transaction (a primary-key lookup), so a changed setting applies
+        # to the next settle; with what the period has used, in one round trip (under the organization's
+        # turn on PostgreSQL, every other settle of it waits for each one: ``driver_sql``).
+        if measure == "spend":
+            first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
+            used_query: tuple[str, tuple[Any, ...]] = (_q(conn, _SPENT), (org_id, first_day, end_day))
+        else:
+            used_query = (_q(conn, _CREDITS_USED), (org_id, period_us))
+        found_own, found_used = fetch_together(conn, [(_q(conn, _THRESHOLDS), (org_id,)), used_query])
+        own = thresholds_from_text(found_own[0][0] if found_own else None)
         thresholds = self.policy.thresholds if own is None else own
         wanted = {(THRESHOLD, t) for t in thresholds} | {(PROJECTED_RUN_OUT, 100)}
         if wanted <= known:
             return
-        if measure == "spend":
-            first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
-            used = int(fetch(conn, _q(conn, _SPENT), (org_id, first_day, end_day))[0][0])
-        else:
-            found = fetch_one(conn, _q(conn, _CREDITS_USED), (org_id, period_us))
-            used = 0 if found is None else int(found[0])
+        used = int(found_used[0][0]) if found_used and found_used[0][0] is not None else 0
         fired_thresholds = {t for k, t in known if k == THRESHOLD}
         candidates: list[Alert] = [
             threshold_alert(t, used, allowance, period.start, period.end, measure)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection
 
 from meterline.credits import CreditBalance
-from meterline.storage.driver_sql import fetch, run_many
+from meterline.storage.driver_sql import fetch, send_many
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -73,7 +73,7 @@ def add_credit_draws(
     conn: Connection, organization_id: str, draws: Sequence[tuple[int, int, int, int]]
 ) -> None:
     """Add (period start, monthly, bonus, overage) draws to ``credit_usage``."""
-    run_many(
+    send_many(
         conn,
         _UPSERT.format(p=_marker(conn)),
         [(organization_id, start, *amounts) for start, *amounts in draws],

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import InvalidatePoolError, TimeoutError
 
+from meterline.storage.driver_sql import send_queued
 from meterline.storage.wal_checkpoints import BACKSTOP_PAGES, WalCheckpoints
 from meterline.storage.writer import Writer
 
@@ -103,6 +104,9 @@ class Database:
             )
             _ping_when_idle(engine)
             _discard_when_unusable(engine)
+            # A statement through SQLAlchemy (which cannot run in a pipeline) sends what the hot path
+            # queued on its connection first, so that it sees those writes (``driver_sql.sending``).
+            event.listen(engine, "before_cursor_execute", _send_queued_first)
             return engine
         path = make_url(self.url).database
         if not path or path == ":memory:":
@@ -228,6 +232,10 @@ def _ping_when_idle(engine: Engine) -> None:
             raise InvalidatePoolError("a pooled connection failed its ping") from exc
         if not alive:
             raise InvalidatePoolError("a pooled connection failed its ping")
+
+
+def _send_queued_first(conn: Connection, *_: Any) -> None:
+    send_queued(conn)
 
 
 def _discard_when_unusable(engine: Engine) -> None:

@@ -10,12 +10,22 @@ transaction ``conn`` holds, with the driver's paramstyle (``?`` on SQLite, ``%s`
 answer plain tuples. A driver error goes through the same handler as ``exec_driver_sql``'s: raised as
 SQLAlchemy's exception (``OperationalError`` ...), and a lost connection invalidates ``conn`` (the writer
 then fails the whole batch, and the outage rules in ``outage.py`` see what they always saw).
+
+Round trips under a lock (PostgreSQL): a settle holds its organization's row lock from its first
+statement to its commit, and every other process's settles of that organization wait for it. Each round
+trip costs the writer thread a wait for the interpreter lock on its way back (0.7 to 1.5 ms under load,
+against tens of µs of the server's time), so the round trips, not the statements, made the lock's hold.
+Inside ``sending(conn)``, ``send`` queues a statement whose answer nobody reads; the queue goes to the
+server with the next statement that needs an answer, in one pipeline (one round trip), and
+``fetch_together`` asks several queries in one. A statement through SQLAlchemy sends the queue first
+(``Database`` listens for it: SQLAlchemy cannot run in pipeline mode). On SQLite there are no round
+trips: ``send`` runs at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Connection
@@ -24,29 +34,116 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 Params = Sequence[Any] | Mapping[str, Any]
 
 
+# ``conn.info`` key: the statements ``send`` queued inside ``sending(conn)`` (PostgreSQL), oldest first.
+_SENT = "meterline.sent"
+Statement = tuple[str, Params | Sequence[Sequence[Any]], bool]  # SQL, parameters, many (executemany)
+
+
 def _execute(
     conn: Connection, sql: str, params: Params | Sequence[Sequence[Any]], *, many: bool, rows: bool
 ) -> tuple[int, list[tuple[Any, ...]]]:
+    return _execute_all(conn, [(sql, params, many)], rows=rows)[0]
+
+
+def _execute_all(
+    conn: Connection, statements: Sequence[Statement], *, rows: bool
+) -> list[tuple[int, list[tuple[Any, ...]]]]:
+    """``statements`` after whatever ``send`` queued, each answered (rows changed, rows if ``rows``); more
+    than one (queued ones included) in one pipeline: one round trip."""
     if not conn.in_transaction():
         conn.begin()  # as SQLAlchemy's autobegin: the caller's commit or rollback ends it
-    cursor: DBAPICursor | None = None
+    queued: list[Statement] = []
+    cursors: list[DBAPICursor] = []
+    sql, params = statements[-1][0], statements[-1][1]
     try:
-        cursor = conn.connection.cursor()
-        if many:
-            cursor.executemany(sql, cast(Sequence[Sequence[Any]], params))
-        else:
-            cursor.execute(sql, params)
-        return int(cursor.rowcount), [tuple(row) for row in cursor.fetchall()] if rows else []
+        info = conn.info
+        queued = info.get(_SENT) or []
+        if queued:
+            info[_SENT] = []  # taken now: a failure below must not send them a second time
+        dbapi = conn.connection.dbapi_connection
+        together = len(queued) + len(statements) > 1
+        with dbapi.pipeline() if together else contextlib.nullcontext():  # type: ignore[union-attr]
+            for sql, params, many in queued:
+                _run_on(conn.connection.cursor(), sql, params, many, cursors)
+            for sql, params, many in statements:
+                _run_on(conn.connection.cursor(), sql, params, many, cursors)
+        answered = cursors[len(queued) :]
+        return [(int(c.rowcount), [tuple(row) for row in c.fetchall()] if rows else []) for c in answered]
     except BaseException as exc:
         # SQLAlchemy's own handler (private, stable since 1.4), as ``exec_driver_sql`` calls it: wraps a
         # driver error (and any error binding parameters), invalidates the connection when it is lost
-        # or interrupted, and raises.
-        conn._handle_dbapi_exception(exc, sql, params, cursor, None)
+        # or interrupted, and raises. (In a pipeline, the statement named may be an earlier one's.)
+        conn._handle_dbapi_exception(exc, sql, params, cursors[-1] if cursors else None, None)
         raise  # never reached: the handler always raises
     finally:
-        if cursor is not None:
+        for cursor in cursors:
             with contextlib.suppress(Exception):
                 cursor.close()
+
+
+def _run_on(
+    cursor: DBAPICursor,
+    sql: str,
+    params: Params | Sequence[Sequence[Any]],
+    many: bool,
+    cursors: list[DBAPICursor],
+) -> None:
+    cursors.append(cursor)
+    if many:
+        cursor.executemany(sql, cast(Sequence[Sequence[Any]], params))
+    else:
+        cursor.execute(sql, params)
+
+
+@contextlib.contextmanager
+def sending(conn: Connection) -> Iterator[None]:
+    """Within the block, ``send`` queues statements (PostgreSQL): each goes with the next one answered,
+    and what is left at the end goes then. Nested blocks share the outermost one's queue."""
+    info = conn.info  # kept: once the connection is lost, reaching it through ``conn`` raises
+    if conn.dialect.name == "sqlite" or _SENT in info:
+        yield
+        return
+    info[_SENT] = []
+    try:
+        yield
+        send_queued(conn)
+    finally:
+        info.pop(_SENT, None)  # on a failure, what was queued is dropped with the transaction
+
+
+def send(conn: Connection, sql: str, params: Params = ()) -> None:
+    """One statement whose answer nobody reads: queued inside ``sending(conn)``, else run now."""
+    _send(conn, (sql, params, False))
+
+
+def send_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``send`` of one statement for each parameter row."""
+    if rows:
+        _send(conn, (sql, rows, True))
+
+
+def _send(conn: Connection, statement: Statement) -> None:
+    queued: list[Statement] | None = conn.info.get(_SENT)
+    if queued is None:
+        _execute_all(conn, [statement], rows=False)
+    else:
+        queued.append(statement)
+
+
+def send_queued(conn: Connection) -> None:
+    """What ``send`` queued on ``conn``, sent now (one round trip), before a statement that does not go
+    through these functions."""
+    queued: list[Statement] | None = conn.info.get(_SENT)
+    if queued:
+        last = queued.pop()
+        _execute_all(conn, [last], rows=False)
+
+
+def fetch_together(conn: Connection, queries: Sequence[tuple[str, Params]]) -> list[list[tuple[Any, ...]]]:
+    """The rows of each of ``queries``, asked in one round trip (PostgreSQL: one pipeline)."""
+    if conn.dialect.name == "sqlite":
+        return [fetch(conn, sql, params) for sql, params in queries]
+    return [found for _, found in _execute_all(conn, [(sql, p, False) for sql, p in queries], rows=True)]
 
 
 def fetch(conn: Connection, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:

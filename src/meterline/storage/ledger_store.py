@@ -19,7 +19,7 @@ from meterline.metering.store import AppendResult
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_details, usage_rollups
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, fetch_one, run, run_many
+from meterline.storage.driver_sql import fetch, fetch_one, fetch_together, run, run_many, send, sending
 from meterline.storage.first_statistics import FirstStatistics
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 from meterline.storage.writer import Together, wait
@@ -369,7 +369,9 @@ class SqlLedgerStore:
     def _append_and_end(
         self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]
     ) -> AppendResult:
-        result = unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
+        # PostgreSQL: the writes whose answers nobody reads go with the next statement answered.
+        with sending(conn):
+            result = unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
         self._first_statistics.wrote(len(result.written))
         return result
 
@@ -384,14 +386,17 @@ class SqlLedgerStore:
             found.update(conn.execute(query).scalars())
         return found
 
-    def _existing(self, conn: Connection, keys: Sequence[tuple[str, str | None]]) -> dict[str, LedgerRow]:
-        """Stored rows for (organization, idempotency key) pairs of one organization, by the unique index."""
+    def _existing(
+        self, conn: Connection, keys: Sequence[tuple[str, str | None]], stored: list[str] | None = None
+    ) -> dict[str, LedgerRow]:
+        """Stored rows for (organization, idempotency key) pairs of one organization, by the unique index
+        (``stored``: which of the keys are stored, when already read)."""
         if not keys:
             return {}
         org_id = keys[0][0]
         # Most look-ups find nothing (a new event, a first settle): the keys alone first, a narrow
         # statement straight to the driver; whole rows only for the keys found.
-        wanted = self._stored_keys(conn, org_id, [key for _, key in keys])
+        wanted = self._stored_keys(conn, org_id, [key for _, key in keys]) if stored is None else stored
         if not wanted:
             return {}
         if not self._db.is_sqlite:
@@ -426,7 +431,7 @@ class SqlLedgerStore:
             run_many(conn, _SQLITE_ROLLUP_UPSERT, deltas)
         else:
             columns = tuple(list(column) for column in zip(*deltas, strict=True))
-            run(conn, _PG_ROLLUP_UPSERT, columns)
+            send(conn, _PG_ROLLUP_UPSERT, columns)
 
 
 class _SettleSql:
@@ -438,12 +443,14 @@ class _SettleSql:
         self._store = store
         self._conn = conn
         self._sqlite = store._db.is_sqlite
-        # PostgreSQL: the organization whose turn this transaction holds (``lock``), and what
-        # ``_after_turn`` read under it (credits drawn and bonus left, the chain head) for the steps.
+        # PostgreSQL: the organization whose turn this transaction holds (``lock``), what was read with
+        # it (credits drawn and bonus left, the chain head) for the steps, and which of the keys it was
+        # told of are stored.
         self._turn: str | None = None
         self._read: tuple[tuple[Mapping[int, int], int], ChainHead] | None = None
+        self._keys: tuple[Sequence[str], list[str]] | None = None
 
-    def lock(self, organization_id: str) -> int:
+    def lock(self, organization_id: str, keys: Sequence[str] = ()) -> int:
         # The anchor day is read in the transaction, not taken from the (cached) credit terms: an anchor
         # change recomputes the period entries in its own transaction, and every settle after it must
         # use the new day. Rows of an organization that is not (or no longer) stored (loaders, tests):
@@ -451,27 +458,38 @@ class _SettleSql:
         if self._sqlite:  # one writer at a time: the turn is the transaction itself
             found = fetch_one(self._conn, _SQLITE_ANCHOR_DAY, (organization_id,))
             return 1 if found is None else int(found[0])
-        found = fetch_one(self._conn, _PG_TURN, (organization_id,))
-        self._turn, self._read = organization_id, None
-        return 1 if found is None else int(found[0])
+        # The turn, what the settle decides on and which keys are stored, in one round trip: each round
+        # trip under the turn is one every other settle of the organization waits for (driver_sql).
+        # Pipelined behind the locking statement, the reads run once it has the lock, each with a
+        # snapshot of its own (read committed): they see what the settle they waited for wrote.
+        queries: list[tuple[str, Any]] = [
+            (_PG_TURN, (organization_id,)),
+            (_PG_AFTER_TURN, {"org": organization_id}),
+        ]
+        if keys:
+            queries.append((_PG_KEYS_STORED, (list(keys), organization_id)))
+        turn, after, *stored = fetch_together(self._conn, queries)
+        ((granted, periods, seq, head_hash),) = after
+        drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
+        head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
+        self._turn, self._read = organization_id, (credit_store.drawn_and_left(drawn, int(granted)), head)
+        self._keys = (keys, [str(k) for (k,) in stored[0]]) if keys else None
+        return 1 if not turn else int(turn[0][0])
 
     def _after_turn(self, organization_id: str) -> tuple[tuple[Mapping[int, int], int], ChainHead] | None:
-        """PostgreSQL, under this organization's turn: credits and the chain head in one round trip, the
-        first time a step asks for either (a settle that needs neither does not read them). None: read
-        them one by one (SQLite, or another organization than the turn's)."""
+        """PostgreSQL, under this organization's turn: credits and the chain head as read with it. None:
+        read them one by one (SQLite, or another organization than the turn's)."""
         if self._sqlite or self._turn != organization_id:
             return None
-        if self._read is None:
-            (granted, periods, seq, head_hash), *_ = fetch(
-                self._conn, _PG_AFTER_TURN, {"org": organization_id}
-            )
-            drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
-            head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
-            self._read = credit_store.drawn_and_left(drawn, int(granted)), head
         return self._read
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
-        return self._store._existing(self._conn, [(organization_id, key) for key in keys])
+        pairs = [(organization_id, key) for key in keys]
+        told = self._keys
+        if told is not None and self._turn == organization_id and told[0] == keys:
+            self._keys = None  # read once: a later look-up (a race at insert) reads again
+            return self._store._existing(self._conn, pairs, told[1])
+        return self._store._existing(self._conn, pairs)
 
     def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
         read = self._after_turn(organization_id)
@@ -511,7 +529,7 @@ class _SettleSql:
         if not self._sqlite:
             # The receipts and the new head in one statement (a data-modifying CTE), one round trip.
             columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
-            run(conn, _PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
+            send(conn, _PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
             return
         if len(signed) == 1:
             run(conn, _SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))

@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from meterline.clock import MICROS_PER_HOUR, to_micros
 from meterline.metering.reading import Scope
 from meterline.metering.records import VECTOR_COUNTS, LedgerRow
-from meterline.storage.driver_sql import run_many
+from meterline.storage.driver_sql import send_many
 from meterline.storage.tables import DETAIL_MEASURES
 
 KEY = ("organization_id", "workspace_id", "identifier_id", "hour", "model")
@@ -77,7 +77,7 @@ def deltas(rows: Sequence[LedgerRow]) -> list[tuple[Any, ...]]:
 
 def upsert(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:
     if entries:
-        run_many(conn, SQLITE_UPSERT if conn.dialect.name == "sqlite" else PG_UPSERT, entries)
+        send_many(conn, SQLITE_UPSERT if conn.dialect.name == "sqlite" else PG_UPSERT, entries)
 
 
 def by_model(conn: Connection, scope: Scope, first_hour: int, end_hour: int) -> dict[str, dict[str, int]]:

@@ -1,0 +1,113 @@
+"""PostgreSQL: a settle's round trips. From its organization's turn (a row lock) to its commit, every other
+process's settles of that organization wait, and each round trip is a wait on the way back for the
+writer thread (docs/benchmarks.md, "Fewer round trips under the organization's turn"). The turn, the
+reads the settle decides on and the idempotency look-up go in one round trip, and the writes whose
+answers nobody reads go with the next statement answered."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+
+from conftest import ADMIN_KEY
+from meterline.clock import FrozenClock
+from meterline.config import load_settings
+from meterline.metering import UsageRecord, ingest
+from meterline.quotas.gate import QuotaGate
+from meterline.services import Services, build_services
+from meterline.tenancy import Principal
+
+OPEN_LIMITS = dict.fromkeys(
+    ("daily_calls", "monthly_calls", "daily_tokens", "monthly_tokens", "rpm", "tpm"), -1
+)
+START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+
+@contextmanager
+def traced(services: Services) -> Iterator[list[str]]:
+    """libpq's trace of every connection the pool hands out meanwhile: one line per protocol message."""
+    lines: list[str] = []
+    traces: dict[int, Any] = {}
+
+    def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        trace = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed at checkin
+        traces[id(dbapi_connection)] = trace
+        dbapi_connection.pgconn.trace(trace.fileno())
+
+    def checkin(dbapi_connection: Any, _record: Any) -> None:
+        trace = traces.pop(id(dbapi_connection), None)
+        if trace is not None:
+            dbapi_connection.pgconn.untrace()
+            trace.seek(0)
+            lines.extend(trace.read().splitlines())
+            trace.close()
+
+    engine = services.db.engine
+    event.listen(engine, "checkout", checkout)
+    event.listen(engine, "checkin", checkin)
+    try:
+        yield lines
+    finally:
+        event.remove(engine, "checkout", checkout)
+        event.remove(engine, "checkin", checkin)
+
+
+def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Path) -> None:
+    config = load_settings(
+        database_url=pg_url,
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "key.json"),
+        plans={"metered": {**OPEN_LIMITS, "monthly_credits": 1_000, "overage": "block"}},
+        prices={"credit.use": {"per_unit": "0.01"}},
+    )
+    services = build_services(config, clock=FrozenClock(START), migrate=False)
+    try:
+        org = services.tenancy.create_organization(f"Trips {uuid.uuid4().hex[:6]}", "metered")
+        ws = services.tenancy.create_workspace(org.id, "W")
+        subject = services.subject_of(org, Principal(org.id, ws.id, "workspace"))
+        gate = QuotaGate(services.quotas, lambda _row: subject)
+
+        def settle_one() -> None:
+            record = UsageRecord(
+                organization_id=org.id,
+                workspace_id=ws.id,
+                created_at=START,
+                event="credit.use",
+                units=3,
+                idempotency_key=uuid.uuid4().hex,
+                request_hash="x",
+            )
+            (outcome,) = ingest(services.settler, services.account_of(org), [record], gate)
+            assert outcome.status == "accepted"
+            assert outcome.row is not None
+            assert outcome.row.credits_monthly_nanos == 3 * 10**9  # credits split: the reads were used
+
+        settle_one()  # the first one: caches filled
+        with traced(services) as lines:
+            settle_one()
+        turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
+        commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
+        answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
+        under_turn = lines[turn : answered + 1]
+        # The settle's writes went out under the turn: the ledger row, the rollups, the receipt and the
+        # chain head (the credit draw is a prepared statement, named, not quoted: its row is read below).
+        for table in ("ledger", "usage_rollups", "receipts"):
+            assert any(f"INTO {table} " in line for line in under_turn), table
+        # Round trips from the turn to the commit (libpq: one ReadyForQuery each): the turn with its
+        # reads and the idempotency look-up; the ledger insert with the credit draw; the rollups and the
+        # receipt with the alerts' reads; the commit. One each: eleven.
+        assert sum(1 for line in under_turn if "\tReadyForQuery\t" in line) == 4, "\n".join(under_turn)
+        with services.db.read() as conn:
+            drawn = conn.exec_driver_sql(
+                "SELECT monthly_nanos FROM credit_usage WHERE organization_id = %s", (org.id,)
+            ).scalar()
+        assert drawn == 6 * 10**9
+    finally:
+        services.close()
