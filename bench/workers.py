@@ -4,7 +4,7 @@ the database) and on PostgreSQL + Redis (counters in Redis). Target: 2 workers >
 Usage::
 
     .venv/bin/python bench/workers.py [--seconds 6] [--rounds 2] [--skip-postgres] [--client python|wrk]
-        [--organizations 1]
+        [--organizations 1] [--postgres-delay-ms 0]
 
 For each deployment, 1 and 2 workers alternate (``--rounds`` times each, order rotating), each on a fresh
 database and a fresh ``meterline serve`` (a plan whose block limits are far away, so every request is
@@ -19,8 +19,9 @@ Every answer must be a 200; the figure is completed requests/s. The load client 
 gateway_client.py``) shares the 2 vCPUs with the servers, so the ceiling for 2 workers is below 2x
 here. ``--client wrk`` runs the same loops with ``wrk`` (C, Debian's package: ``apt-get install wrk``;
 64 connections, one thread), which leaves the servers more of the machine. ``--organizations N``
-sends the requests round N organizations (one key each) instead of one. It prints a table and writes
-``bench/results/workers-<date>[-wrk][-<n>-organizations].json``.
+sends the requests round N organizations (one key each) instead of one. ``--postgres-delay-ms N``
+puts PostgreSQL behind ``bench/delay_proxy.py`` (N ms each way: a database across a network). It prints
+a table and writes ``bench/results/workers-<date>[-wrk][-<n>-organizations][-pg-<n>ms].json``.
 """
 
 from __future__ import annotations
@@ -330,15 +331,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="requests go round this many organizations (one key each)",
     )
+    parser.add_argument(
+        "--postgres-delay-ms",
+        type=int,
+        default=0,
+        help="PostgreSQL behind a proxy delaying each direction this long (whole ms)",
+    )
+    parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL + Redis only")
     args = parser.parse_args(argv)
-    deployments: list[tuple[str, Any]] = [("sqlite", None)]
-    stack = []
+    deployments: list[tuple[str, Any]] = [] if args.skip_sqlite else [("sqlite", None)]
+    stack: list[Any] = []
+    proxy: subprocess.Popen[bytes] | None = None
     if not args.skip_postgres:
         from tests.servers import start_postgres, start_redis
 
         pg, rd = start_postgres(), start_redis()
         stack += [pg, rd]
         deployments.append(("postgresql+redis", (pg, rd)))
+        if args.postgres_delay_ms:
+            proxy_port = free_port()
+            proxy = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "delay_proxy.py"), str(proxy_port), str(pg.port),
+                 str(args.postgres_delay_ms)]
+            )  # fmt: skip
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
     try:
         with FakeUpstream.start(api_key=UPSTREAM_KEY, history=16) as fake:
@@ -352,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         else:
                             pg, rd = servers
                             url = pg.create_database(f"workers_{rnd}_{workers}_{secrets.token_hex(3)}")
+                            if proxy is not None:
+                                url = url.replace(f":{pg.port}/", f":{proxy_port}/")
                             redis_url = rd.url
                             import redis as redis_client
 
@@ -381,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if servers is None:
                             shutil.rmtree(scratch, ignore_errors=True)
     finally:
+        if proxy is not None:
+            proxy.kill()
         for server in stack:
             server.stop()
     summary: dict[str, Any] = {
@@ -389,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": args.seconds,
         "client": args.client,
         "organizations": args.organizations,
+        "postgres_delay_ms": args.postgres_delay_ms,
     }
     rows = []
     for name, by_workers in results.items():
@@ -410,8 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|--:|--:|--:|--:|--:|")
     print("\n".join(rows))
     RESULTS.mkdir(exist_ok=True)
-    suffix = ("-wrk" if args.client == "wrk" else "") + (
-        f"-{args.organizations}-organizations" if args.organizations > 1 else ""
+    suffix = (
+        ("-wrk" if args.client == "wrk" else "")
+        + (f"-{args.organizations}-organizations" if args.organizations > 1 else "")
+        + (f"-pg-{args.postgres_delay_ms}ms" if args.postgres_delay_ms else "")
     )
     out = RESULTS / f"workers-{datetime.now(UTC).date()}{suffix}.json"
     out.write_text(
