@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import cast
 
 import uvloop
 
@@ -53,8 +54,7 @@ class _Client(_Direction):
         self.target = target
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.connecting = asyncio.ensure_future(self._connect(transport))
+        self.connecting = asyncio.ensure_future(self._connect(cast(asyncio.Transport, transport)))
 
     async def _connect(self, client: asyncio.Transport) -> None:
         back = _Direction(self.delay)

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -314,6 +315,14 @@ def server_cpu(pid: int) -> float:
     return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
 
 
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per loop")
@@ -354,6 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [sys.executable, str(ROOT / "bench" / "delay_proxy.py"), str(proxy_port), str(pg.port),
                  str(args.postgres_delay_ms)]
             )  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not _accepts(proxy_port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("bench/delay_proxy.py did not start listening")
+                time.sleep(0.05)
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
     try:
         with FakeUpstream.start(api_key=UPSTREAM_KEY, history=16) as fake:
