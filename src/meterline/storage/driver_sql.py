@@ -42,7 +42,36 @@ Statement = tuple[str, Params | Sequence[Sequence[Any]], bool]  # SQL, parameter
 def _execute(
     conn: Connection, sql: str, params: Params | Sequence[Sequence[Any]], *, many: bool, rows: bool
 ) -> tuple[int, list[tuple[Any, ...]]]:
-    return _execute_all(conn, [(sql, params, many)], rows=rows)[0]
+    if _queued(conn):
+        return _execute_all(conn, [(sql, params, many)], rows=rows)[0]
+    # The lone statement, as cheap as it was: every settle runs a dozen (SQLite always comes here).
+    if not conn.in_transaction():
+        conn.begin()  # as SQLAlchemy's autobegin: the caller's commit or rollback ends it
+    cursor: DBAPICursor | None = None
+    try:
+        cursor = conn.connection.cursor()
+        if many:
+            cursor.executemany(sql, cast(Sequence[Sequence[Any]], params))
+        else:
+            cursor.execute(sql, params)
+        return int(cursor.rowcount), [tuple(row) for row in cursor.fetchall()] if rows else []
+    except BaseException as exc:
+        # SQLAlchemy's own handler (private, stable since 1.4), as ``exec_driver_sql`` calls it: wraps a
+        # driver error (and any error binding parameters), invalidates the connection when it is lost
+        # or interrupted, and raises.
+        conn._handle_dbapi_exception(exc, sql, params, cursor, None)
+        raise  # never reached: the handler always raises
+    finally:
+        if cursor is not None:
+            with contextlib.suppress(Exception):
+                cursor.close()
+
+
+def _queued(conn: Connection) -> bool:
+    try:
+        return bool(conn.info.get(_SENT))
+    except Exception:  # a lost connection: the statement itself raises, as it always did
+        return False
 
 
 def _execute_all(
@@ -70,9 +99,7 @@ def _execute_all(
         answered = cursors[len(queued) :]
         return [(int(c.rowcount), [tuple(row) for row in c.fetchall()] if rows else []) for c in answered]
     except BaseException as exc:
-        # SQLAlchemy's own handler (private, stable since 1.4), as ``exec_driver_sql`` calls it: wraps a
-        # driver error (and any error binding parameters), invalidates the connection when it is lost
-        # or interrupted, and raises. (In a pipeline, the statement named may be an earlier one's.)
+        # As in ``_execute``. (In a pipeline, the statement named may be an earlier one's.)
         conn._handle_dbapi_exception(exc, sql, params, cursors[-1] if cursors else None, None)
         raise  # never reached: the handler always raises
     finally:
