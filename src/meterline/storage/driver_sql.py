@@ -152,7 +152,8 @@ def send_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None
 def _send(conn: Connection, statement: Statement) -> None:
     queued: list[Statement] | None = conn.info.get(_SENT)
     if queued is None:
-        _execute_all(conn, [statement], rows=False)
+        sql, params, many = statement
+        _execute(conn, sql, params, many=many, rows=False)
     else:
         queued.append(statement)
 
