@@ -53,10 +53,11 @@ def scrape(base: str) -> str:
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample (``labels`` as Prometheus prints them, e.g. ``{code="x"}``), 0 if absent."""
+    """The value of one sample (``labels`` as Prometheus prints them, e.g. ``{code="x"}``)."""
     pattern = re.escape(name + labels) + r" ([0-9.e+-]+)$"
     found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    assert found is not None, f"{name}{labels} is not in the scrape:\n{text[-3000:]}"
+    return float(found.group(1))
 
 
 def test_every_scrape_counts_the_requests_of_every_worker(tmp_path: Path, upstream: FakeUpstream) -> None:

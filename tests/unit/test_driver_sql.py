@@ -170,8 +170,30 @@ def test_a_sent_statement_that_fails_fails_the_next_answered_one_and_nothing_is_
 
     with pytest.raises(exc.IntegrityError):
         twice()
-    with db.write() as conn, sending(conn):  # the connection back in the pool sends nothing left over
+    with db.read() as conn:
         assert fetch(conn, "SELECT count(*) FROM driver_probe") == [(0,)]
+
+
+def test_writes_still_queued_when_a_job_fails_are_never_sent(db: Database) -> None:
+    """A job that fails (not the database) with writes queued: they go with its transaction, rolled back,
+    and the pooled connection carries none of them into the next transaction."""
+    p = _marker(db)
+    insert = f"INSERT INTO driver_probe (id, name) VALUES ({p}, {p})"
+
+    def failing() -> None:
+        with db.write() as conn, sending(conn):
+            send(conn, insert, (1, "a"))
+            send(conn, insert, (2, "b"))
+            raise RuntimeError("the job failed with writes queued")
+
+    with pytest.raises(RuntimeError):
+        failing()
+    for _ in range(3):  # whichever pooled connection comes next
+        with db.write() as conn, sending(conn):
+            send(conn, insert, (3, "c"))
+        with db.write() as conn:
+            assert fetch(conn, "SELECT id FROM driver_probe ORDER BY id") == [(3,)]
+            run(conn, "DELETE FROM driver_probe")
 
 
 @contextmanager

@@ -102,7 +102,7 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
             assert any(f"INTO {table} " in line for line in under_turn), table
         # Round trips from the turn to the commit (libpq: one ReadyForQuery each): the turn with its
         # reads and the idempotency look-up; the ledger insert with the credit draw; the rollups and the
-        # receipt with the alerts' reads; the commit. One each: eleven.
+        # receipt with the alerts' reads; the commit. With a round trip each, there were eleven.
         assert sum(1 for line in under_turn if "\tReadyForQuery\t" in line) == 4, "\n".join(under_turn)
         with services.db.read() as conn:
             drawn = conn.exec_driver_sql(

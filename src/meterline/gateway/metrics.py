@@ -12,6 +12,7 @@ only with several workers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,6 +151,8 @@ def _forget_dead_workers(directory: str) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+            # Two scrapes at once (threads, or two workers) may both find it: the second finds it gone.
+            with contextlib.suppress(FileNotFoundError):
+                multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass  # alive, another user's

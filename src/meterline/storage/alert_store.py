@@ -225,19 +225,26 @@ class AlertEvaluator:
         cached = self._fired.get(org_id)
         known = cached[1] if cached is not None and cached[0] == period_us else set()
         # The thresholds are read in the transaction (a primary-key lookup), so a changed setting applies
-        # to the next settle; with what the period has used, in one round trip (under the organization's
-        # turn on PostgreSQL, every other settle of it waits for each one: ``driver_sql``).
+        # to the next settle; on PostgreSQL with what the period has used, in one round trip (under the
+        # organization's turn every other settle of it waits for each one: ``driver_sql``). SQLite has
+        # no round trips: the use is read only when an alert may be due.
         if measure == "spend":
             first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
             used_query: tuple[str, tuple[Any, ...]] = (_q(conn, _SPENT), (org_id, first_day, end_day))
         else:
             used_query = (_q(conn, _CREDITS_USED), (org_id, period_us))
-        found_own, found_used = fetch_together(conn, [(_q(conn, _THRESHOLDS), (org_id,)), used_query])
+        thresholds_query = (_q(conn, _THRESHOLDS), (org_id,))
+        if conn.dialect.name == "sqlite":
+            found_own, found_used = fetch(conn, *thresholds_query), None
+        else:
+            found_own, found_used = fetch_together(conn, [thresholds_query, used_query])
         own = thresholds_from_text(found_own[0][0] if found_own else None)
         thresholds = self.policy.thresholds if own is None else own
         wanted = {(THRESHOLD, t) for t in thresholds} | {(PROJECTED_RUN_OUT, 100)}
         if wanted <= known:
             return
+        if found_used is None:
+            found_used = fetch(conn, *used_query)
         used = int(found_used[0][0]) if found_used and found_used[0][0] is not None else 0
         fired_thresholds = {t for k, t in known if k == THRESHOLD}
         candidates: list[Alert] = [

@@ -369,7 +369,9 @@ class SqlLedgerStore:
     def _append_and_end(
         self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]
     ) -> AppendResult:
-        # PostgreSQL: the writes whose answers nobody reads go with the next statement answered.
+        # PostgreSQL: the writes whose answers nobody reads go with the next statement answered; what is
+        # left goes as the block ends, after ``settle`` returned. If that fails, the rows keep the marks
+        # the settle gave them: the batch fails, and a run again starts from ``_Append.marks``.
         with sending(conn):
             result = unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
         self._first_statistics.wrote(len(result.written))
