@@ -33,7 +33,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ if str(ROOT) not in sys.path:
 
 from bench.gateway import Server, cpu_seconds, free_port, machine, request_body  # noqa: E402
 from bench.gateway_client import Client, Endpoint  # noqa: E402
-from tests.servers import children  # noqa: E402
+from tests.servers import children, port_accepts  # noqa: E402
 
 from meterline.testing.fake_upstream import FakeUpstream  # noqa: E402
 
@@ -315,14 +314,6 @@ def server_cpu(pid: int) -> float:
     return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
 
 
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per loop")
@@ -364,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  str(args.postgres_delay_ms)]
             )  # fmt: skip
             deadline = time.monotonic() + 10
-            while not _accepts(proxy_port):
+            while not port_accepts(proxy_port):
                 if time.monotonic() > deadline:
                     raise RuntimeError("bench/delay_proxy.py did not start listening")
                 time.sleep(0.05)

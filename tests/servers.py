@@ -85,7 +85,7 @@ def free_port(taken: set[int] | None = None) -> int:
             return port
 
 
-def _port_accepts(port: int, timeout: float = 0.5) -> bool:
+def port_accepts(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=timeout):
             return True
