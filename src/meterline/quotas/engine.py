@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -27,6 +26,7 @@ from typing import NamedTuple, Protocol
 from meterline import ids
 from meterline.clock import MICROS_PER_DAY, Clock, from_micros, rfc3339, to_micros
 from meterline.errors import LimitExceeded, ServiceUnavailable
+from meterline.kept import Kept
 from meterline.money import format_nanos
 from meterline.quotas.counters import (
     ROLLING_SECONDS,
@@ -305,12 +305,6 @@ def amounts_of(
     }
 
 
-@dataclass
-class _BonusCache:
-    value: int
-    until: float
-
-
 class _Placement(NamedTuple):
     """A subject's bounds, with each bound's line fields flattened next to its meter (what a decision
     copies into its lines) and the meters in order (what a settle maps its amounts by)."""
@@ -403,15 +397,22 @@ class QuotaEngine:
     reservation_ttl: timedelta = timedelta(minutes=15)
     fail_open: bool = False
     bonus_ttl_s: float = 2.0
-    _bonus: dict[tuple[str, int], _BonusCache] = field(default_factory=dict, repr=False)
-    _bonus_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _placed: dict[tuple[object, ...], tuple[float, _Placement]] = field(default_factory=dict, repr=False)
+    # (organization, period start) -> bonus credits available: kept ``bonus_ttl_s``, read again in the
+    # background shortly before that ends (``kept.py``), so that requests never queue up to read it.
+    _bonus: Kept[tuple[str, int], int] = field(init=False, repr=False)
+    _placed: dict[tuple[object, ...], tuple[float, _Placement, tuple[str, int] | None]] = field(
+        default_factory=dict, repr=False
+    )
     _now_us: Callable[[], int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # A clock made elsewhere (``create_app(clock=...)``) may have only ``now()``.
         clock = self.clock
         self._now_us = getattr(clock, "now_us", None) or (lambda: to_micros(clock.now()))
+        source = self.source
+        self._bonus = Kept(
+            self.bonus_ttl_s, lambda key: source.bonus_available(*key), ahead=self.bonus_ttl_s / 4
+        )
 
     # -- placing limits -------------------------------------------------------------------------
     def bounds(self, subject: Subject, at: datetime, now: datetime) -> tuple[Bound, ...]:
@@ -434,19 +435,28 @@ class QuotaEngine:
         clock = time.monotonic()
         cached = self._placed.get(key)
         if cached is not None and cached[0] > clock:
+            if cached[2] is not None:
+                # Asked of the bonus kept meanwhile, so that it is read again (in the background) before
+                # it ends, not by every request that finds this placement ended with it.
+                self._bonus.get(cached[2])
             return cached[1]
-        placement = _Placement.of(tuple(self._place(subject, from_micros(at_us), from_micros(now_us))))
+        bounds, bonus_key = self._place(subject, from_micros(at_us), from_micros(now_us))
+        placement = _Placement.of(tuple(bounds))
         if len(self._placed) >= _PLACED_MAX:
             self._placed.clear()
-        self._placed[key] = (clock + self.bonus_ttl_s, placement)
+        self._placed[key] = (clock + self.bonus_ttl_s, placement, bonus_key)
         return placement
 
-    def _place(self, subject: Subject, at: datetime, now: datetime) -> list[Bound]:
+    def _place(
+        self, subject: Subject, at: datetime, now: datetime
+    ) -> tuple[list[Bound], tuple[str, int] | None]:
+        """The bounds, and the key of the bonus they were placed with (None: none is)."""
         period_now = billing_period(now, subject.billing_anchor_day)
         period = billing_period(at, subject.billing_anchor_day)
-        bonus = 0
+        bonus, bonus_key = 0, None
         if subject.spend_cap_nanos is None and subject.plan.monthly_credits != UNLIMITED:
-            bonus = self.bonus_available(subject.organization_id, to_micros(period.start))
+            bonus_key = (subject.organization_id, to_micros(period.start))
+            bonus = self.bonus_available(*bonus_key)
         placed: list[Bound] = []
         for limit in limits_of(subject, bonus):
             if limit.unlimited:
@@ -465,7 +475,7 @@ class QuotaEngine:
             key = counter_key(subject.organization_id, limit, tag, value)
             current = window.start <= now < window.end and (limit.window == "day" or window == period_now)
             placed.append(place(limit, key, window, current, subject.organization_id, value))
-        return placed
+        return placed, bonus_key
 
     @staticmethod
     def _window(window: Window, at: datetime, anchor: int, period: Period) -> Period | None:
@@ -764,24 +774,20 @@ class QuotaEngine:
     # -- credits --------------------------------------------------------------------------------------
     def bonus_available(self, organization_id: str, period_start_us: int) -> int:
         key = (organization_id, period_start_us)
-        now = time.monotonic()
-        with self._bonus_lock:
-            cached = self._bonus.get(key)
-            if cached is not None and cached.until > now:
-                return cached.value
+        kept = self._bonus.get(key)
+        if kept is not None:
+            return kept
         _may_read()
+        began = self._bonus.began()
         value = self.source.bonus_available(organization_id, period_start_us)
-        with self._bonus_lock:
-            self._bonus[key] = _BonusCache(value, now + self.bonus_ttl_s)
+        self._bonus.keep(key, value, began)
         return value
 
     def forget_bonus(self, organization_id: str) -> None:
         """A grant changed what bonus is available: read it again on next use."""
-        with self._bonus_lock:
-            for key in [k for k in self._bonus if k[0] == organization_id]:
-                del self._bonus[key]
-            for placed in [k for k in list(self._placed) if k[0] == organization_id]:
-                self._placed.pop(placed, None)
+        self._bonus.forget(where=lambda key: key[0] == organization_id)
+        for placed in [k for k in list(self._placed) if k[0] == organization_id]:
+            self._placed.pop(placed, None)
 
 
 def _subject_key(subject: Subject) -> tuple[object, ...]:

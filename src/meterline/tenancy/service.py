@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
@@ -11,6 +10,7 @@ from decimal import Decimal
 from meterline import ids
 from meterline.clock import Clock, to_micros
 from meterline.errors import InvalidRequest, NotFound, Unauthorized
+from meterline.kept import Kept
 from meterline.money import to_nanos
 from meterline.quotas.limits import check_named_limits
 from meterline.tenancy.keys import generate_key, hash_key, key_prefix, looks_like_key
@@ -66,7 +66,8 @@ def _name(value: str, what: str) -> str:
 
 
 CACHE_SECONDS = 1.0
-_CACHE_ENTRIES = 10_000
+# A kept key or organization is read again this long before it ends, in the background (``kept.py``).
+_READ_AHEAD_S = 0.25
 
 
 class TenancyService:
@@ -87,10 +88,15 @@ class TenancyService:
         self._touched: dict[str, int] = {}
         self._touch_lock = threading.Lock()
         # The gateway authenticates and reads the caller's organization on every request. Both are kept
-        # for ``CACHE_SECONDS`` (monotonic time, not the injectable clock): a change made through this
+        # for ``CACHE_SECONDS`` (monotonic time, not the injectable clock), and read again in the
+        # background shortly before that ends, by one request: a change made through this
         # process applies at once, one made through another process within that time.
-        self._principals: dict[str, tuple[float, Principal]] = {}
-        self._organizations: dict[str, tuple[float, Organization]] = {}
+        self._principals: Kept[str, Principal] = Kept(
+            CACHE_SECONDS, self._principal_of_hash, ahead=_READ_AHEAD_S
+        )
+        self._organizations: Kept[str, Organization] = Kept(
+            CACHE_SECONDS, store.get_organization, ahead=_READ_AHEAD_S
+        )
 
     # -- organizations -----------------------------------------------------------------------
     def _check_org_fields(
@@ -160,20 +166,18 @@ class TenancyService:
         if "spend_cap" in changes:
             updated = replace(updated, spend_cap_nanos=None if spend_cap is None else to_nanos(spend_cap))
         self._store.update_organization(updated, to_micros(self._clock.now()))
-        self._organizations.pop(org_id, None)
+        self._organizations.forget(org_id)
         return updated
 
     def get_organization(self, org_id: str) -> Organization:
-        cached = self._organizations.get(org_id)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        kept = self._organizations.get(org_id)
+        if kept is not None:
+            return kept
+        began = self._organizations.began()
         org = self._store.get_organization(org_id)
         if org is None:
             raise NotFound(f"organization {org_id!r} does not exist", param="organization_id")
-        if len(self._organizations) >= _CACHE_ENTRIES:
-            self._organizations.clear()
-        self._organizations[org_id] = (now + CACHE_SECONDS, org)
+        self._organizations.keep(org_id, org, began)
         return org
 
     def list_organizations(self, *, limit: int = 100, offset: int = 0) -> tuple[Sequence[Organization], int]:
@@ -252,7 +256,7 @@ class TenancyService:
         if key.revoked_at is None:
             now = self._clock.now()
             self._store.revoke_key(key_id, to_micros(now))
-            self._principals.clear()
+            self._principals.forget()
             key = replace(key, revoked_at=now)
         return key
 
@@ -261,24 +265,26 @@ class TenancyService:
         if not looks_like_key(secret):
             raise Unauthorized("malformed API key: expected 'Authorization: Bearer ml_live_…'")
         digest = hash_key(secret)
-        cached = self._principals.get(digest)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            principal = cached[1]
-            if principal.key_id is not None:
-                self._touch(principal.key_id)
-            return principal
+        kept = self._principals.get(digest)
+        if kept is not None:
+            if kept.key_id is not None:
+                self._touch(kept.key_id)
+            return kept
+        began = self._principals.began()
         key = self._store.find_key_by_hash(digest)
         if key is None:
             raise Unauthorized("invalid API key")
         if key.revoked_at is not None:
             raise Unauthorized(f"API key {key.key_prefix}… has been revoked")
         self._touch(key.id)
-        if len(self._principals) >= _CACHE_ENTRIES:
-            self._principals.clear()
         principal = _principal_of(key)
-        self._principals[digest] = (now + CACHE_SECONDS, principal)
+        self._principals.keep(digest, principal, began)
         return principal
+
+    def _principal_of_hash(self, digest: str) -> Principal | None:
+        """A kept key read again: None once it is gone or revoked (``authenticate`` says which)."""
+        key = self._store.find_key_by_hash(digest)
+        return None if key is None or key.revoked_at is not None else _principal_of(key)
 
     def cached_principal(self, secret: str) -> Principal | None:
         """The principal of a key whose look-up is cached and whose last-used stamp is not due: what
@@ -286,10 +292,9 @@ class TenancyService:
         otherwise, and ``authenticate`` does the rest."""
         if not looks_like_key(secret):
             return None
-        cached = self._principals.get(hash_key(secret))
-        if cached is None or cached[0] <= time.monotonic():
+        principal = self._principals.get(hash_key(secret))
+        if principal is None:
             return None
-        principal = cached[1]
         key_id = principal.key_id
         if (
             key_id is not None
@@ -300,8 +305,7 @@ class TenancyService:
 
     def cached_organization(self, org_id: str) -> Organization | None:
         """``get_organization`` when it is cached (no I/O); None otherwise."""
-        cached = self._organizations.get(org_id)
-        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+        return self._organizations.get(org_id)
 
     def principal_of_key(self, key_id: str) -> Principal:
         """The principal of a stored key, by id: what a dashboard session opened with that key acts as.

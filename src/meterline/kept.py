@@ -1,0 +1,144 @@
+"""Values kept for a second or two, read again ahead of their end by one caller, in the background.
+
+The gateway needs the caller's key, organization and credit bonus on every request, and keeps each for
+a short while (a change made through another process shows within that time). Were a kept value simply
+to end, every request in flight at that moment would read it again at once: 64 concurrent requests
+made up to 64 reads, each a hop to a worker thread, and on PostgreSQL the pool opened new connections
+past its size for them and closed them again (13 new sessions a second under load, docs/benchmarks.md).
+
+So a value is *due* a little before it ends (``ahead`` seconds): the first caller to find it due starts
+one read in the background and is answered the value it found, as is every caller until the new value
+is in. A value is never answered past its end: one that ends unread again (nobody asked while it was
+due, or the read failed) is gone, and the next caller reads it itself and ``keep``s what it read (a
+failure is then that caller's, as it was before values were read ahead). ``forget`` (a change made
+through this process) applies at once, and a background read that began before it keeps nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+log = logging.getLogger("meterline.kept")
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_background: ThreadPoolExecutor | None = None
+_background_lock = threading.Lock()
+
+
+def _in_background(job: Callable[[], None]) -> None:
+    """Run ``job`` on the process's refresh threads (made on first use, so after a worker's fork)."""
+    global _background
+    if _background is None:
+        with _background_lock:
+            if _background is None:
+                _background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meterline-refresh")
+    _background.submit(job)
+
+
+class _Entry(Generic[V]):
+    __slots__ = ("due", "ends", "value")
+
+    def __init__(self, ends: float, due: float, value: V) -> None:
+        self.ends = ends
+        self.due = due  # when the next caller starts a read (moved on by a claim)
+        self.value = value
+
+
+class Kept(Generic[K, V]):
+    """Values by key for ``seconds`` after their read began; ``load(key)`` reads one again (None: there is
+    none any more, and the key is forgotten). At most ``entries`` values: past that, all are dropped."""
+
+    __slots__ = (
+        "_ahead", "_background", "_clock", "_entries", "_generation", "_limit", "_load", "_lock", "_seconds"
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        seconds: float,
+        load: Callable[[K], V | None],
+        *,
+        ahead: float,
+        entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        background: Callable[[Callable[[], None]], None] = _in_background,
+    ) -> None:
+        if not 0 < ahead < seconds:
+            raise ValueError("ahead must be between 0 and seconds")
+        self._seconds = seconds
+        self._ahead = ahead
+        self._load = load
+        self._limit = entries
+        self._clock = clock
+        self._background = background
+        self._entries: dict[K, _Entry[V]] = {}
+        self._generation = 0  # moved on by every forget: a read that began before it keeps nothing
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        """The kept value, or None when there is none (or it has ended): the caller reads it and ``keep``s
+        it. Never reads here (an event loop may call it): a due value is read again in the background."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now >= entry.ends:
+            return None
+        if now >= entry.due:
+            self._claim(key, entry, now)
+        return entry.value
+
+    def began(self) -> tuple[float, int]:
+        """What a caller about to read notes first, for ``keep``: the time and the generation."""
+        return self._clock(), self._generation
+
+    def keep(self, key: K, value: V, began: tuple[float, int]) -> None:
+        """Keep ``value``, read from ``began`` (``began()``) on: unless a ``forget`` came meanwhile."""
+        at, generation = began
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._entries) >= self._limit and key not in self._entries:
+                self._entries.clear()
+            ends = at + self._seconds
+            self._entries[key] = _Entry(ends, ends - self._ahead, value)
+
+    def forget(self, key: K | None = None, *, where: Callable[[K], bool] | None = None) -> None:
+        """Drop ``key`` (or every key ``where`` says, or all when neither is given), and whatever is being
+        read in the background now."""
+        with self._lock:
+            self._generation += 1
+            if key is not None:
+                self._entries.pop(key, None)
+            elif where is not None:
+                for gone in [k for k in self._entries if where(k)]:
+                    del self._entries[gone]
+            else:
+                self._entries.clear()
+
+    def _claim(self, key: K, entry: _Entry[V], now: float) -> None:
+        with self._lock:
+            if now < entry.due:
+                return  # another caller claimed it first
+            entry.due = now + self._ahead  # by then the value has ended: one claim per value
+        began = (now, self._generation)
+        self._background(lambda: self._read_again(key, began))
+
+    def _read_again(self, key: K, began: tuple[float, int]) -> None:
+        try:
+            value = self._load(key)
+        except Exception as exc:
+            # The value ends as it would have, and the caller that then reads it meets the failure (an
+            # outage is a 503 and its one log line there). Keys are not logged: one is a key's digest.
+            log.debug("a kept value was not read again: %s", type(exc).__name__)
+            return
+        if value is None:
+            self.forget(key)
+        else:
+            self.keep(key, value, began)

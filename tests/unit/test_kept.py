@@ -1,0 +1,144 @@
+"""Kept values (``meterline.kept``): answered until they end, read again ahead of that by one caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from meterline.kept import Kept
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Store:
+    """What the kept values are read from: counts its reads, fails when told to."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {"a": "a1"}
+        self.reads = 0
+        self.failing = False
+
+    def load(self, key: str) -> str | None:
+        self.reads += 1
+        if self.failing:
+            raise ConnectionError("the database went away")
+        return self.values.get(key)
+
+
+@pytest.fixture
+def parts() -> tuple[Clock, Store, list[Callable[[], None]], Kept[str, str]]:
+    clock, store, jobs = Clock(), Store(), []
+    kept: Kept[str, str] = Kept(1.0, store.load, ahead=0.25, clock=clock, background=jobs.append)
+    return clock, store, jobs, kept
+
+
+def read(kept: Kept[str, str], store: Store, key: str) -> str | None:
+    """What a caller that may read does when ``get`` answers None."""
+    value = kept.get(key)
+    if value is None:
+        began = kept.began()
+        value = store.load(key)
+        if value is not None:
+            kept.keep(key, value, began)
+    return value
+
+
+def test_a_value_is_answered_until_it_ends_and_never_after(parts) -> None:
+    clock, store, jobs, kept = parts
+    assert kept.get("a") is None  # nothing kept yet: the caller reads
+    assert read(kept, store, "a") == "a1"
+    assert store.reads == 1
+    clock.now += 0.5
+    assert kept.get("a") == "a1"
+    clock.now += 0.5  # 1 s after the read began: ended, even though nobody read it again
+    assert kept.get("a") is None
+    assert jobs == []
+    assert store.reads == 1
+
+
+def test_many_callers_of_a_due_value_start_one_read_and_are_all_answered(parts) -> None:
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    store.values["a"] = "a2"
+    clock.now += 0.8  # due (within 0.25 s of its end)
+    answers = [kept.get("a") for _ in range(64)]
+    assert answers == ["a1"] * 64  # nobody waits for the read, nobody reads themselves
+    assert len(jobs) == 1
+    assert store.reads == 1
+    jobs.pop()()  # the background read
+    assert store.reads == 2
+    clock.now += 0.5  # past the first value's end, and the second's not due yet
+    assert kept.get("a") == "a2"
+    assert jobs == []
+
+
+def test_a_failed_read_leaves_the_value_to_end_on_time_and_the_next_caller_reads(parts) -> None:
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    store.failing = True
+    clock.now += 0.75
+    assert kept.get("a") == "a1"
+    jobs.pop()()  # fails: logged at debug, nothing kept
+    clock.now += 0.125
+    assert kept.get("a") == "a1"
+    assert jobs == []  # claimed once for this value
+    clock.now += 0.125  # the value's end
+    assert kept.get("a") is None
+    store.failing = False
+    assert read(kept, store, "a") == "a1"
+    assert store.reads == 3
+
+
+def test_a_forget_during_a_background_read_keeps_nothing_of_it(parts) -> None:
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    clock.now += 0.8
+    kept.get("a")
+    kept.forget("a")  # a change made through this process, while the read is on its way
+    store.values["a"] = "a3"
+    jobs.pop()()  # what it read began before the change: not kept
+    assert kept.get("a") is None
+    assert read(kept, store, "a") == "a3"
+
+
+def test_a_key_gone_from_the_store_is_forgotten_by_its_background_read(parts) -> None:
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    del store.values["a"]
+    clock.now += 0.8
+    assert kept.get("a") == "a1"
+    jobs.pop()()
+    assert kept.get("a") is None  # the caller reads, and says it is gone
+
+
+def test_forget_where_drops_only_the_keys_it_names(parts) -> None:
+    _clock, store, _jobs, kept = parts
+    store.values.update({"b": "b1", "c": "c1"})
+    for key in "abc":
+        read(kept, store, key)
+    kept.forget(where=lambda key: key != "b")
+    assert [kept.get(k) for k in "abc"] == [None, "b1", None]
+    kept.forget()
+    assert kept.get("b") is None
+
+
+def test_past_its_size_everything_kept_is_dropped() -> None:
+    store = Store()
+    store.values.update({"b": "b1", "c": "c1"})
+    kept: Kept[str, str] = Kept(1.0, store.load, ahead=0.25, entries=2, clock=Clock())
+    read(kept, store, "a")
+    read(kept, store, "b")
+    read(kept, store, "c")
+    assert [kept.get(k) for k in "abc"] == [None, None, "c1"]
+
+
+def test_ahead_must_be_within_the_lifetime() -> None:
+    with pytest.raises(ValueError, match="ahead"):
+        Kept(1.0, Store().load, ahead=1.0)
