@@ -248,6 +248,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="forbid", frozen=True)
 
     database_url: str = "sqlite:///meterline.db"
+    # PostgreSQL: the connections each serving process keeps open, and how many more it may open while it
+    # is busiest (closed again once they are given back). Every worker of every machine counts towards
+    # the server's max_connections: `meterline serve` warns when its workers could exceed what is free.
+    database_pool_size: int = Field(default=10, ge=2, le=1000)
+    database_max_overflow: int = Field(default=20, ge=0, le=1000)
     redis_url: str | None = None
     # `meterline serve`: processes behind one port ("auto": one per CPU). Quota counters: with
     # `redis_url`, in Redis; else "auto" keeps them in-process for one process and in the database (exact

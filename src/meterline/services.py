@@ -150,7 +150,11 @@ def build_services(
     """``lazy_keys``: the key file is read (or created) at its first use rather than now (management
     commands, most of which never sign, verify or seal)."""
     clock = clock or SystemClock()
-    db = Database(settings.database_url)
+    db = Database(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+    )
     if migrate:
         upgrade(db)
     plans = build_plans(settings.plans)

@@ -99,6 +99,7 @@ def _run(
         )
     if count > 1 and (services is not None or worker_args is None):
         fail("workers: this command serves one process")
+    _warn_when_connections_short(settings, count)
     store = settings.counter_store
     try:
         # Before anything is served: a process whose counters would not see the others' must not start.
@@ -125,6 +126,34 @@ def _run(
             _serve_workers(settings, count, uvicorn)
     finally:
         claim.give_back()
+
+
+def _warn_when_connections_short(settings: Settings, count: int) -> None:
+    """PostgreSQL: say so when this server's workers, each opening up to its pool and overflow while it
+    is busiest, could need more connections than the server has free: requests would then fail with
+    503s under load ("too many clients already"). A warning, not a refusal: the peak is rare, and the
+    free slots change as other machines come and go."""
+    from meterline.storage.database import connections_free
+
+    try:
+        free = connections_free(settings.database_url)
+    except Exception:
+        return  # unreachable, or no rights to look: serving meets that with its own message
+    if free is None:
+        return
+    available, most = free
+    each = settings.database_pool_size + settings.database_max_overflow
+    if count * each <= available:
+        return
+    err.print(
+        f"[yellow]warning:[/] {count} worker(s) may open up to {count * each} PostgreSQL connections "
+        f"(database_pool_size {settings.database_pool_size} + database_max_overflow "
+        f"{settings.database_max_overflow} each), but the server has {max(available, 0)} free of "
+        f"max_connections {most}: under load, requests would fail with 503s. Lower workers, "
+        "database_pool_size or database_max_overflow, or raise PostgreSQL's max_connections (every "
+        "machine's workers count).",
+        highlight=False,
+    )
 
 
 def _serve_workers(settings: Settings, count: int, uvicorn: Any) -> None:

@@ -28,9 +28,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import InvalidatePoolError, TimeoutError
+from sqlalchemy.pool import NullPool
 
 from meterline.storage.driver_sql import send_queued
 from meterline.storage.wal_checkpoints import BACKSTOP_PAGES, WalCheckpoints
@@ -61,6 +62,30 @@ def _wait_for(fd: int) -> None:
             pause = min(pause * 2, 0.001)
 
 
+def connections_free(url: str) -> tuple[int, int] | None:
+    """PostgreSQL: (connections a client like this one may still open, ``max_connections``), counting
+    every client connected now (other processes and machines included) and the reserved slots. None on
+    SQLite. One connection of its own, closed again."""
+    engine = create_engine(normalize_url(url), poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+        return None
+    try:
+        with engine.connect() as conn:
+            most, reserved, clients = conn.execute(
+                text(
+                    "SELECT current_setting('max_connections')::int,"
+                    " current_setting('superuser_reserved_connections')::int"
+                    # PostgreSQL 16's slots for pg_use_reserved_connections (absent before: 0)
+                    " + COALESCE(current_setting('reserved_connections', true), '0')::int,"
+                    " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    # This look's own connection is among the clients, and is closed again.
+    return int(most) - int(reserved) - int(clients) + 1, int(most)
+
+
 def normalize_url(url: str) -> str:
     """Accept the operator's plain ``postgresql://`` and use the psycopg 3 driver for it."""
     if url.startswith("postgres://"):
@@ -71,11 +96,13 @@ def normalize_url(url: str) -> str:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20) -> None:
+        """``pool_size``, ``max_overflow``: PostgreSQL's connections kept, and opened past them at the
+        busiest (SQLite keeps one per worker thread: see ``_create_engine``)."""
         self.url = normalize_url(url)
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
-        self.engine = self._create_engine(pool_size)
+        self.engine = self._create_engine(pool_size, max_overflow)
         self._file_lock = self._open_lock_file() if self.dialect == "sqlite" else None
         # SQLite: entered once the write lock is held, within a second of this process having waited for
         # another one (the server holds its event loop still: ``api/standstill.py``). None: nothing is.
@@ -89,12 +116,12 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
-    def _create_engine(self, pool_size: int) -> Engine:
+    def _create_engine(self, pool_size: int, max_overflow: int) -> Engine:
         if self.dialect != "sqlite":
             engine = create_engine(
                 self.url,
                 pool_size=pool_size,
-                max_overflow=pool_size * 2,
+                max_overflow=max_overflow,
                 # Every statement here is short; JIT compilation (~50 ms) fires on the cost estimates of
                 # range reads that then touch a few hundred rows, and would dominate them.
                 connect_args={"options": "-c jit=off"},
