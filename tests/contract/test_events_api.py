@@ -425,3 +425,27 @@ def test_a_usage_vector_that_does_not_add_up_is_refused_with_what_to_fix(
         in response.json()["data"][0]["error"]["message"]
     )
     assert ledger(client, tenant)["data"] == []
+
+
+def test_look_ups_read_together_answer_each_organization_its_own_rows(
+    client: TestClient, tenant: Tenant, services: Services
+) -> None:
+    """Concurrent idempotency look-ups are one read (``storage.read_together``): the same event id in two
+    organizations, asked in one read, finds each organization's own row."""
+    other = make_tenant(client, name="Other")
+    mine = client.post("/v1/events", json={"events": [event("shared")]}, headers=tenant.headers).json()
+    theirs = client.post("/v1/events", json={"events": [event("shared")]}, headers=other.headers).json()
+    store = services.settler._store
+    answers = store._lookup_all(  # type: ignore[attr-defined]
+        [
+            (tenant.org["id"], ["ev-shared", "ev-never-sent"]),
+            (other.org["id"], ["ev-shared"]),
+            (tenant.org["id"], ["ev-shared"]),
+        ]
+    )
+    assert [{key: row.id for key, row in answer.items()} for answer in answers] == [
+        {"ev-shared": mine["data"][0]["ledger_id"]},
+        {"ev-shared": theirs["data"][0]["ledger_id"]},
+        {"ev-shared": mine["data"][0]["ledger_id"]},
+    ]
+    assert mine["data"][0]["ledger_id"] != theirs["data"][0]["ledger_id"]

@@ -21,6 +21,7 @@ from meterline.storage import credit_store, usage_details, usage_rollups
 from meterline.storage.database import Database
 from meterline.storage.driver_sql import fetch, fetch_one, fetch_together, run, run_many, send, sending
 from meterline.storage.first_statistics import FirstStatistics
+from meterline.storage.read_together import ReadTogether
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
 from meterline.storage.writer import Together, wait
 
@@ -297,6 +298,9 @@ class SqlLedgerStore:
         self._notary = notary
         self._alerts = alerts
         self._first_statistics = FirstStatistics(db)
+        self._lookups: ReadTogether[tuple[str, Sequence[str]], dict[str, LedgerRow]] = ReadTogether(
+            self._lookup_all
+        )
         p = "?" if db.is_sqlite else "%s"
         self._chain_head_sql = _CHAIN_HEAD.format(p=p)
         self._chain_upsert_sql = _CHAIN_UPSERT.format(p=p)
@@ -378,8 +382,19 @@ class SqlLedgerStore:
         return result
 
     def lookup(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
+        """Stored rows by idempotency key; concurrent look-ups are read together (``read_together``)."""
+        return self._lookups.ask((organization_id, keys))
+
+    def _lookup_all(self, asked: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, LedgerRow]]:
+        """Several look-ups in one read: one statement per organization, one transaction."""
+        by_org: dict[str, dict[str, None]] = {}
+        for org_id, keys in asked:
+            by_org.setdefault(org_id, {}).update(dict.fromkeys(keys))
         with self._db.read() as conn:
-            return self._existing(conn, [(organization_id, key) for key in keys])
+            found = {org: self._existing(conn, [(org, key) for key in keys]) for org, keys in by_org.items()}
+        if len(asked) == 1:
+            return [found[asked[0][0]]]
+        return [{key: found[org_id][key] for key in keys if key in found[org_id]} for org_id, keys in asked]
 
     def _present(self, conn: Connection, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
