@@ -17,10 +17,10 @@ through this process) applies at once, and a background read that began before i
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 log = logging.getLogger("meterline.kept")
@@ -28,18 +28,29 @@ log = logging.getLogger("meterline.kept")
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-_background: ThreadPoolExecutor | None = None
-_background_lock = threading.Lock()
+_REFRESH_THREADS = 2
+_jobs: queue.SimpleQueue[Callable[[], None]] | None = None
+_jobs_lock = threading.Lock()
 
 
 def _in_background(job: Callable[[], None]) -> None:
-    """Run ``job`` on the process's refresh threads (made on first use, so after a worker's fork)."""
-    global _background
-    if _background is None:
-        with _background_lock:
-            if _background is None:
-                _background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meterline-refresh")
-    _background.submit(job)
+    """Run ``job`` on the process's refresh threads, made on first use (so after a worker's fork). Daemon
+    threads: a read hung on an unreachable database never keeps the process from exiting."""
+    global _jobs
+    if _jobs is None:
+        with _jobs_lock:
+            if _jobs is None:
+                jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+                for n in range(_REFRESH_THREADS):
+                    name = f"meterline-refresh-{n}"
+                    threading.Thread(target=_run_jobs, args=(jobs,), name=name, daemon=True).start()
+                _jobs = jobs
+    _jobs.put(job)
+
+
+def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
+    while True:
+        jobs.get()()  # a job catches its own errors (``Kept._read_again``)
 
 
 class _Entry(Generic[V]):

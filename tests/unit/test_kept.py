@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -142,3 +144,27 @@ def test_past_its_size_everything_kept_is_dropped() -> None:
 def test_ahead_must_be_within_the_lifetime() -> None:
     with pytest.raises(ValueError, match="ahead"):
         Kept(1.0, Store().load, ahead=1.0)
+
+
+def test_the_background_read_runs_on_a_refresh_thread_of_its_own() -> None:
+    clock, store, read_on = Clock(), Store(), []
+    done = threading.Event()
+
+    def load(key: str) -> str | None:
+        read_on.append(threading.current_thread())
+        value = store.load(key)
+        done.set()
+        return value
+
+    kept: Kept[str, str] = Kept(1.0, load, ahead=0.25, clock=clock)
+    read(kept, store, "a")
+    store.values["a"] = "a2"
+    clock.now += 0.8
+    assert kept.get("a") == "a1"  # answered at once, the read goes on beside it
+    assert done.wait(10)
+    deadline = time.monotonic() + 10
+    while kept.get("a") != "a2":  # kept right after the read returns
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert read_on[0].name.startswith("meterline-refresh")
+    assert read_on[0].daemon  # never holds the process open
