@@ -66,9 +66,11 @@ def connections_free(url: str) -> tuple[int, int] | None:
     """PostgreSQL: (connections a client like this one may still open, ``max_connections``), counting
     every client connected now (other processes and machines included) and the reserved slots. None on
     SQLite. One connection of its own, closed again."""
-    engine = create_engine(normalize_url(url), poolclass=NullPool)
-    if engine.dialect.name == "sqlite":
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
         return None
+    # A database that does not answer is not this look's to report: serving meets it with its own message.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as conn:
             most, reserved, clients = conn.execute(
