@@ -34,8 +34,8 @@ _jobs_lock = threading.Lock()
 
 
 def _in_background(job: Callable[[], None]) -> None:
-    """Run ``job`` on the process's refresh threads, made on first use (so after a worker's fork). Daemon
-    threads: a read hung on an unreachable database never keeps the process from exiting."""
+    """Run ``job`` on the process's refresh threads, made on first use in each process. Daemon threads: a
+    read hung on an unreachable database never keeps the process from exiting."""
     global _jobs
     if _jobs is None:
         with _jobs_lock:
@@ -50,7 +50,11 @@ def _in_background(job: Callable[[], None]) -> None:
 
 def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
     while True:
-        jobs.get()()  # a job catches its own errors (``Kept._read_again``)
+        job = jobs.get()
+        try:
+            job()  # catches its own errors (``Kept._read_again``): this is for what it cannot
+        except BaseException:
+            log.exception("a background read failed")  # the thread goes on: values keep being read ahead
 
 
 class _Entry(Generic[V]):

@@ -449,3 +449,7 @@ def test_look_ups_read_together_answer_each_organization_its_own_rows(
         {"ev-shared": mine["data"][0]["ledger_id"]},
     ]
     assert mine["data"][0]["ledger_id"] != theirs["data"][0]["ledger_id"]
+    alone = store._lookup_all([(other.org["id"], ["ev-shared", "ev-never-sent"])])  # type: ignore[attr-defined]
+    assert [{key: row.id for key, row in answer.items()} for answer in alone] == [
+        {"ev-shared": theirs["data"][0]["ledger_id"]}
+    ]

@@ -43,8 +43,9 @@ def test_workers_that_could_exhaust_postgresql_are_warned_of_and_still_served(
     )
     assert status == 200
     flat = " ".join(log.split())
-    assert "warning: 2 worker(s) may open up to 400 PostgreSQL connections" in flat, log
-    assert "(database_pool_size 100 + database_max_overflow 100 each)" in flat
+    assert "warning: 2 worker(s) may open up to 401 PostgreSQL connections" in flat, log
+    claim = "(database_pool_size 100 + database_max_overflow 100 each, and one for the counters' claim)"
+    assert claim in flat
     assert "of max_connections 300" in flat
     assert "Lower workers, database_pool_size or database_max_overflow, or raise PostgreSQL's" in flat
 

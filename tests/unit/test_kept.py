@@ -26,12 +26,15 @@ class Store:
         self.values: dict[str, str] = {"a": "a1"}
         self.reads = 0
         self.failing = False
+        self.after_reading: Callable[[], None] = lambda: None
 
     def load(self, key: str) -> str | None:
         self.reads += 1
         if self.failing:
             raise ConnectionError("the database went away")
-        return self.values.get(key)
+        value = self.values.get(key)
+        self.after_reading()
+        return value
 
 
 @pytest.fixture
@@ -108,6 +111,23 @@ def test_a_forget_during_a_background_read_keeps_nothing_of_it(parts) -> None:
     jobs.pop()()  # what it read began before the change: not kept
     assert kept.get("a") is None
     assert read(kept, store, "a") == "a3"
+
+
+def test_a_forget_while_the_old_value_is_being_read_keeps_nothing_of_it(parts) -> None:
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    clock.now += 0.8
+    kept.get("a")
+
+    def changed() -> None:  # the change, made through this process once the old value was read
+        store.values["a"] = "a4"
+        kept.forget("a")
+
+    store.after_reading = changed
+    jobs.pop()()  # read "a1", then the change: "a1" is not kept
+    store.after_reading = lambda: None
+    assert kept.get("a") is None
+    assert read(kept, store, "a") == "a4"
 
 
 def test_a_key_gone_from_the_store_is_forgotten_by_its_background_read(parts) -> None:

@@ -136,3 +136,49 @@ def test_a_reservation_expires_a_ttl_after_its_decision(engine: QuotaEngine, clo
     reservation = engine.reserve(subject(), ONE_CALL, ttl=timedelta(minutes=2))
     assert reservation.expires_at == EVE + timedelta(minutes=2)
     assert reservation.decided_us == to_micros(EVE)
+
+
+class Granted(EmptyLedger):
+    """Bonus credits that grow when the test says (a grant made through another process)."""
+
+    def __init__(self) -> None:
+        self.bonus_nanos = 0
+
+    def bonus_available(self, organization_id: str, period_start_us: int) -> int:
+        return self.bonus_nanos
+
+
+def test_a_kept_placement_is_never_older_than_the_bonus_it_was_placed_with(clock: FrozenClock) -> None:
+    ledger = Granted()
+    engine = QuotaEngine(MemoryCounterStore(), ledger, clock)
+    who = subject(monthly_credits=1)
+    two_credits = amounts_of(tokens=10, credits_nanos=2 * 10**9, cost_nanos=0, event="llm.request", units=1)
+    with pytest.raises(LimitExceeded):
+        engine.reserve(who, two_credits)  # 1 credit a month, no bonus: placed and kept
+    ledger.bonus_nanos = 5 * 10**9
+    # What the bonus's read ahead does in the background (``kept.py``), while the placement is still kept.
+    bonus = engine._bonus
+    (key,) = bonus._entries
+    bonus.keep(key, ledger.bonus_available(*key), bonus.began())
+    engine.reserve(who, two_credits)  # placed again, with the bonus read
+
+
+def test_a_grant_during_a_placement_is_not_kept_behind_it(clock: FrozenClock) -> None:
+    """``forget_bonus`` while a decision places its limits: what it placed is not kept for the next one."""
+    ledger = Granted()
+    engine = QuotaEngine(MemoryCounterStore(), ledger, clock)
+    who = subject(monthly_credits=1)
+    two_credits = amounts_of(tokens=10, credits_nanos=2 * 10**9, cost_nanos=0, event="llm.request", units=1)
+    reading = ledger.bonus_available
+
+    def granted_while_read(organization_id: str, period_start_us: int) -> int:
+        value = reading(organization_id, period_start_us)
+        ledger.bonus_nanos = 5 * 10**9
+        engine.forget_bonus(organization_id)  # the grant, made through this process
+        return value
+
+    ledger.bonus_available = granted_while_read  # type: ignore[method-assign]
+    with pytest.raises(LimitExceeded):
+        engine.reserve(who, two_credits)  # decided on what was read before the grant
+    ledger.bonus_available = reading  # type: ignore[method-assign]
+    engine.reserve(who, two_credits)

@@ -48,7 +48,8 @@ def ask_in_threads(together: ReadTogether[int, str], questions: range) -> tuple[
         except ConnectionError as exc:
             answers[q] = exc
 
-    threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+    # Daemon threads: a hand-off that left one waiting fails the test rather than hanging the run.
+    threads = [threading.Thread(target=ask, args=(q,), daemon=True) for q in questions]
     for thread in threads:
         thread.start()
     return threads, answers
@@ -93,6 +94,29 @@ def test_a_failed_read_fails_its_own_questions_only_and_the_next_read_goes_ahead
     assert isinstance(first_answer[0], ConnectionError)
     assert answers == {q: f"answer {q}" for q in range(1, 4)}
     assert together.ask(9) == "answer 9"  # nobody is left reading
+
+
+def test_those_waiting_on_a_failed_read_raise_each_their_own_error_caused_by_it() -> None:
+    reads = Reads(hold=True, fail_first=True)
+    together: ReadTogether[int, str] = ReadTogether(reads.read_all)
+    first, _ = ask_in_threads(together, range(1))
+    assert reads.started.wait(10)
+    reads.batches.clear()
+    reads.fail_first = False
+    reads.release.clear()
+    # Queued behind the first read, then all read (and failed) together by one of them.
+    failing = Reads(fail_first=True)
+    together._read_all = failing.read_all  # type: ignore[method-assign]
+    others, answers = ask_in_threads(together, range(1, 4))
+    queued(together, 3)
+    reads.release.set()
+    for thread in first + others:
+        thread.join(10)
+        assert not thread.is_alive()
+    errors = [answers[q] for q in range(1, 4)]
+    assert all(isinstance(e, ConnectionError) for e in errors)
+    assert len({id(e) for e in errors}) == 3  # three objects: tracebacks not mixed
+    assert len({id(e.__cause__) for e in errors if e.__cause__ is not None}) == 1  # the read's own, twice
 
 
 def test_a_failure_reaches_the_asker() -> None:

@@ -143,12 +143,14 @@ def _warn_when_connections_short(settings: Settings, count: int) -> None:
         return
     available, most = free
     each = settings.database_pool_size + settings.database_max_overflow
-    if count * each <= available:
+    needed = count * each + 1  # and the counters' claim, held by the serving process (``counter_claim``)
+    if needed <= available:
         return
     err.print(
-        f"[yellow]warning:[/] {count} worker(s) may open up to {count * each} PostgreSQL connections "
+        f"[yellow]warning:[/] {count} worker(s) may open up to {needed} PostgreSQL connections "
         f"(database_pool_size {settings.database_pool_size} + database_max_overflow "
-        f"{settings.database_max_overflow} each), but the server has {max(available, 0)} free of "
+        f"{settings.database_max_overflow} each, and one for the counters' claim), but the server has "
+        f"{max(available, 0)} free of "
         f"max_connections {most}: under load, requests would fail with 503s. Lower workers, "
         "database_pool_size or database_max_overflow, or raise PostgreSQL's max_connections (every "
         "machine's workers count).",

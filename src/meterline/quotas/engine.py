@@ -400,7 +400,7 @@ class QuotaEngine:
     # (organization, period start) -> bonus credits available: kept ``bonus_ttl_s``, read again in the
     # background shortly before that ends (``kept.py``), so that requests never queue up to read it.
     _bonus: Kept[tuple[str, int], int] = field(init=False, repr=False)
-    _placed: dict[tuple[object, ...], tuple[float, _Placement, tuple[str, int] | None]] = field(
+    _placed: dict[tuple[object, ...], tuple[float, _Placement, tuple[str, int] | None, int]] = field(
         default_factory=dict, repr=False
     )
     _now_us: Callable[[], int] = field(init=False, repr=False)
@@ -435,22 +435,25 @@ class QuotaEngine:
         clock = time.monotonic()
         cached = self._placed.get(key)
         if cached is not None and cached[0] > clock:
-            if cached[2] is not None:
-                # Asked of the bonus kept meanwhile, so that it is read again (in the background) before
-                # it ends, not by every request that finds this placement ended with it.
-                self._bonus.get(cached[2])
-            return cached[1]
-        bounds, bonus_key = self._place(subject, from_micros(at_us), from_micros(now_us))
+            _ends, placement, bonus_key, bonus = cached
+            # Only while the bonus it was placed with is still the one kept: never older than the bonus.
+            # Asking also has the bonus read again (in the background) before it ends, rather than by
+            # every request that would find it ended.
+            if bonus_key is None or self._bonus.get(bonus_key) == bonus:
+                return placement
+        _at, generation = self._bonus.began()
+        bounds, bonus_key, bonus = self._place(subject, from_micros(at_us), from_micros(now_us))
         placement = _Placement.of(tuple(bounds))
-        if len(self._placed) >= _PLACED_MAX:
-            self._placed.clear()
-        self._placed[key] = (clock + self.bonus_ttl_s, placement, bonus_key)
+        if self._bonus.began()[1] == generation:  # else a grant came meanwhile: placed from what it changed
+            if len(self._placed) >= _PLACED_MAX:
+                self._placed.clear()
+            self._placed[key] = (clock + self.bonus_ttl_s, placement, bonus_key, bonus)
         return placement
 
     def _place(
         self, subject: Subject, at: datetime, now: datetime
-    ) -> tuple[list[Bound], tuple[str, int] | None]:
-        """The bounds, and the key of the bonus they were placed with (None: none is)."""
+    ) -> tuple[list[Bound], tuple[str, int] | None, int]:
+        """The bounds, and the key and amount of the bonus they were placed with (None, 0: none is)."""
         period_now = billing_period(now, subject.billing_anchor_day)
         period = billing_period(at, subject.billing_anchor_day)
         bonus, bonus_key = 0, None
@@ -475,7 +478,7 @@ class QuotaEngine:
             key = counter_key(subject.organization_id, limit, tag, value)
             current = window.start <= now < window.end and (limit.window == "day" or window == period_now)
             placed.append(place(limit, key, window, current, subject.organization_id, value))
-        return placed, bonus_key
+        return placed, bonus_key, bonus
 
     @staticmethod
     def _window(window: Window, at: datetime, anchor: int, period: Period) -> Period | None:

@@ -14,12 +14,25 @@ every question it was reading for.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 Q = TypeVar("Q")
 A = TypeVar("A")
+
+
+def _own(error: BaseException) -> BaseException:
+    """A copy of the read's error for one waiting asker to raise: every ``raise`` adds its thread's frames
+    to the exception's traceback, and one shared object would carry every asker's. The read's own error
+    is its cause (its traceback is where the read failed)."""
+    try:
+        own = copy.copy(error)
+    except Exception:  # an exception that cannot be copied: the shared one, tracebacks mixed
+        return error
+    own.__cause__ = error
+    return own
 
 
 class _Asked(Generic[Q, A]):
@@ -53,8 +66,10 @@ class ReadTogether(Generic[Q, A]):
             asked.done.wait()
         if leads or asked.leads:
             self._read_queued(asked)
-        if asked.error is not None:
-            raise asked.error
+            if asked.error is not None:
+                raise asked.error  # this thread's read failed
+        elif asked.error is not None:
+            raise _own(asked.error)
         return asked.answer  # type: ignore[return-value]  # set by the read (None only as an answer)
 
     def _read_queued(self, reader: _Asked[Q, A]) -> None:
