@@ -21,7 +21,9 @@ here. ``--client wrk`` runs the same loops with ``wrk`` (C, Debian's package: ``
 64 connections, one thread), which leaves the servers more of the machine. ``--organizations N``
 sends the requests round N organizations (one key each) instead of one. ``--postgres-delay-ms N``
 puts PostgreSQL behind ``bench/delay_proxy.py`` (N ms each way: a database across a network). It prints
-a table and writes ``bench/results/workers-<date>[-wrk][-<n>-organizations][-pg-<n>ms].json``.
+a table, then the CPU per request of what shares the machine with the server (the fake upstream, ``wrk``,
+PostgreSQL, Redis; the Python client is this process and is not counted), and writes
+``bench/results/workers-<date>[-wrk][-<n>-organizations][-pg-<n>ms].json``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import statistics
@@ -288,6 +291,7 @@ def measure(
             ("events", "/v1/events", event_bodies(400_000 if client == "python" else 1)),
         ):
             before, busy_before = server_cpu(pid), machine_busy()
+            others_before = others_cpu(fake)
             started = time.perf_counter()
             if client == "wrk":
                 figures[load] = wrk_loop(port, keys, path, bodies[0] if load == "gateway" else None, seconds)
@@ -298,8 +302,35 @@ def measure(
             # How busy the whole machine was (servers, fake upstream, load client): 1.0 = every core.
             figures[f"{load}_machine_busy"] = busy / total
             # Server CPU (every worker) per request, over the whole loop (its ramp included).
-            figures[f"{load}_cpu_us"] = (server_cpu(pid) - before) / (figures[load] * elapsed) * 1e6
+            requests = figures[load] * elapsed
+            figures[f"{load}_cpu_us"] = (server_cpu(pid) - before) / requests * 1e6
+            # What shares the cores with it: the fake upstream, the load client (``wrk``; the Python
+            # client is this process), PostgreSQL and Redis (their processes now: sessions that ended
+            # during the loop are not counted).
+            for part, seconds_now in others_cpu(fake).items():
+                figures[f"{load}_{part}_cpu_us"] = (seconds_now - others_before[part]) / requests * 1e6
     return figures
+
+
+def others_cpu(fake: FakeUpstream) -> dict[str, float]:
+    """CPU seconds so far of what runs beside the server: the fake upstream, the load client's
+    subprocesses (``wrk``, counted once each has ended), PostgreSQL's and Redis' processes."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # ended children: wrk (and earlier servers)
+    named = {"postgres": 0.0, "redis-server": 0.0}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in named:
+                named[comm] += cpu_seconds(int(entry.name))
+    return {
+        "upstream": cpu_seconds(fake.process.pid),
+        "client": usage.ru_utime + usage.ru_stime,
+        "postgres": named["postgres"],
+        "redis": named["redis-server"],
+    }
 
 
 def machine_busy() -> tuple[int, int]:
@@ -434,6 +465,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("|---|---|--:|--:|--:|--:|--:|")
     print("\n".join(rows))
+    print(
+        "\nCPU per request beside the server (µs, medians; 1 worker → 2): the fake upstream, the load "
+        "client, PostgreSQL, Redis\n\n| deployment | load | upstream | client | PostgreSQL | Redis |"
+    )
+    print("|---|---|--:|--:|--:|--:|")
+    for name, by_workers in results.items():
+        for load in ("gateway", "events"):
+            cells = []
+            for part in ("upstream", "client", "postgres", "redis"):
+                one, two = (
+                    statistics.median(r.get(f"{load}_{part}_cpu_us", 0.0) for r in by_workers[count])
+                    for count in (1, 2)
+                )
+                cells.append(f"{one:,.0f} → {two:,.0f}")
+            print(f"| {name} | {load} | {' | '.join(cells)} |")
     RESULTS.mkdir(exist_ok=True)
     suffix = (
         ("-wrk" if args.client == "wrk" else "")
