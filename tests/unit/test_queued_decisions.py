@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -222,3 +223,75 @@ def test_an_append_run_again_writes_its_rows_as_they_were_given(services: Servic
     assert [r.overage for r in written.result(5).written] == [False]
     stored = services.settler.stored(account, ["given"])["given"]
     assert not stored.overage
+
+
+def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
+    services: Services, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database committed the decision and the reservation's row, and the connection failed before
+    its answer came back (a server restart, a dropped connection). The request is not sent on, and is
+    decided again: the first reservation must not stay behind, or recovery bills a request that never
+    went out beside the one that did."""
+    who, estimate, account = a_call(services, org)
+    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
+    services.db.writer.run(lambda _conn: None)  # the release above is written
+    dialect = services.db.engine.dialect
+    commit = dialect.do_commit
+    lost = []
+
+    def committed_then_lost(dbapi_connection: object) -> None:
+        commit(dbapi_connection)
+        if not lost:
+            lost.append(True)
+            raise sqlite3.OperationalError("the connection was lost before the commit's answer came back")
+
+    monkeypatch.setattr(dialect, "do_commit", committed_then_lost)
+    first = asyncio.run(services.reservations.hold_soon(who, estimate, account))
+    assert lost  # the commit that lost its answer was this reservation's
+    assert first is None  # decided again where it may read: in a thread
+    again = services.reservations.hold(who, estimate, account)
+    services.db.writer.run(lambda _conn: None)  # what the failure queued is written
+    rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT id FROM reservations").all())
+    assert [r[0] for r in rows] == [again.held.id]  # only the reservation the request went on with
+    assert calls_held(services.quotas, who) == 1
+
+
+def test_a_reservation_row_whose_commit_answer_was_lost_goes_with_counters_in_redis(
+    tmp_path: Path, sqlite_template: Path, redis_url_clean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with the counters in Redis: the decision is Redis', the row the database's writer's; the
+    row's commit loses its answer, the request fails, its hold is given back and its row must go too."""
+    shutil.copyfile(sqlite_template, tmp_path / "m.db")
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'm.db'}",
+        signing_key_file=str(tmp_path / "key.json"),
+        redis_url=redis_url_clean,
+        plans={"tight": TIGHT},
+    )
+    services = build_services(settings, clock=FrozenClock(NOW), migrate=False)
+    try:
+        org = services.tenancy.create_organization("Redis", "tight").id
+        who, estimate, account = a_call(services, org)
+        services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
+        dialect = services.db.engine.dialect
+        commit = dialect.do_commit
+        lost = []
+
+        def committed_then_lost(dbapi_connection: object) -> None:
+            commit(dbapi_connection)
+            if not lost:
+                lost.append(True)
+                raise sqlite3.OperationalError("the connection was lost before the commit's answer came back")
+
+        services.db.writer.run(lambda _conn: None)  # what the setup queued is written first
+        monkeypatch.setattr(dialect, "do_commit", committed_then_lost)
+        with pytest.raises(Exception, match="commit's answer"):
+            asyncio.run(services.reservations.hold_soon(who, estimate, account))
+        assert lost
+        services.db.writer.run(lambda _conn: None)  # what the failure queued is written
+        rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM reservations").one())
+        assert rows[0] == 0  # nothing left for recovery to bill
+        services.quotas.store.flush()  # type: ignore[attr-defined]
+        assert calls_held(services.quotas, who) == 0
+    finally:
+        services.close()

@@ -252,9 +252,11 @@ class Reservations:
             await answer_of(written)
         except BaseException:
             self._engine.release([reservation])
-            # Given up on (cancelled, possibly after the write committed): once the write is done, end
-            # the reservation if it was written, or recovery would bill a request that never went out.
-            written.add_done_callback(lambda done: None if done.exception() else self._forget(held.id))
+            # Given up on (cancelled), or failed: the write may have committed all the same (after the
+            # wait was given up, or with its commit's answer lost with the connection). Once it is done,
+            # the reservation's row goes (by id: nothing, if it was never written), or recovery would
+            # bill a request that never went out.
+            written.add_done_callback(lambda _done: self._forget(held.id))
             raise
         return Hold(reservation, held, priced)
 
@@ -292,6 +294,10 @@ class Reservations:
             wrote = await answer_of(written)
         except Exception as exc:
             queued.abandon()  # whatever the decision admitted is given back once it is answered
+            # The write may have committed all the same (its commit's answer lost with the connection):
+            # this reservation goes no further, so its row goes too (by id; nothing, if it was never
+            # written), or recovery would bill a request that never went out.
+            self._forget(reservation_id)
             failure = queued.verdicts.exception() if queued.verdicts.done() else None
             if isinstance(failure, CounterStoreUnavailable):
                 # The database holds the counters and the reservation alike: unreachable, it leaves no
@@ -304,11 +310,15 @@ class Reservations:
             raise
         except BaseException:
             queued.abandon()
+
             # Given up on (cancelled), possibly after the write committed: end the reservation once it
-            # is written, or recovery would bill a request that never went out.
-            written.add_done_callback(
-                lambda done: None if done.exception() or not done.result() else self._forget(reservation_id)
-            )
+            # is written (or may have been: a failed write's commit answer may have been lost), or
+            # recovery would bill a request that never went out.
+            def end_unless_unwritten(done: Future[bool]) -> None:
+                if done.exception() is not None or done.result():
+                    self._forget(reservation_id)
+
+            written.add_done_callback(end_unless_unwritten)
             raise
         # Answered before the write that read it (an earlier job, or earlier in the same commit).
         outcomes = queued.outcomes(queued.verdicts.result())
