@@ -225,6 +225,23 @@ def test_an_append_run_again_writes_its_rows_as_they_were_given(services: Servic
     assert not stored.overage
 
 
+def lose_the_next_commit_answer(services: Services, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The database's next commit is made, and then fails as a connection lost before its answer came
+    back would (the list says when it has)."""
+    dialect = services.db.engine.dialect
+    commit = dialect.do_commit
+    lost: list[bool] = []
+
+    def committed_then_lost(dbapi_connection: object) -> None:
+        commit(dbapi_connection)
+        if not lost:
+            lost.append(True)
+            raise sqlite3.OperationalError("the connection was lost before the commit's answer came back")
+
+    monkeypatch.setattr(dialect, "do_commit", committed_then_lost)
+    return lost
+
+
 def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
     services: Services, org: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,17 +252,7 @@ def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
     who, estimate, account = a_call(services, org)
     services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
     services.db.writer.run(lambda _conn: None)  # the release above is written
-    dialect = services.db.engine.dialect
-    commit = dialect.do_commit
-    lost = []
-
-    def committed_then_lost(dbapi_connection: object) -> None:
-        commit(dbapi_connection)
-        if not lost:
-            lost.append(True)
-            raise sqlite3.OperationalError("the connection was lost before the commit's answer came back")
-
-    monkeypatch.setattr(dialect, "do_commit", committed_then_lost)
+    lost = lose_the_next_commit_answer(services, monkeypatch)
     first = asyncio.run(services.reservations.hold_soon(who, estimate, account))
     assert lost  # the commit that lost its answer was this reservation's
     assert first is None  # decided again where it may read: in a thread
@@ -273,18 +280,8 @@ def test_a_reservation_row_whose_commit_answer_was_lost_goes_with_counters_in_re
         org = services.tenancy.create_organization("Redis", "tight").id
         who, estimate, account = a_call(services, org)
         services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
-        dialect = services.db.engine.dialect
-        commit = dialect.do_commit
-        lost = []
-
-        def committed_then_lost(dbapi_connection: object) -> None:
-            commit(dbapi_connection)
-            if not lost:
-                lost.append(True)
-                raise sqlite3.OperationalError("the connection was lost before the commit's answer came back")
-
         services.db.writer.run(lambda _conn: None)  # what the setup queued is written first
-        monkeypatch.setattr(dialect, "do_commit", committed_then_lost)
+        lost = lose_the_next_commit_answer(services, monkeypatch)
         with pytest.raises(Exception, match="commit's answer"):
             asyncio.run(services.reservations.hold_soon(who, estimate, account))
         assert lost
