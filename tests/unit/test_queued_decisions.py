@@ -247,8 +247,8 @@ def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
 ) -> None:
     """The database committed the decision and the reservation's row, and the connection failed before
     its answer came back (a server restart, a dropped connection). The request is not sent on, and is
-    decided again: the first reservation must not stay behind, or recovery bills a request that never
-    went out beside the one that did."""
+    decided again: the first reservation's row must not stay behind, or recovery bills a request that
+    never went out beside the one that did."""
     who, estimate, account = a_call(services, org)
     services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
     services.db.writer.run(lambda _conn: None)  # the release above is written
@@ -260,7 +260,16 @@ def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
     services.db.writer.run(lambda _conn: None)  # what the failure queued is written
     rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT id FROM reservations").all())
     assert [r[0] for r in rows] == [again.held.id]  # only the reservation the request went on with
+    # The lost decision's hold is the reaper's (as any hold whose answer was lost): held until its lease
+    # ends, then given back; and recovery bills nothing for the request that never went out.
+    services.reservations.abandon(again.held)  # the request that went on, ended (its answer failed)
     assert calls_held(services.quotas, who) == 1
+    services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
+    services.reservations.recover()
+    services.db.writer.run(lambda _conn: None)
+    assert calls_held(services.quotas, who) == 0
+    ledger_rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM ledger").one())
+    assert ledger_rows[0] == 0
 
 
 def test_a_reservation_row_whose_commit_answer_was_lost_goes_with_counters_in_redis(

@@ -374,18 +374,12 @@ class Queued:
         return self.engine._unavailable(self.asked)
 
     def abandon(self) -> None:
-        """Nobody will read the verdicts (the caller was cancelled, or the write beside them failed):
-        once they come, what they admitted is given back. Verdicts that failed may still have been
-        stored (a commit whose answer was lost with its connection): then every hold asked is given
-        back, by id (one that was never made is skipped)."""
+        """Nobody will read the verdicts (the caller was cancelled): once they come, what they admitted
+        is given back."""
 
         def give_back(done: Future[list[Verdict]]) -> None:
-            if done.cancelled():
-                return
-            if done.exception() is None:
+            if not done.cancelled() and done.exception() is None:
                 self.engine.release_holds(_admitted(self.asked.holds, done.result()))
-            else:
-                self.engine.release_holds([Release(hold.id, hold.group) for hold in self.asked.holds])
 
         self.verdicts.add_done_callback(give_back)
 
