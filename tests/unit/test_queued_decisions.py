@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
-from meterline.errors import LimitExceeded
+from meterline.errors import LimitExceeded, ServiceUnavailable
 from meterline.metering.records import UsageRecord
 from meterline.metering.settle import Account
 from meterline.quotas import DEFAULT_PLANS
@@ -225,9 +225,12 @@ def test_an_append_run_again_writes_its_rows_as_they_were_given(services: Servic
     assert not stored.overage
 
 
-def lose_the_next_commit_answer(services: Services, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+def lose_the_next_commit_answer(
+    services: Services, monkeypatch: pytest.MonkeyPatch, *, outage: bool = False
+) -> list[bool]:
     """The database's next commit is made, and then fails as a connection lost before its answer came
-    back would (the list says when it has)."""
+    back would (the list says when it has); ``outage``: with an I/O error's code, which makes it an
+    outage of the database (a 503), as a lost PostgreSQL connection is."""
     dialect = services.db.engine.dialect
     commit = dialect.do_commit
     lost: list[bool] = []
@@ -236,7 +239,10 @@ def lose_the_next_commit_answer(services: Services, monkeypatch: pytest.MonkeyPa
         commit(dbapi_connection)
         if not lost:
             lost.append(True)
-            raise sqlite3.OperationalError("the connection was lost before the commit's answer came back")
+            error = sqlite3.OperationalError("the connection was lost before the commit's answer came back")
+            if outage:
+                error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+            raise error
 
     monkeypatch.setattr(dialect, "do_commit", committed_then_lost)
     return lost
@@ -264,6 +270,27 @@ def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
     # ends, then given back; and recovery bills nothing for the request that never went out.
     services.reservations.abandon(again.held)  # the request that went on, ended (its answer failed)
     assert calls_held(services.quotas, who) == 1
+    services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
+    services.reservations.recover()
+    services.db.writer.run(lambda _conn: None)
+    assert calls_held(services.quotas, who) == 0
+    ledger_rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM ledger").one())
+    assert ledger_rows[0] == 0
+
+
+def test_a_reservation_whose_commit_answer_was_lost_in_an_outage_is_a_503_and_leaves_nothing_to_bill(
+    services: Services, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    who, estimate, account = a_call(services, org)
+    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
+    services.db.writer.run(lambda _conn: None)
+    lost = lose_the_next_commit_answer(services, monkeypatch, outage=True)
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(services.reservations.hold_soon(who, estimate, account))
+    assert lost
+    services.db.writer.run(lambda _conn: None)  # what the failure queued is written
+    rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM reservations").one())
+    assert rows[0] == 0
     services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
     services.reservations.recover()
     services.db.writer.run(lambda _conn: None)
