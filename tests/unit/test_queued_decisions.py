@@ -248,6 +248,16 @@ def lose_the_next_commit_answer(
     return lost
 
 
+def assert_recovery_bills_nothing(services: Services, who: Subject) -> None:
+    """Past every lease, recovery has given back every hold and billed no request."""
+    services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
+    services.reservations.recover()
+    services.db.writer.run(lambda _conn: None)
+    assert calls_held(services.quotas, who) == 0
+    ledger_rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM ledger").one())
+    assert ledger_rows[0] == 0
+
+
 def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
     services: Services, org: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,12 +280,7 @@ def test_a_reservation_whose_commit_answer_was_lost_leaves_nothing_to_bill(
     # ends, then given back; and recovery bills nothing for the request that never went out.
     services.reservations.abandon(again.held)  # the request that went on, ended (its answer failed)
     assert calls_held(services.quotas, who) == 1
-    services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
-    services.reservations.recover()
-    services.db.writer.run(lambda _conn: None)
-    assert calls_held(services.quotas, who) == 0
-    ledger_rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM ledger").one())
-    assert ledger_rows[0] == 0
+    assert_recovery_bills_nothing(services, who)
 
 
 def test_a_reservation_whose_commit_answer_was_lost_in_an_outage_is_a_503_and_leaves_nothing_to_bill(
@@ -291,12 +296,7 @@ def test_a_reservation_whose_commit_answer_was_lost_in_an_outage_is_a_503_and_le
     services.db.writer.run(lambda _conn: None)  # what the failure queued is written
     rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM reservations").one())
     assert rows[0] == 0
-    services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
-    services.reservations.recover()
-    services.db.writer.run(lambda _conn: None)
-    assert calls_held(services.quotas, who) == 0
-    ledger_rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM ledger").one())
-    assert ledger_rows[0] == 0
+    assert_recovery_bills_nothing(services, who)
 
 
 def test_a_reservation_row_whose_commit_answer_was_lost_goes_with_counters_in_redis(
