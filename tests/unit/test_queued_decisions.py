@@ -6,6 +6,7 @@ up while the decision was queued."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import threading
@@ -248,6 +249,27 @@ def lose_the_next_commit_answer(
     return lost
 
 
+def lose_the_next_commit_answer_and_stay_down(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[bool], threading.Event]:
+    """``lose_the_next_commit_answer`` in an outage that goes on: every commit after that one fails
+    (nothing committed) until the event is set, as a database that is down answers."""
+    lost = lose_the_next_commit_answer(services, monkeypatch, outage=True)
+    dialect = services.db.engine.dialect
+    commit = dialect.do_commit
+    back = threading.Event()
+
+    def down_until_back(dbapi_connection: object) -> None:
+        if lost and not back.is_set():
+            error = sqlite3.OperationalError("disk I/O error: the database is down")
+            error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+            raise error
+        commit(dbapi_connection)
+
+    monkeypatch.setattr(dialect, "do_commit", down_until_back)
+    return lost, back
+
+
 def assert_recovery_bills_nothing(services: Services, who: Subject) -> None:
     """Past every lease, recovery has given back every hold and billed no request."""
     services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
@@ -297,6 +319,29 @@ def test_a_reservation_whose_commit_answer_was_lost_in_an_outage_is_a_503_and_le
     rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM reservations").one())
     assert rows[0] == 0
     assert_recovery_bills_nothing(services, who)
+
+
+def test_a_reservation_whose_commit_answer_was_lost_is_not_billed_when_the_outage_goes_on(
+    services: Services, org: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The commit's answer is lost in an outage that lasts: the row cannot be deleted at once either.
+    It stays until the database is back, and recovery (the lease long past) still bills nothing for a
+    request that never went out."""
+    who, estimate, account = a_call(services, org)
+    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
+    services.db.writer.run(lambda _conn: None)
+    lost, back = lose_the_next_commit_answer_and_stay_down(services, monkeypatch)
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(services.reservations.hold_soon(who, estimate, account))
+    assert lost
+    with pytest.raises(Exception, match="the database is down"):
+        services.db.writer.run(lambda _conn: None)  # still down: what the failure queued is not written
+    with contextlib.closing(sqlite3.connect(tmp_path / "m.db")) as file:  # what is on disk
+        assert file.execute("SELECT count(*) FROM reservations").fetchone()[0] == 1  # it committed
+    back.set()
+    assert_recovery_bills_nothing(services, who)
+    rows = services.db.writer.run(lambda c: c.exec_driver_sql("SELECT count(*) FROM reservations").one())
+    assert rows[0] == 0
 
 
 def test_a_reservation_row_whose_commit_answer_was_lost_goes_with_counters_in_redis(

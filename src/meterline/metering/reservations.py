@@ -189,6 +189,10 @@ class Reservations:
         # Settles of work already served that met an outage, kept with their actual usage and retried by
         # ``recover`` before anything is settled at its estimate (only a crash leaves the estimate).
         self._deferred: dict[str, tuple[HeldReservation, UsageRecord]] = {}
+        # Reservations whose requests never went out (their write failed, or was given up on, and may
+        # have committed all the same): deleted by id, and kept here until the delete commits, so that an
+        # outage that also fails the delete never leaves ``recover`` a row to bill. Guarded by the lock.
+        self._unsent: set[str] = set()
         self._deferred_lock = threading.Lock()
 
     def reserve(
@@ -261,7 +265,29 @@ class Reservations:
         return Hold(reservation, held, priced)
 
     def _forget(self, reservation_id: str) -> None:
-        self._store.remove_soon(reservation_id)
+        """Delete the row of a reservation whose request never went out; until that commits, ``recover``
+        neither bills it nor lets it be billed here, and tries the delete again."""
+        with self._deferred_lock:
+            self._unsent.add(reservation_id)
+        try:
+            deleted = self._store.remove_soon(reservation_id)
+        except Exception:  # the writer is closing: the next start's recovery is the one left
+            return
+        deleted.add_done_callback(lambda done: self._forgotten(reservation_id, done))
+
+    def _forgotten(self, reservation_id: str, done: Future[bool]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            with self._deferred_lock:
+                self._unsent.discard(reservation_id)
+
+    def _forget_unsent(self) -> None:
+        """The deletes ``_forget`` could not make (an outage), tried again; raises while it goes on."""
+        with self._deferred_lock:
+            pending = list(self._unsent)
+        for reservation_id in pending:
+            self._store.remove(reservation_id)
+            with self._deferred_lock:
+                self._unsent.discard(reservation_id)
 
     async def _hold_in_writer(
         self, subject: Subject, estimate: UsageRecord, account: Account, margin: int
@@ -581,9 +607,12 @@ class Reservations:
         now = self._clock.now()
         cutoff = datetime.max.replace(tzinfo=now.tzinfo) if everything else now
         ended = self._settle_deferred()
+        self._forget_unsent()
         for item in self._store.due(cutoff, limit):
             if item.id in self._deferred:
                 continue  # settled with its actual usage by _settle_deferred, never at its estimate
+            if item.id in self._unsent:
+                continue  # its request never went out (its delete is tried again by the next sweep)
             try:
                 if isinstance(item, Unreadable):
                     self._set_aside(
