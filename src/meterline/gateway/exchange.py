@@ -8,7 +8,6 @@ it arrived, and a crash between reserve and settle is recovered by the reservati
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
+from meterline import ids
 from meterline.clock import Clock
 from meterline.credits import CreditBalance
 from meterline.errors import LimitExceeded
@@ -224,7 +224,7 @@ class Exchanges:
             user_id=principal.identifier_id or request.user_id,
             source=request.source,
             endpoint=request.endpoint,
-            receipt_id=str(uuid.uuid4()) if request.receipt else None,
+            receipt_id=ids.receipt_id() if request.receipt else None,
             receipt=request.receipt,
         )
         return account, estimate, services.subject_of(org, principal)
