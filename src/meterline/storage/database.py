@@ -142,7 +142,9 @@ class Database:
             raise ValueError("SQLite needs a file path (sqlite:///path/to/meterline.db), not :memory:")
         engine = create_engine(
             self.url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            # ``cached_statements``: the writer's many-row INSERTs run as multi-row statements of up to
+            # eight sizes each (``driver_sql._insert_rows``); each is prepared once, kept here.
+            connect_args={"check_same_thread": False, "timeout": 30, "cached_statements": 512},
             # One kept for each of the server's worker threads (AnyIO's default limit is 40): with 8, the
             # threads of the sync routes opened and closed overflow connections all the time (each new
             # one runs the PRAGMAs below and parses the schema), and events cost ~19 % more CPU

@@ -25,6 +25,8 @@ trips: ``send`` runs at once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -51,7 +53,10 @@ def _execute(
     try:
         cursor = conn.connection.cursor()
         if many:
-            cursor.executemany(sql, cast(Sequence[Sequence[Any]], params))
+            many_rows = cast(Sequence[Sequence[Any]], params)
+            if len(many_rows) > 1 and conn.dialect.name == "sqlite" and _values_of(sql) is not None:
+                return _insert_rows(cursor, sql, many_rows), []
+            cursor.executemany(sql, many_rows)
         else:
             cursor.execute(sql, params)
         return int(cursor.rowcount), [tuple(row) for row in cursor.fetchall()] if rows else []
@@ -65,6 +70,51 @@ def _execute(
         if cursor is not None:
             with contextlib.suppress(Exception):
                 cursor.close()
+
+
+# SQLite: an INSERT of many rows as a few multi-row statements, not one statement per row. Python's
+# ``sqlite3`` lets go of the interpreter lock around every step of a statement, and the writer thread then
+# waits to take it back behind the event loop, for up to the switch interval (5 ms) when the loop is busy:
+# ``executemany`` of 16 rows beside a busy thread took 43 ms, one 16-row statement 5 ms (docs/
+# benchmarks.md, "Ids drawn in blocks; rows written in few statements"). Chunks are powers of two (at most
+# eight statement texts per INSERT, each prepared once and kept in the connection's statement cache);
+# the rows are inserted in order, so an upsert meets the same key twice as ``executemany`` would.
+_VALUES = re.compile(r"\bVALUES\s*(\([?,\s]*\))", re.IGNORECASE)
+_MOST_ROWS = 128
+_MOST_PARAMETERS = 32_766  # SQLite's default bound on a statement's parameters since 3.32
+
+
+@functools.lru_cache(maxsize=256)
+def _values_of(sql: str) -> tuple[str, str, str] | None:
+    """An INSERT whose one VALUES group is placeholders only: (before it, the group, after it)."""
+    if sql.lstrip()[:6].upper() != "INSERT":
+        return None
+    groups = list(_VALUES.finditer(sql))
+    if len(groups) != 1:
+        return None
+    found = groups[0]
+    return sql[: found.start(1)], found.group(1), sql[found.end(1) :]
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_sql(sql: str, count: int) -> str:
+    shape = _values_of(sql)
+    assert shape is not None
+    before, group, after = shape
+    return before + ", ".join([group] * count) + after
+
+
+def _insert_rows(cursor: DBAPICursor, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    """``rows`` inserted by ``sql`` (one VALUES group) in multi-row statements; the rows they changed."""
+    most = max(1, min(_MOST_ROWS, _MOST_PARAMETERS // max(1, len(rows[0]))))
+    changed = at = 0
+    while at < len(rows):
+        count = 1 << (min(len(rows) - at, most).bit_length() - 1)  # the largest power of two that fits
+        chunk = rows[at : at + count]
+        cursor.execute(_rows_sql(sql, count), [value for row in chunk for value in row])
+        changed += int(cursor.rowcount)
+        at += count
+    return changed
 
 
 def _queued(conn: Connection) -> bool:

@@ -22,6 +22,7 @@ from meterline.metering.reservations import (
     encode_record,
 )
 from meterline.storage.database import Database
+from meterline.storage.driver_sql import run_many
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
 from meterline.storage.writer import Together, wait
@@ -84,12 +85,12 @@ class SqlReservationStore:
 
     def add_soon(self, held: HeldReservation) -> Future[None]:
         # Plain SQL: every gateway request writes one, and compiling the statement cost more than the insert.
-        # Through the writer: the reservations queued in a batch are one executemany.
+        # Through the writer: the reservations queued in a batch are inserted together (``run_many``).
         together = Together(_ADD, _values(held), self._add_together)
         return self._db.writer.submit_together(together, order=held.organization_id)
 
     def _add_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
-        conn.exec_driver_sql(self._insert, values if len(values) > 1 else values[0])
+        run_many(conn, self._insert, values)
         return [None] * len(values)
 
     def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
@@ -113,8 +114,7 @@ class SqlReservationStore:
                 values = _values(replace(held, estimate=replace(held.estimate, overage=True)))
             rows.append(values)
             written.append(True)
-        if rows:
-            conn.exec_driver_sql(self._insert, rows if len(rows) > 1 else rows[0])
+        run_many(conn, self._insert, rows)
         return written
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
