@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,11 +49,38 @@ def test_an_upsert_meets_a_key_twice_in_order_as_executemany_did(conn: Connectio
 
 def test_statements_that_are_not_a_plain_values_insert_run_row_by_row(conn: Connection) -> None:
     run_many(conn, ONCE, [("a", 1, ""), ("b", 2, "")])
+    statements = conn.info["statements"]
+    statements.clear()
     assert run_many(conn, "UPDATE t SET v = v + ? WHERE k = ?", [(10, "a"), (20, "b")]) == 2
     run_many(conn, "INSERT INTO t (k, v, note) VALUES (?, ?, 'fixed')", [("c", 3), ("d", 4)])
+    # A placeholder outside the VALUES group, or a VALUES inside a query: never repeated as a group.
+    run_many(
+        conn,
+        "INSERT INTO t (k, v, note) VALUES (?, ?, '') ON CONFLICT (k) DO UPDATE SET v = ?",
+        [("c", 0, 7)],
+    )
+    run_many(conn, "INSERT INTO t SELECT * FROM (VALUES (?, ?, ?)) LIMIT 1", [("e", 5, ""), ("f", 6, "")])
+    assert len([s for s in statements if not s.startswith("BEGIN")]) == 7  # one per row
     assert fetch(conn, "SELECT k, v, note FROM t ORDER BY k") == [
         ("a", 11, ""),
         ("b", 22, ""),
-        ("c", 3, "fixed"),
+        ("c", 7, "fixed"),
         ("d", 4, "fixed"),
+        ("e", 5, ""),
+        ("f", 6, ""),
     ]
+
+
+def test_wide_rows_stay_within_the_builds_bound_on_parameters(conn: Connection) -> None:
+    """SQLite before 3.32 allows 999 parameters in a statement: 100 rows of 30 values are four statements."""
+    columns = ", ".join(f"c{i} INTEGER" for i in range(30))
+    conn.exec_driver_sql(f"CREATE TABLE wide ({columns})")
+    dbapi = conn.connection.dbapi_connection
+    dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # type: ignore[union-attr]
+    statements = conn.info["statements"]
+    statements.clear()
+    rows = [tuple(range(r, r + 30)) for r in range(100)]
+    sql = f"INSERT INTO wide VALUES ({', '.join('?' * 30)})"
+    assert run_many(conn, sql, rows) == 100
+    assert len([s for s in statements if s.startswith("INSERT")]) == 4  # 32 + 32 + 32 + 4 rows
+    assert fetch(conn, "SELECT * FROM wide ORDER BY c0") == rows

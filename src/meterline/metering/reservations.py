@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
@@ -130,6 +130,7 @@ class ReservationStore(Protocol):
     def in_flight(self, organization_id: str) -> InFlight: ...
     def get(self, reservation_id: str) -> HeldReservation | None: ...
     def remove(self, reservation_id: str) -> bool: ...
+    def remove_all(self, reservation_ids: Sequence[str]) -> int: ...
     def due(self, before: datetime, limit: int) -> list[HeldReservation | Unreadable]: ...
     def ledger_row(self, organization_id: str | None, row_id: str) -> LedgerRow | None: ...
 
@@ -269,10 +270,7 @@ class Reservations:
         neither bills it nor lets it be billed here, and tries the delete again."""
         with self._deferred_lock:
             self._unsent.add(reservation_id)
-        try:
-            deleted = self._store.remove_soon(reservation_id)
-        except Exception:  # the writer is closing: the next start's recovery is the one left
-            return
+        deleted = self._store.remove_soon(reservation_id)
         deleted.add_done_callback(lambda done: self._forgotten(reservation_id, done))
 
     def _forgotten(self, reservation_id: str, done: Future[bool]) -> None:
@@ -281,13 +279,23 @@ class Reservations:
                 self._unsent.discard(reservation_id)
 
     def _forget_unsent(self) -> None:
-        """The deletes ``_forget`` could not make (an outage), tried again; raises while it goes on."""
+        """The deletes ``_forget`` could not make (an outage), tried again in one transaction; raises while
+        the outage goes on (the sweep is retried). Until they commit, ``recover`` skips those rows."""
         with self._deferred_lock:
             pending = list(self._unsent)
-        for reservation_id in pending:
-            self._store.remove(reservation_id)
-            with self._deferred_lock:
-                self._unsent.discard(reservation_id)
+        if not pending:
+            return
+        try:
+            self._store.remove_all(pending)
+        except Exception as exc:
+            if self._is_outage(exc):
+                raise
+            log.error(
+                "rows of %d unsent reservation(s) could not be deleted: %s", len(pending), describe_error(exc)
+            )
+            return  # still skipped by this sweep and tried again by the next
+        with self._deferred_lock:
+            self._unsent.difference_update(pending)
 
     async def _hold_in_writer(
         self, subject: Subject, estimate: UsageRecord, account: Account, margin: int

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -79,20 +80,19 @@ def _execute(
 # benchmarks.md, "Ids drawn in blocks; rows written in few statements"). Chunks are powers of two (at most
 # eight statement texts per INSERT, each prepared once and kept in the connection's statement cache);
 # the rows are inserted in order, so an upsert meets the same key twice as ``executemany`` would.
-_VALUES = re.compile(r"\bVALUES\s*(\([?,\s]*\))", re.IGNORECASE)
+_PLAIN_INSERT = re.compile(
+    r"\s*INSERT\s+(?:OR\s+\w+\s+)?INTO\s+\w+\s*(?:\([\w\s,]*\))?\s*VALUES\s*(\([?,\s]*\))", re.IGNORECASE
+)
 _MOST_ROWS = 128
-_MOST_PARAMETERS = 32_766  # SQLite's default bound on a statement's parameters since 3.32
 
 
 @functools.lru_cache(maxsize=256)
 def _values_of(sql: str) -> tuple[str, str, str] | None:
-    """An INSERT whose one VALUES group is placeholders only: (before it, the group, after it)."""
-    if sql.lstrip()[:6].upper() != "INSERT":
+    """``INSERT INTO table (columns) VALUES (?, ...) [tail]`` whose every placeholder is in that one group:
+    (what comes before the group, the group, the tail); None for any other statement."""
+    found = _PLAIN_INSERT.match(sql)
+    if found is None or sql.count("?") != found.group(1).count("?"):
         return None
-    groups = list(_VALUES.finditer(sql))
-    if len(groups) != 1:
-        return None
-    found = groups[0]
     return sql[: found.start(1)], found.group(1), sql[found.end(1) :]
 
 
@@ -106,7 +106,9 @@ def _rows_sql(sql: str, count: int) -> str:
 
 def _insert_rows(cursor: DBAPICursor, sql: str, rows: Sequence[Sequence[Any]]) -> int:
     """``rows`` inserted by ``sql`` (one VALUES group) in multi-row statements; the rows they changed."""
-    most = max(1, min(_MOST_ROWS, _MOST_PARAMETERS // max(1, len(rows[0]))))
+    # Within this build's bound on a statement's parameters (999 before SQLite 3.32, 32,766 after).
+    bound = cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    most = max(1, min(_MOST_ROWS, bound // max(1, len(rows[0]))))
     changed = at = 0
     while at < len(rows):
         count = 1 << (min(len(rows) - at, most).bit_length() - 1)  # the largest power of two that fits
@@ -240,8 +242,20 @@ def run(conn: Connection, sql: str, params: Params = ()) -> int:
     return _execute(conn, sql, params, many=False, rows=False)[0]
 
 
+def run_in(conn: Connection, head: str, values: Sequence[Any], chunk: int = 500) -> int:
+    """``head`` followed by ``IN (...)`` of ``values``, in statements of at most ``chunk`` values; the rows
+    they changed (``run_in(conn, "DELETE FROM t WHERE id", ids)``)."""
+    marker = "?" if conn.dialect.name == "sqlite" else "%s"
+    changed = 0
+    for start in range(0, len(values), chunk):
+        part = list(values[start : start + chunk])
+        changed += run(conn, f"{head} IN ({', '.join([marker] * len(part))})", part)
+    return changed
+
+
 def run_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-    """One statement for each parameter row (``executemany``); the rows they changed."""
+    """The statement for each parameter row (``executemany``; on SQLite, an INSERT of placeholders as a few
+    multi-row statements: ``_insert_rows``); the rows they changed."""
     if not rows:
         return 0
     return _execute(conn, sql, rows, many=True, rows=False)[0]

@@ -19,7 +19,16 @@ from meterline.metering.store import AppendResult
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt
 from meterline.storage import credit_store, usage_details, usage_rollups
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, fetch_one, fetch_together, run, run_many, send, sending
+from meterline.storage.driver_sql import (
+    fetch,
+    fetch_one,
+    fetch_together,
+    run,
+    run_in,
+    run_many,
+    send,
+    sending,
+)
 from meterline.storage.first_statistics import FirstStatistics
 from meterline.storage.read_together import ReadTogether
 from meterline.storage.tables import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ledger, receipts
@@ -559,13 +568,4 @@ class _SettleSql:
             self._store._alerts.evaluate_in(self._conn, rows, terms)
 
     def end_reservations(self, reservation_ids: Sequence[str]) -> int:
-        marker = "?" if self._sqlite else "%s"
-        ended = 0
-        for start in range(0, len(reservation_ids), 500):
-            chunk = list(reservation_ids[start : start + 500])
-            ended += run(
-                self._conn,
-                f"DELETE FROM reservations WHERE id IN ({', '.join([marker] * len(chunk))})",
-                chunk,
-            )
-        return ended
+        return run_in(self._conn, "DELETE FROM reservations WHERE id", reservation_ids)

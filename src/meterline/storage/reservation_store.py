@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from datetime import datetime
@@ -22,7 +22,7 @@ from meterline.metering.reservations import (
     encode_record,
 )
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import run_many
+from meterline.storage.driver_sql import run, run_in, run_many
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
 from meterline.storage.writer import Together, wait
@@ -67,14 +67,20 @@ def _values(held: HeldReservation) -> tuple[Any, ...]:
     )
 
 
+_COLUMNS = "id, organization_id, estimate_json, meters_json, created_at_us, expires_at_us"
+# PostgreSQL: the rows of a batch as one statement over one array per column (psycopg's executemany runs
+# the statement once per row, each with its own parse, bind and execution on the server).
+_PG_UNNEST_INSERT = (
+    f"INSERT INTO reservations ({_COLUMNS}) SELECT * FROM unnest("
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
+)
+
+
 class SqlReservationStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         marker = "?" if db.is_sqlite else "%s"
-        self._insert = (
-            "INSERT INTO reservations (id, organization_id, estimate_json, meters_json, created_at_us, "
-            f"expires_at_us) VALUES ({', '.join([marker] * 6)})"
-        )
+        self._insert = f"INSERT INTO reservations ({_COLUMNS}) VALUES ({', '.join([marker] * 6)})"
         self._progress_sql = (
             f"UPDATE reservations SET progress_credits_nanos = {marker}, progress_cost_nanos = {marker} "
             f"WHERE id = {marker}"
@@ -90,8 +96,16 @@ class SqlReservationStore:
         return self._db.writer.submit_together(together, order=held.organization_id)
 
     def _add_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
-        run_many(conn, self._insert, values)
+        self._insert_rows(conn, values)
         return [None] * len(values)
+
+    def _insert_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) == 1:
+            run(conn, self._insert, rows[0])
+        elif self._db.is_sqlite:
+            run_many(conn, self._insert, rows)  # a few multi-row statements
+        elif rows:
+            run(conn, _PG_UNNEST_INSERT, tuple(list(column) for column in zip(*rows, strict=True)))
 
     def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
         # Encoded now, as admitted without overage (nearly every one): encoded again in the job otherwise.
@@ -114,7 +128,7 @@ class SqlReservationStore:
                 values = _values(replace(held, estimate=replace(held.estimate, overage=True)))
             rows.append(values)
             written.append(True)
-        run_many(conn, self._insert, rows)
+        self._insert_rows(conn, rows)
         return written
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
@@ -143,6 +157,13 @@ class SqlReservationStore:
 
     def remove(self, reservation_id: str) -> bool:
         return wait(self.remove_soon(reservation_id))
+
+    def remove_all(self, reservation_ids: Sequence[str]) -> int:
+        """Delete these reservations (those that exist), in one transaction; how many there were."""
+        ids = list(reservation_ids)
+        return wait(
+            self._db.writer.submit(lambda conn: run_in(conn, "DELETE FROM reservations WHERE id", ids))
+        )
 
     def remove_soon(self, reservation_id: str) -> Future[bool]:
         marker = "?" if self._db.is_sqlite else "%s"
