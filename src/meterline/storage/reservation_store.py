@@ -67,20 +67,14 @@ def _values(held: HeldReservation) -> tuple[Any, ...]:
     )
 
 
-_COLUMNS = "id, organization_id, estimate_json, meters_json, created_at_us, expires_at_us"
-# PostgreSQL: the rows of a batch as one statement over one array per column (psycopg's executemany runs
-# the statement once per row, each with its own parse, bind and execution on the server).
-_PG_UNNEST_INSERT = (
-    f"INSERT INTO reservations ({_COLUMNS}) SELECT * FROM unnest("
-    "%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
-)
-
-
 class SqlReservationStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         marker = "?" if db.is_sqlite else "%s"
-        self._insert = f"INSERT INTO reservations ({_COLUMNS}) VALUES ({', '.join([marker] * 6)})"
+        self._insert = (
+            "INSERT INTO reservations (id, organization_id, estimate_json, meters_json, created_at_us, "
+            f"expires_at_us) VALUES ({', '.join([marker] * 6)})"
+        )
         self._progress_sql = (
             f"UPDATE reservations SET progress_credits_nanos = {marker}, progress_cost_nanos = {marker} "
             f"WHERE id = {marker}"
@@ -102,10 +96,8 @@ class SqlReservationStore:
     def _insert_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         if len(rows) == 1:
             run(conn, self._insert, rows[0])
-        elif self._db.is_sqlite:
-            run_many(conn, self._insert, rows)  # a few multi-row statements
-        elif rows:
-            run(conn, _PG_UNNEST_INSERT, tuple(list(column) for column in zip(*rows, strict=True)))
+        else:  # SQLite: a few multi-row statements; PostgreSQL: executemany, one round trip
+            run_many(conn, self._insert, rows)
 
     def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
         # Encoded now, as admitted without overage (nearly every one): encoded again in the job otherwise.
