@@ -5,7 +5,7 @@ lets go of the interpreter lock around its system call, and a thread that lets g
 back behind whichever thread took it meanwhile, for up to the switch interval (5 ms). The event loop
 asks for several ids per request (the request's, the reservation's, the ledger row's, the receipt's), so
 drawn one at a time they handed the lock away several times per request (docs/benchmarks.md, "Ids drawn in
-blocks"). A block serves about a hundred ids; a process started by ``fork`` draws a block of its own
+blocks"). A block serves a few hundred ids; a process started by ``fork`` draws a block of its own
 before its first id, so no two processes ever hand out the same bytes. Secrets (API keys, tokens, data
 keys) are not ids: they come from ``secrets`` directly."""
 
