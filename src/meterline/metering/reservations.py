@@ -266,8 +266,8 @@ class Reservations:
         return Hold(reservation, held, priced)
 
     def _forget(self, reservation_id: str) -> None:
-        """Delete the row of a reservation whose request never went out; until that commits, ``recover``
-        neither bills it nor lets it be billed here, and tries the delete again."""
+        """Delete the row of a reservation whose request never went out; until that commits, this
+        process's ``recover`` never bills it, and tries the delete again."""
         with self._deferred_lock:
             self._unsent.add(reservation_id)
         deleted = self._store.remove_soon(reservation_id)
