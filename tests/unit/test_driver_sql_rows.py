@@ -54,13 +54,10 @@ def test_statements_that_are_not_a_plain_values_insert_run_row_by_row(conn: Conn
     assert run_many(conn, "UPDATE t SET v = v + ? WHERE k = ?", [(10, "a"), (20, "b")]) == 2
     run_many(conn, "INSERT INTO t (k, v, note) VALUES (?, ?, 'fixed')", [("c", 3), ("d", 4)])
     # A placeholder outside the VALUES group, or a VALUES inside a query: never repeated as a group.
-    run_many(
-        conn,
-        "INSERT INTO t (k, v, note) VALUES (?, ?, '') ON CONFLICT (k) DO UPDATE SET v = ?",
-        [("c", 0, 7)],
-    )
+    tail = "INSERT INTO t (k, v, note) VALUES (?, ?, ?) ON CONFLICT (k) DO UPDATE SET v = ?"
+    run_many(conn, tail, [("c", 0, "", 7), ("g", 8, "", 9)])
     run_many(conn, "INSERT INTO t SELECT * FROM (VALUES (?, ?, ?)) LIMIT 1", [("e", 5, ""), ("f", 6, "")])
-    assert len([s for s in statements if not s.startswith("BEGIN")]) == 7  # one per row
+    assert len([s for s in statements if not s.startswith("BEGIN")]) == 8  # one per row
     assert fetch(conn, "SELECT k, v, note FROM t ORDER BY k") == [
         ("a", 11, ""),
         ("b", 22, ""),
@@ -68,6 +65,7 @@ def test_statements_that_are_not_a_plain_values_insert_run_row_by_row(conn: Conn
         ("d", 4, "fixed"),
         ("e", 5, ""),
         ("f", 6, ""),
+        ("g", 8, ""),
     ]
 
 

@@ -344,6 +344,34 @@ def test_a_reservation_whose_commit_answer_was_lost_is_not_billed_when_the_outag
     assert rows[0] == 0
 
 
+def test_an_unsent_reservation_whose_delete_fails_for_another_reason_is_still_not_billed(
+    services: Services, org: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delete of an unsent reservation's row fails, and not because the database is down (here a
+    trigger refuses it): the sweep says so and goes on, and past the lease still does not bill the row;
+    once the delete can be made, it is."""
+    who, estimate, account = a_call(services, org)
+    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
+    services.db.writer.run(lambda _conn: None)
+    lost, back = lose_the_next_commit_answer_and_stay_down(services, monkeypatch)
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(services.reservations.hold_soon(who, estimate, account))
+    assert lost
+    with pytest.raises(Exception, match="the database is down"):
+        services.db.writer.run(lambda _conn: None)  # the delete the failure queued fails with it
+    back.set()
+    refuse = "CREATE TRIGGER refuse BEFORE DELETE ON reservations BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    services.db.writer.run(lambda c: c.exec_driver_sql(refuse))
+    services.clock.advance(seconds=16 * 60)  # type: ignore[attr-defined]
+    services.reservations.recover()  # does not raise: the rest of the sweep goes on
+    assert "could not be deleted" in caplog.text
+    count = "SELECT (SELECT count(*) FROM reservations), (SELECT count(*) FROM ledger)"
+    assert tuple(services.db.writer.run(lambda c: c.exec_driver_sql(count).one())) == (1, 0)  # not billed
+    services.db.writer.run(lambda c: c.exec_driver_sql("DROP TRIGGER refuse"))
+    assert_recovery_bills_nothing(services, who)
+    assert tuple(services.db.writer.run(lambda c: c.exec_driver_sql(count).one())) == (0, 0)
+
+
 def test_a_reservation_row_whose_commit_answer_was_lost_goes_with_counters_in_redis(
     tmp_path: Path, sqlite_template: Path, redis_url_clean: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
