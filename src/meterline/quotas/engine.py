@@ -411,7 +411,7 @@ class QuotaEngine:
         self._now_us = getattr(clock, "now_us", None) or (lambda: to_micros(clock.now()))
         source = self.source
         self._bonus = Kept(
-            self.bonus_ttl_s, lambda key: source.bonus_available(*key), ahead=self.bonus_ttl_s / 4
+            self.bonus_ttl_s, lambda key: source.bonus_available(*key), ahead=self.bonus_ttl_s / 2
         )
 
     # -- placing limits -------------------------------------------------------------------------
