@@ -321,12 +321,11 @@ def test_a_reservation_whose_commit_answer_was_lost_in_an_outage_is_a_503_and_le
     assert_recovery_bills_nothing(services, who)
 
 
-def test_a_reservation_whose_commit_answer_was_lost_is_not_billed_when_the_outage_goes_on(
-    services: Services, org: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The commit's answer is lost in an outage that lasts: the row cannot be deleted at once either.
-    It stays until the database is back, and recovery (the lease long past) still bills nothing for a
-    request that never went out."""
+def unsent_in_a_lasting_outage(
+    services: Services, org: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Subject, threading.Event]:
+    """A reservation whose commit's answer is lost as the database goes down: the request is a 503, never
+    sent, and the delete of its row fails too (the outage goes on until the event is set)."""
     who, estimate, account = a_call(services, org)
     services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
     services.db.writer.run(lambda _conn: None)
@@ -335,7 +334,17 @@ def test_a_reservation_whose_commit_answer_was_lost_is_not_billed_when_the_outag
         asyncio.run(services.reservations.hold_soon(who, estimate, account))
     assert lost
     with pytest.raises(Exception, match="the database is down"):
-        services.db.writer.run(lambda _conn: None)  # still down: what the failure queued is not written
+        services.db.writer.run(lambda _conn: None)  # still down: the delete the failure queued fails too
+    return who, back
+
+
+def test_a_reservation_whose_commit_answer_was_lost_is_not_billed_when_the_outage_goes_on(
+    services: Services, org: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The commit's answer is lost in an outage that lasts: the row cannot be deleted at once either.
+    It stays until the database is back, and recovery (the lease long past) still bills nothing for a
+    request that never went out."""
+    who, back = unsent_in_a_lasting_outage(services, org, monkeypatch)
     with contextlib.closing(sqlite3.connect(tmp_path / "m.db")) as file:  # what is on disk
         assert file.execute("SELECT count(*) FROM reservations").fetchone()[0] == 1  # it committed
     back.set()
@@ -350,15 +359,7 @@ def test_an_unsent_reservation_whose_delete_fails_for_another_reason_is_still_no
     """The delete of an unsent reservation's row fails, and not because the database is down (here a
     trigger refuses it): the sweep says so and goes on, and past the lease still does not bill the row;
     once the delete can be made, it is."""
-    who, estimate, account = a_call(services, org)
-    services.reservations.abandon(services.reservations.hold(who, estimate, account).held)  # loaded
-    services.db.writer.run(lambda _conn: None)
-    lost, back = lose_the_next_commit_answer_and_stay_down(services, monkeypatch)
-    with pytest.raises(ServiceUnavailable):
-        asyncio.run(services.reservations.hold_soon(who, estimate, account))
-    assert lost
-    with pytest.raises(Exception, match="the database is down"):
-        services.db.writer.run(lambda _conn: None)  # the delete the failure queued fails with it
+    who, back = unsent_in_a_lasting_outage(services, org, monkeypatch)
     back.set()
     refuse = "CREATE TRIGGER refuse BEFORE DELETE ON reservations BEGIN SELECT RAISE(ABORT, 'refused'); END"
     services.db.writer.run(lambda c: c.exec_driver_sql(refuse))
