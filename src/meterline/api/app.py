@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterline import __version__
-from meterline.api import startup_heap
+from meterline.api import garbage_collector
 from meterline.api.access_log import GATEWAY_PATHS, AccessLog
 from meterline.api.errors import install_error_handlers, report_failure
 from meterline.api.gateway import Gateway, RelayEndpoints
@@ -136,10 +136,11 @@ def create_app(
     *,
     clock: Clock | None = None,
     services: Services | None = None,
-    freeze_heap: bool = False,
+    tune_collector: bool = False,
 ) -> FastAPI:
-    """The application. ``freeze_heap``: once started, what start-up built is kept out of the garbage
-    collector's walks (``api/startup_heap.py``); for a process that serves this application only."""
+    """The application. ``tune_collector``: once started, what start-up built is kept out of the garbage
+    collector's walks and its youngest generation is collected less often (``api/garbage_collector.py``);
+    for a process that serves this application only."""
     owned = services is None
     services = services or build_services(settings, clock=clock)
     signing_keys = services.signing_keys
@@ -172,8 +173,8 @@ def create_app(
             # Nothing that recovery meets can stop the service from starting: a reservation that cannot
             # be settled is quarantined, and an outage is retried by the reaper below.
             report_failure("recovering reservations at start-up", exc)
-        if freeze_heap:
-            startup_heap.freeze()
+        if tune_collector:
+            garbage_collector.tune()
         standstill = Standstill(asyncio.get_running_loop())
         if services.db.is_sqlite:
             # Several workers on one SQLite file: this loop stands still while its writer holds the lock
@@ -197,8 +198,8 @@ def create_app(
                 await run_in_threadpool(telemetry.shutdown)  # exports what is queued
             if owned:
                 services.close()
-            if freeze_heap:
-                startup_heap.thaw()
+            if tune_collector:
+                garbage_collector.restore()
 
     app = _Application(
         title="Meterline",

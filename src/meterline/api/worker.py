@@ -33,7 +33,7 @@ def application() -> Any:
     )
     # Each worker writes its own access-log lines (a line is one write: appends do not interleave).
     configure_access_log(settings.access_log)
-    return create_app(settings, freeze_heap=True)
+    return create_app(settings, tune_collector=True)
 
 
 class OwnListener(list[socket.socket]):

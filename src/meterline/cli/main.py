@@ -204,7 +204,7 @@ def _serve_one(
     except OSError as exc:
         fail(f"access_log: cannot open {settings.access_log}: {exc.strerror or exc}")
     try:
-        application = create_app(settings, services=services, freeze_heap=True)
+        application = create_app(settings, services=services, tune_collector=True)
     except MeterlineError as exc:
         close_access_log()
         fail(exc.message)
