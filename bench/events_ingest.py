@@ -160,7 +160,9 @@ def serve(port: int) -> None:
     from meterline.config import load_settings
 
     settings = load_settings()
-    uvicorn.run(create_app(settings), host=HOST, port=port, log_level="warning", access_log=False)
+    # As ``meterline serve``: the collector tuned once the application has started.
+    application = create_app(settings, tune_collector=True)
+    uvicorn.run(application, host=HOST, port=port, log_level="warning", access_log=False)
 
 
 class Server:

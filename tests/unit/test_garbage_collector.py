@@ -5,22 +5,29 @@ collects its youngest generation less often, and gives both back when the applic
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+import meterline.api.app
 from meterline.api import garbage_collector
+from meterline.api.access_log import configure_access_log
 from meterline.api.app import create_app
+from meterline.api.worker import WORKER_ARGS, application
+from meterline.cli.main import _serve_one
 from meterline.config import Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_frozen() -> Iterator[None]:
+def nothing_left_frozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert gc.get_freeze_count() == 0
     thresholds = gc.get_threshold()
+    monkeypatch.setattr(garbage_collector, "_before", None)
     yield
     # A failed test must not leave this process's objects out of the collector's reach.
     gc.unfreeze()
@@ -30,7 +37,7 @@ def nothing_left_frozen() -> Iterator[None]:
 def settings_in(tmp_path: Path) -> Settings:
     return load_settings(
         database_url=f"sqlite:///{tmp_path / 'meterline.db'}",
-        admin_key="admin-key-for-the-startup-heap-test",
+        admin_key="admin-key-for-the-garbage-collector-test",
         signing_key_file=str(tmp_path / "signing-key.json"),
     )
 
@@ -84,3 +91,45 @@ def test_a_cycle_start_up_left_behind_is_collected_not_frozen() -> None:
     finally:
         gc.enable()
         garbage_collector.restore()
+
+
+class _Recorder:
+    """Stands in for ``create_app``: what it was asked for."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = {}
+
+    def __call__(self, settings: Settings, **options: Any) -> object:
+        self.options = options
+        return object()
+
+
+class _Uvicorn:
+    @staticmethod
+    def run(application: object, **options: Any) -> None:
+        pass
+
+
+def test_serve_in_one_process_tunes_the_collector(tmp_path: Path) -> None:
+    made = _Recorder()
+    _serve_one(settings_in(tmp_path), None, made, configure_access_log, _Uvicorn)
+    assert made.options.get("tune_collector") is True
+
+
+def test_each_worker_of_serve_tunes_the_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _Recorder()
+    monkeypatch.setattr(meterline.api.app, "create_app", made)
+    monkeypatch.setenv("METERLINE_ADMIN_KEY", "admin-key-for-the-garbage-collector-test")
+    monkeypatch.setenv("METERLINE_SIGNING_KEY_FILE", str(tmp_path / "signing-key.json"))
+    monkeypatch.setenv("METERLINE_ACCESS_LOG", "off")
+    database_url = f"sqlite:///{tmp_path / 'meterline.db'}"
+    arguments = {
+        "config": None,
+        "database_url": database_url,
+        "host": "127.0.0.1",
+        "port": 8080,
+        "workers": 2,
+    }
+    monkeypatch.setenv(WORKER_ARGS, json.dumps(arguments))
+    application()
+    assert made.options.get("tune_collector") is True

@@ -173,8 +173,6 @@ def create_app(
             # Nothing that recovery meets can stop the service from starting: a reservation that cannot
             # be settled is quarantined, and an outage is retried by the reaper below.
             report_failure("recovering reservations at start-up", exc)
-        if tune_collector:
-            garbage_collector.tune()
         standstill = Standstill(asyncio.get_running_loop())
         if services.db.is_sqlite:
             # Several workers on one SQLite file: this loop stands still while its writer holds the lock
@@ -182,9 +180,15 @@ def create_app(
             services.db.hold_still = standstill
         reaper = asyncio.create_task(_reap_forever(services))
         webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
+        if tune_collector:
+            # Last of start-up: what it built is what is frozen, and nothing after this can fail
+            # before the ``finally`` that gives it back.
+            garbage_collector.tune()
         try:
             yield
         finally:
+            if tune_collector:
+                garbage_collector.restore()  # first: a step below that fails must not skip it
             if services.db.hold_still is standstill:  # not another application's, on shared services
                 services.db.hold_still = None
             reaper.cancel()
@@ -198,8 +202,6 @@ def create_app(
                 await run_in_threadpool(telemetry.shutdown)  # exports what is queued
             if owned:
                 services.close()
-            if tune_collector:
-                garbage_collector.restore()
 
     app = _Application(
         title="Meterline",
