@@ -255,7 +255,10 @@ def run_in(conn: Connection, head: str, values: Sequence[Any], chunk: int = 500)
 
 def run_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
     """The statement for each parameter row (``executemany``; on SQLite, an INSERT of placeholders as a few
-    multi-row statements: ``_insert_rows``); the rows they changed."""
+    multi-row statements: ``_insert_rows``); the rows they changed. One row is a plain execute: cheaper
+    than ``executemany`` of one on PostgreSQL."""
     if not rows:
         return 0
+    if len(rows) == 1:
+        return _execute(conn, sql, rows[0], many=False, rows=False)[0]
     return _execute(conn, sql, rows, many=True, rows=False)[0]

@@ -22,7 +22,7 @@ from meterline.metering.reservations import (
     encode_record,
 )
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import run, run_in, run_many
+from meterline.storage.driver_sql import run_in, run_many
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
 from meterline.storage.writer import Together, wait
@@ -90,14 +90,8 @@ class SqlReservationStore:
         return self._db.writer.submit_together(together, order=held.organization_id)
 
     def _add_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
-        self._insert_rows(conn, values)
+        run_many(conn, self._insert, values)
         return [None] * len(values)
-
-    def _insert_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        if len(rows) == 1:
-            run(conn, self._insert, rows[0])
-        else:  # SQLite: a few multi-row statements; PostgreSQL: executemany, one round trip
-            run_many(conn, self._insert, rows)
 
     def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
         # Encoded now, as admitted without overage (nearly every one): encoded again in the job otherwise.
@@ -120,7 +114,7 @@ class SqlReservationStore:
                 values = _values(replace(held, estimate=replace(held.estimate, overage=True)))
             rows.append(values)
             written.append(True)
-        self._insert_rows(conn, rows)
+        run_many(conn, self._insert, rows)
         return written
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
