@@ -1,17 +1,24 @@
 """Two `meterline serve` processes with in-process (memory://) counters on one database: each would count
 alone (a free plan's 100 daily calls admitted 200, and nothing warned). The second now refuses to start,
-and says what to do; once the first has gone, however it went, a new one starts."""
+and says what to do; once the first has gone, however it went, a new one starts. On PostgreSQL the claim
+is held by a session: when that session ends while the process serves on, the process takes the claim
+again, or stops if another process took it meanwhile."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
+from meterline.storage.counter_claim import claim_key
 from servers import METERLINE, MeterlineServer, PostgresServer, free_port
 
 ADMIN_KEY = "ml_admin_claim_0123456789abcdef"
@@ -193,3 +200,101 @@ def test_counters_in_redis_and_counters_in_the_database_never_serve_one_database
         assert "with its counters in Redis; this one would keep them in the database" in message
     finally:
         in_redis.stop()
+
+
+# -- PostgreSQL: the claim outlives the connection that holds it ------------------------------------------
+@pytest.fixture
+def pg_config(pg_server: PostgresServer, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    name = f"claim_{uuid.uuid4().hex[:12]}"
+    url = pg_server.create_database(name)
+    path = tmp_path / "meterline.toml"
+    path.write_text(
+        f'database_url = "{url}"\nadmin_key = "{ADMIN_KEY}"\n'
+        f'signing_key_file = "{tmp_path / "signing-key.json"}"\n'
+    )
+    yield path, pg_server.conninfo(name)
+    pg_server.drop_database(name)
+
+
+def _claim_holders(admin: psycopg.Connection[Any]) -> set[int]:
+    """The sessions holding an advisory lock in this database: a serving process's claim."""
+    rows = admin.execute(
+        "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() "
+        "AND l.pid <> pg_backend_pid()"
+    ).fetchall()
+    return {int(pid) for (pid,) in rows}
+
+
+SERVING = [pytest.param((), id="one-process"), pytest.param(("--workers", "2"), id="2-workers")]
+
+
+@pytest.mark.parametrize("args", SERVING)
+def test_a_claim_cut_off_with_its_connection_is_taken_again(
+    pg_config: tuple[Path, str], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # A PostgreSQL restart, a failover or a proxy's idle timeout ends the session that holds a serving
+    # process's claim, and its locks with it. The process takes them again, on a new connection: a
+    # second process with in-process counters, started after (a rolling restart), still refuses.
+    config, conninfo = pg_config
+    first = MeterlineServer(config, tmp_path, "first", args)
+    first.start()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            before = _claim_holders(admin)
+            assert before, "the serving process holds no claim"
+            for pid in before:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + 20
+            while not (_claim_holders(admin) - before):
+                assert time.monotonic() < deadline, f"the claim was not taken again:\n{first.log()}"
+                time.sleep(0.2)
+        second = _second_serve(config, tmp_path)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "in-process counters are exact in one process only" in " ".join(second.stderr.split())
+        assert httpx.get(f"{first.base}/healthz", timeout=5).status_code == 200
+        assert "Traceback" not in first.log()
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("args", SERVING)
+def test_a_process_whose_claim_another_took_meanwhile_stops(
+    pg_config: tuple[Path, str], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # The claim's session ends, and before the process can take its claim again another takes it (as
+    # a second process with in-process counters starting at that moment would). Serving on beside it,
+    # each would count alone: the first stops (its workers too), and says why.
+    config, conninfo = pg_config
+    first = MeterlineServer(config, tmp_path, "first", args)
+    first.start()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            holders = _claim_holders(admin)
+            assert holders, "the serving process holds no claim"
+            for pid in holders:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # Queued behind the ended session: granted as it goes, before the process can ask again.
+            admin.execute("SELECT pg_advisory_lock(%s)", (claim_key("main"),))
+            assert first.proc is not None
+            code = first.proc.wait(timeout=30)
+        assert code == 1, first.log()
+        said = " ".join(first.log().split())
+        assert "another process took this database's counters claim" in said
+        assert "limits would not hold" in said
+        assert "Traceback" not in first.log()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{first.base}/healthz", timeout=2)  # no worker serves on
+    finally:
+        first.kill()
+
+
+def test_sigterm_still_ends_a_serving_process_as_before(config: Path, tmp_path: Path) -> None:
+    # ``serve`` now handles SIGTERM after uvicorn's graceful shutdown (to tell a stop it asked for itself
+    # from any other): a SIGTERM from outside (systemd, Kubernetes) still ends it as SIGTERM does.
+    server = MeterlineServer(config, tmp_path, "term")
+    server.start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == -signal.SIGTERM, server.log()
+    assert "Application shutdown complete" in server.log()

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from decimal import Decimal
@@ -113,6 +114,25 @@ def _run(
     except MeterlineError as exc:
         claim.give_back()
         fail(exc.message)
+    lost: list[str] = []
+
+    def stop(why: str) -> None:
+        # Another process took the claim while this one's PostgreSQL session was gone: graceful shutdown
+        # (in-flight requests settle), as uvicorn (or its supervisor, with the workers) does on SIGTERM.
+        lost.append(why)
+        logging.getLogger("meterline.counters").error("%s", why)
+        signal.raise_signal(signal.SIGTERM)
+
+    def after_serving(sig: int, _frame: Any) -> None:
+        # uvicorn raises the signal it shut down for again once it has: for the stop asked above, this
+        # process goes on to say why (``fail`` below); for any other SIGTERM it ends as it would have.
+        if lost:
+            return
+        signal.signal(sig, signal.SIG_DFL)
+        signal.raise_signal(sig)
+
+    previous = signal.signal(signal.SIGTERM, after_serving)
+    claim.keep_alive(stop)
     try:
         if count == 1:
             _serve_one(settings, services, create_app, configure_access_log, uvicorn)
@@ -126,6 +146,9 @@ def _run(
             _serve_workers(settings, count, uvicorn)
     finally:
         claim.give_back()
+        signal.signal(signal.SIGTERM, previous)
+    if lost:
+        fail(lost[0])
 
 
 def _warn_when_connections_short(settings: Settings, count: int) -> None:

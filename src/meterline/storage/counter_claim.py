@@ -19,13 +19,21 @@ Locks: on SQLite, ``flock`` on files beside the database (``<db>.counters.lock``
 PostgreSQL, session advisory locks on a connection of the claim's own (dropped with the connection or
 the process). An in-memory SQLite database is one process's anyway. Management commands (``reconcile``,
 ``verify``...) decide no quotas and do not claim.
+
+A session can end while its process serves on (a restart or failover of PostgreSQL, a proxy's idle
+timeout), and its locks with it: nothing would then stop a second process from claiming what the first
+still uses. So the serving process watches its claim (``Claim.keep_alive``, one query a second) and
+takes it again on a new connection; if another process took it meanwhile, the serving process is told
+to stop (it cannot know that the other's counters see its reservations).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -34,15 +42,27 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, create_engine, make_url, pool, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from meterline.errors import ConfigError
 from meterline.storage.database import normalize_url
+
+log = logging.getLogger("meterline.counters")
 
 SHARED_KINDS = ("database", "redis")
 # A shared claim may meet a moment's exclusive hold (a first process resetting and recovering, a
 # probe): it waits that long for it.
 _SHARE_WAIT_S = 60.0
+# How often a serving process checks the PostgreSQL session holding its claim (``Claim.keep_alive``).
+KEEP_EVERY_S = 1.0
+_CONNECT_TIMEOUT_S = 5  # a new session for the claim gives up this soon (tried again a second later)
+_LOST = (
+    "another process took this database's counters claim ({database}) while the PostgreSQL session "
+    "holding this process's claim was gone (a restart or failover of PostgreSQL, a dropped "
+    "connection). Serving on beside it, limits would not hold: each would count what the other does not "
+    "see. Stopping. Start this process again once the other has gone, or give every process the same "
+    'shared counter store (redis_url, or counters = "database"); README: Deployment'
+)
 _FIX = (
     "in-process counters are exact in one process only; beside another serving process each would count "
     "alone, and limits would not hold across them. Stop the other process, or give every process one "
@@ -51,7 +71,7 @@ _FIX = (
 )
 
 
-def _key(name: str) -> int:
+def claim_key(name: str) -> int:
     """A PostgreSQL advisory lock key (a bigint) named by ``name``."""
     return zlib.crc32(f"meterline counters {name}".encode())
 
@@ -61,12 +81,42 @@ class Claim:
     alone: bool  # a shared claimant that found no other serving process
     _share: Callable[[], None] = field(repr=False)
     _give_back: Callable[[], None] = field(repr=False)
+    # None while the claim holds (taken again if its session had ended), else why it no longer does.
+    _keep: Callable[[], str | None] | None = field(default=None, repr=False)
+    _keeper: threading.Thread | None = field(default=None, init=False, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def share(self) -> None:
         """From exclusive (alone, while resetting) to shared: others of the same kind may join now."""
         self._share()
 
+    def keep_alive(self, lost: Callable[[str], None]) -> None:
+        """Watch the claim while this process serves, from a thread of its own: on PostgreSQL a claim
+        whose session ended is taken again on a new one, and ``lost`` is called once, with what to tell
+        the operator, when another process took it meanwhile (this process must then stop serving).
+        Nothing to watch on SQLite: a file lock lasts as long as its process."""
+        keep = self._keep
+        if keep is None or self._keeper is not None:
+            return
+
+        def watch() -> None:
+            while not self._done.wait(KEEP_EVERY_S):
+                try:
+                    why = keep()
+                except Exception:  # never let the watch die unseen: tried again a second later
+                    log.exception("checking the counters' claim failed")
+                    continue
+                if why is not None:
+                    lost(why)
+                    return
+
+        self._keeper = threading.Thread(target=watch, name="meterline-counters-claim", daemon=True)
+        self._keeper.start()
+
     def give_back(self) -> None:
+        self._done.set()
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(timeout=2 * _CONNECT_TIMEOUT_S)
         self._give_back()
 
 
@@ -120,6 +170,7 @@ class _Locks(Protocol):
     def note_holder(self) -> None: ...
     def mark_resetting(self, on: bool) -> None: ...
     def resetting(self) -> bool: ...
+    def keeper(self) -> Callable[[], str | None] | None: ...
     def close(self) -> None: ...
 
 
@@ -129,7 +180,7 @@ def _claim(locks: _Locks, store: str) -> Claim:
             if not locks.try_exclusive("main"):
                 raise _in_process_refusal("another process", locks.shown, locks.where)
             locks.note_holder()
-            return Claim(True, lambda: None, locks.close)
+            return Claim(True, lambda: None, locks.close, locks.keeper())
         (other,) = [kind for kind in SHARED_KINDS if kind != store]
         # Own kind first, then a look at the other's: two processes of different kinds starting at once
         # cannot both miss each other.
@@ -146,7 +197,7 @@ def _claim(locks: _Locks, store: str) -> Claim:
                 if not locks.to_shared("main"):
                     raise _in_process_refusal("another process", locks.shown, locks.where)
 
-            return Claim(True, share, locks.close)
+            return Claim(True, share, locks.close, locks.keeper())
 
         def joined() -> bool:
             if locks.try_shared("main"):
@@ -157,7 +208,7 @@ def _claim(locks: _Locks, store: str) -> Claim:
 
         if not _waiting(joined):
             raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
-        return Claim(False, lambda: None, locks.close)
+        return Claim(False, lambda: None, locks.close, locks.keeper())
     except BaseException:
         locks.close()
         raise
@@ -223,6 +274,9 @@ class _FileLocks:
     def resetting(self) -> bool:
         return os.pread(self._fd("main"), 32, 0).startswith(b"resetting")
 
+    def keeper(self) -> Callable[[], str | None] | None:
+        return None  # held by the process's own descriptors: they last as long as it does
+
     def _write(self, content: str) -> None:
         fd = self._fd("main")
         os.ftruncate(fd, 0)
@@ -235,33 +289,60 @@ class _FileLocks:
                 os.close(fd)  # closing a descriptor drops its lock
 
 
+_TRY = {"x": "pg_try_advisory_lock", "s": "pg_try_advisory_lock_shared"}
+
+
 class _AdvisoryLocks:
     """PostgreSQL session advisory locks on a connection of the claim's own."""
 
     def __init__(self, database_url: str, shown: str) -> None:
         self.shown, self.where = shown, ""
-        self._engine = create_engine(database_url, poolclass=pool.NullPool)
+        # Named in pg_stat_activity, for an operator who wonders what holds it.
+        self._engine = create_engine(
+            database_url,
+            poolclass=pool.NullPool,
+            connect_args={
+                "application_name": "meterline counters claim",
+                "connect_timeout": _CONNECT_TIMEOUT_S,
+            },
+        )
+        self._held: dict[str, set[str]] = {}  # name -> modes this session holds: "x" exclusive, "s" shared
+        self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
         try:
             self._conn: Connection = self._engine.connect()
+            self._pid = self._backend_pid()  # the session's backend
+            self._pids = {self._pid}  # every session this claim opened
         except OperationalError as exc:
             self._engine.dispose()
             raise ConfigError(
                 f"cannot reach the database {shown}: {exc.orig}", param="database_url"
             ) from None
 
+    def _backend_pid(self) -> int:
+        pid = int(self._conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        self._conn.commit()
+        return pid
+
     def _ask(self, function: str, name: str) -> Any:
-        found = self._conn.execute(text(f"SELECT {function}(:key)"), {"key": _key(name)}).scalar()
+        found = self._conn.execute(text(f"SELECT {function}(:key)"), {"key": claim_key(name)}).scalar()
         self._conn.commit()  # session locks outlive transactions: none is left open
         return found
 
+    def _lock(self, name: str, mode: str) -> bool:
+        taken = bool(self._ask(_TRY[mode], name))
+        if taken:
+            self._held.setdefault(name, set()).add(mode)
+        return taken
+
     def try_exclusive(self, name: str) -> bool:
-        return bool(self._ask("pg_try_advisory_lock", name))
+        return self._lock(name, "x")
 
     def try_shared(self, name: str) -> bool:
-        return bool(self._ask("pg_try_advisory_lock_shared", name))
+        return self._lock(name, "s")
 
     def unlock(self, name: str) -> None:
         self._ask("pg_advisory_unlock", name)
+        self._held.get(name, set()).discard("x")
 
     def to_shared(self, name: str) -> bool:
         # The session may hold both: shared first, then the exclusive let go, so no one slips between.
@@ -276,12 +357,79 @@ class _AdvisoryLocks:
         return None
 
     def mark_resetting(self, on: bool) -> None:
-        self._ask("pg_try_advisory_lock" if on else "pg_advisory_unlock", "resetting")
+        if on:
+            self.try_exclusive("resetting")
+        else:
+            self.unlock("resetting")
 
     def resetting(self) -> bool:
         if self.try_shared("resetting"):
             self._ask("pg_advisory_unlock_shared", "resetting")
+            self._held["resetting"].discard("s")
             return False
+        return True
+
+    def keeper(self) -> Callable[[], str | None] | None:
+        return self._keep
+
+    def _keep(self) -> str | None:
+        """One query on the claim's session: None while it lives. Once it has ended, a new session takes
+        every lock it held again (the database unreachable, or the new session lost too: tried again next
+        time); what to tell the operator when another process holds one of them now."""
+        if self._gone_since is None:
+            try:
+                self._conn.execute(text("SELECT 1"))
+                self._conn.commit()
+                return None
+            except DBAPIError:
+                self._gone_since = time.monotonic()
+                log.warning(
+                    "the PostgreSQL session holding this process's counters claim ended: taking it again"
+                )
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        try:
+            self._conn = self._engine.connect()
+            self._pid = self._backend_pid()
+            self._pids.add(self._pid)
+            for name, modes in sorted(self._held.items()):
+                for mode in sorted(modes):
+                    if not self._take_again(name, mode):
+                        return _LOST.format(database=self.shown)
+        except DBAPIError:
+            return None  # unreachable, or lost again: next time
+        log.info(
+            "the counters claim was taken again, %.1f s after its session was found gone",
+            time.monotonic() - self._gone_since,
+        )
+        self._gone_since = None
+        return None
+
+    def _take_again(self, name: str, mode: str) -> bool:
+        if self._ask(_TRY[mode], name):
+            return True
+        # A former session of this claim may still hold it: this side saw its connection fail before the
+        # server noticed. Such sessions are ended, and the lock asked for again; anyone else's stands.
+        rows = self._conn.execute(
+            text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+                "AND ((classid::bigint << 32) | objid::bigint) = :key "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"key": claim_key(name)},
+        ).all()
+        self._conn.commit()
+        holders = {int(pid) for (pid,) in rows}
+        if not holders or not holders <= self._pids - {self._pid}:
+            return False
+        for pid in holders:
+            self._conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            self._conn.commit()
+        deadline = time.monotonic() + _CONNECT_TIMEOUT_S  # each lets go of its locks as it exits
+        while not self._ask(_TRY[mode], name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
         return True
 
     def close(self) -> None:
@@ -290,4 +438,4 @@ class _AdvisoryLocks:
         self._engine.dispose()
 
 
-__all__ = ["SHARED_KINDS", "Claim", "claim_counters"]
+__all__ = ["SHARED_KINDS", "Claim", "claim_counters", "claim_key"]
