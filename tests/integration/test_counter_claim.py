@@ -6,8 +6,11 @@ again, or stops if another process took it meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +21,8 @@ import httpx
 import psycopg
 import pytest
 
-from meterline.storage.counter_claim import claim_key
+from meterline.errors import MeterlineError
+from meterline.storage.counter_claim import claim_counters, claim_key
 from servers import METERLINE, MeterlineServer, PostgresServer, free_port
 
 ADMIN_KEY = "ml_admin_claim_0123456789abcdef"
@@ -298,3 +302,80 @@ def test_sigterm_still_ends_a_serving_process_as_before(config: Path, tmp_path: 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=30) == -signal.SIGTERM, server.log()
     assert "Application shutdown complete" in server.log()
+
+
+class _HalfDeadProxy:
+    """A TCP proxy in front of PostgreSQL that can drop its clients' side of every connection while
+    keeping the server's side open: what a client sees of a network failure the server has not noticed
+    (its session, and the locks it holds, live on)."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._clients: list[socket.socket] = []
+        self._servers: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            self._clients.append(client)
+            self._servers.append(server)
+            threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass  # one side cut: the other is left as it is
+
+    def cut_clients(self) -> None:
+        for client in self._clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            client.close()
+        self._clients.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in [*self._clients, *self._servers]:
+            sock.close()
+
+
+def test_a_claim_whose_old_session_the_server_still_keeps_is_taken_again(
+    pg_server: PostgresServer,
+) -> None:
+    # The process sees its session's connection fail; the server has not noticed and keeps the session,
+    # with the claim's lock. That session is this process's own: it is ended and the lock taken again,
+    # rather than read as another process's claim (which would stop a process nobody raced).
+    name = f"claim_{uuid.uuid4().hex[:12]}"
+    pg_server.create_database(name)
+    proxy = _HalfDeadProxy(pg_server.port)
+    try:
+        url = f"postgresql+psycopg://{pg_server.user}@127.0.0.1:{proxy.port}/{name}"
+        claim = claim_counters(url, "memory")
+        try:
+            with psycopg.connect(pg_server.conninfo(name), autocommit=True) as admin:
+                before = _claim_holders(admin)
+                assert len(before) == 1
+                proxy.cut_clients()
+                assert claim.keep() is None  # taken again, not lost
+                after = _claim_holders(admin)
+                assert len(after) == 1
+                assert after != before
+                # ...and still exclusive: a second claimant is refused.
+                with pytest.raises(MeterlineError, match="in-process counters are exact in one process only"):
+                    claim_counters(pg_server.url_for(name), "memory")
+        finally:
+            claim.give_back()
+    finally:
+        proxy.close()
+        pg_server.drop_database(name)

@@ -95,14 +95,13 @@ class Claim:
         whose session ended is taken again on a new one, and ``lost`` is called once, with what to tell
         the operator, when another process took it meanwhile (this process must then stop serving).
         Nothing to watch on SQLite: a file lock lasts as long as its process."""
-        keep = self._keep
-        if keep is None or self._keeper is not None:
+        if self._keep is None or self._keeper is not None:
             return
 
         def watch() -> None:
             while not self._done.wait(KEEP_EVERY_S):
                 try:
-                    why = keep()
+                    why = self.keep()
                 except Exception:  # never let the watch die unseen: tried again a second later
                     log.exception("checking the counters' claim failed")
                     continue
@@ -112,6 +111,11 @@ class Claim:
 
         self._keeper = threading.Thread(target=watch, name="meterline-counters-claim", daemon=True)
         self._keeper.start()
+
+    def keep(self) -> str | None:
+        """The claim checked once (``keep_alive`` does it every second): None while it holds, taken again
+        if its session had ended; else what to tell the operator."""
+        return None if self._keep is None else self._keep()
 
     def give_back(self) -> None:
         self._done.set()
