@@ -7,6 +7,7 @@ again, or stops if another process took it meanwhile."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 
 from meterline.errors import MeterlineError
 from meterline.storage.counter_claim import claim_counters, claim_key
-from servers import METERLINE, MeterlineServer, PostgresServer, free_port
+from servers import METERLINE, MeterlineServer, PostgresServer, children, free_port
 
 ADMIN_KEY = "ml_admin_claim_0123456789abcdef"
 
@@ -379,3 +380,38 @@ def test_a_claim_whose_old_session_the_server_still_keeps_is_taken_again(
     finally:
         proxy.close()
         pg_server.drop_database(name)
+
+
+def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_path: Path) -> None:
+    # The claim is held by the process that started the workers. Killed outright (SIGKILL, the OOM
+    # killer), it takes the claim with it: workers serving on would be unclaimed, and a process with
+    # in-process counters could start beside them. They end with it instead, and a new server starts.
+    workers = MeterlineServer(config, tmp_path, "workers", ("--workers", "2"))
+    workers.start()
+    assert workers.proc is not None
+    started = [
+        p for p in children(workers.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    assert len(started) == 2
+    try:
+        workers.kill()
+        deadline = time.monotonic() + 30
+        while alive := [p for p in started if Path(f"/proc/{p}").exists() and not _zombie(p)]:
+            assert time.monotonic() < deadline, f"workers {alive} serve on without their supervisor"
+            time.sleep(0.2)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{workers.base}/healthz", timeout=2)
+        single = MeterlineServer(config, tmp_path, "single")
+        single.start()
+        single.stop()
+    finally:
+        for pid in started:  # whatever the outcome, nothing is left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import meterline.api.app
+import meterline.api.worker
 from meterline.api import garbage_collector
 from meterline.api.access_log import configure_access_log
 from meterline.api.app import create_app
@@ -129,7 +130,12 @@ def test_each_worker_of_serve_tunes_the_collector(tmp_path: Path, monkeypatch: p
         "host": "127.0.0.1",
         "port": 8080,
         "workers": 2,
+        "supervisor": 4242,
     }
     monkeypatch.setenv(WORKER_ARGS, json.dumps(arguments))
+    # A worker's tie to its supervisor (``end_with``) is the process's own: not made in the test runner.
+    tied: list[int] = []
+    monkeypatch.setattr(meterline.api.worker, "end_with", tied.append)
     application()
     assert made.options.get("tune_collector") is True
+    assert tied == [4242]

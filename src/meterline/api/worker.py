@@ -9,13 +9,16 @@ them (the database, or Redis: ``Settings.counter_store``)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import sys
 from typing import Any
 
 WORKER_ARGS = "METERLINE_SERVE_WORKER_ARGS"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def application() -> Any:
@@ -24,6 +27,7 @@ def application() -> Any:
     from meterline.config import load_settings
 
     args: dict[str, Any] = json.loads(os.environ[WORKER_ARGS])
+    end_with(args["supervisor"])
     settings = load_settings(
         args.get("config"),
         database_url=args.get("database_url"),
@@ -34,6 +38,21 @@ def application() -> Any:
     # Each worker writes its own access-log lines (a line is one write: appends do not interleave).
     configure_access_log(settings.access_log)
     return create_app(settings, tune_collector=True)
+
+
+def end_with(supervisor: int) -> None:
+    """This worker ends when ``supervisor`` (the process that started it) ends, however it ends: a
+    SIGTERM, which uvicorn answers with a graceful shutdown (in-flight requests settle). The supervisor
+    holds the counters' claim (``storage/counter_claim.py``): killed outright (SIGKILL, the OOM killer),
+    it takes the claim with it, and workers serving on would be unclaimed, so that a process with
+    in-process counters could start beside them. Linux: the kernel sends the signal (``prctl``); a
+    supervisor already gone by then is caught by its process id."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != supervisor:
+        signal.raise_signal(signal.SIGTERM)
 
 
 class OwnListener(list[socket.socket]):

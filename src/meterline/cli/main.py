@@ -141,7 +141,8 @@ def _run(
             _prepare_workers(settings)
             # Each worker reads the same settings the way this process did (file, environment, options).
             os.environ[WORKER_ARGS] = json.dumps(
-                worker_args | {"host": settings.host, "port": settings.port, "workers": count}
+                worker_args
+                | {"host": settings.host, "port": settings.port, "workers": count, "supervisor": os.getpid()}
             )
             _serve_workers(settings, count, uvicorn)
     finally:
