@@ -280,6 +280,7 @@ def test_a_process_whose_claim_another_took_meanwhile_stops(
             for pid in holders:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             # Queued behind the ended session: granted as it goes, before the process can ask again.
+            admin.execute("SET lock_timeout = '20s'")  # fails, rather than hangs, if the process won
             admin.execute("SELECT pg_advisory_lock(%s)", (claim_key("main"),))
             assert first.proc is not None
             code = first.proc.wait(timeout=30)
@@ -294,15 +295,46 @@ def test_a_process_whose_claim_another_took_meanwhile_stops(
         first.kill()
 
 
-def test_sigterm_still_ends_a_serving_process_as_before(config: Path, tmp_path: Path) -> None:
-    # ``serve`` now handles SIGTERM after uvicorn's graceful shutdown (to tell a stop it asked for itself
-    # from any other): a SIGTERM from outside (systemd, Kubernetes) still ends it as SIGTERM does.
+def test_sigterm_ends_a_serving_process_gracefully(config: Path, tmp_path: Path) -> None:
+    # A SIGTERM from outside (systemd, Kubernetes) shuts the server down gracefully, and it ends by that
+    # signal (``serve`` handles SIGTERM itself, to tell it from a stop the claim's watch asks for).
     server = MeterlineServer(config, tmp_path, "term")
     server.start()
     assert server.proc is not None
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(timeout=30) == -signal.SIGTERM, server.log()
-    assert "Application shutdown complete" in server.log()
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == -signal.SIGTERM, server.log()
+        assert "Application shutdown complete" in server.log()
+    finally:
+        server.kill()
+
+
+def test_workers_whose_claim_a_process_of_another_kind_took_meanwhile_stop(
+    pg_config: tuple[Path, str], tmp_path: Path
+) -> None:
+    # Workers keeping their counters in the database lose the claim's session, and a process keeping its
+    # counters in Redis starts meanwhile (it finds no one of the database's kind). Taking their own
+    # locks again would succeed, but the two kinds would then serve together, neither seeing the other's
+    # reservations: the workers stop instead.
+    config, conninfo = pg_config
+    workers = MeterlineServer(config, tmp_path, "workers", ("--workers", "2"))
+    workers.start()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            holders = _claim_holders(admin)
+            assert holders, "the serving process holds no claim"
+            for pid in holders:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            admin.execute("SET lock_timeout = '20s'")
+            admin.execute("SELECT pg_advisory_lock_shared(%s)", (claim_key("redis"),))  # as it claims
+            assert workers.proc is not None
+            code = workers.proc.wait(timeout=60)
+        assert code == 1, workers.log()
+        said = " ".join(workers.log().split())
+        assert "another process took this database's counters claim" in said
+        assert "Traceback" not in workers.log()
+    finally:
+        workers.kill()
 
 
 class _HalfDeadProxy:

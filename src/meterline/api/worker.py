@@ -45,8 +45,10 @@ def end_with(supervisor: int) -> None:
     SIGTERM, which uvicorn answers with a graceful shutdown (in-flight requests settle). The supervisor
     holds the counters' claim (``storage/counter_claim.py``): killed outright (SIGKILL, the OOM killer),
     it takes the claim with it, and workers serving on would be unclaimed, so that a process with
-    in-process counters could start beside them. Linux: the kernel sends the signal (``prctl``); a
-    supervisor already gone by then is caught by its process id."""
+    in-process counters could start beside them. Linux: the kernel sends the signal (``prctl``) when
+    the thread that started this process ends, which is the supervisor's main thread (uvicorn's
+    ``Multiprocess`` starts and restarts workers only there); a supervisor already gone by then is
+    caught by its process id. Elsewhere only that check is made."""
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:

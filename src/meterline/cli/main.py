@@ -124,10 +124,12 @@ def _run(
         signal.raise_signal(signal.SIGTERM)
 
     def after_serving(sig: int, _frame: Any) -> None:
-        # uvicorn raises the signal it shut down for again once it has: for the stop asked above, this
-        # process goes on to say why (``fail`` below); for any other SIGTERM it ends as it would have.
+        # Reached before uvicorn handles SIGTERM, and when it raises the signal it shut down for again
+        # once it has. For the stop asked above (starting up or shut down: uvicorn's own start-up failure
+        # would exit 3 without the reason), this process ends saying why; for any other SIGTERM it ends
+        # as it would have.
         if lost:
-            return
+            fail(lost[0])
         signal.signal(sig, signal.SIG_DFL)
         signal.raise_signal(sig)
 
@@ -148,7 +150,7 @@ def _run(
     finally:
         claim.give_back()
         signal.signal(signal.SIGTERM, previous)
-    if lost:
+    if lost:  # the workers' supervisor stops on SIGTERM without raising it again
         fail(lost[0])
 
 

@@ -99,12 +99,16 @@ class Claim:
             return
 
         def watch() -> None:
+            failing = False
             while not self._done.wait(KEEP_EVERY_S):
                 try:
                     why = self.keep()
                 except Exception:  # never let the watch die unseen: tried again a second later
-                    log.exception("checking the counters' claim failed")
+                    if not failing:  # once, not every second while it lasts
+                        log.exception("checking the counters' claim failed")
+                    failing = True
                     continue
+                failing = False
                 if why is not None:
                     lost(why)
                     return
@@ -120,7 +124,7 @@ class Claim:
     def give_back(self) -> None:
         self._done.set()
         if self._keeper is not None and self._keeper is not threading.current_thread():
-            self._keeper.join(timeout=2 * _CONNECT_TIMEOUT_S)
+            self._keeper.join()  # its calls are bounded by the connection's timeouts
         self._give_back()
 
 
@@ -175,6 +179,7 @@ class _Locks(Protocol):
     def mark_resetting(self, on: bool) -> None: ...
     def resetting(self) -> bool: ...
     def keeper(self) -> Callable[[], str | None] | None: ...
+    def exclude(self, name: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -193,6 +198,7 @@ def _claim(locks: _Locks, store: str) -> Claim:
         if not locks.try_exclusive(other):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
         locks.unlock(other)
+        locks.exclude(other)
         if locks.try_exclusive("main"):
             locks.mark_resetting(True)
 
@@ -281,6 +287,9 @@ class _FileLocks:
     def keeper(self) -> Callable[[], str | None] | None:
         return None  # held by the process's own descriptors: they last as long as it does
 
+    def exclude(self, name: str) -> None:
+        return None  # checked once, at the claim: the claim is never lost and taken again here
+
     def _write(self, content: str) -> None:
         fd = self._fd("main")
         os.ftruncate(fd, 0)
@@ -294,6 +303,15 @@ class _FileLocks:
 
 
 _TRY = {"x": "pg_try_advisory_lock", "s": "pg_try_advisory_lock_shared"}
+# The holders of one advisory lock of this database, each as (pid, backend_start): a pid alone may be
+# another session's once PostgreSQL restarted.
+_HOLDERS = (
+    "SELECT l.pid, a.backend_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND ((l.classid::bigint << 32) | l.objid::bigint) = :key "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+_Session = tuple[int, Any]  # (backend pid, backend_start)
 
 
 class _AdvisoryLocks:
@@ -301,31 +319,42 @@ class _AdvisoryLocks:
 
     def __init__(self, database_url: str, shown: str) -> None:
         self.shown, self.where = shown, ""
-        # Named in pg_stat_activity, for an operator who wonders what holds it.
         self._engine = create_engine(
             database_url,
             poolclass=pool.NullPool,
             connect_args={
+                # Named in pg_stat_activity, for an operator who wonders what holds it.
                 "application_name": "meterline counters claim",
+                # Every call of the watch ends soon: a server gone silent (a failover to another address)
+                # is found out in seconds, not after TCP's retransmissions.
                 "connect_timeout": _CONNECT_TIMEOUT_S,
+                "keepalives_idle": 5,
+                "keepalives_interval": 2,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 10_000,
             },
         )
         self._held: dict[str, set[str]] = {}  # name -> modes this session holds: "x" exclusive, "s" shared
+        self._excluded: str | None = None  # the other shared kind, checked again when the claim is retaken
         self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
+        self._former: set[_Session] = set()  # the sessions this claim had before its current one
+        self._guard = threading.Lock()  # the watch's thread and ``close`` never share the connection
+        self._closed = False
         try:
             self._conn: Connection = self._engine.connect()
-            self._pid = self._backend_pid()  # the session's backend
-            self._pids = {self._pid}  # every session this claim opened
+            self._session = self._current_session()
         except OperationalError as exc:
             self._engine.dispose()
             raise ConfigError(
                 f"cannot reach the database {shown}: {exc.orig}", param="database_url"
             ) from None
 
-    def _backend_pid(self) -> int:
-        pid = int(self._conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    def _current_session(self) -> _Session:
+        row = self._conn.execute(
+            text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        ).one()
         self._conn.commit()
-        return pid
+        return int(row[0]), row[1]
 
     def _ask(self, function: str, name: str) -> Any:
         found = self._conn.execute(text(f"SELECT {function}(:key)"), {"key": claim_key(name)}).scalar()
@@ -373,73 +402,97 @@ class _AdvisoryLocks:
             return False
         return True
 
+    def exclude(self, name: str) -> None:
+        self._excluded = name
+
     def keeper(self) -> Callable[[], str | None] | None:
         return self._keep
 
     def _keep(self) -> str | None:
         """One query on the claim's session: None while it lives. Once it has ended, a new session takes
-        every lock it held again (the database unreachable, or the new session lost too: tried again next
-        time); what to tell the operator when another process holds one of them now."""
-        if self._gone_since is None:
-            try:
-                self._conn.execute(text("SELECT 1"))
-                self._conn.commit()
+        every lock it held again, and checks again that no process of the other shared kind serves (the
+        database unreachable, or the new session lost too: tried again next time); what to tell the
+        operator when another process holds one of them now."""
+        with self._guard:
+            if self._closed:
                 return None
-            except DBAPIError:
+            if self._gone_since is None:
+                try:
+                    self._conn.execute(text("SELECT 1"))
+                    self._conn.commit()
+                    return None
+                except DBAPIError as exc:
+                    if not exc.connection_invalidated:  # a cancelled query, say: the session lives on
+                        with contextlib.suppress(Exception):
+                            self._conn.rollback()
+                        return None
                 self._gone_since = time.monotonic()
                 log.warning(
                     "the PostgreSQL session holding this process's counters claim ended: taking it again"
                 )
-        with contextlib.suppress(Exception):
-            self._conn.close()
-        try:
-            self._conn = self._engine.connect()
-            self._pid = self._backend_pid()
-            self._pids.add(self._pid)
-            for name, modes in sorted(self._held.items()):
-                for mode in sorted(modes):
-                    if not self._take_again(name, mode):
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._former.add(self._session)
+            try:
+                self._conn = self._engine.connect()
+                self._session = self._current_session()
+                for name, modes in sorted(self._held.items()):
+                    for mode in sorted(modes):
+                        if not self._take_again(name, mode):
+                            return _LOST.format(database=self.shown)
+                if self._excluded is not None:
+                    if not self._ask(_TRY["x"], self._excluded):
                         return _LOST.format(database=self.shown)
-        except DBAPIError:
-            return None  # unreachable, or lost again: next time
-        log.info(
-            "the counters claim was taken again, %.1f s after its session was found gone",
-            time.monotonic() - self._gone_since,
-        )
-        self._gone_since = None
-        return None
+                    self._ask("pg_advisory_unlock", self._excluded)
+                self._end_former()
+            except DBAPIError:
+                return None  # unreachable, or lost again: next time
+            log.info(
+                "the counters claim was taken again, %.1f s after its session was found gone",
+                time.monotonic() - self._gone_since,
+            )
+            self._gone_since = None
+            return None
 
     def _take_again(self, name: str, mode: str) -> bool:
-        if self._ask(_TRY[mode], name):
-            return True
-        # A former session of this claim may still hold it: this side saw its connection fail before the
-        # server noticed. Such sessions are ended, and the lock asked for again; anyone else's stands.
-        rows = self._conn.execute(
-            text(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
-                "AND ((classid::bigint << 32) | objid::bigint) = :key "
-                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            ),
-            {"key": claim_key(name)},
-        ).all()
-        self._conn.commit()
-        holders = {int(pid) for (pid,) in rows}
-        if not holders or not holders <= self._pids - {self._pid}:
-            return False
-        for pid in holders:
-            self._conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            self._conn.commit()
-        deadline = time.monotonic() + _CONNECT_TIMEOUT_S  # each lets go of its locks as it exits
+        """One lock of the claim, on the new session. A former session of this claim may still hold it
+        (this side saw its connection fail before the server noticed): it is ended, and the lock asked
+        for again; anyone else's stands."""
+        deadline = time.monotonic() + _CONNECT_TIMEOUT_S  # an ended session lets go as it exits
         while not self._ask(_TRY[mode], name):
-            if time.monotonic() > deadline:
+            holders = {
+                (int(pid), start)
+                for pid, start in self._conn.execute(text(_HOLDERS), {"key": claim_key(name)})
+            }
+            self._conn.commit()
+            if holders - self._former or time.monotonic() > deadline:
                 return False
+            self._terminate(holders)
             time.sleep(0.05)
         return True
 
+    def _end_former(self) -> None:
+        """Former sessions the server still keeps (holding shared locks beside the new one, they would
+        outlive this process): ended."""
+        pids = [pid for pid, _ in self._former]
+        rows = self._conn.execute(
+            text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": pids}
+        )
+        alive = {(int(pid), start) for pid, start in rows} & self._former
+        self._conn.commit()
+        self._terminate(alive)
+
+    def _terminate(self, sessions: set[_Session]) -> None:
+        for pid, _ in sessions:
+            self._conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            self._conn.commit()
+
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.close()
-        self._engine.dispose()
+        with self._guard:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._engine.dispose()
 
 
 __all__ = ["SHARED_KINDS", "Claim", "claim_counters", "claim_key"]
