@@ -231,6 +231,17 @@ def _claim_holders(admin: psycopg.Connection[Any]) -> set[int]:
     return {int(pid) for (pid,) in rows}
 
 
+def _end_claim_session(admin: psycopg.Connection[Any]) -> set[int]:
+    """The serving process's claim session ended, as a restart of PostgreSQL or a proxy would end it;
+    the ended sessions' pids."""
+    holders = _claim_holders(admin)
+    assert holders, "the serving process holds no claim"
+    for pid in holders:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    admin.execute("SET lock_timeout = '20s'")  # a lock the test then waits for fails rather than hangs
+    return holders
+
+
 SERVING = [pytest.param((), id="one-process"), pytest.param(("--workers", "2"), id="2-workers")]
 
 
@@ -246,10 +257,7 @@ def test_a_claim_cut_off_with_its_connection_is_taken_again(
     first.start()
     try:
         with psycopg.connect(conninfo, autocommit=True) as admin:
-            before = _claim_holders(admin)
-            assert before, "the serving process holds no claim"
-            for pid in before:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            before = _end_claim_session(admin)
             deadline = time.monotonic() + 20
             while not (_claim_holders(admin) - before):
                 assert time.monotonic() < deadline, f"the claim was not taken again:\n{first.log()}"
@@ -275,12 +283,8 @@ def test_a_process_whose_claim_another_took_meanwhile_stops(
     first.start()
     try:
         with psycopg.connect(conninfo, autocommit=True) as admin:
-            holders = _claim_holders(admin)
-            assert holders, "the serving process holds no claim"
-            for pid in holders:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            _end_claim_session(admin)
             # Queued behind the ended session: granted as it goes, before the process can ask again.
-            admin.execute("SET lock_timeout = '20s'")  # fails, rather than hangs, if the process won
             admin.execute("SELECT pg_advisory_lock(%s)", (claim_key("main"),))
             assert first.proc is not None
             code = first.proc.wait(timeout=30)
@@ -321,11 +325,7 @@ def test_workers_whose_claim_a_process_of_another_kind_took_meanwhile_stop(
     workers.start()
     try:
         with psycopg.connect(conninfo, autocommit=True) as admin:
-            holders = _claim_holders(admin)
-            assert holders, "the serving process holds no claim"
-            for pid in holders:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            admin.execute("SET lock_timeout = '20s'")
+            _end_claim_session(admin)
             admin.execute("SELECT pg_advisory_lock_shared(%s)", (claim_key("redis"),))  # as it claims
             assert workers.proc is not None
             code = workers.proc.wait(timeout=60)
