@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
 
 from bench.gateway import Server, cpu_seconds, free_port, machine, request_body  # noqa: E402
 from bench.gateway_client import Client, Endpoint  # noqa: E402
-from tests.servers import children, port_accepts  # noqa: E402
+from tests.servers import children, listening, port_accepts  # noqa: E402
 
 from meterline.testing.fake_upstream import FakeUpstream  # noqa: E402
 
@@ -128,17 +128,6 @@ def meterline(
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def listening(port: int) -> int:
-    """Sockets listening on ``port`` (``/proc/net/tcp``): one per worker with ``SO_REUSEPORT``."""
-    found = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
-                found += 1
-    return found
 
 
 def all_serving(port: int, workers: int) -> None:

@@ -654,6 +654,18 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
         raise
 
 
+def listening(port: int) -> int:
+    """Sockets listening on ``port`` (``/proc/net/tcp``): one per worker of ``serve --workers N`` with
+    ``SO_REUSEPORT``."""
+    found = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                found += 1
+    return found
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (``/proc``): a supervisor's workers."""
     found = []

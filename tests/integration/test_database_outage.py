@@ -23,7 +23,14 @@ from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
 from meterline.storage.tables import reservations
 from meterline.testing.fake_upstream import FakeUpstream
-from servers import PostgresServer, all_ledger_rows, free_port, start_postgres
+from servers import (
+    MeterlineServer,
+    PostgresServer,
+    all_ledger_rows,
+    free_port,
+    make_tenant_over_http,
+    start_postgres,
+)
 
 ADMIN = "ml_admin_outage_0123456789abcdef"
 UPSTREAM_KEY = "sk-upstream-outage-0123456789"
@@ -219,3 +226,76 @@ def _open_reservations(url: str) -> int:
             return int(conn.execute(select(func.count()).select_from(reservations)).scalar_one())
     finally:
         db.dispose()
+
+
+def test_answers_served_in_an_outage_are_billed_at_their_actual_usage_by_every_process(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    # Two servers on one database (two machines), counters in the database. Gateway requests in flight
+    # on both when PostgreSQL stops get their answers from the upstream meanwhile; their settles wait for
+    # the database, kept with the actual usage by the server that served each. Their leases (2 s) end
+    # during the outage. When the database is back, neither server's reaper (they sweep at different
+    # moments: started 2.5 s apart) may settle the other's at its estimate first: every row holds what
+    # was used.
+    url = own_postgres.create_database("meterline_outage_servers")
+    config = tmp_path / "meterline.toml"
+    with FakeUpstream.start(api_key=UPSTREAM_KEY, delay_ms=1500, pieces=7) as fake:
+        config.write_text(
+            f'database_url = "{url}"\nadmin_key = "{ADMIN}"\ncounters = "database"\n'
+            f'signing_key_file = "{tmp_path / "keys.json"}"\naccess_log = "off"\n'
+            "reservation_ttl_seconds = 2\n"
+            f'[[upstreams]]\nname = "fake"\nprovider = "openai"\nbase_url = "{fake.url}"\n'
+            f'api_key = "{UPSTREAM_KEY}"\nmodels = ["*"]\n'
+            "[plans.load]\ndaily_tokens = -1\nmonthly_tokens = -1\ndaily_calls = -1\nmonthly_calls = -1\n"
+            'rpm = -1\ntpm = -1\nmonthly_credits = -1\noverage = "block"\n'
+        )
+        first = MeterlineServer(config, tmp_path, "first")
+        first.start()
+        time.sleep(2.5)
+        second = MeterlineServer(config, tmp_path, "second")
+        second.start()
+        try:
+            headers = make_tenant_over_http(
+                first.base, {"Authorization": f"Bearer {ADMIN}"}, plan="load", name="A"
+            )
+            answers: list[httpx.Response] = []
+
+            def chat(base: str) -> None:
+                body = {
+                    "model": "gpt-4o-mini",
+                    "max_tokens": 400,
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+                answers.append(
+                    httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+                )
+
+            threads = [threading.Thread(target=chat, args=(server.base,)) for server in [first, second] * 12]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.7)  # admitted, and waiting for the upstream
+            own_postgres.pause()
+            try:
+                for thread in threads:
+                    thread.join(timeout=30)
+                time.sleep(7)  # past every lease, and a failed sweep of each server's reaper
+            finally:
+                own_postgres.resume()
+            assert [a.status_code for a in answers] == [200] * 24, [
+                a.text for a in answers if a.status_code != 200
+            ]
+            deadline = time.monotonic() + 40
+            while _open_reservations(url) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert _open_reservations(url) == 0
+            time.sleep(6)  # another sweep of each: nothing more may happen
+            rows = [
+                r for r in all_ledger_rows(first.base, headers) if r["endpoint"] == "/v1/chat/completions"
+            ]
+            assert len(rows) == 24
+            recovered = [r["id"] for r in rows if (r["metadata"] or {}).get("meterline.recovered")]
+            assert recovered == [], f"{len(recovered)} of 24 settled at their estimate by a reaper"
+            assert {r["completion_tokens"] for r in rows} == {7}
+        finally:
+            first.stop()
+            second.stop()

@@ -61,6 +61,9 @@ T = TypeVar("T")
 
 RECOVERED = "meterline.recovered"
 QUARANTINED = "meterline.quarantined"
+# After an outage, ``recover`` ends no due reservation for this many sweeps (the reaper's, 5 s apart):
+# long enough for every process to settle what it kept from the outage first.
+SWEEPS_AFTER_OUTAGE = 2
 
 
 class Quarantined(MeterlineError):
@@ -195,6 +198,11 @@ class Reservations:
         # outage that also fails the delete never leaves ``recover`` a row to bill. Guarded by the lock.
         self._unsent: set[str] = set()
         self._deferred_lock = threading.Lock()
+        # Sweeps of ``recover`` still to leave due reservations alone after an outage: every process
+        # serving the database may hold settles and deletes of its own from it (above), and settles them
+        # in its first sweep once the database is back; a sweep of another process that came first would
+        # settle those reservations at their estimate, their leases having ended meanwhile.
+        self._sweeps_to_wait = 0
 
     def reserve(
         self, subject: Subject, estimate: UsageRecord, account: Account, ttl: timedelta | None = None
@@ -540,6 +548,7 @@ class Reservations:
             if defer and self._is_outage(failure):
                 with self._deferred_lock:
                     self._deferred[held.id] = (held, record)
+                self._sweeps_to_wait = SWEEPS_AFTER_OUTAGE
             raise
 
     def _explain(self, held: HeldReservation, record: UsageRecord, exc: Exception) -> Settled:
@@ -611,11 +620,30 @@ class Reservations:
 
         ``everything``: at start-up with an in-process counter store, every durable reservation was left
         by a process that is gone. Settles this process deferred in an outage go first, with their actual
-        usage. Returns how many reservations were ended (settled or quarantined)."""
+        usage; after an outage, the next ``SWEEPS_AFTER_OUTAGE`` sweeps end nothing else (another process
+        may hold such settles of its own). Returns how many reservations were ended (settled or
+        quarantined)."""
         now = self._clock.now()
         cutoff = datetime.max.replace(tzinfo=now.tzinfo) if everything else now
-        ended = self._settle_deferred()
-        self._forget_unsent()
+        try:
+            ended = self._settle_deferred()
+            self._forget_unsent()
+            if self._sweeps_to_wait:
+                self._sweeps_to_wait -= 1
+            else:
+                ended += self._end_due(cutoff, limit, now)
+        except Exception as exc:
+            if self._is_outage(exc):
+                self._sweeps_to_wait = SWEEPS_AFTER_OUTAGE
+            raise
+        if ended:
+            log.info("recovered %d abandoned reservation(s)", ended)
+        return ended
+
+    def _end_due(self, cutoff: datetime, limit: int, now: datetime) -> int:
+        """``recover``'s reservations whose lease ended before ``cutoff``, and counter holds left without
+        their durable row: settled at their estimate (or released)."""
+        ended = 0
         for item in self._store.due(cutoff, limit):
             if item.id in self._deferred:
                 continue  # settled with its actual usage by _settle_deferred, never at its estimate
@@ -655,8 +683,6 @@ class Reservations:
             else:
                 self._engine.settle_holds([(hold.id, hold.group, meters, row_amounts(row))])
             ended += 1
-        if ended:
-            log.info("recovered %d abandoned reservation(s)", ended)
         return ended
 
     def _settle_deferred(self) -> int:
