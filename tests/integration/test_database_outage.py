@@ -233,17 +233,17 @@ def test_answers_served_in_an_outage_are_billed_at_their_actual_usage_by_every_p
 ) -> None:
     # Two servers on one database (two machines), counters in the database. Gateway requests in flight
     # on both when PostgreSQL stops get their answers from the upstream meanwhile; their settles wait for
-    # the database, kept with the actual usage by the server that served each. Their leases (2 s) end
-    # during the outage. When the database is back, neither server's reaper (they sweep at different
-    # moments: started 2.5 s apart) may settle the other's at its estimate first: every row holds what
-    # was used.
+    # the database, kept with the actual usage by the server that served each. Their leases (4 s) end
+    # during the outage. When the database is back, whichever server's reaper sweeps first (each sweeps
+    # every 5 s from its own start) may not settle the other's at its estimate: every row holds what was
+    # used.
     url = own_postgres.create_database("meterline_outage_servers")
     config = tmp_path / "meterline.toml"
-    with FakeUpstream.start(api_key=UPSTREAM_KEY, delay_ms=1500, pieces=7) as fake:
+    with FakeUpstream.start(api_key=UPSTREAM_KEY, delay_ms=3000, pieces=7) as fake:
         config.write_text(
             f'database_url = "{url}"\nadmin_key = "{ADMIN}"\ncounters = "database"\n'
             f'signing_key_file = "{tmp_path / "keys.json"}"\naccess_log = "off"\n'
-            "reservation_ttl_seconds = 2\n"
+            "reservation_ttl_seconds = 4\n"
             f'[[upstreams]]\nname = "fake"\nprovider = "openai"\nbase_url = "{fake.url}"\n'
             f'api_key = "{UPSTREAM_KEY}"\nmodels = ["*"]\n'
             "[plans.load]\ndaily_tokens = -1\nmonthly_tokens = -1\ndaily_calls = -1\nmonthly_calls = -1\n"
@@ -273,7 +273,10 @@ def test_answers_served_in_an_outage_are_billed_at_their_actual_usage_by_every_p
             threads = [threading.Thread(target=chat, args=(server.base,)) for server in [first, second] * 12]
             for thread in threads:
                 thread.start()
-            time.sleep(0.7)  # admitted, and waiting for the upstream
+            deadline = time.monotonic() + 10
+            while _open_reservations(url) < 24:  # every one admitted, and waiting for the upstream
+                assert time.monotonic() < deadline, "the requests were not all admitted"
+                time.sleep(0.05)
             own_postgres.pause()
             try:
                 for thread in threads:

@@ -61,8 +61,9 @@ T = TypeVar("T")
 
 RECOVERED = "meterline.recovered"
 QUARANTINED = "meterline.quarantined"
-# After an outage, ``recover`` ends no due reservation for this many sweeps (the reaper's, 5 s apart):
-# long enough for every process to settle what it kept from the outage first.
+# After a sweep met an outage, ``recover`` ends no due reservation for this many of its sweeps that
+# reach the database again (the reaper's, 5 s apart): a margin for every other process serving the
+# database to settle first what it kept from the outage.
 SWEEPS_AFTER_OUTAGE = 2
 
 
@@ -201,7 +202,8 @@ class Reservations:
         # Sweeps of ``recover`` still to leave due reservations alone after an outage: every process
         # serving the database may hold settles and deletes of its own from it (above), and settles them
         # in its first sweep once the database is back; a sweep of another process that came first would
-        # settle those reservations at their estimate, their leases having ended meanwhile.
+        # settle those reservations at their estimate, their leases having ended meanwhile. Only the
+        # sweep (one thread at a time: start-up's, then the reaper's) reads and writes it.
         self._sweeps_to_wait = 0
 
     def reserve(
@@ -548,7 +550,6 @@ class Reservations:
             if defer and self._is_outage(failure):
                 with self._deferred_lock:
                     self._deferred[held.id] = (held, record)
-                self._sweeps_to_wait = SWEEPS_AFTER_OUTAGE
             raise
 
     def _explain(self, held: HeldReservation, record: UsageRecord, exc: Exception) -> Settled:
@@ -620,18 +621,22 @@ class Reservations:
 
         ``everything``: at start-up with an in-process counter store, every durable reservation was left
         by a process that is gone. Settles this process deferred in an outage go first, with their actual
-        usage; after an outage, the next ``SWEEPS_AFTER_OUTAGE`` sweeps end nothing else (another process
-        may hold such settles of its own). Returns how many reservations were ended (settled or
-        quarantined)."""
+        usage; after a sweep met an outage, the next ``SWEEPS_AFTER_OUTAGE`` sweeps that reach the
+        database settle no due reservation (another process may hold such settles of its own). Returns
+        how many reservations were ended (settled or quarantined)."""
         now = self._clock.now()
         cutoff = datetime.max.replace(tzinfo=now.tzinfo) if everything else now
         try:
             ended = self._settle_deferred()
             self._forget_unsent()
+            # Read every sweep, waiting or not: a sweep counts down only once it has reached the
+            # database (one with nothing kept would not, and would count the outage itself down).
+            due = self._store.due(cutoff, limit)
             if self._sweeps_to_wait:
                 self._sweeps_to_wait -= 1
             else:
-                ended += self._end_due(cutoff, limit, now)
+                ended += self._end_due(due)
+            ended += self._end_abandoned_holds(now, limit)
         except Exception as exc:
             if self._is_outage(exc):
                 self._sweeps_to_wait = SWEEPS_AFTER_OUTAGE
@@ -640,11 +645,10 @@ class Reservations:
             log.info("recovered %d abandoned reservation(s)", ended)
         return ended
 
-    def _end_due(self, cutoff: datetime, limit: int, now: datetime) -> int:
-        """``recover``'s reservations whose lease ended before ``cutoff``, and counter holds left without
-        their durable row: settled at their estimate (or released)."""
+    def _end_due(self, due: Sequence[HeldReservation | Unreadable]) -> int:
+        """Reservations whose lease has ended (``due``): settled at their estimate, or quarantined."""
         ended = 0
-        for item in self._store.due(cutoff, limit):
+        for item in due:
             if item.id in self._deferred:
                 continue  # settled with its actual usage by _settle_deferred, never at its estimate
             if item.id in self._unsent:
@@ -668,6 +672,12 @@ class Reservations:
                 )
                 continue
             ended += 1
+        return ended
+
+    def _end_abandoned_holds(self, now: datetime, limit: int) -> int:
+        """Counter holds whose lease has ended and whose durable row is gone: moved as the ledger says
+        (released if no row was written). A hold whose row exists is its reservation's to end."""
+        ended = 0
         try:
             abandoned = self._counters.expired(to_micros(now), limit)
         except CounterStoreUnavailable:
