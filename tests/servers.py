@@ -666,6 +666,14 @@ def listening(port: int) -> int:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie has closed its files, its sockets with them: it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (``/proc``): a supervisor's workers."""
     found = []

@@ -24,7 +24,7 @@ import pytest
 
 from meterline.errors import MeterlineError
 from meterline.storage.counter_claim import claim_counters, claim_key
-from servers import METERLINE, MeterlineServer, PostgresServer, children, free_port
+from servers import METERLINE, MeterlineServer, PostgresServer, children, free_port, running
 
 ADMIN_KEY = "ml_admin_claim_0123456789abcdef"
 
@@ -428,7 +428,7 @@ def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_pat
     try:
         workers.kill()
         deadline = time.monotonic() + 30
-        while alive := [p for p in started if Path(f"/proc/{p}").exists() and not _zombie(p)]:
+        while alive := [p for p in started if running(p)]:
             assert time.monotonic() < deadline, f"workers {alive} serve on without their supervisor"
             time.sleep(0.2)
         with pytest.raises(httpx.TransportError):
@@ -440,10 +440,3 @@ def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_pat
         for pid in started:  # whatever the outcome, nothing is left running
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False

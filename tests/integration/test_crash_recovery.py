@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from servers import MeterlineServer as Server
-from servers import children, listening, make_tenant_over_http
+from servers import children, listening, make_tenant_over_http, running
 
 pytestmark = pytest.mark.slow
 
@@ -356,14 +356,6 @@ def test_a_sigkill_amid_concurrent_reservations_and_settles_loses_and_doubles_no
 
 
 # -- one worker of several killed ---------------------------------------------------------------------
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie has closed its files: it does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _workers(server: Server) -> list[int]:
     assert server.proc is not None
     # uvicorn's supervisor's children: its workers (and multiprocessing's resource tracker, no socket).
@@ -409,7 +401,7 @@ def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations
         # Gone: its listening socket closed. (A connection the kernel queued on that socket before then
         # is reset with it, unless net.ipv4.tcp_migrate_req hands it to another worker's: README.)
         deadline = time.monotonic() + 10
-        while _running(victim):
+        while running(victim):
             assert time.monotonic() < deadline, "the killed worker did not end"
             time.sleep(0.02)
         # The others keep serving: every request after the kill is answered.
