@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,20 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 
 from meterline.errors import MeterlineError
-from meterline.storage.counter_claim import claim_counters, claim_key
-from servers import METERLINE, MeterlineServer, PostgresServer, children, free_port, running
+from meterline.storage.counter_claim import Claim, claim_counters, claim_key
+from meterline.storage.redis_counters import RedisMark
+from servers import (
+    METERLINE,
+    MeterlineServer,
+    PostgresServer,
+    children,
+    free_port,
+    running,
+    start_redis,
+)
 
 ADMIN_KEY = "ml_admin_claim_0123456789abcdef"
 
@@ -191,12 +202,18 @@ def test_counters_kept_in_the_database_never_miss_what_another_kind_of_counters_
         last.stop()
 
 
+def _with_redis(config: Path, name: str, url: str) -> Path:
+    path = config.with_name(f"{name}.toml")
+    path.write_text(config.read_text() + f'redis_url = "{url}"\n')
+    return path
+
+
 def test_counters_in_redis_and_counters_in_the_database_never_serve_one_database_together(
     config: Path, tmp_path: Path, redis_url_clean: str
 ) -> None:
-    with_redis = config.with_name("redis.toml")
-    with_redis.write_text(config.read_text() + f'redis_url = "{redis_url_clean}"\n')
-    in_redis = MeterlineServer(with_redis, tmp_path, "in-redis", ("--workers", "2"))
+    in_redis = MeterlineServer(
+        _with_redis(config, "redis", redis_url_clean), tmp_path, "in-redis", ("--workers", "2")
+    )
     in_redis.start()
     try:
         refused = _second_serve(config, tmp_path, "--workers", "2")
@@ -205,6 +222,117 @@ def test_counters_in_redis_and_counters_in_the_database_never_serve_one_database
         assert "with its counters in Redis; this one would keep them in the database" in message
     finally:
         in_redis.stop()
+
+
+def test_processes_counting_in_another_redis_never_serve_one_database_together(
+    config: Path, tmp_path: Path, redis_url_clean: str
+) -> None:
+    # Machines each told redis://localhost:6379 count in a Redis of their own: on one database, a limit
+    # would be admitted once per Redis. A process whose Redis is not the one the others count in is
+    # refused, whatever its URL says; one that names the same Redis otherwise joins.
+    first = MeterlineServer(
+        _with_redis(config, "first", redis_url_clean), tmp_path, "first", ("--workers", "2")
+    )
+    first.start()
+    other = start_redis(tmp_path)
+    try:
+        refused = _second_serve(_with_redis(config, "elsewhere", other.url), tmp_path)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        message = " ".join(refused.stderr.split())
+        where = f"redis://127.0.0.1:{other.port}/0"
+        assert f"with its counters in another Redis than this one ({where})" in message
+        assert "limits would not hold" in message
+        assert "Give every process the same redis_url" in message
+        assert "Traceback" not in refused.stderr
+        # The same Redis under another name (another machine reaching it otherwise) is welcome.
+        same = MeterlineServer(
+            _with_redis(config, "same", redis_url_clean.replace("127.0.0.1", "localhost")), tmp_path, "same"
+        )
+        same.start()
+        same.stop()
+        assert httpx.get(f"{first.base}/healthz", timeout=5).status_code == 200
+    finally:
+        first.stop()
+        other.stop()
+    assert "Traceback" not in first.log()
+
+
+def test_a_redis_emptied_while_processes_serve_takes_their_newcomers_still(
+    config: Path, tmp_path: Path, redis_url_clean: str
+) -> None:
+    # Redis restarted without its data (or emptied) while processes count in it: they mark it again, so
+    # a process started then (a rolling restart, one more machine) joins them instead of being refused.
+    with_redis = _with_redis(config, "redis", redis_url_clean)
+    first = MeterlineServer(with_redis, tmp_path, "first")
+    first.start()
+    try:
+        client = redis.Redis.from_url(redis_url_clean)
+        marked = client.get("meterline:store")
+        assert marked, "the serving process left no mark in its Redis"
+        client.flushall()
+        joining = MeterlineServer(with_redis, tmp_path, "joining")
+        joining.start()
+        joining.stop()
+        assert client.get("meterline:store") == marked
+        client.close()
+    finally:
+        first.stop()
+    assert "Traceback" not in first.log()
+
+
+def _database_url(config: Path) -> str:
+    return str(tomllib.loads(config.read_text())["database_url"])
+
+
+def _claim_at_once(url: str, marks: list[RedisMark]) -> tuple[list[Claim], list[str]]:
+    """Each mark's claim, from threads started together: the claims made and the refusals said."""
+    start = threading.Barrier(len(marks))
+    claims: list[Claim] = []
+    refusals: list[str] = []
+
+    def claim(mark: RedisMark) -> None:
+        start.wait()
+        try:
+            claim = claim_counters(url, "redis", mark)
+        except MeterlineError as exc:
+            refusals.append(exc.message)
+            return
+        claim.share()  # as a serving process once it has reset what its counters need (if alone)
+        claims.append(claim)
+
+    threads = [threading.Thread(target=claim, args=(mark,)) for mark in marks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return claims, refusals
+
+
+def test_two_processes_starting_at_once_with_different_redis_never_both_claim(
+    config: Path, redis_url_clean: str, tmp_path: Path
+) -> None:
+    # Each marks its own fresh Redis and takes its locks before it looks at the other's: whichever looks
+    # last sees the other. At most one of the two may serve, every time.
+    url = _database_url(config)
+    other = start_redis(tmp_path)
+    marks = [RedisMark(redis_url_clean), RedisMark(other.url)]
+    try:
+        for _ in range(8):
+            for redis_url in (redis_url_clean, other.url):
+                client = redis.Redis.from_url(redis_url)
+                client.delete("meterline:store")  # fresh: no mark yet
+                client.close()
+            claims, refusals = _claim_at_once(url, marks)
+            try:
+                assert len(claims) <= 1, "two processes with different Redis both claimed one database"
+                assert all("in another Redis than this one" in why for why in refusals), refusals
+            finally:
+                for taken in claims:
+                    taken.give_back()
+    finally:
+        for mark in marks:
+            mark.close()
+        other.stop()
 
 
 # -- PostgreSQL: the claim outlives the connection that holds it ------------------------------------------
@@ -412,6 +540,38 @@ def test_a_claim_whose_old_session_the_server_still_keeps_is_taken_again(
     finally:
         proxy.close()
         pg_server.drop_database(name)
+
+
+def test_a_claim_retaken_after_another_redis_claimed_meanwhile_is_lost(
+    pg_config: tuple[Path, str], redis_url_clean: str, tmp_path: Path
+) -> None:
+    # The claim's session ends; before it is taken again, a process counting in another Redis finds no
+    # one and claims. The first, taking its locks again, sees it: it must stop, not count beside it.
+    config, conninfo = pg_config
+    url = _database_url(config)
+    other = start_redis(tmp_path)
+    first_mark, second_mark = RedisMark(redis_url_clean), RedisMark(other.url)
+    first = claim_counters(url, "redis", first_mark)
+    first.share()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            _end_claim_session(admin)
+            deadline = time.monotonic() + 10
+            while _claim_holders(admin):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        second = claim_counters(url, "redis", second_mark)
+        try:
+            why = first.keep()
+            assert why is not None
+            assert "another process took this database's counters claim" in why
+        finally:
+            second.give_back()
+    finally:
+        first.give_back()
+        first_mark.close()
+        second_mark.close()
+        other.stop()
 
 
 def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -39,6 +39,9 @@ from meterline.config import Settings
 from meterline.errors import MeterlineError
 from meterline.money import parse_decimal
 from meterline.services import Services, build_services
+
+if TYPE_CHECKING:
+    from meterline.storage.redis_counters import RedisMark
 
 app = typer.Typer(
     help="Meterline: usage metering, quotas and cost tracking for LLM APIs.", no_args_is_help=True
@@ -102,10 +105,12 @@ def _run(
         fail("workers: this command serves one process")
     _warn_when_connections_short(settings, count)
     store = settings.counter_store
+    mark = _redis_mark(settings) if store == "redis" else None
     try:
         # Before anything is served: a process whose counters would not see the others' must not start.
-        claim = claim_counters(settings.database_url, store)
+        claim = claim_counters(settings.database_url, store, mark)
     except MeterlineError as exc:
+        _close(mark)
         fail(exc.message)
     try:
         if claim.alone and store != "memory":
@@ -113,6 +118,7 @@ def _run(
         claim.share()
     except MeterlineError as exc:
         claim.give_back()
+        _close(mark)
         fail(exc.message)
     lost: list[str] = []
 
@@ -149,9 +155,29 @@ def _run(
             _serve_workers(settings, count, uvicorn)
     finally:
         claim.give_back()
+        _close(mark)
         signal.signal(signal.SIGTERM, previous)
     if lost:  # the workers' supervisor stops on SIGTERM without raising it again
         fail(lost[0])
+
+
+def _redis_mark(settings: Settings) -> RedisMark:
+    """Which Redis this process counts in, read before it claims the database (``counter_claim``)."""
+    from meterline.storage.redis_counters import RedisMark
+
+    assert settings.redis_url is not None
+    mark = RedisMark(settings.redis_url)
+    try:
+        mark.read()
+    except Exception as exc:  # whatever the client raises: the process cannot count there
+        mark.close()
+        fail(f"cannot reach Redis at {mark.where} (redis_url): {exc}")
+    return mark
+
+
+def _close(mark: RedisMark | None) -> None:
+    if mark is not None:
+        mark.close()
 
 
 def _warn_when_connections_short(settings: Settings, count: int) -> None:

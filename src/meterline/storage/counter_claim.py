@@ -9,6 +9,12 @@ the other's reservations either. So a serving process claims its database for it
 * with shared counters (``database`` or ``redis``), **shared** with the processes of the same kind, and
   never beside one of the other kind (each kind holds its own lock shared, and probes the other's).
 
+Counting in Redis, every process must count in the **same** Redis: ``localhost`` on each machine names a
+different one. Each Redis a database's counters are kept in carries a mark (a random token,
+``RedisMark``), and a process holds a lock named by its Redis' token beside its kind's: a newcomer whose
+Redis bears another token (or none, while others count) is refused. Every serving process writes its
+mark back each second, so a Redis emptied meanwhile bears it again before a newcomer gives up on it.
+
 A claimant of a shared kind that finds itself **alone** says so (``Claim.alone``): every reservation
 left in the database then belongs to a process that is gone, and counters kept in the database may be
 stale (another kind of counters served meanwhile), so the caller resets and recovers them before
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import logging
 import os
 import threading
@@ -56,6 +63,13 @@ _SHARE_WAIT_S = 60.0
 # How often a serving process checks the PostgreSQL session holding its claim (``Claim.keep_alive``).
 KEEP_EVERY_S = 1.0
 _CONNECT_TIMEOUT_S = 5  # a new session for the claim gives up this soon (tried again a second later)
+# A newcomer of a shared kind finding the claim held exclusively, and not for a reset, looks this long
+# before it concludes a process with in-process counters holds it (a first claimant marks its reset
+# within moments of taking the lock).
+_UNMARKED_S = 0.25
+# A newcomer finding no mark in its Redis while others count in one waits this long for theirs to be
+# written back (each serving process writes it every KEEP_EVERY_S) before it concludes theirs is another.
+_MARK_WAIT_S = 3.0
 _LOST = (
     "another process took this database's counters claim ({database}) while the PostgreSQL session "
     "holding this process's claim was gone (a restart or failover of PostgreSQL, a dropped "
@@ -69,6 +83,16 @@ _FIX = (
     'shared counter store: redis_url = "redis://host:6379/0", or counters = "database" (what '
     "`meterline serve --workers N` uses); README: Deployment"
 )
+
+
+class StoreMark(Protocol):
+    """Which Redis: ``storage/redis_counters.RedisMark`` (a token kept in that Redis)."""
+
+    where: str  # the Redis, as it may be shown (no credentials)
+
+    def read(self) -> str | None: ...
+    def make(self) -> str: ...
+    def write(self, token: str) -> None: ...
 
 
 def claim_key(name: str) -> int:
@@ -128,17 +152,20 @@ class Claim:
         self._give_back()
 
 
-def claim_counters(database_url: str, store: str) -> Claim:
+def claim_counters(database_url: str, store: str, mark: StoreMark | None = None) -> Claim:
     """Claim ``database_url`` for a serving process whose counters are kept by ``store`` ("memory",
-    "database" or "redis"). Raises ``ConfigError``, naming the fix, when it cannot be."""
+    "database" or "redis"; ``mark``: which Redis, required for "redis"). Raises ``ConfigError``, naming
+    the fix, when it cannot be."""
+    if (store == "redis") != (mark is not None):
+        raise ValueError("a Redis mark is given with counters in Redis, and only then")
     database_url = normalize_url(database_url)  # as the server's own engine reads it (postgres://...)
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         name = url.database
         if not name or name == ":memory:" or name.startswith("file::memory:"):
             return Claim(True, lambda: None, lambda: None)
-        return _claim(_FileLocks(Path(name).resolve()), store)
-    return _claim(_AdvisoryLocks(database_url, url.render_as_string(hide_password=True)), store)
+        return _claim(_FileLocks(Path(name).resolve()), store, mark)
+    return _claim(_AdvisoryLocks(database_url, url.render_as_string(hide_password=True)), store, mark)
 
 
 def _in_process_refusal(who: str, database: object, where: str = "") -> ConfigError:
@@ -164,8 +191,18 @@ def _shared_refusal(who: str, database: object, store: str, other: str, where: s
     )
 
 
+def _other_redis(who: str, database: object, redis: str, where: str = "") -> ConfigError:
+    return ConfigError(
+        f"{who} serves {database}{where} with its counters in another Redis than this one ({redis}): "
+        "neither would see the other's reservations, and limits would not hold. Give every process the "
+        "same redis_url (one Redis, or one Redis Cluster); README: Deployment",
+        param="redis_url",
+    )
+
+
 class _Locks(Protocol):
-    """Three named locks ("main", "database", "redis"), each exclusive or shared, never waited for."""
+    """Named locks ("main", "database", "redis", and "redis@<token>" per Redis), each exclusive or
+    shared, never waited for."""
 
     shown: str
     where: str
@@ -180,10 +217,12 @@ class _Locks(Protocol):
     def resetting(self) -> bool: ...
     def keeper(self) -> Callable[[], str | None] | None: ...
     def exclude(self, name: str) -> None: ...
+    def foreign(self, kind: str, name: str) -> bool: ...
+    def require_beside(self, kind: str, name: str) -> None: ...
     def close(self) -> None: ...
 
 
-def _claim(locks: _Locks, store: str) -> Claim:
+def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
     try:
         if store == "memory":
             if not locks.try_exclusive("main"):
@@ -191,10 +230,24 @@ def _claim(locks: _Locks, store: str) -> Claim:
             locks.note_holder()
             return Claim(True, lambda: None, locks.close, locks.keeper())
         (other,) = [kind for kind in SHARED_KINDS if kind != store]
+        keep = locks.keeper()
+        if mark is not None:
+            # Its Redis' lock before its kind's: a process seen holding the kind holds its Redis' already.
+            token = _token(locks, mark, store)
+            beside = f"{store}@{token}"
+            if not _waiting(lambda: locks.try_shared(beside)):
+                raise _other_redis("another process", locks.shown, mark.where, locks.where)
+            keep = _MarkKept(mark, token, keep)
         # Own kind first, then a look at the other's: two processes of different kinds starting at once
         # cannot both miss each other.
         if not _waiting(lambda: locks.try_shared(store)):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
+        if mark is not None:
+            # Two newcomers with different Redis starting at once: each has taken both locks before it
+            # looks, so the later one to look sees the other.
+            if locks.foreign(store, beside):
+                raise _other_redis("another process", locks.shown, mark.where, locks.where)
+            locks.require_beside(store, beside)
         if not locks.try_exclusive(other):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
         locks.unlock(other)
@@ -207,21 +260,68 @@ def _claim(locks: _Locks, store: str) -> Claim:
                 if not locks.to_shared("main"):
                     raise _in_process_refusal("another process", locks.shown, locks.where)
 
-            return Claim(True, share, locks.close, locks.keeper())
+            return Claim(True, share, locks.close, keep)
+
+        unmarked_since: list[float] = []
 
         def joined() -> bool:
             if locks.try_shared("main"):
                 return True
-            if not locks.resetting():  # held for good, by a process with in-process counters
-                raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
-            return False
+            if locks.resetting():
+                unmarked_since.clear()
+                return False
+            # Held for good, by a process with in-process counters; or for a moment, by a first shared
+            # claimant between taking it and marking its reset (or between its reset and sharing):
+            # only a hold that stays unmarked is the former.
+            if not unmarked_since:
+                unmarked_since.append(time.monotonic())
+            if time.monotonic() - unmarked_since[0] < _UNMARKED_S:
+                return False
+            raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
 
         if not _waiting(joined):
             raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
-        return Claim(False, lambda: None, locks.close, locks.keeper())
+        return Claim(False, lambda: None, locks.close, keep)
     except BaseException:
         locks.close()
         raise
+
+
+def _token(locks: _Locks, mark: StoreMark, kind: str) -> str:
+    """The token of this process's Redis. A Redis without one gets one if no process counts in a Redis
+    on this database (this is the first); while others do, theirs is written back within a second if
+    they count in this one, so it is waited for: none means they count in another."""
+    deadline = time.monotonic() + _MARK_WAIT_S
+    while True:
+        found = mark.read()
+        if found is not None:
+            return found
+        if locks.try_exclusive(kind):  # nobody holds the kind (a moment's probe by another passes)
+            locks.unlock(kind)
+            return mark.make()  # a token another newcomer made meanwhile is kept, and answered
+        if time.monotonic() > deadline:
+            raise _other_redis("another process", locks.shown, mark.where, locks.where)
+        time.sleep(0.1)
+
+
+class _MarkKept:
+    """The claim's watch (``Claim.keep``) that also writes this process's Redis mark back each time:
+    a Redis emptied, restarted without its data or failed over before a write reached its replica bears
+    the mark again within a second. Redis unreachable is said once, and tried again next time."""
+
+    def __init__(self, mark: StoreMark, token: str, keep: Callable[[], str | None] | None) -> None:
+        self._mark, self._token, self._keep = mark, token, keep
+        self._failing = False
+
+    def __call__(self) -> str | None:
+        try:
+            self._mark.write(self._token)
+            self._failing = False
+        except Exception as exc:  # whatever the client raises: the mark waits for the next time
+            if not self._failing:
+                log.warning("writing this process's mark in Redis (%s) failed: %s", self._mark.where, exc)
+            self._failing = True
+        return None if self._keep is None else self._keep()
 
 
 def _waiting(attempt: Callable[[], bool]) -> bool:
@@ -243,12 +343,18 @@ class _FileLocks:
             "main": database.with_name(database.name + ".counters.lock"),
             **{kind: database.with_name(f"{database.name}.counters.{kind}.lock") for kind in SHARED_KINDS},
         }
+        self._database = database
         self._fds: dict[str, int] = {}
+
+    def _path(self, name: str) -> Path:
+        # A Redis' lock ("redis@<token>") is a file of its own: ``foreign`` finds them by their names.
+        known = self._paths.get(name)
+        return known or self._database.with_name(f"{self._database.name}.counters.{name}.lock")
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
         if fd is None:
-            fd = self._fds[name] = os.open(self._paths[name], os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._fds[name] = os.open(self._path(name), os.O_RDWR | os.O_CREAT, 0o600)
         return fd
 
     def _flock(self, name: str, how: int) -> bool:
@@ -290,6 +396,28 @@ class _FileLocks:
     def exclude(self, name: str) -> None:
         return None  # checked once, at the claim: the claim is never lost and taken again here
 
+    def foreign(self, kind: str, name: str) -> bool:
+        """Whether a process holds the lock of another Redis than ``name`` (``kind@<token>``): the files
+        of the Redis ever used beside this database, each probed (a held one cannot be locked)."""
+        mine = self._path(name)
+        for path in sorted(mine.parent.glob(f"{glob.escape(self._database.name)}.counters.{kind}@*.lock")):
+            if path == mine:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)  # drops the probe's lock
+        return False
+
+    def require_beside(self, kind: str, name: str) -> None:
+        return None  # as ``exclude``
+
     def _write(self, content: str) -> None:
         fd = self._fd("main")
         os.ftruncate(fd, 0)
@@ -303,14 +431,18 @@ class _FileLocks:
 
 
 _TRY = {"x": "pg_try_advisory_lock", "s": "pg_try_advisory_lock_shared"}
-# The holders of one advisory lock of this database, each as (pid, backend_start): a pid alone may be
-# another session's once PostgreSQL restarted.
-_HOLDERS = (
-    "SELECT l.pid, a.backend_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-    "AND ((l.classid::bigint << 32) | l.objid::bigint) = :key "
-    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-)
+# The holders of one advisory lock of this database (its key the parameter named ``key``), each as (pid,
+# backend_start, mode): a pid alone may be another session's once PostgreSQL restarted.
+def _holders(key: str) -> str:
+    return (
+        "SELECT l.pid, a.backend_start, l.mode FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        f"AND ((l.classid::bigint << 32) | l.objid::bigint) = :{key} "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+
+_HOLDERS = _holders("key")
 _Session = tuple[int, Any]  # (backend pid, backend_start)
 
 
@@ -336,6 +468,7 @@ class _AdvisoryLocks:
         )
         self._held: dict[str, set[str]] = {}  # name -> modes this session holds: "x" exclusive, "s" shared
         self._excluded: str | None = None  # the other shared kind, checked again when the claim is retaken
+        self._beside: tuple[str, str] | None = None  # (kind, its Redis' lock): checked again as well
         self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
         self._former: set[_Session] = set()  # the sessions this claim had before its current one
         self._guard = threading.Lock()  # the watch's thread and ``close`` never share the connection
@@ -405,6 +538,22 @@ class _AdvisoryLocks:
     def exclude(self, name: str) -> None:
         self._excluded = name
 
+    def foreign(self, kind: str, name: str) -> bool:
+        # Sessions sharing the kind's lock without the lock of this Redis (a moment's exclusive probe of
+        # the kind, by a newcomer of either kind, is not a claim).
+        row = self._conn.execute(
+            text(
+                f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE mode = 'ShareLock' "
+                f"AND pid NOT IN (SELECT pid FROM ({_holders('beside')}) theirs)"
+            ),
+            {"key": claim_key(kind), "beside": claim_key(name)},
+        ).scalar()
+        self._conn.commit()
+        return bool(row)
+
+    def require_beside(self, kind: str, name: str) -> None:
+        self._beside = (kind, name)
+
     def keeper(self) -> Callable[[], str | None] | None:
         return self._keep
 
@@ -444,6 +593,8 @@ class _AdvisoryLocks:
                     if not self._ask(_TRY["x"], self._excluded):
                         return _LOST.format(database=self.shown)
                     self._ask("pg_advisory_unlock", self._excluded)
+                if self._beside is not None and self.foreign(*self._beside):
+                    return _LOST.format(database=self.shown)
                 self._end_former()
             except DBAPIError:
                 return None  # unreachable, or lost again: next time
@@ -462,7 +613,7 @@ class _AdvisoryLocks:
         while not self._ask(_TRY[mode], name):
             holders = {
                 (int(pid), start)
-                for pid, start in self._conn.execute(text(_HOLDERS), {"key": claim_key(name)})
+                for pid, start, _mode in self._conn.execute(text(_HOLDERS), {"key": claim_key(name)})
             }
             self._conn.commit()
             if holders - self._former or time.monotonic() > deadline:

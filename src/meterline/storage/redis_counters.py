@@ -48,6 +48,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.resources import files
@@ -1054,3 +1055,36 @@ class RedisCounterStore:
             raise
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterError, OSError) as exc:
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
+
+
+class RedisMark:
+    """Which Redis keeps a database's counters: a random token in the key ``<prefix>store`` of that Redis.
+
+    Processes that serve one database must count in one Redis. Their URLs cannot tell (``localhost`` on
+    every machine names a different Redis; two spellings can name one), so the counters' claim
+    (``storage/counter_claim.py``) compares what each Redis holds: the first process to claim a Redis
+    marks it (``make``), every serving process writes the mark back each second (``write``: a Redis
+    emptied or restarted without persistence has it again at once) and a newcomer holds the token's claim
+    beside its database's. Never in a call's path: a process reads it when it starts, and the claim's
+    watch writes it."""
+
+    def __init__(self, url: str, *, prefix: str = "meterline:", timeout_s: float = 2.0) -> None:
+        self._send = (_Cluster if is_cluster_url(url) else _Standalone)(url, 1, timeout_s)
+        self._key = f"{prefix}store"
+        self.where = _redacted(url)
+
+    def read(self) -> str | None:
+        found = self._send("GET", self._key)
+        return None if found is None else found.decode() if isinstance(found, bytes) else str(found)
+
+    def make(self) -> str:
+        """A new token, unless one is there already (set meanwhile by another process): the one kept."""
+        token = uuid.uuid4().hex
+        before = self._send("SET", self._key, token, "NX", "GET")
+        return token if before is None else before.decode() if isinstance(before, bytes) else str(before)
+
+    def write(self, token: str) -> None:
+        self._send("SET", self._key, token)
+
+    def close(self) -> None:
+        self._send.close()
