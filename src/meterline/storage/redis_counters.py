@@ -28,6 +28,8 @@ keeps them atomic and exact. What this module adds is the traffic plan: ONE roun
 * ``expired`` asks every group with holds: a set ``<prefix>groups`` names them. A process adds a group
   the first time it reserves in it (one more command, once per group and process) and again every
   minute, so a restarted Redis learns them again.
+* ``<prefix>store`` is no counter: a mark naming this Redis to the counters' claim (``RedisMark``), so
+  that every process serving one database counts in the same Redis.
 * Hold ids must be unique for good (they are UUIDs): a late duplicate of a finish could otherwise meet
   a newer hold of the same id.
 * An organization's counters are one hash, and the client names every field a call reads (the script
