@@ -244,6 +244,14 @@ def test_processes_counting_in_another_redis_never_serve_one_database_together(
         assert "limits would not hold" in message
         assert "Give every process the same redis_url" in message
         assert "Traceback" not in refused.stderr
+        # ...and so is one whose Redis bears a mark of its own (it kept another database's counters, or
+        # this one's before this deployment moved).
+        elsewhere = RedisMark(other.url)
+        assert elsewhere.make()
+        elsewhere.close()
+        marked = _second_serve(_with_redis(config, "marked", other.url), tmp_path)
+        assert marked.returncode == 1, marked.stdout + marked.stderr
+        assert "in another Redis than this one" in " ".join(marked.stderr.split())
         # The same Redis under another name (another machine reaching it otherwise) is welcome.
         same = MeterlineServer(
             _with_redis(config, "same", redis_url_clean.replace("127.0.0.1", "localhost")), tmp_path, "same"
@@ -285,10 +293,12 @@ def _database_url(config: Path) -> str:
 
 
 def _claim_at_once(url: str, marks: list[RedisMark]) -> tuple[list[Claim], list[str]]:
-    """Each mark's claim, from threads started together: the claims made and the refusals said."""
+    """Each mark's claim, from threads started together: the claims made and the refusals said (any
+    other error fails the test)."""
     start = threading.Barrier(len(marks))
     claims: list[Claim] = []
     refusals: list[str] = []
+    errors: list[BaseException] = []
 
     def claim(mark: RedisMark) -> None:
         start.wait()
@@ -297,6 +307,9 @@ def _claim_at_once(url: str, marks: list[RedisMark]) -> tuple[list[Claim], list[
         except MeterlineError as exc:
             refusals.append(exc.message)
             return
+        except BaseException as exc:
+            errors.append(exc)
+            return
         claim.share()  # as a serving process once it has reset what its counters need (if alone)
         claims.append(claim)
 
@@ -304,7 +317,8 @@ def _claim_at_once(url: str, marks: list[RedisMark]) -> tuple[list[Claim], list[
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join()
+    assert not errors, errors
     return claims, refusals
 
 
@@ -325,6 +339,7 @@ def test_two_processes_starting_at_once_with_different_redis_never_both_claim(
             claims, refusals = _claim_at_once(url, marks)
             try:
                 assert len(claims) <= 1, "two processes with different Redis both claimed one database"
+                assert len(claims) + len(refusals) == 2
                 assert all("in another Redis than this one" in why for why in refusals), refusals
             finally:
                 for taken in claims:
@@ -333,6 +348,28 @@ def test_two_processes_starting_at_once_with_different_redis_never_both_claim(
         for mark in marks:
             mark.close()
         other.stop()
+
+
+def test_a_newcomer_finding_no_mark_waits_for_the_serving_processes_to_write_it_back(
+    config: Path, redis_url_clean: str
+) -> None:
+    url = _database_url(config)
+    first_mark, second_mark = RedisMark(redis_url_clean), RedisMark(redis_url_clean)
+    first = claim_counters(url, "redis", first_mark)
+    first.share()
+    first.keep_alive(lambda why: pytest.fail(why))
+    try:
+        client = redis.Redis.from_url(redis_url_clean)
+        token = client.get("meterline:store")
+        client.delete("meterline:store")  # emptied while the first serves
+        client.close()
+        second = claim_counters(url, "redis", second_mark)
+        second.give_back()
+        assert second_mark.read() == (token or b"").decode()
+    finally:
+        first.give_back()
+        first_mark.close()
+        second_mark.close()
 
 
 # -- PostgreSQL: the claim outlives the connection that holds it ------------------------------------------
@@ -561,6 +598,7 @@ def test_a_claim_retaken_after_another_redis_claimed_meanwhile_is_lost(
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         second = claim_counters(url, "redis", second_mark)
+        second.share()  # as it serves: the first's locks are all free to take again but for the Redis
         try:
             why = first.keep()
             assert why is not None

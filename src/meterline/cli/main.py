@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -88,13 +89,6 @@ def _run(
     """Serve ``settings`` in this process, or in ``settings.workers`` processes behind one port: then
     this one migrates the database and reads the signing key once, holds the counters' claim, and
     uvicorn's supervisor starts (and restarts) the workers and stops them gracefully."""
-    import uvicorn
-
-    from meterline.api.access_log import configure_access_log
-    from meterline.api.app import create_app
-    from meterline.api.worker import WORKER_ARGS
-    from meterline.storage.counter_claim import claim_counters
-
     count = settings.worker_count
     if count > 1 and settings.counter_store == "memory":
         fail(
@@ -104,13 +98,31 @@ def _run(
     if count > 1 and (services is not None or worker_args is None):
         fail("workers: this command serves one process")
     _warn_when_connections_short(settings, count)
-    store = settings.counter_store
-    mark = _redis_mark(settings) if store == "redis" else None
+    mark = _redis_mark(settings) if settings.counter_store == "redis" else None
+    try:
+        _claim_and_serve(settings, services, worker_args, mark)
+    finally:
+        _close(mark)  # on every way out: refused, failed, served
+
+
+def _claim_and_serve(
+    settings: Settings,
+    services: Services | None,
+    worker_args: dict[str, Any] | None,
+    mark: RedisMark | None,
+) -> None:
+    import uvicorn
+
+    from meterline.api.access_log import configure_access_log
+    from meterline.api.app import create_app
+    from meterline.api.worker import WORKER_ARGS
+    from meterline.storage.counter_claim import claim_counters
+
+    count, store = settings.worker_count, settings.counter_store
     try:
         # Before anything is served: a process whose counters would not see the others' must not start.
         claim = claim_counters(settings.database_url, store, mark)
     except MeterlineError as exc:
-        _close(mark)
         fail(exc.message)
     try:
         if claim.alone and store != "memory":
@@ -118,7 +130,6 @@ def _run(
         claim.share()
     except MeterlineError as exc:
         claim.give_back()
-        _close(mark)
         fail(exc.message)
     lost: list[str] = []
 
@@ -155,24 +166,46 @@ def _run(
             _serve_workers(settings, count, uvicorn)
     finally:
         claim.give_back()
-        _close(mark)
         signal.signal(signal.SIGTERM, previous)
     if lost:  # the workers' supervisor stops on SIGTERM without raising it again
         fail(lost[0])
 
 
+_REDIS_WAIT_S = 30.0  # how long a process counting in Redis waits for it at start
+
+
 def _redis_mark(settings: Settings) -> RedisMark:
-    """Which Redis this process counts in, read before it claims the database (``counter_claim``)."""
-    from meterline.storage.redis_counters import RedisMark
+    """Which Redis this process counts in, for its claim of the database (``counter_claim``): it must
+    know that before it serves, so it waits for Redis (a while: Redis starting beside it), then gives up
+    saying why (a service manager starts it again)."""
+    from meterline.storage.redis_counters import RedisMark, redacted
 
     assert settings.redis_url is not None
-    mark = RedisMark(settings.redis_url)
-    try:
-        mark.read()
-    except Exception as exc:  # whatever the client raises: the process cannot count there
-        mark.close()
-        fail(f"cannot reach Redis at {mark.where} (redis_url): {exc}")
-    return mark
+    deadline = time.monotonic() + _REDIS_WAIT_S
+    said = False
+    while True:
+        mark = None
+        try:
+            mark = RedisMark(settings.redis_url)  # a cluster's client asks its nodes at once
+            mark.read()
+            return mark
+        except Exception as exc:  # whatever the client raises: unreachable, or a URL it cannot use
+            _close(mark)
+            if time.monotonic() > deadline or isinstance(exc, ValueError):
+                fail(
+                    f"cannot reach Redis at {redacted(settings.redis_url)} (redis_url): {exc}. A process "
+                    "counting in Redis starts once it can tell which Redis that is (every process serving "
+                    "one database must count in the same one)"
+                )
+            if not said:
+                logging.getLogger("meterline.counters").warning(
+                    "waiting up to %.0f s for Redis at %s: %s",
+                    _REDIS_WAIT_S,
+                    redacted(settings.redis_url),
+                    exc,
+                )
+                said = True
+            time.sleep(1.0)
 
 
 def _close(mark: RedisMark | None) -> None:

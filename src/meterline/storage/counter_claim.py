@@ -14,17 +14,19 @@ different one. Each Redis a database's counters are kept in carries a mark (a ra
 ``RedisMark``), and a process holds a lock named by its Redis' token beside its kind's: a newcomer whose
 Redis bears another token (or none, while others count) is refused. Every serving process writes its
 mark back each second, so a Redis emptied meanwhile bears it again before a newcomer gives up on it.
+(A Redis restored from another's data bears that one's mark: the two are one to the claim.)
 
 A claimant of a shared kind that finds itself **alone** says so (``Claim.alone``): every reservation
 left in the database then belongs to a process that is gone, and counters kept in the database may be
 stale (another kind of counters served meanwhile), so the caller resets and recovers them before
 serving, and only then shares the claim.
 
-Locks: on SQLite, ``flock`` on files beside the database (``<db>.counters.lock``, and
-``<db>.counters.<kind>.lock``; the kernel drops them when the process ends, however it ends); on
-PostgreSQL, session advisory locks on a connection of the claim's own (dropped with the connection or
-the process). An in-memory SQLite database is one process's anyway. Management commands (``reconcile``,
-``verify``...) decide no quotas and do not claim.
+Locks: on SQLite, ``flock`` on files beside the database (``<db>.counters.lock``,
+``<db>.counters.<kind>.lock``, and ``<db>.counters.redis@<token>.lock`` per Redis ever used; the kernel
+drops them when the process ends, however it ends); on PostgreSQL, session advisory locks on a
+connection of the claim's own (dropped with the connection or the process). An in-memory SQLite
+database is one process's anyway. Management commands (``reconcile``, ``verify``...) decide no quotas
+and do not claim.
 
 A session can end while its process serves on (a restart or failover of PostgreSQL, a proxy's idle
 timeout), and its locks with it: nothing would then stop a second process from claiming what the first
@@ -40,6 +42,7 @@ import fcntl
 import glob
 import logging
 import os
+import re
 import threading
 import time
 import zlib
@@ -60,7 +63,8 @@ SHARED_KINDS = ("database", "redis")
 # A shared claim may meet a moment's exclusive hold (a first process resetting and recovering, a
 # probe): it waits that long for it.
 _SHARE_WAIT_S = 60.0
-# How often a serving process checks the PostgreSQL session holding its claim (``Claim.keep_alive``).
+# How often a serving process checks the PostgreSQL session holding its claim, and writes its Redis' mark
+# back (``Claim.keep_alive``).
 KEEP_EVERY_S = 1.0
 _CONNECT_TIMEOUT_S = 5  # a new session for the claim gives up this soon (tried again a second later)
 # A newcomer of a shared kind finding the claim held exclusively, and not for a reset, looks this long
@@ -70,6 +74,11 @@ _UNMARKED_S = 0.25
 # A newcomer finding no mark in its Redis while others count in one waits this long for theirs to be
 # written back (each serving process writes it every KEEP_EVERY_S) before it concludes theirs is another.
 _MARK_WAIT_S = 3.0
+_TOKEN = re.compile(r"[0-9a-f]{32}")  # a mark, as ``RedisMark.make`` writes it
+# A process holding the kind without this Redis' lock counts in another only if it still does after
+# this many looks, this far apart (a newcomer being refused lets go within moments).
+_FOREIGN_LOOKS = 3
+_FOREIGN_GAP_S = 0.2
 _LOST = (
     "another process took this database's counters claim ({database}) while the PostgreSQL session "
     "holding this process's claim was gone (a restart or failover of PostgreSQL, a dropped "
@@ -91,7 +100,7 @@ class StoreMark(Protocol):
     where: str  # the Redis, as it may be shown (no credentials)
 
     def read(self) -> str | None: ...
-    def make(self) -> str: ...
+    def make(self) -> str | None: ...
     def write(self, token: str) -> None: ...
 
 
@@ -117,8 +126,9 @@ class Claim:
     def keep_alive(self, lost: Callable[[str], None]) -> None:
         """Watch the claim while this process serves, from a thread of its own: on PostgreSQL a claim
         whose session ended is taken again on a new one, and ``lost`` is called once, with what to tell
-        the operator, when another process took it meanwhile (this process must then stop serving).
-        Nothing to watch on SQLite: a file lock lasts as long as its process."""
+        the operator, when another process took it meanwhile (this process must then stop serving); with
+        counters in Redis, its mark is written back each time. Nothing else to watch on SQLite: a file
+        lock lasts as long as its process."""
         if self._keep is None or self._keeper is not None:
             return
 
@@ -244,8 +254,8 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
         if mark is not None:
             # Two newcomers with different Redis starting at once: each has taken both locks before it
-            # looks, so the later one to look sees the other.
-            if locks.foreign(store, beside):
+            # looks, and holds them until it is refused, so whichever looks later sees the other.
+            if _foreign(locks, store, beside):
                 raise _other_redis("another process", locks.shown, mark.where, locks.where)
             locks.require_beside(store, beside)
         if not locks.try_exclusive(other):
@@ -256,9 +266,10 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             locks.mark_resetting(True)
 
             def share() -> None:
-                locks.mark_resetting(False)
+                # Shared before the mark goes: a newcomer never finds it held exclusively and unmarked.
                 if not locks.to_shared("main"):
                     raise _in_process_refusal("another process", locks.shown, locks.where)
+                locks.mark_resetting(False)
 
             return Claim(True, share, locks.close, keep)
 
@@ -271,8 +282,8 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
                 unmarked_since.clear()
                 return False
             # Held for good, by a process with in-process counters; or for a moment, by a first shared
-            # claimant between taking it and marking its reset (or between its reset and sharing):
-            # only a hold that stays unmarked is the former.
+            # claimant between taking it and marking its reset: only a hold that stays unmarked is the
+            # former.
             if not unmarked_since:
                 unmarked_since.append(time.monotonic())
             if time.monotonic() - unmarked_since[0] < _UNMARKED_S:
@@ -290,18 +301,51 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
 def _token(locks: _Locks, mark: StoreMark, kind: str) -> str:
     """The token of this process's Redis. A Redis without one gets one if no process counts in a Redis
     on this database (this is the first); while others do, theirs is written back within a second if
-    they count in this one, so it is waited for: none means they count in another."""
+    they count in this one (and serve: a first one still resetting made it moments ago), so it is waited
+    for: none means they count in another."""
     deadline = time.monotonic() + _MARK_WAIT_S
     while True:
-        found = mark.read()
+        found = _asked(mark, mark.read)
         if found is not None:
-            return found
+            return _checked(found, mark)
         if locks.try_exclusive(kind):  # nobody holds the kind (a moment's probe by another passes)
             locks.unlock(kind)
-            return mark.make()  # a token another newcomer made meanwhile is kept, and answered
+            # A token another newcomer made meanwhile is kept, and answered.
+            return _checked(_asked(mark, mark.make), mark)
         if time.monotonic() > deadline:
             raise _other_redis("another process", locks.shown, mark.where, locks.where)
         time.sleep(0.1)
+
+
+def _asked(mark: StoreMark, ask: Callable[[], str | None]) -> str | None:
+    try:
+        return ask()
+    except Exception as exc:  # whatever the client raises: which Redis this is cannot be known
+        raise ConfigError(f"cannot reach Redis at {mark.where}: {exc}", param="redis_url") from None
+
+
+def _checked(token: str | None, mark: StoreMark) -> str:
+    # It names a lock (and on SQLite a file): only what ``make`` writes is taken.
+    if token is None or not _TOKEN.fullmatch(token):
+        raise ConfigError(
+            f"Redis at {mark.where} holds {token!r} in its key meterline:store, which is not a mark "
+            "Meterline made; delete that key (it names the Redis the counters are kept in) or use "
+            "another Redis (or database number)",
+            param="redis_url",
+        )
+    return token
+
+
+def _foreign(locks: _Locks, kind: str, beside: str) -> bool:
+    """Whether a process counts in another Redis, as seen over a moment: a newcomer being refused, or one
+    of the same Redis taking its locks again (in the order it first took them), holds the kind without
+    this Redis' lock only for that long."""
+    for look in range(_FOREIGN_LOOKS):
+        if not locks.foreign(kind, beside):
+            return False
+        if look < _FOREIGN_LOOKS - 1:
+            time.sleep(_FOREIGN_GAP_S)
+    return True
 
 
 class _MarkKept:
@@ -314,6 +358,7 @@ class _MarkKept:
         self._failing = False
 
     def __call__(self) -> str | None:
+        why = None if self._keep is None else self._keep()  # first: a Redis gone silent delays no check
         try:
             self._mark.write(self._token)
             self._failing = False
@@ -321,7 +366,7 @@ class _MarkKept:
             if not self._failing:
                 log.warning("writing this process's mark in Redis (%s) failed: %s", self._mark.where, exc)
             self._failing = True
-        return None if self._keep is None else self._keep()
+        return why
 
 
 def _waiting(attempt: Callable[[], bool]) -> bool:
@@ -331,6 +376,19 @@ def _waiting(attempt: Callable[[], bool]) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _probe(fd: int) -> bool:
+    """Whether nobody holds the file's lock. Another newcomer's probe holds it for a moment only: a
+    holder is one found three times."""
+    for attempt in range(3):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < 2:
+                time.sleep(0.02)
+    return False
 
 
 class _FileLocks:
@@ -408,9 +466,8 @@ class _FileLocks:
             except FileNotFoundError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
+                if not _probe(fd):
+                    return True
             finally:
                 os.close(fd)  # drops the probe's lock
         return False
@@ -466,7 +523,8 @@ class _AdvisoryLocks:
                 "tcp_user_timeout": 10_000,
             },
         )
-        self._held: dict[str, set[str]] = {}  # name -> modes this session holds: "x" exclusive, "s" shared
+        # name -> modes this session holds ("x" exclusive, "s" shared), in the order first taken
+        self._held: dict[str, set[str]] = {}
         self._excluded: str | None = None  # the other shared kind, checked again when the claim is retaken
         self._beside: tuple[str, str] | None = None  # (kind, its Redis' lock): checked again as well
         self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
@@ -523,17 +581,19 @@ class _AdvisoryLocks:
         return None
 
     def mark_resetting(self, on: bool) -> None:
-        if on:
-            self.try_exclusive("resetting")
-        else:
+        if not on:
             self.unlock("resetting")
+        elif not self.try_exclusive("resetting"):  # nobody else takes it: ``resetting`` only looks
+            raise RuntimeError("the counters' reset mark is held by another session")
 
     def resetting(self) -> bool:
-        if self.try_shared("resetting"):
-            self._ask("pg_advisory_unlock_shared", "resetting")
-            self._held["resetting"].discard("s")
-            return False
-        return True
+        # Looked up, not probed: a probe holding the mark for a moment would keep its maker from taking it.
+        held = self._conn.execute(
+            text(f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE mode = 'ExclusiveLock'"),
+            {"key": claim_key("resetting")},
+        ).scalar()
+        self._conn.commit()
+        return bool(held)
 
     def exclude(self, name: str) -> None:
         self._excluded = name
@@ -585,7 +645,8 @@ class _AdvisoryLocks:
             try:
                 self._conn = self._engine.connect()
                 self._session = self._current_session()
-                for name, modes in sorted(self._held.items()):
+                # In the order they were first taken (a Redis' lock before its kind's: ``_claim``).
+                for name, modes in list(self._held.items()):
                     for mode in sorted(modes):
                         if not self._take_again(name, mode):
                             return _LOST.format(database=self.shown)
@@ -593,7 +654,7 @@ class _AdvisoryLocks:
                     if not self._ask(_TRY["x"], self._excluded):
                         return _LOST.format(database=self.shown)
                     self._ask("pg_advisory_unlock", self._excluded)
-                if self._beside is not None and self.foreign(*self._beside):
+                if self._beside is not None and _foreign(self, *self._beside):
                     return _LOST.format(database=self.shown)
                 self._end_former()
             except DBAPIError:

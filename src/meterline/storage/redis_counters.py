@@ -189,7 +189,7 @@ def _hold(hold_id: str, group: str, stored: bytes | str) -> tuple[Hold, int]:
     return hold, int(second)
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL without its credentials (it is named in errors and logs)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
@@ -458,7 +458,7 @@ class RedisCounterStore:
             url, max_connections, socket_timeout_s
         )
         self._url = url
-        self._where = _redacted(url)
+        self._where = redacted(url)
         self._keys = _Keys(prefix)
         self._flush_interval_s = flush_interval_s
         self._max_pending = max_pending
@@ -1070,20 +1070,21 @@ class RedisMark:
     beside its database's. Never in a call's path: a process reads it when it starts, and the claim's
     watch writes it."""
 
-    def __init__(self, url: str, *, prefix: str = "meterline:", timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, *, prefix: str = "meterline:", timeout_s: float = 1.0) -> None:
         self._send = (_Cluster if is_cluster_url(url) else _Standalone)(url, 1, timeout_s)
         self._key = f"{prefix}store"
-        self.where = _redacted(url)
+        self.where = redacted(url)
 
     def read(self) -> str | None:
         found = self._send("GET", self._key)
         return None if found is None else found.decode() if isinstance(found, bytes) else str(found)
 
-    def make(self) -> str:
-        """A new token, unless one is there already (set meanwhile by another process): the one kept."""
-        token = uuid.uuid4().hex
-        before = self._send("SET", self._key, token, "NX", "GET")
-        return token if before is None else before.decode() if isinstance(before, bytes) else str(before)
+    def make(self) -> str | None:
+        """A new token, unless one is there already (set meanwhile by another process): the one kept.
+        Two commands, not ``SET ... NX GET``: redis-py's cluster client answers that one's reply as a
+        boolean."""
+        self._send("SET", self._key, uuid.uuid4().hex, "NX")
+        return self.read()
 
     def write(self, token: str) -> None:
         self._send("SET", self._key, token)
