@@ -72,19 +72,24 @@ def _second_serve(config: Path, cwd: Path, *args: str) -> subprocess.CompletedPr
     )
 
 
+def _refusal(config: Path, cwd: Path, *args: str) -> str:
+    """What a second ``serve`` that must not start says (on one line), once it has exited 1."""
+    refused = _second_serve(config, cwd, *args)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    return " ".join(refused.stderr.split())
+
+
 def test_a_second_process_with_its_own_counters_refuses_to_start(config: Path, tmp_path: Path) -> None:
     first = MeterlineServer(config, tmp_path, "first")
     first.start()
     try:
-        second = _second_serve(config, tmp_path)
-        assert second.returncode == 1, second.stdout + second.stderr
-        message = " ".join(second.stderr.split())
+        message = _refusal(config, tmp_path)
         assert "already serves" in message
         assert "in-process counters are exact in one process only" in message
         assert "limits would not hold across them" in message
         assert 'redis_url = "redis://host:6379/0"' in message
         assert 'counters = "database"' in message
-        assert "Traceback" not in second.stderr
         # The first is untouched.
         assert httpx.get(f"{first.base}/healthz", timeout=5).status_code == 200
     finally:
@@ -105,17 +110,14 @@ def test_processes_with_shared_counters_and_one_with_its_own_never_serve_togethe
         more.start()
         more.stop()
         # ...but not one keeping its counters to itself.
-        alone = _second_serve(config, tmp_path)
-        assert alone.returncode == 1, alone.stdout + alone.stderr
-        assert "in-process counters are exact in one process only" in " ".join(alone.stderr.split())
+        message = _refusal(config, tmp_path)
+        assert "in-process counters are exact in one process only" in message
     finally:
         workers.stop()
     single = MeterlineServer(config, tmp_path, "single")
     single.start()
     try:
-        joining = _second_serve(config, tmp_path, "--workers", "2")
-        assert joining.returncode == 1, joining.stdout + joining.stderr
-        message = " ".join(joining.stderr.split())
+        message = _refusal(config, tmp_path, "--workers", "2")
         assert "with in-process counters" in message
         assert "would not see its reservations" in message
     finally:
@@ -216,9 +218,7 @@ def test_counters_in_redis_and_counters_in_the_database_never_serve_one_database
     )
     in_redis.start()
     try:
-        refused = _second_serve(config, tmp_path, "--workers", "2")
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        message = " ".join(refused.stderr.split())
+        message = _refusal(config, tmp_path, "--workers", "2")
         assert "with its counters in Redis; this one would keep them in the database" in message
     finally:
         in_redis.stop()
@@ -236,22 +236,18 @@ def test_processes_counting_in_another_redis_never_serve_one_database_together(
     first.start()
     other = start_redis(tmp_path)
     try:
-        refused = _second_serve(_with_redis(config, "elsewhere", other.url), tmp_path)
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        message = " ".join(refused.stderr.split())
+        message = _refusal(_with_redis(config, "elsewhere", other.url), tmp_path)
         where = f"redis://127.0.0.1:{other.port}/0"
         assert f"with its counters in another Redis than this one ({where})" in message
         assert "limits would not hold" in message
         assert "Give every process the same redis_url" in message
-        assert "Traceback" not in refused.stderr
         # ...and so is one whose Redis bears a mark of its own (it kept another database's counters, or
         # this one's before this deployment moved).
         elsewhere = RedisMark(other.url)
         assert elsewhere.make()
         elsewhere.close()
-        marked = _second_serve(_with_redis(config, "marked", other.url), tmp_path)
-        assert marked.returncode == 1, marked.stdout + marked.stderr
-        assert "in another Redis than this one" in " ".join(marked.stderr.split())
+        message = _refusal(_with_redis(config, "marked", other.url), tmp_path)
+        assert "in another Redis than this one" in message
         # The same Redis under another name (another machine reaching it otherwise) is welcome.
         same = MeterlineServer(
             _with_redis(config, "same", redis_url_clean.replace("127.0.0.1", "localhost")), tmp_path, "same"
@@ -325,17 +321,21 @@ def _claim_at_once(url: str, marks: list[RedisMark]) -> tuple[list[Claim], list[
 def test_two_processes_starting_at_once_with_different_redis_never_both_claim(
     config: Path, redis_url_clean: str, tmp_path: Path
 ) -> None:
-    # Each marks its own fresh Redis and takes its locks before it looks at the other's: whichever looks
-    # last sees the other. At most one of the two may serve, every time.
+    # Each takes its locks before it looks at the other's: whichever looks last sees the other. At most
+    # one of the two may serve, every time: with Redis that bear marks already, and with fresh ones
+    # (each newcomer then marks its own).
     url = _database_url(config)
     other = start_redis(tmp_path)
     marks = [RedisMark(redis_url_clean), RedisMark(other.url)]
     try:
-        for _ in range(8):
-            for redis_url in (redis_url_clean, other.url):
-                client = redis.Redis.from_url(redis_url)
-                client.delete("meterline:store")  # fresh: no mark yet
-                client.close()
+        for attempt in range(8):
+            for mark in marks:
+                mark.write(uuid.uuid4().hex)  # marked (another each time)...
+            if attempt % 2:
+                for redis_url in (redis_url_clean, other.url):
+                    client = redis.Redis.from_url(redis_url)
+                    client.delete("meterline:store")  # ...or fresh
+                    client.close()
             claims, refusals = _claim_at_once(url, marks)
             try:
                 assert len(claims) <= 1, "two processes with different Redis both claimed one database"
@@ -357,7 +357,8 @@ def test_a_newcomer_finding_no_mark_waits_for_the_serving_processes_to_write_it_
     first_mark, second_mark = RedisMark(redis_url_clean), RedisMark(redis_url_clean)
     first = claim_counters(url, "redis", first_mark)
     first.share()
-    first.keep_alive(lambda why: pytest.fail(why))
+    lost: list[str] = []
+    first.keep_alive(lost.append)
     try:
         client = redis.Redis.from_url(redis_url_clean)
         token = client.get("meterline:store")
@@ -366,6 +367,7 @@ def test_a_newcomer_finding_no_mark_waits_for_the_serving_processes_to_write_it_
         second = claim_counters(url, "redis", second_mark)
         second.give_back()
         assert second_mark.read() == (token or b"").decode()
+        assert not lost
     finally:
         first.give_back()
         first_mark.close()
@@ -427,9 +429,8 @@ def test_a_claim_cut_off_with_its_connection_is_taken_again(
             while not (_claim_holders(admin) - before):
                 assert time.monotonic() < deadline, f"the claim was not taken again:\n{first.log()}"
                 time.sleep(0.2)
-        second = _second_serve(config, tmp_path)
-        assert second.returncode == 1, second.stdout + second.stderr
-        assert "in-process counters are exact in one process only" in " ".join(second.stderr.split())
+        message = _refusal(config, tmp_path)
+        assert "in-process counters are exact in one process only" in message
         assert httpx.get(f"{first.base}/healthz", timeout=5).status_code == 200
         assert "Traceback" not in first.log()
     finally:
@@ -610,6 +611,46 @@ def test_a_claim_retaken_after_another_redis_claimed_meanwhile_is_lost(
         first_mark.close()
         second_mark.close()
         other.stop()
+
+
+def test_processes_on_one_redis_taking_their_claims_again_together_keep_serving(
+    pg_config: tuple[Path, str], redis_url_clean: str
+) -> None:
+    # PostgreSQL restarts: every serving process finds its session gone and takes its locks again at
+    # the same moment, the one that made the Redis' mark among them. None may read another's retaking
+    # for a process counting elsewhere, and stop.
+    config, conninfo = pg_config
+    url = _database_url(config)
+    marks = [RedisMark(redis_url_clean) for _ in range(3)]
+    claims = []
+    for mark in marks:
+        claim = claim_counters(url, "redis", mark)
+        claim.share()
+        claims.append(claim)
+    try:
+        for _ in range(3):
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                _end_claim_session(admin)
+            start = threading.Barrier(len(claims))
+            said: list[str | None] = []
+
+            def keep(claim: Claim, start: threading.Barrier = start, said: list[str | None] = said) -> None:
+                start.wait()
+                said.append(claim.keep())
+
+            threads = [threading.Thread(target=keep, args=(claim,)) for claim in claims]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert said == [None] * len(claims)
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                assert len(_claim_holders(admin)) == len(claims)
+    finally:
+        for claim in claims:
+            claim.give_back()
+        for mark in marks:
+            mark.close()
 
 
 def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_path: Path) -> None:

@@ -112,6 +112,7 @@ def _claim_and_serve(
     mark: RedisMark | None,
 ) -> None:
     import uvicorn
+    from sqlalchemy.exc import DBAPIError
 
     from meterline.api.access_log import configure_access_log
     from meterline.api.app import create_app
@@ -124,6 +125,8 @@ def _claim_and_serve(
         claim = claim_counters(settings.database_url, store, mark)
     except MeterlineError as exc:
         fail(exc.message)
+    except DBAPIError as exc:  # the database went away while the claim was being taken
+        fail(f"cannot claim the counters of the database: {exc.orig}")
     try:
         if claim.alone and store != "memory":
             _first_of_shared(settings, store)

@@ -116,6 +116,7 @@ class Claim:
     _give_back: Callable[[], None] = field(repr=False)
     # None while the claim holds (taken again if its session had ended), else why it no longer does.
     _keep: Callable[[], str | None] | None = field(default=None, repr=False)
+    _marking: _MarkWriter | None = field(default=None, repr=False)  # writes the Redis' mark back
     _keeper: threading.Thread | None = field(default=None, init=False, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
@@ -126,9 +127,9 @@ class Claim:
     def keep_alive(self, lost: Callable[[str], None]) -> None:
         """Watch the claim while this process serves, from a thread of its own: on PostgreSQL a claim
         whose session ended is taken again on a new one, and ``lost`` is called once, with what to tell
-        the operator, when another process took it meanwhile (this process must then stop serving); with
-        counters in Redis, its mark is written back each time. Nothing else to watch on SQLite: a file
-        lock lasts as long as its process."""
+        the operator, when another process took it meanwhile (this process must then stop serving).
+        Nothing to watch on SQLite: a file lock lasts as long as its process. (The Redis' mark is written
+        back from the claim on, whether watched or not: ``_MarkWriter``.)"""
         if self._keep is None or self._keeper is not None:
             return
 
@@ -159,6 +160,8 @@ class Claim:
         self._done.set()
         if self._keeper is not None and self._keeper is not threading.current_thread():
             self._keeper.join()  # its calls are bounded by the connection's timeouts
+        if self._marking is not None:
+            self._marking.stop()
         self._give_back()
 
 
@@ -219,6 +222,7 @@ class _Locks(Protocol):
 
     def try_exclusive(self, name: str) -> bool: ...
     def try_shared(self, name: str) -> bool: ...
+    def held(self, name: str) -> bool: ...
     def unlock(self, name: str) -> None: ...
     def to_shared(self, name: str) -> bool: ...
     def holder(self) -> str: ...
@@ -240,14 +244,14 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             locks.note_holder()
             return Claim(True, lambda: None, locks.close, locks.keeper())
         (other,) = [kind for kind in SHARED_KINDS if kind != store]
-        keep = locks.keeper()
+        marking = None
         if mark is not None:
             # Its Redis' lock before its kind's: a process seen holding the kind holds its Redis' already.
             token = _token(locks, mark, store)
             beside = f"{store}@{token}"
             if not _waiting(lambda: locks.try_shared(beside)):
                 raise _other_redis("another process", locks.shown, mark.where, locks.where)
-            keep = _MarkKept(mark, token, keep)
+            marking = _MarkWriter(mark, token)
         # Own kind first, then a look at the other's: two processes of different kinds starting at once
         # cannot both miss each other.
         if not _waiting(lambda: locks.try_shared(store)):
@@ -258,9 +262,8 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             if _foreign(locks, store, beside):
                 raise _other_redis("another process", locks.shown, mark.where, locks.where)
             locks.require_beside(store, beside)
-        if not locks.try_exclusive(other):
+        if locks.held(other):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
-        locks.unlock(other)
         locks.exclude(other)
         if locks.try_exclusive("main"):
             locks.mark_resetting(True)
@@ -271,7 +274,7 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
                     raise _in_process_refusal("another process", locks.shown, locks.where)
                 locks.mark_resetting(False)
 
-            return Claim(True, share, locks.close, keep)
+            return Claim(True, share, locks.close, locks.keeper(), _started(marking))
 
         unmarked_since: list[float] = []
 
@@ -292,7 +295,7 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
 
         if not _waiting(joined):
             raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
-        return Claim(False, lambda: None, locks.close, keep)
+        return Claim(False, lambda: None, locks.close, locks.keeper(), _started(marking))
     except BaseException:
         locks.close()
         raise
@@ -301,17 +304,18 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
 def _token(locks: _Locks, mark: StoreMark, kind: str) -> str:
     """The token of this process's Redis. A Redis without one gets one if no process counts in a Redis
     on this database (this is the first); while others do, theirs is written back within a second if
-    they count in this one (and serve: a first one still resetting made it moments ago), so it is waited
-    for: none means they count in another."""
+    they count in this one, so it is waited for: none means they count in another."""
     deadline = time.monotonic() + _MARK_WAIT_S
     while True:
         found = _asked(mark, mark.read)
         if found is not None:
             return _checked(found, mark)
-        if locks.try_exclusive(kind):  # nobody holds the kind (a moment's probe by another passes)
-            locks.unlock(kind)
-            # A token another newcomer made meanwhile is kept, and answered.
-            return _checked(_asked(mark, mark.make), mark)
+        if not locks.held(kind):
+            # A token another newcomer made meanwhile is kept, and answered (None: gone meanwhile).
+            made = _asked(mark, mark.make)
+            if made is not None:
+                return _checked(made, mark)
+            continue
         if time.monotonic() > deadline:
             raise _other_redis("another process", locks.shown, mark.where, locks.where)
         time.sleep(0.1)
@@ -324,9 +328,9 @@ def _asked(mark: StoreMark, ask: Callable[[], str | None]) -> str | None:
         raise ConfigError(f"cannot reach Redis at {mark.where}: {exc}", param="redis_url") from None
 
 
-def _checked(token: str | None, mark: StoreMark) -> str:
+def _checked(token: str, mark: StoreMark) -> str:
     # It names a lock (and on SQLite a file): only what ``make`` writes is taken.
-    if token is None or not _TOKEN.fullmatch(token):
+    if not _TOKEN.fullmatch(token):
         raise ConfigError(
             f"Redis at {mark.where} holds {token!r} in its key meterline:store, which is not a mark "
             "Meterline made; delete that key (it names the Redis the counters are kept in) or use "
@@ -348,25 +352,42 @@ def _foreign(locks: _Locks, kind: str, beside: str) -> bool:
     return True
 
 
-class _MarkKept:
-    """The claim's watch (``Claim.keep``) that also writes this process's Redis mark back each time:
-    a Redis emptied, restarted without its data or failed over before a write reached its replica bears
-    the mark again within a second. Redis unreachable is said once, and tried again next time."""
+class _MarkWriter:
+    """Writes this process's Redis mark back every ``KEEP_EVERY_S`` for as long as it holds the claim
+    (from a thread of its own, from the claim on: a first process still resetting counts too): a Redis
+    emptied, restarted without its data or failed over before a write reached its replica bears the
+    mark again within a second, never waiting on a PostgreSQL check. Redis unreachable is said once,
+    and tried again next time."""
 
-    def __init__(self, mark: StoreMark, token: str, keep: Callable[[], str | None] | None) -> None:
-        self._mark, self._token, self._keep = mark, token, keep
-        self._failing = False
+    def __init__(self, mark: StoreMark, token: str) -> None:
+        self._mark, self._token = mark, token
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meterline-counters-mark", daemon=True)
 
-    def __call__(self) -> str | None:
-        why = None if self._keep is None else self._keep()  # first: a Redis gone silent delays no check
-        try:
-            self._mark.write(self._token)
-            self._failing = False
-        except Exception as exc:  # whatever the client raises: the mark waits for the next time
-            if not self._failing:
-                log.warning("writing this process's mark in Redis (%s) failed: %s", self._mark.where, exc)
-            self._failing = True
-        return why
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        failing = False
+        while not self._done.wait(KEEP_EVERY_S):
+            try:
+                self._mark.write(self._token)
+                failing = False
+            except Exception as exc:  # whatever the client raises: the mark waits for the next time
+                if not failing:
+                    log.warning("writing this process's mark in Redis (%s) failed: %s", self._mark.where, exc)
+                failing = True
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()  # a write is bounded by the client's timeout
+
+
+def _started(marking: _MarkWriter | None) -> _MarkWriter | None:
+    if marking is not None:
+        marking.start()
+    return marking
 
 
 def _waiting(attempt: Callable[[], bool]) -> bool:
@@ -427,6 +448,13 @@ class _FileLocks:
 
     def try_shared(self, name: str) -> bool:
         return self._flock(name, fcntl.LOCK_SH)
+
+    def held(self, name: str) -> bool:
+        fd = self._fd(name)
+        if not _probe(fd):
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
 
     def unlock(self, name: str) -> None:
         fcntl.flock(self._fd(name), fcntl.LOCK_UN)
@@ -564,9 +592,21 @@ class _AdvisoryLocks:
     def try_shared(self, name: str) -> bool:
         return self._lock(name, "s")
 
+    def held(self, name: str) -> bool:
+        # Looked up, not probed: two processes probing one lock at once would each find it taken.
+        found = self._conn.execute(
+            text(f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE pid <> pg_backend_pid()"),
+            {"key": claim_key(name)},
+        ).scalar()
+        self._conn.commit()
+        return bool(found)
+
     def unlock(self, name: str) -> None:
         self._ask("pg_advisory_unlock", name)
-        self._held.get(name, set()).discard("x")
+        modes = self._held.get(name, set())
+        modes.discard("x")
+        if not modes:  # a name taken again later goes to the end of the order (``_keep``)
+            self._held.pop(name, None)
 
     def to_shared(self, name: str) -> bool:
         # The session may hold both: shared first, then the exclusive let go, so no one slips between.
@@ -650,14 +690,14 @@ class _AdvisoryLocks:
                     for mode in sorted(modes):
                         if not self._take_again(name, mode):
                             return _LOST.format(database=self.shown)
-                if self._excluded is not None:
-                    if not self._ask(_TRY["x"], self._excluded):
-                        return _LOST.format(database=self.shown)
-                    self._ask("pg_advisory_unlock", self._excluded)
+                if self._excluded is not None and self.held(self._excluded):
+                    return _LOST.format(database=self.shown)
                 if self._beside is not None and _foreign(self, *self._beside):
                     return _LOST.format(database=self.shown)
                 self._end_former()
             except DBAPIError:
+                with contextlib.suppress(Exception):
+                    self._conn.close()  # no lock half taken again is left held until next time
                 return None  # unreachable, or lost again: next time
             log.info(
                 "the counters claim was taken again, %.1f s after its session was found gone",
