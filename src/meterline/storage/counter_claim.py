@@ -7,7 +7,7 @@ the other's reservations either. So a serving process claims its database for it
 
 * with in-process counters (``memory``), **exclusively**: no other serving process at all;
 * with shared counters (``database`` or ``redis``), **shared** with the processes of the same kind, and
-  never beside one of the other kind (each kind holds its own lock shared, and probes the other's).
+  never beside one of the other kind (each kind holds its own lock shared, and looks at the other's).
 
 Counting in Redis, every process must count in the **same** Redis: ``localhost`` on each machine names a
 different one. Each Redis a database's counters are kept in carries a mark (a random token,
@@ -61,7 +61,7 @@ log = logging.getLogger("meterline.counters")
 
 SHARED_KINDS = ("database", "redis")
 # A shared claim may meet a moment's exclusive hold (a first process resetting and recovering, a
-# probe): it waits that long for it.
+# process's look at it, on SQLite): it waits that long for it.
 _SHARE_WAIT_S = 60.0
 # How often a serving process checks the PostgreSQL session holding its claim, and writes its Redis' mark
 # back (``Claim.keep_alive``).
@@ -639,8 +639,7 @@ class _AdvisoryLocks:
         self._excluded = name
 
     def foreign(self, kind: str, name: str) -> bool:
-        # Sessions sharing the kind's lock without the lock of this Redis (a moment's exclusive probe of
-        # the kind, by a newcomer of either kind, is not a claim).
+        # Sessions sharing the kind's lock (a claim holds it shared) without the lock of this Redis.
         row = self._conn.execute(
             text(
                 f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE mode = 'ShareLock' "
