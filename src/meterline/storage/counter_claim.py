@@ -63,8 +63,8 @@ SHARED_KINDS = ("database", "redis")
 # A shared claim may meet a moment's exclusive hold (a first process resetting and recovering, a
 # process's look at it, on SQLite): it waits that long for it.
 _SHARE_WAIT_S = 60.0
-# How often a serving process checks the PostgreSQL session holding its claim, and writes its Redis' mark
-# back (``Claim.keep_alive``).
+# How often a serving process checks the PostgreSQL session holding its claim (``Claim.keep_alive``), and
+# writes its Redis' mark back (``_MarkWriter``).
 KEEP_EVERY_S = 1.0
 _CONNECT_TIMEOUT_S = 5  # a new session for the claim gives up this soon (tried again a second later)
 # A newcomer of a shared kind finding the claim held exclusively, and not for a reset, looks this long
