@@ -230,9 +230,7 @@ def test_processes_counting_in_another_redis_never_serve_one_database_together(
     # Machines each told redis://localhost:6379 count in a Redis of their own: on one database, a limit
     # would be admitted once per Redis. A process whose Redis is not the one the others count in is
     # refused, whatever its URL says; one that names the same Redis otherwise joins.
-    first = MeterlineServer(
-        _with_redis(config, "first", redis_url_clean), tmp_path, "first", ("--workers", "2")
-    )
+    first = MeterlineServer(_with_redis(config, "first", redis_url_clean), tmp_path, "first")
     first.start()
     other = start_redis(tmp_path)
     try:
@@ -328,7 +326,7 @@ def test_two_processes_starting_at_once_with_different_redis_never_both_claim(
     other = start_redis(tmp_path)
     marks = [RedisMark(redis_url_clean), RedisMark(other.url)]
     try:
-        for attempt in range(8):
+        for attempt in range(4):
             for mark in marks:
                 mark.write(uuid.uuid4().hex)  # marked (another each time)...
             if attempt % 2:

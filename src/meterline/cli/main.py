@@ -105,6 +105,9 @@ def _run(
         _close(mark)  # on every way out: refused, failed, served
 
 
+_CLAIM_FAILED = "cannot claim the counters of the database (it went away meanwhile): {}"
+
+
 def _claim_and_serve(
     settings: Settings,
     services: Services | None,
@@ -126,14 +129,18 @@ def _claim_and_serve(
     except MeterlineError as exc:
         fail(exc.message)
     except DBAPIError as exc:  # the database went away while the claim was being taken
-        fail(f"cannot claim the counters of the database: {exc.orig}")
+        fail(_CLAIM_FAILED.format(exc.orig))
     try:
         if claim.alone and store != "memory":
             _first_of_shared(settings, store)
         claim.share()
-    except MeterlineError as exc:
-        claim.give_back()
-        fail(exc.message)
+    except BaseException as exc:
+        claim.give_back()  # its threads too, whatever ended the start
+        if isinstance(exc, MeterlineError):
+            fail(exc.message)
+        if isinstance(exc, DBAPIError):
+            fail(_CLAIM_FAILED.format(exc.orig))
+        raise
     lost: list[str] = []
 
     def stop(why: str) -> None:

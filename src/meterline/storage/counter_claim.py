@@ -75,8 +75,9 @@ _UNMARKED_S = 0.25
 # written back (each serving process writes it every KEEP_EVERY_S) before it concludes theirs is another.
 _MARK_WAIT_S = 3.0
 _TOKEN = re.compile(r"[0-9a-f]{32}")  # a mark, as ``RedisMark.make`` writes it
-# A process holding the kind without this Redis' lock counts in another only if it still does after
-# this many looks, this far apart (a newcomer being refused lets go within moments).
+# A process holding the kind without this Redis' lock counts in another (or one holding the other kind
+# serves) only if it still does after this many looks, this far apart (a newcomer being refused lets go
+# within moments).
 _FOREIGN_LOOKS = 3
 _FOREIGN_GAP_S = 0.2
 _LOST = (
@@ -262,7 +263,7 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             if _foreign(locks, store, beside):
                 raise _other_redis("another process", locks.shown, mark.where, locks.where)
             locks.require_beside(store, beside)
-        if locks.held(other):
+        if _other_kind(locks, other):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
         locks.exclude(other)
         if locks.try_exclusive("main"):
@@ -315,8 +316,13 @@ def _token(locks: _Locks, mark: StoreMark, kind: str) -> str:
             made = _asked(mark, mark.make)
             if made is not None:
                 return _checked(made, mark)
-            continue
-        if time.monotonic() > deadline:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"Redis at {mark.where} does not keep the key meterline:store (evicted, or read "
+                    "from a replica behind): give Meterline a Redis that keeps its keys",
+                    param="redis_url",
+                )
+        elif time.monotonic() > deadline:
             raise _other_redis("another process", locks.shown, mark.where, locks.where)
         time.sleep(0.1)
 
@@ -344,17 +350,29 @@ def _foreign(locks: _Locks, kind: str, beside: str) -> bool:
     """Whether a process counts in another Redis, as seen over a moment: a newcomer being refused, or one
     of the same Redis taking its locks again (in the order it first took them), holds the kind without
     this Redis' lock only for that long."""
-    for look in range(_FOREIGN_LOOKS):
-        if not locks.foreign(kind, beside):
+    return _over_a_moment(lambda: locks.foreign(kind, beside))
+
+
+def _other_kind(locks: _Locks, other: str) -> bool:
+    """Whether a process of the other shared kind serves, as seen over a moment: a newcomer of that kind
+    being refused holds it only for that long."""
+    return _over_a_moment(lambda: locks.held(other))
+
+
+def _over_a_moment(look: Callable[[], bool]) -> bool:
+    # Safe however short: a claimant holds its own locks from before its first look until it is refused
+    # (or for good), so of two that conflict, every look of the later one finds the earlier.
+    for attempt in range(_FOREIGN_LOOKS):
+        if not look():
             return False
-        if look < _FOREIGN_LOOKS - 1:
+        if attempt < _FOREIGN_LOOKS - 1:
             time.sleep(_FOREIGN_GAP_S)
     return True
 
 
 class _MarkWriter:
-    """Writes this process's Redis mark back every ``KEEP_EVERY_S`` for as long as it holds the claim
-    (from a thread of its own, from the claim on: a first process still resetting counts too): a Redis
+    """Writes this process's Redis mark back every ``KEEP_EVERY_S`` from the claim until it is given back
+    (from a thread of its own: a first process still resetting, or one whose session is gone, too): a Redis
     emptied, restarted without its data or failed over before a write reached its replica bears the
     mark again within a second, never waiting on a PostgreSQL check. Redis unreachable is said once,
     and tried again next time."""
@@ -551,7 +569,8 @@ class _AdvisoryLocks:
                 "tcp_user_timeout": 10_000,
             },
         )
-        # name -> modes this session holds ("x" exclusive, "s" shared), in the order first taken
+        # name -> modes this session holds ("x" exclusive, "s" shared), in the order taken (a name let go
+        # entirely and taken again goes last)
         self._held: dict[str, set[str]] = {}
         self._excluded: str | None = None  # the other shared kind, checked again when the claim is retaken
         self._beside: tuple[str, str] | None = None  # (kind, its Redis' lock): checked again as well
@@ -689,7 +708,7 @@ class _AdvisoryLocks:
                     for mode in sorted(modes):
                         if not self._take_again(name, mode):
                             return _LOST.format(database=self.shown)
-                if self._excluded is not None and self.held(self._excluded):
+                if self._excluded is not None and _other_kind(self, self._excluded):
                     return _LOST.format(database=self.shown)
                 if self._beside is not None and _foreign(self, *self._beside):
                     return _LOST.format(database=self.shown)

@@ -1067,8 +1067,8 @@ class RedisMark:
     (``storage/counter_claim.py``) compares what each Redis holds: the first process to claim a Redis
     marks it (``make``), every serving process writes the mark back each second (``write``: a Redis
     emptied or restarted without persistence has it again at once) and a newcomer holds the token's claim
-    beside its database's. Never in a call's path: a process reads it when it starts, and the claim's
-    watch writes it."""
+    beside its database's. Never in a call's path: a process reads it when it starts, and a thread of
+    the claim (``counter_claim._MarkWriter``) writes it each second."""
 
     def __init__(self, url: str, *, prefix: str = "meterline:", timeout_s: float = 1.0) -> None:
         self._send = (_Cluster if is_cluster_url(url) else _Standalone)(url, 1, timeout_s)
