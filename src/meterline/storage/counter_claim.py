@@ -611,14 +611,19 @@ class _AdvisoryLocks:
     def try_shared(self, name: str) -> bool:
         return self._lock(name, "s")
 
-    def held(self, name: str) -> bool:
-        # Looked up, not probed: two processes probing one lock at once would each find it taken.
+    def _any_holder(self, name: str, where: str, beside: str | None = None) -> bool:
+        """Whether a session holds lock ``name`` as ``where`` says (on the columns pid and mode; the
+        parameter ``beside`` names a second lock): looked up in ``pg_locks``, never probed, since a
+        probe holds the lock a moment and makes another's probe or ``try_*`` fail."""
+        keys = {"key": claim_key(name)} | ({} if beside is None else {"beside": claim_key(beside)})
         found = self._conn.execute(
-            text(f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE pid <> pg_backend_pid()"),
-            {"key": claim_key(name)},
+            text(f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE {where}"), keys
         ).scalar()
         self._conn.commit()
         return bool(found)
+
+    def held(self, name: str) -> bool:
+        return self._any_holder(name, "pid <> pg_backend_pid()")
 
     def unlock(self, name: str) -> None:
         self._ask("pg_advisory_unlock", name)
@@ -646,28 +651,16 @@ class _AdvisoryLocks:
             raise RuntimeError("the counters' reset mark is held by another session")
 
     def resetting(self) -> bool:
-        # Looked up, not probed: a probe holding the mark for a moment would keep its maker from taking it.
-        held = self._conn.execute(
-            text(f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE mode = 'ExclusiveLock'"),
-            {"key": claim_key("resetting")},
-        ).scalar()
-        self._conn.commit()
-        return bool(held)
+        return self._any_holder("resetting", "mode = 'ExclusiveLock'")
 
     def exclude(self, name: str) -> None:
         self._excluded = name
 
     def foreign(self, kind: str, name: str) -> bool:
         # Sessions sharing the kind's lock (a claim holds it shared) without the lock of this Redis.
-        row = self._conn.execute(
-            text(
-                f"SELECT count(*) FROM ({_HOLDERS}) holders WHERE mode = 'ShareLock' "
-                f"AND pid NOT IN (SELECT pid FROM ({_holders('beside')}) theirs)"
-            ),
-            {"key": claim_key(kind), "beside": claim_key(name)},
-        ).scalar()
-        self._conn.commit()
-        return bool(row)
+        return self._any_holder(
+            kind, f"mode = 'ShareLock' AND pid NOT IN (SELECT pid FROM ({_holders('beside')}) theirs)", name
+        )
 
     def require_beside(self, kind: str, name: str) -> None:
         self._beside = (kind, name)
