@@ -23,8 +23,10 @@ import httpx
 import psycopg
 import pytest
 import redis
+from sqlalchemy import text
 
-from meterline.errors import MeterlineError
+from meterline.errors import ConfigError, MeterlineError
+from meterline.storage import counter_claim
 from meterline.storage.counter_claim import Claim, claim_counters, claim_key
 from meterline.storage.redis_counters import RedisMark
 from servers import (
@@ -677,3 +679,73 @@ def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_pat
         for pid in started:  # whatever the outcome, nothing is left running
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_claim_retaken_while_a_newcomer_of_its_kind_resets_is_kept(pg_config: tuple[Path, str]) -> None:
+    # PostgreSQL restarts; before the serving process takes its claim again, a newcomer with the same
+    # (shared) counters finds no one, claims alone and resets. The first must wait for the reset and
+    # share the claim (the two count in one place), not stop as if another kind had taken it.
+    config, conninfo = pg_config
+    url = _database_url(config)
+    first = claim_counters(url, "database")
+    first.share()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            _end_claim_session(admin)
+            deadline = time.monotonic() + 10
+            while _claim_holders(admin):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        second = claim_counters(url, "database")
+        try:
+            assert second.alone  # it resets, holding the claim exclusively meanwhile
+            assert first.keep() is None  # not lost: waiting for the reset
+            second.share()
+            assert first.keep() is None
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                assert len(_claim_holders(admin)) == 2  # the first holds its claim again
+        finally:
+            second.give_back()
+    finally:
+        first.give_back()
+
+
+def test_a_newcomer_that_waited_out_a_long_reset_says_so(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first process to serve resets its counters and recovers what was left reserved (long, after a
+    # big outage); a second one gives up waiting for it, and must say why, not blame in-process counters.
+    url = _database_url(config)
+    first = claim_counters(url, "database")
+    try:
+        assert first.alone
+        monkeypatch.setattr(counter_claim, "_SHARE_WAIT_S", 0.5)
+        with pytest.raises(ConfigError) as refused:
+            claim_counters(url, "database")
+        message = str(refused.value)
+        assert "in-process counters" not in message
+        assert "still resetting" in message, message
+    finally:
+        first.give_back()
+
+
+def test_the_claims_session_asks_the_server_to_find_a_vanished_host_out(pg_config: tuple[Path, str]) -> None:
+    # A host that loses power leaves its claim's session open on the server until the server's own TCP
+    # keepalive gives up on it (about two hours by default): every replacement would be refused
+    # meanwhile. The claim's session asks the server to probe within seconds.
+    config, _conninfo = pg_config
+    claim = claim_counters(_database_url(config), "memory")
+    try:
+        locks = claim._give_back.__self__  # the claim's PostgreSQL locks (``_AdvisoryLocks``)
+        asked = {
+            name: locks._conn.execute(text(f"SHOW {name}")).scalar()
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+        }
+        locks._conn.commit()
+        assert asked == {
+            "tcp_keepalives_idle": "5",
+            "tcp_keepalives_interval": "2",
+            "tcp_keepalives_count": "3",
+        }
+    finally:
+        claim.give_back()

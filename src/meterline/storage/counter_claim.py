@@ -24,7 +24,8 @@ serving, and only then shares the claim.
 Locks: on SQLite, ``flock`` on files beside the database (``<db>.counters.lock``,
 ``<db>.counters.<kind>.lock``, and ``<db>.counters.redis@<token>.lock`` per Redis ever used; the kernel
 drops them when the process ends, however it ends); on PostgreSQL, session advisory locks on a
-connection of the claim's own (dropped with the connection or the process). An in-memory SQLite
+connection of the claim's own (dropped with the connection or the process, or with the host: the
+session asks the server to probe it, ``_SERVER_KEEPALIVES``). An in-memory SQLite
 database is one process's anyway. Management commands (``reconcile``, ``verify``...) decide no quotas
 and do not claim.
 
@@ -32,7 +33,8 @@ A session can end while its process serves on (a restart or failover of PostgreS
 timeout), and its locks with it: nothing would then stop a second process from claiming what the first
 still uses. So the serving process watches its claim (``Claim.keep_alive``, one query a second) and
 takes it again on a new connection; if another process took it meanwhile, the serving process is told
-to stop (it cannot know that the other's counters see its reservations).
+to stop (it cannot know that the other's counters see its reservations). A newcomer of the same shared
+kind that found itself alone in that gap is waited for instead: once its reset is over both share.
 """
 
 from __future__ import annotations
@@ -205,6 +207,15 @@ def _shared_refusal(who: str, database: object, store: str, other: str, where: s
     )
 
 
+def _still_resetting(database: object, where: str = "") -> ConfigError:
+    return ConfigError(
+        f"the first process to serve {database}{where} is still resetting its counters and settling what "
+        f"was left reserved (for over {_SHARE_WAIT_S:.0f} s: many reservations, left by a long outage or "
+        "a crash under load). Start this process again once that one serves (its /readyz answers)",
+        param="counters",
+    )
+
+
 def _other_redis(who: str, database: object, redis: str, where: str = "") -> ConfigError:
     return ConfigError(
         f"{who} serves {database}{where} with its counters in another Redis than this one ({redis}): "
@@ -278,12 +289,15 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             return Claim(True, share, locks.close, locks.keeper(), _started(marking))
 
         unmarked_since: list[float] = []
+        resetting: list[bool] = []  # whether the last look found a first claimant resetting
 
         def joined() -> bool:
+            resetting.clear()
             if locks.try_shared("main"):
                 return True
             if locks.resetting():
                 unmarked_since.clear()
+                resetting.append(True)
                 return False
             # Held for good, by a process with in-process counters; or for a moment, by a first shared
             # claimant between taking it and marking its reset: only a hold that stays unmarked is the
@@ -295,6 +309,8 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
 
         if not _waiting(joined):
+            if resetting:
+                raise _still_resetting(locks.shown, locks.where)
             raise _shared_refusal(locks.holder(), locks.shown, store, "memory", locks.where)
         return Claim(False, lambda: None, locks.close, locks.keeper(), _started(marking))
     except BaseException:
@@ -547,6 +563,22 @@ def _holders(key: str) -> str:
 
 _HOLDERS = _holders("key")
 _Session = tuple[int, Any]  # (backend pid, backend_start)
+# What a claim's session asks the server, beside the client's own keepalives: a host that vanished
+# (power lost, cut off) leaves its session open on the server until the server's TCP keepalive gives up
+# on it, about two hours by default, and every process claiming meanwhile would be refused. Probed
+# after 5 s idle, given up on within ~11 s (ignored on a Unix socket; tcp_user_timeout needs 12+).
+_SERVER_KEEPALIVES = (
+    ("tcp_keepalives_idle", 5),
+    ("tcp_keepalives_interval", 2),
+    ("tcp_keepalives_count", 3),
+    ("tcp_user_timeout", 10_000),
+)
+
+
+class _NotYet(Exception):
+    """A lock of the claim is not to be had again yet, and not lost either: a newcomer of the same kind
+    holds it while it resets (it shares it next), or this claim's own former session has not let go of
+    it yet. The claim is taken again next time."""
 
 
 class _AdvisoryLocks:
@@ -576,6 +608,7 @@ class _AdvisoryLocks:
         self._beside: tuple[str, str] | None = None  # (kind, its Redis' lock): checked again as well
         self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
         self._former: set[_Session] = set()  # the sessions this claim had before its current one
+        self._unmarked_since: float | None = None  # "main" first found held exclusively, unmarked
         self._guard = threading.Lock()  # the watch's thread and ``close`` never share the connection
         self._closed = False
         try:
@@ -588,6 +621,14 @@ class _AdvisoryLocks:
             ) from None
 
     def _current_session(self) -> _Session:
+        for setting, value in _SERVER_KEEPALIVES:
+            try:
+                self._conn.execute(text(f"SET {setting} = {value}"))
+                self._conn.commit()
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise
+                self._conn.rollback()  # a server without it (tcp_user_timeout before 12)
         row = self._conn.execute(
             text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
         ).one()
@@ -706,10 +747,10 @@ class _AdvisoryLocks:
                 if self._beside is not None and _foreign(self, *self._beside):
                     return _LOST.format(database=self.shown)
                 self._end_former()
-            except DBAPIError:
+            except (DBAPIError, _NotYet):
                 with contextlib.suppress(Exception):
                     self._conn.close()  # no lock half taken again is left held until next time
-                return None  # unreachable, or lost again: next time
+                return None  # unreachable, lost again, or not to be had yet: next time
             log.info(
                 "the counters claim was taken again, %.1f s after its session was found gone",
                 time.monotonic() - self._gone_since,
@@ -728,11 +769,30 @@ class _AdvisoryLocks:
                 for pid, start, _mode in self._conn.execute(text(_HOLDERS), {"key": claim_key(name)})
             }
             self._conn.commit()
-            if holders - self._former or time.monotonic() > deadline:
+            if holders - self._former:
+                if name == "main" and mode == "s" and self._newcomer_resetting():
+                    raise _NotYet
                 return False
+            if time.monotonic() > deadline:
+                raise _NotYet  # only this claim's own former sessions hold it: they are ended next time
             self._terminate(holders)
             time.sleep(0.05)
+        if name == "main":
+            self._unmarked_since = None
         return True
+
+    def _newcomer_resetting(self) -> bool:
+        """Whether "main", held exclusively by another session, is held by a newcomer of this shared kind
+        that found itself alone (the claim's gap) and resets: it shares it when done, and the two then
+        count in one place. A first claimant marks its reset a moment after taking the lock, so a hold
+        found unmarked is taken for one of in-process counters only once it stays so."""
+        if self.resetting():
+            self._unmarked_since = None
+            return True
+        now = time.monotonic()
+        if self._unmarked_since is None:
+            self._unmarked_since = now
+        return now - self._unmarked_since < _UNMARKED_S
 
     def _end_former(self) -> None:
         """Former sessions the server still keeps (holding shared locks beside the new one, they would
