@@ -737,15 +737,30 @@ def test_the_claims_session_asks_the_server_to_find_a_vanished_host_out(pg_confi
     claim = claim_counters(_database_url(config), "memory")
     try:
         locks = claim._give_back.__self__  # the claim's PostgreSQL locks (``_AdvisoryLocks``)
-        asked = {
-            name: locks._conn.execute(text(f"SHOW {name}")).scalar()
-            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
-        }
+        names = ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count"]
+        names.append("statement_timeout")
+        asked = {name: locks._conn.execute(text(f"SHOW {name}")).scalar() for name in names}
         locks._conn.commit()
         assert asked == {
             "tcp_keepalives_idle": "5",
             "tcp_keepalives_interval": "2",
             "tcp_keepalives_count": "3",
+            "statement_timeout": "5s",  # nor does the watch hang on a server that stalls
         }
     finally:
         claim.give_back()
+
+
+def test_a_claim_lock_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    # The claim's lock file beside the SQLite file cannot be opened (left by another user's `sudo
+    # meterline serve`, say; here a directory in its place, since the tests run as root): `serve` says
+    # which file and what to do, with no traceback.
+    database = tmp_path / "meterline.db"
+    (tmp_path / "meterline.db.counters.lock").mkdir()
+    config = tmp_path / "meterline.toml"
+    config.write_text(
+        f'database_url = "sqlite:///{database}"\nadmin_key = "{ADMIN_KEY}"\n'
+        f'signing_key_file = "{tmp_path / "signing-key.json"}"\n'
+    )
+    message = _refusal(config, tmp_path)
+    assert f"cannot open {tmp_path / 'meterline.db.counters.lock'}" in message, message

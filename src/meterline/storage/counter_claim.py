@@ -25,7 +25,7 @@ Locks: on SQLite, ``flock`` on files beside the database (``<db>.counters.lock``
 ``<db>.counters.<kind>.lock``, and ``<db>.counters.redis@<token>.lock`` per Redis ever used; the kernel
 drops them when the process ends, however it ends); on PostgreSQL, session advisory locks on a
 connection of the claim's own (dropped with the connection or the process, or with the host: the
-session asks the server to probe it, ``_SERVER_KEEPALIVES``). An in-memory SQLite
+session asks the server to probe it, ``_SESSION_SETTINGS``). An in-memory SQLite
 database is one process's anyway. Management commands (``reconcile``, ``verify``...) decide no quotas
 and do not claim.
 
@@ -467,7 +467,15 @@ class _FileLocks:
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
         if fd is None:
-            fd = self._fds[name] = os.open(self._path(name), os.O_RDWR | os.O_CREAT, 0o600)
+            path = self._path(name)
+            try:
+                fd = self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:  # another user's file (an earlier `sudo meterline serve`), say
+                raise ConfigError(
+                    f"cannot open {path}, the counters' claim beside the database: {exc.strerror}. Give "
+                    "it to the user that serves (chown), or remove it while no process serves",
+                    param="database_url",
+                ) from None
         return fd
 
     def _flock(self, name: str, how: int) -> bool:
@@ -567,11 +575,14 @@ _Session = tuple[int, Any]  # (backend pid, backend_start)
 # (power lost, cut off) leaves its session open on the server until the server's TCP keepalive gives up
 # on it, about two hours by default, and every process claiming meanwhile would be refused. Probed
 # after 5 s idle, given up on within ~11 s (ignored on a Unix socket; tcp_user_timeout needs 12+).
-_SERVER_KEEPALIVES = (
+# And a statement timeout: the watch, and so a shutdown, never hangs on a server that stalls but still
+# acknowledges (every query of the claim is a look, never a wait).
+_SESSION_SETTINGS = (
     ("tcp_keepalives_idle", 5),
     ("tcp_keepalives_interval", 2),
     ("tcp_keepalives_count", 3),
     ("tcp_user_timeout", 10_000),
+    ("statement_timeout", 5_000),
 )
 
 
@@ -621,7 +632,7 @@ class _AdvisoryLocks:
             ) from None
 
     def _current_session(self) -> _Session:
-        for setting, value in _SERVER_KEEPALIVES:
+        for setting, value in _SESSION_SETTINGS:
             try:
                 self._conn.execute(text(f"SET {setting} = {value}"))
                 self._conn.commit()
