@@ -329,13 +329,13 @@ def test_two_processes_starting_at_once_with_different_redis_never_both_claim(
     marks = [RedisMark(redis_url_clean), RedisMark(other.url)]
     try:
         for attempt in range(4):
-            for mark in marks:
-                mark.write(uuid.uuid4().hex)  # marked (another each time)...
-            if attempt % 2:
-                for redis_url in (redis_url_clean, other.url):
-                    client = redis.Redis.from_url(redis_url)
-                    client.delete("meterline:store")  # ...or fresh
-                    client.close()
+            for redis_url in (redis_url_clean, other.url):
+                client = redis.Redis.from_url(redis_url)
+                if attempt % 2:
+                    client.delete("meterline:store")  # fresh...
+                else:
+                    client.set("meterline:store", uuid.uuid4().hex)  # ...or marked (another each time)
+                client.close()
             claims, refusals = _claim_at_once(url, marks)
             try:
                 assert len(claims) <= 1, "two processes with different Redis both claimed one database"
@@ -764,3 +764,49 @@ def test_a_claim_lock_file_that_cannot_be_opened_is_named(tmp_path: Path) -> Non
     )
     message = _refusal(config, tmp_path)
     assert f"cannot open {tmp_path / 'meterline.db.counters.lock'}" in message, message
+
+
+def test_a_claim_retaken_after_its_redis_was_emptied_and_marked_anew_follows_the_mark(
+    pg_config: tuple[Path, str], redis_url_clean: str
+) -> None:
+    # PostgreSQL and Redis (without persistence) restart together: the serving process's claim is gone
+    # and so is its Redis' mark. A newcomer on the same Redis finds no one, marks the Redis anew and
+    # claims. The first, taking its claim again, must follow the new mark (both count in one Redis),
+    # neither stop as if the newcomer counted elsewhere nor write its old mark over the new one.
+    config, conninfo = pg_config
+    url = _database_url(config)
+    first_mark, second_mark, third_mark = (RedisMark(redis_url_clean) for _ in range(3))
+    first = claim_counters(url, "redis", first_mark)
+    first.share()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            _end_claim_session(admin)
+            deadline = time.monotonic() + 10
+            while _claim_holders(admin):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        client = redis.Redis.from_url(redis_url_clean)
+        old = client.get("meterline:store")
+        client.flushall()
+        second = claim_counters(url, "redis", second_mark)
+        try:
+            new = client.get("meterline:store")
+            assert new is not None
+            assert new != old
+            second.share()
+            time.sleep(2.5)  # the first's mark writer had its turns meanwhile
+            assert client.get("meterline:store") == new  # not written over
+            assert first.keep() is None  # taken again, following the new mark
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                assert len(_claim_holders(admin)) == 2
+            third = claim_counters(url, "redis", third_mark)  # a newcomer joins both
+            third.give_back()
+            time.sleep(1.5)
+            assert client.get("meterline:store") == new
+        finally:
+            second.give_back()
+        client.close()
+    finally:
+        first.give_back()
+        for mark in (first_mark, second_mark, third_mark):
+            mark.close()

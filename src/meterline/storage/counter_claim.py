@@ -13,7 +13,8 @@ Counting in Redis, every process must count in the **same** Redis: ``localhost``
 different one. Each Redis a database's counters are kept in carries a mark (a random token,
 ``RedisMark``), and a process holds a lock named by its Redis' token beside its kind's: a newcomer whose
 Redis bears another token (or none, while others count) is refused. Every serving process writes its
-mark back each second, so a Redis emptied meanwhile bears it again before a newcomer gives up on it.
+mark back each second where it is missing (never over another), so a Redis emptied meanwhile bears it
+again before a newcomer gives up on it; a claim taken again follows the mark its Redis bears by then.
 (A Redis restored from another's data bears that one's mark: the two are one to the claim.)
 
 A claimant of a shared kind that finds itself **alone** says so (``Claim.alone``): every reservation
@@ -104,7 +105,7 @@ class StoreMark(Protocol):
 
     def read(self) -> str | None: ...
     def make(self) -> str | None: ...
-    def write(self, token: str) -> None: ...
+    def keep(self, token: str) -> str | None: ...
 
 
 def claim_key(name: str) -> int:
@@ -244,7 +245,7 @@ class _Locks(Protocol):
     def keeper(self) -> Callable[[], str | None] | None: ...
     def exclude(self, name: str) -> None: ...
     def foreign(self, kind: str, name: str) -> bool: ...
-    def require_beside(self, kind: str, name: str) -> None: ...
+    def require_beside(self, kind: str, name: str, follow: Callable[[], str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -263,17 +264,17 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             beside = f"{store}@{token}"
             if not _waiting(lambda: locks.try_shared(beside)):
                 raise _other_redis("another process", locks.shown, mark.where, locks.where)
-            marking = _MarkWriter(mark, token)
+            marking = _MarkWriter(mark, token, store)
         # Own kind first, then a look at the other's: two processes of different kinds starting at once
         # cannot both miss each other.
         if not _waiting(lambda: locks.try_shared(store)):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
-        if mark is not None:
+        if mark is not None and marking is not None:  # (one is set with the other)
             # Two newcomers with different Redis starting at once: each has taken both locks before it
             # looks, and holds them until it is refused, so whichever looks later sees the other.
             if _foreign(locks, store, beside):
                 raise _other_redis("another process", locks.shown, mark.where, locks.where)
-            locks.require_beside(store, beside)
+            locks.require_beside(store, beside, marking.follow)
         if _other_kind(locks, other):
             raise _shared_refusal("another process", locks.shown, store, other, locks.where)
         locks.exclude(other)
@@ -391,10 +392,16 @@ class _MarkWriter:
     (from a thread of its own: a first process still resetting, or one whose session is gone, too): a Redis
     emptied, restarted without its data or failed over before a write reached its replica bears the
     mark again within a second, never waiting on a PostgreSQL check. Redis unreachable is said once,
-    and tried again next time."""
+    and tried again next time.
 
-    def __init__(self, mark: StoreMark, token: str) -> None:
-        self._mark, self._token = mark, token
+    Never over another mark: one is written only where none is (``StoreMark.keep``). Another can appear
+    only while no process held the claim (a newcomer marks a Redis only then): PostgreSQL and Redis
+    restarted together, and a newcomer came first. Each would otherwise write its own over the other's
+    every second. The claim taken again then follows the Redis' mark (``follow``), as the newcomer's does."""
+
+    def __init__(self, mark: StoreMark, token: str, kind: str) -> None:
+        self._mark, self._kind = mark, kind
+        self.token = token  # set by the claim's watch (``follow``), read here: one assignment
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meterline-counters-mark", daemon=True)
 
@@ -405,12 +412,29 @@ class _MarkWriter:
         failing = False
         while not self._done.wait(KEEP_EVERY_S):
             try:
-                self._mark.write(self._token)
+                self._mark.keep(self.token)
                 failing = False
             except Exception as exc:  # whatever the client raises: the mark waits for the next time
                 if not failing:
                     log.warning("writing this process's mark in Redis (%s) failed: %s", self._mark.where, exc)
                 failing = True
+
+    def follow(self) -> str:
+        """The lock named by the Redis' mark now, this process's written back where it is missing: for a
+        claim taken again (another mark, made while no process held the claim, is followed from now on).
+        Redis unreachable or holding no valid mark: this process's, as before."""
+        try:
+            found = self._mark.keep(self.token)
+        except Exception:  # whatever the client raises: which Redis this is cannot be known now
+            found = None
+        if found is not None and found != self.token and _TOKEN.fullmatch(found):
+            log.warning(
+                "Redis at %s was marked anew while this process's counters claim was gone (Redis emptied "
+                "or restarted without its data meanwhile): following its mark",
+                self._mark.where,
+            )
+            self.token = found
+        return f"{self._kind}@{self.token}"
 
     def stop(self) -> None:
         self._done.set()
@@ -542,7 +566,7 @@ class _FileLocks:
                 os.close(fd)  # drops the probe's lock
         return False
 
-    def require_beside(self, kind: str, name: str) -> None:
+    def require_beside(self, kind: str, name: str, follow: Callable[[], str]) -> None:
         return None  # as ``exclude``
 
     def _write(self, content: str) -> None:
@@ -617,6 +641,7 @@ class _AdvisoryLocks:
         self._held: dict[str, set[str]] = {}
         self._excluded: str | None = None  # the other shared kind, checked again when the claim is retaken
         self._beside: tuple[str, str] | None = None  # (kind, its Redis' lock): checked again as well
+        self._follow: Callable[[], str] | None = None  # the Redis' lock as its mark names it now
         self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
         self._former: set[_Session] = set()  # the sessions this claim had before its current one
         self._unmarked_since: float | None = None  # "main" first found held exclusively, unmarked
@@ -714,8 +739,20 @@ class _AdvisoryLocks:
             kind, f"mode = 'ShareLock' AND pid NOT IN (SELECT pid FROM ({_holders('beside')}) theirs)", name
         )
 
-    def require_beside(self, kind: str, name: str) -> None:
+    def require_beside(self, kind: str, name: str, follow: Callable[[], str]) -> None:
         self._beside = (kind, name)
+        self._follow = follow
+
+    def _follow_the_mark(self) -> None:
+        """The Redis' lock taken again under the name its mark has now (it was marked anew while this
+        claim was gone, ``_MarkWriter``), in the place of the former one."""
+        if self._beside is None or self._follow is None:
+            return
+        kind, former = self._beside
+        now = self._follow()
+        if now != former:
+            self._held = {now if name == former else name: modes for name, modes in self._held.items()}
+            self._beside = (kind, now)
 
     def keeper(self) -> Callable[[], str | None] | None:
         return self._keep
@@ -748,6 +785,7 @@ class _AdvisoryLocks:
             try:
                 self._conn = self._engine.connect()
                 self._session = self._current_session()
+                self._follow_the_mark()
                 # In the order they were first taken (a Redis' lock before its kind's: ``_claim``).
                 for name, modes in list(self._held.items()):
                     for mode in sorted(modes):

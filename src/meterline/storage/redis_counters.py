@@ -1065,10 +1065,10 @@ class RedisMark:
     Processes that serve one database must count in one Redis. Their URLs cannot tell (``localhost`` on
     every machine names a different Redis; two spellings can name one), so the counters' claim
     (``storage/counter_claim.py``) compares what each Redis holds: the first process to claim a Redis
-    marks it (``make``), every serving process writes the mark back each second (``write``: a Redis
-    emptied or restarted without persistence has it again at once) and a newcomer holds the token's claim
-    beside its database's. Never in a call's path: a process reads it when it starts, and a thread of
-    the claim (``counter_claim._MarkWriter``) writes it each second."""
+    marks it (``make``), every serving process writes the mark back each second where it is missing
+    (``keep``: a Redis emptied or restarted without persistence has it again at once) and a newcomer
+    holds the token's claim beside its database's. Never in a call's path: a process reads it when it
+    starts, and a thread of the claim (``counter_claim._MarkWriter``) writes it each second."""
 
     def __init__(self, url: str, *, prefix: str = "meterline:", timeout_s: float = 1.0) -> None:
         self._send = (_Cluster if is_cluster_url(url) else _Standalone)(url, 1, timeout_s)
@@ -1086,8 +1086,11 @@ class RedisMark:
         self._send("SET", self._key, uuid.uuid4().hex, "NX")
         return self.read()
 
-    def write(self, token: str) -> None:
-        self._send("SET", self._key, token)
+    def keep(self, token: str) -> str | None:
+        """``token`` written back if the key is missing (a Redis emptied or restarted without its data),
+        never over another: the token kept, this one or one another process wrote meanwhile."""
+        self._send("SET", self._key, token, "NX")
+        return self.read()
 
     def close(self) -> None:
         self._send.close()
