@@ -409,6 +409,17 @@ def _end_claim_session(admin: psycopg.Connection[Any]) -> set[int]:
     return holders
 
 
+def _claim_gone(conninfo: str) -> None:
+    """The claim's session ended (as a restart of PostgreSQL ends it), and its locks let go: the gap in
+    which a newcomer finds no one."""
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        _end_claim_session(admin)
+        deadline = time.monotonic() + 10
+        while _claim_holders(admin):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 SERVING = [pytest.param((), id="one-process"), pytest.param(("--workers", "2"), id="2-workers")]
 
 
@@ -592,12 +603,7 @@ def test_a_claim_retaken_after_another_redis_claimed_meanwhile_is_lost(
     first = claim_counters(url, "redis", first_mark)
     first.share()
     try:
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            _end_claim_session(admin)
-            deadline = time.monotonic() + 10
-            while _claim_holders(admin):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        _claim_gone(conninfo)
         second = claim_counters(url, "redis", second_mark)
         second.share()  # as it serves: the first's locks are all free to take again but for the Redis
         try:
@@ -690,12 +696,7 @@ def test_a_claim_retaken_while_a_newcomer_of_its_kind_resets_is_kept(pg_config: 
     first = claim_counters(url, "database")
     first.share()
     try:
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            _end_claim_session(admin)
-            deadline = time.monotonic() + 10
-            while _claim_holders(admin):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        _claim_gone(conninfo)
         second = claim_counters(url, "database")
         try:
             assert second.alone  # it resets, holding the claim exclusively meanwhile
@@ -779,20 +780,15 @@ def test_a_claim_retaken_after_its_redis_was_emptied_and_marked_anew_follows_the
     first = claim_counters(url, "redis", first_mark)
     first.share()
     try:
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            _end_claim_session(admin)
-            deadline = time.monotonic() + 10
-            while _claim_holders(admin):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        _claim_gone(conninfo)
         client = redis.Redis.from_url(redis_url_clean)
         old = client.get("meterline:store")
         client.flushall()
+        new = uuid.uuid4().hex.encode()
+        client.set("meterline:store", new)  # the newcomer's mark (``make``), before the first writes its own
         second = claim_counters(url, "redis", second_mark)
         try:
-            new = client.get("meterline:store")
-            assert new is not None
-            assert new != old
+            assert client.get("meterline:store") == new != old
             second.share()
             time.sleep(2.5)  # the first's mark writer had its turns meanwhile
             assert client.get("meterline:store") == new  # not written over
@@ -809,4 +805,31 @@ def test_a_claim_retaken_after_its_redis_was_emptied_and_marked_anew_follows_the
     finally:
         first.give_back()
         for mark in (first_mark, second_mark, third_mark):
+            mark.close()
+
+
+@pytest.mark.parametrize("newcomer", ["memory", "redis"])
+def test_a_claim_retaken_while_a_newcomer_of_another_kind_holds_it_is_lost_at_once(
+    pg_config: tuple[Path, str], redis_url_clean: str, newcomer: str
+) -> None:
+    # In the claim's gap a newcomer with in-process counters, or with its counters in Redis beside this
+    # one's in the database, claims (the latter alone, resetting). The first must stop at its first look,
+    # not wait for a reset that makes the two serve together.
+    config, conninfo = pg_config
+    url = _database_url(config)
+    first = claim_counters(url, "database")
+    first.share()
+    mark = RedisMark(redis_url_clean) if newcomer == "redis" else None
+    try:
+        _claim_gone(conninfo)
+        second = claim_counters(url, newcomer, mark)
+        try:
+            why = first.keep()
+            assert why is not None
+            assert "another process took this database's counters claim" in why
+        finally:
+            second.give_back()
+    finally:
+        first.give_back()
+        if mark is not None:
             mark.close()

@@ -245,7 +245,7 @@ class _Locks(Protocol):
     def keeper(self) -> Callable[[], str | None] | None: ...
     def exclude(self, name: str) -> None: ...
     def foreign(self, kind: str, name: str) -> bool: ...
-    def require_beside(self, kind: str, name: str, follow: Callable[[], str]) -> None: ...
+    def require_beside(self, kind: str, name: str, follow: Callable[[], str | None]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -410,24 +410,39 @@ class _MarkWriter:
 
     def _run(self) -> None:
         failing = False
+        other: str | None = None  # another mark found, said once
         while not self._done.wait(KEEP_EVERY_S):
             try:
-                self._mark.keep(self.token)
+                token = self.token
+                found = self._mark.keep(token)
                 failing = False
             except Exception as exc:  # whatever the client raises: the mark waits for the next time
                 if not failing:
                     log.warning("writing this process's mark in Redis (%s) failed: %s", self._mark.where, exc)
                 failing = True
+                continue
+            if found is not None and found != token and found != other and self.token == token:
+                other = found
+                log.warning(
+                    "Redis at %s bears another mark (%r) than this process's: a newcomer counting in it "
+                    "is refused while this process serves (it follows the mark when it next takes its "
+                    "claim again); the key meterline:store was changed by hand, or Redis restored from "
+                    "another's data",
+                    self._mark.where,
+                    found,
+                )
 
-    def follow(self) -> str:
+    def follow(self) -> str | None:
         """The lock named by the Redis' mark now, this process's written back where it is missing: for a
         claim taken again (another mark, made while no process held the claim, is followed from now on).
-        Redis unreachable or holding no valid mark: this process's, as before."""
+        None when Redis does not answer or holds no valid mark: which Redis this is is not known."""
         try:
             found = self._mark.keep(self.token)
-        except Exception:  # whatever the client raises: which Redis this is cannot be known now
-            found = None
-        if found is not None and found != self.token and _TOKEN.fullmatch(found):
+        except Exception:  # whatever the client raises: the claim is taken again next time
+            return None
+        if found is None or not _TOKEN.fullmatch(found):
+            return None
+        if found != self.token:
             log.warning(
                 "Redis at %s was marked anew while this process's counters claim was gone (Redis emptied "
                 "or restarted without its data meanwhile): following its mark",
@@ -455,6 +470,14 @@ def _waiting(attempt: Callable[[], bool]) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _unopenable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot open {path}, the counters' claim beside the database: {exc.strerror}. Give it to the "
+        "user that serves (chown), or remove it while no process serves",
+        param="database_url",
+    )
 
 
 def _probe(fd: int) -> bool:
@@ -495,11 +518,7 @@ class _FileLocks:
             try:
                 fd = self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:  # another user's file (an earlier `sudo meterline serve`), say
-                raise ConfigError(
-                    f"cannot open {path}, the counters' claim beside the database: {exc.strerror}. Give "
-                    "it to the user that serves (chown), or remove it while no process serves",
-                    param="database_url",
-                ) from None
+                raise _unopenable(path, exc) from None
         return fd
 
     def _flock(self, name: str, how: int) -> bool:
@@ -556,9 +575,11 @@ class _FileLocks:
             if path == mine:
                 continue
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDONLY)  # enough for flock, and for another user's file
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                raise _unopenable(path, exc) from None
             try:
                 if not _probe(fd):
                     return True
@@ -566,7 +587,7 @@ class _FileLocks:
                 os.close(fd)  # drops the probe's lock
         return False
 
-    def require_beside(self, kind: str, name: str, follow: Callable[[], str]) -> None:
+    def require_beside(self, kind: str, name: str, follow: Callable[[], str | None]) -> None:
         return None  # as ``exclude``
 
     def _write(self, content: str) -> None:
@@ -641,10 +662,10 @@ class _AdvisoryLocks:
         self._held: dict[str, set[str]] = {}
         self._excluded: str | None = None  # the other shared kind, checked again when the claim is retaken
         self._beside: tuple[str, str] | None = None  # (kind, its Redis' lock): checked again as well
-        self._follow: Callable[[], str] | None = None  # the Redis' lock as its mark names it now
+        self._follow: Callable[[], str | None] | None = None  # the Redis' lock as its mark names it now
         self._gone_since: float | None = None  # when the session was found gone (not yet taken again)
         self._former: set[_Session] = set()  # the sessions this claim had before its current one
-        self._unmarked_since: float | None = None  # "main" first found held exclusively, unmarked
+        self._waiting_said = False  # a retake waiting for a newcomer's reset has said so (once a gap)
         self._guard = threading.Lock()  # the watch's thread and ``close`` never share the connection
         self._closed = False
         try:
@@ -664,7 +685,8 @@ class _AdvisoryLocks:
             except DBAPIError as exc:
                 if exc.connection_invalidated:
                     raise
-                self._conn.rollback()  # a server without it (tcp_user_timeout before 12)
+                self._conn.rollback()  # a server without it (tcp_user_timeout before 12), a pooler's refusal
+                log.info("the counters claim's session could not set %s: %s", setting, exc.orig)
         row = self._conn.execute(
             text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
         ).one()
@@ -739,17 +761,20 @@ class _AdvisoryLocks:
             kind, f"mode = 'ShareLock' AND pid NOT IN (SELECT pid FROM ({_holders('beside')}) theirs)", name
         )
 
-    def require_beside(self, kind: str, name: str, follow: Callable[[], str]) -> None:
+    def require_beside(self, kind: str, name: str, follow: Callable[[], str | None]) -> None:
         self._beside = (kind, name)
         self._follow = follow
 
     def _follow_the_mark(self) -> None:
         """The Redis' lock taken again under the name its mark has now (it was marked anew while this
-        claim was gone, ``_MarkWriter``), in the place of the former one."""
+        claim was gone, ``_MarkWriter``), in the place of the former one. Which Redis this is cannot be
+        known without it: not yet, then."""
         if self._beside is None or self._follow is None:
             return
         kind, former = self._beside
         now = self._follow()
+        if now is None:
+            raise _NotYet
         if now != former:
             self._held = {now if name == former else name: modes for name, modes in self._held.items()}
             self._beside = (kind, now)
@@ -796,6 +821,8 @@ class _AdvisoryLocks:
                 if self._beside is not None and _foreign(self, *self._beside):
                     return _LOST.format(database=self.shown)
                 self._end_former()
+                self._former.clear()  # ended, or gone: none holds a lock of this claim any more
+                self._waiting_said = False
             except (DBAPIError, _NotYet):
                 with contextlib.suppress(Exception):
                     self._conn.close()  # no lock half taken again is left held until next time
@@ -826,22 +853,30 @@ class _AdvisoryLocks:
                 raise _NotYet  # only this claim's own former sessions hold it: they are ended next time
             self._terminate(holders)
             time.sleep(0.05)
-        if name == "main":
-            self._unmarked_since = None
         return True
 
     def _newcomer_resetting(self) -> bool:
-        """Whether "main", held exclusively by another session, is held by a newcomer of this shared kind
-        that found itself alone (the claim's gap) and resets: it shares it when done, and the two then
-        count in one place. A first claimant marks its reset a moment after taking the lock, so a hold
-        found unmarked is taken for one of in-process counters only once it stays so."""
-        if self.resetting():
-            self._unmarked_since = None
-            return True
-        now = time.monotonic()
-        if self._unmarked_since is None:
-            self._unmarked_since = now
-        return now - self._unmarked_since < _UNMARKED_S
+        """Whether "main", held exclusively by another session, is held by a newcomer of this claim's
+        kind (and Redis) that found itself alone in the claim's gap and resets: it shares it when done,
+        and the two then count in one place. A newcomer of the other kind, or of another Redis, holds
+        those locks through its reset: this claim is lost at once. A first claimant marks its reset a
+        moment after taking the lock, so a hold that stays unmarked ``_UNMARKED_S`` is one of in-process
+        counters."""
+        if self._excluded is not None and _other_kind(self, self._excluded):
+            return False
+        if self._beside is not None and _foreign(self, *self._beside):
+            return False
+        deadline = time.monotonic() + _UNMARKED_S
+        while not self.resetting():
+            if not self._any_holder("main", "mode = 'ExclusiveLock' AND pid <> pg_backend_pid()"):
+                return True  # let go meanwhile (shared after a reset, or gone): taken next time
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        if not self._waiting_said:
+            self._waiting_said = True
+            log.info("a newcomer with the same counters is resetting them: this claim is taken again after")
+        return True
 
     def _end_former(self) -> None:
         """Former sessions the server still keeps (holding shared locks beside the new one, they would
