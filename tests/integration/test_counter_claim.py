@@ -420,6 +420,28 @@ def _claim_gone(conninfo: str) -> None:
             time.sleep(0.05)
 
 
+def _lost_after_the_gap(
+    conninfo: str, first: Claim, url: str, store: str, mark: RedisMark | None, *, share: bool = True
+) -> None:
+    """``first`` (serving) loses its session; a newcomer counting with ``store`` (in ``mark``'s Redis)
+    claims in the gap (and shares its claim, as once it serves); the first, taking its claim again,
+    must find itself lost at its first look."""
+    first.share()
+    try:
+        _claim_gone(conninfo)
+        second = claim_counters(url, store, mark)
+        try:
+            if share:
+                second.share()
+            why = first.keep()
+            assert why is not None
+            assert "another process took this database's counters claim" in why
+        finally:
+            second.give_back()
+    finally:
+        first.give_back()
+
+
 SERVING = [pytest.param((), id="one-process"), pytest.param(("--workers", "2"), id="2-workers")]
 
 
@@ -600,20 +622,10 @@ def test_a_claim_retaken_after_another_redis_claimed_meanwhile_is_lost(
     url = _database_url(config)
     other = start_redis(tmp_path)
     first_mark, second_mark = RedisMark(redis_url_clean), RedisMark(other.url)
-    first = claim_counters(url, "redis", first_mark)
-    first.share()
     try:
-        _claim_gone(conninfo)
-        second = claim_counters(url, "redis", second_mark)
-        second.share()  # as it serves: the first's locks are all free to take again but for the Redis
-        try:
-            why = first.keep()
-            assert why is not None
-            assert "another process took this database's counters claim" in why
-        finally:
-            second.give_back()
+        # As it serves (shared): the first's locks are all free to take again but for the Redis.
+        _lost_after_the_gap(conninfo, claim_counters(url, "redis", first_mark), url, "redis", second_mark)
     finally:
-        first.give_back()
         first_mark.close()
         second_mark.close()
         other.stop()
@@ -817,19 +829,10 @@ def test_a_claim_retaken_while_a_newcomer_of_another_kind_holds_it_is_lost_at_on
     # not wait for a reset that makes the two serve together.
     config, conninfo = pg_config
     url = _database_url(config)
-    first = claim_counters(url, "database")
-    first.share()
     mark = RedisMark(redis_url_clean) if newcomer == "redis" else None
     try:
-        _claim_gone(conninfo)
-        second = claim_counters(url, newcomer, mark)
-        try:
-            why = first.keep()
-            assert why is not None
-            assert "another process took this database's counters claim" in why
-        finally:
-            second.give_back()
+        # Not shared: the one in Redis is still resetting, alone.
+        _lost_after_the_gap(conninfo, claim_counters(url, "database"), url, newcomer, mark, share=False)
     finally:
-        first.give_back()
         if mark is not None:
             mark.close()

@@ -633,8 +633,9 @@ _SESSION_SETTINGS = (
 
 class _NotYet(Exception):
     """A lock of the claim is not to be had again yet, and not lost either: a newcomer of the same kind
-    holds it while it resets (it shares it next), or this claim's own former session has not let go of
-    it yet. The claim is taken again next time."""
+    and Redis holds it while it resets (it shares it next), this claim's own former session has not let
+    go of it yet, or its Redis does not answer (which Redis it is cannot be known). The claim is taken
+    again next time."""
 
 
 class _AdvisoryLocks:
