@@ -1080,15 +1080,14 @@ class RedisMark:
         return None if found is None else found.decode() if isinstance(found, bytes) else str(found)
 
     def make(self) -> str | None:
-        """A new token, unless one is there already (set meanwhile by another process): the one kept.
-        Two commands, not ``SET ... NX GET``: redis-py's cluster client answers that one's reply as a
-        boolean."""
-        self._send("SET", self._key, uuid.uuid4().hex, "NX")
-        return self.read()
+        """A new token, unless one is there already (set meanwhile by another process): the one kept."""
+        return self.keep(uuid.uuid4().hex)
 
     def keep(self, token: str) -> str | None:
         """``token`` written back if the key is missing (a Redis emptied or restarted without its data),
-        never over another: the token kept, this one or one another process wrote meanwhile."""
+        never over another: the token kept, this one or one another process wrote meanwhile. Two
+        commands, not ``SET ... NX GET``: redis-py's cluster client answers that one's reply as a
+        boolean."""
         self._send("SET", self._key, token, "NX")
         return self.read()
 
