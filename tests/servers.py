@@ -667,11 +667,20 @@ def listening(port: int) -> int:
 
 
 def running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie has closed its files, its sockets with them: it does not)."""
+    """Whether ``pid`` still runs: any of its threads but a zombie. Killed, a process's first thread is a
+    zombie (``Z`` in ``/proc/PID/stat``) while its other threads still end, and the last of them to end
+    closes its files: a worker's listening socket takes new connections until then (and resets them)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
+    for thread in threads:
+        try:
+            if (thread / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def children(pid: int) -> list[int]:
@@ -685,6 +694,21 @@ def children(pid: int) -> list[int]:
                 continue
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
                 found.append(int(entry.name))
+    return found
+
+
+def _workers(pid: int) -> list[int]:
+    """The workers of the supervisor ``pid``: its children started by multiprocessing's spawn (not its
+    resource tracker, which has no socket). A child may end between the listing and the look at its
+    command line (the supervisor replacing a worker, the tracker's helpers): it is no worker then."""
+    found = []
+    for child in children(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(child)
     return found
 
 
@@ -724,6 +748,10 @@ class MeterlineServer:
                 pass
             assert time.monotonic() < deadline, f"{self.name} did not come up:\n{self.log()}"
             time.sleep(0.05)
+
+    def workers(self) -> list[int]:
+        """The pids of a ``--workers N`` server's workers (none before it started)."""
+        return [] if self.proc is None else _workers(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, open transactions die with the process."""

@@ -33,7 +33,6 @@ from servers import (
     METERLINE,
     MeterlineServer,
     PostgresServer,
-    children,
     free_port,
     running,
     start_redis,
@@ -678,9 +677,7 @@ def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_pat
     workers = MeterlineServer(config, tmp_path, "workers", ("--workers", "2"))
     workers.start()
     assert workers.proc is not None
-    started = [
-        p for p in children(workers.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
-    ]
+    started = workers.workers()
     assert len(started) == 2
     try:
         workers.kill()

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from servers import MeterlineServer as Server
-from servers import children, listening, make_tenant_over_http, running
+from servers import listening, make_tenant_over_http, running
 
 pytestmark = pytest.mark.slow
 
@@ -356,10 +356,6 @@ def test_a_sigkill_amid_concurrent_reservations_and_settles_loses_and_doubles_no
 
 
 # -- one worker of several killed ---------------------------------------------------------------------
-def _workers(server: Server) -> list[int]:
-    assert server.proc is not None
-    # uvicorn's supervisor's children: its workers (and multiprocessing's resource tracker, no socket).
-    return [p for p in children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
 
 
 def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations_recovered_once(
@@ -381,7 +377,7 @@ def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations
     try:
         port = int(server.base.rsplit(":", 1)[1])
         deadline = time.monotonic() + 30
-        while len(_workers(server)) < 2 or listening(port) < 2:  # both workers listen: none of it is lost
+        while len(server.workers()) < 2 or listening(port) < 2:  # both workers listen: none of it is lost
             assert time.monotonic() < deadline, "two workers did not start"
             time.sleep(0.1)
         headers = make_tenant(server.base)
@@ -396,7 +392,7 @@ def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations
             )
             assert answer.status_code == 201, answer.text
             held.append(answer.json()["id"])
-        victim = _workers(server)[0]
+        victim = server.workers()[0]
         os.kill(victim, signal.SIGKILL)
         # Gone: its listening socket closed. (A connection the kernel queued on that socket before then
         # is reset with it, unless net.ipv4.tcp_migrate_req hands it to another worker's: README.)
@@ -413,7 +409,7 @@ def test_a_worker_killed_mid_load_leaves_the_others_serving_and_its_reservations
             assert answer.status_code == 200, answer.text
         # The supervisor starts a new worker in its place.
         deadline = time.monotonic() + 30
-        while len(_workers(server)) < 2 or victim in _workers(server):
+        while len(server.workers()) < 2 or victim in server.workers():
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             time.sleep(0.2)
         # Past their lease, the open reservations are settled at their estimate by the reapers, each once.

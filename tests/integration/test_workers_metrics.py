@@ -22,7 +22,6 @@ import pytest
 
 from meterline.testing.fake_upstream import FakeUpstream
 from servers import MeterlineServer as Server
-from servers import children
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="workers get a socket each on Linux")
 
@@ -37,11 +36,6 @@ SCRAPES = 12
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream.start(api_key=UPSTREAM_KEY) as fake:
         yield fake
-
-
-def workers_of(server: Server) -> list[int]:
-    assert server.proc is not None
-    return [p for p in children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
 
 
 def scrape(base: str) -> str:
@@ -73,7 +67,7 @@ def test_every_scrape_counts_the_requests_of_every_worker(tmp_path: Path, upstre
     server.start()
     try:
         deadline = time.monotonic() + 30
-        while len(workers_of(server)) < 2:
+        while len(server.workers()) < 2:
             assert time.monotonic() < deadline, "two workers did not start"
             time.sleep(0.1)
         with httpx.Client(base_url=server.base, headers=ADMIN, timeout=30) as admin:
@@ -94,10 +88,10 @@ def test_every_scrape_counts_the_requests_of_every_worker(tmp_path: Path, upstre
         assert {sample(scrape(server.base), "meterline_reservations_in_flight") for _ in range(4)} == {0.0}
 
         # A worker killed and replaced: what it counted is still counted.
-        victim = workers_of(server)[0]
+        victim = server.workers()[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while victim in workers_of(server) or len(workers_of(server)) < 2:
+        while victim in server.workers() or len(server.workers()) < 2:
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             time.sleep(0.1)
         time.sleep(1)  # the replacement listening

@@ -20,16 +20,10 @@ import pytest
 from uvicorn.config import STARTUP_FAILURE
 
 from servers import MeterlineServer as Server
-from servers import children
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads connections on Linux")
 
 CONNECTIONS = 64
-
-
-def workers_of(server: Server) -> list[int]:
-    assert server.proc is not None
-    return [p for p in children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
 
 
 def sockets_on(pid: int, port: int, state: str) -> int:
@@ -66,7 +60,7 @@ def test_connections_that_arrive_together_are_spread_over_the_workers(tmp_path: 
         port = int(server.base.rsplit(":", 1)[1])
         deadline = time.monotonic() + 30
         # Both workers listening (a worker binds its socket as it starts and listens once its app is up).
-        while sum(sockets_on(pid, port, "0A") for pid in workers_of(server)) < 2:
+        while sum(sockets_on(pid, port, "0A") for pid in server.workers()) < 2:
             assert time.monotonic() < deadline, "two workers did not start listening"
             time.sleep(0.1)
 
@@ -78,7 +72,7 @@ def test_connections_that_arrive_together_are_spread_over_the_workers(tmp_path: 
 
         with ThreadPoolExecutor(max_workers=CONNECTIONS) as pool:
             opened = list(pool.map(connect, range(CONNECTIONS)))
-        held = {pid: sockets_on(pid, port, "01") for pid in workers_of(server)}
+        held = {pid: sockets_on(pid, port, "01") for pid in server.workers()}
         assert sum(held.values()) == CONNECTIONS, held
         # Spread by a hash of each connection's address: a quarter or more each (a worker getting fewer
         # than 16 of 64 happens once in ~20,000 runs); one shared socket often gave one worker all 64.
