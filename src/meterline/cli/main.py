@@ -105,7 +105,8 @@ def _run(
         _close(mark)  # on every way out: refused, failed, served
 
 
-_CLAIM_FAILED = "cannot claim the counters of the database (it went away meanwhile): {}"
+# The database's own error says why (it went away meanwhile, a file it cannot write, ...).
+_CLAIM_FAILED = "cannot claim the counters of the database: {}"
 
 
 def _claim_and_serve(
@@ -128,7 +129,7 @@ def _claim_and_serve(
         claim = claim_counters(settings.database_url, store, mark)
     except MeterlineError as exc:
         fail(exc.message)
-    except DBAPIError as exc:  # the database went away while the claim was being taken
+    except DBAPIError as exc:
         fail(_CLAIM_FAILED.format(exc.orig))
     try:
         if claim.alone and store != "memory":
