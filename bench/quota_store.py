@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,8")
     parser.add_argument("--skip-redis-benchmark", action="store_true")
     parser.add_argument("--skip-cluster", action="store_true", help="no 3-master Redis Cluster case")
+    parser.add_argument(
+        "--pin", action="store_true", help="Redis alone on the last CPU (as on a host of its own)"
+    )
     args = parser.parse_args(argv)
     thread_counts = [int(x) for x in args.threads.split(",")]
 
@@ -394,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
 
     server = start_redis()
     cluster = None if args.skip_cluster else start_redis_cluster()
+    if args.pin:
+        # Redis' main thread (which runs every command and script) alone on one CPU: what the store costs
+        # Redis when no client shares its core and cache.
+        cpus = sorted(os.sched_getaffinity(0))
+        assert server._process is not None
+        assert len(cpus) > 1, "--pin needs two CPUs"
+        os.sched_setaffinity(server._process.pid, {cpus[-1]})
+        os.sched_setaffinity(0, set(cpus[:-1]))
     try:
         probe = redis.Redis.from_url(server.url)
         version = str(probe.info("server")["redis_version"])
