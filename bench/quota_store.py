@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "--pin", action="store_true", help="Redis alone on the last CPU (as on a host of its own)"
     )
     args = parser.parse_args(argv)
+    if args.pin and not args.skip_cluster:
+        parser.error("--pin needs --skip-cluster (the cluster's nodes would share the pinned CPU)")
     thread_counts = [int(x) for x in args.threads.split(",")]
 
     from tests.servers import start_redis, start_redis_cluster
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None if args.skip_cluster else start_redis_cluster()
     if args.pin:
         # Redis' main thread (which runs every command and script) alone on one CPU: what the store costs
-        # Redis when no client shares its core and cache.
+        # Redis when no client shares its core. The threads this process starts later inherit its mask.
         cpus = sorted(os.sched_getaffinity(0))
         assert server._process is not None
         assert len(cpus) > 1, "--pin needs two CPUs"
@@ -471,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lines_per_hold": 6,
                 "seconds_per_case": args.seconds,
                 "repeat": args.repeat,
+                "redis_pinned": args.pin,
                 "machine": info,
                 "src_digest": digest,
                 "runs": [asdict(r) for r in runs],
