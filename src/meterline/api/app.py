@@ -94,14 +94,6 @@ async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
 log = logging.getLogger("meterline.api")
 
 
-def recover_all(services: Services, everything: bool, batch: int = 500) -> None:
-    """Recovery at start-up, in batches until a batch ends fewer than it could (what cannot even be
-    quarantined is skipped, so this never spins on it; the reaper looks again later)."""
-    for _ in range(1000):
-        if services.reservations.recover(everything=everything, limit=batch) < batch:
-            return
-
-
 def _seal_webhook_secrets(services: Services) -> None:
     """The start-up pass sealing webhook secrets still in the clear or under an older data key. It can
     never stop the server from starting: rows it cannot seal stay readable as they are, and the next
@@ -168,7 +160,7 @@ def create_app(
         # belongs to a process that is gone, so it is settled now. A shared store waits for the lease.
         everything = isinstance(services.counters, MemoryCounterStore)
         try:
-            await run_in_threadpool(recover_all, services, everything)
+            await run_in_threadpool(services.reservations.recover_all, everything=everything)
         except Exception as exc:
             # Nothing that recovery meets can stop the service from starting: a reservation that cannot
             # be settled is quarantined, and an outage is retried by the reaper below.

@@ -115,11 +115,10 @@ def _claim_and_serve(
     worker_args: dict[str, Any] | None,
     mark: RedisMark | None,
 ) -> None:
-    import uvicorn
+    # The web application is imported only where it serves (one process, or each worker): a refused
+    # start says so without loading it, and a supervisor never does.
     from sqlalchemy.exc import DBAPIError
 
-    from meterline.api.access_log import configure_access_log
-    from meterline.api.app import create_app
     from meterline.api.worker import WORKER_ARGS
     from meterline.storage.counter_claim import claim_counters
 
@@ -165,7 +164,7 @@ def _claim_and_serve(
     claim.keep_alive(stop)
     try:
         if count == 1:
-            _serve_one(settings, services, create_app, configure_access_log, uvicorn)
+            _serve_one(settings, services)
         else:
             assert worker_args is not None
             _prepare_workers(settings)
@@ -174,7 +173,7 @@ def _claim_and_serve(
                 worker_args
                 | {"host": settings.host, "port": settings.port, "workers": count, "supervisor": os.getpid()}
             )
-            _serve_workers(settings, count, uvicorn)
+            _serve_workers(settings, count)
     finally:
         claim.give_back()
         signal.signal(signal.SIGTERM, previous)
@@ -254,10 +253,11 @@ def _warn_when_connections_short(settings: Settings, count: int) -> None:
     )
 
 
-def _serve_workers(settings: Settings, count: int, uvicorn: Any) -> None:
+def _serve_workers(settings: Settings, count: int) -> None:
     """``count`` workers started, restarted and stopped by uvicorn's supervisor, each with a listening
     socket of its own where the system allows (``OwnListener``: the kernel spreads connections over
     them), else sharing one."""
+    import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     from meterline.api.worker import OwnListener, reuse_port_available
@@ -292,9 +292,12 @@ def _serve_workers(settings: Settings, count: int, uvicorn: Any) -> None:
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def _serve_one(
-    settings: Settings, services: Services | None, create_app: Any, configure_access_log: Any, uvicorn: Any
-) -> None:
+def _serve_one(settings: Settings, services: Services | None) -> None:
+    import uvicorn
+
+    from meterline.api.access_log import configure_access_log
+    from meterline.api.app import create_app
+
     try:
         close_access_log = configure_access_log(settings.access_log)
     except OSError as exc:
@@ -322,7 +325,6 @@ def _first_of_shared(settings: Settings, store: str) -> None:
     reservation left in the database belongs to a process that is gone, so it is settled now, and
     counters kept in the database are dropped first (another kind of counters may have served since they
     were last written; they reload from the ledger as they are needed)."""
-    from meterline.api.app import recover_all
     from meterline.storage.sql_counters import reset_counters
 
     services = build_services(settings)
@@ -330,7 +332,7 @@ def _first_of_shared(settings: Settings, store: str) -> None:
         if store == "database":
             with services.db.write() as conn:
                 reset_counters(conn)
-        recover_all(services, everything=True)
+        services.reservations.recover_all(everything=True)
     finally:
         services.close()
 

@@ -616,6 +616,13 @@ class Reservations:
             self._engine.release_holds([Release(held.id, held.organization_id)])
 
     # -- recovery ------------------------------------------------------------------------------------
+    def recover_all(self, *, everything: bool, batch: int = 500) -> None:
+        """Recovery at start-up, in batches until a batch ends fewer than it could (what cannot even be
+        quarantined is skipped, so this never spins on it; the reaper looks again later)."""
+        for _ in range(1000):
+            if self.recover(everything=everything, limit=batch) < batch:
+                return
+
     def recover(self, *, everything: bool = False, limit: int = 500) -> int:
         """Settle abandoned reservations at their estimate; move counters of holds whose row exists.
 
