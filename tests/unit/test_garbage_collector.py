@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 import meterline.api.app
 import meterline.api.worker
 from meterline.api import garbage_collector
-from meterline.api.access_log import configure_access_log
 from meterline.api.app import create_app
 from meterline.api.worker import WORKER_ARGS, application
 from meterline.cli.main import _serve_one
@@ -105,15 +105,11 @@ class _Recorder:
         return object()
 
 
-class _Uvicorn:
-    @staticmethod
-    def run(application: object, **options: Any) -> None:
-        pass
-
-
-def test_serve_in_one_process_tunes_the_collector(tmp_path: Path) -> None:
+def test_serve_in_one_process_tunes_the_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     made = _Recorder()
-    _serve_one(settings_in(tmp_path), None, made, configure_access_log, _Uvicorn)
+    monkeypatch.setattr(meterline.api.app, "create_app", made)
+    monkeypatch.setattr(uvicorn, "run", lambda application, **options: None)
+    _serve_one(settings_in(tmp_path), None)
     assert made.options.get("tune_collector") is True
 
 

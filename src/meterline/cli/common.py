@@ -7,15 +7,17 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from meterline.config import Settings, load_settings
 from meterline.errors import ConfigError, MeterlineError
-from meterline.services import Services, build_services
+
+if TYPE_CHECKING:  # imported where used: commands that ask a server never load the database's stack
+    from meterline.config import Settings
+    from meterline.services import Services
 
 out = Console()
 err = Console(stderr=True)
@@ -35,6 +37,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def settings_from(config: Path | None, database_url: str | None = None, **overrides: Any) -> Settings:
+    from meterline.config import load_settings
+
     try:
         return load_settings(config, database_url=database_url, **overrides)
     except ConfigError as exc:
@@ -45,6 +49,8 @@ def settings_from(config: Path | None, database_url: str | None = None, **overri
 def services_for(config: Path | None, database_url: str | None) -> Iterator[Services]:
     # The key file only when a command signs, verifies or seals: the others never create or read it.
     # No command here seals stored webhook secrets (only `serve` at start and `keys rotate` do).
+    from meterline.services import build_services
+
     services = build_services(settings_from(config, database_url), lazy_keys=True)
     try:
         yield services

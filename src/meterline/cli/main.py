@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from meterline.api import render
 from meterline.cli import reports
 from meterline.cli.common import (
     ConfigOption,
@@ -36,12 +35,13 @@ from meterline.cli.common import (
     settings_from,
 )
 from meterline.cli.quarantine import quarantine_app
-from meterline.config import Settings
 from meterline.errors import MeterlineError
-from meterline.money import parse_decimal
-from meterline.services import Services, build_services
 
+# What only some commands need is imported by them: a command that asks a server (usage, history, top,
+# export) never loads the database's stack, and starts in about half the time.
 if TYPE_CHECKING:
+    from meterline.config import Settings
+    from meterline.services import Services
     from meterline.storage.redis_counters import RedisMark
 
 app = typer.Typer(
@@ -325,6 +325,7 @@ def _first_of_shared(settings: Settings, store: str) -> None:
     reservation left in the database belongs to a process that is gone, so it is settled now, and
     counters kept in the database are dropped first (another kind of counters may have served since they
     were last written; they reload from the ledger as they are needed)."""
+    from meterline.services import build_services
     from meterline.storage.sql_counters import reset_counters
 
     services = build_services(settings)
@@ -373,6 +374,7 @@ def demo(
 
     from meterline.cli.demo_setup import print_banner, print_keys, simulated_routes, start_simulated_upstream
     from meterline.demo import is_seeded, seed_demo
+    from meterline.services import build_services
 
     admin_key = "ml_admin_" + secrets.token_hex(16)
     upstream = None if seed_only or config is not None else start_simulated_upstream()
@@ -443,6 +445,8 @@ def keygen() -> None:
 def _decimal_option(value: str | None, what: str) -> Decimal | None:
     if value is None:
         return None
+    from meterline.money import parse_decimal
+
     try:
         return parse_decimal(value, what=what)
     except ValueError as exc:
@@ -462,6 +466,8 @@ def orgs_create(
     as_json: JsonOption = False,
 ) -> None:
     """Create an organization."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         org = services.tenancy.create_organization(
             name,
@@ -479,6 +485,8 @@ def orgs_list(
     config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False
 ) -> None:
     """List organizations."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         orgs, _ = services.tenancy.list_organizations(limit=10_000)
         emit(
@@ -500,6 +508,8 @@ def workspaces_create(
     as_json: JsonOption = False,
 ) -> None:
     """Create a workspace in an organization."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         ws = services.tenancy.create_workspace(organization_id, name, group)
         emit([render.workspace(ws)], ["id", "organization_id", "name", "group"], as_json, "Created")
@@ -513,6 +523,8 @@ def workspaces_list(
     as_json: JsonOption = False,
 ) -> None:
     """List workspaces."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         items, _ = services.tenancy.list_workspaces(organization_id, limit=10_000)
         emit(
@@ -537,6 +549,8 @@ def keys_create(
     as_json: JsonOption = False,
 ) -> None:
     """Create an API key. The key is printed once and cannot be shown again."""
+    from meterline.api import render
+
     if scope not in ("workspace", "organization"):
         fail("--scope must be 'workspace' or 'organization'")
     with services_for(config, database_url) as services:
@@ -558,6 +572,8 @@ def keys_list(
     as_json: JsonOption = False,
 ) -> None:
     """List API keys (prefixes only: secrets are never stored)."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         items, _ = services.tenancy.list_keys(
             workspace_id=workspace_id, organization_id=organization_id, limit=10_000
@@ -575,6 +591,8 @@ def keys_revoke(
     key_id: str, config: ConfigOption = None, database_url: DatabaseOption = None, as_json: JsonOption = False
 ) -> None:
     """Revoke an API key; it stops working at once."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         key = services.tenancy.revoke_key(key_id)
         emit([render.api_key(key)], ["id", "name", "key_prefix", "revoked_at"], as_json, "Revoked")
@@ -604,6 +622,7 @@ def keys_rotate(
     default path is relative to the working directory) would seal the secrets with keys no server has.
     """
     from meterline.key_file import rotate_keys
+    from meterline.services import build_services
 
     settings = settings_from(config, database_url)
     key_file = Path(settings.signing_key_file)
@@ -772,6 +791,8 @@ def credits_grant(
     as_json: JsonOption = False,
 ) -> None:
     """Grant bonus credits (they never reset)."""
+    from meterline.api import render
+
     credits = _decimal_option(amount, "amount")
     assert credits is not None
     with services_for(config, database_url) as services:

@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from meterline.api import render
 from meterline.cli.common import ConfigOption, DatabaseOption, JsonOption, emit, services_for
 
 quarantine_app = typer.Typer(
@@ -30,6 +29,8 @@ def quarantine_list(
     as_json: JsonOption = False,
 ) -> None:
     """Open entries (every entry with --all), oldest first."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         entries, _total = services.quarantine.list(unresolved_only=not show_all, limit=1000, offset=0)
         rows = [render.quarantine_entry(e) for e in entries]
@@ -39,6 +40,8 @@ def quarantine_list(
 @quarantine_app.command("show")
 def quarantine_show(entry_id: str, config: ConfigOption = None, database_url: DatabaseOption = None) -> None:
     """One entry whole: the usage as it was held and the error."""
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         entry = services.reservations.quarantined(entry_id)  # services_for reports a MeterlineError
         typer.echo(json.dumps(render.quarantine_entry(entry), indent=2))
@@ -77,6 +80,8 @@ def _resolve(
     *,
     settle: bool,
 ) -> None:
+    from meterline.api import render
+
     with services_for(config, database_url) as services:
         if settle:
             services.reservations.settle_quarantined(entry_id, note)

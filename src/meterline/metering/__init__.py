@@ -1,9 +1,38 @@
 """Metering: usage records, the single settle path, the ledger and idempotent event ingestion."""
 
-from meterline.metering.events import EventOutcome, fingerprint, ingest
-from meterline.metering.records import LLM_REQUEST, LedgerRow, UsageRecord
-from meterline.metering.settle import Account, Settler
-from meterline.metering.store import AppendResult, LedgerStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meterline.metering.events import EventOutcome, fingerprint, ingest
+    from meterline.metering.records import LLM_REQUEST, LedgerRow, UsageRecord
+    from meterline.metering.settle import Account, Settler
+    from meterline.metering.store import AppendResult, LedgerStore
+
+# Each name loads with its module on first use: what needs only the records (the SDK verifying receipts,
+# the CLI asking a server) does not load the settle path and its price book (~0.25 s).
+_MODULES = {
+    "EventOutcome": "events",
+    "fingerprint": "events",
+    "ingest": "events",
+    "LLM_REQUEST": "records",
+    "LedgerRow": "records",
+    "UsageRecord": "records",
+    "Account": "settle",
+    "Settler": "settle",
+    "AppendResult": "store",
+    "LedgerStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "LLM_REQUEST",
