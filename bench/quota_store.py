@@ -4,6 +4,7 @@ decision as Redis itself counts them.
 Usage::
 
     .venv/bin/python bench/quota_store.py [--seconds 4] [--repeat 3] [--threads 1,8] [--skip-redis-benchmark]
+        [--skip-cluster] [--skip-memory] [--pin] [--output FILE]
 
 Each decision is what one API request costs the quota path: ``reserve`` of one hold with 6 lines (org
 daily tokens, org monthly tokens, org requests-per-minute and tokens-per-minute rolling windows, key
@@ -20,7 +21,7 @@ apart, so "round trips" = commands the client sent, "commands" = everything Redi
 and our script itself runs back to back (20,000 decisions pipelined: what one Redis serves when it is
 the bottleneck, and its Redis time per call).
 
-Prints a table and writes ``bench/results/quota_store.json``. Nothing is left running.
+Prints a table and writes ``bench/results/quota_store.json`` (or ``--output``). Nothing is left running.
 """
 
 from __future__ import annotations
@@ -390,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pin", action="store_true", help="Redis alone on the last CPU (as on a host of its own)"
     )
+    parser.add_argument("--skip-memory", action="store_true", help="no in-process store case")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"(default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.pin and not args.skip_cluster:
         parser.error("--pin needs --skip-cluster (the cluster's nodes would share the pinned CPU)")
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             ("memory", lambda n: measure("memory", MemoryCounterStore(), "org", n, args.seconds)),
             ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup)),
             ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup, spread=True)),
-        ]
+        ][1 if args.skip_memory else 0 :]
         if cluster is not None:
             ports = cluster.ports
             cases.append(
@@ -464,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {b['what']} | {b['clients']} | {b['per_s']:,.0f} | {b['p50_ms'] or '-'} | {script_us} |"
             )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
         json.dumps(
             {
                 "benchmark": "quota_store",
@@ -483,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    print(f"\nwrote {args.output}")
     return 0
 
 

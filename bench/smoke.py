@@ -14,7 +14,11 @@ It runs, one after the other (never two at once), each as a subprocess:
   clients ÷ the bare fake upstream's own (direct), and the server's CPU per sequential request and per
   stream (200 concurrent streams of 16 pieces);
 * the quota engine as ``bench/quota_engine.py`` drives it (``QuotaEngine.reserve`` + ``settle``, memory
-  counter store, one thread, one process): decisions/s, median of a few short runs.
+  counter store, one thread, one process): decisions/s, median of a few short runs;
+* ``bench/workers.py --skip-postgres --client wrk`` with one short round: requests/s of 2 workers ÷ 1 on
+  SQLite, gateway and events (needs ``wrk``: ``make bench-smoke`` installs Debian's);
+* ``bench/quota_store.py`` on one Redis, one organization, one thread: the script's Redis time per lone
+  decision (``INFO commandstats``), median of three short runs.
 
 Then it prints one table — figure, now, baseline, change, mark — where a figure more than 15 % worse
 than the baseline in its bad direction is marked WORSE (ratios, throughput share and decisions/s: higher
@@ -62,10 +66,19 @@ GATEWAY_ARGS = [
     "--throughput-seconds", "5", "--ramp", "1",
 ]  # fmt: skip
 QUOTA_SECONDS, QUOTA_RUNS = 3.0, 5
+# One round of 1 and 2 workers on SQLite (wrk: the load client takes little of the two vCPUs), then the
+# Redis store's lone decisions: what issue 16 measures, short.
+WORKERS_ARGS = ["--skip-postgres", "--client", "wrk", "--seconds", "4", "--rounds", "1"]
+REDIS_ARGS = [
+    "--seconds", "2", "--repeat", "3", "--threads", "1",
+    "--skip-cluster", "--skip-memory", "--skip-redis-benchmark",
+]  # fmt: skip
 SETTINGS = {
     "events_ingest": INGEST_ARGS,
     "gateway": GATEWAY_ARGS,
     "quota_engine": {"seconds": QUOTA_SECONDS, "runs": QUOTA_RUNS, "threads": 1, "batch": 1},
+    "workers": WORKERS_ARGS,
+    "quota_store_redis": REDIS_ARGS,
 }
 PHASE_TIMEOUT_S = 420  # only against a hung phase; the budget is the total wall time printed at the end
 
@@ -84,6 +97,9 @@ FIGURES = (
     Figure("gateway_cpu_us_per_request", "gateway: server CPU per request, sequential (µs)", False, 0),
     Figure("gateway_cpu_us_per_stream", "gateway: server CPU per stream, 200 streams (µs)", False, 0),
     Figure("quota_decisions_per_s", "quota engine: reserve+settle decisions/s (memory, 1 thread)", True, 0),
+    Figure("workers_gateway_ratio", "workers: SQLite gateway requests/s, 2 workers ÷ 1", True, 2),
+    Figure("workers_events_ratio", "workers: SQLite events requests/s, 2 workers ÷ 1", True, 2),
+    Figure("redis_us_per_decision", "Redis: script µs per lone decision (6 lines)", False, 1),
 )
 
 
@@ -196,7 +212,40 @@ def quota_engine_child(output: Path) -> None:
     output.write_text(json.dumps({"decisions_per_s": runs}) + "\n")
 
 
-PHASES: tuple[Callable[[Path], tuple[dict[str, float], dict[str, Any]]], ...] = (ingestion, gateway, quota)
+def workers(work: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    output = work / "workers.json"
+    cmd = [sys.executable, str(BENCH / "workers.py"), *WORKERS_ARGS, "--output", str(output)]
+    run_phase("workers (workers.py, SQLite, 1 and 2 workers, wrk)", cmd, work / "workers.log")
+    data = json.loads(output.read_text())
+    gateway, events = data["sqlite gateway"], data["sqlite events"]
+    figures = {"workers_gateway_ratio": gateway["ratio"], "workers_events_ratio": events["ratio"]}
+    details = {
+        "workers_gateway_requests_per_s": {"1": gateway["1"], "2": gateway["2"]},
+        "workers_events_requests_per_s": {"1": events["1"], "2": events["2"]},
+    }
+    return figures, details
+
+
+def redis_decisions(work: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    output = work / "quota_store.json"
+    cmd = [sys.executable, str(BENCH / "quota_store.py"), *REDIS_ARGS, "--output", str(output)]
+    run_phase("Redis store (quota_store.py, one organization, 1 thread)", cmd, work / "quota_store.log")
+    runs = json.loads(output.read_text())["runs"]
+    (lone,) = [r for r in runs if r["store"] == "redis" and r["threads"] == 1]
+    details = {
+        "redis_decisions_per_s": lone["decisions_per_s"],
+        "redis_runs_decisions_per_s": lone["all_decisions_per_s"],
+    }
+    return {"redis_us_per_decision": lone["redis_script_us_per_decision"]}, details
+
+
+PHASES: tuple[Callable[[Path], tuple[dict[str, float], dict[str, Any]]], ...] = (
+    ingestion,
+    gateway,
+    quota,
+    workers,
+    redis_decisions,
+)
 
 
 # -- what was measured where ----------------------------------------------------------------------
@@ -354,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt(details.get('direct_requests_per_s_64_clients'), 0)}; "
         f"quota engine runs: {details.get('quota_runs_decisions_per_s')} decisions/s"
     )
+    if "workers_events_requests_per_s" in details:
+        g, e = details["workers_gateway_requests_per_s"], details["workers_events_requests_per_s"]
+        print(
+            f"workers (requests/s, 1 → 2): gateway {fmt(g['1'], 0)} → {fmt(g['2'], 0)}, "
+            f"events {fmt(e['1'], 0)} → {fmt(e['2'], 0)}; Redis, lone decisions: "
+            f"{fmt(details.get('redis_decisions_per_s'), 0)}/s"
+        )
     if details.get("errors"):
         print(f"gateway errors: {details['errors']}")
     print(

@@ -23,7 +23,7 @@ sends the requests round N organizations (one key each) instead of one. ``--post
 puts PostgreSQL behind ``bench/delay_proxy.py`` (N ms each way: a database across a network). It prints
 a table, then the CPU per request of what shares the machine with the server (the fake upstream, ``wrk``,
 PostgreSQL, Redis; the Python client is this process and is not counted), and writes
-``bench/results/workers-<date>[-wrk][-<n>-organizations][-pg-<n>ms].json``.
+``bench/results/workers-<date>[-wrk][-<n>-organizations][-pg-<n>ms].json`` (or ``--output``).
 """
 
 from __future__ import annotations
@@ -358,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL behind a proxy delaying each direction this long (whole ms)",
     )
     parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL + Redis only")
+    parser.add_argument("--output", type=Path, help="write the results here (default: bench/results/...)")
     args = parser.parse_args(argv)
     deployments: list[tuple[str, Any]] = [] if args.skip_sqlite else [("sqlite", None)]
     stack: list[Any] = []
@@ -475,13 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"-{args.organizations}-organizations" if args.organizations > 1 else "")
         + (f"-pg-{args.postgres_delay_ms}ms" if args.postgres_delay_ms else "")
     )
-    out = RESULTS / f"workers-{datetime.now(UTC).date()}{suffix}.json"
+    out = args.output or RESULTS / f"workers-{datetime.now(UTC).date()}{suffix}.json"
     out.write_text(
         json.dumps(
             {"runs": {k: {str(w): v for w, v in r.items()} for k, r in results.items()}, **summary}, indent=2
         )
     )
-    print(f"\nwritten {out.relative_to(ROOT)}")
+    print(f"\nwritten {out}")
     return 0
 
 
