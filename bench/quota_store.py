@@ -4,7 +4,7 @@ decision as Redis itself counts them.
 Usage::
 
     .venv/bin/python bench/quota_store.py [--seconds 4] [--repeat 3] [--threads 1,8] [--skip-redis-benchmark]
-        [--skip-cluster] [--skip-memory] [--pin] [--output FILE]
+        [--skip-cluster] [--skip-memory] [--skip-spread] [--pin] [--output FILE]
 
 Each decision is what one API request costs the quota path: ``reserve`` of one hold with 6 lines (org
 daily tokens, org monthly tokens, org requests-per-minute and tokens-per-minute rolling windows, key
@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pin", action="store_true", help="Redis alone on the last CPU (as on a host of its own)"
     )
     parser.add_argument("--skip-memory", action="store_true", help="no in-process store case")
+    parser.add_argument("--skip-spread", action="store_true", help="no organization-per-thread case")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"(default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.pin and not args.skip_cluster:
@@ -422,11 +423,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         runs: list[Run] = []
-        cases: list[tuple[str, Callable[[int], Run]]] = [
-            ("memory", lambda n: measure("memory", MemoryCounterStore(), "org", n, args.seconds)),
-            ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup)),
-            ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup, spread=True)),
-        ][1 if args.skip_memory else 0 :]
+        cases: list[tuple[str, Callable[[int], Run]]] = []
+        if not args.skip_memory:
+            cases.append(
+                ("memory", lambda n: measure("memory", MemoryCounterStore(), "org", n, args.seconds))
+            )
+        cases.append(("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup)))
+        if not args.skip_spread:
+            cases.append(
+                ("redis", lambda n: measure_redis(server.url, n, args.seconds, args.warmup, spread=True))
+            )
         if cluster is not None:
             ports = cluster.ports
             cases.append(

@@ -34,6 +34,10 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
+
+
 __all__ = [
     "LLM_REQUEST",
     "Account",

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from meterline.metering.records import LedgerRow
 from meterline.receipts.chain import BrokenLink, ChainReport, ChainVerifier
 from meterline.receipts.claims import mismatch
 from meterline.receipts.notary import ChainHead, Receipt
 from meterline.signing import VerifyingKeys
-
-if TYPE_CHECKING:  # (the SDK verifies receipts with this module: it need not load the metering package)
-    from meterline.metering.records import LedgerRow
 
 PAGE = 1000
 
