@@ -6,6 +6,11 @@ Importing it never imports the server's web framework or storage: it is a client
 in this folder for its invariants).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from meterline.sdk.access import Alert, AlertPage, ServedModel, TokenPair, WebhookEndpoint
 from meterline.sdk.analytics import Breakdown, BreakdownRow, BreakdownTotals, Timeseries, TimeseriesPoint
 from meterline.sdk.async_client import AsyncClient
@@ -26,7 +31,6 @@ from meterline.sdk.errors import (
     UpstreamError,
     VerificationError,
 )
-from meterline.sdk.estimate import RequestEstimate, estimate_request_cost, estimate_tokens
 from meterline.sdk.ingest import Event, EventResult, EventsBatch, Reservation, ReservationEstimate, Settlement
 from meterline.sdk.instrument import instrument
 from meterline.sdk.ledger import (
@@ -40,8 +44,35 @@ from meterline.sdk.ledger import (
 )
 from meterline.sdk.receipts import Receipt, ReceiptPage
 from meterline.sdk.summary import BonusCredits, Credits, MonthlyCredits, UsageSummary
-from meterline.sdk.tracker import ModelUsage, TrackedCall, UsageReport, UsageTracker
 from meterline.sdk.transport import RetryPolicy
+
+if TYPE_CHECKING:
+    from meterline.sdk.estimate import RequestEstimate, estimate_request_cost, estimate_tokens
+    from meterline.sdk.tracker import ModelUsage, TrackedCall, UsageReport, UsageTracker
+
+# The offline estimates and the tracker load with the price book on first use (~0.15 s): a program that
+# only calls a server does not pay for them.
+_MODULES = {
+    "RequestEstimate": "estimate",
+    "estimate_request_cost": "estimate",
+    "estimate_tokens": "estimate",
+    "ModelUsage": "tracker",
+    "TrackedCall": "tracker",
+    "UsageReport": "tracker",
+    "UsageTracker": "tracker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
+
 
 __all__ = [
     "APIConnectionError",

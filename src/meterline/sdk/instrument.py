@@ -33,11 +33,13 @@ import inspect
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from meterline.gateway.tokens import count_tokens, estimate_prompt_tokens
-from meterline.sdk.tracker import UsageTracker
 from meterline.sdk.usage_reading import Kind, as_mapping, read_usage
+
+if TYPE_CHECKING:
+    from meterline.sdk.tracker import UsageTracker
 
 C = TypeVar("C")
 
@@ -71,6 +73,8 @@ def instrument(
     """Wrap ``client`` (an ``openai`` or ``anthropic`` client, sync or async) so that ``tracker`` records
     every call; returns the tracker. Instrumenting the same client again returns its existing tracker.
     ``TypeError`` for anything else. ``include_usage`` applies to OpenAI streams (see the module)."""
+    from meterline.sdk.tracker import UsageTracker  # (with its price book: loaded when first used)
+
     flavor = client_flavor(client)
     existing = getattr(client, _MARK, None)
     if isinstance(existing, UsageTracker):
