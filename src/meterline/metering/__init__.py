@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meterline.lazy import lazy_names
 
 if TYPE_CHECKING:
     from meterline.metering.events import EventOutcome, fingerprint, ingest
@@ -25,18 +26,7 @@ _MODULES = {
     "AppendResult": "store",
     "LedgerStore": "store",
 }
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MODULES])
-
+__getattr__, __dir__ = lazy_names(__name__, _MODULES)
 
 __all__ = [
     "LLM_REQUEST",

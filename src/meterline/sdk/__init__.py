@@ -8,9 +8,9 @@ in this folder for its invariants).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from meterline.lazy import lazy_names
 from meterline.sdk.access import Alert, AlertPage, ServedModel, TokenPair, WebhookEndpoint
 from meterline.sdk.analytics import Breakdown, BreakdownRow, BreakdownTotals, Timeseries, TimeseriesPoint
 from meterline.sdk.async_client import AsyncClient
@@ -61,18 +61,7 @@ _MODULES = {
     "UsageReport": "tracker",
     "UsageTracker": "tracker",
 }
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MODULES])
-
+__getattr__, __dir__ = lazy_names(__name__, _MODULES)
 
 __all__ = [
     "APIConnectionError",
