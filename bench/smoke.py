@@ -66,7 +66,7 @@ GATEWAY_ARGS = [
     "--throughput-seconds", "5", "--ramp", "1",
 ]  # fmt: skip
 QUOTA_SECONDS, QUOTA_RUNS = 3.0, 5
-# One round of 1 and 2 workers on SQLite (wrk: the load client takes little of the two vCPUs), then the
+# Two short rounds of 1 and 2 workers on SQLite (wrk: the load client takes little of the two vCPUs), then the
 # Redis store's lone decisions: what issue 16 measures, short.
 WORKERS_ARGS = ["--skip-postgres", "--client", "wrk", "--seconds", "3", "--rounds", "2"]
 REDIS_ARGS = [
