@@ -110,6 +110,16 @@ def test_serve_with_no_configuration_uses_meterline_db(tmp_path: Path) -> None:
         assert sent.json()["accepted"] == 1
         assert httpx.get(f"{base}/v1/usage", headers=headers).json()["usage"] == 15
         assert httpx.get(f"{base}/docs").status_code == 200
+        # A load balancer keeps its connections to a backend open for a minute (AWS ALB's default idle
+        # timeout is 60 s) and sends the next request on one idle that long: a backend that has closed it
+        # meanwhile answers nothing (the balancer's 502, or the client's "server disconnected").
+        with httpx.Client(base_url=base, limits=httpx.Limits(keepalive_expiry=60)) as client:
+            assert client.get("/healthz").status_code == 200
+            time.sleep(6)  # past uvicorn's default keep-alive (5 s)
+            events: list[str] = []
+            again = client.get("/healthz", extensions={"trace": lambda name, info: events.append(name)})
+            assert again.status_code == 200
+            assert "connection.connect_tcp.started" not in events, "the server had closed the idle connection"
     assert (tmp_path / "meterline.db").exists()
     log = (tmp_path / "server.log").read_text()
     assert ADMIN not in log

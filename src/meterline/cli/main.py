@@ -105,6 +105,12 @@ def _run(
         _close(mark)  # on every way out: refused, failed, served
 
 
+# Idle kept-alive connections stay open this long (uvicorn's default is 5 s): longer than a load balancer
+# keeps its own to a backend (AWS ALB 60 s, nginx 60 s), which otherwise sends a request on a connection
+# the server is closing and gets nothing back (a 502, "server disconnected"); a server too busy to read a
+# request within 5 s closed its connection the same way.
+KEEP_ALIVE_S = 75
+
 # The database's own error says why (it went away meanwhile, a file it cannot write, ...).
 _CLAIM_FAILED = "cannot claim the counters of the database: {}"
 
@@ -271,6 +277,7 @@ def _serve_workers(settings: Settings, count: int) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     log = logging.getLogger("uvicorn.error")
     why_not = reuse_port_available(settings.host, settings.port)
@@ -315,6 +322,7 @@ def _serve_one(settings: Settings, services: Services | None) -> None:
             port=settings.port,
             log_level=settings.log_level,
             access_log=False,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     finally:
         close_access_log()
