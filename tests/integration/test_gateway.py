@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import logging
+import socket
 import time
 import warnings
 import wave
@@ -777,6 +778,35 @@ def test_client_disconnect_bills_what_was_generated(gw: Gateway, primary: FakeUp
     assert 4 <= row["completion_tokens"] < 400, "billed what was generated: not zero, not the reservation"
     assert row["metadata"] == {"meterline.stream_end": "disconnect", "meterline.disconnect": "bill_generated"}
     assert gw.open_reservations() == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/events"])
+def test_a_client_that_leaves_before_its_body_arrives_is_not_a_server_error(
+    gw: Gateway, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """A client closing its connection while the server still reads the body (a timeout, a crash, a
+    cancelled request) is answered by nobody: the log says so in one line, the access log's status is 499
+    (nginx's "client closed request"), never a 500 with a traceback that an operator would page on."""
+    caplog.set_level(logging.INFO)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {gw.tenant.key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as sock:
+        sock.sendall(head.encode() + b'{"model": "gpt-4o-mini", "messages": [')
+        time.sleep(0.3)  # the server is reading the body now
+    deadline = time.monotonic() + 10
+    while not [r for r in caplog.records if r.name == "meterline.access"]:
+        assert time.monotonic() < deadline, "no access log line for the abandoned request"
+        time.sleep(0.05)
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meterline.access"]
+    assert (line["path"], line["status"], line["rows"]) == (path, 499, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+    assert any("closed the connection" in r.getMessage() for r in caplog.records), caplog.text
+    assert gw.ledger() == []
+    assert gw.open_reservations() == 0
+    assert primary.requests() == []  # nothing went upstream
 
 
 # A plan defined only in config starts closed; this one opens every limit.

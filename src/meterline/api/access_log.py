@@ -54,6 +54,9 @@ GATEWAY_PATHS = frozenset(
 _METERED = GATEWAY_PATHS | {"/v1/events"}
 _SETTLE = re.compile(r"^/v1/reservations/[^/]+/settle$")
 _UNSET = object()  # a model not yet seen (``None`` is a row without a model)
+# The status of a request whose client left before it was read whole (nginx's "client closed request"):
+# nothing was answered, so no status was sent.
+CLIENT_CLOSED = 499
 
 
 def is_metered(path: str) -> bool:
@@ -162,6 +165,8 @@ class AccessLog:
         try:
             await self.app(scope, receive, observed)
         finally:
+            if state.get("client_closed"):
+                status = CLIENT_CLOSED
             if traced:
                 self._trace(scope, state, entry, status, started_ns, started, request_id)
             if logged:
