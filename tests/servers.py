@@ -785,12 +785,15 @@ class ThreadServer:
 
         import uvicorn
 
+        from meterline.cli.main import KEEP_ALIVE_S
+
         self.port = free_port()
         config = uvicorn.Config(
             app,  # type: ignore[arg-type]
             host=HOST,
             port=self.port,
             log_level="warning",
+            timeout_keep_alive=KEEP_ALIVE_S,  # as `meterline serve`
             lifespan="on",
             loop="uvloop",
             http="httptools",
