@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -71,18 +72,41 @@ _MAX_SOCKET_DIR_LEN = 90
 # --------------------------------------------------------------------------- helpers
 
 
+def _port_share() -> tuple[int, int]:
+    """(this test process's number, how many there are) under pytest-xdist (``make test`` runs two);
+    (0, 1) alone."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2:
+        return 0, 1
+    return int(worker[2:]) % count, count
+
+
+# Test servers listen below Linux's ephemeral ports (32768-60999 by default), which connect() and
+# bind(0) draw from: a port picked here is not taken meanwhile by a client connection or by a server
+# asking the kernel for any port. Each test process of a parallel run has its own part of the range, so
+# a port one of them picked and binds a moment later is never picked by the other.
+_PORTS = (10_000, 32_000)
+
+
 def free_port(taken: set[int] | None = None) -> int:
     """Return a TCP port on 127.0.0.1 that is free right now, and not in ``taken`` (ports handed out for
-    servers not yet listening: the kernel may give a free port twice). Adds it to ``taken``."""
+    servers not yet listening). Adds it to ``taken``."""
+    index, count = _port_share()
+    span = (_PORTS[1] - _PORTS[0]) // count
+    low = _PORTS[0] + index * span
     while True:
+        port = random.randrange(low, low + span)
+        if taken is not None and port in taken:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if taken is None:
-            return port
-        if port not in taken:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        if taken is not None:
             taken.add(port)
-            return port
+        return port
 
 
 def port_accepts(port: int, timeout: float = 0.5) -> bool:
@@ -640,9 +664,10 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
         # Every replica in sync with its master, so that a failover finds a complete copy.
         while True:
             roles = [cluster.command(port, "INFO", "replication") for port in cluster.ports]
-            if all("master_link_status:up" in r for r in roles if "role:slave" in r) and sum(
-                "role:slave" in r for r in roles
-            ) == masters:
+            if (
+                all("master_link_status:up" in r for r in roles if "role:slave" in r)
+                and sum("role:slave" in r for r in roles) == masters
+            ):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster's replicas did not sync: {roles}")

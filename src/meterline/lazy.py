@@ -14,13 +14,20 @@ def lazy_names(
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """The ``__getattr__`` and ``__dir__`` of ``package``, where ``modules`` maps each lazy name to the
     module of the package that defines it (a package lists those names under ``TYPE_CHECKING`` too, for
-    the type checker)."""
+    the type checker, and assigns the two under ``if not TYPE_CHECKING``: a module ``__getattr__`` the
+    type checker sees makes it take any name of the package)."""
 
     def attribute(name: str) -> Any:
         module = modules.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f"{package}.{module}"), name)
+        try:
+            loaded = importlib.import_module(f"{package}.{module}")
+        except AttributeError as exc:
+            # Raised while the module loads (a dependency's API changed): as an AttributeError it would
+            # read as "no such name" (``from package import name`` drops it); it is a failed import.
+            raise ImportError(f"{package}.{module} failed to load: {exc}") from exc
+        return getattr(loaded, name)
 
     def names() -> list[str]:
         return sorted({*vars(sys.modules[package]), *modules})

@@ -29,6 +29,7 @@ from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
 
 from conftest import ADMIN, ADMIN_KEY, NOW, Tenant, make_tenant
+from meterline.api.access_log import GATEWAY_PATHS
 from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
@@ -807,6 +808,10 @@ def test_a_client_that_leaves_before_its_body_arrives_is_not_a_server_error(
     assert gw.ledger() == []
     assert gw.open_reservations() == 0
     assert primary.requests() == []  # nothing went upstream
+    if path in GATEWAY_PATHS:  # the gateway's own counter of requests by status says so too
+        metrics = gw.http.get("/metrics").text
+        assert f'meterline_gateway_requests_total{{endpoint="{path}",status="499"}} 1.0' in metrics, metrics
+        assert 'status="500"' not in metrics
 
 
 # A plan defined only in config starts closed; this one opens every limit.

@@ -20,6 +20,7 @@ import pytest
 from uvicorn.config import STARTUP_FAILURE
 
 from servers import MeterlineServer as Server
+from servers import free_port
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads connections on Linux")
 
@@ -105,9 +106,7 @@ def test_a_worker_that_cannot_bind_its_socket_exits_as_a_startup_failure(tmp_pat
     assert f"cannot listen on 127.0.0.1:{port}".encode() in worker.stderr
 
     # A free port: the worker gets a socket of its own in the port's SO_REUSEPORT group.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    free = free_port()
     (own,) = pickle.loads(pickle.dumps(OwnListener("127.0.0.1", free)))
     with own:
         assert own.getsockname() == ("127.0.0.1", free)

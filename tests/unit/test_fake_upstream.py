@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import orjson
 import pytest
 
 from meterline.testing import MESSAGE_OVERHEAD, PIECE, FakeUpstream
+from servers import free_port
 
 KEY = "sk-fake-test-key"
 with warnings.catch_warnings():
@@ -647,9 +647,7 @@ def test_pieces_param_and_the_cap(oai: openai.OpenAI, upstream: FakeUpstream) ->
 
 
 def test_command_line_server_with_bounded_history() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "meterline.testing.fake_upstream", "--port", str(port)]
     command += ["--mode", "no_usage", "--history", "2", "--api-key", "cli-key"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=dict(os.environ))

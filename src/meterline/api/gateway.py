@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from meterline.api.access_log import note_model, note_row
+from meterline.api.access_log import CLIENT_CLOSED, note_model, note_row
 from meterline.api.auth import cached_principal, get_principal
 from meterline.api.errors import domain_error, envelope, report_failure, request_id_of
 from meterline.errors import InvalidRequest, LimitExceeded, MeterlineError
@@ -130,6 +130,9 @@ async def respond(request: Request, path: str) -> Response:
             response = domain_error(request, exc)
         status = response.status_code
         return response
+    except ClientDisconnect:
+        status = CLIENT_CLOSED  # the client left before its request was read: not a server error
+        raise
     finally:
         gateway.metrics.requests.labels(path, str(status)).inc()
         gateway.metrics.latency.labels(path).observe(time.perf_counter() - started)

@@ -138,7 +138,8 @@ class RequestContext:
             if not started:
                 await self._refuse(scope, receive, send, request_id)
         except ClientDisconnect:
-            _client_left(scope)
+            if not started:  # a route reading the body; once answering, a disconnect ends the response
+                _client_left(scope)
         except Exception as exc:
             # Handled here rather than by Starlette's ServerErrorMiddleware, which re-raises after
             # answering: the server then closes the connection, resetting the client's next request.

@@ -26,7 +26,8 @@ _MODULES = {
     "AppendResult": "store",
     "LedgerStore": "store",
 }
-__getattr__, __dir__ = lazy_names(__name__, _MODULES)
+if not TYPE_CHECKING:  # hidden from the type checker, which would take any name as a lazy one
+    __getattr__, __dir__ = lazy_names(__name__, _MODULES)
 
 __all__ = [
     "LLM_REQUEST",

@@ -61,7 +61,8 @@ _MODULES = {
     "UsageReport": "tracker",
     "UsageTracker": "tracker",
 }
-__getattr__, __dir__ = lazy_names(__name__, _MODULES)
+if not TYPE_CHECKING:  # hidden from the type checker, which would take any name as a lazy one
+    __getattr__, __dir__ = lazy_names(__name__, _MODULES)
 
 __all__ = [
     "APIConnectionError",

@@ -363,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         server_header=False,
         date_header=False,
         timeout_graceful_shutdown=1,
+        # Longer than the gateway keeps an idle upstream connection (30 s, gateway/upstream.py), as a
+        # provider's API does: else a request sent as the fake closes an idle connection is cut.
+        timeout_keep_alive=75,
     )
     logging.getLogger("uvicorn.error").addFilter(_DropCutTracebacks())
     server = uvicorn.Server(config)
