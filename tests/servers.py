@@ -87,6 +87,7 @@ def _port_share() -> tuple[int, int]:
 # asking the kernel for any port. Each test process of a parallel run has its own part of the range, so
 # a port one of them picked and binds a moment later is never picked by the other.
 _PORTS = (10_000, 32_000)
+_PICK = random.SystemRandom()  # not the module's generator, which Hypothesis seeds for its tests
 
 
 def free_port(taken: set[int] | None = None) -> int:
@@ -96,7 +97,7 @@ def free_port(taken: set[int] | None = None) -> int:
     span = (_PORTS[1] - _PORTS[0]) // count
     low = _PORTS[0] + index * span
     while True:
-        port = random.randrange(low, low + span)
+        port = _PICK.randrange(low, low + span)
         if taken is not None and port in taken:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
