@@ -4,15 +4,18 @@ the database) and on PostgreSQL + Redis (counters in Redis). Target: 2 workers >
 Usage::
 
     .venv/bin/python bench/workers.py [--seconds 6] [--rounds 2] [--skip-postgres] [--client python|wrk]
-        [--organizations 1] [--postgres-delay-ms 0]
+        [--organizations 1] [--postgres-delay-ms 0] [--upstream canned|fake]
 
 For each deployment, 1 and 2 workers alternate (``--rounds`` times each, order rotating), each on a fresh
 database and a fresh ``meterline serve`` (a plan whose block limits are far away, so every request is
 decided on real counters: calls, tokens, credits). Two closed loops of 64 keep-alive clients run
 against it, ``--seconds`` each after a 1 s ramp:
 
-* ``gateway``: ``POST /v1/chat/completions`` (non-streamed, ``max_tokens`` 16) to one fake upstream
-  (``meterline.testing.FakeUpstream``, its own process);
+* ``gateway``: ``POST /v1/chat/completions`` (non-streamed, ``max_tokens`` 16) to one upstream in its
+  own process: by default ``bench/canned_upstream.py``, which answers every request with the bytes
+  ``meterline.testing.FakeUpstream`` answered it once (~17 µs of CPU a request against the fake's
+  130 to 190, which on two vCPUs would take a tenth of the machine from the workers measured);
+  ``--upstream fake`` puts the fake itself there;
 * ``events``: ``POST /v1/events`` with one event per request (each its own settle).
 
 Every answer must be a 200; the figure is completed requests/s. The load client (``bench/
@@ -54,11 +57,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.canned_upstream import CannedUpstream, record  # noqa: E402
 from bench.gateway import Server, cpu_seconds, free_port, machine, request_body  # noqa: E402
 from bench.gateway_client import Client, Endpoint  # noqa: E402
 from tests.servers import children, listening, port_accepts  # noqa: E402
 
 from meterline.testing.fake_upstream import FakeUpstream  # noqa: E402
+
+Upstream = FakeUpstream | CannedUpstream
 
 HOST = "127.0.0.1"
 UPSTREAM_KEY = "sk-bench-workers-0123456789abcdef"
@@ -77,7 +83,7 @@ def meterline(
     database_url: str,
     redis_url: str | None,
     workers: int,
-    fake: FakeUpstream,
+    fake: Upstream,
     counters: str = "auto",
     organizations: int = 1,
 ) -> Iterator[str]:
@@ -264,7 +270,7 @@ def measure(
     database_url: str,
     redis_url: str | None,
     workers: int,
-    fake: FakeUpstream,
+    fake: Upstream,
     seconds: float,
     counters: str,
     client: str = "python",
@@ -301,7 +307,7 @@ def measure(
     return figures
 
 
-def others_cpu(fake: FakeUpstream) -> dict[str, float]:
+def others_cpu(fake: Upstream) -> dict[str, float]:
     """CPU seconds so far of what runs beside the server: the fake upstream, the load client's
     subprocesses (``wrk``, counted once each has ended), PostgreSQL's and Redis' processes."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # ended children: wrk (and earlier servers)
@@ -334,6 +340,22 @@ def server_cpu(pid: int) -> float:
     return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
 
 
+@contextmanager
+def upstream(kind: str) -> Iterator[Upstream]:
+    """The gateway's upstream: the fake, or the canned server answering what the fake answered once."""
+    with FakeUpstream.start(api_key=UPSTREAM_KEY, history=16) as fake:
+        if kind == "fake":
+            yield fake
+            return
+        answer = record(fake.url, UPSTREAM_KEY, request_body(stream=False, max_tokens=16))
+    scratch = Path(tempfile.mkdtemp(prefix="meterline-canned-"))
+    try:
+        with CannedUpstream.start(free_port(), answer, UPSTREAM_KEY, scratch) as canned:
+            yield canned
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per loop")
@@ -358,6 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL behind a proxy delaying each direction this long (whole ms)",
     )
     parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL + Redis only")
+    parser.add_argument(
+        "--upstream",
+        default="canned",
+        choices=("canned", "fake"),
+        help="the gateway's upstream: one recorded answer (bench/canned_upstream.py), or the fake itself",
+    )
     parser.add_argument("--output", type=Path, help="write the results here (default: bench/results/...)")
     args = parser.parse_args(argv)
     deployments: list[tuple[str, Any]] = [] if args.skip_sqlite else [("sqlite", None)]
@@ -382,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(0.05)
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
     try:
-        with FakeUpstream.start(api_key=UPSTREAM_KEY, history=16) as fake:
+        with upstream(args.upstream) as fake:
             for name, servers in deployments:
                 results[name] = {1: [], 2: []}
                 for rnd in range(args.rounds):
@@ -435,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "client": args.client,
         "organizations": args.organizations,
         "postgres_delay_ms": args.postgres_delay_ms,
+        "upstream": args.upstream,
     }
     rows = []
     for name, by_workers in results.items():

@@ -7,8 +7,10 @@ and the kernel spreads connections over them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -115,3 +117,94 @@ def test_a_worker_that_cannot_bind_its_socket_exits_as_a_startup_failure(tmp_pat
     with own:
         assert own.getsockname() == ("127.0.0.1", free)
         assert own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+
+def peers_of(pid: int, port: int) -> set[int]:
+    """The client ports of the established connections on local ``port`` that process ``pid`` serves."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
+                found.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return found
+
+
+def health(conn: socket.socket) -> bytes:
+    """``GET /healthz`` on a kept-alive connection: the whole answer (status line to body)."""
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: meterline\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(4096) or b"!closed"
+        if data.endswith(b"!closed"):
+            return data
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))[15:]
+    )
+    while len(body) < length:
+        body += conn.recv(4096) or b"!closed"
+        if body.endswith(b"!closed"):
+            break
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_worker_that_stands_still_for_seconds_is_waited_for_not_killed(tmp_path: Path) -> None:
+    """A worker that cannot answer its supervisor for a few seconds (starved of CPU on a loaded machine,
+    a long pause; here SIGSTOP for 8 s) keeps its requests: once it runs again it answers the request
+    that waited on it. uvicorn's own health check killed it (SIGKILL) after 5 s, cutting that request
+    and every other one in flight there, and losing what it had not yet written."""
+    config = tmp_path / "meterline.toml"
+    config.write_text(
+        f'database_url = "sqlite:///{tmp_path / "meterline.db"}"\n'
+        f'signing_key_file = "{tmp_path / "signing-key.json"}"\n'
+    )
+    server = Server(config, tmp_path, "workers", ("--workers", "2"))
+    server.start()
+    opened: list[socket.socket] = []
+    stopped: int | None = None
+    try:
+        port = int(server.base.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30
+        while sum(sockets_on(pid, port, "0A") for pid in server.workers()) < 2:
+            assert time.monotonic() < deadline, "two workers did not start listening"
+            time.sleep(0.1)
+        for _ in range(16):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+            opened.append(conn)
+            assert health(conn).startswith(b"HTTP/1.1 200")
+        workers = sorted(server.workers())
+        stopped = workers[0]
+        served_there = peers_of(stopped, port)
+        mine = [conn for conn in opened if conn.getsockname()[1] in served_there]
+        assert mine, "no connection landed on the first worker (1 run in 65,536)"
+
+        os.kill(stopped, signal.SIGSTOP)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(health, mine[0])  # sent while the worker stands still
+            time.sleep(8)
+            still_there = stopped in server.workers()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+            stopped = None
+            assert still_there, "the supervisor killed the worker that stood still"
+            answer = waiting.result(timeout=30)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert answer.endswith(b"}"), answer  # the whole body: nothing cut
+        assert sorted(server.workers()) == workers
+        assert "died" not in server.log()
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        for conn in opened:
+            conn.close()
+        server.stop()

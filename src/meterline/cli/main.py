@@ -110,6 +110,11 @@ def _run(
 # the server is closing and gets nothing back (a 502, "server disconnected"); a server too busy to read a
 # request within 5 s closed its connection the same way.
 KEEP_ALIVE_S = 75
+# ``--workers N``: the supervisor kills (SIGKILL) a worker that does not answer its health check within
+# this long. uvicorn's 5 s killed workers that were only slow to answer (starved of CPU on a loaded machine,
+# a long pause), cutting every request in flight there; a hung worker is still replaced, after as long as
+# gunicorn's own worker timeout. The supervisor waits that long for an answer before it acts on a signal.
+WORKER_HEALTHCHECK_S = 30
 
 # The database's own error says why (it went away meanwhile, a file it cannot write, ...).
 _CLAIM_FAILED = "cannot claim the counters of the database: {}"
@@ -278,6 +283,7 @@ def _serve_workers(settings: Settings, count: int) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
     log = logging.getLogger("uvicorn.error")
     why_not = reuse_port_available(settings.host, settings.port)
