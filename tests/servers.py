@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -449,7 +450,7 @@ def _redis_ping(port: int, timeout: float = 1.0) -> bool:
                 if not chunk:
                     break
                 reply += chunk
-            return reply.startswith(b"+PONG")
+            return reply.startswith((b"+PONG", b"-NOAUTH"))  # up (a password is asked for later)
     except OSError:
         return False
 
@@ -544,14 +545,15 @@ class RedisCluster:
     url: str
     ports: list[int]
     base_dir: Path | None = field(default=None, repr=False)
+    password: str = field(default="", repr=False)
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     def command(self, port: int, *args: str) -> str:
         """One command to one node, through redis-cli (its reply as text)."""
-        done = subprocess.run(
-            [_redis_cli(), "-h", HOST, "-p", str(port), *args], capture_output=True, text=True, timeout=30
-        )
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        command = [_redis_cli(), "-h", HOST, "-p", str(port), *auth, *args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
         return done.stdout
 
     def master_of(self, key: str) -> int:
@@ -569,6 +571,30 @@ class RedisCluster:
 
     def live_ports(self) -> list[int]:
         return [port for port, proc in self.processes.items() if proc.poll() is None]
+
+    def master_ports(self) -> list[int]:
+        """The ports of the live masters."""
+        found = []
+        for line in self.command(self.live_ports()[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2]:
+                found.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(found)
+
+    def move(self, key: str, to_port: int) -> None:
+        """Move ``key``'s slot, and the keys in it, to the master on ``to_port`` (as resharding does:
+        IMPORTING and MIGRATING, MIGRATE, then SETSLOT ... NODE on every master). A client whose slot map
+        is older is answered MOVED by the old master."""
+        slot = self.command(self.live_ports()[0], "CLUSTER", "KEYSLOT", key).strip()
+        source = self.master_of(key)
+        source_id = self.command(source, "CLUSTER", "MYID").strip()
+        target_id = self.command(to_port, "CLUSTER", "MYID").strip()
+        self.command(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := self.command(source, "CLUSTER", "GETKEYSINSLOT", slot, "100").split():
+            self.command(source, "MIGRATE", HOST, str(to_port), "", "0", "5000", "KEYS", *keys)
+        for port in self.master_ports():
+            self.command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
     def kill(self, port: int) -> None:
         """``kill -9`` one node."""
@@ -617,12 +643,17 @@ def _redis_cli() -> str:
     return path
 
 
-def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> RedisCluster:
+def start_redis_cluster(
+    masters: int = 3, base_dir: Path | None = None, password: str | None = None
+) -> RedisCluster:
     """Start ``2 * masters`` nodes (``--cluster-enabled yes``) and join them with ``redis-cli --cluster
-    create`` (one replica per master). Fails over a dead master after a second (``cluster-node-timeout``)."""
+    create`` (one replica per master). Fails over a dead master after a second (``cluster-node-timeout``).
+    With ``password``, every node asks for it (``requirepass``; replicas give it to their masters)."""
     redis_bin = _find_redis()
     root = _make_temp_dir("meterline-redis-cluster-", base_dir)
-    cluster = RedisCluster(url="", ports=[], base_dir=root)
+    cluster = RedisCluster(url="", ports=[], base_dir=root, password=password or "")
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
+    cli_auth = ["-a", password, "--no-auth-warning"] if password else []
     atexit.register(cluster.stop)
     taken: set[int] = set()  # client and bus ports of nodes not listening yet
     try:
@@ -637,6 +668,7 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
                     "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout", "1000", "--dir", str(node_dir),
                     "--cluster-port", str(free_port(taken)),  # else port + 10000, which may not exist
+                    *auth,
                 ],
                 cwd=node_dir,
                 stdin=subprocess.DEVNULL,
@@ -654,7 +686,7 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
                 time.sleep(0.02)
         created = subprocess.run(
             [
-                _redis_cli(), "--cluster", "create", *[f"{HOST}:{port}" for port in cluster.ports],
+                _redis_cli(), *cli_auth, "--cluster", "create", *[f"{HOST}:{port}" for port in cluster.ports],
                 "--cluster-replicas", "1", "--cluster-yes",
             ],
             capture_output=True, text=True, timeout=60,
@@ -673,7 +705,8 @@ def start_redis_cluster(masters: int = 3, base_dir: Path | None = None) -> Redis
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster's replicas did not sync: {roles}")
             time.sleep(0.1)
-        cluster.url = "redis+cluster://" + ",".join(f"{HOST}:{port}" for port in cluster.ports)
+        credentials = f":{quote(password, safe='')}@" if password else ""
+        cluster.url = f"redis+cluster://{credentials}" + ",".join(f"{HOST}:{port}" for port in cluster.ports)
         return cluster
     except BaseException:
         cluster.stop()

@@ -41,7 +41,7 @@ from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.database import Database
 from meterline.storage.redis_counters import RedisCounterStore
 from meterline.storage.sql_counters import SqlCounterStore
-from servers import RedisServer, free_port
+from servers import RedisCluster, RedisServer, free_port, start_redis_cluster
 
 NOW_S = int(datetime(2026, 3, 14, 10, 30, tzinfo=UTC).timestamp())
 NOW = NOW_S * 1_000_000
@@ -979,6 +979,68 @@ def test_a_batch_failing_on_one_master_gives_back_what_the_others_admitted(
         assert store.levels(list(days.values()), NOW) == [Level(0, DAY_END), Level(0, DAY_END)]
     finally:
         store.close()
+
+
+def test_a_decision_follows_its_organization_to_another_master(
+    shared_redis_cluster: RedisCluster, redis_cluster_url_clean: str
+) -> None:
+    """Slots move between a cluster's masters (resharding, a cluster scaled out). A process whose slot map
+    is older sends its decision to the old master, which answers MOVED without running it: the decision
+    follows the redirect to where the organization's counters are now, and counts on them exactly."""
+    cluster = shared_redis_cluster
+    store = RedisCounterStore(redis_cluster_url_clean, prefix=PREFIX, flush_interval_s=3600)
+    key = f"{PREFIX}{{org_m}}counters"
+    home = cluster.master_of(key)
+    try:
+        day = fixed("org_m|day", 5, 12)
+        store.seed([seed_fixed("org_m|day")], NOW)
+        assert store.reserve([Hold("m1", (day,), NOW + LEASE, "org_m")], NOW)[0].admitted
+        store.settle([Settlement("m1", (4,), "org_m")], NOW)
+        elsewhere = next(port for port in cluster.master_ports() if port != home)
+        cluster.move(key, elsewhere)
+        assert cluster.master_of(key) == elsewhere
+        # The settlement rides with this call: both land once, on the moved counters.
+        assert store.reserve([Hold("m2", (day,), NOW + LEASE, "org_m")], NOW)[0].admitted
+        assert store.levels([day], NOW) == [Level(9, DAY_END)]
+        assert not store.reserve([Hold("m3", (day,), NOW + LEASE, "org_m")], NOW)[0].admitted  # 14 > 12
+        store.release([Release("m2", "org_m")], NOW)
+        assert store.levels([day], NOW) == [Level(4, DAY_END)]
+        assert store.pending == 0
+    finally:
+        store.close()
+        if cluster.master_of(key) != home:
+            cluster.move(key, home)
+
+
+def test_a_cluster_that_asks_for_a_password_is_used_with_it() -> None:
+    """Managed clusters ask for a password on every node: decisions reach each organization's master with
+    the URL's credentials (here with characters a URL must escape), and count exactly."""
+    cluster = start_redis_cluster(password="s3cr{e}t@:/pw%")
+    try:
+        assert cluster.url.startswith("redis+cluster://:s3cr%7Be%7Dt%40%3A%2Fpw%25@")
+        store = RedisCounterStore(cluster.url, prefix=PREFIX, flush_interval_s=3600)
+        try:
+            # Organizations whose keys sit on every master.
+            orgs = [f"org_{n}" for n in range(12)]
+            masters = {cluster.master_of(f"{PREFIX}{{{org}}}counters") for org in orgs}
+            assert len(masters) == 3
+            days = [fixed(f"{org}|day", 4, 10) for org in orgs]
+            store.seed([seed_fixed(line.key) for line in days], NOW)
+            for round_ in range(3):
+                verdicts = store.reserve(
+                    [
+                        Hold(f"{org}-{round_}", (line,), NOW + LEASE, org)
+                        for org, line in zip(orgs, days, strict=True)
+                    ],
+                    NOW,
+                )
+                assert [v.admitted for v in verdicts] == [round_ < 2] * len(orgs)
+            store.settle([Settlement(f"{org}-0", (3,), org) for org in orgs], NOW)
+            assert store.levels(days, NOW) == [Level(7, DAY_END)] * len(orgs)
+        finally:
+            store.close()
+    finally:
+        cluster.stop()
 
 
 def test_out_of_memory_refuses_a_call_whole(shared_redis: RedisServer, tmp_path: Path) -> None:
