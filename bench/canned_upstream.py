@@ -108,7 +108,8 @@ class CannedUpstream:
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return cls(process, port)
+                if process.poll() is None:  # ours listens (not another process that took the port)
+                    return cls(process, port)
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 raise RuntimeError("bench/canned_upstream.py did not start listening")

@@ -125,6 +125,15 @@ def shared_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def redis_cluster_own() -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test's own (for one it changes for good: a password, a failover)."""
+    _require_redis()
+    cluster = start_redis_cluster(password="s3cr{e}t@:/pw%")
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_redis_cluster() -> Iterator[RedisCluster]:
     """One real Redis Cluster for the session: three masters, a replica each (Debian's redis-server)."""

@@ -589,11 +589,24 @@ class RedisCluster:
         source = self.master_of(key)
         source_id = self.command(source, "CLUSTER", "MYID").strip()
         target_id = self.command(to_port, "CLUSTER", "MYID").strip()
+        auth = ["AUTH", self.password] if self.password else []
         self.command(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
         self.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-        while keys := self.command(source, "CLUSTER", "GETKEYSINSLOT", slot, "100").split():
-            self.command(source, "MIGRATE", HOST, str(to_port), "", "0", "5000", "KEYS", *keys)
-        for port in self.master_ports():
+        try:
+            deadline = time.monotonic() + 30
+            while keys := self.command(source, "CLUSTER", "GETKEYSINSLOT", slot, "100").split():
+                answer = self.command(
+                    source, "MIGRATE", HOST, str(to_port), "", "0", "5000", *auth, "KEYS", *keys
+                )
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"slot {slot} did not move: MIGRATE answered {answer!r}")
+        except BaseException:
+            for port in (to_port, source):  # the slot stays where it was, as before the move
+                self.command(port, "CLUSTER", "SETSLOT", slot, "STABLE")
+            raise
+        # The new owner first, then the old one, then the rest (as redis-cli --cluster reshard does).
+        others = [port for port in self.master_ports() if port not in (to_port, source)]
+        for port in (to_port, source, *others):
             self.command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
     def kill(self, port: int) -> None:

@@ -41,7 +41,7 @@ from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.database import Database
 from meterline.storage.redis_counters import RedisCounterStore
 from meterline.storage.sql_counters import SqlCounterStore
-from servers import RedisCluster, RedisServer, free_port, start_redis_cluster
+from servers import RedisCluster, RedisServer, free_port
 
 NOW_S = int(datetime(2026, 3, 14, 10, 30, tzinfo=UTC).timestamp())
 NOW = NOW_S * 1_000_000
@@ -1012,35 +1012,79 @@ def test_a_decision_follows_its_organization_to_another_master(
             cluster.move(key, home)
 
 
-def test_a_cluster_that_asks_for_a_password_is_used_with_it() -> None:
+def test_a_cluster_that_asks_for_a_password_is_used_with_it(redis_cluster_own: RedisCluster) -> None:
     """Managed clusters ask for a password on every node: decisions reach each organization's master with
-    the URL's credentials (here with characters a URL must escape), and count exactly."""
-    cluster = start_redis_cluster(password="s3cr{e}t@:/pw%")
+    the URL's credentials (here with characters a URL must escape), and count exactly, also once an
+    organization's slot has moved to another master."""
+    cluster = redis_cluster_own
+    assert cluster.url.startswith("redis+cluster://:s3cr%7Be%7Dt%40%3A%2Fpw%25@")
+    store = RedisCounterStore(cluster.url, prefix=PREFIX, flush_interval_s=3600)
     try:
-        assert cluster.url.startswith("redis+cluster://:s3cr%7Be%7Dt%40%3A%2Fpw%25@")
-        store = RedisCounterStore(cluster.url, prefix=PREFIX, flush_interval_s=3600)
-        try:
-            # Organizations whose keys sit on every master.
-            orgs = [f"org_{n}" for n in range(12)]
-            masters = {cluster.master_of(f"{PREFIX}{{{org}}}counters") for org in orgs}
-            assert len(masters) == 3
-            days = [fixed(f"{org}|day", 4, 10) for org in orgs]
-            store.seed([seed_fixed(line.key) for line in days], NOW)
-            for round_ in range(3):
-                verdicts = store.reserve(
-                    [
-                        Hold(f"{org}-{round_}", (line,), NOW + LEASE, org)
-                        for org, line in zip(orgs, days, strict=True)
-                    ],
-                    NOW,
+        # Organizations whose keys sit on every master.
+        orgs = [f"org_{n}" for n in range(12)]
+        masters = {cluster.master_of(f"{PREFIX}{{{org}}}counters") for org in orgs}
+        assert len(masters) == 3
+        days = [fixed(f"{org}|day", 4, 10) for org in orgs]
+        store.seed([seed_fixed(line.key) for line in days], NOW)
+        for round_ in range(3):
+            verdicts = store.reserve(
+                [
+                    Hold(f"{org}-{round_}", (line,), NOW + LEASE, org)
+                    for org, line in zip(orgs, days, strict=True)
+                ],
+                NOW,
+            )
+            assert [v.admitted for v in verdicts] == [round_ < 2] * len(orgs)
+            if round_ == 0:
+                key = f"{PREFIX}{{org_0}}counters"
+                cluster.move(
+                    key, next(port for port in cluster.master_ports() if port != cluster.master_of(key))
                 )
-                assert [v.admitted for v in verdicts] == [round_ < 2] * len(orgs)
-            store.settle([Settlement(f"{org}-0", (3,), org) for org in orgs], NOW)
-            assert store.levels(days, NOW) == [Level(7, DAY_END)] * len(orgs)
-        finally:
-            store.close()
+        store.settle([Settlement(f"{org}-0", (3,), org) for org in orgs], NOW)
+        assert store.levels(days, NOW) == [Level(7, DAY_END)] * len(orgs)
     finally:
-        cluster.stop()
+        store.close()
+
+
+def test_a_dead_master_fails_its_organizations_until_its_replica_takes_over(
+    redis_cluster_own: RedisCluster,
+) -> None:
+    """A master killed (``kill -9``): its organizations' decisions fail as unavailable at once, and once
+    its replica has taken over they are decided again without anything done by hand, as are every other
+    master's. (Between the master being marked failed and its replica taking over, the whole cluster
+    answers CLUSTERDOWN: Redis' ``cluster-require-full-coverage``.)"""
+    cluster = redis_cluster_own
+    store = RedisCounterStore(cluster.url, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        orgs = [f"org_{n}" for n in range(12)]
+        by_master: dict[int, list[str]] = {}
+        for org in orgs:
+            by_master.setdefault(cluster.master_of(f"{PREFIX}{{{org}}}counters"), []).append(org)
+        dead, lost = min(by_master.items())
+        lines = {org: fixed(f"{org}|day", 1, 10**6) for org in orgs}
+        store.seed([seed_fixed(line.key) for line in lines.values()], NOW)
+        numbers = iter(range(10**6))
+
+        def decide(org: str) -> bool:
+            hold_ = Hold(f"{org}-{next(numbers)}", (lines[org],), NOW + LEASE, org)
+            return store.reserve([hold_], NOW)[0].admitted
+
+        assert all(decide(org) for org in orgs)
+        cluster.kill(dead)
+        with pytest.raises(CounterStoreUnavailable):
+            decide(lost[0])
+        cluster.wait_ok()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if decide(lost[0]):
+                    break
+            except CounterStoreUnavailable:
+                assert time.monotonic() < deadline, "the dead master's organizations were not decided again"
+                time.sleep(0.2)
+        assert all(decide(org) for org in orgs)
+    finally:
+        store.close()
 
 
 def test_out_of_memory_refuses_a_call_whole(shared_redis: RedisServer, tmp_path: Path) -> None:

@@ -362,9 +362,10 @@ class _Cluster:
     a retry wrapper, the pool's checkout; docs/benchmarks.md, "A decision straight to its master").
     Whatever is not a plain answer goes back to the client: a redirect or a refusal before the script
     ran (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY) is sent again through it, which follows
-    it and mends its map; a lost connection is raised (the script may have run: never sent twice), and
-    the next commands go through the client until one succeeds, so that it learns of the failure and
-    asks the cluster for the new master."""
+    it and mends its map. A lost connection is raised (the script may have run: never sent twice) and
+    the node is suspect: decisions whose slot the map still gives it go through the client, which meets
+    the failure itself and asks the cluster for a new map (after a failover: the new master), until one
+    of them succeeds there. Decisions of the other masters' slots stay direct."""
 
     def __init__(self, url: str, limit: int, timeout_s: float) -> None:
         from redis import BlockingConnectionPool
@@ -398,37 +399,40 @@ class _Cluster:
         self._credentials = f"{credentials}@" if credentials else ""
         self._limit, self._timeout_s = limit, timeout_s
         self._direct: dict[str, RedisConnections] = {}
+        self._suspect: set[str] = set()  # nodes a direct call lost its connection to
         self._lock = threading.Lock()
-        self._detour = False  # the client's turn: a direct call lost its connection
+        self._closed = False
 
     def __call__(self, *args: Any) -> Any:
-        if args[0] != "EVALSHA" or not args[2] or self._detour:
-            return self._through_client(*args)
+        if args[0] != "EVALSHA" or not args[2]:
+            return self._client.execute_command(*args)  # type: ignore[no-untyped-call]
         try:
             node = self._client.get_node_from_key(args[3])  # type: ignore[no-untyped-call]
         except RedisClusterException:
             node = None  # no node serves the slot now: the client says why
         if node is None:
-            return self._through_client(*args)
+            return self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+        name = node.name
+        if name in self._suspect:
+            answer = self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+            self._suspect.discard(name)  # the client reached the slot's master, whichever it is now
+            return answer
         try:
-            return self._connections(node.host, node.port).call(*args)
+            return self._connections(name, node.host, node.port).call(*args)
         except _NOT_RUN:
             pass
         except (RedisConnectionError, RedisTimeoutError, OSError):
-            self._detour = True
+            self._suspect.add(name)
             raise
-        return self._through_client(*args)  # not run there: the client follows the redirect
+        # Not run there: the client follows the redirect (and mends its map).
+        return self._client.execute_command(*args)  # type: ignore[no-untyped-call]
 
-    def _through_client(self, *args: Any) -> Any:
-        answer = self._client.execute_command(*args)  # type: ignore[no-untyped-call]
-        self._detour = False
-        return answer
-
-    def _connections(self, host: str, port: int) -> RedisConnections:
-        name = f"{host}:{port}"
+    def _connections(self, name: str, host: str, port: int) -> RedisConnections:
         found = self._direct.get(name)
         if found is None:
             with self._lock:
+                if self._closed:
+                    raise RedisConnectionError("the counter store is closed")
                 found = self._direct.get(name)
                 if found is None:
                     address = f"[{host}]" if ":" in host else host
@@ -442,6 +446,7 @@ class _Cluster:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             direct, self._direct = list(self._direct.values()), {}
         for connections in direct:
             connections.close()
