@@ -29,9 +29,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT sp
 CONNECTIONS = 64
 
 
-def sockets_on(pid: int, port: int, state: str) -> int:
-    """Sockets on local ``port`` in ``state`` (``/proc/net/tcp``: 01 established, 0A listening) that
-    process ``pid`` holds (by their inodes)."""
+def _connections(pid: int, port: int, state: str) -> list[list[str]]:
+    """The ``/proc/net/tcp`` entries (split) of the sockets on local ``port`` in ``state`` (01
+    established, 0A listening) that process ``pid`` holds (by their inodes)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -40,17 +40,24 @@ def sockets_on(pid: int, port: int, state: str) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
             if local_port == port and fields[3] == state and fields[9] in inodes:
-                count += 1
-    return count
+                found.append(fields)
+    return found
 
 
-def test_connections_that_arrive_together_are_spread_over_the_workers(tmp_path: Path) -> None:
+def sockets_on(pid: int, port: int, state: str) -> int:
+    """Sockets on local ``port`` in ``state`` that process ``pid`` holds."""
+    return len(_connections(pid, port, state))
+
+
+def two_workers(tmp_path: Path) -> tuple[Server, int]:
+    """``serve --workers 2`` on a SQLite file, once both workers listen (a worker binds its socket as it
+    starts and listens once its app is up): the server and its port."""
     config = tmp_path / "meterline.toml"
     config.write_text(
         f'database_url = "sqlite:///{tmp_path / "meterline.db"}"\n'
@@ -58,14 +65,20 @@ def test_connections_that_arrive_together_are_spread_over_the_workers(tmp_path: 
     )
     server = Server(config, tmp_path, "workers", ("--workers", "2"))
     server.start()
+    port = int(server.base.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 30
+    while sum(sockets_on(pid, port, "0A") for pid in server.workers()) < 2:
+        if time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError("two workers did not start listening")
+        time.sleep(0.1)
+    return server, port
+
+
+def test_connections_that_arrive_together_are_spread_over_the_workers(tmp_path: Path) -> None:
+    server, port = two_workers(tmp_path)
     opened: list[socket.socket] = []
     try:
-        port = int(server.base.rsplit(":", 1)[1])
-        deadline = time.monotonic() + 30
-        # Both workers listening (a worker binds its socket as it starts and listens once its app is up).
-        while sum(sockets_on(pid, port, "0A") for pid in server.workers()) < 2:
-            assert time.monotonic() < deadline, "two workers did not start listening"
-            time.sleep(0.1)
 
         def connect(_: int) -> socket.socket:
             conn = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -121,21 +134,7 @@ def test_a_worker_that_cannot_bind_its_socket_exits_as_a_startup_failure(tmp_pat
 
 def peers_of(pid: int, port: int) -> set[int]:
     """The client ports of the established connections on local ``port`` that process ``pid`` serves."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
-                found.add(int(fields[2].rsplit(":", 1)[1], 16))
-    return found
+    return {int(fields[2].rsplit(":", 1)[1], 16) for fields in _connections(pid, port, "01")}
 
 
 def health(conn: socket.socket) -> bytes:
@@ -162,21 +161,10 @@ def test_a_worker_that_stands_still_for_seconds_is_waited_for_not_killed(tmp_pat
     a long pause; here SIGSTOP for 8 s) keeps its requests: once it runs again it answers the request
     that waited on it. uvicorn's own health check killed it (SIGKILL) after 5 s, cutting that request
     and every other one in flight there, and losing what it had not yet written."""
-    config = tmp_path / "meterline.toml"
-    config.write_text(
-        f'database_url = "sqlite:///{tmp_path / "meterline.db"}"\n'
-        f'signing_key_file = "{tmp_path / "signing-key.json"}"\n'
-    )
-    server = Server(config, tmp_path, "workers", ("--workers", "2"))
-    server.start()
+    server, port = two_workers(tmp_path)
     opened: list[socket.socket] = []
     stopped: int | None = None
     try:
-        port = int(server.base.rsplit(":", 1)[1])
-        deadline = time.monotonic() + 30
-        while sum(sockets_on(pid, port, "0A") for pid in server.workers()) < 2:
-            assert time.monotonic() < deadline, "two workers did not start listening"
-            time.sleep(0.1)
         for _ in range(16):
             conn = socket.create_connection(("127.0.0.1", port), timeout=30)
             opened.append(conn)
