@@ -16,7 +16,8 @@ It runs, one after the other (never two at once), each as a subprocess:
 * the quota engine as ``bench/quota_engine.py`` drives it (``QuotaEngine.reserve`` + ``settle``, memory
   counter store, one thread, one process): decisions/s, median of a few short runs;
 * ``bench/workers.py --skip-postgres --client wrk`` with two short rounds: requests/s of 2 workers ÷ 1
-  on SQLite (medians), gateway and events (needs ``wrk``: ``make bench-smoke`` installs Debian's);
+  on SQLite (medians), gateway (against ``bench/canned_upstream.py`` since ``bed086d``, the fake before)
+  and events (needs ``wrk``: ``make bench-smoke`` installs Debian's);
 * ``bench/quota_store.py`` on one Redis, one organization, one thread: the script's Redis time per lone
   decision (``INFO commandstats``) in the run of median decisions/s of three short ones.
 
