@@ -9,9 +9,11 @@ past its size for them and closed them again (13 new sessions a second under loa
 So a value is *due* a little before it ends (``ahead`` seconds): the first caller to find it due starts
 one read in the background and is answered the value it found, as is every caller until the new value
 is in. A value is never answered past its end: one that ends unread again (nobody asked while it was
-due, or the read failed) is gone, and the next caller reads it itself and ``keep``s what it read (a
-failure is then that caller's, as it was before values were read ahead). ``forget`` (a change made
-through this process) applies at once, and a background read that began before it keeps nothing.
+due, or the read failed) is gone, and callers ``read`` it. ``read`` makes one read of a key at a time:
+a caller that finds one in flight (another caller's, or the background one that did not come back
+before the value's end: a machine too busy) waits for its answer, or its error, instead of reading too;
+otherwise it reads and keeps what it read. ``forget`` (a change made through this process) applies at
+once: a read that began before it keeps nothing, and a caller after it never waits for such a read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Generic, TypeVar
 
 log = logging.getLogger("meterline.kept")
@@ -29,6 +32,9 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _REFRESH_THREADS = 2
+# How long a caller waits for another's read of the key before it reads by itself: longer than any read
+# that answers at all; a read hung on a lost connection holds its waiters no longer than this.
+_WAIT_FOR_READ_S = 10.0
 _jobs: queue.SimpleQueue[Callable[[], None]] | None = None
 _jobs_lock = threading.Lock()
 
@@ -71,7 +77,8 @@ class Kept(Generic[K, V]):
     none any more, and the key is forgotten). At most ``entries`` values: past that, all are dropped."""
 
     __slots__ = (
-        "_ahead", "_background", "_clock", "_entries", "_generation", "_limit", "_load", "_lock", "_seconds"
+        "_ahead", "_background", "_clock", "_entries", "_generation", "_limit", "_load", "_lock", "_reads",
+        "_seconds",
     )  # fmt: skip
 
     def __init__(
@@ -94,6 +101,7 @@ class Kept(Generic[K, V]):
         self._background = background
         self._entries: dict[K, _Entry[V]] = {}
         self._generation = 0  # moved on by every forget: a read that began before it keeps nothing
+        self._reads: dict[K, tuple[int, Future[V | None]]] = {}  # in flight: generation, answer
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
@@ -108,6 +116,38 @@ class Kept(Generic[K, V]):
         if now >= entry.due:
             self._claim(key, entry, now)
         return entry.value
+
+    def read(self, key: K, load: Callable[[K], V | None] | None = None) -> V | None:
+        """The kept value, else read now: by the read of this key in flight if there is one (its answer, or
+        its error, is this caller's too), else by this caller with ``load`` (the kept values' own when not
+        given; it may raise, to say why there is no value), keeping what it found. Blocks: never call it
+        on an event loop."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        with self._lock:
+            generation = self._generation
+            flight = self._reads.get(key)
+            if flight is not None and flight[0] == generation:
+                answer = flight[1]
+            else:
+                answer = Future()
+                self._reads[key] = (generation, answer)
+                began = (self._clock(), generation)
+                flight = None
+        if flight is None:
+            return self._fly(key, answer, began, load or self._load, background=False)
+        try:
+            return answer.result(_WAIT_FOR_READ_S)
+        except TimeoutError:
+            return self._own_read(key, load or self._load)
+
+    def _own_read(self, key: K, load: Callable[[K], V | None]) -> V | None:
+        began = self.began()
+        value = load(key)
+        if value is not None:
+            self.keep(key, value, began)
+        return value
 
     def began(self) -> tuple[float, int]:
         """What a caller about to read notes first, for ``keep``: the time and the generation."""
@@ -142,18 +182,51 @@ class Kept(Generic[K, V]):
             if now < entry.due:
                 return  # another caller claimed it first
             entry.due = now + self._ahead  # by then the value has ended: one claim per value
-        began = (now, self._generation)
-        self._background(lambda: self._read_again(key, began))
+            generation = self._generation
+            flight = self._reads.get(key)
+            if flight is not None and flight[0] == generation:
+                return  # a caller's read is on its way already
+            answer: Future[V | None] = Future()
+            self._reads[key] = (generation, answer)
+        began = (now, generation)
+        self._background(lambda: self._read_again(key, answer, began))
 
-    def _read_again(self, key: K, began: tuple[float, int]) -> None:
+    def _read_again(self, key: K, answer: Future[V | None], began: tuple[float, int]) -> None:
         try:
-            value = self._load(key)
+            self._fly(key, answer, began, self._load, background=True)
         except Exception as exc:
-            # The value ends as it would have, and the caller that then reads it meets the failure (an
-            # outage is a 503 and its one log line there). Keys are not logged: one is a key's digest.
+            # The value ends as it would have; the callers waiting for this read by then, and the next
+            # caller after them, meet the failure (an outage is a 503 and its one log line there). Keys
+            # are not logged: one is a key's digest.
             log.debug("a kept value was not read again: %s", type(exc).__name__)
-            return
-        if value is None:
-            self.forget(key)
-        else:
-            self.keep(key, value, began)
+
+    def _fly(
+        self,
+        key: K,
+        answer: Future[V | None],
+        began: tuple[float, int],
+        load: Callable[[K], V | None],
+        *,
+        background: bool,
+    ) -> V | None:
+        """The read in flight for ``key``: kept (before it stops being in flight: a caller never finds
+        neither), and answered to every caller waiting for it."""
+        try:
+            value = load(key)
+            if value is not None:
+                self.keep(key, value, began)
+            elif background:
+                self.forget(key)  # gone from the store while it was kept
+        except BaseException as exc:
+            self._landed(key, answer)
+            answer.set_exception(exc)
+            raise
+        self._landed(key, answer)
+        answer.set_result(value)
+        return value
+
+    def _landed(self, key: K, answer: Future[V | None]) -> None:
+        with self._lock:
+            flight = self._reads.get(key)
+            if flight is not None and flight[1] is answer:
+                del self._reads[key]

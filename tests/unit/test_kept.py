@@ -188,3 +188,112 @@ def test_the_background_read_runs_on_a_refresh_thread_of_its_own() -> None:
         time.sleep(0.001)
     assert read_on[0].name.startswith("meterline-refresh")
     assert read_on[0].daemon  # never holds the process open
+
+
+# -- one read at a time: callers that would all read wait for the one in flight -----------------------
+def callers(kept: Kept[str, str], key: str, n: int) -> tuple[list[threading.Thread], list[object]]:
+    """``n`` threads calling ``kept.read(key)``: what each got (a value, or the error it raised)."""
+    answers: list[object] = []
+
+    def call() -> None:
+        try:
+            answers.append(kept.read(key))
+        except Exception as exc:
+            answers.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads, answers
+
+
+def waiting(threads: list[threading.Thread]) -> bool:
+    """Every thread still blocked after a moment (they wait for a read held back by the test)."""
+    time.sleep(0.2)
+    return all(thread.is_alive() for thread in threads)
+
+
+def test_callers_of_a_value_that_ended_wait_for_the_read_in_flight_instead_of_reading(parts) -> None:
+    # A machine too busy for the background read to come back before the value's end: every request in
+    # flight then read the value itself (on PostgreSQL, new sessions past the pool's size).
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    store.values["a"] = "a2"
+    clock.now += 0.8
+    assert kept.get("a") == "a1"  # due: one read claimed, not begun yet
+    clock.now += 0.3  # ended before it came back
+    assert kept.get("a") is None
+    threads, answers = callers(kept, "a", 16)
+    assert waiting(threads)
+    jobs.pop()()  # the background read comes back
+    for thread in threads:
+        thread.join(10)
+    assert answers == ["a2"] * 16
+    assert store.reads == 2  # the first read and the background one: nobody read it again
+    assert kept.get("a") == "a2"
+
+
+def test_callers_of_a_key_nobody_has_read_yet_make_one_read(parts) -> None:
+    _clock, store, jobs, kept = parts
+    gate = threading.Event()
+    store.after_reading = lambda: gate.wait(10)  # the first caller's read, held back
+    threads, answers = callers(kept, "a", 8)
+    assert waiting(threads)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert answers == ["a1"] * 8
+    assert store.reads == 1
+    assert jobs == []
+
+
+def test_a_failed_read_fails_every_caller_waiting_for_it_and_the_next_caller_reads_again(parts) -> None:
+    _clock, store, _jobs, kept = parts
+    gate = threading.Event()
+
+    def fail_once_released() -> None:
+        gate.wait(10)
+        raise ConnectionError("the database went away")
+
+    store.after_reading = fail_once_released
+    threads, answers = callers(kept, "a", 4)
+    assert waiting(threads)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert [type(answer) for answer in answers] == [ConnectionError] * 4
+    assert store.reads == 1
+    store.after_reading = lambda: None
+    assert kept.read("a") == "a1"  # nothing of the failure is kept
+    assert store.reads == 2
+
+
+def test_a_caller_after_a_forget_does_not_wait_for_a_read_that_began_before_it(parts) -> None:
+    _clock, store, _jobs, kept = parts
+    gate = threading.Event()
+    store.after_reading = lambda: gate.wait(10)
+    threads, answers = callers(kept, "a", 1)
+    assert waiting(threads)  # reading "a1", held back
+    store.values["a"] = "a5"
+    kept.forget("a")  # a change made through this process meanwhile
+    store.after_reading = lambda: None
+    assert kept.read("a") == "a5"  # read by itself, not "a1" from the read before the change
+    gate.set()
+    threads[0].join(10)
+    assert answers == ["a1"]  # the caller that began before the change
+    assert kept.get("a") == "a5"  # and the old read kept nothing
+
+
+def test_a_caller_may_read_with_a_loader_of_its_own_that_says_why_a_value_is_missing(parts) -> None:
+    _clock, store, _jobs, kept = parts
+
+    def or_refusal(key: str) -> str:
+        value = store.load(key)
+        if value is None:
+            raise LookupError(f"{key} is unknown")
+        return value
+
+    assert kept.read("a", or_refusal) == "a1"
+    with pytest.raises(LookupError, match="b is unknown"):
+        kept.read("b", or_refusal)
+    assert kept.get("a") == "a1"

@@ -781,10 +781,7 @@ class QuotaEngine:
         if kept is not None:
             return kept
         _may_read()
-        began = self._bonus.began()
-        value = self.source.bonus_available(organization_id, period_start_us)
-        self._bonus.keep(key, value, began)
-        return value
+        return self._bonus.read(key) or 0  # one read of it at a time (``kept.py``); never None
 
     def forget_bonus(self, organization_id: str) -> None:
         """A grant changed what bonus is available: read it again on next use."""

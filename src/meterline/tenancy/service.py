@@ -173,14 +173,9 @@ class TenancyService:
         return updated
 
     def get_organization(self, org_id: str) -> Organization:
-        kept = self._organizations.get(org_id)
-        if kept is not None:
-            return kept
-        began = self._organizations.began()
-        org = self._store.get_organization(org_id)
+        org = self._organizations.read(org_id)  # one read of it at a time (``kept.py``)
         if org is None:
             raise NotFound(f"organization {org_id!r} does not exist", param="organization_id")
-        self._organizations.keep(org_id, org, began)
         return org
 
     def list_organizations(self, *, limit: int = 100, offset: int = 0) -> tuple[Sequence[Organization], int]:
@@ -268,24 +263,24 @@ class TenancyService:
         if not looks_like_key(secret):
             raise Unauthorized("malformed API key: expected 'Authorization: Bearer ml_live_…'")
         digest = hash_key(secret)
-        kept = self._principals.get(digest)
-        if kept is not None:
-            if kept.key_id is not None:
-                self._touch(kept.key_id)
-            return kept
-        began = self._principals.began()
+        # One read of a key at a time (``kept.py``); a refusal is every waiting caller's.
+        principal = self._principals.read(digest, self._principal_or_refusal)
+        if principal is None:  # the background read found it gone: read again to say why
+            principal = self._principal_or_refusal(digest)
+        if principal.key_id is not None:
+            self._touch(principal.key_id)
+        return principal
+
+    def _principal_or_refusal(self, digest: str) -> Principal:
         key = self._store.find_key_by_hash(digest)
         if key is None:
             raise Unauthorized("invalid API key")
         if key.revoked_at is not None:
             raise Unauthorized(f"API key {key.key_prefix}… has been revoked")
-        self._touch(key.id)
-        principal = _principal_of(key)
-        self._principals.keep(digest, principal, began)
-        return principal
+        return _principal_of(key)
 
     def _principal_of_hash(self, digest: str) -> Principal | None:
-        """A kept key read again: None once it is gone or revoked (``authenticate`` says which)."""
+        """A kept key read again in the background: None once it is gone or revoked (forgotten then)."""
         key = self._store.find_key_by_hash(digest)
         return None if key is None or key.revoked_at is not None else _principal_of(key)
 
