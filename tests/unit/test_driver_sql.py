@@ -18,6 +18,7 @@ from meterline.storage.driver_sql import (
     fetch,
     fetch_one,
     fetch_together,
+    pg_array,
     run,
     run_many,
     send,
@@ -240,3 +241,43 @@ def test_on_postgresql_what_was_sent_goes_with_the_next_answer_in_one_round_trip
         with db.write() as conn:
             conn.exec_driver_sql("DROP TABLE IF EXISTS driver_trips")
         db.dispose()
+
+
+HOSTILE = [
+    "plain",
+    "",
+    "NULL",
+    "null",
+    'a "quoted" word',
+    'back\\slash \\" both',
+    "{braces},commas,",
+    "  spaces kept  ",
+    "tab\tnew\nline\r",
+    "émoji 🚀 ünïcode 漢字",
+    "'single'",
+    "\\",
+    '"',
+    "}",
+]
+
+
+def test_a_column_passed_as_one_array_text_reads_back_as_it_was_given(pg_url: str) -> None:
+    # The settle's bulk statements pass each column as ``pg_array(values)`` to ``%s::<type>[]``.
+    database = Database(pg_url)
+    try:
+        with database.read() as conn:
+            texts = [*HOSTILE, None]
+            assert fetch(conn, "SELECT unnest(%s::text[])", (pg_array(texts),)) == [(t,) for t in texts]
+            numbers = [0, -1, 2**63 - 1, -(2**63), None, 10**18]
+            assert fetch(conn, "SELECT unnest(%s::bigint[])", (pg_array(numbers),)) == [(n,) for n in numbers]
+            flags = [True, False, None]
+            assert fetch(conn, "SELECT unnest(%s::boolean[])", (pg_array(flags),)) == [(f,) for f in flags]
+            assert fetch(conn, "SELECT cardinality(%s::text[])", (pg_array([]),)) == [(0,)]
+    finally:
+        database.dispose()
+
+
+def test_an_array_text_refuses_what_it_cannot_write_exactly() -> None:
+    for value in (1.5, b"bytes", object()):
+        with pytest.raises(TypeError, match="array"):
+            pg_array(["fine", value])

@@ -23,6 +23,7 @@ from meterline.storage.driver_sql import (
     fetch,
     fetch_one,
     fetch_together,
+    pg_array,
     run,
     run_in,
     run_many,
@@ -321,8 +322,7 @@ class SqlLedgerStore:
     def _insert_multirow(self, conn: Connection, rows: Sequence[LedgerRow]) -> int:
         """PostgreSQL: psycopg's executemany sends one statement per row, and a multi-row VALUES is
         re-parsed on every call; ``unnest`` over one array per column is one small cached statement."""
-        # Lists, not tuples: psycopg adapts a list as an array and a tuple as a record.
-        columns = tuple(list(column) for column in zip(*(row_to_tuple(row) for row in rows), strict=True))
+        columns = tuple(pg_array(column) for column in zip(*(row_to_tuple(row) for row in rows), strict=True))
         return run(conn, _PG_UNNEST_INSERT, columns)
 
     def append(
@@ -428,7 +428,7 @@ class SqlLedgerStore:
         if not self._db.is_sqlite:
             # One array parameter keeps the statement short and cached; joining it (rather than
             # `= ANY(array)`, a linear search per row when the planner picks a scan) is never quadratic.
-            rows = conn.exec_driver_sql(_PG_SELECT_BY_KEYS, (wanted, org_id))
+            rows = conn.exec_driver_sql(_PG_SELECT_BY_KEYS, (pg_array(wanted), org_id))
             return {r.idempotency_key: row_from_db(r) for r in rows}
         found: dict[str, LedgerRow] = {}
         for start in range(0, len(wanted), 500):
@@ -441,7 +441,7 @@ class SqlLedgerStore:
 
     def _stored_keys(self, conn: Connection, org_id: str, keys: list[str | None]) -> list[str]:
         if not self._db.is_sqlite:
-            return [str(k) for (k,) in fetch(conn, _PG_KEYS_STORED, (keys, org_id))]
+            return [str(k) for (k,) in fetch(conn, _PG_KEYS_STORED, (pg_array(keys), org_id))]
         found: list[str] = []
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
@@ -456,8 +456,7 @@ class SqlLedgerStore:
         if self._db.is_sqlite:
             run_many(conn, _SQLITE_ROLLUP_UPSERT, deltas)
         else:
-            columns = tuple(list(column) for column in zip(*deltas, strict=True))
-            send(conn, _PG_ROLLUP_UPSERT, columns)
+            send(conn, _PG_ROLLUP_UPSERT, tuple(pg_array(column) for column in zip(*deltas, strict=True)))
 
 
 class _SettleSql:
@@ -493,7 +492,7 @@ class _SettleSql:
             (_PG_AFTER_TURN, {"org": organization_id}),
         ]
         if keys:
-            queries.append((_PG_KEYS_STORED, (list(keys), organization_id)))
+            queries.append((_PG_KEYS_STORED, (pg_array(keys), organization_id)))
         turn, after, *stored = fetch_together(self._conn, queries)
         ((granted, periods, seq, head_hash),) = after
         drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
@@ -554,7 +553,7 @@ class _SettleSql:
         conn = self._conn
         if not self._sqlite:
             # The receipts and the new head in one statement (a data-modifying CTE), one round trip.
-            columns = tuple(list(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
+            columns = tuple(pg_array(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
             send(conn, _PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
             return
         if len(signed) == 1:

@@ -33,7 +33,7 @@ from sqlalchemy import Connection
 from meterline.clock import MICROS_PER_DAY, MICROS_PER_HOUR, to_micros
 from meterline.metering.records import LedgerRow
 from meterline.quotas.periods import billing_period
-from meterline.storage.driver_sql import send, send_many
+from meterline.storage.driver_sql import pg_array, send, send_many
 from meterline.storage.tables import NARROW_MEASURES
 
 HOUR, DAY, PERIOD = "h", "d", "p"
@@ -153,7 +153,7 @@ def upsert(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:
     if conn.dialect.name == "sqlite":
         send_many(conn, SQLITE_UPSERT, entries)
     else:
-        send(conn, PG_UPSERT, tuple(list(c) for c in zip(*entries, strict=True)))
+        send(conn, PG_UPSERT, tuple(pg_array(c) for c in zip(*entries, strict=True)))
 
 
 # -- the same entries recomputed from the ledger (reconcile, rebuild) ----------------------------------
