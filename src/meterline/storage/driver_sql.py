@@ -230,7 +230,11 @@ def pg_array(values: Iterable[str | int | bool | None]) -> str:
     return (
         "{"
         + ",".join(
-            '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str) else _element(v)
+            '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            if isinstance(v, str)
+            else str(v)
+            if type(v) is int  # (not a bool: ``_element``)
+            else _element(v)
             for v in values
         )
         + "}"
