@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Generic, TypeVar
 
 log = logging.getLogger("meterline.kept")
@@ -32,8 +32,9 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _REFRESH_THREADS = 2
-# How long a caller waits for another's read of the key before it reads by itself: longer than any read
-# that answers at all; a read hung on a lost connection holds its waiters no longer than this.
+# How long callers wait for the read of a key in flight before one of them takes its place: a read hung
+# on a lost connection must not hold every caller of the key. (A read on a saturated pool may wait up to
+# the pool's timeout, 30 s, and still answer: a take-over is one more read, not every caller's.)
 _WAIT_FOR_READ_S = 10.0
 _jobs: queue.SimpleQueue[Callable[[], None]] | None = None
 _jobs_lock = threading.Lock()
@@ -78,7 +79,7 @@ class Kept(Generic[K, V]):
 
     __slots__ = (
         "_ahead", "_background", "_clock", "_entries", "_generation", "_limit", "_load", "_lock", "_reads",
-        "_seconds",
+        "_seconds", "_wait_s",
     )  # fmt: skip
 
     def __init__(
@@ -90,6 +91,7 @@ class Kept(Generic[K, V]):
         entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         background: Callable[[Callable[[], None]], None] = _in_background,
+        wait_s: float = _WAIT_FOR_READ_S,
     ) -> None:
         if not 0 < ahead < seconds:
             raise ValueError("ahead must be between 0 and seconds")
@@ -99,6 +101,7 @@ class Kept(Generic[K, V]):
         self._limit = entries
         self._clock = clock
         self._background = background
+        self._wait_s = wait_s
         self._entries: dict[K, _Entry[V]] = {}
         self._generation = 0  # moved on by every forget: a read that began before it keeps nothing
         self._reads: dict[K, tuple[int, Future[V | None]]] = {}  # in flight: generation, answer
@@ -125,29 +128,34 @@ class Kept(Generic[K, V]):
         value = self.get(key)
         if value is not None:
             return value
-        with self._lock:
-            generation = self._generation
-            flight = self._reads.get(key)
-            if flight is not None and flight[0] == generation:
-                answer = flight[1]
-            else:
-                answer = Future()
-                self._reads[key] = (generation, answer)
-                began = (self._clock(), generation)
-                flight = None
-        if flight is None:
-            return self._fly(key, answer, began, load or self._load, background=False)
-        try:
-            return answer.result(_WAIT_FOR_READ_S)
-        except TimeoutError:
-            return self._own_read(key, load or self._load)
+        load = load or self._load
+        while True:
+            with self._lock:
+                value = self._live(key)  # again under the lock: a read may have landed since
+                if value is not None:
+                    return value
+                generation = self._generation
+                flight = self._reads.get(key)
+                if flight is None or flight[0] != generation:
+                    answer: Future[V | None] = Future()
+                    self._reads[key] = (generation, answer)
+                    began = (self._clock(), generation)
+                    flight = None
+                else:
+                    answer = flight[1]
+            if flight is None:
+                return self._fly(key, answer, began, load, gone_forgotten=False)
+            if wait([answer], timeout=self._wait_s).done:
+                return answer.result()
+            # That read has not answered in all this time (hung on a lost connection?): the first caller
+            # to get here takes its place, and the others wait for this caller's read instead.
+            with self._lock:
+                if self._reads.get(key) is flight:
+                    del self._reads[key]
 
-    def _own_read(self, key: K, load: Callable[[K], V | None]) -> V | None:
-        began = self.began()
-        value = load(key)
-        if value is not None:
-            self.keep(key, value, began)
-        return value
+    def _live(self, key: K) -> V | None:
+        entry = self._entries.get(key)
+        return entry.value if entry is not None and self._clock() < entry.ends else None
 
     def began(self) -> tuple[float, int]:
         """What a caller about to read notes first, for ``keep``: the time and the generation."""
@@ -162,6 +170,9 @@ class Kept(Generic[K, V]):
             if len(self._entries) >= self._limit and key not in self._entries:
                 self._entries.clear()
             ends = at + self._seconds
+            kept = self._entries.get(key)
+            if kept is not None and kept.ends > ends:
+                return  # a read that began later is kept already (this one was slow to answer)
             self._entries[key] = _Entry(ends, ends - self._ahead, value)
 
     def forget(self, key: K | None = None, *, where: Callable[[K], bool] | None = None) -> None:
@@ -183,21 +194,26 @@ class Kept(Generic[K, V]):
                 return  # another caller claimed it first
             entry.due = now + self._ahead  # by then the value has ended: one claim per value
             generation = self._generation
+        self._background(lambda: self._read_again(key, entry, generation))
+
+    def _read_again(self, key: K, entry: _Entry[V], generation: int) -> None:
+        # In flight from when it starts, not when it was queued: a caller never waits for a read that a
+        # busy (or stuck) refresh thread has not begun.
+        with self._lock:
+            if generation != self._generation or self._entries.get(key) is not entry:
+                return  # forgotten, or read again by a caller, since it was claimed: nothing to read ahead
             flight = self._reads.get(key)
             if flight is not None and flight[0] == generation:
                 return  # a caller's read is on its way already
             answer: Future[V | None] = Future()
             self._reads[key] = (generation, answer)
-        began = (now, generation)
-        self._background(lambda: self._read_again(key, answer, began))
-
-    def _read_again(self, key: K, answer: Future[V | None], began: tuple[float, int]) -> None:
+            began = (self._clock(), generation)
         try:
-            self._fly(key, answer, began, self._load, background=True)
+            self._fly(key, answer, began, self._load, gone_forgotten=True)
         except Exception as exc:
-            # The value ends as it would have; the callers waiting for this read by then, and the next
-            # caller after them, meet the failure (an outage is a 503 and its one log line there). Keys
-            # are not logged: one is a key's digest.
+            # The value ends as it would have; the callers waiting for this read by then meet the
+            # failure (an outage is a 503 and its one log line there). Keys are not logged: one is a
+            # key's digest.
             log.debug("a kept value was not read again: %s", type(exc).__name__)
 
     def _fly(
@@ -207,19 +223,22 @@ class Kept(Generic[K, V]):
         began: tuple[float, int],
         load: Callable[[K], V | None],
         *,
-        background: bool,
+        gone_forgotten: bool,
     ) -> V | None:
-        """The read in flight for ``key``: kept (before it stops being in flight: a caller never finds
-        neither), and answered to every caller waiting for it."""
+        """The read in flight for ``key``: kept before it stops being in flight, and answered to every
+        caller waiting for it. ``gone_forgotten``: a key found gone is forgotten (a read ahead of a kept
+        value)."""
         try:
             value = load(key)
             if value is not None:
                 self.keep(key, value, began)
-            elif background:
+            elif gone_forgotten:
                 self.forget(key)  # gone from the store while it was kept
         except BaseException as exc:
             self._landed(key, answer)
-            answer.set_exception(exc)
+            # Waiting callers get the read's error; not an interruption of the thread that read.
+            shared = exc if isinstance(exc, Exception) else RuntimeError("the read was interrupted")
+            answer.set_exception(shared)
             raise
         self._landed(key, answer)
         answer.set_result(value)
@@ -229,4 +248,4 @@ class Kept(Generic[K, V]):
         with self._lock:
             flight = self._reads.get(key)
             if flight is not None and flight[1] is answer:
-                del self._reads[key]
+                del self._reads[key]  # (unless a caller took its place meanwhile)

@@ -220,17 +220,77 @@ def test_callers_of_a_value_that_ended_wait_for_the_read_in_flight_instead_of_re
     read(kept, store, "a")
     store.values["a"] = "a2"
     clock.now += 0.8
-    assert kept.get("a") == "a1"  # due: one read claimed, not begun yet
-    clock.now += 0.3  # ended before it came back
+    assert kept.get("a") == "a1"  # due: one read claimed
+    gate = threading.Event()
+    store.after_reading = lambda: gate.wait(10)  # the background read, slow to come back
+    background = threading.Thread(target=jobs.pop())
+    background.start()
+    deadline = time.monotonic() + 10
+    while store.reads < 2:  # it has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    clock.now += 0.3  # the value ended before it came back
     assert kept.get("a") is None
     threads, answers = callers(kept, "a", 16)
     assert waiting(threads)
-    jobs.pop()()  # the background read comes back
-    for thread in threads:
+    gate.set()
+    for thread in [background, *threads]:
         thread.join(10)
     assert answers == ["a2"] * 16
     assert store.reads == 2  # the first read and the background one: nobody read it again
     assert kept.get("a") == "a2"
+
+
+def test_a_read_ahead_not_begun_yet_is_not_waited_for(parts) -> None:
+    # Claimed, but its refresh thread is busy (or stuck): the callers of the ended value read it once.
+    clock, store, jobs, kept = parts
+    read(kept, store, "a")
+    clock.now += 0.8
+    kept.get("a")
+    clock.now += 0.3
+    assert [kept.read("a") for _ in range(3)] == ["a1"] * 3
+    assert store.reads == 2
+    jobs.pop()()  # begins at last: a caller's read is kept already, and newer, so it reads nothing
+    assert store.reads == 2
+
+
+def test_callers_wait_for_a_hung_read_only_so_long_then_one_of_them_reads_again() -> None:
+    clock, store, jobs = Clock(), Store(), []
+    kept: Kept[str, str] = Kept(1.0, store.load, ahead=0.25, clock=clock, background=jobs.append, wait_s=0.3)
+    hung = threading.Event()
+    store.after_reading = lambda: hung.wait(10)  # the first read never answers (until the test ends)
+    first, first_answer = callers(kept, "a", 1)
+    assert waiting(first)
+    store.after_reading = lambda: None
+    threads, answers = callers(kept, "a", 6)
+    for thread in threads:
+        thread.join(10)
+    assert answers == ["a1"] * 6
+    assert store.reads == 2  # the hung read and one read in its place, not one per caller
+    assert [kept.read("a") for _ in range(3)] == ["a1"] * 3  # kept: later callers wait for nothing
+    assert store.reads == 2
+    hung.set()
+    first[0].join(10)
+    assert first_answer == ["a1"]
+
+
+def test_a_read_that_fails_with_a_timeout_is_every_waiting_callers_failure(parts) -> None:
+    # (A timeout of the read itself, a socket's, is not the wait for it running out.)
+    _clock, store, _jobs, kept = parts
+    gate = threading.Event()
+
+    def time_out() -> None:
+        gate.wait(10)
+        raise TimeoutError("the database did not answer")
+
+    store.after_reading = time_out
+    threads, answers = callers(kept, "a", 6)
+    assert waiting(threads)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert [type(answer) for answer in answers] == [TimeoutError] * 6
+    assert store.reads == 1
 
 
 def test_callers_of_a_key_nobody_has_read_yet_make_one_read(parts) -> None:

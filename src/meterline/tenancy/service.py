@@ -265,8 +265,10 @@ class TenancyService:
         digest = hash_key(secret)
         # One read of a key at a time (``kept.py``); a refusal is every waiting caller's.
         principal = self._principals.read(digest, self._principal_or_refusal)
-        if principal is None:  # the background read found it gone: read again to say why
-            principal = self._principal_or_refusal(digest)
+        if principal is None:  # the read ahead found it gone: read once more, to say why
+            principal = self._principals.read(digest, self._principal_or_refusal)
+            if principal is None:
+                raise Unauthorized("invalid API key")  # (it joined another read ahead that found it gone)
         if principal.key_id is not None:
             self._touch(principal.key_id)
         return principal
