@@ -274,25 +274,6 @@ def test_callers_wait_for_a_hung_read_only_so_long_then_one_of_them_reads_again(
     assert first_answer == ["a1"]
 
 
-def test_a_read_that_fails_with_a_timeout_is_every_waiting_callers_failure(parts) -> None:
-    # (A timeout of the read itself, a socket's, is not the wait for it running out.)
-    _clock, store, _jobs, kept = parts
-    gate = threading.Event()
-
-    def time_out() -> None:
-        gate.wait(10)
-        raise TimeoutError("the database did not answer")
-
-    store.after_reading = time_out
-    threads, answers = callers(kept, "a", 6)
-    assert waiting(threads)
-    gate.set()
-    for thread in threads:
-        thread.join(10)
-    assert [type(answer) for answer in answers] == [TimeoutError] * 6
-    assert store.reads == 1
-
-
 def test_callers_of_a_key_nobody_has_read_yet_make_one_read(parts) -> None:
     _clock, store, jobs, kept = parts
     gate = threading.Event()
@@ -307,13 +288,17 @@ def test_callers_of_a_key_nobody_has_read_yet_make_one_read(parts) -> None:
     assert jobs == []
 
 
-def test_a_failed_read_fails_every_caller_waiting_for_it_and_the_next_caller_reads_again(parts) -> None:
+# A timeout of the read itself (a socket's) is its failure too, not the wait for it running out.
+@pytest.mark.parametrize("error", [ConnectionError, TimeoutError])
+def test_a_failed_read_fails_every_caller_waiting_for_it_and_the_next_caller_reads_again(
+    parts, error: type[Exception]
+) -> None:
     _clock, store, _jobs, kept = parts
     gate = threading.Event()
 
     def fail_once_released() -> None:
         gate.wait(10)
-        raise ConnectionError("the database went away")
+        raise error("the database did not answer")
 
     store.after_reading = fail_once_released
     threads, answers = callers(kept, "a", 4)
@@ -321,7 +306,7 @@ def test_a_failed_read_fails_every_caller_waiting_for_it_and_the_next_caller_rea
     gate.set()
     for thread in threads:
         thread.join(10)
-    assert [type(answer) for answer in answers] == [ConnectionError] * 4
+    assert [type(answer) for answer in answers] == [error] * 4
     assert store.reads == 1
     store.after_reading = lambda: None
     assert kept.read("a") == "a1"  # nothing of the failure is kept
