@@ -402,6 +402,30 @@ def test_the_usage_vector_is_accepted_priced_and_shown(client: TestClient, tenan
     assert cells["batch"] == "true"
 
 
+def test_each_event_of_a_batch_keeps_its_own_usage_vector(client: TestClient, tenant: Tenant) -> None:
+    # One settle writes the batch's rows in one statement (on PostgreSQL the vectors' counts travel
+    # together, taken by each row's place): every row must come back with its own counts.
+    names = (
+        "cache_write_1h_tokens", "input_audio_tokens", "cache_audio_read_tokens", "output_audio_tokens",
+        "reasoning_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens", "web_searches",
+        "web_fetches",
+    )  # fmt: skip
+    vectors = {
+        f"v{i}": {name: 10 * i + 9 - k for k, name in enumerate(names)}
+        | {"cache_write_tokens": 10 * i + 100, "cache_read_tokens": 1000}
+        for i in range(1, 4)
+    }
+    vectors["v0"] = {}  # none given: all zero
+    sent = [event(i, prompt_tokens=5000, completion_tokens=500, **vector) for i, vector in vectors.items()]
+    response = client.post("/v1/events", json={"events": sent}, headers=tenant.headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 4, response.text
+    rows = {row["event_id"]: row for row in ledger(client, tenant)["data"]}
+    for i, vector in vectors.items():
+        row = rows[f"ev-{i}"]
+        assert {name: row[name] for name in names} == {name: vector.get(name, 0) for name in names}, i
+
+
 def test_a_usage_vector_that_does_not_add_up_is_refused_with_what_to_fix(
     client: TestClient, tenant: Tenant
 ) -> None:

@@ -223,10 +223,10 @@ def pg_array(values: Iterable[str | int | bool | None]) -> str:
     """``values`` as the text of one PostgreSQL array, for a parameter cast to one (``%s::text[]``,
     ``bigint[]``, ``boolean[]``): the settle's bulk statements pass each column so (``unnest``).
     psycopg's own list adapter writes the same text one element at a time in Python, 3 to 7 times slower
-    (docs/benchmarks.md, "One read of a kept value at a time; array parameters written in one go").
-    Strings are quoted, a backslash and a double quote escaped (``array_in`` reads every other character
-    inside quotes as it is), integers written out, booleans ``t``/``f``, None ``NULL``; anything else is
-    refused rather than written inexactly."""
+    (docs/benchmarks.md, "One read of a kept value at a time; the settle's PostgreSQL parameters made
+    cheap"). Strings are quoted, a backslash and a double quote escaped (``array_in`` reads every other
+    character inside quotes as it is), integers written out, booleans ``t``/``f``, None ``NULL``;
+    anything else is refused rather than written inexactly."""
     return (
         "{"
         + ",".join(

@@ -44,10 +44,27 @@ def _pg_array_type(column: Any) -> str:
     return {str: "text", int: "bigint", bool: "boolean"}[python_type]
 
 
+# PostgreSQL's bulk insert: ``unnest`` over one array per column, but the usage vector's counts (never
+# NULL) travel as one array, row after row, taken by each row's ordinal: psycopg keeps a statement's
+# parsed form only up to 50 parameters, and the ledger has more columns (parsed again at every settle,
+# 225 µs each: docs/benchmarks.md, "One read of a kept value at a time; the settle's PostgreSQL
+# parameters made cheap").
+_COUNTS = slice(_COLUMNS.index(VECTOR_COUNTS[0]), _COLUMNS.index(VECTOR_COUNTS[0]) + len(VECTOR_COUNTS))
+if _COLUMNS[_COUNTS] != VECTOR_COUNTS:
+    raise RuntimeError("the ledger's usage vector counts are not one run of columns")
+_EACH = _COLUMNS[: _COUNTS.start] + _COLUMNS[_COUNTS.stop :]
 _PG_UNNEST_INSERT = (
-    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"%s::{_pg_array_type(ledger.c[name])}[]" for name in _COLUMNS)
-    + ") ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
+    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) SELECT "
+    + ", ".join(
+        f"counts.v[(u.ordinal - 1) * {len(VECTOR_COUNTS)} + {VECTOR_COUNTS.index(name) + 1}]"
+        if name in VECTOR_COUNTS
+        else f"u.{name}"
+        for name in _COLUMNS
+    )
+    + " FROM unnest("
+    + ", ".join(f"%s::{_pg_array_type(ledger.c[name])}[]" for name in _EACH)
+    + f") WITH ORDINALITY AS u({', '.join(_EACH)}, ordinal), (SELECT %s::bigint[] AS v) AS counts"
+    + " ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
 )
 
 
@@ -322,8 +339,10 @@ class SqlLedgerStore:
     def _insert_multirow(self, conn: Connection, rows: Sequence[LedgerRow]) -> int:
         """PostgreSQL: psycopg's executemany sends one statement per row, and a multi-row VALUES is
         re-parsed on every call; ``unnest`` over one array per column is one small cached statement."""
-        columns = tuple(pg_array(column) for column in zip(*(row_to_tuple(row) for row in rows), strict=True))
-        return run(conn, _PG_UNNEST_INSERT, columns)
+        values = [row_to_tuple(row) for row in rows]
+        each = zip(*(v[: _COUNTS.start] + v[_COUNTS.stop :] for v in values), strict=True)
+        counts = pg_array([count for v in values for count in v[_COUNTS]])
+        return run(conn, _PG_UNNEST_INSERT, (*(pg_array(column) for column in each), counts))
 
     def append(
         self,
