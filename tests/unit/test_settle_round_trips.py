@@ -111,3 +111,23 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
         assert drawn == 6 * 10**9
     finally:
         services.close()
+
+
+def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> None:
+    # psycopg parses a statement again at every execution past 50 parameters or 4,096 bytes: the ledger's
+    # insert (51 columns) was, at every settle unit, until its usage counts went as one array.
+    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH, MAX_CACHED_STATEMENT_PARAMS
+
+    from meterline.storage import ledger_store, usage_rollups
+
+    statements = {
+        "ledger insert": ledger_store._PG_UNNEST_INSERT,
+        "hourly rollups": ledger_store._PG_ROLLUP_UPSERT,
+        "receipts and head": ledger_store._PG_RECEIPTS_AND_HEAD,
+        "keys stored": ledger_store._PG_KEYS_STORED,
+        "rows by keys": ledger_store._PG_SELECT_BY_KEYS,
+        "rollups": usage_rollups.PG_UPSERT,
+    }
+    for name, sql in statements.items():
+        assert sql.count("%s") <= MAX_CACHED_STATEMENT_PARAMS, name
+        assert len(sql.encode()) <= MAX_CACHED_STATEMENT_LENGTH, name

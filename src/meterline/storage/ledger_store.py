@@ -46,9 +46,9 @@ def _pg_array_type(column: Any) -> str:
 
 # PostgreSQL's bulk insert: ``unnest`` over one array per column, but the usage vector's counts (never
 # NULL) travel as one array, row after row, taken by each row's ordinal: psycopg keeps a statement's
-# parsed form only up to 50 parameters, and the ledger has more columns (parsed again at every settle,
-# 225 µs each: docs/benchmarks.md, "One read of a kept value at a time; the settle's PostgreSQL
-# parameters made cheap").
+# parsed form only up to 50 parameters and 4,096 bytes (a unit test holds this one to that), and the
+# ledger has 51 columns (parsed again at every settle unit, ~110 µs of the client's work: docs/
+# benchmarks.md, "One read of a kept value at a time; the settle's PostgreSQL parameters made cheap").
 _COUNTS = slice(_COLUMNS.index(VECTOR_COUNTS[0]), _COLUMNS.index(VECTOR_COUNTS[0]) + len(VECTOR_COUNTS))
 if _COLUMNS[_COUNTS] != VECTOR_COUNTS:
     raise RuntimeError("the ledger's usage vector counts are not one run of columns")
@@ -338,7 +338,8 @@ class SqlLedgerStore:
 
     def _insert_multirow(self, conn: Connection, rows: Sequence[LedgerRow]) -> int:
         """PostgreSQL: psycopg's executemany sends one statement per row, and a multi-row VALUES is
-        re-parsed on every call; ``unnest`` over one array per column is one small cached statement."""
+        re-parsed on every call; ``unnest`` over one array per column (the usage vector's counts in one
+        array, taken by each row's ordinal) is one small cached statement."""
         values = [row_to_tuple(row) for row in rows]
         each = zip(*(v[: _COUNTS.start] + v[_COUNTS.stop :] for v in values), strict=True)
         counts = pg_array([count for v in values for count in v[_COUNTS]])
