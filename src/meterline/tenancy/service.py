@@ -283,8 +283,10 @@ class TenancyService:
 
     def _principal_of_hash(self, digest: str) -> Principal | None:
         """A kept key read again in the background: None once it is gone or revoked (forgotten then)."""
-        key = self._store.find_key_by_hash(digest)
-        return None if key is None or key.revoked_at is not None else _principal_of(key)
+        try:
+            return self._principal_or_refusal(digest)
+        except Unauthorized:
+            return None
 
     def cached_principal(self, secret: str) -> Principal | None:
         """The principal of a key whose look-up is cached and whose last-used stamp is not due: what
