@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from fastapi.testclient import TestClient
 
-from conftest import ADMIN, Tenant, assert_envelope, make_tenant
+from conftest import ADMIN, Tenant, add_key, assert_envelope, make_tenant
+from meterline.receipts import verify_chain
 from meterline.services import Services
+
+T = TypeVar("T")
 
 
 def event(i: int | str, **fields: Any) -> dict[str, Any]:
@@ -270,11 +275,9 @@ def test_concurrent_batches_sharing_rollup_rows_all_land(client: TestClient, ten
     assert client.get("/v1/usage", headers=tenant.headers).json()["usage"] == 16 * 30 * 1500
 
 
-def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(
-    client: TestClient, tenant: Tenant, services: Services
-) -> None:
-    """Twelve requests committed in one transaction by the writer; the database refuses one event of one
-    of them. That request fails whole (none of its events is written); the other eleven land."""
+@contextmanager
+def poisoned(services: Services) -> Iterator[None]:
+    """The database refuses any ledger row whose idempotency key is "poison" (a trigger)."""
     db = services.db
     poison_ddl = (
         [
@@ -292,33 +295,50 @@ def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(
         for statement in poison_ddl:
             conn.exec_driver_sql(statement)
     try:
-        # Hold the writer until all twelve are queued behind it: they are then one batch.
-        def hold(_conn: object) -> None:
-            deadline = time.monotonic() + 30
-            while db.writer.pending < 12 and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-        # Authenticated once before: the key's last-used stamp (a write outside the writer, once a
-        # minute) must not wait behind the held transaction.
-        assert client.get("/v1/usage", headers=tenant.headers).status_code == 200
-        batches_before = db.writer.batches
-        held = db.writer.submit(hold)
-
-        def send(worker: int) -> Any:
-            events = [event(f"{worker}-{i}", user_id=f"user-{i}", run_id=f"w{worker}") for i in range(5)]
-            if worker == 7:
-                events[3]["id"] = "poison"
-            return client.post("/v1/events", json={"events": events}, headers=tenant.headers)
-
-        with ThreadPoolExecutor(max_workers=12) as pool:
-            answers = list(pool.map(send, range(12)))
-        held.result(30)
-        assert db.writer.batches - batches_before == 2  # the holder, then all twelve together
+        yield
     finally:
         with db.write() as conn:
             conn.exec_driver_sql("DROP TRIGGER poison" if db.is_sqlite else "DROP TRIGGER poison ON ledger")
             if not db.is_sqlite:
                 conn.exec_driver_sql("DROP FUNCTION poison()")
+
+
+def in_one_batch(services: Services, requests: int, send: Callable[[int], T]) -> list[T]:
+    """``send(0)``, ... ``send(requests - 1)`` at once, their writes held back until all are queued: the
+    writer then commits them in one batch (asserted)."""
+    db = services.db
+
+    def hold(_conn: object) -> None:
+        deadline = time.monotonic() + 30
+        while db.writer.pending < requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    batches_before = db.writer.batches
+    held = db.writer.submit(hold)
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        answers = list(pool.map(send, range(requests)))
+    held.result(30)
+    assert db.writer.batches - batches_before == 2  # the holder, then all the requests together
+    return answers
+
+
+def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(
+    client: TestClient, tenant: Tenant, services: Services
+) -> None:
+    """Twelve requests committed in one transaction by the writer; the database refuses one event of one
+    of them. That request fails whole (none of its events is written); the other eleven land."""
+    # Authenticated once before: the key's last-used stamp (a write outside the writer, once a minute)
+    # must not wait behind the held transaction.
+    assert client.get("/v1/usage", headers=tenant.headers).status_code == 200
+
+    def send(worker: int) -> Any:
+        events = [event(f"{worker}-{i}", user_id=f"user-{i}", run_id=f"w{worker}") for i in range(5)]
+        if worker == 7:
+            events[3]["id"] = "poison"
+        return client.post("/v1/events", json={"events": events}, headers=tenant.headers)
+
+    with poisoned(services):
+        answers = in_one_batch(services, 12, send)
 
     bad = answers[7]
     assert bad.status_code >= 400
@@ -332,28 +352,71 @@ def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(
     assert ledger(client, tenant, limit=1)["total_count"] == 12 * 5
 
 
+def test_requests_of_several_organizations_in_one_batch_each_keep_their_own_books(
+    client: TestClient, tenant: Tenant, services: Services
+) -> None:
+    """One transaction settles the requests of several organizations together: each keeps its own
+    idempotency (one event id in three organizations is three events; a resent one is a duplicate in
+    its own), usage, receipt chain and credits; a request the database refuses fails alone."""
+    tenants = [tenant, make_tenant(client, name="Beta"), make_tenant(client, name="Gamma")]
+    for t in tenants:  # each has a receipt chain and a stored event already; its key is stamped
+        first = client.post("/v1/events", json={"events": [event("first")]}, headers=t.headers)
+        assert first.status_code == 200, first.text
+    batches = [
+        (0, [event("shared"), event("a", completion_tokens=100)]),
+        (1, [event("shared", prompt_tokens=2000), event("first")]),  # "first": resent
+        (2, [event("shared"), event("b")]),
+        (2, [event("c"), {**event("d"), "id": "poison"}]),  # refused by the database: fails alone
+        (0, [event("e")]),
+    ]
+
+    def send(n: int) -> Any:
+        owner, events = batches[n]
+        return client.post("/v1/events", json={"events": events}, headers=tenants[owner].headers)
+
+    with poisoned(services):
+        answers = in_one_batch(services, len(batches), send)
+
+    assert [a.status_code for a in answers[:3]] == [200] * 3
+    assert answers[3].status_code >= 400
+    assert answers[4].status_code == 200
+    assert [e["duplicate"] for e in answers[1].json()["data"]] == [False, True]
+    # Each organization: its own rows (the event id "shared" once in each), usage, chain.
+    expected = {
+        0: ["ev-a", "ev-e", "ev-first", "ev-shared"],
+        1: ["ev-first", "ev-shared"],
+        2: ["ev-b", "ev-first", "ev-shared"],
+    }
+    usage = {0: 1500 + 1100 + 1500 + 1500, 1: 1500 + 2500, 2: 3 * 1500}
+    jwks = client.get("/.well-known/jwks.json").json()
+    for n, t in enumerate(tenants):
+        rows = ledger(client, t)["data"]
+        assert sorted(r["event_id"] for r in rows) == expected[n], n
+        assert client.get("/v1/usage", headers=t.headers).json()["usage"] == usage[n], n
+        key = add_key(client, t.workspace["id"], "Org reader", scope="organization")
+        receipts = client.get(
+            "/v1/receipts", params={"limit": 100}, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert receipts.status_code == 200, receipts.text
+        chain = receipts.json()["data"]
+        assert [r["seq"] for r in chain] == list(range(1, len(rows) + 1)), n
+        assert {r["ledger_id"] for r in chain} == {r["id"] for r in rows}, n
+        report = verify_chain([r["jws"] for r in chain], jwks, organization_id=t.org["id"])
+        assert report.ok, report.broken
+    reconciled = client.get("/v1/admin/reconcile", headers=ADMIN).json()
+    assert reconciled["ok"], reconciled
+
+
 def test_one_event_sent_twice_into_one_group_committed_batch_counts_once(
     client: TestClient, tenant: Tenant, services: Services
 ) -> None:
     """A client retrying a batch while the first attempt is still queued: both requests are committed in
     one transaction by the writer, and the event is written, priced and counted once."""
-    db = services.db
     assert client.get("/v1/usage", headers=tenant.headers).status_code == 200  # key stamp written now
-
-    def hold(_conn: object) -> None:
-        deadline = time.monotonic() + 30
-        while db.writer.pending < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    batches_before = db.writer.batches
-    held = db.writer.submit(hold)
     body = {"events": [event("twice")]}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        answers = list(
-            pool.map(lambda _: client.post("/v1/events", json=body, headers=tenant.headers), range(2))
-        )
-    held.result(30)
-    assert db.writer.batches - batches_before == 2  # the holder, then both requests together
+    answers = in_one_batch(
+        services, 2, lambda _: client.post("/v1/events", json=body, headers=tenant.headers)
+    )
     assert [a.status_code for a in answers] == [200, 200]
     results = [a.json()["data"][0] for a in answers]
     assert sorted(r["duplicate"] for r in results) == [False, True]

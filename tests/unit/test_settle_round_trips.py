@@ -7,8 +7,10 @@ answers nobody reads go with the next statement answered."""
 from __future__ import annotations
 
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +115,85 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
         services.close()
 
 
+def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Settles of several organizations queued together are one settle: their turns, reads and look-ups
+    in one round trip, one insert, one write of rollups and receipts (per organization, each round trip
+    was paid again: 13 for four organizations)."""
+    config = load_settings(
+        database_url=pg_url,
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "key.json"),
+        plans={"metered": {**OPEN_LIMITS, "monthly_credits": 1_000, "overage": "block"}},
+        prices={"credit.use": {"per_unit": "0.01"}},
+    )
+    services = build_services(config, clock=FrozenClock(START), migrate=False)
+    db = services.db
+    try:
+        tenants = []
+        for n in range(4):
+            org = services.tenancy.create_organization(f"Batch {n} {uuid.uuid4().hex[:6]}", "metered")
+            ws = services.tenancy.create_workspace(org.id, "W")
+            subject = services.subject_of(org, Principal(org.id, ws.id, "workspace"))
+            tenants.append((org, ws, QuotaGate(services.quotas, lambda _row, s=subject: s)))
+
+        def settle_one(n: int) -> None:
+            org, ws, gate = tenants[n]
+            record = UsageRecord(
+                organization_id=org.id,
+                workspace_id=ws.id,
+                created_at=START,
+                event="credit.use",
+                units=3 + n,
+                idempotency_key=uuid.uuid4().hex,
+                request_hash="x",
+            )
+            (outcome,) = ingest(services.settler, services.account_of(org), [record], gate)
+            assert outcome.status == "accepted"
+            assert outcome.row is not None
+            assert outcome.row.credits_monthly_nanos == (3 + n) * 10**9
+
+        for n in range(4):
+            settle_one(n)  # the first ones: caches filled
+
+        def hold(_conn: object) -> None:
+            deadline = time.monotonic() + 30
+            while db.writer.pending < 4 and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+        batches = db.writer.batches
+        with traced(services) as lines:
+            held = db.writer.submit(hold)
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(settle_one, range(4)))
+            held.result(30)
+        assert db.writer.batches - batches == 2  # the holder, then the four settles together
+        turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
+        commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
+        answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
+        under_turn = lines[turn : answered + 1]
+        assert sum(1 for line in under_turn if "FOR UPDATE" in line) == 1
+        assert sum(1 for line in under_turn if "INTO ledger " in line) == 1
+        assert sum(1 for line in under_turn if "\tReadyForQuery\t" in line) == 4, "\n".join(under_turn)
+        # Each organization's books: its receipts chain, its credits drawn.
+        with db.read() as conn:
+            for n, (org, _ws, _gate) in enumerate(tenants):
+                drawn = conn.exec_driver_sql(
+                    "SELECT monthly_nanos FROM credit_usage WHERE organization_id = %s", (org.id,)
+                ).scalar()
+                assert drawn == 2 * (3 + n) * 10**9
+                seqs = conn.exec_driver_sql(
+                    "SELECT seq FROM receipts WHERE organization_id = %s ORDER BY seq", (org.id,)
+                ).scalars()
+                head = conn.exec_driver_sql(
+                    "SELECT seq FROM receipt_chains WHERE organization_id = %s", (org.id,)
+                ).scalar()
+                assert (list(seqs), head) == ([1, 2], 2)
+    finally:
+        services.close()
+
+
 def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> None:
     # psycopg parses a statement again at every execution past 50 parameters or 4,096 bytes: the ledger's
     # insert (51 columns) was, at every settle unit, until its usage counts went as one array.
@@ -123,8 +204,12 @@ def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> 
     statements = {
         "ledger insert": ledger_store._PG_UNNEST_INSERT,
         "hourly rollups": ledger_store._PG_ROLLUP_UPSERT,
-        "receipts and head": ledger_store._PG_RECEIPTS_AND_HEAD,
+        "receipts and heads": ledger_store._PG_RECEIPTS_AND_HEADS,
+        "turns": ledger_store._PG_TURNS,
+        "after the turns": ledger_store._PG_AFTER_TURNS,
+        "pairs stored": ledger_store._PG_PAIRS_STORED,
         "keys stored": ledger_store._PG_KEYS_STORED,
+        "reservations ended": ledger_store._PG_END_RESERVATIONS,
         "rows by keys": ledger_store._PG_SELECT_BY_KEYS,
         "rollups": usage_rollups.PG_UPSERT,
     }

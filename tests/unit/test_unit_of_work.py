@@ -13,12 +13,13 @@ import pytest
 from meterline import ids
 from meterline.credits import CreditTerms
 from meterline.metering.records import LedgerRow
-from meterline.metering.unit_of_work import ReservationEnded, settle
+from meterline.metering.unit_of_work import ReservationEnded, Share, settle, settle_together
 from meterline.receipts import GENESIS, ChainHead, Notary, Receipt, verify_chain
 from meterline.signing import SigningKey, SigningKeys
 
 AT = datetime(2026, 3, 14, 9, 0, tzinfo=UTC)
 ANCHOR_PERIOD = int(datetime(2026, 3, 1, tzinfo=UTC).timestamp()) * 1_000_000
+PERIOD_ON_15TH = int(datetime(2026, 2, 15, tzinfo=UTC).timestamp()) * 1_000_000  # anchor day 15
 
 
 @dataclass
@@ -27,18 +28,23 @@ class MemoryTransaction:
 
     ledger: dict[tuple[str, str], LedgerRow] = field(default_factory=dict)
     rows: list[LedgerRow] = field(default_factory=list)
-    drawn: dict[int, int] = field(default_factory=dict)
-    bonus_left: int = 0
-    draws: list[tuple[int, int, int, int]] = field(default_factory=list)
-    head: ChainHead = GENESIS
+    drawn: dict[str, dict[int, int]] = field(default_factory=dict)  # per organization
+    bonus_left: dict[str, int] = field(default_factory=dict)
+    draws: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+    heads: dict[str, ChainHead] = field(default_factory=dict)
     receipts: list[Receipt] = field(default_factory=list)
+    anchor_days: dict[str, int] = field(default_factory=dict)
+    turns: list[dict[str, list[str]]] = field(default_factory=list)
+    rollups: list[tuple[set[str], dict[str, int]]] = field(default_factory=list)
+    alerted: list[list[str]] = field(default_factory=list)
     reservations: set[str] = field(default_factory=set)
     refuse_insert: set[str] = field(default_factory=set)  # ids a "concurrent request" beat us to
     calls: list[str] = field(default_factory=list)
 
-    def lock(self, organization_id: str, keys: Sequence[str] = ()) -> int:
+    def lock(self, turns: Mapping[str, Sequence[str]]) -> Mapping[str, int]:
         self.calls.append("lock")
-        return 1
+        self.turns.append({org: list(keys) for org, keys in turns.items()})
+        return {org: self.anchor_days.get(org, 1) for org in turns}
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         self.calls.append("stored")
@@ -46,11 +52,11 @@ class MemoryTransaction:
 
     def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
         self.calls.append("credits_drawn")
-        return dict(self.drawn), self.bonus_left
+        return dict(self.drawn.get(organization_id, {})), self.bonus_left.get(organization_id, 0)
 
     def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
         self.calls.append("add_credit_draws")
-        self.draws += draws
+        self.draws.setdefault(organization_id, []).extend(draws)
 
     def insert(self, rows: Sequence[LedgerRow]) -> set[str]:
         self.calls.append("insert")
@@ -69,20 +75,22 @@ class MemoryTransaction:
             written.add(row.id)
         return written
 
-    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_day: int) -> None:
+    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_days: Mapping[str, int]) -> None:
         self.calls.append("add_to_rollups")
+        self.rollups.append(({row.id for row in rows}, dict(anchor_days)))
 
     def chain_head(self, organization_id: str) -> ChainHead:
         self.calls.append("chain_head")
-        return self.head
+        return self.heads.get(organization_id, GENESIS)
 
-    def add_receipts(self, receipts: Sequence[Receipt], head: ChainHead) -> None:
+    def add_receipts(self, receipts: Sequence[Receipt], heads: Mapping[str, ChainHead]) -> None:
         self.calls.append("add_receipts")
         self.receipts += receipts
-        self.head = head
+        self.heads.update(heads)
 
-    def evaluate_alerts(self, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
+    def evaluate_alerts(self, settled: Sequence[tuple[Sequence[LedgerRow], CreditTerms | None]]) -> None:
         self.calls.append("evaluate_alerts")
+        self.alerted += [[row.id for row in rows] for rows, _terms in settled]
 
     def end_reservations(self, reservation_ids: Sequence[str]) -> int:
         self.calls.append("end_reservations")
@@ -183,7 +191,7 @@ def test_nothing_new_writes_nothing_but_the_look_up() -> None:
 
 def test_credits_draw_monthly_then_bonus_then_overage_in_row_order() -> None:
     terms = CreditTerms("org_1", monthly_allowance_nanos=100, billing_anchor_day=1, enforced=True)
-    tx = MemoryTransaction(drawn={ANCHOR_PERIOD: 70}, bonus_left=25)
+    tx = MemoryTransaction(drawn={"org_1": {ANCHOR_PERIOD: 70}}, bonus_left={"org_1": 25})
     rows = [row("a", credits=20), row("b", credits=20), row("c", credits=20)]
     settle(tx, rows, terms)
     assert [(r.credits_monthly_nanos, r.credits_bonus_nanos, r.overage) for r in rows] == [
@@ -191,7 +199,7 @@ def test_credits_draw_monthly_then_bonus_then_overage_in_row_order() -> None:
         (10, 10, False),
         (0, 15, True),  # 5 nanos past both buckets
     ]
-    assert tx.draws == [(ANCHOR_PERIOD, 30, 25, 5)]
+    assert tx.draws == {"org_1": [(ANCHOR_PERIOD, 30, 25, 5)]}
 
 
 def test_an_unlimited_allowance_reads_no_balance() -> None:
@@ -234,12 +242,14 @@ def test_a_settle_takes_one_organization() -> None:
 def test_one_key_twice_in_a_settle_is_written_split_and_signed_once(keys: SigningKeys) -> None:
     """Two requests with one key merged into one batch (or a settle retried while the first is queued)."""
     terms = CreditTerms("org_1", monthly_allowance_nanos=100, billing_anchor_day=1, enforced=True)
-    tx = MemoryTransaction(drawn={ANCHOR_PERIOD: 30}, bonus_left=0)
+    tx = MemoryTransaction(drawn={"org_1": {ANCHOR_PERIOD: 30}})
     first, again, other = row("ev-dup", credits=30), row("ev-dup", credits=30), row("ev-2", credits=30)
     result = settle(tx, [first, again, other], terms, notary=Notary(keys))
     assert result.written == [first, other]
     assert result.existing == {"ev-dup": first}
-    assert tx.draws == [(ANCHOR_PERIOD, 60, 0, 0)]  # not 90 (nor any overage): the repeat draws nothing
+    assert tx.draws == {
+        "org_1": [(ANCHOR_PERIOD, 60, 0, 0)]
+    }  # not 90 (nor any overage): the repeat draws nothing
     assert not other.overage
     assert len(tx.rows) == 2
     assert [r.ledger_id for r in tx.receipts] == [first.id, other.id]
@@ -254,3 +264,71 @@ def test_a_failed_settle_leaves_its_rows_as_they_came() -> None:
     with pytest.raises(ReservationEnded):
         settle(tx, [settled], terms, ["rsv_1"])
     assert (settled.credits_monthly_nanos, settled.credits_bonus_nanos, settled.overage) == (0, 0, False)
+
+
+def test_several_organizations_settle_together_each_by_its_own_books(keys: SigningKeys) -> None:
+    """A batch of several organizations' settles is one settle: one turn-taking for all, one insert,
+    one rollup write and one receipts write; idempotency, credits, receipt chains and alerts stay each
+    organization's own."""
+    notary = Notary(keys)
+    tx = MemoryTransaction(
+        drawn={"org_2": {PERIOD_ON_15TH: 90}}, bonus_left={"org_1": 5}, anchor_days={"org_2": 15}
+    )
+    settle(tx, [row("seen", org="org_2")], None, notary=notary)  # org_2's chain has a receipt already
+    tx.calls.clear()
+    tx.turns.clear()
+    tx.rollups.clear()
+    tx.alerted.clear()
+    terms_1 = CreditTerms("org_1", monthly_allowance_nanos=100, billing_anchor_day=1, enforced=True)
+    terms_2 = CreditTerms("org_2", monthly_allowance_nanos=100, billing_anchor_day=15, enforced=True)
+    mine = [row("a", credits=60, org="org_1"), row("b", credits=60, org="org_1")]
+    theirs = [row("a", credits=20, org="org_2"), row("seen", org="org_2")]  # "a" is org_1's too
+    ours, others = settle_together(tx, [Share(mine, terms_1), Share(theirs, terms_2)], notary=notary)
+
+    assert ours.written == mine
+    assert ours.existing == {}
+    assert others.written == [theirs[0]]
+    assert list(others.existing) == ["seen"]
+    assert tx.turns == [{"org_1": ["a", "b"], "org_2": ["a", "seen"]}]
+    assert tx.calls.count("lock") == tx.calls.count("insert") == tx.calls.count("add_to_rollups") == 1
+    assert tx.calls.count("add_receipts") == 1
+    assert tx.rollups == [({r.id for r in [*mine, theirs[0]]}, {"org_1": 1, "org_2": 15})]
+    # Each organization's credits from its own balance: org_1 100 monthly + 5 bonus for 120 (15 past
+    # both), org_2 10 left of its month for 20.
+    assert [(r.credits_monthly_nanos, r.credits_bonus_nanos, r.overage) for r in mine] == [
+        (60, 0, False),
+        (40, 5, True),
+    ]
+    assert (theirs[0].credits_monthly_nanos, theirs[0].credits_bonus_nanos, theirs[0].overage) == (
+        10,
+        0,
+        True,
+    )
+    assert tx.draws == {"org_1": [(ANCHOR_PERIOD, 100, 5, 15)], "org_2": [(PERIOD_ON_15TH, 10, 0, 10)]}
+    assert tx.alerted == [[r.id for r in mine], [theirs[0].id]]
+    # Each chain goes on from its own head.
+    by_org = {org: [r for r in tx.receipts if r.organization_id == org] for org in ("org_1", "org_2")}
+    assert [r.seq for r in by_org["org_1"]] == [1, 2]
+    assert [r.seq for r in by_org["org_2"]] == [1, 2]
+    for org, chain in by_org.items():
+        assert verify_chain([r.jws for r in chain], keys.public_jwks(), organization_id=org).ok
+    assert tx.heads["org_1"].seq == 2
+    assert tx.heads["org_2"].seq == 2
+
+
+def test_a_settle_takes_one_share_per_organization() -> None:
+    with pytest.raises(ValueError, match="one share per organization"):
+        settle_together(MemoryTransaction(), [Share([row("a")]), Share([row("b")])])
+
+
+def test_a_reservation_ended_elsewhere_fails_every_share_and_leaves_their_rows_as_they_came() -> None:
+    terms = CreditTerms("org_2", monthly_allowance_nanos=10, billing_anchor_day=1, enforced=True)
+    tx = MemoryTransaction(reservations={"rsv_1"})
+    settled, other = row("rsv_1", org="org_1"), row("ev-1", credits=30, org="org_2")
+    settled.id = "rsv_1"
+    gone = row("rsv_2", org="org_3")
+    gone.id = "rsv_2"  # ended by another process meanwhile
+    shares = [Share([settled], None, ["rsv_1"]), Share([other], terms), Share([gone], None, ["rsv_2"])]
+    with pytest.raises(ReservationEnded):
+        settle_together(tx, shares)
+    assert (other.credits_monthly_nanos, other.credits_bonus_nanos, other.overage) == (0, 0, False)

@@ -1,18 +1,23 @@
 """Writing usage as one unit of work: every decision of a settle, over a small transaction protocol.
 
-``settle`` is the money path's write, in the order it happens, all inside the caller's transaction:
+``settle_together`` is the money path's write, in the order it happens, all inside the caller's
+transaction, for one or several organizations at once (each its own share: ``Share``):
 
-    take the organization's turn -> drop rows already stored (idempotency) -> split credits -> insert
+    take the organizations' turns -> drop rows already stored (idempotency) -> split credits -> insert
     -> rollups -> receipts -> alerts -> end the reservations these rows settle
 
-Storage implements ``SettleTransaction`` in SQL (``storage.ledger_store``) and decides nothing; the
-database's group-commit writer runs ``settle`` once for every settle of an organization in a batch. The
-unit tests drive it with an in-memory transaction (``tests/unit/test_unit_of_work.py``).
+Each decision is one organization's (its idempotency keys, credit balances, receipt chain, alerts);
+what the transaction is asked to write is the shares' together (one insert, one rollup upsert, one
+stretch of receipts), so a batch of many organizations costs a database about what one organization's
+does. Storage implements ``SettleTransaction`` in SQL (``storage.ledger_store``) and decides nothing;
+the database's group-commit writer runs ``settle_together`` once for every settle of a batch. The unit
+tests drive it with an in-memory transaction (``tests/unit/test_unit_of_work.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from meterline.credits import CreditTerms, split
@@ -33,10 +38,11 @@ class ReservationEnded(Conflict):
 class SettleTransaction(Protocol):
     """What a settle needs from the database, inside one transaction."""
 
-    def lock(self, organization_id: str, keys: Sequence[str] = ()) -> int:
-        """Take the organization's turn (its settles queue until this transaction ends) and answer its
-        billing anchor day, as stored now. ``keys``: the idempotency keys ``stored`` is asked for next
-        (a store may read them with the turn)."""
+    def lock(self, turns: Mapping[str, Sequence[str]]) -> Mapping[str, int]:
+        """Take each organization's turn (its settles queue until this transaction ends; several are
+        taken in one order, by id, so that two transactions queue instead of deadlocking) and answer
+        each one's billing anchor day, as stored now. The values: the idempotency keys ``stored`` is
+        asked for next (a store may read them with the turn)."""
         ...
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
@@ -55,16 +61,19 @@ class SettleTransaction(Protocol):
         """Insert rows whose idempotency key is not taken; the ids of the rows written."""
         ...
 
-    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_day: int) -> None: ...
+    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_days: Mapping[str, int]) -> None:
+        """Add the rows to the rollups (``anchor_days``: each organization's, for its billing periods)."""
+        ...
 
     def chain_head(self, organization_id: str) -> ChainHead: ...
 
-    def add_receipts(self, receipts: Sequence[Receipt], head: ChainHead) -> None:
-        """Store the receipts and move the organization's chain head to ``head``."""
+    def add_receipts(self, receipts: Sequence[Receipt], heads: Mapping[str, ChainHead]) -> None:
+        """Store the receipts and move each organization's chain head to its entry in ``heads``."""
         ...
 
-    def evaluate_alerts(self, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
-        """Fire the alerts these rows cross (in this transaction: an alert commits with its usage)."""
+    def evaluate_alerts(self, settled: Sequence[tuple[Sequence[LedgerRow], CreditTerms | None]]) -> None:
+        """Fire the alerts the rows written cross (each entry one organization's rows and its credit
+        terms; in this transaction: an alert commits with its usage)."""
         ...
 
     def end_reservations(self, reservation_ids: Sequence[str]) -> int:
@@ -76,6 +85,16 @@ class ReceiptSigner(Protocol):
     def extend(self, head: ChainHead, rows: Sequence[LedgerRow]) -> tuple[list[Receipt], ChainHead]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """One organization's part of a settle: its rows (of that organization only), its credit terms, and
+    the durable reservations they end (which may also come without rows)."""
+
+    rows: Sequence[LedgerRow]
+    credits: CreditTerms | None = None
+    settles: Sequence[str] = ()
+
+
 def settle(
     tx: SettleTransaction,
     rows: Sequence[LedgerRow],
@@ -84,7 +103,16 @@ def settle(
     *,
     notary: ReceiptSigner | None = None,
 ) -> AppendResult:
-    """Write ``rows`` (one organization) and what follows from them; end the reservations ``settles``.
+    """``settle_together`` of one organization's rows."""
+    (result,) = settle_together(tx, [Share(rows, credits, settles)], notary=notary)
+    return result
+
+
+def settle_together(
+    tx: SettleTransaction, shares: Sequence[Share], *, notary: ReceiptSigner | None = None
+) -> list[AppendResult]:
+    """Write each share's rows and what follows from them; end the reservations they settle. One
+    answer per share, in order. Two shares of one organization are refused: merge them first.
 
     A row whose idempotency key is stored already is not written: the stored row is answered in
     ``existing``. Raises ``ReservationEnded`` (the caller rolls back) when a reservation this settle
@@ -92,79 +120,117 @@ def settle(
     # The split marks rows; a settle that fails (and may be retried with the same rows, as the writer
     # does after a failed merged run) leaves them as they came. (One that succeeded and was rolled back
     # with its batch is run again by the writer too: the ledger store puts the marks back first.)
+    rows = [row for share in shares for row in share.rows]
     before = [(row.credits_monthly_nanos, row.credits_bonus_nanos, row.overage) for row in rows]
     try:
-        return _settle(tx, rows, credits, settles, notary)
+        return _settle_together(tx, shares, notary)
     except BaseException:
         for row, (monthly, bonus, overage) in zip(rows, before, strict=True):
             row.credits_monthly_nanos, row.credits_bonus_nanos, row.overage = monthly, bonus, overage
         raise
 
 
-def _settle(
-    tx: SettleTransaction,
-    rows: Sequence[LedgerRow],
-    credits: CreditTerms | None,
-    settles: Sequence[str],
-    notary: ReceiptSigner | None,
-) -> AppendResult:
-    written: list[LedgerRow] = []
-    existing: dict[str, LedgerRow] = {}
-    repeats: list[LedgerRow] = []
-    if rows:
-        organizations = {row.organization_id for row in rows}
+@dataclass(slots=True)
+class _Part:
+    """A share as it is settled: its organization, the rows to insert, and what is answered."""
+
+    share: Share
+    organization_id: str
+    fresh: list[LedgerRow]
+    repeats: list[LedgerRow]
+    existing: dict[str, LedgerRow]
+    written: list[LedgerRow]
+
+
+def _settle_together(
+    tx: SettleTransaction, shares: Sequence[Share], notary: ReceiptSigner | None
+) -> list[AppendResult]:
+    turns: dict[str, list[str]] = {}
+    parts: list[_Part] = []
+    for share in shares:
+        organizations = {row.organization_id for row in share.rows}
         if len(organizations) > 1:
-            raise ValueError("a settle takes one organization at a time")
-        (org_id,) = organizations
-        # Under the organization's turn the idempotency look-up and the credit balances are exact.
-        keys = [row.idempotency_key for row in rows if row.idempotency_key is not None]
-        anchor_day = tx.lock(org_id, keys)
-        existing = tx.stored(org_id, keys) if keys else {}
-        fresh: list[LedgerRow] = []
-        taken: set[str] = set()
-        for row in rows:
-            key = row.idempotency_key
-            if key is None:
-                fresh.append(row)
-            elif key in existing:
-                continue
-            elif key in taken:
-                # The same key twice in one settle (two requests merged into one batch, a settle retried
-                # while the first was queued): the first is written, the others answered with it. Never
-                # split, inserted or counted twice.
-                repeats.append(row)
-            else:
-                taken.add(key)
-                fresh.append(row)
-        if fresh:
-            if credits is not None:
-                split_credits(tx, fresh, credits)
-            inserted = tx.insert(fresh)
-            written = [row for row in fresh if row.id in inserted]
-            if len(written) != len(fresh):
-                # A concurrent request wrote the same key since the look-up (the unique index decided).
-                raced = [row.idempotency_key for row in fresh if row.id not in inserted]
-                existing.update(tx.stored(org_id, [key for key in raced if key is not None]))
-        if repeats:
-            by_key = {row.idempotency_key: row for row in written}
-            for row in repeats:
-                assert row.idempotency_key is not None
-                first = by_key.get(row.idempotency_key) or existing.get(row.idempotency_key)
-                if first is not None:
-                    existing[row.idempotency_key] = first
-        if written:
-            tx.add_to_rollups(written, anchor_day)
-            if notary is not None and any(row.receipt_id is not None for row in written):
-                receipts, head = notary.extend(tx.chain_head(org_id), written)
-                tx.add_receipts(receipts, head)
-            tx.evaluate_alerts(written, credits)
+            raise ValueError("a share of a settle takes one organization's rows")
+        org_id = next(iter(organizations), "")
+        if org_id in turns:
+            raise ValueError("a settle takes one share per organization")
+        if org_id:
+            turns[org_id] = [row.idempotency_key for row in share.rows if row.idempotency_key is not None]
+        parts.append(_Part(share, org_id, [], [], {}, []))
+    # Under the organizations' turns the idempotency look-ups and the credit balances are exact.
+    anchor_days = tx.lock(turns) if turns else {}
+    for part in parts:
+        if part.organization_id:
+            _sort(tx, part, turns[part.organization_id])
+    fresh = [row for part in parts for row in part.fresh]
+    inserted = tx.insert(fresh) if fresh else set()
+    for part in parts:
+        _written(tx, part, inserted)
+    written = [row for part in parts for row in part.written]
+    if written:
+        tx.add_to_rollups(written, anchor_days)
+        if notary is not None:
+            receipts: list[Receipt] = []
+            heads: dict[str, ChainHead] = {}
+            for part in parts:
+                if any(row.receipt_id is not None for row in part.written):
+                    signed, head = notary.extend(tx.chain_head(part.organization_id), part.written)
+                    receipts += signed
+                    heads[part.organization_id] = head
+            if heads:
+                tx.add_receipts(receipts, heads)
+        tx.evaluate_alerts([(part.written, part.share.credits) for part in parts if part.written])
+    settles = list(dict.fromkeys(reservation for share in shares for reservation in share.settles))
     if settles:
         # Durable reservations end in the transaction that writes their rows: never both, never none. A
         # row written for a reservation someone else ended meanwhile would end it twice.
-        ended = tx.end_reservations(list(dict.fromkeys(settles)))
+        ended = tx.end_reservations(settles)
         if ended < len({row.id for row in written} & set(settles)):
             raise ReservationEnded("a reservation was ended by another process during its settle")
-    return AppendResult(written=written, existing=existing)
+    return [AppendResult(written=part.written, existing=part.existing) for part in parts]
+
+
+def _sort(tx: SettleTransaction, part: _Part, keys: Sequence[str]) -> None:
+    """A share's rows: those already stored (answered), repeats of a key within it, and the rows to
+    write, their credits split."""
+    existing = part.existing
+    if keys:
+        existing.update(tx.stored(part.organization_id, keys))
+    taken: set[str] = set()
+    for row in part.share.rows:
+        key = row.idempotency_key
+        if key is None:
+            part.fresh.append(row)
+        elif key in existing:
+            continue
+        elif key in taken:
+            # The same key twice in one settle (two requests merged into one batch, a settle retried
+            # while the first was queued): the first is written, the others answered with it. Never
+            # split, inserted or counted twice.
+            part.repeats.append(row)
+        else:
+            taken.add(key)
+            part.fresh.append(row)
+    credits = part.share.credits
+    if part.fresh and credits is not None:
+        split_credits(tx, part.fresh, credits)
+
+
+def _written(tx: SettleTransaction, part: _Part, inserted: set[str]) -> None:
+    """What of a share the insert wrote; a key a concurrent request wrote first is answered with its row."""
+    part.written = [row for row in part.fresh if row.id in inserted]
+    existing = part.existing
+    if len(part.written) != len(part.fresh):
+        # A concurrent request wrote the same key since the look-up (the unique index decided).
+        raced = [row.idempotency_key for row in part.fresh if row.id not in inserted]
+        existing.update(tx.stored(part.organization_id, [key for key in raced if key is not None]))
+    if part.repeats:
+        by_key = {row.idempotency_key: row for row in part.written}
+        for row in part.repeats:
+            assert row.idempotency_key is not None
+            first = by_key.get(row.idempotency_key) or existing.get(row.idempotency_key)
+            if first is not None:
+                existing[row.idempotency_key] = first
 
 
 def split_credits(tx: SettleTransaction, rows: Sequence[LedgerRow], terms: CreditTerms) -> None:

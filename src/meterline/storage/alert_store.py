@@ -151,6 +151,19 @@ class _UnusualWatch:
 
 
 @dataclass(frozen=True, slots=True)
+class _AllowanceCheck:
+    """An organization's allowance alerts to decide after a settle, and the two reads they take."""
+
+    organization_id: str
+    period: Any
+    period_us: int
+    allowance: int
+    measure: str
+    thresholds_query: tuple[str, tuple[Any, ...]]
+    used_query: tuple[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
 class _Row:
     id: str
     organization_id: str
@@ -188,63 +201,95 @@ class AlertEvaluator:
         self._lock = threading.Lock()
 
     # -- at settle -------------------------------------------------------------------------------------
-    def evaluate_in(self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
-        if not rows:
-            return
+    def evaluate_in(
+        self, conn: Connection, settled: Sequence[tuple[Sequence[LedgerRow], CreditTerms | None]]
+    ) -> None:
+        """The alerts of what one settle wrote: each organization's rows (one organization per entry)
+        with its credit terms."""
         now = self._clock.now()
-        self._evaluate_unpriced(conn, rows, 1 if terms is None else terms.billing_anchor_day, now)
-        if terms is None:
-            return
-        org_id = terms.organization_id
-        newest = max(r.created_at for r in rows)
-        period = billing_period(newest, terms.billing_anchor_day)
-        period_us = to_micros(period.start)
+        checks: list[_AllowanceCheck] = []
+        for rows, terms in settled:
+            if not rows:
+                continue
+            self._evaluate_unpriced(conn, rows, 1 if terms is None else terms.billing_anchor_day, now)
+            if terms is not None:
+                check = self._allowance_check(conn, rows, terms)
+                if check is not None:
+                    checks.append(check)
+        self._evaluate_allowances(conn, checks, now)
+        for rows, terms in settled:
+            if not rows or terms is None:
+                continue
+            spend = terms.spend_cap_nanos is not None
+            unit = rows[-1].currency if spend else "credits"
+            self._evaluate_unusual(
+                conn, terms.organization_id, rows, now, "cost_nanos" if spend else "credits_nanos", unit
+            )
+
+    def _allowance_check(
+        self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms
+    ) -> _AllowanceCheck | None:
+        """What to read to decide an organization's allowance alerts; None when it has no allowance."""
         if terms.spend_cap_nanos is not None:
             allowance, measure = terms.spend_cap_nanos, "spend"
         elif terms.monthly_allowance_nanos != UNLIMITED:
             allowance, measure = terms.monthly_allowance_nanos, "credits"
         else:
-            allowance, measure = 0, "credits"
-        if allowance > 0:
-            self._evaluate_allowance(conn, org_id, period, period_us, allowance, measure, now)
-        unit = rows[-1].currency if measure == "spend" else "credits"
-        self._evaluate_unusual(
-            conn, org_id, rows, now, "cost_nanos" if measure == "spend" else "credits_nanos", unit
-        )
-
-    def _evaluate_allowance(
-        self,
-        conn: Connection,
-        org_id: str,
-        period: Any,
-        period_us: int,
-        allowance: int,
-        measure: str,
-        now: datetime,
-    ) -> None:
-        cached = self._fired.get(org_id)
-        known = cached[1] if cached is not None and cached[0] == period_us else set()
-        # The thresholds are read in the transaction (a primary-key lookup), so a changed setting applies
-        # to the next settle; on PostgreSQL with what the period has used, in one round trip (under the
-        # organization's turn every other settle of it waits for each one: ``driver_sql``). SQLite has
-        # no round trips: the use is read only when an alert may be due.
+            return None
+        if allowance <= 0:
+            return None
+        org_id = terms.organization_id
+        period = billing_period(max(r.created_at for r in rows), terms.billing_anchor_day)
+        period_us = to_micros(period.start)
         if measure == "spend":
             first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
             used_query: tuple[str, tuple[Any, ...]] = (_q(conn, _SPENT), (org_id, first_day, end_day))
         else:
             used_query = (_q(conn, _CREDITS_USED), (org_id, period_us))
         thresholds_query = (_q(conn, _THRESHOLDS), (org_id,))
+        return _AllowanceCheck(org_id, period, period_us, allowance, measure, thresholds_query, used_query)
+
+    def _evaluate_allowances(
+        self, conn: Connection, checks: Sequence[_AllowanceCheck], now: datetime
+    ) -> None:
+        # The thresholds are read in the transaction (a primary-key lookup), so a changed setting applies
+        # to the next settle; on PostgreSQL with what the period has used, every organization's in one
+        # round trip (under the organizations' turns every other settle of them waits for each one:
+        # ``driver_sql``). SQLite has no round trips: the use is read only when an alert may be due.
+        if not checks:
+            return
         if conn.dialect.name == "sqlite":
-            found_own, found_used = fetch(conn, *thresholds_query), None
-        else:
-            found_own, found_used = fetch_together(conn, [thresholds_query, used_query])
+            for check in checks:
+                self._evaluate_allowance(conn, check, fetch(conn, *check.thresholds_query), None, now)
+            return
+        found = fetch_together(conn, [query for c in checks for query in (c.thresholds_query, c.used_query)])
+        for i, check in enumerate(checks):
+            self._evaluate_allowance(conn, check, found[2 * i], found[2 * i + 1], now)
+
+    def _evaluate_allowance(
+        self,
+        conn: Connection,
+        check: _AllowanceCheck,
+        found_own: list[tuple[Any, ...]],
+        found_used: list[tuple[Any, ...]] | None,
+        now: datetime,
+    ) -> None:
+        org_id, period, period_us, allowance, measure = (
+            check.organization_id,
+            check.period,
+            check.period_us,
+            check.allowance,
+            check.measure,
+        )
+        cached = self._fired.get(org_id)
+        known = cached[1] if cached is not None and cached[0] == period_us else set()
         own = thresholds_from_text(found_own[0][0] if found_own else None)
         thresholds = self.policy.thresholds if own is None else own
         wanted = {(THRESHOLD, t) for t in thresholds} | {(PROJECTED_RUN_OUT, 100)}
         if wanted <= known:
             return
         if found_used is None:
-            found_used = fetch(conn, *used_query)
+            found_used = fetch(conn, *check.used_query)
         used = int(found_used[0][0]) if found_used and found_used[0][0] is not None else 0
         fired_thresholds = {t for k, t in known if k == THRESHOLD}
         candidates: list[Alert] = [

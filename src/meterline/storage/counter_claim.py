@@ -603,6 +603,8 @@ class _FileLocks:
 
 
 _TRY = {"x": "pg_try_advisory_lock", "s": "pg_try_advisory_lock_shared"}
+
+
 # The holders of one advisory lock of this database (its key the parameter named ``key``), each as (pid,
 # backend_start, mode): a pid alone may be another session's once PostgreSQL restarted.
 def _holders(key: str) -> str:

@@ -255,30 +255,41 @@ _CHAIN_UPSERT = (
     "INSERT INTO receipt_chains (organization_id, seq, head_hash) VALUES ({p}, {p}, {p}) "
     "ON CONFLICT (organization_id) DO UPDATE SET seq = excluded.seq, head_hash = excluded.head_hash"
 )
-# PostgreSQL: the receipts and the new head in one statement (a data-modifying CTE), one round trip.
-_PG_RECEIPTS_AND_HEAD = (
+# PostgreSQL: the receipts and the new heads in one statement (a data-modifying CTE), one round trip.
+_PG_RECEIPTS_AND_HEADS = (
     f"WITH written AS (INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"%s::{_pg_array_type(receipts.c[name])}[]" for name in _RECEIPT_COLUMNS)
-    + ")) "
-    + _CHAIN_UPSERT.format(p="%s")
+    + ")) INSERT INTO receipt_chains (organization_id, seq, head_hash) "
+    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[]) "
+    "ON CONFLICT (organization_id) DO UPDATE SET seq = excluded.seq, head_hash = excluded.head_hash"
 )
 _CHAIN_HEAD = "SELECT seq, head_hash FROM receipt_chains WHERE organization_id = {p}"
 _SQLITE_ANCHOR_DAY = "SELECT billing_anchor_day FROM organizations WHERE id = ?"
-# PostgreSQL: the organization's turn (its row locked until the transaction ends: its settles queue, in
-# every process), and its billing anchor day.
-_PG_TURN = "SELECT billing_anchor_day FROM organizations WHERE id = %s FOR UPDATE"
-# Then, in one round trip, what the settle decides on: credits granted, credits drawn per period, the
-# receipt chain's head. Each round trip under the lock is one that every other settle of the
-# organization waits for (docs/benchmarks.md, "fewer round trips under the organization's lock"). Not
-# in the locking statement itself: a statement that waited for the lock sees the locked row as it is
-# now, but every other table as it was when the statement began, before the settle it waited for.
-_PG_AFTER_TURN = (
-    "SELECT (SELECT COALESCE(SUM(credits_nanos), 0) FROM credit_grants WHERE organization_id = %(org)s), "
-    "(SELECT array_agg(ARRAY[period_start_us, monthly_nanos, bonus_nanos, overage_nanos]) "
-    "FROM credit_usage WHERE organization_id = %(org)s), "
-    "(SELECT seq FROM receipt_chains WHERE organization_id = %(org)s), "
-    "(SELECT head_hash FROM receipt_chains WHERE organization_id = %(org)s)"
+# PostgreSQL: the organizations' turns (their rows locked until the transaction ends: their settles queue,
+# in every process; locked in id order, as the rows come out of the sort, so two transactions that want
+# some of the same organizations queue instead of deadlocking), and their billing anchor days.
+_PG_TURNS = (
+    "SELECT id, billing_anchor_day FROM organizations WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
 )
+# Then, in one round trip, what the settle decides on, per organization: credits granted, credits drawn
+# per period, the receipt chain's head. Each round trip under the lock is one that every other settle of
+# the organization waits for (docs/benchmarks.md, "fewer round trips under the organization's lock").
+# Not in the locking statement itself: a statement that waited for the lock sees the locked row as it is
+# now, but every other table as it was when the statement began, before the settle it waited for.
+_PG_AFTER_TURNS = (
+    "SELECT o.org, "
+    "(SELECT COALESCE(SUM(credits_nanos), 0) FROM credit_grants WHERE organization_id = o.org), "
+    "(SELECT array_agg(ARRAY[period_start_us, monthly_nanos, bonus_nanos, overage_nanos]) "
+    "FROM credit_usage WHERE organization_id = o.org), "
+    "chain.seq, chain.head_hash "
+    "FROM unnest(%s::text[]) AS o(org) LEFT JOIN receipt_chains AS chain ON chain.organization_id = o.org"
+)
+# Which (organization, idempotency key) pairs are stored, for several organizations at once.
+_PG_PAIRS_STORED = (
+    "SELECT wanted.org, wanted.key FROM unnest(%s::text[], %s::text[]) AS wanted(org, key) "
+    "JOIN ledger ON ledger.organization_id = wanted.org AND ledger.idempotency_key = wanted.key"
+)
+_PG_END_RESERVATIONS = "DELETE FROM reservations WHERE id = ANY(%s::text[])"
 
 
 def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
@@ -310,8 +321,47 @@ class _Append:
         return self.rows if self.admitted is None else self.admitted()
 
 
+def _rounds(appends: Sequence[_Append], to_write: Sequence[Sequence[LedgerRow]]) -> list[list[list[int]]]:
+    """Appends (by index) grouped into shares, one per organization, in settles run one after the other:
+    the appends of an organization with equal credit terms are one share; another terms' (changed
+    between two appends of one batch) go to the next settle. Nearly always one settle."""
+    rounds: list[dict[str, tuple[CreditTerms | None, list[int]]]] = []
+    for i, (append, rows) in enumerate(zip(appends, to_write, strict=True)):
+        org = rows[0].organization_id if rows else ""
+        for shares in rounds:
+            found = shares.get(org)
+            if found is None:
+                shares[org] = (append.credits, [i])
+                break
+            if found[0] == append.credits:
+                found[1].append(i)
+                break
+        else:
+            rounds.append({org: (append.credits, [i])})
+    return [[merged for _, merged in shares.values()] for shares in rounds]
+
+
+def _part_of(rows: Sequence[LedgerRow], result: AppendResult) -> AppendResult:
+    """One append's part of its share's result: its rows written (by identity, not id: two appends may
+    carry rows with one id, two settles of one reservation); a key another append of the share wrote
+    first is "existing" for this one, not for that one."""
+    written = {id(row) for row in result.written}
+    mine = [row for row in rows if id(row) in written]
+    mine_keys = {row.idempotency_key for row in mine}
+    existing = {
+        row.idempotency_key: result.existing[row.idempotency_key]
+        for row in rows
+        if row.idempotency_key is not None
+        and row.idempotency_key in result.existing
+        and row.idempotency_key not in mine_keys
+    }
+    return AppendResult(written=mine, existing=existing)
+
+
 class AlertHook(Protocol):
-    def evaluate_in(self, conn: Connection, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None: ...
+    def evaluate_in(
+        self, conn: Connection, settled: Sequence[tuple[Sequence[LedgerRow], CreditTerms | None]]
+    ) -> None: ...
 
 
 class SqlLedgerStore:
@@ -366,49 +416,45 @@ class SqlLedgerStore:
         admitted: Callable[[], Sequence[LedgerRow]] | None = None,
     ) -> Future[AppendResult]:
         """``append``, queued to the database's writer: the future is answered once the rows are
-        committed. Appends of one organization (with the same credit terms) queued together are written
-        as one (``_append_together``); the batch is ordered by organization (see ``storage.writer``)."""
+        committed. Appends queued together are written as one (``_append_together``); the batch is
+        ordered by organization (see ``storage.writer``)."""
         org = rows[0].organization_id if rows else ""
         append = _Append(rows, credits, settles, admitted)
-        together = Together((_LEDGER, org, credits), append, self._append_together)
+        together = Together(_LEDGER, append, self._append_together)
         return self._db.writer.submit_together(together, rows=len(rows), order=org)
 
     def _append_together(self, conn: Connection, appends: list[_Append]) -> list[AppendResult]:
-        """Several appends of one organization as one: one idempotency look-up, one insert, one rollup
-        upsert, one stretch of the receipt chain, one credit split; then each append's share of it."""
+        """Appends queued together as one settle (``unit_of_work.settle_together``): one turn-taking,
+        one idempotency look-up, one insert, one rollup upsert, one stretch of receipts, whatever their
+        organizations; each organization's appends merged into its share. Then each append's part."""
         if len(appends) == 1:
             only = appends[0]
-            return [self._append_and_end(conn, only.to_write(), only.credits, only.settles)]
+            share = unit_of_work.Share(only.to_write(), only.credits, only.settles)
+            return self._settle(conn, [share])
         to_write = [append.to_write() for append in appends]
-        rows = [row for each in to_write for row in each]
-        settles = [reservation for append in appends for reservation in append.settles]
-        result = self._append_and_end(conn, rows, appends[0].credits, settles)
-        # By identity, not id: two appends may carry rows with one id (two settles of one reservation).
-        written = {id(row) for row in result.written}
-        shares: list[AppendResult] = []
-        for each in to_write:
-            mine = [row for row in each if id(row) in written]
-            mine_keys = {row.idempotency_key for row in mine}
-            # A key another append of this batch wrote first is "existing" for this one, not for that one.
-            keys = (row.idempotency_key for row in each)
-            existing = {
-                key: result.existing[key]
-                for key in keys
-                if key is not None and key in result.existing and key not in mine_keys
-            }
-            shares.append(AppendResult(written=mine, existing=existing))
-        return shares
+        answers: list[AppendResult | None] = [None] * len(appends)
+        for rounds in _rounds(appends, to_write):
+            shares = [
+                unit_of_work.Share(
+                    [row for i in merged for row in to_write[i]],
+                    appends[merged[0]].credits,
+                    [reservation for i in merged for reservation in appends[i].settles],
+                )
+                for merged in rounds
+            ]
+            for merged, result in zip(rounds, self._settle(conn, shares), strict=True):
+                for i in merged:
+                    answers[i] = result if len(merged) == 1 else _part_of(to_write[i], result)
+        return [answer for answer in answers if answer is not None]
 
-    def _append_and_end(
-        self, conn: Connection, rows: Sequence[LedgerRow], credits: CreditTerms | None, settles: Sequence[str]
-    ) -> AppendResult:
+    def _settle(self, conn: Connection, shares: list[unit_of_work.Share]) -> list[AppendResult]:
         # PostgreSQL: the writes whose answers nobody reads go with the next statement answered; what is
-        # left goes as the block ends, after ``settle`` returned. If that fails, the rows keep the marks
-        # the settle gave them: the batch fails, and a run again starts from ``_Append.marks``.
+        # left goes as the block ends, after ``settle_together`` returned. If that fails, the rows keep
+        # the marks the settle gave them: the batch fails, and a run again starts from ``_Append.marks``.
         with sending(conn):
-            result = unit_of_work.settle(_SettleSql(self, conn), rows, credits, settles, notary=self._notary)
-        self._first_statistics.wrote(len(result.written))
-        return result
+            results = unit_of_work.settle_together(_SettleSql(self, conn), shares, notary=self._notary)
+        self._first_statistics.wrote(sum(len(result.written) for result in results))
+        return results
 
     def lookup(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         """Stored rows by idempotency key; concurrent look-ups are read together (``read_together``)."""
@@ -469,8 +515,17 @@ class SqlLedgerStore:
             found += [str(k) for (k,) in fetch(conn, sql, (org_id, *chunk))]
         return found
 
-    def _add_to_rollups(self, conn: Connection, rows: Sequence[LedgerRow], anchor_day: int) -> None:
-        usage_rollups.upsert(conn, usage_rollups.deltas(rows, anchor_day))
+    def _add_to_rollups(
+        self, conn: Connection, rows: Sequence[LedgerRow], anchor_days: Mapping[str, int]
+    ) -> None:
+        by_org: dict[str, list[LedgerRow]] = {}
+        for row in rows:
+            by_org.setdefault(row.organization_id, []).append(row)
+        # Each organization's entries are sorted, and lead with its id: in organization order, all are.
+        entries = [
+            entry for org in sorted(by_org) for entry in usage_rollups.deltas(by_org[org], anchor_days[org])
+        ]
+        usage_rollups.upsert(conn, entries)
         usage_details.upsert(conn, usage_details.deltas(rows))
         deltas = rollup_deltas(rows)
         if self._db.is_sqlite:
@@ -488,56 +543,61 @@ class _SettleSql:
         self._store = store
         self._conn = conn
         self._sqlite = store._db.is_sqlite
-        # PostgreSQL: the organization whose turn this transaction holds (``lock``), what was read with
+        # PostgreSQL, per organization whose turn this transaction took (``lock``): what was read with
         # it (credits drawn and bonus left, the chain head) for the steps, and which of the keys it was
         # told of are stored.
-        self._turn: str | None = None
-        self._read: tuple[tuple[Mapping[int, int], int], ChainHead] | None = None
-        self._keys: tuple[Sequence[str], list[str]] | None = None
+        self._read: dict[str, tuple[tuple[Mapping[int, int], int], ChainHead]] = {}
+        self._keys: dict[str, tuple[Sequence[str], list[str]]] = {}
 
-    def lock(self, organization_id: str, keys: Sequence[str] = ()) -> int:
+    def lock(self, turns: Mapping[str, Sequence[str]]) -> Mapping[str, int]:
         # The anchor day is read in the transaction, not taken from the (cached) credit terms: an anchor
         # change recomputes the period entries in its own transaction, and every settle after it must
         # use the new day. Rows of an organization that is not (or no longer) stored (loaders, tests):
         # periods by the 1st.
         if self._sqlite:  # one writer at a time: the turn is the transaction itself
-            found = fetch_one(self._conn, _SQLITE_ANCHOR_DAY, (organization_id,))
-            return 1 if found is None else int(found[0])
-        # The turn, what the settle decides on and which keys are stored, in one round trip: each round
-        # trip under the turn is one every other settle of the organization waits for (driver_sql).
-        # Pipelined behind the locking statement, the reads run once it has the lock, each with a
-        # snapshot of its own (read committed): they see what the settle they waited for wrote.
+            anchors = {}
+            for organization_id in turns:
+                day = fetch_one(self._conn, _SQLITE_ANCHOR_DAY, (organization_id,))
+                anchors[organization_id] = 1 if day is None else int(day[0])
+            return anchors
+        # The turns, what the settle decides on and which keys are stored, in one round trip: each round
+        # trip under the turns is one every other settle of those organizations waits for (driver_sql).
+        # Pipelined behind the locking statement, the reads run once it has the locks, each with a
+        # snapshot of its own (read committed): they see what the settles they waited for wrote.
+        organizations = list(turns)
         queries: list[tuple[str, Any]] = [
-            (_PG_TURN, (organization_id,)),
-            (_PG_AFTER_TURN, {"org": organization_id}),
+            (_PG_TURNS, (pg_array(organizations),)),
+            (_PG_AFTER_TURNS, (pg_array(organizations),)),
         ]
-        if keys:
-            queries.append((_PG_KEYS_STORED, (pg_array(keys), organization_id)))
-        turn, after, *stored = fetch_together(self._conn, queries)
-        ((granted, periods, seq, head_hash),) = after
-        drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
-        head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
-        self._turn, self._read = organization_id, (credit_store.drawn_and_left(drawn, int(granted)), head)
-        self._keys = (keys, [str(k) for (k,) in stored[0]]) if keys else None
-        return 1 if not turn else int(turn[0][0])
-
-    def _after_turn(self, organization_id: str) -> tuple[tuple[Mapping[int, int], int], ChainHead] | None:
-        """PostgreSQL, under this organization's turn: credits and the chain head as read with it. None:
-        read them one by one (SQLite, or another organization than the turn's)."""
-        if self._sqlite or self._turn != organization_id:
-            return None
-        return self._read
+        pairs = [(org, key) for org, keys in turns.items() for key in keys]
+        if pairs:
+            queries.append(
+                (_PG_PAIRS_STORED, (pg_array([o for o, _ in pairs]), pg_array([k for _, k in pairs])))
+            )
+        locked, after, *stored = fetch_together(self._conn, queries)
+        for org, granted, periods, seq, head_hash in after:
+            drawn = {int(start): (int(m), int(b), int(o)) for start, m, b, o in periods or ()}
+            head = GENESIS if seq is None else ChainHead(int(seq), head_hash)
+            self._read[org] = (credit_store.drawn_and_left(drawn, int(granted)), head)
+        found: dict[str, list[str]] = {org: [] for org, keys in turns.items() if keys}
+        for org, key in stored[0] if stored else ():
+            found[org].append(str(key))
+        self._keys = {org: (turns[org], keys) for org, keys in found.items()}
+        anchors = dict.fromkeys(organizations, 1)
+        anchors.update((org, int(day)) for org, day in locked)
+        return anchors
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         pairs = [(organization_id, key) for key in keys]
-        told = self._keys
-        if told is not None and self._turn == organization_id and told[0] == keys:
-            self._keys = None  # read once: a later look-up (a race at insert) reads again
+        told = self._keys.pop(
+            organization_id, None
+        )  # read once: a later look-up (a race at insert) reads again
+        if told is not None and told[0] == keys:
             return self._store._existing(self._conn, pairs, told[1])
         return self._store._existing(self._conn, pairs)
 
     def credits_drawn(self, organization_id: str) -> tuple[Mapping[int, int], int]:
-        read = self._after_turn(organization_id)
+        read = self._read.get(organization_id)
         if read is not None:
             return read[0]
         return credit_store.credits_drawn(self._conn, organization_id)
@@ -556,35 +616,36 @@ class _SettleSql:
         ids = [row.id for row in rows]
         return set(ids) if inserted == len(rows) else self._store._present(conn, ids)
 
-    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_day: int) -> None:
-        self._store._add_to_rollups(self._conn, rows, anchor_day)
+    def add_to_rollups(self, rows: Sequence[LedgerRow], anchor_days: Mapping[str, int]) -> None:
+        self._store._add_to_rollups(self._conn, rows, anchor_days)
 
     def chain_head(self, organization_id: str) -> ChainHead:
-        read = self._after_turn(organization_id)
+        read = self._read.get(organization_id)
         if read is not None:
             return read[1]
         found = fetch_one(self._conn, self._store._chain_head_sql, (organization_id,))
         return GENESIS if found is None else ChainHead(int(found[0]), found[1])
 
-    def add_receipts(self, signed: Sequence[Receipt], head: ChainHead) -> None:
-        if not signed:
-            return
-        chain_head = (signed[0].organization_id, head.seq, head.hash)
+    def add_receipts(self, signed: Sequence[Receipt], heads: Mapping[str, ChainHead]) -> None:
+        chains = [(org, head.seq, head.hash) for org, head in heads.items()]
         conn = self._conn
         if not self._sqlite:
-            # The receipts and the new head in one statement (a data-modifying CTE), one round trip.
+            # The receipts and the new heads in one statement (a data-modifying CTE), one round trip.
             columns = tuple(pg_array(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
-            send(conn, _PG_RECEIPTS_AND_HEAD, (*columns, *chain_head))
+            send(conn, _PG_RECEIPTS_AND_HEADS, (*columns, *(pg_array(c) for c in zip(*chains, strict=True))))
             return
         if len(signed) == 1:
             run(conn, _SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))
         else:
             run_many(conn, _SQLITE_RECEIPT_INSERT, [_receipt_tuple(r) for r in signed])
-        run(conn, self._store._chain_upsert_sql, chain_head)
+        run_many(conn, self._store._chain_upsert_sql, chains)
 
-    def evaluate_alerts(self, rows: Sequence[LedgerRow], terms: CreditTerms | None) -> None:
+    def evaluate_alerts(self, settled: Sequence[tuple[Sequence[LedgerRow], CreditTerms | None]]) -> None:
         if self._store._alerts is not None:
-            self._store._alerts.evaluate_in(self._conn, rows, terms)
+            self._store._alerts.evaluate_in(self._conn, settled)
 
     def end_reservations(self, reservation_ids: Sequence[str]) -> int:
-        return run_in(self._conn, "DELETE FROM reservations WHERE id", reservation_ids)
+        if self._sqlite:
+            return run_in(self._conn, "DELETE FROM reservations WHERE id", reservation_ids)
+        # One array: one statement text (kept parsed) whatever the count.
+        return run(self._conn, _PG_END_RESERVATIONS, (pg_array(reservation_ids),))
