@@ -92,11 +92,11 @@ class MemoryTransaction:
         self.calls.append("evaluate_alerts")
         self.alerted += [[row.id for row in rows] for rows, _terms in settled]
 
-    def end_reservations(self, reservation_ids: Sequence[str]) -> int:
+    def end_reservations(self, reservation_ids: Sequence[str]) -> set[str]:
         self.calls.append("end_reservations")
         ended = self.reservations & set(reservation_ids)
         self.reservations -= ended
-        return len(ended)
+        return ended
 
 
 def row(key: str | None, credits: int = 10, receipt: bool = True, org: str = "org_1") -> LedgerRow:
@@ -332,3 +332,20 @@ def test_a_reservation_ended_elsewhere_fails_every_share_and_leaves_their_rows_a
     with pytest.raises(ReservationEnded):
         settle_together(tx, shares)
     assert (other.credits_monthly_nanos, other.credits_bonus_nanos, other.overage) == (0, 0, False)
+
+
+def test_a_reservation_ended_elsewhere_is_told_apart_from_another_ended_here() -> None:
+    """One share's reservation was ended elsewhere while another share ends one without a row: the count
+    of reservations ended matches, but not which."""
+    tx = MemoryTransaction(reservations={"rsv_other"})
+    settled = row("rsv_1")
+    settled.id = "rsv_1"  # rsv_1 itself is gone
+    with pytest.raises(ReservationEnded):
+        settle_together(tx, [Share([settled], None, ["rsv_1"]), Share([], None, ["rsv_other"])])
+
+
+def test_rows_of_any_organization_id_are_settled() -> None:
+    tx = MemoryTransaction()
+    nameless = row("a", org="")
+    (result,) = settle_together(tx, [Share([nameless])])
+    assert result.written == [nameless]

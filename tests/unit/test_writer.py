@@ -268,6 +268,31 @@ def test_jobs_of_one_kind_run_as_one_and_a_bad_one_still_fails_alone(db: Databas
     assert names(db) == {"a", "b", "c", "d", "e"}
 
 
+def test_a_merged_run_that_fails_runs_again_by_part_before_job_by_job(db: Database) -> None:
+    """A batch's settles of many organizations are one run: one bad request makes its organization's
+    part run job by job, while every other part still runs as one."""
+    calls: list[list[str]] = []
+
+    def insert_all(conn: Connection, names_: list[str]) -> list[str]:
+        calls.append(list(names_))
+        conn.exec_driver_sql("INSERT INTO items (name, n) VALUES (?, 1)", [(n,) for n in names_])
+        return [n.upper() for n in names_]
+
+    assert db.writer.run(insert("x2")) == "x2"  # taken: "x2" will fail
+    gate = hold(db.writer)
+    wanted = ["x1", "y1", "x2", "y2", "z1", "x3"]
+    futures = [
+        db.writer.submit_together(Together("items", n, insert_all, part=lambda n: n[0])) for n in wanted
+    ]
+    gate.set()
+    with pytest.raises(Exception, match="UNIQUE"):
+        futures[2].result(5)
+    assert [f.result(5) for i, f in enumerate(futures) if i != 2] == ["X1", "Y1", "Y2", "Z1", "X3"]
+    # The whole run, then part x (fails), y, z (one job), then x's jobs one by one.
+    assert calls == [wanted, ["x1", "x2", "x3"], ["x1"], ["x2"], ["x3"], ["y1", "y2"], ["z1"]]
+    assert names(db) == {"x1", "x2", "x3", "y1", "y2", "z1"}
+
+
 def test_a_lost_connection_fails_the_whole_batch_with_the_error_that_lost_it(db: Database) -> None:
     """An outage met by one job of a batch: nothing can commit, and every caller gets the outage's own
     error (which the API answers as a 503), never a later "invalid transaction" error."""

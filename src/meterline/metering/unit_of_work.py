@@ -10,8 +10,8 @@ Each decision is one organization's (its idempotency keys, credit balances, rece
 what the transaction is asked to write is the shares' together (one insert, one rollup upsert, one
 stretch of receipts), so a batch of many organizations costs a database about what one organization's
 does. Storage implements ``SettleTransaction`` in SQL (``storage.ledger_store``) and decides nothing;
-the database's group-commit writer runs ``settle_together`` once for every settle of a batch. The unit
-tests drive it with an in-memory transaction (``tests/unit/test_unit_of_work.py``).
+the database's group-commit writer runs ``settle_together`` once for all the settles of a batch. The
+unit tests drive it with an in-memory transaction (``tests/unit/test_unit_of_work.py``).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class SettleTransaction(Protocol):
         terms; in this transaction: an alert commits with its usage)."""
         ...
 
-    def end_reservations(self, reservation_ids: Sequence[str]) -> int:
-        """Delete durable reservations; how many there were."""
+    def end_reservations(self, reservation_ids: Sequence[str]) -> set[str]:
+        """Delete durable reservations; the ids of those there were."""
         ...
 
 
@@ -135,7 +135,7 @@ class _Part:
     """A share as it is settled: its organization, the rows to insert, and what is answered."""
 
     share: Share
-    organization_id: str
+    organization_id: str | None
     fresh: list[LedgerRow]
     repeats: list[LedgerRow]
     existing: dict[str, LedgerRow]
@@ -151,17 +151,17 @@ def _settle_together(
         organizations = {row.organization_id for row in share.rows}
         if len(organizations) > 1:
             raise ValueError("a share of a settle takes one organization's rows")
-        org_id = next(iter(organizations), "")
-        if org_id in turns:
-            raise ValueError("a settle takes one share per organization")
-        if org_id:
+        org_id = next(iter(organizations), None)  # None: a share that only ends reservations
+        if org_id is not None:
+            if org_id in turns:
+                raise ValueError("a settle takes one share per organization")
             turns[org_id] = [row.idempotency_key for row in share.rows if row.idempotency_key is not None]
         parts.append(_Part(share, org_id, [], [], {}, []))
     # Under the organizations' turns the idempotency look-ups and the credit balances are exact.
     anchor_days = tx.lock(turns) if turns else {}
     for part in parts:
-        if part.organization_id:
-            _sort(tx, part, turns[part.organization_id])
+        if part.organization_id is not None:
+            _sort(tx, part, part.organization_id, turns[part.organization_id])
     fresh = [row for part in parts for row in part.fresh]
     inserted = tx.insert(fresh) if fresh else set()
     for part in parts:
@@ -173,10 +173,11 @@ def _settle_together(
             receipts: list[Receipt] = []
             heads: dict[str, ChainHead] = {}
             for part in parts:
-                if any(row.receipt_id is not None for row in part.written):
-                    signed, head = notary.extend(tx.chain_head(part.organization_id), part.written)
+                org_id = part.organization_id
+                if org_id is not None and any(row.receipt_id is not None for row in part.written):
+                    signed, head = notary.extend(tx.chain_head(org_id), part.written)
                     receipts += signed
-                    heads[part.organization_id] = head
+                    heads[org_id] = head
             if heads:
                 tx.add_receipts(receipts, heads)
         tx.evaluate_alerts([(part.written, part.share.credits) for part in parts if part.written])
@@ -185,17 +186,17 @@ def _settle_together(
         # Durable reservations end in the transaction that writes their rows: never both, never none. A
         # row written for a reservation someone else ended meanwhile would end it twice.
         ended = tx.end_reservations(settles)
-        if ended < len({row.id for row in written} & set(settles)):
+        if not {row.id for row in written} & set(settles) <= ended:
             raise ReservationEnded("a reservation was ended by another process during its settle")
     return [AppendResult(written=part.written, existing=part.existing) for part in parts]
 
 
-def _sort(tx: SettleTransaction, part: _Part, keys: Sequence[str]) -> None:
+def _sort(tx: SettleTransaction, part: _Part, organization_id: str, keys: Sequence[str]) -> None:
     """A share's rows: those already stored (answered), repeats of a key within it, and the rows to
     write, their credits split."""
     existing = part.existing
     if keys:
-        existing.update(tx.stored(part.organization_id, keys))
+        existing.update(tx.stored(organization_id, keys))
     taken: set[str] = set()
     for row in part.share.rows:
         key = row.idempotency_key
@@ -220,7 +221,7 @@ def _written(tx: SettleTransaction, part: _Part, inserted: set[str]) -> None:
     """What of a share the insert wrote; a key a concurrent request wrote first is answered with its row."""
     part.written = [row for row in part.fresh if row.id in inserted]
     existing = part.existing
-    if len(part.written) != len(part.fresh):
+    if part.organization_id is not None and len(part.written) != len(part.fresh):
         # A concurrent request wrote the same key since the look-up (the unique index decided).
         raced = [row.idempotency_key for row in part.fresh if row.id not in inserted]
         existing.update(tx.stored(part.organization_id, [key for key in raced if key is not None]))

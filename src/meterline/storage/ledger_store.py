@@ -25,7 +25,6 @@ from meterline.storage.driver_sql import (
     fetch_together,
     pg_array,
     run,
-    run_in,
     run_many,
     send,
     sending,
@@ -267,9 +266,11 @@ _CHAIN_HEAD = "SELECT seq, head_hash FROM receipt_chains WHERE organization_id =
 _SQLITE_ANCHOR_DAY = "SELECT billing_anchor_day FROM organizations WHERE id = ?"
 # PostgreSQL: the organizations' turns (their rows locked until the transaction ends: their settles queue,
 # in every process; locked in id order, as the rows come out of the sort, so two transactions that want
-# some of the same organizations queue instead of deadlocking), and their billing anchor days.
+# some of the same organizations queue instead of deadlocking; by code point, as the writer orders a
+# batch that runs again one organization at a time), and their billing anchor days.
 _PG_TURNS = (
-    "SELECT id, billing_anchor_day FROM organizations WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+    'SELECT id, billing_anchor_day FROM organizations WHERE id = ANY(%s::text[]) ORDER BY id COLLATE "C" '
+    "FOR UPDATE"
 )
 # Then, in one round trip, what the settle decides on, per organization: credits granted, credits drawn
 # per period, the receipt chain's head. Each round trip under the lock is one that every other settle of
@@ -289,7 +290,8 @@ _PG_PAIRS_STORED = (
     "SELECT wanted.org, wanted.key FROM unnest(%s::text[], %s::text[]) AS wanted(org, key) "
     "JOIN ledger ON ledger.organization_id = wanted.org AND ledger.idempotency_key = wanted.key"
 )
-_PG_END_RESERVATIONS = "DELETE FROM reservations WHERE id = ANY(%s::text[])"
+_PG_END_RESERVATIONS = "DELETE FROM reservations WHERE id = ANY(%s::text[]) RETURNING id"
+_SQLITE_END_RESERVATIONS = "DELETE FROM reservations WHERE id IN ({}) RETURNING id"
 
 
 def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
@@ -297,6 +299,7 @@ def _receipt_tuple(r: Receipt) -> tuple[Any, ...]:
 
 
 _LEDGER = "ledger"
+_LAST = "\U0010ffff"  # sorts after every organization id
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +315,9 @@ class _Append:
     def __post_init__(self) -> None:
         marks = tuple((r.overage, r.credits_monthly_nanos, r.credits_bonus_nanos) for r in self.rows)
         object.__setattr__(self, "marks", marks)
+
+    def organization(self) -> str:
+        return self.rows[0].organization_id if self.rows else ""
 
     def to_write(self) -> Sequence[LedgerRow]:
         """The rows to write, asked in the writer's job (``admitted``: those the reservations queued
@@ -416,12 +422,14 @@ class SqlLedgerStore:
         admitted: Callable[[], Sequence[LedgerRow]] | None = None,
     ) -> Future[AppendResult]:
         """``append``, queued to the database's writer: the future is answered once the rows are
-        committed. Appends queued together are written as one (``_append_together``); the batch is
-        ordered by organization (see ``storage.writer``)."""
-        org = rows[0].organization_id if rows else ""
+        committed. Appends queued together are written as one settle (``_append_together``), one share
+        per organization; if it fails, it runs again one organization at a time (``storage.writer``)."""
         append = _Append(rows, credits, settles, admitted)
-        together = Together(_LEDGER, append, self._append_together)
-        return self._db.writer.submit_together(together, rows=len(rows), order=org)
+        together = Together(_LEDGER, append, self._append_together, part=_Append.organization)
+        # Ordered by organization: the batch's merged settle runs where its first one is, after the
+        # counter calls (order "") whose verdicts its rows wait for, even when it ends reservations only.
+        order = rows[0].organization_id if rows else _LAST
+        return self._db.writer.submit_together(together, rows=len(rows), order=order)
 
     def _append_together(self, conn: Connection, appends: list[_Append]) -> list[AppendResult]:
         """Appends queued together as one settle (``unit_of_work.settle_together``): one turn-taking,
@@ -644,8 +652,13 @@ class _SettleSql:
         if self._store._alerts is not None:
             self._store._alerts.evaluate_in(self._conn, settled)
 
-    def end_reservations(self, reservation_ids: Sequence[str]) -> int:
-        if self._sqlite:
-            return run_in(self._conn, "DELETE FROM reservations WHERE id", reservation_ids)
-        # One array: one statement text (kept parsed) whatever the count.
-        return run(self._conn, _PG_END_RESERVATIONS, (pg_array(reservation_ids),))
+    def end_reservations(self, reservation_ids: Sequence[str]) -> set[str]:
+        if not self._sqlite:
+            # One array: one statement text (kept parsed) whatever the count.
+            return {str(r) for (r,) in fetch(self._conn, _PG_END_RESERVATIONS, (pg_array(reservation_ids),))}
+        ended: set[str] = set()
+        for start in range(0, len(reservation_ids), 500):
+            chunk = reservation_ids[start : start + 500]
+            sql = _SQLITE_END_RESERVATIONS.format(", ".join("?" * len(chunk)))
+            ended.update(str(r) for (r,) in fetch(self._conn, sql, tuple(chunk)))
+        return ended

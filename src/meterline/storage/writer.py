@@ -16,9 +16,10 @@ what the job was given, and what a process remembers of its writes waits for ``a
 failure of the transaction itself (the commit, an outage, a savepoint that cannot be rolled back) fails
 every job of the batch, none of which was committed.
 
-Jobs run in the order of their ``order`` key (stable: one key keeps its submission order). Settles pass
-their organization, so on PostgreSQL a batch takes organization locks in one global order and two
-processes' batches queue instead of deadlocking.
+Jobs run in the order of their ``order`` key (stable: one key keeps its submission order), a merged run
+where its first job is. Settles pass their organization: a batch's settles lock their organizations in
+one statement, in id order, and when they run again part by part (one organization each) they still
+take them in that order, so two processes' batches queue instead of deadlocking.
 
 Models: Datasette's single write thread (``datasette/database.py``) and group commit in PostgreSQL and
 InnoDB.
@@ -51,13 +52,18 @@ class Together(Generic[P, T]):
     """A job that can run as one with others of its kind: queued jobs with equal ``key`` are merged,
     ``run`` gets their payloads in queue order and answers one result per payload.
 
-    Merging is what makes a batch cheaper than its jobs: a settle's look-ups, rollup upserts, receipt
-    chain and credit split are done once for every settle of an organization in the batch. If the merged
-    run raises, it is rolled back and its jobs run one by one, so a bad one still fails only itself."""
+    Merging is what makes a batch cheaper than its jobs: a batch's settles, of every organization, take
+    their turns, look up their keys, insert, upsert rollups and write receipts once. If the merged run
+    raises, it is rolled back and runs again by ``part``, then job by job, so a bad job still fails only
+    itself."""
 
     key: Hashable
     payload: P
     run: Callable[[Connection, list[P]], list[T]]
+    # A key within the kind (a settle's organization): a merged run that raised runs again as one run
+    # per part, each in a savepoint, and job by job only within a part that raises too, so one bad job
+    # does not make every job of its kind in the batch pay a savepoint and a run of its own.
+    part: Callable[[P], Hashable] | None = None
 
 
 @dataclass(slots=True)
@@ -225,15 +231,18 @@ class Writer:
     def _run_guarded(
         self, conn: Connection, live: list[_Queued[Any]], ran: _Ran, failed: list[_Queued[Any]]
     ) -> None:
-        """The batch's jobs, each unit in a savepoint: a merged unit that raises runs again job by job
-        (``failed``, the unit that raised before, at once), and a job that raises is rolled back to its
-        savepoint and answered with its exception."""
+        """The batch's jobs, each unit in a savepoint: a merged unit that raises runs again part by part,
+        then job by job within a part that raises (``failed``, the unit that raised before, at once), and
+        a job that raises is rolled back to its savepoint and answered with its exception."""
         for unit in _units(live):
             merged = len(unit) > 1 and unit[0] is not failed[0]
             if merged and self._together(conn, unit, ran.results, ran.actions):
                 continue
-            for item in unit:
-                self._alone(conn, item, ran.results, ran.failed, ran.actions)
+            for part in _parts(unit):
+                if len(part) > 1 and self._together(conn, part, ran.results, ran.actions):
+                    continue
+                for item in part:
+                    self._alone(conn, item, ran.results, ran.failed, ran.actions)
 
     @staticmethod
     def _together(
@@ -400,6 +409,19 @@ def wait(future: Future[T]) -> T:
     if getattr(_here, "writer", False):
         raise RuntimeError("a write job cannot queue another one and wait for it: it would wait forever")
     return future.result()
+
+
+def _parts(unit: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
+    """A merged unit's jobs by their ``Together.part`` (each job alone without one), in order."""
+    first = unit[0].together
+    if len(unit) == 1 or first is None or first.part is None:
+        return [[item] for item in unit]
+    part = first.part
+    parts: dict[Hashable, list[_Queued[Any]]] = {}
+    for item in unit:
+        assert item.together is not None
+        parts.setdefault(part(item.together.payload), []).append(item)
+    return list(parts.values())
 
 
 def _units(items: list[_Queued[Any]]) -> list[list[_Queued[Any]]]:
