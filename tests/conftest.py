@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -245,3 +247,25 @@ def assert_envelope(response: Any, status: int, code: str) -> dict[str, Any]:
     assert error["request_id"] == response.headers["x-request-id"]
     assert "Traceback" not in response.text
     return error
+
+
+T = TypeVar("T")
+
+
+def in_one_batch(services: Services, requests: int, send: Callable[[int], T]) -> list[T]:
+    """``send(0)``, ... ``send(requests - 1)`` at once, their writes held back until all are queued: the
+    writer then commits them in one batch (asserted)."""
+    db = services.db
+
+    def hold(_conn: object) -> None:
+        deadline = time.monotonic() + 30
+        while db.writer.pending < requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    batches_before = db.writer.batches
+    held = db.writer.submit(hold)
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        answers = list(pool.map(send, range(requests)))
+    held.result(30)
+    assert db.writer.batches - batches_before == 2  # the holder, then all the requests together
+    return answers

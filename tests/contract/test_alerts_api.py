@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from conftest import ADMIN, ADMIN_KEY, Tenant, add_key, assert_envelope, make_tenant
+from conftest import ADMIN, ADMIN_KEY, Tenant, add_key, assert_envelope, in_one_batch, make_tenant
 from meterline.api.app import create_app
 from meterline.clock import FrozenClock
 from meterline.config import Settings, load_settings
@@ -116,6 +116,41 @@ def test_an_organization_sets_its_own_thresholds(client: TestClient) -> None:
     assert changed.json()["alert_thresholds"] == [85]
     post(client, tenant, ev(8))  # 90 %
     assert [t for t, _ in thresholds(client, tenant)] == [30, 50, 75, 80, 85]
+
+
+def test_organizations_settled_in_one_batch_cross_each_their_own_thresholds(
+    client: TestClient, services: Services
+) -> None:
+    """The settles of a batch are one settle; the alerts' reads of its organizations are one round trip.
+    Each organization's alerts follow its own usage, allowance or spend cap and thresholds."""
+    tenants = {
+        "half": make_tenant(client, plan="tiny", billing_anchor_day=14, name="Half"),
+        "most": make_tenant(client, plan="tiny", billing_anchor_day=14, name="Most"),
+        "own": make_tenant(client, plan="tiny", billing_anchor_day=14, name="Own", alert_thresholds=[10]),
+        "spend": make_tenant(client, plan="pro", spend_cap="1.00", billing_anchor_day=14, name="Spend"),
+        "little": make_tenant(client, plan="tiny", billing_anchor_day=14, name="Little"),
+    }
+    for tenant in tenants.values():  # each key stamped (a write outside the writer, once a minute)
+        assert client.get("/v1/usage", headers=tenant.headers).status_code == 200
+    assert post(client, tenants["half"], *(ev(f"h{i}") for i in range(4))).status_code == 200  # 40 %
+    batches = [
+        ("half", [ev(f"h{i}") for i in range(4, 6)]),  # 60 %
+        ("most", [ev(f"m{i}") for i in range(8)]),  # 80 %
+        ("own", [ev("o0")]),  # 10 %: its own threshold
+        ("spend", [ev(f"s{i}") for i in range(5)]),  # 0.50 of 1.00
+        ("little", [ev("l0")]),  # 10 %: nothing
+    ]
+
+    def send(n: int) -> int:
+        name, events = batches[n]
+        status: int = post(client, tenants[name], *events).status_code
+        return status
+
+    assert in_one_batch(services, len(batches), send) == [200] * len(batches)
+    fired = {name: [t for t, _ in thresholds(client, tenant)] for name, tenant in tenants.items()}
+    assert fired == {"half": [50], "most": [50, 75, 80], "own": [10], "spend": [50], "little": []}
+    (spend,) = alerts_of(client, tenants["spend"], "usage_threshold")
+    assert spend["details"]["measure"] == "spend"
 
 
 @pytest.mark.parametrize("value", [[], [0], [1001], [50.5], ["50"], "50", list(range(1, 22))])

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi.testclient import TestClient
 
-from conftest import ADMIN, Tenant, add_key, assert_envelope, make_tenant
+from conftest import ADMIN, Tenant, add_key, assert_envelope, in_one_batch, make_tenant
 from meterline.receipts import verify_chain
 from meterline.services import Services
-
-T = TypeVar("T")
 
 
 def event(i: int | str, **fields: Any) -> dict[str, Any]:
@@ -301,25 +298,6 @@ def poisoned(services: Services) -> Iterator[None]:
             conn.exec_driver_sql("DROP TRIGGER poison" if db.is_sqlite else "DROP TRIGGER poison ON ledger")
             if not db.is_sqlite:
                 conn.exec_driver_sql("DROP FUNCTION poison()")
-
-
-def in_one_batch(services: Services, requests: int, send: Callable[[int], T]) -> list[T]:
-    """``send(0)``, ... ``send(requests - 1)`` at once, their writes held back until all are queued: the
-    writer then commits them in one batch (asserted)."""
-    db = services.db
-
-    def hold(_conn: object) -> None:
-        deadline = time.monotonic() + 30
-        while db.writer.pending < requests and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    batches_before = db.writer.batches
-    held = db.writer.submit(hold)
-    with ThreadPoolExecutor(max_workers=requests) as pool:
-        answers = list(pool.map(send, range(requests)))
-    held.result(30)
-    assert db.writer.batches - batches_before == 2  # the holder, then all the requests together
-    return answers
 
 
 def test_one_bad_event_in_a_group_committed_batch_fails_only_its_own_request(

@@ -115,6 +115,14 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
         services.close()
 
 
+def _under_turn(lines: list[str]) -> list[str]:
+    """The trace from a settle's locking statement to its commit's answer."""
+    turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
+    commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
+    answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
+    return lines[turn : answered + 1]
+
+
 def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -169,27 +177,32 @@ def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
                 list(pool.map(settle_one, range(4)))
             held.result(30)
         assert db.writer.batches - batches == 2  # the holder, then the four settles together
-        turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
-        commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
-        answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
-        under_turn = lines[turn : answered + 1]
+        under_turn = _under_turn(lines)
         assert sum(1 for line in under_turn if "FOR UPDATE" in line) == 1
         assert sum(1 for line in under_turn if "INTO ledger " in line) == 1
         assert sum(1 for line in under_turn if "\tReadyForQuery\t" in line) == 4, "\n".join(under_turn)
+        # And as many statements as one organization's settle: none is repeated per organization.
+        with traced(services) as alone:
+            settle_one(0)
+        statements = [
+            sum(1 for line in trace if "\tBind\t" in line) for trace in (_under_turn(alone), under_turn)
+        ]
+        assert statements[0] == statements[1], "\n".join(under_turn)
         # Each organization's books: its receipts chain, its credits drawn.
         with db.read() as conn:
             for n, (org, _ws, _gate) in enumerate(tenants):
                 drawn = conn.exec_driver_sql(
                     "SELECT monthly_nanos FROM credit_usage WHERE organization_id = %s", (org.id,)
                 ).scalar()
-                assert drawn == 2 * (3 + n) * 10**9
+                settles = 3 if n == 0 else 2  # the first organization's once more, alone
+                assert drawn == settles * (3 + n) * 10**9
                 seqs = conn.exec_driver_sql(
                     "SELECT seq FROM receipts WHERE organization_id = %s ORDER BY seq", (org.id,)
                 ).scalars()
                 head = conn.exec_driver_sql(
                     "SELECT seq FROM receipt_chains WHERE organization_id = %s", (org.id,)
                 ).scalar()
-                assert (list(seqs), head) == ([1, 2], 2)
+                assert (list(seqs), head) == (list(range(1, settles + 1)), settles)
     finally:
         services.close()
 
@@ -199,7 +212,7 @@ def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> 
     # insert (51 columns) was, at every settle unit, until its usage counts went as one array.
     from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH, MAX_CACHED_STATEMENT_PARAMS
 
-    from meterline.storage import ledger_store, usage_rollups
+    from meterline.storage import alert_store, credit_store, ledger_store, usage_rollups
 
     statements = {
         "ledger insert": ledger_store._PG_UNNEST_INSERT,
@@ -210,6 +223,10 @@ def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> 
         "pairs stored": ledger_store._PG_PAIRS_STORED,
         "keys stored": ledger_store._PG_KEYS_STORED,
         "reservations ended": ledger_store._PG_END_RESERVATIONS,
+        "credit draws": credit_store._PG_UPSERT,
+        "thresholds": alert_store._PG_THRESHOLDS,
+        "credits used": alert_store._PG_CREDITS_USED,
+        "spent": alert_store._PG_SPENT,
         "rows by keys": ledger_store._PG_SELECT_BY_KEYS,
         "rollups": usage_rollups.PG_UPSERT,
     }

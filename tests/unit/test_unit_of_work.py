@@ -54,9 +54,10 @@ class MemoryTransaction:
         self.calls.append("credits_drawn")
         return dict(self.drawn.get(organization_id, {})), self.bonus_left.get(organization_id, 0)
 
-    def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
+    def add_credit_draws(self, draws: Sequence[tuple[str, int, int, int, int]]) -> None:
         self.calls.append("add_credit_draws")
-        self.draws.setdefault(organization_id, []).extend(draws)
+        for organization_id, *draw in draws:
+            self.draws.setdefault(organization_id, []).append((draw[0], draw[1], draw[2], draw[3]))
 
     def insert(self, rows: Sequence[LedgerRow]) -> set[str]:
         self.calls.append("insert")

@@ -53,8 +53,9 @@ class SettleTransaction(Protocol):
         """Monthly credits drawn per billing period (by its start, µs), and bonus credits left."""
         ...
 
-    def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
-        """Add (period start, monthly, bonus, overage) to what each period has drawn."""
+    def add_credit_draws(self, draws: Sequence[tuple[str, int, int, int, int]]) -> None:
+        """Add (organization, period start, monthly, bonus, overage) to what each period has drawn (one
+        entry per organization and period)."""
         ...
 
     def insert(self, rows: Sequence[LedgerRow]) -> set[str]:
@@ -159,9 +160,12 @@ def _settle_together(
         parts.append(_Part(share, org_id, [], [], {}, []))
     # Under the organizations' turns the idempotency look-ups and the credit balances are exact.
     anchor_days = tx.lock(turns) if turns else {}
+    draws: list[tuple[str, int, int, int, int]] = []
     for part in parts:
         if part.organization_id is not None:
-            _sort(tx, part, part.organization_id, turns[part.organization_id])
+            draws += _sort(tx, part, part.organization_id, turns[part.organization_id])
+    if draws:
+        tx.add_credit_draws(draws)
     fresh = [row for part in parts for row in part.fresh]
     inserted = tx.insert(fresh) if fresh else set()
     for part in parts:
@@ -191,9 +195,11 @@ def _settle_together(
     return [AppendResult(written=part.written, existing=part.existing) for part in parts]
 
 
-def _sort(tx: SettleTransaction, part: _Part, organization_id: str, keys: Sequence[str]) -> None:
+def _sort(
+    tx: SettleTransaction, part: _Part, organization_id: str, keys: Sequence[str]
+) -> list[tuple[str, int, int, int, int]]:
     """A share's rows: those already stored (answered), repeats of a key within it, and the rows to
-    write, their credits split."""
+    write, their credits split; the draws of that split, by organization and period."""
     existing = part.existing
     if keys:
         existing.update(tx.stored(organization_id, keys))
@@ -213,8 +219,9 @@ def _sort(tx: SettleTransaction, part: _Part, organization_id: str, keys: Sequen
             taken.add(key)
             part.fresh.append(row)
     credits = part.share.credits
-    if part.fresh and credits is not None:
-        split_credits(tx, part.fresh, credits)
+    if not part.fresh or credits is None:
+        return []
+    return [(organization_id, *draw) for draw in split_credits(tx, part.fresh, credits)]
 
 
 def _written(tx: SettleTransaction, part: _Part, inserted: set[str]) -> None:
@@ -234,12 +241,14 @@ def _written(tx: SettleTransaction, part: _Part, inserted: set[str]) -> None:
                 existing[row.idempotency_key] = first
 
 
-def split_credits(tx: SettleTransaction, rows: Sequence[LedgerRow], terms: CreditTerms) -> None:
-    """Each row's draw (``meterline.credits.split``) from the balances read in this transaction, added
-    to the billing periods it draws from."""
+def split_credits(
+    tx: SettleTransaction, rows: Sequence[LedgerRow], terms: CreditTerms
+) -> list[tuple[int, int, int, int]]:
+    """Each row's draw (``meterline.credits.split``) from the balances read in this transaction; what
+    they draw from each billing period (start, monthly, bonus, overage), for ``add_credit_draws``."""
     if terms.monthly_allowance_nanos == UNLIMITED:
         drawn: Mapping[int, int] = {}  # everything is drawn from the monthly bucket: nothing to read
         bonus_left = 0
     else:
         drawn, bonus_left = tx.credits_drawn(terms.organization_id)
-    tx.add_credit_draws(terms.organization_id, split(rows, terms, drawn, bonus_left))
+    return split(rows, terms, drawn, bonus_left)

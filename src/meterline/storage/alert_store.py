@@ -36,7 +36,7 @@ from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, fetch_together
+from meterline.storage.driver_sql import fetch, fetch_together, pg_array
 from meterline.storage.tenancy_store import thresholds_from_text
 from meterline.storage.writer import after_commit
 
@@ -81,6 +81,20 @@ _DAILY = (
     "GROUP BY bucket"
 )
 _THRESHOLDS = "SELECT alert_thresholds FROM organizations WHERE id = {p}"
+# PostgreSQL: the same reads for every organization of a settle at once (one statement each, not one per
+# organization).
+_PG_THRESHOLDS = "SELECT id, alert_thresholds FROM organizations WHERE id = ANY(%s::text[])"
+_PG_CREDITS_USED = (
+    "SELECT u.org, c.monthly_nanos + c.bonus_nanos + c.overage_nanos "
+    "FROM unnest(%s::text[], %s::bigint[]) AS u(org, period) "
+    "JOIN credit_usage AS c ON c.organization_id = u.org AND c.period_start_us = u.period"
+)
+_PG_SPENT = (
+    "SELECT u.org, (SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_rollups WHERE organization_id = u.org "
+    "AND workspace_id = '' AND dimension = 'source' AND grain = 'd' AND bucket >= u.first_day "
+    "AND bucket < u.end_day) "
+    "FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(org, first_day, end_day)"
+)
 _FIRED = "SELECT kind, threshold FROM alerts WHERE organization_id = {p} AND period_start_us = {p}"
 _INSERT_ALERT = (
     "INSERT INTO alerts (id, organization_id, kind, threshold, period_start_us, message, details_json, "
@@ -254,17 +268,36 @@ class AlertEvaluator:
     ) -> None:
         # The thresholds are read in the transaction (a primary-key lookup), so a changed setting applies
         # to the next settle; on PostgreSQL with what the period has used, every organization's in one
-        # round trip (under the organizations' turns every other settle of them waits for each one:
-        # ``driver_sql``). SQLite has no round trips: the use is read only when an alert may be due.
+        # round trip of one statement each (under the organizations' turns every other settle of them
+        # waits for each round trip: ``driver_sql``). SQLite has no round trips: the use is read only
+        # when an alert may be due.
         if not checks:
             return
         if conn.dialect.name == "sqlite":
             for check in checks:
                 self._evaluate_allowance(conn, check, fetch(conn, *check.thresholds_query), None, now)
             return
-        found = fetch_together(conn, [query for c in checks for query in (c.thresholds_query, c.used_query)])
-        for i, check in enumerate(checks):
-            self._evaluate_allowance(conn, check, found[2 * i], found[2 * i + 1], now)
+        credits = [c for c in checks if c.measure == "credits"]
+        spend = [c for c in checks if c.measure == "spend"]
+        queries: list[tuple[str, tuple[Any, ...]]] = [
+            (_PG_THRESHOLDS, (pg_array(c.organization_id for c in checks),))
+        ]
+        if credits:
+            orgs, periods = (
+                pg_array(c.organization_id for c in credits),
+                pg_array(c.period_us for c in credits),
+            )
+            queries.append((_PG_CREDITS_USED, (orgs, periods)))
+        if spend:
+            days = [c.used_query[1] for c in spend]  # (organization, first day, end day)
+            queries.append((_PG_SPENT, tuple(pg_array(column) for column in zip(*days, strict=True))))
+        found, *used_found = fetch_together(conn, queries)
+        own = {str(org): thresholds for org, thresholds in found}
+        used = {str(org): value for rows in used_found for org, value in rows}
+        for check in checks:
+            org = check.organization_id
+            found_used = [(used[org],)] if org in used else []
+            self._evaluate_allowance(conn, check, [(own[org],)] if org in own else [], found_used, now)
 
     def _evaluate_allowance(
         self,

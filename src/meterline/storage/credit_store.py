@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection
 
 from meterline.credits import CreditBalance
-from meterline.storage.driver_sql import fetch, send_many
+from meterline.storage.driver_sql import fetch, pg_array, send, send_many
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -20,6 +20,13 @@ _UPSERT = (
     "monthly_nanos = credit_usage.monthly_nanos + excluded.monthly_nanos, "
     "bonus_nanos = credit_usage.bonus_nanos + excluded.bonus_nanos, "
     "overage_nanos = credit_usage.overage_nanos + excluded.overage_nanos"
+)
+
+
+_PG_UPSERT = (
+    "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
+    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+    + _UPSERT[_UPSERT.index("ON CONFLICT") :]
 )
 
 
@@ -69,12 +76,12 @@ def drawn_and_left(drawn: dict[int, tuple[int, int, int]], granted: int) -> tupl
     return {start: monthly for start, (monthly, _, _) in drawn.items()}, bonus_left
 
 
-def add_credit_draws(
-    conn: Connection, organization_id: str, draws: Sequence[tuple[int, int, int, int]]
-) -> None:
-    """Add (period start, monthly, bonus, overage) draws to ``credit_usage``."""
-    send_many(
-        conn,
-        _UPSERT.format(p=_marker(conn)),
-        [(organization_id, start, *amounts) for start, *amounts in draws],
-    )
+def add_credit_draws(conn: Connection, draws: Sequence[tuple[str, int, int, int, int]]) -> None:
+    """Add (organization, period start, monthly, bonus, overage) draws to ``credit_usage``, one entry per
+    organization and period, in key order (concurrent settles lock shared rows in one order). On
+    PostgreSQL one statement whatever the organizations (``unnest`` over one array per column)."""
+    entries = sorted(draws)
+    if conn.dialect.name == "sqlite":
+        send_many(conn, _UPSERT.format(p="?"), entries)
+    else:
+        send(conn, _PG_UPSERT, tuple(pg_array(column) for column in zip(*entries, strict=True)))

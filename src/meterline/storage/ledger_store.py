@@ -610,8 +610,8 @@ class _SettleSql:
             return read[0]
         return credit_store.credits_drawn(self._conn, organization_id)
 
-    def add_credit_draws(self, organization_id: str, draws: Sequence[tuple[int, int, int, int]]) -> None:
-        credit_store.add_credit_draws(self._conn, organization_id, draws)
+    def add_credit_draws(self, draws: Sequence[tuple[str, int, int, int, int]]) -> None:
+        credit_store.add_credit_draws(self._conn, draws)
 
     def insert(self, rows: Sequence[LedgerRow]) -> set[str]:
         # ON CONFLICT covers a concurrent request that wrote the same key since the look-up: the unique
