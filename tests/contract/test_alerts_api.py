@@ -146,7 +146,9 @@ def test_organizations_settled_in_one_batch_cross_each_their_own_thresholds(
         status: int = post(client, tenants[name], *events).status_code
         return status
 
+    retried = services.db.writer.retried
     assert in_one_batch(services, len(batches), send) == [200] * len(batches)
+    assert services.db.writer.retried == retried  # one settle for all: it never ran again alone
     fired = {name: [t for t, _ in thresholds(client, tenant)] for name, tenant in tenants.items()}
     assert fired == {"half": [50], "most": [50, 75, 80], "own": [10], "spend": [50], "little": []}
     (spend,) = alerts_of(client, tenants["spend"], "usage_threshold")

@@ -56,6 +56,8 @@ class MemoryTransaction:
 
     def add_credit_draws(self, draws: Sequence[tuple[str, int, int, int, int]]) -> None:
         self.calls.append("add_credit_draws")
+        keys = [(organization_id, start) for organization_id, start, *_ in draws]
+        assert len(set(keys)) == len(keys), "one entry per organization and period"
         for organization_id, *draw in draws:
             self.draws.setdefault(organization_id, []).append((draw[0], draw[1], draw[2], draw[3]))
 
@@ -292,7 +294,7 @@ def test_several_organizations_settle_together_each_by_its_own_books(keys: Signi
     assert list(others.existing) == ["seen"]
     assert tx.turns == [{"org_1": ["a", "b"], "org_2": ["a", "seen"]}]
     assert tx.calls.count("lock") == tx.calls.count("insert") == tx.calls.count("add_to_rollups") == 1
-    assert tx.calls.count("add_receipts") == 1
+    assert tx.calls.count("add_receipts") == tx.calls.count("add_credit_draws") == 1
     assert tx.rollups == [({r.id for r in [*mine, theirs[0]]}, {"org_1": 1, "org_2": 15})]
     # Each organization's credits from its own balance: org_1 100 monthly + 5 bonus for 120 (15 past
     # both), org_2 10 left of its month for 20.

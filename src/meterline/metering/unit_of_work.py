@@ -221,7 +221,8 @@ def _sort(
     credits = part.share.credits
     if not part.fresh or credits is None:
         return []
-    return [(organization_id, *draw) for draw in split_credits(tx, part.fresh, credits)]
+    # By the terms' organization, whose balances the split read (the rows' own: one share, one organization).
+    return [(credits.organization_id, *draw) for draw in split_credits(tx, part.fresh, credits)]
 
 
 def _written(tx: SettleTransaction, part: _Part, inserted: set[str]) -> None:

@@ -166,13 +166,16 @@ class _UnusualWatch:
 
 @dataclass(frozen=True, slots=True)
 class _AllowanceCheck:
-    """An organization's allowance alerts to decide after a settle, and the two reads they take."""
+    """An organization's allowance alerts to decide after a settle, and its two reads on SQLite (on
+    PostgreSQL one statement of each kind reads every organization's)."""
 
     organization_id: str
     period: Any
     period_us: int
     allowance: int
     measure: str
+    first_day: int  # the period's days, for spend
+    end_day: int
     thresholds_query: tuple[str, tuple[Any, ...]]
     used_query: tuple[str, tuple[Any, ...]]
 
@@ -255,13 +258,15 @@ class AlertEvaluator:
         org_id = terms.organization_id
         period = billing_period(max(r.created_at for r in rows), terms.billing_anchor_day)
         period_us = to_micros(period.start)
+        first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
         if measure == "spend":
-            first_day, end_day = period_us // MICROS_PER_DAY, to_micros(period.end) // MICROS_PER_DAY
             used_query: tuple[str, tuple[Any, ...]] = (_q(conn, _SPENT), (org_id, first_day, end_day))
         else:
             used_query = (_q(conn, _CREDITS_USED), (org_id, period_us))
         thresholds_query = (_q(conn, _THRESHOLDS), (org_id,))
-        return _AllowanceCheck(org_id, period, period_us, allowance, measure, thresholds_query, used_query)
+        return _AllowanceCheck(
+            org_id, period, period_us, allowance, measure, first_day, end_day, thresholds_query, used_query
+        )
 
     def _evaluate_allowances(
         self, conn: Connection, checks: Sequence[_AllowanceCheck], now: datetime
@@ -289,7 +294,7 @@ class AlertEvaluator:
             )
             queries.append((_PG_CREDITS_USED, (orgs, periods)))
         if spend:
-            days = [c.used_query[1] for c in spend]  # (organization, first day, end day)
+            days = [(c.organization_id, c.first_day, c.end_day) for c in spend]
             queries.append((_PG_SPENT, tuple(pg_array(column) for column in zip(*days, strict=True))))
         found, *used_found = fetch_together(conn, queries)
         own = {str(org): thresholds for org, thresholds in found}

@@ -77,10 +77,16 @@ def drawn_and_left(drawn: dict[int, tuple[int, int, int]], granted: int) -> tupl
 
 
 def add_credit_draws(conn: Connection, draws: Sequence[tuple[str, int, int, int, int]]) -> None:
-    """Add (organization, period start, monthly, bonus, overage) draws to ``credit_usage``, one entry per
-    organization and period, in key order (concurrent settles lock shared rows in one order). On
-    PostgreSQL one statement whatever the organizations (``unnest`` over one array per column)."""
-    entries = sorted(draws)
+    """Add (organization, period start, monthly, bonus, overage) draws to ``credit_usage``. On PostgreSQL
+    one statement whatever the organizations (``unnest`` over one array per column), which may touch a
+    row once: draws of one organization and period are summed first (a settle makes one per period)."""
+    summed: dict[tuple[str, int], list[int]] = {}
+    for organization_id, start, monthly, bonus, overage in draws:
+        amounts = summed.setdefault((organization_id, start), [0, 0, 0])
+        amounts[0] += monthly
+        amounts[1] += bonus
+        amounts[2] += overage
+    entries = [(*key, *summed[key]) for key in sorted(summed)]
     if conn.dialect.name == "sqlite":
         send_many(conn, _UPSERT.format(p="?"), entries)
     else:
