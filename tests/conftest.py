@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -256,14 +257,19 @@ def in_one_batch(services: Services, requests: int, send: Callable[[int], T]) ->
     """``send(0)``, ... ``send(requests - 1)`` at once, their writes held back until all are queued: the
     writer then commits them in one batch (asserted)."""
     db = services.db
+    started = threading.Event()
 
     def hold(_conn: object) -> None:
+        started.set()
         deadline = time.monotonic() + 30
         while db.writer.pending < requests and time.monotonic() < deadline:
             time.sleep(0.01)
 
     batches_before = db.writer.batches
     held = db.writer.submit(hold)
+    # Running before anything else is queued: otherwise the writer may take the requests into the
+    # holder's own batch.
+    assert started.wait(30)
     with ThreadPoolExecutor(max_workers=requests) as pool:
         answers = list(pool.map(send, range(requests)))
     held.result(30)

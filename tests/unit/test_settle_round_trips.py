@@ -7,10 +7,8 @@ answers nobody reads go with the next statement answered."""
 from __future__ import annotations
 
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import event
 
-from conftest import ADMIN_KEY
+from conftest import ADMIN_KEY, in_one_batch
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
 from meterline.metering import UsageRecord, ingest
@@ -61,7 +59,8 @@ def traced(services: Services) -> Iterator[list[str]]:
         event.remove(engine, "checkin", checkin)
 
 
-def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Path) -> None:
+def metered(pg_url: str, tmp_path: Path) -> Services:
+    """Services on PostgreSQL with a plan whose events draw credits (1,000 a month, 0.01 USD a unit)."""
     config = load_settings(
         database_url=pg_url,
         admin_key=ADMIN_KEY,
@@ -69,7 +68,24 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
         plans={"metered": {**OPEN_LIMITS, "monthly_credits": 1_000, "overage": "block"}},
         prices={"credit.use": {"per_unit": "0.01"}},
     )
-    services = build_services(config, clock=FrozenClock(START), migrate=False)
+    return build_services(config, clock=FrozenClock(START), migrate=False)
+
+
+def gate_of(services: Services, subject: Any) -> QuotaGate:
+    """The quota gate of one organization's requests."""
+    return QuotaGate(services.quotas, lambda _row: subject)
+
+
+def _under_turn(lines: list[str]) -> list[str]:
+    """The trace from a settle's locking statement to its commit's answer."""
+    turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
+    commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
+    answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
+    return lines[turn : answered + 1]
+
+
+def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Path) -> None:
+    services = metered(pg_url, tmp_path)
     try:
         org = services.tenancy.create_organization(f"Trips {uuid.uuid4().hex[:6]}", "metered")
         ws = services.tenancy.create_workspace(org.id, "W")
@@ -94,10 +110,7 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
         settle_one()  # the first one: caches filled
         with traced(services) as lines:
             settle_one()
-        turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
-        commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
-        answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
-        under_turn = lines[turn : answered + 1]
+        under_turn = _under_turn(lines)
         # The settle's writes went out under the turn: the ledger row, the rollups, the receipt and the
         # chain head (the credit draw is a prepared statement, named, not quoted: its row is read below).
         for table in ("ledger", "usage_rollups", "receipts"):
@@ -115,28 +128,13 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
         services.close()
 
 
-def _under_turn(lines: list[str]) -> list[str]:
-    """The trace from a settle's locking statement to its commit's answer."""
-    turn = next(i for i, line in enumerate(lines) if "FOR UPDATE" in line)
-    commit = next(i for i, line in enumerate(lines) if '"COMMIT"' in line and i > turn)
-    answered = next(i for i, line in enumerate(lines) if "\tReadyForQuery\t" in line and i > commit)
-    return lines[turn : answered + 1]
-
-
 def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
     pg_url: str, tmp_path: Path
 ) -> None:
     """Settles of several organizations queued together are one settle: their turns, reads and look-ups
     in one round trip, one insert, one write of rollups and receipts (per organization, each round trip
     was paid again: 13 for four organizations)."""
-    config = load_settings(
-        database_url=pg_url,
-        admin_key=ADMIN_KEY,
-        signing_key_file=str(tmp_path / "key.json"),
-        plans={"metered": {**OPEN_LIMITS, "monthly_credits": 1_000, "overage": "block"}},
-        prices={"credit.use": {"per_unit": "0.01"}},
-    )
-    services = build_services(config, clock=FrozenClock(START), migrate=False)
+    services = metered(pg_url, tmp_path)
     db = services.db
     try:
         tenants = []
@@ -144,7 +142,7 @@ def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
             org = services.tenancy.create_organization(f"Batch {n} {uuid.uuid4().hex[:6]}", "metered")
             ws = services.tenancy.create_workspace(org.id, "W")
             subject = services.subject_of(org, Principal(org.id, ws.id, "workspace"))
-            tenants.append((org, ws, QuotaGate(services.quotas, lambda _row, s=subject: s)))
+            tenants.append((org, ws, gate_of(services, subject)))
 
         def settle_one(n: int) -> None:
             org, ws, gate = tenants[n]
@@ -165,18 +163,8 @@ def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
         for n in range(4):
             settle_one(n)  # the first ones: caches filled
 
-        def hold(_conn: object) -> None:
-            deadline = time.monotonic() + 30
-            while db.writer.pending < 4 and time.monotonic() < deadline:
-                time.sleep(0.005)
-
-        batches = db.writer.batches
         with traced(services) as lines:
-            held = db.writer.submit(hold)
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                list(pool.map(settle_one, range(4)))
-            held.result(30)
-        assert db.writer.batches - batches == 2  # the holder, then the four settles together
+            in_one_batch(services, 4, settle_one)
         under_turn = _under_turn(lines)
         assert sum(1 for line in under_turn if "FOR UPDATE" in line) == 1
         assert sum(1 for line in under_turn if "INTO ledger " in line) == 1

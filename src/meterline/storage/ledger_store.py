@@ -597,9 +597,8 @@ class _SettleSql:
 
     def stored(self, organization_id: str, keys: Sequence[str]) -> dict[str, LedgerRow]:
         pairs = [(organization_id, key) for key in keys]
-        told = self._keys.pop(
-            organization_id, None
-        )  # read once: a later look-up (a race at insert) reads again
+        # Read once: a later look-up (a race at insert) reads again.
+        told = self._keys.pop(organization_id, None)
         if told is not None and told[0] == keys:
             return self._store._existing(self._conn, pairs, told[1])
         return self._store._existing(self._conn, pairs)
