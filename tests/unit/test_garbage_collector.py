@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,18 @@ def nothing_left_frozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # A failed test must not leave this process's objects out of the collector's reach.
     gc.unfreeze()
     gc.set_threshold(*thresholds)
+
+
+@pytest.fixture(autouse=True)
+def access_log_given_back() -> Iterator[None]:
+    # Serving configures the process's access log (off, or to stderr, and not propagated): later tests in
+    # this process read its lines through the root logger (pytest's caplog).
+    log = logging.getLogger("meterline.access")
+    handlers, propagate, level = list(log.handlers), log.propagate, log.level
+    yield
+    log.handlers[:] = handlers
+    log.propagate = propagate
+    log.setLevel(level)  # and forgets what it cached
 
 
 def settings_in(tmp_path: Path) -> Settings:
