@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 import wave
 from collections.abc import Iterator
 from typing import Any
@@ -25,16 +24,12 @@ import orjson
 import pytest
 
 from meterline.testing import MESSAGE_OVERHEAD, PIECE, FakeUpstream
+from reference_tokenizer import encoding
 from servers import free_port
 
 KEY = "sk-fake-test-key"
-with warnings.catch_warnings():
-    # bpe_openai loads its tables through importlib.resources.open_binary, deprecated since 3.11.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import bpe_openai
-
-    O200K = bpe_openai.get_encoding("o200k_base")
-    CL100K = bpe_openai.get_encoding("cl100k_base")
+O200K = encoding("o200k_base")
+CL100K = encoding("cl100k_base")
 USER = [{"role": "user", "content": "How many tokens is this sentence, exactly?"}]
 
 

