@@ -74,11 +74,11 @@ def claude(upstream: FakeUpstream) -> Iterator[anthropic.Anthropic]:
 # -- the piece -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("encoding", [O200K, CL100K], ids=["o200k_base", "cl100k_base"])
+@pytest.mark.parametrize("tokenizer", [O200K, CL100K], ids=["o200k_base", "cl100k_base"])
 @pytest.mark.parametrize("count", [1, 2, 3, 16, 100, 4096])
-def test_n_pieces_are_exactly_n_tokens(encoding: Any, count: int) -> None:
-    assert len(encoding.encode_ordinary(PIECE)) == 1
-    assert len(encoding.encode_ordinary(PIECE * count)) == count
+def test_n_pieces_are_exactly_n_tokens(tokenizer: Any, count: int) -> None:
+    assert len(tokenizer.encode_ordinary(PIECE)) == 1
+    assert len(tokenizer.encode_ordinary(PIECE * count)) == count
 
 
 # -- chat completions ------------------------------------------------------------------------------

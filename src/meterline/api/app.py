@@ -153,7 +153,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # The tokenizer's tables take about a second to load: not on the first request.
+        # The tokenizer's tables take ~0.15 s to load: not on the first request.
         await run_in_threadpool(load_encodings)
         await run_in_threadpool(_seal_webhook_secrets, services)
         # An in-process counter store starts empty: every durable reservation left in the database

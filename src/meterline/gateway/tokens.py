@@ -99,9 +99,9 @@ class _Tokenizer(Protocol):
 
 
 def _bindings() -> ModuleType:
-    with _loading:  # a PyO3 extension may be initialized once per process
+    with _loading:  # loaded once, whichever thread counts first
         loaded = sys.modules.get(_BINDINGS)
-        if loaded is not None:  # bpe_openai itself was imported (a test comparing with it)
+        if loaded is not None:  # bpe_openai itself loaded it (a test comparing with it)
             return loaded
         package = importlib.util.find_spec("bpe_openai")  # found, not imported
         places = package.submodule_search_locations if package else None
@@ -112,12 +112,8 @@ def _bindings() -> ModuleType:
         if spec is None or spec.loader is None:
             raise ImportError(f"{_BINDINGS} cannot be loaded from {found.origin}: reinstall bpe-openai")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[_BINDINGS] = module  # what ``import bpe_openai`` would load later, not twice
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[_BINDINGS]
-            raise
+        spec.loader.exec_module(module)
+        sys.modules[_BINDINGS] = module  # where a later ``import bpe_openai`` finds and reuses it
         return module
 
 
