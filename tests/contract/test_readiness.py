@@ -4,7 +4,10 @@ store reachable), as a load balancer asks them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -12,6 +15,7 @@ from conftest import ADMIN_KEY
 from meterline.api.app import create_app
 from meterline.config import load_settings
 from meterline.services import Services
+from meterline.storage import migrate
 from servers import free_port
 
 
@@ -38,6 +42,28 @@ def test_a_database_behind_the_code_is_not_ready(client: TestClient, services: S
     finally:  # the PostgreSQL database is the session's: it must stay current for the next tests
         with services.db.write() as conn:
             conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": current})
+
+
+def test_readiness_probes_read_the_migration_scripts_once(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A load balancer asks every few seconds, on every worker: reading the scripts cost each probe
+    # ~10 ms of the worker's CPU. The code's newest migration cannot change while the process runs.
+    reads: list[object] = []
+    from_config = ScriptDirectory.from_config
+
+    def counted(config: Any) -> ScriptDirectory:
+        reads.append(config)
+        return from_config(config)
+
+    migrate.head_revision.cache_clear()
+    monkeypatch.setattr(ScriptDirectory, "from_config", counted)
+    try:
+        for _ in range(5):
+            assert client.get("/readyz").json()["checks"]["migrations"] == "ok"
+    finally:
+        migrate.head_revision.cache_clear()
+    assert len(reads) == 1
 
 
 def test_an_unreachable_counter_store_is_not_ready_and_its_address_is_not_told(tmp_path: Path) -> None:
