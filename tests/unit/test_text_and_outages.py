@@ -5,7 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import errors as pg_errors
 from sqlalchemy import Connection, create_engine, exc, text
 
 from meterline import text as rule
@@ -84,6 +86,16 @@ def test_database_unavailability_is_an_outage_and_bad_data_is_not(tmp_path: Path
     assert is_outage(exc.TimeoutError("QueuePool limit reached"))
     engine.dispose()
     busy_engine.dispose()
+
+
+def test_postgresql_unavailability_is_an_outage_and_bad_data_is_not() -> None:
+    # What psycopg raises, as the pool and SQLAlchemy hand it on: no server (no SQLSTATE), a server
+    # shutting down or a serialization conflict are outages; a duplicate key or bad data never.
+    assert is_outage(psycopg.OperationalError("connection refused"))
+    assert is_outage(exc.OperationalError("SELECT 1", {}, pg_errors.AdminShutdown()))
+    assert is_outage(exc.OperationalError("UPDATE", {}, pg_errors.SerializationFailure()))
+    assert not is_outage(exc.IntegrityError("INSERT", {}, pg_errors.UniqueViolation()))
+    assert not is_outage(exc.DataError("INSERT", {}, pg_errors.CharacterNotInRepertoire()))
 
 
 def test_an_outage_is_logged_once_and_its_end_once(caplog: pytest.LogCaptureFixture) -> None:
