@@ -64,15 +64,16 @@ def _driver_says_outage(exc: BaseException | None) -> bool:
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         return code is not None and (code & 0xFF) in _SQLITE_OUTAGE_CODES
-    # Only a process on PostgreSQL has imported psycopg, and only there can its errors be met: one on
-    # SQLite never loads the driver (~120 ms and ~5 MB a worker).
+    # A psycopg error exists only once psycopg is imported (importing a submodule or unpickling one
+    # imports the package first): a worker on SQLite never loads the driver (~120 ms and ~5 MB).
     psycopg = sys.modules.get("psycopg")
-    if psycopg is not None and isinstance(exc, psycopg.Error):
-        state: str | None = getattr(exc, "sqlstate", None)
-        if state is None:  # no answer from a server at all: connecting failed or the connection broke
-            return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-        return state.startswith(_PG_OUTAGE_STATES)
-    return False
+    error = getattr(psycopg, "Error", None)  # None too while another thread is still importing it
+    if psycopg is None or error is None or not isinstance(exc, error):
+        return False
+    state: str | None = getattr(exc, "sqlstate", None)
+    if state is None:  # no answer from a server at all: connecting failed or the connection broke
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state.startswith(_PG_OUTAGE_STATES)
 
 
 class OutageLog:
