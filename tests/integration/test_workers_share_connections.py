@@ -50,9 +50,9 @@ def _connections(pid: int, port: int, state: str) -> list[list[str]]:
     return found
 
 
-def sockets_on(pid: int, port: int, state: str) -> int:
-    """Sockets on local ``port`` in ``state`` that process ``pid`` holds."""
-    return len(_connections(pid, port, state))
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on ``port``."""
+    return bool(_connections(pid, port, "0A"))
 
 
 def served(pid: int, port: int, clients: set[int]) -> set[int]:
@@ -86,7 +86,8 @@ def two_workers(tmp_path: Path) -> tuple[Server, int]:
     server.start()
     port = int(server.base.rsplit(":", 1)[1])
     deadline = time.monotonic() + 30
-    while sum(sockets_on(pid, port, "0A") for pid in server.workers()) < 2:
+    # Each worker listening (not a count of lines: one can come twice in a read of /proc/net/tcp).
+    while not (len(workers := server.workers()) == 2 and all(listens(pid, port) for pid in workers)):
         if time.monotonic() > deadline:
             server.stop()
             raise AssertionError("two workers did not start listening")
