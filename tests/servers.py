@@ -728,14 +728,15 @@ def start_redis_cluster(
 
 def listening(port: int) -> int:
     """Sockets listening on ``port`` (``/proc/net/tcp``): one per worker of ``serve --workers N`` with
-    ``SO_REUSEPORT``."""
-    found = 0
+    ``SO_REUSEPORT``. Told apart by inode: the table is read in pieces while the kernel changes it, and
+    a line can come twice."""
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
-                found += 1
-    return found
+                found.add(fields[9])
+    return len(found)
 
 
 def running(pid: int) -> bool:
