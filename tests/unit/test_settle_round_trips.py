@@ -6,15 +6,10 @@ answers nobody reads go with the next statement answered."""
 
 from __future__ import annotations
 
-import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from sqlalchemy import event
 
 from conftest import ADMIN_KEY, in_one_batch
 from meterline.clock import FrozenClock
@@ -23,40 +18,12 @@ from meterline.metering import UsageRecord, ingest
 from meterline.quotas.gate import QuotaGate
 from meterline.services import Services, build_services
 from meterline.tenancy import Principal
+from pg_trace import traced
 
 OPEN_LIMITS = dict.fromkeys(
     ("daily_calls", "monthly_calls", "daily_tokens", "monthly_tokens", "rpm", "tpm"), -1
 )
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-
-
-@contextmanager
-def traced(services: Services) -> Iterator[list[str]]:
-    """libpq's trace of every connection the pool hands out meanwhile: one line per protocol message."""
-    lines: list[str] = []
-    traces: dict[int, Any] = {}
-
-    def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        trace = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed at checkin
-        traces[id(dbapi_connection)] = trace
-        dbapi_connection.pgconn.trace(trace.fileno())
-
-    def checkin(dbapi_connection: Any, _record: Any) -> None:
-        trace = traces.pop(id(dbapi_connection), None)
-        if trace is not None:
-            dbapi_connection.pgconn.untrace()
-            trace.seek(0)
-            lines.extend(trace.read().splitlines())
-            trace.close()
-
-    engine = services.db.engine
-    event.listen(engine, "checkout", checkout)
-    event.listen(engine, "checkin", checkin)
-    try:
-        yield lines
-    finally:
-        event.remove(engine, "checkout", checkout)
-        event.remove(engine, "checkin", checkin)
 
 
 def metered(pg_url: str, tmp_path: Path) -> Services:
@@ -108,7 +75,7 @@ def test_a_settle_on_postgresql_takes_few_round_trips(pg_url: str, tmp_path: Pat
             assert outcome.row.credits_monthly_nanos == 3 * 10**9  # credits split: the reads were used
 
         settle_one()  # the first one: caches filled
-        with traced(services) as lines:
+        with traced(services.db.engine) as lines:
             settle_one()
         under_turn = _under_turn(lines)
         # The settle's writes went out under the turn: the ledger row, the rollups, the receipt and the
@@ -163,14 +130,14 @@ def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
         for n in range(4):
             settle_one(n)  # the first ones: caches filled
 
-        with traced(services) as lines:
+        with traced(services.db.engine) as lines:
             in_one_batch(services, 4, settle_one)
         under_turn = _under_turn(lines)
         assert sum(1 for line in under_turn if "FOR UPDATE" in line) == 1
         assert sum(1 for line in under_turn if "INTO ledger " in line) == 1
         assert sum(1 for line in under_turn if "\tReadyForQuery\t" in line) == 4, "\n".join(under_turn)
         # And as many statements as one organization's settle: none is repeated per organization.
-        with traced(services) as alone:
+        with traced(services.db.engine) as alone:
             settle_one(0)
         statements = [
             sum(1 for line in trace if "\tBind\t" in line) for trace in (_under_turn(alone), under_turn)
