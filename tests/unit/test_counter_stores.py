@@ -334,6 +334,19 @@ def test_settle_or_release_of_an_unknown_hold_is_a_no_op(store: CounterStore) ->
     assert consumed(store, fixed("day", 0, 100)) == 4
 
 
+def test_holds_finished_together_end_each_once(store: CounterStore) -> None:
+    """Several settlements in one call (a batch's), then again: each hold is finished once, and none is
+    left for the reaper."""
+    store.seed([seed_fixed("day")], NOW)
+    day = fixed("day", 10, 1000)
+    store.reserve([hold("a", day), hold("b", day), hold("c", day), hold("d", day)], NOW)
+    store.settle([Settlement("a", (1,)), Settlement("b", (2,)), Settlement("c", (3,))], at(1))
+    store.settle([Settlement("a", (50,)), Settlement("b", (50,)), Settlement("c", (50,))], at(2))
+    assert store.levels([day], at(2)) == [Level(16, DAY_END)]  # read through the store: after its settles
+    assert fixed_parts(store, "day") == (6, 10)
+    assert [h.id for h in store.expired(NOW + LEASE + 1)] == ["d"]
+
+
 # -- rolling windows ------------------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ from meterline.quotas.counters import (
 )
 from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, run_many
+from meterline.storage.driver_sql import fetch, pg_array, run, run_many
 from meterline.storage.outage import is_outage
 from meterline.storage.writer import Together, after_commit, answered_before, wait
 
@@ -66,6 +66,29 @@ _FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
 _SWEEP_EVERY = 1_000  # reserves between sweeps of what no longer counts
 _KIND_CODE: dict[str, str] = {"fixed": "f", "rolling": "r"}
 _KIND: dict[str, WindowKind] = {"f": "fixed", "r": "rolling"}
+
+# PostgreSQL: a run's write-back, one statement each, ``unnest`` over one array per column, where
+# ``executemany`` ran each once a row (a gateway request's hold made and deleted, its counters written:
+# docs/benchmarks.md, "Reservations of a batch in one statement").
+_PG_FIXED = (
+    "UPDATE quota_counters AS c SET used = u.used, reserved = u.reserved "
+    "FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS u(used, reserved, key) "
+    "WHERE c.key = u.key AND c.kind = 'f'"
+)
+_PG_HORIZONS = (
+    "UPDATE quota_counters AS c SET reset_s = u.reset_s "
+    "FROM unnest(%s::bigint[], %s::text[]) AS u(reset_s, key) WHERE c.key = u.key AND c.kind = 'r'"
+)
+_PG_SECONDS = (
+    "INSERT INTO quota_seconds (key, second, amount) "
+    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) "
+    "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount"
+)
+_PG_HOLDS_GONE = "DELETE FROM quota_holds WHERE id = ANY(%s::text[])"
+_PG_HOLDS_NEW = (
+    "INSERT INTO quota_holds (id, expires_us, second, lines) "
+    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[])"
+)
 
 
 def _encode_lines(lines: Sequence[Line]) -> str:
@@ -484,12 +507,12 @@ class SqlCounterStore:
                 raise RuntimeError(f"counter {key!r} was not loaded by this run")
             if loaded != (counter.used, counter.reserved):
                 updates.append((_int(counter.used), _int(counter.reserved), key))
-        if updates:
-            run_many(
-                conn,
-                f"UPDATE quota_counters SET used = {p}, reserved = {p} WHERE key = {p} AND kind = 'f'",
-                updates,
-            )
+        self._write(
+            conn,
+            f"UPDATE quota_counters SET used = {p}, reserved = {p} WHERE key = {p} AND kind = 'f'",
+            _PG_FIXED,
+            updates,
+        )
         set_seconds: list[tuple[str, int, int]] = []
         horizons: list[tuple[int, str]] = []
         for key, rolling in book.rolling.items():
@@ -502,32 +525,41 @@ class SqlCounterStore:
             set_seconds += [
                 (key, int(s), _int(int(a))) for s, a in rolling.buckets if seconds.get(int(s)) != a
             ]
-        if horizons:
-            run_many(
-                conn, f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'", horizons
-            )
-        if set_seconds:
-            run_many(
-                conn,
-                f"INSERT INTO quota_seconds (key, second, amount) VALUES ({p}, {p}, {p}) "
-                "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount",
-                set_seconds,
-            )
+        self._write(
+            conn,
+            f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'",
+            _PG_HORIZONS,
+            horizons,
+        )
+        self._write(
+            conn,
+            f"INSERT INTO quota_seconds (key, second, amount) VALUES ({p}, {p}, {p}) "
+            "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount",
+            _PG_SECONDS,
+            set_seconds,
+        )
         # A hold finished and made again under its id in one batch is gone and new.
         gone = [(hold_id,) for hold_id, held in state.holds.items() if book.holds.get(hold_id) is not held]
-        if gone:
-            run_many(conn, f"DELETE FROM quota_holds WHERE id = {p}", gone)
+        self._write(conn, f"DELETE FROM quota_holds WHERE id = {p}", _PG_HOLDS_GONE, gone)
         new = [
             (hold_id, held.hold.expires_us, held.second, _encode_lines(held.hold.lines))
             for hold_id, held in book.holds.items()
             if state.holds.get(hold_id) is not held
         ]
-        if new:
-            run_many(
-                conn,
-                f"INSERT INTO quota_holds (id, expires_us, second, lines) VALUES ({p}, {p}, {p}, {p})",
-                new,
-            )
+        self._write(
+            conn,
+            f"INSERT INTO quota_holds (id, expires_us, second, lines) VALUES ({p}, {p}, {p}, {p})",
+            _PG_HOLDS_NEW,
+            new,
+        )
+
+    def _write(self, conn: Connection, each: str, together: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """``each`` for every row (SQLite, or one row), or on PostgreSQL ``together`` once: one array per
+        column, in the rows' column order."""
+        if len(rows) > 1 and not self._db.is_sqlite:
+            run(conn, together, tuple(pg_array(column) for column in zip(*rows, strict=True)))
+        else:
+            run_many(conn, each, rows)
 
     def _sweep(self, conn: Connection, now_s: int) -> None:
         """What no longer counts: fixed windows a day past their end with nothing reserved (as memory.py),
