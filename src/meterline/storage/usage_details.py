@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from meterline.clock import MICROS_PER_HOUR, to_micros
 from meterline.metering.reading import Scope
 from meterline.metering.records import VECTOR_COUNTS, LedgerRow
-from meterline.storage.driver_sql import send_many
+from meterline.storage.driver_sql import pg_array, send, send_many
 from meterline.storage.tables import DETAIL_MEASURES
 
 KEY = ("organization_id", "workspace_id", "identifier_id", "hour", "model")
@@ -39,6 +39,12 @@ _CONFLICT = f"ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET " + ", ".join(
 _UPSERT = f"INSERT INTO usage_details ({', '.join(COLUMNS)}) VALUES ({{p}}{', {p}' * (len(COLUMNS) - 1)}) "
 SQLITE_UPSERT = _UPSERT.replace("{p}", "?") + _CONFLICT
 PG_UPSERT = _UPSERT.replace("{p}", "%s") + _CONFLICT
+# PostgreSQL, several entries: one statement over one array per column (``deltas`` makes each key once,
+# as an upsert that touches a row twice in one statement would be refused), not ``executemany``'s one a row.
+_PG_UPSERT_MANY = (
+    f"INSERT INTO usage_details ({', '.join(COLUMNS)}) SELECT * FROM unnest(%s::text[], %s::text[], "
+    f"%s::text[], %s::bigint[], %s::text[]{', %s::bigint[]' * len(DETAIL_MEASURES)}) " + _CONFLICT
+)
 
 
 def measures_of(row: LedgerRow) -> list[int] | None:
@@ -76,8 +82,13 @@ def deltas(rows: Sequence[LedgerRow]) -> list[tuple[Any, ...]]:
 
 
 def upsert(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:
-    if entries:
-        send_many(conn, SQLITE_UPSERT if conn.dialect.name == "sqlite" else PG_UPSERT, entries)
+    """Add ``deltas`` (each key once) to the entries."""
+    if conn.dialect.name == "sqlite":
+        send_many(conn, SQLITE_UPSERT, entries)
+    elif len(entries) > 1:
+        send(conn, _PG_UPSERT_MANY, tuple(pg_array(column) for column in zip(*entries, strict=True)))
+    else:
+        send_many(conn, PG_UPSERT, entries)
 
 
 def by_model(conn: Connection, scope: Scope, first_hour: int, end_hour: int) -> dict[str, dict[str, int]]:
