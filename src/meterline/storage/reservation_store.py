@@ -55,9 +55,10 @@ _ADD_ADMITTED = "reservations.add-admitted"
 _PROGRESS = "reservations.progress"
 _Admitted = tuple[HeldReservation, Callable[[], "bool | None"], tuple[Any, ...]]
 _COLUMNS = "id, organization_id, estimate_json, meters_json, created_at_us, expires_at_us"
-# PostgreSQL: a batch's reservations in one statement, ``unnest`` over one array per column, where
-# ``executemany`` ran the statement once per row (each gateway request writes one: ~22 µs of the server's
-# time a row, docs/benchmarks.md, "Reservations of a batch in one statement").
+# PostgreSQL: a batch's reservations in one statement, ``unnest`` over one array per column (as text:
+# ``pg_array``), where ``executemany`` ran it once a row. PostgreSQL's time per row is about the same; the
+# writer's CPU for a batch of 8 fell by a quarter (docs/benchmarks.md, "Reservations of a batch in one
+# statement"; an earlier try passed Python lists, whose adapter cost what the statement saved).
 _PG_INSERT_MANY = (
     f"INSERT INTO reservations ({_COLUMNS}) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
@@ -90,7 +91,7 @@ class SqlReservationStore:
 
     def add_soon(self, held: HeldReservation) -> Future[None]:
         # Plain SQL: every gateway request writes one, and compiling the statement cost more than the insert.
-        # Through the writer: the reservations queued in a batch are inserted together (``run_many``).
+        # Through the writer: the reservations queued in a batch are inserted together (``_insert_rows``).
         together = Together(_ADD, _values(held), self._add_together)
         return self._db.writer.submit_together(together, order=held.organization_id)
 
