@@ -55,12 +55,17 @@ def listens(pid: int, port: int) -> bool:
     return bool(_connections(pid, port, "0A"))
 
 
+def peers_of(pid: int, port: int) -> set[int]:
+    """The client ports of the established connections on local ``port`` that process ``pid`` serves."""
+    return {int(fields[2].rsplit(":", 1)[1], 16) for fields in _connections(pid, port, "01")}
+
+
 def served(pid: int, port: int, clients: set[int]) -> set[int]:
     """The connections of ``clients`` (their local ports) that process ``pid`` holds open on ``port``:
     only the test's own, whatever else may connect to the port meanwhile. A set: ``/proc/net/tcp`` is
     read in pieces while the kernel's table changes (the other test process opening and closing
     sockets), and a line can come twice (a fresh-clone run counted 77 of 64) or not at all."""
-    return {int(entry[2].rsplit(":", 1)[1], 16) for entry in _connections(pid, port, "01")} & clients
+    return peers_of(pid, port) & clients
 
 
 def spread(server: Server, port: int, clients: set[int]) -> dict[int, set[int]]:
@@ -153,11 +158,6 @@ def test_a_worker_that_cannot_bind_its_socket_exits_as_a_startup_failure(tmp_pat
     with own:
         assert own.getsockname() == ("127.0.0.1", free)
         assert own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
-
-
-def peers_of(pid: int, port: int) -> set[int]:
-    """The client ports of the established connections on local ``port`` that process ``pid`` serves."""
-    return {int(fields[2].rsplit(":", 1)[1], 16) for fields in _connections(pid, port, "01")}
 
 
 def health(conn: socket.socket) -> bytes:

@@ -162,12 +162,20 @@ def test_a_batch_of_several_organizations_settles_in_the_round_trips_of_one(
         services.close()
 
 
-def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> None:
+def test_the_hot_paths_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> None:
     # psycopg parses a statement again at every execution past 50 parameters or 4,096 bytes: the ledger's
     # insert (51 columns) was, at every settle unit, until its usage counts went as one array.
     from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH, MAX_CACHED_STATEMENT_PARAMS
 
-    from meterline.storage import alert_store, credit_store, ledger_store, usage_rollups
+    from meterline.storage import (
+        alert_store,
+        credit_store,
+        ledger_store,
+        reservation_store,
+        sql_counters,
+        usage_details,
+        usage_rollups,
+    )
 
     statements = {
         "ledger insert": ledger_store._PG_UNNEST_INSERT,
@@ -184,6 +192,13 @@ def test_the_settles_bulk_statements_stay_within_what_psycopg_keeps_parsed() -> 
         "spent": alert_store._PG_SPENT,
         "rows by keys": ledger_store._PG_SELECT_BY_KEYS,
         "rollups": usage_rollups.PG_UPSERT,
+        "usage details": usage_details._PG_UPSERT_MANY,
+        "durable reservations": reservation_store._PG_INSERT_MANY,
+        "fixed counters": sql_counters._PG_FIXED,
+        "horizons": sql_counters._PG_HORIZONS,
+        "one-second buckets": sql_counters._PG_SECONDS,
+        "holds ended": sql_counters._PG_HOLDS_GONE,
+        "holds made": sql_counters._PG_HOLDS_NEW,
     }
     for name, sql in statements.items():
         assert sql.count("%s") <= MAX_CACHED_STATEMENT_PARAMS, name
