@@ -106,8 +106,8 @@ def test_a_batch_of_reservations_is_one_statement_on_postgresql(pg_url: str) -> 
 
 
 def test_a_reservation_whose_id_is_taken_fails_and_its_neighbours_are_written(pg_url: str) -> None:
-    """The database refuses one reservation of a batch (its id exists): the batch's one statement fails,
-    the reservations run again one by one, and only that one fails."""
+    """The database refuses one reservation of a batch (its id exists): only that one fails, and the
+    others of the batch are written."""
     db = Database(pg_url)
     try:
         with db.engine.begin() as conn:
