@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy.exc import IntegrityError
 
 from meterline.metering import UsageRecord
-from meterline.metering.reservations import HeldReservation
+from meterline.metering.reservations import HeldReservation, InFlight
 from meterline.storage.database import Database
 from meterline.storage.reservation_store import SqlReservationStore
 from pg_trace import traced
@@ -48,24 +50,28 @@ def held_reservations() -> list[HeldReservation]:
     ]
 
 
-def in_one_batch(db: Database, store: SqlReservationStore, held: list[HeldReservation]) -> list[Future[None]]:
-    """The reservations queued while the writer is held, then committed together: each one's answer."""
+def in_one_batch(db: Database, writes: list[Callable[[], Future[None]]]) -> list[Future[None]]:
+    """The writes queued while the writer is held, then committed together: each one's answer."""
     started = threading.Event()
 
     def hold(_conn: object) -> None:
         started.set()
         deadline = time.monotonic() + 30
-        while db.writer.pending < len(held) and time.monotonic() < deadline:
+        while db.writer.pending < len(writes) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     batches = db.writer.batches
     holder = db.writer.submit(hold)
     assert started.wait(30)
-    queued = [store.add_soon(reservation) for reservation in held]
+    queued = [write() for write in writes]
     holder.result(30)
     wait(queued, timeout=30)
-    assert db.writer.batches - batches == 2  # the holder, then every reservation in one commit
+    assert db.writer.batches - batches == 2  # the holder, then every write in one commit
     return queued
+
+
+def added(store: SqlReservationStore, held: list[HeldReservation]) -> list[Callable[[], Future[None]]]:
+    return [partial(store.add_soon, reservation) for reservation in held]
 
 
 def test_reservations_written_together_read_back_as_held(database_url: str) -> None:
@@ -73,7 +79,7 @@ def test_reservations_written_together_read_back_as_held(database_url: str) -> N
     try:
         store = SqlReservationStore(db)
         held = held_reservations()
-        for answer in in_one_batch(db, store, held):
+        for answer in in_one_batch(db, added(store, held)):
             answer.result()
         assert [store.get(reservation.id) for reservation in held] == held
         # One more alone (the one-row statement).
@@ -92,7 +98,7 @@ def test_a_batch_of_reservations_is_one_statement_on_postgresql(pg_url: str) -> 
         store = SqlReservationStore(db)
         held = held_reservations()
         with traced(db.engine) as lines:
-            for answer in in_one_batch(db, store, held):
+            for answer in in_one_batch(db, added(store, held)):
                 answer.result()
         inserts = [line for line in lines if "\tParse\t" in line and "INSERT INTO reservations" in line]
         executed = [line for line in lines if "\tExecute\t" in line]
@@ -115,11 +121,52 @@ def test_a_reservation_whose_id_is_taken_fails_and_its_neighbours_are_written(pg
         store = SqlReservationStore(db)
         held = held_reservations()[:3]
         store.add(held[0])
-        first, *others = in_one_batch(db, store, held)
+        first, *others = in_one_batch(db, added(store, held))
         with pytest.raises(IntegrityError, match="duplicate key"):
             first.result()
         for answer in others:
             answer.result()
         assert [store.get(reservation.id) for reservation in held] == held
+    finally:
+        db.dispose()
+
+
+def test_streams_progress_written_together_keeps_each_streams_latest(database_url: str) -> None:
+    """Streams publish what they have consumed every 250 ms; the progress queued in one batch is written
+    together, a stream's latest winning, and an organization's in-flight consumption is its streams' sum."""
+    db = Database(database_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM reservations")
+        store = SqlReservationStore(db)
+        held = held_reservations()[:3]  # rsv_0 and rsv_2 of org_0, rsv_1 of org_1
+        for reservation in held:
+            store.add(reservation)
+        published = [("rsv_0", 10, 1), ("rsv_1", 20, 2), ("rsv_0", 30, 3), ("rsv_2", 5, 5), ("gone", 7, 7)]
+        writes = [partial(store.progress, rid, credits, cost) for rid, credits, cost in published]
+        for answer in in_one_batch(db, writes):
+            answer.result()
+        assert store.in_flight("org_0") == InFlight(credits_nanos=35, cost_nanos=8)
+        assert store.in_flight("org_1") == InFlight(credits_nanos=20, cost_nanos=2)
+    finally:
+        db.dispose()
+
+
+def test_streams_progress_of_a_batch_is_one_statement_on_postgresql(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM reservations")
+        store = SqlReservationStore(db)
+        for reservation in held_reservations()[:3]:
+            store.add(reservation)
+        writes = [partial(store.progress, f"rsv_{n % 3}", n, n) for n in range(7)]
+        with traced(db.engine) as lines:
+            for answer in in_one_batch(db, writes):
+                answer.result()
+        updates = [line for line in lines if "\tParse\t" in line and "UPDATE reservations" in line]
+        assert len(updates) == 1, updates
+        assert "unnest" in updates[0]
+        assert store.in_flight("org_0") == InFlight(credits_nanos=6 + 5, cost_nanos=6 + 5)  # rsv_0, rsv_2
     finally:
         db.dispose()

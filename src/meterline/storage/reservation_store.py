@@ -63,6 +63,10 @@ _PG_INSERT_MANY = (
     f"INSERT INTO reservations ({_COLUMNS}) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
 )
+_PG_PROGRESS_MANY = (
+    "UPDATE reservations AS r SET progress_credits_nanos = u.credits, progress_cost_nanos = u.cost "
+    "FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS u(credits, cost, id) WHERE r.id = u.id"
+)
 
 
 def _values(held: HeldReservation) -> tuple[Any, ...]:
@@ -131,12 +135,21 @@ class SqlReservationStore:
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
         # Through the writer, not waited for by streams: the progress of every stream queued in a batch
-        # is one executemany.
+        # is written together (on PostgreSQL one statement).
         together = Together(_PROGRESS, (credits_nanos, cost_nanos, reservation_id), self._progress_together)
         return self._db.writer.submit_together(together)
 
     def _progress_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
-        conn.exec_driver_sql(self._progress_sql, values if len(values) > 1 else values[0])
+        # A stream's latest progress in the batch is what it has consumed, as executemany in queue order
+        # left it; one row a stream (an UPDATE ... FROM meeting a row twice would keep either).
+        latest: dict[str, tuple[Any, ...]] = {}
+        for row in values:
+            latest[row[2]] = row
+        rows = list(latest.values())
+        if len(rows) > 1 and not self._db.is_sqlite:
+            run(conn, _PG_PROGRESS_MANY, tuple(pg_array(column) for column in zip(*rows, strict=True)))
+        else:
+            run_many(conn, self._progress_sql, rows)
         return [None] * len(values)
 
     def in_flight(self, organization_id: str) -> InFlight:
