@@ -194,6 +194,7 @@ def test_the_hot_paths_bulk_statements_stay_within_what_psycopg_keeps_parsed() -
         "rollups": usage_rollups.PG_UPSERT,
         "usage details": usage_details._PG_UPSERT_MANY,
         "durable reservations": reservation_store._PG_INSERT_MANY,
+        "stream progress": reservation_store._PG_PROGRESS_MANY,
         "fixed counters": sql_counters._PG_FIXED,
         "horizons": sql_counters._PG_HORIZONS,
         "one-second buckets": sql_counters._PG_SECONDS,
