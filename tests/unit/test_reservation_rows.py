@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -70,14 +71,24 @@ def in_one_batch(db: Database, writes: list[Callable[[], Future[None]]]) -> list
     return queued
 
 
+@contextmanager
+def reservations_of(url: str) -> Iterator[tuple[Database, SqlReservationStore]]:
+    """A reservation store on ``url`` with no reservations yet; the database closed afterwards."""
+    db = Database(url)
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM reservations")
+        yield db, SqlReservationStore(db)
+    finally:
+        db.dispose()
+
+
 def added(store: SqlReservationStore, held: list[HeldReservation]) -> list[Callable[[], Future[None]]]:
     return [partial(store.add_soon, reservation) for reservation in held]
 
 
 def test_reservations_written_together_read_back_as_held(database_url: str) -> None:
-    db = Database(database_url)
-    try:
-        store = SqlReservationStore(db)
+    with reservations_of(database_url) as (db, store):
         held = held_reservations()
         for answer in in_one_batch(db, added(store, held)):
             answer.result()
@@ -86,16 +97,10 @@ def test_reservations_written_together_read_back_as_held(database_url: str) -> N
         alone = HeldReservation("rsv_alone", "org_0", held[0].estimate, (), START, START)
         store.add(alone)
         assert store.get("rsv_alone") == alone
-    finally:
-        db.dispose()
 
 
 def test_a_batch_of_reservations_is_one_statement_on_postgresql(pg_url: str) -> None:
-    db = Database(pg_url)
-    try:
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM reservations")
-        store = SqlReservationStore(db)
+    with reservations_of(pg_url) as (db, store):
         held = held_reservations()
         with traced(db.engine) as lines:
             for answer in in_one_batch(db, added(store, held)):
@@ -107,18 +112,12 @@ def test_a_batch_of_reservations_is_one_statement_on_postgresql(pg_url: str) -> 
         # The holder's transaction, then one for the batch: BEGIN, the insert, COMMIT (each executed once).
         assert len(executed) <= 6, executed
         assert [store.get(reservation.id) for reservation in held] == held
-    finally:
-        db.dispose()
 
 
 def test_a_reservation_whose_id_is_taken_fails_and_its_neighbours_are_written(pg_url: str) -> None:
     """The database refuses one reservation of a batch (its id exists): only that one fails, and the
     others of the batch are written."""
-    db = Database(pg_url)
-    try:
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM reservations")
-        store = SqlReservationStore(db)
+    with reservations_of(pg_url) as (db, store):
         held = held_reservations()[:3]
         store.add(held[0])
         first, *others = in_one_batch(db, added(store, held))
@@ -127,18 +126,12 @@ def test_a_reservation_whose_id_is_taken_fails_and_its_neighbours_are_written(pg
         for answer in others:
             answer.result()
         assert [store.get(reservation.id) for reservation in held] == held
-    finally:
-        db.dispose()
 
 
 def test_streams_progress_written_together_keeps_each_streams_latest(database_url: str) -> None:
     """Streams publish what they have consumed every 250 ms; the progress queued in one batch is written
     together, a stream's latest winning, and an organization's in-flight consumption is its streams' sum."""
-    db = Database(database_url)
-    try:
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM reservations")
-        store = SqlReservationStore(db)
+    with reservations_of(database_url) as (db, store):
         held = held_reservations()[:3]  # rsv_0 and rsv_2 of org_0, rsv_1 of org_1
         for reservation in held:
             store.add(reservation)
@@ -148,16 +141,10 @@ def test_streams_progress_written_together_keeps_each_streams_latest(database_ur
             answer.result()
         assert store.in_flight("org_0") == InFlight(credits_nanos=35, cost_nanos=8)
         assert store.in_flight("org_1") == InFlight(credits_nanos=20, cost_nanos=2)
-    finally:
-        db.dispose()
 
 
 def test_streams_progress_of_a_batch_is_one_statement_on_postgresql(pg_url: str) -> None:
-    db = Database(pg_url)
-    try:
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM reservations")
-        store = SqlReservationStore(db)
+    with reservations_of(pg_url) as (db, store):
         for reservation in held_reservations()[:3]:
             store.add(reservation)
         writes = [partial(store.progress, f"rsv_{n % 3}", n, n) for n in range(7)]
@@ -168,5 +155,3 @@ def test_streams_progress_of_a_batch_is_one_statement_on_postgresql(pg_url: str)
         assert len(updates) == 1, updates
         assert "unnest" in updates[0]
         assert store.in_flight("org_0") == InFlight(credits_nanos=6 + 5, cost_nanos=6 + 5)  # rsv_0, rsv_2
-    finally:
-        db.dispose()
