@@ -274,6 +274,15 @@ def run(conn: Connection, sql: str, params: Params = ()) -> int:
     return _execute(conn, sql, params, many=False, rows=False)[0]
 
 
+def run_rows(conn: Connection, each: str, together: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Rows written by ``each`` (``run_many``: SQLite, or a single row), or on PostgreSQL by ``together``
+    once, with one array per column in the rows' order (``pg_array``: an ``unnest`` over them)."""
+    if len(rows) > 1 and conn.dialect.name != "sqlite":
+        run(conn, together, tuple(pg_array(column) for column in zip(*rows, strict=True)))
+    else:
+        run_many(conn, each, rows)
+
+
 def run_in(conn: Connection, head: str, values: Sequence[Any], chunk: int = 500) -> int:
     """``head`` followed by ``IN (...)`` of ``values``, in statements of at most ``chunk`` values; the rows
     they changed (``run_in(conn, "DELETE FROM t WHERE id", ids)``)."""

@@ -22,7 +22,7 @@ from meterline.metering.reservations import (
     encode_record,
 )
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import pg_array, run, run_in, run_many
+from meterline.storage.driver_sql import run_in, run_rows
 from meterline.storage.ledger_store import row_from_db
 from meterline.storage.tables import ledger, reservations
 from meterline.storage.writer import Together, wait
@@ -95,19 +95,13 @@ class SqlReservationStore:
 
     def add_soon(self, held: HeldReservation) -> Future[None]:
         # Plain SQL: every gateway request writes one, and compiling the statement cost more than the insert.
-        # Through the writer: the reservations queued in a batch are inserted together (``_insert_rows``).
+        # Through the writer: the reservations queued in a batch are inserted together (``run_rows``).
         together = Together(_ADD, _values(held), self._add_together)
         return self._db.writer.submit_together(together, order=held.organization_id)
 
     def _add_together(self, conn: Connection, values: list[tuple[Any, ...]]) -> list[None]:
-        self._insert_rows(conn, values)
+        run_rows(conn, self._insert, _PG_INSERT_MANY, values)
         return [None] * len(values)
-
-    def _insert_rows(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        if len(rows) > 1 and not self._db.is_sqlite:
-            run(conn, _PG_INSERT_MANY, tuple(pg_array(column) for column in zip(*rows, strict=True)))
-        else:
-            run_many(conn, self._insert, rows)
 
     def add_when_admitted(self, held: HeldReservation, admitted: Callable[[], bool | None]) -> Future[bool]:
         # Encoded now, as admitted without overage (nearly every one): encoded again in the job otherwise.
@@ -130,7 +124,7 @@ class SqlReservationStore:
                 values = _values(replace(held, estimate=replace(held.estimate, overage=True)))
             rows.append(values)
             written.append(True)
-        self._insert_rows(conn, rows)
+        run_rows(conn, self._insert, _PG_INSERT_MANY, rows)
         return written
 
     def progress(self, reservation_id: str, credits_nanos: int, cost_nanos: int) -> Future[None]:
@@ -145,11 +139,7 @@ class SqlReservationStore:
         latest: dict[str, tuple[Any, ...]] = {}
         for row in values:
             latest[row[2]] = row
-        rows = list(latest.values())
-        if len(rows) > 1 and not self._db.is_sqlite:
-            run(conn, _PG_PROGRESS_MANY, tuple(pg_array(column) for column in zip(*rows, strict=True)))
-        else:
-            run_many(conn, self._progress_sql, rows)
+        run_rows(conn, self._progress_sql, _PG_PROGRESS_MANY, list(latest.values()))
         return [None] * len(values)
 
     def in_flight(self, organization_id: str) -> InFlight:

@@ -52,7 +52,7 @@ from meterline.quotas.counters import (
 )
 from meterline.quotas.memory import CounterBook, Fixed, Held, Rolling
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, pg_array, run, run_many
+from meterline.storage.driver_sql import fetch, run_rows
 from meterline.storage.outage import is_outage
 from meterline.storage.writer import Together, after_commit, answered_before, wait
 
@@ -508,7 +508,7 @@ class SqlCounterStore:
                 raise RuntimeError(f"counter {key!r} was not loaded by this run")
             if loaded != (counter.used, counter.reserved):
                 updates.append((_int(counter.used), _int(counter.reserved), key))
-        self._write(
+        run_rows(
             conn,
             f"UPDATE quota_counters SET used = {p}, reserved = {p} WHERE key = {p} AND kind = 'f'",
             _PG_FIXED,
@@ -526,13 +526,13 @@ class SqlCounterStore:
             set_seconds += [
                 (key, int(s), _int(int(a))) for s, a in rolling.buckets if seconds.get(int(s)) != a
             ]
-        self._write(
+        run_rows(
             conn,
             f"UPDATE quota_counters SET reset_s = {p} WHERE key = {p} AND kind = 'r'",
             _PG_HORIZONS,
             horizons,
         )
-        self._write(
+        run_rows(
             conn,
             f"INSERT INTO quota_seconds (key, second, amount) VALUES ({p}, {p}, {p}) "
             "ON CONFLICT (key, second) DO UPDATE SET amount = excluded.amount",
@@ -541,26 +541,18 @@ class SqlCounterStore:
         )
         # A hold finished and made again under its id in one batch is gone and new.
         gone = [(hold_id,) for hold_id, held in state.holds.items() if book.holds.get(hold_id) is not held]
-        self._write(conn, f"DELETE FROM quota_holds WHERE id = {p}", _PG_HOLDS_GONE, gone)
+        run_rows(conn, f"DELETE FROM quota_holds WHERE id = {p}", _PG_HOLDS_GONE, gone)
         new = [
             (hold_id, held.hold.expires_us, held.second, _encode_lines(held.hold.lines))
             for hold_id, held in book.holds.items()
             if state.holds.get(hold_id) is not held
         ]
-        self._write(
+        run_rows(
             conn,
             f"INSERT INTO quota_holds (id, expires_us, second, lines) VALUES ({p}, {p}, {p}, {p})",
             _PG_HOLDS_NEW,
             new,
         )
-
-    def _write(self, conn: Connection, each: str, together: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """``each`` for every row (SQLite, or one row), or on PostgreSQL ``together`` once: one array per
-        column, in the rows' column order."""
-        if len(rows) > 1 and not self._db.is_sqlite:
-            run(conn, together, tuple(pg_array(column) for column in zip(*rows, strict=True)))
-        else:
-            run_many(conn, each, rows)
 
     def _sweep(self, conn: Connection, now_s: int) -> None:
         """What no longer counts: fixed windows a day past their end with nothing reserved (as memory.py),
