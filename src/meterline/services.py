@@ -25,7 +25,7 @@ from meterline.storage.alert_store import AlertEvaluator, AlertPolicy
 from meterline.storage.counter_stores import open_counter_store
 from meterline.storage.database import Database
 from meterline.storage.ledger_store import SqlLedgerStore
-from meterline.storage.migrate import is_up_to_date, upgrade
+from meterline.storage.migrate import is_up_to_date, upgrade_if_behind
 from meterline.storage.outage import is_outage
 from meterline.storage.quarantine_store import SqlQuarantineStore
 from meterline.storage.quota_source import SqlUsageSource
@@ -156,7 +156,7 @@ def build_services(
         max_overflow=settings.database_max_overflow,
     )
     if migrate:
-        upgrade(db)
+        upgrade_if_behind(db)
     plans = build_plans(settings.plans)
     rates = CurrencyRates(settings.currency_rates)
     currencies = sorted({"USD", settings.currency, *settings.currency_rates})

@@ -31,16 +31,28 @@ with TestClient(create_app(settings)) as client:
         headers={"Authorization": f"Bearer {key.json()['key']}"},
     )
     assert sent.json()["accepted"] == 1, sent.text
-print(" ".join(sorted(name for name in ("psycopg", "bpe_openai.registry") if name in sys.modules)) or "-")
+print(" ".join(sorted(name for name in sys.argv[2:] if name in sys.modules)) or "-")
 """
+
+
+def _serve(folder: Path, *modules: str) -> list[str]:
+    """Serve a request in a new process on ``folder``'s database; which of ``modules`` it loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE, str(folder), *modules], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
 
 
 def test_a_worker_on_sqlite_loads_neither_the_postgresql_driver_nor_the_tokenizers_python_tables(
     tmp_path: Path,
 ) -> None:
     # psycopg: ~120 ms and ~5 MB a worker; bpe-openai's Python tables: ~1.5 s and ~85 MB.
-    done = subprocess.run(
-        [sys.executable, "-c", _SERVE, str(tmp_path)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["-"]
+    assert _serve(tmp_path, "psycopg", "bpe_openai.registry") == ["-"]
+
+
+def test_a_process_started_on_a_database_already_migrated_loads_no_alembic(tmp_path: Path) -> None:
+    # Every worker of `serve --workers N` (its parent migrated) and every restart: Alembic's import and
+    # its reading of the scripts cost ~8 MB and ~300 ms a process.
+    assert _serve(tmp_path, "alembic") == ["alembic"]  # a new database: this process migrates it
+    assert _serve(tmp_path, "alembic") == ["-"]

@@ -357,12 +357,12 @@ def _prepare_workers(settings: Settings) -> None:
     here if missing, so the workers never race to create it)."""
     from meterline.key_file import KeyFile
     from meterline.storage.database import Database
-    from meterline.storage.migrate import upgrade
+    from meterline.storage.migrate import upgrade_if_behind
 
     try:
         db = Database(settings.database_url)
         try:
-            upgrade(db)
+            upgrade_if_behind(db)
         finally:
             db.dispose()
         KeyFile(settings.signing_key_file, lazy=False)
