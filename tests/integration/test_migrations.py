@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -49,10 +51,17 @@ def test_the_newest_script_is_alembics_head_and_each_script_is_named_after_its_r
         assert revision == name or (revision in ("0001", "0002") and name.startswith(revision + "_"))
 
 
-def test_a_server_started_on_a_database_behind_the_code_migrates_it(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'meterline.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_server_started_on_a_database_behind_the_code_migrates_it(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'meterline.db'}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database(f"behind_{secrets.token_hex(4)}")
     db = Database(url)
     try:
+        assert current_revision(db) is None  # a new database
         upgrade(db, "0011_usage_details")
         assert current_revision(db) == "0011_usage_details"
     finally:

@@ -1,10 +1,10 @@
 """Schema migrations with Alembic, run programmatically (no alembic.ini for operators to manage).
 
 Alembic is imported only to migrate. A process whose database is already at the code's revision (every
-worker of ``serve --workers N``, whose parent migrated; any restart) reads the revision with one
-statement and compares it with the newest script's name: Alembic's import cost each worker ~8 MB and
-~100-150 ms, and its reading of the scripts ~200 ms more (docs/benchmarks.md, "Workers without
-Alembic"). Scripts are numbered in the order of their one chain and named after their revision
+worker of ``serve --workers N``, whose parent migrated; any restart) reads the database's revision
+itself and compares it with the newest script's name: Alembic's import cost each worker ~8 MB and
+~100-150 ms, before it read the scripts (docs/benchmarks.md, "Workers without Alembic"). Scripts are
+numbered in the order of their one chain and named after their revision
 (``versions/0012_quota_counters.py`` holds revision ``0012_quota_counters``; the first two, from before
 the rule, are ``0001`` and ``0002``), so the newest name is Alembic's head:
 ``tests/integration/test_migrations.py`` holds the scripts to that.
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import inspect, text
-from sqlalchemy.exc import DBAPIError
 
 from meterline.storage.database import Database
 
@@ -59,24 +58,23 @@ def upgrade_if_behind(db: Database) -> None:
 
 
 def current_revision(db: Database) -> str | None:
-    """The revision the database is at (Alembic's ``alembic_version``); None before any migration."""
-    try:
-        with db.engine.connect() as conn:
-            found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-            return None if found is None else str(found)
-    except DBAPIError:
-        # No such table yet, or no database to ask: only the first is an answer.
-        with db.engine.connect() as conn:
-            if inspect(conn).has_table("alembic_version"):
-                raise
-        return None
+    """The revision the database is at (Alembic's ``alembic_version``); None before any migration. Asked
+    as Alembic asks (is there a table, then its row), so that a new database logs no error."""
+    with db.engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return None if found is None else str(found)
 
 
 @functools.cache
 def head_revision() -> str:
     """The code's newest revision: the name of its newest migration script. Read once a process (new
     migrations come with new code, hence a restart)."""
-    return max(p.stem for p in VERSIONS.glob("*.py") if _SCRIPT.fullmatch(p.stem))
+    newest = max((p.stem for p in VERSIONS.glob("*.py") if _SCRIPT.fullmatch(p.stem)), default=None)
+    if newest is None:
+        raise RuntimeError(f"no migration scripts in {VERSIONS}: the installation is incomplete")
+    return newest
 
 
 def is_up_to_date(db: Database) -> bool:
