@@ -36,7 +36,7 @@ from meterline.quotas.counters import CounterStore, CounterStoreUnavailable
 from meterline.quotas.limits import NANOS_PER_WHOLE, UNLIMITED
 from meterline.quotas.periods import billing_period
 from meterline.storage.database import Database
-from meterline.storage.driver_sql import fetch, fetch_together, pg_array
+from meterline.storage.driver_sql import fetch, fetch_together, pg_array, pg_columns
 from meterline.storage.tenancy_store import thresholds_from_text
 from meterline.storage.writer import after_commit
 
@@ -295,7 +295,7 @@ class AlertEvaluator:
             queries.append((_PG_CREDITS_USED, (orgs, periods)))
         if spend:
             days = [(c.organization_id, c.first_day, c.end_day) for c in spend]
-            queries.append((_PG_SPENT, tuple(pg_array(column) for column in zip(*days, strict=True))))
+            queries.append((_PG_SPENT, pg_columns(days)))
         found, *used_found = fetch_together(conn, queries)
         own = {str(org): thresholds for org, thresholds in found}
         used = {str(org): value for rows in used_found for org, value in rows}

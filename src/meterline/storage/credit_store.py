@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection
 
 from meterline.credits import CreditBalance
-from meterline.storage.driver_sql import fetch, pg_array, send, send_many
+from meterline.storage.driver_sql import fetch, pg_columns, send, send_many
 
 _UPSERT = (
     "INSERT INTO credit_usage (organization_id, period_start_us, monthly_nanos, bonus_nanos, overage_nanos) "
@@ -90,4 +90,4 @@ def add_credit_draws(conn: Connection, draws: Sequence[tuple[str, int, int, int,
     if conn.dialect.name == "sqlite":
         send_many(conn, _UPSERT.format(p="?"), entries)
     else:
-        send(conn, _PG_UPSERT, tuple(pg_array(column) for column in zip(*entries, strict=True)))
+        send(conn, _PG_UPSERT, pg_columns(entries))

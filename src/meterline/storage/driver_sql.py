@@ -241,6 +241,12 @@ def pg_array(values: Iterable[str | int | bool | None]) -> str:
     )
 
 
+def pg_columns(rows: Iterable[Sequence[Any]]) -> tuple[str, ...]:
+    """``rows`` as one ``pg_array`` per column, in the rows' order: the parameters of an ``unnest`` over
+    them (``INSERT ... SELECT * FROM unnest(%s::text[], %s::bigint[], ...)``)."""
+    return tuple(pg_array(column) for column in zip(*rows, strict=True))
+
+
 def _element(value: object) -> str:
     if value is None:
         return "NULL"
@@ -278,7 +284,7 @@ def run_rows(conn: Connection, each: str, together: str, rows: Sequence[Sequence
     """Rows written by ``each`` (``run_many``: SQLite, or a single row), or on PostgreSQL by ``together``
     once, with one array per column in the rows' order (``pg_array``: an ``unnest`` over them)."""
     if len(rows) > 1 and conn.dialect.name != "sqlite":
-        run(conn, together, tuple(pg_array(column) for column in zip(*rows, strict=True)))
+        run(conn, together, pg_columns(rows))
     else:
         run_many(conn, each, rows)
 

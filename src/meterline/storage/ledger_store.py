@@ -24,6 +24,7 @@ from meterline.storage.driver_sql import (
     fetch_one,
     fetch_together,
     pg_array,
+    pg_columns,
     run,
     run_many,
     send,
@@ -397,9 +398,9 @@ class SqlLedgerStore:
         re-parsed on every call; ``unnest`` over one array per column (the usage vector's counts in one
         array, taken by each row's ordinal) is one small cached statement."""
         values = [row_to_tuple(row) for row in rows]
-        each = zip(*(v[: _COUNTS.start] + v[_COUNTS.stop :] for v in values), strict=True)
+        columns = pg_columns(v[: _COUNTS.start] + v[_COUNTS.stop :] for v in values)
         counts = pg_array([count for v in values for count in v[_COUNTS]])
-        return run(conn, _PG_UNNEST_INSERT, (*(pg_array(column) for column in each), counts))
+        return run(conn, _PG_UNNEST_INSERT, (*columns, counts))
 
     def append(
         self,
@@ -539,7 +540,7 @@ class SqlLedgerStore:
         if self._db.is_sqlite:
             run_many(conn, _SQLITE_ROLLUP_UPSERT, deltas)
         else:
-            send(conn, _PG_ROLLUP_UPSERT, tuple(pg_array(column) for column in zip(*deltas, strict=True)))
+            send(conn, _PG_ROLLUP_UPSERT, pg_columns(deltas))
 
 
 class _SettleSql:
@@ -638,8 +639,8 @@ class _SettleSql:
         conn = self._conn
         if not self._sqlite:
             # The receipts and the new heads in one statement (a data-modifying CTE), one round trip.
-            columns = tuple(pg_array(c) for c in zip(*map(_receipt_tuple, signed), strict=True))
-            send(conn, _PG_RECEIPTS_AND_HEADS, (*columns, *(pg_array(c) for c in zip(*chains, strict=True))))
+            columns = pg_columns(map(_receipt_tuple, signed))
+            send(conn, _PG_RECEIPTS_AND_HEADS, (*columns, *pg_columns(chains)))
             return
         if len(signed) == 1:
             run(conn, _SQLITE_RECEIPT_INSERT, _receipt_tuple(signed[0]))

@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from meterline.clock import MICROS_PER_HOUR, to_micros
 from meterline.metering.reading import Scope
 from meterline.metering.records import VECTOR_COUNTS, LedgerRow
-from meterline.storage.driver_sql import pg_array, send, send_many
+from meterline.storage.driver_sql import pg_columns, send, send_many
 from meterline.storage.tables import DETAIL_MEASURES
 
 KEY = ("organization_id", "workspace_id", "identifier_id", "hour", "model")
@@ -86,7 +86,7 @@ def upsert(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:
     if conn.dialect.name == "sqlite":
         send_many(conn, SQLITE_UPSERT, entries)
     elif len(entries) > 1:
-        send(conn, _PG_UPSERT_MANY, tuple(pg_array(column) for column in zip(*entries, strict=True)))
+        send(conn, _PG_UPSERT_MANY, pg_columns(entries))
     else:
         send_many(conn, PG_UPSERT, entries)
 
