@@ -120,9 +120,11 @@ class Services:
         keys.ring()  # a lazy key file is read now, so that ``created`` is known
         return self.webhooks.seal_stored_secrets(new_key_file=str(keys.path) if keys.created else None)
 
-    def readiness(self) -> dict[str, str]:
-        """What a load balancer asks before sending this process requests: per check, "ok" or what is
-        wrong (never a URL or a credential)."""
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """What a load balancer asks before sending this process requests: whether it can serve, and per
+        check "ok" or what is wrong (never a URL or a credential). Counters out of reach with
+        ``quota_fail_open`` leave it ready: it admits requests unchecked then, and taking every process
+        out of rotation would turn a Redis outage into an outage of the API."""
         checks: dict[str, str] = {}
         try:
             current = is_up_to_date(self.db)
@@ -136,8 +138,11 @@ class Services:
             self.counters.ping(to_micros(self.clock.now()))
             checks["counters"] = "ok"
         except CounterStoreUnavailable:
+            if self.quotas.fail_open:
+                checks["counters"] = "unreachable: requests are admitted unchecked (quota_fail_open)"
+                return all(checks[name] == "ok" for name in ("database", "migrations")), checks
             checks["counters"] = "unreachable"
-        return checks
+        return all(value == "ok" for value in checks.values()), checks
 
     def close(self) -> None:
         self.counters.close()

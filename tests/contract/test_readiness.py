@@ -80,3 +80,27 @@ def test_an_unreachable_counter_store_is_not_ready_and_its_address_is_not_told(t
     assert ready.json()["checks"] == {"database": "ok", "migrations": "ok", "counters": "unreachable"}
     assert str(port) not in ready.text
     assert "s3cret" not in ready.text
+
+
+def test_with_quota_fail_open_an_unreachable_counter_store_leaves_the_process_ready(tmp_path: Path) -> None:
+    # quota_fail_open admits requests unchecked while the counters cannot be reached, so that a Redis
+    # outage is not an outage of the API; a load balancer that took every process out of rotation on
+    # /readyz would make it one. Ready, saying what is degraded.
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'meterline.db'}",
+        admin_key=ADMIN_KEY,
+        signing_key_file=str(tmp_path / "signing-key.json"),
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        quota_fail_open=True,
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {
+            "database": "ok",
+            "migrations": "ok",
+            "counters": "unreachable: requests are admitted unchecked (quota_fail_open)",
+        },
+    }
