@@ -11,9 +11,11 @@ from fastapi.testclient import TestClient
 
 from conftest import ADMIN_KEY, NOW, assert_envelope, make_tenant
 from meterline.api.app import create_app
+from meterline.api.errors import outages
 from meterline.clock import FrozenClock
 from meterline.config import load_settings
 from meterline.services import build_services
+from meterline.storage.outage import COUNTERS
 from servers import free_port
 
 
@@ -65,3 +67,24 @@ def test_unreachable_counter_store(outage_client: TestClient) -> None:
     assert (body["usage"], body["limit"], body["remaining"]) == (tokens, 500_000, 500_000 - tokens)
     daily = [limit for limit in body["limits"] if limit["name"] in ("daily_tokens", "daily_calls")]
     assert [limit["used"] for limit in daily] == [tokens, len(rows)]
+
+
+def test_an_unreachable_counter_store_is_logged_once_not_per_request(
+    outage_client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every request meets the outage: under load a line each would be thousands a second.
+    outages.back(COUNTERS)  # an outage left open by an earlier test of this process
+    tenant = make_tenant(outage_client, plan="free")
+    caplog.clear()
+    caplog.set_level("WARNING")
+    for n in range(5):
+        event = {"events": [{"id": f"e{n}", "model": "gpt-4o", "prompt_tokens": 10}]}
+        outage_client.post("/v1/events", json=event, headers=tenant.headers)
+    said = [r.getMessage() for r in caplog.records if "counter store" in r.getMessage()]
+    if outage_client.fail_open:  # type: ignore[attr-defined]
+        assert said == [
+            "counter store unreachable: admitting requests unchecked (fail open) until it answers"
+        ]
+    else:
+        assert len(said) == 1, said
+        assert said[0].startswith("the counter store is unavailable (")

@@ -213,9 +213,14 @@ def test_a_postgresql_outage_answers_503s_then_recovers(
             assert reconciled["ok"], reconciled
             assert reconciled["quarantined"] == 0
 
+    # One line when the outage started and one when it ended, with the requests answered 503.
     log = stderr.read_text()
-    assert log.count("dependency unavailable") >= 1
-    assert log.count("dependency unavailable") <= 3, log[-5000:]
+    assert log.count("the database is unavailable (") == 1, log[-5000:]
+    refused = sum(count for (_kind, status), count in load.statuses.items() if status == 503)
+    assert log.count("the database is available again after ") == 1, log[-5000:]
+    ended = [line for line in log.splitlines() if "available again" in line]
+    assert ended[0].endswith(f"; {refused} request(s) were answered 503"), (refused, load.statuses, ended)
+    assert "the counter store is unavailable" not in log, log[-5000:]
     assert log.count("Traceback") <= 2, log[-5000:]
 
 

@@ -11,8 +11,9 @@ from psycopg import errors as pg_errors
 from sqlalchemy import Connection, create_engine, exc, text
 
 from meterline import text as rule
+from meterline.errors import ServiceUnavailable
 from meterline.quotas.counters import CounterStoreUnavailable
-from meterline.storage.outage import OutageLog, is_outage
+from meterline.storage.outage import COUNTERS, DATABASE, OutageLog, dependency_of, is_outage
 
 
 @pytest.mark.parametrize(
@@ -101,14 +102,32 @@ def test_postgresql_unavailability_is_an_outage_and_bad_data_is_not() -> None:
 def test_an_outage_is_logged_once_and_its_end_once(caplog: pytest.LogCaptureFixture) -> None:
     log = OutageLog()
     caplog.set_level("WARNING", logger="meterline.outage")
+    down = exc.OperationalError("SELECT 1", {}, pg_errors.AdminShutdown())
     for _ in range(50):
-        log.failed(exc.OperationalError("SELECT 1", {}, Exception("connection refused")))
-    log.succeeded()  # too soon after the last failure: requests that need no database succeed mid-outage
-    assert log.active
-    log._last -= 5  # the failures stopped a while ago
-    log.succeeded()
+        log.failed(down, answered=True)
+    for _ in range(7):  # the reaper's passes: no request was answered 503 for them
+        log.failed(down, answered=False)
+    log.back(COUNTERS)  # another dependency answering says nothing of this one
+    assert log.down() == [DATABASE]
+    log.back(DATABASE)
+    log.back(DATABASE)
     assert not log.active
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("the database is unavailable (")
     assert "answering 503" in messages[0]
-    assert "50 request(s) were answered 503" in messages[1]
+    assert messages[1].startswith("the database is available again after ")
+    assert messages[1].endswith("; 50 request(s) were answered 503")
+
+
+def test_an_outage_is_of_the_dependency_whose_error_it_is() -> None:
+    redis_down = CounterStoreUnavailable("Redis at redis://... is unavailable")
+    assert dependency_of(redis_down) == COUNTERS
+    # Counters kept in the database: its driver's error, under the store's, names the database.
+    held = CounterStoreUnavailable("the database holding the counters did not answer")
+    held.__cause__ = exc.OperationalError("SELECT 1", {}, pg_errors.AdminShutdown())
+    assert dependency_of(held) == DATABASE
+    refused = ServiceUnavailable("usage limits cannot be checked right now")
+    refused.__cause__ = redis_down
+    assert is_outage(refused)
+    assert dependency_of(refused) == COUNTERS

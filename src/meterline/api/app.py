@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from meterline import __version__
 from meterline.api import garbage_collector
 from meterline.api.access_log import GATEWAY_PATHS, AccessLog
-from meterline.api.errors import install_error_handlers, report_failure
+from meterline.api.errors import install_error_handlers, outages, report_failure
 from meterline.api.gateway import Gateway, RelayEndpoints
 from meterline.api.middleware import RequestContext
 from meterline.api.responses import JSON
@@ -43,10 +43,13 @@ from meterline.gateway.metrics import Metrics
 from meterline.gateway.tokens import load_encodings
 from meterline.quotas.memory import MemoryCounterStore
 from meterline.services import Services, build_services
+from meterline.storage.outage import COUNTERS, DATABASE
 from meterline.storage.token_store import SqlTokenStore
 from meterline.tenancy.tokens import TokenService
 
 REAP_EVERY_S = 5.0
+# While a dependency is out, how often it is probed: its outage's end is logged within this.
+PROBE_OUTAGE_EVERY_S = 1.0
 
 
 class _Application(FastAPI):
@@ -79,6 +82,23 @@ async def _reap_forever(services: Services) -> None:
             await run_in_threadpool(services.reservations.recover)
         except Exception as exc:  # a failed sweep is retried at the next tick
             report_failure("reaping expired reservations", exc)
+
+
+async def _end_outages_forever(services: Services) -> None:
+    """While the outage log has a dependency down, probe it as ``/readyz`` does; the end of its outage
+    is logged once it answers (``storage.outage``)."""
+    while True:
+        await asyncio.sleep(PROBE_OUTAGE_EVERY_S)
+        if not outages.active:
+            continue
+        try:
+            _ready, checks = await run_in_threadpool(services.readiness)
+        except Exception:  # a probe that fails is a dependency still out: asked again next time
+            checks = {}
+        if checks.get("database") == "ok":
+            outages.back(DATABASE)
+        if checks.get("counters") == "ok":
+            outages.back(COUNTERS)
 
 
 async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:
@@ -171,6 +191,7 @@ def create_app(
             # the others wait for (only after this process waited for one of them: ``Database.write``).
             services.db.hold_still = standstill
         reaper = asyncio.create_task(_reap_forever(services))
+        prober = asyncio.create_task(_end_outages_forever(services))
         webhooks = asyncio.create_task(_send_webhooks_forever(sender, settings.webhook_poll_seconds))
         if tune_collector:
             # Last of start-up: what it built is what is frozen, and nothing after this can fail
@@ -184,10 +205,11 @@ def create_app(
             if services.db.hold_still is standstill:  # not another application's, on shared services
                 services.db.hold_still = None
             reaper.cancel()
+            prober.cancel()
             webhooks.cancel()
             # A pass already running in a worker thread finishes first (a thread cannot be cancelled):
             # closing the sender's client or the database under it would strand its connection.
-            await asyncio.gather(reaper, webhooks, return_exceptions=True)
+            await asyncio.gather(reaper, prober, webhooks, return_exceptions=True)
             sender.close()
             await _app.state.gateway.upstreams.aclose()
             if telemetry is not None:

@@ -19,7 +19,7 @@ from starlette.types import Scope
 from meterline import text
 from meterline.alerts import refused_by_allowance
 from meterline.api.responses import JSON
-from meterline.errors import LimitExceeded, MeterlineError
+from meterline.errors import LimitExceeded, MeterlineError, ServiceUnavailable
 from meterline.gateway.ratelimit import rate_limit_headers
 from meterline.quotas.engine import RateLimits
 from meterline.storage.outage import OutageLog, is_outage
@@ -157,11 +157,12 @@ def note_exhausted(request: Request, refusals: Sequence[LimitExceeded]) -> None:
         log.exception("firing the alert of a used-up allowance failed")
 
 
-def report_failure(what: str, exc: BaseException) -> bool:
-    """Log a failure: an outage counts into its episode (one line each, ``storage.outage``), anything
-    else with its traceback. True for an outage."""
+def report_failure(what: str, exc: BaseException, *, answered: bool = False) -> bool:
+    """Log a failure: an outage goes into its episode (one line at each end, ``storage.outage``; counted
+    when ``answered``: a request was answered 503 for it), anything else with its traceback. True for an
+    outage."""
     if is_outage(exc):
-        outages.failed(exc)
+        outages.failed(exc, answered=answered)
         return True
     log.error("%s failed", what, exc_info=exc)
     return False
@@ -170,7 +171,7 @@ def report_failure(what: str, exc: BaseException) -> bool:
 def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JSON:
     """Anything no handler took: 503 with ``Retry-After`` when a dependency is down (one log line per
     outage, see ``storage.outage``), else 500 ``internal`` with the traceback in the log only."""
-    if report_failure(f"{scope.get('method')} {scope.get('path')}", exc):
+    if report_failure(f"{scope.get('method')} {scope.get('path')}", exc, answered=True):
         return envelope(
             503,
             "service_unavailable",
@@ -184,6 +185,8 @@ def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JS
 
 def domain_error(request: Request, exc: MeterlineError) -> JSON:
     status = STATUS.get(exc.code, 400)
+    if isinstance(exc, ServiceUnavailable) and is_outage(exc):
+        outages.failed(exc, answered=True)  # the counter store out of reach: into its outage's count
     if not isinstance(exc, LimitExceeded):
         retry = {"Retry-After": str(OUTAGE_RETRY_AFTER_S)} if status == 503 else None
         return envelope(

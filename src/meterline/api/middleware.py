@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterline import ids, text
-from meterline.api.errors import envelope, outages, unexpected_error
+from meterline.api.errors import envelope, unexpected_error
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # A JSON string can only carry NUL or a surrogate as an escape; bodies without one skip the parse.
@@ -134,8 +134,6 @@ class RequestContext:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if outages.active and message["status"] < 500:
-                    outages.succeeded()
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 

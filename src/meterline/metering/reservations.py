@@ -199,6 +199,8 @@ class Reservations:
         # outage that also fails the delete never leaves ``recover`` a row to bill. Guarded by the lock.
         self._unsent: set[str] = set()
         self._deferred_lock = threading.Lock()
+        # The reaper's passes found the counter store out of reach: said once, until a pass reaches it.
+        self._holds_unreached = False
         # Sweeps of ``recover`` still to leave due reservations alone after an outage: every process
         # serving the database may hold settles and deletes of its own from it (above), and settles them
         # in its first sweep once the database is back; a sweep of another process that came first would
@@ -347,7 +349,7 @@ class Reservations:
                 # The database holds the counters and the reservation alike: unreachable, it leaves no
                 # place for a reservation admitted unchecked, so this is a 503 even where the engine
                 # fails open (``unavailable`` raises its own unless it does).
-                queued.unavailable()
+                queued.unavailable(failure)
                 raise
             if failure is not None or isinstance(exc, LookupError):
                 return None  # a decision that failed (nothing written), or one not yet made: decide again
@@ -458,8 +460,8 @@ class Reservations:
         except asyncio.CancelledError:
             queued.abandon()
             raise
-        except CounterStoreUnavailable:
-            outcomes: list[Reservation | LimitExceeded] | None = queued.unavailable()  # 503, or fail open
+        except CounterStoreUnavailable as exc:
+            outcomes: list[Reservation | LimitExceeded] | None = queued.unavailable(exc)  # 503, or fail open
         except Exception:
             return None  # not stored (the write failed whole): the thread's decision says what happened
         else:
@@ -688,8 +690,12 @@ class Reservations:
         try:
             abandoned = self._counters.expired(to_micros(now), limit)
         except CounterStoreUnavailable:
-            log.warning("counter store unreachable: abandoned holds are looked at again later")
+            if not self._holds_unreached:  # once an outage, not every pass
+                log.warning("counter store unreachable: abandoned holds are looked at again later")
+            self._holds_unreached = True
             abandoned = []
+        else:
+            self._holds_unreached = False
         for hold in abandoned:
             if self._store.get(hold.id) is not None:
                 continue  # durable: ended above once its own lease is due

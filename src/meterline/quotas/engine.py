@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -367,11 +368,11 @@ class Queued:
         half before the verdict is read): the meters of its bounds, and when it expires (µs)."""
         return self.asked.placements[index].meters, self.asked.expires_us
 
-    def unavailable(self) -> list[Reservation | LimitExceeded]:
-        """What ``reserve_many`` answers when the store cannot be reached (its answer was
-        ``CounterStoreUnavailable``): ``ServiceUnavailable`` raised, or every request admitted unchecked
-        when the engine fails open. A hold whose reply was lost is the reaper's, as with a thread's."""
-        return self.engine._unavailable(self.asked)
+    def unavailable(self, cause: CounterStoreUnavailable) -> list[Reservation | LimitExceeded]:
+        """What ``reserve_many`` answers when the store cannot be reached (its answer was ``cause``):
+        ``ServiceUnavailable`` raised, or every request admitted unchecked when the engine fails open. A
+        hold whose reply was lost is the reaper's, as with a thread's."""
+        return self.engine._unavailable(self.asked, cause)
 
     def abandon(self) -> None:
         """Nobody will read the verdicts (the caller was cancelled): once they come, what they admitted
@@ -404,6 +405,9 @@ class QuotaEngine:
         default_factory=dict, repr=False
     )
     _now_us: Callable[[], int] = field(init=False, repr=False)
+    # Failing open: since when (monotonic) and how many requests were admitted unchecked.
+    _unchecked: tuple[float, int] | None = field(default=None, init=False, repr=False)
+    _unchecked_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # A clock made elsewhere (``create_app(clock=...)``) may have only ``now()``.
@@ -518,18 +522,28 @@ class QuotaEngine:
         asked = self._asked(requests, ttl, hold_ids)
         try:
             verdicts = self._decide(asked.holds, asked.placements, asked.now_us)
-        except CounterStoreUnavailable:
-            return self._unavailable(asked)
+        except CounterStoreUnavailable as exc:
+            return self._unavailable(asked, exc)
         return self._outcomes(asked, verdicts)
 
-    def _unavailable(self, asked: _Asked) -> list[Reservation | LimitExceeded]:
+    def _unavailable(
+        self, asked: _Asked, cause: CounterStoreUnavailable
+    ) -> list[Reservation | LimitExceeded]:
         if not self.fail_open:
+            # The cause says which dependency is out (the API's outage log counts this 503 into it).
             raise ServiceUnavailable(
                 "usage limits cannot be checked right now (counter store unreachable); retry shortly"
-            ) from None
-        log.warning(
-            "counter store unreachable: admitting %d request(s) unchecked (fail open)", len(asked.holds)
-        )
+            ) from cause
+        # One line when requests start going through unchecked and one when they are checked again
+        # (``_outcomes``), not one per request: under load that would be thousands a second.
+        with self._unchecked_lock:
+            first = self._unchecked is None
+            since, count = self._unchecked or (time.monotonic(), 0)
+            self._unchecked = (since, count + len(asked.holds))
+        if first:
+            log.warning(
+                "counter store unreachable: admitting requests unchecked (fail open) until it answers"
+            )
         return [
             Reservation(
                 h.id, s, p.bounds, a, asked.expires_us, False, None, asked.now_us, p.meters, checked=False
@@ -577,6 +591,8 @@ class QuotaEngine:
         return _Asked(requests, placements, holds, now_us, expires_us)
 
     def _outcomes(self, asked: _Asked, verdicts: Sequence[Verdict]) -> list[Reservation | LimitExceeded]:
+        if self._unchecked is not None:
+            self._checked_again()
         outcomes: list[Reservation | LimitExceeded] = []
         for (subject, amounts, _at), placement, hold, verdict in zip(
             asked.requests, asked.placements, asked.holds, verdicts, strict=True
@@ -600,6 +616,16 @@ class QuotaEngine:
                 rates = _rate_limits(bounds, verdict.levels, asked.now_us)
                 outcomes.append(self._refusal(bounds, hold, verdict, rates))
         return outcomes
+
+    def _checked_again(self) -> None:
+        with self._unchecked_lock:
+            unchecked, self._unchecked = self._unchecked, None
+        if unchecked is not None:
+            log.warning(
+                "counter store answering again after %.1f s; %d request(s) were admitted unchecked",
+                time.monotonic() - unchecked[0],
+                unchecked[1],
+            )
 
     def _decide(self, holds: list[Hold], placements: list[_Placement], now_us: int) -> list[Verdict]:
         verdicts = self.store.reserve(holds, now_us)

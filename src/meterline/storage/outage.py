@@ -17,6 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from sqlalchemy import exc as sa
 
@@ -31,10 +32,9 @@ _SQLITE_OUTAGE_CODES = frozenset(
      sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL}
 )  # fmt: skip
 _PG_OUTAGE_STATES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01")
-# How long after the last failure an outage is considered over, when nothing said so before.
-EPISODE_GAP_S = 30.0
-# A success this long after the last failure ends the outage.
-QUIET_S = 1.0
+# The dependencies an outage is told of by: the database, or the counter store (Redis; the database
+# too when it holds the counters, named "the database" when its own error is what was raised).
+DATABASE, COUNTERS = "the database", "the counter store"
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -76,47 +76,67 @@ def _driver_says_outage(exc: BaseException | None) -> bool:
     return state.startswith(_PG_OUTAGE_STATES)
 
 
+def dependency_of(exc: BaseException) -> str:
+    """Which dependency an outage (``is_outage``) is of: the database when a driver's error says so
+    anywhere along the explicit causes, else the counter store."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not isinstance(current, CounterStoreUnavailable) and _says_outage(current):
+            return DATABASE
+        current = current.__cause__
+    return COUNTERS
+
+
+@dataclass(slots=True)
+class _Episode:
+    since: float
+    answered: int = 0
+
+
 class OutageLog:
-    """Logs the first failure of an outage and its end ("back after N refusals"), nothing in between."""
+    """Per dependency, one line when an outage starts ("... is unavailable") and one when it ends ("...
+    is available again after N s; M request(s) were answered 503"), nothing in between: failures of
+    background passes (the reaper, webhooks) start an outage but are not requests answered 503. The end
+    is told by ``back``, which the application calls when a probe of the dependency succeeds again
+    (``api/app.py``), so it is logged when it happens, with or without requests coming in."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._since: float | None = None
-        self._last = 0.0
-        self._count = 0
+        self._episodes: dict[str, _Episode] = {}
 
     @property
     def active(self) -> bool:
-        return self._since is not None
+        return bool(self._episodes)
 
-    def failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
+    def down(self) -> list[str]:
+        """The dependencies in an outage now."""
         with self._lock:
-            if self._since is not None and now - self._last > EPISODE_GAP_S:
-                self._end(now)
-            self._last = now
-            self._count += 1
-            if self._since is not None:
-                return
-            self._since = now
-        log.error("dependency unavailable (%s): answering 503 until it is back", describe_error(exc))
+            return list(self._episodes)
 
-    def succeeded(self) -> None:
-        """A request went through. It ends the episode only once failures have stopped for a while:
-        requests that need no database (a cached key, an answer already served) succeed mid-outage."""
-        if self._since is None:
-            return
-        now = time.monotonic()
+    def failed(self, exc: BaseException, *, answered: bool) -> None:
+        """An outage met: ``answered`` when a request was answered 503 for it."""
+        dependency = dependency_of(exc)
         with self._lock:
-            if self._since is not None and now - self._last >= QUIET_S:
-                self._end(now)
+            episode = self._episodes.get(dependency)
+            first = episode is None
+            if episode is None:
+                episode = self._episodes[dependency] = _Episode(time.monotonic())
+            episode.answered += answered
+        if first:
+            log.error(
+                "%s is unavailable (%s): answering 503 until it is back", dependency, describe_error(exc)
+            )
 
-    def _end(self, now: float) -> None:
-        assert self._since is not None
-        log.warning(
-            "dependency available again after %.1f s; %d request(s) were answered 503",
-            now - self._since,
-            self._count,
-        )
-        self._since = None
-        self._count = 0
+    def back(self, dependency: str) -> None:
+        """``dependency`` answers again: the end of its outage, if it had one."""
+        with self._lock:
+            episode = self._episodes.pop(dependency, None)
+        if episode is not None:
+            log.warning(
+                "%s is available again after %.1f s; %d request(s) were answered 503",
+                dependency,
+                time.monotonic() - episode.since,
+                episode.answered,
+            )

@@ -950,6 +950,7 @@ class RedisCounterStore:
 
     def _flush_loop(self) -> None:
         backoff = self._flush_interval_s
+        failing_since: float | None = None  # a failure is logged when it starts and when it ends
         while True:
             with self._wake:
                 if not self._pending and not self._closing:
@@ -963,13 +964,21 @@ class RedisCounterStore:
                         return
                 due = oldest is not None and oldest in self._pending
             try:
-                if self._registration_due():
+                registering = self._registration_due()
+                if registering:
                     self._register_again()
                 if due:
                     self.flush()
                 backoff = self._flush_interval_s
+                if failing_since is not None and (due or registering):
+                    log.warning(
+                        "settlements sent to Redis again after %.1f s", time.monotonic() - failing_since
+                    )
+                    failing_since = None
             except Exception as exc:
-                log.warning("could not send settlements to Redis (retrying): %s", exc)
+                if failing_since is None:
+                    log.warning("could not send settlements to Redis (retrying until it answers): %s", exc)
+                    failing_since = time.monotonic()
                 backoff = min(max(backoff * 2, 0.05), 1.0)
                 with self._wake:
                     if not self._closing:

@@ -119,7 +119,9 @@ def _unavailable(exc: OperationalError) -> CounterStoreUnavailable | None:
     """What an outage of the database means to a caller of the counters; None for any other error."""
     if not is_outage(exc):
         return None
-    return CounterStoreUnavailable(f"the database holding the counters is unavailable: {exc.orig}")
+    unavailable = CounterStoreUnavailable(f"the database holding the counters is unavailable: {exc.orig}")
+    unavailable.__cause__ = exc  # the outage is the database's (``storage.outage.dependency_of``)
+    return unavailable
 
 
 def _copy_verdicts(done: Future[Any], verdicts: Future[list[Verdict]]) -> None:
