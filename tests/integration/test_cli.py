@@ -78,6 +78,47 @@ def test_bad_config_file_is_named(tmp_path: Path) -> None:
     assert "credit_value" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args", [["reconcile"], ["orgs", "list"], ["verify"], ["quarantine", "list"]], ids=" ".join
+)
+def test_a_command_run_where_there_is_no_database_says_so_and_creates_none(
+    args: list[str], tmp_path: Path
+) -> None:
+    # An operator of the systemd unit (whose config is named only in the unit) runs a check from a
+    # shell: it must not answer "0 drift over 0 rows" from an empty database it made on the spot.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    result = subprocess.run(
+        [METERLINE, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"no database at {tmp_path / 'meterline.db'}" in message, message
+    assert "--config" in message
+    assert "METERLINE_DATABASE_URL" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_postgresql_database_without_meterline_tables_is_named_not_filled(
+    database_url: str, tmp_path: Path
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite: the file is the database (above)")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = create_engine(url.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS meterline_cli_empty"))
+        conn.execute(text("CREATE DATABASE meterline_cli_empty"))
+    admin.dispose()
+    empty = url.set(database="meterline_cli_empty").render_as_string(hide_password=False)
+    result = run("reconcile", db=empty, ok=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "has no Meterline tables" in " ".join(result.stderr.split())
+    assert "meterline migrate" in " ".join(result.stderr.split())
+
+
 def test_migrate_and_keygen(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/fresh.db"
     assert f"revision {head_revision()}" in run("migrate", db=db).stdout

@@ -46,12 +46,20 @@ def settings_from(config: Path | None, database_url: str | None = None, **overri
 
 
 @contextmanager
-def services_for(config: Path | None, database_url: str | None) -> Iterator[Services]:
+def services_for(
+    config: Path | None, database_url: str | None, *, create: bool = False
+) -> Iterator[Services]:
+    """The deployment's services for a command. Only a command that sets a deployment up (``create``:
+    ``migrate``, ``orgs create``) may make a new database; any other one run where there is none (a
+    shell without the service's config) says so instead of answering from an empty database it made."""
     # The key file only when a command signs, verifies or seals: the others never create or read it.
     # No command here seals stored webhook secrets (only `serve` at start and `keys rotate` do).
     from meterline.services import build_services
 
-    services = build_services(settings_from(config, database_url), lazy_keys=True)
+    settings = settings_from(config, database_url)
+    if not create:
+        _require_database(settings.database_url)
+    services = build_services(settings, lazy_keys=True)
     try:
         yield services
     except MeterlineError as exc:
@@ -70,3 +78,33 @@ def emit(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: s
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     out.print(table)
+
+
+_WHERE = (
+    "run the command where `meterline serve` runs, or name the deployment with --config or "
+    "--database-url (METERLINE_CONFIG, METERLINE_DATABASE_URL)"
+)
+
+
+def _require_database(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
+            fail(f"no database at {Path(path).resolve()}: {_WHERE}; `meterline migrate` makes a new one", 2)
+        return
+    from meterline.storage.database import Database
+    from meterline.storage.migrate import current_revision
+
+    db = Database(url)
+    try:
+        revision = current_revision(db)
+    except Exception:
+        return  # unreachable: the command's own attempt says how (an outage, credentials)
+    finally:
+        db.dispose()
+    if revision is None:
+        where = parsed.render_as_string(hide_password=True)
+        fail(f"the database {where} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)

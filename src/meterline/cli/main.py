@@ -445,7 +445,7 @@ def migrate(config: ConfigOption = None, database_url: DatabaseOption = None) ->
     """Bring the database schema up to date."""
     from meterline.storage.migrate import current_revision
 
-    with services_for(config, database_url) as services:
+    with services_for(config, database_url, create=True) as services:
         out.print(f"database at revision {current_revision(services.db)}")
 
 
@@ -482,7 +482,7 @@ def orgs_create(
     """Create an organization."""
     from meterline.api import render
 
-    with services_for(config, database_url) as services:
+    with services_for(config, database_url, create=True) as services:
         org = services.tenancy.create_organization(
             name,
             plan,
