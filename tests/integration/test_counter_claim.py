@@ -110,9 +110,12 @@ def test_processes_with_shared_counters_and_one_with_its_own_never_serve_togethe
         more = MeterlineServer(config, tmp_path, "more", ("--workers", "2"))
         more.start()
         more.stop()
-        # ...but not one keeping its counters to itself.
+        # ...but not one keeping its counters to itself; the fix named is the running processes' store.
         message = _refusal(config, tmp_path)
         assert "in-process counters are exact in one process only" in message
+        assert "with its counters in the database" in message
+        assert 'start this one with counters = "database"' in message
+        assert "redis_url" not in message
     finally:
         workers.stop()
     single = MeterlineServer(config, tmp_path, "single")
@@ -235,6 +238,11 @@ def test_processes_counting_in_another_redis_never_serve_one_database_together(
     first.start()
     other = start_redis(tmp_path)
     try:
+        # One with in-process counters is told to count where the running one does: in its Redis.
+        message = _refusal(config, tmp_path)
+        assert "with its counters in Redis" in message
+        assert "start this one with the same redis_url" in message
+        assert 'counters = "database"' not in message
         message = _refusal(_with_redis(config, "elsewhere", other.url), tmp_path)
         where = f"redis://127.0.0.1:{other.port}/0"
         assert f"with its counters in another Redis than this one ({where})" in message

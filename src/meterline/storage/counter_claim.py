@@ -185,8 +185,21 @@ def claim_counters(database_url: str, store: str, mark: StoreMark | None = None)
     return _claim(_AdvisoryLocks(database_url, url.render_as_string(hide_password=True)), store, mark)
 
 
-def _in_process_refusal(who: str, database: object, where: str = "") -> ConfigError:
-    return ConfigError(f"{who} already serves {database}{where}: {_FIX}", param="redis_url")
+def _in_process_refusal(locks: _Locks) -> ConfigError:
+    """In-process counters refused beside a serving process: the fix named is that process's store
+    when it has a shared one (the same Redis, or counters in the database), as a look finds it."""
+    for kind, fix in (("redis", "with the same redis_url"), ("database", 'with counters = "database"')):
+        if locks.held(kind):
+            return ConfigError(
+                f"another process serves {locks.shown}{locks.where} with its counters in {_WHERE[kind]}: "
+                "in-process counters are exact in one process only; beside it this one would count "
+                f"alone, and limits would not hold across them. Stop the other process, or start this "
+                f"one {fix}; README: Deployment",
+                param="counters",
+            )
+    return ConfigError(
+        f"another process already serves {locks.shown}{locks.where}: {_FIX}", param="redis_url"
+    )
 
 
 _WHERE = {"database": "the database", "redis": "Redis"}
@@ -253,7 +266,7 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
     try:
         if store == "memory":
             if not locks.try_exclusive("main"):
-                raise _in_process_refusal("another process", locks.shown, locks.where)
+                raise _in_process_refusal(locks)
             locks.note_holder()
             return Claim(True, lambda: None, locks.close, locks.keeper())
         (other,) = [kind for kind in SHARED_KINDS if kind != store]
@@ -284,7 +297,7 @@ def _claim(locks: _Locks, store: str, mark: StoreMark | None) -> Claim:
             def share() -> None:
                 # Shared before the mark goes: a newcomer never finds it held exclusively and unmarked.
                 if not locks.to_shared("main"):
-                    raise _in_process_refusal("another process", locks.shown, locks.where)
+                    raise _in_process_refusal(locks)
                 locks.mark_resetting(False)
 
             return Claim(True, share, locks.close, locks.keeper(), _started(marking))
