@@ -378,6 +378,15 @@ class Settings(BaseSettings):
             return self.counters
         return "database" if self.worker_count > 1 else "memory"
 
+    @model_validator(mode="after")
+    def _one_counter_store(self) -> Settings:
+        if self.counters != "auto" and self.counter_store == "redis":
+            raise ValueError(
+                f'counters = "{self.counters}" and redis_url both say where quota counters are kept (with '
+                "redis_url, in Redis): remove one of them"
+            )
+        return self
+
     @field_validator("otel_headers")
     @classmethod
     def _otel_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
@@ -445,12 +454,23 @@ def _interpolate(value: Any, path: str) -> Any:
     return value
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _describe(error: ValidationError, source: str, file_keys: set[str], options: set[str]) -> str:
+    """Each problem named by where its value came from: the command's option, the environment variable,
+    or the config file (as ``load_settings`` lets one beat the other)."""
     problems = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{source}: {key}: {message}")
+        field = str(item["loc"][0]) if item["loc"] else ""
+        variable = f"METERLINE_{field.upper()}"
+        if field in options:
+            problems.append(f"{key} (from --{field.replace('_', '-')}): {message}")
+        elif field and variable in os.environ:
+            problems.append(f"{key} (from {variable}): {message}")
+        elif field in file_keys:
+            problems.append(f"{source}: {key}: {message}")
+        else:  # a default, or a check of several settings (its message names them)
+            problems.append(f"{key}: {message}" if field else message)
     return "; ".join(problems)
 
 
@@ -475,8 +495,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     for field in Settings.model_fields:
         if f"METERLINE_{field.upper()}" in os.environ:
             data.pop(field, None)
+    file_keys = set(data)
+    options = {k for k, v in overrides.items() if v is not None}
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(_describe(exc, source, file_keys, options)) from None

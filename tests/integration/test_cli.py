@@ -87,6 +87,7 @@ def test_a_command_run_where_there_is_no_database_says_so_and_creates_none(
     # An operator of the systemd unit (whose config is named only in the unit) runs a check from a
     # shell: it must not answer "0 drift over 0 rows" from an empty database it made on the spot.
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env["COLUMNS"] = "400"
     result = subprocess.run(
         [METERLINE, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False
     )

@@ -61,7 +61,9 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         request.getfixturevalue("pg_server").drop_database(drop)
 
 
-def _second_serve(config: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _second_serve(
+    config: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [METERLINE, "serve", "--config", str(config), "--port", str(free_port()), *args],
         cwd=cwd,
@@ -69,7 +71,7 @@ def _second_serve(config: Path, cwd: Path, *args: str) -> subprocess.CompletedPr
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "400"},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "400", **(env or {})},
     )
 
 
@@ -131,8 +133,8 @@ def test_processes_with_shared_counters_and_one_with_its_own_never_serve_togethe
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (("--workers", "0"), "workers must be 1 to 64"),
-        (("--workers", "two"), "workers"),
+        (("--workers", "0"), "workers (from --workers): workers must be 1 to 64"),
+        (("--workers", "two"), "(from --workers): Input should be"),
     ],
 )
 def test_a_bad_worker_count_is_refused_with_its_name(
@@ -142,6 +144,28 @@ def test_a_bad_worker_count_is_refused_with_its_name(
     assert refused.returncode != 0
     assert said in " ".join(refused.stderr.split())
     assert "Traceback" not in refused.stderr
+
+
+def test_a_bad_setting_is_named_where_it_came_from(config: Path, tmp_path: Path) -> None:
+    # The environment beats the file, and an option both: the error names the one that was used.
+    refused = _second_serve(config, tmp_path, env={"METERLINE_WORKERS": "0"})
+    assert refused.returncode == 2
+    said = " ".join(refused.stderr.split())
+    assert "error: workers (from METERLINE_WORKERS): workers must be 1 to 64" in said
+    config.write_text(config.read_text() + "workers = 0\n")
+    refused = _second_serve(config, tmp_path)
+    assert f"error: {config}: workers: workers must be 1 to 64" in " ".join(refused.stderr.split())
+
+
+def test_counters_chosen_beside_a_redis_url_are_refused_not_ignored(config: Path, tmp_path: Path) -> None:
+    # With redis_url the counters are in Redis: a counters setting beside it would be silently ignored.
+    refused = _second_serve(
+        config, tmp_path, env={"METERLINE_COUNTERS": "memory", "METERLINE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    )
+    assert refused.returncode == 2, refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert 'counters = "memory" and redis_url both say where quota counters are kept' in message
+    assert "remove one of them" in message
 
 
 def test_in_process_counters_with_several_workers_are_refused(config: Path, tmp_path: Path) -> None:

@@ -148,7 +148,8 @@ def test_the_dashboards_button_urls_are_web_addresses_or_paths_of_this_server(na
         "ftp://x/y",
         "pricing",
     ):
-        with pytest.raises(ConfigError, match=f"{name}: must be an http"):
+        option = name.replace("_", "-")
+        with pytest.raises(ConfigError, match=rf"{name} \(from --{option}\): must be an http"):
             load_settings(**{name: bad})
 
 
