@@ -529,10 +529,12 @@ def test_a_process_whose_claim_another_took_meanwhile_stops(
         first.kill()
 
 
-def test_sigterm_ends_a_serving_process_gracefully(config: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_ends_a_serving_process_gracefully(config: Path, tmp_path: Path, workers: str) -> None:
     # A SIGTERM from outside (systemd, Kubernetes) shuts the server down gracefully, and it ends by that
-    # signal (``serve`` handles SIGTERM itself, to tell it from a stop the claim's watch asks for).
-    server = MeterlineServer(config, tmp_path, "term")
+    # signal (``serve`` handles SIGTERM itself, to tell it from a stop the claim's watch asks for), with
+    # one worker or several alike.
+    server = MeterlineServer(config, tmp_path, "term", ("--workers", workers))
     server.start()
     assert server.proc is not None
     try:

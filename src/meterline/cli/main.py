@@ -173,6 +173,7 @@ def _claim_and_serve(
 
     previous = signal.signal(signal.SIGTERM, after_serving)
     claim.keep_alive(stop)
+    stopped_by = None
     try:
         if count == 1:
             _serve_one(settings, services)
@@ -184,12 +185,15 @@ def _claim_and_serve(
                 worker_args
                 | {"host": settings.host, "port": settings.port, "workers": count, "supervisor": os.getpid()}
             )
-            _serve_workers(settings, count)
+            stopped_by = _serve_workers(settings, count)
     finally:
         claim.give_back()
         signal.signal(signal.SIGTERM, previous)
     if lost:  # the workers' supervisor stops on SIGTERM without raising it again
         fail(lost[0])
+    if stopped_by is not None:  # ... so this process ends by the signal itself, as one process does
+        signal.signal(stopped_by, signal.SIG_DFL)
+        signal.raise_signal(stopped_by)
 
 
 _REDIS_WAIT_S = 30.0  # how long a process counting in Redis waits for it at start
@@ -264,7 +268,7 @@ def _warn_when_connections_short(settings: Settings, count: int) -> None:
     )
 
 
-def _serve_workers(settings: Settings, count: int) -> None:
+def _serve_workers(settings: Settings, count: int) -> int | None:
     """``count`` workers started, restarted and stopped by uvicorn's supervisor, each with a listening
     socket of its own where the system allows (``OwnListener``: the kernel spreads connections over
     them), else sharing one."""
@@ -298,11 +302,27 @@ def _serve_workers(settings: Settings, count: int) -> None:
     # (``gateway/metrics.py``). A fresh directory each run: values left by an earlier run would add up.
     shared = tempfile.mkdtemp(prefix="meterline-metrics-")
     os.environ[SHARED_DIR] = shared
+    class Supervisor(Multiprocess):
+        """uvicorn's, noting the signal that stopped it: ``serve`` ends by it once the workers have
+        ended, as one process (uvicorn's server) does."""
+
+        stopped_by: int | None = None
+
+        def handle_int(self) -> None:
+            self.stopped_by = signal.SIGINT
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self.stopped_by = signal.SIGTERM
+            super().handle_term()
+
+    supervisor = Supervisor(config, sockets=sockets)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            Multiprocess(config, sockets=sockets).run()
+            supervisor.run()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+    return supervisor.stopped_by
 
 
 def _serve_one(settings: Settings, services: Services | None) -> None:
