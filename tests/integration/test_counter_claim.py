@@ -704,10 +704,17 @@ def test_processes_on_one_redis_taking_their_claims_again_together_keep_serving(
             mark.close()
 
 
-def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_path: Path) -> None:
+def test_workers_end_with_their_supervisor_however_it_ends(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The claim is held by the process that started the workers. Killed outright (SIGKILL, the OOM
     # killer), it takes the claim with it: workers serving on would be unclaimed, and a process with
     # in-process counters could start beside them. They end with it instead, and a new server starts.
+    # What the killed one left in the temporary directory (its workers' metrics) the next one removes:
+    # restarted after every OOM kill, they would pile up.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
     workers = MeterlineServer(config, tmp_path, "workers", ("--workers", "2"))
     workers.start()
     assert workers.proc is not None
@@ -721,9 +728,17 @@ def test_workers_end_with_their_supervisor_however_it_ends(config: Path, tmp_pat
             time.sleep(0.2)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{workers.base}/healthz", timeout=2)
-        single = MeterlineServer(config, tmp_path, "single")
-        single.start()
-        single.stop()
+        left = [d.name for d in temporary.iterdir() if d.name.startswith("meterline-metrics-")]
+        assert len(left) == 1, left
+        again = MeterlineServer(config, tmp_path, "again", ("--workers", "2"))
+        again.start()
+        try:
+            now = [d.name for d in temporary.iterdir() if d.name.startswith("meterline-metrics-")]
+            assert left[0] not in now
+            assert len(now) == 1
+        finally:
+            again.stop()
+        assert [d.name for d in temporary.iterdir() if d.name.startswith("meterline-metrics-")] == []
     finally:
         for pid in started:  # whatever the outcome, nothing is left running
             with contextlib.suppress(ProcessLookupError):

@@ -300,7 +300,9 @@ def _serve_workers(settings: Settings, count: int) -> int | None:
         sockets = [config.bind_socket()]  # exits with uvicorn's message when the port cannot be bound
     # Every worker keeps its metrics in files here, and each answers /metrics for all of them
     # (``gateway/metrics.py``). A fresh directory each run: values left by an earlier run would add up.
-    shared = tempfile.mkdtemp(prefix="meterline-metrics-")
+    # Named after this process, so that the next start removes it if this one is killed outright.
+    _remove_orphaned_metrics()
+    shared = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ[SHARED_DIR] = shared
     class Supervisor(Multiprocess):
         """uvicorn's, noting the signal that stopped it: ``serve`` ends by it once the workers have
@@ -323,6 +325,25 @@ def _serve_workers(settings: Settings, count: int) -> int | None:
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     return supervisor.stopped_by
+
+
+_METRICS_PREFIX = "meterline-metrics-"
+
+
+def _remove_orphaned_metrics() -> None:
+    """The metrics directories of supervisors that are gone without removing theirs (SIGKILL, the OOM
+    killer): this user's, in the temporary directory, named after a process that no longer runs."""
+    root = Path(tempfile.gettempdir())
+    for found in root.glob(f"{_METRICS_PREFIX}*-*"):
+        pid = found.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+        try:
+            if not pid.isdigit() or found.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(found, ignore_errors=True)
+        except OSError:
+            continue  # gone meanwhile, or a process of another user's: not ours to judge
 
 
 def _serve_one(settings: Settings, services: Services | None) -> None:
