@@ -218,7 +218,8 @@ def _redis_mark(settings: Settings) -> RedisMark:
             _close(mark)
             if time.monotonic() > deadline or isinstance(exc, ValueError):
                 fail(
-                    f"cannot reach Redis at {redacted(settings.redis_url)} (redis_url): {exc}. A process "
+                    f"cannot reach Redis at {redacted(settings.redis_url)} (redis_url): "
+                    f"{str(exc).rstrip('.')}. A process "
                     "counting in Redis starts once it can tell which Redis that is (every process serving "
                     "one database must count in the same one)"
                 )
