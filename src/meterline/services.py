@@ -122,8 +122,8 @@ class Services:
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """What a load balancer asks before sending this process requests: whether it can serve, and per
-        check "ok" or what is wrong (never a URL or a credential). Counters out of reach with
-        ``quota_fail_open`` leave it ready: it admits requests unchecked then, and taking every process
+        check "ok" or what is wrong (never a URL or a credential). Redis out of reach with
+        ``quota_fail_open`` leaves it ready: it admits requests unchecked then, and taking every process
         out of rotation would turn a Redis outage into an outage of the API."""
         checks: dict[str, str] = {}
         try:
@@ -138,7 +138,7 @@ class Services:
             self.counters.ping(to_micros(self.clock.now()))
             checks["counters"] = "ok"
         except CounterStoreUnavailable:
-            if self.quotas.fail_open:
+            if self.quotas.fail_open and self.settings.counter_store == "redis":
                 checks["counters"] = "unreachable: requests are admitted unchecked (quota_fail_open)"
                 return all(checks[name] == "ok" for name in ("database", "migrations")), checks
             checks["counters"] = "unreachable"

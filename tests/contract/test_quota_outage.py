@@ -73,7 +73,7 @@ def test_an_unreachable_counter_store_is_logged_once_not_per_request(
     outage_client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Every request meets the outage: under load a line each would be thousands a second.
-    outages.back(COUNTERS)  # an outage left open by an earlier test of this process
+    outages.back(COUNTERS, float("inf"))  # an outage left open by an earlier test of this process
     tenant = make_tenant(outage_client, plan="free")
     caplog.clear()
     caplog.set_level("WARNING")

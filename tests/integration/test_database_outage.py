@@ -21,6 +21,7 @@ from conftest import assert_envelope
 from integration.test_serve import clean_env, process
 from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
+from meterline.storage.outage import QUIET_S
 from meterline.storage.tables import reservations
 from meterline.testing.fake_upstream import FakeUpstream
 from servers import (
@@ -212,6 +213,11 @@ def test_a_postgresql_outage_answers_503s_then_recovers(
             reconciled = httpx.get(f"{base}/v1/admin/reconcile", headers=admin, timeout=60).json()
             assert reconciled["ok"], reconciled
             assert reconciled["quarantined"] == 0
+            # Its end is logged once a probe finds the database back and nothing failed for QUIET_S.
+            deadline = time.monotonic() + QUIET_S + 10
+            while "the database is available again after " not in stderr.read_text():
+                assert time.monotonic() < deadline, stderr.read_text()[-5000:]
+                time.sleep(0.2)
 
     # One line when the outage started and one when it ended, with the requests answered 503.
     log = stderr.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import psycopg
@@ -13,7 +14,7 @@ from sqlalchemy import Connection, create_engine, exc, text
 from meterline import text as rule
 from meterline.errors import ServiceUnavailable
 from meterline.quotas.counters import CounterStoreUnavailable
-from meterline.storage.outage import COUNTERS, DATABASE, OutageLog, dependency_of, is_outage
+from meterline.storage.outage import COUNTERS, DATABASE, QUIET_S, OutageLog, dependency_of, is_outage
 
 
 @pytest.mark.parametrize(
@@ -107,10 +108,14 @@ def test_an_outage_is_logged_once_and_its_end_once(caplog: pytest.LogCaptureFixt
         log.failed(down, answered=True)
     for _ in range(7):  # the reaper's passes: no request was answered 503 for them
         log.failed(down, answered=False)
-    log.back(COUNTERS)  # another dependency answering says nothing of this one
+    log.back(COUNTERS, time.monotonic())  # another dependency answering says nothing of this one
     assert log.down() == [DATABASE]
-    log.back(DATABASE)
-    log.back(DATABASE)
+    # A probe that reads may pass while writes still fail (a full disk): not over while failures go on.
+    log.back(DATABASE, time.monotonic())
+    assert log.down() == [DATABASE]
+    log._episodes[DATABASE].last -= QUIET_S + 1  # the failures stopped a while ago
+    log.back(DATABASE, time.monotonic())
+    log.back(DATABASE, time.monotonic())
     assert not log.active
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2, messages

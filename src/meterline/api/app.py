@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -91,14 +92,15 @@ async def _end_outages_forever(services: Services) -> None:
         await asyncio.sleep(PROBE_OUTAGE_EVERY_S)
         if not outages.active:
             continue
+        probed_at = time.monotonic()
         try:
             _ready, checks = await run_in_threadpool(services.readiness)
         except Exception:  # a probe that fails is a dependency still out: asked again next time
             checks = {}
         if checks.get("database") == "ok":
-            outages.back(DATABASE)
+            outages.back(DATABASE, probed_at)
         if checks.get("counters") == "ok":
-            outages.back(COUNTERS)
+            outages.back(COUNTERS, probed_at)
 
 
 async def _send_webhooks_forever(sender: WebhookSender, every_s: float) -> None:

@@ -168,10 +168,11 @@ def report_failure(what: str, exc: BaseException, *, answered: bool = False) -> 
     return False
 
 
-def unexpected_error(scope: Scope, exc: Exception, request_id: str | None) -> JSON:
+def unexpected_error(scope: Scope, exc: Exception, request_id: str | None, *, answered: bool = True) -> JSON:
     """Anything no handler took: 503 with ``Retry-After`` when a dependency is down (one log line per
-    outage, see ``storage.outage``), else 500 ``internal`` with the traceback in the log only."""
-    if report_failure(f"{scope.get('method')} {scope.get('path')}", exc, answered=True):
+    outage, see ``storage.outage``; ``answered``: the 503 is sent, the response had not started), else
+    500 ``internal`` with the traceback in the log only."""
+    if report_failure(f"{scope.get('method')} {scope.get('path')}", exc, answered=answered):
         return envelope(
             503,
             "service_unavailable",

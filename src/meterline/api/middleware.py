@@ -148,7 +148,7 @@ class RequestContext:
         except Exception as exc:
             # Handled here rather than by Starlette's ServerErrorMiddleware, which re-raises after
             # answering: the server then closes the connection, resetting the client's next request.
-            response = unexpected_error(scope, exc, request_id)
+            response = unexpected_error(scope, exc, request_id, answered=not started)
             if not started:
                 await response(scope, receive, send_with_id)
 

@@ -340,6 +340,8 @@ def _remove_orphaned_metrics() -> None:
         try:
             if not pid.isdigit() or found.stat().st_uid != os.getuid():
                 continue
+            if int(pid) == os.getpid():  # a process before this one with this id (pid 1 in a container)
+                raise ProcessLookupError
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(found, ignore_errors=True)

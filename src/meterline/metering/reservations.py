@@ -348,9 +348,8 @@ class Reservations:
             if isinstance(failure, CounterStoreUnavailable):
                 # The database holds the counters and the reservation alike: unreachable, it leaves no
                 # place for a reservation admitted unchecked, so this is a 503 even where the engine
-                # fails open (``unavailable`` raises its own unless it does).
-                queued.unavailable(failure)
-                raise
+                # fails open.
+                queued.refuse(failure)
             if failure is not None or isinstance(exc, LookupError):
                 return None  # a decision that failed (nothing written), or one not yet made: decide again
             raise

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, NoReturn, Protocol
 
 from meterline import ids
 from meterline.clock import MICROS_PER_DAY, Clock, from_micros, rfc3339, to_micros
@@ -48,6 +48,7 @@ from meterline.quotas.periods import Period, billing_period, utc_day
 from meterline.quotas.plans import Plan
 
 log = logging.getLogger("meterline.quotas")
+_UNCHECKABLE = "usage limits cannot be checked right now (counter store unreachable); retry shortly"
 
 
 class WouldRead(Exception):
@@ -374,6 +375,11 @@ class Queued:
         hold whose reply was lost is the reaper's, as with a thread's."""
         return self.engine._unavailable(self.asked, cause)
 
+    def refuse(self, cause: CounterStoreUnavailable) -> NoReturn:
+        """``ServiceUnavailable`` for a store out of reach, failing open or not: where no request can be
+        admitted unchecked (the database holding the counters holds the reservations too)."""
+        raise ServiceUnavailable(_UNCHECKABLE) from cause
+
     def abandon(self) -> None:
         """Nobody will read the verdicts (the caller was cancelled): once they come, what they admitted
         is given back."""
@@ -531,9 +537,7 @@ class QuotaEngine:
     ) -> list[Reservation | LimitExceeded]:
         if not self.fail_open:
             # The cause says which dependency is out (the API's outage log counts this 503 into it).
-            raise ServiceUnavailable(
-                "usage limits cannot be checked right now (counter store unreachable); retry shortly"
-            ) from cause
+            raise ServiceUnavailable(_UNCHECKABLE) from cause
         # One line when requests start going through unchecked and one when they are checked again
         # (``_outcomes``), not one per request: under load that would be thousands a second.
         with self._unchecked_lock:

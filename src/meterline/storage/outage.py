@@ -32,6 +32,8 @@ _SQLITE_OUTAGE_CODES = frozenset(
      sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL}
 )  # fmt: skip
 _PG_OUTAGE_STATES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01")
+# An outage ends once a probe finds its dependency answering and nothing failed for this long before.
+QUIET_S = 5.0
 # The dependencies an outage is told of by: the database, or the counter store (Redis; the database
 # too when it holds the counters, named "the database" when its own error is what was raised).
 DATABASE, COUNTERS = "the database", "the counter store"
@@ -79,19 +81,40 @@ def _driver_says_outage(exc: BaseException | None) -> bool:
 def dependency_of(exc: BaseException) -> str:
     """Which dependency an outage (``is_outage``) is of: the database when a driver's error says so
     anywhere along the explicit causes, else the counter store."""
-    seen: set[int] = set()
+    return DATABASE if _driver_cause(exc) is not None else COUNTERS
+
+
+def _driver_cause(exc: BaseException) -> BaseException | None:
+    """Along the explicit causes, the first error a database driver raised that says "outage"."""
+    for link in _causes(exc):
+        if not isinstance(link, CounterStoreUnavailable) and _says_outage(link):
+            return link
+    return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if not isinstance(current, CounterStoreUnavailable) and _says_outage(current):
-            return DATABASE
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
         current = current.__cause__
-    return COUNTERS
+    return chain
+
+
+def _what_failed(exc: BaseException) -> BaseException:
+    """The error that says what is out (the driver's, or the counter store's), not a wrapper of it
+    such as the quota engine's ``ServiceUnavailable``: what the log line shows."""
+    found = _driver_cause(exc)
+    if found is not None:
+        return found
+    stores = [link for link in _causes(exc) if isinstance(link, CounterStoreUnavailable)]
+    return stores[0] if stores else exc
 
 
 @dataclass(slots=True)
 class _Episode:
     since: float
+    last: float  # the latest failure
     answered: int = 0
 
 
@@ -118,25 +141,34 @@ class OutageLog:
     def failed(self, exc: BaseException, *, answered: bool) -> None:
         """An outage met: ``answered`` when a request was answered 503 for it."""
         dependency = dependency_of(exc)
+        now = time.monotonic()
         with self._lock:
             episode = self._episodes.get(dependency)
             first = episode is None
             if episode is None:
-                episode = self._episodes[dependency] = _Episode(time.monotonic())
+                episode = self._episodes[dependency] = _Episode(now, now)
+            episode.last = max(episode.last, now)
             episode.answered += answered
         if first:
             log.error(
-                "%s is unavailable (%s): answering 503 until it is back", dependency, describe_error(exc)
+                "%s is unavailable (%s): answering 503 until it is back",
+                dependency,
+                describe_error(_what_failed(exc)),
             )
 
-    def back(self, dependency: str) -> None:
-        """``dependency`` answers again: the end of its outage, if it had one."""
+    def back(self, dependency: str, probed_at: float) -> None:
+        """A probe of ``dependency`` started at ``probed_at`` (monotonic) found it answering: the end of
+        its outage, unless something failed since ``QUIET_S`` before the probe. A probe reads; an
+        outage that lets reads through (a full disk, a busy SQLite file, a cluster master failing
+        over) goes on failing writes, and stays one outage while it does."""
         with self._lock:
-            episode = self._episodes.pop(dependency, None)
-        if episode is not None:
-            log.warning(
-                "%s is available again after %.1f s; %d request(s) were answered 503",
-                dependency,
-                time.monotonic() - episode.since,
-                episode.answered,
-            )
+            episode = self._episodes.get(dependency)
+            if episode is None or episode.last >= probed_at - QUIET_S:
+                return
+            del self._episodes[dependency]
+        log.warning(
+            "%s is available again after %.1f s; %d request(s) were answered 503",
+            dependency,
+            time.monotonic() - episode.since,
+            episode.answered,
+        )
