@@ -97,6 +97,14 @@ def test_a_command_run_where_there_is_no_database_says_so_and_creates_none(
     assert "--config" in message
     assert "METERLINE_DATABASE_URL" in message
     assert list(tmp_path.iterdir()) == []
+    # An empty file there (as this command made before) is no database either, and is left as it was.
+    (tmp_path / "meterline.db").touch()
+    result = subprocess.run(
+        [METERLINE, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "has no Meterline tables" in " ".join(result.stderr.split())
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("meterline.db", 0)]
 
 
 def test_a_postgresql_database_without_meterline_tables_is_named_not_filled(

@@ -3,6 +3,7 @@ options, and opening the services of the configured database."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,8 +93,13 @@ def _require_database(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = parsed.database
-        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
-            fail(f"no database at {Path(path).resolve()}: {_WHERE}; `meterline migrate` makes a new one", 2)
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return
+        where = Path(path).resolve()
+        if not where.exists():
+            fail(f"no database at {where}: {_WHERE}; `meterline migrate` makes a new one", 2)
+        if not _sqlite_has_tables(where):
+            fail(f"the database {where} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)
         return
     from meterline.storage.database import Database
     from meterline.storage.migrate import current_revision
@@ -106,5 +112,17 @@ def _require_database(url: str) -> None:
     finally:
         db.dispose()
     if revision is None:
-        where = parsed.render_as_string(hide_password=True)
-        fail(f"the database {where} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)
+        shown = parsed.render_as_string(hide_password=True)
+        fail(f"the database {shown} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)
+
+
+def _sqlite_has_tables(path: Path) -> bool:
+    """Read-only, so that another application's file is left as it is (no journal mode set)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone()
+    except sqlite3.Error:
+        return True  # unreadable or busy: the command's own attempt says how
+    return found is not None
