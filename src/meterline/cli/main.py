@@ -305,6 +305,7 @@ def _serve_workers(settings: Settings, count: int) -> int | None:
     _remove_orphaned_metrics()
     shared = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ[SHARED_DIR] = shared
+
     class Supervisor(Multiprocess):
         """uvicorn's, noting the signal that stopped it: ``serve`` ends by it once the workers have
         ended, as one process (uvicorn's server) does."""

@@ -42,14 +42,7 @@ DATABASE, COUNTERS = "the database", "the counter store"
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` says a dependency is unavailable, not that the work itself is wrong. Follows
     explicit causes (``raise … from``) only: an unrelated bug raised while handling an outage is a bug."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if _says_outage(current):
-            return True
-        current = current.__cause__
-    return False
+    return any(_says_outage(link) for link in _causes(exc))
 
 
 def _says_outage(exc: BaseException) -> bool:
