@@ -87,33 +87,44 @@ _WHERE = (
 )
 
 
-def _require_database(url: str) -> None:
+def sqlite_database(url: str) -> str | None:
+    """The database part of a SQLite URL (a path, ":memory:", a "file:" URI, or ""); None for another
+    kind of database."""
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        path = parsed.database
-        if not path or path == ":memory:" or path.startswith("file:"):
+    from meterline.storage.database import normalize_url
+
+    parsed = make_url(normalize_url(url))
+    return (parsed.database or "") if parsed.get_backend_name() == "sqlite" else None
+
+
+def _require_database(url: str) -> None:
+    name = sqlite_database(url)
+    if name is not None:
+        if not name or name == ":memory:" or name.startswith("file:"):
             return
-        where = Path(path).resolve()
+        where = Path(name).resolve()
         if not where.exists():
             fail(f"no database at {where}: {_WHERE}; `meterline migrate` makes a new one", 2)
-        if not _sqlite_has_tables(where):
-            fail(f"the database {where} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)
-        return
-    from meterline.storage.database import Database
-    from meterline.storage.migrate import current_revision
+        if _sqlite_has_tables(where):
+            return
+        shown = str(where)
+    else:
+        from sqlalchemy.engine import make_url
 
-    db = Database(url)
-    try:
-        revision = current_revision(db)
-    except Exception:
-        return  # unreachable: the command's own attempt says how (an outage, credentials)
-    finally:
-        db.dispose()
-    if revision is None:
-        shown = parsed.render_as_string(hide_password=True)
-        fail(f"the database {shown} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)
+        from meterline.storage.database import Database
+        from meterline.storage.migrate import current_revision
+
+        db = Database(url)
+        try:
+            if current_revision(db) is not None:
+                return
+        except Exception:
+            return  # unreachable: the command's own attempt says how (an outage, credentials)
+        finally:
+            db.dispose()
+        shown = make_url(url).render_as_string(hide_password=True)
+    fail(f"the database {shown} has no Meterline tables: {_WHERE}; `meterline migrate` makes them", 2)
 
 
 def _sqlite_has_tables(path: Path) -> bool:

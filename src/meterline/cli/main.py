@@ -33,6 +33,7 @@ from meterline.cli.common import (
     out,
     services_for,
     settings_from,
+    sqlite_database,
 )
 from meterline.cli.quarantine import quarantine_app
 from meterline.errors import MeterlineError
@@ -739,12 +740,8 @@ def keys_rotate(
 
 
 def _database_exists(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    from meterline.storage.database import normalize_url
-
-    parsed = make_url(normalize_url(url))
-    return parsed.get_backend_name() != "sqlite" or Path(parsed.database or "").is_file()
+    name = sqlite_database(url)
+    return name is None or Path(name).is_file()
 
 
 # -- receipts ----------------------------------------------------------------------------------
