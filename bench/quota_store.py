@@ -61,6 +61,9 @@ RESULTS = ROOT / "bench" / "results" / "quota_store.json"
 LEASE_US = 300_000_000
 # What the client itself may send; every other command in commandstats ran inside the script.
 CLIENT_COMMANDS = {"evalsha", "eval", "script|load", "client|setinfo", "hello", "ping", "select", "auth"}
+CLIENT_COMMANDS.add("meterline.counters")  # the module's call (--module)
+# A store call: the script's, or the module's (``--module``), whose Redis time is counted the same way.
+CALLS = ("evalsha", "meterline.counters")
 
 
 # -- the workload ---------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def redis_counts(clients: list[redis.Redis]) -> tuple[int, dict[str, int], int]:
             if key.startswith("cmdstat_"):
                 name = key.removeprefix("cmdstat_")
                 calls[name] = calls.get(name, 0) + int(value["calls"])
-        script_us += int(info.get("cmdstat_evalsha", {}).get("usec", 0))
+        script_us += sum(int(info.get(f"cmdstat_{call}", {}).get("usec", 0)) for call in CALLS)
         total += int(info["total_commands_processed"])
     return total, calls, script_us
 
@@ -227,7 +230,7 @@ def measure_redis(
             watcher.close()
     delta = {name: calls1.get(name, 0) - calls0.get(name, 0) for name in calls1}
     sent = sum(n for name, n in delta.items() if name in CLIENT_COMMANDS)
-    run.script_calls_per_decision = delta.get("evalsha", 0) / run.decisions
+    run.script_calls_per_decision = sum(delta.get(call, 0) for call in CALLS) / run.decisions
     run.round_trips_per_decision = sent / run.decisions
     run.redis_commands_per_decision = (total1 - total0 - delta.get("info", 0) * len(watchers)) / run.decisions
     run.redis_script_us_per_decision = (script_us1 - script_us0) / run.decisions
@@ -307,8 +310,9 @@ def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
         finishes[0][1], holds[0][1] = f"rb-p{i - 1}", f"rb-p{i}"
         packed.append(msgpack.packb(request))
     client = redis.Redis(port=port)
+    stat = f"cmdstat_{str(command[0]).lower()}"  # the script's EVALSHA, or the module's command
     try:
-        before = client.info("commandstats")["cmdstat_evalsha"]
+        before = client.info("commandstats")[stat]
         started = time.perf_counter()
         for first in range(0, calls, 500):
             pipe = client.pipeline(transaction=False)
@@ -316,7 +320,7 @@ def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
                 pipe.execute_command(command[0], command[1], count, *keys, body, *rest)
             pipe.execute()
         elapsed = time.perf_counter() - started
-        after = client.info("commandstats")["cmdstat_evalsha"]
+        after = client.info("commandstats")[stat]
     finally:
         client.close()
     script_us = (after["usec"] - before["usec"]) / (after["calls"] - before["calls"])
@@ -327,7 +331,7 @@ def script_back_to_back(port: int, calls: int = 20_000) -> list[dict[str, Any]]:
     )
     return [
         {
-            "what": "EVALSHA meterline script (finish + 6-line reserve), pipelined",
+            "what": f"{command[0]} (finish + 6-line reserve), pipelined",
             "clients": 1,
             "per_s": calls / elapsed,
             "p50_ms": None,
@@ -393,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-memory", action="store_true", help="no in-process store case")
     parser.add_argument("--skip-spread", action="store_true", help="no organization-per-thread case")
+    parser.add_argument(
+        "--module",
+        action="store_true",
+        help="Redis and the cluster's nodes with Meterline's module (storage/redis_module.py builds it)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"(default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.pin and not args.skip_cluster:
@@ -401,8 +410,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from tests.servers import start_redis, start_redis_cluster
 
-    server = start_redis()
-    cluster = None if args.skip_cluster else start_redis_cluster()
+    redis_args: list[str] = []
+    if args.module:
+        import tempfile
+
+        from meterline.storage.redis_module import build
+
+        module = build(Path(tempfile.mkdtemp(prefix="meterline-bench-module-")) / "meterline_counters.so")
+        redis_args = ["--loadmodule", str(module)]
+    server = start_redis(args=redis_args)
+    cluster = None if args.skip_cluster else start_redis_cluster(args=redis_args)
     if args.pin:
         # Redis' main thread (which runs every command and script) alone on one CPU: what the store costs
         # Redis when no client shares its core. The threads this process starts later inherit its mask.

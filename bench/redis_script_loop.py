@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             client.flushall()
             keys, packed, records = capture(server.url, args.batch, args.full_minute)
-            elapsed_us, last = client.eval(
-                harness, len(keys), *keys, packed, args.iterations, b"", *records
-            )
+            elapsed_us, last = client.eval(harness, len(keys), *keys, packed, args.iterations, b"", *records)
             # The verdicts are one flat list, each after its length: {14, 1, overage, ...} admits 6 lines.
             flat = msgpack.unpackb(last)[0] if isinstance(last, bytes) else 0
             kinds = []

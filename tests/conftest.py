@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from meterline.storage.database import Database
 from meterline.storage.migrate import upgrade
 from meterline.storage.tables import metadata
 from servers import (
+    METERLINE,
     PostgresServer,
     RedisCluster,
     RedisServer,
@@ -126,6 +128,35 @@ def shared_redis() -> Iterator[RedisServer]:
     server = start_redis()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Meterline's Redis module, built as a user builds it: ``meterline redis-module PATH``."""
+    _require_redis()
+    path = tmp_path_factory.mktemp("redis-module") / "meterline_counters.so"
+    built = subprocess.run(
+        [METERLINE, "redis-module", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_redis_with_module(redis_module: Path) -> Iterator[RedisServer]:
+    """A second real redis-server for the session, with Meterline's module loaded."""
+    server = start_redis(args=["--loadmodule", str(redis_module)])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_module_url_clean(shared_redis_with_module: RedisServer) -> str:
+    """The Redis with the module, emptied for this test."""
+    client = redis.Redis.from_url(shared_redis_with_module.url)
+    client.flushall()
+    client.close()
+    return shared_redis_with_module.url
 
 
 @pytest.fixture

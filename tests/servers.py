@@ -489,8 +489,9 @@ class RedisServer:
             _rmtree(self.base_dir)
 
 
-def start_redis(base_dir: Path | None = None) -> RedisServer:
-    """Start a fresh ``redis-server`` (no persistence) on a free loopback port."""
+def start_redis(base_dir: Path | None = None, args: Sequence[str] = ()) -> RedisServer:
+    """Start a fresh ``redis-server`` (no persistence) on a free loopback port; ``args`` are more of its
+    options (``--loadmodule PATH``)."""
     redis_bin = _find_redis()
     root = _make_temp_dir("meterline-redis-", base_dir)
     server = RedisServer(url="", port=0, base_dir=root)
@@ -503,7 +504,7 @@ def start_redis(base_dir: Path | None = None) -> RedisServer:
                 server._process = subprocess.Popen(
                     [
                         redis_bin, "--port", str(port), "--bind", HOST, "--save", "",
-                        "--appendonly", "no", "--daemonize", "no", "--dir", str(root),
+                        "--appendonly", "no", "--daemonize", "no", "--dir", str(root), *args,
                     ],
                     cwd=root,
                     stdin=subprocess.DEVNULL,
@@ -657,7 +658,7 @@ def _redis_cli() -> str:
 
 
 def start_redis_cluster(
-    masters: int = 3, base_dir: Path | None = None, password: str | None = None
+    masters: int = 3, base_dir: Path | None = None, password: str | None = None, args: Sequence[str] = ()
 ) -> RedisCluster:
     """Start ``2 * masters`` nodes (``--cluster-enabled yes``) and join them with ``redis-cli --cluster
     create`` (one replica per master). Fails over a dead master after a second (``cluster-node-timeout``).
@@ -681,7 +682,7 @@ def start_redis_cluster(
                     "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout", "1000", "--dir", str(node_dir),
                     "--cluster-port", str(free_port(taken)),  # else port + 10000, which may not exist
-                    *auth,
+                    *auth, *args,
                 ],
                 cwd=node_dir,
                 stdin=subprocess.DEVNULL,

@@ -103,7 +103,7 @@ def _database(request: pytest.FixtureRequest, kind: str) -> str:
     return url
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster", "sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "redis", "redis-module", "redis-cluster", "sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], CounterStore]]:
     """Stores of one kind. Two Redis stores are two processes sharing one Redis, two database stores
     two processes sharing one database (each its own engine); memory has only one."""
@@ -113,6 +113,8 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], CounterS
     url = (
         request.getfixturevalue("redis_url")
         if kind == "redis"
+        else request.getfixturevalue("redis_module_url_clean")
+        if kind == "redis-module"
         else request.getfixturevalue("redis_cluster_url_clean")
         if kind == "redis-cluster"
         else None
@@ -1235,12 +1237,19 @@ def _play(store: CounterStore, rng: random.Random, steps: int, groups: Sequence[
     return answers
 
 
+_REDIS_URLS = {
+    "redis": "redis_url",
+    "redis-module": "redis_module_url_clean",
+    "redis-cluster": "redis_cluster_url_clean",
+}
+
+
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+@pytest.mark.parametrize("kind", ["redis", "redis-module", "redis-cluster"])
 def test_redis_answers_exactly_as_memory_on_random_traffic(
     request: pytest.FixtureRequest, kind: str, seed: int
 ) -> None:
-    url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url_clean")
+    url = request.getfixturevalue(_REDIS_URLS[kind])
     memory = MemoryCounterStore()
     # The traffic reuses hold ids, which the engine never does; with the flusher racing the calls, a
     # finish sent twice could meet a newer hold of the same id. So only the calls send here.

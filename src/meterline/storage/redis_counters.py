@@ -95,7 +95,11 @@ from meterline.storage.redis_connections import RedisConnections
 log = logging.getLogger("meterline.quotas.redis")
 
 _SCRIPT = (files("meterline.storage") / "redis_counters.lua").read_text(encoding="utf-8")
-_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts by SHA-1
+# Redis names scripts by SHA-1; the module (``redis_counters.c``) is built for one script's and refuses others
+SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+# The module's command: the script's call under another name (``storage/redis_module.py``)
+MODULE_COMMAND = "METERLINE.COUNTERS"
+_CALLS = ("EVALSHA", MODULE_COMMAND)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what a counter may hold, as in the database store
 _EXACT = 2**53
 _KIND_CODE: dict[str, str] = {"fixed": "f", "rolling": "r"}
@@ -126,6 +130,14 @@ _TRANSIENT_ERRORS = (
 # for the slot, a node that is no master now): what redis-py's cluster client is for. (MovedError is an
 # AskError, MasterDownError a ClusterDownError.)
 _NOT_RUN = (AskError, ClusterDownError, ReadOnlyError, TryAgainError)
+
+
+def _no_module(exc: ResponseError) -> bool:
+    """The module's command refused before it ran: not loaded there, or built for another script."""
+    message = str(exc)
+    return message.startswith("METERLINE-VERSION") or (
+        message.lower().startswith("unknown command") and MODULE_COMMAND.lower() in message.lower()
+    )
 
 
 def _transient(exc: ResponseError) -> bool:
@@ -406,7 +418,7 @@ class _Cluster:
         self._through_client: Callable[..., Any] = self._client.execute_command
 
     def __call__(self, *args: Any) -> Any:
-        if args[0] != "EVALSHA" or not args[2]:
+        if args[0] not in _CALLS or not args[2]:
             return self._through_client(*args)
         try:
             node = self._client.get_node_from_key(args[3])  # type: ignore[no-untyped-call]
@@ -526,6 +538,8 @@ class RedisCounterStore:
         )
         self._url = url
         self._where = redacted(url)
+        # Meterline's Redis module (redis_counters.c) runs the calls where it is loaded; None: not known yet
+        self._module: bool | None = None
         self._keys = _Keys(prefix)
         self._flush_interval_s = flush_interval_s
         self._max_pending = max_pending
@@ -1061,9 +1075,10 @@ class RedisCounterStore:
         except ResponseError as exc:
             if _transient(exc):
                 raise CounterStoreUnavailable(f"Redis at {self._where}: {exc}") from exc
-            # The script stopped part way ("user_script:..."). Finishes before the fault were applied;
-            # sending the rest again would fail the same way on every later call.
-            if finishes and "user_script" in str(exc):
+            # The script (or the module) stopped part way ("user_script:...", "meterline counters: ...").
+            # Finishes before the fault were applied; sending the rest again would fail the same way on
+            # every later call.
+            if finishes and ("user_script" in str(exc) or "meterline counters:" in str(exc)):
                 log.error("dropping %d settlements/releases after a script error: %s", len(finishes), exc)
                 self._confirmed(finishes)
             raise RuntimeError(f"Redis counter script failed: {exc}") from exc
@@ -1098,11 +1113,24 @@ class RedisCounterStore:
     def _evalsha(self, keys: list[str], args: list[bytes]) -> list[Any]:
         """The script's answer: [verdicts, levels, records, expired, tally, malformed ids, duplicate]."""
         try:
-            try:
-                raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
-            except NoScriptError:  # a new or restarted server (or a promoted replica): load, then run
-                self._send_command.load_script(_SCRIPT)
-                raw = self._send_command("EVALSHA", _SHA, len(keys), *keys, *args)
+            raw = None
+            if self._module is not False:
+                try:
+                    raw = self._send_command(MODULE_COMMAND, SCRIPT_SHA, len(keys), *keys, *args)
+                except ResponseError as exc:
+                    if not _no_module(exc):
+                        raise
+                    self._without_module(exc)  # refused before it ran: the script runs the call instead
+                else:
+                    if self._module is None:
+                        self._module = True
+                        log.info("counting with Meterline's Redis module at %s", self._where)
+            if raw is None:
+                try:
+                    raw = self._send_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+                except NoScriptError:  # a new or restarted server (or a promoted replica): load, then run
+                    self._send_command.load_script(_SCRIPT)
+                    raw = self._send_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterError, OSError) as exc:
             # ClusterError: redis-py followed redirects (MOVED, ASK, TRYAGAIN) until it gave up
             raise CounterStoreUnavailable(f"Redis at {self._where} is unavailable: {exc}") from exc
@@ -1123,6 +1151,24 @@ class RedisCounterStore:
             if answer[part] == 0:
                 answer[part] = []
         return answer
+
+    def _without_module(self, exc: ResponseError) -> None:
+        """The script from now on: this Redis (or the cluster's master of this call) has no module of this
+        version. Told once; where the module had been counting, as a warning (a failover to a replica
+        without it, a restart without ``loadmodule``, a module of another version)."""
+        was, self._module = self._module, False
+        if was:
+            log.warning(
+                "the Redis at %s no longer answers with Meterline's module (%s): counting with the script",
+                self._where,
+                exc,
+            )
+        elif str(exc).startswith("METERLINE-VERSION"):
+            log.warning(
+                "Meterline's Redis module at %s is of another version: counting with the script (%s)",
+                self._where,
+                exc,
+            )
 
     def _command(self, *args: Any) -> Any:
         try:
