@@ -159,6 +159,30 @@ def redis_module_url_clean(shared_redis_with_module: RedisServer) -> str:
     return shared_redis_with_module.url
 
 
+@pytest.fixture(scope="session")
+def shared_redis_cluster_with_module(redis_module: Path) -> Iterator[RedisCluster]:
+    """A second real Redis Cluster for the session, every node with Meterline's module loaded."""
+    cluster = start_redis_cluster(args=["--loadmodule", str(redis_module)])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_module_url_clean(shared_redis_cluster_with_module: RedisCluster) -> str:
+    """The cluster with the module, emptied for this test."""
+    for port in shared_redis_cluster_with_module.live_ports():
+        shared_redis_cluster_with_module.command(port, "FLUSHALL")
+    return shared_redis_cluster_with_module.url
+
+
+@pytest.fixture
+def redis_cluster_own_with_module(redis_module: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test's own, every node with Meterline's module loaded."""
+    cluster = start_redis_cluster(password="s3cr{e}t@:/pw%", args=["--loadmodule", str(redis_module)])
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def redis_cluster_own() -> Iterator[RedisCluster]:
     """A Redis Cluster of this test's own (for one it changes for good: a password, a failover)."""

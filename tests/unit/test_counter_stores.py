@@ -103,22 +103,24 @@ def _database(request: pytest.FixtureRequest, kind: str) -> str:
     return url
 
 
-@pytest.fixture(params=["memory", "redis", "redis-module", "redis-cluster", "sqlite", "postgresql"])
+# The Redis kinds and the fixture of each one's URL (emptied for the test): a Redis, and a Redis Cluster,
+# without and with Meterline's module (the script's calls run by the module's command).
+_REDIS_URLS = {
+    "redis": "redis_url",
+    "redis-module": "redis_module_url_clean",
+    "redis-cluster": "redis_cluster_url_clean",
+    "redis-cluster-module": "redis_cluster_module_url_clean",
+}
+
+
+@pytest.fixture(params=["memory", *_REDIS_URLS, "sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], CounterStore]]:
     """Stores of one kind. Two Redis stores are two processes sharing one Redis, two database stores
     two processes sharing one database (each its own engine); memory has only one."""
     made: list[CounterStore] = []
     databases: list[Database] = []
     kind = request.param
-    url = (
-        request.getfixturevalue("redis_url")
-        if kind == "redis"
-        else request.getfixturevalue("redis_module_url_clean")
-        if kind == "redis-module"
-        else request.getfixturevalue("redis_cluster_url_clean")
-        if kind == "redis-cluster"
-        else None
-    )
+    url = request.getfixturevalue(_REDIS_URLS[kind]) if kind in _REDIS_URLS else None
     db_url = _database(request, kind) if kind in ("sqlite", "postgresql") else None
     memory = MemoryCounterStore()
 
@@ -657,12 +659,12 @@ def test_unreachable_redis_raises_unavailable_and_keeps_settlements() -> None:
         store.close()
 
 
-def _redis_on(port: int, directory: Path) -> subprocess.Popen[bytes]:
+def _redis_on(port: int, directory: Path, *args: str) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     assert binary is not None
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--dbfilename", "dump.rdb"],
+         "--dir", str(directory), "--dbfilename", "dump.rdb", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 15
@@ -735,13 +737,19 @@ def test_a_restarted_server_costs_no_error(shared_redis: RedisServer, tmp_path: 
         proc.wait(timeout=15)
 
 
+def _loading(request: pytest.FixtureRequest, module: bool) -> list[str]:
+    """redis-server's options to load Meterline's module, where a test asks for it."""
+    return ["--loadmodule", str(request.getfixturevalue("redis_module"))] if module else []
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
 def test_a_read_only_replica_is_unavailable_and_keeps_settlements(
-    shared_redis: RedisServer, tmp_path: Path
+    shared_redis: RedisServer, tmp_path: Path, request: pytest.FixtureRequest, module: bool
 ) -> None:
     """READONLY (a replica, a master just demoted in a failover) means "not now": the engine answers 503
     or fails open, and the buffered settlements wait instead of being dropped."""
     port = free_port()
-    proc = _redis_on(port, tmp_path)
+    proc = _redis_on(port, tmp_path, *_loading(request, module))
     url = f"redis://127.0.0.1:{port}/0"
     store = RedisCounterStore(url, prefix=PREFIX, socket_timeout_s=0.5, flush_interval_s=3600)
     admin = redis.Redis.from_url(url)
@@ -997,14 +1005,19 @@ def test_a_batch_failing_on_one_master_gives_back_what_the_others_admitted(
         store.close()
 
 
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
 def test_a_decision_follows_its_organization_to_another_master(
-    shared_redis_cluster: RedisCluster, redis_cluster_url_clean: str
+    request: pytest.FixtureRequest, module: bool
 ) -> None:
     """Slots move between a cluster's masters (resharding, a cluster scaled out). A process whose slot map
     is older sends its decision to the old master, which answers MOVED without running it: the decision
-    follows the redirect to where the organization's counters are now, and counts on them exactly."""
-    cluster = shared_redis_cluster
-    store = RedisCounterStore(redis_cluster_url_clean, prefix=PREFIX, flush_interval_s=3600)
+    follows the redirect to where the organization's counters are now, and counts on them exactly. (The
+    module's command names its keys to the cluster as EVALSHA does: redis-py's client routes it.)"""
+    cluster: RedisCluster = request.getfixturevalue(
+        "shared_redis_cluster_with_module" if module else "shared_redis_cluster"
+    )
+    url = request.getfixturevalue("redis_cluster_module_url_clean" if module else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
     key = f"{PREFIX}{{org_m}}counters"
     home = cluster.master_of(key)
     try:
@@ -1062,14 +1075,17 @@ def test_a_cluster_that_asks_for_a_password_is_used_with_it(redis_cluster_own: R
         store.close()
 
 
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
 def test_a_dead_master_fails_its_organizations_until_its_replica_takes_over(
-    redis_cluster_own: RedisCluster,
+    request: pytest.FixtureRequest, module: bool
 ) -> None:
     """A master killed (``kill -9``): its organizations' decisions fail as unavailable at once, and once
     its replica has taken over they are decided again without anything done by hand, as are every other
     master's. (Between the master being marked failed and its replica taking over, the whole cluster
     answers CLUSTERDOWN: Redis' ``cluster-require-full-coverage``.)"""
-    cluster = redis_cluster_own
+    cluster: RedisCluster = request.getfixturevalue(
+        "redis_cluster_own_with_module" if module else "redis_cluster_own"
+    )
     store = RedisCounterStore(cluster.url, prefix=PREFIX, flush_interval_s=3600)
     try:
         orgs = [f"org_{n}" for n in range(12)]
@@ -1105,15 +1121,25 @@ def test_a_dead_master_fails_its_organizations_until_its_replica_takes_over(
                 assert time.monotonic() < deadline, "the dead master's organizations were not decided again"
                 time.sleep(0.2)
         assert all(decide(org) for org in orgs)
+        if module:  # every call ran the module's command, also on the replica it promoted
+            masters = cluster.master_ports()
+            assert [("cmdstat_meterline.counters" in cluster.command(port, "INFO", "commandstats"))
+                    for port in masters] == [True] * len(masters)  # fmt: skip
+            assert not any(
+                "cmdstat_evalsha" in cluster.command(port, "INFO", "commandstats") for port in masters
+            )
     finally:
         store.close()
 
 
-def test_out_of_memory_refuses_a_call_whole(shared_redis: RedisServer, tmp_path: Path) -> None:
-    """Redis out of memory refuses the script before it runs: 'unavailable', nothing half-applied, the
-    buffered settlement kept for later."""
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
+def test_out_of_memory_refuses_a_call_whole(
+    shared_redis: RedisServer, tmp_path: Path, request: pytest.FixtureRequest, module: bool
+) -> None:
+    """Redis out of memory refuses the script (or the module's command) before it runs: 'unavailable',
+    nothing half-applied, the buffered settlement kept for later."""
     port = free_port()
-    proc = _redis_on(port, tmp_path)
+    proc = _redis_on(port, tmp_path, *_loading(request, module))
     url = f"redis://127.0.0.1:{port}/0"
     store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
     admin = redis.Redis.from_url(url)
@@ -1237,15 +1263,8 @@ def _play(store: CounterStore, rng: random.Random, steps: int, groups: Sequence[
     return answers
 
 
-_REDIS_URLS = {
-    "redis": "redis_url",
-    "redis-module": "redis_module_url_clean",
-    "redis-cluster": "redis_cluster_url_clean",
-}
-
-
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", ["redis", "redis-module", "redis-cluster"])
+@pytest.mark.parametrize("kind", list(_REDIS_URLS))
 def test_redis_answers_exactly_as_memory_on_random_traffic(
     request: pytest.FixtureRequest, kind: str, seed: int
 ) -> None:
@@ -1306,3 +1325,132 @@ def test_factory_names_an_unknown_scheme(url: str) -> None:
     scheme = url.split("://")[0] if "://" in url else "(none)"
     with pytest.raises(ConfigError, match=re.escape(f"scheme '{scheme}'")):
         open_counter_store(url)
+
+
+# -- Meterline's Redis module: the script's calls in C ------------------------------------------------
+
+
+def _contents(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
+    """Every key of ``prefix``, as Redis holds it (a hash's fields, a sorted set's scores), and whether it
+    has a lifetime."""
+    found: dict[bytes, Any] = {}
+    for key in client.scan_iter(match=f"{prefix}*"):
+        kind = client.type(key)
+        if kind == b"hash":
+            value: Any = client.hgetall(key)
+        elif kind == b"zset":
+            value = client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            value = client.smembers(key)
+        else:
+            value = client.get(key)
+        found[key] = (kind, value, client.ttl(key) > 0)
+    return found
+
+
+def _calls(client: redis.Redis) -> dict[str, int]:
+    return {
+        name: int(client.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in ("evalsha", "meterline.counters")
+    }
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_module_stores_exactly_what_the_script_stores(
+    redis_url: str, redis_module_url_clean: str, seed: int
+) -> None:
+    """The same traffic on a Redis with the module and on one without: the same answers, and every key
+    the same, field for field. So processes of either kind may share one Redis, and a Redis may gain or
+    lose the module (a restart, a failover) with its counters kept."""
+    groups = ("", "org_a", "org_b")
+    stores = [
+        RedisCounterStore(url, prefix=f"same{seed}:", flush_interval_s=3600)
+        for url in (redis_url, redis_module_url_clean)
+    ]
+    clients = [redis.Redis.from_url(url) for url in (redis_url, redis_module_url_clean)]
+    try:
+        with_script, with_module = (_play(store, random.Random(seed), 400, groups) for store in stores)
+        assert with_module == with_script
+        script_keys, module_keys = (_contents(client, f"same{seed}:") for client in clients)
+        assert module_keys == script_keys
+        assert len(module_keys) > 5
+        # Each Redis counted the way it could: the module where it is loaded, the script elsewhere.
+        assert _calls(clients[0])["meterline.counters"] == 0 < _calls(clients[0])["evalsha"]
+        assert _calls(clients[1])["evalsha"] == 0 < _calls(clients[1])["meterline.counters"]
+    finally:
+        for store in stores:
+            store.close()
+        for client in clients:
+            client.close()
+
+
+def test_a_module_of_another_version_leaves_the_calls_to_the_script(
+    shared_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis still loading the module an earlier Meterline built (its script's SHA-1 differs): the
+    module refuses the call before it runs, the store says so once and counts with the script."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler is not None
+    older = tmp_path / "older.so"
+    subprocess.run(
+        [compiler, "-O2", "-std=gnu11", "-fPIC", "-shared", '-DMETERLINE_SCRIPT_SHA="' + "0" * 40 + '"',
+         "-o", str(older), str(Path(redis_counters.__file__).with_suffix(".c"))],
+        check=True,
+    )  # fmt: skip
+    port = free_port()
+    proc = _redis_on(port, tmp_path, "--loadmodule", str(older))
+    url = f"redis://127.0.0.1:{port}/0"
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    client = redis.Redis.from_url(url)
+    try:
+        with caplog.at_level("INFO", logger="meterline.quotas.redis"):
+            day = fixed("day", 4, 10)
+            store.seed([seed_fixed("day", used=3)], NOW)
+            assert store.reserve([hold("h1", day)], NOW)[0].admitted
+            store.settle([Settlement("h1", (2,))], NOW)
+            assert store.levels([day], NOW) == [Level(5, DAY_END)]
+        said = [r.getMessage() for r in caplog.records if "module" in r.getMessage()]
+        assert len(said) == 1, said
+        assert "of another version: counting with the script" in said[0]
+        calls = _calls(client)
+        assert calls["meterline.counters"] == 1  # refused once, then never asked again
+        assert calls["evalsha"] >= 3
+    finally:
+        store.close()
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_a_replica_without_the_module_follows_a_master_with_it(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The module's writes reach replicas (and the AOF) as plain Redis commands: a replica that has no
+    module holds exactly the master's counters, ready to be promoted."""
+    taken: set[int] = set()
+    master_port, replica_port = free_port(taken), free_port(taken)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "r").mkdir()
+    master = _redis_on(master_port, tmp_path / "m", *_loading(request, True))
+    replica = _redis_on(replica_port, tmp_path / "r", "--replicaof", "127.0.0.1", str(master_port))
+    url = f"redis://127.0.0.1:{master_port}/0"
+    store = RedisCounterStore(url, prefix="copy:", flush_interval_s=3600)
+    clients = [redis.Redis(port=master_port), redis.Redis(port=replica_port)]
+    try:
+        deadline = time.monotonic() + 15
+        while clients[1].info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not follow its master"
+            time.sleep(0.05)
+        _play(store, random.Random(7), 300, ("", "org_a"))
+        assert clients[0].execute_command("WAIT", 1, 5000) == 1
+        on_master, on_replica = (_contents(client, "copy:") for client in clients)
+        assert on_replica == on_master
+        assert len(on_master) > 3
+        assert _calls(clients[0])["meterline.counters"] > 0
+    finally:
+        store.close()
+        for client in clients:
+            client.close()
+        for proc in (master, replica):
+            proc.terminate()
+            proc.wait(timeout=15)
