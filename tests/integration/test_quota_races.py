@@ -120,10 +120,16 @@ def deployments(
             name = f"races_{uuid.uuid4().hex[:12]}"
             settings["database_url"] = pg.create_database(name)
             dropped.append(lambda: pg.drop_database(name))
+            # "-module": a Redis (Cluster) with Meterline's module loaded
+            module = "-module-" in kind
             if kind.startswith("postgres-redis"):
-                settings["redis_url"] = request.getfixturevalue("redis_url_clean")
+                settings["redis_url"] = request.getfixturevalue(
+                    "redis_module_url_clean" if module else "redis_url_clean"
+                )
             if kind.startswith("postgres-cluster"):
-                settings["redis_url"] = request.getfixturevalue("redis_cluster_url_clean")
+                settings["redis_url"] = request.getfixturevalue(
+                    "redis_cluster_module_url_clean" if module else "redis_cluster_url_clean"
+                )
             if kind == "postgres-redis-2proc":
                 processes = 2
         config = write_config(tmp_path / "meterline.toml", settings, {"race": {**OPEN, **limits}}, extra)
@@ -401,6 +407,8 @@ WORKER_DEPLOYMENTS = [
     "postgres-redis-4workers",
     "postgres-cluster-2workers",
     "postgres-cluster-4workers",
+    "postgres-redis-module-2workers",
+    "postgres-cluster-module-4workers",
 ]
 WORKER_REQUESTS = 500
 WORKER_THREADS = 100
@@ -420,7 +428,7 @@ def test_workers_admit_exactly_the_limit_over_the_gateway_and_events(
 ) -> None:
     """500 requests at once, chat completions through the gateway and events, spread by the kernel over
     the workers of one port: a block limit admits exactly its maximum, on SQLite (counters in the
-    database), PostgreSQL + Redis and PostgreSQL + Redis Cluster."""
+    database), PostgreSQL + Redis and PostgreSQL + Redis Cluster (with Meterline's module and without)."""
     extra = (
         f'\n[[upstreams]]\nname = "fake"\nprovider = "openai"\nbase_url = "{upstream.url}"\n'
         f'api_key = "{UPSTREAM_KEY}"\nmodels = ["*"]\n'
@@ -452,3 +460,12 @@ def test_workers_admit_exactly_the_limit_over_the_gateway_and_events(
         reconciled = httpx.get(f"{base}/v1/admin/reconcile", headers=ADMIN, timeout=60).json()
         assert reconciled["ok"], reconciled
         check_no_server_errors(deployment)
+        logs = "".join(server.log_path.read_text(errors="replace") for server in deployment.servers)
+        if "-module-" in kind:  # every worker decided with the module's command, never the script
+            assert "with Meterline's Redis module\n" in logs
+            assert "counting with the script" not in logs
+        elif kind.startswith(("postgres-redis", "postgres-cluster")):  # the start-up line says how to have it
+            assert (
+                "with the script (no Meterline module loaded there: meterline redis-module builds one)"
+                in logs
+            )

@@ -214,6 +214,10 @@ def _redis_mark(settings: Settings) -> RedisMark:
         try:
             mark = RedisMark(settings.redis_url)  # a cluster's client asks its nodes at once
             mark.read()
+            # Said once per start, by the process that starts the workers.
+            err.print(
+                f"Meterline: counting in Redis at {mark.where} with {mark.counting_with()}", soft_wrap=True
+            )
             return mark
         except Exception as exc:  # whatever the client raises: unreachable, or a URL it cannot use
             _close(mark)

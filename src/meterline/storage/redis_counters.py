@@ -1201,6 +1201,21 @@ class RedisMark:
         found = self._send("GET", self._key)
         return None if found is None else found.decode() if isinstance(found, bytes) else str(found)
 
+    def counting_with(self) -> str:
+        """How this Redis runs the counter store's calls, in words for the start-up line: with Meterline's
+        module (a call of no counters, which the module answers and a Redis without it refuses), else
+        with the script, and why. On a cluster, the master of the mark's key answers for all."""
+        request = msgpack.packb([0, "0", [], [], 0, 0, 0, 0, 0, 0, 0])
+        try:
+            self._send(MODULE_COMMAND, SCRIPT_SHA, 1, self._key, request)  # a key: a cluster routes by it
+        except ResponseError as exc:
+            if not _no_module(exc):
+                raise
+            if str(exc).startswith("METERLINE-VERSION"):
+                return "the script: the module loaded there is of another Meterline (meterline redis-module)"
+            return "the script (no Meterline module loaded there: meterline redis-module builds one)"
+        return "Meterline's Redis module"
+
     def make(self) -> str | None:
         """A new token, unless one is there already (set meanwhile by another process): the one kept."""
         return self.keep(uuid.uuid4().hex)
