@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 from sqlalchemy import text
@@ -1454,3 +1455,68 @@ def test_a_replica_without_the_module_follows_a_master_with_it(
         for proc in (master, replica):
             proc.terminate()
             proc.wait(timeout=15)
+
+
+def _mutated(rng: random.Random, request: bytes) -> bytes:
+    """A call's request damaged as a stray client or a bug could send it."""
+    choice = rng.random()
+    data = bytearray(request)
+    if choice < 0.4:
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data)
+    if choice < 0.6:
+        return bytes(data[: rng.randrange(len(data))])
+    if choice < 0.8:  # a well-formed MessagePack value of the wrong shape
+
+        def value(depth: int) -> Any:
+            kind = rng.randrange(5 if depth < 4 else 3)
+            if kind == 0:
+                return rng.choice([0, 1, -1, 2**31, -(2**63), 2**64 - 1, 10**6])
+            if kind == 1:
+                return rng.choice(["", "w", "9" * 40, "-", "x" * 300])
+            if kind == 2:
+                return None
+            return [value(depth + 1) for _ in range(rng.randrange(12))]
+
+        parts = msgpack.unpackb(request)
+        parts[rng.randrange(len(parts))] = value(0)
+        return msgpack.packb(parts)
+    return bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+
+
+def test_malformed_calls_are_refused_and_leave_the_module_s_redis_up(redis_module_url_clean: str) -> None:
+    """The module parses what a call sends; whatever that is (damaged, cut short, of the wrong shape, a
+    key count that does not match), Redis answers an error or an answer and keeps serving: a module
+    that crashed would take every counter down with it."""
+    store = RedisCounterStore(redis_module_url_clean, prefix=PREFIX, flush_interval_s=3600)
+    sent: list[tuple[Any, ...]] = []
+    send = store._send_command
+    store._send_command = lambda *args: sent.append(args) or send(*args)  # type: ignore[assignment]
+    try:
+        rng = random.Random(11)
+        _play(store, random.Random(3), 60, ("", "org_a"))
+    finally:
+        store._send_command = send  # type: ignore[assignment]
+        store.close()
+    calls = [args for args in sent if args[0] == redis_counters.MODULE_COMMAND]
+    assert len(calls) > 20
+    client = redis.Redis.from_url(redis_module_url_clean)
+    errors = 0
+    try:
+        for _ in range(3000):
+            command = list(rng.choice(calls))
+            count = int(command[2])
+            place = 3 + count  # the request
+            if rng.random() < 0.1:
+                command[2] = rng.choice([count + 1, count - 1, -1, len(command)])
+            else:
+                command[place] = _mutated(rng, command[place])
+            try:
+                client.execute_command(*command)
+            except redis.ResponseError:
+                errors += 1
+        assert client.ping()
+        assert errors > 1000
+    finally:
+        client.close()

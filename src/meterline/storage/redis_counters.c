@@ -1055,6 +1055,14 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
     C = &R[3];
     if (G->kind != M_ARR || C->kind != M_ARR) fail("the request's g and c are not arrays");
     count = C->len / 5;
+    for (size_t i = 0; i < count; i++) { /* its hash a key of the call (its windows the next), its names in g */
+        if (C->items[5 * i].kind != M_INT || C->items[5 * i].i < 1 || C->items[5 * i].i + 1 > numkeys)
+            fail("a counter's key index out of range");
+        int64_t at = C_NAME(i), names = IS_FIXED(i) ? 2 : 5;
+        if (at < 1 || at > (int64_t)G->len || (int64_t)G->len - at + 1 < names || G_NAME(at)->kind != M_STR ||
+            G_NAME(at)->len < 1)
+            fail("a counter's names out of g");
+    }
     gnames = take(sizeof *gnames * (G->len ? G->len : 1));
     memset(gnames, 0, sizeof *gnames * (G->len ? G->len : 1));
     CT = take(sizeof *CT * (count ? count : 1));
@@ -1068,8 +1076,10 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
     for (size_t at = 0; at + 1 < G->len;) {
         int index = key_index(&G->items[at]);
         if (index + 1 > numkeys) fail("a group's windows key is missing");
-        size_t n = (size_t)G->items[at + 1].i;
-        if (at + 2 + n > G->len || n == 0) fail("a group's names run past g");
+        const Node *count_of = &G->items[at + 1];
+        if (count_of->kind != M_INT || count_of->i < 1 || (size_t)count_of->i > G->len - at - 2)
+            fail("a group's names run past g");
+        size_t n = (size_t)count_of->i;
         if (nvals + n > capvals) {
             size_t cap = capvals ? capvals * 2 : 64;
             while (cap < nvals + n) cap *= 2;
@@ -1093,7 +1103,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
         size_t p = (size_t)C_VALUE(i); /* 1-based */
         Counter *st = &CT[i];
         if (IS_FIXED(i)) {
-            if (p < 1 || p + 1 > nvals) fail("a counter's values run past those read");
+            if (p < 1 || p > nvals || nvals - p < 1) fail("a counter's values run past those read");
             Val used = vals[p - 1], reserved = vals[p];
             if (used.s) {
                 st->present = 1;
@@ -1102,7 +1112,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
             }
         } else {
             if (C_KEY(i)->kind != M_STR) fail("a rolling window's key is not a string");
-            if (p < 1 || p + 4 > nvals) fail("a counter's values run past those read");
+            if (p < 1 || p > nvals || nvals - p < 4) fail("a counter's values run past those read");
             Val t = vals[p - 1], h = vals[p], o = vals[p + 1], e = vals[p + 2], here = vals[p + 3];
             if (h.s) {
                 st->present = 1;
@@ -1293,6 +1303,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
     if (R[8].kind == M_ARR) {
         for (size_t k = 0; k < R[8].len; k++) {
             const Node *item = &R[8].items[k];
+            if (item->kind != M_ARR || item->len < 2) fail("a malformed record to read");
             arg_key(&args, key_index(&item->items[0]));
             arg_node(&args, &item->items[1]);
             size_t n;
@@ -1307,6 +1318,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
         if (R[1].kind != M_STR || !parse_num(R[1].s, R[1].len, &bound)) fail("the request's u is not a number");
         for (size_t k = 0; k < R[9].len; k++) {
             const Node *item = &R[9].items[k];
+            if (item->kind != M_ARR || item->len < 2) fail("a malformed expired-holds query");
             arg_key(&args, key_index(&item->items[0]));
             RedisModuleCallReply *fields = run("HGETALL", &args, 0);
             size_t nf = RedisModule_CallReplyLength(fields) / 2;

@@ -23,7 +23,8 @@ from pathlib import Path
 from meterline.storage.redis_counters import SCRIPT_SHA
 
 _SOURCE = files("meterline.storage") / "redis_counters.c"
-_FLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-Wall")
+# -fwrapv: arithmetic on numbers a malformed call carries wraps rather than being undefined
+_FLAGS = ("-O2", "-std=gnu11", "-fwrapv", "-fPIC", "-shared", "-Wall")
 
 
 class ModuleBuildError(Exception):
