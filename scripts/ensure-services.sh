@@ -9,6 +9,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)  # redis-cli --cluster create
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v cc >/dev/null 2>&1 || need+=(gcc)  # the tests build Meterline's Redis module (meterline redis-module)
 # More tools by name (a command of the Debian package of that name), e.g. `wrk` for the benchmarks.
 for tool in "$@"; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

@@ -21,8 +21,8 @@
  * Atomicity and replication: a module command runs alone, like a script. Its writes are Redis commands
  * called with replication ("!"), so replicas and the AOF receive plain HSET/HDEL/ZADD/EXPIRE commands in
  * one MULTI/EXEC and need no module. The command is declared "write deny-oom": Redis refuses it whole on a
- * replica or when out of memory, never half-way. Its keys are told to Redis Cluster through the
- * getkeys-api, as EVALSHA's numkeys and keys are.
+ * replica or when out of memory, never half-way. Redis Cluster routes it by its first key, as the keys of a
+ * call share one hash tag (RedisModule_OnLoad says why not all of them).
  *
  * The module API is declared by hand below (the functions and constants this file uses, as Redis >= 7.0
  * exports them): Debian's Redis packages ship no redismodule.h.
@@ -59,8 +59,6 @@ static int (*RedisModule_GetApi)(const char *, void *);
 static void (*RedisModule_SetModuleAttribs)(RedisModuleCtx *, const char *, int, int);
 static int (*RedisModule_CreateCommand)(RedisModuleCtx *, const char *, RedisModuleCmdFunc, const char *, int, int,
                                         int);
-static int (*RedisModule_IsKeysPositionRequest)(RedisModuleCtx *);
-static void (*RedisModule_KeyAtPos)(RedisModuleCtx *, int);
 static int (*RedisModule_WrongArity)(RedisModuleCtx *);
 static int (*RedisModule_ReplyWithError)(RedisModuleCtx *, const char *);
 static int (*RedisModule_ReplyWithStringBuffer)(RedisModuleCtx *, const char *, size_t);
@@ -998,17 +996,6 @@ static void done(void) { /* the call's strings, replies and memory freed */
 }
 
 static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) {
-    if (RedisModule_IsKeysPositionRequest(c)) {
-        long long n = 0;
-        if (argc >= 3) {
-            size_t len;
-            const char *s = RedisModule_StringPtrLen(argv[2], &len);
-            num v;
-            if (parse_num(s, len, &v) && v >= 0 && v <= argc - 3) n = (long long)v;
-        }
-        for (long long k = 0; k < n; k++) RedisModule_KeyAtPos(c, 3 + (int)k);
-        return RM_OK;
-    }
     if (argc < 4) return RedisModule_WrongArity(c);
     {
         size_t len;
@@ -1509,16 +1496,18 @@ int RedisModule_OnLoad(RedisModuleCtx *c, RedisModuleString **argv, int argc) {
     (void)argc;
     void *getapi = ((void **)c)[0];
     RedisModule_GetApi = (int (*)(const char *, void *))(unsigned long)getapi;
-    if (GET_API(SetModuleAttribs) || GET_API(CreateCommand) || GET_API(IsKeysPositionRequest) ||
-        GET_API(KeyAtPos) || GET_API(WrongArity) || GET_API(ReplyWithError) || GET_API(ReplyWithStringBuffer) ||
+    if (GET_API(SetModuleAttribs) || GET_API(CreateCommand) || GET_API(WrongArity) || GET_API(ReplyWithError) || GET_API(ReplyWithStringBuffer) ||
         GET_API(StringPtrLen) || GET_API(CreateString) || GET_API(FreeString) || GET_API(Call) ||
         GET_API(FreeCallReply) || GET_API(CallReplyType) || GET_API(CallReplyInteger) ||
         GET_API(CallReplyLength) || GET_API(CallReplyArrayElement) || GET_API(CallReplyStringPtr) ||
         GET_API(Alloc) || GET_API(Realloc) || GET_API(Free))
         return RM_ERR;
     RedisModule_SetModuleAttribs(c, "meterline", 1, RM_APIVER_1);
-    if (RedisModule_CreateCommand(c, "meterline.counters", counters_call, "write deny-oom getkeys-api", 0, 0, 0) !=
-        RM_OK)
+    /* Its first key (argv[3]) is the one Redis Cluster routes and checks by: every key of a call shares
+       its organization's hash tag, so its slot. (A key list told through the getkeys-api would make clients
+       ask COMMAND GETKEYS of some node for every redirected call: redis-py asks one fixed node, and waits
+       on it while it is down.) A key of another slot is refused by the command that touches it. */
+    if (RedisModule_CreateCommand(c, "meterline.counters", counters_call, "write deny-oom", 3, 3, 1) != RM_OK)
         return RM_ERR;
     return RM_OK;
 }

@@ -9,6 +9,8 @@
 --   t  a tally: count one event in this minute and answer the events of the last 60 minutes
 -- with n = now in seconds and u = now in microseconds (a string) from the caller's clock, never TIME.
 -- It mirrors meterline/quotas/memory.py (CounterBook) statement by statement; names below refer to it.
+-- redis_counters.c is this script in C (Meterline's Redis module, for Redis one runs oneself): a change
+-- here is made there in the same change (the module is built for this file's SHA-1 and refuses others).
 --
 -- Keys: every key the script touches is in KEYS, and requests name keys by their index there. The
 -- client builds the names (storage/redis_counters.py); all keys of one group (an organization) share a
