@@ -19,7 +19,8 @@ It runs, one after the other (never two at once), each as a subprocess:
   on SQLite (medians), gateway (against ``bench/canned_upstream.py`` since ``bed086d``, the fake before)
   and events (needs ``wrk``: ``make bench-smoke`` installs Debian's);
 * ``bench/quota_store.py`` on one Redis, one organization, one thread: the script's Redis time per lone
-  decision (``INFO commandstats``) in the run of median decisions/s of three short ones.
+  decision (``INFO commandstats``) in the run of median decisions/s of three short ones; then the same
+  with Meterline's Redis module loaded (``--module``).
 
 Then it prints one table — figure, now, baseline, change, mark — where a figure more than 15 % worse
 than the baseline in its bad direction is marked WORSE (ratios, throughput share and decisions/s: higher
@@ -80,6 +81,7 @@ SETTINGS = {
     "quota_engine": {"seconds": QUOTA_SECONDS, "runs": QUOTA_RUNS, "threads": 1, "batch": 1},
     "workers": WORKERS_ARGS,
     "quota_store_redis": REDIS_ARGS,
+    "quota_store_redis_module": [*REDIS_ARGS, "--module"],
 }
 PHASE_TIMEOUT_S = 420  # only against a hung phase; the budget is the total wall time printed at the end
 
@@ -101,6 +103,7 @@ FIGURES = (
     Figure("workers_gateway_ratio", "workers: SQLite gateway requests/s, 2 workers ÷ 1", True, 2),
     Figure("workers_events_ratio", "workers: SQLite events requests/s, 2 workers ÷ 1", True, 2),
     Figure("redis_us_per_decision", "Redis: script µs per lone decision (6 lines)", False, 1),
+    Figure("redis_module_us_per_decision", "Redis: module µs per lone decision (6 lines)", False, 1),
 )
 
 
@@ -228,16 +231,22 @@ def workers(work: Path) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def redis_decisions(work: Path) -> tuple[dict[str, float], dict[str, Any]]:
-    output = work / "quota_store.json"
-    cmd = [sys.executable, str(BENCH / "quota_store.py"), *REDIS_ARGS, "--output", str(output)]
-    run_phase("Redis store (quota_store.py, one organization, 1 thread)", cmd, work / "quota_store.log")
-    runs = json.loads(output.read_text())["runs"]
-    (lone,) = [r for r in runs if r["store"] == "redis" and r["threads"] == 1]
-    details = {
-        "redis_decisions_per_s": lone["decisions_per_s"],
-        "redis_runs_decisions_per_s": lone["all_decisions_per_s"],
-    }
-    return {"redis_us_per_decision": lone["redis_script_us_per_decision"]}, details
+    figures: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    # The script, then Meterline's module in another Redis (quota_store.py --module builds and loads it).
+    for name, more, key in (("", [], "redis"), ("_module", ["--module"], "redis_module")):
+        output = work / f"quota_store{name}.json"
+        cmd = [sys.executable, str(BENCH / "quota_store.py"), *REDIS_ARGS, *more, "--output", str(output)]
+        label = (
+            f"Redis store{' with the module' if more else ''} (quota_store.py, one organization, 1 thread)"
+        )
+        run_phase(label, cmd, work / f"quota_store{name}.log")
+        runs = json.loads(output.read_text())["runs"]
+        (lone,) = [r for r in runs if r["store"] == "redis" and r["threads"] == 1]
+        details[f"{key}_decisions_per_s"] = lone["decisions_per_s"]
+        details[f"{key}_runs_decisions_per_s"] = lone["all_decisions_per_s"]
+        figures[f"{key}_us_per_decision"] = lone["redis_script_us_per_decision"]
+    return figures, details
 
 
 PHASES: tuple[Callable[[Path], tuple[dict[str, float], dict[str, Any]]], ...] = (
@@ -413,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
             f"events {fmt(e['1'], 0)} → {fmt(e['2'], 0)}"
         )
     if "redis_decisions_per_s" in details:
-        print(f"Redis, lone decisions: {fmt(details['redis_decisions_per_s'], 0)}/s")
+        print(
+            f"Redis, lone decisions: {fmt(details['redis_decisions_per_s'], 0)}/s with the script, "
+            f"{fmt(details.get('redis_module_decisions_per_s'), 0)}/s with the module"
+        )
     if details.get("errors"):
         print(f"gateway errors: {details['errors']}")
     print(
