@@ -1472,7 +1472,7 @@ def _mutated(rng: random.Random, request: bytes) -> bytes:
         def value(depth: int) -> Any:
             kind = rng.randrange(5 if depth < 4 else 3)
             if kind == 0:
-                return rng.choice([0, 1, -1, 2**31, -(2**63), 2**64 - 1, 10**6])
+                return rng.choice([0, 1, -1, 2**31, -(2**63), 2**63 - 1, 2**64 - 1, 10**6])
             if kind == 1:
                 return rng.choice(["", "w", "9" * 40, "-", "x" * 300])
             if kind == 2:
@@ -1481,6 +1481,22 @@ def _mutated(rng: random.Random, request: bytes) -> bytes:
 
         parts = msgpack.unpackb(request)
         parts[rng.randrange(len(parts))] = value(0)
+        return msgpack.packb(parts)
+    if choice < 0.9:  # one number of the request (a key index, a counter, a record, an amount) out of range
+        parts = msgpack.unpackb(request)
+        places: list[tuple[list[Any], int]] = []
+
+        def walk(items: list[Any]) -> None:
+            for place, item in enumerate(items):
+                if isinstance(item, list):
+                    walk(item)
+                elif isinstance(item, int):
+                    places.append((items, place))
+
+        walk(parts)
+        if places:
+            items, place = rng.choice(places)
+            items[place] = rng.choice([0, -1, 2**63 - 1, -(2**63), 2**31, 2**32 + 1, items[place] + 1])
         return msgpack.packb(parts)
     return bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
 
@@ -1520,3 +1536,131 @@ def test_malformed_calls_are_refused_and_leave_the_module_s_redis_up(redis_modul
         assert errors > 1000
     finally:
         client.close()
+
+
+def test_a_redis_that_loads_or_unloads_the_module_is_followed_without_a_restart(
+    shared_redis: RedisServer,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis given the module at run time (MODULE LOAD) is counted with it once the store asks again
+    (each minute; here at once), with every counter as the script left it; a Redis that loses it
+    (MODULE UNLOAD, a restart without it) is counted with the script again, said once."""
+    port = free_port()
+    proc = _redis_on(port, tmp_path, "--enable-module-command", "yes")
+    url = f"redis://127.0.0.1:{port}/0"
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600, module_again_s=0.0)
+    client = redis.Redis.from_url(url)
+    try:
+        day = fixed("day", 4, 100)
+        store.seed([seed_fixed("day", used=3)], NOW)
+        assert store.reserve([hold("h1", day)], NOW)[0].admitted
+        before = _calls(client)
+        assert before["evalsha"] > 0
+        assert before["meterline.counters"] == 0
+        client.execute_command("MODULE", "LOAD", str(request.getfixturevalue("redis_module")))
+        store.settle([Settlement("h1", (2,))], NOW)
+        assert store.reserve([hold("h2", day)], NOW)[0].admitted  # the settlement rides with it
+        assert _calls(client) == {"evalsha": before["evalsha"], "meterline.counters": 1}
+        with caplog.at_level("WARNING", logger="meterline.quotas.redis"):
+            client.execute_command("MODULE", "UNLOAD", "meterline")
+            assert store.levels([day], NOW) == [Level(9, DAY_END)]
+            assert store.levels([day], NOW) == [Level(9, DAY_END)]
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1, said
+        assert "no longer answers with Meterline's module" in said[0]
+    finally:
+        store.close()
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_a_redis_user_not_allowed_the_module_s_command_counts_with_the_script(
+    redis_module_url_clean: str, shared_redis_with_module: RedisServer
+) -> None:
+    """Meterline's Redis user with a command list (ACL) that leaves the module's command out: Redis refuses
+    it before it runs (NOPERM), and the store counts with the script instead of failing every decision."""
+    admin = redis.Redis.from_url(redis_module_url_clean)
+    admin.execute_command(
+        "ACL", "SETUSER", "counting", "on", ">pw", "~*", "&*", "+@all", "-meterline.counters"
+    )
+    url = f"redis://counting:pw@127.0.0.1:{shared_redis_with_module.port}/0"
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600)
+    try:
+        day = fixed("day", 4, 10)
+        store.seed([seed_fixed("day", used=3)], NOW)
+        assert store.reserve([hold("h1", day)], NOW)[0].admitted
+        assert store.levels([day], NOW) == [Level(7, DAY_END)]
+    finally:
+        store.close()
+        admin.execute_command("ACL", "DELUSER", "counting")
+        admin.close()
+
+
+def test_the_start_up_line_s_probe_never_stops_a_start(
+    shared_redis: RedisServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """How Redis counts is asked with a call of the module's command; a Redis that refuses it for another
+    reason (out of memory, a replica) is not a reason not to start: the line says Redis did not say."""
+    port = free_port()
+    proc = _redis_on(port, tmp_path, *_loading(request, True))
+    url = f"redis://127.0.0.1:{port}/0"
+    mark = redis_counters.RedisMark(url)
+    client = redis.Redis.from_url(url)
+    try:
+        assert mark.counting_with() == "Meterline's Redis module"
+        client.config_set("maxmemory", 1)
+        assert mark.counting_with().startswith("the script or the module (Redis did not say: ")
+    finally:
+        client.config_set("maxmemory", 0)
+        mark.close()
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
+def test_a_decision_while_its_slot_moves_runs_whole_or_not_at_all(
+    request: pytest.FixtureRequest, module: bool
+) -> None:
+    """Resharding moves a slot's keys one MIGRATE at a time: for a while an organization's counters are on
+    one master and its holds on the other. A decision then is refused whole (TRYAGAIN: unavailable),
+    never half-applied, and its buffered settlement lands once the slot has moved."""
+    cluster: RedisCluster = request.getfixturevalue(
+        "shared_redis_cluster_with_module" if module else "shared_redis_cluster"
+    )
+    url = request.getfixturevalue("redis_cluster_module_url_clean" if module else "redis_cluster_url_clean")
+    store = RedisCounterStore(url, prefix=PREFIX, flush_interval_s=3600, socket_timeout_s=2)
+    counters = f"{PREFIX}{{org_s}}counters"
+    home = cluster.master_of(counters)
+    elsewhere = next(port for port in cluster.master_ports() if port != home)
+    slot = cluster.command(home, "CLUSTER", "KEYSLOT", counters).strip()
+    try:
+        day = fixed("org_s|day", 5, 100)
+        store.seed([seed_fixed("org_s|day")], NOW)
+        assert store.reserve([Hold("s1", (day,), NOW + LEASE, "org_s")], NOW)[0].admitted
+        store.settle([Settlement("s1", (4,), "org_s")], NOW)
+        # Half-way through a move: the counters on the new master, the holds still on the old one.
+        target_id = cluster.command(elsewhere, "CLUSTER", "MYID").strip()
+        source_id = cluster.command(home, "CLUSTER", "MYID").strip()
+        cluster.command(elsewhere, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        cluster.command(home, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        auth = ["AUTH", cluster.password] if cluster.password else []
+        moved = cluster.command(
+            home, "MIGRATE", "127.0.0.1", str(elsewhere), "", "0", "5000", *auth, "KEYS", counters
+        )
+        assert "OK" in moved, moved
+        with pytest.raises(CounterStoreUnavailable):
+            store.reserve([Hold("s2", (day,), NOW + LEASE, "org_s")], NOW)
+        assert store.pending == 1  # the settlement waits: nothing of that call ran
+        cluster.move(counters, elsewhere)  # the rest of the slot's keys, and the slot
+        assert store.reserve([Hold("s3", (day,), NOW + LEASE, "org_s")], NOW)[0].admitted
+        assert store.levels([day], NOW) == [Level(9, DAY_END)]  # 4 settled once, 5 reserved by s3
+        assert store.pending == 0
+    finally:
+        store.close()
+        if cluster.master_of(counters) == home:
+            cluster.move(counters, elsewhere)  # a move left half-way ends (other tests share the cluster)
+        cluster.move(counters, home)

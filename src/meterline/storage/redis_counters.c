@@ -28,6 +28,7 @@
  * exports them): Debian's Redis packages ship no redismodule.h.
  */
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -60,6 +61,8 @@ static void (*RedisModule_SetModuleAttribs)(RedisModuleCtx *, const char *, int,
 static int (*RedisModule_CreateCommand)(RedisModuleCtx *, const char *, RedisModuleCmdFunc, const char *, int, int,
                                         int);
 static int (*RedisModule_WrongArity)(RedisModuleCtx *);
+static int (*RedisModule_GetContextFlags)(RedisModuleCtx *);
+#define RM_CTX_FLAGS_CLUSTER (1 << 5)
 static int (*RedisModule_ReplyWithError)(RedisModuleCtx *, const char *);
 static int (*RedisModule_ReplyWithStringBuffer)(RedisModuleCtx *, const char *, size_t);
 static const char *(*RedisModule_StringPtrLen)(const RedisModuleString *, size_t *);
@@ -87,11 +90,12 @@ typedef struct Block {
 } Block;
 
 static Block *arena;
+#define BLOCK 65536 /* bytes a block holds, unless one thing needs more */
 
 static void *take(size_t n) {
     n = (n + 15) & ~(size_t)15;
     if (!arena || arena->used + n > arena->size) {
-        size_t size = n > 65536 ? n : 65536;
+        size_t size = n > BLOCK ? n : BLOCK;
         Block *block = RedisModule_Alloc(sizeof(Block) + size);
         block->next = arena;
         block->used = 0;
@@ -104,11 +108,17 @@ static void *take(size_t n) {
 }
 
 static void arena_reset(void) {
-    /* keep the first block (the newest), free the rest: a call's memory is reused by the next */
+    /* keep the newest block if it is of the usual size, free the rest: a call's memory is reused by the
+       next, and one large call's is given back */
     if (!arena) return;
     Block *rest = arena->next;
     arena->next = NULL;
     arena->used = 0;
+    if (arena->size > BLOCK) {
+        arena->next = rest;
+        rest = arena;
+        arena = NULL;
+    }
     while (rest) {
         Block *next = rest->next;
         RedisModule_Free(rest);
@@ -989,10 +999,95 @@ static void read_names(int index, int64_t first, size_t n, Val *out) {
     for (size_t k = 0; k < n; k++) out[k].s = reply_str(RedisModule_CallReplyArrayElement(raw, k), &out[k].n);
 }
 
+#define MAX_REQUEST (8 << 20) /* a request's values take up to 40 times its bytes here */
+
+/* Every part of the request checked before the first command: a malformed call changes nothing. */
+static void check_items(const Node *part, size_t least) {
+    if (part->kind == M_INT && part->i == 0) return;
+    if (part->kind != M_ARR) fail("a part of the request is neither 0 nor a list");
+    for (size_t k = 0; k < part->len; k++)
+        if (part->items[k].kind != M_ARR || part->items[k].len < least) fail("a malformed item in the request");
+}
+
+static void check_id(const Node *id) {
+    if (id->kind != M_STR && id->kind != M_INT) fail("a hold id is neither a string nor a number");
+}
+
+static void check_request(const Node *R, int argc, int first_arg) {
+    check_items(&R[4], 4);
+    check_items(&R[5], 1);
+    check_items(&R[6], 3);
+    check_items(&R[8], 2);
+    check_items(&R[9], 2);
+    if (R[4].kind == M_ARR)
+        for (size_t k = 0; k < R[4].len; k++) {
+            const Node *item = &R[4].items[k];
+            key_index(&item->items[0]);
+            check_id(&item->items[1]);
+            const Node *actual = &item->items[3];
+            if (actual->kind == M_ARR)
+                for (size_t l = 0; l < actual->len; l++) node_num(&actual->items[l]);
+            else if (actual->kind != M_INT) fail("a finish's amounts are neither 0 nor a list");
+            for (size_t l = 0; 5 + 2 * l < item->len; l++) {
+                counter_index(&item->items[4 + 2 * l]);
+                node_num(&item->items[5 + 2 * l]);
+            }
+        }
+    if (R[5].kind == M_ARR)
+        for (size_t k = 0; k < R[5].len; k++) {
+            const Node *item = &R[5].items[k];
+            int i = counter_index(&item->items[0]);
+            if (IS_FIXED(i) && (item->len < 3 || item->items[2].kind != M_INT)) fail("a malformed seed");
+            for (size_t j = 1; j < item->len; j++) node_num(&item->items[j]);
+        }
+    if (R[6].kind == M_ARR)
+        for (size_t k = 0; k < R[6].len; k++) {
+            const Node *hold = &R[6].items[k];
+            key_index(&hold->items[0]);
+            check_id(&hold->items[1]);
+            int64_t record = hold->items[2].i;
+            if (hold->items[2].kind != M_INT || record < 1 || record > argc - first_arg)
+                fail("a hold's record is missing");
+            for (size_t l = 1; 4 * l + 2 < hold->len; l++) {
+                counter_index(&hold->items[4 * l - 1]);
+                node_num(&hold->items[4 * l]);
+                node_num(&hold->items[4 * l + 1]);
+            }
+        }
+    if (R[7].kind == M_ARR)
+        for (size_t k = 0; k < R[7].len; k++) counter_index(&R[7].items[k]);
+    else if (R[7].kind != M_INT) fail("the request's levels are neither 0 nor a list");
+    if (R[8].kind == M_ARR)
+        for (size_t k = 0; k < R[8].len; k++) {
+            key_index(&R[8].items[k].items[0]);
+            check_id(&R[8].items[k].items[1]);
+        }
+    if (R[9].kind == M_ARR)
+        for (size_t k = 0; k < R[9].len; k++) key_index(&R[9].items[k].items[0]);
+    if (R[10].kind != M_INT) fail("the request's tally is not a key index");
+    if (R[10].i != 0) key_index(&R[10]);
+}
+
 static void done(void) { /* the call's strings, replies and memory freed */
     for (size_t k = 0; k < made.n; k++) RedisModule_FreeString(ctx, made.v[k]);
     for (size_t k = 0; k < nkept; k++) RedisModule_FreeCallReply(kept[k]);
     arena_reset();
+}
+
+/* On a cluster, Redis checks a call's first key only (RedisModule_OnLoad): the rest are checked here, before
+   anything runs, as a script's declared keys are. A key this node does not hold now (its slot moving) is
+   answered TRYAGAIN, never a call that stops half-way when a command meets it. */
+static int numkeys_here(RedisModuleCtx *c, RedisModuleString **argv, int n) {
+    if (n < 2 || !(RedisModule_GetContextFlags(c) & RM_CTX_FLAGS_CLUSTER)) return RM_OK;
+    errno = 0;
+    RedisModuleCallReply *r = RedisModule_Call(c, "EXISTS", "v", argv + 3, (size_t)n);
+    if (r) {
+        RedisModule_FreeCallReply(r);
+        return RM_OK;
+    }
+    if (errno == ENETDOWN || errno == EROFS) RedisModule_ReplyWithError(c, "CLUSTERDOWN the cluster is down");
+    else RedisModule_ReplyWithError(c, "TRYAGAIN the keys of this call are not all on this node now (a slot moving)");
+    return RM_ERR;
 }
 
 static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) {
@@ -1012,6 +1107,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
         if (!parse_num(s, len, &nk) || nk < 0 || nk > argc - 4)
             return RedisModule_ReplyWithError(c, "ERR meterline counters: a wrong number of keys");
     }
+    if (numkeys_here(c, argv, (int)nk) != RM_OK) return RM_OK; /* answered: not here now */
     ctx = c;
     numkeys = (int)nk;
     argv_ = argv; /* argv: the command, the SHA-1, numkeys, KEYS[1..numkeys], ARGV[1], ... */
@@ -1031,6 +1127,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
     {
         size_t len;
         const char *s = RedisModule_StringPtrLen(argv[first_arg], &len);
+        if (len > MAX_REQUEST) fail("a request larger than any call Meterline makes (%d bytes)", MAX_REQUEST);
         mp_at = (const unsigned char *)s;
         mp_end = mp_at + len;
         mp_node(&req, 0);
@@ -1043,7 +1140,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
     if (G->kind != M_ARR || C->kind != M_ARR) fail("the request's g and c are not arrays");
     count = C->len / 5;
     for (size_t i = 0; i < count; i++) { /* its hash a key of the call (its windows the next), its names in g */
-        if (C->items[5 * i].kind != M_INT || C->items[5 * i].i < 1 || C->items[5 * i].i + 1 > numkeys)
+        if (C->items[5 * i].kind != M_INT || C->items[5 * i].i < 1 || C->items[5 * i].i >= numkeys)
             fail("a counter's key index out of range");
         int64_t at = C_NAME(i), names = IS_FIXED(i) ? 2 : 5;
         if (at < 1 || at > (int64_t)G->len || (int64_t)G->len - at + 1 < names || G_NAME(at)->kind != M_STR ||
@@ -1056,6 +1153,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
     memset(CT, 0, sizeof *CT * (count ? count : 1));
     PK = take(sizeof *PK * ((size_t)numkeys + 2));
     memset(PK, 0, sizeof *PK * ((size_t)numkeys + 2));
+    check_request(R, argc, first_arg);
 
     /* reading: one read per group, its due time first (forgetting comes before reading) */
     size_t nvals = 0, capvals = 0;
@@ -1129,7 +1227,8 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
             size_t lines = (item->len - 4) / 2;
             if (actual->kind == M_ARR && actual->len != lines) {
                 any_malformed = 1;
-                list_str(&malformed, item->items[1].s, item->items[1].len);
+                if (item->items[1].kind == M_INT) list_int(&malformed, item->items[1].i);
+                else list_str(&malformed, item->items[1].s, item->items[1].len);
                 continue;
             }
             for (size_t l = 0; l < lines; l++) {
@@ -1165,7 +1264,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
             int holds = key_index(&hold->items[0]);
             const Node *id = &hold->items[1];
             int64_t record = hold->items[2].i;
-            if (record < 1 || first_arg - 1 + record >= argc) fail("a hold's record is missing");
+            if (record < 1 || record > argc - first_arg) fail("a hold's record is missing");
             /* claim the id first; given back unless admitted */
             arg_key(&args, holds);
             arg_node(&args, id);
@@ -1496,7 +1595,7 @@ int RedisModule_OnLoad(RedisModuleCtx *c, RedisModuleString **argv, int argc) {
     (void)argc;
     void *getapi = ((void **)c)[0];
     RedisModule_GetApi = (int (*)(const char *, void *))(unsigned long)getapi;
-    if (GET_API(SetModuleAttribs) || GET_API(CreateCommand) || GET_API(WrongArity) || GET_API(ReplyWithError) || GET_API(ReplyWithStringBuffer) ||
+    if (GET_API(SetModuleAttribs) || GET_API(CreateCommand) || GET_API(WrongArity) || GET_API(GetContextFlags) || GET_API(ReplyWithError) || GET_API(ReplyWithStringBuffer) ||
         GET_API(StringPtrLen) || GET_API(CreateString) || GET_API(FreeString) || GET_API(Call) ||
         GET_API(FreeCallReply) || GET_API(CallReplyType) || GET_API(CallReplyInteger) ||
         GET_API(CallReplyLength) || GET_API(CallReplyArrayElement) || GET_API(CallReplyStringPtr) ||

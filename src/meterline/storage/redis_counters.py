@@ -70,6 +70,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -108,6 +109,7 @@ _FORGET_AFTER_S = 86_400  # as memory.py: a finished fixed window is kept a day
 _MIN_TTL_S = 3_600  # a seed of a long-gone window must not vanish before it is used
 _BATCH = 1_000  # finishes per call while draining a backlog: keeps each script short for Redis
 _REGISTER_EVERY_S = 60.0
+_MODULE_AGAIN_S = 60.0  # a store counting with the script asks for the module again this often
 _EXPIRED_KEYS_PER_CALL = 500
 # The request's parts after the finishes, in the script's order (0 where a call has none).
 _PARTS = ("s", "h", "l", "d", "x", "t")
@@ -132,11 +134,18 @@ _TRANSIENT_ERRORS = (
 _NOT_RUN = (AskError, ClusterDownError, ReadOnlyError, TryAgainError)
 
 
-def _no_module(exc: ResponseError) -> bool:
-    """The module's command refused before it ran: not loaded there, or built for another script."""
-    message = str(exc)
-    return message.startswith("METERLINE-VERSION") or (
-        message.lower().startswith("unknown command") and MODULE_COMMAND.lower() in message.lower()
+def _no_module(exc: RedisError) -> bool:
+    """The module's command refused before it ran: not loaded there, built for another script, not allowed
+    to Meterline's Redis user (ACL), or unknown to redis-py's cluster client (it had asked a node without
+    it)."""
+    message = str(exc).lower()
+    if message.startswith("meterline-version"):
+        return True
+    named = MODULE_COMMAND.lower() in message
+    return named and (
+        message.startswith("unknown command")
+        or "no permissions to run" in message
+        or "doesn't exist in redis commands" in message
     )
 
 
@@ -528,6 +537,7 @@ class RedisCounterStore:
         socket_timeout_s: float = 1.0,
         max_pending: int = 1_000_000,
         max_connections: int = 64,
+        module_again_s: float = _MODULE_AGAIN_S,
     ) -> None:
         # Threads beyond ``max_connections`` wait for a connection (up to the socket timeout) instead of
         # opening ever more of them. Nothing is retried: the engine decides what an unreachable store
@@ -540,6 +550,9 @@ class RedisCounterStore:
         self._where = redacted(url)
         # Meterline's Redis module (redis_counters.c) runs the calls where it is loaded; None: not known yet
         self._module: bool | None = None
+        self._module_again_at = 0.0
+        self._module_again_s = module_again_s
+        self._told_version = False
         self._keys = _Keys(prefix)
         self._flush_interval_s = flush_interval_s
         self._max_pending = max_pending
@@ -1114,10 +1127,12 @@ class RedisCounterStore:
         """The script's answer: [verdicts, levels, records, expired, tally, malformed ids, duplicate]."""
         try:
             raw = None
+            if self._module is False and time.monotonic() >= self._module_again_at:
+                self._module = None  # asked again now and then: Redis may have loaded it meanwhile
             if self._module is not False:
                 try:
                     raw = self._send_command(MODULE_COMMAND, SCRIPT_SHA, len(keys), *keys, *args)
-                except ResponseError as exc:
+                except RedisError as exc:
                     if not _no_module(exc):
                         raise
                     self._without_module(exc)  # refused before it ran: the script runs the call instead
@@ -1152,18 +1167,21 @@ class RedisCounterStore:
                 answer[part] = []
         return answer
 
-    def _without_module(self, exc: ResponseError) -> None:
-        """The script from now on: this Redis (or the cluster's master of this call) has no module of this
-        version. Told once; where the module had been counting, as a warning (a failover to a replica
-        without it, a restart without ``loadmodule``, a module of another version)."""
+    def _without_module(self, exc: RedisError) -> None:
+        """The script for the next minute (then the module is asked again): this Redis (or the cluster's
+        master of this call) has no module of this version. Told once, as a warning where the module had
+        been counting (a failover to a replica without it, a restart without ``loadmodule``) or is of
+        another version."""
         was, self._module = self._module, False
+        self._module_again_at = time.monotonic() + self._module_again_s
         if was:
             log.warning(
                 "the Redis at %s no longer answers with Meterline's module (%s): counting with the script",
                 self._where,
                 exc,
             )
-        elif str(exc).startswith("METERLINE-VERSION"):
+        elif str(exc).startswith("METERLINE-VERSION") and not self._told_version:
+            self._told_version = True  # asked again each minute: said once
             log.warning(
                 "Meterline's Redis module at %s is of another version: counting with the script (%s)",
                 self._where,
@@ -1209,8 +1227,8 @@ class RedisMark:
         try:
             self._send(MODULE_COMMAND, SCRIPT_SHA, 1, self._key, request)  # a key: a cluster routes by it
         except ResponseError as exc:
-            if not _no_module(exc):
-                raise
+            if not _no_module(exc):  # out of memory, a replica, busy: not a reason not to start
+                return f"the script or the module (Redis did not say: {exc})"
             if str(exc).startswith("METERLINE-VERSION"):
                 return "the script: the module loaded there is of another Meterline (meterline redis-module)"
             return "the script (no Meterline module loaded there: meterline redis-module builds one)"
