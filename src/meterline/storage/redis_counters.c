@@ -22,7 +22,9 @@
  * called with replication ("!"), so replicas and the AOF receive plain HSET/HDEL/ZADD/EXPIRE commands in
  * one MULTI/EXEC and need no module. The command is declared "write deny-oom": Redis refuses it whole on a
  * replica or when out of memory, never half-way. Redis Cluster routes it by its first key, as the keys of a
- * call share one hash tag (RedisModule_OnLoad says why not all of them).
+ * call share one hash tag (RedisModule_OnLoad says why not all of them), and the call checks the others
+ * before it runs (numkeys_here). The whole request is checked before the first command (check_request):
+ * a malformed call is an error that changed nothing, never a crash.
  *
  * The module API is declared by hand below (the functions and constants this file uses, as Redis >= 7.0
  * exports them): Debian's Redis packages ship no redismodule.h.
@@ -457,7 +459,7 @@ static void arg_node(Args *a, const Node *node) { /* a name or value from the re
 
 /* Runs the command in a; writes are replicated. The reply is kept until the call ends. */
 static RedisModuleCallReply *run(const char *name, Args *a, int write) {
-    RedisModuleCallReply *r = RedisModule_Call(ctx, name, write ? "!v" : "v", a->v, a->n);
+    RedisModuleCallReply *r = RedisModule_Call(ctx, name, write ? "!Cv" : "Cv", a->v, a->n);
     a->n = 0;
     if (!r) fail("%s could not run", name);
     keep(r);
