@@ -153,10 +153,7 @@ def shared_redis_with_module(redis_module: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_module_url_clean(shared_redis_with_module: RedisServer) -> str:
     """The Redis with the module, emptied for this test."""
-    client = redis.Redis.from_url(shared_redis_with_module.url)
-    client.flushall()
-    client.close()
-    return shared_redis_with_module.url
+    return _emptied(shared_redis_with_module)
 
 
 @pytest.fixture(scope="session")
@@ -170,9 +167,7 @@ def shared_redis_cluster_with_module(redis_module: Path) -> Iterator[RedisCluste
 @pytest.fixture
 def redis_cluster_module_url_clean(shared_redis_cluster_with_module: RedisCluster) -> str:
     """The cluster with the module, emptied for this test."""
-    for port in shared_redis_cluster_with_module.live_ports():
-        shared_redis_cluster_with_module.command(port, "FLUSHALL")
-    return shared_redis_cluster_with_module.url
+    return _emptied_cluster(shared_redis_cluster_with_module)
 
 
 @pytest.fixture
@@ -201,21 +196,29 @@ def shared_redis_cluster() -> Iterator[RedisCluster]:
     cluster.stop()
 
 
+def _emptied_cluster(cluster: RedisCluster) -> str:
+    for port in cluster.live_ports():
+        cluster.command(port, "FLUSHALL")  # replicas refuse: they follow their master
+    return cluster.url
+
+
+def _emptied(server: RedisServer) -> str:
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    client.close()
+    return server.url
+
+
 @pytest.fixture
 def redis_cluster_url_clean(shared_redis_cluster: RedisCluster) -> str:
     """The shared cluster, emptied for this test (a test that fails a master over gets its own)."""
-    for port in shared_redis_cluster.live_ports():
-        shared_redis_cluster.command(port, "FLUSHALL")  # replicas refuse: they follow their master
-    return shared_redis_cluster.url
+    return _emptied_cluster(shared_redis_cluster)
 
 
 @pytest.fixture
 def redis_url_clean(shared_redis: RedisServer) -> str:
     """The shared Redis, emptied for this test."""
-    client = redis.Redis.from_url(shared_redis.url)
-    client.flushall()
-    client.close()
-    return shared_redis.url
+    return _emptied(shared_redis)
 
 
 @pytest.fixture
