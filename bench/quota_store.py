@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Redis and the cluster's nodes with Meterline's module (storage/redis_module.py builds it)",
     )
+    parser.add_argument(
+        "--redis-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a redis-server option for every Redis started (e.g. hash-max-listpack-entries=0); repeatable",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"(default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.pin and not args.skip_cluster:
@@ -411,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     from tests.servers import start_redis, start_redis_cluster
 
     redis_args: list[str] = []
+    for option in args.redis_option:
+        name, _, value = option.partition("=")
+        redis_args += [f"--{name}", value]
     if args.module:
         import tempfile
 
