@@ -522,8 +522,8 @@ def redis_module(
     out.print(f"load it in redis.conf (and in its replicas'): loadmodule {built}", soft_wrap=True)
     out.print(f"or start Redis with: redis-server --loadmodule {built}", soft_wrap=True)
     out.print(
-        'Meterline then counts with it (it logs "counting with Meterline\'s Redis module");'
-        " a Redis without it runs the script."
+        'Meterline then counts with it: its start-up line says "counting in Redis at … with'
+        " Meterline's Redis module\". A Redis without it runs the script."
     )
 
 
