@@ -109,6 +109,18 @@ static void *take(size_t n) {
     return p;
 }
 
+/* A list in the arena (items, n used, *cap allocated) with room for `need` items of `size` bytes: grown by
+   doubling from `first`, the items kept. */
+static void *room(void *items, size_t n, size_t *cap, size_t need, size_t size, size_t first) {
+    if (need <= *cap) return items;
+    size_t c = *cap ? *cap * 2 : first;
+    while (c < need) c *= 2;
+    void *p = take(size * c);
+    if (n) memcpy(p, items, size * n);
+    *cap = c;
+    return p;
+}
+
 static void arena_reset(void) {
     /* keep the newest block if it is of the usual size, free the rest: a call's memory is reused by the
        next, and one large call's is given back */
@@ -307,15 +319,7 @@ typedef struct {
     size_t len, cap;
 } Out;
 
-static void out_room(Out *o, size_t n) {
-    if (o->len + n <= o->cap) return;
-    size_t cap = o->cap ? o->cap * 2 : 256;
-    while (cap < o->len + n) cap *= 2;
-    char *p = take(cap);
-    if (o->len) memcpy(p, o->p, o->len);
-    o->p = p;
-    o->cap = cap;
-}
+static void out_room(Out *o, size_t n) { o->p = room(o->p, o->len, &o->cap, o->len + n, 1, 256); }
 
 static void out_bytes(Out *o, const void *b, size_t n) {
     out_room(o, n);
@@ -395,13 +399,7 @@ static RedisModuleCallReply **kept;
 static size_t nkept, capkept;
 
 static void keep(RedisModuleCallReply *r) {
-    if (nkept == capkept) {
-        size_t cap = capkept ? capkept * 2 : 16;
-        RedisModuleCallReply **p = take(sizeof *p * cap);
-        if (nkept) memcpy(p, kept, sizeof *p * nkept);
-        kept = p;
-        capkept = cap;
-    }
+    kept = room(kept, nkept, &capkept, nkept + 1, sizeof *kept, 16);
     kept[nkept++] = r;
 }
 
@@ -415,13 +413,7 @@ typedef struct {
 static Args made;
 
 static void arg_push(Args *a, RedisModuleString *s) {
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 16;
-        RedisModuleString **p = take(sizeof *p * cap);
-        if (a->n) memcpy(p, a->v, sizeof *p * a->n);
-        a->v = p;
-        a->cap = cap;
-    }
+    a->v = room(a->v, a->n, &a->cap, a->n + 1, sizeof *a->v, 16);
     a->v[a->n++] = s;
 }
 
@@ -600,13 +592,7 @@ static Bucket *bucket_find(Counter *st, int64_t second) {
 static Bucket *bucket_put(Counter *st, int64_t second, int state, num value) {
     Bucket *found = bucket_find(st, second);
     if (!found) {
-        if (st->nb == st->capb) {
-            size_t cap = st->capb ? st->capb * 2 : 8;
-            Bucket *p = take(sizeof *p * cap);
-            if (st->nb) memcpy(p, st->b, sizeof *p * st->nb);
-            st->b = p;
-            st->capb = cap;
-        }
+        st->b = room(st->b, st->nb, &st->capb, st->nb + 1, sizeof *st->b, 8);
         found = &st->b[st->nb++];
         found->second = second;
     }
@@ -616,13 +602,7 @@ static Bucket *bucket_put(Counter *st, int64_t second, int state, num value) {
 }
 
 static void push_second(int64_t **list, size_t *n, size_t *cap, int64_t second) {
-    if (*n == *cap) {
-        size_t c = *cap ? *cap * 2 : 8;
-        int64_t *p = take(sizeof *p * c);
-        if (*n) memcpy(p, *list, sizeof *p * *n);
-        *list = p;
-        *cap = c;
-    }
+    *list = room(*list, *n, cap, *n + 1, sizeof **list, 8);
     (*list)[(*n)++] = second;
 }
 
@@ -1167,14 +1147,7 @@ static int counters_call(RedisModuleCtx *c, RedisModuleString **argv, int argc) 
         if (count_of->kind != M_INT || count_of->i < 1 || (size_t)count_of->i > G->len - at - 2)
             fail("a group's names run past g");
         size_t n = (size_t)count_of->i;
-        if (nvals + n > capvals) {
-            size_t cap = capvals ? capvals * 2 : 64;
-            while (cap < nvals + n) cap *= 2;
-            Val *p = take(sizeof *p * cap);
-            if (nvals) memcpy(p, vals, sizeof *p * nvals);
-            vals = p;
-            capvals = cap;
-        }
+        vals = room(vals, nvals, &capvals, nvals + n, sizeof *vals, 64);
         for (int pass = 1; pass <= 2; pass++) {
             read_names(index, at + 3, n, vals + nvals);
             const Val *due = &vals[nvals];
